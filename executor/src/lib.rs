@@ -1,0 +1,4 @@
+//! The executor: turns cargo jobs and REAPI actions into sandboxed runs.
+//!
+//! Not yet implemented (see the executor issue); the crate exists so the workspace has its final
+//! shape.
