@@ -1,1 +1,43 @@
-//! Content-addressed storage.
+//! Content-addressed storage for rust-build-agent: digests, the blob store, the action cache
+//! and Merkle trees.
+//!
+//! Every other crate stands on this one. The REAPI server serves these blobs and action
+//! results, the executor materialises input roots from them and stores outputs back, and the
+//! agent hashes users' workspaces into them.
+//!
+//! - [`digest`]: SHA-256 and BLAKE3 digests, their text and REAPI forms.
+//! - [`store`]: the filesystem blob store with its sled index, LRU eviction and `verify`.
+//! - [`action_cache`]: (instance, action digest) → `ActionResult`, returned only when complete.
+//! - [`Cas`]: one handle on both, sharing one sled database.
+//!
+//! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
+
+pub mod action_cache;
+pub mod digest;
+pub mod error;
+pub mod store;
+
+use std::path::Path;
+
+pub use action_cache::ActionCache;
+pub use digest::{Digest, DigestError, DigestFunction};
+pub use error::{CasError, Result};
+pub use store::{BlobReader, BlobStore, BlobWriter, StoreConfig, StoreStats};
+
+/// The store and its action cache, opened together from one directory. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Cas {
+    /// The blob store.
+    pub blobs: BlobStore,
+    /// The action cache over the same store.
+    pub actions: ActionCache,
+}
+
+impl Cas {
+    /// Opens (creating if needed) a CAS under `root`.
+    pub fn open(root: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
+        let blobs = BlobStore::open(root, config)?;
+        let actions = ActionCache::open(blobs.clone())?;
+        Ok(Cas { blobs, actions })
+    }
+}
