@@ -2,3 +2,4 @@
 //!
 //! Not yet implemented (see the executor issue); the crate exists so the workspace has its final
 //! shape.
+pub mod caches;

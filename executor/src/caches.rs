@@ -1,0 +1,237 @@
+//! On-disk caches shared between jobs: what makes a repeated build cost what a local
+//! incremental build costs.
+//!
+//! Layout under the executor's data directory:
+//! ```text
+//! cargo-home/                      one shared CARGO_HOME (registry index, .crate files, git)
+//! slots/<slot>/src/                the workspace's sources, kept in sync with each input root
+//! slots/<slot>/target/             the target dir of (workspace identity, toolchain)
+//! slots/<slot>/manifest.json       path → (digest, mtime) of what `src/` holds
+//! slots/<slot>/lock                flock'd while a job uses the slot
+//! jobs/<job id>/                   per-job scratch (REAPI actions' exec roots), removed after
+//! ```
+//! Contract: a slot is used by one job at a time ([`SlotLock`] is an exclusive `flock`, so two
+//! processes sharing a data dir also exclude each other); cargo fingerprints embed absolute
+//! paths, so a slot is always mounted at the same sandbox paths (`/workspace`, `/target`).
+//! Cargo's own cache auto-clean is turned off (`CARGO_CACHE_AUTO_CLEAN_FREQUENCY=never` in the
+//! job environment); [`CacheLayout::cleanup`] is the LRU cleanup instead.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Where the executor keeps its caches.
+#[derive(Clone, Debug)]
+pub struct CacheLayout {
+    root: PathBuf,
+}
+
+/// The directories of one (workspace identity, toolchain) slot.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    /// The slot's directory.
+    pub dir: PathBuf,
+    /// Synced sources, mounted read-only at `/workspace`.
+    pub src: PathBuf,
+    /// The target dir, mounted read-write at `/target`.
+    pub target: PathBuf,
+    /// Manifest of `src/` (see `workspace` module).
+    pub manifest: PathBuf,
+}
+
+impl CacheLayout {
+    /// Creates the layout's directories under `root`.
+    pub fn create(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        for dir in ["cargo-home", "slots", "jobs"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        // Scratch of jobs that were running when the process died.
+        for entry in fs::read_dir(root.join("jobs"))? {
+            let path = entry?.path();
+            let _ = fs::remove_dir_all(&path);
+        }
+        Ok(CacheLayout { root })
+    }
+
+    /// The executor's data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The shared cargo home.
+    pub fn cargo_home(&self) -> PathBuf {
+        self.root.join("cargo-home")
+    }
+
+    /// The slot of a workspace identity under a toolchain; both are hashed into a fixed-length,
+    /// path-safe name, so hostile identities cannot escape the layout.
+    pub fn slot(&self, workspace_identity: &str, toolchain_digest: &str) -> io::Result<Slot> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(workspace_identity.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(toolchain_digest.as_bytes());
+        let name = hasher.finalize().to_hex()[..32].to_string();
+        let dir = self.root.join("slots").join(name);
+        let slot = Slot {
+            src: dir.join("src"),
+            target: dir.join("target"),
+            manifest: dir.join("manifest.json"),
+            dir,
+        };
+        fs::create_dir_all(&slot.src)?;
+        fs::create_dir_all(&slot.target)?;
+        Ok(slot)
+    }
+
+    /// A fresh scratch directory for one job; removed when the guard drops.
+    pub fn job_dir(&self, job_id: &str) -> io::Result<JobDir> {
+        let path = self.root.join("jobs").join(sanitize(job_id));
+        if path.exists() {
+            fs::remove_dir_all(&path)?;
+        }
+        fs::create_dir_all(&path)?;
+        Ok(JobDir { path })
+    }
+
+    /// Removes least-recently-used slots until at most `max_slots` remain (locked slots are
+    /// skipped). Returns how many were removed.
+    pub fn cleanup(&self, max_slots: usize) -> io::Result<usize> {
+        let mut slots: Vec<(SystemTime, PathBuf)> = fs::read_dir(self.root.join("slots"))?
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                let used = fs::metadata(e.path().join("lock"))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                (used, e.path())
+            })
+            .collect();
+        if slots.len() <= max_slots {
+            return Ok(0);
+        }
+        slots.sort();
+        let excess = slots.len() - max_slots;
+        let mut removed = 0;
+        for (_, dir) in slots.into_iter().take(excess) {
+            let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else { continue };
+            fs::remove_dir_all(&dir)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
+}
+
+/// A per-job scratch directory, removed on drop.
+#[derive(Debug)]
+pub struct JobDir {
+    path: PathBuf,
+}
+
+impl JobDir {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for JobDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove job dir");
+        }
+    }
+}
+
+/// Exclusive use of a slot, across threads and processes (an `flock` on `slot/lock`).
+#[derive(Debug)]
+pub struct SlotLock {
+    _file: File,
+}
+
+impl SlotLock {
+    fn open(dir: &Path) -> io::Result<File> {
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        // Records the slot's last use for `cleanup`.
+        file.set_modified(SystemTime::now())?;
+        Ok(file)
+    }
+
+    /// Waits for the slot (blocking; call from `spawn_blocking`).
+    pub fn acquire(slot: &Slot) -> io::Result<SlotLock> {
+        let file = Self::open(&slot.dir)?;
+        flock(&file, libc::LOCK_EX)?;
+        Ok(SlotLock { _file: file })
+    }
+
+    /// Takes the slot if free.
+    pub fn try_acquire(dir: &Path) -> io::Result<Option<SlotLock>> {
+        let file = Self::open(dir)?;
+        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(SlotLock { _file: file })),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+    // The lock is released when the file is closed (the guard drops).
+    nix::fcntl::flock(file.as_raw_fd(), flock_arg(operation)).map_err(io::Error::from)
+}
+
+fn flock_arg(operation: libc::c_int) -> nix::fcntl::FlockArg {
+    match operation {
+        o if o == libc::LOCK_EX | libc::LOCK_NB => nix::fcntl::FlockArg::LockExclusiveNonblock,
+        _ => nix::fcntl::FlockArg::LockExclusive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_stable_exclusive_and_path_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::create(dir.path()).unwrap();
+        let a = layout.slot("../../etc", "tc1").unwrap();
+        assert!(a.dir.starts_with(dir.path().join("slots")));
+        assert_eq!(layout.slot("../../etc", "tc1").unwrap().dir, a.dir);
+        assert_ne!(layout.slot("../../etc", "tc2").unwrap().dir, a.dir);
+        let held = SlotLock::acquire(&a).unwrap();
+        assert!(SlotLock::try_acquire(&a.dir).unwrap().is_none());
+        drop(held);
+        assert!(SlotLock::try_acquire(&a.dir).unwrap().is_some());
+    }
+
+    #[test]
+    fn job_dirs_vanish_and_cleanup_keeps_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::create(dir.path()).unwrap();
+        let job = layout.job_dir("job/../1").unwrap();
+        let path = job.path().to_path_buf();
+        assert!(path.starts_with(dir.path().join("jobs")));
+        fs::write(path.join("x"), b"x").unwrap();
+        drop(job);
+        assert!(!path.exists());
+        let dirs: Vec<PathBuf> = (0..3)
+            .map(|i| {
+                let slot = layout.slot(&format!("ws{i}"), "tc").unwrap();
+                drop(SlotLock::acquire(&slot).unwrap());
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                slot.dir
+            })
+            .collect();
+        assert_eq!(layout.cleanup(2).unwrap(), 1);
+        assert!(!dirs[0].exists(), "least recently used slot removed");
+        assert!(dirs[1].exists() && dirs[2].exists());
+    }
+}
