@@ -3,3 +3,4 @@
 //! Not yet implemented (see the executor issue); the crate exists so the workspace has its final
 //! shape.
 pub mod caches;
+pub mod workspace;
