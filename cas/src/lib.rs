@@ -8,6 +8,8 @@
 //! - [`digest`]: SHA-256 and BLAKE3 digests, their text and REAPI forms.
 //! - [`store`]: the filesystem blob store with its sled index, LRU eviction and `verify`.
 //! - [`action_cache`]: (instance, action digest) → `ActionResult`, returned only when complete.
+//! - [`merkle`]: canonical REAPI `Directory` trees from disk or zip archives (with a stat cache
+//!   and limits against hostile archives), their validation, enumeration and materialisation.
 //! - [`Cas`]: one handle on both, sharing one sled database.
 //!
 //! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
@@ -15,6 +17,7 @@
 pub mod action_cache;
 pub mod digest;
 pub mod error;
+pub mod merkle;
 pub mod store;
 
 use std::path::Path;
@@ -22,6 +25,11 @@ use std::path::Path;
 pub use action_cache::ActionCache;
 pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
+pub use merkle::{
+    DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
+    TreeBuilder, TreeStats, ZipLimits, build_from_dir, build_from_zip, build_from_zip_file,
+    get_tree, materialize, read_directory, tree_digests, validate_directory,
+};
 pub use store::{BlobReader, BlobStore, BlobWriter, StoreConfig, StoreStats};
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.

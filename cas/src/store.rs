@@ -704,13 +704,10 @@ impl BlobWriter {
         {
             return Err(CasError::SizeMismatch { expected, actual: after });
         }
-        match &mut self.file {
-            Some(file) => {
-                self.hasher.update(bytes);
-                file.write_all(bytes).map_err(|e| CasError::io("writing", file.path(), e))?;
-            }
-            // Present already: only count, so the size check still holds.
-            None => {}
+        // Present already (no file): only count, so the size check still holds.
+        if let Some(file) = &mut self.file {
+            self.hasher.update(bytes);
+            file.write_all(bytes).map_err(|e| CasError::io("writing", file.path(), e))?;
         }
         self.received = after;
         Ok(())
@@ -744,6 +741,11 @@ impl BlobWriter {
         if self.store.inner.config.fsync {
             file.as_file().sync_data().map_err(|e| CasError::io("syncing", file.path(), e))?;
         }
+        // Read-only: materialisation hard-links blobs into exec roots, where a writable file
+        // would let an action corrupt the store.
+        file.as_file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .map_err(|e| CasError::io("chmod", file.path(), e))?;
         let path = self.store.blob_path(&actual);
         let parent = path.parent().expect("blob paths have a parent");
         fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
@@ -828,6 +830,15 @@ mod tests {
     }
 
     #[test]
+    fn blob_files_are_read_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, store) = store(1 << 20);
+        let digest = store.put_bytes(DigestFunction::Sha256, b"shared by hard links").unwrap();
+        let mode = fs::metadata(store.blob_path(&digest)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444);
+    }
+
+    #[test]
     fn oversized_blob_is_refused() {
         let (_dir, store) = store(10);
         let digest = DigestFunction::Sha256.digest_of(&[0u8; 11]);
@@ -854,7 +865,9 @@ mod tests {
         let corrupt = store.put_bytes(DigestFunction::Sha256, b"original").unwrap();
         let gone = store.put_bytes(DigestFunction::Sha256, b"will vanish").unwrap();
         let fine = store.put_bytes(DigestFunction::Blake3, b"fine").unwrap();
-        fs::write(store.blob_path(&corrupt), b"tampered").unwrap();
+        let corrupt_path = store.blob_path(&corrupt);
+        fs::set_permissions(&corrupt_path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        fs::write(&corrupt_path, b"tampered").unwrap();
         fs::remove_file(store.blob_path(&gone)).unwrap();
         let report = store.verify().unwrap();
         assert_eq!(report.corrupt, vec![corrupt]);
