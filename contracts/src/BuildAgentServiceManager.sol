@@ -48,6 +48,12 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
     uint8 public constant CALL_PENDING = 1;
     uint8 public constant CALL_COMPLETED = 2;
 
+    uint256 private constant NOT_FOUND = type(uint256).max;
+    uint256 private constant ALL_01 = 0x0101010101010101010101010101010101010101010101010101010101010101;
+    uint256 private constant ALL_21 = ALL_01 * 0x21;
+    uint256 private constant ALL_7F = ALL_01 * 0x7f;
+    uint256 private constant ALL_80 = ALL_01 * 0x80;
+
     // ═══════════════════════════════════════════════════════════════════════
     // ERRORS
     // ═══════════════════════════════════════════════════════════════════════
@@ -285,14 +291,33 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         else if (_hasPrefix(uri, "cas://")) start = 6;
         else revert UnsupportedZipUriScheme();
         if (len == start) revert ZipUriMissingLocation();
-        for (uint256 i = start; i < len;) {
-            bytes1 c = uri[i];
-            // printable ASCII only: no controls, spaces, DEL or non-ASCII bytes
-            if (c <= 0x20 || c >= 0x7f) revert InvalidZipUriCharacter(i);
-            unchecked {
-                ++i;
+        uint256 bad = _firstNonPrintable(uri, start);
+        if (bad != NOT_FOUND) revert InvalidZipUriCharacter(bad);
+    }
+
+    /// @dev Index of the first byte of `s` at or after `from` outside 0x21..0x7e (controls,
+    ///      space, DEL, non-ASCII), or NOT_FOUND. Tests 32 bytes at a time with the classic
+    ///      "has a byte less than n" / "has a zero byte" word tricks, exact as booleans, then
+    ///      finds the byte one at a time; a 2 KiB URI costs a few thousand gas.
+    function _firstNonPrintable(bytes memory s, uint256 from) internal pure returns (uint256) {
+        uint256 len = s.length;
+        uint256 i = from;
+        unchecked {
+            for (; i + 32 <= len; i += 32) {
+                uint256 w;
+                assembly ("memory-safe") {
+                    w := mload(add(add(s, 0x20), i))
+                }
+                uint256 del = w ^ ALL_7F;
+                uint256 flags = (w & ALL_80) | ((w - ALL_21) & ~w & ALL_80) | ((del - ALL_01) & ~del & ALL_80);
+                if (flags != 0) break;
+            }
+            for (; i < len; ++i) {
+                bytes1 c = s[i];
+                if (c <= 0x20 || c >= 0x7f) return i;
             }
         }
+        return NOT_FOUND;
     }
 
     function _hasPrefix(bytes memory s, bytes memory prefix) internal pure returns (bool) {

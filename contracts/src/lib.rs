@@ -139,7 +139,10 @@ pub struct CompiledContract {
 pub enum ArtifactError {
     Json(serde_json::Error),
     MissingContract(String),
-    BadField { contract: String, field: &'static str },
+    BadField {
+        contract: String,
+        field: &'static str,
+    },
 }
 
 impl fmt::Display for ArtifactError {
@@ -148,7 +151,10 @@ impl fmt::Display for ArtifactError {
             ArtifactError::Json(e) => write!(f, "artifact is not valid JSON: {e}"),
             ArtifactError::MissingContract(name) => write!(f, "artifact has no contract {name}"),
             ArtifactError::BadField { contract, field } => {
-                write!(f, "artifact field {field} of {contract} is missing or malformed")
+                write!(
+                    f,
+                    "artifact field {field} of {contract} is missing or malformed"
+                )
             }
         }
     }
@@ -157,7 +163,10 @@ impl fmt::Display for ArtifactError {
 impl std::error::Error for ArtifactError {}
 
 /// Reads contract `name` from an artifact in the format `build.mjs` writes.
-pub fn contract_from_artifact(artifact: &str, name: &str) -> Result<CompiledContract, ArtifactError> {
+pub fn contract_from_artifact(
+    artifact: &str,
+    name: &str,
+) -> Result<CompiledContract, ArtifactError> {
     let root: serde_json::Value = serde_json::from_str(artifact).map_err(ArtifactError::Json)?;
     let c = root
         .get("contracts")
@@ -168,7 +177,10 @@ pub fn contract_from_artifact(artifact: &str, name: &str) -> Result<CompiledCont
         field,
     };
     let hex_field = |field: &'static str| -> Result<Vec<u8>, ArtifactError> {
-        let s = c.get(field).and_then(|v| v.as_str()).ok_or_else(|| bad(field))?;
+        let s = c
+            .get(field)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad(field))?;
         hex::decode(s.strip_prefix("0x").unwrap_or(s)).map_err(|_| bad(field))
     };
     let mut method_identifiers = BTreeMap::new();
@@ -239,6 +251,9 @@ mod tests {
         assert!(!sm.bytecode.is_empty() && !sm.deployed_bytecode.is_empty());
         // EIP-170 code size limit.
         assert!(sm.deployed_bytecode.len() <= 24_576);
-        assert!(sm.method_identifiers.contains_key("onJobCall(uint64,uint8,uint64,bytes)"));
+        assert!(
+            sm.method_identifiers
+                .contains_key("onJobCall(uint64,uint8,uint64,bytes)")
+        );
     }
 }

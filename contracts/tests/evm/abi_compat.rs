@@ -50,14 +50,20 @@ fn find_in_registry() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(cargo_home.join("registry").join("src"))
         .ok()?
         .filter_map(|index| Some(index.ok()?.path().join(&wanted)))
-        .filter(|dir| dir.join("abi").join("IBlueprintServiceManager.json").is_file())
+        .filter(|dir| {
+            dir.join("abi")
+                .join("IBlueprintServiceManager.json")
+                .is_file()
+        })
         .collect();
     found.sort();
     found.into_iter().next()
 }
 
 fn upstream_artifact() -> Value {
-    let path = bindings_dir().join("abi").join("IBlueprintServiceManager.json");
+    let path = bindings_dir()
+        .join("abi")
+        .join("IBlueprintServiceManager.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("upstream ABI is JSON")
 }
@@ -199,7 +205,10 @@ fn the_job_hooks_have_the_signatures_this_version_defines() {
         "onRegister(address,bytes)",
         "onBlueprintCreated(uint64,address,address)",
     ] {
-        assert!(upstream.contains_key(signature), "upstream lacks {signature}");
+        assert!(
+            upstream.contains_key(signature),
+            "upstream lacks {signature}"
+        );
         assert_eq!(
             manager.method_identifiers.get(signature),
             Some(&selector(signature)),

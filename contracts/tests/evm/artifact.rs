@@ -48,7 +48,10 @@ fn committed_artifact_was_built_from_the_current_sources() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(listed, files, "artifact lists other sources: {REBUILD_HINT}");
+    assert_eq!(
+        listed, files,
+        "artifact lists other sources: {REBUILD_HINT}"
+    );
     assert_eq!(
         artifact["sourceHash"].as_str(),
         Some(hex::encode(hasher.finalize()).as_str()),

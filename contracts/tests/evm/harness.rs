@@ -137,8 +137,11 @@ pub use Manager::*;
 
 /// Deploys the service manager.
 pub const DEPLOYER: Address = address!("00000000000000000000000000000000000d0e01");
-/// The Tangle core contract: the only address the hooks accept calls from.
+/// The Tangle core contract: the only address the hooks accept calls from. Holds
+/// [`tangle_core_code`], so hook calls reach the manager the way tnt-core makes them.
 pub const TANGLE: Address = address!("000000000000000000000000000000000074a6e1");
+/// The account whose transactions drive the Tangle core stub (and pay job prices).
+pub const RELAYER: Address = address!("00000000000000000000000000000000000e1a40");
 /// Blueprint owner as reported by Tangle in onBlueprintCreated.
 pub const BLUEPRINT_OWNER: Address = address!("0000000000000000000000000000000000b0b0b0");
 /// Registered operators.
@@ -154,6 +157,31 @@ pub const ZIP_URI: &str = "cas://blake3/5c1f0a9e2d/4096";
 
 /// Tangle core's gas budget for a manager hook (tnt-core `MANAGER_HOOK_GAS_LIMIT_DEFAULT`).
 pub const TANGLE_HOOK_GAS_LIMIT: u64 = 500_000;
+
+/// Runtime code of a stand-in for Tangle core: forwards its calldata and value to `manager`
+/// with a [`TANGLE_HOOK_GAS_LIMIT`] gas cap, as tnt-core's `_callManager` does
+/// (`manager.call{gas: _hookGasLimit()}(data)`), and returns or reverts with the manager's
+/// return data.
+pub fn tangle_core_code(manager: Address) -> Vec<u8> {
+    let mut code = vec![
+        0x36, 0x5f, 0x5f, 0x37, // CALLDATACOPY(0, 0, CALLDATASIZE)
+        0x5f, 0x5f, 0x36, 0x5f,
+        0x34, // retSize 0, retOffset 0, argsSize, argsOffset 0, CALLVALUE
+        0x73, // PUSH20 manager
+    ];
+    code.extend_from_slice(manager.as_slice());
+    code.push(0x62); // PUSH3 gas
+    code.extend_from_slice(&TANGLE_HOOK_GAS_LIMIT.to_be_bytes()[5..]);
+    code.extend_from_slice(&[
+        0xf1, // CALL
+        0x3d, 0x5f, 0x5f, 0x3e, // RETURNDATACOPY(0, 0, RETURNDATASIZE)
+        0x60, 0x2d, 0x57, // JUMPI(45, success)
+        0x3d, 0x5f, 0xfd, // REVERT(0, RETURNDATASIZE)
+        0x5b, 0x3d, 0x5f, 0xf3, // 45: JUMPDEST; RETURN(0, RETURNDATASIZE)
+    ]);
+    assert_eq!(code[45], 0x5b, "jump target");
+    code
+}
 
 pub fn wei(n: u64) -> U256 {
     U256::from(n)
@@ -180,8 +208,15 @@ pub fn valid_inputs() -> Bytes {
 /// What a transaction did.
 #[derive(Debug)]
 pub enum Outcome {
-    Success { output: Bytes, logs: Vec<Log>, gas_used: u64 },
-    Revert { data: Bytes, gas_used: u64 },
+    Success {
+        output: Bytes,
+        logs: Vec<Log>,
+        gas_used: u64,
+    },
+    Revert {
+        data: Bytes,
+        gas_used: u64,
+    },
     Halt(String),
 }
 
@@ -260,7 +295,14 @@ impl Chain {
     /// Deployed but not yet bound to a Tangle core.
     pub fn deployed() -> Self {
         let mut db = Db::default();
-        for who in [DEPLOYER, TANGLE, BLUEPRINT_OWNER, OPERATOR, OPERATOR_2, STRANGER] {
+        for who in [
+            DEPLOYER,
+            RELAYER,
+            BLUEPRINT_OWNER,
+            OPERATOR,
+            OPERATOR_2,
+            STRANGER,
+        ] {
             db.insert_account_info(
                 who,
                 AccountInfo {
@@ -292,11 +334,23 @@ impl Chain {
             } => chain.manager = addr,
             other => panic!("deployment failed: {other:?}"),
         }
+        let manager = chain.manager;
+        chain.set_code(TANGLE, &tangle_core_code(manager));
         chain
     }
 
-    /// Sends a transaction from `from` to `to`.
+    /// Sends a transaction from `from` to `to`. From [`TANGLE`] (a contract) it is relayed:
+    /// [`RELAYER`] calls the Tangle core stub, which makes the call with the hook gas cap.
     pub fn send(&mut self, from: Address, to: Address, value: U256, data: Bytes) -> Outcome {
+        let (from, to) = if from == TANGLE {
+            assert_eq!(
+                to, self.manager,
+                "the Tangle core stub only calls the manager"
+            );
+            (RELAYER, TANGLE)
+        } else {
+            (from, to)
+        };
         let tx = TxEnv::builder()
             .caller(from)
             .kind(TxKind::Call(to))
@@ -401,12 +455,14 @@ impl Chain {
             .unwrap_or_default()
     }
 
-    /// Puts `runtime` code at `at` (for recipients with custom behaviour).
+    /// Puts `runtime` code at `at`, keeping its balance.
     pub fn set_code(&mut self, at: Address, runtime: &[u8]) {
         let code = Bytecode::new_raw(Bytes::copy_from_slice(runtime));
+        let balance = self.balance(at);
         self.evm.ctx.journaled_state.database.insert_account_info(
             at,
             AccountInfo {
+                balance,
                 code_hash: code.hash_slow(),
                 code: Some(code),
                 ..Default::default()
