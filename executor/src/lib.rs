@@ -1,6 +1,7 @@
 //! The executor: turns cargo jobs and REAPI actions into sandboxed runs.
 //!
-//! Not yet implemented (see the executor issue); the crate exists so the workspace has its final
-//! shape.
+//! [`sandbox`] runs one command in an isolated, resource-limited container (hakoniwa) with fixed
+//! paths (`/workspace`, `/target`, `/cargo`, `/toolchain`) and streams its output line by line.
 pub mod caches;
+pub mod sandbox;
 pub mod workspace;
