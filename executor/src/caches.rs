@@ -18,7 +18,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -115,7 +114,9 @@ impl CacheLayout {
         let excess = slots.len() - max_slots;
         let mut removed = 0;
         for (_, dir) in slots.into_iter().take(excess) {
-            let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else { continue };
+            let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else {
+                continue;
+            };
             fs::remove_dir_all(&dir)?;
             removed += 1;
         }
@@ -124,7 +125,16 @@ impl CacheLayout {
 }
 
 fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
 }
 
 /// A per-job scratch directory, removed on drop.
@@ -150,15 +160,20 @@ impl Drop for JobDir {
     }
 }
 
-/// Exclusive use of a slot, across threads and processes (an `flock` on `slot/lock`).
+/// Exclusive use of a slot, across threads and processes (an `flock` on `slot/lock`, released
+/// when the guard drops).
 #[derive(Debug)]
 pub struct SlotLock {
-    _file: File,
+    _lock: nix::fcntl::Flock<File>,
 }
 
 impl SlotLock {
     fn open(dir: &Path) -> io::Result<File> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
         // Records the slot's last use for `cleanup`.
         file.set_modified(SystemTime::now())?;
         Ok(file)
@@ -167,30 +182,19 @@ impl SlotLock {
     /// Waits for the slot (blocking; call from `spawn_blocking`).
     pub fn acquire(slot: &Slot) -> io::Result<SlotLock> {
         let file = Self::open(&slot.dir)?;
-        flock(&file, libc::LOCK_EX)?;
-        Ok(SlotLock { _file: file })
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io::Error::from(e))?;
+        Ok(SlotLock { _lock: lock })
     }
 
     /// Takes the slot if free.
     pub fn try_acquire(dir: &Path) -> io::Result<Option<SlotLock>> {
         let file = Self::open(dir)?;
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => Ok(Some(SlotLock { _file: file })),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(SlotLock { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io::Error::from(e)),
         }
-    }
-}
-
-fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
-    // The lock is released when the file is closed (the guard drops).
-    nix::fcntl::flock(file.as_raw_fd(), flock_arg(operation)).map_err(io::Error::from)
-}
-
-fn flock_arg(operation: libc::c_int) -> nix::fcntl::FlockArg {
-    match operation {
-        o if o == libc::LOCK_EX | libc::LOCK_NB => nix::fcntl::FlockArg::LockExclusiveNonblock,
-        _ => nix::fcntl::FlockArg::LockExclusive,
     }
 }
 

@@ -2,6 +2,10 @@
 //!
 //! [`sandbox`] runs one command in an isolated, resource-limited container (hakoniwa) with fixed
 //! paths (`/workspace`, `/target`, `/cargo`, `/toolchain`) and streams its output line by line.
+pub mod action;
 pub mod caches;
+pub mod cargo;
+pub mod logstream;
+pub mod runner;
 pub mod sandbox;
 pub mod workspace;

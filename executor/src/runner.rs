@@ -1,0 +1,1152 @@
+//! The one path every job takes: a cargo job from `rba`, a libp2p `Submit`, a Tangle job and a
+//! REAPI `Execute` call all end in [`Executor::submit`] with an Action digest.
+//!
+//! ```text
+//! submit(instance, action digest)
+//!   ├─ action cache hit (exit 0, complete) ─► replay its log ─► Done { cache_hit }
+//!   └─ miss ─► queue (N workers) ─► workload:
+//!        cargo   (platform `job` = build|test|…): slot lock ─► sync sources (mtime-normalised)
+//!                ─► fetch phase (network, once per Cargo.lock) ─► build phase (no network)
+//!                ─► artifacts from cargo's JSON into the CAS
+//!        command (anything else, e.g. Bazel): materialise the input root in a scratch dir
+//!                ─► run ─► collect `output_paths` into the CAS
+//!      ─► stdout/stderr/log into the CAS ─► ActionResult ─► action cache (successes) or the
+//!         failed-results namespace (failures: kept, but re-run on resubmission) ─► Done
+//! ```
+//! Every job has a [`LogStream`] registered under its id before it starts, so every transport
+//! reads the same lines; its state ([`JobState`]) is a `watch` channel (queued with position,
+//! running with progress, done with the outcome).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use rba_cas::merkle::{self, DirOptions, MaterializeOptions};
+use rba_cas::{Cas, CasError, Digest, DigestFunction};
+use rba_proto::Message;
+use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::action::{ActionError, PreparedAction, Toolchain, cargo_action};
+use crate::caches::{CacheLayout, Slot, SlotLock};
+use crate::cargo::{CargoEvent, CargoJob, CargoOutputParser, fetch_argv, lockfile_unit_estimate};
+use crate::logstream::{
+    LogConfig, LogDigests, LogStream, LogStreamKind, LogWriter, parse_log_blob,
+};
+use crate::sandbox::{
+    Limits, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec, Stream,
+    TARGET_DIR, WORKSPACE_DIR,
+};
+use crate::workspace::{DesiredEntry, sync_directory};
+
+/// The instance name cargo jobs use in the action cache.
+pub const CARGO_INSTANCE: &str = "rba/cargo";
+/// The output file under which a cargo job's full log (ordered, both streams) is kept.
+pub const LOG_OUTPUT_PATH: &str = ".rba/log.jsonl";
+/// Largest stdout/stderr/log blob replayed on a cache hit.
+const MAX_REPLAY_BYTES: u64 = 256 << 20;
+
+/// How the executor runs jobs.
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    /// Caches and scratch directories.
+    pub data_dir: PathBuf,
+    /// Jobs running at once.
+    pub workers: usize,
+    /// Limits of every sandboxed run (an Action's `timeout` can only shorten the wall time).
+    pub limits: Limits,
+    /// The sandbox set-up (toolchain, host uid…).
+    pub sandbox: SandboxConfig,
+    /// Log stream limits.
+    pub log: LogConfig,
+    /// Keep at most this many per-workspace slots (LRU).
+    pub max_slots: usize,
+}
+
+impl ExecutorConfig {
+    /// Defaults under `data_dir`: 2 workers, default limits, the host's toolchain.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Result<Self, ExecutorError> {
+        let data_dir = data_dir.into();
+        let mut sandbox = SandboxConfig::with_host_toolchain()?;
+        sandbox.scratch_dir = data_dir.join("sandbox-scratch");
+        Ok(ExecutorConfig {
+            data_dir,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .min(4),
+            limits: Limits::default(),
+            sandbox,
+            log: LogConfig::default(),
+            max_slots: 64,
+        })
+    }
+}
+
+/// Why a job could not be submitted or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// The Action or Command is missing or malformed.
+    #[error(transparent)]
+    Action(#[from] ActionError),
+    /// The store failed or refused something.
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    /// The sandbox could not be set up.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// Syncing a workspace failed.
+    #[error(transparent)]
+    Sync(#[from] crate::workspace::SyncError),
+    /// Filesystem failure in the executor's own directories.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The job was cancelled.
+    #[error("job cancelled")]
+    Cancelled,
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecutorError {
+    let context = context.into();
+    move |source| ExecutorError::Io { context, source }
+}
+
+/// A job's request.
+#[derive(Clone, Debug)]
+pub struct ExecuteRequest {
+    /// REAPI instance name (separate action caches).
+    pub instance: String,
+    /// The Action, already stored in the CAS with its Command and input root.
+    pub action_digest: Digest,
+    /// Run even if the action cache has a result.
+    pub skip_cache_lookup: bool,
+    /// For cargo jobs: which target cache to reuse (not part of the Action digest).
+    pub workspace_identity: Option<String>,
+}
+
+/// How a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobStatus {
+    /// The command exited 0.
+    Success,
+    /// The command ran and failed (non-zero exit, killed by a limit).
+    Failed,
+    /// Cancelled before or while running.
+    Cancelled,
+    /// The job could not run at all (bad input, sandbox set-up failure).
+    Error,
+}
+
+/// An artifact a job produced, stored in the CAS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Artifact {
+    /// Path relative to the job's root (`target/debug/hello`).
+    pub path: String,
+    /// Content digest.
+    pub digest: Digest,
+    /// Executable bit.
+    pub executable: bool,
+}
+
+/// Everything known about a finished job.
+#[derive(Clone, Debug)]
+pub struct JobOutcome {
+    /// How it ended.
+    pub status: JobStatus,
+    /// The command's exit code (-1 when it did not exit normally or did not run).
+    pub exit_code: i32,
+    /// The REAPI result (absent when the job could not run).
+    pub result: Option<ActionResult>,
+    /// Answered from the action cache without running anything.
+    pub cache_hit: bool,
+    /// Wall time from submission to the end.
+    pub duration: Duration,
+    /// Digests of the stored log, stdout and stderr.
+    pub log: Option<LogDigests>,
+    /// Output files (for cargo jobs: executables).
+    pub artifacts: Vec<Artifact>,
+    /// Named step durations (`queue`, `sync`, `fetch`, `build`, `outputs`).
+    pub steps: Vec<(String, Duration)>,
+    /// What went wrong, for `Error` and limit kills.
+    pub error: Option<String>,
+}
+
+/// Where a job is.
+#[derive(Clone, Debug)]
+pub enum JobState {
+    /// Waiting for a worker; `position` 0 is next.
+    Queued {
+        /// Jobs ahead of this one.
+        position: usize,
+    },
+    /// Running; cargo jobs report units done / total (0 when unknown).
+    Running {
+        /// Units done.
+        done: u32,
+        /// Units expected (an estimate, 0 if unknown).
+        total: u32,
+    },
+    /// Finished.
+    Done(Arc<JobOutcome>),
+}
+
+/// A submitted job: its id, log, state, and a way to cancel it. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct JobHandle {
+    /// Unique id; also the log stream's id in the registry.
+    pub id: String,
+    /// The Action digest.
+    pub action_digest: Digest,
+    /// The job's log.
+    pub log: LogStream,
+    state: watch::Receiver<JobState>,
+    cancel: Arc<Notify>,
+}
+
+impl JobHandle {
+    /// The current state.
+    pub fn state(&self) -> JobState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver of state changes.
+    pub fn watch(&self) -> watch::Receiver<JobState> {
+        self.state.clone()
+    }
+
+    /// Waits for the end.
+    pub async fn wait(&self) -> Arc<JobOutcome> {
+        let mut state = self.state.clone();
+        loop {
+            if let JobState::Done(outcome) = &*state.borrow_and_update() {
+                return outcome.clone();
+            }
+            if state.changed().await.is_err() {
+                if let JobState::Done(outcome) = &*state.borrow() {
+                    return outcome.clone();
+                }
+                unreachable!("the job task always publishes Done before dropping its sender");
+            }
+        }
+    }
+
+    /// Asks the job to stop: a queued job never starts, a running sandbox is killed.
+    pub fn cancel(&self) {
+        self.cancel.notify_one();
+    }
+}
+
+struct Inner {
+    cas: Cas,
+    layout: CacheLayout,
+    sandbox: Sandbox,
+    toolchain: Toolchain,
+    config: ExecutorConfig,
+    workers: Arc<Semaphore>,
+    queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
+    jobs: Mutex<HashMap<String, JobHandle>>,
+    logs: crate::logstream::LogRegistry,
+}
+
+/// The executor. Cheap to clone; clones share workers, caches and the job table.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("data_dir", &self.inner.config.data_dir)
+            .finish()
+    }
+}
+
+impl Executor {
+    /// Sets up the caches and checks the sandbox's prerequisites.
+    pub fn new(cas: Cas, config: ExecutorConfig) -> Result<Self, ExecutorError> {
+        let layout = CacheLayout::create(&config.data_dir)
+            .map_err(io_error("creating the executor's data dir"))?;
+        std::fs::create_dir_all(&config.sandbox.scratch_dir)
+            .map_err(io_error("creating the sandbox scratch dir"))?;
+        let sandbox = Sandbox::new(config.sandbox.clone())?;
+        let toolchain = Toolchain::detect()?;
+        Ok(Executor {
+            inner: Arc::new(Inner {
+                cas,
+                layout,
+                sandbox,
+                toolchain,
+                workers: Arc::new(Semaphore::new(config.workers.max(1))),
+                config,
+                queue: Mutex::new(Vec::new()),
+                jobs: Mutex::new(HashMap::new()),
+                logs: crate::logstream::LogRegistry::new(),
+            }),
+        })
+    }
+
+    /// The store jobs read from and write to.
+    pub fn cas(&self) -> &Cas {
+        &self.inner.cas
+    }
+
+    /// The toolchain cargo jobs run with.
+    pub fn toolchain(&self) -> &Toolchain {
+        &self.inner.toolchain
+    }
+
+    /// Live and recent log streams by job id.
+    pub fn logs(&self) -> &crate::logstream::LogRegistry {
+        &self.inner.logs
+    }
+
+    /// A job by id, while it is known.
+    pub fn job(&self, id: &str) -> Option<JobHandle> {
+        self.inner.jobs.lock().get(id).cloned()
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn queue_len(&self) -> usize {
+        self.inner.queue.lock().len()
+    }
+
+    /// Stores a cargo job as an Action over `input_root` and submits it.
+    pub async fn submit_cargo(
+        &self,
+        job: &CargoJob,
+        input_root: Digest,
+        workspace_identity: &str,
+    ) -> Result<JobHandle, ExecutorError> {
+        let blobs = self.inner.cas.blobs.clone();
+        let (job, toolchain) = (job.clone(), self.inner.toolchain.clone());
+        let prepared =
+            tokio::task::spawn_blocking(move || cargo_action(&job, input_root, &toolchain, &blobs))
+                .await
+                .expect("cargo_action does not panic")?;
+        self.submit(ExecuteRequest {
+            instance: CARGO_INSTANCE.to_string(),
+            action_digest: prepared.action_digest,
+            skip_cache_lookup: false,
+            workspace_identity: Some(workspace_identity.to_string()),
+        })
+        .await
+    }
+
+    /// Submits an Action already in the CAS. Returns at once; the job runs in the background.
+    ///
+    /// Fails only when the Action or Command cannot be loaded (missing or malformed): such a
+    /// request never becomes a job.
+    pub async fn submit(&self, request: ExecuteRequest) -> Result<JobHandle, ExecutorError> {
+        let blobs = self.inner.cas.blobs.clone();
+        let digest = request.action_digest;
+        let prepared = tokio::task::spawn_blocking(move || PreparedAction::load(digest, &blobs))
+            .await
+            .expect("loading an action does not panic")?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let log_dir = self.inner.config.data_dir.join("logs");
+        std::fs::create_dir_all(&log_dir).map_err(io_error("creating the log dir"))?;
+        let (writer, log) = LogStream::with_config(&log_dir, self.inner.config.log.clone())
+            .map_err(io_error("creating a log stream"))?;
+        let (state_tx, state_rx) = watch::channel(JobState::Queued { position: 0 });
+        let handle = JobHandle {
+            id: id.clone(),
+            action_digest: digest,
+            log: log.clone(),
+            state: state_rx,
+            cancel: Arc::new(Notify::new()),
+        };
+        self.inner.logs.insert(id.clone(), log);
+        self.inner.jobs.lock().insert(id.clone(), handle.clone());
+        let executor = self.clone();
+        let cancel = handle.cancel.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut job = RunningJob {
+                executor: &executor,
+                id: &id,
+                request,
+                prepared,
+                writer: Some(writer),
+                started,
+                steps: Vec::new(),
+                state: state_tx.clone(),
+            };
+            let outcome = tokio::select! {
+                outcome = job.run() => outcome,
+                _ = cancel.notified() => Err(ExecutorError::Cancelled),
+            };
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(error) => job.failed_outcome(error).await,
+            };
+            let _ = state_tx.send(JobState::Done(Arc::new(outcome)));
+        });
+        Ok(handle)
+    }
+}
+
+/// One job in progress.
+struct RunningJob<'a> {
+    executor: &'a Executor,
+    id: &'a str,
+    request: ExecuteRequest,
+    prepared: PreparedAction,
+    writer: Option<LogWriter>,
+    started: Instant,
+    steps: Vec<(String, Duration)>,
+    state: watch::Sender<JobState>,
+}
+
+/// What a workload produced.
+struct RunResult {
+    exit_code: i32,
+    success: bool,
+    output_files: Vec<OutputFile>,
+    output_directories: Vec<OutputDirectory>,
+    artifacts: Vec<Artifact>,
+    error: Option<String>,
+}
+
+impl RunningJob<'_> {
+    fn inner(&self) -> &Inner {
+        &self.executor.inner
+    }
+
+    fn function(&self) -> DigestFunction {
+        self.prepared.action_digest.function
+    }
+
+    fn log(&mut self, stream: LogStreamKind, line: impl Into<String>) {
+        if let Some(writer) = &mut self.writer {
+            writer.push(stream, line);
+        }
+    }
+
+    fn step(&mut self, name: &str, since: Instant) {
+        self.steps.push((name.to_string(), since.elapsed()));
+    }
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T, ExecutorError> + Send + 'static,
+    ) -> Result<T, ExecutorError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .expect("blocking executor work does not panic")
+    }
+
+    async fn run(&mut self) -> Result<JobOutcome, ExecutorError> {
+        if !self.request.skip_cache_lookup
+            && !self.prepared.action.do_not_cache
+            && let Some(outcome) = self.try_cache_hit().await?
+        {
+            return Ok(outcome);
+        }
+        let queued = Instant::now();
+        let _permit = self.wait_for_worker().await;
+        self.step("queue", queued);
+        let _ = self.state.send(JobState::Running { done: 0, total: 0 });
+        let run = match self.prepared.platform_property("job") {
+            Some(_) => self.run_cargo().await?,
+            None => self.run_command().await?,
+        };
+        self.finish(run).await
+    }
+
+    /// Serves the job from the action cache when a complete, successful result exists.
+    async fn try_cache_hit(&mut self) -> Result<Option<JobOutcome>, ExecutorError> {
+        let cas = self.inner().cas.clone();
+        let (instance, digest) = (self.request.instance.clone(), self.prepared.action_digest);
+        let cached = Self::blocking(move || Ok(cas.actions.get(&instance, &digest)?)).await?;
+        let Some(result) = cached.filter(|r| r.exit_code == 0) else {
+            return Ok(None);
+        };
+        let function = self.function();
+        let blobs = self.inner().cas.blobs.clone();
+        let stored = result.clone();
+        let replay = Self::blocking(move || Ok(replay_lines(&blobs, function, &stored)?)).await?;
+        for (stream, line) in replay {
+            self.log(stream, line);
+        }
+        let log = self.finish_log().await?;
+        Ok(Some(JobOutcome {
+            status: JobStatus::Success,
+            exit_code: 0,
+            artifacts: artifacts_of(function, &result),
+            result: Some(result),
+            cache_hit: true,
+            duration: self.started.elapsed(),
+            log: Some(log),
+            steps: std::mem::take(&mut self.steps),
+            error: None,
+        }))
+    }
+
+    async fn wait_for_worker(&mut self) -> tokio::sync::OwnedSemaphorePermit {
+        let workers = self.inner().workers.clone();
+        if let Ok(permit) = workers.clone().try_acquire_owned() {
+            return permit;
+        }
+        let position = {
+            let mut queue = self.inner().queue.lock();
+            queue.push((self.id.to_string(), self.state.clone()));
+            queue.len() - 1
+        };
+        let _ = self.state.send(JobState::Queued { position });
+        self.log(
+            LogStreamKind::System,
+            format!("queued at position {position}"),
+        );
+        let permit = workers
+            .acquire_owned()
+            .await
+            .expect("the worker semaphore is never closed");
+        let mut queue = self.inner().queue.lock();
+        queue.retain(|(id, _)| id != self.id);
+        for (position, (_, state)) in queue.iter().enumerate() {
+            let _ = state.send(JobState::Queued { position });
+        }
+        permit
+    }
+
+    fn limits(&self) -> Limits {
+        let mut limits = self.inner().config.limits.clone();
+        if let Some(timeout) = &self.prepared.action.timeout
+            && timeout.seconds > 0
+        {
+            let asked = Duration::from_secs(timeout.seconds as u64);
+            limits.wall_time = Some(limits.wall_time.map_or(asked, |own| own.min(asked)));
+        }
+        limits
+    }
+
+    fn command_env(&self, mut spec: SandboxSpec) -> SandboxSpec {
+        for variable in &self.prepared.command.environment_variables {
+            spec = spec.env(&variable.name, &variable.value);
+        }
+        spec
+    }
+
+    fn working_directory(&self) -> PathBuf {
+        Path::new(WORKSPACE_DIR).join(&self.prepared.command.working_directory)
+    }
+
+    /// Runs a sandboxed process, feeding its lines through `on_line`; kills it on cancel.
+    async fn run_sandboxed(
+        &mut self,
+        spec: SandboxSpec,
+        mut on_line: impl FnMut(&mut Self, OutputLine),
+    ) -> Result<crate::sandbox::SandboxOutcome, ExecutorError> {
+        let mut running = self.inner().sandbox.spawn(spec).await?;
+        while let Some(line) = running.output.recv().await {
+            on_line(self, line);
+        }
+        Ok(running.wait().await?)
+    }
+
+    /// A cargo job: shared slot, fetch phase, offline build phase, artifacts from cargo's JSON.
+    async fn run_cargo(&mut self) -> Result<RunResult, ExecutorError> {
+        let identity = self.request.workspace_identity.clone().unwrap_or_else(|| {
+            format!(
+                "{}:{:?}",
+                self.request.instance, self.prepared.input_root_digest
+            )
+        });
+        let layout = self.inner().layout.clone();
+        let toolchain_digest = self.inner().toolchain.digest_hex.clone();
+        let slot = Self::blocking(move || {
+            layout
+                .slot(&identity, &toolchain_digest)
+                .map_err(io_error("creating a workspace slot"))
+        })
+        .await?;
+        let lock_slot = slot.clone();
+        let waited = Instant::now();
+        let _lock = Self::blocking(move || {
+            SlotLock::acquire(&lock_slot).map_err(io_error("locking a workspace slot"))
+        })
+        .await?;
+        self.step("slot-lock", waited);
+
+        let synced = Instant::now();
+        let (blobs, root, sync_slot) = (
+            self.inner().cas.blobs.clone(),
+            self.prepared.input_root_digest,
+            slot.clone(),
+        );
+        let stats = Self::blocking(move || {
+            let entries = desired_entries(&blobs, &root)?;
+            Ok(sync_directory(
+                &blobs,
+                &entries,
+                &sync_slot.src,
+                &sync_slot.manifest,
+            )?)
+        })
+        .await?;
+        self.step("sync", synced);
+        self.log(
+            LogStreamKind::System,
+            format!(
+                "workspace synced: {} written, {} unchanged, {} removed",
+                stats.written, stats.kept, stats.removed
+            ),
+        );
+
+        let lockfile = std::fs::read_to_string(slot.src.join("Cargo.lock")).unwrap_or_default();
+        if let Some(failure) = self.fetch_phase(&slot, &lockfile).await? {
+            return Ok(failure);
+        }
+
+        let built = Instant::now();
+        let cargo_home = self.inner().layout.cargo_home();
+        let spec = self
+            .command_env(SandboxSpec::new(self.prepared.command.arguments.clone()))
+            .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
+            .workspace(&slot.src)
+            .target_dir(&slot.target)
+            .cargo_home(&cargo_home, false)
+            .cwd(self.working_directory())
+            .network(NetworkPolicy::None)
+            .limits(self.limits());
+        let mut parser = CargoOutputParser::with_total_estimate(lockfile_unit_estimate(&lockfile));
+        let mut executables = Vec::new();
+        let outcome = self
+            .run_sandboxed(spec, |job, line| {
+                let events = match line.stream {
+                    Stream::Stdout => parser.feed_stdout(&line.line),
+                    Stream::Stderr => parser.feed_stderr(&line.line),
+                };
+                let kind = match line.stream {
+                    Stream::Stdout => LogStreamKind::Stdout,
+                    Stream::Stderr => LogStreamKind::Stderr,
+                };
+                for event in events {
+                    match event {
+                        CargoEvent::UserLine(text) => job.log(kind, text),
+                        CargoEvent::Progress { done, total } => {
+                            let _ = job.state.send(JobState::Running { done, total });
+                        }
+                        CargoEvent::Artifact(artifact) => executables.extend(artifact.executable),
+                        CargoEvent::BuildFinished { .. } => {}
+                    }
+                }
+            })
+            .await?;
+        self.step("build", built);
+
+        let collected = Instant::now();
+        let (blobs, function, target) = (
+            self.inner().cas.blobs.clone(),
+            self.function(),
+            slot.target.clone(),
+        );
+        let artifacts =
+            Self::blocking(move || store_cargo_artifacts(&blobs, function, &target, &executables))
+                .await?;
+        self.step("outputs", collected);
+        Ok(RunResult {
+            exit_code: exit_code(&outcome),
+            success: outcome.success(),
+            output_files: artifacts.iter().map(artifact_output_file).collect(),
+            output_directories: Vec::new(),
+            artifacts,
+            error: limit_message(&outcome),
+        })
+    }
+
+    /// `cargo fetch --locked` with network into the shared cargo home, once per Cargo.lock.
+    async fn fetch_phase(
+        &mut self,
+        slot: &Slot,
+        lockfile: &str,
+    ) -> Result<Option<RunResult>, ExecutorError> {
+        let needs_network = lockfile.contains("source = \"registry+")
+            || lockfile.contains("source = \"git+")
+            || lockfile.contains("source = \"sparse+");
+        let marker = slot.dir.join("fetched-lockfile");
+        let lock_digest = DigestFunction::Blake3
+            .digest_of(lockfile.as_bytes())
+            .hash_hex();
+        if !needs_network
+            || std::fs::read_to_string(&marker).ok().as_deref() == Some(lock_digest.as_str())
+        {
+            return Ok(None);
+        }
+        let fetched = Instant::now();
+        self.log(
+            LogStreamKind::System,
+            "fetching dependencies (network allowed in this phase only)",
+        );
+        let spec = SandboxSpec::new(fetch_argv())
+            .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
+            .env("CARGO_TERM_COLOR", "always")
+            .workspace(&slot.src)
+            .target_dir(&slot.target)
+            .cargo_home(self.inner().layout.cargo_home(), true)
+            .cwd(self.working_directory())
+            .network(NetworkPolicy::Host)
+            .limits(self.limits());
+        let outcome = self
+            .run_sandboxed(spec, |job, line| {
+                let kind = if line.stream == Stream::Stdout {
+                    LogStreamKind::Stdout
+                } else {
+                    LogStreamKind::Stderr
+                };
+                job.log(kind, line.line);
+            })
+            .await?;
+        self.step("fetch", fetched);
+        if !outcome.success() {
+            return Ok(Some(RunResult {
+                exit_code: exit_code(&outcome),
+                success: false,
+                output_files: Vec::new(),
+                output_directories: Vec::new(),
+                artifacts: Vec::new(),
+                error: Some(
+                    limit_message(&outcome).unwrap_or_else(|| "cargo fetch failed".to_string()),
+                ),
+            }));
+        }
+        std::fs::write(&marker, lock_digest).map_err(io_error("recording the fetched lockfile"))?;
+        Ok(None)
+    }
+
+    /// Any other command (a Bazel action): fresh exec root, run, collect `output_paths`.
+    async fn run_command(&mut self) -> Result<RunResult, ExecutorError> {
+        let job_dir = self
+            .inner()
+            .layout
+            .job_dir(self.id)
+            .map_err(io_error("creating the job dir"))?;
+        let exec_root = job_dir.path().join("exec");
+        let materialised = Instant::now();
+        let (blobs, root, target) = (
+            self.inner().cas.blobs.clone(),
+            self.prepared.input_root_digest,
+            exec_root.clone(),
+        );
+        Self::blocking(move || {
+            // Copies, not hardlinks: the command may write where its inputs are.
+            merkle::materialize(
+                &blobs,
+                &root,
+                &target,
+                &MaterializeOptions { hardlink: false },
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.step("materialise", materialised);
+        let command = &self.prepared.command;
+        let outputs = output_paths(command);
+        let working = exec_root.join(&command.working_directory);
+        for output in &outputs {
+            // REAPI: the server creates the parent directories of every output path.
+            if let Some(parent) = working.join(output).parent() {
+                std::fs::create_dir_all(parent).map_err(io_error("creating output parents"))?;
+            }
+        }
+        let ran = Instant::now();
+        let spec = self
+            .command_env(SandboxSpec::new(command.arguments.clone()))
+            .mount(crate::sandbox::Mount::rw(&exec_root, WORKSPACE_DIR))
+            .cwd(self.working_directory())
+            .network(NetworkPolicy::None)
+            .limits(self.limits());
+        let outcome = self
+            .run_sandboxed(spec, |job, line| {
+                let kind = if line.stream == Stream::Stdout {
+                    LogStreamKind::Stdout
+                } else {
+                    LogStreamKind::Stderr
+                };
+                job.log(kind, line.line);
+            })
+            .await?;
+        self.step("run", ran);
+        let collected = Instant::now();
+        let (blobs, function) = (self.inner().cas.blobs.clone(), self.function());
+        let (files, directories) = Self::blocking(move || {
+            collect_outputs(&blobs, function, &exec_root, &working, &outputs)
+        })
+        .await?;
+        self.step("outputs", collected);
+        drop(job_dir);
+        let artifacts = files
+            .iter()
+            .filter_map(|f| output_file_artifact(function, f))
+            .collect();
+        Ok(RunResult {
+            exit_code: exit_code(&outcome),
+            success: outcome.success(),
+            output_files: files,
+            output_directories: directories,
+            artifacts,
+            error: limit_message(&outcome),
+        })
+    }
+
+    async fn finish_log(&mut self) -> Result<LogDigests, ExecutorError> {
+        let writer = self.writer.take().expect("the log is finished once");
+        Ok(writer
+            .finish_async(self.inner().cas.blobs.clone(), self.function())
+            .await?)
+    }
+
+    /// Stores the log and the ActionResult, and builds the outcome.
+    async fn finish(&mut self, mut run: RunResult) -> Result<JobOutcome, ExecutorError> {
+        if let Some(error) = &run.error {
+            self.log(LogStreamKind::System, error.clone());
+        }
+        let log = self.finish_log().await?;
+        let is_cargo = self.prepared.platform_property("job").is_some();
+        if is_cargo {
+            run.output_files.push(OutputFile {
+                path: LOG_OUTPUT_PATH.to_string(),
+                digest: Some(log.log.to_reapi()),
+                ..Default::default()
+            });
+        }
+        let now = prost_timestamp(SystemTime::now());
+        let result = ActionResult {
+            output_files: run.output_files,
+            output_directories: run.output_directories,
+            exit_code: run.exit_code,
+            stdout_digest: Some(log.stdout.to_reapi()),
+            stderr_digest: Some(log.stderr.to_reapi()),
+            execution_metadata: Some(ExecutedActionMetadata {
+                worker: "rba-executor".to_string(),
+                worker_completed_timestamp: Some(now),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cas = self.inner().cas.clone();
+        let (instance, digest, stored) = (
+            self.request.instance.clone(),
+            self.prepared.action_digest,
+            result.clone(),
+        );
+        let cacheable = run.success && !self.prepared.action.do_not_cache;
+        Self::blocking(move || {
+            let instance = if cacheable {
+                instance
+            } else {
+                failed_instance(&instance)
+            };
+            Ok(cas.actions.put(&instance, &digest, &stored)?)
+        })
+        .await?;
+        Ok(JobOutcome {
+            status: if run.success {
+                JobStatus::Success
+            } else {
+                JobStatus::Failed
+            },
+            exit_code: run.exit_code,
+            result: Some(result),
+            cache_hit: false,
+            duration: self.started.elapsed(),
+            log: Some(log),
+            artifacts: run.artifacts,
+            steps: std::mem::take(&mut self.steps),
+            error: run.error,
+        })
+    }
+
+    /// The outcome of a job that broke (or was cancelled) before it could finish normally.
+    async fn failed_outcome(&mut self, error: ExecutorError) -> JobOutcome {
+        let status = if matches!(error, ExecutorError::Cancelled) {
+            JobStatus::Cancelled
+        } else {
+            JobStatus::Error
+        };
+        let message = error.to_string();
+        let log = if self.writer.is_some() {
+            self.log(LogStreamKind::System, format!("error: {message}"));
+            self.finish_log().await.ok()
+        } else {
+            None
+        };
+        JobOutcome {
+            status,
+            exit_code: -1,
+            result: None,
+            cache_hit: false,
+            duration: self.started.elapsed(),
+            log,
+            artifacts: Vec::new(),
+            steps: std::mem::take(&mut self.steps),
+            error: Some(message),
+        }
+    }
+}
+
+/// The action-cache instance under which failed results are kept: retrievable, never served
+/// as hits.
+pub fn failed_instance(instance: &str) -> String {
+    format!("{instance}\u{0}failed")
+}
+
+fn exit_code(outcome: &crate::sandbox::SandboxOutcome) -> i32 {
+    match outcome.exit {
+        crate::sandbox::ExitKind::Exited(code) => code,
+        crate::sandbox::ExitKind::Signaled(signal) => 128 + signal,
+    }
+}
+
+fn limit_message(outcome: &crate::sandbox::SandboxOutcome) -> Option<String> {
+    if let Some(reason) = outcome.killed {
+        return Some(format!("killed: {reason:?}"));
+    }
+    outcome
+        .limit
+        .map(|limit| format!("limit reached: {limit:?}"))
+}
+
+fn prost_timestamp(time: SystemTime) -> rba_proto::protobuf::Timestamp {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    rba_proto::protobuf::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+/// The lines to replay for a cached result: the ordered log if the job kept one, else stdout
+/// then stderr.
+fn replay_lines(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    result: &ActionResult,
+) -> Result<Vec<(LogStreamKind, String)>, CasError> {
+    if let Some(file) = result
+        .output_files
+        .iter()
+        .find(|f| f.path == LOG_OUTPUT_PATH)
+    {
+        let digest = Digest::from_reapi_field(function, file.digest.as_ref(), "OutputFile.digest")?;
+        let bytes = blobs.read_to_vec(&digest, MAX_REPLAY_BYTES)?;
+        let lines = parse_log_blob(&bytes)
+            .map_err(|e| CasError::invalid(format!("log {digest:?}"), e.to_string()))?;
+        return Ok(lines.into_iter().map(|l| (l.stream, l.line)).collect());
+    }
+    let mut lines = Vec::new();
+    for (stream, digest, raw) in [
+        (
+            LogStreamKind::Stdout,
+            &result.stdout_digest,
+            &result.stdout_raw,
+        ),
+        (
+            LogStreamKind::Stderr,
+            &result.stderr_digest,
+            &result.stderr_raw,
+        ),
+    ] {
+        let bytes = match digest {
+            Some(digest) => {
+                blobs.read_to_vec(&Digest::from_reapi(function, digest)?, MAX_REPLAY_BYTES)?
+            }
+            None => raw.clone(),
+        };
+        lines.extend(
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(|l| (stream, l.to_string())),
+        );
+    }
+    Ok(lines)
+}
+
+fn output_file_artifact(function: DigestFunction, file: &OutputFile) -> Option<Artifact> {
+    if file.path == LOG_OUTPUT_PATH {
+        return None;
+    }
+    let digest =
+        Digest::from_reapi_field(function, file.digest.as_ref(), "OutputFile.digest").ok()?;
+    Some(Artifact {
+        path: file.path.clone(),
+        digest,
+        executable: file.is_executable,
+    })
+}
+
+fn artifacts_of(function: DigestFunction, result: &ActionResult) -> Vec<Artifact> {
+    result
+        .output_files
+        .iter()
+        .filter_map(|f| output_file_artifact(function, f))
+        .collect()
+}
+
+fn artifact_output_file(artifact: &Artifact) -> OutputFile {
+    OutputFile {
+        path: artifact.path.clone(),
+        digest: Some(artifact.digest.to_reapi()),
+        is_executable: artifact.executable,
+        ..Default::default()
+    }
+}
+
+/// The entries of a stored tree, as the workspace sync wants them.
+fn desired_entries(
+    blobs: &rba_cas::BlobStore,
+    root: &Digest,
+) -> Result<Vec<DesiredEntry>, ExecutorError> {
+    let mut entries = Vec::new();
+    let mut stack = vec![(PathBuf::new(), *root)];
+    while let Some((path, digest)) = stack.pop() {
+        let directory = merkle::read_directory(blobs, &digest)?;
+        for file in &directory.files {
+            let digest =
+                Digest::from_reapi_field(root.function, file.digest.as_ref(), "FileNode.digest")
+                    .map_err(CasError::from)?;
+            entries.push(DesiredEntry::File {
+                path: path.join(&file.name),
+                digest,
+                executable: file.is_executable,
+            });
+        }
+        for link in &directory.symlinks {
+            entries.push(DesiredEntry::Symlink {
+                path: path.join(&link.name),
+                target: link.target.clone(),
+            });
+        }
+        for child in &directory.directories {
+            let digest = Digest::from_reapi_field(
+                root.function,
+                child.digest.as_ref(),
+                "DirectoryNode.digest",
+            )
+            .map_err(CasError::from)?;
+            entries.push(DesiredEntry::Directory {
+                path: path.join(&child.name),
+            });
+            stack.push((path.join(&child.name), digest));
+        }
+    }
+    // Parents before children, so directories exist before their files are written.
+    entries.sort_by(|a, b| entry_path(a).cmp(entry_path(b)));
+    Ok(entries)
+}
+
+fn entry_path(entry: &DesiredEntry) -> &Path {
+    match entry {
+        DesiredEntry::File { path, .. }
+        | DesiredEntry::Directory { path }
+        | DesiredEntry::Symlink { path, .. } => path,
+    }
+}
+
+/// Executables cargo reported (inside-sandbox paths under `/target`) stored into the CAS.
+fn store_cargo_artifacts(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    target: &Path,
+    executables: &[String],
+) -> Result<Vec<Artifact>, ExecutorError> {
+    let mut artifacts = Vec::new();
+    for inside in executables {
+        let Ok(relative) = Path::new(inside).strip_prefix(TARGET_DIR) else {
+            continue;
+        };
+        let host = target.join(relative);
+        if !host.starts_with(target) || !host.is_file() {
+            continue;
+        }
+        let digest = blobs.put_file(function, &host)?;
+        artifacts.push(Artifact {
+            path: format!("target/{}", relative.display()),
+            digest,
+            executable: true,
+        });
+    }
+    artifacts.sort_by(|a, b| a.path.cmp(&b.path));
+    artifacts.dedup_by(|a, b| a.path == b.path);
+    Ok(artifacts)
+}
+
+/// The Command's outputs: `output_paths` (REAPI v2.1+), else the legacy file and directory lists.
+#[allow(deprecated)]
+fn output_paths(command: &reapi::Command) -> Vec<String> {
+    if !command.output_paths.is_empty() {
+        return command.output_paths.clone();
+    }
+    command
+        .output_files
+        .iter()
+        .chain(command.output_directories.iter())
+        .cloned()
+        .collect()
+}
+
+/// Stores whatever exists at the output paths: files as `OutputFile`s, directories as `Tree`s.
+fn collect_outputs(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    exec_root: &Path,
+    working: &Path,
+    outputs: &[String],
+) -> Result<(Vec<OutputFile>, Vec<OutputDirectory>), ExecutorError> {
+    let root = std::fs::canonicalize(exec_root).map_err(io_error("resolving the exec root"))?;
+    let mut files = Vec::new();
+    let mut directories = Vec::new();
+    for output in outputs {
+        let path = working.join(output);
+        // Refuse outputs that escape the exec root (`..`, absolute paths, symlinked parents).
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let Ok(canonical) = std::fs::canonicalize(path.parent().unwrap_or(working)) else {
+            continue;
+        };
+        if !canonical.starts_with(&root)
+            || output.split('/').any(|c| c == "..")
+            || output.starts_with('/')
+        {
+            continue;
+        }
+        if meta.is_file() {
+            use std::os::unix::fs::PermissionsExt;
+            let digest = blobs.put_file(function, &path)?;
+            files.push(OutputFile {
+                path: output.clone(),
+                digest: Some(digest.to_reapi()),
+                is_executable: meta.permissions().mode() & 0o111 != 0,
+                ..Default::default()
+            });
+        } else if meta.is_dir() {
+            let options = DirOptions {
+                respect_gitignore: false,
+                skip_root_dirs: Vec::new(),
+                skip_git: false,
+                skip_cache_dirs: false,
+                use_stat_cache: false,
+            };
+            let built = merkle::build_from_dir(blobs, &path, function, &options)?;
+            let tree = merkle::get_tree(blobs, &built.root)?;
+            let tree_digest = blobs.put_bytes(function, &tree.encode_to_vec())?;
+            directories.push(OutputDirectory {
+                path: output.clone(),
+                tree_digest: Some(tree_digest.to_reapi()),
+                is_topologically_sorted: false,
+                root_directory_digest: Some(built.root.to_reapi()),
+            });
+        }
+    }
+    Ok((files, directories))
+}

@@ -1,0 +1,292 @@
+//! The executor's one job path, end to end on a real sandbox and real cargo: fixture crates
+//! hashed into a real CAS, built, cached, rebuilt incrementally; a generic REAPI command with
+//! declared outputs. Needs `.ci/setup` (uidmap, subuid entries).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rba_cas::merkle::{DirOptions, build_from_dir};
+use rba_cas::{Cas, DigestFunction, StoreConfig};
+use rba_executor::action::store_action;
+use rba_executor::cargo::{CargoJob, JobKind};
+use rba_executor::runner::{
+    ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobStatus,
+};
+use rba_proto::reapi::{Command, Platform};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    executor: Executor,
+    cas: Cas,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = Cas::open(
+        dir.path().join("cas"),
+        StoreConfig {
+            fsync: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut config = ExecutorConfig::new(dir.path().join("executor")).unwrap();
+    config.limits.wall_time = Some(Duration::from_secs(300));
+    let executor = Executor::new(cas.clone(), config).unwrap();
+    Harness {
+        _dir: dir,
+        executor,
+        cas,
+    }
+}
+
+/// Copies a fixture into a temp dir so the test can edit it.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", fixture(name).display()))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir
+}
+
+async fn run(
+    harness: &Harness,
+    kind: JobKind,
+    source: &Path,
+    identity: &str,
+) -> (JobHandle, std::sync::Arc<JobOutcome>, Vec<String>) {
+    let blobs = harness.cas.blobs.clone();
+    let source = source.to_path_buf();
+    let root = tokio::task::spawn_blocking(move || {
+        build_from_dir(
+            &blobs,
+            &source,
+            DigestFunction::Blake3,
+            &DirOptions::default(),
+        )
+        .unwrap()
+        .root
+    })
+    .await
+    .unwrap();
+    let handle = harness
+        .executor
+        .submit_cargo(&CargoJob::new(kind), root, identity)
+        .await
+        .unwrap();
+    let outcome = handle.wait().await;
+    let mut reader = handle.log.subscribe(0);
+    let mut lines = Vec::new();
+    while let Some(line) = reader.next().await {
+        lines.push(line.line);
+    }
+    (handle, outcome, lines)
+}
+
+fn compiled(lines: &[String], krate: &str) -> bool {
+    lines
+        .iter()
+        .any(|l| strip_ansi(l).contains(&format!("Compiling {krate} ")))
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_then_cache_hit_then_incremental_rebuild() {
+    let harness = harness();
+    let source = copy_fixture("hello");
+
+    let (_, first, lines) = run(&harness, JobKind::Build, source.path(), "hello").await;
+    assert_eq!(
+        first.status,
+        JobStatus::Success,
+        "log: {lines:#?} error: {:?}",
+        first.error
+    );
+    assert!(!first.cache_hit);
+    assert!(
+        compiled(&lines, "hello"),
+        "cargo's own output is streamed: {lines:#?}"
+    );
+    let binary = first
+        .artifacts
+        .iter()
+        .find(|a| a.path == "target/debug/hello")
+        .expect("binary artifact");
+    assert!(binary.executable);
+    assert!(harness.cas.blobs.contains(&binary.digest).unwrap());
+
+    let (_, second, replayed) = run(&harness, JobKind::Build, source.path(), "hello").await;
+    assert!(
+        second.cache_hit,
+        "unchanged resubmission is an action-cache hit"
+    );
+    assert!(second.steps.is_empty(), "nothing ran: {:?}", second.steps);
+    assert_eq!(second.artifacts, first.artifacts);
+    assert!(compiled(&replayed, "hello"), "the log is replayed on a hit");
+
+    std::fs::write(
+        source.path().join("src/main.rs"),
+        "fn main() { println!(\"changed\"); }\n",
+    )
+    .unwrap();
+    let (_, third, lines) = run(&harness, JobKind::Build, source.path(), "hello").await;
+    assert_eq!(third.status, JobStatus::Success);
+    assert!(!third.cache_hit);
+    assert!(compiled(&lines, "hello"));
+    assert_ne!(third.artifacts[0].digest, first.artifacts[0].digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_changed_leaf_file_rebuilds_only_its_crate() {
+    let harness = harness();
+    let source = copy_fixture("workspace3");
+    let (_, first, lines) = run(&harness, JobKind::Build, source.path(), "ws3").await;
+    assert_eq!(first.status, JobStatus::Success, "{lines:#?}");
+    assert!(compiled(&lines, "util") && compiled(&lines, "core-lib") && compiled(&lines, "app"));
+
+    std::fs::write(
+        source.path().join("app/src/main.rs"),
+        "fn main() { println!(\"{}\", core_lib::quadruple(11)); }\n",
+    )
+    .unwrap();
+    let (_, second, lines) = run(&harness, JobKind::Build, source.path(), "ws3").await;
+    assert_eq!(second.status, JobStatus::Success, "{lines:#?}");
+    assert!(compiled(&lines, "app"), "{lines:#?}");
+    assert!(
+        !compiled(&lines, "util") && !compiled(&lines, "core-lib"),
+        "unchanged crates stay fresh: {lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compile_error_fails_streams_the_error_and_is_not_a_hit() {
+    let harness = harness();
+    let source = fixture("compile-error");
+    let (_, first, lines) = run(&harness, JobKind::Build, &source, "broken").await;
+    assert_eq!(first.status, JobStatus::Failed);
+    assert_ne!(first.exit_code, 0);
+    assert!(
+        lines
+            .iter()
+            .any(|l| strip_ansi(l).contains("mismatched types")),
+        "{lines:#?}"
+    );
+    let (_, second, _) = run(&harness, JobKind::Build, &source, "broken").await;
+    assert!(!second.cache_hit, "failures are re-run on resubmission");
+    assert_eq!(second.status, JobStatus::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tests_job_reports_failing_test() {
+    let harness = harness();
+    let (_, outcome, lines) = run(&harness, JobKind::Test, &fixture("mixed-tests"), "mixed").await;
+    assert_eq!(outcome.status, JobStatus::Failed);
+    let text: Vec<String> = lines.iter().map(|l| strip_ansi(l)).collect();
+    assert!(
+        text.iter().any(|l| l.contains("test tests::adds ... ok")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|l| l.contains("test tests::fails_on_purpose ... FAILED")),
+        "{text:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_command_collects_declared_outputs() {
+    let harness = harness();
+    let input = tempfile::tempdir().unwrap();
+    std::fs::write(input.path().join("in.txt"), "input\n").unwrap();
+    let blobs = harness.cas.blobs.clone();
+    let root = build_from_dir(
+        &blobs,
+        input.path(),
+        DigestFunction::Sha256,
+        &DirOptions::default(),
+    )
+    .unwrap()
+    .root;
+    let command = Command {
+        arguments: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat in.txt > out/result.txt; echo done; echo warn >&2".into(),
+        ],
+        output_paths: vec!["out/result.txt".into()],
+        ..Default::default()
+    };
+    let prepared = store_action(
+        command,
+        root,
+        Platform::default(),
+        &blobs,
+        DigestFunction::Sha256,
+    )
+    .unwrap();
+    let request = ExecuteRequest {
+        instance: "main".into(),
+        action_digest: prepared.action_digest,
+        skip_cache_lookup: false,
+        workspace_identity: None,
+    };
+    let handle = harness.executor.submit(request.clone()).await.unwrap();
+    let outcome = handle.wait().await;
+    assert_eq!(outcome.status, JobStatus::Success, "{:?}", outcome.error);
+    let result = outcome.result.as_ref().unwrap();
+    assert_eq!(result.output_files.len(), 1);
+    let digest = rba_cas::Digest::from_reapi(
+        DigestFunction::Sha256,
+        result.output_files[0].digest.as_ref().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(blobs.read_to_vec(&digest, 1024).unwrap(), b"input\n");
+    let stdout = rba_cas::Digest::from_reapi(
+        DigestFunction::Sha256,
+        result.stdout_digest.as_ref().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(blobs.read_to_vec(&stdout, 1024).unwrap())
+            .unwrap()
+            .trim(),
+        "done"
+    );
+    assert!(
+        harness
+            .cas
+            .actions
+            .get("main", &prepared.action_digest)
+            .unwrap()
+            .is_some()
+    );
+
+    let again = harness.executor.submit(request).await.unwrap().wait().await;
+    assert!(again.cache_hit);
+}
