@@ -117,6 +117,9 @@ sol! {
         function queryDeveloperPaymentAddress(uint64 serviceId) external view returns (address);
 
         // our own API
+        function JOB_COUNT() external view returns (uint8);
+        function MAX_ZIP_URI_LENGTH() external view returns (uint256);
+        function MAX_INPUTS_LENGTH() external view returns (uint256);
         function owner() external view returns (address);
         function tangleCore() external view returns (address);
         function blueprintId() external view returns (uint64);

@@ -218,3 +218,20 @@ fn jobs_need_one_result_and_no_bls_aggregation() {
         }));
     }
 }
+
+#[test]
+fn rust_constants_match_the_contract() {
+    let mut chain = Chain::new();
+    assert_eq!(
+        chain.view(JOB_COUNTCall {}) as usize,
+        rba_contracts::Job::ALL.len()
+    );
+    assert_eq!(
+        chain.view(MAX_ZIP_URI_LENGTHCall {}),
+        U256::from(rba_contracts::MAX_ZIP_URI_LENGTH)
+    );
+    assert_eq!(
+        chain.view(MAX_INPUTS_LENGTHCall {}),
+        U256::from(rba_contracts::MAX_INPUTS_LENGTH)
+    );
+}
