@@ -27,6 +27,18 @@
 //! (`PATH=/toolchain/bin:...`, `HOME=/tmp`, `CARGO_HOME=/cargo`, `CARGO_TARGET_DIR=/target`,
 //! no `RUSTUP_*`): nothing leaks in from the executor's environment.
 //!
+//! # Use
+//!
+//! ```ignore
+//! let sandbox = Sandbox::new(SandboxConfig::with_host_toolchain()?)?;
+//! let spec = SandboxSpec::new(["cargo", "build", "--offline", "--locked"])
+//!     .workspace(&checkout)
+//!     .target_dir(&target)
+//!     .cargo_home(&cargo_home, false);
+//! let outcome = sandbox.run(spec, |line| log.push(line)).await?;
+//! // or: let mut running = sandbox.spawn(spec).await?; read running.output; running.wait().await?
+//! ```
+//!
 //! # What it guarantees
 //!
 //! * **Unprivileged.** The job runs as `build` (uid/gid 1000 inside), which is mapped to a
@@ -65,6 +77,10 @@
 //!   ignored unless it handles them: `RLIMIT_CPU` therefore ends pid 1 with `SIGKILL` one second
 //!   after the soft limit (other processes get `SIGXCPU` at the soft limit), and orphans are
 //!   reparented to it.
+//! * [`NetworkPolicy::Host`] is the host's network as it is, loopback services of the host
+//!   included: give it only to the fetch phase (`cargo fetch --locked`), never to build scripts.
+//! * Disk: `RLIMIT_FSIZE` caps each file and `/tmp` is capped (its pages are memory, outside
+//!   `RLIMIT_AS`); the total written to `/target` is not capped (that needs quotas).
 //! * Read-only mounts are not modified: their files must be readable by the sandbox host uid
 //!   (world-readable, as source trees and toolchains normally are).
 
@@ -518,11 +534,33 @@ impl RunningSandbox {
 
     /// Waits until the job and every process it started are gone. Output not yet taken from
     /// [`RunningSandbox::output`] is dropped.
+    ///
+    /// Dropping the returned future before it resolves kills the job.
     pub async fn wait(mut self) -> Result<SandboxOutcome, SandboxError> {
         let rx = self.outcome.take().expect("outcome taken only here");
-        rx.await.map_err(|_| {
+        let guard = KillOnDrop(Some(self.kill.clone()));
+        let result = rx.await.map_err(|_| {
             SandboxError::Supervisor("supervisor thread ended without outcome".into())
-        })?
+        });
+        guard.disarm();
+        result?
+    }
+}
+
+/// Kills the job when dropped, unless disarmed.
+struct KillOnDrop(Option<KillHandle>);
+
+impl KillOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(kill) = &self.0 {
+            kill.kill();
+        }
     }
 }
 
@@ -968,8 +1006,11 @@ fn supervise(
         // Without a watchdog nothing enforces the timeout: give up on this job.
         kill_pid_namespace(pid);
     }
-    if let Some(tx) = started_tx.take() {
-        let _ = tx.send(Ok(()));
+    if let Some(tx) = started_tx.take()
+        && tx.send(Ok(())).is_err()
+    {
+        // Nobody is waiting for this job any more (the spawn future was dropped).
+        let _ = ctl_tx.send(Ctl::Kill(KillReason::Cancelled));
     }
 
     let status = child.wait();

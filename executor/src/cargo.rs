@@ -1,0 +1,791 @@
+//! Cargo jobs: which cargo command line each job kind runs in the sandbox, and how cargo's
+//! output is turned into user-visible lines, progress, artifacts and a build verdict.
+//!
+//! # Why
+//!
+//! Users want to see cargo's own human output, in colour, exactly as on their terminal, while
+//! the node needs structured facts (which units are done, which artifacts were produced, did the
+//! build succeed). Cargo gives both at once with
+//! `--message-format=json-diagnostic-rendered-ansi`: stdout carries JSON records whose
+//! diagnostics embed the rendered, ANSI-coloured text. [`CargoOutputParser`] splits them again.
+//!
+//! # Contract
+//!
+//! - [`CargoJob::argv`] is the complete argument vector (starting with `cargo`) run inside the
+//!   sandbox with the environment of [`crate::action`] (`CARGO_TERM_COLOR=always`, so cargo's
+//!   stderr status lines such as `Compiling foo` are coloured too). Compiling jobs always pass
+//!   `--locked --offline`: dependencies were fetched earlier by [`fetch_argv`] in the network
+//!   phase, and the build phase has no network.
+//! - Per kind (extra arguments of the job are appended after ours, see [`CargoJob::argv`]):
+//!   - `Build`: `cargo build --locked --offline --message-format=json-diagnostic-rendered-ansi
+//!     [--release]`.
+//!   - `Test`: `cargo test --locked --offline --no-fail-fast --message-format=… [--release]`.
+//!     The test harness prints its results on stdout as plain text: those lines pass through.
+//!     `BuildFinished` reports the compilation only; test failures show in the exit status.
+//!   - `Clippy` (the protocol's `JOB_KIND_LINT`): `cargo clippy --locked --offline --all-targets
+//!     --message-format=… [--release] -- -D warnings`. Decision: the lint job passes exactly when
+//!     clippy exits 0 with every warning (rustc's and clippy's default lints) denied, so a
+//!     green lint job means "no warnings at all".
+//!   - `Fmt`: `cargo fmt --all --check` (no profile, no JSON: rustfmt prints a diff on stdout,
+//!     which passes through; exit status 1 means "not formatted").
+//!   - `Audit`: `cargo audit --no-fetch --stale --db /cargo/advisory-db --color always`.
+//!     `cargo audit` normally clones the RustSec advisory database from the network, which the
+//!     build phase does not have: the advisory database must be fetched beforehand (in the
+//!     fetch/network phase, or provisioned on the node) into [`ADVISORY_DB`] inside
+//!     `CARGO_HOME`. `--stale` accepts a database older than 90 days rather than failing, since
+//!     freshness is the provisioning side's job. `cargo-audit` must be installed in the toolchain.
+//!   - `Check`: `cargo check --locked --offline --all-targets --message-format=… [--release]`.
+//! - `release` only affects kinds that compile ([`JobKind::has_profile`]); for `Fmt` and
+//!   `Audit` it is ignored and [`CargoJob::profile`] is `debug`, so the request's flag does not
+//!   split their cache entries.
+//! - Progress: cargo's JSON does not say how many units a build has (only the unstable
+//!   `--unit-graph` does). We count units done exactly (one per `compiler-artifact` and per
+//!   `build-script-executed`, fresh units included) and report the total as 0 ("unknown") until
+//!   `build-finished`, when total = done. A caller may give an estimate
+//!   ([`CargoOutputParser::with_total_estimate`], e.g. [`lockfile_unit_estimate`]); the reported
+//!   total is then `max(estimate, done)` while running, and exact at the end.
+//! - Lines on stdout that are not cargo JSON records (test harness output, rustfmt diffs, a
+//!   program's output) become [`CargoEvent::UserLine`] unchanged; so do all stderr lines.
+//!   A stdout line that is a JSON object with a `reason` field is taken as a cargo record.
+
+use serde::Deserialize;
+
+/// The message format every compiling job uses.
+pub const MESSAGE_FORMAT: &str = "--message-format=json-diagnostic-rendered-ansi";
+
+/// Where `cargo audit` finds the pre-fetched RustSec advisory database in the sandbox
+/// (`CARGO_HOME/advisory-db`, cargo-audit's default location under `CARGO_HOME=/cargo`).
+pub const ADVISORY_DB: &str = "/cargo/advisory-db";
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JobKind {
+    /// `cargo build`.
+    Build,
+    /// `cargo test`.
+    Test,
+    /// `cargo clippy` with warnings denied (the protocol's lint job).
+    Clippy,
+    /// `cargo fmt --check`.
+    Fmt,
+    /// `cargo audit` against a pre-fetched advisory database.
+    Audit,
+    /// `cargo check`.
+    Check,
+}
+
+/// A job kind the protocol sent that we do not run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported job kind {0} (expected build, test, lint, fmt, audit or check)")]
+pub struct UnsupportedJobKind(pub i32);
+
+impl JobKind {
+    /// Every kind.
+    pub const ALL: [JobKind; 6] = [
+        JobKind::Build,
+        JobKind::Test,
+        JobKind::Clippy,
+        JobKind::Fmt,
+        JobKind::Audit,
+        JobKind::Check,
+    ];
+
+    /// Lowercase name (`build`, `test`, `clippy`, `fmt`, `audit`, `check`), also the `job`
+    /// platform property of the job's REAPI action.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Build => "build",
+            JobKind::Test => "test",
+            JobKind::Clippy => "clippy",
+            JobKind::Fmt => "fmt",
+            JobKind::Audit => "audit",
+            JobKind::Check => "check",
+        }
+    }
+
+    /// From the session protocol's enum; `None` for `JOB_KIND_UNSPECIFIED`.
+    pub fn from_proto(kind: rba_proto::rba::v1::JobKind) -> Option<JobKind> {
+        use rba_proto::rba::v1::JobKind as P;
+        match kind {
+            P::Unspecified => None,
+            P::Build => Some(JobKind::Build),
+            P::Test => Some(JobKind::Test),
+            P::Lint => Some(JobKind::Clippy),
+            P::Audit => Some(JobKind::Audit),
+            P::Check => Some(JobKind::Check),
+            P::Fmt => Some(JobKind::Fmt),
+        }
+    }
+
+    /// From the raw `kind` field of a `Submit` message.
+    pub fn from_proto_i32(kind: i32) -> Result<JobKind, UnsupportedJobKind> {
+        rba_proto::rba::v1::JobKind::try_from(kind)
+            .ok()
+            .and_then(JobKind::from_proto)
+            .ok_or(UnsupportedJobKind(kind))
+    }
+
+    /// The session protocol's enum.
+    pub fn to_proto(self) -> rba_proto::rba::v1::JobKind {
+        use rba_proto::rba::v1::JobKind as P;
+        match self {
+            JobKind::Build => P::Build,
+            JobKind::Test => P::Test,
+            JobKind::Clippy => P::Lint,
+            JobKind::Audit => P::Audit,
+            JobKind::Check => P::Check,
+            JobKind::Fmt => P::Fmt,
+        }
+    }
+
+    /// True for kinds that compile, honour `--release` and emit cargo JSON records.
+    pub fn has_profile(self) -> bool {
+        !matches!(self, JobKind::Fmt | JobKind::Audit)
+    }
+}
+
+/// A cargo job as submitted: what to run and how.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CargoJob {
+    /// What to run.
+    pub kind: JobKind,
+    /// Build with the release profile (ignored by `Fmt` and `Audit`).
+    pub release: bool,
+    /// Extra arguments appended after the job's own, e.g. `-p crate`; see [`CargoJob::argv`].
+    pub extra_args: Vec<String>,
+}
+
+impl CargoJob {
+    /// A debug-profile job without extra arguments.
+    pub fn new(kind: JobKind) -> Self {
+        CargoJob {
+            kind,
+            release: false,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// From the fields of a `Submit` message.
+    pub fn from_proto(
+        kind: i32,
+        options: Option<&rba_proto::rba::v1::JobOptions>,
+    ) -> Result<Self, UnsupportedJobKind> {
+        Ok(CargoJob {
+            kind: JobKind::from_proto_i32(kind)?,
+            release: options.is_some_and(|o| o.release),
+            extra_args: options.map(|o| o.extra_args.clone()).unwrap_or_default(),
+        })
+    }
+
+    /// True when the release profile is in effect (requested and meaningful for the kind).
+    pub fn effective_release(&self) -> bool {
+        self.release && self.kind.has_profile()
+    }
+
+    /// `release` or `debug` (always `debug` for kinds without a profile).
+    pub fn profile(&self) -> &'static str {
+        if self.effective_release() {
+            "release"
+        } else {
+            "debug"
+        }
+    }
+
+    /// The argument vector run in the sandbox, starting with `cargo`.
+    ///
+    /// Extra arguments come after the job's own. For `Clippy`, extra arguments before a `--`
+    /// go to cargo and those after it are appended after `-D warnings` (to clippy-driver); for
+    /// every other kind they are appended as given (so `cargo test` extras may include
+    /// `-- --nocapture`).
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv: Vec<String> = Vec::new();
+        let mut push = |args: &[&str]| argv.extend(args.iter().map(|a| a.to_string()));
+        match self.kind {
+            JobKind::Build => push(&["cargo", "build", "--locked", "--offline", MESSAGE_FORMAT]),
+            JobKind::Test => push(&[
+                "cargo",
+                "test",
+                "--locked",
+                "--offline",
+                "--no-fail-fast",
+                MESSAGE_FORMAT,
+            ]),
+            JobKind::Clippy => push(&[
+                "cargo",
+                "clippy",
+                "--locked",
+                "--offline",
+                "--all-targets",
+                MESSAGE_FORMAT,
+            ]),
+            JobKind::Check => push(&[
+                "cargo",
+                "check",
+                "--locked",
+                "--offline",
+                "--all-targets",
+                MESSAGE_FORMAT,
+            ]),
+            JobKind::Fmt => push(&["cargo", "fmt", "--all", "--check"]),
+            JobKind::Audit => push(&[
+                "cargo",
+                "audit",
+                "--no-fetch",
+                "--stale",
+                "--db",
+                ADVISORY_DB,
+                "--color",
+                "always",
+            ]),
+        }
+        if self.effective_release() {
+            argv.push("--release".to_string());
+        }
+        if self.kind == JobKind::Clippy {
+            let split = self
+                .extra_args
+                .iter()
+                .position(|a| a == "--")
+                .unwrap_or(self.extra_args.len());
+            argv.extend(self.extra_args[..split].iter().cloned());
+            argv.extend(["--", "-D", "warnings"].map(String::from));
+            argv.extend(self.extra_args.iter().skip(split + 1).cloned());
+        } else {
+            argv.extend(self.extra_args.iter().cloned());
+        }
+        argv
+    }
+}
+
+/// The argument vector of the fetch phase (the only phase with network): downloads every
+/// dependency named by `Cargo.lock` into `CARGO_HOME`, refusing to change the lock file.
+pub fn fetch_argv() -> Vec<String> {
+    ["cargo", "fetch", "--locked"].map(String::from).to_vec()
+}
+
+/// A rough number of build units from a `Cargo.lock`: one per `[[package]]`.
+///
+/// Only an estimate for a progress bar: build scripts (two units each), several targets per
+/// package and test builds make the real number larger; platform-specific or optional
+/// dependencies that are not built make it smaller.
+pub fn lockfile_unit_estimate(cargo_lock: &str) -> u32 {
+    cargo_lock
+        .lines()
+        .filter(|line| line.trim() == "[[package]]")
+        .count() as u32
+}
+
+/// An artifact cargo reported (`compiler-artifact`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CargoArtifact {
+    /// Cargo's package id, e.g. `path+file:///src/foo#0.1.0`.
+    pub package_id: String,
+    /// The target's name.
+    pub target_name: String,
+    /// The target's kinds (`lib`, `bin`, `test`, `custom-build`, `proc-macro`…).
+    pub target_kinds: Vec<String>,
+    /// True when built with the test profile flag (`profile.test`: a test harness binary).
+    pub test: bool,
+    /// The executable produced, for binaries and test harnesses.
+    pub executable: Option<String>,
+    /// Every file produced for the unit.
+    pub filenames: Vec<String>,
+    /// True when cargo did not need to rebuild it.
+    pub fresh: bool,
+}
+
+/// What one line of cargo output means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CargoEvent {
+    /// A line to show the user (ANSI colours kept).
+    UserLine(String),
+    /// Units done so far and the total (0 = unknown, see the module documentation).
+    Progress {
+        /// Units finished, fresh ones included.
+        done: u32,
+        /// Total units, 0 when unknown.
+        total: u32,
+    },
+    /// An artifact was produced (or found fresh).
+    Artifact(CargoArtifact),
+    /// Cargo finished compiling (before tests run, for `cargo test`).
+    BuildFinished {
+        /// True when every unit compiled.
+        success: bool,
+    },
+}
+
+#[derive(Deserialize)]
+struct Record {
+    reason: String,
+    #[serde(default)]
+    package_id: String,
+    message: Option<Diagnostic>,
+    target: Option<Target>,
+    profile: Option<Profile>,
+    #[serde(default)]
+    filenames: Vec<String>,
+    executable: Option<String>,
+    #[serde(default)]
+    fresh: bool,
+    success: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Diagnostic {
+    rendered: Option<String>,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct Target {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Profile {
+    #[serde(default)]
+    test: bool,
+}
+
+/// Turns cargo's output lines into [`CargoEvent`]s. One parser per cargo run.
+#[derive(Clone, Debug, Default)]
+pub struct CargoOutputParser {
+    done: u32,
+    total_estimate: u32,
+    success: Option<bool>,
+}
+
+impl CargoOutputParser {
+    /// A parser reporting the total as unknown (0) until the build finishes.
+    pub fn new() -> Self {
+        CargoOutputParser::default()
+    }
+
+    /// A parser reporting `max(estimate, done)` as the total while the build runs.
+    pub fn with_total_estimate(estimate: u32) -> Self {
+        CargoOutputParser {
+            total_estimate: estimate,
+            ..Default::default()
+        }
+    }
+
+    /// Units done so far.
+    pub fn units_done(&self) -> u32 {
+        self.done
+    }
+
+    /// The build verdict, once `build-finished` was seen.
+    pub fn build_success(&self) -> Option<bool> {
+        self.success
+    }
+
+    fn total(&self) -> u32 {
+        match self.success {
+            Some(_) => self.done,
+            None if self.total_estimate == 0 => 0,
+            None => self.total_estimate.max(self.done),
+        }
+    }
+
+    fn progress(&self) -> CargoEvent {
+        CargoEvent::Progress {
+            done: self.done,
+            total: self.total(),
+        }
+    }
+
+    /// Interprets one stdout line (without its terminator).
+    pub fn feed_stdout(&mut self, line: &str) -> Vec<CargoEvent> {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let record = if line.starts_with('{') {
+            serde_json::from_str::<Record>(line).ok()
+        } else {
+            None
+        };
+        let Some(record) = record else {
+            return vec![CargoEvent::UserLine(line.to_string())];
+        };
+        match record.reason.as_str() {
+            "compiler-message" => {
+                let Some(diagnostic) = record.message else {
+                    return Vec::new();
+                };
+                let text = diagnostic.rendered.unwrap_or(diagnostic.message);
+                text.lines()
+                    .map(|l| CargoEvent::UserLine(l.to_string()))
+                    .collect()
+            }
+            "compiler-artifact" => {
+                self.done += 1;
+                let target = record.target.unwrap_or(Target {
+                    name: String::new(),
+                    kind: Vec::new(),
+                });
+                let artifact = CargoArtifact {
+                    package_id: record.package_id,
+                    target_name: target.name,
+                    target_kinds: target.kind,
+                    test: record.profile.is_some_and(|p| p.test),
+                    executable: record.executable,
+                    filenames: record.filenames,
+                    fresh: record.fresh,
+                };
+                vec![CargoEvent::Artifact(artifact), self.progress()]
+            }
+            "build-script-executed" => {
+                self.done += 1;
+                vec![self.progress()]
+            }
+            "build-finished" => {
+                let success = record.success.unwrap_or(false);
+                self.success = Some(success);
+                vec![self.progress(), CargoEvent::BuildFinished { success }]
+            }
+            // Other records (e.g. unstable `timing-info`) carry nothing for the user.
+            _ => Vec::new(),
+        }
+    }
+
+    /// Interprets one stderr line: cargo's status lines and anything else pass through.
+    pub fn feed_stderr(&mut self, line: &str) -> Vec<CargoEvent> {
+        vec![CargoEvent::UserLine(
+            line.strip_suffix('\n').unwrap_or(line).to_string(),
+        )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::*;
+
+    #[test]
+    fn argv_per_kind() {
+        let argv = |kind, release, extra: &[&str]| {
+            CargoJob {
+                kind,
+                release,
+                extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            }
+            .argv()
+            .join(" ")
+        };
+        assert_eq!(
+            argv(JobKind::Build, true, &["-p", "x"]),
+            "cargo build --locked --offline --message-format=json-diagnostic-rendered-ansi --release -p x"
+        );
+        assert_eq!(
+            argv(JobKind::Test, false, &["--", "--nocapture"]),
+            "cargo test --locked --offline --no-fail-fast --message-format=json-diagnostic-rendered-ansi -- --nocapture"
+        );
+        assert_eq!(
+            argv(
+                JobKind::Clippy,
+                false,
+                &["-p", "x", "--", "-W", "clippy::pedantic"]
+            ),
+            "cargo clippy --locked --offline --all-targets --message-format=json-diagnostic-rendered-ansi -p x -- -D warnings -W clippy::pedantic"
+        );
+        assert_eq!(
+            argv(JobKind::Check, true, &[]),
+            "cargo check --locked --offline --all-targets --message-format=json-diagnostic-rendered-ansi --release"
+        );
+        assert_eq!(argv(JobKind::Fmt, true, &[]), "cargo fmt --all --check");
+        assert_eq!(
+            argv(JobKind::Audit, true, &[]),
+            "cargo audit --no-fetch --stale --db /cargo/advisory-db --color always"
+        );
+        assert_eq!(fetch_argv().join(" "), "cargo fetch --locked");
+        let fmt = CargoJob {
+            kind: JobKind::Fmt,
+            release: true,
+            extra_args: vec![],
+        };
+        assert_eq!(fmt.profile(), "debug");
+        assert_eq!(
+            CargoJob {
+                kind: JobKind::Build,
+                release: true,
+                extra_args: vec![]
+            }
+            .profile(),
+            "release"
+        );
+    }
+
+    #[test]
+    fn proto_mapping() {
+        use rba_proto::rba::v1::{JobKind as P, JobOptions};
+        for kind in JobKind::ALL {
+            assert_eq!(JobKind::from_proto(kind.to_proto()), Some(kind));
+            assert_eq!(JobKind::from_proto_i32(kind.to_proto() as i32), Ok(kind));
+        }
+        assert_eq!(JobKind::from_proto(P::Lint), Some(JobKind::Clippy));
+        assert_eq!(JobKind::from_proto_i32(0), Err(UnsupportedJobKind(0)));
+        assert_eq!(JobKind::from_proto_i32(42), Err(UnsupportedJobKind(42)));
+        let options = JobOptions {
+            release: true,
+            extra_args: vec!["-p".into(), "a".into()],
+        };
+        let job = CargoJob::from_proto(P::Test as i32, Some(&options)).unwrap();
+        assert_eq!(
+            job,
+            CargoJob {
+                kind: JobKind::Test,
+                release: true,
+                extra_args: vec!["-p".into(), "a".into()]
+            }
+        );
+        assert_eq!(
+            CargoJob::from_proto(P::Build as i32, None).unwrap(),
+            CargoJob::new(JobKind::Build)
+        );
+    }
+
+    #[test]
+    fn plain_lines_and_progress_bookkeeping() {
+        let mut parser = CargoOutputParser::with_total_estimate(3);
+        assert_eq!(
+            parser.feed_stdout("running 1 test\n"),
+            vec![CargoEvent::UserLine("running 1 test".into())]
+        );
+        assert_eq!(
+            parser.feed_stdout("{not json"),
+            vec![CargoEvent::UserLine("{not json".into())]
+        );
+        assert_eq!(
+            parser.feed_stdout(r#"{"no_reason":1}"#),
+            vec![CargoEvent::UserLine(r#"{"no_reason":1}"#.into())]
+        );
+        assert_eq!(parser.feed_stdout(r#"{"reason":"timing-info"}"#), vec![]);
+        assert_eq!(
+            parser.feed_stdout(r#"{"reason":"build-script-executed","package_id":"x"}"#),
+            vec![CargoEvent::Progress { done: 1, total: 3 }]
+        );
+        assert_eq!(
+            parser.feed_stderr("   Compiling x"),
+            vec![CargoEvent::UserLine("   Compiling x".into())]
+        );
+        assert_eq!(
+            lockfile_unit_estimate(
+                "version = 4\n\n[[package]]\nname = \"a\"\n\n[[package]]\nname = \"b\"\n"
+            ),
+            2
+        );
+    }
+
+    // ---- Real cargo output ----
+
+    const LOCK: &str = "# This file is automatically @generated by Cargo.\n# It is not intended for manual editing.\nversion = 4\n\n[[package]]\nname = \"fixture\"\nversion = \"0.1.0\"\n";
+
+    /// Writes a one-package crate (with its lock file, so `--locked` holds) into `dir`.
+    fn fixture_crate(dir: &Path, lib_rs: &str, main_rs: &str) {
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::write(
+            dir.join("Cargo.toml"),
+            "[package]\nname = \"fixture\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("Cargo.lock"), LOCK).unwrap();
+        std::fs::write(dir.join("src/lib.rs"), lib_rs).unwrap();
+        std::fs::write(dir.join("src/main.rs"), main_rs).unwrap();
+    }
+
+    /// Runs a job's argv with real cargo in `dir`; returns the parser's events for stdout and
+    /// stderr, and whether cargo exited successfully.
+    fn run_job(dir: &Path, job: &CargoJob) -> (Vec<CargoEvent>, Vec<CargoEvent>, bool) {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let argv = job.argv();
+        let output = Command::new(cargo)
+            .args(&argv[1..])
+            .current_dir(dir)
+            .env("CARGO_TARGET_DIR", dir.join("target"))
+            .env("CARGO_TERM_COLOR", "always")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .output()
+            .expect("cargo runs");
+        let mut parser = CargoOutputParser::new();
+        let stdout: Vec<CargoEvent> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .flat_map(|l| parser.feed_stdout(l))
+            .collect();
+        let stderr: Vec<CargoEvent> = String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .flat_map(|l| parser.feed_stderr(l))
+            .collect();
+        (stdout, stderr, output.status.success())
+    }
+
+    fn user_lines(events: &[CargoEvent]) -> Vec<&str> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                CargoEvent::UserLine(l) => Some(l.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn artifacts(events: &[CargoEvent]) -> Vec<&CargoArtifact> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                CargoEvent::Artifact(a) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const WARN_LIB: &str = "pub fn answer() -> u32 {\n    let unused = 1;\n    42\n}\n\n#[cfg(test)]\nmod tests {\n    #[test]\n    fn it_answers() {\n        assert_eq!(super::answer(), 42);\n    }\n}\n";
+    const MAIN: &str = "fn main() {\n    println!(\"{}\", fixture::answer());\n}\n";
+
+    #[test]
+    fn real_cargo_test_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture_crate(dir.path(), WARN_LIB, MAIN);
+        let (stdout, stderr, ok) = run_job(dir.path(), &CargoJob::new(JobKind::Test));
+        assert!(ok, "cargo test failed: {stdout:?} {stderr:?}");
+
+        // The warning, rendered with colours, as user lines.
+        let lines = user_lines(&stdout);
+        let warning = lines
+            .iter()
+            .find(|l| l.contains("unused variable"))
+            .expect("warning rendered");
+        assert!(
+            warning.contains("\u{1b}["),
+            "ANSI colours kept: {warning:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("src/lib.rs:2")),
+            "location line: {lines:?}"
+        );
+        // The test harness's plain-text output passes through.
+        assert!(lines.contains(&"running 1 test"), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("test tests::it_answers ... ")),
+            "{lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.starts_with("{\"reason\"")),
+            "no raw JSON shown: {lines:?}"
+        );
+
+        // Artifacts: the library, the binary, and the two test harnesses (lib and bin).
+        let artifacts = artifacts(&stdout);
+        let lib = artifacts
+            .iter()
+            .find(|a| a.target_kinds == ["lib"] && !a.test)
+            .expect("lib artifact");
+        assert_eq!(lib.target_name, "fixture");
+        assert!(lib.executable.is_none());
+        assert!(
+            lib.filenames.iter().any(|f| f.ends_with(".rlib")),
+            "{:?}",
+            lib.filenames
+        );
+        let harnesses: Vec<_> = artifacts.iter().filter(|a| a.test).collect();
+        assert_eq!(harnesses.len(), 2, "{artifacts:?}");
+        for harness in harnesses {
+            let exe = harness
+                .executable
+                .as_deref()
+                .expect("test harness is executable");
+            assert!(Path::new(exe).is_file(), "{exe}");
+        }
+
+        // Progress counts every artifact; total unknown until the end, then exact.
+        let progress: Vec<(u32, u32)> = stdout
+            .iter()
+            .filter_map(|e| match e {
+                CargoEvent::Progress { done, total } => Some((*done, *total)),
+                _ => None,
+            })
+            .collect();
+        let n = artifacts.len() as u32;
+        assert_eq!(progress.first(), Some(&(1, 0)));
+        assert_eq!(progress.last(), Some(&(n, n)));
+        assert!(progress.windows(2).all(|w| w[0].0 <= w[1].0));
+        let finished = stdout
+            .iter()
+            .position(|e| *e == CargoEvent::BuildFinished { success: true })
+            .unwrap();
+        let running = stdout
+            .iter()
+            .position(|e| *e == CargoEvent::UserLine("running 1 test".into()))
+            .unwrap();
+        assert!(
+            finished < running,
+            "build-finished comes before the harness runs"
+        );
+
+        // Cargo's status lines on stderr, coloured (CARGO_TERM_COLOR=always), pass through.
+        let status = user_lines(&stderr);
+        assert!(
+            status
+                .iter()
+                .any(|l| l.contains("Compiling") && l.contains("\u{1b}[")),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn real_cargo_build_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture_crate(
+            dir.path(),
+            "pub fn broken() -> u32 {\n    \"not a number\"\n}\n",
+            MAIN,
+        );
+        let (stdout, _stderr, ok) = run_job(dir.path(), &CargoJob::new(JobKind::Build));
+        assert!(!ok);
+        let lines = user_lines(&stdout);
+        let error = lines
+            .iter()
+            .find(|l| l.contains("mismatched types"))
+            .expect("error rendered");
+        assert!(error.contains("\u{1b}["), "{error:?}");
+        assert!(lines.iter().any(|l| l.contains("E0308")), "{lines:?}");
+        assert!(artifacts(&stdout).is_empty());
+        assert_eq!(
+            stdout.last(),
+            Some(&CargoEvent::BuildFinished { success: false })
+        );
+        assert!(stdout.contains(&CargoEvent::Progress { done: 0, total: 0 }));
+    }
+
+    #[test]
+    fn real_cargo_clippy_denies_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture_crate(dir.path(), WARN_LIB, MAIN);
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let has_clippy = Command::new(cargo)
+            .args(["clippy", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_clippy {
+            eprintln!("clippy not installed; skipping");
+            return;
+        }
+        let (stdout, stderr, ok) = run_job(dir.path(), &CargoJob::new(JobKind::Clippy));
+        assert!(!ok, "a warning fails the lint job");
+        let lines = user_lines(&stdout);
+        assert!(
+            lines.iter().any(|l| l.contains("unused variable")),
+            "{lines:?} {stderr:?}"
+        );
+        assert!(stdout.contains(&CargoEvent::BuildFinished { success: false }));
+    }
+}
