@@ -243,6 +243,14 @@ async fn cargo_builds_a_crate_with_the_mounted_toolchain() {
 async fn host_secrets_are_unreadable() {
     let fx = fixture().await;
     let secret = PathBuf::from(format!("/root/rba-sandbox-secret-{}", std::process::id()));
+    /// Removes the secret even when an assertion fails.
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _cleanup = Remove(secret.clone());
     std::fs::write(&secret, "hunter2\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     // A root-only file inside a directory the job can see.
@@ -263,7 +271,6 @@ async fn host_secrets_are_unreadable() {
                 .limits(quick()),
         )
         .await;
-    std::fs::remove_file(&secret).unwrap();
     assert!(outcome.success(), "{outcome:?}");
     let out = text(&lines, Stream::Stdout);
     assert!(
