@@ -1,0 +1,222 @@
+//! `build.bazel.remote.execution.v2.ActionCache`.
+//!
+//! - GetActionResult answers only *complete* hits: every output file, every file inside every
+//!   output directory's tree, the trees themselves, stdout and stderr must be in the CAS (the
+//!   store's completeness check, which also refreshes their LRU position); anything less is
+//!   `NOT_FOUND`, so a client never downloads a hit whose outputs are gone.
+//!   `inline_stdout`, `inline_stderr` and `inline_output_files` are honoured within the message
+//!   limit.
+//! - UpdateActionResult needs a read-write client. Inline contents (`stdout_raw`,
+//!   `OutputFile.contents`) are verified and moved into the CAS; then every referenced blob must
+//!   be present, else `FAILED_PRECONDITION` with a `PreconditionFailure` listing them — an
+//!   incomplete result is never stored.
+//!
+//! Instance names separate action caches; the CAS is shared.
+
+use std::collections::HashSet;
+
+use rba_cas::{CasError, Digest, DigestFunction};
+use rba_proto::Message;
+use rba_proto::reapi::action_cache_server::ActionCache;
+use rba_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
+use tonic::{Request, Response, Status};
+
+use crate::server::ServerState;
+use crate::status::{self, blocking};
+use crate::{auth, resource_name};
+
+/// The ActionCache service.
+#[derive(Clone, Debug)]
+pub struct ActionCacheService {
+    state: ServerState,
+}
+
+impl ActionCacheService {
+    /// Over the shared server state.
+    pub fn new(state: ServerState) -> Self {
+        ActionCacheService { state }
+    }
+
+    async fn get(&self, request: Request<GetActionResultRequest>) -> Result<ActionResult, Status> {
+        auth::require_read(&request)?;
+        let request = request.into_inner();
+        resource_name::validate_instance_name(&request.instance_name)?;
+        let function = status::digest_function(request.digest_function)?;
+        let action =
+            status::required_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let cas = self.state.cas.clone();
+        let budget = self.state.max_batch_total_size_bytes();
+        let result = blocking(move || {
+            let result = match cas.actions.get(&request.instance_name, &action) {
+                Ok(Some(result)) => result,
+                Ok(None) => return Ok(None),
+                // A stored result whose tree cannot be decoded is no usable hit.
+                Err(e @ CasError::Invalid { .. }) => {
+                    tracing::warn!(?action, error = %e, "unusable action result");
+                    return Ok(None);
+                }
+                Err(e) => return Err(status::from_cas(e)),
+            };
+            Ok(Some(inline(&cas.blobs, function, result, &request, budget)))
+        })
+        .await?;
+        self.state.metrics.action_cache(result.is_some());
+        result.ok_or_else(|| Status::not_found(format!("no complete action result for {action:?}")))
+    }
+
+    async fn update(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<ActionResult, Status> {
+        auth::require_ac_write(&request)?;
+        let request = request.into_inner();
+        resource_name::validate_instance_name(&request.instance_name)?;
+        let function = status::digest_function(request.digest_function)?;
+        let action =
+            status::required_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let mut result = request
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("missing action_result"))?;
+        let cas = self.state.cas.clone();
+        let instance = request.instance_name;
+        blocking(move || {
+            externalise_inline_contents(&cas.blobs, function, &mut result)?;
+            let referenced = match cas.actions.referenced_blobs(function, &result) {
+                Ok(referenced) => referenced,
+                Err(CasError::NotFound(tree)) => {
+                    return Err(status::missing_blobs("an output directory's tree is not in the CAS", &[tree]));
+                }
+                Err(e) => return Err(status::from_cas(e)),
+            };
+            let missing = cas.blobs.find_missing(&referenced).map_err(status::from_cas)?;
+            if !missing.is_empty() {
+                return Err(status::missing_blobs(
+                    format!("{} blob(s) the action result references are not in the CAS; upload them first", missing.len()),
+                    &missing,
+                ));
+            }
+            cas.actions.put(&instance, &action, &result).map_err(status::from_cas)?;
+            Ok(result)
+        })
+        .await
+    }
+}
+
+/// Moves inline bytes of an uploaded result into the CAS (verifying any digest they come
+/// with) so that the stored result is small and its blobs are shared.
+fn externalise_inline_contents(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    result: &mut ActionResult,
+) -> Result<(), Status> {
+    let store = |bytes: &[u8],
+                 claimed: Option<&rba_proto::reapi::Digest>,
+                 what: &str|
+     -> Result<Digest, Status> {
+        let actual = function.digest_of(bytes);
+        if let Some(claimed) = claimed {
+            let claimed = status::digest(function, claimed)?;
+            if claimed != actual {
+                return Err(Status::invalid_argument(format!(
+                    "inline {what} hashes to {actual:?}, not {claimed:?}"
+                )));
+            }
+        }
+        blobs
+            .put_verified(actual, bytes)
+            .map_err(status::from_cas)?;
+        Ok(actual)
+    };
+    for file in &mut result.output_files {
+        if !file.contents.is_empty() {
+            let digest = store(
+                &file.contents,
+                file.digest.as_ref(),
+                &format!("contents of {}", file.path),
+            )?;
+            file.digest = Some(digest.to_reapi());
+            file.contents.clear();
+        }
+    }
+    if !result.stdout_raw.is_empty() {
+        let digest = store(&result.stdout_raw, result.stdout_digest.as_ref(), "stdout")?;
+        result.stdout_digest = Some(digest.to_reapi());
+        result.stdout_raw.clear();
+    }
+    if !result.stderr_raw.is_empty() {
+        let digest = store(&result.stderr_raw, result.stderr_digest.as_ref(), "stderr")?;
+        result.stderr_digest = Some(digest.to_reapi());
+        result.stderr_raw.clear();
+    }
+    Ok(())
+}
+
+/// Fills in what the client asked to be inlined, as long as the response stays within
+/// `budget` bytes. Blobs that vanished in the meantime are simply not inlined.
+fn inline(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    mut result: ActionResult,
+    request: &GetActionResultRequest,
+    budget: usize,
+) -> ActionResult {
+    let mut remaining = budget.saturating_sub(result.encoded_len()) as u64;
+    let mut read = |digest: Option<&rba_proto::reapi::Digest>| -> Option<Vec<u8>> {
+        let digest = Digest::from_reapi(function, digest?).ok()?;
+        if digest.size == 0 || digest.size > remaining {
+            return None;
+        }
+        let bytes = blobs.read_to_vec(&digest, remaining).ok()?;
+        remaining -= bytes.len() as u64;
+        Some(bytes)
+    };
+    if request.inline_stdout
+        && result.stdout_raw.is_empty()
+        && let Some(bytes) = read(result.stdout_digest.as_ref())
+    {
+        result.stdout_raw = bytes;
+    }
+    if request.inline_stderr
+        && result.stderr_raw.is_empty()
+        && let Some(bytes) = read(result.stderr_digest.as_ref())
+    {
+        result.stderr_raw = bytes;
+    }
+    if !request.inline_output_files.is_empty() {
+        let wanted: HashSet<&str> = request
+            .inline_output_files
+            .iter()
+            .map(String::as_str)
+            .collect();
+        for file in &mut result.output_files {
+            if file.contents.is_empty()
+                && wanted.contains(file.path.as_str())
+                && let Some(bytes) = read(file.digest.as_ref())
+            {
+                file.contents = bytes;
+            }
+        }
+    }
+    result
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let result = self.get(request).await;
+        self.state.metrics.request("GetActionResult", &result);
+        result.map(Response::new)
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let result = self.update(request).await;
+        self.state.metrics.request("UpdateActionResult", &result);
+        result.map(Response::new)
+    }
+}

@@ -1,0 +1,623 @@
+//! `google.bytestream.ByteStream` over the CAS.
+//!
+//! **Read** `{instance}/blobs/...` or `.../compressed-blobs/zstd/...` with `read_offset` and
+//! `read_limit` (for compressed reads both count compressed bytes). A blocking task streams the
+//! blob in 1 MiB messages through a channel of a few messages, so memory stays flat whatever
+//! the blob's size and a slow client slows the disk reads down rather than buffering.
+//! Resource names that are not blobs go to an optional [`ReadSource`] (the executor's live
+//! stdout/stderr streams will plug in there).
+//!
+//! **Write** `{instance}/uploads/{uuid}/blobs/...` or `.../compressed-blobs/zstd/...`:
+//! - chunks go through a bounded channel to a blocking task that decompresses (zstd, with a
+//!   bounded window), hashes and writes them to a temporary file; more bytes than the digest's
+//!   size fail at once, a wrong hash fails at `finish_write` (`INVALID_ARGUMENT`), and nothing
+//!   unverified ever becomes visible;
+//! - a blob already present ends the call at once with `committed_size` = its size (`-1` for
+//!   compressed uploads), as REAPI specifies;
+//! - a stream that breaks before `finish_write` leaves a resumable upload: `QueryWriteStatus`
+//!   reports its `committed_size`, and a new `Write` with that `write_offset` continues it.
+//!   Idle uploads are dropped (and their temporary files deleted) after
+//!   `upload_idle_timeout_secs`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use parking_lot::Mutex;
+use rba_cas::{BlobStore, BlobWriter, Digest};
+use rba_proto::bytestream::byte_stream_server::ByteStream;
+use rba_proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth;
+use crate::resource_name::{self, BlobResource, Compressor, ResourceError, UploadResource};
+use crate::server::ServerState;
+use crate::status;
+
+/// Bytes per ReadResponse.
+pub const READ_CHUNK: usize = 1 << 20;
+/// Read messages buffered between the disk task and the network.
+const READ_QUEUE: usize = 4;
+/// Write messages buffered between the network and the disk task.
+const WRITE_QUEUE: usize = 8;
+/// zstd windows above 2^24 bytes (16 MiB) are refused, bounding decoder memory per upload.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
+/// A stream of ReadResponses.
+pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+/// Serves ByteStream reads of resource names that are not blobs (e.g. the executor's live
+/// action output). Returns `None` for names it does not know.
+pub trait ReadSource: Send + Sync + 'static {
+    /// Starts a read of `resource_name` from `offset`, at most `limit` bytes (0: no limit).
+    fn read(
+        &self,
+        resource_name: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Option<Result<ReadStream, Status>>;
+}
+
+/// The ByteStream service.
+#[derive(Clone)]
+pub struct ByteStreamService {
+    state: ServerState,
+    extra: Option<Arc<dyn ReadSource>>,
+}
+
+impl std::fmt::Debug for ByteStreamService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteStreamService")
+            .field("extra", &self.extra.is_some())
+            .finish()
+    }
+}
+
+impl ByteStreamService {
+    /// Over the shared server state.
+    pub fn new(state: ServerState) -> Self {
+        ByteStreamService { state, extra: None }
+    }
+
+    /// Adds a reader for non-blob resource names.
+    pub fn with_read_source(mut self, source: Arc<dyn ReadSource>) -> Self {
+        self.extra = Some(source);
+        self
+    }
+
+    async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
+        auth::require_read(&request)?;
+        let request = request.into_inner();
+        if request.read_offset < 0 {
+            return Err(Status::out_of_range(format!(
+                "negative read_offset {}",
+                request.read_offset
+            )));
+        }
+        if request.read_limit < 0 {
+            return Err(Status::invalid_argument(format!(
+                "negative read_limit {}",
+                request.read_limit
+            )));
+        }
+        let (offset, limit) = (request.read_offset as u64, request.read_limit as u64);
+        let resource = match resource_name::parse_read(&request.resource_name) {
+            Ok(resource) => resource,
+            Err(ResourceError::NotABlob(name)) => {
+                if let Some(stream) = self
+                    .extra
+                    .as_ref()
+                    .and_then(|s| s.read(&request.resource_name, offset, limit))
+                {
+                    return stream;
+                }
+                return Err(Status::invalid_argument(format!(
+                    "resource name {name:?} does not name a blob"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let BlobResource {
+            digest, compressor, ..
+        } = resource;
+        let blobs = self.state.cas.blobs.clone();
+        let level = self.state.config.zstd_level;
+        let metrics = self.state.metrics.clone();
+        let (tx, rx) = mpsc::channel(READ_QUEUE);
+        // Open first, so NOT_FOUND / OUT_OF_RANGE are the call's status rather than a stream error.
+        let source: Box<dyn Read + Send> = status::blocking(move || -> Result<Box<dyn Read + Send>, Status> {
+            match compressor {
+                Compressor::Identity => {
+                    Ok(Box::new(blobs.reader(&digest, offset, limit).map_err(status::from_cas_read)?))
+                }
+                Compressor::Zstd => {
+                    let reader = blobs.reader(&digest, 0, 0).map_err(status::from_cas_read)?;
+                    let mut encoder = zstd::stream::read::Encoder::new(reader, level)
+                        .map_err(|e| Status::internal(format!("zstd: {e}")))?;
+                    let skipped = std::io::copy(&mut (&mut encoder).take(offset), &mut std::io::sink())
+                        .map_err(|e| status::from_read_io(&digest, e))?;
+                    if skipped < offset {
+                        return Err(Status::out_of_range(format!(
+                            "read_offset {offset} is past the end of the {skipped}-byte compressed stream"
+                        )));
+                    }
+                    let limited: Box<dyn Read + Send> =
+                        if limit == 0 { Box::new(encoder) } else { Box::new(encoder.take(limit)) };
+                    Ok(limited)
+                }
+            }
+        })
+        .await?;
+        tokio::task::spawn_blocking(move || pump(source, digest, tx, &metrics));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn write_blob(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<WriteResponse, Status> {
+        auth::require_cas_write(&request)?;
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty write stream"))?;
+        let upload = resource_name::parse_write(&first.resource_name)?;
+        let digest = upload.blob.digest;
+        let compressed = upload.blob.compressor == Compressor::Zstd;
+        let already = || WriteResponse {
+            committed_size: if compressed { -1 } else { digest.size as i64 },
+        };
+        if first.write_offset < 0 {
+            return Err(Status::out_of_range(format!(
+                "negative write_offset {}",
+                first.write_offset
+            )));
+        }
+        let blobs = self.state.cas.blobs.clone();
+        if blobs.contains(&digest).map_err(status::from_cas)? {
+            self.state.uploads.forget(&upload.key);
+            return Ok(already());
+        }
+        let sink = self
+            .state
+            .uploads
+            .begin(&upload, first.write_offset as u64, &blobs)?;
+        let mut expected_offset = sink.wire_received;
+        let (tx, rx) = mpsc::channel::<Chunk>(WRITE_QUEUE);
+        let worker = tokio::task::spawn_blocking(move || sink.run(rx));
+
+        let mut message = Some(first);
+        let mut protocol_error = None;
+        loop {
+            let request = match message.take() {
+                Some(request) => request,
+                None => match stream.message().await {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(key = %upload.key, %status, "upload stream broke; resumable");
+                        break;
+                    }
+                },
+            };
+            if !request.resource_name.is_empty() && !same_upload(&upload, &request.resource_name) {
+                protocol_error = Some(Status::invalid_argument(
+                    "resource_name changed within one write stream",
+                ));
+                break;
+            }
+            if request.write_offset as u64 != expected_offset || request.write_offset < 0 {
+                protocol_error = Some(Status::invalid_argument(format!(
+                    "write_offset {} but {expected_offset} bytes were sent",
+                    request.write_offset
+                )));
+                break;
+            }
+            expected_offset += request.data.len() as u64;
+            self.state.metrics.received(request.data.len() as u64);
+            if !request.data.is_empty() && tx.send(Chunk::Data(request.data)).await.is_err() {
+                break; // the worker failed; its error is reported below
+            }
+            if request.finish_write {
+                let _ = tx.send(Chunk::Finish).await;
+                break;
+            }
+        }
+        drop(tx);
+        let outcome = worker
+            .await
+            .map_err(|e| Status::internal(format!("upload task failed: {e}")))?;
+        if let Some(error) = protocol_error {
+            // A confused client: drop its partial data rather than resume from something odd.
+            drop(outcome);
+            self.state.uploads.forget(&upload.key);
+            return Err(error);
+        }
+        match outcome {
+            WriteOutcome::Committed { wire_received } => {
+                self.state.uploads.forget(&upload.key);
+                Ok(WriteResponse {
+                    committed_size: wire_received as i64,
+                })
+            }
+            WriteOutcome::Failed(error) => {
+                self.state.uploads.forget(&upload.key);
+                if blobs.contains(&digest).unwrap_or(false)
+                    && error.code() != tonic::Code::InvalidArgument
+                {
+                    return Ok(already());
+                }
+                Err(error)
+            }
+            WriteOutcome::Interrupted(sink) => {
+                let committed = sink.wire_received;
+                self.state.uploads.park(&upload.key, sink);
+                Err(Status::invalid_argument(format!(
+                    "write stream ended before finish_write; {committed} bytes committed, resume with that write_offset"
+                )))
+            }
+        }
+    }
+
+    fn query(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<QueryWriteStatusResponse, Status> {
+        auth::require_read(&request)?;
+        let upload = resource_name::parse_write(&request.get_ref().resource_name)?;
+        let digest = upload.blob.digest;
+        if self
+            .state
+            .cas
+            .blobs
+            .contains(&digest)
+            .map_err(status::from_cas)?
+        {
+            return Ok(QueryWriteStatusResponse {
+                committed_size: digest.size as i64,
+                complete: true,
+            });
+        }
+        let committed = self.state.uploads.committed(&upload.key).unwrap_or(0);
+        Ok(QueryWriteStatusResponse {
+            committed_size: committed as i64,
+            complete: false,
+        })
+    }
+}
+
+/// Later messages may repeat the resource name (possibly with other optional metadata); it
+/// must name the same upload.
+fn same_upload(upload: &UploadResource, name: &str) -> bool {
+    resource_name::parse_write(name).is_ok_and(|other| other.key == upload.key)
+}
+
+/// Streams `source` as ReadResponses until it ends, the client leaves, or reading fails.
+fn pump(
+    mut source: Box<dyn Read + Send>,
+    digest: Digest,
+    tx: mpsc::Sender<Result<ReadResponse, Status>>,
+    metrics: &crate::metrics::Metrics,
+) {
+    loop {
+        let mut data = vec![0u8; READ_CHUNK];
+        let mut filled = 0;
+        while filled < READ_CHUNK {
+            match source.read(&mut data[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(status::from_read_io(&digest, e)));
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            return;
+        }
+        data.truncate(filled);
+        metrics.sent(filled as u64);
+        if tx.blocking_send(Ok(ReadResponse { data })).is_err() {
+            return; // client went away
+        }
+        if filled < READ_CHUNK {
+            return;
+        }
+    }
+}
+
+enum Chunk {
+    Data(Vec<u8>),
+    Finish,
+}
+
+enum WriteOutcome {
+    Committed { wire_received: u64 },
+    Failed(Status),
+    Interrupted(Box<UploadSink>),
+}
+
+/// An upload in progress: the store's writer (temp file + hasher), the zstd decoder for
+/// compressed uploads, and how many wire bytes were accepted.
+pub struct UploadSink {
+    writer: BlobWriter,
+    decoder: Option<zstd::stream::raw::Decoder<'static>>,
+    out: Vec<u8>,
+    /// Wire (possibly compressed) bytes accepted so far: the resumable `committed_size`.
+    wire_received: u64,
+    /// The same number, readable by QueryWriteStatus while the upload runs.
+    progress: Arc<AtomicU64>,
+    /// zstd said the last frame was complete (its hint was 0).
+    frame_complete: bool,
+    digest: Digest,
+}
+
+impl UploadSink {
+    fn new(blobs: &BlobStore, resource: &BlobResource) -> Result<Self, Status> {
+        let writer = blobs.writer(resource.digest).map_err(status::from_cas)?;
+        let decoder = match resource.compressor {
+            Compressor::Identity => None,
+            Compressor::Zstd => {
+                let mut decoder = zstd::stream::raw::Decoder::new()
+                    .map_err(|e| Status::internal(format!("zstd: {e}")))?;
+                decoder
+                    .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+                        ZSTD_WINDOW_LOG_MAX,
+                    ))
+                    .map_err(|e| Status::internal(format!("zstd: {e}")))?;
+                Some(decoder)
+            }
+        };
+        Ok(UploadSink {
+            writer,
+            decoder,
+            out: if resource.compressor == Compressor::Zstd {
+                vec![0u8; 256 << 10]
+            } else {
+                Vec::new()
+            },
+            wire_received: 0,
+            progress: Arc::new(AtomicU64::new(0)),
+            frame_complete: true,
+            digest: resource.digest,
+        })
+    }
+
+    /// Consumes chunks until the stream ends (resumable), `Finish` (commit), or an error.
+    fn run(mut self, mut rx: mpsc::Receiver<Chunk>) -> WriteOutcome {
+        while let Some(chunk) = rx.blocking_recv() {
+            match chunk {
+                Chunk::Data(data) => {
+                    if let Err(error) = self.write(&data) {
+                        return WriteOutcome::Failed(error);
+                    }
+                }
+                Chunk::Finish => {
+                    let wire_received = self.wire_received;
+                    return match self.finish() {
+                        Ok(()) => WriteOutcome::Committed { wire_received },
+                        Err(error) => WriteOutcome::Failed(error),
+                    };
+                }
+            }
+        }
+        WriteOutcome::Interrupted(Box::new(self))
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), Status> {
+        match &mut self.decoder {
+            None => self.writer.write_chunk(data).map_err(status::from_cas)?,
+            Some(decoder) => {
+                use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+                let mut input = InBuffer::around(data);
+                loop {
+                    let mut output = OutBuffer::around(&mut self.out[..]);
+                    let hint = decoder.run(&mut input, &mut output).map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "corrupt zstd stream for {:?}: {e}",
+                            self.digest
+                        ))
+                    })?;
+                    let produced = output.pos();
+                    self.frame_complete = hint == 0;
+                    self.writer
+                        .write_chunk(&self.out[..produced])
+                        .map_err(status::from_cas)?;
+                    if input.pos() == data.len() && produced < self.out.len() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.wire_received += data.len() as u64;
+        self.progress.store(self.wire_received, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), Status> {
+        if self.decoder.is_some() && !self.frame_complete {
+            return Err(Status::invalid_argument(format!(
+                "zstd stream for {:?} is truncated",
+                self.digest
+            )));
+        }
+        self.writer.commit().map(|_| ()).map_err(status::from_cas)
+    }
+}
+
+enum Slot {
+    /// A stream is writing it right now.
+    Active(Arc<AtomicU64>),
+    /// Interrupted, waiting to be resumed.
+    Idle(Box<UploadSink>, Instant),
+}
+
+/// Resumable uploads by resource name (without optional metadata).
+pub struct Uploads {
+    slots: Mutex<HashMap<String, Slot>>,
+    idle_timeout: Duration,
+    count: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Uploads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uploads")
+            .field("sessions", &self.slots.lock().len())
+            .finish()
+    }
+}
+
+impl Uploads {
+    /// An empty registry; idle uploads expire after `idle_timeout`.
+    pub fn new(idle_timeout: Duration) -> Self {
+        Uploads {
+            slots: Mutex::new(HashMap::new()),
+            idle_timeout,
+            count: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The number of uploads in progress, for metrics.
+    pub fn session_counter(&self) -> Arc<AtomicU64> {
+        self.count.clone()
+    }
+
+    fn update_count(&self, slots: &HashMap<String, Slot>) {
+        self.count.store(slots.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Starts (offset 0) or resumes (offset = committed size) an upload.
+    fn begin(
+        &self,
+        upload: &UploadResource,
+        offset: u64,
+        blobs: &BlobStore,
+    ) -> Result<UploadSink, Status> {
+        let mut slots = self.slots.lock();
+        let sink = match slots.remove(&upload.key) {
+            Some(Slot::Active(progress)) => {
+                slots.insert(upload.key.clone(), Slot::Active(progress));
+                return Err(Status::aborted(
+                    "another stream is writing this upload right now",
+                ));
+            }
+            Some(Slot::Idle(sink, _)) if sink.wire_received == offset => *sink,
+            Some(Slot::Idle(sink, since)) if offset != 0 => {
+                let committed = sink.wire_received;
+                slots.insert(upload.key.clone(), Slot::Idle(sink, since));
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {offset} does not match the {committed} bytes committed"
+                )));
+            }
+            // Offset 0: a fresh start, whatever was there.
+            Some(Slot::Idle(..)) | None if offset == 0 => UploadSink::new(blobs, &upload.blob)?,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {offset} but there is no upload to resume (committed size 0)"
+                )));
+            }
+        };
+        slots.insert(upload.key.clone(), Slot::Active(sink.progress.clone()));
+        self.update_count(&slots);
+        Ok(sink)
+    }
+
+    /// Keeps an interrupted upload for resumption.
+    fn park(&self, key: &str, sink: Box<UploadSink>) {
+        let mut slots = self.slots.lock();
+        slots.insert(key.to_string(), Slot::Idle(sink, Instant::now()));
+        self.update_count(&slots);
+    }
+
+    /// Drops an upload (its temp file goes with it).
+    fn forget(&self, key: &str) {
+        let removed = {
+            let mut slots = self.slots.lock();
+            let removed = slots.remove(key);
+            self.update_count(&slots);
+            removed
+        };
+        drop(removed);
+    }
+
+    /// Bytes committed so far by an upload in progress.
+    fn committed(&self, key: &str) -> Option<u64> {
+        match self.slots.lock().get(key)? {
+            Slot::Active(progress) => Some(progress.load(Ordering::Relaxed)),
+            Slot::Idle(sink, _) => Some(sink.wire_received),
+        }
+    }
+
+    /// Drops uploads idle for longer than the timeout.
+    pub fn reap(&self) -> usize {
+        let expired: Vec<Slot> = {
+            let mut slots = self.slots.lock();
+            let keys: Vec<String> = slots
+                .iter()
+                .filter(|(_, slot)| matches!(slot, Slot::Idle(_, since) if since.elapsed() >= self.idle_timeout))
+                .map(|(key, _)| key.clone())
+                .collect();
+            let expired = keys.iter().filter_map(|key| slots.remove(key)).collect();
+            self.update_count(&slots);
+            expired
+        };
+        if !expired.is_empty() {
+            tracing::info!(count = expired.len(), "dropped idle uploads");
+        }
+        expired.len()
+    }
+
+    /// Reaps forever, a few times per timeout.
+    pub async fn reap_forever(self: Arc<Self>) {
+        let period =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        loop {
+            tokio::time::sleep(period).await;
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.reap()).await;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let result = self.start_read(request).await;
+        self.state.metrics.request("Read", &result);
+        result.map(Response::new)
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let result = self.write_blob(request).await;
+        self.state.metrics.request("Write", &result);
+        result.map(Response::new)
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let result = self.query(request);
+        self.state.metrics.request("QueryWriteStatus", &result);
+        result.map(Response::new)
+    }
+}

@@ -1,0 +1,446 @@
+//! Server configuration: built-in defaults, overridden by a TOML file, overridden by environment
+//! variables and command-line flags (each flag has an `RBA_CACHE_*` variable).
+//!
+//! Example file (every key optional):
+//! ```toml
+//! listen = "127.0.0.1:50051"
+//! data_dir = "/var/cache/rba"
+//! metrics_listen = "127.0.0.1:50052"   # "" disables the metrics endpoint
+//! max_message_bytes = 4194304          # gRPC message limit the batch limit is derived from
+//! upload_idle_timeout_secs = 600       # interrupted uploads stay resumable this long
+//! zstd_level = 1
+//!
+//! [store]
+//! max_bytes = 53687091200              # LRU eviction above this
+//! low_watermark = 0.9
+//! fsync = true
+//!
+//! [auth]
+//! anonymous = "none"                   # access without a token: none | read-only | read-write
+//! read_only_may_write_cas = true       # read-only tokens may upload blobs (never action results)
+//! [[auth.tokens]]
+//! name = "ci"
+//! token = "s3cret"
+//! access = "read-write"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rba_cas::StoreConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Access;
+
+/// Default gRPC address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default metrics address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:50052";
+
+/// Everything the server needs to run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Where blobs, the index and the action cache live.
+    pub data_dir: PathBuf,
+    /// Prometheus metrics listen address; `None` disables it.
+    #[serde(with = "optional_addr")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Largest gRPC message the server sends, and what it assumes clients accept (4 MiB is every
+    /// gRPC implementation's default). `max_batch_total_size_bytes` is derived from it.
+    pub max_message_bytes: usize,
+    /// Interrupted ByteStream uploads stay resumable for this long without activity.
+    pub upload_idle_timeout_secs: u64,
+    /// zstd level for compressed reads.
+    pub zstd_level: i32,
+    /// The blob store.
+    pub store: StoreConfig,
+    /// Who may read and write.
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            data_dir: default_data_dir(),
+            metrics_listen: Some(
+                DEFAULT_METRICS_LISTEN
+                    .parse()
+                    .expect("valid default address"),
+            ),
+            max_message_bytes: 4 << 20,
+            upload_idle_timeout_secs: 600,
+            zstd_level: 1,
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// Access control.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens (`authorization: Bearer <token>`).
+    pub tokens: Vec<TokenConfig>,
+    /// Access of requests without a token. Default: read-write when no token is configured
+    /// (and the server listens on loopback only), none otherwise.
+    pub anonymous: Option<Access>,
+    /// Whether read-only clients may upload blobs (content-verified, so harmless) — never
+    /// action results. Default true.
+    #[serde(default = "yes")]
+    pub read_only_may_write_cas: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tokens: Vec::new(),
+            anonymous: None,
+            read_only_may_write_cas: true,
+        }
+    }
+}
+
+/// One bearer token.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for logs and metrics (never the token itself).
+    #[serde(default)]
+    pub name: String,
+    /// The secret.
+    pub token: String,
+    /// What it grants.
+    pub access: Access,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+/// `$XDG_CACHE_HOME/rba-cache-server`, else `~/.cache/rba-cache-server`, else `./rba-cache-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("rba-cache-server");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".cache").join("rba-cache-server");
+    }
+    PathBuf::from("rba-cache-data")
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// The batch limit advertised in Capabilities: the message limit minus room for the
+    /// per-blob framing (digests, statuses), so a batch that honours it really fits.
+    pub fn max_batch_total_size_bytes(&self) -> usize {
+        self.max_message_bytes - self.max_message_bytes / 8
+    }
+
+    /// Largest message the server decodes: a little above `max_message_bytes`, so requests
+    /// built to the advertised batch limit are never refused for their framing.
+    pub fn max_decoding_message_bytes(&self) -> usize {
+        self.max_message_bytes.saturating_mul(2)
+    }
+
+    /// The access of requests without a token.
+    pub fn anonymous_access(&self) -> Access {
+        self.auth
+            .anonymous
+            .unwrap_or(if self.auth.tokens.is_empty() {
+                Access::ReadWrite
+            } else {
+                Access::None
+            })
+    }
+
+    /// Refuses configurations that are unsafe or inconsistent.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_message_bytes < 64 << 10 {
+            bail!("max_message_bytes must be at least 64 KiB");
+        }
+        if !(0.0..=1.0).contains(&self.store.low_watermark) {
+            bail!("store.low_watermark must be within 0..=1");
+        }
+        for token in &self.auth.tokens {
+            if token.token.len() < 8 {
+                bail!("token {:?} is shorter than 8 characters", token.name);
+            }
+        }
+        // Open by default only on loopback: an open server on the network needs an explicit
+        // `anonymous = "read-write"`.
+        if self.auth.anonymous.is_none()
+            && self.auth.tokens.is_empty()
+            && !self.listen.ip().is_loopback()
+        {
+            bail!(
+                "listening on {} (not loopback) without tokens: configure [[auth.tokens]], or set \
+                 auth.anonymous (--anonymous) explicitly to open the server to the network",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Parses sizes such as `4194304`, `4MiB`, `50G`, `512k` (binary multiples).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?} (use K, M, G, T)")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// `host:port`, or `off`/`""` for none.
+fn parse_optional_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "" | "off" | "none" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("invalid address {addr:?}: {e}")),
+    }
+}
+
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.serialize_str(&addr.to_string()),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_optional_addr(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `TOKEN:ACCESS` or `NAME:TOKEN:ACCESS`.
+fn parse_token(text: &str) -> Result<TokenConfig, String> {
+    let (rest, access) = text.rsplit_once(':').ok_or("expected TOKEN:ACCESS")?;
+    let access = match access {
+        "read-only" | "ro" => Access::ReadOnly,
+        "read-write" | "rw" => Access::ReadWrite,
+        other => {
+            return Err(format!(
+                "unknown access {other:?} (read-only or read-write)"
+            ));
+        }
+    };
+    let (name, token) = match rest.split_once(':') {
+        Some((name, token)) => (name.to_string(), token.to_string()),
+        None => (String::new(), rest.to_string()),
+    };
+    Ok(TokenConfig {
+        name,
+        token,
+        access,
+    })
+}
+
+/// Command line of the `cache-server` binary. Every flag can also be given by environment.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "cache-server",
+    version,
+    about = "REAPI v2 remote cache over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store",
+    long_about = "REAPI v2 remote cache over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store.\n\n\
+With no arguments it serves gRPC on 127.0.0.1:50051, Prometheus metrics on 127.0.0.1:50052/metrics, \
+and keeps its data under $XDG_CACHE_HOME/rba-cache-server (or ~/.cache/rba-cache-server).\n\n\
+Settings come from built-in defaults, then the TOML file given by --config, then environment \
+variables, then flags. Use --print-config to see the result.",
+    after_help = "Examples:\n  \
+cache-server\n  \
+cache-server --listen 0.0.0.0:50051 --token ci:$CI_TOKEN:read-write --token dev:$DEV_TOKEN:read-only\n  \
+bazel build //... --remote_cache=grpc://127.0.0.1:50051"
+)]
+pub struct Cli {
+    /// TOML configuration file (see the crate docs for every key).
+    #[arg(long, short = 'c', env = "RBA_CACHE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "RBA_CACHE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Data directory (blobs, index, action cache) [default: ~/.cache/rba-cache-server].
+    #[arg(long, env = "RBA_CACHE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Prometheus metrics address, or "off" [default: 127.0.0.1:50052].
+    #[arg(long, env = "RBA_CACHE_METRICS_LISTEN", value_name = "ADDR|off", value_parser = parse_optional_addr)]
+    pub metrics_listen: Option<Option<SocketAddr>>,
+
+    /// Store capacity; least-recently-used blobs are evicted above it (e.g. 50GiB).
+    #[arg(long, env = "RBA_CACHE_MAX_STORE_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub max_store_bytes: Option<u64>,
+
+    /// fsync each blob before it becomes visible.
+    #[arg(long, env = "RBA_CACHE_FSYNC", value_name = "BOOL")]
+    pub fsync: Option<bool>,
+
+    /// gRPC message limit the advertised batch limit is derived from (e.g. 4MiB).
+    #[arg(long, env = "RBA_CACHE_MAX_MESSAGE_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub max_message_bytes: Option<u64>,
+
+    /// Bearer token, as TOKEN:ACCESS or NAME:TOKEN:ACCESS with ACCESS read-only|read-write.
+    /// Repeatable; the variable takes a comma-separated list.
+    #[arg(long = "token", env = "RBA_CACHE_TOKENS", value_name = "[NAME:]TOKEN:ACCESS",
+          value_parser = parse_token, value_delimiter = ',', hide_env_values = true)]
+    pub tokens: Vec<TokenConfig>,
+
+    /// Access of requests without a token [default: read-write without tokens, else none].
+    #[arg(long, env = "RBA_CACHE_ANONYMOUS", value_enum, value_name = "ACCESS")]
+    pub anonymous: Option<Access>,
+
+    /// Log filter (tracing-subscriber syntax).
+    #[arg(long, env = "RBA_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+
+    /// Print the effective configuration as TOML and exit (tokens are masked).
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl Cli {
+    /// Defaults, then the file, then environment and flags.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = self.data_dir {
+            config.data_dir = dir;
+        }
+        if let Some(metrics) = self.metrics_listen {
+            config.metrics_listen = metrics;
+        }
+        if let Some(bytes) = self.max_store_bytes {
+            config.store.max_bytes = bytes;
+        }
+        if let Some(fsync) = self.fsync {
+            config.store.fsync = fsync;
+        }
+        if let Some(bytes) = self.max_message_bytes {
+            config.max_message_bytes = usize::try_from(bytes).context("max_message_bytes")?;
+        }
+        config.auth.tokens.extend(self.tokens);
+        if let Some(anonymous) = self.anonymous {
+            config.auth.anonymous = Some(anonymous);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// The configuration as TOML with secrets masked.
+pub fn to_masked_toml(config: &Config) -> String {
+    let mut masked = config.clone();
+    for token in &mut masked.auth.tokens {
+        token.token = "********".into();
+    }
+    toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4194304"), Ok(4 << 20));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("50G"), Ok(50 << 30));
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn layers_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\nmetrics_listen = \"\"\n[store]\nmax_bytes = 1000\n\
+             [[auth.tokens]]\ntoken = \"abcdefghij\"\naccess = \"read-only\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "cache-server",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:7001",
+            "--token",
+            "ci:0123456789:read-write",
+        ])
+        .unwrap();
+        let config = cli.into_config().unwrap();
+        assert_eq!(config.listen.port(), 7001);
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.store.max_bytes, 1000);
+        assert_eq!(config.auth.tokens.len(), 2);
+        assert_eq!(config.auth.tokens[1].access, Access::ReadWrite);
+        assert_eq!(config.anonymous_access(), Access::None);
+        assert!(!to_masked_toml(&config).contains("0123456789"));
+    }
+
+    #[test]
+    fn open_server_off_loopback_is_refused() {
+        let config = Config {
+            listen: "0.0.0.0:1".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        let mut open = config.clone();
+        open.auth.anonymous = Some(Access::ReadWrite);
+        assert!(open.validate().is_ok());
+        assert!(Config::default().validate().is_ok());
+        assert_eq!(Config::default().anonymous_access(), Access::ReadWrite);
+    }
+}

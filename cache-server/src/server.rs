@@ -1,0 +1,247 @@
+//! The tonic router with every service, the listeners, and clean shutdown.
+//!
+//! [`Server::new`] opens the store; [`Server::serve`] runs the gRPC and metrics listeners until
+//! a shutdown future resolves, then drains in-flight requests and flushes the store.
+//! [`Server::spawn`] does all that on ephemeral tasks and hands back a [`RunningServer`] (used
+//! by tests, the bench and embedders). Every service sits behind the token
+//! [`Authenticator`]; services not registered here (Execution, Operations, until the executor
+//! adds them) answer `UNIMPLEMENTED`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rba_cas::Cas;
+use rba_proto::bytestream::byte_stream_server::ByteStreamServer;
+use rba_proto::reapi::action_cache_server::ActionCacheServer;
+use rba_proto::reapi::capabilities_server::CapabilitiesServer;
+use rba_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::action_cache::ActionCacheService;
+use crate::auth::Authenticator;
+use crate::bytestream::{ByteStreamService, Uploads};
+use crate::capabilities::CapabilitiesService;
+use crate::cas::CasService;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// What every service shares. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ServerState {
+    /// The blob store and action cache.
+    pub cas: Cas,
+    /// The configuration the server runs with.
+    pub config: Arc<Config>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Token checks.
+    pub auth: Authenticator,
+    /// Resumable ByteStream uploads.
+    pub uploads: Arc<Uploads>,
+}
+
+impl ServerState {
+    /// The batch limit advertised and enforced.
+    pub fn max_batch_total_size_bytes(&self) -> usize {
+        self.config.max_batch_total_size_bytes()
+    }
+
+    /// Whether the Execution service is served (not yet: the executor adds it).
+    pub fn execution_enabled(&self) -> bool {
+        false
+    }
+}
+
+/// The REAPI server: the store opened, services built, not yet listening.
+#[derive(Debug)]
+pub struct Server {
+    state: ServerState,
+}
+
+/// A server running on background tasks.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The gRPC address actually bound.
+    pub addr: SocketAddr,
+    /// The metrics address actually bound, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The shared state (store, metrics) of the running server.
+    pub state: ServerState,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// The `grpc://` URL of the server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening, drains requests, flushes the store and waits for all of it.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.context("server task panicked")?
+    }
+}
+
+impl Server {
+    /// Opens (creating) the data directory and the store.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let cas = Cas::open(&config.data_dir, config.store.clone())
+            .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
+        let uploads = Arc::new(Uploads::new(Duration::from_secs(
+            config.upload_idle_timeout_secs,
+        )));
+        let metrics = Arc::new(Metrics::new(cas.blobs.clone(), uploads.session_counter()));
+        let auth = Authenticator::new(&config);
+        Ok(Server {
+            state: ServerState {
+                cas,
+                config: Arc::new(config),
+                metrics,
+                auth,
+                uploads,
+            },
+        })
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &ServerState {
+        &self.state
+    }
+
+    /// The gRPC router with every service, each behind the token interceptor.
+    pub fn router(&self) -> tonic::transport::server::Router {
+        let state = &self.state;
+        let auth = state.auth.clone();
+        let decode = state.config.max_decoding_message_bytes();
+        let encode = state.config.max_message_bytes;
+        let capabilities = CapabilitiesServer::new(CapabilitiesService::new(state.clone()))
+            .max_decoding_message_size(decode)
+            .max_encoding_message_size(encode);
+        let cas = ContentAddressableStorageServer::new(CasService::new(state.clone()))
+            .max_decoding_message_size(decode)
+            .max_encoding_message_size(encode);
+        let action_cache = ActionCacheServer::new(ActionCacheService::new(state.clone()))
+            .max_decoding_message_size(decode)
+            .max_encoding_message_size(encode);
+        let bytestream = ByteStreamServer::new(ByteStreamService::new(state.clone()))
+            .max_decoding_message_size(decode)
+            .max_encoding_message_size(encode);
+        tonic::transport::Server::builder()
+            // Loopback streaming of multi-GiB blobs needs windows larger than HTTP/2's 64 KiB.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(Some((1 << 20) - 1))
+            .tcp_nodelay(true)
+            .add_service(InterceptedService::new(capabilities, auth.clone()))
+            .add_service(InterceptedService::new(cas, auth.clone()))
+            .add_service(InterceptedService::new(action_cache, auth.clone()))
+            .add_service(InterceptedService::new(bytestream, auth))
+    }
+
+    /// Serves on the given listeners until `shutdown` resolves, then drains and flushes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let wait = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let reaper = tokio::spawn(self.state.uploads.clone().reap_forever());
+        let metrics_task = metrics_listener.map(|listener| {
+            let app = crate::metrics::router(self.state.metrics.clone());
+            let signal = wait(stop_rx.clone());
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            })
+        });
+
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            data_dir = %self.state.config.data_dir.display(),
+            max_batch_total_size_bytes = self.state.max_batch_total_size_bytes(),
+            "serving REAPI"
+        );
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let grpc = self
+            .router()
+            .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
+        let mut drain_rx = stop_rx.clone();
+        // Draining waits for in-flight requests; a client that never finishes gets 10 s.
+        let result = tokio::select! {
+            result = grpc => result.context("gRPC server"),
+            _ = async {
+                let _ = drain_rx.wait_for(|stop| *stop).await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            } => {
+                tracing::warn!("requests still running 10 s after shutdown; closing anyway");
+                Ok(())
+            }
+        };
+        reaper.abort();
+        if let Some(task) = metrics_task {
+            match tokio::time::timeout(Duration::from_secs(5), task).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "metrics task"),
+                _ => {}
+            }
+        }
+        let blobs = self.state.cas.blobs.clone();
+        tokio::task::spawn_blocking(move || blobs.flush())
+            .await?
+            .context("flushing the store")?;
+        tracing::info!("shut down cleanly");
+        result
+    }
+
+    /// Binds the configured addresses and serves on a background task.
+    pub async fn spawn(config: Config) -> anyhow::Result<RunningServer> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics {addr}"))?,
+            ),
+            None => None,
+        };
+        let addr = listener.local_addr()?;
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
+        let server = Server::new(config)?;
+        let state = server.state.clone();
+        let (shutdown, mut rx) = watch::channel(false);
+        let task = tokio::spawn(server.serve(listener, metrics_listener, async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }));
+        Ok(RunningServer {
+            addr,
+            metrics_addr,
+            state,
+            shutdown,
+            task,
+        })
+    }
+}
