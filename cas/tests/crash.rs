@@ -1,0 +1,92 @@
+//! A writer process killed (SIGKILL) in the middle of a blob leaves no blob, no temp file after
+//! the next open, and a store that can write and read that very blob.
+//!
+//! The test binary re-executes itself: with `RBA_CAS_CRASH_CHILD` set, the `child_writer` test
+//! opens the store, writes half a blob, prints `READY` and waits to be killed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rba_cas::{BlobStore, DigestFunction, StoreConfig};
+
+const CHILD_ENV: &str = "RBA_CAS_CRASH_CHILD";
+const BLOB_LEN: usize = 4 << 20;
+
+fn payload() -> Vec<u8> {
+    (0..BLOB_LEN).map(|i| (i % 251) as u8).collect()
+}
+
+/// Child mode only: does nothing in a normal test run.
+#[test]
+fn child_writer() {
+    let Ok(root) = std::env::var(CHILD_ENV) else { return };
+    let store = BlobStore::open(&root, StoreConfig::default()).unwrap();
+    let data = payload();
+    let digest = DigestFunction::Sha256.digest_of(&data);
+    let mut writer = store.writer(digest).unwrap();
+    writer.write_chunk(&data[..BLOB_LEN / 2]).unwrap();
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "READY").unwrap();
+    stdout.flush().unwrap();
+    // Hold the writer (and the half-written temp file) until killed.
+    std::thread::sleep(Duration::from_secs(120));
+    panic!("the parent should have killed this process");
+}
+
+fn tmp_entries(root: &Path) -> usize {
+    std::fs::read_dir(root.join("tmp")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn killed_writer_leaves_no_blob_and_a_usable_store() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = payload();
+    let digest = DigestFunction::Sha256.digest_of(&data);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut ready = false;
+    for line in BufReader::new(stdout).lines() {
+        if line.unwrap().trim_end().ends_with("READY") {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "child never got ready");
+    // The write is in flight: a temp file holds half the blob.
+    assert_eq!(tmp_entries(dir.path()), 1);
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+
+    let blob_file = {
+        let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
+        assert!(!store.contains(&digest).unwrap(), "half a blob must never be visible");
+        assert!(!store.blob_path(&digest).exists());
+        assert_eq!(tmp_entries(dir.path()), 0, "opening the store clears abandoned writes");
+        assert_eq!(store.stats().blob_count, 0);
+        assert!(matches!(store.reader(&digest, 0, 0), Err(rba_cas::CasError::NotFound(_))));
+        store.put_verified(digest, &data).unwrap();
+        let mut back = Vec::new();
+        store.reader(&digest, 0, 0).unwrap().read_to_end(&mut back).unwrap();
+        assert!(back == data);
+        let report = store.verify().unwrap();
+        assert_eq!((report.intact, report.corrupt.len()), (1, 0));
+        store.flush().unwrap();
+        store.blob_path(&digest)
+    };
+    // And it survives another reopen.
+    let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
+    assert!(store.contains(&digest).unwrap());
+    assert!(blob_file.exists());
+}
