@@ -1,5 +1,30 @@
 //! The rust-build-agent operator node and the `rba` CLI (binary in `main.rs`).
 //!
-//! Today the crate holds the `rba` command, which runs cargo jobs on an embedded node (CAS +
-//! sandboxed executor in-process). The libp2p sessions, WebSocket gateway, read-only HTTP and
-//! the Tangle Blueprint runner come with their issues.
+//! One module per concern:
+//! - [`config`]: the node's TOML configuration, environment and flag overrides.
+//! - [`node`]: the operator node joining the CAS, the executor, the history, libp2p, HTTP and
+//!   gRPC; [`node::NodeShared::submit`] is how every remote submission reaches
+//!   `Executor::submit`.
+//! - [`p2p`]: libp2p (TCP + noise + yamux, QUIC), the node identity, frames, and the
+//!   `/rba/session/1.0.0` and `/rba/cas/1.0.0` protocols (both sides).
+//! - [`http`]: read-only HTTP queries and the WebSocket event gateway (axum).
+//! - [`history`]: build records in the CAS's sled database.
+//! - [`metrics`]: counters rendered as Prometheus text.
+//! - [`grpc`]: the REAPI server on the node's CAS.
+//! - [`client`]: the remote client `rba --remote` uses (upload what is missing, submit,
+//!   follow, resume).
+//! - [`local`]: the embedded node `rba` uses without `--remote`.
+//! - [`output`]: what the CLI prints (live lines, progress bar, summary).
+//! - [`workspace`]: hashing a user's workspace into a local CAS.
+
+pub mod client;
+pub mod config;
+pub mod grpc;
+pub mod history;
+pub mod http;
+pub mod local;
+pub mod metrics;
+pub mod node;
+pub mod output;
+pub mod p2p;
+pub mod workspace;

@@ -1,27 +1,37 @@
 //! `rba`: the rust-build-agent command.
 //!
-//! `rba build|test|lint|audit|check|fmt [PATH]` hashes a workspace into the CAS (respecting
-//! `.gitignore`, skipping `target/`), submits it as a cargo job and streams cargo's own output
-//! live, then prints a summary and exits with the job's status. Without `--remote` (not yet
-//! available) it runs an embedded node in-process: the CAS and the sandboxed executor live
-//! under the data directory, so a fresh machine needs no service started by hand.
-//! `rba hash PATH` only stores a workspace and prints its root digest.
+//! - `rba serve`: the operator node (executor workers, libp2p sessions and blob sharing, HTTP
+//!   queries and WebSocket events, the REAPI server), configured by one TOML file, `RBA_*`
+//!   environment variables and flags; prints its PeerId and listen addresses; stops cleanly on
+//!   Ctrl-C or SIGTERM.
+//! - `rba build|test|lint|audit|check|fmt [PATH] [--release] [--remote MULTIADDR]`: hashes the
+//!   workspace (respecting `.gitignore`, skipping `target/`), runs the job and streams cargo's
+//!   own output live, then prints a summary and exits with the job's status. Without
+//!   `--remote` the job runs on an embedded node in-process; with it, on the node at
+//!   `MULTIADDR/p2p/PEERID`, uploading only the blobs the node lacks.
+//! - `rba logs SESSION [--from-seq N] --remote MULTIADDR`: re-attaches to a session.
+//! - `rba hash PATH`: stores a workspace in the local CAS and prints its root digest.
+//!
+//! Errors a user can act on are printed as one line `rba: error: …` (exit code 2).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use rba_cas::merkle::{DirOptions, build_from_dir};
-use rba_cas::{Cas, DigestFunction, StoreConfig};
+use rba_agent::client::RemoteClient;
+use rba_agent::config::{NodeConfig, default_data_dir, parse_optional_addr};
+use rba_agent::node::Node;
+use rba_agent::output::{Terminal, exit_code};
+use rba_agent::p2p::session::SessionEvent;
+use rba_agent::workspace::{hash_workspace, open_cas, workspace_hint};
 use rba_executor::cargo::{CargoJob, JobKind};
-use rba_executor::runner::{Executor, ExecutorConfig, JobState, JobStatus};
+use rba_proto::rba::v1::{JobOptions, JobStatus as WireStatus, Submit};
 
 #[derive(Parser)]
 #[command(name = "rba", version, about = "Remote, cached, sandboxed cargo builds", long_about = None)]
 struct Cli {
-    /// Where the embedded node keeps its CAS, caches and logs.
+    /// Where rba keeps its CAS, caches, identity and logs.
     #[arg(long, global = true, env = "RBA_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -30,6 +40,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Run the operator node (libp2p, HTTP, REAPI, executor).
+    Serve(ServeArgs),
     /// cargo build
     Build(JobArgs),
     /// cargo test
@@ -42,6 +54,17 @@ enum Commands {
     Check(JobArgs),
     /// cargo fmt --check
     Fmt(JobArgs),
+    /// Re-attach to a session on a node and stream its log from a line on.
+    Logs {
+        /// The session id (printed when the job was accepted).
+        session: String,
+        /// First line to print.
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        /// The node: MULTIADDR/p2p/PEERID.
+        #[arg(long, env = "RBA_REMOTE")]
+        remote: String,
+    },
     /// Store a workspace in the CAS and print its root digest.
     Hash {
         /// The workspace directory.
@@ -58,6 +81,9 @@ struct JobArgs {
     /// Build with the release profile.
     #[arg(long)]
     release: bool,
+    /// Run on this node (MULTIADDR/p2p/PEERID) instead of an embedded one.
+    #[arg(long, env = "RBA_REMOTE")]
+    remote: Option<String>,
     /// Concurrent jobs of the embedded node.
     #[arg(long, default_value_t = 2, env = "RBA_WORKERS")]
     workers: usize,
@@ -66,12 +92,29 @@ struct JobArgs {
     cargo_args: Vec<String>,
 }
 
-fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("rba")
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "RBA_CONFIG")]
+    config: Option<PathBuf>,
+    /// libp2p listen multiaddr (repeatable), e.g. /ip4/127.0.0.1/tcp/7420.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// HTTP listen address (`off` disables).
+    #[arg(long)]
+    http: Option<String>,
+    /// REAPI gRPC listen address (`off` disables).
+    #[arg(long)]
+    grpc: Option<String>,
+    /// Concurrent jobs.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// A trusted peer operator, MULTIADDR/p2p/PEERID (repeatable).
+    #[arg(long)]
+    trusted_peer: Vec<String>,
+    /// Do not fsync blobs (tests, tmpfs).
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 fn main() -> ExitCode {
@@ -84,24 +127,35 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
+    let result = runtime.block_on(run(cli));
+    // Background tasks (the swarm, blocking readers) must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(code) => ExitCode::from(code),
         Err(error) => {
-            eprintln!("rba: error: {error:#}");
+            let text = format!("{error:#}").replace('\n', " ");
+            eprintln!("rba: error: {text}");
             ExitCode::from(2)
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let data_dir = cli.data_dir.clone();
+    let client_dir = data_dir.clone().unwrap_or_else(default_data_dir);
     let (kind, args) = match cli.command {
+        Commands::Serve(args) => return serve(data_dir, args).await,
         Commands::Hash { path } => {
-            let cas = open_cas(&data_dir)?;
-            let (root, files) = hash_workspace(&cas, &path, false).await?;
-            println!("{root:?} ({files} files)");
-            return Ok(ExitCode::SUCCESS);
+            let cas = open_cas(&client_dir)?;
+            let tree = hash_workspace(&cas, &path, false).await?;
+            println!("{:?} ({} files)", tree.root, tree.stats.files);
+            return Ok(0);
         }
+        Commands::Logs {
+            session,
+            from_seq,
+            remote,
+        } => return logs(&client_dir, &session, from_seq, &remote).await,
         Commands::Build(args) => (JobKind::Build, args),
         Commands::Test(args) => (JobKind::Test, args),
         Commands::Lint(args) => (JobKind::Clippy, args),
@@ -109,141 +163,182 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Commands::Check(args) => (JobKind::Check, args),
         Commands::Fmt(args) => (JobKind::Fmt, args),
     };
-    run_job(&data_dir, kind, args).await
-}
-
-fn open_cas(data_dir: &Path) -> anyhow::Result<Cas> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    Cas::open(data_dir.join("cas"), StoreConfig::default())
-        .with_context(|| format!("opening the CAS under {}", data_dir.display()))
-}
-
-/// Hashes a workspace into the CAS; returns the root digest and the number of files.
-async fn hash_workspace(
-    cas: &Cas,
-    path: &Path,
-    require_manifest: bool,
-) -> anyhow::Result<(rba_cas::Digest, u64)> {
-    if !path.is_dir() {
-        bail!("{} is not a directory", path.display());
-    }
-    if require_manifest && !path.join("Cargo.toml").is_file() {
-        bail!(
-            "no Cargo.toml in {}: point rba at a crate or workspace root",
-            path.display()
-        );
-    }
-    let (blobs, path) = (cas.blobs.clone(), path.to_path_buf());
-    let built = tokio::task::spawn_blocking(move || {
-        build_from_dir(
-            &blobs,
-            &path,
-            DigestFunction::Blake3,
-            &DirOptions::default(),
-        )
-        .with_context(|| format!("hashing {}", path.display()))
-    })
-    .await??;
-    Ok((built.root, built.stats.files))
-}
-
-/// A stable name for the workspace's target cache: its canonical path on this machine.
-fn workspace_identity(path: &Path) -> String {
-    std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .display()
-        .to_string()
-}
-
-async fn run_job(data_dir: &Path, kind: JobKind, args: JobArgs) -> anyhow::Result<ExitCode> {
-    let cas = open_cas(data_dir)?;
-    let (root, files) = hash_workspace(&cas, &args.path, true).await?;
-    let mut config =
-        ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
-    config.workers = args.workers.max(1);
-    let executor = Executor::new(cas, config).context("starting the embedded executor")?;
     let job = CargoJob {
         kind,
         release: args.release,
-        extra_args: args.cargo_args,
+        extra_args: args.cargo_args.clone(),
     };
-    let handle = executor
-        .submit_cargo(&job, root, &workspace_identity(&args.path))
-        .await?;
-    eprintln!(
-        "rba: {} {} ({files} files, root {root:?}) on the embedded node",
-        kind.name(),
-        args.path.display()
-    );
+    match &args.remote {
+        None => rba_agent::local::run(&client_dir, job, &args.path, args.workers).await,
+        Some(remote) => run_remote(&client_dir, job, &args.path, remote).await,
+    }
+}
 
-    let interactive = std::io::stderr().is_terminal();
-    let mut state = handle.watch();
-    let progress = tokio::spawn(async move {
-        let mut last = (0, 0);
-        while state.changed().await.is_ok() {
-            let current = state.borrow().clone();
-            if let JobState::Running { done, total } = current
-                && interactive
-                && (done, total) != last
-            {
-                last = (done, total);
-                let total = if total == 0 {
-                    "?".to_string()
-                } else {
-                    total.to_string()
-                };
-                eprint!("\r\x1b[2K[{done}/{total} units]");
+async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    config.apply_env()?;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    if let Some(http) = &args.http {
+        config.http_listen = parse_optional_addr(http, "--http")?;
+    }
+    if let Some(grpc) = &args.grpc {
+        config.grpc_listen = parse_optional_addr(grpc, "--grpc")?;
+    }
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    for peer in &args.trusted_peer {
+        config
+            .trusted_peers
+            .push(rba_agent::config::trusted_peer_from_multiaddr(peer)?);
+    }
+    if args.no_fsync {
+        config.fsync = false;
+    }
+    let node = Node::start(config).await?;
+    println!("rba: node {}", node.peer_id());
+    for address in node.dialable_addrs() {
+        println!("rba: listening on {address}");
+    }
+    if let Some(http) = node.http_addr() {
+        println!("rba: http on http://{http}");
+    }
+    if let Some(grpc) = node.grpc_addr() {
+        println!("rba: reapi on grpc://{grpc}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("rba: shutting down");
+    node.shutdown().await?;
+    Ok(0)
+}
+
+fn client_keypair(client_dir: &Path) -> anyhow::Result<libp2p::identity::Keypair> {
+    rba_agent::p2p::load_or_create_identity(&client_dir.join("client.key"))
+}
+
+async fn run_remote(
+    client_dir: &Path,
+    job: CargoJob,
+    path: &Path,
+    remote: &str,
+) -> anyhow::Result<u8> {
+    let cas = open_cas(client_dir)?;
+    let tree = hash_workspace(&cas, path, true).await?;
+    let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
+    eprintln!(
+        "rba: {} {} ({} files, root {:?}) on {}",
+        job.kind.name(),
+        path.display(),
+        tree.stats.files,
+        tree.root,
+        client.node()
+    );
+    let submit = Submit {
+        kind: job.kind.to_proto() as i32,
+        options: Some(JobOptions {
+            release: job.release,
+            extra_args: job.extra_args.clone(),
+        }),
+        input_root: Some(tree.root.to_wire()),
+        workspace_hint: workspace_hint(path),
+    };
+    let mut terminal = Terminal::new(std::io::stderr().is_terminal());
+    let result = client
+        .run(&cas.blobs, &tree.blobs, submit, |event| {
+            render(&mut terminal, event)
+        })
+        .await?;
+    terminal.finish();
+    eprintln!(
+        "rba: uploaded {} of {} blobs ({} bytes)",
+        result.upload.uploaded, result.upload.asked, result.upload.bytes
+    );
+    Ok(summary(&result))
+}
+
+fn render(terminal: &mut Terminal, event: &SessionEvent) {
+    match event {
+        SessionEvent::Accepted(accepted) => {
+            eprintln!("rba: session {}", accepted.session_id);
+            if accepted.queue_position > 0 {
+                eprintln!("rba: queued at position {}", accepted.queue_position);
             }
         }
-    });
-    let mut reader = handle.log.subscribe(0);
-    let mut stdout = std::io::stdout().lock();
-    while let Some(line) = reader.next().await {
-        if interactive {
-            eprint!("\r\x1b[2K");
+        SessionEvent::Line(line) => terminal.line(&line.line),
+        SessionEvent::Progress(progress) => {
+            terminal.progress(progress.units_done, progress.units_total)
         }
-        writeln!(stdout, "{}", line.line).ok();
+        SessionEvent::End(_) => {}
     }
-    drop(stdout);
-    let outcome = handle.wait().await;
-    progress.abort();
-    if interactive {
-        eprint!("\r\x1b[2K");
-    }
-    eprintln!();
-    let status = match outcome.status {
-        JobStatus::Success => "success",
-        JobStatus::Failed => "failed",
-        JobStatus::Cancelled => "cancelled",
-        JobStatus::Error => "error",
+}
+
+fn summary(result: &rba_agent::client::SessionResult) -> u8 {
+    let body = result.body();
+    let status = WireStatus::try_from(body.status).unwrap_or(WireStatus::Unspecified);
+    let name = match status {
+        WireStatus::Success => "success",
+        WireStatus::Cancelled => "cancelled",
+        _ => "error",
     };
+    eprintln!();
     eprintln!(
-        "rba: {status} in {:.2}s{} (exit code {})",
-        outcome.duration.as_secs_f64(),
-        if outcome.cache_hit {
+        "rba: {name} in {:.2}s{} (exit code {}, session {}{})",
+        body.duration_ms as f64 / 1000.0,
+        if body.cache_hit {
             ", action-cache hit"
         } else {
             ""
         },
-        outcome.exit_code
+        body.exit_code,
+        result.session_id,
+        if result.resumed > 0 {
+            format!(", resumed {} time(s)", result.resumed)
+        } else {
+            String::new()
+        }
     );
-    for (step, took) in &outcome.steps {
-        eprintln!("rba:   {step:<12} {:.2}s", took.as_secs_f64());
+    for artifact in &body.artifacts {
+        let digest = artifact
+            .digest
+            .as_ref()
+            .and_then(|d| rba_cas::Digest::from_wire(d).ok())
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_default();
+        eprintln!("rba: artifact {} {digest}", artifact.path);
     }
-    for artifact in &outcome.artifacts {
-        eprintln!("rba: artifact {} {:?}", artifact.path, artifact.digest);
+    if let Some(log) = body
+        .log_digest
+        .as_ref()
+        .and_then(|d| rba_cas::Digest::from_wire(d).ok())
+    {
+        eprintln!("rba: log {log:?} ({} lines)", body.lines);
     }
-    if let Some(error) = &outcome.error {
-        eprintln!("rba: {error}");
+    if !body.error.is_empty() {
+        eprintln!("rba: {}", body.error);
     }
-    Ok(match outcome.status {
-        JobStatus::Success => ExitCode::SUCCESS,
-        _ => ExitCode::from(
-            u8::try_from(outcome.exit_code)
-                .ok()
-                .filter(|c| *c != 0)
-                .unwrap_or(1),
-        ),
-    })
+    exit_code(status == WireStatus::Success, body.exit_code)
+}
+
+async fn logs(client_dir: &Path, session: &str, from_seq: u64, remote: &str) -> anyhow::Result<u8> {
+    let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
+    let mut terminal = Terminal::new(std::io::stderr().is_terminal());
+    let result = client
+        .follow(session, from_seq, |event| render(&mut terminal, event))
+        .await?;
+    terminal.finish();
+    Ok(summary(&result))
 }

@@ -1,0 +1,285 @@
+//! The remote client `rba --remote` uses: connect to a node by `MULTIADDR/p2p/PEERID`, upload
+//! only the blobs it lacks, submit, and follow the session to its signed end, resuming from
+//! the last line seen if the connection drops.
+//!
+//! Why a module: the CLI, the tests and the bench all drive a node the same way; keeping the
+//! protocol choreography (submit first; on `missing_input` ask `Has`, upload, submit again;
+//! resume with `Attach {from_seq}`; check the end's signature and line count) in one place
+//! means every caller gets the exactly-once guarantee.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use rba_cas::{BlobStore, Digest};
+use rba_proto::rba::v1::{Attach, End, EndBody, Submit, client_frame};
+
+use crate::p2p::blobs::BlobClient;
+use crate::p2p::frame::DEFAULT_MAX_FRAME;
+use crate::p2p::session::{NodeError, SessionClient, SessionEvent};
+use crate::p2p::{CAS_PROTOCOL, Network, SESSION_PROTOCOL, split_peer_multiaddr};
+
+/// How long connecting to a node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Reconnection attempts after a dropped session stream.
+const RESUME_ATTEMPTS: u32 = 20;
+
+/// What uploading did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Blobs of the tree the node was asked about.
+    pub asked: u64,
+    /// Blobs uploaded.
+    pub uploaded: u64,
+    /// Bytes uploaded.
+    pub bytes: u64,
+}
+
+/// How a followed session ended.
+#[derive(Clone, Debug)]
+pub struct SessionResult {
+    /// The session id.
+    pub session_id: String,
+    /// The signed end event (signature checked).
+    pub end: End,
+    /// Lines delivered to the caller (from the start position on).
+    pub lines: u64,
+    /// Times the stream dropped and was resumed.
+    pub resumed: u32,
+    /// What the submission uploaded.
+    pub upload: UploadStats,
+}
+
+impl SessionResult {
+    /// The end event's body.
+    pub fn body(&self) -> &EndBody {
+        self.end.body.as_ref().expect("verified ends have a body")
+    }
+}
+
+/// A connection to one node.
+#[derive(Clone)]
+pub struct RemoteClient {
+    network: Network,
+    node: PeerId,
+    addresses: Vec<Multiaddr>,
+    max_frame: usize,
+}
+
+impl RemoteClient {
+    /// Connects to `target` (`MULTIADDR/p2p/PEERID`) with `keypair` as the client identity.
+    pub async fn connect(keypair: Keypair, target: &str) -> anyhow::Result<Self> {
+        let (address, node) = split_peer_multiaddr(target)?;
+        let network = Network::start(keypair, Duration::from_secs(6 * 3600))?;
+        let client = RemoteClient {
+            network,
+            node,
+            addresses: vec![address],
+            max_frame: DEFAULT_MAX_FRAME,
+        };
+        client.reconnect().await?;
+        Ok(client)
+    }
+
+    /// The node's PeerId.
+    pub fn node(&self) -> PeerId {
+        self.node
+    }
+
+    /// Our PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.network.peer_id()
+    }
+
+    /// (Re)connects to the node.
+    pub async fn reconnect(&self) -> anyhow::Result<()> {
+        let addresses = self
+            .addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.network.dial(self.node, self.addresses.clone()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("node unreachable at {addresses} (timed out)"))?
+    }
+
+    /// Drops the connection to the node (tests use it to cut a session mid-build).
+    pub async fn disconnect(&self) {
+        self.network.disconnect(self.node).await;
+    }
+
+    /// Opens a blob stream to the node.
+    pub async fn blobs(&self) -> anyhow::Result<BlobClient> {
+        let stream = self.network.open(self.node, CAS_PROTOCOL).await?;
+        Ok(BlobClient::new(stream, self.node, self.max_frame))
+    }
+
+    /// Opens a session stream to the node.
+    pub async fn session(&self) -> anyhow::Result<SessionClient> {
+        let stream = self.network.open(self.node, SESSION_PROTOCOL).await?;
+        Ok(SessionClient::new(stream, self.node, self.max_frame))
+    }
+
+    /// Asks the node which of `digests` it lacks and uploads those from `store`.
+    pub async fn upload_missing(
+        &self,
+        store: &BlobStore,
+        digests: &[Digest],
+    ) -> anyhow::Result<UploadStats> {
+        let mut blobs = self.blobs().await?;
+        let present = blobs.has(digests).await?;
+        let mut stats = UploadStats {
+            asked: digests.len() as u64,
+            ..Default::default()
+        };
+        for digest in digests.iter().filter(|d| !present.contains(d)) {
+            blobs.put(store, *digest).await?;
+            stats.uploaded += 1;
+            stats.bytes += digest.size;
+        }
+        Ok(stats)
+    }
+
+    /// Submits a job on `submit.input_root` and follows it to its end. The node is asked first;
+    /// only when it lacks part of the tree (and its trusted peers do too) are `tree_blobs`
+    /// checked with `Has` and the missing ones uploaded from `store`.
+    pub async fn run(
+        &self,
+        store: &BlobStore,
+        tree_blobs: &[Digest],
+        submit: Submit,
+        mut on_event: impl FnMut(&SessionEvent),
+    ) -> anyhow::Result<SessionResult> {
+        let mut upload = UploadStats::default();
+        let mut uploaded_once = false;
+        loop {
+            let mut session = self.session().await?;
+            session
+                .send(client_frame::Frame::Submit(submit.clone()))
+                .await
+                .context("sending Submit")?;
+            match session.next().await {
+                Ok(Some(SessionEvent::Accepted(accepted))) => {
+                    on_event(&SessionEvent::Accepted(accepted.clone()));
+                    let mut result = self
+                        .follow_stream(session, &accepted.session_id, 0, &mut on_event)
+                        .await?;
+                    result.upload = upload;
+                    return Ok(result);
+                }
+                Ok(Some(_)) => anyhow::bail!("the node did not accept the job"),
+                Ok(None) => anyhow::bail!("the node closed the session without an answer"),
+                Err(error) => match error.downcast::<NodeError>() {
+                    Ok(refusal) if refusal.code == "missing_input" && !uploaded_once => {
+                        uploaded_once = true;
+                        upload = self.upload_missing(store, tree_blobs).await?;
+                    }
+                    Ok(refusal) => return Err(refusal.into()),
+                    Err(other) => return Err(other),
+                },
+            }
+        }
+    }
+
+    /// Attaches to a session from `from_seq` and follows it to its end.
+    pub async fn follow(
+        &self,
+        session_id: &str,
+        from_seq: u64,
+        mut on_event: impl FnMut(&SessionEvent),
+    ) -> anyhow::Result<SessionResult> {
+        let session = self.attach(session_id, from_seq).await?;
+        self.follow_stream(session, session_id, from_seq, &mut on_event)
+            .await
+    }
+
+    async fn attach(&self, session_id: &str, from_seq: u64) -> anyhow::Result<SessionClient> {
+        let mut session = self.session().await?;
+        session
+            .send(client_frame::Frame::Attach(Attach {
+                session_id: session_id.to_string(),
+                from_seq,
+            }))
+            .await
+            .context("sending Attach")?;
+        match session.next().await? {
+            Some(SessionEvent::Accepted(_)) => Ok(session),
+            _ => anyhow::bail!("the node did not accept the attachment"),
+        }
+    }
+
+    /// Reads a session to its end, delivering each line exactly once in order; resumes with
+    /// `Attach {from_seq}` when the connection drops.
+    async fn follow_stream(
+        &self,
+        mut session: SessionClient,
+        session_id: &str,
+        from_seq: u64,
+        on_event: &mut impl FnMut(&SessionEvent),
+    ) -> anyhow::Result<SessionResult> {
+        let mut next_seq = from_seq;
+        let mut resumed = 0;
+        loop {
+            let event = session.next().await;
+            match event {
+                Ok(Some(SessionEvent::Line(line))) => {
+                    if line.seq < next_seq {
+                        continue;
+                    }
+                    anyhow::ensure!(
+                        line.seq == next_seq,
+                        "log gap: expected line {next_seq}, got {}",
+                        line.seq
+                    );
+                    next_seq += 1;
+                    on_event(&SessionEvent::Line(line));
+                }
+                Ok(Some(SessionEvent::End(end))) => {
+                    let body = end.body.as_ref().expect("verified");
+                    anyhow::ensure!(
+                        body.lines.max(from_seq) == next_seq,
+                        "the node ended the session at {} lines, {} received",
+                        body.lines,
+                        next_seq
+                    );
+                    on_event(&SessionEvent::End(end.clone()));
+                    return Ok(SessionResult {
+                        session_id: session_id.to_string(),
+                        end,
+                        lines: next_seq - from_seq,
+                        resumed,
+                        upload: UploadStats::default(),
+                    });
+                }
+                Ok(Some(other)) => on_event(&other),
+                Err(error) if error.downcast_ref::<NodeError>().is_some() => return Err(error),
+                Ok(None) | Err(_) => {
+                    // The stream dropped: reconnect and resume from the next line.
+                    let mut attempt = 0;
+                    session = loop {
+                        attempt += 1;
+                        if attempt > RESUME_ATTEMPTS {
+                            anyhow::bail!(
+                                "lost the session {session_id} at line {next_seq} and could not resume"
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                        if self.reconnect().await.is_err() {
+                            continue;
+                        }
+                        match self.attach(session_id, next_seq).await {
+                            Ok(session) => break session,
+                            Err(e) => tracing::debug!(error = %e, "resume attempt failed"),
+                        }
+                    };
+                    resumed += 1;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The operator node's configuration: one TOML file, overridden by environment variables and
+//! flags (in that order of precedence, flags last).
+//!
+//! Why a module of its own: `rba serve`, the tests and the bench all start nodes, and each must
+//! get the same defaults (data under one directory, loopback listeners, long idle timeouts) and
+//! the same validation (trusted peers are real PeerIds, addresses parse) before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// A peer operator whose blobs and signed action results this node accepts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedPeer {
+    /// The peer's libp2p identity (base58).
+    pub peer_id: String,
+    /// Where to reach it (without the `/p2p/…` suffix, or with the same PeerId).
+    pub addresses: Vec<String>,
+}
+
+impl TrustedPeer {
+    /// The parsed PeerId and addresses.
+    pub fn parse(&self) -> anyhow::Result<(PeerId, Vec<Multiaddr>)> {
+        let peer: PeerId = self
+            .peer_id
+            .parse()
+            .with_context(|| format!("trusted peer {:?} is not a PeerId", self.peer_id))?;
+        let addresses = self
+            .addresses
+            .iter()
+            .map(|a| {
+                a.parse::<Multiaddr>()
+                    .with_context(|| format!("trusted peer address {a:?} is not a multiaddr"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((peer, addresses))
+    }
+}
+
+/// Everything `rba serve` needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Everything the node keeps: `cas/`, `executor/`, `identity.key`.
+    pub data_dir: PathBuf,
+    /// libp2p listen addresses (TCP and QUIC).
+    pub listen: Vec<String>,
+    /// HTTP (read-only queries and WebSocket) listen address; `None` disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// REAPI gRPC listen address; `None` disables it.
+    pub grpc_listen: Option<SocketAddr>,
+    /// Concurrent jobs.
+    pub workers: usize,
+    /// Idle timeout of libp2p connections, in seconds (long: a build may print nothing for a
+    /// while, and a client may stay attached for hours).
+    pub idle_timeout_secs: u64,
+    /// Largest frame accepted on the libp2p protocols.
+    pub max_frame_bytes: usize,
+    /// Largest blob a client may upload (bytes); larger uploads are refused.
+    pub max_upload_bytes: u64,
+    /// Peer operators whose blobs and signed action results this node accepts.
+    pub trusted_peers: Vec<TrustedPeer>,
+    /// When set, only these PeerIds may upload and submit (everyone else gets `forbidden`).
+    pub allowed_clients: Option<Vec<String>>,
+    /// CAS capacity in bytes.
+    pub cas_max_bytes: u64,
+    /// fsync blobs (turn off for tests and benches on tmpfs).
+    pub fsync: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: default_data_dir().join("node"),
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/7420".to_string(),
+                "/ip4/127.0.0.1/udp/7420/quic-v1".to_string(),
+            ],
+            http_listen: Some(([127, 0, 0, 1], 7421).into()),
+            grpc_listen: Some(([127, 0, 0, 1], 7422).into()),
+            workers: 2,
+            idle_timeout_secs: 6 * 3600,
+            max_frame_bytes: crate::p2p::frame::DEFAULT_MAX_FRAME,
+            max_upload_bytes: 2 << 30,
+            trusted_peers: Vec::new(),
+            allowed_clients: None,
+            cas_max_bytes: 50 << 30,
+            fsync: true,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Defaults with everything under `data_dir` and every listener on loopback port 0.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            data_dir: data_dir.into(),
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0".to_string(),
+                "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
+            ],
+            http_listen: Some(([127, 0, 0, 1], 0).into()),
+            grpc_listen: Some(([127, 0, 0, 1], 0).into()),
+            fsync: false,
+            ..NodeConfig::default()
+        }
+    }
+
+    /// Reads a TOML file (unknown keys are errors).
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Applies `RBA_*` environment variables: `RBA_LISTEN` (comma-separated), `RBA_HTTP_LISTEN`,
+    /// `RBA_GRPC_LISTEN` (`off` disables), `RBA_WORKERS`, `RBA_TRUSTED_PEERS`
+    /// (comma-separated `MULTIADDR/p2p/PEERID`).
+    pub fn apply_env(&mut self) -> anyhow::Result<()> {
+        self.apply_vars(|name| std::env::var(name).ok())
+    }
+
+    fn apply_vars(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(listen) = var("RBA_LISTEN") {
+            self.listen = split_list(&listen);
+        }
+        if let Some(http) = var("RBA_HTTP_LISTEN") {
+            self.http_listen = parse_optional_addr(&http, "RBA_HTTP_LISTEN")?;
+        }
+        if let Some(grpc) = var("RBA_GRPC_LISTEN") {
+            self.grpc_listen = parse_optional_addr(&grpc, "RBA_GRPC_LISTEN")?;
+        }
+        if let Some(workers) = var("RBA_WORKERS") {
+            self.workers = workers
+                .parse()
+                .with_context(|| format!("RBA_WORKERS={workers:?} is not a number"))?;
+        }
+        if let Some(peers) = var("RBA_TRUSTED_PEERS") {
+            for address in split_list(&peers) {
+                self.trusted_peers
+                    .push(trusted_peer_from_multiaddr(&address)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked before binding.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for address in &self.listen {
+            address
+                .parse::<Multiaddr>()
+                .with_context(|| format!("listen address {address:?} is not a multiaddr"))?;
+        }
+        for peer in &self.trusted_peers {
+            peer.parse()?;
+        }
+        for client in self.allowed_clients.iter().flatten() {
+            client
+                .parse::<PeerId>()
+                .with_context(|| format!("allowed client {client:?} is not a PeerId"))?;
+        }
+        anyhow::ensure!(self.workers > 0, "workers must be at least 1");
+        anyhow::ensure!(
+            self.max_frame_bytes >= 64 << 10,
+            "max_frame_bytes must be at least 64 KiB"
+        );
+        Ok(())
+    }
+}
+
+/// `off`/`none`/empty → `None`, else a socket address.
+pub fn parse_optional_addr(text: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match text.trim() {
+        "" | "off" | "none" => Ok(None),
+        addr => Ok(Some(addr.parse().with_context(|| {
+            format!("{what}={addr:?} is not an address like 127.0.0.1:7421")
+        })?)),
+    }
+}
+
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A trusted peer from `MULTIADDR/p2p/PEERID`.
+pub fn trusted_peer_from_multiaddr(text: &str) -> anyhow::Result<TrustedPeer> {
+    let (address, peer) = crate::p2p::split_peer_multiaddr(text)?;
+    Ok(TrustedPeer {
+        peer_id: peer.to_string(),
+        addresses: vec![address.to_string()],
+    })
+}
+
+/// `$XDG_DATA_HOME/rba`, else `~/.local/share/rba`.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("rba")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_env_and_validation() {
+        let text = r#"
+            data_dir = "/tmp/x"
+            listen = ["/ip4/127.0.0.1/tcp/0"]
+            http_listen = "127.0.0.1:0"
+            workers = 3
+            [[trusted_peers]]
+            peer_id = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+            addresses = ["/ip4/127.0.0.1/tcp/9"]
+        "#;
+        let mut config: NodeConfig = toml::from_str(text).unwrap();
+        assert_eq!(config.workers, 3);
+        assert_eq!(config.grpc_listen, NodeConfig::default().grpc_listen);
+        config.validate().unwrap();
+        config
+            .apply_vars(|name| match name {
+                "RBA_GRPC_LISTEN" => Some("off".into()),
+                "RBA_WORKERS" => Some("5".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.grpc_listen, None);
+        assert_eq!(config.workers, 5);
+        assert!(toml::from_str::<NodeConfig>("bogus = 1").is_err());
+        config.trusted_peers[0].peer_id = "nope".into();
+        assert!(config.validate().is_err());
+    }
+}

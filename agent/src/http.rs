@@ -1,0 +1,292 @@
+//! The node's HTTP face (axum): read-only queries and the WebSocket event gateway.
+//!
+//! Why: browsers, dashboards and Prometheus cannot speak libp2p. Nothing here changes state —
+//! jobs are submitted over libp2p (or the REAPI) only — so the HTTP port can be exposed more
+//! widely than the submission protocols.
+//!
+//! - `GET /health`, `/builds?limit=N`, `/builds/{id}`, `/builds/{id}/logs` (plain text),
+//!   `/cache/stats`, `/metrics` (Prometheus text).
+//! - `GET /v1/sessions/{id}/events?from_seq=N` (WebSocket): one JSON text message per log line
+//!   `{"session_id","type":"log","line"}`, then `{"session_id","type":"end","status":
+//!   "success"|"error","duration_ms","binary_hash"}`, or `{"session_id","type":"error",
+//!   "message"}` when the job itself broke (it could not run, or was cancelled). Each reader
+//!   reads the job's log stream at its own pace: a slow socket never holds the build.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rba_executor::logstream::parse_log_blob;
+use rba_executor::runner::JobStatus;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::node::{NodeShared, SessionSource};
+
+/// The router over a node.
+pub fn router(node: Arc<NodeShared>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/builds", get(builds))
+        .route("/builds/{id}", get(build))
+        .route("/builds/{id}/logs", get(build_logs))
+        .route("/cache/stats", get(cache_stats))
+        .route("/metrics", get(metrics))
+        .route("/v1/sessions/{id}/events", get(events))
+        .with_state(node)
+}
+
+/// Serves until `stop` turns true.
+pub async fn serve(
+    node: Arc<NodeShared>,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(node))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+fn not_found(what: String) -> Response {
+    (StatusCode::NOT_FOUND, axum::Json(json!({ "error": what }))).into_response()
+}
+
+async fn health(State(node): State<Arc<NodeShared>>) -> Response {
+    axum::Json(json!({
+        "status": "ok",
+        "peer_id": node.network.peer_id().to_string(),
+        "listen": node.network.dialable_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "queued": node.executor.queue_len(),
+        "workers": node.config.workers,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn builds(State(node): State<Arc<NodeShared>>, Query(query): Query<ListQuery>) -> Response {
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let history = node.history.clone();
+    let records = tokio::task::spawn_blocking(move || history.list(limit))
+        .await
+        .unwrap_or_default();
+    axum::Json(records).into_response()
+}
+
+async fn build(State(node): State<Arc<NodeShared>>, Path(id): Path<String>) -> Response {
+    match node.history.get(&id) {
+        Some(record) => axum::Json(record).into_response(),
+        None => not_found(format!("no build {id:?}")),
+    }
+}
+
+/// The log as plain text, one line per line: what was written so far for a running job.
+async fn build_logs(State(node): State<Arc<NodeShared>>, Path(id): Path<String>) -> Response {
+    let text = match node.session(&id) {
+        Some(SessionSource::Live(handle)) => {
+            let upto = handle.log.lines_written();
+            let mut reader = handle.log.subscribe(0);
+            let mut text = String::new();
+            while reader.position() < upto {
+                match reader.next().await {
+                    Some(line) => {
+                        text.push_str(&line.line);
+                        text.push('\n');
+                    }
+                    None => break,
+                }
+            }
+            text
+        }
+        Some(SessionSource::Finished(record)) => {
+            let Some(digest) = record
+                .log_digest
+                .as_deref()
+                .and_then(|d| d.parse::<rba_cas::Digest>().ok())
+            else {
+                return not_found(format!("build {id:?} has no stored log"));
+            };
+            let blobs = node.cas.blobs.clone();
+            let bytes = tokio::task::spawn_blocking(move || blobs.read_to_vec(&digest, 1 << 30))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let Some(lines) = bytes.and_then(|b| parse_log_blob(&b).ok()) else {
+                return not_found(format!("the log of build {id:?} is no longer stored"));
+            };
+            lines.into_iter().fold(String::new(), |mut text, line| {
+                text.push_str(&line.line);
+                text.push('\n');
+                text
+            })
+        }
+        None => return not_found(format!("no build {id:?}")),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+async fn cache_stats(State(node): State<Arc<NodeShared>>) -> Response {
+    let stats = node.cas.blobs.stats();
+    axum::Json(json!({
+        "total_bytes": stats.total_bytes,
+        "blob_count": stats.blob_count,
+        "evictions": stats.evictions,
+        "evicted_bytes": stats.evicted_bytes,
+        "max_bytes": node.cas.blobs.config().max_bytes,
+        "action_cache_entries": node.cas.actions.len(),
+        "builds": node.history.len(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
+    let stats = node.cas.blobs.stats();
+    let text = node.metrics.render(&[
+        ("rba_cas_bytes", "Bytes held by the CAS", stats.total_bytes),
+        ("rba_cas_blobs", "Blobs held by the CAS", stats.blob_count),
+        (
+            "rba_cas_evictions",
+            "Blobs evicted since start",
+            stats.evictions,
+        ),
+        (
+            "rba_action_cache_entries",
+            "Action cache entries",
+            node.cas.actions.len() as u64,
+        ),
+        (
+            "rba_jobs_queued",
+            "Jobs waiting for a worker",
+            node.executor.queue_len() as u64,
+        ),
+    ]);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    from_seq: Option<u64>,
+}
+
+async fn events(
+    State(node): State<Arc<NodeShared>>,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(source) = node.session(&id) else {
+        return not_found(format!("no session {id:?}"));
+    };
+    node.metrics.inc_ws_clients();
+    let from_seq = query.from_seq.unwrap_or(0);
+    ws.on_upgrade(move |socket| async move {
+        if let Err(e) = stream_events(node, socket, id, source, from_seq).await {
+            tracing::debug!(error = %e, "WebSocket client went away");
+        }
+    })
+}
+
+async fn send_json(socket: &mut WebSocket, value: serde_json::Value) -> anyhow::Result<()> {
+    socket.send(Message::Text(value.to_string().into())).await?;
+    Ok(())
+}
+
+fn log_event(id: &str, line: &str) -> serde_json::Value {
+    json!({ "session_id": id, "type": "log", "line": line })
+}
+
+async fn stream_events(
+    node: Arc<NodeShared>,
+    mut socket: WebSocket,
+    id: String,
+    source: SessionSource,
+    from_seq: u64,
+) -> anyhow::Result<()> {
+    let last = match source {
+        SessionSource::Live(handle) => {
+            let mut reader = handle.log.subscribe(from_seq);
+            while let Some(line) = reader.next().await {
+                send_json(&mut socket, log_event(&id, &line.line)).await?;
+            }
+            let outcome = handle.wait().await;
+            let binary_hash = outcome
+                .artifacts
+                .iter()
+                .find(|a| a.executable)
+                .map(|a| a.digest.hash_hex());
+            match outcome.status {
+                JobStatus::Success | JobStatus::Failed => json!({
+                    "session_id": id,
+                    "type": "end",
+                    "status": if outcome.status == JobStatus::Success { "success" } else { "error" },
+                    "duration_ms": outcome.duration.as_millis() as u64,
+                    "binary_hash": binary_hash,
+                }),
+                JobStatus::Error | JobStatus::Cancelled => json!({
+                    "session_id": id,
+                    "type": "error",
+                    "message": outcome.error.clone().unwrap_or_else(|| "the job broke".to_string()),
+                }),
+            }
+        }
+        SessionSource::Finished(record) => {
+            let digest = record
+                .log_digest
+                .as_deref()
+                .and_then(|d| d.parse::<rba_cas::Digest>().ok());
+            if let Some(digest) = digest {
+                let blobs = node.cas.blobs.clone();
+                let bytes =
+                    tokio::task::spawn_blocking(move || blobs.read_to_vec(&digest, 1 << 30))
+                        .await??;
+                for line in parse_log_blob(&bytes)?
+                    .into_iter()
+                    .filter(|l| l.seq >= from_seq)
+                {
+                    send_json(&mut socket, log_event(&id, &line.line)).await?;
+                }
+            }
+            let binary_hash = record
+                .artifacts
+                .iter()
+                .find(|a| a.executable)
+                .and_then(|a| a.digest.parse::<rba_cas::Digest>().ok())
+                .map(|d| d.hash_hex());
+            match record.status.as_str() {
+                "success" | "failed" => json!({
+                    "session_id": id,
+                    "type": "end",
+                    "status": if record.status == "success" { "success" } else { "error" },
+                    "duration_ms": record.duration_ms.unwrap_or(0),
+                    "binary_hash": binary_hash,
+                }),
+                _ => json!({
+                    "session_id": id,
+                    "type": "error",
+                    "message": record.error.clone().unwrap_or_else(|| "the job broke".to_string()),
+                }),
+            }
+        }
+    };
+    send_json(&mut socket, last).await?;
+    let _ = socket.send(Message::Close(None)).await;
+    Ok(())
+}

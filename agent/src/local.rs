@@ -1,0 +1,88 @@
+//! `rba build|test|…` without `--remote`: an embedded node in-process (the CAS and the
+//! sandboxed executor under the data directory), so a fresh machine needs no service started
+//! by hand.
+//!
+//! Why a module: the embedded mode is the default and must keep working on its own, without
+//! libp2p or HTTP; it takes the same `Executor::submit_cargo` path as everything else.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::Context;
+use rba_executor::cargo::CargoJob;
+use rba_executor::runner::{Executor, ExecutorConfig, JobState, JobStatus};
+
+use crate::history::status_name;
+use crate::output::{Terminal, exit_code};
+use crate::workspace::{hash_workspace, open_cas, workspace_identity};
+
+/// Runs `job` on the workspace at `path` in-process; returns the process exit code.
+pub async fn run(
+    data_dir: &Path,
+    job: CargoJob,
+    path: &Path,
+    workers: usize,
+) -> anyhow::Result<u8> {
+    let cas = open_cas(data_dir)?;
+    let tree = hash_workspace(&cas, path, true).await?;
+    let mut config =
+        ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
+    config.workers = workers.max(1);
+    let executor = Executor::new(cas, config).context("starting the embedded executor")?;
+    let handle = executor
+        .submit_cargo(&job, tree.root, &workspace_identity(path))
+        .await?;
+    eprintln!(
+        "rba: {} {} ({} files, root {:?}) on the embedded node",
+        job.kind.name(),
+        path.display(),
+        tree.stats.files,
+        tree.root
+    );
+
+    let terminal = std::sync::Arc::new(parking_lot::Mutex::new(Terminal::new(
+        std::io::stderr().is_terminal(),
+    )));
+    let mut state = handle.watch();
+    let bar = terminal.clone();
+    let progress = tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let current = state.borrow().clone();
+            if let JobState::Running { done, total } = current {
+                bar.lock().progress(done, total);
+            }
+        }
+    });
+    let mut reader = handle.log.subscribe(0);
+    while let Some(line) = reader.next().await {
+        terminal.lock().line(&line.line);
+    }
+    let outcome = handle.wait().await;
+    progress.abort();
+    terminal.lock().finish();
+    eprintln!();
+    eprintln!(
+        "rba: {} in {:.2}s{} (exit code {})",
+        status_name(outcome.status),
+        outcome.duration.as_secs_f64(),
+        if outcome.cache_hit {
+            ", action-cache hit"
+        } else {
+            ""
+        },
+        outcome.exit_code
+    );
+    for (step, took) in &outcome.steps {
+        eprintln!("rba:   {step:<12} {:.2}s", took.as_secs_f64());
+    }
+    for artifact in &outcome.artifacts {
+        eprintln!("rba: artifact {} {:?}", artifact.path, artifact.digest);
+    }
+    if let Some(error) = &outcome.error {
+        eprintln!("rba: {error}");
+    }
+    Ok(exit_code(
+        outcome.status == JobStatus::Success,
+        outcome.exit_code,
+    ))
+}

@@ -1,0 +1,766 @@
+//! The operator node: the CAS, the executor, the build history, the libp2p protocols and the
+//! HTTP gateway joined into one process, with one data directory and one clean shutdown.
+//!
+//! Why: every face of the node (a libp2p `Submit`, `rba` without `--remote`, a WebSocket
+//! reader, the REAPI server) must see the same store, the same job table and the same
+//! history. [`NodeShared`] is that shared state, and [`NodeShared::submit`] is the node's only
+//! way to start a job: it validates the request, turns it into an Action, consults the local
+//! action cache and then the trusted peers (signed results only), makes sure the input root is
+//! complete (fetching missing blobs from trusted peers, verified), and hands the Action to
+//! `Executor::submit`, the one job path.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId};
+use rba_cas::{Cas, Digest, StoreConfig};
+use rba_executor::cargo::CargoJob;
+use rba_executor::runner::{
+    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobStatus,
+};
+use rba_proto::Message;
+use rba_proto::rba::v1::{
+    Artifact as WireArtifact, End, EndBody, JobStatus as WireStatus, SignedActionResult, Submit,
+};
+use rba_proto::reapi::ActionResult;
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+use crate::history::{BuildRecord, History, now_ms};
+use crate::metrics::Metrics;
+use crate::p2p::blobs::BlobClient;
+use crate::p2p::{CAS_PROTOCOL, Network, SESSION_PROTOCOL};
+
+/// Blobs listed in a `missing_input` error, at most (the client asks `Has` for the rest).
+const MAX_LISTED_MISSING: usize = 1000;
+/// How long one trusted peer gets to serve what a submission lacks.
+const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a submission was refused: an `Error` frame's code and message.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`, `internal`).
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+    /// For `missing_input`: blobs the node lacks.
+    pub missing: Vec<Digest>,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            missing: Vec::new(),
+        }
+    }
+}
+
+/// What every face of the node shares.
+pub struct NodeShared {
+    /// The configuration the node runs with.
+    pub config: NodeConfig,
+    /// The store.
+    pub cas: Cas,
+    /// The one job path.
+    pub executor: Executor,
+    /// Persisted build records.
+    pub history: History,
+    /// libp2p.
+    pub network: Network,
+    /// Counters.
+    pub metrics: Metrics,
+    trusted: Vec<(PeerId, Vec<Multiaddr>)>,
+    allowed: Option<HashSet<PeerId>>,
+}
+
+impl std::fmt::Debug for NodeShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeShared")
+            .field("peer_id", &self.network.peer_id())
+            .field("data_dir", &self.config.data_dir)
+            .finish()
+    }
+}
+
+/// Where a session's lines and end come from.
+pub enum SessionSource {
+    /// The executor still knows the job (running or recently finished).
+    Live(JobHandle),
+    /// Only the history knows it (finished before a restart): replayed from the stored log.
+    Finished(BuildRecord),
+}
+
+fn wire_status(status: JobStatus) -> WireStatus {
+    match status {
+        JobStatus::Success => WireStatus::Success,
+        JobStatus::Failed | JobStatus::Error => WireStatus::Error,
+        JobStatus::Cancelled => WireStatus::Cancelled,
+    }
+}
+
+/// The unsigned end event of a finished job.
+pub fn end_body(
+    session_id: &str,
+    action_digest: Digest,
+    outcome: &JobOutcome,
+    lines: u64,
+) -> EndBody {
+    EndBody {
+        session_id: session_id.to_string(),
+        status: wire_status(outcome.status) as i32,
+        exit_code: outcome.exit_code,
+        duration_ms: outcome.duration.as_millis() as u64,
+        artifacts: outcome
+            .artifacts
+            .iter()
+            .map(|a| WireArtifact {
+                path: a.path.clone(),
+                digest: Some(a.digest.to_wire()),
+                is_executable: a.executable,
+            })
+            .collect(),
+        log_digest: outcome.log.as_ref().map(|l| l.log.to_wire()),
+        cache_hit: outcome.cache_hit,
+        action_digest: Some(action_digest.to_wire()),
+        last_seq: lines.saturating_sub(1),
+        error: outcome.error.clone().unwrap_or_default(),
+        lines,
+    }
+}
+
+/// The end event of a session known only from the history.
+pub fn end_body_from_record(record: &BuildRecord) -> EndBody {
+    let parse = |text: &str| text.parse::<Digest>().ok().map(|d| d.to_wire());
+    let status = match record.status.as_str() {
+        "success" => WireStatus::Success,
+        "cancelled" => WireStatus::Cancelled,
+        _ => WireStatus::Error,
+    };
+    let lines = record.lines.unwrap_or(0);
+    EndBody {
+        session_id: record.id.clone(),
+        status: status as i32,
+        exit_code: record.exit_code.unwrap_or(-1),
+        duration_ms: record.duration_ms.unwrap_or(0),
+        artifacts: record
+            .artifacts
+            .iter()
+            .map(|a| WireArtifact {
+                path: a.path.clone(),
+                digest: parse(&a.digest),
+                is_executable: a.executable,
+            })
+            .collect(),
+        log_digest: record.log_digest.as_deref().and_then(parse),
+        cache_hit: record.cache_hit,
+        action_digest: parse(&record.action_digest),
+        last_seq: lines.saturating_sub(1),
+        error: record.error.clone().unwrap_or_default(),
+        lines,
+    }
+}
+
+/// A workspace hint made safe for a directory name.
+fn sanitize_hint(hint: &str) -> String {
+    let clean: String = hint
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if clean.is_empty() || clean.chars().all(|c| c == '.') {
+        "default".to_string()
+    } else {
+        clean
+    }
+}
+
+impl NodeShared {
+    /// True when `peer` may upload and submit.
+    pub fn may_submit(&self, peer: &PeerId) -> bool {
+        self.allowed.as_ref().is_none_or(|a| a.contains(peer))
+    }
+
+    /// Signs an end event with the node's identity.
+    pub fn sign_end(&self, body: EndBody) -> End {
+        let (signature, key) = crate::p2p::sign(self.network.keypair(), &body.encode_to_vec());
+        End {
+            body: Some(body),
+            signature,
+            signer_public_key: key,
+        }
+    }
+
+    /// A session by id.
+    pub fn session(&self, id: &str) -> Option<SessionSource> {
+        if let Some(handle) = self.executor.job(id) {
+            return Some(SessionSource::Live(handle));
+        }
+        self.history
+            .get(id)
+            .filter(BuildRecord::is_finished)
+            .map(SessionSource::Finished)
+    }
+
+    /// Validates and starts a job (see the module doc). `peer` is the submitter (`None` for
+    /// local submissions).
+    pub async fn submit(
+        self: &Arc<Self>,
+        peer: Option<PeerId>,
+        submit: Submit,
+    ) -> Result<JobHandle, Refusal> {
+        let result = self.submit_inner(peer, submit).await;
+        match &result {
+            Ok(_) => self.metrics.inc_submitted(),
+            Err(_) => self.metrics.inc_refused(),
+        }
+        result
+    }
+
+    async fn submit_inner(
+        self: &Arc<Self>,
+        peer: Option<PeerId>,
+        submit: Submit,
+    ) -> Result<JobHandle, Refusal> {
+        if let Some(peer) = &peer
+            && !self.may_submit(peer)
+        {
+            return Err(Refusal::new(
+                "forbidden",
+                format!("{peer} is not an allowed client of this node"),
+            ));
+        }
+        let job = CargoJob::from_proto(submit.kind, submit.options.as_ref())
+            .map_err(|e| Refusal::new("unknown_job_kind", e.to_string()))?;
+        let root = submit
+            .input_root
+            .as_ref()
+            .ok_or_else(|| Refusal::new("bad_digest", "Submit without an input root"))?;
+        let root = Digest::from_wire(root)
+            .map_err(|e| Refusal::new("bad_digest", format!("input root: {e}")))?;
+        let (blobs, toolchain, prepared_job) = (
+            self.cas.blobs.clone(),
+            self.executor.toolchain().clone(),
+            job.clone(),
+        );
+        let prepared = tokio::task::spawn_blocking(move || {
+            rba_executor::action::cargo_action(&prepared_job, root, &toolchain, &blobs)
+        })
+        .await
+        .map_err(|e| Refusal::new("internal", e.to_string()))?
+        .map_err(|e| Refusal::new("internal", format!("storing the action: {e}")))?;
+        let action_digest = prepared.action_digest;
+
+        if !self.has_cached_result(action_digest).await
+            && !self.fetch_action_result_from_peers(action_digest).await
+        {
+            let missing = self.ensure_input_root(root).await;
+            if !missing.is_empty() {
+                let count = missing.len();
+                let mut refusal = Refusal::new(
+                    "missing_input",
+                    format!("the node lacks {count} blob(s) of input root {root:?}"),
+                );
+                refusal.missing = missing.into_iter().take(MAX_LISTED_MISSING).collect();
+                return Err(refusal);
+            }
+        }
+
+        let identity = format!(
+            "p2p/{}/{}",
+            peer.map(|p| p.to_string())
+                .unwrap_or_else(|| "local".to_string()),
+            sanitize_hint(&submit.workspace_hint)
+        );
+        let handle = self
+            .executor
+            .submit(ExecuteRequest {
+                instance: CARGO_INSTANCE.to_string(),
+                action_digest,
+                skip_cache_lookup: false,
+                workspace_identity: Some(identity),
+            })
+            .await
+            .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;
+        let record = BuildRecord {
+            id: handle.id.clone(),
+            kind: job.kind.name().to_string(),
+            release: job.release,
+            input_root: format!("{root:?}"),
+            action_digest: format!("{action_digest:?}"),
+            client: peer.map(|p| p.to_string()),
+            submitted_at_ms: now_ms(),
+            status: "running".to_string(),
+            exit_code: None,
+            cache_hit: false,
+            duration_ms: None,
+            steps: Vec::new(),
+            log_digest: None,
+            lines: None,
+            artifacts: Vec::new(),
+            error: None,
+        };
+        if let Err(e) = self.history.put(&record) {
+            tracing::warn!(error = %e, "recording a build");
+        }
+        let (node, watched) = (self.clone(), handle.clone());
+        tokio::spawn(async move {
+            let outcome = watched.wait().await;
+            let lines = watched.log.wait_finished().await.lines;
+            let mut record = record;
+            record.finish(&outcome, lines);
+            if let Err(e) = node.history.put(&record) {
+                tracing::warn!(error = %e, "recording a build outcome");
+            }
+            if outcome.cache_hit {
+                node.metrics.inc_cache_hits();
+            }
+            if outcome.status == JobStatus::Success {
+                node.metrics.inc_succeeded();
+            } else {
+                node.metrics.inc_failed();
+            }
+        });
+        Ok(handle)
+    }
+
+    async fn has_cached_result(&self, action_digest: Digest) -> bool {
+        let actions = self.cas.actions.clone();
+        tokio::task::spawn_blocking(move || actions.get(CARGO_INSTANCE, &action_digest))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .is_some_and(|r| r.exit_code == 0)
+    }
+
+    /// Opens a blob client to a trusted peer.
+    async fn peer_client(
+        &self,
+        peer: PeerId,
+        addresses: &[Multiaddr],
+    ) -> anyhow::Result<BlobClient> {
+        self.network.dial(peer, addresses.to_vec()).await?;
+        let stream = self.network.open(peer, CAS_PROTOCOL).await?;
+        Ok(BlobClient::new(stream, peer, self.config.max_frame_bytes))
+    }
+
+    /// Asks trusted peers for a signed result of `action_digest`; stores the first one whose
+    /// signature is the peer's own and whose blobs all arrive intact.
+    async fn fetch_action_result_from_peers(&self, action_digest: Digest) -> bool {
+        for (peer, addresses) in &self.trusted {
+            let attempt = tokio::time::timeout(
+                PEER_FETCH_TIMEOUT,
+                self.action_result_from(*peer, addresses, action_digest),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(true)) => {
+                    self.metrics.inc_peer_action_results();
+                    return true;
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "peer action result refused")
+                }
+                Err(_) => tracing::warn!(%peer, "peer action result timed out"),
+            }
+        }
+        false
+    }
+
+    async fn action_result_from(
+        &self,
+        peer: PeerId,
+        addresses: &[Multiaddr],
+        action_digest: Digest,
+    ) -> anyhow::Result<bool> {
+        let mut client = self.peer_client(peer, addresses).await?;
+        let Some(signed) = client
+            .get_action_result(CARGO_INSTANCE, action_digest)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let result = verify_signed_result(&signed, peer, action_digest)?;
+        let referenced = self
+            .cas
+            .actions
+            .referenced_blobs(action_digest.function, &result)
+            .context("the peer's result names blobs we cannot resolve")?;
+        let blobs = self.cas.blobs.clone();
+        let missing =
+            tokio::task::spawn_blocking(move || blobs.find_missing(&referenced)).await??;
+        for digest in missing {
+            client.get_into(&self.cas.blobs, digest).await?;
+            self.metrics.inc_peer_fetched_blobs();
+        }
+        let actions = self.cas.actions.clone();
+        tokio::task::spawn_blocking(move || actions.put(CARGO_INSTANCE, &action_digest, &result))
+            .await??;
+        Ok(true)
+    }
+
+    /// Makes the input root complete, fetching what is missing from trusted peers; returns
+    /// what is still missing.
+    pub async fn ensure_input_root(&self, root: Digest) -> Vec<Digest> {
+        let missing = self.missing_in_tree(root).await;
+        if missing.is_empty() {
+            return missing;
+        }
+        for (peer, addresses) in &self.trusted {
+            let fetched = tokio::time::timeout(
+                PEER_FETCH_TIMEOUT,
+                self.fetch_tree_from(*peer, addresses, root),
+            )
+            .await;
+            match fetched {
+                Ok(Ok(())) => return Vec::new(),
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "fetching an input root from a peer")
+                }
+                Err(_) => tracing::warn!(%peer, "fetching an input root from a peer timed out"),
+            }
+        }
+        self.missing_in_tree(root).await
+    }
+
+    /// Blobs of the tree under `root` the store lacks (a missing directory hides its subtree).
+    async fn missing_in_tree(&self, root: Digest) -> Vec<Digest> {
+        let blobs = self.cas.blobs.clone();
+        tokio::task::spawn_blocking(move || missing_in_tree(&blobs, root))
+            .await
+            .unwrap_or_else(|_| vec![root])
+    }
+
+    async fn fetch_tree_from(
+        &self,
+        peer: PeerId,
+        addresses: &[Multiaddr],
+        root: Digest,
+    ) -> anyhow::Result<()> {
+        let mut client = self.peer_client(peer, addresses).await?;
+        let mut queue = vec![root];
+        while let Some(directory) = queue.pop() {
+            if !self.cas.blobs.contains(&directory)? {
+                client.get_into(&self.cas.blobs, directory).await?;
+                self.metrics.inc_peer_fetched_blobs();
+            }
+            let blobs = self.cas.blobs.clone();
+            let (files, children) = tokio::task::spawn_blocking(move || {
+                let dir = rba_cas::read_directory(&blobs, &directory)?;
+                let function = directory.function;
+                let mut files = Vec::new();
+                for file in &dir.files {
+                    files.push(Digest::from_reapi_field(
+                        function,
+                        file.digest.as_ref(),
+                        "FileNode.digest",
+                    )?);
+                }
+                let mut children = Vec::new();
+                for child in &dir.directories {
+                    children.push(Digest::from_reapi_field(
+                        function,
+                        child.digest.as_ref(),
+                        "DirectoryNode.digest",
+                    )?);
+                }
+                let missing = blobs.find_missing(&files)?;
+                anyhow::Ok((missing, children))
+            })
+            .await??;
+            for file in files {
+                client.get_into(&self.cas.blobs, file).await?;
+                self.metrics.inc_peer_fetched_blobs();
+            }
+            queue.extend(children);
+        }
+        Ok(())
+    }
+}
+
+/// Checks a peer's signed action result: signed by `peer` itself, for the asked action.
+pub fn verify_signed_result(
+    signed: &SignedActionResult,
+    peer: PeerId,
+    action_digest: Digest,
+) -> anyhow::Result<ActionResult> {
+    let body = signed.body.as_ref().context("unsigned action result")?;
+    let signer = crate::p2p::verify(
+        &signed.signer_public_key,
+        &body.encode_to_vec(),
+        &signed.signature,
+    )?;
+    anyhow::ensure!(
+        signer == peer,
+        "action result signed by {signer}, not by the trusted peer {peer}"
+    );
+    anyhow::ensure!(
+        body.instance == CARGO_INSTANCE
+            && body
+                .action_digest
+                .as_ref()
+                .and_then(|d| Digest::from_wire(d).ok())
+                == Some(action_digest),
+        "the signed result is for another action"
+    );
+    ActionResult::decode(body.action_result.as_slice()).context("malformed ActionResult")
+}
+
+/// Blobs of the tree under `root` that `blobs` lacks (a missing directory hides its subtree).
+pub fn missing_in_tree(blobs: &rba_cas::BlobStore, root: Digest) -> Vec<Digest> {
+    let mut missing = Vec::new();
+    let mut queue = vec![root];
+    while let Some(directory) = queue.pop() {
+        let dir = match rba_cas::read_directory(blobs, &directory) {
+            Ok(dir) => dir,
+            Err(_) => {
+                missing.push(directory);
+                continue;
+            }
+        };
+        let function = directory.function;
+        let files: Vec<Digest> = dir
+            .files
+            .iter()
+            .filter_map(|f| Digest::from_reapi_field(function, f.digest.as_ref(), "f").ok())
+            .collect();
+        match blobs.find_missing(&files) {
+            Ok(absent) => missing.extend(absent),
+            Err(_) => missing.extend(files),
+        }
+        queue.extend(
+            dir.directories
+                .iter()
+                .filter_map(|d| Digest::from_reapi_field(function, d.digest.as_ref(), "d").ok()),
+        );
+    }
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
+/// A running operator node.
+pub struct Node {
+    shared: Arc<NodeShared>,
+    http_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.peer_id())
+            .field("http", &self.http_addr)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Opens the data directory, starts the executor, libp2p, HTTP (and gRPC when configured).
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        config.validate()?;
+        let data_dir: PathBuf = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let cas = Cas::open(
+            data_dir.join("cas"),
+            StoreConfig {
+                max_bytes: config.cas_max_bytes,
+                fsync: config.fsync,
+                ..StoreConfig::default()
+            },
+        )
+        .with_context(|| format!("opening the CAS under {}", data_dir.display()))?;
+        let history = History::open(cas.blobs.db())?;
+        let interrupted = history.mark_interrupted()?;
+        if interrupted > 0 {
+            tracing::warn!(interrupted, "builds interrupted by the last stop");
+        }
+        let mut executor_config =
+            ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
+        executor_config.workers = config.workers;
+        let executor =
+            Executor::new(cas.clone(), executor_config).context("starting the executor")?;
+        let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;
+        let network = Network::start(keypair, Duration::from_secs(config.idle_timeout_secs))?;
+        for address in &config.listen {
+            network.listen(address.parse()?).await?;
+        }
+        let trusted = config
+            .trusted_peers
+            .iter()
+            .map(|p| p.parse())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let allowed = config
+            .allowed_clients
+            .as_ref()
+            .map(|list| list.iter().filter_map(|p| p.parse().ok()).collect());
+        let shared = Arc::new(NodeShared {
+            config: config.clone(),
+            cas,
+            executor,
+            history,
+            network,
+            metrics: Metrics::default(),
+            trusted,
+            allowed,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(accept_loop(
+            shared.clone(),
+            SESSION_PROTOCOL,
+            shutdown_rx.clone(),
+            |node, peer, stream| tokio::spawn(crate::p2p::session::serve(node, peer, stream)),
+        )?);
+        tasks.push(accept_loop(
+            shared.clone(),
+            CAS_PROTOCOL,
+            shutdown_rx.clone(),
+            |node, peer, stream| tokio::spawn(crate::p2p::blobs::serve(node, peer, stream)),
+        )?);
+        let mut http_addr = None;
+        if let Some(addr) = config.http_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP on {addr}"))?;
+            http_addr = Some(listener.local_addr()?);
+            let (node, stop) = (shared.clone(), shutdown_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = crate::http::serve(node, listener, stop).await {
+                    tracing::error!(error = %e, "HTTP server");
+                }
+            }));
+        }
+        let mut grpc_addr = None;
+        if let Some(addr) = config.grpc_listen {
+            let (bound, task) =
+                crate::grpc::spawn(shared.clone(), addr, shutdown_rx.clone()).await?;
+            grpc_addr = bound;
+            tasks.extend(task);
+        }
+        // Forget finished log streams after a day (their logs stay in the CAS).
+        let (executor, mut stop) = (shared.executor.clone(), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(Duration::from_secs(600)) => {
+                        executor.logs().cleanup(Duration::from_secs(24 * 3600));
+                    }
+                }
+            }
+        }));
+        Ok(Node {
+            shared,
+            http_addr,
+            grpc_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The shared state (for tests and embedders).
+    pub fn shared(&self) -> &Arc<NodeShared> {
+        &self.shared
+    }
+
+    /// The node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.network.peer_id()
+    }
+
+    /// libp2p addresses with `/p2p/PEERID`, as `--remote` takes them.
+    pub fn dialable_addrs(&self) -> Vec<Multiaddr> {
+        self.shared.network.dialable_addrs()
+    }
+
+    /// The first TCP address with `/p2p/PEERID`.
+    pub fn tcp_addr(&self) -> Option<Multiaddr> {
+        self.dialable_addrs().into_iter().find(|a| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+        })
+    }
+
+    /// The first QUIC address with `/p2p/PEERID`.
+    pub fn quic_addr(&self) -> Option<Multiaddr> {
+        self.dialable_addrs().into_iter().find(|a| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+        })
+    }
+
+    /// The HTTP address, when enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The REAPI gRPC address, when enabled.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
+    }
+
+    /// Stops accepting, closes listeners and connections, flushes the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        self.shared.network.shutdown();
+        self.shared.cas.blobs.flush()?;
+        Ok(())
+    }
+}
+
+type Spawn = fn(Arc<NodeShared>, PeerId, libp2p::Stream) -> tokio::task::JoinHandle<()>;
+
+fn accept_loop(
+    node: Arc<NodeShared>,
+    protocol: libp2p::StreamProtocol,
+    mut stop: watch::Receiver<bool>,
+    spawn: Spawn,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut incoming = node
+        .network
+        .control()
+        .accept(protocol.clone())
+        .map_err(|_| anyhow::anyhow!("{protocol} is already registered"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                next = incoming.next() => match next {
+                    Some((peer, stream)) => {
+                        spawn(node.clone(), peer, stream);
+                    }
+                    None => return,
+                },
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_safe_directory_names() {
+        assert_eq!(sanitize_hint("hello"), "hello");
+        assert_eq!(sanitize_hint("../../etc"), "....etc");
+        assert_eq!(sanitize_hint(".."), "default");
+        assert_eq!(sanitize_hint(""), "default");
+        assert_eq!(sanitize_hint(&"x".repeat(100)).len(), 64);
+    }
+}

@@ -1,0 +1,64 @@
+//! Hashing a user's workspace into a local CAS, shared by the embedded and remote modes.
+//!
+//! Why: both modes must hash the same way (respecting `.gitignore`, skipping `target/` and
+//! other cache directories, BLAKE3 trees) and refuse the same user mistakes with one clear
+//! line (no `Cargo.toml`, not a directory).
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use rba_cas::merkle::{DirOptions, TreeBuild, build_from_dir};
+use rba_cas::{Cas, DigestFunction, StoreConfig};
+
+/// Opens (creating) the CAS under `data_dir/cas`.
+pub fn open_cas(data_dir: &Path) -> anyhow::Result<Cas> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    Cas::open(data_dir.join("cas"), StoreConfig::default())
+        .with_context(|| format!("opening the CAS under {}", data_dir.display()))
+}
+
+/// Hashes a workspace into the CAS; `require_manifest` refuses a directory without
+/// `Cargo.toml`.
+pub async fn hash_workspace(
+    cas: &Cas,
+    path: &Path,
+    require_manifest: bool,
+) -> anyhow::Result<TreeBuild> {
+    if !path.is_dir() {
+        bail!("{} is not a directory", path.display());
+    }
+    if require_manifest && !path.join("Cargo.toml").is_file() {
+        bail!(
+            "no Cargo.toml in {}: point rba at a crate or workspace root",
+            path.display()
+        );
+    }
+    let (blobs, path) = (cas.blobs.clone(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        build_from_dir(
+            &blobs,
+            &path,
+            DigestFunction::Blake3,
+            &DirOptions::default(),
+        )
+        .with_context(|| format!("hashing {}", path.display()))
+    })
+    .await?
+}
+
+/// A stable name for the workspace's target cache on this machine: its canonical path.
+pub fn workspace_identity(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// A short name for the workspace sent to a node (its directory name).
+pub fn workspace_hint(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
