@@ -1,0 +1,198 @@
+//! Remote (the executor's job path: hash → action cache → sandboxed cargo with shared caches)
+//! against plain local `cargo` on the same machine, measured side by side in one run on a
+//! mid-size workspace with registry dependencies (`tests/fixtures/midsize`, ~34 crates).
+//!
+//! `cargo bench -p rba-executor --bench remote_vs_local` prints one line per figure:
+//! - cold build with a warm registry: remote/local (goal ≤ 1.05)
+//! - incremental build after a one-line change in a leaf crate: remote/local (goal ≤ 1.15)
+//! - unchanged resubmission (action-cache hit) vs local no-op build (goal ≤ 1.0)
+//! - sandbox start/stop overhead per job
+//!
+//! The remote side includes hashing the workspace into the CAS and submitting, as a client
+//! would; it needs `.ci/setup` (sandbox prerequisites) and the registry reachable for the
+//! one-time fetch.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rba_cas::merkle::{DirOptions, build_from_dir};
+use rba_cas::{Cas, DigestFunction, StoreConfig};
+use rba_executor::cargo::{CargoJob, JobKind};
+use rba_executor::runner::{Executor, ExecutorConfig, JobStatus};
+use rba_executor::sandbox::{Sandbox, SandboxConfig, SandboxSpec};
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "copying the fixture");
+}
+
+fn local_cargo(workspace: &Path, target: &Path, args: &[&str]) -> Duration {
+    let started = Instant::now();
+    let status = Command::new("cargo")
+        .args(args)
+        .current_dir(workspace)
+        .env("CARGO_TARGET_DIR", target)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "local cargo {args:?}");
+    started.elapsed()
+}
+
+async fn remote(
+    executor: &Executor,
+    cas: &Cas,
+    workspace: &Path,
+    kind: JobKind,
+    identity: &str,
+) -> (Duration, bool) {
+    let started = Instant::now();
+    let blobs = cas.blobs.clone();
+    let path = workspace.to_path_buf();
+    let root = tokio::task::spawn_blocking(move || {
+        build_from_dir(
+            &blobs,
+            &path,
+            DigestFunction::Blake3,
+            &DirOptions::default(),
+        )
+        .unwrap()
+        .root
+    })
+    .await
+    .unwrap();
+    let handle = executor
+        .submit_cargo(&CargoJob::new(kind), root, identity)
+        .await
+        .unwrap();
+    let outcome = handle.wait().await;
+    if outcome.status != JobStatus::Success {
+        let mut reader = handle.log.subscribe(0);
+        while let Some(line) = reader.next().await {
+            eprintln!("{}", line.line);
+        }
+        panic!("remote {kind:?} failed: {:?}", outcome.error);
+    }
+    (started.elapsed(), outcome.cache_hit)
+}
+
+fn line(figure: &str, remote: Duration, local: Duration, goal: f64) {
+    let ratio = remote.as_secs_f64() / local.as_secs_f64().max(1e-9);
+    println!(
+        "{figure:<52} remote {:>8.3}s  local {:>8.3}s  remote/local {ratio:>6.3}  (goal <= {goal})",
+        remote.as_secs_f64(),
+        local.as_secs_f64()
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for the list; nothing to list.
+    }
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/midsize");
+    let scratch = tempfile::tempdir().unwrap();
+    let local_ws = scratch.path().join("local");
+    let remote_ws = scratch.path().join("remote");
+    for ws in [&local_ws, &remote_ws] {
+        std::fs::create_dir_all(ws).unwrap();
+        copy_dir(&fixture, ws);
+    }
+    let local_target = scratch.path().join("local-target");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cas = Cas::open(scratch.path().join("cas"), StoreConfig::default()).unwrap();
+    let mut config = ExecutorConfig::new(scratch.path().join("executor")).unwrap();
+    config.workers = 1;
+    let executor = Executor::new(cas.clone(), config).unwrap();
+
+    // Warm both registries: local ~/.cargo, and the executor's shared cargo home (its fetch
+    // phase runs before any cargo job; `fmt --check` compiles nothing).
+    local_cargo(&local_ws, &local_target, &["fetch", "--locked"]);
+    runtime.block_on(remote(&executor, &cas, &remote_ws, JobKind::Fmt, "midsize"));
+
+    let local_cold = local_cargo(
+        &local_ws,
+        &local_target,
+        &["build", "--locked", "--offline"],
+    );
+    let (remote_cold, _) = runtime.block_on(remote(
+        &executor,
+        &cas,
+        &remote_ws,
+        JobKind::Build,
+        "midsize",
+    ));
+    line("cold build, warm registry", remote_cold, local_cold, 1.05);
+
+    let leaf = "cli/src/main.rs";
+    for ws in [&local_ws, &remote_ws] {
+        let path = ws.join(leaf);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("\n// one-line change\n");
+        std::fs::write(&path, text).unwrap();
+    }
+    let local_incremental = local_cargo(
+        &local_ws,
+        &local_target,
+        &["build", "--locked", "--offline"],
+    );
+    let (remote_incremental, _) = runtime.block_on(remote(
+        &executor,
+        &cas,
+        &remote_ws,
+        JobKind::Build,
+        "midsize",
+    ));
+    line(
+        "incremental build, one-line change in a leaf crate",
+        remote_incremental,
+        local_incremental,
+        1.15,
+    );
+
+    let local_noop = local_cargo(
+        &local_ws,
+        &local_target,
+        &["build", "--locked", "--offline"],
+    );
+    let (remote_hit, hit) = runtime.block_on(remote(
+        &executor,
+        &cas,
+        &remote_ws,
+        JobKind::Build,
+        "midsize",
+    ));
+    assert!(
+        hit,
+        "the unchanged resubmission must be an action-cache hit"
+    );
+    line(
+        "unchanged: action-cache hit vs local no-op build",
+        remote_hit,
+        local_noop,
+        1.0,
+    );
+
+    let sandbox = Sandbox::new(SandboxConfig::with_host_toolchain().unwrap()).unwrap();
+    let runs = 20;
+    let started = Instant::now();
+    for _ in 0..runs {
+        let outcome = runtime
+            .block_on(sandbox.run(SandboxSpec::new(["true"]), |_| {}))
+            .unwrap();
+        assert!(outcome.success());
+    }
+    let per_job = started.elapsed() / runs;
+    println!(
+        "{:<52} {:>8.1} ms per job ({runs} runs of `true`)",
+        "sandbox start/stop overhead",
+        per_job.as_secs_f64() * 1e3
+    );
+}
