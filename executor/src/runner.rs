@@ -45,6 +45,8 @@ use crate::workspace::{DesiredEntry, sync_directory};
 pub const CARGO_INSTANCE: &str = "rba/cargo";
 /// The output file under which a cargo job's full log (ordered, both streams) is kept.
 pub const LOG_OUTPUT_PATH: &str = ".rba/log.jsonl";
+/// How long a finished job stays queryable by id (its results stay in the CAS for good).
+pub const JOB_RETENTION: Duration = Duration::from_secs(3600);
 /// Largest stdout/stderr/log blob replayed on a cache hit.
 const MAX_REPLAY_BYTES: u64 = 256 << 20;
 
@@ -341,6 +343,15 @@ impl Executor {
         .await
     }
 
+    /// Drops jobs (and their log streams) that finished more than [`JOB_RETENTION`] ago.
+    fn forget_old_jobs(&self) {
+        let now = Instant::now();
+        self.inner.logs.cleanup_at(now, JOB_RETENTION);
+        self.inner.jobs.lock().retain(|_, job| {
+            job.log.finished_at().is_none_or(|finished| now.duration_since(finished) < JOB_RETENTION)
+        });
+    }
+
     /// Submits an Action already in the CAS. Returns at once; the job runs in the background.
     ///
     /// Fails only when the Action or Command cannot be loaded (missing or malformed): such a
@@ -351,6 +362,7 @@ impl Executor {
         let prepared = tokio::task::spawn_blocking(move || PreparedAction::load(digest, &blobs))
             .await
             .expect("loading an action does not panic")?;
+        self.forget_old_jobs();
         let id = uuid::Uuid::new_v4().to_string();
         let log_dir = self.inner.config.data_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(io_error("creating the log dir"))?;
@@ -653,6 +665,12 @@ impl RunningJob<'_> {
             Self::blocking(move || store_cargo_artifacts(&blobs, function, &target, &executables))
                 .await?;
         self.step("outputs", collected);
+        let (layout, max_slots) = (self.inner().layout.clone(), self.inner().config.max_slots);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = layout.cleanup(max_slots) {
+                tracing::warn!(error = %e, "slot cleanup failed");
+            }
+        });
         Ok(RunResult {
             exit_code: exit_code(&outcome),
             success: outcome.success(),
