@@ -141,6 +141,25 @@ fn escaping_symlink_on_disk_is_refused_naming_it() {
 }
 
 #[test]
+fn non_utf8_names_and_non_directory_roots_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_s, store) = store();
+    let work = tempfile::tempdir().unwrap();
+    fs::create_dir(work.path().join("src")).unwrap();
+    fs::write(work.path().join("src").join(std::ffi::OsStr::from_bytes(b"bad\xff.rs")), b"x").unwrap();
+    match build_from_dir(&store, work.path(), F, &DirOptions::default()) {
+        Err(CasError::HostileEntry { entry, reason }) => {
+            assert!(entry.starts_with("src/bad"), "{entry}");
+            assert!(reason.contains("UTF-8"));
+        }
+        other => panic!("expected HostileEntry, got {other:?}"),
+    }
+    let plain = work.path().join("plain-file");
+    fs::write(&plain, b"x").unwrap();
+    assert!(matches!(build_from_dir(&store, &plain, F, &DirOptions::default()), Err(CasError::Invalid { .. })));
+}
+
+#[test]
 fn stat_cache_skips_reading_unchanged_files_and_catches_changes() {
     let (_s, store) = store();
     let work = tempfile::tempdir().unwrap();

@@ -76,6 +76,9 @@ pub fn build_from_dir(
     options: &DirOptions,
 ) -> Result<TreeBuild> {
     let root = fs::canonicalize(root).map_err(|e| CasError::io("resolving", root, e))?;
+    if !root.is_dir() {
+        return Err(CasError::invalid(format!("tree root {}", root.display()), "not a directory"));
+    }
     let mut builder = TreeBuilder::new(function);
     let mut jobs = Vec::new();
     let mut walk = ignore::WalkBuilder::new(&root);
