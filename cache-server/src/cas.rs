@@ -48,6 +48,22 @@ const MAX_TREE_PAGE: usize = 10_000;
 /// Largest `Directory` blob GetTree decodes.
 const MAX_DIRECTORY_BYTES: u64 = 16 << 20;
 
+/// Threads for batch blob I/O. Storing a small blob is mostly waiting on the filesystem
+/// (create, write, fsync, rename), so more threads than cores keep the disk busy.
+fn io_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads((cores * 2).clamp(4, 32))
+            .thread_name(|i| format!("cas-batch-io-{i}"))
+            .build()
+            .expect("batch I/O thread pool")
+    })
+}
+
 /// The ContentAddressableStorage service.
 #[derive(Clone, Debug)]
 pub struct CasService {
@@ -115,7 +131,7 @@ impl CasService {
         self.state.metrics.received(payload as u64);
         let blobs = self.state.cas.blobs.clone();
         let responses = blocking(move || {
-            Ok(request
+            Ok(io_pool().install(|| request
                 .requests
                 .into_par_iter()
                 .map(|entry| {
@@ -131,7 +147,7 @@ impl CasService {
                         }),
                     }
                 })
-                .collect::<Vec<_>>())
+                .collect::<Vec<_>>()))
         })
         .await?;
         Ok(BatchUpdateBlobsResponse { responses })

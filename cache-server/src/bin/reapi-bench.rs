@@ -1,1 +1,564 @@
-fn main() {}
+//! `reapi-bench`: figures for any REAPI endpoint, one line per figure.
+//!
+//! With no `--endpoint` it starts our own server embedded on loopback (data in a temp
+//! directory), so the peak RSS it reports is the whole process's (server and bench client).
+//! For an external server pass `--server-pid` to read that process's peak RSS instead.
+//!
+//! Figures:
+//! - ByteStream write and read of a 1 GiB blob (client verifies the digest of what it reads),
+//!   as MiB/s and as a ratio to the raw hash + disk write of the same bytes in the same run;
+//! - peak RSS (VmHWM, reset before the phase) while writing and reading a 4 GiB blob;
+//! - BatchUpdateBlobs of 10,000 4 KiB blobs (blobs/s), batches sized by the server's
+//!   advertised `max_batch_total_size_bytes`;
+//! - FindMissingBlobs from 200 concurrent tasks × 100 calls, 1 and 1,000 digests per call:
+//!   mean and p99 latency.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use rba_cache_server::resource_name::{self, Compressor};
+use rba_cache_server::{Config, Server};
+use rba_cas::{Digest, DigestFunction};
+use rba_proto::bytestream::byte_stream_client::ByteStreamClient;
+use rba_proto::bytestream::{ReadRequest, WriteRequest};
+use rba_proto::reapi::capabilities_client::CapabilitiesClient;
+use rba_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use rba_proto::reapi::{
+    BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetCapabilitiesRequest,
+    batch_update_blobs_request,
+};
+use tonic::Request;
+use tonic::transport::{Channel, Endpoint};
+
+const MIB: f64 = (1 << 20) as f64;
+const CHUNK: usize = 1 << 20;
+const BLOCK: usize = 8 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "reapi-bench",
+    about = "Throughput, memory and latency figures for a REAPI v2 endpoint"
+)]
+struct Args {
+    /// REAPI endpoint (grpc://HOST:PORT); without it our server runs embedded on loopback.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Instance name.
+    #[arg(long, default_value = "")]
+    instance: String,
+    /// Digest function: sha256 or blake3.
+    #[arg(long, default_value = "sha256")]
+    digest_function: String,
+    /// Bearer token for the endpoint.
+    #[arg(long, env = "REAPI_BENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Size of the throughput blob, GiB.
+    #[arg(long, default_value_t = 1.0)]
+    throughput_gib: f64,
+    /// Size of the blob streamed for the peak-RSS figure, GiB (0 skips it).
+    #[arg(long, default_value_t = 4.0)]
+    big_blob_gib: f64,
+    /// Blobs for the BatchUpdateBlobs figure.
+    #[arg(long, default_value_t = 10_000)]
+    batch_blobs: usize,
+    /// Size of each of those blobs.
+    #[arg(long, default_value_t = 4096)]
+    batch_blob_size: usize,
+    /// Concurrent FindMissingBlobs tasks.
+    #[arg(long, default_value_t = 200)]
+    find_tasks: usize,
+    /// Calls per task.
+    #[arg(long, default_value_t = 100)]
+    find_calls: usize,
+    /// PID of an external server, to report its peak RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Directory for the embedded server's data and the raw-write baseline (default: a temp dir).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// fsync each blob in the embedded server (and in the raw baseline).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fsync: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RBA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+struct Bench {
+    channel: Channel,
+    instance: String,
+    function: DigestFunction,
+    token: Option<String>,
+    block: Arc<Vec<u8>>,
+    nonce: u64,
+}
+
+impl Bench {
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("valid token"),
+            );
+        }
+        request
+    }
+
+    /// Chunk `index` of the deterministic blob of this run (unique per run by its nonce).
+    fn chunk(&self, index: u64, size: u64) -> Vec<u8> {
+        let start = index * CHUNK as u64;
+        let len = (size - start).min(CHUNK as u64) as usize;
+        let offset = (start % BLOCK as u64) as usize;
+        let mut data = self.block[offset..offset + len].to_vec();
+        if index == 0 {
+            let nonce = self.nonce.to_le_bytes();
+            let n = nonce.len().min(data.len());
+            data[..n].copy_from_slice(&nonce[..n]);
+        }
+        data
+    }
+
+    fn chunks(size: u64) -> u64 {
+        size.div_ceil(CHUNK as u64)
+    }
+
+    /// Hashes the blob and writes it to a file (the raw baseline); returns digest and seconds.
+    fn raw_hash_and_write(
+        &self,
+        size: u64,
+        path: &std::path::Path,
+        fsync: bool,
+    ) -> anyhow::Result<(Digest, f64)> {
+        let start = Instant::now();
+        let mut hasher = self.function.hasher();
+        let mut file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        for index in 0..Self::chunks(size) {
+            let chunk = self.chunk(index, size);
+            hasher.update(&chunk);
+            file.write_all(&chunk)?;
+        }
+        if fsync {
+            file.sync_all()?;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        Ok((hasher.finish(), elapsed))
+    }
+
+    fn digest_of_blob(&self, size: u64) -> Digest {
+        let mut hasher = self.function.hasher();
+        for index in 0..Self::chunks(size) {
+            hasher.update(&self.chunk(index, size));
+        }
+        hasher.finish()
+    }
+
+    async fn write_blob(&self, digest: Digest) -> anyhow::Result<f64> {
+        let name = resource_name::write_name(
+            &self.instance,
+            &uuid::Uuid::new_v4().to_string(),
+            &digest,
+            Compressor::Identity,
+        );
+        let this = Bench {
+            channel: self.channel.clone(),
+            instance: String::new(),
+            function: self.function,
+            token: None,
+            block: self.block.clone(),
+            nonce: self.nonce,
+        };
+        let size = digest.size;
+        let total = Self::chunks(size);
+        let requests = futures::stream::iter((0..total).map(move |index| WriteRequest {
+            resource_name: if index == 0 {
+                name.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (index * CHUNK as u64) as i64,
+            finish_write: index + 1 == total,
+            data: this.chunk(index, size),
+        }));
+        let mut client = ByteStreamClient::new(self.channel.clone());
+        let start = Instant::now();
+        let response = client
+            .write(self.request(requests))
+            .await
+            .context("ByteStream.Write")?
+            .into_inner();
+        let elapsed = start.elapsed().as_secs_f64();
+        if response.committed_size != size as i64 {
+            bail!(
+                "server committed {} of {size} bytes",
+                response.committed_size
+            );
+        }
+        Ok(elapsed)
+    }
+
+    async fn read_blob(&self, digest: Digest) -> anyhow::Result<f64> {
+        let name = resource_name::read_name(&self.instance, &digest, Compressor::Identity);
+        let mut client =
+            ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(64 << 20);
+        let start = Instant::now();
+        let mut stream = client
+            .read(self.request(ReadRequest {
+                resource_name: name,
+                read_offset: 0,
+                read_limit: 0,
+            }))
+            .await
+            .context("ByteStream.Read")?
+            .into_inner();
+        let mut hasher = self.function.hasher();
+        while let Some(message) = stream.message().await? {
+            hasher.update(&message.data);
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let actual = hasher.finish();
+        if actual != digest {
+            bail!("read back {actual:?}, expected {digest:?}");
+        }
+        Ok(elapsed)
+    }
+}
+
+fn vm_hwm_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn vm_rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resets VmHWM to the current RSS (Linux: write 5 to clear_refs).
+fn reset_hwm(pid: Option<u32>) -> bool {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/clear_refs"),
+        None => "/proc/self/clear_refs".to_string(),
+    };
+    std::fs::write(path, "5").is_ok()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 * p).ceil() as usize)
+        .saturating_sub(1)
+        .min(sorted.len() - 1);
+    sorted[index]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let function =
+        DigestFunction::from_name(&args.digest_function).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let work = match &args.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempdir_in(dir)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    let (url, embedded) = match &args.endpoint {
+        Some(endpoint) => (endpoint.replacen("grpc://", "http://", 1), None),
+        None => {
+            let mut config = Config {
+                listen: "127.0.0.1:0".parse()?,
+                metrics_listen: None,
+                data_dir: work.path().join("server"),
+                ..Config::default()
+            };
+            config.store.fsync = args.fsync;
+            let server = Server::spawn(config).await?;
+            (server.url(), Some(server))
+        }
+    };
+    let channel = Endpoint::from_shared(url.clone())?
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    let bench = Bench {
+        channel: channel.clone(),
+        instance: args.instance.clone(),
+        function,
+        token: args.token.clone(),
+        block: Arc::new(noise(BLOCK, nonce)),
+        nonce,
+    };
+    let server_label = if embedded.is_some() {
+        "embedded rba cache-server".to_string()
+    } else {
+        url.clone()
+    };
+    println!(
+        "# reapi-bench against {server_label}, digest function {function}, instance {:?}",
+        args.instance
+    );
+
+    let mut caps_client = CapabilitiesClient::new(channel.clone());
+    let caps = caps_client
+        .get_capabilities(bench.request(GetCapabilitiesRequest {
+            instance_name: args.instance.clone(),
+        }))
+        .await?
+        .into_inner();
+    let max_batch = caps
+        .cache_capabilities
+        .as_ref()
+        .map(|c| c.max_batch_total_size_bytes)
+        .unwrap_or(0);
+    let max_batch = if max_batch <= 0 {
+        4 << 20
+    } else {
+        max_batch as usize
+    };
+
+    // 1. Throughput vs the raw hash + disk write of the same bytes.
+    let size = (args.throughput_gib * (1u64 << 30) as f64) as u64;
+    let (digest, raw_secs) = tokio::task::block_in_place(|| {
+        bench.raw_hash_and_write(size, &work.path().join("raw.bin"), args.fsync)
+    })?;
+    let raw = size as f64 / MIB / raw_secs;
+    let write = size as f64 / MIB / bench.write_blob(digest).await?;
+    let read = size as f64 / MIB / bench.read_blob(digest).await?;
+    let gib = args.throughput_gib;
+    println!(
+        "raw_{function}_hash_plus_disk_write_{gib}GiB: {raw:.1} MiB/s (baseline, fsync={})",
+        args.fsync
+    );
+    println!(
+        "bytestream_write_{gib}GiB: {write:.1} MiB/s = {:.2}x raw hash+write",
+        write / raw
+    );
+    println!(
+        "bytestream_read_{gib}GiB: {read:.1} MiB/s = {:.2}x raw hash+write (client verifies the digest)",
+        read / raw
+    );
+
+    // 2. Peak RSS while streaming a big blob in and out.
+    if args.big_blob_gib > 0.0 {
+        let big = (args.big_blob_gib * (1u64 << 30) as f64) as u64;
+        let big_digest = tokio::task::block_in_place(|| bench.digest_of_blob(big));
+        let pid = if embedded.is_some() {
+            None
+        } else {
+            args.server_pid
+        };
+        if embedded.is_some() || pid.is_some() {
+            let before = vm_rss_kib(pid).unwrap_or(0);
+            let reset = reset_hwm(pid);
+            let write_secs = bench.write_blob(big_digest).await?;
+            let read_secs = bench.read_blob(big_digest).await?;
+            let peak = vm_hwm_kib(pid).unwrap_or(0);
+            let whose = if pid.is_some() {
+                "server process"
+            } else {
+                "whole process: embedded server + bench client"
+            };
+            println!(
+                "peak_rss_streaming_{}GiB: {:.1} MiB VmHWM ({whose}; RSS before {:.1} MiB; hwm reset {}; write {:.0} MiB/s, read {:.0} MiB/s)",
+                args.big_blob_gib,
+                peak as f64 / 1024.0,
+                before as f64 / 1024.0,
+                if reset { "ok" } else { "unavailable" },
+                big as f64 / MIB / write_secs,
+                big as f64 / MIB / read_secs,
+            );
+        } else {
+            println!("peak_rss_streaming: skipped (external endpoint without --server-pid)");
+        }
+    }
+
+    // 3. BatchUpdateBlobs of many small blobs.
+    let blobs: Vec<Vec<u8>> = (0..args.batch_blobs)
+        .map(|i| {
+            let mut blob = noise(args.batch_blob_size, nonce ^ (i as u64 + 1));
+            blob[..8].copy_from_slice(&(nonce.wrapping_add(i as u64)).to_le_bytes());
+            blob
+        })
+        .collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| function.digest_of(b)).collect();
+    let per_batch = (max_batch / (args.batch_blob_size + 100)).max(1);
+    let start = Instant::now();
+    let mut in_flight = tokio::task::JoinSet::new();
+    for (chunk_blobs, chunk_digests) in blobs.chunks(per_batch).zip(digests.chunks(per_batch)) {
+        let requests: Vec<_> = chunk_blobs
+            .iter()
+            .zip(chunk_digests)
+            .map(|(data, digest)| batch_update_blobs_request::Request {
+                digest: Some(digest.to_reapi()),
+                data: data.clone(),
+                compressor: 0,
+            })
+            .collect();
+        let request = bench.request(BatchUpdateBlobsRequest {
+            instance_name: args.instance.clone(),
+            requests,
+            digest_function: function.to_reapi() as i32,
+        });
+        let mut client = ContentAddressableStorageClient::new(channel.clone())
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20);
+        in_flight.spawn(async move { client.batch_update_blobs(request).await });
+        while in_flight.len() >= 4 {
+            check_batch(in_flight.join_next().await.expect("a task"))?;
+        }
+    }
+    while let Some(result) = in_flight.join_next().await {
+        check_batch(result)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "batch_update_{}x{}B: {:.0} blobs/s ({:.1} MiB/s, {} blobs per batch, 4 batches in flight)",
+        args.batch_blobs,
+        args.batch_blob_size,
+        args.batch_blobs as f64 / secs,
+        (args.batch_blobs * args.batch_blob_size) as f64 / MIB / secs,
+        per_batch
+    );
+
+    // 4. FindMissingBlobs latency under concurrency.
+    let absent: Vec<Digest> = (0..1000u64)
+        .map(|i| function.digest_of(&(nonce ^ !i).to_le_bytes()))
+        .collect();
+    for per_call in [1usize, 1000] {
+        let mut tasks = tokio::task::JoinSet::new();
+        let wall = Instant::now();
+        for task in 0..args.find_tasks {
+            let mut client = ContentAddressableStorageClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            let digests = digests.clone();
+            let absent = absent.clone();
+            let token = args.token.clone();
+            let instance = args.instance.clone();
+            let calls = args.find_calls;
+            tasks.spawn(async move {
+                let mut latencies = Vec::with_capacity(calls);
+                for call in 0..calls {
+                    // 90% present, 10% absent, different per task and call.
+                    let blob_digests: Vec<_> = (0..per_call)
+                        .map(|k| {
+                            let i = task * 7919 + call * 104_729 + k;
+                            if k % 10 == 9 {
+                                absent[i % absent.len()]
+                            } else {
+                                digests[i % digests.len()]
+                            }
+                        })
+                        .map(|d| d.to_reapi())
+                        .collect();
+                    let mut request = Request::new(FindMissingBlobsRequest {
+                        instance_name: instance.clone(),
+                        blob_digests,
+                        digest_function: function.to_reapi() as i32,
+                    });
+                    if let Some(token) = &token {
+                        request.metadata_mut().insert(
+                            "authorization",
+                            format!("Bearer {token}").parse().expect("token"),
+                        );
+                    }
+                    let start = Instant::now();
+                    client.find_missing_blobs(request).await?;
+                    latencies.push(start.elapsed());
+                }
+                Ok::<_, tonic::Status>(latencies)
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(result) = tasks.join_next().await {
+            all.extend(result??);
+        }
+        let wall = wall.elapsed().as_secs_f64();
+        all.sort();
+        let mean = all.iter().sum::<Duration>() / all.len().max(1) as u32;
+        println!(
+            "find_missing_{per_call}_digest{}: mean {:.2} ms, p99 {:.2} ms ({} tasks x {} calls, {:.0} calls/s)",
+            if per_call == 1 { "" } else { "s" },
+            ms(mean),
+            ms(percentile(&all, 0.99)),
+            args.find_tasks,
+            args.find_calls,
+            all.len() as f64 / wall
+        );
+    }
+
+    if let Some(server) = embedded {
+        server.shutdown().await?;
+    }
+    Ok(())
+}
+
+fn check_batch(
+    result: Result<
+        Result<tonic::Response<rba_proto::reapi::BatchUpdateBlobsResponse>, tonic::Status>,
+        tokio::task::JoinError,
+    >,
+) -> anyhow::Result<()> {
+    let response = result??.into_inner();
+    if let Some(failed) = response
+        .responses
+        .iter()
+        .find(|r| r.status.as_ref().is_some_and(|s| s.code != 0))
+    {
+        bail!("BatchUpdateBlobs entry failed: {:?}", failed.status);
+    }
+    Ok(())
+}
