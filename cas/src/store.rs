@@ -312,8 +312,11 @@ impl BlobStore {
     /// Stores a buffer and returns its digest.
     pub fn put_bytes(&self, function: DigestFunction, bytes: &[u8]) -> Result<Digest> {
         let digest = function.digest_of(bytes);
-        self.put_verified(digest, bytes)?;
-        Ok(digest)
+        let mut writer = self.writer(digest)?;
+        // The digest was just computed from these bytes: hashing them again proves nothing.
+        writer.hasher = None;
+        writer.write_chunk(bytes)?;
+        writer.commit()
     }
 
     /// Copies a file into the store, hashing it as it streams, and returns its digest.
@@ -669,7 +672,8 @@ impl Read for BlobReader {
 pub struct BlobWriter {
     store: BlobStore,
     expected: Option<Digest>,
-    hasher: Hasher,
+    /// `None` when the store computed `expected` from these very bytes (`put_bytes`).
+    hasher: Option<Hasher>,
     /// `None` when the blob is already present: bytes are only counted.
     file: Option<NamedTempFile>,
     received: u64,
@@ -683,7 +687,7 @@ impl BlobWriter {
             let tmp = &store.inner.tmp_dir;
             Some(NamedTempFile::new_in(tmp).map_err(|e| CasError::io("creating temp file in", tmp, e))?)
         };
-        Ok(BlobWriter { store, expected, hasher: function.hasher(), file, received: 0 })
+        Ok(BlobWriter { store, expected, hasher: Some(function.hasher()), file, received: 0 })
     }
 
     /// True when the blob was already stored: writing is then only counted, not hashed.
@@ -706,7 +710,9 @@ impl BlobWriter {
         }
         // Present already (no file): only count, so the size check still holds.
         if let Some(file) = &mut self.file {
-            self.hasher.update(bytes);
+            if let Some(hasher) = &mut self.hasher {
+                hasher.update(bytes);
+            }
             file.write_all(bytes).map_err(|e| CasError::io("writing", file.path(), e))?;
         }
         self.received = after;
@@ -723,7 +729,11 @@ impl BlobWriter {
             }
             return Ok(expected);
         };
-        let actual = self.hasher.finish();
+        let actual = match (self.hasher, self.expected) {
+            (Some(hasher), _) => hasher.finish(),
+            (None, Some(expected)) => Digest { size: written, ..expected },
+            (None, None) => unreachable!("unhashed writers always have an expected digest"),
+        };
         if let Some(expected) = self.expected {
             if actual.size != expected.size {
                 return Err(CasError::SizeMismatch { expected, actual: actual.size });
