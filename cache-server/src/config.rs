@@ -226,6 +226,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// The metrics address flag: an address, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    parse_optional_addr(text).map(MetricsAddr)
+}
+
 /// `host:port`, or `off`/`""` for none.
 fn parse_optional_addr(text: &str) -> Result<Option<SocketAddr>, String> {
     match text.trim() {
@@ -295,7 +303,7 @@ cache-server --listen 0.0.0.0:50051 --token ci:$CI_TOKEN:read-write --token dev:
 bazel build //... --remote_cache=grpc://127.0.0.1:50051"
 )]
 pub struct Cli {
-    /// TOML configuration file (see the crate docs for every key).
+    /// TOML configuration file (--print-config shows every key).
     #[arg(long, short = 'c', env = "RBA_CACHE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -308,8 +316,8 @@ pub struct Cli {
     pub data_dir: Option<PathBuf>,
 
     /// Prometheus metrics address, or "off" [default: 127.0.0.1:50052].
-    #[arg(long, env = "RBA_CACHE_METRICS_LISTEN", value_name = "ADDR|off", value_parser = parse_optional_addr)]
-    pub metrics_listen: Option<Option<SocketAddr>>,
+    #[arg(long, env = "RBA_CACHE_METRICS_LISTEN", value_name = "ADDR|off", value_parser = parse_metrics_addr)]
+    pub metrics_listen: Option<MetricsAddr>,
 
     /// Store capacity; least-recently-used blobs are evicted above it (e.g. 50GiB).
     #[arg(long, env = "RBA_CACHE_MAX_STORE_BYTES", value_name = "SIZE", value_parser = parse_size)]
@@ -355,7 +363,7 @@ impl Cli {
         if let Some(dir) = self.data_dir {
             config.data_dir = dir;
         }
-        if let Some(metrics) = self.metrics_listen {
+        if let Some(MetricsAddr(metrics)) = self.metrics_listen {
             config.metrics_listen = metrics;
         }
         if let Some(bytes) = self.max_store_bytes {
@@ -406,7 +414,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "listen = \"127.0.0.1:7000\"\nmetrics_listen = \"\"\n[store]\nmax_bytes = 1000\n\
+            "listen = \"127.0.0.1:7000\"\nmetrics_listen = \"127.0.0.1:7002\"\n[store]\nmax_bytes = 1000\n\
              [[auth.tokens]]\ntoken = \"abcdefghij\"\naccess = \"read-only\"\n",
         )
         .unwrap();
@@ -418,6 +426,8 @@ mod tests {
             "127.0.0.1:7001",
             "--token",
             "ci:0123456789:read-write",
+            "--metrics-listen",
+            "off",
         ])
         .unwrap();
         let config = cli.into_config().unwrap();

@@ -1,0 +1,210 @@
+//! The `cache-server` binary: `--help`, `--print-config`, serving, clean shutdown on SIGTERM
+//! and SIGINT, and a restart on the same data directory that still serves what was cached.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use rba_cache_server::resource_name::{self, Compressor};
+use rba_cas::DigestFunction;
+use rba_proto::reapi::{
+    ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cache-server");
+
+struct Running {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+fn start(data_dir: &std::path::Path) -> Running {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--fsync",
+            "false",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RBA_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cache-server starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server logs its address");
+        let plain = strip_ansi(&line);
+        if plain.contains("serving REAPI")
+            && let Some(rest) = plain.split("addr=").nth(1)
+        {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .expect("address");
+        }
+    };
+    Running {
+        child,
+        addr,
+        log: rx,
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn stop(mut running: Running, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = running.child.wait().unwrap();
+    assert!(exit.success(), "clean exit after {signal}: {exit:?}");
+    let log: Vec<String> = running.log.try_iter().map(|l| strip_ansi(&l)).collect();
+    assert!(
+        log.iter().any(|l| l.contains("shut down cleanly")),
+        "{log:#?}"
+    );
+}
+
+async fn clients(addr: std::net::SocketAddr) -> Clients {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Clients::new(channel)
+}
+
+#[test]
+fn help_and_print_config() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--config",
+        "--token",
+        "--metrics-listen",
+        "RBA_CACHE_LISTEN",
+        "127.0.0.1:50051",
+    ] {
+        assert!(text.contains(flag), "--help mentions {flag}:\n{text}");
+    }
+    let printed = Command::new(BIN)
+        .args([
+            "--print-config",
+            "--token",
+            "ci:secret-token-1:read-write",
+            "--listen",
+            "127.0.0.1:6000",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.status.success());
+    assert!(
+        text.contains("listen = \"127.0.0.1:6000\"") && text.contains("[store]"),
+        "{text}"
+    );
+    assert!(!text.contains("secret-token-1"), "tokens are masked");
+    let refused = Command::new(BIN)
+        .args(["--print-config", "--listen", "0.0.0.0:6000"])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "open server off loopback without tokens is refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_shuts_down_cleanly_and_restarts_on_the_same_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path());
+    let mut c = clients(running.addr).await;
+    let data = noise(1 << 20, 42);
+    let digest = DigestFunction::Sha256.digest_of(&data);
+    c.write("main", &digest, &data, Compressor::Identity, 64 << 10)
+        .await
+        .unwrap();
+    let action = DigestFunction::Sha256.digest_of(b"binary action");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(digest.to_reapi()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    c.ac.update_action_result(UpdateActionResultRequest {
+        instance_name: "main".into(),
+        action_digest: Some(action.to_reapi()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(c);
+    stop(running, "-TERM");
+
+    let running = start(dir.path());
+    let mut c = clients(running.addr).await;
+    let hit =
+        c.ac.get_action_result(GetActionResultRequest {
+            instance_name: "main".into(),
+            action_digest: Some(action.to_reapi()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hit, result);
+    assert_eq!(
+        c.read(
+            &resource_name::read_name("main", &digest, Compressor::Identity),
+            0,
+            0
+        )
+        .await
+        .unwrap(),
+        data
+    );
+    drop(c);
+    stop(running, "-INT");
+}
