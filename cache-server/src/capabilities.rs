@@ -3,7 +3,8 @@
 //! Advertises SHA-256 and BLAKE3, zstd for ByteStream and batch uploads, whether *this client*
 //! may update the action cache (per its token), and a `max_batch_total_size_bytes` derived from
 //! the server's real message limit (never 0: clients that batch "without limit" overflow the
-//! 4 MiB gRPC default). Execution is disabled until the executor registers its service.
+//! 4 MiB gRPC default), and `exec_enabled` when an executor is attached (SHA-256 as the
+//! execution digest function, SHA-256 and BLAKE3 accepted).
 
 use rba_cas::DigestFunction;
 use rba_proto::reapi::capabilities_server::Capabilities;

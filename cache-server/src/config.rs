@@ -15,6 +15,10 @@
 //! low_watermark = 0.9
 //! fsync = true
 //!
+//! [execution]
+//! enabled = true                       # the REAPI Execution service (needs the sandbox's prerequisites)
+//! workers = 2                          # actions running at once (default: CPUs, at most 4)
+//!
 //! [auth]
 //! anonymous = "none"                   # access without a token: none | read-only | read-write
 //! read_only_may_write_cas = true       # read-only tokens may upload blobs (never action results)
@@ -60,6 +64,29 @@ pub struct Config {
     pub store: StoreConfig,
     /// Who may read and write.
     pub auth: AuthConfig,
+    /// The Execution service.
+    pub execution: ExecutionConfig,
+}
+
+/// The REAPI Execution service: actions run by `rba-executor` in its sandbox, with its data
+/// under `{data_dir}/executor`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutionConfig {
+    /// Serve Execute/WaitExecution and Operations. When the sandbox cannot be set up the server
+    /// logs why and serves cache-only.
+    pub enabled: bool,
+    /// Actions running at once (default: the executor's, CPUs up to 4).
+    pub workers: Option<usize>,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            enabled: true,
+            workers: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -77,6 +104,7 @@ impl Default for Config {
             zstd_level: 1,
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
+            execution: ExecutionConfig::default(),
         }
     }
 }
@@ -176,6 +204,9 @@ impl Config {
 
     /// Refuses configurations that are unsafe or inconsistent.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.execution.workers == Some(0) {
+            bail!("execution.workers must be at least 1");
+        }
         if self.max_message_bytes < 64 << 10 {
             bail!("max_message_bytes must be at least 64 KiB");
         }
@@ -291,16 +322,19 @@ fn parse_token(text: &str) -> Result<TokenConfig, String> {
 #[command(
     name = "cache-server",
     version,
-    about = "REAPI v2 remote cache over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store",
-    long_about = "REAPI v2 remote cache over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store.\n\n\
+    about = "REAPI v2 remote cache and remote execution over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store",
+    long_about = "REAPI v2 remote cache and remote execution over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store.\n\n\
 With no arguments it serves gRPC on 127.0.0.1:50051, Prometheus metrics on 127.0.0.1:50052/metrics, \
-and keeps its data under $XDG_CACHE_HOME/rba-cache-server (or ~/.cache/rba-cache-server).\n\n\
+and keeps its data under $XDG_CACHE_HOME/rba-cache-server (or ~/.cache/rba-cache-server). \
+Actions sent to Execute run in the rba sandbox (unprivileged, no network, read-only /usr) when its \
+prerequisites are present (scripts/setup-sandbox.sh); otherwise, or with --no-execution, it serves cache-only.\n\n\
 Settings come from built-in defaults, then the TOML file given by --config, then environment \
 variables, then flags. Use --print-config to see the result.",
     after_help = "Examples:\n  \
 cache-server\n  \
 cache-server --listen 0.0.0.0:50051 --token ci:$CI_TOKEN:read-write --token dev:$DEV_TOKEN:read-only\n  \
-bazel build //... --remote_cache=grpc://127.0.0.1:50051"
+bazel build //... --remote_cache=grpc://127.0.0.1:50051\n  \
+bazel build //... --remote_executor=grpc://127.0.0.1:50051"
 )]
 pub struct Cli {
     /// TOML configuration file (--print-config shows every key).
@@ -341,6 +375,14 @@ pub struct Cli {
     #[arg(long, env = "RBA_CACHE_ANONYMOUS", value_enum, value_name = "ACCESS")]
     pub anonymous: Option<Access>,
 
+    /// Actions the Execution service runs at once [default: CPUs, at most 4].
+    #[arg(long, env = "RBA_CACHE_EXECUTOR_WORKERS", value_name = "N")]
+    pub executor_workers: Option<usize>,
+
+    /// Serve cache-only: no Execution service (Execute answers UNIMPLEMENTED).
+    #[arg(long, env = "RBA_CACHE_NO_EXECUTION")]
+    pub no_execution: bool,
+
     /// Log filter (tracing-subscriber syntax).
     #[arg(long, env = "RBA_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
@@ -374,6 +416,12 @@ impl Cli {
         }
         if let Some(bytes) = self.max_message_bytes {
             config.max_message_bytes = usize::try_from(bytes).context("max_message_bytes")?;
+        }
+        if let Some(workers) = self.executor_workers {
+            config.execution.workers = Some(workers);
+        }
+        if self.no_execution {
+            config.execution.enabled = false;
         }
         config.auth.tokens.extend(self.tokens);
         if let Some(anonymous) = self.anonymous {

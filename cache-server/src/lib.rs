@@ -1,8 +1,7 @@
-//! The Bazel Remote Execution API v2 over gRPC, on the `rba-cas` store.
+//! The Bazel Remote Execution API v2 over gRPC, on the `rba-cas` store and the `rba-executor`.
 //!
-//! Every REAPI client (Bazel, Buck2, Pants, …) can use this server as its remote cache. One
-//! module per gRPC service, so the Execution service (and google.longrunning Operations) slot in
-//! beside them later:
+//! Every REAPI client (Bazel, Buck2, Pants, …) can use this server as its remote cache and
+//! remote executor. One module per gRPC service:
 //!
 //! - [`capabilities`]: `GetCapabilities` — digest functions, compressors, the real batch limit,
 //!   whether *this client* may update the action cache.
@@ -11,7 +10,10 @@
 //! - [`action_cache`]: `ActionCache` — GetActionResult (complete hits only, inlining honoured),
 //!   UpdateActionResult (refused while referenced blobs are missing).
 //! - [`bytestream`]: `google.bytestream.ByteStream` — streaming, verified, resumable blob
-//!   reads and writes, plain or zstd-compressed.
+//!   reads and writes, plain or zstd-compressed; and live action output.
+//! - [`execution`]: `Execution` (Execute, WaitExecution) and `google.longrunning.Operations`,
+//!   a thin translation onto `rba_executor::runner::Executor`, which runs every action in its
+//!   sandbox and stores outputs and results; its live stdout/stderr are ByteStream-readable.
 //!
 //! Around them: [`config`] (TOML file, environment, flags), [`auth`] (bearer tokens,
 //! read-only or read-write), [`metrics`] (Prometheus text over HTTP), [`resource_name`]
@@ -25,6 +27,7 @@ pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
 pub mod config;
+pub mod execution;
 pub mod metrics;
 pub mod resource_name;
 pub mod server;

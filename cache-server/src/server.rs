@@ -4,8 +4,14 @@
 //! a shutdown future resolves, then drains in-flight requests and flushes the store.
 //! [`Server::spawn`] does all that on ephemeral tasks and hands back a [`RunningServer`] (used
 //! by tests, the bench and embedders). Every service sits behind the token
-//! [`Authenticator`]; services not registered here (Execution, Operations, until the executor
-//! adds them) answer `UNIMPLEMENTED`.
+//! [`Authenticator`].
+//!
+//! With `execution.enabled` (the default) the server starts an [`Executor`] on the same store
+//! (one `Cas`, opened once), its data under `{data_dir}/executor`, and serves Execution,
+//! Operations and live action output through ByteStream. If the executor cannot start (the
+//! sandbox's prerequisites are missing) it logs why and serves cache-only; then, as with
+//! `--no-execution`, Execution and Operations answer `UNIMPLEMENTED` and Capabilities says
+//! `exec_enabled: false`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,10 +20,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rba_cas::Cas;
+use rba_executor::runner::{Executor, ExecutorConfig, JobState};
 use rba_proto::bytestream::byte_stream_server::ByteStreamServer;
+use rba_proto::longrunning::operations_server::OperationsServer;
 use rba_proto::reapi::action_cache_server::ActionCacheServer;
 use rba_proto::reapi::capabilities_server::CapabilitiesServer;
 use rba_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use rba_proto::reapi::execution_server::ExecutionServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
@@ -28,6 +37,7 @@ use crate::bytestream::{ByteStreamService, Uploads};
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::Config;
+use crate::execution::LiveOutput;
 use crate::metrics::Metrics;
 
 /// What every service shares. Cheap to clone.
@@ -43,6 +53,8 @@ pub struct ServerState {
     pub auth: Authenticator,
     /// Resumable ByteStream uploads.
     pub uploads: Arc<Uploads>,
+    /// Runs actions for the Execution service; `None` when serving cache-only.
+    pub executor: Option<Executor>,
 }
 
 impl ServerState {
@@ -51,9 +63,9 @@ impl ServerState {
         self.config.max_batch_total_size_bytes()
     }
 
-    /// Whether the Execution service is served (not yet: the executor adds it).
+    /// Whether the Execution service is served.
     pub fn execution_enabled(&self) -> bool {
-        false
+        self.executor.is_some()
     }
 }
 
@@ -101,6 +113,12 @@ impl Server {
         )));
         let metrics = Arc::new(Metrics::new(cas.blobs.clone(), uploads.session_counter()));
         let auth = Authenticator::new(&config);
+        let executor = if config.execution.enabled {
+            start_executor(&cas, &config)
+        } else {
+            tracing::info!("execution disabled by configuration: serving cache-only");
+            None
+        };
         Ok(Server {
             state: ServerState {
                 cas,
@@ -108,8 +126,22 @@ impl Server {
                 metrics,
                 auth,
                 uploads,
+                executor,
             },
         })
+    }
+
+    /// Serves Execution with this executor (e.g. one shared with other front ends) instead of
+    /// the one `new` started. It must run on this server's store.
+    pub fn with_executor(mut self, executor: Executor) -> Self {
+        self.state.executor = Some(executor);
+        self
+    }
+
+    /// Serves cache-only, stopping nothing (jobs already submitted finish).
+    pub fn without_executor(mut self) -> Self {
+        self.state.executor = None;
+        self
     }
 
     /// The shared state.
@@ -132,9 +164,35 @@ impl Server {
         let action_cache = ActionCacheServer::new(ActionCacheService::new(state.clone()))
             .max_decoding_message_size(decode)
             .max_encoding_message_size(encode);
-        let bytestream = ByteStreamServer::new(ByteStreamService::new(state.clone()))
+        let mut bytestream_service = ByteStreamService::new(state.clone());
+        if let Some(executor) = &state.executor {
+            bytestream_service =
+                bytestream_service.with_read_source(Arc::new(LiveOutput::new(executor.clone())));
+        }
+        let bytestream = ByteStreamServer::new(bytestream_service)
             .max_decoding_message_size(decode)
             .max_encoding_message_size(encode);
+        let (execution, operations) = match &state.executor {
+            Some(executor) => {
+                let (execution, operations) =
+                    crate::execution::services(state.clone(), executor.clone());
+                (
+                    Some(InterceptedService::new(
+                        ExecutionServer::new(execution)
+                            .max_decoding_message_size(decode)
+                            .max_encoding_message_size(encode),
+                        auth.clone(),
+                    )),
+                    Some(InterceptedService::new(
+                        OperationsServer::new(operations)
+                            .max_decoding_message_size(decode)
+                            .max_encoding_message_size(encode),
+                        auth.clone(),
+                    )),
+                )
+            }
+            None => (None, None),
+        };
         tonic::transport::Server::builder()
             // Loopback streaming of multi-GiB blobs needs windows larger than HTTP/2's 64 KiB.
             .initial_stream_window_size(Some(8 << 20))
@@ -145,6 +203,8 @@ impl Server {
             .add_service(InterceptedService::new(cas, auth.clone()))
             .add_service(InterceptedService::new(action_cache, auth.clone()))
             .add_service(InterceptedService::new(bytestream, auth))
+            .add_optional_service(execution)
+            .add_optional_service(operations)
     }
 
     /// Serves on the given listeners until `shutdown` resolves, then drains and flushes.
@@ -164,6 +224,15 @@ impl Server {
         };
 
         let reaper = tokio::spawn(self.state.uploads.clone().reap_forever());
+        // On shutdown, running actions are cancelled (their sandboxes killed) first, so their
+        // Execute streams end and draining does not wait for them.
+        let cancel_task = self.state.executor.clone().map(|executor| {
+            let signal = wait(stop_rx.clone());
+            tokio::spawn(async move {
+                signal.await;
+                cancel_running(&executor).await;
+            })
+        });
         let metrics_task = metrics_listener.map(|listener| {
             let app = crate::metrics::router(self.state.metrics.clone());
             let signal = wait(stop_rx.clone());
@@ -178,6 +247,7 @@ impl Server {
             addr = %listener.local_addr()?,
             data_dir = %self.state.config.data_dir.display(),
             max_batch_total_size_bytes = self.state.max_batch_total_size_bytes(),
+            execution = self.state.execution_enabled(),
             "serving REAPI"
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -197,6 +267,9 @@ impl Server {
             }
         };
         reaper.abort();
+        if let Some(task) = cancel_task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
         if let Some(task) = metrics_task {
             match tokio::time::timeout(Duration::from_secs(5), task).await {
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server"),
@@ -214,6 +287,13 @@ impl Server {
 
     /// Binds the configured addresses and serves on a background task.
     pub async fn spawn(config: Config) -> anyhow::Result<RunningServer> {
+        let server = Server::new(config)?;
+        server.spawn_server().await
+    }
+
+    /// Binds this server's configured addresses and serves on a background task.
+    pub async fn spawn_server(self) -> anyhow::Result<RunningServer> {
+        let config = self.state.config.clone();
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -230,7 +310,7 @@ impl Server {
             .as_ref()
             .map(|l| l.local_addr())
             .transpose()?;
-        let server = Server::new(config)?;
+        let server = self;
         let state = server.state.clone();
         let (shutdown, mut rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(listener, metrics_listener, async move {
@@ -243,5 +323,54 @@ impl Server {
             shutdown,
             task,
         })
+    }
+}
+
+/// Starts the executor on the server's store, or explains why the server runs cache-only.
+fn start_executor(cas: &Cas, config: &Config) -> Option<Executor> {
+    let dir = config.data_dir.join("executor");
+    let started = ExecutorConfig::new(&dir).and_then(|mut executor_config| {
+        if let Some(workers) = config.execution.workers {
+            executor_config.workers = workers;
+        }
+        let workers = executor_config.workers;
+        Executor::new(cas.clone(), executor_config).map(|executor| (executor, workers))
+    });
+    match started {
+        Ok((executor, workers)) => {
+            tracing::info!(workers, dir = %dir.display(), "remote execution enabled");
+            Some(executor)
+        }
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "remote execution is DISABLED: the sandbox cannot be set up (run \
+                 scripts/setup-sandbox.sh, or pass --no-execution to silence this); serving cache-only"
+            );
+            None
+        }
+    }
+}
+
+/// Cancels every job not yet done and waits (a little) for them to end.
+async fn cancel_running(executor: &Executor) {
+    let running: Vec<_> = executor
+        .jobs()
+        .into_iter()
+        .filter(|job| !matches!(job.state(), JobState::Done(_)))
+        .collect();
+    if running.is_empty() {
+        return;
+    }
+    tracing::info!(jobs = running.len(), "cancelling running actions");
+    for job in &running {
+        job.cancel();
+    }
+    let all = futures::future::join_all(running.iter().map(|job| job.wait()));
+    if tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("actions still running 5 s after cancellation");
     }
 }

@@ -113,6 +113,18 @@ pub fn to_rpc(status: &Status) -> rba_proto::rpc::Status {
     }
 }
 
+/// A `google.rpc.Status` with the status's details (e.g. a `PreconditionFailure`), for
+/// statuses carried inside messages such as `ExecuteResponse.status`.
+pub fn to_rpc_with_details(status: &Status) -> rba_proto::rpc::Status {
+    use rba_proto::Message;
+    match rba_proto::rpc::Status::decode(status.details()) {
+        Ok(decoded) if !status.details().is_empty() && decoded.code == status.code() as i32 => {
+            decoded
+        }
+        _ => to_rpc(status),
+    }
+}
+
 /// The `google.rpc.Status` of success.
 pub fn rpc_ok() -> rba_proto::rpc::Status {
     rba_proto::rpc::Status {

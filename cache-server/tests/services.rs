@@ -1411,7 +1411,7 @@ async fn metrics_count_requests_hits_bytes_and_store_size() {
 }
 
 #[tokio::test]
-async fn execution_and_operations_are_unimplemented_for_now() {
+async fn execution_and_operations_are_unimplemented_when_execution_is_disabled() {
     let server = TestServer::start().await;
     let channel = server.channel().await;
     let mut exec = reapi::execution_client::ExecutionClient::new(channel.clone());

@@ -316,6 +316,18 @@ impl Executor {
         self.inner.jobs.lock().get(id).cloned()
     }
 
+    /// Every job still known (running, queued, or finished within [`JOB_RETENTION`]).
+    pub fn jobs(&self) -> Vec<JobHandle> {
+        self.inner.jobs.lock().values().cloned().collect()
+    }
+
+    /// Forgets a job and its log stream (a running job keeps running; its results still reach
+    /// the CAS and the action cache). Returns the handle if the job was known.
+    pub fn forget_job(&self, id: &str) -> Option<JobHandle> {
+        self.inner.logs.remove(id);
+        self.inner.jobs.lock().remove(id)
+    }
+
     /// Jobs waiting for a worker.
     pub fn queue_len(&self) -> usize {
         self.inner.queue.lock().len()

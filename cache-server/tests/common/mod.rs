@@ -9,9 +9,11 @@ use rba_cache_server::{Config, RunningServer, Server};
 use rba_cas::{Digest, DigestFunction};
 use rba_proto::bytestream::byte_stream_client::ByteStreamClient;
 use rba_proto::bytestream::{ReadRequest, WriteRequest};
+use rba_proto::longrunning::operations_client::OperationsClient;
 use rba_proto::reapi::action_cache_client::ActionCacheClient;
 use rba_proto::reapi::capabilities_client::CapabilitiesClient;
 use rba_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use rba_proto::reapi::execution_client::ExecutionClient;
 use rba_proto::reapi::{self, batch_update_blobs_request};
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -35,6 +37,15 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     };
     config.store.fsync = false;
     config.store.max_bytes = 1 << 30;
+    // Cache-only unless a test asks for execution (`TestServer::start_executing`).
+    config.execution.enabled = false;
+    config
+}
+
+/// Turns the Execution service on (2 workers).
+pub fn with_execution(mut config: Config) -> Config {
+    config.execution.enabled = true;
+    config.execution.workers = Some(2);
     config
 }
 
@@ -68,6 +79,20 @@ impl TestServer {
             dir,
             config,
         }
+    }
+
+    /// A server with the Execution service; fails if the sandbox cannot be set up.
+    pub async fn start_executing() -> TestServer {
+        Self::start_executing_with(|c| c).await
+    }
+
+    pub async fn start_executing_with(adjust: impl FnOnce(Config) -> Config) -> TestServer {
+        let server = Self::start_with(|c| adjust(with_execution(c))).await;
+        assert!(
+            server.running().state.execution_enabled(),
+            "the executor did not start (see the warning above): run scripts/setup-sandbox.sh"
+        );
+        server
     }
 
     pub fn running(&self) -> &RunningServer {
@@ -109,6 +134,8 @@ pub struct Clients {
     pub ac: ActionCacheClient<Channel>,
     pub bs: ByteStreamClient<Channel>,
     pub caps: CapabilitiesClient<Channel>,
+    pub exec: ExecutionClient<Channel>,
+    pub ops: OperationsClient<Channel>,
 }
 
 impl Clients {
@@ -120,7 +147,9 @@ impl Clients {
                 .max_encoding_message_size(limit),
             ac: ActionCacheClient::new(channel.clone()),
             bs: ByteStreamClient::new(channel.clone()).max_decoding_message_size(limit),
-            caps: CapabilitiesClient::new(channel),
+            caps: CapabilitiesClient::new(channel.clone()),
+            exec: ExecutionClient::new(channel.clone()).max_decoding_message_size(limit),
+            ops: OperationsClient::new(channel),
         }
     }
 

@@ -1,0 +1,763 @@
+//! `build.bazel.remote.execution.v2.Execution` and `google.longrunning.Operations`, over the
+//! executor's one job path ([`Executor::submit`]).
+//!
+//! This module only translates: the executor looks the action cache up, queues, materialises
+//! the input root, runs the Command in its sandbox, collects `output_paths` into the CAS, stores
+//! the ActionResult and streams the output. Here:
+//!
+//! - **Execute** checks the request (instance, digest function, action digest:
+//!   `INVALID_ARGUMENT` when malformed) and that the Action, its Command and every blob of its
+//!   input root are in the CAS. Missing ones end the stream at once with an `ExecuteResponse`
+//!   whose status is `FAILED_PRECONDITION` with a `PreconditionFailure` (`MISSING`,
+//!   `blobs/{hash}/{size}` per blob), as the spec asks, so the client uploads and retries.
+//!   Otherwise it submits the job and streams `Operation`s named
+//!   `{instance}/operations/{job id}` (`operations/{job id}` for the empty instance): one per
+//!   stage (`QUEUED`, `EXECUTING`, `COMPLETED`), the current one again every
+//!   [`KEEPALIVE`] so idle streams stay open, and a final `done` one whose response is the
+//!   `ExecuteResponse`. A command that runs and exits non-zero is status `OK` with that
+//!   `exit_code`; a wall-time kill is `DEADLINE_EXCEEDED` (with the partial result); a
+//!   cancelled job is `CANCELLED`; a job that could not run is `INTERNAL`.
+//! - **WaitExecution** resumes that stream for an operation the executor still knows (jobs
+//!   are kept for [`rba_executor::runner::JOB_RETENTION`] after they end).
+//! - **Operations**: GetOperation (a snapshot), ListOperations (the operations of the instance
+//!   named by `{instance}/operations`, no paging), WaitOperation (until done or the timeout,
+//!   at most [`MAX_WAIT`]), CancelOperation ([`rba_executor::runner::JobHandle::cancel`]: a
+//!   queued job never starts, a running sandbox is killed) and DeleteOperation (forgets it;
+//!   a running job still finishes and caches its result).
+//! - **Live output**: `ExecuteOperationMetadata.stdout_stream_name` / `stderr_stream_name`
+//!   are `{operation name}/stdout` and `/stderr`, readable through ByteStream ([`LiveOutput`]
+//!   is its [`ReadSource`]) while the action runs and until the job is forgotten: the bytes
+//!   arrive line by line as the command writes them, and the read ends when the job does.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, Stream};
+use parking_lot::Mutex;
+use rba_cas::{BlobStore, CasError, Digest};
+use rba_executor::action::ActionError;
+use rba_executor::logstream::LogStreamKind;
+use rba_executor::runner::Executor;
+use rba_executor::runner::{self, ExecutorError, JobHandle, JobOutcome, JobState, JobStatus};
+use rba_proto::Message;
+use rba_proto::bytestream::ReadResponse;
+use rba_proto::longrunning::operations_server::Operations;
+use rba_proto::longrunning::{
+    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+    ListOperationsResponse, Operation, WaitOperationRequest, operation,
+};
+use rba_proto::protobuf::{Any, Empty};
+use rba_proto::reapi::execution_server::Execution;
+use rba_proto::reapi::{
+    self, ExecuteOperationMetadata, ExecuteResponse, LogFile, WaitExecutionRequest, execution_stage,
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::bytestream::{ReadSource, ReadStream};
+use crate::server::ServerState;
+use crate::status::{self, blocking};
+use crate::{auth, resource_name};
+
+/// The path segment between an instance name and an operation id.
+pub const OPERATIONS_SEGMENT: &str = "operations";
+/// An Execute/WaitExecution stream repeats the current operation this often while nothing
+/// changes, so proxies and clients never see an idle stream.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
+/// The longest WaitOperation waits.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Largest Action message decoded while checking inputs.
+const MAX_ACTION_BYTES: u64 = 4 << 20;
+/// Bytes of live output gathered into one ReadResponse when they are already written.
+const LIVE_CHUNK: usize = 64 << 10;
+
+const METADATA_TYPE: &str = "build.bazel.remote.execution.v2.ExecuteOperationMetadata";
+const RESPONSE_TYPE: &str = "build.bazel.remote.execution.v2.ExecuteResponse";
+
+/// A stream of Operations.
+pub type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
+
+/// The operation name of a job: `{instance}/operations/{id}`, or `operations/{id}`.
+pub fn operation_name(instance: &str, job_id: &str) -> String {
+    if instance.is_empty() {
+        format!("{OPERATIONS_SEGMENT}/{job_id}")
+    } else {
+        format!("{instance}/{OPERATIONS_SEGMENT}/{job_id}")
+    }
+}
+
+/// The ByteStream resource name of a job's live stdout or stderr.
+pub fn stream_name(instance: &str, job_id: &str, kind: LogStreamKind) -> String {
+    format!("{}/{}", operation_name(instance, job_id), kind.name())
+}
+
+/// Splits an operation name into (instance, job id). A bare job id is accepted too.
+pub fn parse_operation_name(name: &str) -> Result<(String, String), Status> {
+    let invalid = |reason: &str| {
+        Status::invalid_argument(format!("invalid operation name {name:?}: {reason}"))
+    };
+    if name.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if name.len() > resource_name::MAX_RESOURCE_NAME_LEN {
+        return Err(invalid("too long"));
+    }
+    let segments: Vec<&str> = name.split('/').collect();
+    let (instance, id) = match segments.iter().position(|s| *s == OPERATIONS_SEGMENT) {
+        Some(at) if at + 2 == segments.len() => (segments[..at].join("/"), segments[at + 1]),
+        Some(_) => return Err(invalid("expected {instance}/operations/{id}")),
+        None if segments.len() == 1 => (String::new(), name),
+        None => return Err(invalid("expected {instance}/operations/{id}")),
+    };
+    if id.is_empty() {
+        return Err(invalid("empty operation id"));
+    }
+    resource_name::validate_instance_name(&instance)?;
+    Ok((instance, id.to_string()))
+}
+
+/// Splits a live-output resource name into (instance, job id, stream); `None` when the name is
+/// not one.
+pub fn parse_stream_name(name: &str) -> Option<(String, String, LogStreamKind)> {
+    let (operation, stream) = name.rsplit_once('/')?;
+    let kind = match stream {
+        "stdout" => LogStreamKind::Stdout,
+        "stderr" => LogStreamKind::Stderr,
+        _ => return None,
+    };
+    if !operation.split('/').any(|s| s == OPERATIONS_SEGMENT) {
+        return None;
+    }
+    let (instance, id) = parse_operation_name(operation).ok()?;
+    Some((instance, id, kind))
+}
+
+/// Packs a message into a `google.protobuf.Any`.
+pub fn pack<M: Message>(type_name: &str, message: &M) -> Any {
+    Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// The instance of each operation this server started, for names and listings. Entries go
+/// when the executor forgets the job.
+#[derive(Debug, Default)]
+struct OperationTable {
+    instances: Mutex<HashMap<String, String>>,
+}
+
+impl OperationTable {
+    fn insert(&self, executor: &Executor, id: &str, instance: &str) {
+        let mut instances = self.instances.lock();
+        instances.retain(|id, _| executor.job(id).is_some());
+        instances.insert(id.to_string(), instance.to_string());
+    }
+
+    fn instance(&self, id: &str) -> Option<String> {
+        self.instances.lock().get(id).cloned()
+    }
+
+    fn remove(&self, id: &str) {
+        self.instances.lock().remove(id);
+    }
+}
+
+/// What the Execution and Operations services share.
+#[derive(Clone, Debug)]
+struct Shared {
+    state: ServerState,
+    executor: Executor,
+    table: Arc<OperationTable>,
+}
+
+impl Shared {
+    /// The job of an operation name, if the executor knows it and it belongs to the named
+    /// instance (a bare id names it whatever its instance).
+    fn lookup(&self, name: &str) -> Result<(String, JobHandle), Status> {
+        let (instance, id) = parse_operation_name(name)?;
+        let not_found = || Status::not_found(format!("no operation {name:?} (unknown or expired)"));
+        let handle = self.executor.job(&id).ok_or_else(not_found)?;
+        let owner = self.table.instance(&id).unwrap_or_default();
+        let bare = !name.contains('/');
+        if !bare && owner != instance {
+            return Err(not_found());
+        }
+        Ok((owner, handle))
+    }
+}
+
+/// The Execution service.
+#[derive(Clone, Debug)]
+pub struct ExecutionService {
+    shared: Shared,
+}
+
+/// The google.longrunning Operations service over the same jobs.
+#[derive(Clone, Debug)]
+pub struct OperationsService {
+    shared: Shared,
+}
+
+/// Both services over one executor, sharing their table of operations.
+pub fn services(state: ServerState, executor: Executor) -> (ExecutionService, OperationsService) {
+    let shared = Shared {
+        state,
+        executor,
+        table: Arc::new(OperationTable::default()),
+    };
+    (
+        ExecutionService {
+            shared: shared.clone(),
+        },
+        OperationsService { shared },
+    )
+}
+
+impl ExecutionService {
+    async fn start(
+        &self,
+        request: Request<reapi::ExecuteRequest>,
+    ) -> Result<OperationStream, Status> {
+        // Running an action writes the action cache.
+        auth::require_ac_write(&request)?;
+        let request = request.into_inner();
+        resource_name::validate_instance_name(&request.instance_name)?;
+        let function = status::digest_function(request.digest_function)?;
+        let action =
+            status::required_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let instance = request.instance_name;
+
+        let blobs = self.shared.state.cas.blobs.clone();
+        let missing = blocking(move || missing_inputs(&blobs, &action)).await?;
+        if !missing.is_empty() {
+            return Ok(precondition_failure(&instance, &action, &missing));
+        }
+        let submitted = self
+            .shared
+            .executor
+            .submit(runner::ExecuteRequest {
+                instance: instance.clone(),
+                action_digest: action,
+                skip_cache_lookup: request.skip_cache_lookup,
+                workspace_identity: None,
+            })
+            .await;
+        let handle = match submitted {
+            Ok(handle) => handle,
+            // Evicted between the check and the submission.
+            Err(ExecutorError::Action(ActionError::NotFound { digest, .. })) => {
+                return Ok(precondition_failure(&instance, &action, &[digest]));
+            }
+            Err(error) => return Err(submit_status(error)),
+        };
+        self.shared
+            .table
+            .insert(&self.shared.executor, &handle.id, &instance);
+        tracing::debug!(job = %handle.id, ?action, %instance, "execute");
+        Ok(operation_stream(instance, handle))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<OperationStream, Status> {
+        auth::require_read(&request)?;
+        let (instance, handle) = self.shared.lookup(&request.get_ref().name)?;
+        Ok(operation_stream(instance, handle))
+    }
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(
+        &self,
+        request: Request<reapi::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let result = self.start(request).await;
+        self.shared.state.metrics.request("Execute", &result);
+        result.map(Response::new)
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let result = self.resume(request).await;
+        self.shared.state.metrics.request("WaitExecution", &result);
+        result.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        let result = (|| {
+            auth::require_read(&request)?;
+            let name = &request.get_ref().name;
+            let instance = match name.strip_suffix(OPERATIONS_SEGMENT) {
+                Some(prefix) => prefix.trim_end_matches('/'),
+                None => name.as_str(),
+            };
+            resource_name::validate_instance_name(instance)?;
+            let mut operations: Vec<Operation> = self
+                .shared
+                .executor
+                .jobs()
+                .into_iter()
+                .filter_map(|job| {
+                    let owner = self.shared.table.instance(&job.id)?;
+                    (owner == instance).then(|| snapshot(&owner, &job, &job.state()))
+                })
+                .collect();
+            operations.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Response::new(ListOperationsResponse {
+                operations,
+                ..Default::default()
+            }))
+        })();
+        self.shared.state.metrics.request("ListOperations", &result);
+        result
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let result = (|| {
+            auth::require_read(&request)?;
+            let (instance, handle) = self.shared.lookup(&request.get_ref().name)?;
+            Ok(Response::new(snapshot(&instance, &handle, &handle.state())))
+        })();
+        self.shared.state.metrics.request("GetOperation", &result);
+        result
+    }
+
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let result = (|| {
+            auth::require_ac_write(&request)?;
+            let (_, handle) = self.shared.lookup(&request.get_ref().name)?;
+            self.shared.executor.forget_job(&handle.id);
+            self.shared.table.remove(&handle.id);
+            Ok(Response::new(Empty {}))
+        })();
+        self.shared
+            .state
+            .metrics
+            .request("DeleteOperation", &result);
+        result
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let result = (|| {
+            auth::require_ac_write(&request)?;
+            let (_, handle) = self.shared.lookup(&request.get_ref().name)?;
+            tracing::info!(job = %handle.id, "operation cancelled by the client");
+            handle.cancel();
+            Ok(Response::new(Empty {}))
+        })();
+        self.shared
+            .state
+            .metrics
+            .request("CancelOperation", &result);
+        result
+    }
+
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let result = async {
+            auth::require_read(&request)?;
+            let request = request.into_inner();
+            let (instance, handle) = self.shared.lookup(&request.name)?;
+            let timeout = request
+                .timeout
+                .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+                .unwrap_or(MAX_WAIT)
+                .min(MAX_WAIT);
+            let _ = tokio::time::timeout(timeout, handle.wait()).await;
+            Ok(Response::new(snapshot(&instance, &handle, &handle.state())))
+        }
+        .await;
+        self.shared.state.metrics.request("WaitOperation", &result);
+        result
+    }
+}
+
+/// The Action, its Command, and every blob of its input root that the CAS lacks. Fails with
+/// `INVALID_ARGUMENT` when the Action (or a Directory of the input root) is malformed.
+fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Digest>, Status> {
+    let function = action_digest.function;
+    let bytes = match blobs.read_to_vec(action_digest, MAX_ACTION_BYTES) {
+        Ok(bytes) => bytes,
+        Err(CasError::NotFound(_)) => return Ok(vec![*action_digest]),
+        Err(CasError::QuotaExceeded(reason)) => {
+            return Err(Status::invalid_argument(format!(
+                "Action {action_digest:?}: {reason}"
+            )));
+        }
+        Err(e) => return Err(status::from_cas_read(e)),
+    };
+    let action = reapi::Action::decode(bytes.as_slice()).map_err(|e| {
+        Status::invalid_argument(format!("blob {action_digest:?} is not a valid Action: {e}"))
+    })?;
+    let command = status::required_digest(
+        function,
+        action.command_digest.as_ref(),
+        "Action.command_digest",
+    )?;
+    let root = status::required_digest(
+        function,
+        action.input_root_digest.as_ref(),
+        "Action.input_root_digest",
+    )?;
+    let mut missing = blobs
+        .find_missing(&[command, root])
+        .map_err(status::from_cas)?;
+    if !missing.contains(&root) {
+        match rba_cas::tree_digests(blobs, &root) {
+            Ok(all) => missing.extend(blobs.find_missing(&all).map_err(status::from_cas)?),
+            Err(CasError::NotFound(directory)) => missing.push(directory),
+            Err(e) => return Err(status::from_cas(e)),
+        }
+    }
+    missing.sort_by_key(|d| d.hash_hex());
+    missing.dedup();
+    Ok(missing)
+}
+
+/// A submission the executor refused.
+fn submit_status(error: ExecutorError) -> Status {
+    match error {
+        ExecutorError::Action(ActionError::Invalid { what, reason }) => {
+            Status::invalid_argument(format!("invalid {what}: {reason}"))
+        }
+        ExecutorError::Action(ActionError::Cas(e)) | ExecutorError::Cas(e) => status::from_cas(e),
+        other => {
+            tracing::error!(error = %other, "submitting an action failed");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+/// The one-message stream of an Execute whose inputs are missing.
+fn precondition_failure(instance: &str, action: &Digest, missing: &[Digest]) -> OperationStream {
+    let status = status::missing_blobs(
+        format!(
+            "{} blob(s) of the action are not in the CAS; upload them and execute again",
+            missing.len()
+        ),
+        missing,
+    );
+    let response = ExecuteResponse {
+        status: Some(status::to_rpc_with_details(&status)),
+        message: status.message().to_string(),
+        ..Default::default()
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let operation = Operation {
+        name: operation_name(instance, &id),
+        metadata: Some(pack(
+            METADATA_TYPE,
+            &ExecuteOperationMetadata {
+                stage: execution_stage::Value::Completed as i32,
+                action_digest: Some(action.to_reapi()),
+                digest_function: action.function.to_reapi() as i32,
+                ..Default::default()
+            },
+        )),
+        done: true,
+        result: Some(operation::Result::Response(pack(RESPONSE_TYPE, &response))),
+    };
+    Box::pin(futures::stream::once(async move { Ok(operation) }))
+}
+
+/// The Operation describing a job in `state`.
+fn snapshot(instance: &str, job: &JobHandle, state: &JobState) -> Operation {
+    let stage = match state {
+        JobState::Queued { .. } => execution_stage::Value::Queued,
+        JobState::Running { .. } => execution_stage::Value::Executing,
+        JobState::Done(_) => execution_stage::Value::Completed,
+    };
+    let metadata = ExecuteOperationMetadata {
+        stage: stage as i32,
+        action_digest: Some(job.action_digest.to_reapi()),
+        stdout_stream_name: stream_name(instance, &job.id, LogStreamKind::Stdout),
+        stderr_stream_name: stream_name(instance, &job.id, LogStreamKind::Stderr),
+        partial_execution_metadata: None,
+        digest_function: job.action_digest.function.to_reapi() as i32,
+    };
+    let (done, result) = match state {
+        JobState::Done(outcome) => (
+            true,
+            Some(operation::Result::Response(pack(
+                RESPONSE_TYPE,
+                &execute_response(outcome),
+            ))),
+        ),
+        _ => (false, None),
+    };
+    Operation {
+        name: operation_name(instance, &job.id),
+        metadata: Some(pack(METADATA_TYPE, &metadata)),
+        done,
+        result,
+    }
+}
+
+fn rpc_status(code: Code, message: impl Into<String>) -> rba_proto::rpc::Status {
+    rba_proto::rpc::Status {
+        code: code as i32,
+        message: message.into(),
+        details: vec![],
+    }
+}
+
+/// The ExecuteResponse of a finished job.
+pub fn execute_response(outcome: &JobOutcome) -> ExecuteResponse {
+    let message = outcome.error.clone().unwrap_or_default();
+    let status = match (outcome.status, &outcome.result) {
+        (JobStatus::Success | JobStatus::Failed, Some(_)) if timed_out(outcome) => {
+            rpc_status(Code::DeadlineExceeded, message.clone())
+        }
+        (JobStatus::Success | JobStatus::Failed, Some(_)) => status::rpc_ok(),
+        (JobStatus::Cancelled, _) => rpc_status(Code::Cancelled, "the operation was cancelled"),
+        (_, _) => rpc_status(
+            Code::Internal,
+            format!(
+                "the action could not run: {}",
+                outcome.error.as_deref().unwrap_or("unknown error")
+            ),
+        ),
+    };
+    let server_logs = outcome
+        .log
+        .as_ref()
+        .map(|log| {
+            HashMap::from([(
+                "rba-log".to_string(),
+                LogFile {
+                    digest: Some(log.log.to_reapi()),
+                    human_readable: false,
+                },
+            )])
+        })
+        .unwrap_or_default();
+    ExecuteResponse {
+        result: outcome.result.clone(),
+        cached_result: outcome.cache_hit,
+        status: Some(status),
+        server_logs,
+        message,
+    }
+}
+
+/// Whether the sandbox killed the command at its wall-time limit.
+fn timed_out(outcome: &JobOutcome) -> bool {
+    outcome
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("WallTime"))
+}
+
+/// Operations for a job: the current one at once, then one per state change (or every
+/// [`KEEPALIVE`]) until the final one.
+fn operation_stream(instance: String, job: JobHandle) -> OperationStream {
+    Box::pin(async_stream::stream! {
+        let mut state = job.watch();
+        loop {
+            let current = state.borrow_and_update().clone();
+            let operation = snapshot(&instance, &job, &current);
+            let done = operation.done;
+            yield Ok(operation);
+            if done {
+                break;
+            }
+            match tokio::time::timeout(KEEPALIVE, state.changed()).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(_)) => {
+                    if !matches!(&*state.borrow(), JobState::Done(_)) {
+                        yield Err(Status::internal("the job ended without an outcome"));
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// ByteStream reads of `{instance}/operations/{id}/stdout` and `/stderr`: the job's output,
+/// live, from the executor's log stream.
+#[derive(Clone, Debug)]
+pub struct LiveOutput {
+    executor: Executor,
+}
+
+impl LiveOutput {
+    /// Over the executor's jobs.
+    pub fn new(executor: Executor) -> Self {
+        LiveOutput { executor }
+    }
+}
+
+impl ReadSource for LiveOutput {
+    fn read(
+        &self,
+        resource_name: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Option<Result<ReadStream, Status>> {
+        let (_, id, kind) = parse_stream_name(resource_name)?;
+        let Some(job) = self.executor.job(&id) else {
+            return Some(Err(Status::not_found(format!(
+                "no live output {resource_name:?} (unknown or expired operation)"
+            ))));
+        };
+        Some(Ok(live_bytes(job, kind, offset, limit)))
+    }
+}
+
+/// The bytes of one stream of a job's log (each line followed by `\n`), from `offset`, at most
+/// `limit` (0: all), as ReadResponses of what is already written, waiting for more until the
+/// job ends.
+fn live_bytes(job: JobHandle, kind: LogStreamKind, offset: u64, limit: u64) -> ReadStream {
+    Box::pin(async_stream::stream! {
+        let mut reader = job.log.subscribe(0);
+        let mut position = 0u64; // bytes of the stream seen so far
+        let mut sent = 0u64;
+        let mut chunk: Vec<u8> = Vec::new();
+        let mut finished = false;
+        while !finished {
+            // Wait for one line, then take whatever else is already there.
+            let mut next = reader.next().await;
+            loop {
+                let Some(line) = next else {
+                    finished = true;
+                    break;
+                };
+                if line.stream == kind {
+                    let mut bytes = line.line.into_bytes();
+                    bytes.push(b'\n');
+                    let start = offset.saturating_sub(position).min(bytes.len() as u64) as usize;
+                    position += bytes.len() as u64;
+                    chunk.extend_from_slice(&bytes[start..]);
+                }
+                if chunk.len() >= LIVE_CHUNK {
+                    break;
+                }
+                match reader.next().now_or_never() {
+                    Some(line) => next = line,
+                    None => break,
+                }
+            }
+            if limit > 0 && sent + chunk.len() as u64 >= limit {
+                chunk.truncate((limit - sent) as usize);
+                finished = true;
+            }
+            if !chunk.is_empty() {
+                sent += chunk.len() as u64;
+                yield Ok(ReadResponse { data: std::mem::take(&mut chunk) });
+            }
+        }
+        if offset > position && limit == 0 {
+            yield Err(Status::out_of_range(format!(
+                "read_offset {offset} is past the end of the {position}-byte output"
+            )));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_names_round_trip() {
+        assert_eq!(operation_name("ci/linux", "j1"), "ci/linux/operations/j1");
+        assert_eq!(operation_name("", "j1"), "operations/j1");
+        assert_eq!(
+            parse_operation_name("ci/linux/operations/j1").unwrap(),
+            ("ci/linux".to_string(), "j1".to_string())
+        );
+        assert_eq!(
+            parse_operation_name("operations/j1").unwrap(),
+            (String::new(), "j1".to_string())
+        );
+        assert_eq!(
+            parse_operation_name("j1").unwrap(),
+            (String::new(), "j1".to_string())
+        );
+        for bad in [
+            "",
+            "a/b",
+            "operations/",
+            "ci/operations/j1/x",
+            "../operations/j",
+        ] {
+            assert_eq!(
+                parse_operation_name(bad).unwrap_err().code(),
+                Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn stream_names_round_trip() {
+        let name = stream_name("ci", "j1", LogStreamKind::Stdout);
+        assert_eq!(name, "ci/operations/j1/stdout");
+        assert_eq!(
+            parse_stream_name(&name),
+            Some(("ci".into(), "j1".into(), LogStreamKind::Stdout))
+        );
+        assert_eq!(
+            parse_stream_name("operations/j1/stderr"),
+            Some((String::new(), "j1".into(), LogStreamKind::Stderr))
+        );
+        assert_eq!(parse_stream_name("ci/blobs/x/stdout"), None);
+        assert_eq!(parse_stream_name("ci/operations/j1/log"), None);
+    }
+
+    #[test]
+    fn non_zero_exit_is_ok_and_timeouts_are_deadline_exceeded() {
+        let outcome = |status, error: Option<&str>| JobOutcome {
+            status,
+            exit_code: 3,
+            result: Some(reapi::ActionResult {
+                exit_code: 3,
+                ..Default::default()
+            }),
+            cache_hit: false,
+            duration: Duration::ZERO,
+            log: None,
+            artifacts: vec![],
+            steps: vec![],
+            error: error.map(String::from),
+        };
+        let failed = execute_response(&outcome(JobStatus::Failed, None));
+        assert_eq!(failed.status.unwrap().code, Code::Ok as i32);
+        assert_eq!(failed.result.unwrap().exit_code, 3);
+        let killed = execute_response(&outcome(JobStatus::Failed, Some("killed: WallTimeout")));
+        assert_eq!(killed.status.unwrap().code, Code::DeadlineExceeded as i32);
+        let mut cancelled = outcome(JobStatus::Cancelled, Some("job cancelled"));
+        cancelled.result = None;
+        assert_eq!(
+            execute_response(&cancelled).status.unwrap().code,
+            Code::Cancelled as i32
+        );
+    }
+}
