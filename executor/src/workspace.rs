@@ -46,7 +46,9 @@ pub enum DesiredEntry {
 impl DesiredEntry {
     fn path(&self) -> &Path {
         match self {
-            DesiredEntry::File { path, .. } | DesiredEntry::Directory { path } | DesiredEntry::Symlink { path, .. } => path,
+            DesiredEntry::File { path, .. }
+            | DesiredEntry::Directory { path }
+            | DesiredEntry::Symlink { path, .. } => path,
         }
     }
 }
@@ -90,11 +92,18 @@ pub enum SyncError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SyncError + '_ {
-    move |source| SyncError::Io { path: path.to_path_buf(), source }
+    move |source| SyncError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> u128 {
-    meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0)
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// Makes `dest` hold exactly `entries`, using and updating the manifest at `manifest_path`.
@@ -120,7 +129,8 @@ pub fn sync_directory(
         match entry {
             DesiredEntry::Directory { .. } => {
                 fs::create_dir_all(&full).map_err(io_at(&full))?;
-                fs::set_permissions(&full, fs::Permissions::from_mode(0o755)).map_err(io_at(&full))?;
+                fs::set_permissions(&full, fs::Permissions::from_mode(0o755))
+                    .map_err(io_at(&full))?;
             }
             DesiredEntry::Symlink { target, .. } => {
                 let current = fs::read_link(&full).ok();
@@ -130,7 +140,11 @@ pub fn sync_directory(
                     std::os::unix::fs::symlink(target, &full).map_err(io_at(&full))?;
                 }
             }
-            DesiredEntry::File { path, digest, executable } => {
+            DesiredEntry::File {
+                path,
+                digest,
+                executable,
+            } => {
                 let key = path.to_string_lossy().into_owned();
                 seen_files.insert(key.clone());
                 let previous = manifest.get(&key);
@@ -149,13 +163,22 @@ pub fn sync_directory(
                     stats.kept += 1;
                     continue;
                 }
-                let not_before = previous.map(|p| p.mtime_ns).into_iter().chain(on_disk.as_ref().map(mtime_ns)).max();
+                let not_before = previous
+                    .map(|p| p.mtime_ns)
+                    .into_iter()
+                    .chain(on_disk.as_ref().map(mtime_ns))
+                    .max();
                 let written = write_file(blobs, digest, *executable, &full, not_before)?;
                 stats.written += 1;
                 stats.bytes_written += digest.size;
                 manifest.insert(
                     key,
-                    ManifestEntry { digest: format!("{digest:?}"), executable: *executable, size: digest.size, mtime_ns: written },
+                    ManifestEntry {
+                        digest: format!("{digest:?}"),
+                        executable: *executable,
+                        size: digest.size,
+                        mtime_ns: written,
+                    },
                 );
             }
         }
@@ -169,7 +192,10 @@ pub fn sync_directory(
 }
 
 /// Removes everything under `dest` whose path is not desired with the same kind.
-fn remove_undesired(dest: &Path, desired: &BTreeMap<&Path, &DesiredEntry>) -> Result<u64, SyncError> {
+fn remove_undesired(
+    dest: &Path,
+    desired: &BTreeMap<&Path, &DesiredEntry>,
+) -> Result<u64, SyncError> {
     let mut removed = 0;
     let mut stack = vec![dest.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -229,20 +255,27 @@ fn write_file(
     ensure_parent(path)?;
     let tmp = path.with_file_name(format!(
         ".{}.rba-sync",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     {
         let mut reader = blobs.reader(digest, 0, 0)?;
         let mut file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
         io::copy(&mut reader, &mut file).map_err(io_at(&tmp))?;
         let mode = if executable { 0o755 } else { 0o644 };
-        file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_at(&tmp))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_at(&tmp))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         let mtime = match not_before {
             Some(previous) if previous >= now => previous + 1_000_000,
             _ => now,
         };
-        file.set_modified(UNIX_EPOCH + Duration::from_nanos(mtime as u64)).map_err(io_at(&tmp))?;
+        file.set_modified(UNIX_EPOCH + Duration::from_nanos(mtime as u64))
+            .map_err(io_at(&tmp))?;
     }
     remove_any(path)?;
     fs::rename(&tmp, path).map_err(io_at(path))?;
@@ -258,13 +291,24 @@ mod tests {
 
     fn file(blobs: &BlobStore, path: &str, content: &[u8]) -> DesiredEntry {
         let digest = blobs.put_bytes(DigestFunction::Blake3, content).unwrap();
-        DesiredEntry::File { path: path.into(), digest, executable: false }
+        DesiredEntry::File {
+            path: path.into(),
+            digest,
+            executable: false,
+        }
     }
 
     #[test]
     fn unchanged_files_keep_mtimes_changed_ones_move_forward() {
         let store_dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(store_dir.path(), StoreConfig { fsync: false, ..Default::default() }).unwrap();
+        let blobs = BlobStore::open(
+            store_dir.path(),
+            StoreConfig {
+                fsync: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let slot = tempfile::tempdir().unwrap();
         let dest = slot.path().join("src");
         let manifest = slot.path().join("manifest.json");
@@ -289,11 +333,21 @@ mod tests {
         ];
         let stats = sync_directory(&blobs, &second, &dest, &manifest).unwrap();
         assert_eq!((stats.written, stats.kept, stats.removed), (1, 1, 2));
-        assert_eq!(mtime("src/main.rs"), main_before, "unchanged file keeps its mtime");
-        assert!(mtime("src/lib.rs") > lib_before, "changed file gets a later mtime");
+        assert_eq!(
+            mtime("src/main.rs"),
+            main_before,
+            "unchanged file keeps its mtime"
+        );
+        assert!(
+            mtime("src/lib.rs") > lib_before,
+            "changed file gets a later mtime"
+        );
         assert!(!dest.join("Cargo.toml").exists());
         assert!(!dest.join("stray.txt").exists());
-        assert_eq!(fs::read(dest.join("src/lib.rs")).unwrap(), b"pub fn a() { /* changed */ }");
+        assert_eq!(
+            fs::read(dest.join("src/lib.rs")).unwrap(),
+            b"pub fn a() { /* changed */ }"
+        );
 
         // Tampering behind the manifest's back is detected by size/mtime and repaired.
         fs::write(dest.join("src/main.rs"), b"tampered!!!!").unwrap();
@@ -305,18 +359,34 @@ mod tests {
     #[test]
     fn kinds_can_swap_and_corrupt_manifest_means_full_rewrite() {
         let store_dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(store_dir.path(), StoreConfig { fsync: false, ..Default::default() }).unwrap();
+        let blobs = BlobStore::open(
+            store_dir.path(),
+            StoreConfig {
+                fsync: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let slot = tempfile::tempdir().unwrap();
         let dest = slot.path().join("src");
         let manifest = slot.path().join("manifest.json");
         sync_directory(&blobs, &[file(&blobs, "a", b"file")], &dest, &manifest).unwrap();
-        let swapped = vec![DesiredEntry::Directory { path: "a".into() }, file(&blobs, "a/b", b"inner")];
+        let swapped = vec![
+            DesiredEntry::Directory { path: "a".into() },
+            file(&blobs, "a/b", b"inner"),
+        ];
         sync_directory(&blobs, &swapped, &dest, &manifest).unwrap();
         assert!(dest.join("a").is_dir());
         fs::write(&manifest, b"{not json").unwrap();
         let stats = sync_directory(&blobs, &swapped, &dest, &manifest).unwrap();
         assert_eq!(stats.written, 1);
-        let link = vec![DesiredEntry::Symlink { path: "a".into(), target: "b".into() }, file(&blobs, "b", b"x")];
+        let link = vec![
+            DesiredEntry::Symlink {
+                path: "a".into(),
+                target: "b".into(),
+            },
+            file(&blobs, "b", b"x"),
+        ];
         sync_directory(&blobs, &link, &dest, &manifest).unwrap();
         assert_eq!(fs::read_link(dest.join("a")).unwrap(), Path::new("b"));
     }
