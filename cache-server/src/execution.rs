@@ -142,16 +142,24 @@ pub fn pack<M: Message>(type_name: &str, message: &M) -> Any {
 }
 
 /// The instance of each operation this server started, for names and listings. Entries go
-/// when the executor forgets the job.
+/// (in amortised sweeps) once the executor has forgotten the job.
 #[derive(Debug, Default)]
 struct OperationTable {
     instances: Mutex<HashMap<String, String>>,
+    /// Size after the last sweep: the next sweep runs when the table has doubled.
+    swept: Mutex<usize>,
 }
 
 impl OperationTable {
     fn insert(&self, executor: &Executor, id: &str, instance: &str) {
         let mut instances = self.instances.lock();
-        instances.retain(|id, _| executor.job(id).is_some());
+        let mut swept = self.swept.lock();
+        if instances.len() >= (*swept * 2).max(1024) {
+            let known: std::collections::HashSet<String> =
+                executor.jobs().into_iter().map(|job| job.id).collect();
+            instances.retain(|id, _| known.contains(id));
+            *swept = instances.len();
+        }
         instances.insert(id.to_string(), instance.to_string());
     }
 
@@ -200,19 +208,34 @@ pub struct OperationsService {
     shared: Shared,
 }
 
-/// Both services over one executor, sharing their table of operations.
-pub fn services(state: ServerState, executor: Executor) -> (ExecutionService, OperationsService) {
+/// The Execution service, the Operations service and the live-output reader over one
+/// executor, sharing one table of operations.
+#[derive(Clone, Debug)]
+pub struct ExecutionServices {
+    /// `build.bazel.remote.execution.v2.Execution`.
+    pub execution: ExecutionService,
+    /// `google.longrunning.Operations`.
+    pub operations: OperationsService,
+    /// The ByteStream [`ReadSource`] of live stdout/stderr.
+    pub live_output: LiveOutput,
+}
+
+/// The services over `executor`, which must run on `state`'s store.
+pub fn services(state: ServerState, executor: Executor) -> ExecutionServices {
     let shared = Shared {
         state,
         executor,
         table: Arc::new(OperationTable::default()),
     };
-    (
-        ExecutionService {
+    ExecutionServices {
+        execution: ExecutionService {
             shared: shared.clone(),
         },
-        OperationsService { shared },
-    )
+        operations: OperationsService {
+            shared: shared.clone(),
+        },
+        live_output: LiveOutput { shared },
+    }
 }
 
 impl ExecutionService {
@@ -604,14 +627,7 @@ fn operation_stream(instance: String, job: JobHandle) -> OperationStream {
 /// live, from the executor's log stream.
 #[derive(Clone, Debug)]
 pub struct LiveOutput {
-    executor: Executor,
-}
-
-impl LiveOutput {
-    /// Over the executor's jobs.
-    pub fn new(executor: Executor) -> Self {
-        LiveOutput { executor }
-    }
+    shared: Shared,
 }
 
 impl ReadSource for LiveOutput {
@@ -621,11 +637,15 @@ impl ReadSource for LiveOutput {
         offset: u64,
         limit: u64,
     ) -> Option<Result<ReadStream, Status>> {
-        let (_, id, kind) = parse_stream_name(resource_name)?;
-        let Some(job) = self.executor.job(&id) else {
-            return Some(Err(Status::not_found(format!(
-                "no live output {resource_name:?} (unknown or expired operation)"
-            ))));
+        let (instance, id, kind) = parse_stream_name(resource_name)?;
+        let job = match self.shared.lookup(&operation_name(&instance, &id)) {
+            Ok((_, job)) => job,
+            Err(status) if status.code() == Code::NotFound => {
+                return Some(Err(Status::not_found(format!(
+                    "no live output {resource_name:?} (unknown or expired operation)"
+                ))));
+            }
+            Err(status) => return Some(Err(status)),
         };
         Some(Ok(live_bytes(job, kind, offset, limit)))
     }

@@ -37,7 +37,6 @@ use crate::bytestream::{ByteStreamService, Uploads};
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::Config;
-use crate::execution::LiveOutput;
 use crate::metrics::Metrics;
 
 /// What every service shares. Cheap to clone.
@@ -164,33 +163,33 @@ impl Server {
         let action_cache = ActionCacheServer::new(ActionCacheService::new(state.clone()))
             .max_decoding_message_size(decode)
             .max_encoding_message_size(encode);
+        let executing = state
+            .executor
+            .as_ref()
+            .map(|executor| crate::execution::services(state.clone(), executor.clone()));
         let mut bytestream_service = ByteStreamService::new(state.clone());
-        if let Some(executor) = &state.executor {
+        if let Some(services) = &executing {
             bytestream_service =
-                bytestream_service.with_read_source(Arc::new(LiveOutput::new(executor.clone())));
+                bytestream_service.with_read_source(Arc::new(services.live_output.clone()));
         }
         let bytestream = ByteStreamServer::new(bytestream_service)
             .max_decoding_message_size(decode)
             .max_encoding_message_size(encode);
-        let (execution, operations) = match &state.executor {
-            Some(executor) => {
-                let (execution, operations) =
-                    crate::execution::services(state.clone(), executor.clone());
-                (
-                    Some(InterceptedService::new(
-                        ExecutionServer::new(execution)
-                            .max_decoding_message_size(decode)
-                            .max_encoding_message_size(encode),
-                        auth.clone(),
-                    )),
-                    Some(InterceptedService::new(
-                        OperationsServer::new(operations)
-                            .max_decoding_message_size(decode)
-                            .max_encoding_message_size(encode),
-                        auth.clone(),
-                    )),
-                )
-            }
+        let (execution, operations) = match executing {
+            Some(services) => (
+                Some(InterceptedService::new(
+                    ExecutionServer::new(services.execution)
+                        .max_decoding_message_size(decode)
+                        .max_encoding_message_size(encode),
+                    auth.clone(),
+                )),
+                Some(InterceptedService::new(
+                    OperationsServer::new(services.operations)
+                        .max_decoding_message_size(decode)
+                        .max_encoding_message_size(encode),
+                    auth.clone(),
+                )),
+            ),
             None => (None, None),
         };
         tonic::transport::Server::builder()

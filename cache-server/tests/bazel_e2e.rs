@@ -2,6 +2,10 @@
 //! workspace against our server, `bazel clean`s, and builds again: every action must be a remote
 //! cache hit and the outputs byte-identical. Then once more with `--remote_download_minimal`.
 //!
+//! And as a remote executor (`--remote_executor`): every action of the first build runs in our
+//! sandbox ("6 remote", nothing local), the outputs are right, after `bazel clean` every action
+//! is a remote cache hit, and a failing genrule reports its exit code and stderr through Bazel.
+//!
 //! Bazel runs in `--batch` mode with its output root and HOME in a temp directory, never
 //! touching the network (genrules need no external repositories). Without Bazel this test
 //! FAILS, asking to run `scripts/setup-bazel.sh`, unless `RBA_SKIP_BAZEL=1`.
@@ -44,17 +48,67 @@ fn bazel_available() -> bool {
         .unwrap_or(false)
 }
 
+/// How Bazel uses the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Remote {
+    /// `--remote_cache`, actions run locally.
+    Cache,
+    /// `--remote_executor`, actions run on the server.
+    Executor,
+}
+
 struct Bazel {
     workspace: PathBuf,
     output_root: PathBuf,
     home: PathBuf,
     port: u16,
+    remote: Remote,
+    _tmp: tempfile::TempDir,
 }
 
 impl Bazel {
-    /// Runs a bazel command; returns combined stdout+stderr, panicking with it on failure.
+    /// The test workspace (BUILD, input.txt) in a fresh temp directory, for a server on `port`.
+    fn new(port: u16, remote: Remote) -> Bazel {
+        let tmp = tempfile::tempdir().unwrap();
+        let workspace = tmp.path().join("ws");
+        std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::write(
+            workspace.join("WORKSPACE"),
+            "workspace(name = \"rba_e2e\")\n",
+        )
+        .unwrap();
+        std::fs::write(workspace.join("BUILD"), BUILD).unwrap();
+        std::fs::write(workspace.join("input.txt"), "zebra\napple\nmango\n").unwrap();
+        let bazel = Bazel {
+            workspace,
+            output_root: tmp.path().join("output_root"),
+            home: tmp.path().join("home"),
+            port,
+            remote,
+            _tmp: tmp,
+        };
+        std::fs::create_dir_all(&bazel.home).unwrap();
+        bazel
+    }
+
+    /// Runs a bazel command (`build` builds `//:final` unless `extra` names targets); returns
+    /// combined stdout+stderr, panicking with it on failure.
     fn run(&self, command: &str, extra: &[&str]) -> String {
-        let remote = format!("--remote_cache=grpc://127.0.0.1:{}", self.port);
+        let (ok, text) = self.try_run(command, extra);
+        assert!(ok, "bazel {command} {extra:?} failed:\n{text}");
+        text
+    }
+
+    /// Runs a bazel command; returns whether it succeeded and its combined output.
+    fn try_run(&self, command: &str, extra: &[&str]) -> (bool, String) {
+        let remote = match self.remote {
+            Remote::Cache => format!("--remote_cache=grpc://127.0.0.1:{}", self.port),
+            Remote::Executor => format!("--remote_executor=grpc://127.0.0.1:{}", self.port),
+        };
+        let strategy = match self.remote {
+            Remote::Cache => "--spawn_strategy=local",
+            Remote::Executor => "--spawn_strategy=remote",
+        };
         let mut args: Vec<String> = vec![
             "--batch".into(),
             format!("--output_user_root={}", self.output_root.display()),
@@ -67,15 +121,17 @@ impl Bazel {
                 [
                     remote.as_str(),
                     "--remote_instance_name=ci/linux",
-                    "--spawn_strategy=local",
+                    strategy,
                     "--remote_timeout=60",
                     "--color=no",
                     "--curses=no",
                     "--noshow_progress",
-                    "//:final",
                 ]
                 .map(String::from),
             );
+            if !extra.iter().any(|a| a.starts_with("//")) {
+                args.push("//:final".into());
+            }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let output = Command::new("bazel")
@@ -88,16 +144,17 @@ impl Bazel {
             .output()
             .expect("bazel runs");
         let text = format!(
-            "{}{}",
+            "bazel {}\n{}{}",
+            args.join(" "),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(
-            output.status.success(),
-            "bazel {} failed:\n{text}",
-            args.join(" ")
-        );
-        text
+        (output.status.success(), text)
+    }
+
+    /// Runs `f` (blocking Bazel calls) from an async test without stalling the runtime.
+    fn blocking<T>(&self, f: impl FnOnce(&Bazel) -> T) -> T {
+        tokio::task::block_in_place(|| f(self))
     }
 
     fn outputs(&self) -> BTreeMap<&'static str, Vec<u8>> {
@@ -140,40 +197,28 @@ fn summary_count(log: &str, kind: &str) -> usize {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bazel_builds_are_all_remote_cache_hits_after_clean() {
+/// False (after saying so) when `RBA_SKIP_BAZEL=1`; fails when Bazel is missing otherwise.
+fn bazel_wanted() -> bool {
     if std::env::var("RBA_SKIP_BAZEL").as_deref() == Ok("1") {
         eprintln!("RBA_SKIP_BAZEL=1: skipping the Bazel end-to-end test");
-        return;
+        return false;
     }
     assert!(
         bazel_available(),
         "`bazel` is not installed: run scripts/setup-bazel.sh (installs Debian's bazel-bootstrap), \
          or set RBA_SKIP_BAZEL=1 to skip this test"
     );
-    let server = TestServer::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let workspace = tmp.path().join("ws");
-    std::fs::create_dir_all(&workspace).unwrap();
-    std::fs::write(
-        workspace.join("WORKSPACE"),
-        "workspace(name = \"rba_e2e\")\n",
-    )
-    .unwrap();
-    std::fs::write(workspace.join("BUILD"), BUILD).unwrap();
-    std::fs::write(workspace.join("input.txt"), "zebra\napple\nmango\n").unwrap();
-    let bazel = Bazel {
-        workspace,
-        output_root: tmp.path().join("output_root"),
-        home: tmp.path().join("home"),
-        port: server.running().addr.port(),
-    };
-    std::fs::create_dir_all(&bazel.home).unwrap();
+    true
+}
 
-    let run = |command: &'static str, extra: &'static [&'static str]| {
-        let bazel = &bazel;
-        tokio::task::block_in_place(move || bazel.run(command, extra))
-    };
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bazel_builds_are_all_remote_cache_hits_after_clean() {
+    if !bazel_wanted() {
+        return;
+    }
+    let server = TestServer::start().await;
+    let bazel = Bazel::new(server.running().addr.port(), Remote::Cache);
+    let run = |command: &str, extra: &[&str]| bazel.blocking(|b| b.run(command, extra));
 
     // 1. Cold: everything runs locally and is uploaded.
     let cold = run("build", &[]);
@@ -236,6 +281,61 @@ async fn bazel_builds_are_all_remote_cache_hits_after_clean() {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(0);
     assert!(hits >= 2 * ACTIONS, "{metrics}");
+}
+
+/// A genrule that fails remotely, for the executor test (not part of `//:final`).
+const FAILING: &str = r#"
+genrule(name = "fails", outs = ["never.txt"], cmd = "echo 'boom from the sandbox' >&2; exit 7")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bazel_remote_execution_runs_every_action_remotely_then_all_hits_after_clean() {
+    if !bazel_wanted() {
+        return;
+    }
+    let server = TestServer::start_executing().await;
+    let bazel = Bazel::new(server.running().addr.port(), Remote::Executor);
+    let run = |command: &str, extra: &[&str]| bazel.blocking(|b| b.run(command, extra));
+
+    // 1. Cold: every action executed by our server, none locally.
+    let cold = run("build", &[]);
+    assert_eq!(summary_count(&cold, "remote"), ACTIONS, "{cold}");
+    assert_eq!(summary_count(&cold, "local"), 0, "{cold}");
+    assert_eq!(summary_count(&cold, "linux-sandbox"), 0, "{cold}");
+    assert_eq!(remote_cache_hits(&cold), 0, "{cold}");
+    let executor = server.running().state.executor.clone().unwrap();
+    assert_eq!(executor.jobs().len(), ACTIONS, "one job per genrule");
+    assert_eq!(server.running().state.cas.actions.len(), ACTIONS);
+    let built = bazel.outputs();
+    assert_eq!(built["a.txt"], b"hello from bazel\n");
+    assert_eq!(built["b.txt"], b"HELLO FROM BAZEL\n");
+    assert_eq!(built["c1.txt"], b"hello from bazel\nHELLO FROM BAZEL\n");
+    assert_eq!(built["c2.txt"], b"lezab morf olleh\n");
+    assert_eq!(built["src.txt"], b"apple\nmango\nzebra\n");
+    assert!(
+        built["big.bin"].len() > 4 << 20,
+        "big output spans several messages"
+    );
+    assert!(
+        String::from_utf8_lossy(&built["all.txt"]).contains("6148890 bazel-out/"),
+        "{}",
+        String::from_utf8_lossy(&built["all.txt"])
+    );
+
+    // 2. After clean: every action a remote cache hit, nothing executed, same outputs.
+    run("clean", &[]);
+    let warm = run("build", &[]);
+    assert_eq!(remote_cache_hits(&warm), ACTIONS, "{warm}");
+    assert_eq!(summary_count(&warm, "remote"), 0, "{warm}");
+    assert_eq!(executor.jobs().len(), ACTIONS, "no action executed again");
+    assert_eq!(bazel.outputs(), built);
+
+    // 3. A failing action: Bazel reports its exit code and stderr from the remote run.
+    std::fs::write(bazel.workspace.join("BUILD"), format!("{BUILD}{FAILING}")).unwrap();
+    let (ok, failed) = bazel.blocking(|b| b.try_run("build", &["//:fails"]));
+    assert!(!ok, "{failed}");
+    assert!(failed.contains("boom from the sandbox"), "{failed}");
+    assert!(failed.to_lowercase().contains("exit 7"), "{failed}");
 }
 
 #[test]

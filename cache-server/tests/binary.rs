@@ -123,6 +123,9 @@ fn help_and_print_config() {
         "--metrics-listen",
         "RBA_CACHE_LISTEN",
         "127.0.0.1:50051",
+        "--no-execution",
+        "--executor-workers",
+        "--remote_executor",
     ] {
         assert!(text.contains(flag), "--help mentions {flag}:\n{text}");
     }
@@ -140,6 +143,21 @@ fn help_and_print_config() {
     assert!(printed.status.success());
     assert!(
         text.contains("listen = \"127.0.0.1:6000\"") && text.contains("[store]"),
+        "{text}"
+    );
+    assert!(text.contains("[execution]\nenabled = true"), "{text}");
+    let cache_only = Command::new(BIN)
+        .args([
+            "--print-config",
+            "--no-execution",
+            "--executor-workers",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cache_only.stdout);
+    assert!(
+        text.contains("[execution]\nenabled = false\nworkers = 3"),
         "{text}"
     );
     assert!(!text.contains("secret-token-1"), "tokens are masked");

@@ -666,6 +666,46 @@ async fn stdout_is_readable_live_through_bytestream() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+    // The same job under another instance name is not there.
+    let (_, id) = parse_operation_name(&name).unwrap();
+    let elsewhere = c
+        .read(&format!("other/operations/{id}/stdout"), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_running_actions() {
+    let mut server = TestServer::start_executing().await;
+    let mut c = server.clients().await;
+    let action = store_action(&mut c, &["sleep", "60"], &[], &[]).await;
+    let mut stream = c
+        .exec
+        .execute(request(&action, false))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let operation = stream.message().await.unwrap().expect("not done yet");
+        if metadata(&operation).stage == execution_stage::Value::Executing as i32 {
+            break;
+        }
+    }
+    let executor = server.running().state.executor.clone().unwrap();
+    let started = Instant::now();
+    server.server.take().unwrap().shutdown().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "shutdown does not wait for the sleep"
+    );
+    let job = executor.jobs().pop().unwrap();
+    let outcome = job.wait().await;
+    assert_eq!(
+        outcome.status,
+        rba_executor::runner::JobStatus::Cancelled,
+        "{outcome:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
