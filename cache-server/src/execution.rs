@@ -591,10 +591,7 @@ pub fn execute_response(outcome: &JobOutcome) -> ExecuteResponse {
 
 /// Whether the sandbox killed the command at its wall-time limit.
 fn timed_out(outcome: &JobOutcome) -> bool {
-    outcome
-        .error
-        .as_deref()
-        .is_some_and(|e| e.contains("WallTime"))
+    outcome.timed_out
 }
 
 /// Operations for a job: the current one at once, then one per state change (or every
@@ -767,6 +764,7 @@ mod tests {
             artifacts: vec![],
             steps: vec![],
             error: error.map(String::from),
+            timed_out: error.is_some_and(|e| e.contains("WallTimeout")),
         };
         let failed = execute_response(&outcome(JobStatus::Failed, None));
         assert_eq!(failed.status.unwrap().code, Code::Ok as i32);

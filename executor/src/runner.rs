@@ -179,6 +179,8 @@ pub struct JobOutcome {
     pub steps: Vec<(String, Duration)>,
     /// What went wrong, for `Error` and limit kills.
     pub error: Option<String>,
+    /// The command was killed by its wall-clock timeout.
+    pub timed_out: bool,
 }
 
 /// Where a job is.
@@ -438,6 +440,7 @@ struct RunResult {
     output_directories: Vec<OutputDirectory>,
     artifacts: Vec<Artifact>,
     error: Option<String>,
+    timed_out: bool,
 }
 
 impl RunningJob<'_> {
@@ -511,6 +514,7 @@ impl RunningJob<'_> {
             log: Some(log),
             steps: std::mem::take(&mut self.steps),
             error: None,
+            timed_out: false,
         }))
     }
 
@@ -690,6 +694,7 @@ impl RunningJob<'_> {
             output_directories: Vec::new(),
             artifacts,
             error: limit_message(&outcome),
+            timed_out: timed_out(&outcome),
         })
     }
 
@@ -746,6 +751,7 @@ impl RunningJob<'_> {
                 error: Some(
                     limit_message(&outcome).unwrap_or_else(|| "cargo fetch failed".to_string()),
                 ),
+                timed_out: timed_out(&outcome),
             }));
         }
         std::fs::write(&marker, lock_digest).map_err(io_error("recording the fetched lockfile"))?;
@@ -824,6 +830,7 @@ impl RunningJob<'_> {
             output_directories: directories,
             artifacts,
             error: limit_message(&outcome),
+            timed_out: timed_out(&outcome),
         })
     }
 
@@ -892,6 +899,7 @@ impl RunningJob<'_> {
             artifacts: run.artifacts,
             steps: std::mem::take(&mut self.steps),
             error: run.error,
+            timed_out: run.timed_out,
         })
     }
 
@@ -919,6 +927,7 @@ impl RunningJob<'_> {
             artifacts: Vec::new(),
             steps: std::mem::take(&mut self.steps),
             error: Some(message),
+            timed_out: false,
         }
     }
 }
@@ -934,6 +943,11 @@ fn exit_code(outcome: &crate::sandbox::SandboxOutcome) -> i32 {
         crate::sandbox::ExitKind::Exited(code) => code,
         crate::sandbox::ExitKind::Signaled(signal) => 128 + signal,
     }
+}
+
+fn timed_out(outcome: &crate::sandbox::SandboxOutcome) -> bool {
+    outcome.killed == Some(crate::sandbox::KillReason::WallTimeout)
+        || outcome.limit == Some(crate::sandbox::LimitKind::WallTime)
 }
 
 fn limit_message(outcome: &crate::sandbox::SandboxOutcome) -> Option<String> {
