@@ -6,7 +6,7 @@
 //   node build.mjs --out FILE      writes FILE instead (the Rust tests use this to check that
 //                                  the committed artifact is what these sources compile to)
 //
-// Compiler warnings are errors. Run `bash scripts/setup-contracts.sh` first (node + npm ci).
+// Compiler warnings are errors. Run `bash .ci/setup.d/contracts.sh` first (node + npm ci).
 import { createHash } from "node:crypto";
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
@@ -18,7 +18,7 @@ try {
 } catch (err) {
   console.error(
     `error: cannot load the solc npm package (${err.message}).\n` +
-      "Run `bash scripts/setup-contracts.sh` from the repository root.",
+      "Run `bash .ci/setup.d/contracts.sh` from the repository root.",
   );
   process.exit(2);
 }

@@ -327,7 +327,7 @@ fn parse_token(text: &str) -> Result<TokenConfig, String> {
 With no arguments it serves gRPC on 127.0.0.1:50051, Prometheus metrics on 127.0.0.1:50052/metrics, \
 and keeps its data under $XDG_CACHE_HOME/rba-cache-server (or ~/.cache/rba-cache-server). \
 Actions sent to Execute run in the rba sandbox (unprivileged, no network, read-only /usr) when its \
-prerequisites are present (scripts/setup-sandbox.sh); otherwise, or with --no-execution, it serves cache-only.\n\n\
+prerequisites are present (.ci/setup.d/sandbox.sh); otherwise, or with --no-execution, it serves cache-only.\n\n\
 Settings come from built-in defaults, then the TOML file given by --config, then environment \
 variables, then flags. Use --print-config to see the result.",
     after_help = "Examples:\n  \

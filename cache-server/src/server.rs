@@ -344,7 +344,7 @@ fn start_executor(cas: &Cas, config: &Config) -> Option<Executor> {
             tracing::warn!(
                 %error,
                 "remote execution is DISABLED: the sandbox cannot be set up (run \
-                 scripts/setup-sandbox.sh, or pass --no-execution to silence this); serving cache-only"
+                 .ci/setup.d/sandbox.sh, or pass --no-execution to silence this); serving cache-only"
             );
             None
         }

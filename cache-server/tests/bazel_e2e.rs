@@ -8,7 +8,7 @@
 //!
 //! Bazel runs in `--batch` mode with its output root and HOME in a temp directory, never
 //! touching the network (genrules need no external repositories). Without Bazel this test
-//! FAILS, asking to run `scripts/setup-bazel.sh`, unless `RBA_SKIP_BAZEL=1`.
+//! FAILS, asking to run `.ci/setup.d/bazel.sh`, unless `RBA_SKIP_BAZEL=1`.
 
 mod common;
 
@@ -205,7 +205,7 @@ fn bazel_wanted() -> bool {
     }
     assert!(
         bazel_available(),
-        "`bazel` is not installed: run scripts/setup-bazel.sh (installs Debian's bazel-bootstrap), \
+        "`bazel` is not installed: run .ci/setup.d/bazel.sh (installs Debian's bazel-bootstrap), \
          or set RBA_SKIP_BAZEL=1 to skip this test"
     );
     true

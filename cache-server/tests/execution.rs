@@ -1,7 +1,7 @@
 //! The Execution and Operations services on a real server (loopback) with the real executor
 //! and sandbox: commands with file and directory outputs, cache hits, non-zero exits, missing
 //! and malformed inputs, WaitExecution and the Operations calls, cancellation, and live stdout
-//! through ByteStream. Needs the sandbox's prerequisites (scripts/setup-sandbox.sh).
+//! through ByteStream. Needs the sandbox's prerequisites (.ci/setup.d/sandbox.sh).
 
 mod common;
 

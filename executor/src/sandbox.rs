@@ -67,7 +67,7 @@
 //!
 //! * Linux with user namespaces, `newuidmap`/`newgidmap` (package `uidmap`) and an entry
 //!   `<executor user>:<host_uid>:1` in `/etc/subuid` and `/etc/subgid`; `libseccomp` to link.
-//!   `scripts/setup-sandbox.sh` installs all of it. [`Sandbox::new`] checks and says what is
+//!   `.ci/setup.d/sandbox.sh` installs all of it. [`Sandbox::new`] checks and says what is
 //!   missing.
 //! * cgroups are not used: hakoniwa only drives cgroup v2 through systemd, which hosts like the
 //!   CI machines (cgroup v1 hierarchy, no systemd) lack. Memory is therefore limited per process
@@ -149,8 +149,8 @@ const ETC_NETWORK: &[&str] = &[
 /// Errors of the sandbox itself (as opposed to the job failing, which is a [`SandboxOutcome`]).
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// The host lacks something the sandbox needs; `scripts/setup-sandbox.sh` installs it.
-    #[error("sandbox prerequisite missing: {0} (run scripts/setup-sandbox.sh)")]
+    /// The host lacks something the sandbox needs; `.ci/setup.d/sandbox.sh` installs it.
+    #[error("sandbox prerequisite missing: {0} (run .ci/setup.d/sandbox.sh)")]
     Prerequisite(String),
     /// The [`SandboxConfig`] is unusable.
     #[error("invalid sandbox config: {0}")]

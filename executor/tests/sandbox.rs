@@ -1,5 +1,5 @@
 //! The sandbox against real hostile jobs (no mocks). Needs root or a user with subordinate ids,
-//! and `scripts/setup-sandbox.sh` to have run.
+//! and `.ci/setup.d/sandbox.sh` to have run.
 //!
 //! Tests run one at a time (a shared lock): each checks that its job left no container root dir
 //! and no process behind, which is only exact when no other job of this file runs meanwhile.
@@ -35,7 +35,7 @@ async fn fixture() -> Fixture {
         scratch_dir: scratch.path().to_path_buf(),
         ..SandboxConfig::with_host_toolchain().expect("rustc in PATH")
     };
-    let sandbox = Sandbox::new(config).expect("sandbox prerequisites (scripts/setup-sandbox.sh)");
+    let sandbox = Sandbox::new(config).expect("sandbox prerequisites (.ci/setup.d/sandbox.sh)");
     Fixture {
         sandbox,
         scratch,

@@ -90,7 +90,7 @@ impl TestServer {
         let server = Self::start_with(|c| adjust(with_execution(c))).await;
         assert!(
             server.running().state.execution_enabled(),
-            "the executor did not start (see the warning above): run scripts/setup-sandbox.sh"
+            "the executor did not start (see the warning above): run .ci/setup.d/sandbox.sh"
         );
         server
     }

@@ -3,7 +3,7 @@
 //!
 //! The crate is far too heavy to compile just for its ABI (it pulls in all of alloy and
 //! ~270k lines of generated bindings), so the test reads `abi/IBlueprintServiceManager.json`
-//! from the crate's source in the cargo registry; `scripts/setup-contracts.sh` downloads it.
+//! from the crate's source in the cargo registry; `.ci/setup.d/contracts.sh` downloads it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ fn bindings_dir() -> PathBuf {
     find_in_registry().unwrap_or_else(|| {
         panic!(
             "{CRATE} {TNT_CORE_BINDINGS_VERSION} is not in the cargo registry and `{cargo} info \
-             {spec}` did not fetch it ({fetched:?}).\nRun `bash scripts/setup-contracts.sh`, or set \
+             {spec}` did not fetch it ({fetched:?}).\nRun `bash .ci/setup.d/contracts.sh`, or set \
              TNT_CORE_BINDINGS_DIR to the unpacked crate."
         )
     })

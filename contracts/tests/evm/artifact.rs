@@ -7,7 +7,7 @@ use rba_contracts::ARTIFACT_JSON;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-const SETUP_HINT: &str = "run `bash scripts/setup-contracts.sh` from the repository root";
+const SETUP_HINT: &str = "run `bash .ci/setup.d/contracts.sh` from the repository root";
 const REBUILD_HINT: &str = "run `npm --prefix contracts run build` and commit contracts/artifacts";
 
 fn contracts_dir() -> PathBuf {

@@ -3,7 +3,7 @@
 # `bazel-bootstrap` (Bazel 4.2.3), which builds `genrule`s offline.
 # Idempotent: does nothing when `bazel` already runs.
 #
-# Usage: scripts/setup-bazel.sh
+# Usage: .ci/setup.d/bazel.sh
 # Then:  cargo test -p rba-cache-server --test bazel_e2e
 # (Set RBA_SKIP_BAZEL=1 to skip that test on machines without Bazel.)
 set -euo pipefail

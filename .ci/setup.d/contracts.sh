@@ -7,10 +7,10 @@
 #  - the tnt-core-bindings crate source in the cargo registry: the tests compare the contract's
 #    hook selectors with the ABI that crate ships (it is downloaded, not compiled).
 #
-# Usage: bash scripts/setup-contracts.sh
+# Usage: bash .ci/setup.d/contracts.sh
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CONTRACTS="$ROOT/contracts"
 
 SUDO=""

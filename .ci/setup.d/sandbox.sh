@@ -8,7 +8,7 @@
 #  - /etc/subuid, /etc/subgid: allow the user running the executor (usually root) to map the
 #                    sandbox host uid/gid; newuidmap refuses mappings not listed there.
 #
-# Usage: scripts/setup-sandbox.sh [SANDBOX_HOST_UID] (default 65534; gid is the same number)
+# Usage: .ci/setup.d/sandbox.sh [SANDBOX_HOST_UID] (default 65534; gid is the same number)
 set -euo pipefail
 
 SANDBOX_UID="${1:-${RBA_SANDBOX_UID:-65534}}"
