@@ -113,6 +113,14 @@ impl RemoteClient {
         self.network.disconnect(self.node).await;
     }
 
+    /// Opens a raw stream of `protocol` to the node (tests speak the frames by hand).
+    pub async fn open_raw(
+        &self,
+        protocol: libp2p::StreamProtocol,
+    ) -> anyhow::Result<libp2p::Stream> {
+        self.network.open(self.node, protocol).await
+    }
+
     /// Opens a blob stream to the node.
     pub async fn blobs(&self) -> anyhow::Result<BlobClient> {
         let stream = self.network.open(self.node, CAS_PROTOCOL).await?;
@@ -224,8 +232,23 @@ impl RemoteClient {
     ) -> anyhow::Result<SessionResult> {
         let mut next_seq = from_seq;
         let mut resumed = 0;
+        let mut closed = self.network.closed_connections();
         loop {
-            let event = session.next().await;
+            let node = self.node;
+            let event = tokio::select! {
+                event = session.next() => event,
+                _ = async {
+                    loop {
+                        match closed.recv().await {
+                            Ok(peer) if peer == node => return,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                std::future::pending::<()>().await
+                            }
+                            _ => {}
+                        }
+                    }
+                } => Ok(None),
+            };
             match event {
                 Ok(Some(SessionEvent::Line(line))) => {
                     if line.seq < next_seq {
@@ -260,6 +283,7 @@ impl RemoteClient {
                 Err(error) if error.downcast_ref::<NodeError>().is_some() => return Err(error),
                 Ok(None) | Err(_) => {
                     // The stream dropped: reconnect and resume from the next line.
+                    tracing::debug!(session_id, next_seq, "session stream dropped; resuming");
                     let mut attempt = 0;
                     session = loop {
                         attempt += 1;
@@ -272,9 +296,15 @@ impl RemoteClient {
                         if self.reconnect().await.is_err() {
                             continue;
                         }
-                        match self.attach(session_id, next_seq).await {
-                            Ok(session) => break session,
-                            Err(e) => tracing::debug!(error = %e, "resume attempt failed"),
+                        let attached = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            self.attach(session_id, next_seq),
+                        )
+                        .await;
+                        match attached {
+                            Ok(Ok(session)) => break session,
+                            Ok(Err(e)) => tracing::debug!(error = %e, "resume attempt failed"),
+                            Err(_) => tracing::debug!("resume attempt timed out"),
                         }
                     };
                     resumed += 1;

@@ -27,7 +27,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// The session protocol id.
 pub const SESSION_PROTOCOL: StreamProtocol = StreamProtocol::new(rba_proto::protocol_ids::SESSION);
@@ -155,6 +155,7 @@ pub struct Network {
     commands: mpsc::Sender<Command>,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
     shutdown: watch::Sender<bool>,
+    closed: broadcast::Sender<PeerId>,
 }
 
 impl std::fmt::Debug for Network {
@@ -168,7 +169,7 @@ impl std::fmt::Debug for Network {
 impl Network {
     /// Builds the swarm with `keypair` and spawns its task (listening on nothing yet).
     pub fn start(keypair: Keypair, idle_timeout: Duration) -> anyhow::Result<Self> {
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
             .with_tokio()
             .with_tcp(
                 libp2p::tcp::Config::default().nodelay(true),
@@ -186,9 +187,15 @@ impl Network {
         let (commands, receiver) = mpsc::channel(64);
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (closed, _) = broadcast::channel(64);
         // The swarm runs until every Network handle is gone or shutdown is asked for.
-        let _ = &mut swarm;
-        tokio::spawn(drive(swarm, receiver, addrs_tx, shutdown_rx));
+        tokio::spawn(drive(
+            swarm,
+            receiver,
+            addrs_tx,
+            shutdown_rx,
+            closed.clone(),
+        ));
         Ok(Network {
             peer_id,
             keypair,
@@ -196,6 +203,7 @@ impl Network {
             commands,
             listen_addrs,
             shutdown,
+            closed,
         })
     }
 
@@ -282,6 +290,12 @@ impl Network {
             })
     }
 
+    /// PeerIds whose last connection closed, as it happens. Streams of a connection closed
+    /// locally are not always woken, so readers race their reads against this.
+    pub fn closed_connections(&self) -> broadcast::Receiver<PeerId> {
+        self.closed.subscribe()
+    }
+
     /// Stops the swarm task (connections close).
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -293,6 +307,7 @@ async fn drive(
     mut commands: mpsc::Receiver<Command>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     mut shutdown: watch::Receiver<bool>,
+    closed: broadcast::Sender<PeerId>,
 ) {
     let mut pending: HashMap<ConnectionId, (PeerId, oneshot::Sender<Result<(), String>>)> =
         HashMap::new();
@@ -353,8 +368,11 @@ async fn drive(
                 SwarmEvent::IncomingConnectionError { error, .. } => {
                     tracing::debug!(%error, "incoming connection failed");
                 }
-                SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
                     tracing::debug!(%peer_id, ?cause, "connection closed");
+                    if num_established == 0 {
+                        let _ = closed.send(peer_id);
+                    }
                 }
                 _ => {}
             },

@@ -1,0 +1,218 @@
+//! Nodes and clients over real libp2p on loopback, building fixture crates in the real sandbox.
+
+mod common;
+
+use common::{Client, fixture, lines_of, node, slow_crate, stored_lines};
+use rba_agent::p2p::session::{SessionEvent, verify_end};
+use rba_executor::cargo::JobKind;
+use rba_proto::rba::v1::JobStatus;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_streams_lines_then_a_signed_end_and_a_resubmission_is_a_cache_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), &[]).await;
+    let client = Client::connect(&node).await;
+
+    let (result, events) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
+    // Accepted first, End last, every line in between.
+    assert!(matches!(events.first(), Some(SessionEvent::Accepted(_))));
+    assert!(matches!(events.last(), Some(SessionEvent::End(_))));
+    let lines = lines_of(&events);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.line.contains("Compiling") && l.line.contains("hello v0.1.0")),
+        "{lines:?}"
+    );
+    let body = result.body();
+    assert_eq!(body.status, JobStatus::Success as i32);
+    assert_eq!(body.exit_code, 0);
+    assert!(!body.cache_hit);
+    assert_eq!(body.session_id, result.session_id);
+    assert_eq!(body.lines, lines.len() as u64);
+    assert_eq!(body.last_seq + 1, body.lines);
+    assert!(body.duration_ms > 0);
+    let artifact = body
+        .artifacts
+        .iter()
+        .find(|a| a.path == "target/debug/hello")
+        .expect("the executable is an artifact");
+    assert!(artifact.is_executable);
+    let artifact_digest = rba_cas::Digest::from_wire(artifact.digest.as_ref().unwrap()).unwrap();
+    assert!(node.shared().cas.blobs.contains(&artifact_digest).unwrap());
+    // The lines received are exactly the stored log.
+    let received: Vec<(u64, String)> = lines.iter().map(|l| (l.seq, l.line.clone())).collect();
+    assert_eq!(received, stored_lines(&node, &result));
+    // The end is signed by the node, and a tampered end does not verify.
+    verify_end(&result.end, node.peer_id()).unwrap();
+    let mut forged = result.end.clone();
+    forged.body.as_mut().unwrap().exit_code = 1;
+    assert!(verify_end(&forged, node.peer_id()).is_err());
+    assert!(verify_end(&result.end, client.remote.peer_id()).is_err());
+    assert!(result.upload.uploaded > 0);
+
+    // The same submission again: answered from the action cache, nothing uploaded.
+    let (again, events) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
+    assert!(again.body().cache_hit);
+    assert_eq!(again.body().status, JobStatus::Success as i32);
+    assert_eq!(again.upload.uploaded, 0);
+    assert_eq!(again.body().artifacts, body.artifacts);
+    assert!(!lines_of(&events).is_empty(), "the cached log is replayed");
+
+    // History and re-attachment to a finished session.
+    let record = node.shared().history.get(&result.session_id).unwrap();
+    assert_eq!(record.status, "success");
+    assert!(record.steps.iter().any(|s| s.name == "build"));
+    let mut replay = Vec::new();
+    let followed = client
+        .remote
+        .follow(&result.session_id, 1, |e| replay.push(e.clone()))
+        .await
+        .unwrap();
+    assert_eq!(lines_of(&replay).len() as u64, body.lines - 1);
+    assert_eq!(followed.body().session_id, result.session_id);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_crate_ends_with_status_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), &[]).await;
+    let client = Client::connect(&node).await;
+    let (result, events) = client
+        .run(JobKind::Build, &fixture("compile-error"), &[])
+        .await;
+    let body = result.body();
+    assert_eq!(body.status, JobStatus::Error as i32);
+    assert_eq!(body.exit_code, 101);
+    assert!(
+        lines_of(&events)
+            .iter()
+            .any(|l| l.line.contains("mismatched types"))
+    );
+    assert_eq!(
+        node.shared()
+            .history
+            .get(&result.session_id)
+            .unwrap()
+            .status,
+        "failed"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_resumes_from_its_seq_with_no_line_lost_or_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path().join("node").as_path(), &[]).await;
+    let client = Client::connect(&node).await;
+    let slow = slow_crate(dir.path(), 40, 60);
+
+    let remote = client.remote.clone();
+    let mut cut = false;
+    let tree = client.hash(&slow).await;
+    let mut events = Vec::new();
+    let result = client
+        .remote
+        .run(
+            &client.cas.blobs,
+            &tree.blobs,
+            Client::submit(JobKind::Test, &tree, &["--", "--nocapture"]),
+            |event| {
+                if let SessionEvent::Line(line) = event
+                    && line.line.contains("slow line 5")
+                    && !cut
+                {
+                    cut = true;
+                    let remote = remote.clone();
+                    tokio::spawn(async move { remote.disconnect().await });
+                }
+                events.push(event.clone());
+            },
+        )
+        .await
+        .unwrap();
+    assert!(cut);
+    assert!(result.resumed >= 1, "the connection was cut mid-build");
+    let body = result.body();
+    assert_eq!(body.status, JobStatus::Success as i32, "{events:?}");
+    let lines = lines_of(&events);
+    let received: Vec<(u64, String)> = lines.iter().map(|l| (l.seq, l.line.clone())).collect();
+    let stored = stored_lines(&node, &result);
+    assert_eq!(received, stored, "every line exactly once, in order");
+    for i in 0..40 {
+        let text = format!("slow line {i}");
+        assert_eq!(lines.iter().filter(|l| l.line == text).count(), 1, "{text}");
+    }
+
+    // A separate client attaching later from the middle gets exactly the rest.
+    let other = Client::connect(&node).await;
+    let mut tail = Vec::new();
+    other
+        .remote
+        .follow(&result.session_id, 10, |e| tail.push(e.clone()))
+        .await
+        .unwrap();
+    let tail: Vec<(u64, String)> = lines_of(&tail)
+        .iter()
+        .map(|l| (l.seq, l.line.clone()))
+        .collect();
+    assert_eq!(tail, stored[10..].to_vec());
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path().join("a").as_path(), &[]).await;
+    let b = node(dir.path().join("b").as_path(), &[&a]).await;
+    let untrusting = node(dir.path().join("c").as_path(), &[]).await;
+
+    // The client builds on A (uploading there).
+    let on_a = Client::connect(&a).await;
+    let (built, _) = on_a.run(JobKind::Build, &fixture("hello"), &[]).await;
+    assert_eq!(built.body().status, JobStatus::Success as i32);
+    assert!(built.upload.uploaded > 0);
+
+    // On B the same build is A's signed result: a cache hit, nothing uploaded.
+    let on_b = Client::connect(&b).await;
+    let (hit, _) = on_b.run(JobKind::Build, &fixture("hello"), &[]).await;
+    assert_eq!(hit.body().status, JobStatus::Success as i32);
+    assert!(hit.body().cache_hit);
+    assert_eq!(hit.upload.uploaded, 0);
+    assert_eq!(hit.body().artifacts, built.body().artifacts);
+
+    // A job A never ran: B fetches the input tree from A and runs it, still no upload.
+    let (checked, _) = on_b.run(JobKind::Check, &fixture("hello"), &[]).await;
+    assert_eq!(checked.body().status, JobStatus::Success as i32);
+    assert!(!checked.body().cache_hit);
+    assert_eq!(checked.upload.uploaded, 0);
+    let metrics = b.shared().metrics.render(&[]);
+    assert!(
+        metrics.contains("rba_peer_action_results_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(b.shared().metrics.uploaded_bytes(), 0);
+
+    // A node that trusts nobody says exactly what it lacks.
+    let on_c = Client::connect(&untrusting).await;
+    let tree = on_c.hash(&fixture("hello")).await;
+    let error = on_c
+        .remote
+        .run(
+            &on_c.cas.blobs,
+            &[],
+            Client::submit(JobKind::Build, &tree, &[]),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    let refusal = error
+        .downcast_ref::<rba_agent::p2p::session::NodeError>()
+        .expect("an Error frame");
+    assert_eq!(refusal.code, "missing_input");
+    assert!(refusal.missing.contains(&tree.root.to_wire()));
+    for node in [a, b, untrusting] {
+        node.shutdown().await.unwrap();
+    }
+}
