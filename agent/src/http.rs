@@ -190,10 +190,14 @@ async fn events(
     State(node): State<Arc<NodeShared>>,
     Path(id): Path<String>,
     Query(query): Query<EventsQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let Some(source) = node.session(&id) else {
         return not_found(format!("no session {id:?}"));
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
     };
     node.metrics.inc_ws_clients();
     let from_seq = query.from_seq.unwrap_or(0);

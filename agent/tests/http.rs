@@ -1,0 +1,276 @@
+//! The HTTP face with real clients: WebSocket events (tokio-tungstenite) in the exact JSON
+//! format, and the read-only queries.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Client, fixture, lines_of, node, slow_crate, stored_lines};
+use futures::StreamExt;
+use rba_agent::p2p::session::SessionEvent;
+use rba_executor::cargo::JobKind;
+use rba_executor::runner::JobState;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text[9..12].parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+/// Every JSON message of a session's event socket, until the server closes it.
+async fn events(addr: SocketAddr, session: &str, from_seq: u64) -> Vec<Value> {
+    let url = format!("ws://{addr}/v1/sessions/{session}/events?from_seq={from_seq}");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(message) = socket.next().await {
+        match message.unwrap() {
+            Message::Text(text) => out.push(serde_json::from_str(&text).unwrap()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    out
+}
+
+fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_events_stream_live_lines_then_the_end_in_the_exact_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path().join("node").as_path(), &[]).await;
+    let http = node.http_addr().unwrap();
+    let client = Client::connect(&node).await;
+    let slow = slow_crate(dir.path(), 30, 60);
+    let tree = client.hash(&slow).await;
+
+    // Submit in the background; take the session id from Accepted.
+    let (id_tx, id_rx) = tokio::sync::oneshot::channel();
+    let remote = client.remote.clone();
+    let blobs = client.cas.blobs.clone();
+    let submit = Client::submit(JobKind::Test, &tree, &["--", "--nocapture"]);
+    let tree_blobs = tree.blobs.clone();
+    let job = tokio::spawn(async move {
+        let mut id_tx = Some(id_tx);
+        remote
+            .run(&blobs, &tree_blobs, submit, |event| {
+                if let SessionEvent::Accepted(accepted) = event
+                    && let Some(tx) = id_tx.take()
+                {
+                    let _ = tx.send(accepted.session_id.clone());
+                }
+            })
+            .await
+            .unwrap()
+    });
+    let id = id_rx.await.unwrap();
+
+    let url = format!("ws://{http}/v1/sessions/{id}/events?from_seq=0");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut messages = Vec::new();
+    let mut first_line_while_running = None;
+    while let Some(message) = socket.next().await {
+        match message.unwrap() {
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if first_line_while_running.is_none() && value["type"] == "log" {
+                    let state = node.shared().executor.job(&id).unwrap().state();
+                    first_line_while_running = Some(!matches!(state, JobState::Done(_)));
+                }
+                messages.push(value);
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(first_line_while_running, Some(true), "lines arrive live");
+    let result = job.await.unwrap();
+    let (end, logs) = messages.split_last().unwrap();
+    for log in logs {
+        assert_eq!(keys(log), ["line", "session_id", "type"], "{log}");
+        assert_eq!(log["type"], "log");
+        assert_eq!(log["session_id"], id.as_str());
+    }
+    let lines: Vec<String> = logs
+        .iter()
+        .map(|l| l["line"].as_str().unwrap().to_string())
+        .collect();
+    let stored: Vec<String> = stored_lines(&node, &result)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(lines, stored);
+    assert_eq!(
+        keys(end),
+        ["binary_hash", "duration_ms", "session_id", "status", "type"],
+        "{end}"
+    );
+    assert_eq!(end["type"], "end");
+    assert_eq!(end["status"], "success");
+    assert_eq!(end["session_id"], id.as_str());
+    assert_eq!(
+        end["duration_ms"].as_u64().unwrap(),
+        result.body().duration_ms
+    );
+
+    // A finished build from a later line: the rest, and the main artifact's hash.
+    let (built, built_events) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
+    let hello = built
+        .body()
+        .artifacts
+        .iter()
+        .find(|a| a.path == "target/debug/hello")
+        .unwrap();
+    let replay = events(http, &built.session_id, 1).await;
+    let (end, logs) = replay.split_last().unwrap();
+    assert_eq!(logs.len(), lines_of(&built_events).len() - 1);
+    assert_eq!(end["status"], "success");
+    assert_eq!(
+        end["binary_hash"],
+        hello.digest.as_ref().unwrap().hash.as_str()
+    );
+
+    // A crate that does not compile ends with status error.
+    let (failed, _) = client
+        .run(JobKind::Build, &fixture("compile-error"), &[])
+        .await;
+    let replay = events(http, &failed.session_id, 0).await;
+    let end = replay.last().unwrap();
+    assert_eq!(end["type"], "end");
+    assert_eq!(end["status"], "error");
+    assert!(replay.iter().any(|m| {
+        m["line"]
+            .as_str()
+            .is_some_and(|l| l.contains("mismatched types"))
+    }));
+
+    // Unknown sessions are a 404, not a socket.
+    let (status, _) = get(http, "/v1/sessions/nope/events").await;
+    assert_eq!(status, 404);
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{http}/v1/sessions/nope/events"))
+            .await
+            .is_err()
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_queries_answer_history_logs_cache_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), &[]).await;
+    let http = node.http_addr().unwrap();
+    let client = Client::connect(&node).await;
+    let (result, _) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
+    let id = &result.session_id;
+
+    let (status, body) = get(http, "/health").await;
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["peer_id"], node.peer_id().to_string());
+
+    let (status, body) = get(http, "/builds").await;
+    assert_eq!(status, 200);
+    let builds: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(builds[0]["id"], id.as_str());
+
+    let (status, body) = get(http, &format!("/builds/{id}")).await;
+    assert_eq!(status, 200);
+    let record: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(record["status"], "success");
+    assert_eq!(record["kind"], "build");
+    assert_eq!(record["client"], client.remote.peer_id().to_string());
+    assert!(
+        record["input_root"]
+            .as_str()
+            .unwrap()
+            .starts_with("blake3:")
+    );
+    assert!(
+        record["log_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("blake3:")
+    );
+    assert!(
+        record["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "build")
+    );
+    assert_eq!(record["artifacts"][0]["path"], "target/debug/hello");
+
+    let (status, body) = get(http, &format!("/builds/{id}/logs")).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("Compiling") && body.contains("hello v0.1.0"),
+        "{body}"
+    );
+    assert_eq!(get(http, "/builds/nope").await.0, 404);
+    assert_eq!(get(http, "/builds/nope/logs").await.0, 404);
+
+    let (status, body) = get(http, "/cache/stats").await;
+    assert_eq!(status, 200);
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    assert!(stats["blob_count"].as_u64().unwrap() > 0);
+    assert_eq!(stats["action_cache_entries"], 1);
+
+    let (status, body) = get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE rba_sessions_submitted_total counter"));
+    assert!(body.contains("rba_jobs_succeeded_total 1"), "{body}");
+    assert!(body.contains("rba_cas_blobs "));
+
+    // No state changes over HTTP.
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(
+            b"POST /builds HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    node.shutdown().await.unwrap();
+}
