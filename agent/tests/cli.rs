@@ -108,3 +108,187 @@ fn help_lists_the_jobs_and_hash_prints_a_root() {
         "{out}"
     );
 }
+
+/// `rba serve` running in the background on loopback port 0; stopped with SIGTERM on drop.
+struct Served {
+    child: std::process::Child,
+    tcp: String,
+    quic: String,
+    http: String,
+    _stdout: std::thread::JoinHandle<()>,
+}
+
+impl Served {
+    fn start(data_dir: &std::path::Path) -> Served {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("rba"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "serve",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--listen",
+                "/ip4/127.0.0.1/udp/0/quic-v1",
+                "--http",
+                "127.0.0.1:0",
+                "--grpc",
+                "off",
+                "--no-fsync",
+            ])
+            .env_remove("RBA_DATA_DIR")
+            .env_remove("RBA_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut tcp, mut quic, mut http) = (None, None, None);
+        while tcp.is_none() || quic.is_none() || http.is_none() {
+            let line = lines
+                .next()
+                .expect("rba serve prints its addresses")
+                .unwrap();
+            if let Some(address) = line.strip_prefix("rba: listening on ") {
+                if address.contains("/tcp/") {
+                    tcp = Some(address.to_string());
+                } else {
+                    quic = Some(address.to_string());
+                }
+            } else if let Some(http_url) = line.strip_prefix("rba: http on ") {
+                http = Some(http_url.to_string());
+            }
+        }
+        let drain = std::thread::spawn(move || for _ in lines {});
+        Served {
+            child,
+            tcp: tcp.unwrap(),
+            quic: quic.unwrap(),
+            http: http.unwrap(),
+            _stdout: drain,
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+#[test]
+fn serve_then_remote_build_logs_and_clear_connection_errors() {
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    assert!(served.tcp.contains("/p2p/12D3KooW"), "{}", served.tcp);
+    assert!(served.http.starts_with("http://127.0.0.1:"));
+
+    let first = rba(client_dir.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&first.get_output().stdout).to_string();
+    let err = String::from_utf8_lossy(&first.get_output().stderr).to_string();
+    assert!(
+        out.contains("Compiling") && out.contains("hello v0.1.0"),
+        "{out}"
+    );
+    assert!(err.contains("rba: success"), "{err}");
+    assert!(err.contains("artifact target/debug/hello blake3:"), "{err}");
+    assert!(!err.contains("action-cache hit"), "{err}");
+    let session = err
+        .lines()
+        .find_map(|l| l.strip_prefix("rba: session "))
+        .expect("the session id is printed")
+        .to_string();
+
+    // Unchanged, over QUIC this time: a cache hit with nothing uploaded.
+    let second = rba(client_dir.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--remote")
+        .arg(&served.quic)
+        .assert()
+        .success();
+    let err = String::from_utf8_lossy(&second.get_output().stderr).to_string();
+    assert!(err.contains("action-cache hit"), "{err}");
+    assert!(err.contains("uploaded 0 of"), "{err}");
+
+    // A failing crate exits with cargo's status.
+    let failed = rba(client_dir.path())
+        .arg("build")
+        .arg(fixture("compile-error"))
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .code(101);
+    let out = String::from_utf8_lossy(&failed.get_output().stdout).to_string();
+    assert!(out.contains("mismatched types"), "{out}");
+
+    // Re-attaching to the first session prints its log again from a line on.
+    let logs = rba(client_dir.path())
+        .args(["logs", &session, "--from-seq", "1", "--remote", &served.tcp])
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&logs.get_output().stdout).to_string();
+    assert!(out.contains("Finished"), "{out}");
+
+    // Errors the user can act on: one line each.
+    let peer = served.tcp.rsplit('/').next().unwrap().to_string();
+    let other_peer = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+    let wrong = served.tcp.replace(&peer, other_peer);
+    let unreachable = format!("/ip4/127.0.0.1/tcp/1/p2p/{peer}");
+    for (target, expected) in [
+        (wrong.as_str(), "rba: error: wrong PeerId"),
+        (
+            unreachable.as_str(),
+            "rba: error: node unreachable at /ip4/127.0.0.1/tcp/1",
+        ),
+        (
+            "/ip4/127.0.0.1/tcp/1",
+            "rba: error: \"/ip4/127.0.0.1/tcp/1\" does not end with /p2p/PEERID",
+        ),
+    ] {
+        let run = rba(client_dir.path())
+            .arg("build")
+            .arg(fixture("hello"))
+            .arg("--remote")
+            .arg(target)
+            .assert()
+            .code(2);
+        let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+        assert!(err.starts_with(expected), "{target}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let run = rba(client_dir.path())
+        .arg("build")
+        .arg(node_dir.path())
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(err.starts_with("rba: error: no Cargo.toml in"), "{err}");
+    let run = rba(client_dir.path())
+        .args(["logs", "no-such-session", "--remote", &served.tcp])
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(err.contains("unknown_session"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    assert!(
+        served.stop().success(),
+        "rba serve stops cleanly on SIGTERM"
+    );
+    // The identity persists across restarts.
+    let again = Served::start(node_dir.path());
+    assert!(again.tcp.ends_with(&peer), "{} vs {peer}", again.tcp);
+    again.stop();
+}
