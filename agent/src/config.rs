@@ -51,7 +51,7 @@ pub struct NodeConfig {
     pub listen: Vec<String>,
     /// HTTP (read-only queries and WebSocket) listen address; `None` disables it.
     pub http_listen: Option<SocketAddr>,
-    /// REAPI gRPC listen address; `None` disables it.
+    /// REAPI gRPC listen address; `None` (the default) disables it. See the `grpc` module.
     pub grpc_listen: Option<SocketAddr>,
     /// Concurrent jobs.
     pub workers: usize,
@@ -81,7 +81,8 @@ impl Default for NodeConfig {
                 "/ip4/127.0.0.1/udp/7420/quic-v1".to_string(),
             ],
             http_listen: Some(([127, 0, 0, 1], 7421).into()),
-            grpc_listen: Some(([127, 0, 0, 1], 7422).into()),
+            // Off until rba-cache-server can serve the node's own store (see `grpc`).
+            grpc_listen: None,
             workers: 2,
             idle_timeout_secs: 6 * 3600,
             max_frame_bytes: crate::p2p::frame::DEFAULT_MAX_FRAME,
@@ -104,7 +105,7 @@ impl NodeConfig {
                 "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
             ],
             http_listen: Some(([127, 0, 0, 1], 0).into()),
-            grpc_listen: Some(([127, 0, 0, 1], 0).into()),
+            grpc_listen: None,
             fsync: false,
             ..NodeConfig::default()
         }

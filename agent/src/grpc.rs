@@ -1,8 +1,15 @@
-//! The REAPI gRPC face of `rba serve`, served by `rba-cache-server` over the node's own CAS.
+//! The REAPI gRPC face of `rba serve`.
 //!
-//! Why a module: the node owns the store (one sled database per directory), so the REAPI
-//! server must be built on the node's `Cas` rather than open its own; this is the one place
-//! that knows how.
+//! Why a module: the node owns the store (one sled database per directory, locked by its
+//! process), so the REAPI server must be built on the node's own `Cas` and `Executor` rather
+//! than open a second store; this is the one place that will know how.
+//!
+//! Not wired yet: `rba_cache_server::Server` can only be built by opening its own store
+//! (`Server::new(config)`), which would fight the node for the sled lock and split the cache.
+//! Once it can be built on an existing `Cas` (e.g. `Server::with_cas(cas, config)` +
+//! `with_executor`), [`spawn`] binds `addr` and serves it until the node stops. Until then a
+//! configured `grpc_listen` is reported and skipped; run the `cache-server` binary on its own
+//! data directory for REAPI clients.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +24,12 @@ pub async fn spawn(
     addr: SocketAddr,
     _stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Option<SocketAddr>, Option<tokio::task::JoinHandle<()>>)> {
-    tracing::warn!(%addr, "the REAPI gRPC server is not part of this build yet; not listening");
+    tracing::warn!(
+        %addr,
+        "REAPI gRPC inside rba serve needs rba-cache-server to serve an existing Cas; not listening"
+    );
+    eprintln!(
+        "rba: REAPI gRPC on {addr} is not available inside rba serve yet (use the cache-server binary)"
+    );
     Ok((None, None))
 }

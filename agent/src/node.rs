@@ -218,6 +218,8 @@ impl NodeShared {
         let result = self.submit_inner(peer, submit).await;
         match &result {
             Ok(_) => self.metrics.inc_submitted(),
+            // The normal first answer to a new tree: the client uploads and submits again.
+            Err(refusal) if refusal.code == "missing_input" => {}
             Err(_) => self.metrics.inc_refused(),
         }
         result

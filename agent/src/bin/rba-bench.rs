@@ -1,1 +1,233 @@
-fn main() {}
+//! `rba-bench`: end-to-end `rba build` over libp2p on loopback against a local `cargo build`
+//! of the same fixture, measured in one run.
+//!
+//! For each fixture (copied to a scratch directory so it can be edited) it measures:
+//! - cold: a fresh node and client (empty CAS, empty target cache) vs `cargo build` with an
+//!   empty target directory;
+//! - one-line change: a comment line appended to one source file, rebuilt incrementally on
+//!   both sides;
+//! - unchanged: the same tree again (an action-cache hit remotely; a no-op `cargo build`
+//!   locally);
+//! - bytes uploaded by the resubmission after the one-file change vs that file's size.
+//!
+//! The remote side is the whole client path: hashing the workspace, `Submit`, `Has`, upload,
+//! streaming every line to the end event. Usage: `rba-bench [FIXTURE…]` (default: `hello`
+//! and `workspace3` from `tests/fixtures`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libp2p::identity::Keypair;
+use rba_agent::client::{RemoteClient, SessionResult};
+use rba_agent::config::NodeConfig;
+use rba_agent::node::Node;
+use rba_agent::workspace::hash_workspace;
+use rba_cas::{Cas, StoreConfig};
+use rba_executor::cargo::JobKind;
+use rba_proto::rba::v1::{JobOptions, JobStatus, Submit};
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            if entry.file_name() != "target" {
+                copy_dir(&entry.path(), &target)?;
+            }
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The file a one-line change goes into: the binary's main, else the first `lib.rs`.
+fn file_to_change(root: &Path) -> anyhow::Result<PathBuf> {
+    for candidate in ["src/main.rs", "app/src/main.rs", "src/lib.rs"] {
+        if root.join(candidate).is_file() {
+            return Ok(root.join(candidate));
+        }
+    }
+    anyhow::bail!("no source file to change under {}", root.display())
+}
+
+fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    writeln!(file, "{line}")?;
+    Ok(())
+}
+
+fn local_cargo_build(root: &Path, target: &Path) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = std::process::Command::new("cargo")
+        .arg("build")
+        .arg("--quiet")
+        .arg("--offline")
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    anyhow::ensure!(status.success(), "local cargo build failed");
+    Ok(started.elapsed())
+}
+
+struct Remote {
+    client: RemoteClient,
+    cas: Cas,
+}
+
+impl Remote {
+    async fn build(&self, root: &Path) -> anyhow::Result<(Duration, SessionResult)> {
+        let started = Instant::now();
+        let tree = hash_workspace(&self.cas, root, true).await?;
+        let submit = Submit {
+            kind: JobKind::Build.to_proto() as i32,
+            options: Some(JobOptions::default()),
+            input_root: Some(tree.root.to_wire()),
+            workspace_hint: "bench".to_string(),
+        };
+        let result = self
+            .client
+            .run(&self.cas.blobs, &tree.blobs, submit, |_| {})
+            .await?;
+        anyhow::ensure!(
+            result.body().status == JobStatus::Success as i32,
+            "remote build failed"
+        );
+        Ok((started.elapsed(), result))
+    }
+}
+
+struct Row {
+    what: &'static str,
+    local: Duration,
+    remote: Duration,
+    note: String,
+}
+
+async fn bench(fixture: &Path, scratch: &Path) -> anyhow::Result<()> {
+    let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+    let local_src = scratch.join(format!("{name}-local"));
+    let remote_src = scratch.join(format!("{name}-remote"));
+    copy_dir(fixture, &local_src)?;
+    copy_dir(fixture, &remote_src)?;
+    let local_target = scratch.join(format!("{name}-target"));
+
+    let node = Node::start(NodeConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".to_string()],
+        http_listen: None,
+        grpc_listen: None,
+        ..NodeConfig::ephemeral(scratch.join(format!("{name}-node")))
+    })
+    .await?;
+    let client = RemoteClient::connect(
+        Keypair::generate_ed25519(),
+        &node.tcp_addr().context("node address")?.to_string(),
+    )
+    .await?;
+    let cas = Cas::open(
+        scratch.join(format!("{name}-client/cas")),
+        StoreConfig {
+            fsync: false,
+            ..Default::default()
+        },
+    )?;
+    let remote = Remote { client, cas };
+    let mut rows = Vec::new();
+
+    let local = local_cargo_build(&local_src, &local_target)?;
+    let (took, cold) = remote.build(&remote_src).await?;
+    rows.push(Row {
+        what: "cold",
+        local,
+        remote: took,
+        note: format!(
+            "uploaded {} blobs, {} bytes",
+            cold.upload.uploaded, cold.upload.bytes
+        ),
+    });
+
+    let changed_local = file_to_change(&local_src)?;
+    let changed_remote = file_to_change(&remote_src)?;
+    append_line(&changed_local, "// one-line change")?;
+    append_line(&changed_remote, "// one-line change")?;
+    let file_size = std::fs::metadata(&changed_remote)?.len();
+    let local = local_cargo_build(&local_src, &local_target)?;
+    let (took, changed) = remote.build(&remote_src).await?;
+    anyhow::ensure!(
+        !changed.body().cache_hit,
+        "a changed tree cannot be a cache hit"
+    );
+    rows.push(Row {
+        what: "one-line change",
+        local,
+        remote: took,
+        note: format!(
+            "uploaded {} blobs, {} bytes for a {} byte file ({:.2}x)",
+            changed.upload.uploaded,
+            changed.upload.bytes,
+            file_size,
+            changed.upload.bytes as f64 / file_size as f64
+        ),
+    });
+
+    let local = local_cargo_build(&local_src, &local_target)?;
+    let (took, unchanged) = remote.build(&remote_src).await?;
+    rows.push(Row {
+        what: "unchanged",
+        local,
+        remote: took,
+        note: format!(
+            "cache hit: {}, uploaded {} bytes",
+            unchanged.body().cache_hit,
+            unchanged.upload.bytes
+        ),
+    });
+
+    println!("\n## {name}");
+    println!(
+        "| case | local cargo build | rba build --remote (loopback) | remote / local | notes |"
+    );
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {:.3} s | {:.3} s | {:.2} | {} |",
+            row.what,
+            row.local.as_secs_f64(),
+            row.remote.as_secs_f64(),
+            row.remote.as_secs_f64() / row.local.as_secs_f64(),
+            row.note
+        );
+    }
+    node.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let fixtures_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let mut fixtures: Vec<PathBuf> = std::env::args()
+        .skip(1)
+        .map(|name| {
+            let path = PathBuf::from(&name);
+            if path.is_dir() {
+                path
+            } else {
+                fixtures_dir.join(name)
+            }
+        })
+        .collect();
+    if fixtures.is_empty() {
+        fixtures = vec![fixtures_dir.join("hello"), fixtures_dir.join("workspace3")];
+    }
+    let scratch = tempfile::tempdir()?;
+    for fixture in &fixtures {
+        bench(fixture, scratch.path())
+            .await
+            .with_context(|| format!("benchmarking {}", fixture.display()))?;
+    }
+    Ok(())
+}

@@ -172,14 +172,14 @@ async fn serve_get(node: &NodeShared, stream: &mut BufReader<Stream>, get: Get) 
         match chunk {
             Ok(data) => {
                 let last = data.is_empty();
+                let bytes = data.len() as u64;
                 let reply = BlobReply {
                     reply: Some(blob_reply::Reply::Chunk(Chunk { data, last })),
                 };
                 if write_frame(stream, &reply).await.is_err() {
                     return false;
                 }
-                node.metrics
-                    .add_served_bytes(digest.size.min(CHUNK_BYTES as u64));
+                node.metrics.add_served_bytes(bytes);
                 if last {
                     return true;
                 }
