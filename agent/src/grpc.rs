@@ -1,35 +1,57 @@
-//! The REAPI gRPC face of `rba serve`.
+//! The REAPI gRPC face of `rba serve`: `rba-cache-server`'s services over the node's own store
+//! and executor.
 //!
-//! Why a module: the node owns the store (one sled database per directory, locked by its
-//! process), so the REAPI server must be built on the node's own `Cas` and `Executor` rather
-//! than open a second store; this is the one place that will know how.
-//!
-//! Not wired yet: `rba_cache_server::Server` can only be built by opening its own store
-//! (`Server::new(config)`), which would fight the node for the sled lock and split the cache.
-//! Once it can be built on an existing `Cas` (e.g. `Server::with_cas(cas, config)` +
-//! `with_executor`), [`spawn`] binds `addr` and serves it until the node stops. Until then a
-//! configured `grpc_listen` is reported and skipped; run the `cache-server` binary on its own
-//! data directory for REAPI clients.
+//! Why a module: the node owns one store (one sled database per directory, locked by its
+//! process) and one executor; the REAPI server must serve exactly those, not open a second
+//! store or start a second executor. So when gRPC is enabled the store is opened *by* the
+//! cache server ([`open`]), the node takes its `Cas` from it, and the node's executor is handed
+//! back ([`spawn`]) — Bazel actions, libp2p submissions and `rba` jobs then share the CAS, the
+//! action cache and the job queue.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
 
+use anyhow::Context;
+use rba_cache_server::{Config, Server};
+use rba_cas::{Cas, StoreConfig};
+use rba_executor::runner::Executor;
 use tokio::sync::watch;
 
-use crate::node::NodeShared;
+/// Opens the store under `cas_dir` through the REAPI server (execution is attached later).
+pub fn open(cas_dir: &Path, store: StoreConfig, addr: SocketAddr) -> anyhow::Result<(Server, Cas)> {
+    let mut config = Config {
+        listen: addr,
+        data_dir: cas_dir.to_path_buf(),
+        metrics_listen: None,
+        store,
+        ..Config::default()
+    };
+    config.execution.enabled = false;
+    let server = Server::new(config).context("setting up the REAPI server")?;
+    let cas = server.state().cas.clone();
+    Ok((server, cas))
+}
 
-/// Starts the REAPI server on `addr`; returns the bound address and its task.
+/// Serves `server` with the node's `executor` on `addr` until `stop`; returns the bound
+/// address and the task.
 pub async fn spawn(
-    _node: Arc<NodeShared>,
+    server: Server,
+    executor: Executor,
     addr: SocketAddr,
-    _stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Option<SocketAddr>, Option<tokio::task::JoinHandle<()>>)> {
-    tracing::warn!(
-        %addr,
-        "REAPI gRPC inside rba serve needs rba-cache-server to serve an existing Cas; not listening"
-    );
-    eprintln!(
-        "rba: REAPI gRPC on {addr} is not available inside rba serve yet (use the cache-server binary)"
-    );
-    Ok((None, None))
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding REAPI gRPC on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let server = server.with_executor(executor);
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = server.serve(listener, None, shutdown).await {
+            tracing::error!(error = %format!("{e:#}"), "REAPI server");
+        }
+    });
+    Ok((bound, task))
 }

@@ -574,15 +574,23 @@ impl Node {
         let data_dir: PathBuf = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        let cas = Cas::open(
-            data_dir.join("cas"),
-            StoreConfig {
-                max_bytes: config.cas_max_bytes,
-                fsync: config.fsync,
-                ..StoreConfig::default()
-            },
-        )
-        .with_context(|| format!("opening the CAS under {}", data_dir.display()))?;
+        let store = StoreConfig {
+            max_bytes: config.cas_max_bytes,
+            fsync: config.fsync,
+            ..StoreConfig::default()
+        };
+        // With gRPC on, the REAPI server opens the store and the node shares it.
+        let (cas, reapi) = match config.grpc_listen {
+            Some(addr) => {
+                let (server, cas) = crate::grpc::open(&data_dir.join("cas"), store, addr)?;
+                (cas, Some((server, addr)))
+            }
+            None => (
+                Cas::open(data_dir.join("cas"), store)
+                    .with_context(|| format!("opening the CAS under {}", data_dir.display()))?,
+                None,
+            ),
+        };
         let history = History::open(cas.blobs.db())?;
         let interrupted = history.mark_interrupted()?;
         if interrupted > 0 {
@@ -645,11 +653,12 @@ impl Node {
             }));
         }
         let mut grpc_addr = None;
-        if let Some(addr) = config.grpc_listen {
+        if let Some((server, addr)) = reapi {
             let (bound, task) =
-                crate::grpc::spawn(shared.clone(), addr, shutdown_rx.clone()).await?;
-            grpc_addr = bound;
-            tasks.extend(task);
+                crate::grpc::spawn(server, shared.executor.clone(), addr, shutdown_rx.clone())
+                    .await?;
+            grpc_addr = Some(bound);
+            tasks.push(task);
         }
         // Forget finished log streams after a day (their logs stay in the CAS).
         let (executor, mut stop) = (shared.executor.clone(), shutdown_rx.clone());

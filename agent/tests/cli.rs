@@ -115,6 +115,7 @@ struct Served {
     tcp: String,
     quic: String,
     http: String,
+    grpc: String,
     _stdout: std::thread::JoinHandle<()>,
 }
 
@@ -133,7 +134,7 @@ impl Served {
                 "--http",
                 "127.0.0.1:0",
                 "--grpc",
-                "off",
+                "127.0.0.1:0",
                 "--no-fsync",
             ])
             .env_remove("RBA_DATA_DIR")
@@ -142,8 +143,8 @@ impl Served {
             .spawn()
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut tcp, mut quic, mut http) = (None, None, None);
-        while tcp.is_none() || quic.is_none() || http.is_none() {
+        let (mut tcp, mut quic, mut http, mut grpc) = (None, None, None, None);
+        while tcp.is_none() || quic.is_none() || http.is_none() || grpc.is_none() {
             let line = lines
                 .next()
                 .expect("rba serve prints its addresses")
@@ -156,6 +157,8 @@ impl Served {
                 }
             } else if let Some(http_url) = line.strip_prefix("rba: http on ") {
                 http = Some(http_url.to_string());
+            } else if let Some(grpc_url) = line.strip_prefix("rba: reapi on ") {
+                grpc = Some(grpc_url.to_string());
             }
         }
         let drain = std::thread::spawn(move || for _ in lines {});
@@ -164,6 +167,7 @@ impl Served {
             tcp: tcp.unwrap(),
             quic: quic.unwrap(),
             http: http.unwrap(),
+            grpc: grpc.unwrap(),
             _stdout: drain,
         }
     }
@@ -185,6 +189,11 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
     let served = Served::start(node_dir.path());
     assert!(served.tcp.contains("/p2p/12D3KooW"), "{}", served.tcp);
     assert!(served.http.starts_with("http://127.0.0.1:"));
+    assert!(
+        served.grpc.starts_with("grpc://127.0.0.1:"),
+        "{}",
+        served.grpc
+    );
 
     let first = rba(client_dir.path())
         .arg("build")
