@@ -274,3 +274,60 @@ async fn read_only_queries_answer_history_logs_cache_and_metrics() {
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_breaks_ends_its_event_stream_with_an_error_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path().join("node").as_path(), &[]).await;
+    let http = node.http_addr().unwrap();
+    let client = Client::connect(&node).await;
+    let slow = slow_crate(dir.path(), 200, 50);
+    let tree = client.hash(&slow).await;
+    client
+        .remote
+        .upload_missing(&client.cas.blobs, &tree.blobs)
+        .await
+        .unwrap();
+    let mut session = client.remote.session().await.unwrap();
+    session
+        .send(rba_proto::rba::v1::client_frame::Frame::Submit(
+            Client::submit(JobKind::Test, &tree, &["--", "--nocapture"]),
+        ))
+        .await
+        .unwrap();
+    let Some(SessionEvent::Accepted(accepted)) = session.next().await.unwrap() else {
+        panic!("accepted first")
+    };
+    let id = accepted.session_id;
+    // Wait for the test to print, then cancel the job on the node.
+    loop {
+        if let Some(SessionEvent::Line(line)) = session.next().await.unwrap()
+            && line.line.contains("slow line 3")
+        {
+            break;
+        }
+    }
+    node.shared().executor.job(&id).unwrap().cancel();
+    let messages = events(http, &id, 0).await;
+    let last = messages.last().unwrap();
+    assert_eq!(keys(last), ["message", "session_id", "type"], "{last}");
+    assert_eq!(last["type"], "error");
+    assert_eq!(last["session_id"], id.as_str());
+    assert!(
+        last["message"].as_str().unwrap().contains("cancelled"),
+        "{last}"
+    );
+    // The libp2p side sees a signed end with status CANCELLED.
+    let end = loop {
+        match session.next().await.unwrap() {
+            Some(SessionEvent::End(end)) => break end,
+            Some(_) => {}
+            None => panic!("no end"),
+        }
+    };
+    assert_eq!(
+        end.body.unwrap().status,
+        rba_proto::rba::v1::JobStatus::Cancelled as i32
+    );
+    node.shutdown().await.unwrap();
+}
