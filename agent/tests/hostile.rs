@@ -321,3 +321,24 @@ async fn a_submit_before_the_upload_names_the_missing_root() {
     assert_eq!(again.uploaded, 0);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_clients_may_upload_and_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let someone_else = Keypair::generate_ed25519().public().to_peer_id();
+    let node = common::node_with(dir.path(), &[], |config| {
+        config.allowed_clients = Some(vec![someone_else.to_string()]);
+    })
+    .await;
+    let client = Client::connect(&node).await;
+    let tree = client.hash(&fixture("hello")).await;
+    let error = client
+        .remote
+        .upload_missing(&client.cas.blobs, &tree.blobs)
+        .await
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("(forbidden)"), "{error:#}");
+    let (code, _) = session_error(&client, &submit(1, Some(tree.root.to_wire()))).await;
+    assert_eq!(code, "forbidden");
+    node.shutdown().await.unwrap();
+}
