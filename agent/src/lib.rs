@@ -16,6 +16,7 @@
 //! - [`local`]: the embedded node `rba` uses without `--remote`.
 //! - [`output`]: what the CLI prints (live lines, progress bar, summary).
 //! - [`workspace`]: hashing a user's workspace into a local CAS.
+//! - [`tangle`]: the Tangle Blueprint jobs (0–4), `zip_uri` fetching and `rba tangle run`.
 
 pub mod client;
 pub mod config;
@@ -27,4 +28,5 @@ pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod p2p;
+pub mod tangle;
 pub mod workspace;

@@ -65,6 +65,11 @@ enum Commands {
         #[arg(long, env = "RBA_REMOTE")]
         remote: String,
     },
+    /// The node as a Tangle Blueprint (`rba tangle run`, started by the Blueprint Manager).
+    Tangle {
+        #[command(subcommand)]
+        command: rba_agent::tangle::runner::TangleCommand,
+    },
     /// Store a workspace in the CAS and print its root digest.
     Hash {
         /// The workspace directory.
@@ -145,6 +150,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let client_dir = data_dir.clone().unwrap_or_else(default_data_dir);
     let (kind, args) = match cli.command {
         Commands::Serve(args) => return serve(data_dir, args).await,
+        Commands::Tangle { command } => {
+            return rba_agent::tangle::runner::main(data_dir, command).await;
+        }
         Commands::Hash { path } => {
             let cas = open_cas(&client_dir)?;
             let tree = hash_workspace(&cas, &path, false).await?;

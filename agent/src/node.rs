@@ -78,6 +78,8 @@ pub struct NodeShared {
     pub metrics: Metrics,
     trusted: Vec<(PeerId, Vec<Multiaddr>)>,
     allowed: Option<HashSet<PeerId>>,
+    /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's job id.
+    session_aliases: parking_lot::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -197,8 +199,21 @@ impl NodeShared {
         }
     }
 
-    /// A session by id.
+    /// Makes session `job_id` reachable as `alias` too (a Tangle job's on-chain session id);
+    /// false, and nothing changed, when `alias` already names a session.
+    pub fn alias_session(&self, alias: &str, job_id: &str) -> bool {
+        let mut aliases = self.session_aliases.lock();
+        if aliases.contains_key(alias) || self.executor.job(alias).is_some() {
+            return false;
+        }
+        aliases.insert(alias.to_string(), job_id.to_string());
+        true
+    }
+
+    /// A session by id (or by an alias, see [`NodeShared::alias_session`]).
     pub fn session(&self, id: &str) -> Option<SessionSource> {
+        let aliased = self.session_aliases.lock().get(id).cloned();
+        let id = aliased.as_deref().unwrap_or(id);
         if let Some(handle) = self.executor.job(id) {
             return Some(SessionSource::Live(handle));
         }
@@ -624,6 +639,7 @@ impl Node {
             metrics: Metrics::default(),
             trusted,
             allowed,
+            session_aliases: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();

@@ -16,21 +16,40 @@ use rba_cas::{BlobStore, DigestFunction, DirOptions, StoreConfig, build_from_dir
 use sha2::Digest as _;
 
 fn buffer(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect()
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect()
 }
 
 fn open_store(dir: &Path) -> BlobStore {
-    BlobStore::open(dir, StoreConfig { fsync: false, ..Default::default() }).unwrap()
+    BlobStore::open(
+        dir,
+        StoreConfig {
+            fsync: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn hashing(c: &mut Criterion) {
     let data = buffer(1 << 20);
     let mut group = c.benchmark_group("hash 1MiB");
-    group.throughput(Throughput::Bytes(data.len() as u64)).sample_size(30);
-    group.bench_function("sha256 via Hasher", |b| b.iter(|| DigestFunction::Sha256.digest_of(black_box(&data))));
-    group.bench_function("sha256 raw (sha2)", |b| b.iter(|| sha2::Sha256::digest(black_box(&data))));
-    group.bench_function("blake3 via Hasher", |b| b.iter(|| DigestFunction::Blake3.digest_of(black_box(&data))));
-    group.bench_function("blake3 raw (blake3)", |b| b.iter(|| blake3::hash(black_box(&data))));
+    group
+        .throughput(Throughput::Bytes(data.len() as u64))
+        .sample_size(30);
+    group.bench_function("sha256 via Hasher", |b| {
+        b.iter(|| DigestFunction::Sha256.digest_of(black_box(&data)))
+    });
+    group.bench_function("sha256 raw (sha2)", |b| {
+        b.iter(|| sha2::Sha256::digest(black_box(&data)))
+    });
+    group.bench_function("blake3 via Hasher", |b| {
+        b.iter(|| DigestFunction::Blake3.digest_of(black_box(&data)))
+    });
+    group.bench_function("blake3 raw (blake3)", |b| {
+        b.iter(|| blake3::hash(black_box(&data)))
+    });
     group.finish();
 }
 
@@ -39,7 +58,9 @@ fn store_put_get(c: &mut Criterion) {
     let store = open_store(dir.path());
     for (label, len) in [("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
         let mut group = c.benchmark_group(format!("store {label}"));
-        group.throughput(Throughput::Bytes(len as u64)).sample_size(20);
+        group
+            .throughput(Throughput::Bytes(len as u64))
+            .sample_size(20);
         let mut counter = 0u64;
         let template = buffer(len);
         group.bench_function("put (new blob, blake3)", |b| {
@@ -56,9 +77,15 @@ fn store_put_get(c: &mut Criterion) {
         });
         let present = store.put_bytes(DigestFunction::Blake3, &template).unwrap();
         group.bench_function("put (already present)", |b| {
-            b.iter(|| store.put_bytes(DigestFunction::Blake3, black_box(&template)).unwrap())
+            b.iter(|| {
+                store
+                    .put_bytes(DigestFunction::Blake3, black_box(&template))
+                    .unwrap()
+            })
         });
-        group.bench_function("get (read_to_vec)", |b| b.iter(|| store.read_to_vec(&present, u64::MAX).unwrap()));
+        group.bench_function("get (read_to_vec)", |b| {
+            b.iter(|| store.read_to_vec(&present, u64::MAX).unwrap())
+        });
         group.finish();
     }
 }
@@ -68,7 +95,9 @@ fn store_put_get(c: &mut Criterion) {
 fn generate_tree(root: &Path, files: usize) {
     let template = buffer(4096);
     for i in 0..files {
-        let dir = root.join(format!("d{:03}", i / 10_000)).join(format!("s{:03}", (i / 100) % 100));
+        let dir = root
+            .join(format!("d{:03}", i / 10_000))
+            .join(format!("s{:03}", (i / 100) % 100));
         if i % 100 == 0 {
             std::fs::create_dir_all(&dir).unwrap();
         }
@@ -84,7 +113,10 @@ fn generate_tree(root: &Path, files: usize) {
 fn merkle_criterion(c: &mut Criterion, tree: &Path) {
     let options = DirOptions::default();
     let mut group = c.benchmark_group("merkle 10k files");
-    group.sample_size(10).measurement_time(Duration::from_secs(15)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .warm_up_time(Duration::from_secs(1));
     group.bench_function("cold (fresh store and stat cache)", |b| {
         b.iter_batched(
             || {
@@ -130,7 +162,10 @@ fn cold_vs_warm(label: &str, tree: &Path) {
     }
     let warm = warm.unwrap();
     assert_eq!(warm.root, cold.root);
-    assert_eq!(warm.stats.files_hashed, 0, "every file should come from the stat cache");
+    assert_eq!(
+        warm.stats.files_hashed, 0,
+        "every file should come from the stat cache"
+    );
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "{label}: cold {:.0} ms, warm {:.0} ms, warm/cold = {:.3} ({} files, {} dirs, {:.1} MiB, {} new blobs)",
@@ -151,7 +186,10 @@ fn main() {
     let ten_k = tempfile::tempdir().unwrap();
     let start = Instant::now();
     generate_tree(ten_k.path(), 10_000);
-    println!("generated 10k files in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "generated 10k files in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     merkle_criterion(&mut c, ten_k.path());
     c.final_summary();
 
@@ -161,7 +199,10 @@ fn main() {
         let hundred_k = tempfile::tempdir().unwrap();
         let start = Instant::now();
         generate_tree(hundred_k.path(), 100_000);
-        println!("generated 100k files in {:.1} s", start.elapsed().as_secs_f64());
+        println!(
+            "generated 100k files in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
         cold_vs_warm("merkle 100k files", hundred_k.path());
     }
 }

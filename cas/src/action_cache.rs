@@ -46,13 +46,16 @@ impl ActionCache {
     /// Stores a result. Every digest it names must be well-formed for the action's function.
     pub fn put(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<()> {
         referenced_digests(action.function, result)?;
-        self.entries.insert(entry_key(instance, action), result.encode_to_vec())?;
+        self.entries
+            .insert(entry_key(instance, action), result.encode_to_vec())?;
         Ok(())
     }
 
     /// The stored result, only if everything it references is present.
     pub fn get(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>> {
-        let Some(result) = self.get_unchecked(instance, action)? else { return Ok(None) };
+        let Some(result) = self.get_unchecked(instance, action)? else {
+            return Ok(None);
+        };
         let referenced = match self.referenced_blobs(action.function, &result) {
             Ok(referenced) => referenced,
             Err(CasError::NotFound(missing)) => {
@@ -72,9 +75,12 @@ impl ActionCache {
 
     /// The stored result without the completeness check (e.g. to inspect a failed run).
     pub fn get_unchecked(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>> {
-        let Some(bytes) = self.entries.get(entry_key(instance, action))? else { return Ok(None) };
-        let result = ActionResult::decode(bytes.as_ref())
-            .map_err(|e| CasError::invalid(format!("stored ActionResult for {action:?}"), e.to_string()))?;
+        let Some(bytes) = self.entries.get(entry_key(instance, action))? else {
+            return Ok(None);
+        };
+        let result = ActionResult::decode(bytes.as_ref()).map_err(|e| {
+            CasError::invalid(format!("stored ActionResult for {action:?}"), e.to_string())
+        })?;
         Ok(Some(result))
     }
 
@@ -96,16 +102,28 @@ impl ActionCache {
     /// Every blob a result depends on, including the files inside its output trees.
     ///
     /// Fails with [`CasError::NotFound`] when a tree blob itself is missing.
-    pub fn referenced_blobs(&self, function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
+    pub fn referenced_blobs(
+        &self,
+        function: DigestFunction,
+        result: &ActionResult,
+    ) -> Result<Vec<Digest>> {
         let mut digests = referenced_digests(function, result)?;
         for directory in &result.output_directories {
-            let tree_digest = Digest::from_reapi_field(function, directory.tree_digest.as_ref(), "OutputDirectory.tree_digest")?;
+            let tree_digest = Digest::from_reapi_field(
+                function,
+                directory.tree_digest.as_ref(),
+                "OutputDirectory.tree_digest",
+            )?;
             let bytes = self.blobs.read_to_vec(&tree_digest, MAX_TREE_BYTES)?;
             let tree = Tree::decode(bytes.as_slice())
                 .map_err(|e| CasError::invalid(format!("Tree {tree_digest:?}"), e.to_string()))?;
             for dir in tree.root.iter().chain(tree.children.iter()) {
                 for file in &dir.files {
-                    digests.push(Digest::from_reapi_field(function, file.digest.as_ref(), "FileNode.digest")?);
+                    digests.push(Digest::from_reapi_field(
+                        function,
+                        file.digest.as_ref(),
+                        "FileNode.digest",
+                    )?);
                 }
             }
         }
@@ -117,12 +135,23 @@ impl ActionCache {
 fn referenced_digests(function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
     let mut digests = Vec::new();
     for file in &result.output_files {
-        digests.push(Digest::from_reapi_field(function, file.digest.as_ref(), "OutputFile.digest")?);
+        digests.push(Digest::from_reapi_field(
+            function,
+            file.digest.as_ref(),
+            "OutputFile.digest",
+        )?);
     }
     for directory in &result.output_directories {
-        digests.push(Digest::from_reapi_field(function, directory.tree_digest.as_ref(), "OutputDirectory.tree_digest")?);
+        digests.push(Digest::from_reapi_field(
+            function,
+            directory.tree_digest.as_ref(),
+            "OutputDirectory.tree_digest",
+        )?);
     }
-    for digest in [&result.stdout_digest, &result.stderr_digest].into_iter().flatten() {
+    for digest in [&result.stdout_digest, &result.stderr_digest]
+        .into_iter()
+        .flatten()
+    {
         digests.push(Digest::from_reapi(function, digest)?);
     }
     Ok(digests)
@@ -137,7 +166,14 @@ mod tests {
 
     fn cache() -> (tempfile::TempDir, BlobStore, ActionCache) {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path(), StoreConfig { fsync: false, ..Default::default() }).unwrap();
+        let blobs = BlobStore::open(
+            dir.path(),
+            StoreConfig {
+                fsync: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let cache = ActionCache::open(blobs.clone()).unwrap();
         (dir, blobs, cache)
     }
@@ -150,7 +186,11 @@ mod tests {
         let inner = f.digest_of(b"inside a tree");
         let tree = Tree {
             root: Some(Directory {
-                files: vec![FileNode { name: "x".into(), digest: Some(inner.to_reapi()), ..Default::default() }],
+                files: vec![FileNode {
+                    name: "x".into(),
+                    digest: Some(inner.to_reapi()),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             children: vec![],
@@ -158,7 +198,11 @@ mod tests {
         let tree_digest = blobs.put_bytes(f, &tree.encode_to_vec()).unwrap();
         let action = f.digest_of(b"action");
         let result = ActionResult {
-            output_files: vec![OutputFile { path: "out".into(), digest: Some(out.to_reapi()), ..Default::default() }],
+            output_files: vec![OutputFile {
+                path: "out".into(),
+                digest: Some(out.to_reapi()),
+                ..Default::default()
+            }],
             output_directories: vec![OutputDirectory {
                 path: "dir".into(),
                 tree_digest: Some(tree_digest.to_reapi()),
@@ -167,12 +211,20 @@ mod tests {
             ..Default::default()
         };
         cache.put("main", &action, &result).unwrap();
-        assert_eq!(cache.get("main", &action).unwrap(), None, "file inside the tree is missing");
+        assert_eq!(
+            cache.get("main", &action).unwrap(),
+            None,
+            "file inside the tree is missing"
+        );
         blobs.put_bytes(f, b"inside a tree").unwrap();
         assert_eq!(cache.get("main", &action).unwrap(), Some(result.clone()));
         assert_eq!(cache.get("other", &action).unwrap(), None);
         std::fs::remove_file(blobs.blob_path(&out)).unwrap();
-        assert_eq!(cache.get("main", &action).unwrap(), None, "output file vanished");
+        assert_eq!(
+            cache.get("main", &action).unwrap(),
+            None,
+            "output file vanished"
+        );
         assert!(cache.get_unchecked("main", &action).unwrap().is_some());
     }
 
@@ -183,7 +235,10 @@ mod tests {
         let result = ActionResult {
             output_files: vec![OutputFile {
                 path: "out".into(),
-                digest: Some(rba_proto::reapi::Digest { hash: "nothex".into(), size_bytes: 1 }),
+                digest: Some(rba_proto::reapi::Digest {
+                    hash: "nothex".into(),
+                    size_bytes: 1,
+                }),
                 ..Default::default()
             }],
             ..Default::default()

@@ -179,12 +179,20 @@ pub enum DigestError {
 
 impl Digest {
     /// Builds a digest from a hex hash and a size.
-    pub fn from_hex(function: DigestFunction, hash_hex: &str, size: i64) -> Result<Self, DigestError> {
+    pub fn from_hex(
+        function: DigestFunction,
+        hash_hex: &str,
+        size: i64,
+    ) -> Result<Self, DigestError> {
         let hash = parse_hash(hash_hex)?;
         if size < 0 {
             return Err(DigestError::MalformedSize(size.to_string()));
         }
-        Ok(Digest { function, hash, size: size as u64 })
+        Ok(Digest {
+            function,
+            hash,
+            size: size as u64,
+        })
     }
 
     /// Parses `hash/size`.
@@ -209,7 +217,10 @@ impl Digest {
     }
 
     /// Converts a REAPI digest, whose function comes from the request.
-    pub fn from_reapi(function: DigestFunction, digest: &reapi::Digest) -> Result<Self, DigestError> {
+    pub fn from_reapi(
+        function: DigestFunction,
+        digest: &reapi::Digest,
+    ) -> Result<Self, DigestError> {
         Digest::from_hex(function, &digest.hash, digest.size_bytes)
     }
 
@@ -224,7 +235,10 @@ impl Digest {
 
     /// The REAPI form of this digest (the function is carried by the request, not the digest).
     pub fn to_reapi(&self) -> reapi::Digest {
-        reapi::Digest { hash: self.hash_hex(), size_bytes: self.size as i64 }
+        reapi::Digest {
+            hash: self.hash_hex(),
+            size_bytes: self.size as i64,
+        }
     }
 
     /// Converts to our own wire form.
@@ -238,13 +252,21 @@ impl Digest {
 
     /// Converts from our own wire form.
     pub fn from_wire(wire: &rba_proto::rba::v1::BlobDigest) -> Result<Self, DigestError> {
-        Digest::from_hex(DigestFunction::from_name(&wire.function)?, &wire.hash, wire.size_bytes)
+        Digest::from_hex(
+            DigestFunction::from_name(&wire.function)?,
+            &wire.hash,
+            wire.size_bytes,
+        )
     }
 }
 
 fn parse_hash(hash_hex: &str) -> Result<[u8; 32], DigestError> {
     let malformed = || DigestError::MalformedHash(truncate(hash_hex));
-    if hash_hex.len() != 64 || !hash_hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hash_hex.len() != 64
+        || !hash_hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(malformed());
     }
     let mut hash = [0u8; 32];
@@ -311,8 +333,14 @@ mod tests {
     fn round_trips_through_text_reapi_and_wire() {
         for function in DigestFunction::ALL {
             let digest = function.digest_of(b"hello");
-            assert_eq!(Digest::parse(function, &digest.to_string()).unwrap(), digest);
-            assert_eq!(Digest::from_reapi(function, &digest.to_reapi()).unwrap(), digest);
+            assert_eq!(
+                Digest::parse(function, &digest.to_string()).unwrap(),
+                digest
+            );
+            assert_eq!(
+                Digest::from_reapi(function, &digest.to_reapi()).unwrap(),
+                digest
+            );
             assert_eq!(Digest::from_wire(&digest.to_wire()).unwrap(), digest);
             assert_eq!(format!("{digest:?}").parse::<Digest>().unwrap(), digest);
         }
@@ -321,23 +349,55 @@ mod tests {
     #[test]
     fn hostile_text_is_refused_with_a_named_error() {
         let f = DigestFunction::Sha256;
-        assert!(matches!(Digest::parse(f, "abc"), Err(DigestError::MalformedDigest(_))));
-        assert!(matches!(Digest::parse(f, "abc/1"), Err(DigestError::MalformedHash(_))));
+        assert!(matches!(
+            Digest::parse(f, "abc"),
+            Err(DigestError::MalformedDigest(_))
+        ));
+        assert!(matches!(
+            Digest::parse(f, "abc/1"),
+            Err(DigestError::MalformedHash(_))
+        ));
         let upper = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855/0";
-        assert!(matches!(Digest::parse(f, upper), Err(DigestError::MalformedHash(_))));
+        assert!(matches!(
+            Digest::parse(f, upper),
+            Err(DigestError::MalformedHash(_))
+        ));
         let hash = f.empty().hash_hex();
-        assert!(matches!(Digest::parse(f, &format!("{hash}/-1")), Err(DigestError::MalformedSize(_))));
-        assert!(matches!(Digest::parse(f, &format!("{hash}/x")), Err(DigestError::MalformedSize(_))));
-        assert!(matches!(DigestFunction::from_reapi(3), Err(DigestError::UnknownFunction(_))));
-        assert!(matches!(DigestFunction::from_reapi(999), Err(DigestError::UnknownFunction(_))));
+        assert!(matches!(
+            Digest::parse(f, &format!("{hash}/-1")),
+            Err(DigestError::MalformedSize(_))
+        ));
+        assert!(matches!(
+            Digest::parse(f, &format!("{hash}/x")),
+            Err(DigestError::MalformedSize(_))
+        ));
+        assert!(matches!(
+            DigestFunction::from_reapi(3),
+            Err(DigestError::UnknownFunction(_))
+        ));
+        assert!(matches!(
+            DigestFunction::from_reapi(999),
+            Err(DigestError::UnknownFunction(_))
+        ));
         let long = "a".repeat(10_000);
-        let message = Digest::parse(f, &format!("{long}/1")).unwrap_err().to_string();
-        assert!(message.len() < 200, "error message must not echo huge input");
+        let message = Digest::parse(f, &format!("{long}/1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.len() < 200,
+            "error message must not echo huge input"
+        );
     }
 
     #[test]
     fn unknown_reapi_function_defaults_to_sha256() {
-        assert_eq!(DigestFunction::from_reapi(0).unwrap(), DigestFunction::Sha256);
-        assert_eq!(DigestFunction::from_reapi(9).unwrap(), DigestFunction::Blake3);
+        assert_eq!(
+            DigestFunction::from_reapi(0).unwrap(),
+            DigestFunction::Sha256
+        );
+        assert_eq!(
+            DigestFunction::from_reapi(9).unwrap(),
+            DigestFunction::Blake3
+        );
     }
 }

@@ -76,17 +76,27 @@ pub enum CasError {
 impl CasError {
     /// Wraps an I/O error with what was done and where.
     pub fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CasError::Io { context, path: path.into(), source }
+        CasError::Io {
+            context,
+            path: path.into(),
+            source,
+        }
     }
 
     /// Builds an [`CasError::Invalid`].
     pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        CasError::Invalid { what: what.into(), reason: reason.into() }
+        CasError::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Builds a [`CasError::HostileEntry`].
     pub fn hostile(entry: impl Into<String>, reason: impl Into<String>) -> Self {
-        CasError::HostileEntry { entry: entry.into(), reason: reason.into() }
+        CasError::HostileEntry {
+            entry: entry.into(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -47,7 +47,11 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { max_bytes: 50 << 30, low_watermark: 0.9, fsync: true }
+        StoreConfig {
+            max_bytes: 50 << 30,
+            low_watermark: 0.9,
+            fsync: true,
+        }
     }
 }
 
@@ -100,11 +104,18 @@ fn digest_from_key(key: &[u8], size: u64) -> Option<Digest> {
         2 => DigestFunction::Blake3,
         _ => return None,
     };
-    Some(Digest { function, hash: key.get(1..33)?.try_into().ok()?, size })
+    Some(Digest {
+        function,
+        hash: key.get(1..33)?.try_into().ok()?,
+        size,
+    })
 }
 
 fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Index value: size and last access, both big-endian u64.
@@ -155,7 +166,9 @@ pub struct BlobStore {
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStore").field("root", &self.inner.root).finish()
+        f.debug_struct("BlobStore")
+            .field("root", &self.inner.root)
+            .finish()
     }
 }
 
@@ -220,7 +233,12 @@ impl BlobStore {
     /// Where the blob's file lives (whether or not it is present).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash_hex();
-        self.inner.root.join("blobs").join(digest.function.name()).join(&hex[..2]).join(hex)
+        self.inner
+            .root
+            .join("blobs")
+            .join(digest.function.name())
+            .join(&hex[..2])
+            .join(hex)
     }
 
     /// True when the blob is present. The empty blob is always present.
@@ -266,8 +284,12 @@ impl BlobStore {
 
     fn touch_at(&self, digest: &Digest, now: u64) -> Result<()> {
         let key = blob_key(digest);
-        let Some(value) = self.inner.blobs.get(key)? else { return Ok(()) };
-        let Some((size, access)) = parse_index_value(&value) else { return Ok(()) };
+        let Some(value) = self.inner.blobs.get(key)? else {
+            return Ok(());
+        };
+        let Some((size, access)) = parse_index_value(&value) else {
+            return Ok(());
+        };
         if now.saturating_sub(access) < ACCESS_GRANULARITY_MS {
             return Ok(());
         }
@@ -344,12 +366,23 @@ impl BlobStore {
     /// The reader pins the blob against eviction until dropped.
     pub fn reader(&self, digest: &Digest, offset: u64, limit: u64) -> Result<BlobReader> {
         if offset > digest.size {
-            return Err(CasError::OffsetOutOfRange { digest: *digest, offset });
+            return Err(CasError::OffsetOutOfRange {
+                digest: *digest,
+                offset,
+            });
         }
         let remaining = digest.size - offset;
-        let length = if limit == 0 { remaining } else { limit.min(remaining) };
+        let length = if limit == 0 {
+            remaining
+        } else {
+            limit.min(remaining)
+        };
         if digest.is_empty_blob() {
-            return Ok(BlobReader { source: ReaderSource::Empty, _pin: None, remaining: 0 });
+            return Ok(BlobReader {
+                source: ReaderSource::Empty,
+                _pin: None,
+                remaining: 0,
+            });
         }
         let pin = self.pin(digest);
         if !self.contains(digest)? {
@@ -365,10 +398,15 @@ impl BlobStore {
             Err(e) => return Err(CasError::io("opening", path, e)),
         };
         if offset > 0 {
-            file.seek(SeekFrom::Start(offset)).map_err(|e| CasError::io("seeking", &path, e))?;
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|e| CasError::io("seeking", &path, e))?;
         }
         self.touch_at(digest, now_millis())?;
-        Ok(BlobReader { source: ReaderSource::File(file), _pin: Some(pin), remaining: length })
+        Ok(BlobReader {
+            source: ReaderSource::File(file),
+            _pin: Some(pin),
+            remaining: length,
+        })
     }
 
     /// Reads a whole blob into memory, refusing blobs larger than `max_size`.
@@ -383,7 +421,10 @@ impl BlobStore {
             .read_to_end(&mut buffer)
             .map_err(|e| CasError::io("reading", self.blob_path(digest), e))?;
         if buffer.len() as u64 != digest.size {
-            return Err(CasError::SizeMismatch { expected: *digest, actual: buffer.len() as u64 });
+            return Err(CasError::SizeMismatch {
+                expected: *digest,
+                actual: buffer.len() as u64,
+            });
         }
         Ok(buffer)
     }
@@ -392,7 +433,10 @@ impl BlobStore {
     pub fn pin(&self, digest: &Digest) -> PinGuard {
         let key = blob_key(digest);
         *self.inner.pins.lock().entry(key).or_insert(0) += 1;
-        PinGuard { store: self.clone(), key }
+        PinGuard {
+            store: self.clone(),
+            key,
+        }
     }
 
     /// Counters for metrics.
@@ -425,7 +469,10 @@ impl BlobStore {
     fn index_insert(&self, digest: &Digest) -> Result<()> {
         let key = blob_key(digest);
         let now = now_millis();
-        let previous = self.inner.blobs.insert(key, &index_value(digest.size, now))?;
+        let previous = self
+            .inner
+            .blobs
+            .insert(key, &index_value(digest.size, now))?;
         match previous.as_deref().and_then(parse_index_value) {
             Some((_, access)) => {
                 self.inner.lru.remove(lru_key(access, &key))?;
@@ -439,7 +486,13 @@ impl BlobStore {
     /// Drops a blob from the index (its file is already gone or about to be).
     fn forget(&self, digest: &Digest) -> Result<bool> {
         let key = blob_key(digest);
-        match self.inner.blobs.remove(key)?.as_deref().and_then(parse_index_value) {
+        match self
+            .inner
+            .blobs
+            .remove(key)?
+            .as_deref()
+            .and_then(parse_index_value)
+        {
             Some((size, access)) => {
                 self.inner.lru.remove(lru_key(access, &key))?;
                 self.add_total(-(size as i64))?;
@@ -451,17 +504,24 @@ impl BlobStore {
 
     fn add_total(&self, delta: i64) -> Result<()> {
         let total = if delta >= 0 {
-            self.inner.total_bytes.fetch_add(delta as u64, Ordering::SeqCst) + delta as u64
+            self.inner
+                .total_bytes
+                .fetch_add(delta as u64, Ordering::SeqCst)
+                + delta as u64
         } else {
             let amount = delta.unsigned_abs();
             let previous = self
                 .inner
                 .total_bytes
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| Some(t.saturating_sub(amount)))
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                    Some(t.saturating_sub(amount))
+                })
                 .unwrap_or(0);
             previous.saturating_sub(amount)
         };
-        self.inner.meta.insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.inner
+            .meta
+            .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
         Ok(())
     }
 
@@ -485,7 +545,9 @@ impl BlobStore {
                 break;
             }
             let (lru, _) = entry?;
-            let Ok(key) = BlobKey::try_from(&lru[8..]) else { continue };
+            let Ok(key) = BlobKey::try_from(&lru[8..]) else {
+                continue;
+            };
             if self.inner.pins.lock().contains_key(&key) {
                 continue;
             }
@@ -493,7 +555,9 @@ impl BlobStore {
                 self.inner.lru.remove(&lru)?;
                 continue;
             };
-            let Some(digest) = parse_index_value(&value).and_then(|(size, _)| digest_from_key(&key, size)) else {
+            let Some(digest) =
+                parse_index_value(&value).and_then(|(size, _)| digest_from_key(&key, size))
+            else {
                 continue;
             };
             // Remove from the index first: a reader that races us then sees "missing", never a
@@ -507,11 +571,17 @@ impl BlobStore {
                 }
                 evicted += 1;
                 self.inner.evictions.fetch_add(1, Ordering::Relaxed);
-                self.inner.evicted_bytes.fetch_add(digest.size, Ordering::Relaxed);
+                self.inner
+                    .evicted_bytes
+                    .fetch_add(digest.size, Ordering::Relaxed);
             }
         }
         if evicted > 0 {
-            tracing::info!(evicted, total_bytes = self.inner.total_bytes.load(Ordering::SeqCst), "evicted blobs");
+            tracing::info!(
+                evicted,
+                total_bytes = self.inner.total_bytes.load(Ordering::SeqCst),
+                "evicted blobs"
+            );
         }
         Ok(evicted)
     }
@@ -524,8 +594,12 @@ impl BlobStore {
         for function in DigestFunction::ALL {
             let dir = self.inner.root.join("blobs").join(function.name());
             for entry in walk_files(&dir)? {
-                let Some(name) = entry.file_name().and_then(|n| n.to_str()) else { continue };
-                let Ok(size) = fs::metadata(&entry).map(|m| m.len()) else { continue };
+                let Some(name) = entry.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let Ok(size) = fs::metadata(&entry).map(|m| m.len()) else {
+                    continue;
+                };
                 let Ok(claimed) = Digest::from_hex(function, name, size as i64) else {
                     let _ = fs::remove_file(&entry);
                     continue;
@@ -533,7 +607,8 @@ impl BlobStore {
                 let actual = hash_file(function, &entry)?;
                 if actual != claimed {
                     self.forget(&claimed)?;
-                    fs::remove_file(&entry).map_err(|e| CasError::io("removing corrupt", &entry, e))?;
+                    fs::remove_file(&entry)
+                        .map_err(|e| CasError::io("removing corrupt", &entry, e))?;
                     report.corrupt.push(claimed);
                     continue;
                 }
@@ -548,8 +623,12 @@ impl BlobStore {
         let mut total = 0u64;
         for entry in self.inner.blobs.iter() {
             let (key, value) = entry?;
-            let Some((size, _)) = parse_index_value(&value) else { continue };
-            let Ok(key) = BlobKey::try_from(key.as_ref()) else { continue };
+            let Some((size, _)) = parse_index_value(&value) else {
+                continue;
+            };
+            let Ok(key) = BlobKey::try_from(key.as_ref()) else {
+                continue;
+            };
             if on_disk.contains(&key) {
                 total += size;
             } else if let Some(digest) = digest_from_key(&key, size) {
@@ -558,7 +637,9 @@ impl BlobStore {
             }
         }
         self.inner.total_bytes.store(total, Ordering::SeqCst);
-        self.inner.meta.insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.inner
+            .meta
+            .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
         self.flush()?;
         Ok(report)
     }
@@ -592,7 +673,9 @@ pub fn hash_file(function: DigestFunction, path: &Path) -> Result<Digest> {
     let mut hasher = function.hasher();
     let mut buffer = vec![0u8; 256 * 1024];
     loop {
-        let n = file.read(&mut buffer).map_err(|e| CasError::io("reading", path, e))?;
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| CasError::io("reading", path, e))?;
         if n == 0 {
             return Ok(hasher.finish());
         }
@@ -603,7 +686,9 @@ pub fn hash_file(function: DigestFunction, path: &Path) -> Result<Digest> {
 fn copy_into(source: &mut impl Read, path: &Path, writer: &mut BlobWriter) -> Result<()> {
     let mut buffer = vec![0u8; 256 * 1024];
     loop {
-        let n = source.read(&mut buffer).map_err(|e| CasError::io("reading", path, e))?;
+        let n = source
+            .read(&mut buffer)
+            .map_err(|e| CasError::io("reading", path, e))?;
         if n == 0 {
             return Ok(());
         }
@@ -653,13 +738,18 @@ impl Read for BlobReader {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let max = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let max = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = match &mut self.source {
             ReaderSource::Empty => 0,
             ReaderSource::File(file) => file.read(&mut buf[..max])?,
         };
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than its digest says"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob shorter than its digest says",
+            ));
         }
         self.remaining -= n as u64;
         Ok(n)
@@ -680,14 +770,28 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    fn new(store: BlobStore, function: DigestFunction, expected: Option<Digest>, present: bool) -> Result<Self> {
+    fn new(
+        store: BlobStore,
+        function: DigestFunction,
+        expected: Option<Digest>,
+        present: bool,
+    ) -> Result<Self> {
         let file = if present {
             None
         } else {
             let tmp = &store.inner.tmp_dir;
-            Some(NamedTempFile::new_in(tmp).map_err(|e| CasError::io("creating temp file in", tmp, e))?)
+            Some(
+                NamedTempFile::new_in(tmp)
+                    .map_err(|e| CasError::io("creating temp file in", tmp, e))?,
+            )
         };
-        Ok(BlobWriter { store, expected, hasher: Some(function.hasher()), file, received: 0 })
+        Ok(BlobWriter {
+            store,
+            expected,
+            hasher: Some(function.hasher()),
+            file,
+            received: 0,
+        })
     }
 
     /// True when the blob was already stored: writing is then only counted, not hashed.
@@ -706,14 +810,18 @@ impl BlobWriter {
         if let Some(expected) = self.expected
             && after > expected.size
         {
-            return Err(CasError::SizeMismatch { expected, actual: after });
+            return Err(CasError::SizeMismatch {
+                expected,
+                actual: after,
+            });
         }
         // Present already (no file): only count, so the size check still holds.
         if let Some(file) = &mut self.file {
             if let Some(hasher) = &mut self.hasher {
                 hasher.update(bytes);
             }
-            file.write_all(bytes).map_err(|e| CasError::io("writing", file.path(), e))?;
+            file.write_all(bytes)
+                .map_err(|e| CasError::io("writing", file.path(), e))?;
         }
         self.received = after;
         Ok(())
@@ -723,20 +831,31 @@ impl BlobWriter {
     pub fn commit(self) -> Result<Digest> {
         let written = self.received;
         let Some(file) = self.file else {
-            let expected = self.expected.expect("present blobs always have an expected digest");
+            let expected = self
+                .expected
+                .expect("present blobs always have an expected digest");
             if written != expected.size {
-                return Err(CasError::SizeMismatch { expected, actual: written });
+                return Err(CasError::SizeMismatch {
+                    expected,
+                    actual: written,
+                });
             }
             return Ok(expected);
         };
         let actual = match (self.hasher, self.expected) {
             (Some(hasher), _) => hasher.finish(),
-            (None, Some(expected)) => Digest { size: written, ..expected },
+            (None, Some(expected)) => Digest {
+                size: written,
+                ..expected
+            },
             (None, None) => unreachable!("unhashed writers always have an expected digest"),
         };
         if let Some(expected) = self.expected {
             if actual.size != expected.size {
-                return Err(CasError::SizeMismatch { expected, actual: actual.size });
+                return Err(CasError::SizeMismatch {
+                    expected,
+                    actual: actual.size,
+                });
             }
             if actual != expected {
                 return Err(CasError::HashMismatch { expected, actual });
@@ -749,7 +868,9 @@ impl BlobWriter {
             )));
         }
         if self.store.inner.config.fsync {
-            file.as_file().sync_data().map_err(|e| CasError::io("syncing", file.path(), e))?;
+            file.as_file()
+                .sync_data()
+                .map_err(|e| CasError::io("syncing", file.path(), e))?;
         }
         // Read-only: materialisation hard-links blobs into exec roots, where a writable file
         // would let an action corrupt the store.
@@ -759,7 +880,8 @@ impl BlobWriter {
         let path = self.store.blob_path(&actual);
         let parent = path.parent().expect("blob paths have a parent");
         fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
-        file.persist(&path).map_err(|e| CasError::io("publishing", &path, e.error))?;
+        file.persist(&path)
+            .map_err(|e| CasError::io("publishing", &path, e.error))?;
         self.store.index_insert(&actual)?;
         self.store.evict_if_needed()?;
         Ok(actual)
@@ -772,7 +894,11 @@ mod tests {
 
     fn store(max_bytes: u64) -> (tempfile::TempDir, BlobStore) {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig { max_bytes, low_watermark: 0.5, fsync: false };
+        let config = StoreConfig {
+            max_bytes,
+            low_watermark: 0.5,
+            fsync: false,
+        };
         let store = BlobStore::open(dir.path(), config).unwrap();
         (dir, store)
     }
@@ -785,9 +911,16 @@ mod tests {
             assert!(store.contains(&digest).unwrap());
             assert_eq!(store.read_to_vec(&digest, 100).unwrap(), b"hello world");
             let mut part = String::new();
-            store.reader(&digest, 6, 3).unwrap().read_to_string(&mut part).unwrap();
+            store
+                .reader(&digest, 6, 3)
+                .unwrap()
+                .read_to_string(&mut part)
+                .unwrap();
             assert_eq!(part, "wor");
-            assert!(matches!(store.reader(&digest, 12, 0), Err(CasError::OffsetOutOfRange { .. })));
+            assert!(matches!(
+                store.reader(&digest, 12, 0),
+                Err(CasError::OffsetOutOfRange { .. })
+            ));
         }
         assert_eq!(store.stats().blob_count, 2);
         assert_eq!(store.stats().total_bytes, 22);
@@ -797,9 +930,18 @@ mod tests {
     fn wrong_digest_stores_nothing() {
         let (_dir, store) = store(1 << 20);
         let claimed = DigestFunction::Sha256.digest_of(b"good");
-        assert!(matches!(store.put_verified(claimed, b"evil"), Err(CasError::HashMismatch { .. })));
-        assert!(matches!(store.put_verified(claimed, b"goodbye"), Err(CasError::SizeMismatch { .. })));
-        assert!(matches!(store.put_verified(claimed, b"goo"), Err(CasError::SizeMismatch { .. })));
+        assert!(matches!(
+            store.put_verified(claimed, b"evil"),
+            Err(CasError::HashMismatch { .. })
+        ));
+        assert!(matches!(
+            store.put_verified(claimed, b"goodbye"),
+            Err(CasError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            store.put_verified(claimed, b"goo"),
+            Err(CasError::SizeMismatch { .. })
+        ));
         assert!(!store.contains(&claimed).unwrap());
         assert!(!store.blob_path(&claimed).exists());
         assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
@@ -821,7 +963,10 @@ mod tests {
         let b = DigestFunction::Sha256.digest_of(b"b");
         let a_blake = DigestFunction::Blake3.digest_of(b"a");
         let wrong_size = Digest { size: 2, ..a };
-        assert_eq!(store.find_missing(&[a, b, b, a_blake, wrong_size]).unwrap(), vec![b, a_blake, wrong_size]);
+        assert_eq!(
+            store.find_missing(&[a, b, b, a_blake, wrong_size]).unwrap(),
+            vec![b, a_blake, wrong_size]
+        );
     }
 
     #[test]
@@ -835,7 +980,11 @@ mod tests {
         assert!(!store.contains(&old).unwrap());
         assert!(store.contains(&pinned).unwrap());
         assert!(!store.blob_path(&old).exists());
-        assert_eq!(store.stats().evictions, 2, "old and newest evicted, pinned kept");
+        assert_eq!(
+            store.stats().evictions,
+            2,
+            "old and newest evicted, pinned kept"
+        );
         assert!(!store.contains(&newest).unwrap());
     }
 
@@ -843,8 +992,13 @@ mod tests {
     fn blob_files_are_read_only() {
         use std::os::unix::fs::PermissionsExt;
         let (_dir, store) = store(1 << 20);
-        let digest = store.put_bytes(DigestFunction::Sha256, b"shared by hard links").unwrap();
-        let mode = fs::metadata(store.blob_path(&digest)).unwrap().permissions().mode();
+        let digest = store
+            .put_bytes(DigestFunction::Sha256, b"shared by hard links")
+            .unwrap();
+        let mode = fs::metadata(store.blob_path(&digest))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o444);
     }
 
@@ -852,7 +1006,10 @@ mod tests {
     fn oversized_blob_is_refused() {
         let (_dir, store) = store(10);
         let digest = DigestFunction::Sha256.digest_of(&[0u8; 11]);
-        assert!(matches!(store.writer(digest), Err(CasError::QuotaExceeded(_))));
+        assert!(matches!(
+            store.writer(digest),
+            Err(CasError::QuotaExceeded(_))
+        ));
     }
 
     #[test]
@@ -860,7 +1017,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let digest = {
             let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
-            let digest = store.put_bytes(DigestFunction::Blake3, b"persist me").unwrap();
+            let digest = store
+                .put_bytes(DigestFunction::Blake3, b"persist me")
+                .unwrap();
             store.flush().unwrap();
             digest
         };
@@ -872,11 +1031,19 @@ mod tests {
     #[test]
     fn verify_drops_corrupt_and_missing_blobs() {
         let (_dir, store) = store(1 << 20);
-        let corrupt = store.put_bytes(DigestFunction::Sha256, b"original").unwrap();
-        let gone = store.put_bytes(DigestFunction::Sha256, b"will vanish").unwrap();
+        let corrupt = store
+            .put_bytes(DigestFunction::Sha256, b"original")
+            .unwrap();
+        let gone = store
+            .put_bytes(DigestFunction::Sha256, b"will vanish")
+            .unwrap();
         let fine = store.put_bytes(DigestFunction::Blake3, b"fine").unwrap();
         let corrupt_path = store.blob_path(&corrupt);
-        fs::set_permissions(&corrupt_path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        fs::set_permissions(
+            &corrupt_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
         fs::write(&corrupt_path, b"tampered").unwrap();
         fs::remove_file(store.blob_path(&gone)).unwrap();
         let report = store.verify().unwrap();

@@ -21,7 +21,9 @@ fn payload() -> Vec<u8> {
 /// Child mode only: does nothing in a normal test run.
 #[test]
 fn child_writer() {
-    let Ok(root) = std::env::var(CHILD_ENV) else { return };
+    let Ok(root) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let store = BlobStore::open(&root, StoreConfig::default()).unwrap();
     let data = payload();
     let digest = DigestFunction::Sha256.digest_of(&data);
@@ -36,7 +38,9 @@ fn child_writer() {
 }
 
 fn tmp_entries(root: &Path) -> usize {
-    std::fs::read_dir(root.join("tmp")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(root.join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -71,14 +75,28 @@ fn killed_writer_leaves_no_blob_and_a_usable_store() {
 
     let blob_file = {
         let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
-        assert!(!store.contains(&digest).unwrap(), "half a blob must never be visible");
+        assert!(
+            !store.contains(&digest).unwrap(),
+            "half a blob must never be visible"
+        );
         assert!(!store.blob_path(&digest).exists());
-        assert_eq!(tmp_entries(dir.path()), 0, "opening the store clears abandoned writes");
+        assert_eq!(
+            tmp_entries(dir.path()),
+            0,
+            "opening the store clears abandoned writes"
+        );
         assert_eq!(store.stats().blob_count, 0);
-        assert!(matches!(store.reader(&digest, 0, 0), Err(rba_cas::CasError::NotFound(_))));
+        assert!(matches!(
+            store.reader(&digest, 0, 0),
+            Err(rba_cas::CasError::NotFound(_))
+        ));
         store.put_verified(digest, &data).unwrap();
         let mut back = Vec::new();
-        store.reader(&digest, 0, 0).unwrap().read_to_end(&mut back).unwrap();
+        store
+            .reader(&digest, 0, 0)
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
         assert!(back == data);
         let report = store.verify().unwrap();
         assert_eq!((report.intact, report.corrupt.len()), (1, 0));

@@ -12,8 +12,8 @@ use common::*;
 use proptest::prelude::*;
 use rba_cas::merkle::check_symlink_target;
 use rba_cas::{
-    CasError, DigestFunction, DirOptions, MaterializeOptions, StatCache, TreeBuilder, ZipLimits, build_from_dir,
-    build_from_zip, get_tree, materialize, read_directory, tree_digests,
+    CasError, DigestFunction, DirOptions, MaterializeOptions, StatCache, TreeBuilder, ZipLimits,
+    build_from_dir, build_from_zip, get_tree, materialize, read_directory, tree_digests,
 };
 use rba_proto::Message;
 
@@ -45,7 +45,10 @@ fn directory_tree_is_canonical_and_complete() {
     let built = build(work.path(), &store);
     assert_eq!(built.stats.files, 6);
     assert_eq!(built.stats.symlinks, 2);
-    assert_eq!(built.stats.directories, 8, "root, src, src/nested, deep, scripts, empty, empty/dir, .hidden");
+    assert_eq!(
+        built.stats.directories, 8,
+        "root, src, src/nested, deep, scripts, empty, empty/dir, .hidden"
+    );
     assert_eq!(built.stats.files_hashed, 6);
     let root = read_directory(&store, &built.root).unwrap();
     let names: Vec<_> = root.directories.iter().map(|d| d.name.as_str()).collect();
@@ -61,13 +64,22 @@ fn directory_tree_is_canonical_and_complete() {
     // The REAPI Tree holds the root and every distinct directory.
     let tree = get_tree(&store, &built.root).unwrap();
     assert_eq!(tree.root.as_ref(), Some(&root));
-    let dir_digests: std::collections::HashSet<_> =
-        tree.children.iter().map(|d| F.digest_of(&d.encode_to_vec())).collect();
-    assert_eq!(tree.children.len(), dir_digests.len(), "children are distinct");
+    let dir_digests: std::collections::HashSet<_> = tree
+        .children
+        .iter()
+        .map(|d| F.digest_of(&d.encode_to_vec()))
+        .collect();
+    assert_eq!(
+        tree.children.len(),
+        dir_digests.len(),
+        "children are distinct"
+    );
     // Executable bit.
-    let scripts =
-        read_directory(&store, &rba_cas::Digest::from_reapi(F, root.directories[2].digest.as_ref().unwrap()).unwrap())
-            .unwrap();
+    let scripts = read_directory(
+        &store,
+        &rba_cas::Digest::from_reapi(F, root.directories[2].digest.as_ref().unwrap()).unwrap(),
+    )
+    .unwrap();
     assert!(scripts.files[0].is_executable);
 }
 
@@ -82,8 +94,16 @@ fn root_digest_is_host_independent() {
     write_dir(a.path(), &spec);
     spec.reverse();
     write_dir(b.path(), &spec);
-    fs::set_permissions(b.path().join("Cargo.toml"), fs::Permissions::from_mode(0o600)).unwrap();
-    filetime::set_file_mtime(b.path().join("src/lib.rs"), filetime::FileTime::from_unix_time(1, 0)).unwrap();
+    fs::set_permissions(
+        b.path().join("Cargo.toml"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    filetime::set_file_mtime(
+        b.path().join("src/lib.rs"),
+        filetime::FileTime::from_unix_time(1, 0),
+    )
+    .unwrap();
     assert_eq!(build(a.path(), &store).root, build(b.path(), &store).root);
 }
 
@@ -109,7 +129,10 @@ fn skips_target_git_gitignored_and_cache_dirs() {
             file("src/deep.log", b"log"),
             file("generated/x.rs", b"gen"),
             file("sub/local-only", b"ignored by sub/.gitignore"),
-            file("other-target/CACHEDIR.TAG", b"Signature: 8a477f597d28d172789f06886806bc55"),
+            file(
+                "other-target/CACHEDIR.TAG",
+                b"Signature: 8a477f597d28d172789f06886806bc55",
+            ),
             file("other-target/debug/big", b"artifact"),
         ],
     );
@@ -130,7 +153,11 @@ fn skips_target_git_gitignored_and_cache_dirs() {
 #[test]
 fn escaping_symlink_on_disk_is_refused_naming_it() {
     let (_s, store) = store();
-    for (path, target) in [("evil", "/etc/passwd"), ("d/evil", "../../outside"), ("evil", "a/../../x")] {
+    for (path, target) in [
+        ("evil", "/etc/passwd"),
+        ("d/evil", "../../outside"),
+        ("evil", "a/../../x"),
+    ] {
         let work = tempfile::tempdir().unwrap();
         write_dir(work.path(), &vec![file("ok", b"ok"), link(path, target)]);
         match build_from_dir(&store, work.path(), F, &DirOptions::default()) {
@@ -146,7 +173,13 @@ fn non_utf8_names_and_non_directory_roots_are_refused() {
     let (_s, store) = store();
     let work = tempfile::tempdir().unwrap();
     fs::create_dir(work.path().join("src")).unwrap();
-    fs::write(work.path().join("src").join(std::ffi::OsStr::from_bytes(b"bad\xff.rs")), b"x").unwrap();
+    fs::write(
+        work.path()
+            .join("src")
+            .join(std::ffi::OsStr::from_bytes(b"bad\xff.rs")),
+        b"x",
+    )
+    .unwrap();
     match build_from_dir(&store, work.path(), F, &DirOptions::default()) {
         Err(CasError::HostileEntry { entry, reason }) => {
             assert!(entry.starts_with("src/bad"), "{entry}");
@@ -156,7 +189,10 @@ fn non_utf8_names_and_non_directory_roots_are_refused() {
     }
     let plain = work.path().join("plain-file");
     fs::write(&plain, b"x").unwrap();
-    assert!(matches!(build_from_dir(&store, &plain, F, &DirOptions::default()), Err(CasError::Invalid { .. })));
+    assert!(matches!(
+        build_from_dir(&store, &plain, F, &DirOptions::default()),
+        Err(CasError::Invalid { .. })
+    ));
 }
 
 #[test]
@@ -166,16 +202,28 @@ fn stat_cache_skips_reading_unchanged_files_and_catches_changes() {
     write_dir(work.path(), &sample());
     // Files just written are racy (ctime is now): the first two builds hash everything.
     let first = build(work.path(), &store);
-    assert_eq!((first.stats.files_hashed, first.stats.stat_cache_hits), (6, 0));
+    assert_eq!(
+        (first.stats.files_hashed, first.stats.stat_cache_hits),
+        (6, 0)
+    );
     let racy = build(work.path(), &store);
-    assert_eq!(racy.stats.stat_cache_hits, 0, "entries recorded within the racy window are not trusted");
+    assert_eq!(
+        racy.stats.stat_cache_hits, 0,
+        "entries recorded within the racy window are not trusted"
+    );
     assert_eq!(racy.stats.new_blobs, 0);
     // Once the files have been quiet for the racy window, a rebuild records trusted entries.
     std::thread::sleep(Duration::from_millis(2100));
     let recorded = build(work.path(), &store);
-    assert_eq!(recorded.stats.files_hashed, 6, "re-recorded now that the files are quiet");
+    assert_eq!(
+        recorded.stats.files_hashed, 6,
+        "re-recorded now that the files are quiet"
+    );
     let warm = build(work.path(), &store);
-    assert_eq!((warm.stats.files_hashed, warm.stats.stat_cache_hits), (0, 6));
+    assert_eq!(
+        (warm.stats.files_hashed, warm.stats.stat_cache_hits),
+        (0, 6)
+    );
     assert_eq!(warm.root, first.root);
     // A change of content (with a different size) is seen.
     fs::write(work.path().join("src/lib.rs"), b"pub fn changed() {}\n").unwrap();
@@ -190,10 +238,18 @@ fn stat_cache_skips_reading_unchanged_files_and_catches_changes() {
     fs::write(&path, b"[package]\nname = \"y\"\n").unwrap();
     filetime::set_file_mtime(&path, mtime).unwrap();
     let sneaky = build(work.path(), &store);
-    assert_ne!(sneaky.root, changed.root, "same size, same mtime, new content is still noticed");
+    assert_ne!(
+        sneaky.root, changed.root,
+        "same size, same mtime, new content is still noticed"
+    );
     let cache = StatCache::open(&store).unwrap();
     assert!(!cache.is_empty());
-    assert_eq!(cache.forget_under(work.path().canonicalize().unwrap().as_path()).unwrap(), 6);
+    assert_eq!(
+        cache
+            .forget_under(work.path().canonicalize().unwrap().as_path())
+            .unwrap(),
+        6
+    );
     assert!(cache.is_empty());
 }
 
@@ -222,21 +278,33 @@ fn zip_and_directory_agree() {
     let spec = sample();
     write_dir(work.path(), &spec);
     let zip = write_zip(&spec);
-    let from_zip = build_from_zip(&store, std::io::Cursor::new(zip), F, &ZipLimits::default()).unwrap();
+    let from_zip =
+        build_from_zip(&store, std::io::Cursor::new(zip), F, &ZipLimits::default()).unwrap();
     let from_dir = build(work.path(), &store);
     assert_eq!(from_zip.root, from_dir.root);
     assert_eq!(from_zip.stats.files, from_dir.stats.files);
-    assert_eq!(from_dir.stats.new_blobs, 0, "the zip stored everything already");
+    assert_eq!(
+        from_dir.stats.new_blobs, 0,
+        "the zip stored everything already"
+    );
 }
 
 #[test]
 fn large_zip_entries_stream_and_agree() {
     let (_s, store) = store();
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let spec = vec![file("big.bin", &big), exe("bin/tool", &big[..100])];
     let work = tempfile::tempdir().unwrap();
     write_dir(work.path(), &spec);
-    let from_zip = build_from_zip(&store, std::io::Cursor::new(write_zip(&spec)), F, &ZipLimits::default()).unwrap();
+    let from_zip = build_from_zip(
+        &store,
+        std::io::Cursor::new(write_zip(&spec)),
+        F,
+        &ZipLimits::default(),
+    )
+    .unwrap();
     assert_eq!(
         from_zip.stats.new_bytes,
         big.len() as u64 + 100 + /* dirs */ {
@@ -250,9 +318,21 @@ fn large_zip_entries_stream_and_agree() {
     }
     );
     // Both digest functions work, and a second import stores nothing new.
-    let again = build_from_zip(&store, std::io::Cursor::new(write_zip(&spec)), F, &ZipLimits::default()).unwrap();
+    let again = build_from_zip(
+        &store,
+        std::io::Cursor::new(write_zip(&spec)),
+        F,
+        &ZipLimits::default(),
+    )
+    .unwrap();
     assert_eq!(again.stats.new_blobs, 0);
-    let sha = build_from_dir(&store, work.path(), DigestFunction::Sha256, &DirOptions::default()).unwrap();
+    let sha = build_from_dir(
+        &store,
+        work.path(),
+        DigestFunction::Sha256,
+        &DirOptions::default(),
+    )
+    .unwrap();
     assert_eq!(sha.root.function, DigestFunction::Sha256);
     assert_eq!(build(work.path(), &store).root, from_zip.root);
 }
@@ -271,22 +351,54 @@ fn materialise_round_trips_with_links_and_copies() {
     // Re-hashing the materialised tree gives the same root.
     assert_eq!(build(&target, &store).root, built.root);
     // Non-executables are hard links to the (read-only) store file; executables are copies.
-    let lib = done.files.iter().find(|f| f.path == Path::new("src/lib.rs")).unwrap();
+    let lib = done
+        .files
+        .iter()
+        .find(|f| f.path == Path::new("src/lib.rs"))
+        .unwrap();
     assert!(lib.hardlinked);
     let lib_meta = fs::metadata(target.join("src/lib.rs")).unwrap();
-    assert_eq!(lib_meta.ino(), fs::metadata(store.blob_path(&lib.digest)).unwrap().ino());
+    assert_eq!(
+        lib_meta.ino(),
+        fs::metadata(store.blob_path(&lib.digest)).unwrap().ino()
+    );
     assert_eq!(lib_meta.permissions().mode() & 0o777, 0o444);
-    let script = done.files.iter().find(|f| f.path == Path::new("scripts/run.sh")).unwrap();
+    let script = done
+        .files
+        .iter()
+        .find(|f| f.path == Path::new("scripts/run.sh"))
+        .unwrap();
     assert!(script.is_executable && !script.hardlinked);
     let script_meta = fs::metadata(target.join("scripts/run.sh")).unwrap();
     assert_eq!(script_meta.permissions().mode() & 0o777, 0o755);
-    assert_eq!(store.blob_path(&script.digest).metadata().unwrap().permissions().mode() & 0o777, 0o444);
-    assert_eq!(fs::read_link(target.join("src/nested/up")).unwrap(), Path::new("../../Cargo.toml"));
-    assert_eq!(fs::read_to_string(target.join("src/nested/up")).unwrap(), "[package]\nname = \"x\"\n");
+    assert_eq!(
+        store
+            .blob_path(&script.digest)
+            .metadata()
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
+    assert_eq!(
+        fs::read_link(target.join("src/nested/up")).unwrap(),
+        Path::new("../../Cargo.toml")
+    );
+    assert_eq!(
+        fs::read_to_string(target.join("src/nested/up")).unwrap(),
+        "[package]\nname = \"x\"\n"
+    );
     assert!(target.join("empty/dir").is_dir());
     // Copies only.
     let copies = out.path().join("copies");
-    let done = materialize(&store, &built.root, &copies, &MaterializeOptions { hardlink: false }).unwrap();
+    let done = materialize(
+        &store,
+        &built.root,
+        &copies,
+        &MaterializeOptions { hardlink: false },
+    )
+    .unwrap();
     assert_eq!((done.hardlinked, done.copied), (0, 6));
     assert_eq!(build(&copies, &store).root, built.root);
     // A non-empty target, or a symlink as target, is refused.
@@ -297,7 +409,15 @@ fn materialise_round_trips_with_links_and_copies() {
     let link_target = out.path().join("link");
     std::os::unix::fs::symlink(out.path().join("empty"), &link_target).unwrap();
     fs::create_dir(out.path().join("empty")).unwrap();
-    assert!(materialize(&store, &built.root, &link_target, &MaterializeOptions::default()).is_err());
+    assert!(
+        materialize(
+            &store,
+            &built.root,
+            &link_target,
+            &MaterializeOptions::default()
+        )
+        .is_err()
+    );
     assert_eq!(fs::read_dir(out.path().join("empty")).unwrap().count(), 0);
 }
 
@@ -308,26 +428,56 @@ fn hostile_stored_trees_write_nothing() {
     let out = tempfile::tempdir().unwrap();
     let content = store.put_bytes(F, b"payload").unwrap();
     let put = |d: &Directory| store.put_bytes(F, &d.encode_to_vec()).unwrap();
-    let file_node = |name: &str| FileNode { name: name.into(), digest: Some(content.to_reapi()), ..Default::default() };
+    let file_node = |name: &str| FileNode {
+        name: name.into(),
+        digest: Some(content.to_reapi()),
+        ..Default::default()
+    };
     let cases: Vec<(&str, Directory)> = vec![
         (
             "escaping symlink",
             Directory {
                 files: vec![file_node("a")],
-                symlinks: vec![SymlinkNode { name: "x".into(), target: "../../outside".into(), node_properties: None }],
+                symlinks: vec![SymlinkNode {
+                    name: "x".into(),
+                    target: "../../outside".into(),
+                    node_properties: None,
+                }],
                 ..Default::default()
             },
         ),
         (
             "absolute symlink",
             Directory {
-                symlinks: vec![SymlinkNode { name: "x".into(), target: "/etc".into(), node_properties: None }],
+                symlinks: vec![SymlinkNode {
+                    name: "x".into(),
+                    target: "/etc".into(),
+                    node_properties: None,
+                }],
                 ..Default::default()
             },
         ),
-        ("dotdot name", Directory { files: vec![file_node("a"), file_node("..")], ..Default::default() }),
-        ("slash name", Directory { files: vec![file_node("a/../../../outside")], ..Default::default() }),
-        ("unsorted", Directory { files: vec![file_node("b"), file_node("a")], ..Default::default() }),
+        (
+            "dotdot name",
+            Directory {
+                files: vec![file_node("a"), file_node("..")],
+                ..Default::default()
+            },
+        ),
+        (
+            "slash name",
+            Directory {
+                files: vec![file_node("a/../../../outside")],
+                ..Default::default()
+            },
+        ),
+        (
+            "unsorted",
+            Directory {
+                files: vec![file_node("b"), file_node("a")],
+                ..Default::default()
+            },
+        ),
         (
             "missing blob",
             Directory {
@@ -345,7 +495,10 @@ fn hostile_stored_trees_write_nothing() {
         let bad = put(&directory);
         let root = put(&Directory {
             files: vec![file_node("fine")],
-            directories: vec![DirectoryNode { name: "sub".into(), digest: Some(bad.to_reapi()) }],
+            directories: vec![DirectoryNode {
+                name: "sub".into(),
+                digest: Some(bad.to_reapi()),
+            }],
             ..Default::default()
         });
         let target = out.path().join(format!("case{i}"));
@@ -360,7 +513,10 @@ fn hostile_stored_trees_write_nothing() {
 fn executables_and_plain_files_share_one_blob_safely() {
     let (_s, store) = store();
     let work = tempfile::tempdir().unwrap();
-    write_dir(work.path(), &vec![file("plain", b"same bytes"), exe("tool", b"same bytes")]);
+    write_dir(
+        work.path(),
+        &vec![file("plain", b"same bytes"), exe("tool", b"same bytes")],
+    );
     let built = build(work.path(), &store);
     assert_eq!(built.blobs.len(), 2, "root + one shared content blob");
     let target = tempfile::tempdir().unwrap();
@@ -405,7 +561,9 @@ fn builder_root(spec: &Spec) -> rba_cas::Digest {
     let mut builder = TreeBuilder::new(F);
     for (path, entry) in spec {
         match entry {
-            Entry::File { bytes, executable } => builder.add_file(path, F.digest_of(bytes), *executable).unwrap(),
+            Entry::File { bytes, executable } => builder
+                .add_file(path, F.digest_of(bytes), *executable)
+                .unwrap(),
             Entry::Symlink(target) => builder.add_symlink(path, target).unwrap(),
             Entry::EmptyDir => builder.add_directory(path).unwrap(),
         }

@@ -14,15 +14,28 @@ const F: DigestFunction = DigestFunction::Sha256;
 /// Asserts a refusal naming `entry`, and that the store is still sound and usable.
 fn refused(store: &BlobStore, zip: Vec<u8>, limits: &ZipLimits, entry: &str, reason: &str) {
     match build_from_zip(store, Cursor::new(zip), F, limits) {
-        Err(CasError::HostileEntry { entry: named, reason: why }) => {
+        Err(CasError::HostileEntry {
+            entry: named,
+            reason: why,
+        }) => {
             assert_eq!(named, entry, "wrong entry named ({why})");
-            assert!(why.contains(reason), "reason {why:?} should mention {reason:?}");
+            assert!(
+                why.contains(reason),
+                "reason {why:?} should mention {reason:?}"
+            );
         }
         other => panic!("expected HostileEntry {entry:?} ({reason}), got {other:?}"),
     }
     let report = store.verify().unwrap();
-    assert!(report.corrupt.is_empty() && report.missing.is_empty(), "{report:?}");
-    assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0, "no temp leftovers");
+    assert!(
+        report.corrupt.is_empty() && report.missing.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
+        0,
+        "no temp leftovers"
+    );
     let good = write_zip(&vec![file("fine.txt", b"still works")]);
     build_from_zip(store, Cursor::new(good), F, limits).unwrap();
 }
@@ -60,7 +73,13 @@ fn escaping_and_absolute_paths() {
         ("C:/Windows/evil", "drive letter"),
         ("a\\..\\..\\evil", "backslash"),
     ] {
-        refused(&store, raw_zip(&[("ok", b"ok"), (name, b"x")]), &limits, name, reason);
+        refused(
+            &store,
+            raw_zip(&[("ok", b"ok"), (name, b"x")]),
+            &limits,
+            name,
+            reason,
+        );
     }
 }
 
@@ -78,7 +97,11 @@ fn escaping_symlinks() {
         refused(&store, zip, &limits, path, reason);
     }
     // In-tree symlinks are fine.
-    let zip = write_zip(&vec![file("d/f", b"x"), link("d/l", "../d/f"), link("top", "d")]);
+    let zip = write_zip(&vec![
+        file("d/f", b"x"),
+        link("d/l", "../d/f"),
+        link("top", "d"),
+    ]);
     build_from_zip(&store, Cursor::new(zip), F, &limits).unwrap();
 }
 
@@ -87,23 +110,66 @@ fn duplicate_paths() {
     let (_s, store) = store();
     let limits = ZipLimits::default();
     // A file and a directory of the same name, either order.
-    refused(&store, write_zip(&vec![file("a", b"x"), dir("a")]), &limits, "a/", "both a file");
-    refused(&store, write_zip(&vec![dir("a"), file("a", b"x")]), &limits, "a", "both a file");
-    refused(&store, write_zip(&vec![file("a", b"x"), file("a/b", b"y")]), &limits, "a/b", "cannot contain");
-    refused(&store, write_zip(&vec![file("a/b", b"y"), file("a", b"x")]), &limits, "a", "both a file");
+    refused(
+        &store,
+        write_zip(&vec![file("a", b"x"), dir("a")]),
+        &limits,
+        "a/",
+        "both a file",
+    );
+    refused(
+        &store,
+        write_zip(&vec![dir("a"), file("a", b"x")]),
+        &limits,
+        "a",
+        "both a file",
+    );
+    refused(
+        &store,
+        write_zip(&vec![file("a", b"x"), file("a/b", b"y")]),
+        &limits,
+        "a/b",
+        "cannot contain",
+    );
+    refused(
+        &store,
+        write_zip(&vec![file("a/b", b"y"), file("a", b"x")]),
+        &limits,
+        "a",
+        "both a file",
+    );
     // Two spellings of one path.
-    refused(&store, raw_zip(&[("x/y", b"1"), ("./x//y", b"2")]), &limits, "./x//y", "duplicate");
-    refused(&store, write_zip(&vec![dir("d"), dir("./d")]), &limits, "./d/", "duplicate");
+    refused(
+        &store,
+        raw_zip(&[("x/y", b"1"), ("./x//y", b"2")]),
+        &limits,
+        "./x//y",
+        "duplicate",
+    );
+    refused(
+        &store,
+        write_zip(&vec![dir("d"), dir("./d")]),
+        &limits,
+        "./d/",
+        "duplicate",
+    );
     // The exact same name twice: the zip writer refuses that, so rename one entry in the bytes.
     let mut zip = raw_zip(&[("dup-AAAA", b"first"), ("dup-BBBB", b"second")]);
-    assert_eq!(patch_all(&mut zip, b"dup-BBBB", b"dup-AAAA"), 2, "local and central headers");
+    assert_eq!(
+        patch_all(&mut zip, b"dup-BBBB", b"dup-AAAA"),
+        2,
+        "local and central headers"
+    );
     refused(&store, zip, &limits, "(archive)", "duplicate");
 }
 
 #[test]
 fn too_many_entries() {
     let (_s, store) = store();
-    let limits = ZipLimits { max_entries: 3, ..ZipLimits::default() };
+    let limits = ZipLimits {
+        max_entries: 3,
+        ..ZipLimits::default()
+    };
     let zip = raw_zip(&[("a", b"1"), ("b", b"2"), ("c", b"3"), ("d", b"4")]);
     refused(&store, zip, &limits, "(archive)", "exceed the limit of 3");
     let zip = raw_zip(&[("a", b"1"), ("b", b"2"), ("c", b"3")]);
@@ -113,9 +179,18 @@ fn too_many_entries() {
 #[test]
 fn too_many_bytes_in_total() {
     let (_s, store) = store();
-    let limits = ZipLimits { max_total_bytes: 1000, ..ZipLimits::default() };
+    let limits = ZipLimits {
+        max_total_bytes: 1000,
+        ..ZipLimits::default()
+    };
     let zip = raw_zip(&[("first", &[1u8; 600]), ("second", &[2u8; 600])]);
-    refused(&store, zip, &limits, "second", "total exceeds the limit of 1000");
+    refused(
+        &store,
+        zip,
+        &limits,
+        "second",
+        "total exceeds the limit of 1000",
+    );
 }
 
 #[test]
@@ -124,7 +199,13 @@ fn declared_compression_ratio_bomb() {
     // 16 MiB of zeros deflate to ~16 KiB: a ratio of ~1000:1.
     let zip = raw_zip(&[("small", b"fine"), ("zeros", &vec![0u8; 16 << 20])]);
     assert!(zip.len() < 100_000);
-    refused(&store, zip, &ZipLimits::default(), "zeros", "declared compression ratio");
+    refused(
+        &store,
+        zip,
+        &ZipLimits::default(),
+        "zeros",
+        "declared compression ratio",
+    );
     // Small highly compressible files are fine.
     let zip = raw_zip(&[("small-zeros", &[0u8; 64 * 1024])]);
     build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default()).unwrap();
@@ -144,19 +225,35 @@ fn lying_declared_size_is_caught_while_decompressing() {
     let central = zip.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
     assert_eq!(zip[central + 24..central + 28], real);
     zip[central + 24..central + 28].copy_from_slice(&fake);
-    refused(&store, zip, &ZipLimits::default(), "liar", "declared 1000 bytes");
+    refused(
+        &store,
+        zip,
+        &ZipLimits::default(),
+        "liar",
+        "declared 1000 bytes",
+    );
 }
 
 #[test]
 fn nothing_is_written_outside_the_store() {
     let (store_dir, store) = store();
     let around = store_dir.path().parent().unwrap().to_path_buf();
-    let before: Vec<_> = std::fs::read_dir(&around).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let before: Vec<_> = std::fs::read_dir(&around)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     let zip = raw_zip(&[("../../../../../../../../tmp/rba-evil-zip-entry", b"x")]);
     assert!(build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default()).is_err());
     assert!(!std::path::Path::new("/tmp/rba-evil-zip-entry").exists());
-    let after: Vec<_> = std::fs::read_dir(&around).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(after.iter().all(|name| before.contains(name) || name.to_string_lossy().starts_with(".tmp")));
+    let after: Vec<_> = std::fs::read_dir(&around)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        after
+            .iter()
+            .all(|name| before.contains(name) || name.to_string_lossy().starts_with(".tmp"))
+    );
 }
 
 #[test]
@@ -171,7 +268,10 @@ fn garbage_is_invalid_not_a_panic() {
         assert!(build_from_zip(&store, Cursor::new(bytes), F, &ZipLimits::default()).is_err());
     }
     // A flipped byte in the compressed data fails the CRC check, naming the entry.
-    let mut zip = raw_zip(&[("crc", b"some content that gets deflated, some content that gets deflated")]);
+    let mut zip = raw_zip(&[(
+        "crc",
+        b"some content that gets deflated, some content that gets deflated",
+    )]);
     let local = zip.windows(4).position(|w| w == b"PK\x03\x04").unwrap();
     let data = local + 30 + 3;
     zip[data + 5] ^= 0xff;

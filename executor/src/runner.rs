@@ -362,7 +362,9 @@ impl Executor {
         let now = Instant::now();
         self.inner.logs.cleanup_at(now, JOB_RETENTION);
         self.inner.jobs.lock().retain(|_, job| {
-            job.log.finished_at().is_none_or(|finished| now.duration_since(finished) < JOB_RETENTION)
+            job.log
+                .finished_at()
+                .is_none_or(|finished| now.duration_since(finished) < JOB_RETENTION)
         });
     }
 

@@ -94,7 +94,8 @@ pub fn build_from_zip<R: Read + Seek>(
     {
         return Err(too_many(declared, limits));
     }
-    let mut archive = ZipArchive::new(reader).map_err(|e| CasError::invalid("zip archive", e.to_string()))?;
+    let mut archive =
+        ZipArchive::new(reader).map_err(|e| CasError::invalid("zip archive", e.to_string()))?;
     let count = archive.len() as u64;
     if count > limits.max_entries {
         return Err(too_many(count, limits));
@@ -116,12 +117,20 @@ pub fn build_from_zip<R: Read + Seek>(
     let mut entries = Vec::with_capacity(archive.len());
     let mut declared_total = 0u64;
     for index in 0..archive.len() {
-        let hint = archive.name_for_index(index).map(str::to_string).unwrap_or_else(|| format!("#{index}"));
-        let entry = archive.by_index_raw(index).map_err(|e| CasError::hostile(hint, e.to_string()))?;
+        let hint = archive
+            .name_for_index(index)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("#{index}"));
+        let entry = archive
+            .by_index_raw(index)
+            .map_err(|e| CasError::hostile(hint, e.to_string()))?;
         let name = entry.name().to_string();
         check_zip_name(&name)?;
         if entry.encrypted() {
-            return Err(CasError::hostile(name, "encrypted entries are not supported"));
+            return Err(CasError::hostile(
+                name,
+                "encrypted entries are not supported",
+            ));
         }
         let kind = classify(&entry, &name)?;
         let size = entry.size();
@@ -130,7 +139,10 @@ pub fn build_from_zip<R: Read + Seek>(
         if declared_total > limits.max_total_bytes {
             return Err(CasError::hostile(
                 name,
-                format!("declared uncompressed total exceeds the limit of {} bytes", limits.max_total_bytes),
+                format!(
+                    "declared uncompressed total exceeds the limit of {} bytes",
+                    limits.max_total_bytes
+                ),
             ));
         }
         if size > limits.ratio_min_bytes && size > compressed.saturating_mul(limits.max_ratio) {
@@ -168,8 +180,17 @@ pub fn build_from_zip<R: Read + Seek>(
             builder.add_directory(&name)?;
             continue;
         }
-        let mut entry = archive.by_index(index).map_err(|e| CasError::hostile(&name, e.to_string()))?;
-        let mut counted = Counted { name: &name, declared: size, compressed, limits, budget: &mut budget, read: 0 };
+        let mut entry = archive
+            .by_index(index)
+            .map_err(|e| CasError::hostile(&name, e.to_string()))?;
+        let mut counted = Counted {
+            name: &name,
+            declared: size,
+            compressed,
+            limits,
+            budget: &mut budget,
+            read: 0,
+        };
         match kind {
             Kind::Symlink => {
                 let mut target = Vec::new();
@@ -177,8 +198,8 @@ pub fn build_from_zip<R: Read + Seek>(
                     target.extend_from_slice(chunk);
                     Ok(())
                 })?;
-                let target =
-                    String::from_utf8(target).map_err(|_| CasError::hostile(&name, "symlink target is not UTF-8"))?;
+                let target = String::from_utf8(target)
+                    .map_err(|_| CasError::hostile(&name, "symlink target is not UTF-8"))?;
                 builder.add_symlink(&name, &target)?;
             }
             Kind::File { executable } => {
@@ -224,7 +245,10 @@ pub fn build_from_zip<R: Read + Seek>(
 }
 
 fn too_many(count: u64, limits: &ZipLimits) -> CasError {
-    CasError::hostile(ARCHIVE, format!("{count} entries exceed the limit of {}", limits.max_entries))
+    CasError::hostile(
+        ARCHIVE,
+        format!("{count} entries exceed the limit of {}", limits.max_entries),
+    )
 }
 
 /// Refuses entry names that could escape the tree or mean different paths on different hosts.
@@ -237,7 +261,10 @@ fn check_zip_name(name: &str) -> Result<()> {
         "backslash in entry name (zip paths use '/')"
     } else if name.starts_with('/') {
         "absolute path"
-    } else if name.len() >= 2 && name.as_bytes()[0].is_ascii_alphabetic() && name.as_bytes()[1] == b':' {
+    } else if name.len() >= 2
+        && name.as_bytes()[0].is_ascii_alphabetic()
+        && name.as_bytes()[1] == b':'
+    {
         "absolute path with a drive letter"
     } else if name.split('/').any(|c| c == "..") {
         "'..' component escapes the tree"
@@ -254,14 +281,22 @@ fn classify<R: Read>(entry: &ZipFile<'_, R>, name: &str) -> Result<Kind> {
     if name.ends_with('/') {
         return match kind {
             0 | 0o040_000 => Ok(Kind::Dir),
-            _ => Err(CasError::hostile(name, "directory entry with a non-directory mode")),
+            _ => Err(CasError::hostile(
+                name,
+                "directory entry with a non-directory mode",
+            )),
         };
     }
     match kind {
-        0 | 0o100_000 => Ok(Kind::File { executable: mode.is_some_and(|m| m & 0o111 != 0) }),
+        0 | 0o100_000 => Ok(Kind::File {
+            executable: mode.is_some_and(|m| m & 0o111 != 0),
+        }),
         0o120_000 => Ok(Kind::Symlink),
         0o040_000 => Ok(Kind::Dir),
-        other => Err(CasError::hostile(name, format!("special file type {other:o} is not supported"))),
+        other => Err(CasError::hostile(
+            name,
+            format!("special file type {other:o} is not supported"),
+        )),
     }
 }
 
@@ -276,7 +311,11 @@ struct Counted<'a> {
 }
 
 impl Counted<'_> {
-    fn pump(&mut self, source: &mut impl Read, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    fn pump(
+        &mut self,
+        source: &mut impl Read,
+        mut sink: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
             let n = source
@@ -289,13 +328,19 @@ impl Counted<'_> {
             if self.read > self.declared {
                 return Err(CasError::hostile(
                     self.name,
-                    format!("decompresses to more than its declared {} bytes", self.declared),
+                    format!(
+                        "decompresses to more than its declared {} bytes",
+                        self.declared
+                    ),
                 ));
             }
             if self.read > *self.budget {
                 return Err(CasError::hostile(
                     self.name,
-                    format!("uncompressed total exceeds the limit of {} bytes", self.limits.max_total_bytes),
+                    format!(
+                        "uncompressed total exceeds the limit of {} bytes",
+                        self.limits.max_total_bytes
+                    ),
                 ));
             }
             if self.read > self.limits.ratio_min_bytes
@@ -303,7 +348,10 @@ impl Counted<'_> {
             {
                 return Err(CasError::hostile(
                     self.name,
-                    format!("compression ratio exceeds the limit of {}:1", self.limits.max_ratio),
+                    format!(
+                        "compression ratio exceeds the limit of {}:1",
+                        self.limits.max_ratio
+                    ),
                 ));
             }
             sink(&buffer[..n])?;
@@ -311,7 +359,10 @@ impl Counted<'_> {
         if self.read != self.declared {
             return Err(CasError::hostile(
                 self.name,
-                format!("decompresses to {} bytes, not the declared {}", self.read, self.declared),
+                format!(
+                    "decompresses to {} bytes, not the declared {}",
+                    self.read, self.declared
+                ),
             ));
         }
         *self.budget -= self.read;
@@ -329,7 +380,10 @@ fn declared_entry_count<R: Read + Seek>(reader: &mut R) -> Result<Option<u64>> {
     let mut tail = vec![0u8; tail_len as usize];
     reader.read_exact(&mut tail).map_err(io)?;
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    let Some(eocd) = (0..tail.len().saturating_sub(21)).rev().find(|&at| tail[at..].starts_with(b"PK\x05\x06")) else {
+    let Some(eocd) = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&at| tail[at..].starts_with(b"PK\x05\x06"))
+    else {
         return Ok(None);
     };
     let entries = u16::from_le_bytes([tail[eocd + 10], tail[eocd + 11]]);
@@ -337,7 +391,10 @@ fn declared_entry_count<R: Read + Seek>(reader: &mut R) -> Result<Option<u64>> {
         return Ok(Some(entries as u64));
     }
     // Zip64: the locator sits just before the record and points at the zip64 record.
-    let Some(locator) = eocd.checked_sub(20).filter(|&at| tail[at..].starts_with(b"PK\x06\x07")) else {
+    let Some(locator) = eocd
+        .checked_sub(20)
+        .filter(|&at| tail[at..].starts_with(b"PK\x06\x07"))
+    else {
         return Ok(Some(entries as u64));
     };
     let offset = u64::from_le_bytes(tail[locator + 8..locator + 16].try_into().expect("8 bytes"));
@@ -348,5 +405,7 @@ fn declared_entry_count<R: Read + Seek>(reader: &mut R) -> Result<Option<u64>> {
     if !found {
         return Ok(None);
     }
-    Ok(Some(u64::from_le_bytes(record[32..40].try_into().expect("8 bytes"))))
+    Ok(Some(u64::from_le_bytes(
+        record[32..40].try_into().expect("8 bytes"),
+    )))
 }

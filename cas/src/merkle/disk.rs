@@ -48,7 +48,12 @@ impl Default for DirOptions {
 }
 
 fn utf8<'a>(relative: &'a Path, what: &str) -> Result<&'a str> {
-    relative.to_str().ok_or_else(|| CasError::hostile(relative.to_string_lossy(), format!("{what} is not valid UTF-8")))
+    relative.to_str().ok_or_else(|| {
+        CasError::hostile(
+            relative.to_string_lossy(),
+            format!("{what} is not valid UTF-8"),
+        )
+    })
 }
 
 struct FileJob {
@@ -77,7 +82,10 @@ pub fn build_from_dir(
 ) -> Result<TreeBuild> {
     let root = fs::canonicalize(root).map_err(|e| CasError::io("resolving", root, e))?;
     if !root.is_dir() {
-        return Err(CasError::invalid(format!("tree root {}", root.display()), "not a directory"));
+        return Err(CasError::invalid(
+            format!("tree root {}", root.display()),
+            "not a directory",
+        ));
     }
     let mut builder = TreeBuilder::new(function);
     let mut jobs = Vec::new();
@@ -100,7 +108,11 @@ pub fn build_from_dir(
         if is_dir && entry.depth() == 1 && skip_root_dirs.iter().any(|skip| name == skip.as_str()) {
             return false;
         }
-        if is_dir && skip_cache_dirs && entry.depth() > 0 && entry.path().join("CACHEDIR.TAG").is_file() {
+        if is_dir
+            && skip_cache_dirs
+            && entry.depth() > 0
+            && entry.path().join("CACHEDIR.TAG").is_file()
+        {
             return false;
         }
         true
@@ -120,24 +132,37 @@ pub fn build_from_dir(
             continue;
         };
         let absolute = entry.into_path();
-        let relative = absolute.strip_prefix(&root).expect("walk stays under its root");
+        let relative = absolute
+            .strip_prefix(&root)
+            .expect("walk stays under its root");
         let name = utf8(relative, "path")?.to_string();
         if file_type.is_dir() {
             builder.add_directory(&name)?;
         } else if file_type.is_symlink() {
-            let target = fs::read_link(&absolute).map_err(|e| CasError::io("reading symlink", &absolute, e))?;
-            let target =
-                target.to_str().ok_or_else(|| CasError::hostile(&name, "symlink target is not valid UTF-8"))?;
+            let target = fs::read_link(&absolute)
+                .map_err(|e| CasError::io("reading symlink", &absolute, e))?;
+            let target = target
+                .to_str()
+                .ok_or_else(|| CasError::hostile(&name, "symlink target is not valid UTF-8"))?;
             builder.add_symlink(&name, target)?;
         } else if file_type.is_file() {
-            jobs.push(FileJob { relative: name, absolute });
+            jobs.push(FileJob {
+                relative: name,
+                absolute,
+            });
         } else {
             tracing::debug!(path = %absolute.display(), "skipping special file");
         }
     }
-    let cache = if options.use_stat_cache { Some(StatCache::open(store)?) } else { None };
-    let hashed: Vec<Hashed> =
-        jobs.par_iter().map(|job| hash_one(store, function, cache.as_ref(), &job.absolute)).collect::<Result<_>>()?;
+    let cache = if options.use_stat_cache {
+        Some(StatCache::open(store)?)
+    } else {
+        None
+    };
+    let hashed: Vec<Hashed> = jobs
+        .par_iter()
+        .map(|job| hash_one(store, function, cache.as_ref(), &job.absolute))
+        .collect::<Result<_>>()?;
     let mut file_stats = TreeStats::default();
     for (job, hashed) in jobs.iter().zip(&hashed) {
         builder.add_file(&job.relative, hashed.digest, hashed.executable)?;
@@ -159,7 +184,12 @@ pub fn build_from_dir(
     Ok(build)
 }
 
-fn hash_one(store: &BlobStore, function: DigestFunction, cache: Option<&StatCache>, path: &Path) -> Result<Hashed> {
+fn hash_one(
+    store: &BlobStore,
+    function: DigestFunction,
+    cache: Option<&StatCache>,
+    path: &Path,
+) -> Result<Hashed> {
     let started = now_nanos();
     let meta = fs::symlink_metadata(path).map_err(|e| CasError::io("inspecting", path, e))?;
     let executable = meta.permissions().mode() & 0o111 != 0;
@@ -167,11 +197,18 @@ fn hash_one(store: &BlobStore, function: DigestFunction, cache: Option<&StatCach
         && let Some(digest) = cache.lookup(function, path, &meta)?
     {
         let new = store_file_as(store, digest, path)?;
-        return Ok(Hashed { digest, executable, from_cache: true, new });
+        return Ok(Hashed {
+            digest,
+            executable,
+            from_cache: true,
+            new,
+        });
     }
     let (digest, new) = if meta.len() <= SMALL_FILE {
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| CasError::io("reading", path, e))?;
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| CasError::io("reading", path, e))?;
         let digest = function.digest_of(&bytes);
         (digest, super::store_bytes(store, digest, &bytes)?)
     } else {
@@ -186,7 +223,12 @@ fn hash_one(store: &BlobStore, function: DigestFunction, cache: Option<&StatCach
             cache.record(path, &stat, started, &digest)?;
         }
     }
-    Ok(Hashed { digest, executable, from_cache: false, new })
+    Ok(Hashed {
+        digest,
+        executable,
+        from_cache: false,
+        new,
+    })
 }
 
 /// Stores a file whose digest is known unless present; returns whether it was new.
@@ -198,21 +240,28 @@ fn store_file_as(store: &BlobStore, digest: Digest, path: &Path) -> Result<bool>
     let mut file = File::open(path).map_err(|e| CasError::io("opening", path, e))?;
     let mut buffer = vec![0u8; 256 * 1024];
     loop {
-        let n = file.read(&mut buffer).map_err(|e| CasError::io("reading", path, e))?;
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| CasError::io("reading", path, e))?;
         if n == 0 {
             break;
         }
-        writer.write_chunk(&buffer[..n]).map_err(|e| changed_while_hashing(path, e))?;
+        writer
+            .write_chunk(&buffer[..n])
+            .map_err(|e| changed_while_hashing(path, e))?;
     }
-    writer.commit().map_err(|e| changed_while_hashing(path, e))?;
+    writer
+        .commit()
+        .map_err(|e| changed_while_hashing(path, e))?;
     Ok(true)
 }
 
 fn changed_while_hashing(path: &Path, error: CasError) -> CasError {
     match error {
-        CasError::SizeMismatch { .. } | CasError::HashMismatch { .. } => {
-            CasError::invalid(format!("file {}", path.display()), "changed while it was being hashed; retry")
-        }
+        CasError::SizeMismatch { .. } | CasError::HashMismatch { .. } => CasError::invalid(
+            format!("file {}", path.display()),
+            "changed while it was being hashed; retry",
+        ),
         other => other,
     }
 }

@@ -119,7 +119,8 @@ pub fn materialize(
         .collect::<Result<Vec<_>>>()?;
     for (relative, link_target) in &plan.symlinks {
         let path = target.join(relative);
-        std::os::unix::fs::symlink(link_target, &path).map_err(|e| CasError::io("creating symlink", &path, e))?;
+        std::os::unix::fs::symlink(link_target, &path)
+            .map_err(|e| CasError::io("creating symlink", &path, e))?;
     }
     let hardlinked = hardlinked.into_inner();
     Ok(Materialized {
@@ -134,17 +135,24 @@ pub fn materialize(
 
 /// Reads and validates the whole tree, listing what to create.
 fn plan(store: &BlobStore, root: &Digest) -> Result<Plan> {
-    let mut plan = Plan { dirs: Vec::new(), files: Vec::new(), symlinks: Vec::new() };
+    let mut plan = Plan {
+        dirs: Vec::new(),
+        files: Vec::new(),
+        symlinks: Vec::new(),
+    };
     let mut cache: HashMap<Digest, Directory> = HashMap::new();
     let mut queue = std::collections::VecDeque::from([(PathBuf::new(), *root, 0usize)]);
     while let Some((relative, digest, depth)) = queue.pop_front() {
         let directory = match cache.entry(digest) {
             std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(read_directory(store, &digest)?),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(read_directory(store, &digest)?)
+            }
         };
         let (files, dirs) = child_digests(directory, root.function)?;
         for (node, file_digest) in directory.files.iter().zip(files) {
-            plan.files.push((relative.join(&node.name), file_digest, node.is_executable));
+            plan.files
+                .push((relative.join(&node.name), file_digest, node.is_executable));
         }
         for link in &directory.symlinks {
             let path = relative.join(&link.name);
@@ -163,7 +171,8 @@ fn plan(store: &BlobStore, root: &Digest) -> Result<Plan> {
 fn prepare_target(target: &Path) -> Result<()> {
     match fs::symlink_metadata(target) {
         Ok(meta) if meta.is_dir() => {
-            let mut entries = fs::read_dir(target).map_err(|e| CasError::io("listing", target, e))?;
+            let mut entries =
+                fs::read_dir(target).map_err(|e| CasError::io("listing", target, e))?;
             if entries.next().is_some() {
                 return Err(CasError::invalid(
                     format!("materialisation target {}", target.display()),
@@ -213,11 +222,15 @@ fn place_file(
     let mut reader = store.reader(digest, 0, 0)?;
     let copied = io::copy(&mut reader, &mut file).map_err(|e| CasError::io("writing", path, e))?;
     if copied != digest.size {
-        return Err(CasError::SizeMismatch { expected: *digest, actual: copied });
+        return Err(CasError::SizeMismatch {
+            expected: *digest,
+            actual: copied,
+        });
     }
     // The umask may have cleared bits the tree asks for.
     if executable {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| CasError::io("chmod", path, e))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| CasError::io("chmod", path, e))?;
     }
     Ok(false)
 }

@@ -35,7 +35,9 @@ pub use archive::{ZipLimits, build_from_zip, build_from_zip_file};
 pub use disk::{DirOptions, build_from_dir};
 pub use materialize::{MaterializeOptions, Materialized, MaterializedFile, materialize};
 pub use stat_cache::StatCache;
-pub use validate::{MAX_DIRECTORY_BYTES, get_tree, read_directory, tree_digests, validate_directory};
+pub use validate::{
+    MAX_DIRECTORY_BYTES, get_tree, read_directory, tree_digests, validate_directory,
+};
 
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
@@ -106,7 +108,10 @@ impl TreeBuilder {
     pub fn new(function: DigestFunction) -> Self {
         TreeBuilder {
             function,
-            root: DirNode { explicit: true, ..Default::default() },
+            root: DirNode {
+                explicit: true,
+                ..Default::default()
+            },
             files: 0,
             symlinks: 0,
             bytes: 0,
@@ -156,11 +161,17 @@ impl TreeBuilder {
         };
         let mut dir = &mut self.root;
         for (i, component) in parents.iter().enumerate() {
-            let node = dir.entries.entry(component.to_string()).or_insert_with(|| Node::Dir(DirNode::default()));
+            let node = dir
+                .entries
+                .entry(component.to_string())
+                .or_insert_with(|| Node::Dir(DirNode::default()));
             let Node::Dir(next) = node else {
                 return Err(CasError::hostile(
                     path,
-                    format!("{:?} is a file or symlink, so it cannot contain entries", components[..=i].join("/")),
+                    format!(
+                        "{:?} is a file or symlink, so it cannot contain entries",
+                        components[..=i].join("/")
+                    ),
                 ));
             };
             dir = next;
@@ -170,13 +181,19 @@ impl TreeBuilder {
                 slot.insert(node);
             }
             (Entry::Vacant(slot), None) => {
-                slot.insert(Node::Dir(DirNode { explicit: true, ..Default::default() }));
+                slot.insert(Node::Dir(DirNode {
+                    explicit: true,
+                    ..Default::default()
+                }));
             }
             (Entry::Occupied(mut slot), None) => match slot.get_mut() {
                 Node::Dir(existing) if !existing.explicit => existing.explicit = true,
                 Node::Dir(_) => return Err(CasError::hostile(path, "duplicate path")),
                 _ => {
-                    return Err(CasError::hostile(path, "path is both a file (or symlink) and a directory"));
+                    return Err(CasError::hostile(
+                        path,
+                        "path is both a file (or symlink) and a directory",
+                    ));
                 }
             },
             (Entry::Occupied(slot), Some(_)) => {
@@ -196,14 +213,24 @@ impl TreeBuilder {
     /// parallel), and returns the root digest. File contents are not touched: the caller stored
     /// them. `stats.new_*` count only the directory blobs stored here.
     pub fn finish(self, store: &BlobStore) -> Result<TreeBuild> {
-        let sink = Sink { store: Some(store), acc: Mutex::default() };
+        let sink = Sink {
+            store: Some(store),
+            acc: Mutex::default(),
+        };
         let root = store_dir(self.function, &self.root, &sink)?;
         Ok(self.into_build(root, sink))
     }
 
     /// The root digest the tree would have, storing nothing.
     pub fn root_digest(&self) -> Result<Digest> {
-        store_dir(self.function, &self.root, &Sink { store: None, acc: Mutex::default() })
+        store_dir(
+            self.function,
+            &self.root,
+            &Sink {
+                store: None,
+                acc: Mutex::default(),
+            },
+        )
     }
 
     fn into_build(self, root: Digest, sink: Sink<'_>) -> TreeBuild {
@@ -269,8 +296,10 @@ fn store_dir(function: DigestFunction, node: &DirNode, sink: &Sink<'_>) -> Resul
             _ => None,
         })
         .collect();
-    let subdigests: Vec<Digest> =
-        subdirs.par_iter().map(|(_, dir)| store_dir(function, dir, sink)).collect::<Result<_>>()?;
+    let subdigests: Vec<Digest> = subdirs
+        .par_iter()
+        .map(|(_, dir)| store_dir(function, dir, sink))
+        .collect::<Result<_>>()?;
     let mut directory = Directory::default();
     for (name, child) in &node.entries {
         match child {
@@ -289,7 +318,10 @@ fn store_dir(function: DigestFunction, node: &DirNode, sink: &Sink<'_>) -> Resul
         }
     }
     for ((name, _), digest) in subdirs.iter().zip(&subdigests) {
-        directory.directories.push(DirectoryNode { name: (*name).clone(), digest: Some(digest.to_reapi()) });
+        directory.directories.push(DirectoryNode {
+            name: (*name).clone(),
+            digest: Some(digest.to_reapi()),
+        });
     }
     let bytes = directory.encode_to_vec();
     let digest = function.digest_of(&bytes);
@@ -353,7 +385,10 @@ pub fn check_symlink_target(link: &str, depth: usize, target: &str) -> Result<()
         return Err(CasError::hostile(link, "NUL byte in symlink target"));
     }
     if target.starts_with('/') {
-        return Err(CasError::hostile(link, format!("symlink target {target:?} is absolute")));
+        return Err(CasError::hostile(
+            link,
+            format!("symlink target {target:?} is absolute"),
+        ));
     }
     let mut ups = 0usize;
     let mut seen_name = false;
@@ -363,13 +398,18 @@ pub fn check_symlink_target(link: &str, depth: usize, target: &str) -> Result<()
             ".." if seen_name => {
                 return Err(CasError::hostile(
                     link,
-                    format!("symlink target {target:?} has '..' after a name; only leading '..' are accepted"),
+                    format!(
+                        "symlink target {target:?} has '..' after a name; only leading '..' are accepted"
+                    ),
                 ));
             }
             ".." => {
                 ups += 1;
                 if ups > depth {
-                    return Err(CasError::hostile(link, format!("symlink target {target:?} escapes the tree")));
+                    return Err(CasError::hostile(
+                        link,
+                        format!("symlink target {target:?} escapes the tree"),
+                    ));
                 }
             }
             _ => seen_name = true,
@@ -388,11 +428,20 @@ mod tests {
         assert!(check_symlink_target("d/l", 1, "../x").is_ok());
         assert!(check_symlink_target("d/l", 1, "..").is_ok());
         assert!(check_symlink_target("d/l", 1, "./../x/./y").is_ok());
-        for (depth, bad) in
-            [(0, ".."), (0, "../x"), (1, "../../x"), (3, "a/../b"), (3, "/etc/passwd"), (0, ""), (0, "a\0")]
-        {
+        for (depth, bad) in [
+            (0, ".."),
+            (0, "../x"),
+            (1, "../../x"),
+            (3, "a/../b"),
+            (3, "/etc/passwd"),
+            (0, ""),
+            (0, "a\0"),
+        ] {
             let err = check_symlink_target("the/link", depth, bad).unwrap_err();
-            assert!(matches!(&err, CasError::HostileEntry { entry, .. } if entry == "the/link"), "{bad:?}: {err}");
+            assert!(
+                matches!(&err, CasError::HostileEntry { entry, .. } if entry == "the/link"),
+                "{bad:?}: {err}"
+            );
         }
     }
 
@@ -416,7 +465,10 @@ mod tests {
         conflict(b.add_file("/x", d, false), "/x");
         conflict(b.add_file("", d, false), "");
         conflict(b.add_symlink("l", "/etc"), "l");
-        assert!(b.add_file("x", DigestFunction::Sha256.digest_of(b"x"), false).is_err());
+        assert!(
+            b.add_file("x", DigestFunction::Sha256.digest_of(b"x"), false)
+                .is_err()
+        );
         // Normalised spellings of the same path are the same path.
         conflict(b.add_file("./a//b", d, false), "./a//b");
     }
@@ -430,12 +482,28 @@ mod tests {
         b.add_symlink("c", "a").unwrap();
         b.add_directory("e/f").unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), crate::StoreConfig { fsync: false, ..Default::default() }).unwrap();
+        let store = BlobStore::open(
+            dir.path(),
+            crate::StoreConfig {
+                fsync: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let build = b.finish(&store).unwrap();
         let root = read_directory(&store, &build.root).unwrap();
-        assert_eq!(root.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            root.files
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert!(root.files[1].is_executable && !root.files[0].is_executable);
-        assert!(root.files.iter().all(|f| f.node_properties.is_none()) && root.node_properties.is_none());
+        assert!(
+            root.files.iter().all(|f| f.node_properties.is_none())
+                && root.node_properties.is_none()
+        );
         assert_eq!(root.symlinks[0].target, "a");
         assert_eq!(build.stats.directories, 3);
         // The empty directory `e/f` encodes to the empty blob, which every store holds.

@@ -60,7 +60,10 @@ impl StatKey {
 
 /// Nanoseconds since the Unix epoch.
 pub(crate) fn now_nanos() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
 }
 
 fn key(function: DigestFunction, path: &Path) -> Vec<u8> {
@@ -92,18 +95,31 @@ fn decode(value: &[u8]) -> Option<(StatKey, i128, [u8; 32])> {
     }
     let u64_at = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().unwrap());
     let i128_at = |at: usize| i128::from_be_bytes(value[at..at + 16].try_into().unwrap());
-    let stat = StatKey { size: u64_at(0), mtime: i128_at(8), ctime: i128_at(24), ino: u64_at(40), dev: u64_at(48) };
+    let stat = StatKey {
+        size: u64_at(0),
+        mtime: i128_at(8),
+        ctime: i128_at(24),
+        ino: u64_at(40),
+        dev: u64_at(48),
+    };
     Some((stat, i128_at(56), value[72..104].try_into().unwrap()))
 }
 
 impl StatCache {
     /// Opens the stat cache of a store.
     pub fn open(store: &BlobStore) -> Result<Self> {
-        Ok(StatCache { tree: store.db().open_tree("stat_cache")? })
+        Ok(StatCache {
+            tree: store.db().open_tree("stat_cache")?,
+        })
     }
 
     /// The cached digest of `path` (absolute) if its `lstat` still matches a trusted entry.
-    pub fn lookup(&self, function: DigestFunction, path: &Path, meta: &Metadata) -> Result<Option<Digest>> {
+    pub fn lookup(
+        &self,
+        function: DigestFunction,
+        path: &Path,
+        meta: &Metadata,
+    ) -> Result<Option<Digest>> {
         let Some(value) = self.tree.get(key(function, path))? else {
             return Ok(None);
         };
@@ -113,13 +129,26 @@ impl StatCache {
         if stat != StatKey::of(meta) || hashed_at - stat.mtime.max(stat.ctime) < RACY_WINDOW_NANOS {
             return Ok(None);
         }
-        Ok(Some(Digest { function, hash, size: stat.size }))
+        Ok(Some(Digest {
+            function,
+            hash,
+            size: stat.size,
+        }))
     }
 
     /// Records that `path`, with this `lstat`, hashed to `digest`; `hashed_at` is when reading
     /// it started (nanoseconds since the epoch), which decides whether the entry is trusted.
-    pub(crate) fn record(&self, path: &Path, stat: &StatKey, hashed_at: i128, digest: &Digest) -> Result<()> {
-        self.tree.insert(key(digest.function, path), &encode(stat, hashed_at, &digest.hash)[..])?;
+    pub(crate) fn record(
+        &self,
+        path: &Path,
+        stat: &StatKey,
+        hashed_at: i128,
+        digest: &Digest,
+    ) -> Result<()> {
+        self.tree.insert(
+            key(digest.function, path),
+            &encode(stat, hashed_at, &digest.hash)[..],
+        )?;
         Ok(())
     }
 

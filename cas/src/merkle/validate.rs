@@ -20,14 +20,21 @@ pub const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 ///
 /// `node_properties` are allowed (clients may send them); our own trees never set them.
 pub fn validate_directory(directory: &Directory) -> Result<()> {
-    validate(directory, DigestFunction::Sha256).map_err(|reason| CasError::invalid("Directory", reason))
+    validate(directory, DigestFunction::Sha256)
+        .map_err(|reason| CasError::invalid("Directory", reason))
 }
 
 /// Validates with digests parsed for `function`; returns the reason on failure.
 fn validate(directory: &Directory, function: DigestFunction) -> std::result::Result<(), String> {
     check_list("file", directory.files.iter().map(|f| f.name.as_str()))?;
-    check_list("directory", directory.directories.iter().map(|d| d.name.as_str()))?;
-    check_list("symlink", directory.symlinks.iter().map(|s| s.name.as_str()))?;
+    check_list(
+        "directory",
+        directory.directories.iter().map(|d| d.name.as_str()),
+    )?;
+    check_list(
+        "symlink",
+        directory.symlinks.iter().map(|s| s.name.as_str()),
+    )?;
     let mut all: Vec<&str> = directory
         .files
         .iter()
@@ -50,13 +57,19 @@ fn validate(directory: &Directory, function: DigestFunction) -> std::result::Res
             return Err(format!("symlink {:?} has an empty target", link.name));
         }
         if link.target.contains('\0') {
-            return Err(format!("symlink {:?} has a NUL byte in its target", link.name));
+            return Err(format!(
+                "symlink {:?} has a NUL byte in its target",
+                link.name
+            ));
         }
     }
     Ok(())
 }
 
-fn check_list<'a>(kind: &str, names: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
+fn check_list<'a>(
+    kind: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> std::result::Result<(), String> {
     let mut previous: Option<&str> = None;
     for name in names {
         check_name(kind, name)?;
@@ -65,7 +78,9 @@ fn check_list<'a>(kind: &str, names: impl Iterator<Item = &'a str>) -> std::resu
                 return Err(format!("duplicate {kind} name {name:?}"));
             }
             if previous > name {
-                return Err(format!("{kind} names not sorted: {previous:?} comes before {name:?}"));
+                return Err(format!(
+                    "{kind} names not sorted: {previous:?} comes before {name:?}"
+                ));
             }
         }
         previous = Some(name);
@@ -107,13 +122,17 @@ pub fn read_directory(store: &BlobStore, digest: &Digest) -> Result<Directory> {
 /// Decodes and validates a `Directory` blob, naming it in errors.
 pub(crate) fn decode_directory(digest: &Digest, bytes: &[u8]) -> Result<Directory> {
     let what = || format!("Directory {digest:?}");
-    let directory = Directory::decode(bytes).map_err(|e| CasError::invalid(what(), e.to_string()))?;
+    let directory =
+        Directory::decode(bytes).map_err(|e| CasError::invalid(what(), e.to_string()))?;
     validate(&directory, digest.function).map_err(|reason| CasError::invalid(what(), reason))?;
     Ok(directory)
 }
 
 /// The digests of a directory's files and subdirectories (already validated).
-pub(crate) fn child_digests(directory: &Directory, function: DigestFunction) -> Result<(Vec<Digest>, Vec<Digest>)> {
+pub(crate) fn child_digests(
+    directory: &Directory,
+    function: DigestFunction,
+) -> Result<(Vec<Digest>, Vec<Digest>)> {
     let files = directory
         .files
         .iter()
@@ -128,7 +147,11 @@ pub(crate) fn child_digests(directory: &Directory, function: DigestFunction) -> 
 }
 
 /// Walks a stored tree breadth-first, visiting each distinct `Directory` once.
-fn walk(store: &BlobStore, root: &Digest, mut visit: impl FnMut(&Digest, &Arc<Directory>, &[Digest])) -> Result<()> {
+fn walk(
+    store: &BlobStore,
+    root: &Digest,
+    mut visit: impl FnMut(&Digest, &Arc<Directory>, &[Digest]),
+) -> Result<()> {
     let mut seen = HashSet::new();
     let mut queue = VecDeque::from([*root]);
     seen.insert(*root);
@@ -154,7 +177,12 @@ pub fn tree_digests(store: &BlobStore, root: &Digest) -> Result<Vec<Digest>> {
     let mut seen_files = HashSet::new();
     walk(store, root, |digest, _, file_digests| {
         dirs.push(*digest);
-        files.extend(file_digests.iter().filter(|d| seen_files.insert(**d)).copied());
+        files.extend(
+            file_digests
+                .iter()
+                .filter(|d| seen_files.insert(**d))
+                .copied(),
+        );
     })?;
     dirs.extend(files);
     Ok(dirs)
@@ -188,13 +216,19 @@ mod tests {
     }
 
     fn dir(name: &str) -> DirectoryNode {
-        DirectoryNode { name: name.into(), digest: Some(DigestFunction::Sha256.digest_of(b"d").to_reapi()) }
+        DirectoryNode {
+            name: name.into(),
+            digest: Some(DigestFunction::Sha256.digest_of(b"d").to_reapi()),
+        }
     }
 
     fn refused(directory: Directory, needle: &str) {
         match validate_directory(&directory) {
             Err(CasError::Invalid { reason, .. }) => {
-                assert!(reason.contains(needle), "{reason:?} should mention {needle:?}")
+                assert!(
+                    reason.contains(needle),
+                    "{reason:?} should mention {needle:?}"
+                )
             }
             other => panic!("expected Invalid mentioning {needle:?}, got {other:?}"),
         }
@@ -205,7 +239,11 @@ mod tests {
         let directory = Directory {
             files: vec![file("a"), file("b")],
             directories: vec![dir("c")],
-            symlinks: vec![SymlinkNode { name: "d".into(), target: "a".into(), node_properties: None }],
+            symlinks: vec![SymlinkNode {
+                name: "d".into(),
+                target: "a".into(),
+                node_properties: None,
+            }],
             node_properties: None,
         };
         validate_directory(&directory).unwrap();
@@ -213,44 +251,117 @@ mod tests {
 
     #[test]
     fn every_invalid_case_is_named() {
-        refused(Directory { files: vec![file("b"), file("a")], ..Default::default() }, "not sorted");
-        refused(Directory { files: vec![file("a"), file("a")], ..Default::default() }, "duplicate file name \"a\"");
         refused(
-            Directory { files: vec![file("a")], directories: vec![dir("a")], ..Default::default() },
+            Directory {
+                files: vec![file("b"), file("a")],
+                ..Default::default()
+            },
+            "not sorted",
+        );
+        refused(
+            Directory {
+                files: vec![file("a"), file("a")],
+                ..Default::default()
+            },
+            "duplicate file name \"a\"",
+        );
+        refused(
+            Directory {
+                files: vec![file("a")],
+                directories: vec![dir("a")],
+                ..Default::default()
+            },
             "\"a\" is used",
         );
         refused(
             Directory {
                 directories: vec![dir("s")],
-                symlinks: vec![SymlinkNode { name: "s".into(), target: "x".into(), node_properties: None }],
+                symlinks: vec![SymlinkNode {
+                    name: "s".into(),
+                    target: "x".into(),
+                    node_properties: None,
+                }],
                 ..Default::default()
             },
             "\"s\" is used",
         );
-        refused(Directory { files: vec![file("a/b")], ..Default::default() }, "contains '/'");
-        refused(Directory { files: vec![file("a\0")], ..Default::default() }, "NUL");
-        refused(Directory { directories: vec![dir("..")], ..Default::default() }, "\"..\"");
-        refused(Directory { directories: vec![dir(".")], ..Default::default() }, "\".\"");
-        refused(Directory { files: vec![file("")], ..Default::default() }, "is empty");
         refused(
-            Directory { files: vec![FileNode { name: "nodigest".into(), ..Default::default() }], ..Default::default() },
+            Directory {
+                files: vec![file("a/b")],
+                ..Default::default()
+            },
+            "contains '/'",
+        );
+        refused(
+            Directory {
+                files: vec![file("a\0")],
+                ..Default::default()
+            },
+            "NUL",
+        );
+        refused(
+            Directory {
+                directories: vec![dir("..")],
+                ..Default::default()
+            },
+            "\"..\"",
+        );
+        refused(
+            Directory {
+                directories: vec![dir(".")],
+                ..Default::default()
+            },
+            "\".\"",
+        );
+        refused(
+            Directory {
+                files: vec![file("")],
+                ..Default::default()
+            },
+            "is empty",
+        );
+        refused(
+            Directory {
+                files: vec![FileNode {
+                    name: "nodigest".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
             "\"nodigest\" has no digest",
         );
         refused(
-            Directory { directories: vec![DirectoryNode { name: "x".into(), digest: None }], ..Default::default() },
+            Directory {
+                directories: vec![DirectoryNode {
+                    name: "x".into(),
+                    digest: None,
+                }],
+                ..Default::default()
+            },
             "\"x\" has no digest",
         );
-        let bad = reapi::Digest { hash: "zz".into(), size_bytes: 1 };
+        let bad = reapi::Digest {
+            hash: "zz".into(),
+            size_bytes: 1,
+        };
         refused(
             Directory {
-                files: vec![FileNode { name: "bad".into(), digest: Some(bad), ..Default::default() }],
+                files: vec![FileNode {
+                    name: "bad".into(),
+                    digest: Some(bad),
+                    ..Default::default()
+                }],
                 ..Default::default()
             },
             "\"bad\"",
         );
         refused(
             Directory {
-                symlinks: vec![SymlinkNode { name: "l".into(), target: String::new(), node_properties: None }],
+                symlinks: vec![SymlinkNode {
+                    name: "l".into(),
+                    target: String::new(),
+                    node_properties: None,
+                }],
                 ..Default::default()
             },
             "empty target",
@@ -260,15 +371,35 @@ mod tests {
     #[test]
     fn invalid_stored_directory_is_refused_on_read() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(tmp.path(), crate::StoreConfig { fsync: false, ..Default::default() }).unwrap();
-        let bad = Directory { files: vec![file("b"), file("a")], ..Default::default() };
-        let digest = store.put_bytes(DigestFunction::Sha256, &bad.encode_to_vec()).unwrap();
+        let store = BlobStore::open(
+            tmp.path(),
+            crate::StoreConfig {
+                fsync: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let bad = Directory {
+            files: vec![file("b"), file("a")],
+            ..Default::default()
+        };
+        let digest = store
+            .put_bytes(DigestFunction::Sha256, &bad.encode_to_vec())
+            .unwrap();
         let err = read_directory(&store, &digest).unwrap_err();
         assert!(err.to_string().contains(&digest.hash_hex()), "{err}");
         assert!(tree_digests(&store, &digest).is_err());
-        let garbage = store.put_bytes(DigestFunction::Sha256, b"\xff\xff\xff").unwrap();
-        assert!(matches!(read_directory(&store, &garbage), Err(CasError::Invalid { .. })));
+        let garbage = store
+            .put_bytes(DigestFunction::Sha256, b"\xff\xff\xff")
+            .unwrap();
+        assert!(matches!(
+            read_directory(&store, &garbage),
+            Err(CasError::Invalid { .. })
+        ));
         let missing = DigestFunction::Sha256.digest_of(b"nope");
-        assert!(matches!(get_tree(&store, &missing), Err(CasError::NotFound(_))));
+        assert!(matches!(
+            get_tree(&store, &missing),
+            Err(CasError::NotFound(_))
+        ));
     }
 }

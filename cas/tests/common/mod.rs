@@ -12,7 +12,14 @@ use zip::write::SimpleFileOptions;
 /// A fresh store in a temp dir (fsync off: tests do not test power loss).
 pub fn store() -> (tempfile::TempDir, BlobStore) {
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path(), StoreConfig { fsync: false, ..Default::default() }).unwrap();
+    let store = BlobStore::open(
+        dir.path(),
+        StoreConfig {
+            fsync: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     (dir, store)
 }
 
@@ -28,11 +35,23 @@ pub enum Entry {
 pub type Spec = Vec<(String, Entry)>;
 
 pub fn file(path: &str, bytes: &[u8]) -> (String, Entry) {
-    (path.to_string(), Entry::File { bytes: bytes.to_vec(), executable: false })
+    (
+        path.to_string(),
+        Entry::File {
+            bytes: bytes.to_vec(),
+            executable: false,
+        },
+    )
 }
 
 pub fn exe(path: &str, bytes: &[u8]) -> (String, Entry) {
-    (path.to_string(), Entry::File { bytes: bytes.to_vec(), executable: true })
+    (
+        path.to_string(),
+        Entry::File {
+            bytes: bytes.to_vec(),
+            executable: true,
+        },
+    )
 }
 
 pub fn link(path: &str, target: &str) -> (String, Entry) {
@@ -69,13 +88,20 @@ pub fn write_zip(spec: &Spec) -> Vec<u8> {
         match entry {
             Entry::File { bytes, executable } => {
                 let mode = if *executable { 0o755 } else { 0o644 };
-                zip.start_file(path.as_str(), SimpleFileOptions::default().unix_permissions(mode)).unwrap();
+                zip.start_file(
+                    path.as_str(),
+                    SimpleFileOptions::default().unix_permissions(mode),
+                )
+                .unwrap();
                 zip.write_all(bytes).unwrap();
             }
             Entry::Symlink(target) => {
-                zip.add_symlink(path.as_str(), target.as_str(), SimpleFileOptions::default()).unwrap();
+                zip.add_symlink(path.as_str(), target.as_str(), SimpleFileOptions::default())
+                    .unwrap();
             }
-            Entry::EmptyDir => zip.add_directory(path.as_str(), SimpleFileOptions::default()).unwrap(),
+            Entry::EmptyDir => zip
+                .add_directory(path.as_str(), SimpleFileOptions::default())
+                .unwrap(),
         }
     }
     zip.finish().unwrap().into_inner()
