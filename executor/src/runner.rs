@@ -655,10 +655,7 @@ impl RunningJob<'_> {
                     Stream::Stdout => parser.feed_stdout(&line.line),
                     Stream::Stderr => parser.feed_stderr(&line.line),
                 };
-                let kind = match line.stream {
-                    Stream::Stdout => LogStreamKind::Stdout,
-                    Stream::Stderr => LogStreamKind::Stderr,
-                };
+                let kind = log_kind(line.stream);
                 for event in events {
                     match event {
                         CargoEvent::UserLine(text) => job.log(kind, text),
@@ -733,14 +730,7 @@ impl RunningJob<'_> {
             .network(NetworkPolicy::Host)
             .limits(self.limits());
         let outcome = self
-            .run_sandboxed(spec, |job, line| {
-                let kind = if line.stream == Stream::Stdout {
-                    LogStreamKind::Stdout
-                } else {
-                    LogStreamKind::Stderr
-                };
-                job.log(kind, line.line);
-            })
+            .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
             .await?;
         self.step("fetch", fetched);
         if !outcome.success() {
@@ -803,14 +793,7 @@ impl RunningJob<'_> {
             .network(NetworkPolicy::None)
             .limits(self.limits());
         let outcome = self
-            .run_sandboxed(spec, |job, line| {
-                let kind = if line.stream == Stream::Stdout {
-                    LogStreamKind::Stdout
-                } else {
-                    LogStreamKind::Stderr
-                };
-                job.log(kind, line.line);
-            })
+            .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
             .await?;
         self.step("run", ran);
         let collected = Instant::now();
@@ -938,6 +921,14 @@ impl RunningJob<'_> {
 /// as hits.
 pub fn failed_instance(instance: &str) -> String {
     format!("{instance}\u{0}failed")
+}
+
+/// The log stream a sandbox output line belongs to.
+fn log_kind(stream: Stream) -> LogStreamKind {
+    match stream {
+        Stream::Stdout => LogStreamKind::Stdout,
+        Stream::Stderr => LogStreamKind::Stderr,
+    }
 }
 
 fn exit_code(outcome: &crate::sandbox::SandboxOutcome) -> i32 {
