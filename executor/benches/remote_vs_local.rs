@@ -80,6 +80,12 @@ async fn remote(
         }
         panic!("remote {kind:?} failed: {:?}", outcome.error);
     }
+    let steps: Vec<String> = outcome
+        .steps
+        .iter()
+        .map(|(name, took)| format!("{name} {:.3}s", took.as_secs_f64()))
+        .collect();
+    eprintln!("  remote {kind:?} steps: {}", steps.join(", "));
     (started.elapsed(), outcome.cache_hit)
 }
 
