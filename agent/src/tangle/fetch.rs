@@ -1,0 +1,581 @@
+//! A job's `zip_uri`: where the project comes from, fetched with caps and turned into a Merkle
+//! tree in the node's CAS.
+//!
+//! Why so strict: the URI comes from whoever pays for a job, so everything about it is hostile
+//! until checked. Downloads are streamed into a temporary file under the node's download
+//! directory with a byte cap, a total timeout and a bounded number of redirects (never from
+//! `https` down to `http`); the archive is then read by [`rba_cas::merkle::build_from_zip_file`],
+//! which refuses path escapes, links out of the tree, bombs and oversized archives without ever
+//! writing an entry to disk (the files go into the CAS as blobs). Nothing is extracted here: the
+//! executor materialises the tree inside its sandbox later.
+//!
+//! | scheme | accepted when |
+//! |---|---|
+//! | `https://host/path` | always (size cap, timeout, redirects bounded) |
+//! | `http://…` | only with [`TangleConfig::allow_http`] (tests, private networks) |
+//! | `ipfs://CID` | a gateway is configured; CID is a v0 (`Qm…`) or multibase v1 CID |
+//! | `file:///path` | the file resolves (symlinks followed) under [`TangleConfig::file_root`] |
+//! | `cas://DIGEST` | the blob is in the node's CAS: a zip, or the root `Directory` of a tree uploaded before (then the tree must be complete) |
+
+use std::io::{BufReader, Seek};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rba_cas::merkle::{ZipLimits, build_from_zip};
+use rba_cas::{BlobStore, CasError, Digest, DigestFunction};
+use tokio::io::AsyncWriteExt;
+
+use super::{TangleConfig, TangleContext};
+
+/// The digest function of trees built from zips (the same as `rba`'s own workspaces).
+pub const TREE_FUNCTION: DigestFunction = DigestFunction::Blake3;
+
+/// Why a `zip_uri` was refused or could not be fetched. The message is what the job's result
+/// and log carry.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Not a URI we take at all.
+    #[error("unsupported zip_uri scheme {0:?} (expected https://, ipfs://, file:// or cas://)")]
+    UnsupportedScheme(String),
+    /// Malformed URI.
+    #[error("malformed zip_uri: {0}")]
+    Malformed(String),
+    /// `http://` while plain HTTP is off.
+    #[error("plain http:// is not accepted, use https://")]
+    PlainHttp,
+    /// `file://` is off or the file is not under the allowed directory.
+    #[error("file:// refused: {0}")]
+    FileRefused(String),
+    /// `ipfs://` without a configured gateway.
+    #[error("ipfs:// is not enabled on this node (no gateway configured)")]
+    IpfsDisabled,
+    /// Not a CID.
+    #[error("malformed IPFS CID {0:?}")]
+    MalformedCid(String),
+    /// Connecting failed (DNS, refused, unreachable).
+    #[error("cannot reach {host}: {reason}")]
+    Unreachable {
+        /// The host asked for.
+        host: String,
+        /// What the connection attempt said.
+        reason: String,
+    },
+    /// The download took longer than allowed.
+    #[error("download timed out after {0:?}")]
+    Timeout(Duration),
+    /// Redirect loop, too many redirects, or a downgrade to plain HTTP.
+    #[error("redirect refused: {0}")]
+    Redirect(String),
+    /// The server answered with an error status.
+    #[error("server answered HTTP {0}")]
+    HttpStatus(u16),
+    /// More bytes than the cap.
+    #[error("zip larger than the limit of {cap} bytes")]
+    TooLarge {
+        /// The cap in bytes.
+        cap: u64,
+    },
+    /// A `cas://` blob the node does not hold, or a tree missing blobs.
+    #[error("cas:// input not on this node: {0}")]
+    NotInCas(String),
+    /// The archive was refused by the hostile-zip checks, or is not a zip.
+    #[error("rejected archive: {0}")]
+    Archive(String),
+    /// Something failed on the node itself.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Where a zip comes from, parsed and checked (nothing fetched yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ZipSource {
+    /// `https://…` (or `http://…` when allowed).
+    Http(reqwest::Url),
+    /// `ipfs://CID`.
+    Ipfs(String),
+    /// `file://…` (the path as given; checked against the root when opened).
+    File(PathBuf),
+    /// `cas://DIGEST`.
+    Cas(Digest),
+}
+
+/// Parses `uri` and applies the scheme rules of `config` that need no I/O.
+pub fn parse_zip_uri(uri: &str, config: &TangleConfig) -> Result<ZipSource, FetchError> {
+    if uri.len() > 2048 {
+        return Err(FetchError::Malformed(format!(
+            "{} bytes (at most 2048)",
+            uri.len()
+        )));
+    }
+    if let Some(bad) = uri.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(FetchError::Malformed(format!(
+            "character {bad:?} (printable ASCII without spaces only)"
+        )));
+    }
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err(FetchError::UnsupportedScheme(
+            uri.split(':').next().unwrap_or_default().to_string(),
+        ));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    match scheme.as_str() {
+        "https" | "http" => {
+            if scheme == "http" && !config.allow_http {
+                return Err(FetchError::PlainHttp);
+            }
+            let url = reqwest::Url::parse(uri).map_err(|e| FetchError::Malformed(e.to_string()))?;
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(FetchError::Malformed("no host".into()));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(FetchError::Malformed("credentials in the URI".into()));
+            }
+            Ok(ZipSource::Http(url))
+        }
+        "ipfs" => {
+            if config.ipfs_gateway.is_none() {
+                return Err(FetchError::IpfsDisabled);
+            }
+            let cid = rest.trim_end_matches('/');
+            if !is_cid(cid) {
+                return Err(FetchError::MalformedCid(cid.to_string()));
+            }
+            Ok(ZipSource::Ipfs(cid.to_string()))
+        }
+        "file" => {
+            if config.file_root.is_none() {
+                return Err(FetchError::FileRefused(
+                    "file:// is disabled on this node".into(),
+                ));
+            }
+            let url = reqwest::Url::parse(uri).map_err(|e| FetchError::Malformed(e.to_string()))?;
+            if url
+                .host_str()
+                .is_some_and(|h| !h.is_empty() && h != "localhost")
+            {
+                return Err(FetchError::FileRefused(format!(
+                    "remote host {:?}",
+                    url.host_str().unwrap_or_default()
+                )));
+            }
+            let path = url
+                .to_file_path()
+                .map_err(|()| FetchError::Malformed("not a file path".into()))?;
+            Ok(ZipSource::File(path))
+        }
+        "cas" => rest
+            .parse::<Digest>()
+            .map(ZipSource::Cas)
+            .map_err(|e| FetchError::Malformed(format!("cas:// digest: {e}"))),
+        other => Err(FetchError::UnsupportedScheme(other.to_string())),
+    }
+}
+
+const BASE58: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// True for a CIDv0 (`Qm` + 44 base58btc) or a CIDv1 in a multibase the gateways take
+/// (`b` base32, `z` base58btc, `f` base16, `k` base36).
+pub fn is_cid(cid: &str) -> bool {
+    let all = |s: &str, ok: fn(char) -> bool| !s.is_empty() && s.chars().all(ok);
+    if cid.len() == 46 && cid.starts_with("Qm") {
+        return cid.chars().all(|c| BASE58.contains(c));
+    }
+    if cid.len() < 40 || cid.len() > 200 {
+        return false;
+    }
+    let (prefix, body) = cid.split_at(1);
+    match prefix {
+        "b" => all(body, |c| c.is_ascii_lowercase() || ('2'..='7').contains(&c)),
+        "z" => all(body, |c| BASE58.contains(c)),
+        "f" => all(body, |c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+        "k" => all(body, |c| c.is_ascii_digit() || c.is_ascii_lowercase()),
+        _ => false,
+    }
+}
+
+/// The HTTP client of downloads: rustls, bounded redirects that never downgrade to plain HTTP
+/// (unless `allow_http`), connect and total timeouts, no proxy from the environment.
+pub fn http_client(config: &TangleConfig, allow_http: bool) -> anyhow::Result<reqwest::Client> {
+    let max = config.max_redirects;
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > max {
+            attempt.error(format!("more than {max} redirects"))
+        } else if attempt.previous().contains(attempt.url()) {
+            let message = format!("redirect loop at {}", attempt.url());
+            attempt.error(message)
+        } else if attempt.url().scheme() != "https"
+            && !(allow_http && attempt.url().scheme() == "http")
+        {
+            let message = format!("redirect to {}", attempt.url().scheme());
+            attempt.error(message)
+        } else {
+            attempt.follow()
+        }
+    });
+    Ok(reqwest::Client::builder()
+        .redirect(policy)
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.fetch_timeout)
+        .no_proxy()
+        .user_agent(concat!("rust-build-agent/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// Fetches `uri` and stores its tree in the node's CAS; returns the root `Directory` digest
+/// (a single top-level directory holding everything, as GitHub's zips have, is unwrapped).
+pub async fn import_zip(ctx: &TangleContext, uri: &str) -> Result<Digest, FetchError> {
+    let source = parse_zip_uri(uri, &ctx.config)?;
+    let store = ctx.node.cas.blobs.clone();
+    let limits = ctx.config.zip_limits.clone();
+    let root = match source {
+        ZipSource::Http(url) => {
+            let file = download(&ctx.http, url, &ctx.config).await?;
+            import_file(store.clone(), file, limits).await?
+        }
+        ZipSource::Ipfs(cid) => {
+            let gateway = ctx.config.ipfs_gateway.as_deref().unwrap_or_default();
+            let url = format!("{}/ipfs/{cid}", gateway.trim_end_matches('/'));
+            let url = reqwest::Url::parse(&url)
+                .map_err(|e| FetchError::Internal(format!("gateway URL {url:?}: {e}")))?;
+            let file = download(&ctx.gateway_http, url, &ctx.config).await?;
+            import_file(store.clone(), file, limits).await?
+        }
+        ZipSource::File(path) => {
+            let file = open_under_root(&path, &ctx.config)?;
+            import_file(store.clone(), file, limits).await?
+        }
+        ZipSource::Cas(digest) => import_cas(&store, digest, &ctx.config).await?,
+    };
+    let unwrapped = tokio::task::spawn_blocking(move || unwrap_single_dir(&store, root))
+        .await
+        .map_err(|e| FetchError::Internal(e.to_string()))?;
+    Ok(unwrapped)
+}
+
+fn request_error(url: &reqwest::Url, config: &TangleConfig, e: reqwest::Error) -> FetchError {
+    if e.is_timeout() {
+        return FetchError::Timeout(config.fetch_timeout);
+    }
+    if e.is_redirect() {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            reason = inner.to_string();
+            source = inner.source();
+        }
+        return FetchError::Redirect(reason);
+    }
+    if e.is_connect() {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            reason = inner.to_string();
+            source = inner.source();
+        }
+        return FetchError::Unreachable {
+            host: url.host_str().unwrap_or_default().to_string(),
+            reason,
+        };
+    }
+    FetchError::Unreachable {
+        host: url.host_str().unwrap_or_default().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Streams `url` into a temporary file under the download directory, at most
+/// `max_zip_bytes`, within `fetch_timeout`.
+async fn download(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    config: &TangleConfig,
+) -> Result<std::fs::File, FetchError> {
+    let cap = config.max_zip_bytes;
+    let work = async {
+        let mut response = client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| request_error(&url, config, e))?;
+        if !response.status().is_success() {
+            return Err(FetchError::HttpStatus(response.status().as_u16()));
+        }
+        if response.content_length().is_some_and(|len| len > cap) {
+            return Err(FetchError::TooLarge { cap });
+        }
+        // Unlinked at once: nothing stays behind in the download directory, whatever happens.
+        let file = tempfile::tempfile_in(&config.download_dir)
+            .map_err(|e| FetchError::Internal(format!("creating a download file: {e}")))?;
+        let reader = file
+            .try_clone()
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        let mut writer = tokio::fs::File::from_std(file);
+        let mut total = 0u64;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| request_error(&url, config, e))?
+        {
+            total += chunk.len() as u64;
+            if total > cap {
+                return Err(FetchError::TooLarge { cap });
+            }
+            writer
+                .write_all(&chunk)
+                .await
+                .map_err(|e| FetchError::Internal(format!("writing the download: {e}")))?;
+        }
+        writer
+            .flush()
+            .await
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        Ok(reader)
+    };
+    // `Client::timeout` covers the body too; this is the belt to its braces.
+    tokio::time::timeout(config.fetch_timeout + Duration::from_secs(1), work)
+        .await
+        .map_err(|_| FetchError::Timeout(config.fetch_timeout))?
+}
+
+/// Opens a `file://` path only if it is a regular file under the configured root, judged on
+/// the path with every symlink resolved and again on the opened descriptor.
+fn open_under_root(path: &Path, config: &TangleConfig) -> Result<std::fs::File, FetchError> {
+    let root = config
+        .file_root
+        .as_ref()
+        .ok_or_else(|| FetchError::FileRefused("file:// is disabled on this node".into()))?;
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| FetchError::Internal(format!("the file:// root {}: {e}", root.display())))?;
+    let outside = || {
+        FetchError::FileRefused(format!(
+            "{} is outside the allowed directory {}",
+            path.display(),
+            root.display()
+        ))
+    };
+    if !path.is_absolute() {
+        return Err(outside());
+    }
+    let resolved = std::fs::canonicalize(path).map_err(|e| {
+        if path.starts_with(&root) {
+            FetchError::FileRefused(format!("{}: {e}", path.display()))
+        } else {
+            outside()
+        }
+    })?;
+    if !resolved.starts_with(&root) {
+        return Err(outside());
+    }
+    let file = std::fs::File::open(&resolved)
+        .map_err(|e| FetchError::FileRefused(format!("{}: {e}", path.display())))?;
+    // The path could have changed between resolving and opening: check what was opened.
+    use std::os::fd::AsRawFd;
+    if let Ok(opened) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        && !opened.starts_with(&root)
+    {
+        return Err(outside());
+    }
+    let meta = file
+        .metadata()
+        .map_err(|e| FetchError::Internal(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(FetchError::FileRefused(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > config.max_zip_bytes {
+        return Err(FetchError::TooLarge {
+            cap: config.max_zip_bytes,
+        });
+    }
+    Ok(file)
+}
+
+fn archive_error(e: CasError) -> FetchError {
+    match e {
+        CasError::QuotaExceeded(reason) => FetchError::Archive(format!("quota exceeded: {reason}")),
+        other => FetchError::Archive(other.to_string()),
+    }
+}
+
+/// Reads a zip from an open file into the CAS (blocking work on the blocking pool).
+async fn import_file(
+    store: BlobStore,
+    mut file: std::fs::File,
+    limits: ZipLimits,
+) -> Result<Digest, FetchError> {
+    tokio::task::spawn_blocking(move || {
+        file.rewind()
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        build_from_zip(&store, BufReader::new(file), TREE_FUNCTION, &limits)
+            .map(|tree| tree.root)
+            .map_err(archive_error)
+    })
+    .await
+    .map_err(|e| FetchError::Internal(e.to_string()))?
+}
+
+/// `cas://DIGEST`: a zip blob, or the root of a tree already uploaded.
+async fn import_cas(
+    store: &BlobStore,
+    digest: Digest,
+    config: &TangleConfig,
+) -> Result<Digest, FetchError> {
+    let present = store
+        .contains(&digest)
+        .map_err(|e| FetchError::Internal(e.to_string()))?;
+    if !present {
+        return Err(FetchError::NotInCas(format!("no blob {digest:?}")));
+    }
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut reader = store
+            .reader(&digest, 0, 4)
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        let mut read = 0;
+        while read < 4 {
+            match reader.read(&mut magic[read..]) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) => return Err(FetchError::Internal(e.to_string())),
+            }
+        }
+    }
+    if magic.starts_with(b"PK") {
+        if digest.size > config.max_zip_bytes {
+            return Err(FetchError::TooLarge {
+                cap: config.max_zip_bytes,
+            });
+        }
+        let (store, limits) = (store.clone(), config.zip_limits.clone());
+        return tokio::task::spawn_blocking(move || {
+            let _pin = store.pin(&digest);
+            let file = std::fs::File::open(store.blob_path(&digest))
+                .map_err(|e| FetchError::Internal(e.to_string()))?;
+            build_from_zip(&store, BufReader::new(file), TREE_FUNCTION, &limits)
+                .map(|tree| tree.root)
+                .map_err(archive_error)
+        })
+        .await
+        .map_err(|e| FetchError::Internal(e.to_string()))?;
+    }
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        rba_cas::read_directory(&store, &digest).map_err(|e| {
+            FetchError::Archive(format!("{digest:?} is neither a zip nor a tree root: {e}"))
+        })?;
+        let missing = crate::node::missing_in_tree(&store, digest);
+        if !missing.is_empty() {
+            return Err(FetchError::NotInCas(format!(
+                "the tree {digest:?} lacks {} blob(s), e.g. {:?}",
+                missing.len(),
+                missing[0]
+            )));
+        }
+        Ok(digest)
+    })
+    .await
+    .map_err(|e| FetchError::Internal(e.to_string()))?
+}
+
+/// A root holding one directory and nothing else stands for that directory.
+fn unwrap_single_dir(store: &BlobStore, root: Digest) -> Digest {
+    let Ok(dir) = rba_cas::read_directory(store, &root) else {
+        return root;
+    };
+    if dir.files.is_empty() && dir.symlinks.is_empty() && dir.directories.len() == 1 {
+        let child = Digest::from_reapi_field(
+            root.function,
+            dir.directories[0].digest.as_ref(),
+            "DirectoryNode.digest",
+        );
+        if let Ok(child) = child {
+            return child;
+        }
+    }
+    root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> TangleConfig {
+        let mut config = TangleConfig::new("/nonexistent");
+        config.file_root = Some("/srv/zips".into());
+        config.ipfs_gateway = Some("https://ipfs.io".into());
+        config
+    }
+
+    #[test]
+    fn schemes() {
+        let c = config();
+        assert!(matches!(
+            parse_zip_uri("https://example.com/a.zip", &c),
+            Ok(ZipSource::Http(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("http://example.com/a.zip", &c),
+            Err(FetchError::PlainHttp)
+        ));
+        assert!(matches!(
+            parse_zip_uri("ftp://example.com/a.zip", &c),
+            Err(FetchError::UnsupportedScheme(s)) if s == "ftp"
+        ));
+        assert!(matches!(
+            parse_zip_uri("no-scheme", &c),
+            Err(FetchError::UnsupportedScheme(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("ipfs://QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", &c),
+            Ok(ZipSource::Ipfs(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri(
+                "ipfs://bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi",
+                &c
+            ),
+            Ok(ZipSource::Ipfs(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("ipfs://not-a-cid", &c),
+            Err(FetchError::MalformedCid(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("file:///srv/zips/a.zip", &c),
+            Ok(ZipSource::File(p)) if p == Path::new("/srv/zips/a.zip")
+        ));
+        assert!(matches!(
+            parse_zip_uri("file://evil.example/a.zip", &c),
+            Err(FetchError::FileRefused(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("cas://blake3:00/1", &c),
+            Err(FetchError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("https://user:pw@example.com/a.zip", &c),
+            Err(FetchError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("https://example.com/a b.zip", &c),
+            Err(FetchError::Malformed(_))
+        ));
+        let mut off = config();
+        off.file_root = None;
+        off.ipfs_gateway = None;
+        assert!(matches!(
+            parse_zip_uri("file:///srv/zips/a.zip", &off),
+            Err(FetchError::FileRefused(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri(
+                "ipfs://QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG",
+                &off
+            ),
+            Err(FetchError::IpfsDisabled)
+        ));
+    }
+}

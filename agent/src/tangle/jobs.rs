@@ -1,0 +1,353 @@
+//! The blueprint's jobs and their router.
+//!
+//! | index | job | cargo |
+//! |---|---|---|
+//! | 0 | `compile_rust_project` | `build` (`build_target` `""`/`debug`, `release`), or `check`, `clippy` |
+//! | 1 | `test_project` | `test` |
+//! | 2 | `lint_project` | `clippy -- -D warnings` |
+//! | 3 | `audit_project` | `audit` |
+//! | 4 | `check_project` | `check` |
+//!
+//! Input: `TangleArg<(string zip_uri, string session_id, string build_target)>` (the flat or the
+//! single-tuple ABI encoding, as the service manager contract accepts). `build_target` is `""`
+//! (= `debug`), `debug` or `release` for every job, and also `check` or `clippy` for job 0,
+//! exactly the contract's rule. `session_id` is a canonical lowercase UUID: the job's log stream
+//! is reachable under it (WebSocket `/v1/sessions/{session_id}/events`, libp2p `Attach`).
+//!
+//! Output: [`BuildResult`], always as `Ok`: a job that fails — bad input, a refused zip, a
+//! compile error, a failing test — still returns a result with `status` 1 and a `message`,
+//! because the consumer drops an `Err` and the call would stay pending on chain.
+
+use std::time::Instant;
+
+use alloy_primitives::FixedBytes;
+use blueprint_sdk::Router;
+use blueprint_sdk::extract::Context;
+use blueprint_sdk::job::Job as _;
+use blueprint_sdk::tangle::TangleLayer;
+use blueprint_sdk::tangle::extract::{CallId, ServiceId, TangleArg, TangleResult};
+use rba_contracts::Job;
+use rba_executor::cargo::{CargoJob, JobKind};
+use rba_executor::runner::{JobOutcome, JobStatus};
+use rba_proto::rba::v1::{JobOptions, Submit};
+
+use super::TangleContext;
+use super::fetch::import_zip;
+
+alloy_sol_types::sol! {
+    /// A job's result as posted on chain (`abi.encode` of the struct, i.e. one tuple).
+    #[derive(Debug, PartialEq, Eq)]
+    struct BuildResult {
+        /// 0 success, 1 error (the job failed or could not run), 2 cancelled.
+        uint8 status;
+        /// cargo's exit code; -1 when cargo did not run (refused input, sandbox failure).
+        int32 exitCode;
+        /// From the job call to the end: fetching the zip, building, storing outputs.
+        uint64 durationMs;
+        /// Hash of the first executable artifact (BLAKE3 of `target/<profile>/<bin>`), zero when
+        /// there is none.
+        bytes32 binaryHash;
+        /// The stored log in the node's CAS, `blake3:<hex>/<size>`; empty when nothing ran.
+        string logDigest;
+        /// Why the job failed, for people; empty on success.
+        string message;
+    }
+}
+
+/// [`BuildResult::status`] of a successful job.
+pub const STATUS_SUCCESS: u8 = 0;
+/// [`BuildResult::status`] of a failed job (cargo failed, or the job could not run).
+pub const STATUS_ERROR: u8 = 1;
+/// [`BuildResult::status`] of a cancelled job.
+pub const STATUS_CANCELLED: u8 = 2;
+
+/// Job index of `compile_rust_project`.
+pub const COMPILE_RUST_PROJECT: u8 = Job::Compile.index();
+/// Job index of `test_project`.
+pub const TEST_PROJECT: u8 = Job::Test.index();
+/// Job index of `lint_project`.
+pub const LINT_PROJECT: u8 = Job::Lint.index();
+/// Job index of `audit_project`.
+pub const AUDIT_PROJECT: u8 = Job::Audit.index();
+/// Job index of `check_project`.
+pub const CHECK_PROJECT: u8 = Job::Check.index();
+
+/// The job input as the extractor decodes it: `(zip_uri, session_id, build_target)`.
+pub type JobInput = (String, String, String);
+
+/// The router of the five jobs, each behind [`TangleLayer`] (which attaches the call and
+/// service ids the consumer needs, and skips calls without them).
+pub fn router(ctx: TangleContext) -> Router {
+    Router::new()
+        .route(
+            COMPILE_RUST_PROJECT,
+            compile_rust_project.layer(TangleLayer),
+        )
+        .route(TEST_PROJECT, test_project.layer(TangleLayer))
+        .route(LINT_PROJECT, lint_project.layer(TangleLayer))
+        .route(AUDIT_PROJECT, audit_project.layer(TangleLayer))
+        .route(CHECK_PROJECT, check_project.layer(TangleLayer))
+        .with_context(ctx)
+}
+
+macro_rules! job {
+    ($(#[$doc:meta])* $name:ident, $job:expr) => {
+        $(#[$doc])*
+        pub async fn $name(
+            Context(ctx): Context<TangleContext>,
+            CallId(call_id): CallId,
+            ServiceId(service_id): ServiceId,
+            TangleArg((zip_uri, session_id, build_target)): TangleArg<JobInput>,
+        ) -> TangleResult<BuildResult> {
+            TangleResult(
+                run(&ctx, $job, service_id, call_id, &zip_uri, &session_id, &build_target).await,
+            )
+        }
+    };
+}
+
+job!(
+    /// Job 0: `cargo build` (or `check`/`clippy` by `build_target`).
+    compile_rust_project,
+    Job::Compile
+);
+job!(
+    /// Job 1: `cargo test`.
+    test_project,
+    Job::Test
+);
+job!(
+    /// Job 2: `cargo clippy` with warnings denied.
+    lint_project,
+    Job::Lint
+);
+job!(
+    /// Job 3: `cargo audit`.
+    audit_project,
+    Job::Audit
+);
+job!(
+    /// Job 4: `cargo check`.
+    check_project,
+    Job::Check
+);
+
+/// True for `8-4-4-4-12` lowercase hex digits (what the contract accepts).
+pub fn is_canonical_uuid(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+        })
+}
+
+/// The cargo job for a job index and `build_target` (the contract's rules).
+pub fn cargo_job(job: Job, build_target: &str) -> Result<CargoJob, String> {
+    let release = match build_target {
+        "" | "debug" => false,
+        "release" => true,
+        "check" | "clippy" if job == Job::Compile => false,
+        "check" | "clippy" => {
+            return Err(format!(
+                "build_target {build_target:?} is only allowed for job 0 (compile)"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "unknown build_target {other:?} (expected \"\", debug, release, check or clippy)"
+            ));
+        }
+    };
+    let kind = match (job, build_target) {
+        (Job::Compile, "check") => JobKind::Check,
+        (Job::Compile, "clippy") => JobKind::Clippy,
+        (Job::Compile, _) => JobKind::Build,
+        (Job::Test, _) => JobKind::Test,
+        (Job::Lint, _) => JobKind::Clippy,
+        (Job::Audit, _) => JobKind::Audit,
+        (Job::Check, _) => JobKind::Check,
+    };
+    Ok(CargoJob {
+        kind,
+        release,
+        extra_args: Vec::new(),
+    })
+}
+
+fn refused(started: Instant, message: impl Into<String>) -> BuildResult {
+    BuildResult {
+        status: STATUS_ERROR,
+        exitCode: -1,
+        durationMs: started.elapsed().as_millis() as u64,
+        binaryHash: FixedBytes::ZERO,
+        logDigest: String::new(),
+        message: message.into(),
+    }
+}
+
+/// The result of a finished job.
+pub fn result_of(outcome: &JobOutcome, kind: JobKind, started: Instant) -> BuildResult {
+    let status = match outcome.status {
+        JobStatus::Success => STATUS_SUCCESS,
+        JobStatus::Failed | JobStatus::Error => STATUS_ERROR,
+        JobStatus::Cancelled => STATUS_CANCELLED,
+    };
+    let message = match (&outcome.error, outcome.status) {
+        (Some(error), _) => error.clone(),
+        (None, JobStatus::Success) => String::new(),
+        (None, JobStatus::Failed) => {
+            format!("cargo {} exited with {}", kind.name(), outcome.exit_code)
+        }
+        (None, JobStatus::Error) => "the job could not run".to_string(),
+        (None, JobStatus::Cancelled) => "cancelled".to_string(),
+    };
+    BuildResult {
+        status,
+        exitCode: outcome.exit_code,
+        durationMs: started.elapsed().as_millis() as u64,
+        binaryHash: outcome
+            .artifacts
+            .iter()
+            .find(|a| a.executable)
+            .map(|a| FixedBytes(a.digest.hash))
+            .unwrap_or(FixedBytes::ZERO),
+        logDigest: outcome
+            .log
+            .as_ref()
+            .map(|l| format!("{:?}", l.log))
+            .unwrap_or_default(),
+        message,
+    }
+}
+
+/// One job call, start to end; never fails (failures are results).
+pub async fn run(
+    ctx: &TangleContext,
+    job: Job,
+    service_id: u64,
+    call_id: u64,
+    zip_uri: &str,
+    session_id: &str,
+    build_target: &str,
+) -> BuildResult {
+    let started = Instant::now();
+    if !is_canonical_uuid(session_id) {
+        return refused(
+            started,
+            format!("session_id {session_id:?} is not a canonical lowercase UUID"),
+        );
+    }
+    let cargo = match cargo_job(job, build_target) {
+        Ok(cargo) => cargo,
+        Err(message) => return refused(started, message),
+    };
+    if ctx.node.session(session_id).is_some() {
+        return refused(
+            started,
+            format!("session_id {session_id} is already in use on this node"),
+        );
+    }
+    let root = match import_zip(ctx, zip_uri).await {
+        Ok(root) => root,
+        Err(e) => {
+            tracing::warn!(job = job.name(), service_id, call_id, error = %e, "zip_uri refused");
+            return refused(started, format!("zip_uri: {e}"));
+        }
+    };
+    let submit = Submit {
+        kind: cargo.kind.to_proto() as i32,
+        options: Some(JobOptions {
+            release: cargo.release,
+            extra_args: Vec::new(),
+        }),
+        input_root: Some(root.to_wire()),
+        workspace_hint: format!("tangle-service-{service_id}"),
+    };
+    let handle = match ctx.node.submit(None, submit).await {
+        Ok(handle) => handle,
+        Err(refusal) => {
+            return refused(started, format!("{}: {}", refusal.code, refusal.message));
+        }
+    };
+    if !ctx.node.alias_session(session_id, &handle.id) {
+        // Another call took this session id while we were fetching: ours runs anyway (the
+        // chain paid for it) but cannot be watched under that id.
+        tracing::warn!(session_id, job_id = %handle.id, "session id taken meanwhile");
+    }
+    ctx.node
+        .executor
+        .logs()
+        .insert(session_id.to_string(), handle.log.clone());
+    tracing::info!(
+        job = job.name(),
+        service_id,
+        call_id,
+        session_id,
+        job_id = %handle.id,
+        root = ?root,
+        "tangle job started"
+    );
+    let outcome = handle.wait().await;
+    let result = result_of(&outcome, cargo.kind, started);
+    tracing::info!(
+        job = job.name(),
+        service_id,
+        call_id,
+        session_id,
+        status = result.status,
+        exit_code = result.exitCode,
+        "tangle job finished"
+    );
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids() {
+        assert!(is_canonical_uuid("123e4567-e89b-42d3-a456-426614174000"));
+        assert!(!is_canonical_uuid("123E4567-E89B-42D3-A456-426614174000"));
+        assert!(!is_canonical_uuid("123e4567e89b42d3a456426614174000"));
+        assert!(!is_canonical_uuid("123e4567-e89b-42d3-a456-42661417400g"));
+        assert!(!is_canonical_uuid(""));
+    }
+
+    #[test]
+    fn build_targets_follow_the_contract() {
+        assert_eq!(cargo_job(Job::Compile, "").unwrap().kind, JobKind::Build);
+        assert!(cargo_job(Job::Compile, "release").unwrap().release);
+        assert_eq!(
+            cargo_job(Job::Compile, "check").unwrap().kind,
+            JobKind::Check
+        );
+        assert_eq!(
+            cargo_job(Job::Compile, "clippy").unwrap().kind,
+            JobKind::Clippy
+        );
+        assert_eq!(cargo_job(Job::Lint, "").unwrap().kind, JobKind::Clippy);
+        assert_eq!(cargo_job(Job::Audit, "").unwrap().kind, JobKind::Audit);
+        assert!(cargo_job(Job::Test, "release").unwrap().release);
+        assert!(cargo_job(Job::Test, "clippy").is_err());
+        assert!(cargo_job(Job::Compile, "fast").is_err());
+        for target in rba_contracts::BUILD_TARGETS {
+            assert!(cargo_job(Job::Compile, target).is_ok());
+        }
+    }
+
+    #[test]
+    fn result_abi_round_trip() {
+        use alloy_sol_types::SolValue;
+        let result = BuildResult {
+            status: STATUS_ERROR,
+            exitCode: 101,
+            durationMs: 1234,
+            binaryHash: FixedBytes([7; 32]),
+            logDigest: "blake3:ab/1".into(),
+            message: "cargo build exited with 101".into(),
+        };
+        let bytes = result.abi_encode();
+        assert_eq!(BuildResult::abi_decode(&bytes).unwrap(), result);
+    }
+}

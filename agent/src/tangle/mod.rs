@@ -1,0 +1,117 @@
+//! The operator node as a Tangle Blueprint: customers submit build jobs on chain, the node runs
+//! them on its executor and posts an ABI-encoded result, and the operator is paid for it.
+//!
+//! Why a module of its own: blueprint-sdk (~700 crates, alloy, a Tangle EVM client) is only
+//! needed here. The jobs themselves add nothing to how a build runs: each one fetches a zip,
+//! turns it into a Merkle tree in the node's CAS (through the cas crate's hostile-zip checks)
+//! and hands it to [`NodeShared::submit`](crate::node::NodeShared::submit), which ends in
+//! `Executor::submit` like every other face of the node. The job's log stream is reachable
+//! under the on-chain `session_id` (WebSocket `/v1/sessions/{session_id}/events`, libp2p
+//! `Attach`), so a requester watches its build live.
+//!
+//! - [`jobs`]: the five jobs (0 compile, 1 test, 2 lint, 3 audit, 4 check), their input
+//!   `(zip_uri, session_id, build_target)`, the [`jobs::BuildResult`] ABI struct and
+//!   [`jobs::router`].
+//! - [`fetch`]: `zip_uri` schemes (`https://`, `ipfs://CID`, `file://` under one directory,
+//!   `cas://DIGEST`) with size caps, timeouts and bounded redirects.
+//! - [`runner`]: `rba tangle run`: `BlueprintEnvironment`, `TangleProducer`/`TangleConsumer`,
+//!   `BlueprintRunner`, with the node (libp2p, HTTP, REAPI) as a background service.
+
+pub mod fetch;
+pub mod jobs;
+pub mod runner;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rba_cas::merkle::ZipLimits;
+
+use crate::node::NodeShared;
+
+/// How the Tangle jobs fetch and accept a `zip_uri`.
+#[derive(Clone, Debug)]
+pub struct TangleConfig {
+    /// Where downloads are written (temporary files, removed when the job has its tree).
+    pub download_dir: PathBuf,
+    /// `file://` URIs are accepted only for files under this directory (after resolving
+    /// symlinks); `None` refuses every `file://` URI.
+    pub file_root: Option<PathBuf>,
+    /// `ipfs://CID` is fetched as `{gateway}/ipfs/{CID}` (e.g. `https://ipfs.io`); `None`
+    /// refuses `ipfs://`.
+    pub ipfs_gateway: Option<String>,
+    /// Accept plain `http://` URIs (loopback tests, private networks). Off in production:
+    /// the contract itself only accepts `https://`, `ipfs://` and `cas://`.
+    pub allow_http: bool,
+    /// Largest zip accepted (bytes on the wire or on disk).
+    pub max_zip_bytes: u64,
+    /// Longest a whole download may take.
+    pub fetch_timeout: Duration,
+    /// Longest connecting may take.
+    pub connect_timeout: Duration,
+    /// Most redirects followed.
+    pub max_redirects: usize,
+    /// The hostile-zip limits (entries, total size, compression ratio, symlinks).
+    pub zip_limits: ZipLimits,
+}
+
+impl TangleConfig {
+    /// Defaults with downloads under `data_dir/tangle/downloads`: no `file://`, no IPFS
+    /// gateway, no plain HTTP, 512 MiB zips, 5 minutes per download, 5 redirects.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        TangleConfig {
+            download_dir: data_dir.into().join("tangle").join("downloads"),
+            file_root: None,
+            ipfs_gateway: None,
+            allow_http: false,
+            max_zip_bytes: 512 << 20,
+            fetch_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(15),
+            max_redirects: 5,
+            zip_limits: ZipLimits {
+                max_total_bytes: 2 << 30,
+                ..ZipLimits::default()
+            },
+        }
+    }
+}
+
+/// What every job handler gets: the node and how to fetch inputs. Cheap to clone.
+#[derive(Clone)]
+pub struct TangleContext {
+    /// The node the jobs run on (its CAS, executor, history and session table).
+    pub node: Arc<NodeShared>,
+    /// Fetch limits.
+    pub config: Arc<TangleConfig>,
+    http: reqwest::Client,
+    gateway_http: reqwest::Client,
+}
+
+impl std::fmt::Debug for TangleContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TangleContext")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl TangleContext {
+    /// A context over a started node.
+    pub fn new(node: Arc<NodeShared>, config: TangleConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.download_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "creating the download dir {}: {e}",
+                config.download_dir.display()
+            )
+        })?;
+        let http = fetch::http_client(&config, config.allow_http)?;
+        // The operator chose the gateway: a plain-HTTP gateway (a local IPFS node) is fine.
+        let gateway_http = fetch::http_client(&config, true)?;
+        Ok(TangleContext {
+            node,
+            config: Arc::new(config),
+            http,
+            gateway_http,
+        })
+    }
+}

@@ -1,0 +1,333 @@
+//! `rba tangle run`: the operator node as a Tangle Blueprint service, the way the Blueprint
+//! Manager starts it.
+//!
+//! The manager starts a blueprint binary as `BINARY run [--test-mode] [--pretty] [-v…]
+//! [--dry-run]` with the environment `BLUEPRINT_ID`, `SERVICE_ID`, `KEYSTORE_URI`,
+//! `DATA_DIR`, `HTTP_RPC_URL`, `WS_RPC_URL`, `PROTOCOL`, `CHAIN`, `TANGLE_CONTRACT`,
+//! `BRIDGE_SOCKET_PATH`, … (operators point it at a two-line wrapper, `exec rba tangle "$@"`).
+//! Here that environment is loaded with `BlueprintEnvironment::load_with_config` (not `load()`,
+//! which would parse `rba`'s own command line), the node starts (libp2p, HTTP + WebSocket,
+//! REAPI, executor) and stays up as a background service of the `BlueprintRunner`, whose
+//! `TangleProducer` turns `JobSubmitted` events into job calls for [`super::jobs::router`] and
+//! whose `TangleConsumer` posts the results. Ctrl-C or SIGTERM stops both.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use blueprint_sdk::contexts::tangle::TangleClientContext;
+use blueprint_sdk::runner::config::{BlueprintEnvironment, ContextConfig};
+use blueprint_sdk::runner::error::RunnerError;
+use blueprint_sdk::runner::tangle::config::TangleConfig as RunnerTangleConfig;
+use blueprint_sdk::runner::{BackgroundService, BlueprintRunner};
+use blueprint_sdk::tangle::{TangleConsumer, TangleProducer};
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::{oneshot, watch};
+
+use super::{TangleConfig, TangleContext};
+use crate::config::{NodeConfig, parse_optional_addr};
+use crate::node::Node;
+
+/// `rba tangle …`
+#[derive(Debug, Subcommand)]
+pub enum TangleCommand {
+    /// Run the node as a Tangle Blueprint (what the Blueprint Manager starts): jobs 0 compile,
+    /// 1 test, 2 lint, 3 audit, 4 check from chain, results posted back, the node's libp2p,
+    /// HTTP/WebSocket and REAPI faces alongside.
+    Run(RunArgs),
+}
+
+/// `rba tangle run` options. The blueprint environment comes from the variables the Blueprint
+/// Manager sets; every one of them can also be given as a flag.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The blueprint's data directory (the node keeps its data under `DIR/rba` unless
+    /// `--data-dir` says otherwise).
+    #[arg(long, env = "DATA_DIR", value_name = "DIR")]
+    pub blueprint_data_dir: Option<PathBuf>,
+    /// The operator's keystore (ECDSA key used to post results).
+    #[arg(long, short = 'k', env = "KEYSTORE_URI")]
+    pub keystore_uri: Option<String>,
+    /// The keystore's password.
+    #[arg(long, env = "KEYSTORE_PASSWORD", hide_env_values = true)]
+    pub keystore_password: Option<String>,
+    /// Tangle EVM HTTP RPC endpoint.
+    #[arg(long, env = "HTTP_RPC_URL")]
+    pub http_rpc_url: Option<String>,
+    /// Tangle EVM WebSocket RPC endpoint.
+    #[arg(long, env = "WS_RPC_URL")]
+    pub ws_rpc_url: Option<String>,
+    /// `local_testnet`, `testnet`, `mainnet`, … (blueprint-sdk's `SupportedChains`).
+    #[arg(long, env = "CHAIN")]
+    pub chain: Option<String>,
+    /// The Blueprint Manager bridge socket.
+    #[arg(long, env = "BRIDGE_SOCKET_PATH")]
+    pub bridge_socket_path: Option<PathBuf>,
+    /// Test mode (no bridge connection).
+    #[arg(long, short = 't')]
+    pub test_mode: bool,
+    /// Run jobs but post no results and register nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Pretty logs (accepted for the Blueprint Manager; `RBA_LOG` sets the filter).
+    #[arg(long)]
+    pub pretty: bool,
+    /// Verbosity (accepted for the Blueprint Manager; `RBA_LOG` sets the filter).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Node TOML configuration (the same file as `rba serve --config`).
+    #[arg(long, env = "RBA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// libp2p listen multiaddr (repeatable).
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// HTTP + WebSocket listen address (`off` disables).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// REAPI gRPC listen address (`off` disables).
+    #[arg(long)]
+    pub grpc: Option<String>,
+    /// Concurrent jobs.
+    #[arg(long)]
+    pub workers: Option<usize>,
+
+    /// Accept `file://` zip URIs for files under this directory.
+    #[arg(long, env = "RBA_TANGLE_FILE_ROOT")]
+    pub file_root: Option<PathBuf>,
+    /// IPFS gateway for `ipfs://CID` (fetched as `GATEWAY/ipfs/CID`), e.g. https://ipfs.io.
+    #[arg(long, env = "RBA_TANGLE_IPFS_GATEWAY")]
+    pub ipfs_gateway: Option<String>,
+    /// Largest zip accepted, in bytes.
+    #[arg(long, env = "RBA_TANGLE_MAX_ZIP_BYTES")]
+    pub max_zip_bytes: Option<u64>,
+    /// Longest a zip download may take, in seconds.
+    #[arg(long, env = "RBA_TANGLE_FETCH_TIMEOUT_SECS")]
+    pub fetch_timeout_secs: Option<u64>,
+}
+
+/// Runs a `rba tangle` command; returns the process exit code.
+pub async fn main(data_dir: Option<PathBuf>, command: TangleCommand) -> anyhow::Result<u8> {
+    match command {
+        TangleCommand::Run(args) => run(data_dir, args).await,
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn keystore_path(uri: &str) -> &Path {
+    Path::new(uri.strip_prefix("file://").unwrap_or(uri))
+}
+
+/// Everything missing from the blueprint environment, in one sentence (empty when complete).
+pub fn missing_environment(args: &RunArgs) -> Vec<String> {
+    let mut missing = Vec::new();
+    match var("BLUEPRINT_ID") {
+        None => missing.push("BLUEPRINT_ID is not set".to_string()),
+        Some(id) if id.parse::<u64>().is_err() => {
+            missing.push(format!("BLUEPRINT_ID={id:?} is not a number"))
+        }
+        Some(_) => {}
+    }
+    let registration = var("REGISTRATION_MODE_ON")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    match var("SERVICE_ID") {
+        None if !registration => missing.push("SERVICE_ID is not set".to_string()),
+        Some(id) if id.parse::<u64>().is_err() => {
+            missing.push(format!("SERVICE_ID={id:?} is not a number"))
+        }
+        _ => {}
+    }
+    match &args.keystore_uri {
+        None => missing.push("KEYSTORE_URI is not set (no keystore)".to_string()),
+        Some(uri) if !keystore_path(uri).is_dir() => {
+            missing.push(format!("no keystore at {uri:?}"))
+        }
+        Some(_) => {}
+    }
+    if args.blueprint_data_dir.is_none() {
+        missing.push("DATA_DIR is not set".to_string());
+    }
+    missing
+}
+
+/// The argument vector blueprint-sdk's own parser reads (`run --flag value …`).
+fn blueprint_argv(args: &RunArgs, data_dir: &Path, keystore: &str) -> Vec<String> {
+    let mut argv = vec![
+        "rba-tangle".to_string(),
+        "run".to_string(),
+        "--data-dir".to_string(),
+        data_dir.display().to_string(),
+        "--keystore-uri".to_string(),
+        keystore.to_string(),
+        "--protocol".to_string(),
+        "tangle".to_string(),
+    ];
+    let mut flag = |name: &str, value: &Option<String>| {
+        if let Some(value) = value {
+            argv.push(name.to_string());
+            argv.push(value.clone());
+        }
+    };
+    flag("--http-rpc-url", &args.http_rpc_url);
+    flag("--ws-rpc-url", &args.ws_rpc_url);
+    flag("--chain", &args.chain);
+    flag("--keystore-password", &args.keystore_password);
+    flag(
+        "--bridge-socket-path",
+        &args
+            .bridge_socket_path
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    );
+    if args.test_mode {
+        argv.push("--test-mode".to_string());
+    }
+    if args.dry_run {
+        argv.push("--dry-run".to_string());
+    }
+    argv
+}
+
+/// The node's lifetime as a `BlueprintRunner` background service: it reports an end when the
+/// node stops.
+struct NodeService {
+    stopped: watch::Receiver<bool>,
+}
+
+impl BackgroundService for NodeService {
+    async fn start(&self) -> Result<oneshot::Receiver<Result<(), RunnerError>>, RunnerError> {
+        let (tx, rx) = oneshot::channel();
+        let mut stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            let _ = tx.send(Ok(()));
+        });
+        Ok(rx)
+    }
+}
+
+async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8> {
+    let missing = missing_environment(&args);
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the blueprint environment is incomplete: {} (`rba tangle run` is started by the Blueprint Manager, which sets them; see README \"Tangle Blueprint\")",
+            missing.join("; ")
+        );
+    }
+    let blueprint_dir = args.blueprint_data_dir.clone().unwrap_or_default();
+    let keystore = args.keystore_uri.clone().unwrap_or_default();
+    let context_config =
+        ContextConfig::try_parse_from(blueprint_argv(&args, &blueprint_dir, &keystore))
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().lines().next().unwrap_or_default()))
+            .context("reading the blueprint settings")?;
+    let env = BlueprintEnvironment::load_with_config(context_config)
+        .context("loading the blueprint environment")?;
+    let settings = env
+        .protocol_settings
+        .tangle()
+        .context("loading the blueprint environment")?
+        .clone();
+    let client = env
+        .tangle_client()
+        .await
+        .with_context(|| format!("connecting to Tangle at {}", env.http_rpc_endpoint))?;
+
+    let mut node_config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    node_config.apply_env()?;
+    node_config.data_dir = rba_data_dir.unwrap_or_else(|| blueprint_dir.join("rba"));
+    if !args.listen.is_empty() {
+        node_config.listen = args.listen.clone();
+    }
+    if let Some(http) = &args.http {
+        node_config.http_listen = parse_optional_addr(http, "--http")?;
+    }
+    if let Some(grpc) = &args.grpc {
+        node_config.grpc_listen = parse_optional_addr(grpc, "--grpc")?;
+    }
+    if let Some(workers) = args.workers {
+        node_config.workers = workers;
+    }
+    let mut tangle_config = TangleConfig::new(&node_config.data_dir);
+    tangle_config.file_root = args.file_root.clone();
+    tangle_config.ipfs_gateway = args.ipfs_gateway.clone();
+    if let Some(max) = args.max_zip_bytes {
+        tangle_config.max_zip_bytes = max;
+    }
+    if let Some(secs) = args.fetch_timeout_secs {
+        tangle_config.fetch_timeout = Duration::from_secs(secs);
+    }
+
+    let node = Node::start(node_config).await?;
+    eprintln!(
+        "rba: tangle blueprint {} service {} as node {}",
+        settings.blueprint_id,
+        settings
+            .service_id
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "(registration)".into()),
+        node.peer_id()
+    );
+    if let Some(http) = node.http_addr() {
+        eprintln!("rba: http on http://{http}");
+    }
+    let ctx = TangleContext::new(Arc::clone(node.shared()), tangle_config)?;
+    let (stopped_tx, stopped) = watch::channel(false);
+    let service_id = settings.service_id.unwrap_or_default();
+    let runner = BlueprintRunner::builder(RunnerTangleConfig::default(), env)
+        .router(super::jobs::router(ctx))
+        .producer(TangleProducer::new(client.clone(), service_id))
+        .consumer(TangleConsumer::new(client))
+        .background_service(NodeService { stopped })
+        .run();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        result = runner => result.context("the blueprint runner stopped"),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+    };
+    eprintln!("rba: shutting down");
+    let _ = stopped_tx.send(true);
+    node.shutdown().await?;
+    result.map(|()| 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: TangleCommand,
+    }
+
+    #[test]
+    fn blueprint_manager_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "rba-tangle",
+            "run",
+            "--test-mode",
+            "--pretty",
+            "-vvv",
+            "--dry-run",
+        ])
+        .unwrap();
+        let TangleCommand::Run(args) = cli.command;
+        assert!(args.test_mode && args.pretty && args.dry_run);
+        assert_eq!(args.verbose, 3);
+        let argv = blueprint_argv(&args, Path::new("/data"), "/keys");
+        let parsed = ContextConfig::try_parse_from(&argv).unwrap();
+        let blueprint_sdk::runner::config::BlueprintCliCoreSettings::Run(settings) =
+            parsed.blueprint_core_settings;
+        assert_eq!(settings.data_dir, Path::new("/data"));
+        assert_eq!(settings.keystore_uri, "/keys");
+        assert!(settings.test_mode && settings.dry_run);
+    }
+}

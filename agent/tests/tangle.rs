@@ -1,0 +1,679 @@
+//! The Tangle jobs through the real blueprint `Router` (with `TangleLayer`), on a real node with
+//! the real sandbox: synthetic `JobCall`s carry `X-TANGLE-CALL-ID` / `X-TANGLE-SERVICE-ID` the
+//! way `TangleProducer` sets them, inputs are ABI-encoded as the service manager contract
+//! accepts them, and the `BuildResult` is decoded from the job result's body. There is no chain
+//! here (the SDK's own harness needs Docker and Anvil).
+//!
+//! Zips are made from `tests/fixtures/*` in the test, given by `file://` or served by a
+//! loopback HTTP server (plain `http://` is allowed by the test's config only).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_sol_types::SolValue;
+use blueprint_sdk::Bytes;
+use blueprint_sdk::tangle::extract::{CallId, ServiceId};
+use blueprint_sdk::{JobCall, JobResult, Router};
+use futures::StreamExt as _;
+use rba_agent::config::NodeConfig;
+use rba_agent::node::Node;
+use rba_agent::tangle::jobs::{BuildResult, STATUS_ERROR, STATUS_SUCCESS, router};
+use rba_agent::tangle::{TangleConfig, TangleContext};
+use rba_contracts::encode_job_inputs;
+use tower::ServiceExt as _;
+
+const SERVICE_ID: u64 = 7;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn session() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Zips a fixture directory (skipping `target/`), entries under `prefix/` when given.
+fn zip_fixture(name: &str, prefix: Option<&str>) -> Vec<u8> {
+    use zip::write::SimpleFileOptions;
+    let root = fixture(name);
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let relative = path
+                .strip_prefix(&root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            if relative == "target" {
+                continue;
+            }
+            let name = match prefix {
+                Some(prefix) => format!("{prefix}/{relative}"),
+                None => relative,
+            };
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                writer
+                    .start_file(
+                        name,
+                        SimpleFileOptions::default()
+                            .compression_method(zip::CompressionMethod::Deflated)
+                            .unix_permissions(0o644),
+                    )
+                    .unwrap();
+                writer.write_all(&std::fs::read(&path).unwrap()).unwrap();
+            }
+        }
+    }
+    writer.finish().unwrap().into_inner()
+}
+
+/// A zip with the given (name, content) entries, stored as given.
+fn zip_entries(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use zip::write::SimpleFileOptions;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, content) in entries {
+        writer
+            .start_file(
+                *name,
+                SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Deflated)
+                    .unix_permissions(0o644),
+            )
+            .unwrap();
+        writer.write_all(content).unwrap();
+    }
+    writer.finish().unwrap().into_inner()
+}
+
+/// A loopback HTTP server: `/zips/{name}`, `/ipfs/{cid}` (a gateway), `/slow` (answers after
+/// a minute), `/loop` (redirects to itself), `/bounce/{n}` (redirect chains), `/big` (8 MiB
+/// streamed without a length).
+async fn serve(zips: HashMap<String, Vec<u8>>) -> std::net::SocketAddr {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{StatusCode, header};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    type Zips = Arc<HashMap<String, Vec<u8>>>;
+    async fn zip(State(zips): State<Zips>, UrlPath(name): UrlPath<String>) -> Response {
+        match zips.get(&name) {
+            Some(bytes) => bytes.clone().into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+    let app = axum::Router::new()
+        .route("/zips/{name}", get(zip))
+        .route("/ipfs/{name}", get(zip))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "too late"
+            }),
+        )
+        .route(
+            "/loop",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/loop")]).into_response() }),
+        )
+        .route(
+            "/bounce/{n}",
+            get(|UrlPath(n): UrlPath<u32>| async move {
+                let next = if n == 0 {
+                    "/zips/hello.zip".to_string()
+                } else {
+                    format!("/bounce/{}", n - 1)
+                };
+                (StatusCode::FOUND, [(header::LOCATION, next)]).into_response()
+            }),
+        )
+        .route(
+            "/big",
+            get(|| async {
+                let chunks =
+                    (0..128).map(|i| Ok::<_, std::io::Error>(Bytes::from(vec![i as u8; 64 << 10])));
+                axum::body::Body::from_stream(futures::stream::iter(chunks))
+            }),
+        )
+        .with_state(Arc::new(zips));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+struct Harness {
+    node: Node,
+    router: Router,
+    dir: tempfile::TempDir,
+    zip_root: PathBuf,
+    http: std::net::SocketAddr,
+}
+
+impl Harness {
+    async fn new(zips: HashMap<String, Vec<u8>>, tweak: impl FnOnce(&mut TangleConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::ephemeral(dir.path().join("node"));
+        config.grpc_listen = None;
+        config.listen = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+        let node = Node::start(config).await.expect("node starts");
+        let zip_root = dir.path().join("zips");
+        std::fs::create_dir_all(&zip_root).unwrap();
+        let http = serve(zips).await;
+        let mut tangle = TangleConfig::new(dir.path().join("node"));
+        tangle.file_root = Some(zip_root.clone());
+        tangle.ipfs_gateway = Some(format!("http://{http}"));
+        tangle.allow_http = true;
+        tangle.max_zip_bytes = 4 << 20;
+        tangle.fetch_timeout = Duration::from_secs(3);
+        tangle.connect_timeout = Duration::from_secs(2);
+        tangle.max_redirects = 3;
+        tweak(&mut tangle);
+        let ctx = TangleContext::new(node.shared().clone(), tangle).unwrap();
+        Harness {
+            router: router(ctx),
+            node,
+            dir,
+            zip_root,
+            http,
+        }
+    }
+
+    fn put_zip(&self, name: &str, bytes: &[u8]) -> String {
+        let path = self.zip_root.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        format!("file://{}", path.display())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    fn download_dir(&self) -> PathBuf {
+        self.dir.path().join("node/tangle/downloads")
+    }
+
+    /// Sends one job call through the router; returns the raw results.
+    async fn call_raw(&self, job: u8, body: Vec<u8>, call_id: Option<u64>) -> Vec<JobResult> {
+        let mut call = JobCall::new(job, Bytes::from(body));
+        if let Some(call_id) = call_id {
+            call.metadata_mut().insert(CallId::METADATA_KEY, call_id);
+            call.metadata_mut()
+                .insert(ServiceId::METADATA_KEY, SERVICE_ID);
+        }
+        self.router
+            .clone()
+            .oneshot(call)
+            .await
+            .expect("the router does not fail")
+            .expect("a route matched")
+    }
+
+    /// Sends job `job` with the contract's flat input encoding; decodes the one `Ok` result.
+    async fn call(&self, job: u8, zip_uri: &str, session_id: &str, target: &str) -> BuildResult {
+        let call_id = rand_call_id();
+        let results = self
+            .call_raw(
+                job,
+                encode_job_inputs(zip_uri, session_id, target),
+                Some(call_id),
+            )
+            .await;
+        decode(&results, call_id)
+    }
+
+    fn log_text(&self, result: &BuildResult) -> String {
+        let digest: rba_cas::Digest = result.logDigest.parse().expect("a log digest");
+        let bytes = self
+            .node
+            .shared()
+            .cas
+            .blobs
+            .read_to_vec(&digest, 64 << 20)
+            .unwrap();
+        rba_executor::logstream::parse_log_blob(&bytes)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.line + "\n")
+            .collect()
+    }
+}
+
+fn rand_call_id() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0 >> 1
+}
+
+fn decode(results: &[JobResult], call_id: u64) -> BuildResult {
+    assert_eq!(results.len(), 1, "one result per call");
+    match &results[0] {
+        JobResult::Ok { head, body } => {
+            let meta = |key| {
+                u64::try_from(head.metadata.get(key).expect("TangleLayer attaches ids")).unwrap()
+            };
+            assert_eq!(meta(CallId::METADATA_KEY), call_id);
+            assert_eq!(meta(ServiceId::METADATA_KEY), SERVICE_ID);
+            BuildResult::abi_decode(body).expect("an ABI BuildResult")
+        }
+        JobResult::Err(e) => panic!("an Err result is dropped by the consumer: {e:?}"),
+    }
+}
+
+fn assert_success(result: &BuildResult, what: &str) {
+    assert_eq!(result.status, STATUS_SUCCESS, "{what}: {result:?}");
+    assert_eq!(result.exitCode, 0, "{what}: {result:?}");
+    assert!(result.message.is_empty(), "{what}: {result:?}");
+    assert!(
+        result.logDigest.starts_with("blake3:"),
+        "{what}: {result:?}"
+    );
+    assert!(result.durationMs > 0, "{what}: {result:?}");
+}
+
+/// An error result of a refused input: nothing ran.
+fn assert_refused(result: &BuildResult, needle: &str) {
+    assert_eq!(result.status, STATUS_ERROR, "{needle}: {result:?}");
+    assert_eq!(result.exitCode, -1, "{needle}: {result:?}");
+    assert!(result.logDigest.is_empty(), "{needle}: {result:?}");
+    assert_eq!(result.binaryHash, alloy_primitives::FixedBytes::ZERO);
+    assert!(
+        result.message.contains(needle),
+        "expected {needle:?} in {:?}",
+        result.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_0_to_4_on_fixture_zips() {
+    let hello = zip_fixture("hello", None);
+    let zips = HashMap::from([
+        ("hello.zip".to_string(), hello.clone()),
+        (
+            "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi".to_string(),
+            zip_fixture("hello", Some("hello-main")),
+        ),
+    ]);
+    let h = Harness::new(zips, |_| {}).await;
+
+    // Job 0 by file://, flat ABI encoding: a binary with its hash.
+    let uri = h.put_zip("hello.zip", &hello);
+    let compiled = h.call(0, &uri, &session(), "").await;
+    assert_success(&compiled, "compile");
+    assert_ne!(compiled.binaryHash, alloy_primitives::FixedBytes::ZERO);
+    let log = h.log_text(&compiled);
+    assert!(log.contains("hello v0.1.0 (/workspace)"), "{log}");
+    let record = h.node.shared().history.list(10);
+    assert_eq!(record.len(), 1, "the build is in the node's history");
+
+    // Job 0 release by http://, the single-tuple encoding (alloy's `abi_encode` of the tuple).
+    let call_id = rand_call_id();
+    let body = (h.url("/zips/hello.zip"), session(), "release".to_string()).abi_encode();
+    let release = decode(&h.call_raw(0, body, Some(call_id)).await, call_id);
+    assert_success(&release, "compile release");
+    assert!(h.log_text(&release).contains("release"), "release profile");
+    assert_ne!(release.binaryHash, compiled.binaryHash);
+
+    // Job 1: the fixture's test passes; through a chain of redirects.
+    let tested = h.call(1, &h.url("/bounce/2"), &session(), "").await;
+    assert_success(&tested, "test");
+    let log = h.log_text(&tested);
+    assert!(log.contains("greets ... ok"), "{log}");
+
+    // Job 2: clippy, from a tree already in the CAS (cas://ROOT of the zip's tree).
+    let tree = rba_cas::merkle::build_from_zip(
+        &h.node.shared().cas.blobs,
+        std::io::Cursor::new(hello.clone()),
+        rba_cas::DigestFunction::Blake3,
+        &Default::default(),
+    )
+    .unwrap();
+    let linted = h
+        .call(2, &format!("cas://{:?}", tree.root), &session(), "")
+        .await;
+    assert_success(&linted, "lint");
+    // ...and from a zip blob in the CAS.
+    let blob = h
+        .node
+        .shared()
+        .cas
+        .blobs
+        .put_bytes(rba_cas::DigestFunction::Blake3, &hello)
+        .unwrap();
+    let linted = h.call(2, &format!("cas://{blob:?}"), &session(), "").await;
+    assert_success(&linted, "lint from a zip blob");
+
+    // Job 3: cargo-audit is not installed here: an Ok result with status error, and the log
+    // says why.
+    let audited = h.call(3, &uri, &session(), "").await;
+    assert_eq!(audited.status, STATUS_ERROR, "{audited:?}");
+    assert_ne!(audited.exitCode, 0, "{audited:?}");
+    assert!(!audited.message.is_empty(), "{audited:?}");
+    let log = h.log_text(&audited);
+    assert!(log.contains("audit"), "{log}");
+
+    // Job 4: check, fetched through the IPFS gateway (a zip with one top-level directory).
+    let checked = h
+        .call(
+            4,
+            "ipfs://bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi",
+            &session(),
+            "",
+        )
+        .await;
+    assert_success(&checked, "check");
+    assert_eq!(checked.binaryHash, alloy_primitives::FixedBytes::ZERO);
+
+    // A compile error: status error inside an Ok result, with cargo's exit code and log.
+    let broken = h.put_zip("broken.zip", &zip_fixture("compile-error", None));
+    let failed = h.call(0, &broken, &session(), "debug").await;
+    assert_eq!(failed.status, STATUS_ERROR, "{failed:?}");
+    assert_eq!(failed.exitCode, 101, "{failed:?}");
+    assert!(failed.logDigest.starts_with("blake3:"));
+    assert_eq!(failed.binaryHash, alloy_primitives::FixedBytes::ZERO);
+    assert!(failed.message.contains("exited with 101"), "{failed:?}");
+    let log = h.log_text(&failed);
+    assert!(log.contains("error[E"), "{log}");
+
+    // Nothing stays in the download directory.
+    assert_eq!(std::fs::read_dir(h.download_dir()).unwrap().count(), 0);
+    h.node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requester_attached_to_the_session_gets_the_log_and_the_end() {
+    let h = Harness::new(HashMap::new(), |_| {}).await;
+    let uri = h.put_zip("hello.zip", &zip_fixture("hello", None));
+    let session_id = session();
+    let router_call = {
+        let (uri, session_id) = (uri.clone(), session_id.clone());
+        let router = h.router.clone();
+        tokio::spawn(async move {
+            let call_id = 42;
+            let mut call = JobCall::new(1u8, Bytes::from(encode_job_inputs(&uri, &session_id, "")));
+            call.metadata_mut().insert(CallId::METADATA_KEY, call_id);
+            call.metadata_mut()
+                .insert(ServiceId::METADATA_KEY, SERVICE_ID);
+            let results = router.oneshot(call).await.unwrap().unwrap();
+            decode(&results, call_id)
+        })
+    };
+
+    // The requester knows only the session id from the chain: it retries until the node has
+    // the session (the zip is imported first), then reads the events.
+    let http = h.node.http_addr().expect("HTTP is on");
+    let url = format!("ws://{http}/v1/sessions/{session_id}/events");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut socket = loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((socket, _)) => break socket,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no session: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(
+        h.node.shared().executor.logs().get(&session_id).is_some(),
+        "the log stream is registered under the session id"
+    );
+    let mut lines = Vec::new();
+    let end = loop {
+        let message = tokio::time::timeout(Duration::from_secs(600), socket.next())
+            .await
+            .expect("events keep coming")
+            .expect("the socket stays open until the end")
+            .unwrap();
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+            continue;
+        };
+        let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(event["session_id"], session_id.as_str());
+        match event["type"].as_str() {
+            Some("log") => lines.push(event["line"].as_str().unwrap().to_string()),
+            _ => break event,
+        }
+    };
+    let _ = socket.close(None).await;
+    assert_eq!(end["type"], "end", "{end}");
+    assert_eq!(end["status"], "success", "{end}");
+    assert!(
+        lines.iter().any(|l| l.contains("greets ... ok")),
+        "{lines:#?}"
+    );
+
+    let result = router_call.await.unwrap();
+    assert_success(&result, "test");
+    assert!(
+        end["duration_ms"].as_u64().unwrap() <= result.durationMs,
+        "the job's duration includes the fetch: {end} vs {result:?}"
+    );
+    // The same session id again is refused (one job per session).
+    let again = h.call(1, &uri, &session_id, "").await;
+    assert_refused(&again, "already in use");
+    h.node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_zip_uris_give_error_results_and_write_nothing_outside() {
+    let h = Harness::new(HashMap::new(), |_| {}).await;
+    let outside = tempfile::tempdir().unwrap();
+    let escape_name = format!("rba-slip-{}", uuid::Uuid::new_v4());
+
+    let mut cases: Vec<(String, &str)> = Vec::new();
+    // Zip slip: a relative escape and an absolute path.
+    let slip = zip_entries(&[
+        ("Cargo.toml", b"[package]\nname = \"x\"\n"),
+        (&format!("../../{escape_name}"), b"escaped"),
+    ]);
+    cases.push((
+        h.put_zip("slip.zip", &slip),
+        "'..' component escapes the tree",
+    ));
+    let absolute = zip_entries(&[(&format!("/tmp/{escape_name}"), b"escaped")]);
+    cases.push((h.put_zip("absolute.zip", &absolute), "absolute path"));
+    // Zip bomb: 20 MiB of zeros in a few KiB.
+    let bomb = zip_entries(&[("bomb.bin", &vec![0u8; 20 << 20])]);
+    assert!(bomb.len() < 100 << 10);
+    cases.push((h.put_zip("bomb.zip", &bomb), "compression ratio"));
+    // Over the size cap (4 MiB here): a file, and a download streamed without a length.
+    let big: Vec<u8> = (0..(5u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    cases.push((h.put_zip("big.zip", &big), "larger than the limit"));
+    cases.push((h.url("/big"), "larger than the limit"));
+    // Not a zip at all.
+    cases.push((
+        h.put_zip("text.zip", b"hello, not a zip"),
+        "rejected archive",
+    ));
+    // Unreachable host (a port nobody listens on), a slow server, a redirect loop, too many
+    // redirects, a 404.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cases.push((format!("http://{closed}/x.zip"), "cannot reach"));
+    cases.push((h.url("/slow"), "timed out"));
+    cases.push((h.url("/loop"), "redirect refused"));
+    cases.push((h.url("/bounce/5"), "redirect refused"));
+    cases.push((h.url("/zips/none.zip"), "HTTP 404"));
+    // file:// outside the allowed directory: directly, through `..`, through a symlink.
+    let secret = outside.path().join("secret.zip");
+    std::fs::write(&secret, zip_fixture("hello", None)).unwrap();
+    cases.push((
+        format!("file://{}", secret.display()),
+        "outside the allowed directory",
+    ));
+    cases.push((
+        "file:///etc/passwd".to_string(),
+        "outside the allowed directory",
+    ));
+    cases.push((
+        format!("file://{}/../{}", h.zip_root.display(), "x.zip"),
+        "outside the allowed directory",
+    ));
+    std::os::unix::fs::symlink(&secret, h.zip_root.join("link.zip")).unwrap();
+    cases.push((
+        format!("file://{}", h.zip_root.join("link.zip").display()),
+        "outside the allowed directory",
+    ));
+    cases.push((
+        format!("file://{}", h.zip_root.display()),
+        "not a regular file",
+    ));
+    // IPFS: malformed CIDs.
+    cases.push(("ipfs://not-a-cid".to_string(), "malformed IPFS CID"));
+    cases.push((
+        "ipfs://Qm../../etc/passwd".to_string(),
+        "malformed IPFS CID",
+    ));
+    // Unknown schemes, CAS digests the node does not have, garbage.
+    cases.push((
+        "ftp://example.com/x.zip".to_string(),
+        "unsupported zip_uri scheme",
+    ));
+    cases.push(("gopher://x".to_string(), "unsupported zip_uri scheme"));
+    cases.push(("just-a-path.zip".to_string(), "unsupported zip_uri scheme"));
+    cases.push((
+        format!("cas://blake3:{}/12", "ab".repeat(32)),
+        "not on this node",
+    ));
+    cases.push(("cas://nonsense".to_string(), "malformed zip_uri"));
+
+    for (uri, needle) in &cases {
+        let result = tokio::time::timeout(Duration::from_secs(30), h.call(0, uri, &session(), ""))
+            .await
+            .unwrap_or_else(|_| panic!("{uri} took too long"));
+        assert_refused(&result, needle);
+    }
+
+    // Bad inputs other than the URI.
+    let uri = h.put_zip("hello.zip", &zip_fixture("hello", None));
+    let upper = session().to_uppercase();
+    assert_refused(
+        &h.call(0, &uri, &upper, "").await,
+        "not a canonical lowercase UUID",
+    );
+    assert_refused(
+        &h.call(0, &uri, "", "").await,
+        "not a canonical lowercase UUID",
+    );
+    assert_refused(
+        &h.call(0, &uri, &session(), "fast").await,
+        "unknown build_target",
+    );
+    assert_refused(
+        &h.call(1, &uri, &session(), "clippy").await,
+        "only allowed for job 0",
+    );
+
+    // Nothing ran, nothing escaped, nothing stayed behind.
+    assert_eq!(h.node.shared().history.len(), 0, "no job was submitted");
+    assert!(!Path::new("/tmp").join(&escape_name).exists());
+    for ancestor in h.zip_root.ancestors().take(4) {
+        assert!(
+            !ancestor.join(&escape_name).exists(),
+            "{}",
+            ancestor.display()
+        );
+    }
+    assert_eq!(std::fs::read_dir(h.download_dir()).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+    h.node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn plain_http_is_refused_unless_allowed_and_calls_without_ids_are_skipped() {
+    let h = Harness::new(HashMap::new(), |config| config.allow_http = false).await;
+    let result = h.call(0, &h.url("/zips/hello.zip"), &session(), "").await;
+    assert_refused(&result, "plain http:// is not accepted");
+    // The gateway is the operator's choice: a plain-HTTP gateway is still used (and the CID
+    // here is unknown to it).
+    let result = h
+        .call(
+            0,
+            "ipfs://QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG",
+            &session(),
+            "",
+        )
+        .await;
+    assert_refused(&result, "HTTP 404");
+
+    // Without X-TANGLE-CALL-ID / X-TANGLE-SERVICE-ID, TangleLayer skips the job: no result at
+    // all (so a producer must always set them).
+    let results = h
+        .call_raw(
+            0,
+            encode_job_inputs("https://example.com/x.zip", &session(), ""),
+            None,
+        )
+        .await;
+    assert!(results.is_empty(), "{results:?}");
+    h.node.shutdown().await.unwrap();
+}
+
+#[test]
+fn tangle_run_help_and_missing_environment() {
+    let help = assert_cmd::Command::cargo_bin("rba")
+        .unwrap()
+        .args(["tangle", "run", "--help"])
+        .assert()
+        .success();
+    let text = String::from_utf8_lossy(&help.get_output().stdout).to_string();
+    for needle in [
+        "KEYSTORE_URI",
+        "DATA_DIR",
+        "HTTP_RPC_URL",
+        "--file-root",
+        "--ipfs-gateway",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+
+    let data = tempfile::tempdir().unwrap();
+    let run = assert_cmd::Command::cargo_bin("rba")
+        .unwrap()
+        .env_clear()
+        .env("HOME", data.path())
+        .args(["tangle", "run"])
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with(
+            "rba: error: the blueprint environment is incomplete: BLUEPRINT_ID is not set"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("KEYSTORE_URI is not set"), "{stderr}");
+
+    // A keystore path that does not exist is named.
+    let run = assert_cmd::Command::cargo_bin("rba")
+        .unwrap()
+        .env_clear()
+        .env("BLUEPRINT_ID", "3")
+        .env("SERVICE_ID", "1")
+        .env("DATA_DIR", data.path())
+        .env("KEYSTORE_URI", data.path().join("no-keystore"))
+        .args(["tangle", "run"])
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("no keystore at"), "{stderr}");
+    assert!(!stderr.contains("BLUEPRINT_ID"), "{stderr}");
+}
