@@ -252,34 +252,25 @@ pub async fn import_zip(ctx: &TangleContext, uri: &str) -> Result<Digest, FetchE
     Ok(unwrapped)
 }
 
+/// The innermost cause of an error (reqwest wraps hyper wraps io).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
+}
+
 fn request_error(url: &reqwest::Url, config: &TangleConfig, e: reqwest::Error) -> FetchError {
     if e.is_timeout() {
-        return FetchError::Timeout(config.fetch_timeout);
-    }
-    if e.is_redirect() {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            reason = inner.to_string();
-            source = inner.source();
-        }
-        return FetchError::Redirect(reason);
-    }
-    if e.is_connect() {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            reason = inner.to_string();
-            source = inner.source();
-        }
-        return FetchError::Unreachable {
+        FetchError::Timeout(config.fetch_timeout)
+    } else if e.is_redirect() {
+        FetchError::Redirect(root_cause(&e))
+    } else {
+        FetchError::Unreachable {
             host: url.host_str().unwrap_or_default().to_string(),
-            reason,
-        };
-    }
-    FetchError::Unreachable {
-        host: url.host_str().unwrap_or_default().to_string(),
-        reason: e.to_string(),
+            reason: root_cause(&e),
+        }
     }
 }
 
