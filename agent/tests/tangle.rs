@@ -178,6 +178,7 @@ impl Harness {
         tangle.file_root = Some(zip_root.clone());
         tangle.ipfs_gateway = Some(format!("http://{http}"));
         tangle.allow_http = true;
+        tangle.allow_private_hosts = true;
         tangle.max_zip_bytes = 4 << 20;
         tangle.fetch_timeout = Duration::from_secs(3);
         tangle.connect_timeout = Duration::from_secs(2);
@@ -596,12 +597,12 @@ async fn hostile_zip_uris_give_error_results_and_write_nothing_outside() {
 }
 
 #[tokio::test]
-async fn plain_http_is_refused_unless_allowed_and_calls_without_ids_are_skipped() {
+async fn plain_http_and_private_hosts_are_refused_and_calls_without_ids_are_skipped() {
     let h = Harness::new(HashMap::new(), |config| config.allow_http = false).await;
     let result = h.call(0, &h.url("/zips/hello.zip"), &session(), "").await;
     assert_refused(&result, "plain http:// is not accepted");
-    // The gateway is the operator's choice: a plain-HTTP gateway is still used (and the CID
-    // here is unknown to it).
+    // The gateway is the operator's choice: a plain-HTTP loopback gateway is still used (and
+    // the CID here is unknown to it).
     let result = h
         .call(
             0,
@@ -611,6 +612,35 @@ async fn plain_http_is_refused_unless_allowed_and_calls_without_ids_are_skipped(
         )
         .await;
     assert_refused(&result, "HTTP 404");
+
+    h.node.shutdown().await.unwrap();
+
+    // Production settings: a customer's URI cannot reach the operator's own network, neither
+    // directly nor by the name `localhost` (names resolving only to private addresses and
+    // redirects to them are refused the same way, see `fetch::PublicResolver`).
+    let h = Harness::new(HashMap::new(), |config| config.allow_private_hosts = false).await;
+    let port = h.http.port();
+    for (uri, needle) in [
+        (
+            format!("http://127.0.0.1:{port}/zips/hello.zip"),
+            "127.0.0.1 is not a public address",
+        ),
+        (
+            format!("http://[::1]:{port}/zips/hello.zip"),
+            "[::1] is not a public address",
+        ),
+        (
+            format!("http://localhost:{port}/zips/hello.zip"),
+            "localhost is not a public address",
+        ),
+        (
+            format!("http://10.0.0.1:{port}/x"),
+            "10.0.0.1 is not a public address",
+        ),
+    ] {
+        let result = h.call(0, &uri, &session(), "").await;
+        assert_refused(&result, needle);
+    }
 
     // Without X-TANGLE-CALL-ID / X-TANGLE-SERVICE-ID, TangleLayer skips the job: no result at
     // all (so a producer must always set them).

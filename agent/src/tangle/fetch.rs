@@ -11,14 +11,16 @@
 //!
 //! | scheme | accepted when |
 //! |---|---|
-//! | `https://host/path` | always (size cap, timeout, redirects bounded) |
+//! | `https://host/path` | the host is public: not loopback/private/link-local, as given, as resolved and after every redirect (unless [`TangleConfig::allow_private_hosts`]); size cap, timeout, redirects bounded |
 //! | `http://…` | only with [`TangleConfig::allow_http`] (tests, private networks) |
 //! | `ipfs://CID` | a gateway is configured; CID is a v0 (`Qm…`) or multibase v1 CID |
 //! | `file:///path` | the file resolves (symlinks followed) under [`TangleConfig::file_root`] |
 //! | `cas://DIGEST` | the blob is in the node's CAS: a zip, or the root `Directory` of a tree uploaded before (then the tree must be complete) |
 
 use std::io::{BufReader, Seek};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rba_cas::merkle::{ZipLimits, build_from_zip};
@@ -43,6 +45,9 @@ pub enum FetchError {
     /// `http://` while plain HTTP is off.
     #[error("plain http:// is not accepted, use https://")]
     PlainHttp,
+    /// The host is (or resolves only to) a loopback, private or otherwise non-public address.
+    #[error("{0} is not a public address")]
+    PrivateHost(String),
     /// `file://` is off or the file is not under the allowed directory.
     #[error("file:// refused: {0}")]
     FileRefused(String),
@@ -130,6 +135,11 @@ pub fn parse_zip_uri(uri: &str, config: &TangleConfig) -> Result<ZipSource, Fetc
             if !url.username().is_empty() || url.password().is_some() {
                 return Err(FetchError::Malformed("credentials in the URI".into()));
             }
+            if !config.allow_private_hosts && !public_url(&url) {
+                return Err(FetchError::PrivateHost(
+                    url.host_str().unwrap_or_default().to_string(),
+                ));
+            }
             Ok(ZipSource::Http(url))
         }
         "ipfs" => {
@@ -193,12 +203,90 @@ pub fn is_cid(cid: &str) -> bool {
     }
 }
 
+/// True for addresses reachable on the public internet (not loopback, private, link-local,
+/// shared, documentation, benchmarking, multicast, unspecified or reserved).
+pub fn is_public_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || a == 0
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_ip(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8
+                || first == 0x0064 && v6.segments()[1] == 0xff9b)
+        }
+    }
+}
+
+/// False when the URL's host is an IP literal that is not public, or `localhost`.
+fn public_url(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => is_public_ip(ip),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name != "localhost" && !name.ends_with(".localhost")
+        }
+    }
+}
+
+/// Resolves names like the system does, then keeps only public addresses (a name that
+/// resolves only to private ones is refused, so DNS cannot point a download inward).
+struct PublicResolver;
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public_ip(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(Box::new(FetchError::PrivateHost(host)) as _);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// The HTTP client of downloads: rustls, bounded redirects that never downgrade to plain HTTP
-/// (unless `allow_http`), connect and total timeouts, no proxy from the environment.
-pub fn http_client(config: &TangleConfig, allow_http: bool) -> anyhow::Result<reqwest::Client> {
+/// (unless `allow_http`) nor lead to a non-public address (unless `allow_private`), connect and
+/// total timeouts, no proxy from the environment.
+pub fn http_client(
+    config: &TangleConfig,
+    allow_http: bool,
+    allow_private: bool,
+) -> anyhow::Result<reqwest::Client> {
     let max = config.max_redirects;
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > max {
+        if !allow_private && !public_url(attempt.url()) {
+            let message = format!("redirect to the non-public {}", attempt.url());
+            attempt.error(message)
+        } else if attempt.previous().len() > max {
             attempt.error(format!("more than {max} redirects"))
         } else if attempt.previous().contains(attempt.url()) {
             let message = format!("redirect loop at {}", attempt.url());
@@ -212,7 +300,11 @@ pub fn http_client(config: &TangleConfig, allow_http: bool) -> anyhow::Result<re
             attempt.follow()
         }
     });
-    Ok(reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    if !allow_private {
+        builder = builder.dns_resolver(Arc::new(PublicResolver));
+    }
+    Ok(builder
         .redirect(policy)
         .connect_timeout(config.connect_timeout)
         .timeout(config.fetch_timeout)
@@ -261,11 +353,25 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
+/// The host [`PublicResolver`] refused, if that is why a request failed.
+fn private_host(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(e);
+    while let Some(error) = cause {
+        if let Some(FetchError::PrivateHost(host)) = error.downcast_ref::<FetchError>() {
+            return Some(host.clone());
+        }
+        cause = error.source();
+    }
+    None
+}
+
 fn request_error(url: &reqwest::Url, config: &TangleConfig, e: reqwest::Error) -> FetchError {
     if e.is_timeout() {
         FetchError::Timeout(config.fetch_timeout)
     } else if e.is_redirect() {
         FetchError::Redirect(root_cause(&e))
+    } else if let Some(private) = private_host(&e) {
+        FetchError::PrivateHost(private)
     } else {
         FetchError::Unreachable {
             host: url.host_str().unwrap_or_default().to_string(),
@@ -501,6 +607,31 @@ mod tests {
     }
 
     #[test]
+    fn public_addresses() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::",
+        ] {
+            assert!(!is_public_ip(private.parse().unwrap()), "{private}");
+        }
+        for public in ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111"] {
+            assert!(is_public_ip(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
     fn schemes() {
         let c = config();
         assert!(matches!(
@@ -553,6 +684,22 @@ mod tests {
         assert!(matches!(
             parse_zip_uri("https://example.com/a b.zip", &c),
             Err(FetchError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("https://127.0.0.1/a.zip", &c),
+            Err(FetchError::PrivateHost(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("https://[::1]/a.zip", &c),
+            Err(FetchError::PrivateHost(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("https://localhost/a.zip", &c),
+            Err(FetchError::PrivateHost(_))
+        ));
+        assert!(matches!(
+            parse_zip_uri("https://169.254.169.254/latest/meta-data", &c),
+            Err(FetchError::PrivateHost(_))
         ));
         let mut off = config();
         off.file_root = None;

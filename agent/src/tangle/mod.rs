@@ -43,6 +43,10 @@ pub struct TangleConfig {
     /// Accept plain `http://` URIs (loopback tests, private networks). Off in production:
     /// the contract itself only accepts `https://`, `ipfs://` and `cas://`.
     pub allow_http: bool,
+    /// Fetch from loopback, private, link-local and other non-public addresses (tests, private
+    /// networks). Off in production: a customer's URI must not reach the operator's own
+    /// network (checked on every resolved address and every redirect).
+    pub allow_private_hosts: bool,
     /// Largest zip accepted (bytes on the wire or on disk).
     pub max_zip_bytes: u64,
     /// Longest a whole download may take.
@@ -57,13 +61,15 @@ pub struct TangleConfig {
 
 impl TangleConfig {
     /// Defaults with downloads under `data_dir/tangle/downloads`: no `file://`, no IPFS
-    /// gateway, no plain HTTP, 512 MiB zips, 5 minutes per download, 5 redirects.
+    /// gateway, no plain HTTP, public addresses only, 512 MiB zips, 5 minutes per download,
+    /// 5 redirects.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         TangleConfig {
             download_dir: data_dir.into().join("tangle").join("downloads"),
             file_root: None,
             ipfs_gateway: None,
             allow_http: false,
+            allow_private_hosts: false,
             max_zip_bytes: 512 << 20,
             fetch_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(15),
@@ -104,9 +110,9 @@ impl TangleContext {
                 config.download_dir.display()
             )
         })?;
-        let http = fetch::http_client(&config, config.allow_http)?;
-        // The operator chose the gateway: a plain-HTTP gateway (a local IPFS node) is fine.
-        let gateway_http = fetch::http_client(&config, true)?;
+        let http = fetch::http_client(&config, config.allow_http, config.allow_private_hosts)?;
+        // The operator chose the gateway: a plain-HTTP gateway on a local IPFS node is fine.
+        let gateway_http = fetch::http_client(&config, true, true)?;
         Ok(TangleContext {
             node,
             config: Arc::new(config),

@@ -105,6 +105,12 @@ pub struct RunArgs {
     /// Longest a zip download may take, in seconds.
     #[arg(long, env = "RBA_TANGLE_FETCH_TIMEOUT_SECS")]
     pub fetch_timeout_secs: Option<u64>,
+    /// Also accept plain `http://` zip URIs (private deployments only).
+    #[arg(long)]
+    pub allow_http: bool,
+    /// Also fetch from loopback and private addresses (private deployments only).
+    #[arg(long)]
+    pub allow_private_hosts: bool,
 }
 
 /// Runs a `rba tangle` command; returns the process exit code.
@@ -257,6 +263,8 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
     let mut tangle_config = TangleConfig::new(&node_config.data_dir);
     tangle_config.file_root = args.file_root.clone();
     tangle_config.ipfs_gateway = args.ipfs_gateway.clone();
+    tangle_config.allow_http = args.allow_http;
+    tangle_config.allow_private_hosts = args.allow_private_hosts;
     if let Some(max) = args.max_zip_bytes {
         tangle_config.max_zip_bytes = max;
     }
