@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cas::DigestFunction;
+use rba_executor::logstream::strip_ansi;
 use rba_proto::reapi::{
     ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
 };
@@ -70,23 +71,6 @@ fn start(data_dir: &std::path::Path) -> Running {
     }
 }
 
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn stop(mut running: Running, signal: &str) {
     let status = Command::new("kill")
         .args([signal, &running.child.id().to_string()])
@@ -95,7 +79,11 @@ fn stop(mut running: Running, signal: &str) {
     assert!(status.success());
     let exit = running.child.wait().unwrap();
     assert!(exit.success(), "clean exit after {signal}: {exit:?}");
-    let log: Vec<String> = running.log.try_iter().map(|l| strip_ansi(&l)).collect();
+    let log: Vec<String> = running
+        .log
+        .try_iter()
+        .map(|l| strip_ansi(&l).into_owned())
+        .collect();
     assert!(
         log.iter().any(|l| l.contains("shut down cleanly")),
         "{log:#?}"

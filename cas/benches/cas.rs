@@ -22,14 +22,7 @@ fn buffer(len: usize) -> Vec<u8> {
 }
 
 fn open_store(dir: &Path) -> BlobStore {
-    BlobStore::open(
-        dir,
-        StoreConfig {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    BlobStore::open(dir, StoreConfig::without_fsync()).unwrap()
 }
 
 fn hashing(c: &mut Criterion) {

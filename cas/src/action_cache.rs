@@ -162,18 +162,9 @@ mod tests {
     use rba_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile};
 
     use super::*;
-    use crate::store::StoreConfig;
 
     fn cache() -> (tempfile::TempDir, BlobStore, ActionCache) {
-        let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(
-            dir.path(),
-            StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (dir, blobs) = BlobStore::scratch().unwrap();
         let cache = ActionCache::open(blobs.clone()).unwrap();
         (dir, blobs, cache)
     }

@@ -48,4 +48,13 @@ impl Cas {
         let actions = ActionCache::open(blobs.clone())?;
         Ok(Cas { blobs, actions })
     }
+
+    /// A throwaway CAS in a new temporary directory, without fsync (tests, benchmarks). It
+    /// lives as long as the returned directory guard.
+    pub fn scratch() -> Result<(tempfile::TempDir, Self)> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| CasError::io("creating a scratch store in", std::env::temp_dir(), e))?;
+        let cas = Cas::open(dir.path(), StoreConfig::without_fsync())?;
+        Ok((dir, cas))
+    }
 }

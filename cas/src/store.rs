@@ -55,6 +55,17 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// The defaults without fsync: for scratch stores (tests, benchmarks, throwaway client
+    /// caches) where surviving power loss does not matter and fsync would dominate the figures.
+    pub fn without_fsync() -> Self {
+        StoreConfig {
+            fsync: false,
+            ..Default::default()
+        }
+    }
+}
+
 /// Counters describing the store, for metrics.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct StoreStats {
@@ -175,6 +186,15 @@ impl std::fmt::Debug for BlobStore {
 const TOTAL_BYTES_KEY: &[u8] = b"total_bytes";
 
 impl BlobStore {
+    /// A throwaway store in a new temporary directory, without fsync. The store lives as long
+    /// as the returned directory guard.
+    pub fn scratch() -> Result<(tempfile::TempDir, Self)> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| CasError::io("creating a scratch store in", std::env::temp_dir(), e))?;
+        let store = BlobStore::open(dir.path(), StoreConfig::without_fsync())?;
+        Ok((dir, store))
+    }
+
     /// Opens (creating if needed) the store under `root`.
     pub fn open(root: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let root = root.as_ref().to_path_buf();

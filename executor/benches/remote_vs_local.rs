@@ -12,11 +12,13 @@
 //! would; it needs `.ci/setup` (sandbox prerequisites) and the registry reachable for the
 //! one-time fetch.
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rba_cas::merkle::{DirOptions, build_from_dir};
 use rba_cas::{Cas, DigestFunction, StoreConfig};
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::runner::{Executor, ExecutorConfig, JobStatus};
@@ -54,29 +56,15 @@ async fn remote(
     identity: &str,
 ) -> (Duration, bool) {
     let started = Instant::now();
-    let blobs = cas.blobs.clone();
-    let path = workspace.to_path_buf();
-    let root = tokio::task::spawn_blocking(move || {
-        build_from_dir(
-            &blobs,
-            &path,
-            DigestFunction::Blake3,
-            &DirOptions::default(),
-        )
-        .unwrap()
-        .root
-    })
-    .await
-    .unwrap();
+    let root = common::hash_dir(cas, workspace, DigestFunction::Blake3).await;
     let handle = executor
         .submit_cargo(&CargoJob::new(kind), root, identity)
         .await
         .unwrap();
     let outcome = handle.wait().await;
     if outcome.status != JobStatus::Success {
-        let mut reader = handle.log.subscribe(0);
-        while let Some(line) = reader.next().await {
-            eprintln!("{}", line.line);
+        for line in common::log_lines(&handle).await {
+            eprintln!("{line}");
         }
         panic!("remote {kind:?} failed: {:?}", outcome.error);
     }
@@ -102,7 +90,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for the list; nothing to list.
     }
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/midsize");
+    let fixture = common::fixture("midsize");
     let scratch = tempfile::tempdir().unwrap();
     let local_ws = scratch.path().join("local");
     let remote_ws = scratch.path().join("remote");

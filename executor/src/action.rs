@@ -353,22 +353,12 @@ pub fn store_action(
 
 #[cfg(test)]
 mod tests {
-    use rba_cas::StoreConfig;
 
     use super::*;
     use crate::cargo::JobKind;
 
     fn store() -> (tempfile::TempDir, BlobStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(
-            dir.path(),
-            StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        (dir, blobs)
+        BlobStore::scratch().unwrap()
     }
 
     const RUSTC_VV: &str = "rustc 1.95.0 (59807616e 2026-04-14)\nbinary: rustc\ncommit-hash: 59807616e1fa2540724bfbac14d7976d7e4a3860\ncommit-date: 2026-04-14\nhost: x86_64-unknown-linux-gnu\nrelease: 1.95.0\nLLVM version: 22.1.2\n";

@@ -182,6 +182,48 @@ pub fn parse_log_blob(bytes: &[u8]) -> io::Result<Vec<LogLine>> {
         .collect()
 }
 
+/// A log line without its terminal escape sequences (colours, cursor moves, OSC hyperlinks),
+/// for readers that print to something that is not a terminal. Cargo runs with
+/// `--color always` so that terminals get colours; files and pipes should not.
+pub fn strip_ansi(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains('\u{1b}') {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            // CSI: parameters and intermediates, then one final byte in @..~.
+            Some('[') => {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            // OSC (hyperlinks, titles): up to BEL or ESC \.
+            Some(']') => {
+                while let Some(c) = chars.next() {
+                    if c == '\u{7}' {
+                        break;
+                    }
+                    if c == '\u{1b}' && chars.peek() == Some(&'\\') {
+                        chars.next();
+                        break;
+                    }
+                }
+            }
+            // Two-character sequences (ESC c, ESC 7, …): drop both.
+            _ => {}
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Limits of one log stream.
 #[derive(Clone, Debug)]
 pub struct LogConfig {
@@ -866,21 +908,28 @@ impl LogRegistry {
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
-    use rba_cas::StoreConfig;
 
     use super::*;
 
     fn store() -> (tempfile::TempDir, BlobStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(
-            dir.path(),
-            StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        (dir, blobs)
+        BlobStore::scratch().unwrap()
+    }
+
+    #[test]
+    fn strip_ansi_removes_colours_and_hyperlinks_only() {
+        assert_eq!(strip_ansi("plain text"), "plain text");
+        assert!(matches!(strip_ansi("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(
+            strip_ansi("\u{1b}[1m\u{1b}[32m   Compiling\u{1b}[0m foo v0.1.0"),
+            "   Compiling foo v0.1.0"
+        );
+        assert_eq!(
+            strip_ansi("see \u{1b}]8;;https://x.test/a\u{1b}\\docs\u{1b}]8;;\u{1b}\\ now"),
+            "see docs now"
+        );
+        assert_eq!(strip_ansi("bell \u{1b}]0;title\u{7}end"), "bell end");
+        assert_eq!(strip_ansi("trailing \u{1b}["), "trailing ");
+        assert_eq!(strip_ansi("ünïcödé \u{1b}[31mred\u{1b}[m"), "ünïcödé red");
     }
 
     fn small_ring() -> LogConfig {

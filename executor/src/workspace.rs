@@ -285,7 +285,7 @@ fn write_file(
 
 #[cfg(test)]
 mod tests {
-    use rba_cas::{DigestFunction, StoreConfig};
+    use rba_cas::DigestFunction;
 
     use super::*;
 
@@ -300,15 +300,7 @@ mod tests {
 
     #[test]
     fn unchanged_files_keep_mtimes_changed_ones_move_forward() {
-        let store_dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(
-            store_dir.path(),
-            StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_store_dir, blobs) = BlobStore::scratch().unwrap();
         let slot = tempfile::tempdir().unwrap();
         let dest = slot.path().join("src");
         let manifest = slot.path().join("manifest.json");
@@ -358,15 +350,7 @@ mod tests {
 
     #[test]
     fn kinds_can_swap_and_corrupt_manifest_means_full_rewrite() {
-        let store_dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(
-            store_dir.path(),
-            StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_store_dir, blobs) = BlobStore::scratch().unwrap();
         let slot = tempfile::tempdir().unwrap();
         let dest = slot.path().join("src");
         let manifest = slot.path().join("manifest.json");

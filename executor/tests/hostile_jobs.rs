@@ -1,41 +1,24 @@
 //! Hostile build scripts through the executor's real job path: each is contained, nothing on
 //! the host changes, and the next job on the same executor builds normally.
 
+mod common;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rba_cas::merkle::{DirOptions, build_from_dir};
-use rba_cas::{Cas, DigestFunction, StoreConfig};
+use common::{Harness, fixture, hash_dir};
+use rba_cas::DigestFunction;
 use rba_executor::cargo::{CargoJob, JobKind};
-use rba_executor::runner::{Executor, ExecutorConfig, JobOutcome, JobStatus};
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    executor: Executor,
-    cas: Cas,
-}
+use rba_executor::runner::{JobOutcome, JobStatus};
 
 fn harness(wall_time: Duration) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let cas = Cas::open(
-        dir.path().join("cas"),
-        StoreConfig {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut config = ExecutorConfig::new(dir.path().join("executor")).unwrap();
-    config.limits.wall_time = Some(wall_time);
-    config.limits.max_processes = Some(256);
-    let executor = Executor::new(cas.clone(), config).unwrap();
-    Harness {
-        _dir: dir,
-        executor,
-        cas,
-    }
+    Harness::new(|config| {
+        config.limits.wall_time = Some(wall_time);
+        config.limits.max_processes = Some(256);
+    })
 }
 
 /// A crate whose build script is `build_rs`, plus extra files.
@@ -64,39 +47,16 @@ fn hostile_crate(build_rs: &str, extra: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
-async fn build(harness: &Harness, source: &Path) -> (std::sync::Arc<JobOutcome>, String) {
-    let blobs = harness.cas.blobs.clone();
-    let source = source.to_path_buf();
-    let root = tokio::task::spawn_blocking(move || {
-        build_from_dir(
-            &blobs,
-            &source,
-            DigestFunction::Blake3,
-            &DirOptions::default(),
-        )
-        .unwrap()
-        .root
-    })
-    .await
-    .unwrap();
-    let handle = harness
-        .executor
-        .submit_cargo(&CargoJob::new(JobKind::Build), root, "hostile")
-        .await
-        .unwrap();
-    let outcome = handle.wait().await;
-    let mut reader = handle.log.subscribe(0);
-    let mut log = String::new();
-    while let Some(line) = reader.next().await {
-        log.push_str(&line.line);
-        log.push('\n');
-    }
-    (outcome, log)
+async fn build(harness: &Harness, source: &Path) -> (Arc<JobOutcome>, String) {
+    let (_, outcome, lines) = harness
+        .run(&CargoJob::new(JobKind::Build), source, "hostile")
+        .await;
+    (outcome, lines.join("\n"))
 }
 
 /// After every hostile job, an honest crate still builds on the same executor.
 async fn next_job_unaffected(harness: &Harness) {
-    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hello");
+    let hello = fixture("hello");
     let (outcome, log) = build(harness, &hello).await;
     assert_eq!(
         outcome.status,
@@ -248,45 +208,17 @@ async fn daemons_die_and_endless_loops_are_killed() {
         .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&needle))
         .collect();
     assert!(survivors.is_empty(), "a daemon outlived its build");
-    let harness_after = Harness {
-        _dir: tempfile::tempdir().unwrap(),
-        ..harness
-    };
-    next_job_unaffected(&harness_after).await;
+    next_job_unaffected(&harness).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_jobs_report_positions_and_cancel_stops_a_running_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let cas = Cas::open(
-        dir.path().join("cas"),
-        StoreConfig {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut config = ExecutorConfig::new(dir.path().join("executor")).unwrap();
-    config.workers = 1;
-    let executor = Executor::new(cas.clone(), config).unwrap();
-    let harness = Harness {
-        _dir: dir,
-        executor,
-        cas,
-    };
+    let harness = Harness::new(|config| config.workers = 1);
     let source = hostile_crate(
         "fn main() { loop { std::thread::sleep(std::time::Duration::from_millis(50)); } }\n",
         &[],
     );
-    let blobs = harness.cas.blobs.clone();
-    let root = build_from_dir(
-        &blobs,
-        source.path(),
-        DigestFunction::Blake3,
-        &DirOptions::default(),
-    )
-    .unwrap()
-    .root;
+    let root = hash_dir(&harness.cas, source.path(), DigestFunction::Blake3).await;
     let running = harness
         .executor
         .submit_cargo(&CargoJob::new(JobKind::Build), root, "a")

@@ -2,48 +2,22 @@
 //! hashed into a real CAS, built, cached, rebuilt incrementally; a generic REAPI command with
 //! declared outputs. Needs `.ci/setup` (uidmap, subuid entries).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rba_cas::merkle::{DirOptions, build_from_dir};
-use rba_cas::{Cas, DigestFunction, StoreConfig};
+use common::{Harness, fixture, hash_dir};
+use rba_cas::DigestFunction;
 use rba_executor::action::store_action;
 use rba_executor::cargo::{CargoJob, JobKind};
-use rba_executor::runner::{
-    ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobStatus,
-};
+use rba_executor::logstream::strip_ansi;
+use rba_executor::runner::{ExecuteRequest, JobHandle, JobOutcome, JobStatus};
 use rba_proto::reapi::{Command, Platform};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    executor: Executor,
-    cas: Cas,
-}
-
 fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let cas = Cas::open(
-        dir.path().join("cas"),
-        StoreConfig {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut config = ExecutorConfig::new(dir.path().join("executor")).unwrap();
-    config.limits.wall_time = Some(Duration::from_secs(300));
-    let executor = Executor::new(cas.clone(), config).unwrap();
-    Harness {
-        _dir: dir,
-        executor,
-        cas,
-    }
+    Harness::new(|config| config.limits.wall_time = Some(Duration::from_secs(300)))
 }
 
 /// Copies a fixture into a temp dir so the test can edit it.
@@ -64,56 +38,14 @@ async fn run(
     kind: JobKind,
     source: &Path,
     identity: &str,
-) -> (JobHandle, std::sync::Arc<JobOutcome>, Vec<String>) {
-    let blobs = harness.cas.blobs.clone();
-    let source = source.to_path_buf();
-    let root = tokio::task::spawn_blocking(move || {
-        build_from_dir(
-            &blobs,
-            &source,
-            DigestFunction::Blake3,
-            &DirOptions::default(),
-        )
-        .unwrap()
-        .root
-    })
-    .await
-    .unwrap();
-    let handle = harness
-        .executor
-        .submit_cargo(&CargoJob::new(kind), root, identity)
-        .await
-        .unwrap();
-    let outcome = handle.wait().await;
-    let mut reader = handle.log.subscribe(0);
-    let mut lines = Vec::new();
-    while let Some(line) = reader.next().await {
-        lines.push(line.line);
-    }
-    (handle, outcome, lines)
+) -> (JobHandle, Arc<JobOutcome>, Vec<String>) {
+    harness.run(&CargoJob::new(kind), source, identity).await
 }
 
 fn compiled(lines: &[String], krate: &str) -> bool {
     lines
         .iter()
         .any(|l| strip_ansi(l).contains(&format!("Compiling {krate} ")))
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +139,7 @@ async fn tests_job_reports_failing_test() {
     let harness = harness();
     let (_, outcome, lines) = run(&harness, JobKind::Test, &fixture("mixed-tests"), "mixed").await;
     assert_eq!(outcome.status, JobStatus::Failed);
-    let text: Vec<String> = lines.iter().map(|l| strip_ansi(l)).collect();
+    let text: Vec<String> = lines.iter().map(|l| strip_ansi(l).into_owned()).collect();
     assert!(
         text.iter().any(|l| l.contains("test tests::adds ... ok")),
         "{text:#?}"
@@ -225,14 +157,7 @@ async fn generic_command_collects_declared_outputs() {
     let input = tempfile::tempdir().unwrap();
     std::fs::write(input.path().join("in.txt"), "input\n").unwrap();
     let blobs = harness.cas.blobs.clone();
-    let root = build_from_dir(
-        &blobs,
-        input.path(),
-        DigestFunction::Sha256,
-        &DirOptions::default(),
-    )
-    .unwrap()
-    .root;
+    let root = hash_dir(&harness.cas, input.path(), DigestFunction::Sha256).await;
     let command = Command {
         arguments: vec![
             "sh".into(),

@@ -481,15 +481,7 @@ mod tests {
         b.add_file("a", f.digest_of(b"2"), false).unwrap();
         b.add_symlink("c", "a").unwrap();
         b.add_directory("e/f").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(
-            dir.path(),
-            crate::StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_dir, store) = BlobStore::scratch().unwrap();
         let build = b.finish(&store).unwrap();
         let root = read_directory(&store, &build.root).unwrap();
         assert_eq!(

@@ -370,15 +370,7 @@ mod tests {
 
     #[test]
     fn invalid_stored_directory_is_refused_on_read() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(
-            tmp.path(),
-            crate::StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_tmp, store) = BlobStore::scratch().unwrap();
         let bad = Directory {
             files: vec![file("b"), file("a")],
             ..Default::default()

@@ -6,21 +6,12 @@ use std::io::{Cursor, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use rba_cas::{BlobStore, StoreConfig};
+use rba_cas::BlobStore;
 use zip::write::SimpleFileOptions;
 
 /// A fresh store in a temp dir (fsync off: tests do not test power loss).
 pub fn store() -> (tempfile::TempDir, BlobStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(
-        dir.path(),
-        StoreConfig {
-            fsync: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    (dir, store)
+    BlobStore::scratch().unwrap()
 }
 
 /// One entry of a test tree.

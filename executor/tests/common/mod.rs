@@ -1,0 +1,85 @@
+//! What the executor's integration tests (and its bench) share: a scratch CAS with an executor
+//! on it, hashing a directory into that CAS, and running a cargo job to its end with its log.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rba_cas::merkle::{DirOptions, build_from_dir};
+use rba_cas::{Cas, Digest, DigestFunction};
+use rba_executor::cargo::CargoJob;
+use rba_executor::runner::{Executor, ExecutorConfig, JobHandle, JobOutcome};
+
+/// A fixture crate of `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// A scratch CAS and an executor on it; both directories go away with the harness.
+pub struct Harness {
+    pub executor: Executor,
+    pub cas: Cas,
+    _cas_dir: tempfile::TempDir,
+    _executor_dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// An executor with the default config, changed by `configure`.
+    pub fn new(configure: impl FnOnce(&mut ExecutorConfig)) -> Harness {
+        let (cas_dir, cas) = Cas::scratch().unwrap();
+        let executor_dir = tempfile::tempdir().unwrap();
+        let mut config = ExecutorConfig::new(executor_dir.path()).unwrap();
+        configure(&mut config);
+        let executor = Executor::new(cas.clone(), config).unwrap();
+        Harness {
+            executor,
+            cas,
+            _cas_dir: cas_dir,
+            _executor_dir: executor_dir,
+        }
+    }
+
+    /// Hashes `source` into the CAS (BLAKE3, as the agent does) and runs `job` on it to its
+    /// end; returns the handle, the outcome and every log line.
+    pub async fn run(
+        &self,
+        job: &CargoJob,
+        source: &Path,
+        identity: &str,
+    ) -> (JobHandle, Arc<JobOutcome>, Vec<String>) {
+        let root = hash_dir(&self.cas, source, DigestFunction::Blake3).await;
+        let handle = self
+            .executor
+            .submit_cargo(job, root, identity)
+            .await
+            .unwrap();
+        let outcome = handle.wait().await;
+        let lines = log_lines(&handle).await;
+        (handle, outcome, lines)
+    }
+}
+
+/// Stores the directory at `source` in `cas` and returns its root digest.
+pub async fn hash_dir(cas: &Cas, source: &Path, function: DigestFunction) -> Digest {
+    let blobs = cas.blobs.clone();
+    let source = source.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        build_from_dir(&blobs, &source, function, &DirOptions::default())
+            .unwrap()
+            .root
+    })
+    .await
+    .unwrap()
+}
+
+/// Every line of a job's log, from the first (waits for the log to end).
+pub async fn log_lines(handle: &JobHandle) -> Vec<String> {
+    let mut reader = handle.log.subscribe(0);
+    let mut lines = Vec::new();
+    while let Some(line) = reader.next().await {
+        lines.push(line.line);
+    }
+    lines
+}
