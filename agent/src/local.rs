@@ -5,7 +5,6 @@
 //! Why a module: the embedded mode is the default and must keep working on its own, without
 //! libp2p or HTTP; it takes the same `Executor::submit_cargo` path as everything else.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::Context;
@@ -13,7 +12,7 @@ use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{Executor, ExecutorConfig, JobState, JobStatus};
 
 use crate::history::status_name;
-use crate::output::{Terminal, exit_code};
+use crate::output::{ColorChoice, Terminal, exit_code};
 use crate::workspace::{hash_workspace, open_cas, workspace_identity};
 
 /// Runs `job` on the workspace at `path` in-process; returns the process exit code.
@@ -22,6 +21,7 @@ pub async fn run(
     job: CargoJob,
     path: &Path,
     workers: usize,
+    color: ColorChoice,
 ) -> anyhow::Result<u8> {
     let cas = open_cas(data_dir)?;
     let tree = hash_workspace(&cas, path, true).await?;
@@ -40,9 +40,7 @@ pub async fn run(
         tree.root
     );
 
-    let terminal = std::sync::Arc::new(parking_lot::Mutex::new(Terminal::new(
-        std::io::stderr().is_terminal(),
-    )));
+    let terminal = std::sync::Arc::new(parking_lot::Mutex::new(Terminal::for_stdio(color)));
     let mut state = handle.watch();
     let bar = terminal.clone();
     let progress = tokio::spawn(async move {

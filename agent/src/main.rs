@@ -14,7 +14,6 @@
 //!
 //! Errors a user can act on are printed as one line `rba: error: …` (exit code 2).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -22,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 use rba_agent::client::RemoteClient;
 use rba_agent::config::{NodeConfig, default_data_dir, parse_optional_addr};
 use rba_agent::node::Node;
-use rba_agent::output::{Terminal, exit_code};
+use rba_agent::output::{ColorChoice, Terminal, exit_code};
 use rba_agent::p2p::session::SessionEvent;
 use rba_agent::workspace::{hash_workspace, open_cas, workspace_hint};
 use rba_executor::cargo::{CargoJob, JobKind};
@@ -34,6 +33,10 @@ struct Cli {
     /// Where rba keeps its CAS, caches, identity and logs.
     #[arg(long, global = true, env = "RBA_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Colours in cargo's output: auto (when stdout is a terminal and NO_COLOR is unset),
+    /// always, never.
+    #[arg(long, global = true, value_enum, default_value_t, env = "RBA_COLOR")]
+    color: ColorChoice,
     #[command(subcommand)]
     command: Commands,
 }
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let data_dir = cli.data_dir.clone();
     let client_dir = data_dir.clone().unwrap_or_else(default_data_dir);
+    let color = cli.color;
     let (kind, args) = match cli.command {
         Commands::Serve(args) => return serve(data_dir, args).await,
         Commands::Tangle { command } => {
@@ -163,7 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             session,
             from_seq,
             remote,
-        } => return logs(&client_dir, &session, from_seq, &remote).await,
+        } => return logs(&client_dir, &session, from_seq, &remote, color).await,
         Commands::Build(args) => (JobKind::Build, args),
         Commands::Test(args) => (JobKind::Test, args),
         Commands::Lint(args) => (JobKind::Clippy, args),
@@ -177,8 +181,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         extra_args: args.cargo_args.clone(),
     };
     match &args.remote {
-        None => rba_agent::local::run(&client_dir, job, &args.path, args.workers).await,
-        Some(remote) => run_remote(&client_dir, job, &args.path, remote).await,
+        None => rba_agent::local::run(&client_dir, job, &args.path, args.workers, color).await,
+        Some(remote) => run_remote(&client_dir, job, &args.path, remote, color).await,
     }
 }
 
@@ -243,6 +247,7 @@ async fn run_remote(
     job: CargoJob,
     path: &Path,
     remote: &str,
+    color: ColorChoice,
 ) -> anyhow::Result<u8> {
     let cas = open_cas(client_dir)?;
     let tree = hash_workspace(&cas, path, true).await?;
@@ -264,7 +269,7 @@ async fn run_remote(
         input_root: Some(tree.root.to_wire()),
         workspace_hint: workspace_hint(path),
     };
-    let mut terminal = Terminal::new(std::io::stderr().is_terminal());
+    let mut terminal = Terminal::for_stdio(color);
     let result = client
         .run(&cas.blobs, &tree.blobs, submit, |event| {
             render(&mut terminal, event)
@@ -341,9 +346,15 @@ fn summary(result: &rba_agent::client::SessionResult) -> u8 {
     exit_code(status == WireStatus::Success, body.exit_code)
 }
 
-async fn logs(client_dir: &Path, session: &str, from_seq: u64, remote: &str) -> anyhow::Result<u8> {
+async fn logs(
+    client_dir: &Path,
+    session: &str,
+    from_seq: u64,
+    remote: &str,
+    color: ColorChoice,
+) -> anyhow::Result<u8> {
     let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
-    let mut terminal = Terminal::new(std::io::stderr().is_terminal());
+    let mut terminal = Terminal::for_stdio(color);
     let result = client
         .follow(session, from_seq, |event| render(&mut terminal, event))
         .await?;

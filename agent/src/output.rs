@@ -1,26 +1,63 @@
-//! What the CLI prints while a job runs: cargo's own lines on stdout (colours kept, as cargo
-//! rendered them), a progress bar on stderr when it is a terminal, and a summary at the end.
+//! What the CLI prints while a job runs: cargo's own lines on stdout (with cargo's colours when
+//! stdout is a terminal, `--color` decides otherwise), a progress bar on stderr when it is a
+//! terminal, and a summary at the end.
 //!
 //! Why a module: the embedded and remote modes print exactly the same way.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+
+use rba_executor::logstream::strip_ansi;
+
+/// Whether cargo's colours reach stdout, as cargo's own `--color` flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// Colours when stdout is a terminal and `NO_COLOR` is not set.
+    #[default]
+    Auto,
+    /// Always keep cargo's colours.
+    Always,
+    /// Never: escape sequences are removed from every line.
+    Never,
+}
+
+impl ColorChoice {
+    /// Resolves `Auto` against this process's stdout and environment.
+    pub fn keeps_colours(self) -> bool {
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                std::io::stdout().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+            }
+        }
+    }
+}
 
 /// Draws the progress bar and the summary; lines go through [`Terminal::line`].
 #[derive(Debug)]
 pub struct Terminal {
     interactive: bool,
+    colours: bool,
     bar_shown: bool,
     last: (u32, u32),
 }
 
 impl Terminal {
-    /// `interactive`: stderr is a terminal (draw the bar).
-    pub fn new(interactive: bool) -> Self {
+    /// `interactive`: stderr is a terminal (draw the bar); `colours`: keep cargo's escape
+    /// sequences in the lines.
+    pub fn new(interactive: bool, colours: bool) -> Self {
         Terminal {
             interactive,
+            colours,
             bar_shown: false,
             last: (u32::MAX, u32::MAX),
         }
+    }
+
+    /// For this process: the bar when stderr is a terminal, colours as `color` says.
+    pub fn for_stdio(color: ColorChoice) -> Self {
+        Terminal::new(std::io::stderr().is_terminal(), color.keeps_colours())
     }
 
     fn clear_bar(&mut self) {
@@ -34,7 +71,11 @@ impl Terminal {
     pub fn line(&mut self, line: &str) {
         self.clear_bar();
         let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "{line}");
+        if self.colours {
+            let _ = writeln!(stdout, "{line}");
+        } else {
+            let _ = writeln!(stdout, "{}", strip_ansi(line));
+        }
         let _ = stdout.flush();
         if self.interactive && self.last.0 != u32::MAX {
             self.draw(self.last.0, self.last.1);

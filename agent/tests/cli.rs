@@ -15,7 +15,9 @@ fn rba(data_dir: &std::path::Path) -> Command {
     command
         .arg("--data-dir")
         .arg(data_dir)
-        .env_remove("RBA_DATA_DIR");
+        .env_remove("RBA_DATA_DIR")
+        .env_remove("RBA_COLOR")
+        .env_remove("NO_COLOR");
     command
 }
 
@@ -39,14 +41,23 @@ fn build_streams_cargo_output_and_second_run_is_a_cache_hit() {
         "stderr: {err}"
     );
     assert!(!err.contains("action-cache hit"));
+    assert!(
+        !out.contains('\u{1b}'),
+        "stdout is a pipe: cargo's colours are stripped by default: {out:?}"
+    );
 
     let second = rba(data.path())
-        .arg("build")
+        .args(["--color", "always", "build"])
         .arg(fixture("hello"))
         .assert()
         .success();
     let err = String::from_utf8_lossy(&second.get_output().stderr).to_string();
     assert!(err.contains("action-cache hit"), "stderr: {err}");
+    let out = String::from_utf8_lossy(&second.get_output().stdout).to_string();
+    assert!(
+        out.contains("\u{1b}[") && out.contains("hello v0.1.0"),
+        "--color always keeps cargo's colours in the replayed log: {out:?}"
+    );
 }
 
 #[test]
@@ -87,6 +98,17 @@ fn user_errors_are_one_clear_line() {
     assert!(err.contains("is not a directory"), "stderr: {err}");
 
     rba(data.path()).arg("frobnicate").assert().code(2);
+
+    let run = rba(data.path())
+        .args(["--color", "rainbow", "build"])
+        .arg(fixture("hello"))
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(
+        err.contains("'rainbow'") && err.contains("--color"),
+        "stderr: {err}"
+    );
 }
 
 #[test]

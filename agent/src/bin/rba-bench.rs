@@ -130,10 +130,7 @@ async fn bench(fixture: &Path, scratch: &Path) -> anyhow::Result<()> {
     .await?;
     let cas = Cas::open(
         scratch.join(format!("{name}-client/cas")),
-        StoreConfig {
-            fsync: false,
-            ..Default::default()
-        },
+        StoreConfig::without_fsync(),
     )?;
     let remote = Remote { client, cas };
     let mut rows = Vec::new();

@@ -90,14 +90,7 @@ impl Client {
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let cas = Cas::open(
-            dir.path().join("cas"),
-            StoreConfig {
-                fsync: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let cas = Cas::open(dir.path().join("cas"), StoreConfig::without_fsync()).unwrap();
         Client {
             remote,
             cas,
