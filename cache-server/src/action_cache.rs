@@ -21,9 +21,9 @@ use rba_proto::reapi::action_cache_server::ActionCache;
 use rba_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use tonic::{Request, Response, Status};
 
+use crate::auth;
 use crate::server::ServerState;
 use crate::status::{self, blocking};
-use crate::{auth, resource_name};
 
 /// The ActionCache service.
 #[derive(Clone, Debug)]
@@ -40,10 +40,11 @@ impl ActionCacheService {
     async fn get(&self, request: Request<GetActionResultRequest>) -> Result<ActionResult, Status> {
         auth::require_read(&request)?;
         let request = request.into_inner();
-        resource_name::validate_instance_name(&request.instance_name)?;
-        let function = status::digest_function(request.digest_function)?;
-        let action =
-            status::required_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let (function, action) = status::action_key(
+            &request.instance_name,
+            request.digest_function,
+            request.action_digest.as_ref(),
+        )?;
         let cas = self.state.cas.clone();
         let budget = self.state.max_batch_total_size_bytes();
         let result = blocking(move || {
@@ -70,10 +71,11 @@ impl ActionCacheService {
     ) -> Result<ActionResult, Status> {
         auth::require_ac_write(&request)?;
         let request = request.into_inner();
-        resource_name::validate_instance_name(&request.instance_name)?;
-        let function = status::digest_function(request.digest_function)?;
-        let action =
-            status::required_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let (function, action) = status::action_key(
+            &request.instance_name,
+            request.digest_function,
+            request.action_digest.as_ref(),
+        )?;
         let mut result = request
             .action_result
             .ok_or_else(|| Status::invalid_argument("missing action_result"))?;

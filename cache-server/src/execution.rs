@@ -246,10 +246,11 @@ impl ExecutionService {
         // Running an action writes the action cache.
         auth::require_ac_write(&request)?;
         let request = request.into_inner();
-        resource_name::validate_instance_name(&request.instance_name)?;
-        let function = status::digest_function(request.digest_function)?;
-        let action =
-            status::required_digest(function, request.action_digest.as_ref(), "action_digest")?;
+        let (_, action) = status::action_key(
+            &request.instance_name,
+            request.digest_function,
+            request.action_digest.as_ref(),
+        )?;
         let instance = request.instance_name;
 
         let blobs = self.shared.state.cas.blobs.clone();

@@ -85,6 +85,19 @@ pub fn required_digest(
     Digest::from_reapi_field(function, digest, field).map_err(from_digest)
 }
 
+/// The key of every action-keyed request (GetActionResult, UpdateActionResult, Execute): the
+/// instance name checked, the digest function resolved and the action digest required.
+pub fn action_key(
+    instance_name: &str,
+    digest_function: i32,
+    action_digest: Option<&reapi::Digest>,
+) -> Result<(DigestFunction, Digest), Status> {
+    crate::resource_name::validate_instance_name(instance_name)?;
+    let function = self::digest_function(digest_function)?;
+    let action = required_digest(function, action_digest, "action_digest")?;
+    Ok((function, action))
+}
+
 /// `FAILED_PRECONDITION` with a `PreconditionFailure` listing each missing blob.
 pub fn missing_blobs(message: impl Into<String>, missing: &[Digest]) -> Status {
     let violations: Vec<PreconditionViolation> = missing
