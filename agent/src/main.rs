@@ -41,6 +41,8 @@ struct Cli {
     command: Commands,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Commands {
     /// Run the operator node (libp2p, HTTP, REAPI, executor).
