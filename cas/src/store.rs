@@ -361,12 +361,32 @@ impl BlobStore {
         writer.commit()
     }
 
-    /// Copies a file into the store, hashing it as it streams, and returns its digest.
+    /// Copies a file into the store and returns its digest.
+    ///
+    /// The copy is made first (in the kernel: `copy_file_range`) and the digest is taken of
+    /// that private copy, on all cores for large BLAKE3 files: it names exactly the bytes
+    /// stored even if the source changes meanwhile. A blob already present is not stored again.
     pub fn put_file(&self, function: DigestFunction, path: &Path) -> Result<Digest> {
-        let mut file = File::open(path).map_err(|e| CasError::io("opening", path, e))?;
-        let mut writer = self.writer_for(function)?;
-        copy_into(&mut file, path, &mut writer)?;
-        writer.commit()
+        let mut source = File::open(path).map_err(|e| CasError::io("opening", path, e))?;
+        let tmp = &self.inner.tmp_dir;
+        let mut copy = NamedTempFile::new_in(tmp)
+            .map_err(|e| CasError::io("creating temp file in", tmp, e))?;
+        let size = io::copy(&mut source, copy.as_file_mut())
+            .map_err(|e| CasError::io("copying", path, e))?;
+        let digest = hash_own_file(function, copy.path())?;
+        if self.contains(&digest)? {
+            self.touch_at(&digest, now_millis())?;
+            return Ok(digest);
+        }
+        BlobWriter {
+            store: self.clone(),
+            expected: Some(digest),
+            // The digest was just computed from the stored copy itself.
+            hasher: None,
+            file: Some(copy),
+            received: size,
+        }
+        .commit()
     }
 
     /// Stores a file whose digest is already known (e.g. from a stat cache) without re-hashing
@@ -624,7 +644,7 @@ impl BlobStore {
                     let _ = fs::remove_file(&entry);
                     continue;
                 };
-                let actual = hash_file(function, &entry)?;
+                let actual = hash_own_file(function, &entry)?;
                 if actual != claimed {
                     self.forget(&claimed)?;
                     fs::remove_file(&entry)
@@ -685,6 +705,32 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// BLAKE3 files at least this large are hashed memory-mapped on all cores.
+const PARALLEL_HASH_MIN_BYTES: u64 = 1 << 20;
+
+/// Hashes a file that only the store writes (a blob, a private temp copy): large BLAKE3 files
+/// are memory-mapped and hashed on all cores. Not for files others may truncate meanwhile: a
+/// mapped file that shrinks faults the process.
+fn hash_own_file(function: DigestFunction, path: &Path) -> Result<Digest> {
+    if function == DigestFunction::Blake3 {
+        let size = fs::metadata(path)
+            .map_err(|e| CasError::io("reading metadata of", path, e))?
+            .len();
+        if size >= PARALLEL_HASH_MIN_BYTES {
+            let mut hasher = blake3::Hasher::new();
+            hasher
+                .update_mmap_rayon(path)
+                .map_err(|e| CasError::io("hashing", path, e))?;
+            return Ok(Digest {
+                function,
+                hash: *hasher.finalize().as_bytes(),
+                size,
+            });
+        }
+    }
+    hash_file(function, path)
 }
 
 /// Hashes a file's contents by streaming it.
@@ -921,6 +967,30 @@ mod tests {
         };
         let store = BlobStore::open(dir.path(), config).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn put_file_digests_the_stored_bytes_and_skips_present_blobs() {
+        let (dir, store) = store(1 << 30);
+        // Below and above the size from which BLAKE3 hashes memory-mapped on all cores.
+        for size in [0usize, 1000, (3 << 20) + 17] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let source = dir.path().join(format!("source-{size}"));
+            fs::write(&source, &bytes).unwrap();
+            for function in DigestFunction::ALL {
+                let digest = store.put_file(function, &source).unwrap();
+                assert_eq!(digest, function.digest_of(&bytes), "{function} {size}");
+                assert_eq!(store.read_to_vec(&digest, u64::MAX).unwrap(), bytes);
+                let total = store.stats().total_bytes;
+                assert_eq!(store.put_file(function, &source).unwrap(), digest);
+                assert_eq!(store.stats().total_bytes, total, "stored once");
+            }
+        }
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(matches!(
+            store.put_file(DigestFunction::Blake3, &dir.path().join("missing")),
+            Err(CasError::Io { .. })
+        ));
     }
 
     #[test]
