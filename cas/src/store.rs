@@ -368,11 +368,22 @@ impl BlobStore {
     /// stored even if the source changes meanwhile. A blob already present is not stored again.
     pub fn put_file(&self, function: DigestFunction, path: &Path) -> Result<Digest> {
         let mut source = File::open(path).map_err(|e| CasError::io("opening", path, e))?;
+        self.put_open_file(function, &mut source, path)
+    }
+
+    /// [`BlobStore::put_file`] for a file the caller opened (and checked) itself; `path` only
+    /// names it in errors.
+    pub fn put_open_file(
+        &self,
+        function: DigestFunction,
+        source: &mut File,
+        path: &Path,
+    ) -> Result<Digest> {
         let tmp = &self.inner.tmp_dir;
         let mut copy = NamedTempFile::new_in(tmp)
             .map_err(|e| CasError::io("creating temp file in", tmp, e))?;
-        let size = io::copy(&mut source, copy.as_file_mut())
-            .map_err(|e| CasError::io("copying", path, e))?;
+        let size =
+            io::copy(source, copy.as_file_mut()).map_err(|e| CasError::io("copying", path, e))?;
         let digest = hash_own_file(function, copy.path())?;
         if self.contains(&digest)? {
             self.touch_at(&digest, now_millis())?;

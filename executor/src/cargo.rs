@@ -46,7 +46,8 @@
 //!   total is then `max(estimate, done)` while running, and exact at the end.
 //! - Lines on stdout that are not cargo JSON records (test harness output, rustfmt diffs, a
 //!   program's output) become [`CargoEvent::UserLine`] unchanged; so do all stderr lines.
-//!   A stdout line that is a JSON object with a `reason` field is taken as a cargo record.
+//!   A stdout line that is a JSON object with a `reason` field is taken as a cargo record until
+//!   `build-finished`; after it, stdout is the output of what cargo runs and never a record.
 
 use serde::Deserialize;
 
@@ -402,7 +403,10 @@ impl CargoOutputParser {
     /// Interprets one stdout line (without its terminator).
     pub fn feed_stdout(&mut self, line: &str) -> Vec<CargoEvent> {
         let line = line.strip_suffix('\n').unwrap_or(line);
-        let record = if line.starts_with('{') {
+        // After `build-finished` stdout belongs to the programs cargo runs (test harnesses):
+        // a line there that looks like a cargo record is the program's text, never a record a
+        // test could forge (a fake artifact pointing outside the target dir, say).
+        let record = if line.starts_with('{') && self.success.is_none() {
             serde_json::from_str::<Record>(line).ok()
         } else {
             None
@@ -465,6 +469,17 @@ mod tests {
     use std::process::Command;
 
     use super::*;
+
+    #[test]
+    fn records_after_build_finished_are_program_output() {
+        let mut parser = CargoOutputParser::default();
+        parser.feed_stdout(r#"{"reason":"build-finished","success":true}"#);
+        let forged = r#"{"reason":"compiler-artifact","package_id":"x","executable":"/target/../../etc/shadow","filenames":[],"fresh":false}"#;
+        assert_eq!(
+            parser.feed_stdout(forged),
+            vec![CargoEvent::UserLine(forged.to_string())]
+        );
+    }
 
     #[test]
     fn argv_per_kind() {

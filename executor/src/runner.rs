@@ -648,7 +648,10 @@ impl RunningJob<'_> {
             .network(NetworkPolicy::None)
             .limits(self.limits());
         let mut parser = CargoOutputParser::with_total_estimate(lockfile_unit_estimate(&lockfile));
-        let mut executables = Vec::new();
+        // Each executable is stored as soon as cargo reports it, while cargo goes on (other
+        // units, the test run, its own exit and the sandbox teardown).
+        let (blobs, function) = (self.inner().cas.blobs.clone(), self.function());
+        let mut storing = Vec::new();
         let outcome = self
             .run_sandboxed(spec, |job, line| {
                 let events = match line.stream {
@@ -662,7 +665,14 @@ impl RunningJob<'_> {
                         CargoEvent::Progress { done, total } => {
                             let _ = job.state.send(JobState::Running { done, total });
                         }
-                        CargoEvent::Artifact(artifact) => executables.extend(artifact.executable),
+                        CargoEvent::Artifact(artifact) => {
+                            if let Some(inside) = artifact.executable {
+                                let (blobs, target) = (blobs.clone(), slot.target.clone());
+                                storing.push(tokio::task::spawn_blocking(move || {
+                                    store_cargo_artifact(&blobs, function, &target, &inside)
+                                }));
+                            }
+                        }
                         CargoEvent::BuildFinished { .. } => {}
                     }
                 }
@@ -671,14 +681,13 @@ impl RunningJob<'_> {
         self.step("build", built);
 
         let collected = Instant::now();
-        let (blobs, function, target) = (
-            self.inner().cas.blobs.clone(),
-            self.function(),
-            slot.target.clone(),
-        );
-        let artifacts =
-            Self::blocking(move || store_cargo_artifacts(&blobs, function, &target, &executables))
-                .await?;
+        let mut artifacts = Vec::new();
+        for task in storing {
+            let stored = task.await.expect("storing an artifact does not panic")?;
+            artifacts.extend(stored);
+        }
+        artifacts.sort_by(|a, b| a.path.cmp(&b.path));
+        artifacts.dedup_by(|a, b| a.path == b.path);
         self.step("outputs", collected);
         let (layout, max_slots) = (self.inner().layout.clone(), self.inner().config.max_slots);
         tokio::task::spawn_blocking(move || {
@@ -1089,32 +1098,53 @@ fn entry_path(entry: &DesiredEntry) -> &Path {
     }
 }
 
-/// Executables cargo reported (inside-sandbox paths under `/target`) stored into the CAS.
-fn store_cargo_artifacts(
+/// An executable cargo reported (an inside-sandbox path under `/target`) stored into the CAS;
+/// `None` for anything but a regular file inside the slot's target dir.
+///
+/// The job may still be running and its files are hostile: the path is opened without
+/// following a final symlink and without blocking (a FIFO), and what was actually opened is
+/// checked through `/proc/self/fd`, so no symlink or `..`, swapped in at any moment, makes the
+/// executor (often root) store a host file.
+fn store_cargo_artifact(
     blobs: &rba_cas::BlobStore,
     function: DigestFunction,
     target: &Path,
-    executables: &[String],
-) -> Result<Vec<Artifact>, ExecutorError> {
-    let mut artifacts = Vec::new();
-    for inside in executables {
-        let Ok(relative) = Path::new(inside).strip_prefix(TARGET_DIR) else {
-            continue;
-        };
-        let host = target.join(relative);
-        if !host.starts_with(target) || !host.is_file() {
-            continue;
-        }
-        let digest = blobs.put_file(function, &host)?;
-        artifacts.push(Artifact {
-            path: format!("target/{}", relative.display()),
-            digest,
-            executable: true,
-        });
+    inside: &str,
+) -> Result<Option<Artifact>, ExecutorError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let Ok(relative) = Path::new(inside).strip_prefix(TARGET_DIR) else {
+        return Ok(None);
+    };
+    if !relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Ok(None);
     }
-    artifacts.sort_by(|a, b| a.path.cmp(&b.path));
-    artifacts.dedup_by(|a, b| a.path == b.path);
-    Ok(artifacts)
+    let host = target.join(relative);
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&host)
+    else {
+        return Ok(None);
+    };
+    let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(io_error("resolving an artifact"))?;
+    let target = std::fs::canonicalize(target).map_err(io_error("resolving the target dir"))?;
+    let is_file = file.metadata().is_ok_and(|m| m.is_file());
+    if !opened.starts_with(&target) || !is_file {
+        tracing::warn!(path = inside, opened = %opened.display(), "artifact refused");
+        return Ok(None);
+    }
+    let digest = blobs.put_open_file(function, &mut file, &host)?;
+    Ok(Some(Artifact {
+        path: format!("target/{}", relative.display()),
+        digest,
+        executable: true,
+    }))
 }
 
 /// The Command's outputs: `output_paths` (REAPI v2.1+), else the legacy file and directory lists.
@@ -1186,4 +1216,51 @@ fn collect_outputs(
         }
     }
     Ok((files, directories))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_inside_the_target_dir_are_stored_as_artifacts() {
+        let (_store_dir, blobs) = rba_cas::BlobStore::scratch().unwrap();
+        let slot = tempfile::tempdir().unwrap();
+        let target = slot.path().join("target");
+        std::fs::create_dir_all(target.join("debug")).unwrap();
+        std::fs::write(target.join("debug/app"), b"binary").unwrap();
+        let outside = slot.path().join("secret");
+        std::fs::write(&outside, b"host secret").unwrap();
+        std::os::unix::fs::symlink(&outside, target.join("debug/link")).unwrap();
+        std::os::unix::fs::symlink(slot.path(), target.join("escape")).unwrap();
+        let fifo = std::process::Command::new("mkfifo")
+            .arg(target.join("debug/fifo"))
+            .status()
+            .unwrap();
+        assert!(fifo.success());
+
+        let store = |inside: &str| {
+            store_cargo_artifact(&blobs, DigestFunction::Blake3, &target, inside).unwrap()
+        };
+        let app = store("/target/debug/app").expect("a regular file is stored");
+        assert_eq!(app.path, "target/debug/app");
+        assert_eq!(blobs.read_to_vec(&app.digest, 100).unwrap(), b"binary");
+        for hostile in [
+            "/target/debug/link",
+            "/target/escape/secret",
+            "/target/../secret",
+            "/target/debug/../../secret",
+            "/target/debug/fifo",
+            "/target/debug/missing",
+            "/workspace/Cargo.toml",
+            "/etc/passwd",
+        ] {
+            assert_eq!(store(hostile), None, "{hostile}");
+        }
+        let secret = DigestFunction::Blake3.digest_of(b"host secret");
+        assert!(
+            !blobs.contains(&secret).unwrap(),
+            "no host file entered the CAS"
+        );
+    }
 }

@@ -180,6 +180,52 @@ async fn rustc_wrapper_from_cargo_config_runs_only_inside_the_sandbox() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_cannot_forge_artifacts_that_point_at_host_files() {
+    let harness = harness(Duration::from_secs(120));
+    // The test prints cargo records naming host files, and plants a symlink to one in the
+    // target dir that a forged record names.
+    let forged = |path: &str| {
+        format!(
+            r#"{{"reason":"compiler-artifact","package_id":"hostile","executable":"{path}","filenames":[],"fresh":false}}"#
+        )
+    };
+    let test = format!(
+        r##"#[test]
+fn forge() {{
+    let _ = std::os::unix::fs::symlink("/etc/hostname", "/target/debug/planted");
+    // Straight to fd 1: the harness captures only `print!` of passing tests.
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    writeln!(out, "{{}}", r#"{}"#).unwrap();
+    writeln!(out, "{{}}", r#"{}"#).unwrap();
+}}
+"##,
+        forged("/target/../../../../../etc/hostname"),
+        forged("/target/debug/planted"),
+    );
+    let source = hostile_crate("fn main() {}\n", &[("tests/forge.rs", &test)]);
+    let (_, outcome, lines) = harness
+        .run(&CargoJob::new(JobKind::Test), source.path(), "forger")
+        .await;
+    let log = lines.join("\n");
+    assert_eq!(outcome.status, JobStatus::Success, "{log}");
+    assert!(log.contains("/target/debug/planted"), "the test ran: {log}");
+    for artifact in &outcome.artifacts {
+        assert!(
+            !artifact.path.contains("..") && !artifact.path.ends_with("planted"),
+            "{artifact:?}"
+        );
+    }
+    let hostname = std::fs::read("/etc/hostname").unwrap_or_default();
+    let digest = DigestFunction::Blake3.digest_of(&hostname);
+    assert!(
+        hostname.is_empty() || !harness.cas.blobs.contains(&digest).unwrap(),
+        "a host file entered the CAS"
+    );
+    next_job_unaffected(&harness).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemons_die_and_endless_loops_are_killed() {
     let harness = harness(Duration::from_secs(8));
     let tag = 3000 + (std::process::id() % 900);
