@@ -4,12 +4,13 @@
 //!
 //! `cargo bench -p rba-executor --bench remote_vs_local` prints one line per figure:
 //! - cold build with a warm registry: remote/local (goal ≤ 1.05)
-//! - incremental build after a one-line change in a leaf crate: remote/local (goal ≤ 1.15)
+//! - incremental build after a one-line change in a leaf crate: remote/local (goal ≤ 1.15),
+//!   also on a store without fsync (what the durable copy of the new binary costs)
 //! - unchanged resubmission (action-cache hit) vs local no-op build (goal ≤ 1.0)
 //! - sandbox start/stop overhead per job
 //!
-//! The cold build runs once; the incremental and cache-hit figures are medians of several
-//! rounds, local and remote alternating, so a burst of load elsewhere skews one round only.
+//! Every figure is the median of several rounds, local and remote alternating, so a burst of
+//! load elsewhere skews one round only (cold: 3 rounds, each on a fresh target dir and slot).
 //!
 //! The remote side includes hashing the workspace into the CAS and submitting, as a client
 //! would; it needs `.ci/setup` (sandbox prerequisites) and the registry reachable for the
@@ -80,6 +81,15 @@ async fn remote(
     (started.elapsed(), outcome.cache_hit)
 }
 
+/// The leaf crate's file that the rounds change by one line.
+const LEAF: &str = "cli/src/main.rs";
+
+fn append_line(path: &Path, line: &str) {
+    let mut text = std::fs::read_to_string(path).unwrap();
+    text.push_str(&format!("\n{line}\n"));
+    std::fs::write(path, text).unwrap();
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -102,7 +112,8 @@ fn main() {
     let scratch = tempfile::tempdir().unwrap();
     let local_ws = scratch.path().join("local");
     let remote_ws = scratch.path().join("remote");
-    for ws in [&local_ws, &remote_ws] {
+    let unsynced_ws = scratch.path().join("remote-unsynced");
+    for ws in [&local_ws, &remote_ws, &unsynced_ws] {
         std::fs::create_dir_all(ws).unwrap();
         copy_dir(&fixture, ws);
     }
@@ -113,37 +124,84 @@ fn main() {
     let mut config = ExecutorConfig::new(scratch.path().join("executor")).unwrap();
     config.workers = 1;
     let executor = Executor::new(cas.clone(), config).unwrap();
+    // The same executor on a store without fsync (`rba serve --no-fsync`): what durability of
+    // the stored artifact costs. Local cargo syncs nothing.
+    let unsynced_cas = Cas::open(
+        scratch.path().join("cas-unsynced"),
+        StoreConfig::without_fsync(),
+    )
+    .unwrap();
+    let mut config = ExecutorConfig::new(scratch.path().join("executor-unsynced")).unwrap();
+    config.workers = 1;
+    let unsynced = Executor::new(unsynced_cas.clone(), config).unwrap();
 
     // Warm both registries: local ~/.cargo, and the executor's shared cargo home (its fetch
     // phase runs before any cargo job; `fmt --check` compiles nothing).
     local_cargo(&local_ws, &local_target, &["fetch", "--locked"]);
     runtime.block_on(remote(&executor, &cas, &remote_ws, JobKind::Fmt, "midsize"));
 
-    let local_cold = local_cargo(
-        &local_ws,
-        &local_target,
-        &["build", "--locked", "--offline"],
-    );
-    let (remote_cold, _) = runtime.block_on(remote(
-        &executor,
-        &cas,
-        &remote_ws,
+    // Cold builds: a fresh local target dir and a fresh remote slot (a new workspace identity)
+    // per round; the registries stay warm.
+    let cold_rounds = 3;
+    let mut local_cold = Vec::new();
+    let mut remote_cold = Vec::new();
+    for round in 0..cold_rounds {
+        // A different tree each round, or the action cache would answer rounds after the first.
+        for ws in [&local_ws, &remote_ws] {
+            append_line(&ws.join(LEAF), &format!("// cold round {round}"));
+        }
+        let identity = if round + 1 == cold_rounds {
+            "midsize".to_string()
+        } else {
+            format!("midsize-cold-{round}")
+        };
+        let target = if round + 1 == cold_rounds {
+            local_target.clone()
+        } else {
+            scratch.path().join(format!("local-target-cold-{round}"))
+        };
+        local_cold.push(local_cargo(
+            &local_ws,
+            &target,
+            &["build", "--locked", "--offline"],
+        ));
+        let (took, _) = runtime.block_on(remote(
+            &executor,
+            &cas,
+            &remote_ws,
+            JobKind::Build,
+            &identity,
+        ));
+        remote_cold.push(took);
+        if round + 1 < cold_rounds {
+            let _ = std::fs::remove_dir_all(&target);
+        }
+    }
+    let (remote_cold, local_cold) = (median(remote_cold), median(local_cold));
+    line("cold build, warm registry", remote_cold, local_cold, 1.05);
+    runtime.block_on(remote(
+        &unsynced,
+        &unsynced_cas,
+        &unsynced_ws,
+        JobKind::Fmt,
+        "midsize",
+    ));
+    runtime.block_on(remote(
+        &unsynced,
+        &unsynced_cas,
+        &unsynced_ws,
         JobKind::Build,
         "midsize",
     ));
-    line("cold build, warm registry", remote_cold, local_cold, 1.05);
 
     // Repeated figures report the median of their rounds, each side measured alternately.
-    let rounds = 3;
-    let leaf = "cli/src/main.rs";
+    let rounds = 7;
     let mut local_incremental = Vec::new();
     let mut remote_incremental = Vec::new();
+    let mut unsynced_incremental = Vec::new();
     for round in 0..rounds {
-        for ws in [&local_ws, &remote_ws] {
-            let path = ws.join(leaf);
-            let mut text = std::fs::read_to_string(&path).unwrap();
-            text.push_str(&format!("\n// one-line change {round}\n"));
-            std::fs::write(&path, text).unwrap();
+        for ws in [&local_ws, &remote_ws, &unsynced_ws] {
+            append_line(&ws.join(LEAF), &format!("// one-line change {round}"));
         }
         local_incremental.push(local_cargo(
             &local_ws,
@@ -159,11 +217,26 @@ fn main() {
         ));
         assert!(!hit, "a changed tree is no action-cache hit");
         remote_incremental.push(took);
+        let (took, _) = runtime.block_on(remote(
+            &unsynced,
+            &unsynced_cas,
+            &unsynced_ws,
+            JobKind::Build,
+            "midsize",
+        ));
+        unsynced_incremental.push(took);
     }
+    let local_incremental = median(local_incremental);
     line(
         "incremental build, one-line change in a leaf crate",
         median(remote_incremental),
-        median(local_incremental),
+        local_incremental,
+        1.15,
+    );
+    line(
+        "  the same on a store without fsync",
+        median(unsynced_incremental),
+        local_incremental,
         1.15,
     );
 
