@@ -65,6 +65,14 @@ impl CacheLayout {
         self.root.join("cargo-home")
     }
 
+    /// The marker recording that the dependencies of the lock file with this digest (hex) are
+    /// in the shared cargo home. Beside the cargo home, never inside: no sandbox mounts it.
+    pub fn fetched_marker(&self, lock_digest_hex: &str) -> io::Result<PathBuf> {
+        let dir = self.root.join("fetched");
+        fs::create_dir_all(&dir)?;
+        Ok(dir.join(lock_digest_hex))
+    }
+
     /// The slot of a workspace identity under a toolchain; both are hashed into a fixed-length,
     /// path-safe name, so hostile identities cannot escape the layout.
     pub fn slot(&self, workspace_identity: &str, toolchain_digest: &str) -> io::Result<Slot> {

@@ -258,10 +258,24 @@ impl CargoJob {
     }
 }
 
+/// The working directory of the fetch phase: outside the workspace.
+pub const FETCH_CWD: &str = "/tmp";
+
 /// The argument vector of the fetch phase (the only phase with network): downloads every
 /// dependency named by `Cargo.lock` into `CARGO_HOME`, refusing to change the lock file.
-pub fn fetch_argv() -> Vec<String> {
-    ["cargo", "fetch", "--locked"].map(String::from).to_vec()
+///
+/// It runs in [`FETCH_CWD`] with `--manifest-path`: cargo reads `.cargo/config.toml` from its
+/// working directory upwards, so the workspace's own config, which can name programs to run
+/// and proxies to use, is not read while the network is open and the shared cargo home is
+/// writable. (The build phase reads it, offline, with the cargo home read-only.)
+pub fn fetch_argv(manifest_dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "cargo".to_string(),
+        "fetch".to_string(),
+        "--locked".to_string(),
+        "--manifest-path".to_string(),
+        manifest_dir.join("Cargo.toml").display().to_string(),
+    ]
 }
 
 /// A rough number of build units from a `Cargo.lock`: one per `[[package]]`.
@@ -517,7 +531,10 @@ mod tests {
             argv(JobKind::Audit, true, &[]),
             "cargo audit --no-fetch --stale --db /cargo/advisory-db --color always"
         );
-        assert_eq!(fetch_argv().join(" "), "cargo fetch --locked");
+        assert_eq!(
+            fetch_argv(std::path::Path::new("/workspace/app")).join(" "),
+            "cargo fetch --locked --manifest-path /workspace/app/Cargo.toml"
+        );
         let fmt = CargoJob {
             kind: JobKind::Fmt,
             release: true,

@@ -31,7 +31,9 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::action::{ActionError, PreparedAction, Toolchain, cargo_action};
 use crate::caches::{CacheLayout, Slot, SlotLock};
-use crate::cargo::{CargoEvent, CargoJob, CargoOutputParser, fetch_argv, lockfile_unit_estimate};
+use crate::cargo::{
+    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, fetch_argv, lockfile_unit_estimate,
+};
 use crate::logstream::{
     LogConfig, LogDigests, LogStream, LogStreamKind, LogWriter, parse_log_blob,
 };
@@ -715,13 +717,18 @@ impl RunningJob<'_> {
         let needs_network = lockfile.contains("source = \"registry+")
             || lockfile.contains("source = \"git+")
             || lockfile.contains("source = \"sparse+");
-        let marker = slot.dir.join("fetched-lockfile");
+        // What a lock file names is fetched once into the shared cargo home, whichever slot
+        // asks first: the marker lives there, written by the executor (the sandbox never
+        // sees `fetched/`).
         let lock_digest = DigestFunction::Blake3
             .digest_of(lockfile.as_bytes())
             .hash_hex();
-        if !needs_network
-            || std::fs::read_to_string(&marker).ok().as_deref() == Some(lock_digest.as_str())
-        {
+        let marker = self
+            .inner()
+            .layout
+            .fetched_marker(&lock_digest)
+            .map_err(io_error("preparing the fetch marker"))?;
+        if !needs_network || marker.exists() {
             return Ok(None);
         }
         let fetched = Instant::now();
@@ -729,13 +736,13 @@ impl RunningJob<'_> {
             LogStreamKind::System,
             "fetching dependencies (network allowed in this phase only)",
         );
-        let spec = SandboxSpec::new(fetch_argv())
+        let spec = SandboxSpec::new(fetch_argv(&self.working_directory()))
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
             .env("CARGO_TERM_COLOR", "always")
             .workspace(&slot.src)
             .target_dir(&slot.target)
             .cargo_home(self.inner().layout.cargo_home(), true)
-            .cwd(self.working_directory())
+            .cwd(FETCH_CWD)
             .network(NetworkPolicy::Host)
             .limits(self.limits());
         let outcome = self

@@ -152,6 +152,37 @@ async fn tests_job_reports_failing_test() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_dependency_is_fetched_once_without_the_workspaces_cargo_config() {
+    let harness = harness();
+    let source = copy_fixture("registry-dep");
+    // A workspace config that would break (or hijack) downloads: a dead proxy. The fetch phase
+    // must not read it; the offline build phase may.
+    std::fs::create_dir_all(source.path().join(".cargo")).unwrap();
+    std::fs::write(
+        source.path().join(".cargo/config.toml"),
+        "[http]\nproxy = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let (_, first, lines) = run(&harness, JobKind::Build, source.path(), "dep-a").await;
+    let text: Vec<String> = lines.iter().map(|l| strip_ansi(l).into_owned()).collect();
+    assert_eq!(first.status, JobStatus::Success, "{text:#?}");
+    assert!(
+        text.iter().any(|l| l.contains("fetching dependencies")) && compiled(&lines, "itoa"),
+        "{text:#?}"
+    );
+    assert!(first.steps.iter().any(|(step, _)| step == "fetch"));
+
+    // Another slot with the same Cargo.lock: the shared cargo home has it, no second fetch.
+    let (_, second, lines) = run(&harness, JobKind::Check, source.path(), "dep-b").await;
+    assert_eq!(second.status, JobStatus::Success, "{lines:#?}");
+    assert!(
+        !second.steps.iter().any(|(step, _)| step == "fetch"),
+        "{:?}",
+        second.steps
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generic_command_collects_declared_outputs() {
     let harness = harness();
     let input = tempfile::tempdir().unwrap();
