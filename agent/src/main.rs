@@ -33,8 +33,7 @@ struct Cli {
     /// Where rba keeps its CAS, caches, identity and logs.
     #[arg(long, global = true, env = "RBA_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Colours in cargo's output: auto (when stdout is a terminal and NO_COLOR is unset),
-    /// always, never.
+    /// Colours in cargo's output.
     #[arg(long, global = true, value_enum, default_value_t, env = "RBA_COLOR")]
     color: ColorChoice,
     #[command(subcommand)]
