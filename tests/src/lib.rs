@@ -1,2 +1,10 @@
-//! End-to-end tests of rust-build-agent: they start the real binaries (`cache-server`, `rba`)
-//! and talk to them the way users do. The tests live in `tests/tests/`.
+//! The fixture workspaces every crate's tests and benches build (`tests/fixtures/`): a single
+//! crate, a 3-member workspace, a compile error, passing and failing tests, clippy warnings, a
+//! registry dependency and a 34-crate mid-size workspace. Each is standalone (its own
+//! `[workspace]` and `Cargo.lock`).
+//!
+//! The end-to-end tests that start the real binaries live beside the crate that owns each
+//! binary, because cargo builds a package's binaries for its own integration tests only:
+//! `agent/tests/cli.rs` (`rba build`, `rba serve`, `rba build --remote`, `rba logs`),
+//! `cache-server/tests/binary.rs` (`cache-server`) and `cache-server/tests/bazel_e2e.rs` (a real
+//! Bazel client against it).
