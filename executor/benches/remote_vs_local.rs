@@ -19,7 +19,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use rba_cas::{Cas, DigestFunction, StoreConfig};
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::runner::{Executor, ExecutorConfig, JobStatus};
 use rba_executor::sandbox::{Sandbox, SandboxConfig, SandboxSpec};
+use tokio::runtime::Runtime;
 
 fn copy_dir(from: &Path, to: &Path) {
     let status = Command::new("cp")
@@ -104,132 +105,122 @@ fn line(figure: &str, remote: Duration, local: Duration, goal: f64) {
     );
 }
 
+/// One remote side: an executor on its own store, and the copy of the workspace it builds.
+struct RemoteSide {
+    executor: Executor,
+    cas: Cas,
+    workspace: PathBuf,
+}
+
+impl RemoteSide {
+    fn new(scratch: &Path, name: &str, store: StoreConfig) -> RemoteSide {
+        let workspace = scratch.join(format!("{name}-workspace"));
+        std::fs::create_dir_all(&workspace).unwrap();
+        copy_dir(&common::fixture("midsize"), &workspace);
+        let cas = Cas::open(scratch.join(format!("{name}-cas")), store).unwrap();
+        let mut config = ExecutorConfig::new(scratch.join(format!("{name}-executor"))).unwrap();
+        config.workers = 1;
+        let executor = Executor::new(cas.clone(), config).unwrap();
+        RemoteSide {
+            executor,
+            cas,
+            workspace,
+        }
+    }
+
+    /// Runs one job on the side's workspace: (wall time as a client sees it, cache hit).
+    fn run(&self, runtime: &Runtime, kind: JobKind, identity: &str) -> (Duration, bool) {
+        runtime.block_on(remote(
+            &self.executor,
+            &self.cas,
+            &self.workspace,
+            kind,
+            identity,
+        ))
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for the list; nothing to list.
     }
-    let fixture = common::fixture("midsize");
     let scratch = tempfile::tempdir().unwrap();
     let local_ws = scratch.path().join("local");
-    let remote_ws = scratch.path().join("remote");
-    let unsynced_ws = scratch.path().join("remote-unsynced");
-    for ws in [&local_ws, &remote_ws, &unsynced_ws] {
-        std::fs::create_dir_all(ws).unwrap();
-        copy_dir(&fixture, ws);
-    }
+    std::fs::create_dir_all(&local_ws).unwrap();
+    copy_dir(&common::fixture("midsize"), &local_ws);
     let local_target = scratch.path().join("local-target");
+    let local_build =
+        |target: &Path| local_cargo(&local_ws, target, &["build", "--locked", "--offline"]);
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let cas = Cas::open(scratch.path().join("cas"), StoreConfig::default()).unwrap();
-    let mut config = ExecutorConfig::new(scratch.path().join("executor")).unwrap();
-    config.workers = 1;
-    let executor = Executor::new(cas.clone(), config).unwrap();
+    let runtime = Runtime::new().unwrap();
+    let synced = RemoteSide::new(scratch.path(), "remote", StoreConfig::default());
     // The same executor on a store without fsync (`rba serve --no-fsync`): what durability of
     // the stored artifact costs. Local cargo syncs nothing.
-    let unsynced_cas = Cas::open(
-        scratch.path().join("cas-unsynced"),
-        StoreConfig::without_fsync(),
-    )
-    .unwrap();
-    let mut config = ExecutorConfig::new(scratch.path().join("executor-unsynced")).unwrap();
-    config.workers = 1;
-    let unsynced = Executor::new(unsynced_cas.clone(), config).unwrap();
+    let unsynced = RemoteSide::new(scratch.path(), "unsynced", StoreConfig::without_fsync());
 
-    // Warm both registries: local ~/.cargo, and the executor's shared cargo home (its fetch
+    // Warm the registries: local ~/.cargo, and each executor's shared cargo home (its fetch
     // phase runs before any cargo job; `fmt --check` compiles nothing).
     local_cargo(&local_ws, &local_target, &["fetch", "--locked"]);
-    runtime.block_on(remote(&executor, &cas, &remote_ws, JobKind::Fmt, "midsize"));
+    for side in [&synced, &unsynced] {
+        side.run(&runtime, JobKind::Fmt, "midsize");
+    }
 
     // Cold builds: a fresh local target dir and a fresh remote slot (a new workspace identity)
-    // per round; the registries stay warm.
+    // per round; the registries stay warm. A different tree each round, or the action cache
+    // would answer rounds after the first.
     let cold_rounds = 3;
     let mut local_cold = Vec::new();
     let mut remote_cold = Vec::new();
     for round in 0..cold_rounds {
-        // A different tree each round, or the action cache would answer rounds after the first.
-        for ws in [&local_ws, &remote_ws] {
+        for ws in [&local_ws, &synced.workspace] {
             append_line(&ws.join(LEAF), &format!("// cold round {round}"));
         }
-        let identity = if round + 1 == cold_rounds {
-            "midsize".to_string()
+        let last = round + 1 == cold_rounds;
+        let (identity, target) = if last {
+            ("midsize".to_string(), local_target.clone())
         } else {
-            format!("midsize-cold-{round}")
+            (
+                format!("midsize-cold-{round}"),
+                scratch.path().join(format!("local-target-cold-{round}")),
+            )
         };
-        let target = if round + 1 == cold_rounds {
-            local_target.clone()
-        } else {
-            scratch.path().join(format!("local-target-cold-{round}"))
-        };
-        local_cold.push(local_cargo(
-            &local_ws,
-            &target,
-            &["build", "--locked", "--offline"],
-        ));
-        let (took, _) = runtime.block_on(remote(
-            &executor,
-            &cas,
-            &remote_ws,
-            JobKind::Build,
-            &identity,
-        ));
-        remote_cold.push(took);
-        if round + 1 < cold_rounds {
+        local_cold.push(local_build(&target));
+        remote_cold.push(synced.run(&runtime, JobKind::Build, &identity).0);
+        if !last {
             let _ = std::fs::remove_dir_all(&target);
         }
     }
-    let (remote_cold, local_cold) = (median(remote_cold), median(local_cold));
-    line("cold build, warm registry", remote_cold, local_cold, 1.05);
-    runtime.block_on(remote(
-        &unsynced,
-        &unsynced_cas,
-        &unsynced_ws,
-        JobKind::Fmt,
-        "midsize",
-    ));
-    runtime.block_on(remote(
-        &unsynced,
-        &unsynced_cas,
-        &unsynced_ws,
-        JobKind::Build,
-        "midsize",
-    ));
+    line(
+        "cold build, warm registry",
+        median(remote_cold),
+        median(local_cold),
+        1.05,
+    );
+    unsynced.run(&runtime, JobKind::Build, "midsize");
 
     // Repeated figures report the median of their rounds, each side measured alternately.
     let rounds = 7;
     let mut local_incremental = Vec::new();
-    let mut remote_incremental = Vec::new();
+    let mut synced_incremental = Vec::new();
     let mut unsynced_incremental = Vec::new();
     for round in 0..rounds {
-        for ws in [&local_ws, &remote_ws, &unsynced_ws] {
+        for ws in [&local_ws, &synced.workspace, &unsynced.workspace] {
             append_line(&ws.join(LEAF), &format!("// one-line change {round}"));
         }
-        local_incremental.push(local_cargo(
-            &local_ws,
-            &local_target,
-            &["build", "--locked", "--offline"],
-        ));
-        let (took, hit) = runtime.block_on(remote(
-            &executor,
-            &cas,
-            &remote_ws,
-            JobKind::Build,
-            "midsize",
-        ));
-        assert!(!hit, "a changed tree is no action-cache hit");
-        remote_incremental.push(took);
-        let (took, _) = runtime.block_on(remote(
-            &unsynced,
-            &unsynced_cas,
-            &unsynced_ws,
-            JobKind::Build,
-            "midsize",
-        ));
-        unsynced_incremental.push(took);
+        local_incremental.push(local_build(&local_target));
+        for (side, times) in [
+            (&synced, &mut synced_incremental),
+            (&unsynced, &mut unsynced_incremental),
+        ] {
+            let (took, hit) = side.run(&runtime, JobKind::Build, "midsize");
+            assert!(!hit, "a changed tree is no action-cache hit");
+            times.push(took);
+        }
     }
     let local_incremental = median(local_incremental);
     line(
         "incremental build, one-line change in a leaf crate",
-        median(remote_incremental),
+        median(synced_incremental),
         local_incremental,
         1.15,
     );
@@ -243,18 +234,8 @@ fn main() {
     let mut local_noop = Vec::new();
     let mut remote_hit = Vec::new();
     for _ in 0..rounds + 2 {
-        local_noop.push(local_cargo(
-            &local_ws,
-            &local_target,
-            &["build", "--locked", "--offline"],
-        ));
-        let (took, hit) = runtime.block_on(remote(
-            &executor,
-            &cas,
-            &remote_ws,
-            JobKind::Build,
-            "midsize",
-        ));
+        local_noop.push(local_build(&local_target));
+        let (took, hit) = synced.run(&runtime, JobKind::Build, "midsize");
         assert!(
             hit,
             "the unchanged resubmission must be an action-cache hit"
