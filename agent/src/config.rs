@@ -173,6 +173,52 @@ impl NodeConfig {
     }
 }
 
+/// The node flags `rba serve` and `rba tangle run` share: a config file, then the environment,
+/// then these flags.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NodeArgs {
+    /// Node TOML configuration file.
+    #[arg(long, env = "RBA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// libp2p listen multiaddr (repeatable), e.g. /ip4/127.0.0.1/tcp/7420.
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// HTTP + WebSocket listen address (`off` disables).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// REAPI gRPC listen address (`off` disables).
+    #[arg(long)]
+    pub grpc: Option<String>,
+    /// Concurrent jobs.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+impl NodeArgs {
+    /// The configuration these flags describe: the file (or the defaults), the `RBA_*`
+    /// environment over it, the flags over both.
+    pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        config.apply_env()?;
+        if !self.listen.is_empty() {
+            config.listen = self.listen.clone();
+        }
+        if let Some(http) = &self.http {
+            config.http_listen = parse_optional_addr(http, "--http")?;
+        }
+        if let Some(grpc) = &self.grpc {
+            config.grpc_listen = parse_optional_addr(grpc, "--grpc")?;
+        }
+        if let Some(workers) = self.workers {
+            config.workers = workers;
+        }
+        Ok(config)
+    }
+}
+
 /// `off`/`none`/empty → `None`, else a socket address.
 pub fn parse_optional_addr(text: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
     match text.trim() {

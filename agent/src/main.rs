@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use rba_agent::client::RemoteClient;
-use rba_agent::config::{NodeConfig, default_data_dir, parse_optional_addr};
+use rba_agent::config::{NodeArgs, default_data_dir};
 use rba_agent::node::Node;
 use rba_agent::output::{ColorChoice, Terminal, exit_code};
 use rba_agent::p2p::session::SessionEvent;
@@ -103,21 +103,8 @@ struct JobArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "RBA_CONFIG")]
-    config: Option<PathBuf>,
-    /// libp2p listen multiaddr (repeatable), e.g. /ip4/127.0.0.1/tcp/7420.
-    #[arg(long)]
-    listen: Vec<String>,
-    /// HTTP listen address (`off` disables).
-    #[arg(long)]
-    http: Option<String>,
-    /// REAPI gRPC listen address (`off` disables).
-    #[arg(long)]
-    grpc: Option<String>,
-    /// Concurrent jobs.
-    #[arg(long)]
-    workers: Option<usize>,
+    #[command(flatten)]
+    node: NodeArgs,
     /// A trusted peer operator, MULTIADDR/p2p/PEERID (repeatable).
     #[arg(long)]
     trusted_peer: Vec<String>,
@@ -188,25 +175,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8> {
-    let mut config = match &args.config {
-        Some(path) => NodeConfig::from_file(path)?,
-        None => NodeConfig::default(),
-    };
-    config.apply_env()?;
+    let mut config = args.node.node_config()?;
     if let Some(dir) = data_dir {
         config.data_dir = dir;
-    }
-    if !args.listen.is_empty() {
-        config.listen = args.listen;
-    }
-    if let Some(http) = &args.http {
-        config.http_listen = parse_optional_addr(http, "--http")?;
-    }
-    if let Some(grpc) = &args.grpc {
-        config.grpc_listen = parse_optional_addr(grpc, "--grpc")?;
-    }
-    if let Some(workers) = args.workers {
-        config.workers = workers;
     }
     for peer in &args.trusted_peer {
         config

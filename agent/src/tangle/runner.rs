@@ -26,7 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::{oneshot, watch};
 
 use super::{TangleConfig, TangleContext};
-use crate::config::{NodeConfig, parse_optional_addr};
+use crate::config::NodeArgs;
 use crate::node::Node;
 
 /// `rba tangle …`
@@ -77,21 +77,9 @@ pub struct RunArgs {
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Node TOML configuration (the same file as `rba serve --config`).
-    #[arg(long, env = "RBA_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// libp2p listen multiaddr (repeatable).
-    #[arg(long)]
-    pub listen: Vec<String>,
-    /// HTTP + WebSocket listen address (`off` disables).
-    #[arg(long)]
-    pub http: Option<String>,
-    /// REAPI gRPC listen address (`off` disables).
-    #[arg(long)]
-    pub grpc: Option<String>,
-    /// Concurrent jobs.
-    #[arg(long)]
-    pub workers: Option<usize>,
+    /// The node's own flags, as for `rba serve`.
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Accept `file://` zip URIs for files under this directory.
     #[arg(long, env = "RBA_TANGLE_FILE_ROOT")]
@@ -242,24 +230,8 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
         .await
         .with_context(|| format!("connecting to Tangle at {}", env.http_rpc_endpoint))?;
 
-    let mut node_config = match &args.config {
-        Some(path) => NodeConfig::from_file(path)?,
-        None => NodeConfig::default(),
-    };
-    node_config.apply_env()?;
+    let mut node_config = args.node.node_config()?;
     node_config.data_dir = rba_data_dir.unwrap_or_else(|| blueprint_dir.join("rba"));
-    if !args.listen.is_empty() {
-        node_config.listen = args.listen.clone();
-    }
-    if let Some(http) = &args.http {
-        node_config.http_listen = parse_optional_addr(http, "--http")?;
-    }
-    if let Some(grpc) = &args.grpc {
-        node_config.grpc_listen = parse_optional_addr(grpc, "--grpc")?;
-    }
-    if let Some(workers) = args.workers {
-        node_config.workers = workers;
-    }
     let mut tangle_config = TangleConfig::new(&node_config.data_dir);
     tangle_config.file_root = args.file_root.clone();
     tangle_config.ipfs_gateway = args.ipfs_gateway.clone();
