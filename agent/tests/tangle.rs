@@ -7,6 +7,8 @@
 //! Zips are made from `tests/fixtures/*` in the test, given by `file://` or served by a
 //! loopback HTTP server (plain `http://` is allowed by the test's config only).
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -239,15 +241,7 @@ impl Harness {
 
     fn log_text(&self, result: &BuildResult) -> String {
         let digest: rba_cas::Digest = result.logDigest.parse().expect("a log digest");
-        let bytes = self
-            .node
-            .shared()
-            .cas
-            .blobs
-            .read_to_vec(&digest, 64 << 20)
-            .unwrap();
-        rba_executor::logstream::parse_log_blob(&bytes)
-            .unwrap()
+        common::stored_log(&self.node, &digest)
             .into_iter()
             .map(|l| l.line + "\n")
             .collect()

@@ -149,17 +149,21 @@ pub fn lines_of(events: &[SessionEvent]) -> Vec<LogLine> {
         .collect()
 }
 
-/// The lines of a session's stored log on `node`.
-pub fn stored_lines(node: &Node, result: &SessionResult) -> Vec<(u64, String)> {
-    let digest = rba_cas::Digest::from_wire(result.body().log_digest.as_ref().unwrap()).unwrap();
+/// The log stored under `digest` on `node`.
+pub fn stored_log(node: &Node, digest: &rba_cas::Digest) -> Vec<rba_executor::logstream::LogLine> {
     let bytes = node
         .shared()
         .cas
         .blobs
-        .read_to_vec(&digest, 1 << 30)
+        .read_to_vec(digest, 1 << 30)
         .unwrap();
-    rba_executor::logstream::parse_log_blob(&bytes)
-        .unwrap()
+    rba_executor::logstream::parse_log_blob(&bytes).unwrap()
+}
+
+/// The lines of a session's stored log on `node`.
+pub fn stored_lines(node: &Node, result: &SessionResult) -> Vec<(u64, String)> {
+    let digest = rba_cas::Digest::from_wire(result.body().log_digest.as_ref().unwrap()).unwrap();
+    stored_log(node, &digest)
         .into_iter()
         .map(|l| (l.seq, l.line))
         .collect()
