@@ -30,7 +30,12 @@ pub async fn run(
     config.workers = workers.max(1);
     let executor = Executor::new(cas, config).context("starting the embedded executor")?;
     let handle = executor
-        .submit_cargo(&job, tree.root, &workspace_identity(path))
+        .submit_cargo(
+            &job,
+            tree.root,
+            &workspace_identity(path),
+            rba_executor::tenant::Tenant::local(),
+        )
         .await?;
     eprintln!(
         "rba: {} {} ({} files, root {:?}) on the embedded node",

@@ -302,6 +302,9 @@ impl NodeShared {
                 action_digest,
                 skip_cache_lookup: false,
                 workspace_identity: Some(identity),
+                tenant: peer
+                    .map(rba_executor::tenant::Tenant::peer)
+                    .unwrap_or_else(rba_executor::tenant::Tenant::local),
             })
             .await
             .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;

@@ -266,6 +266,8 @@ impl ExecutionService {
                 action_digest: action,
                 skip_cache_lookup: request.skip_cache_lookup,
                 workspace_identity: None,
+                // TODO(tenants): the caller's token.
+                tenant: rba_executor::tenant::Tenant::anonymous(),
             })
             .await;
         let handle = match submitted {

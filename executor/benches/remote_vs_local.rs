@@ -63,7 +63,12 @@ async fn remote(
     let started = Instant::now();
     let root = common::hash_dir(cas, workspace, DigestFunction::Blake3).await;
     let handle = executor
-        .submit_cargo(&CargoJob::new(kind), root, identity)
+        .submit_cargo(
+            &CargoJob::new(kind),
+            root,
+            identity,
+            rba_executor::tenant::Tenant::local(),
+        )
         .await
         .unwrap();
     let outcome = handle.wait().await;

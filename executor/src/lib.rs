@@ -8,4 +8,5 @@ pub mod cargo;
 pub mod logstream;
 pub mod runner;
 pub mod sandbox;
+pub mod tenant;
 pub mod workspace;

@@ -41,6 +41,7 @@ use crate::sandbox::{
     Limits, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec, Stream,
     TARGET_DIR, WORKSPACE_DIR,
 };
+use crate::tenant::Tenant;
 use crate::workspace::{DesiredEntry, sync_directory};
 
 /// The instance name cargo jobs use in the action cache.
@@ -134,6 +135,8 @@ pub struct ExecuteRequest {
     pub skip_cache_lookup: bool,
     /// For cargo jobs: which target cache to reuse (not part of the Action digest).
     pub workspace_identity: Option<String>,
+    /// Who asked: scopes slots and the results the job may be served.
+    pub tenant: Tenant,
 }
 
 /// How a job ended.
@@ -343,6 +346,7 @@ impl Executor {
         job: &CargoJob,
         input_root: Digest,
         workspace_identity: &str,
+        tenant: Tenant,
     ) -> Result<JobHandle, ExecutorError> {
         let blobs = self.inner.cas.blobs.clone();
         let (job, toolchain) = (job.clone(), self.inner.toolchain.clone());
@@ -355,6 +359,7 @@ impl Executor {
             action_digest: prepared.action_digest,
             skip_cache_lookup: false,
             workspace_identity: Some(workspace_identity.to_string()),
+            tenant,
         })
         .await
     }

@@ -267,13 +267,18 @@ async fn queued_jobs_report_positions_and_cancel_stops_a_running_job() {
     let root = hash_dir(&harness.cas, source.path(), DigestFunction::Blake3).await;
     let running = harness
         .executor
-        .submit_cargo(&CargoJob::new(JobKind::Build), root, "a")
+        .submit_cargo(
+            &CargoJob::new(JobKind::Build),
+            root,
+            "a",
+            rba_executor::tenant::Tenant::local(),
+        )
         .await
         .unwrap();
     let check = CargoJob::new(JobKind::Check);
     let waiting = harness
         .executor
-        .submit_cargo(&check, root, "b")
+        .submit_cargo(&check, root, "b", rba_executor::tenant::Tenant::local())
         .await
         .unwrap();
     let mut state = waiting.watch();

@@ -211,6 +211,7 @@ async fn generic_command_collects_declared_outputs() {
         action_digest: prepared.action_digest,
         skip_cache_lookup: false,
         workspace_identity: None,
+        tenant: rba_executor::tenant::Tenant::local(),
     };
     let handle = harness.executor.submit(request.clone()).await.unwrap();
     let outcome = handle.wait().await;

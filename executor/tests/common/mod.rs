@@ -52,7 +52,7 @@ impl Harness {
         let root = hash_dir(&self.cas, source, DigestFunction::Blake3).await;
         let handle = self
             .executor
-            .submit_cargo(job, root, identity)
+            .submit_cargo(job, root, identity, rba_executor::tenant::Tenant::local())
             .await
             .unwrap();
         let outcome = handle.wait().await;
