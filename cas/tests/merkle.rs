@@ -145,9 +145,50 @@ fn skips_target_git_gitignored_and_cache_dirs() {
         skip_git: false,
         skip_cache_dirs: false,
         use_stat_cache: false,
+        always_include: vec![],
     };
     let all = build_from_dir(&store, work.path(), F, &everything).unwrap();
     assert_eq!(all.stats.files, built.stats.files + 8);
+}
+
+#[test]
+fn an_ignored_lock_file_is_uploaded_all_the_same() {
+    // Most published libraries list Cargo.lock in .gitignore; an offline, --locked build
+    // needs it. Nested ignored lock files and other ignored files stay out.
+    let (_s, store) = store();
+    let work = tempfile::tempdir().unwrap();
+    write_dir(
+        work.path(),
+        &vec![
+            file(".gitignore", b"Cargo.lock\n/ignored.txt\n"),
+            file("Cargo.toml", b"[package]\nname = \"x\"\n"),
+            file("Cargo.lock", b"version = 4\n"),
+            file("ignored.txt", b"stays out"),
+            file("nested/Cargo.lock", b"stays out too"),
+        ],
+    );
+    let built = build(work.path(), &store);
+    let root = read_directory(&store, &built.root).unwrap();
+    let names: Vec<&str> = root.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, [".gitignore", "Cargo.lock", "Cargo.toml"]);
+    assert_eq!(
+        built.stats.files, 3,
+        "nested/Cargo.lock and ignored.txt stay out"
+    );
+
+    // A symlinked lock file that is ignored is not followed to the host.
+    let linked = tempfile::tempdir().unwrap();
+    write_dir(
+        linked.path(),
+        &vec![
+            file(".gitignore", b"Cargo.lock\n"),
+            file("Cargo.toml", b"[package]\nname = \"x\"\n"),
+        ],
+    );
+    std::os::unix::fs::symlink("/etc/hostname", linked.path().join("Cargo.lock")).unwrap();
+    let built = build(linked.path(), &store);
+    let root = read_directory(&store, &built.root).unwrap();
+    assert!(root.files.iter().all(|f| f.name != "Cargo.lock"));
 }
 
 #[test]

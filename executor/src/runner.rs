@@ -1215,6 +1215,7 @@ fn collect_outputs(
                 skip_git: false,
                 skip_cache_dirs: false,
                 use_stat_cache: false,
+                always_include: Vec::new(),
             };
             let built = merkle::build_from_dir(blobs, &path, function, &options)?;
             let tree = merkle::get_tree(blobs, &built.root)?;

@@ -33,6 +33,10 @@ pub struct DirOptions {
     pub skip_cache_dirs: bool,
     /// Use and update the stat cache.
     pub use_stat_cache: bool,
+    /// Regular files at the root that are included even when a `.gitignore` lists them
+    /// (default: `Cargo.lock`, which most published libraries ignore but an offline, `--locked`
+    /// build needs).
+    pub always_include: Vec<String>,
 }
 
 impl Default for DirOptions {
@@ -43,6 +47,7 @@ impl Default for DirOptions {
             skip_git: true,
             skip_cache_dirs: true,
             use_stat_cache: true,
+            always_include: vec!["Cargo.lock".to_string()],
         }
     }
 }
@@ -152,6 +157,16 @@ pub fn build_from_dir(
             });
         } else {
             tracing::debug!(path = %absolute.display(), "skipping special file");
+        }
+    }
+    for name in &options.always_include {
+        let absolute = root.join(name);
+        let is_file = fs::symlink_metadata(&absolute).is_ok_and(|m| m.is_file());
+        if is_file && !jobs.iter().any(|job| job.relative == *name) {
+            jobs.push(FileJob {
+                relative: name.clone(),
+                absolute,
+            });
         }
     }
     let cache = if options.use_stat_cache {
