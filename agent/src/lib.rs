@@ -16,7 +16,8 @@
 //! - [`local`]: the embedded node `rba` uses without `--remote`.
 //! - [`output`]: what the CLI prints (live lines, progress bar, summary).
 //! - [`workspace`]: hashing a user's workspace into a local CAS.
-//! - [`tangle`]: the Tangle Blueprint jobs (0–4), `zip_uri` fetching and `rba tangle run`.
+//! - `tangle` (feature `tangle`, off by default): the Tangle Blueprint jobs (0–4), `zip_uri`
+//!   fetching and `rba tangle run`.
 
 pub mod client;
 pub mod config;
@@ -28,5 +29,6 @@ pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod p2p;
+#[cfg(feature = "tangle")]
 pub mod tangle;
 pub mod workspace;

@@ -70,6 +70,7 @@ enum Commands {
         remote: String,
     },
     /// The node as a Tangle Blueprint (`rba tangle run`, started by the Blueprint Manager).
+    #[cfg(feature = "tangle")]
     Tangle {
         #[command(subcommand)]
         command: rba_agent::tangle::runner::TangleCommand,
@@ -142,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let color = cli.color;
     let (kind, args) = match cli.command {
         Commands::Serve(args) => return serve(data_dir, args).await,
+        #[cfg(feature = "tangle")]
         Commands::Tangle { command } => {
             return rba_agent::tangle::runner::main(data_dir, command).await;
         }

@@ -6,6 +6,7 @@
 //!
 //! Zips are made from `tests/fixtures/*` in the test, given by `file://` or served by a
 //! loopback HTTP server (plain `http://` is allowed by the test's config only).
+#![cfg(feature = "tangle")]
 
 mod common;
 
