@@ -178,6 +178,9 @@ impl Network {
             )
             .context("setting up TCP + noise + yamux")?
             .with_quic()
+            // `/dns4/…`, `/dns6/…` and `/dns/…` addresses resolve (system resolver config).
+            .with_dns()
+            .context("setting up DNS resolution")?
             .with_behaviour(|_| libp2p_stream::Behaviour::new())
             .context("setting up the stream behaviour")?
             .with_swarm_config(|config| config.with_idle_connection_timeout(idle_timeout))
@@ -399,6 +402,43 @@ mod tests {
         assert!(verify(&key, b"other", &signature).is_err());
         std::fs::write(&path, b"junk").unwrap();
         assert!(load_or_create_identity(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn dns_multiaddrs_dial() {
+        let node = Network::start(Keypair::generate_ed25519(), Duration::from_secs(30)).unwrap();
+        node.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .await
+            .unwrap();
+        let port = node
+            .listen_addrs()
+            .iter()
+            .flat_map(|a| a.iter())
+            .find_map(|p| match p {
+                libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+            .unwrap();
+        let client = Network::start(Keypair::generate_ed25519(), Duration::from_secs(30)).unwrap();
+        let address: Multiaddr = format!("/dns4/localhost/tcp/{port}").parse().unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            client.dial(node.peer_id(), vec![address]),
+        )
+        .await
+        .expect("dialling by name does not hang")
+        .expect("a /dns4/localhost address dials");
+        let unknown: Multiaddr = "/dns4/no-such-host.invalid/tcp/1".parse().unwrap();
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        let error =
+            tokio::time::timeout(Duration::from_secs(30), client.dial(other, vec![unknown]))
+                .await
+                .expect("a failed lookup does not hang")
+                .unwrap_err();
+        assert!(
+            error.to_string().contains("no-such-host.invalid"),
+            "{error}"
+        );
     }
 
     #[test]
