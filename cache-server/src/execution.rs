@@ -6,8 +6,9 @@
 //! the ActionResult and streams the output. Here:
 //!
 //! - **Execute** checks the request (instance, digest function, action digest:
-//!   `INVALID_ARGUMENT` when malformed) and that the Action, its Command and every blob of its
-//!   input root are in the CAS. Missing ones end the stream at once with an `ExecuteResponse`
+//!   `INVALID_ARGUMENT` when malformed, or when the Command's output paths or working directory
+//!   could leave the exec root: `..`, a leading `/`…) and that the Action, its Command and every
+//!   blob of its input root are in the CAS. Missing ones end the stream at once with an `ExecuteResponse`
 //!   whose status is `FAILED_PRECONDITION` with a `PreconditionFailure` (`MISSING`,
 //!   `blobs/{hash}/{size}` per blob), as the spec asks, so the client uploads and retries.
 //!   Otherwise it submits the job and streams `Operation`s named
@@ -37,7 +38,7 @@ use std::time::Duration;
 use futures::{FutureExt, Stream};
 use parking_lot::Mutex;
 use rba_cas::{BlobStore, CasError, Digest};
-use rba_executor::action::ActionError;
+use rba_executor::action::{ActionError, check_command_paths};
 use rba_executor::logstream::LogStreamKind;
 use rba_executor::runner::Executor;
 use rba_executor::runner::{self, ExecutorError, JobHandle, JobOutcome, JobState, JobStatus};
@@ -454,6 +455,9 @@ fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Diges
     let mut missing = blobs
         .find_missing(&[command, root])
         .map_err(status::from_cas)?;
+    if !missing.contains(&command) {
+        check_command(blobs, &command)?;
+    }
     if !missing.contains(&root) {
         match rba_cas::tree_digests(blobs, &root) {
             Ok(all) => missing.extend(blobs.find_missing(&all).map_err(status::from_cas)?),
@@ -464,6 +468,28 @@ fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Diges
     missing.sort_by_key(|d| d.hash_hex());
     missing.dedup();
     Ok(missing)
+}
+
+/// Refuses, with `INVALID_ARGUMENT` naming the path, a Command whose output paths or working
+/// directory could leave the exec root, before anything happens on the host. The executor
+/// refuses it too (the same check: [`check_command_paths`]); answering here keeps such a
+/// request from ever reaching it.
+fn check_command(blobs: &BlobStore, digest: &Digest) -> Result<(), Status> {
+    let bytes = match blobs.read_to_vec(digest, MAX_ACTION_BYTES) {
+        Ok(bytes) => bytes,
+        Err(CasError::NotFound(_)) => return Ok(()),
+        Err(CasError::QuotaExceeded(reason)) => {
+            return Err(Status::invalid_argument(format!(
+                "Command {digest:?}: {reason}"
+            )));
+        }
+        Err(e) => return Err(status::from_cas_read(e)),
+    };
+    let command = reapi::Command::decode(bytes.as_slice()).map_err(|e| {
+        Status::invalid_argument(format!("blob {digest:?} is not a valid Command: {e}"))
+    })?;
+    check_command_paths(&command)
+        .map_err(|reason| Status::invalid_argument(format!("Command {digest:?}: {reason}")))
 }
 
 /// A submission the executor refused.

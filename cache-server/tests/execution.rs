@@ -734,3 +734,92 @@ async fn execute_needs_a_read_write_client() {
         "the action is missing"
     );
 }
+
+/// Every path under `dir` whose file name starts with `prefix`.
+fn named_under(dir: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(listing) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in listing.flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                found.push(path.clone());
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_paths_and_working_directories_leaving_the_exec_root_are_invalid_argument() {
+    let server = TestServer::start_executing().await;
+    let mut c = server.clients().await;
+    let host = tempfile::tempdir().unwrap();
+    let absolute = host.path().join("escape-abs/out").display().to_string();
+    let cases: Vec<(&str, Vec<String>, String)> = vec![
+        (
+            "",
+            vec!["../escape-up/out".into()],
+            "\"../escape-up/out\"".into(),
+        ),
+        (
+            "",
+            vec!["ok/out".into(), "../../../../escape-far/out".into()],
+            "\"../../../../escape-far/out\"".into(),
+        ),
+        ("", vec![absolute.clone()], format!("{absolute:?}")),
+        (
+            "..",
+            vec!["escape-wd/out".into()],
+            "working_directory \"..\"".into(),
+        ),
+        (
+            "/tmp",
+            vec!["escape-wd/out".into()],
+            "working_directory \"/tmp\"".into(),
+        ),
+    ];
+    for (working_directory, output_paths, named) in cases {
+        let command = Command {
+            arguments: vec!["sh".into(), "-c".into(), "mkdir -p escape-ran".into()],
+            output_paths,
+            working_directory: working_directory.into(),
+            ..Default::default()
+        };
+        let command = c.put(INSTANCE, SHA, &command.encode_to_vec()).await;
+        let root = c
+            .put(INSTANCE, SHA, &Directory::default().encode_to_vec())
+            .await;
+        let action = action_over(&mut c, command, root).await;
+        let status = execute(&mut c, request(&action, true)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(&named),
+            "{:?} should name {named}",
+            status.message()
+        );
+    }
+    // Nothing was created on the host, inside the server's directory or out of it, and no job ran.
+    assert!(!host.path().join("escape-abs").exists());
+    let server_dir = server.dir.path().parent().unwrap();
+    assert_eq!(
+        named_under(server.dir.path(), "escape-"),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert!(!server_dir.join("escape-up").exists() && !server_dir.join("escape-far").exists());
+    assert!(server.running().state.execution_enabled());
+
+    // The server keeps serving: a well-formed action runs.
+    let action = store_action(&mut c, &["sh", "-c", "echo ok > out/x"], &["out/x"], &[]).await;
+    let response = final_response(&execute(&mut c, request(&action, false)).await.unwrap());
+    assert_eq!(code_of(&response), Code::Ok as i32, "{response:?}");
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.output_files.len(), 1);
+}

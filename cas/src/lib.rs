@@ -27,8 +27,9 @@ pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
 pub use merkle::{
     DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
-    TreeBuilder, TreeStats, ZipLimits, build_from_dir, build_from_zip, build_from_zip_file,
-    get_tree, materialize, read_directory, tree_digests, validate_directory,
+    TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
+    build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
+    validate_tree,
 };
 pub use store::{BlobReader, BlobStore, BlobWriter, StoreConfig, StoreStats};
 

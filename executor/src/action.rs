@@ -26,11 +26,15 @@
 //!   returns both with their digests, so a worker can run the action from its digest alone.
 //! - [`PreparedAction::load`] is the other entry: an action a REAPI client already stored. It
 //!   fetches and decodes both messages, failing with [`ActionError::NotFound`] (naming the
-//!   missing digest) or [`ActionError::Invalid`] (naming the undecodable blob).
+//!   missing digest) or [`ActionError::Invalid`] (naming the undecodable blob, or the output
+//!   path or working directory that could leave the exec root: [`check_command_paths`]).
+//!   [`PreparedAction::check_input_tree`] then checks the whole input root
+//!   ([`rba_cas::merkle::validate_tree`]) before anything touches disk.
 
 use std::path::PathBuf;
 use std::process::Command as Process;
 
+use rba_cas::merkle::{TreeLimits, TreeSummary};
 use rba_cas::{BlobStore, CasError, Digest, DigestFunction};
 use rba_proto::Message;
 use rba_proto::reapi::{
@@ -190,12 +194,36 @@ impl PreparedAction {
             "Action.input_root_digest",
         )?;
         let command: Command = load_message(blobs, "Command", command_digest)?;
+        check_command_paths(&command).map_err(|reason| ActionError::Invalid {
+            what: format!("Command {command_digest:?}"),
+            reason,
+        })?;
         Ok(PreparedAction {
             action,
             action_digest,
             command,
             command_digest,
             input_root_digest,
+        })
+    }
+
+    /// Checks the whole input root against `limits` before anything of it touches disk (see
+    /// [`rba_cas::merkle::validate_tree`]): a hostile tree is [`ActionError::Invalid`] naming
+    /// the input root, the offending path and the limit; a missing `Directory` is
+    /// [`ActionError::Cas`] with [`CasError::NotFound`].
+    pub fn check_input_tree(
+        &self,
+        blobs: &BlobStore,
+        limits: &TreeLimits,
+    ) -> Result<TreeSummary, ActionError> {
+        rba_cas::merkle::validate_tree(blobs, &self.input_root_digest, limits).map_err(|error| {
+            match error {
+                CasError::HostileEntry { .. } | CasError::Invalid { .. } => ActionError::Invalid {
+                    what: format!("input root {:?}", self.input_root_digest),
+                    reason: error.to_string(),
+                },
+                other => ActionError::Cas(other),
+            }
         })
     }
 
@@ -214,6 +242,50 @@ impl PreparedAction {
             .find(|p| p.name == name)
             .map(|p| p.value)
     }
+}
+
+/// Checks a Command's `output_paths` (and the legacy `output_files` / `output_directories`) and
+/// its `working_directory` as REAPI asks: relative paths with `/` separators, no leading or
+/// trailing `/`, no empty, `.` or `..` component, no NUL; the working directory may be empty
+/// (the input root), an output path may not. The reason names the field and the path.
+///
+/// This is the one check; the REAPI server calls it too, to answer `INVALID_ARGUMENT` before
+/// submitting.
+#[allow(deprecated)]
+pub fn check_command_paths(command: &Command) -> Result<(), String> {
+    if !command.working_directory.is_empty() {
+        check_relative_path("working_directory", &command.working_directory)?;
+    }
+    let outputs = [
+        ("output_paths", &command.output_paths),
+        ("output_files", &command.output_files),
+        ("output_directories", &command.output_directories),
+    ];
+    for (field, paths) in outputs {
+        for path in paths {
+            check_relative_path(field, path)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_relative_path(field: &str, path: &str) -> Result<(), String> {
+    let problem = if path.is_empty() {
+        "is empty"
+    } else if path.contains('\0') {
+        "contains a NUL byte"
+    } else if path.starts_with('/') {
+        "is absolute (paths are relative to the working directory)"
+    } else if path.ends_with('/') {
+        "ends with '/'"
+    } else if path.split('/').any(|c| c == "..") {
+        "has a '..' component (it could leave the exec root)"
+    } else if path.split('/').any(|c| c.is_empty() || c == ".") {
+        "has an empty or '.' component"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{field} {path:?} {problem}"))
 }
 
 fn load_message<M: Message + Default>(
@@ -660,6 +732,63 @@ mod tests {
             loaded.platform_property("OSFamily").as_deref(),
             Some("linux")
         );
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn output_paths_and_working_directories_that_could_leave_the_exec_root_are_refused() {
+        let (_dir, blobs) = store();
+        let f = DigestFunction::Sha256;
+        let load = |command: Command| {
+            let command_digest = blobs.put_bytes(f, &command.encode_to_vec()).unwrap();
+            let action = Action {
+                command_digest: Some(command_digest.to_reapi()),
+                input_root_digest: Some(f.empty().to_reapi()),
+                ..Default::default()
+            };
+            let action_digest = blobs.put_bytes(f, &action.encode_to_vec()).unwrap();
+            PreparedAction::load(action_digest, &blobs)
+        };
+        let fine = Command {
+            arguments: vec!["true".into()],
+            working_directory: "pkg/sub".into(),
+            output_paths: vec!["out/a.o".into(), "b".into()],
+            ..Default::default()
+        };
+        load(fine.clone()).unwrap();
+        let hostile = [
+            ("output_paths", "../escape", "'..'"),
+            ("output_paths", "/abs", "absolute"),
+            ("output_paths", "a/../../x", "'..'"),
+            ("output_paths", "", "empty"),
+            ("output_paths", "a//b", "empty or '.'"),
+            ("output_paths", "./a", "empty or '.'"),
+            ("output_paths", "a/", "ends with"),
+            ("output_files", "../f", "'..'"),
+            ("output_directories", "/d", "absolute"),
+            ("working_directory", "..", "'..'"),
+            ("working_directory", "/tmp", "absolute"),
+        ];
+        for (field, path, needle) in hostile {
+            let mut command = fine.clone();
+            match field {
+                "output_paths" => command.output_paths = vec![path.into()],
+                "output_files" => command.output_files = vec![path.into()],
+                "output_directories" => command.output_directories = vec![path.into()],
+                _ => command.working_directory = path.into(),
+            }
+            match load(command) {
+                Err(ActionError::Invalid { what, reason }) => {
+                    assert!(what.starts_with("Command"), "{what}");
+                    assert!(
+                        reason.contains(field) && reason.contains(&format!("{path:?}")),
+                        "{reason}"
+                    );
+                    assert!(reason.contains(needle), "{reason} should say {needle}");
+                }
+                other => panic!("{field} {path:?}: expected Invalid, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use rba_cas::merkle::{self, DirOptions, MaterializeOptions};
+use rba_cas::merkle::beneath::{Beneath, EntryKind};
+use rba_cas::merkle::{self, DirOptions, MaterializeOptions, TreeLimits};
 use rba_cas::{Cas, CasError, Digest, DigestFunction};
 use rba_proto::Message;
 use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
@@ -42,7 +43,7 @@ use crate::sandbox::{
     TARGET_DIR, WORKSPACE_DIR,
 };
 use crate::tenant::Tenant;
-use crate::workspace::{DesiredEntry, sync_directory};
+use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
 
 /// The instance name cargo jobs use in the action cache.
 pub const CARGO_INSTANCE: &str = "rba/cargo";
@@ -68,6 +69,8 @@ pub struct ExecutorConfig {
     pub log: LogConfig,
     /// Keep at most this many per-workspace slots (LRU).
     pub max_slots: usize,
+    /// Bounds on every input tree, checked before anything of it touches disk.
+    pub tree_limits: TreeLimits,
 }
 
 impl ExecutorConfig {
@@ -86,6 +89,7 @@ impl ExecutorConfig {
             sandbox,
             log: LogConfig::default(),
             max_slots: 64,
+            tree_limits: TreeLimits::default(),
         })
     }
 }
@@ -377,14 +381,25 @@ impl Executor {
 
     /// Submits an Action already in the CAS. Returns at once; the job runs in the background.
     ///
-    /// Fails only when the Action or Command cannot be loaded (missing or malformed): such a
-    /// request never becomes a job.
+    /// Fails when the Action or Command cannot be loaded (missing or malformed, or an output
+    /// path or working directory that could leave the exec root) or when the input tree breaks
+    /// a rule or a [`TreeLimits`] bound ([`PreparedAction::check_input_tree`]): such a request
+    /// never becomes a job, and nothing of it touched disk. An input tree not (yet) complete in
+    /// the CAS is let through (a cached result may answer it); it is checked again before it is
+    /// written anywhere.
     pub async fn submit(&self, request: ExecuteRequest) -> Result<JobHandle, ExecutorError> {
         let blobs = self.inner.cas.blobs.clone();
         let digest = request.action_digest;
-        let prepared = tokio::task::spawn_blocking(move || PreparedAction::load(digest, &blobs))
-            .await
-            .expect("loading an action does not panic")?;
+        let limits = self.inner.config.tree_limits.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let prepared = PreparedAction::load(digest, &blobs)?;
+            match prepared.check_input_tree(&blobs, &limits) {
+                Ok(_) | Err(ActionError::Cas(CasError::NotFound(_))) => Ok(prepared),
+                Err(refused) => Err(refused),
+            }
+        })
+        .await
+        .expect("loading an action does not panic")?;
         self.forget_old_jobs();
         let id = uuid::Uuid::new_v4().to_string();
         let log_dir = self.inner.config.data_dir.join("logs");
@@ -614,13 +629,14 @@ impl RunningJob<'_> {
         self.step("slot-lock", waited);
 
         let synced = Instant::now();
-        let (blobs, root, sync_slot) = (
+        let (blobs, root, sync_slot, limits) = (
             self.inner().cas.blobs.clone(),
             self.prepared.input_root_digest,
             slot.clone(),
+            self.inner().config.tree_limits.clone(),
         );
         let stats = Self::blocking(move || {
-            let entries = desired_entries(&blobs, &root)?;
+            let entries = desired_entries(&blobs, &root, &limits)?;
             Ok(sync_directory(
                 &blobs,
                 &entries,
@@ -638,7 +654,7 @@ impl RunningJob<'_> {
             ),
         );
 
-        let lockfile = std::fs::read_to_string(slot.src.join("Cargo.lock")).unwrap_or_default();
+        let lockfile = read_lockfile(&self.inner().cas.blobs, &self.prepared.input_root_digest)?;
         if let Some(failure) = self.fetch_phase(&slot, &lockfile).await? {
             return Ok(failure);
         }
@@ -780,12 +796,15 @@ impl RunningJob<'_> {
             .map_err(io_error("creating the job dir"))?;
         let exec_root = job_dir.path().join("exec");
         let materialised = Instant::now();
-        let (blobs, root, target) = (
+        let (blobs, root, target, limits) = (
             self.inner().cas.blobs.clone(),
             self.prepared.input_root_digest,
             exec_root.clone(),
+            self.inner().config.tree_limits.clone(),
         );
         Self::blocking(move || {
+            // Checked at submission, unless it was incomplete then: never expanded unchecked.
+            merkle::validate_tree(&blobs, &root, &limits)?;
             // Copies, not hardlinks: the command may write where its inputs are.
             merkle::materialize(
                 &blobs,
@@ -799,11 +818,16 @@ impl RunningJob<'_> {
         self.step("materialise", materialised);
         let command = &self.prepared.command;
         let outputs = output_paths(command);
-        let working = exec_root.join(&command.working_directory);
+        // Checked when the action was loaded (`check_command_paths`): relative, no `..`.
+        let working = PathBuf::from(&command.working_directory);
+        let exec = Beneath::open(&exec_root).map_err(io_error("opening the exec root"))?;
         for output in &outputs {
-            // REAPI: the server creates the parent directories of every output path.
+            // REAPI: the server creates the parent directories of every output path, here never
+            // through a symlink of the input tree.
             if let Some(parent) = working.join(output).parent() {
-                std::fs::create_dir_all(parent).map_err(io_error("creating output parents"))?;
+                exec.create_dir_all(parent).map_err(io_error(format!(
+                    "creating the parent directories of output {output:?}"
+                )))?;
             }
         }
         let ran = Instant::now();
@@ -1059,11 +1083,14 @@ fn artifact_output_file(artifact: &Artifact) -> OutputFile {
     }
 }
 
-/// The entries of a stored tree, as the workspace sync wants them.
+/// The entries of a stored tree, as the workspace sync wants them. The tree is validated first
+/// (again, when submission found it incomplete): it is never expanded unchecked.
 fn desired_entries(
     blobs: &rba_cas::BlobStore,
     root: &Digest,
+    limits: &TreeLimits,
 ) -> Result<Vec<DesiredEntry>, ExecutorError> {
+    merkle::validate_tree(blobs, root, limits)?;
     let mut entries = Vec::new();
     let mut stack = vec![(PathBuf::new(), *root)];
     while let Some((path, digest)) = stack.pop() {
@@ -1174,6 +1201,11 @@ fn output_paths(command: &reapi::Command) -> Vec<String> {
 }
 
 /// Stores whatever exists at the output paths: files as `OutputFile`s, directories as `Tree`s.
+///
+/// Output paths are relative to the working directory (both checked when the action was
+/// loaded); each is looked up beneath the exec root without following any symlink, final or on
+/// the way ([`Beneath`]): an output the command replaced by a symlink, or placed behind one, is
+/// not collected, so no host file is read.
 fn collect_outputs(
     blobs: &rba_cas::BlobStore,
     function: DigestFunction,
@@ -1181,51 +1213,54 @@ fn collect_outputs(
     working: &Path,
     outputs: &[String],
 ) -> Result<(Vec<OutputFile>, Vec<OutputDirectory>), ExecutorError> {
-    let root = std::fs::canonicalize(exec_root).map_err(io_error("resolving the exec root"))?;
+    let root = Beneath::open(exec_root).map_err(io_error("opening the exec root"))?;
     let mut files = Vec::new();
     let mut directories = Vec::new();
     for output in outputs {
-        let path = working.join(output);
-        // Refuse outputs that escape the exec root (`..`, absolute paths, symlinked parents).
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        let relative = working.join(output);
+        let Ok(meta) = root.metadata(&relative) else {
             continue;
         };
-        let Ok(canonical) = std::fs::canonicalize(path.parent().unwrap_or(working)) else {
-            continue;
-        };
-        if !canonical.starts_with(&root)
-            || output.split('/').any(|c| c == "..")
-            || output.starts_with('/')
-        {
-            continue;
-        }
-        if meta.is_file() {
-            use std::os::unix::fs::PermissionsExt;
-            let digest = blobs.put_file(function, &path)?;
-            files.push(OutputFile {
-                path: output.clone(),
-                digest: Some(digest.to_reapi()),
-                is_executable: meta.permissions().mode() & 0o111 != 0,
-                ..Default::default()
-            });
-        } else if meta.is_dir() {
-            let options = DirOptions {
-                respect_gitignore: false,
-                skip_root_dirs: Vec::new(),
-                skip_git: false,
-                skip_cache_dirs: false,
-                use_stat_cache: false,
-                always_include: Vec::new(),
-            };
-            let built = merkle::build_from_dir(blobs, &path, function, &options)?;
-            let tree = merkle::get_tree(blobs, &built.root)?;
-            let tree_digest = blobs.put_bytes(function, &tree.encode_to_vec())?;
-            directories.push(OutputDirectory {
-                path: output.clone(),
-                tree_digest: Some(tree_digest.to_reapi()),
-                is_topologically_sorted: false,
-                root_directory_digest: Some(built.root.to_reapi()),
-            });
+        match meta.kind {
+            EntryKind::File => {
+                let Ok(mut file) = root.open_file(&relative) else {
+                    continue;
+                };
+                let digest =
+                    blobs.put_open_file(function, &mut file, &exec_root.join(&relative))?;
+                files.push(OutputFile {
+                    path: output.clone(),
+                    digest: Some(digest.to_reapi()),
+                    is_executable: meta.mode & 0o111 != 0,
+                    ..Default::default()
+                });
+            }
+            EntryKind::Directory => {
+                // Reached without a symlink (checked by opening it); the command has ended, so
+                // nothing swaps one in before the walk, which follows none itself.
+                if root.open_dir(&relative).is_err() {
+                    continue;
+                }
+                let options = DirOptions {
+                    respect_gitignore: false,
+                    skip_root_dirs: Vec::new(),
+                    skip_git: false,
+                    skip_cache_dirs: false,
+                    use_stat_cache: false,
+                    always_include: Vec::new(),
+                };
+                let path = exec_root.join(&relative);
+                let built = merkle::build_from_dir(blobs, &path, function, &options)?;
+                let tree = merkle::get_tree(blobs, &built.root)?;
+                let tree_digest = blobs.put_bytes(function, &tree.encode_to_vec())?;
+                directories.push(OutputDirectory {
+                    path: output.clone(),
+                    tree_digest: Some(tree_digest.to_reapi()),
+                    is_topologically_sorted: false,
+                    root_directory_digest: Some(built.root.to_reapi()),
+                });
+            }
+            EntryKind::Symlink | EntryKind::Other => {}
         }
     }
     Ok((files, directories))

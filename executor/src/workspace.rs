@@ -7,6 +7,11 @@
 //! and keeps its previous mtime, a changed or new file is written with a new mtime strictly
 //! later than the one it replaces, and anything not in the tree is removed. Client mtimes never
 //! enter: the Merkle tree carries none.
+//!
+//! `src/` is handed to jobs read-write, and its tree comes from a client: every host call under
+//! it goes through [`Beneath`] (no symlink followed, on the way or final), and new contents are
+//! written in a staging directory outside it, so neither a tree nor an earlier job can point a
+//! write (the executor's, often as root) at a host path.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -15,6 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::{BlobStore, Digest};
 
 /// One entry the synced directory must hold, by path relative to its root.
@@ -98,15 +104,32 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SyncError + '_ {
     }
 }
 
-fn mtime_ns(meta: &fs::Metadata) -> u128 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+/// The directory, next to the manifest, where new file contents are written before they are
+/// renamed into place: a sibling of `dest`, so no path of the tree can name it (nor a symlink
+/// in it point the write elsewhere).
+fn staging_dir(dest: &Path, manifest_path: &Path) -> Result<PathBuf, SyncError> {
+    let staging = manifest_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("sync-staging");
+    if staging.starts_with(dest) {
+        return Err(SyncError::Io {
+            path: staging,
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the staging directory must not be inside the synced directory",
+            ),
+        });
+    }
+    Ok(staging)
 }
 
 /// Makes `dest` hold exactly `entries`, using and updating the manifest at `manifest_path`.
+///
+/// Every call under `dest` goes through [`Beneath`]: nothing is created, written, read or
+/// removed through a symlink, whether the tree or an earlier job put it there (a desired entry
+/// below a symlink fails the sync naming it). New contents are written in a staging directory
+/// next to the manifest (outside `dest`) with `O_EXCL` and renamed into place.
 pub fn sync_directory(
     blobs: &BlobStore,
     entries: &[DesiredEntry],
@@ -118,26 +141,38 @@ pub fn sync_directory(
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
     let mut stats = SyncStats::default();
-    fs::create_dir_all(dest).map_err(io_at(dest))?;
+    let root = Beneath::create(dest).map_err(io_at(dest))?;
+    let staging_path = staging_dir(dest, manifest_path)?;
+    // Leftovers of an interrupted sync go.
+    match fs::remove_dir_all(&staging_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_at(&staging_path)(e)),
+    }
+    let staging = Beneath::create(&staging_path).map_err(io_at(&staging_path))?;
 
     let desired: BTreeMap<&Path, &DesiredEntry> = entries.iter().map(|e| (e.path(), e)).collect();
-    stats.removed = remove_undesired(dest, &desired)?;
+    stats.removed = remove_undesired(&root, &desired)?;
 
     let mut seen_files = HashSet::new();
     for entry in entries {
-        let full = dest.join(entry.path());
+        let relative = entry.path();
+        let at = |source| SyncError::Io {
+            path: dest.join(relative),
+            source,
+        };
         match entry {
             DesiredEntry::Directory { .. } => {
-                fs::create_dir_all(&full).map_err(io_at(&full))?;
-                fs::set_permissions(&full, fs::Permissions::from_mode(0o755))
-                    .map_err(io_at(&full))?;
+                root.create_dir_all(relative).map_err(at)?;
+                root.set_dir_mode(relative, 0o755).map_err(at)?;
             }
             DesiredEntry::Symlink { target, .. } => {
-                let current = fs::read_link(&full).ok();
-                if current.as_deref() != Some(Path::new(target)) {
-                    remove_any(&full)?;
-                    ensure_parent(&full)?;
-                    std::os::unix::fs::symlink(target, &full).map_err(io_at(&full))?;
+                let current = root.read_link(relative).ok();
+                if current.as_deref() != Some(std::ffi::OsStr::new(target)) {
+                    root.remove(relative).map_err(at)?;
+                    ensure_parent(&root, relative).map_err(at)?;
+                    root.symlink(std::ffi::OsStr::new(target), relative)
+                        .map_err(at)?;
                 }
             }
             DesiredEntry::File {
@@ -148,14 +183,14 @@ pub fn sync_directory(
                 let key = path.to_string_lossy().into_owned();
                 seen_files.insert(key.clone());
                 let previous = manifest.get(&key);
-                let on_disk = fs::symlink_metadata(&full).ok();
+                let on_disk = root.metadata(relative).ok();
                 let unchanged = match (previous, &on_disk) {
                     (Some(previous), Some(meta)) => {
-                        meta.is_file()
+                        meta.kind == EntryKind::File
                             && previous.digest == format!("{digest:?}")
                             && previous.executable == *executable
-                            && previous.size == meta.len()
-                            && previous.mtime_ns == mtime_ns(meta)
+                            && previous.size == meta.size
+                            && previous.mtime_ns == meta.mtime_ns
                     }
                     _ => false,
                 };
@@ -166,9 +201,21 @@ pub fn sync_directory(
                 let not_before = previous
                     .map(|p| p.mtime_ns)
                     .into_iter()
-                    .chain(on_disk.as_ref().map(mtime_ns))
+                    .chain(on_disk.as_ref().map(|meta| meta.mtime_ns))
                     .max();
-                let written = write_file(blobs, digest, *executable, &full, not_before)?;
+                let written = write_file(
+                    blobs,
+                    digest,
+                    *executable,
+                    &root,
+                    &staging,
+                    relative,
+                    not_before,
+                )
+                .map_err(|e| match e {
+                    SyncError::Io { source, .. } => at(source),
+                    other => other,
+                })?;
                 stats.written += 1;
                 stats.bytes_written += digest.size;
                 manifest.insert(
@@ -183,6 +230,8 @@ pub fn sync_directory(
             }
         }
     }
+    drop(staging);
+    let _ = fs::remove_dir(&staging_path);
     manifest.retain(|path, _| seen_files.contains(path));
     let encoded = serde_json::to_vec(&manifest).expect("manifest serialises");
     let tmp = manifest_path.with_extension("tmp");
@@ -191,81 +240,77 @@ pub fn sync_directory(
     Ok(stats)
 }
 
-/// Removes everything under `dest` whose path is not desired with the same kind.
+/// Removes everything under `root` whose path is not desired with the same kind.
 fn remove_undesired(
-    dest: &Path,
+    root: &Beneath,
     desired: &BTreeMap<&Path, &DesiredEntry>,
 ) -> Result<u64, SyncError> {
     let mut removed = 0;
-    let mut stack = vec![dest.to_path_buf()];
+    let mut stack = vec![PathBuf::new()];
     while let Some(dir) = stack.pop() {
-        let listing = match fs::read_dir(&dir) {
+        let at = |source| SyncError::Io {
+            path: root.path().join(&dir),
+            source,
+        };
+        let listing = match root.read_dir(&dir) {
             Ok(listing) => listing,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_at(&dir)(e)),
+            Err(e) => return Err(at(e)),
         };
-        for item in listing {
-            let item = item.map_err(io_at(&dir))?;
-            let full = item.path();
-            let relative = full.strip_prefix(dest).expect("walk stays under dest");
-            let file_type = item.file_type().map_err(io_at(&full))?;
-            let keep = match desired.get(relative) {
-                Some(DesiredEntry::Directory { .. }) => file_type.is_dir(),
-                Some(DesiredEntry::File { .. }) => file_type.is_file(),
-                Some(DesiredEntry::Symlink { .. }) => file_type.is_symlink(),
+        for (name, kind) in listing {
+            let relative = dir.join(&name);
+            let keep = match desired.get(relative.as_path()) {
+                Some(DesiredEntry::Directory { .. }) => kind == EntryKind::Directory,
+                Some(DesiredEntry::File { .. }) => kind == EntryKind::File,
+                Some(DesiredEntry::Symlink { .. }) => kind == EntryKind::Symlink,
                 None => false,
             };
             if !keep {
-                remove_any(&full)?;
+                root.remove(&relative).map_err(|source| SyncError::Io {
+                    path: root.path().join(&relative),
+                    source,
+                })?;
                 removed += 1;
-            } else if file_type.is_dir() {
-                stack.push(full);
+            } else if kind == EntryKind::Directory {
+                stack.push(relative);
             }
         }
     }
     Ok(removed)
 }
 
-fn remove_any(path: &Path) -> Result<(), SyncError> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    };
-    result.map_err(io_at(path))
-}
-
-fn ensure_parent(path: &Path) -> Result<(), SyncError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_at(parent))?;
+fn ensure_parent(root: &Beneath, relative: &Path) -> io::Result<()> {
+    match relative.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => root.create_dir_all(parent),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-/// Writes a blob to `path` (via a temp file and rename) and returns the mtime it was given,
-/// strictly later than `not_before` so cargo sees the change even within one clock tick.
+/// Writes a blob to `relative` beneath `root` (via a new file in `staging` renamed into place)
+/// and returns the mtime it was given, strictly later than `not_before` so cargo sees the change
+/// even within one clock tick.
 fn write_file(
     blobs: &BlobStore,
     digest: &Digest,
     executable: bool,
-    path: &Path,
+    root: &Beneath,
+    staging: &Beneath,
+    relative: &Path,
     not_before: Option<u128>,
 ) -> Result<u128, SyncError> {
-    ensure_parent(path)?;
-    let tmp = path.with_file_name(format!(
-        ".{}.rba-sync",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
+    let fail = |source| SyncError::Io {
+        path: relative.to_path_buf(),
+        source,
+    };
+    ensure_parent(root, relative).map_err(fail)?;
+    let mode = if executable { 0o755 } else { 0o644 };
+    let (tmp, mut file) = staging.create_temp(mode).map_err(fail)?;
     {
         let mut reader = blobs.reader(digest, 0, 0)?;
-        let mut file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        io::copy(&mut reader, &mut file).map_err(io_at(&tmp))?;
-        let mode = if executable { 0o755 } else { 0o644 };
+        io::copy(&mut reader, &mut file).map_err(fail)?;
+        // The umask may have cleared bits.
         file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_at(&tmp))?;
+            .map_err(fail)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -275,12 +320,32 @@ fn write_file(
             _ => now,
         };
         file.set_modified(UNIX_EPOCH + Duration::from_nanos(mtime as u64))
-            .map_err(io_at(&tmp))?;
+            .map_err(fail)?;
     }
-    remove_any(path)?;
-    fs::rename(&tmp, path).map_err(io_at(path))?;
-    let meta = fs::symlink_metadata(path).map_err(io_at(path))?;
-    Ok(mtime_ns(&meta))
+    drop(file);
+    // A directory (or anything renameat cannot replace) in the way goes first.
+    if root
+        .metadata(relative)
+        .is_ok_and(|meta| meta.kind == EntryKind::Directory)
+    {
+        root.remove(relative).map_err(fail)?;
+    }
+    root.rename_from(staging, Path::new(&tmp), relative)
+        .map_err(fail)?;
+    Ok(root.metadata(relative).map_err(fail)?.mtime_ns)
+}
+
+/// The input root's `Cargo.lock` (following the tree's own symlinks, inside the tree), read
+/// from the CAS, never from the host; empty when the tree has none.
+pub fn read_lockfile(blobs: &BlobStore, root: &Digest) -> Result<String, SyncError> {
+    const MAX_LOCKFILE_BYTES: u64 = 64 << 20;
+    match rba_cas::merkle::find_file(blobs, root, "Cargo.lock")? {
+        Some((digest, _)) => {
+            let bytes = blobs.read_to_vec(&digest, MAX_LOCKFILE_BYTES)?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        None => Ok(String::new()),
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //!
 //! The whole tree is read and validated first (every `Directory`, every symlink target), so a
 //! hostile or incomplete tree writes nothing. Then directories are created (each with
-//! `create_dir`, never following anything pre-existing: the target must be empty), files are
-//! placed in parallel, and symlinks are created last, so no write ever goes through a symlink.
+//! `mkdirat`, never following anything pre-existing: the target must be empty), files are
+//! placed in parallel, and symlinks are created last. Every call is made beneath the target's
+//! descriptor without following any symlink ([`super::beneath::Beneath`]), so no write ever goes
+//! through one. Callers bound the tree's expansion first ([`super::validate_tree`]).
 //!
 //! Files: non-executable files are hard-linked from the store when possible (store files are
 //! read-only, 0444, so a link shares them safely with well-behaved actions); executables are
@@ -13,15 +15,16 @@
 //! through a read-only link.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use rba_proto::reapi::Directory;
 
+use super::beneath::Beneath;
 use super::check_symlink_target;
 use super::validate::{child_digests, read_directory};
 use crate::digest::Digest;
@@ -96,16 +99,24 @@ pub fn materialize(
         return Err(CasError::NotFound(*first));
     }
     prepare_target(target)?;
+    let beneath = Beneath::open(target).map_err(|e| CasError::io("opening", target, e))?;
     for dir in &plan.dirs {
-        let path = target.join(dir);
-        fs::create_dir(&path).map_err(|e| CasError::io("creating", &path, e))?;
+        beneath
+            .create_new_dir(dir, 0o755)
+            .map_err(|e| CasError::io("creating", target.join(dir), e))?;
     }
     let hardlinked = AtomicU64::new(0);
     let files = plan
         .files
         .par_iter()
         .map(|(relative, digest, executable)| {
-            let linked = place_file(store, &target.join(relative), digest, *executable, options)?;
+            let linked = place_file(store, &beneath, relative, digest, *executable, options)
+                .map_err(|e| match e {
+                    CasError::Io {
+                        context, source, ..
+                    } => CasError::io(context, target.join(relative), source),
+                    other => other,
+                })?;
             if linked {
                 hardlinked.fetch_add(1, Ordering::Relaxed);
             }
@@ -118,9 +129,9 @@ pub fn materialize(
         })
         .collect::<Result<Vec<_>>>()?;
     for (relative, link_target) in &plan.symlinks {
-        let path = target.join(relative);
-        std::os::unix::fs::symlink(link_target, &path)
-            .map_err(|e| CasError::io("creating symlink", &path, e))?;
+        beneath
+            .symlink(std::ffi::OsStr::new(link_target), relative)
+            .map_err(|e| CasError::io("creating symlink", target.join(relative), e))?;
     }
     let hardlinked = hardlinked.into_inner();
     Ok(Materialized {
@@ -192,9 +203,10 @@ fn prepare_target(target: &Path) -> Result<()> {
     }
 }
 
-/// Places one file; returns true when hard-linked.
+/// Places one file at `path` beneath the target; returns true when hard-linked.
 fn place_file(
     store: &BlobStore,
+    beneath: &Beneath,
     path: &Path,
     digest: &Digest,
     executable: bool,
@@ -202,7 +214,7 @@ fn place_file(
 ) -> Result<bool> {
     let _pin = store.pin(digest);
     if options.hardlink && !executable && !digest.is_empty_blob() {
-        match fs::hard_link(store.blob_path(digest), path) {
+        match beneath.hard_link_from(&store.blob_path(digest), path) {
             Ok(()) => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(CasError::NotFound(*digest));
@@ -213,11 +225,8 @@ fn place_file(
         }
     }
     let mode = if executable { 0o755 } else { 0o644 };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
+    let mut file = beneath
+        .create_new(path, mode)
         .map_err(|e| CasError::io("creating", path, e))?;
     let mut reader = store.reader(digest, 0, 0)?;
     let copied = io::copy(&mut reader, &mut file).map_err(|e| CasError::io("writing", path, e))?;
@@ -229,7 +238,7 @@ fn place_file(
     }
     // The umask may have cleared bits the tree asks for.
     if executable {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(|e| CasError::io("chmod", path, e))?;
     }
     Ok(false)

@@ -16,9 +16,16 @@
 //! - `stat_cache`: [`StatCache`], `(path, size, mtime, ctime, inode) → digest`.
 //! - `archive`: [`build_from_zip`] with [`ZipLimits`] against hostile archives.
 //! - `materialize`: [`materialize`] a stored tree into an empty directory.
+//! - `input_tree`: [`validate_tree`], a whole input tree checked against [`TreeLimits`]
+//!   (expanded size, depth, names, symlinks) from its distinct blobs, before anything touches
+//!   disk.
+//! - [`beneath`]: host-side filesystem calls under a directory that no tree path (nor a symlink
+//!   a job left there) can steer outside it.
 
 mod archive;
+pub mod beneath;
 mod disk;
+mod input_tree;
 mod materialize;
 mod stat_cache;
 mod validate;
@@ -33,10 +40,13 @@ use rba_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode};
 
 pub use archive::{ZipLimits, build_from_zip, build_from_zip_file};
 pub use disk::{DirOptions, build_from_dir};
+pub use input_tree::{
+    MAX_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES, TreeLimits, TreeSummary, validate_tree,
+};
 pub use materialize::{MaterializeOptions, Materialized, MaterializedFile, materialize};
 pub use stat_cache::StatCache;
 pub use validate::{
-    MAX_DIRECTORY_BYTES, get_tree, read_directory, tree_digests, validate_directory,
+    MAX_DIRECTORY_BYTES, find_file, get_tree, read_directory, tree_digests, validate_directory,
 };
 
 use crate::digest::{Digest, DigestFunction};

@@ -188,6 +188,58 @@ pub fn tree_digests(store: &BlobStore, root: &Digest) -> Result<Vec<Digest>> {
     Ok(dirs)
 }
 
+/// The file a `/`-separated `path` names in a stored tree, following the tree's own symlinks
+/// (lexically, inside the tree, at most 40 of them), as a process in the materialised tree would
+/// see it. `None` when the path names nothing, a directory, or a dangling or looping link;
+/// returns the file's digest and executable bit. Reads only the directories on the way.
+pub fn find_file(store: &BlobStore, root: &Digest, path: &str) -> Result<Option<(Digest, bool)>> {
+    let mut pending: VecDeque<String> = path.split('/').map(str::to_string).collect();
+    // The directories from the root to where the walk stands.
+    let mut stack = vec![*root];
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        match name.as_str() {
+            "" | "." => continue,
+            ".." => {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let directory = read_directory(store, stack.last().expect("the root stays"))?;
+        if let Some(file) = directory.files.iter().find(|f| f.name == name) {
+            if !pending.iter().all(|rest| rest.is_empty() || rest == ".") {
+                return Ok(None);
+            }
+            let digest =
+                Digest::from_reapi_field(root.function, file.digest.as_ref(), "FileNode.digest")?;
+            return Ok(Some((digest, file.is_executable)));
+        }
+        if let Some(dir) = directory.directories.iter().find(|d| d.name == name) {
+            stack.push(Digest::from_reapi_field(
+                root.function,
+                dir.digest.as_ref(),
+                "DirectoryNode.digest",
+            )?);
+            continue;
+        }
+        if let Some(link) = directory.symlinks.iter().find(|l| l.name == name) {
+            links += 1;
+            if links > 40 || link.target.starts_with('/') {
+                return Ok(None);
+            }
+            for component in link.target.rsplit('/') {
+                pending.push_front(component.to_string());
+            }
+            continue;
+        }
+        return Ok(None);
+    }
+    Ok(None)
+}
+
 /// The REAPI `Tree` of a stored root: the root `Directory` and every distinct descendant.
 pub fn get_tree(store: &BlobStore, root: &Digest) -> Result<Tree> {
     let mut tree = Tree::default();
