@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub cas_max_bytes: u64,
     /// fsync blobs (turn off for tests and benches on tmpfs).
     pub fsync: bool,
+    /// Hosts a job's dependency fetch may reach (`host`, `host:port`, `*.domain`): registry
+    /// mirrors, git hosts. Default crates.io; loopback and private addresses never.
+    pub fetch_allowed_hosts: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -91,6 +94,7 @@ impl Default for NodeConfig {
             allowed_clients: None,
             cas_max_bytes: 50 << 30,
             fsync: true,
+            fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
         }
     }
 }
@@ -164,6 +168,7 @@ impl NodeConfig {
                 .parse::<PeerId>()
                 .with_context(|| format!("allowed client {client:?} is not a PeerId"))?;
         }
+        rba_executor::egress::EgressPolicy::new(&self.fetch_allowed_hosts)?;
         anyhow::ensure!(self.workers > 0, "workers must be at least 1");
         anyhow::ensure!(
             self.max_frame_bytes >= 64 << 10,

@@ -617,6 +617,7 @@ impl Node {
         let mut executor_config =
             ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
         executor_config.workers = config.workers;
+        executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
         let executor =
             Executor::new(cas.clone(), executor_config).context("starting the executor")?;
         let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;

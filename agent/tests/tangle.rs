@@ -117,9 +117,23 @@ async fn serve(zips: HashMap<String, Vec<u8>>) -> std::net::SocketAddr {
             None => StatusCode::NOT_FOUND.into_response(),
         }
     }
+    // A trustless gateway: `/ipfs/{cid}?format=raw` answers the block stored under the CID
+    // (whatever the test put there, tampered or not); any other form is refused.
+    async fn block(
+        State(zips): State<Zips>,
+        UrlPath(name): UrlPath<String>,
+        axum::extract::RawQuery(query): axum::extract::RawQuery,
+        headers: axum::http::HeaderMap,
+    ) -> Response {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        if query.as_deref() != Some("format=raw") || accept != Some("application/vnd.ipld.raw") {
+            return StatusCode::NOT_ACCEPTABLE.into_response();
+        }
+        zip(State(zips), UrlPath(name)).await
+    }
     let app = axum::Router::new()
         .route("/zips/{name}", get(zip))
-        .route("/ipfs/{name}", get(zip))
+        .route("/ipfs/{name}", get(block))
         .route(
             "/slow",
             get(|| async {
@@ -292,15 +306,130 @@ fn assert_refused(result: &BuildResult, needle: &str) {
     );
 }
 
+/// A protobuf varint (for the dag-pb nodes the IPFS tests build by hand, independently of the
+/// node's decoder).
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// A length-delimited protobuf field.
+fn pb_bytes(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint(field << 3 | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// A dag-pb node holding a UnixFS file of `content`, with `links` links (each to `content`'s
+/// own raw block).
+fn unixfs_file_node(content: &[u8], links: usize) -> Vec<u8> {
+    let mut unixfs = vec![0x08, 0x02]; // Type = File
+    if links == 0 {
+        pb_bytes(2, content, &mut unixfs);
+    }
+    unixfs.push(0x18); // filesize
+    varint(content.len() as u64, &mut unixfs);
+    let mut node = Vec::new();
+    for _ in 0..links {
+        let mut link = Vec::new();
+        pb_bytes(1, &raw_cid_bytes(content), &mut link);
+        pb_bytes(2, &link, &mut node);
+    }
+    pb_bytes(1, &unixfs, &mut node);
+    node
+}
+
+fn sha256_multihash(bytes: &[u8]) -> cid::multihash::Multihash<64> {
+    use sha2::Digest as _;
+    cid::multihash::Multihash::wrap(0x12, &sha2::Sha256::digest(bytes)).unwrap()
+}
+
+fn raw_cid_bytes(bytes: &[u8]) -> Vec<u8> {
+    cid::Cid::new_v1(0x55, sha256_multihash(bytes)).to_bytes()
+}
+
+/// The CIDv1 (raw codec, sha2-256, base32) of a block.
+fn raw_cid(bytes: &[u8]) -> String {
+    cid::Cid::new_v1(0x55, sha256_multihash(bytes)).to_string()
+}
+
+/// The CIDv0 (`Qm…`: dag-pb, sha2-256) of a dag-pb block.
+fn v0_cid(block: &[u8]) -> String {
+    cid::Cid::new_v0(sha256_multihash(block))
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ipfs_content_is_verified_against_its_cid() {
+    let hello = zip_fixture("hello", None);
+    let other = zip_fixture("compile-error", None);
+    let single_block = unixfs_file_node(&hello, 0);
+    let two_blocks = unixfs_file_node(&hello, 2);
+    let sha512_cid = {
+        use sha2::Digest as _;
+        let digest = sha2::Sha512::digest(&hello);
+        cid::Cid::new_v1(
+            0x55,
+            cid::multihash::Multihash::wrap(0x13, &digest).unwrap(),
+        )
+        .to_string()
+    };
+    let (good_raw, good_v0, good_v1_pb) = (
+        raw_cid(&hello),
+        v0_cid(&single_block),
+        cid::Cid::new_v1(0x70, sha256_multihash(&single_block)).to_string(),
+    );
+    let tampered_raw = raw_cid(&other);
+    let tampered_v0 = v0_cid(&unixfs_file_node(&other, 0));
+    let zips = HashMap::from([
+        (good_raw.clone(), hello.clone()),
+        (good_v0.clone(), single_block.clone()),
+        (good_v1_pb.clone(), single_block.clone()),
+        // What a lying gateway sends: other bytes under a CID.
+        (tampered_raw.clone(), hello.clone()),
+        (tampered_v0.clone(), single_block.clone()),
+        (v0_cid(&two_blocks), two_blocks.clone()),
+        (sha512_cid.clone(), hello.clone()),
+    ]);
+    let h = Harness::new(zips, |_| {}).await;
+    for cid in [&good_raw, &good_v0, &good_v1_pb] {
+        let checked = h.call(4, &format!("ipfs://{cid}"), &session(), "").await;
+        assert_success(&checked, cid);
+    }
+    for (cid, needle) in [
+        (
+            tampered_raw.clone(),
+            format!("does not match its CID {tampered_raw}"),
+        ),
+        (
+            tampered_v0.clone(),
+            format!("does not match its CID {tampered_v0}"),
+        ),
+        (v0_cid(&two_blocks), "a file of 2 blocks".to_string()),
+        (
+            sha512_cid.clone(),
+            "hash function 0x13 is not supported".to_string(),
+        ),
+    ] {
+        let result = h.call(4, &format!("ipfs://{cid}"), &session(), "").await;
+        assert_refused(&result, &needle);
+    }
+    assert_eq!(std::fs::read_dir(h.download_dir()).unwrap().count(), 0);
+    h.node.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_0_to_4_on_fixture_zips() {
     let hello = zip_fixture("hello", None);
+    let hello_main = zip_fixture("hello", Some("hello-main"));
+    let hello_main_cid = raw_cid(&hello_main);
     let zips = HashMap::from([
         ("hello.zip".to_string(), hello.clone()),
-        (
-            "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi".to_string(),
-            zip_fixture("hello", Some("hello-main")),
-        ),
+        (hello_main_cid.clone(), hello_main),
     ]);
     let h = Harness::new(zips, |_| {}).await;
 
@@ -362,12 +491,7 @@ async fn jobs_0_to_4_on_fixture_zips() {
 
     // Job 4: check, fetched through the IPFS gateway (a zip with one top-level directory).
     let checked = h
-        .call(
-            4,
-            "ipfs://bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi",
-            &session(),
-            "",
-        )
+        .call(4, &format!("ipfs://{hello_main_cid}"), &session(), "")
         .await;
     assert_success(&checked, "check");
     assert_eq!(checked.binaryHash, alloy_primitives::FixedBytes::ZERO);

@@ -5,6 +5,7 @@
 pub mod action;
 pub mod caches;
 pub mod cargo;
+pub mod egress;
 pub mod logstream;
 pub mod runner;
 pub mod sandbox;

@@ -39,7 +39,10 @@
 //!     `\n`, for the REAPI `ActionResult.stdout_digest` / `stderr_digest`. System lines appear
 //!     only in `log`; dropped lines appear nowhere.
 //! - [`LogWriter::push`] takes one line without its terminator; a trailing `\n` (or `\r\n`) is
-//!   removed. Embedded newlines are kept as they are (the JSON record escapes them).
+//!   removed. Embedded newlines are kept as they are (the JSON record escapes them). Logs are
+//!   shown to other people (session watchers, the Tangle caller, whoever reads a shared
+//!   result): every line loses its terminal control sequences except colours
+//!   ([`sanitize_terminal`]) before it is numbered, so no transport ever sees them.
 //! - The spill files live in a fresh directory under the directory given to [`LogStream::new`];
 //!   it is removed when the writer and the last handle and reader are dropped.
 //!
@@ -182,44 +185,83 @@ pub fn parse_log_blob(bytes: &[u8]) -> io::Result<Vec<LogLine>> {
         .collect()
 }
 
-/// A log line without its terminal escape sequences (colours, cursor moves, OSC hyperlinks),
-/// for readers that print to something that is not a terminal. Cargo runs with
-/// `--color always` so that terminals get colours; files and pipes should not.
+/// A log line without its terminal escape sequences (colours, cursor moves, OSC hyperlinks)
+/// and control characters, for readers that print to something that is not a terminal. Cargo
+/// runs with `--color always` so that terminals get colours; files and pipes should not.
 pub fn strip_ansi(line: &str) -> std::borrow::Cow<'_, str> {
-    if !line.contains('\u{1b}') {
+    filter_terminal_controls(line, false)
+}
+
+/// A line as it may be shown on another person's terminal: colours (SGR, `ESC[…m`) are kept,
+/// every other control sequence is removed: cursor movement and screen clearing (other CSI),
+/// OSC (window titles, hyperlinks, clipboard writes), DCS/SOS/PM/APC strings, two-character
+/// escapes, C1 controls and bare control characters other than tab and newline (a newline only
+/// starts a new line, which every viewer does anyway; embedded newlines are part of
+/// [`LogWriter::push`]'s contract). [`LogWriter::push`] applies it to every line, so every
+/// reader (libp2p, WebSocket, HTTP, ByteStream, the stored blob and its replay) gets the same
+/// sanitised text.
+pub fn sanitize_terminal(line: &str) -> std::borrow::Cow<'_, str> {
+    filter_terminal_controls(line, true)
+}
+
+/// The one scanner behind [`strip_ansi`] and [`sanitize_terminal`] (ECMA-48 syntax): drops
+/// every control sequence and control character except tab and newline, and keeps SGR colour
+/// sequences when `keep_colours`.
+fn filter_terminal_controls(line: &str, keep_colours: bool) -> std::borrow::Cow<'_, str> {
+    let is_dropped_control = |c: char| (c.is_control() && c != '\t' && c != '\n') || c == '\u{1b}';
+    if !line.chars().any(is_dropped_control) {
         return std::borrow::Cow::Borrowed(line);
     }
     let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
+    let mut chars = line.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
         if c != '\u{1b}' {
-            out.push(c);
+            if !is_dropped_control(c) {
+                out.push(c);
+            }
             continue;
         }
-        match chars.next() {
-            // CSI: parameters and intermediates, then one final byte in @..~.
+        match chars.next().map(|(_, c)| c) {
+            // CSI: parameters and intermediates, then one final byte in @..~. Kept only when
+            // it is SGR (digits, `;` and `:` then `m`) and colours are kept.
             Some('[') => {
-                for c in chars.by_ref() {
+                let mut sgr = true;
+                let mut end = None;
+                for (i, c) in chars.by_ref() {
                     if ('@'..='~').contains(&c) {
+                        sgr &= c == 'm';
+                        end = Some(i + c.len_utf8());
                         break;
                     }
+                    sgr &= c.is_ascii_digit() || c == ';' || c == ':';
+                }
+                if let (true, true, Some(end)) = (keep_colours, sgr, end) {
+                    out.push_str(&line[start..end]);
                 }
             }
-            // OSC (hyperlinks, titles): up to BEL or ESC \.
-            Some(']') => {
-                while let Some(c) = chars.next() {
-                    if c == '\u{7}' {
+            // OSC (hyperlinks, titles) up to BEL or ST; DCS, SOS, PM, APC up to ST.
+            Some(kind @ (']' | 'P' | 'X' | '^' | '_')) => {
+                while let Some((_, c)) = chars.next() {
+                    if (c == '\u{7}' && kind == ']') || c == '\u{9c}' {
                         break;
                     }
-                    if c == '\u{1b}' && chars.peek() == Some(&'\\') {
+                    if c == '\u{1b}' && chars.peek().is_some_and(|&(_, c)| c == '\\') {
                         chars.next();
                         break;
                     }
                 }
             }
-            // Two-character sequences (ESC c, ESC 7, …): drop both.
+            // Other escapes (ESC c, ESC 7, ESC ( B, …): intermediates, then a final byte.
+            Some(c) if (' '..='/').contains(&c) => {
+                while chars.next_if(|&(_, c)| (' '..='/').contains(&c)).is_some() {}
+                chars.next();
+            }
             _ => {}
         }
+    }
+    // Only ever removes: the same length means nothing was (colours only), no copy kept.
+    if out.len() == line.len() {
+        return std::borrow::Cow::Borrowed(line);
     }
     std::borrow::Cow::Owned(out)
 }
@@ -497,7 +539,8 @@ impl LogWriter {
     }
 
     /// Appends a line and returns its sequence number, or `None` when the line is dropped
-    /// because the size cap was reached. A trailing `\n` or `\r\n` is removed.
+    /// because the size cap was reached. A trailing `\n` or `\r\n` is removed, then terminal
+    /// control sequences other than colours ([`sanitize_terminal`]).
     ///
     /// Never waits for readers; does buffered writes to local spill files.
     pub fn push(&mut self, stream: LogStreamKind, line: impl Into<String>) -> Option<u64> {
@@ -507,6 +550,9 @@ impl LogWriter {
             if line.ends_with('\r') {
                 line.pop();
             }
+        }
+        if let std::borrow::Cow::Owned(clean) = sanitize_terminal(&line) {
+            line = clean;
         }
         if self.truncated || self.closed {
             self.dropped += 1;
@@ -930,6 +976,45 @@ mod tests {
         assert_eq!(strip_ansi("bell \u{1b}]0;title\u{7}end"), "bell end");
         assert_eq!(strip_ansi("trailing \u{1b}["), "trailing ");
         assert_eq!(strip_ansi("ünïcödé \u{1b}[31mred\u{1b}[m"), "ünïcödé red");
+    }
+
+    #[test]
+    fn sanitize_keeps_colours_and_drops_every_other_control() {
+        assert!(matches!(
+            sanitize_terminal("plain\ttext \u{1b}[1;32mok\u{1b}[0m"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        for (hostile, shown) in [
+            ("\u{1b}[2J\u{1b}[Hcleared", "cleared"),
+            ("\u{1b}]0;title\u{7}a\u{1b}]52;c;ZXZpbA==\u{1b}\\b", "ab"),
+            ("\u{1b}P+q544e\u{1b}\\dcs", "dcs"),
+            (
+                "\u{1b}[?1049h\u{1b}[38;2;1;2;3mrgb",
+                "\u{1b}[38;2;1;2;3mrgb",
+            ),
+            ("over\rwrite\u{8}\u{7}\u{0}\u{7f}", "overwrite"),
+            ("\u{9b}2Jc1\u{1b}(Bcharset\u{1b}cx", "2Jc1charsetx"),
+            ("\u{1b}[31mred\u{1b}[", "\u{1b}[31mred"),
+        ] {
+            assert_eq!(sanitize_terminal(hostile), shown, "{hostile:?}");
+        }
+        assert_eq!(strip_ansi("\u{1b}[31mred\u{1b}[2J\r"), "red");
+    }
+
+    #[tokio::test]
+    async fn readers_and_the_stored_blob_get_sanitised_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, stream) = LogStream::with_config(dir.path(), small_ring()).unwrap();
+        writer.push(
+            LogStreamKind::Stdout,
+            "\u{1b}[2J\u{1b}]0;title\u{7}\u{1b}[31merror\u{1b}[0m: x\n",
+        );
+        let (_store_dir, blobs) = store();
+        let digests = writer.finish(&blobs, DigestFunction::Sha256).unwrap();
+        let lines = collect(stream.subscribe(0)).await;
+        assert_eq!(lines[0].line, "\u{1b}[31merror\u{1b}[0m: x");
+        let stored = parse_log_blob(&blobs.read_to_vec(&digests.log, 1 << 20).unwrap()).unwrap();
+        assert_eq!(stored[0].line, lines[0].line);
     }
 
     fn small_ring() -> LogConfig {

@@ -35,6 +35,7 @@ use crate::caches::{CacheLayout, Slot, SlotLock};
 use crate::cargo::{
     CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, fetch_argv, lockfile_unit_estimate,
 };
+use crate::egress::{EgressPolicy, EgressProxy};
 use crate::logstream::{
     LogConfig, LogDigests, LogStream, LogStreamKind, LogWriter, parse_log_blob,
 };
@@ -71,6 +72,11 @@ pub struct ExecutorConfig {
     pub max_slots: usize,
     /// Bounds on every input tree, checked before anything of it touches disk.
     pub tree_limits: TreeLimits,
+    /// Hosts the fetch phase may reach (`host`, `host:port`, `*.domain`; port 443 unless
+    /// given): registries' indexes and downloads, git hosts. Default: crates.io
+    /// ([`crate::egress::default_fetch_allowed_hosts`]). Never loopback or private addresses,
+    /// whatever is listed (see [`crate::egress`]).
+    pub fetch_allowed_hosts: Vec<String>,
 }
 
 impl ExecutorConfig {
@@ -90,6 +96,7 @@ impl ExecutorConfig {
             log: LogConfig::default(),
             max_slots: 64,
             tree_limits: TreeLimits::default(),
+            fetch_allowed_hosts: crate::egress::default_fetch_allowed_hosts(),
         })
     }
 }
@@ -730,14 +737,24 @@ impl RunningJob<'_> {
     }
 
     /// `cargo fetch --locked` with network into the shared cargo home, once per Cargo.lock.
+    ///
+    /// The network is the operator's fetch allowlist only (see [`crate::egress`]): every
+    /// source of the lock file and of the tree's manifests is checked first (a refused one ends
+    /// the job with an error naming it, before anything connects), then cargo runs with an
+    /// egress proxy as its only way out.
     async fn fetch_phase(
         &mut self,
         slot: &Slot,
         lockfile: &str,
     ) -> Result<Option<RunResult>, ExecutorError> {
-        let needs_network = lockfile.contains("source = \"registry+")
-            || lockfile.contains("source = \"git+")
-            || lockfile.contains("source = \"sparse+");
+        let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts)
+            .and_then(|policy| Ok((policy.check_lockfile(lockfile)?, policy)))
+        {
+            Ok(checked) => checked,
+            Err(refused) => return Ok(Some(self.fetch_refused(refused.to_string()))),
+        };
+        let (sources, policy) = policy;
+        let needs_network = sources > 0;
         // What a lock file names is fetched once into the shared cargo home, whichever slot
         // asks first: the marker lives there, written by the executor (the sandbox never
         // sees `fetched/`).
@@ -752,14 +769,26 @@ impl RunningJob<'_> {
         if !needs_network || marker.exists() {
             return Ok(None);
         }
+        let (src, manifest_policy) = (slot.src.clone(), policy.clone());
+        let manifests = Self::blocking(move || Ok(manifest_policy.check_manifests(&src))).await?;
+        if let Err(refused) = manifests {
+            return Ok(Some(self.fetch_refused(refused.to_string())));
+        }
+        let proxy = EgressProxy::start(policy)
+            .await
+            .map_err(io_error("starting the egress proxy"))?;
         let fetched = Instant::now();
         self.log(
             LogStreamKind::System,
-            "fetching dependencies (network allowed in this phase only)",
+            "fetching dependencies (network allowed in this phase only, through the egress proxy)",
         );
-        let spec = SandboxSpec::new(fetch_argv(&self.working_directory()))
+        let mut spec = SandboxSpec::new(fetch_argv(&self.working_directory()))
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
-            .env("CARGO_TERM_COLOR", "always")
+            .env("CARGO_TERM_COLOR", "always");
+        for (name, value) in proxy.cargo_env() {
+            spec = spec.env(name, value);
+        }
+        let spec = spec
             .workspace(&slot.src)
             .target_dir(&slot.target)
             .cargo_home(self.inner().layout.cargo_home(), true)
@@ -769,22 +798,42 @@ impl RunningJob<'_> {
         let outcome = self
             .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
             .await?;
+        let refusals = proxy.refusals();
+        drop(proxy);
         self.step("fetch", fetched);
         if !outcome.success() {
+            let mut error =
+                limit_message(&outcome).unwrap_or_else(|| "cargo fetch failed".to_string());
+            if !refusals.is_empty() {
+                error = format!("{error}; the egress proxy refused {}", refusals.join("; "));
+                self.log(LogStreamKind::System, error.clone());
+            }
             return Ok(Some(RunResult {
                 exit_code: exit_code(&outcome),
                 success: false,
                 output_files: Vec::new(),
                 output_directories: Vec::new(),
                 artifacts: Vec::new(),
-                error: Some(
-                    limit_message(&outcome).unwrap_or_else(|| "cargo fetch failed".to_string()),
-                ),
+                error: Some(error),
                 timed_out: timed_out(&outcome),
             }));
         }
         std::fs::write(&marker, lock_digest).map_err(io_error("recording the fetched lockfile"))?;
         Ok(None)
+    }
+
+    /// The result of a job whose fetch was refused before anything ran (logged too).
+    fn fetch_refused(&mut self, error: String) -> RunResult {
+        self.log(LogStreamKind::System, error.clone());
+        RunResult {
+            exit_code: 1,
+            success: false,
+            output_files: Vec::new(),
+            output_directories: Vec::new(),
+            artifacts: Vec::new(),
+            error: Some(error),
+            timed_out: false,
+        }
     }
 
     /// Any other command (a Bazel action): fresh exec root, run, collect `output_paths`.

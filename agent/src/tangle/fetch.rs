@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `https://host/path` | the host is public: not loopback/private/link-local, as given, as resolved and after every redirect (unless [`TangleConfig::allow_private_hosts`]); size cap, timeout, redirects bounded |
 //! | `http://…` | only with [`TangleConfig::allow_http`] (tests, private networks) |
-//! | `ipfs://CID` | a gateway is configured; CID is a v0 (`Qm…`) or multibase v1 CID |
+//! | `ipfs://CID` | a gateway is configured; the CID parses (v0 `Qm…` or multibase v1); the gateway's block (trustless `?format=raw`) hashes to the CID's sha2-256 digest and is a raw block or a single-block dag-pb UnixFS file (see [`verify_ipfs_block`]) |
 //! | `file:///path` | the file resolves (symlinks followed) under [`TangleConfig::file_root`] |
 //! | `cas://DIGEST` | the blob is in the node's CAS: a zip, or the root `Directory` of a tree uploaded before (then the tree must be complete) |
 
@@ -57,6 +57,24 @@ pub enum FetchError {
     /// Not a CID.
     #[error("malformed IPFS CID {0:?}")]
     MalformedCid(String),
+    /// The gateway's bytes do not hash to the CID: not the content asked for.
+    #[error(
+        "ipfs:// content does not match its CID {cid}: the gateway sent a block whose sha2-256 is {got}"
+    )]
+    IpfsMismatch {
+        /// The CID asked for.
+        cid: String,
+        /// The digest of what came (hex).
+        got: String,
+    },
+    /// Content this node cannot check against its CID, refused rather than trusted.
+    #[error("ipfs://{cid} cannot be verified: {reason}")]
+    IpfsUnverifiable {
+        /// The CID asked for.
+        cid: String,
+        /// What is not supported.
+        reason: String,
+    },
     /// Connecting failed (DNS, refused, unreachable).
     #[error("cannot reach {host}: {reason}")]
     Unreachable {
@@ -147,7 +165,7 @@ pub fn parse_zip_uri(uri: &str, config: &TangleConfig) -> Result<ZipSource, Fetc
                 return Err(FetchError::IpfsDisabled);
             }
             let cid = rest.trim_end_matches('/');
-            if !is_cid(cid) {
+            if cid.len() > 200 || cid::Cid::try_from(cid).is_err() {
                 return Err(FetchError::MalformedCid(cid.to_string()));
             }
             Ok(ZipSource::Ipfs(cid.to_string()))
@@ -181,62 +199,8 @@ pub fn parse_zip_uri(uri: &str, config: &TangleConfig) -> Result<ZipSource, Fetc
     }
 }
 
-const BASE58: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
-
-/// True for a CIDv0 (`Qm` + 44 base58btc) or a CIDv1 in a multibase the gateways take
-/// (`b` base32, `z` base58btc, `f` base16, `k` base36).
-pub fn is_cid(cid: &str) -> bool {
-    let all = |s: &str, ok: fn(char) -> bool| !s.is_empty() && s.chars().all(ok);
-    if cid.len() == 46 && cid.starts_with("Qm") {
-        return cid.chars().all(|c| BASE58.contains(c));
-    }
-    if cid.len() < 40 || cid.len() > 200 {
-        return false;
-    }
-    let (prefix, body) = cid.split_at(1);
-    match prefix {
-        "b" => all(body, |c| c.is_ascii_lowercase() || ('2'..='7').contains(&c)),
-        "z" => all(body, |c| BASE58.contains(c)),
-        "f" => all(body, |c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
-        "k" => all(body, |c| c.is_ascii_digit() || c.is_ascii_lowercase()),
-        _ => false,
-    }
-}
-
-/// True for addresses reachable on the public internet (not loopback, private, link-local,
-/// shared, documentation, benchmarking, multicast, unspecified or reserved).
-pub fn is_public_ip(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || a == 0
-                || a >= 240
-                || (a == 100 && (64..128).contains(&b))
-                || (a == 198 && (b == 18 || b == 19))
-                || (a == 192 && b == 0 && v4.octets()[2] == 0))
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public_ip(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && v6.segments()[1] == 0x0db8
-                || first == 0x0064 && v6.segments()[1] == 0xff9b)
-        }
-    }
-}
+/// The one rule of public addresses, shared with the executor's fetch egress.
+pub use rba_executor::egress::is_public_ip;
 
 /// False when the URL's host is an IP literal that is not public, or `localhost`.
 fn public_url(url: &reqwest::Url) -> bool {
@@ -321,16 +285,33 @@ pub async fn import_zip(ctx: &TangleContext, uri: &str) -> Result<Digest, FetchE
     let limits = ctx.config.zip_limits.clone();
     let root = match source {
         ZipSource::Http(url) => {
-            let file = download(&ctx.http, url, &ctx.config).await?;
+            let file = download(&ctx.http, url, None, &ctx.config).await?;
             import_file(store.clone(), file, limits).await?
         }
         ZipSource::Ipfs(cid) => {
+            // The trustless form: the block itself, which is checked against the CID here
+            // (a gateway is not trusted to have done it).
             let gateway = ctx.config.ipfs_gateway.as_deref().unwrap_or_default();
-            let url = format!("{}/ipfs/{cid}", gateway.trim_end_matches('/'));
+            let url = format!("{}/ipfs/{cid}?format=raw", gateway.trim_end_matches('/'));
             let url = reqwest::Url::parse(&url)
                 .map_err(|e| FetchError::Internal(format!("gateway URL {url:?}: {e}")))?;
-            let file = download(&ctx.gateway_http, url, &ctx.config).await?;
-            import_file(store.clone(), file, limits).await?
+            let block = download(&ctx.gateway_http, url, Some(IPLD_RAW), &ctx.config).await?;
+            let verified = tokio::task::spawn_blocking(move || verify_ipfs_block(&cid, block))
+                .await
+                .map_err(|e| FetchError::Internal(e.to_string()))??;
+            match verified {
+                IpfsFile::Block(file) => import_file(store.clone(), file, limits).await?,
+                IpfsFile::Bytes(bytes) => {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        build_from_zip(&store, std::io::Cursor::new(bytes), TREE_FUNCTION, &limits)
+                            .map(|tree| tree.root)
+                            .map_err(archive_error)
+                    })
+                    .await
+                    .map_err(|e| FetchError::Internal(e.to_string()))??
+                }
+            }
         }
         ZipSource::File(path) => {
             let file = open_under_root(&path, &ctx.config)?;
@@ -380,17 +361,21 @@ fn request_error(url: &reqwest::Url, config: &TangleConfig, e: reqwest::Error) -
     }
 }
 
-/// Streams `url` into a temporary file under the download directory, at most
-/// `max_zip_bytes`, within `fetch_timeout`.
+/// Streams `url` (asking for `accept` when given) into a temporary file under the download
+/// directory, at most `max_zip_bytes`, within `fetch_timeout`.
 async fn download(
     client: &reqwest::Client,
     url: reqwest::Url,
+    accept: Option<&str>,
     config: &TangleConfig,
 ) -> Result<std::fs::File, FetchError> {
     let cap = config.max_zip_bytes;
     let work = async {
-        let mut response = client
-            .get(url.clone())
+        let mut request = client.get(url.clone());
+        if let Some(accept) = accept {
+            request = request.header(reqwest::header::ACCEPT, accept);
+        }
+        let mut response = request
             .send()
             .await
             .map_err(|e| request_error(&url, config, e))?;
@@ -432,6 +417,140 @@ async fn download(
     tokio::time::timeout(config.fetch_timeout + Duration::from_secs(1), work)
         .await
         .map_err(|_| FetchError::Timeout(config.fetch_timeout))?
+}
+
+/// The media type of a single raw block on a trustless gateway.
+const IPLD_RAW: &str = "application/vnd.ipld.raw";
+/// Multicodec of raw blocks.
+const CODEC_RAW: u64 = 0x55;
+/// Multicodec of dag-pb (UnixFS) blocks.
+const CODEC_DAG_PB: u64 = 0x70;
+/// Multihash code of sha2-256.
+const HASH_SHA2_256: u64 = 0x12;
+/// Largest dag-pb block decoded (IPFS blocks are at most 2 MiB on the network).
+const MAX_DAG_PB_BLOCK: u64 = 4 << 20;
+
+/// The file an `ipfs://` CID names, verified.
+#[derive(Debug)]
+pub enum IpfsFile {
+    /// A raw block: the downloaded file is the content.
+    Block(std::fs::File),
+    /// The data of a single-block UnixFS file.
+    Bytes(Vec<u8>),
+}
+
+/// A dag-pb node (the IPLD dag-pb spec); only what a single-block file needs.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PbNode {
+    #[prost(message, repeated, tag = "2")]
+    links: Vec<PbLink>,
+    #[prost(bytes = "vec", optional, tag = "1")]
+    data: Option<Vec<u8>>,
+}
+
+/// A dag-pb link (decoded only to count them).
+#[derive(Clone, PartialEq, prost::Message)]
+struct PbLink {
+    #[prost(bytes = "vec", optional, tag = "1")]
+    hash: Option<Vec<u8>>,
+}
+
+/// The UnixFS `Data` message inside a dag-pb node.
+#[derive(Clone, PartialEq, prost::Message)]
+struct UnixFsData {
+    #[prost(int32, optional, tag = "1")]
+    kind: Option<i32>,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    data: Option<Vec<u8>>,
+    #[prost(uint64, optional, tag = "3")]
+    filesize: Option<u64>,
+    #[prost(uint64, repeated, tag = "4")]
+    blocksizes: Vec<u64>,
+}
+
+/// Checks a block downloaded for `cid` against it and returns the file it holds: the block's
+/// sha2-256 must be the CID's digest (CIDv0, or CIDv1 with sha2-256), and the block a raw block
+/// (the content itself) or a dag-pb UnixFS file held in that one block (no links). Everything
+/// else (other hash functions, multi-block files, directories, other codecs) is refused with
+/// the reason: content that cannot be checked is not used.
+pub fn verify_ipfs_block(cid_text: &str, mut block: std::fs::File) -> Result<IpfsFile, FetchError> {
+    use sha2::Digest as _;
+    let cid =
+        cid::Cid::try_from(cid_text).map_err(|_| FetchError::MalformedCid(cid_text.to_string()))?;
+    let unverifiable = |reason: String| FetchError::IpfsUnverifiable {
+        cid: cid_text.to_string(),
+        reason,
+    };
+    let hash = cid.hash();
+    if hash.code() != HASH_SHA2_256 || hash.digest().len() != 32 {
+        return Err(unverifiable(format!(
+            "hash function 0x{:x} is not supported (sha2-256 only)",
+            hash.code()
+        )));
+    }
+    if cid.codec() != CODEC_RAW && cid.codec() != CODEC_DAG_PB {
+        return Err(unverifiable(format!(
+            "codec 0x{:x} is not a file (raw or dag-pb only)",
+            cid.codec()
+        )));
+    }
+    block
+        .rewind()
+        .map_err(|e| FetchError::Internal(e.to_string()))?;
+    let mut hasher = sha2::Sha256::new();
+    let size = std::io::copy(&mut block, &mut hasher)
+        .map_err(|e| FetchError::Internal(format!("reading the block: {e}")))?;
+    let got = hasher.finalize();
+    if got.as_slice() != hash.digest() {
+        return Err(FetchError::IpfsMismatch {
+            cid: cid_text.to_string(),
+            got: hex::encode(got),
+        });
+    }
+    if cid.codec() == CODEC_RAW {
+        return Ok(IpfsFile::Block(block));
+    }
+    if size > MAX_DAG_PB_BLOCK {
+        return Err(unverifiable(format!(
+            "a dag-pb block of {size} bytes (at most {MAX_DAG_PB_BLOCK})"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    block
+        .rewind()
+        .and_then(|()| std::io::Read::read_to_end(&mut block, &mut bytes))
+        .map_err(|e| FetchError::Internal(format!("reading the block: {e}")))?;
+    use prost::Message as _;
+    let node = PbNode::decode(bytes.as_slice())
+        .map_err(|e| unverifiable(format!("not a dag-pb node: {e}")))?;
+    if !node.links.is_empty() {
+        return Err(unverifiable(format!(
+            "a file of {} blocks: only single-block files (or raw CIDs) are verified; \
+             publish the zip with raw leaves as one block, or use https://",
+            node.links.len()
+        )));
+    }
+    let unixfs = UnixFsData::decode(node.data.unwrap_or_default().as_slice())
+        .map_err(|e| unverifiable(format!("not UnixFS data: {e}")))?;
+    // UnixFS types: 0 raw, 1 directory, 2 file, 3 metadata, 4 symlink, 5 HAMT shard.
+    let kind = unixfs.kind.unwrap_or(-1);
+    if kind != 0 && kind != 2 {
+        return Err(unverifiable(format!(
+            "UnixFS node of type {kind} is not a file"
+        )));
+    }
+    let data = unixfs.data.unwrap_or_default();
+    if unixfs
+        .filesize
+        .is_some_and(|size| size != data.len() as u64)
+    {
+        return Err(unverifiable(format!(
+            "UnixFS file size {} differs from its {} bytes of data",
+            unixfs.filesize.unwrap_or_default(),
+            data.len()
+        )));
+    }
+    Ok(IpfsFile::Bytes(data))
 }
 
 /// Opens a `file://` path only if it is a regular file under the configured root, judged on
@@ -607,31 +726,6 @@ mod tests {
     }
 
     #[test]
-    fn public_addresses() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "255.255.255.255",
-            "224.0.0.1",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-            "::",
-        ] {
-            assert!(!is_public_ip(private.parse().unwrap()), "{private}");
-        }
-        for public in ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111"] {
-            assert!(is_public_ip(public.parse().unwrap()), "{public}");
-        }
-    }
-
-    #[test]
     fn schemes() {
         let c = config();
         assert!(matches!(
@@ -661,10 +755,17 @@ mod tests {
             ),
             Ok(ZipSource::Ipfs(_))
         ));
-        assert!(matches!(
-            parse_zip_uri("ipfs://not-a-cid", &c),
-            Err(FetchError::MalformedCid(_))
-        ));
+        for bad in [
+            "ipfs://not-a-cid",
+            "ipfs://Qm../../etc/passwd",
+            "ipfs://QmYwAPJzv5CZ",
+            "ipfs://bafy",
+        ] {
+            assert!(
+                matches!(parse_zip_uri(bad, &c), Err(FetchError::MalformedCid(_))),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             parse_zip_uri("file:///srv/zips/a.zip", &c),
             Ok(ZipSource::File(p)) if p == Path::new("/srv/zips/a.zip")
