@@ -73,6 +73,17 @@ pub struct NodeConfig {
     /// Hosts a job's dependency fetch may reach (`host`, `host:port`, `*.domain`): registry
     /// mirrors, git hosts. Default crates.io; loopback and private addresses never.
     pub fetch_allowed_hosts: Vec<String>,
+    /// `[tangle]`: settings of `rba tangle run`.
+    pub tangle: TangleNodeConfig,
+}
+
+/// The `[tangle]` section of the node config.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TangleNodeConfig {
+    /// All callers of one service build as one tenant in one target dir (and are served each
+    /// other's results built there). Off: each caller is a tenant of its own.
+    pub share_target_dir_per_service: bool,
 }
 
 impl Default for NodeConfig {
@@ -95,6 +106,7 @@ impl Default for NodeConfig {
             cas_max_bytes: 50 << 30,
             fsync: true,
             fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
+            tangle: TangleNodeConfig::default(),
         }
     }
 }
@@ -263,6 +275,15 @@ pub fn default_data_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tangle_callers_share_a_target_dir_only_when_configured() {
+        assert!(!NodeConfig::default().tangle.share_target_dir_per_service);
+        let config: NodeConfig =
+            toml::from_str("[tangle]\nshare_target_dir_per_service = true\n").unwrap();
+        assert!(config.tangle.share_target_dir_per_service);
+        assert!(toml::from_str::<NodeConfig>("[tangle]\nshare = true\n").is_err());
+    }
 
     #[test]
     fn toml_env_and_validation() {

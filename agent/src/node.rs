@@ -223,14 +223,16 @@ impl NodeShared {
             .map(SessionSource::Finished)
     }
 
-    /// Validates and starts a job (see the module doc). `peer` is the submitter (`None` for
-    /// local submissions).
+    /// Validates and starts a job (see the module doc). `peer` is the libp2p submitter
+    /// (`None` for local and Tangle submissions); `tenant` is who the job builds as (its slot
+    /// and the results it may be served).
     pub async fn submit(
         self: &Arc<Self>,
         peer: Option<PeerId>,
+        tenant: rba_executor::tenant::Tenant,
         submit: Submit,
     ) -> Result<JobHandle, Refusal> {
-        let result = self.submit_inner(peer, submit).await;
+        let result = self.submit_inner(peer, tenant, submit).await;
         match &result {
             Ok(_) => self.metrics.inc_submitted(),
             // The normal first answer to a new tree: the client uploads and submits again.
@@ -243,6 +245,7 @@ impl NodeShared {
     async fn submit_inner(
         self: &Arc<Self>,
         peer: Option<PeerId>,
+        tenant: rba_executor::tenant::Tenant,
         submit: Submit,
     ) -> Result<JobHandle, Refusal> {
         if let Some(peer) = &peer
@@ -302,9 +305,7 @@ impl NodeShared {
                 action_digest,
                 skip_cache_lookup: false,
                 workspace_identity: Some(identity),
-                tenant: peer
-                    .map(rba_executor::tenant::Tenant::peer)
-                    .unwrap_or_else(rba_executor::tenant::Tenant::local),
+                tenant,
             })
             .await
             .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;

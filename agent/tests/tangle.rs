@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use alloy_sol_types::SolValue;
 use blueprint_sdk::Bytes;
-use blueprint_sdk::tangle::extract::{CallId, ServiceId};
+use blueprint_sdk::tangle::extract::{CallId, Caller, ServiceId};
 use blueprint_sdk::{JobCall, JobResult, Router};
 use futures::StreamExt as _;
 use rba_agent::config::NodeConfig;
@@ -29,6 +29,10 @@ use rba_contracts::encode_job_inputs;
 use tower::ServiceExt as _;
 
 const SERVICE_ID: u64 = 7;
+/// The caller of most calls here.
+const CALLER_A: [u8; 20] = [0xaa; 20];
+/// Another account calling the same service.
+const CALLER_B: [u8; 20] = [0xbb; 20];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -225,13 +229,28 @@ impl Harness {
         self.dir.path().join("node/tangle/downloads")
     }
 
-    /// Sends one job call through the router; returns the raw results.
+    /// Sends one job call from [`CALLER_A`] through the router; returns the raw results.
     async fn call_raw(&self, job: u8, body: Vec<u8>, call_id: Option<u64>) -> Vec<JobResult> {
+        self.call_raw_from(job, body, call_id, Some(CALLER_A)).await
+    }
+
+    /// Sends one job call through the router, with the ids and the caller (`X-TANGLE-CALLER`)
+    /// `TangleProducer` sets; returns the raw results.
+    async fn call_raw_from(
+        &self,
+        job: u8,
+        body: Vec<u8>,
+        call_id: Option<u64>,
+        caller: Option<[u8; 20]>,
+    ) -> Vec<JobResult> {
         let mut call = JobCall::new(job, Bytes::from(body));
         if let Some(call_id) = call_id {
             call.metadata_mut().insert(CallId::METADATA_KEY, call_id);
             call.metadata_mut()
                 .insert(ServiceId::METADATA_KEY, SERVICE_ID);
+        }
+        if let Some(caller) = caller {
+            call.metadata_mut().insert(Caller::METADATA_KEY, caller);
         }
         self.router
             .clone()
@@ -241,17 +260,39 @@ impl Harness {
             .expect("a route matched")
     }
 
-    /// Sends job `job` with the contract's flat input encoding; decodes the one `Ok` result.
+    /// Sends job `job` from [`CALLER_A`] with the contract's flat input encoding; decodes the
+    /// one `Ok` result.
     async fn call(&self, job: u8, zip_uri: &str, session_id: &str, target: &str) -> BuildResult {
+        self.call_from(Some(CALLER_A), job, zip_uri, session_id, target)
+            .await
+    }
+
+    /// As [`Harness::call`], from `caller` (`None`: no `X-TANGLE-CALLER`).
+    async fn call_from(
+        &self,
+        caller: Option<[u8; 20]>,
+        job: u8,
+        zip_uri: &str,
+        session_id: &str,
+        target: &str,
+    ) -> BuildResult {
         let call_id = rand_call_id();
         let results = self
-            .call_raw(
+            .call_raw_from(
                 job,
                 encode_job_inputs(zip_uri, session_id, target),
                 Some(call_id),
+                caller,
             )
             .await;
         decode(&results, call_id)
+    }
+
+    /// The target-dir slots the node's executor holds.
+    fn slots(&self) -> usize {
+        std::fs::read_dir(self.dir.path().join("node/executor/slots"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
     }
 
     fn log_text(&self, result: &BuildResult) -> String {
@@ -526,6 +567,7 @@ async fn requester_attached_to_the_session_gets_the_log_and_the_end() {
             call.metadata_mut().insert(CallId::METADATA_KEY, call_id);
             call.metadata_mut()
                 .insert(ServiceId::METADATA_KEY, SERVICE_ID);
+            call.metadata_mut().insert(Caller::METADATA_KEY, CALLER_A);
             let results = router.oneshot(call).await.unwrap().unwrap();
             decode(&results, call_id)
         })
@@ -771,6 +813,62 @@ async fn plain_http_and_private_hosts_are_refused_and_calls_without_ids_are_skip
         )
         .await;
     assert!(results.is_empty(), "{results:?}");
+    h.node.shutdown().await.unwrap();
+}
+
+/// The `hello` fixture with another greeting: another tree, so one caller's build is not
+/// answered from the other's shared result.
+fn hello_variant_zip() -> Vec<u8> {
+    let read = |path: &str| std::fs::read(fixture("hello").join(path)).unwrap();
+    let main = String::from_utf8(read("src/main.rs"))
+        .unwrap()
+        .replace("rust-build-agent", "another caller");
+    zip_entries(&[
+        ("Cargo.toml", &read("Cargo.toml")),
+        ("Cargo.lock", &read("Cargo.lock")),
+        ("src/main.rs", main.as_bytes()),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_of_one_service_get_their_own_target_dirs_unless_the_operator_shares_them() {
+    let (hello, variant) = (zip_fixture("hello", None), hello_variant_zip());
+
+    let h = Harness::new(HashMap::new(), |_| {}).await;
+    let (first, second) = (h.put_zip("a.zip", &hello), h.put_zip("b.zip", &variant));
+    let a = h.call_from(Some(CALLER_A), 4, &first, &session(), "").await;
+    assert_success(&a, "caller A");
+    assert_eq!(h.slots(), 1);
+    let b = h
+        .call_from(Some(CALLER_B), 4, &second, &session(), "")
+        .await;
+    assert_success(&b, "caller B");
+    assert_eq!(h.slots(), 2, "caller B builds in a target dir of its own");
+    // A call without a caller has no tenant: refused, nothing runs.
+    let anonymous = h.call_from(None, 4, &first, &session(), "").await;
+    assert_refused(&anonymous, "names no caller");
+    h.node.shutdown().await.unwrap();
+
+    // The operator's choice: one target dir per service, whoever calls.
+    let h = Harness::new(HashMap::new(), |config| {
+        config.share_target_dir_per_service = true
+    })
+    .await;
+    let (first, second) = (h.put_zip("a.zip", &hello), h.put_zip("b.zip", &variant));
+    assert_success(
+        &h.call_from(Some(CALLER_A), 4, &first, &session(), "").await,
+        "caller A, shared",
+    );
+    assert_success(
+        &h.call_from(Some(CALLER_B), 4, &second, &session(), "")
+            .await,
+        "caller B, shared",
+    );
+    assert_eq!(
+        h.slots(),
+        1,
+        "both callers used the service's one target dir"
+    );
     h.node.shutdown().await.unwrap();
 }
 

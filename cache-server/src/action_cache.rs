@@ -12,6 +12,15 @@
 //!   incomplete result is never stored.
 //!
 //! Instance names separate action caches; the CAS is shared.
+//!
+//! The executor's own namespaces are not the clients' to write: `rba/cargo` (what `rba build`
+//! and Tangle jobs are served), anything under `rba/`, and every namespace the executor
+//! derives from an instance (tenant-scoped and failed results; their names hold a NUL).
+//! UpdateActionResult on them is `PERMISSION_DENIED` whatever the token, otherwise a client
+//! could plant the result every later submitter of a popular tree is served. GetActionResult
+//! reads a shared namespace (`rba/cargo` included: its entries are served to any tenant anyway)
+//! but never a tenant-scoped or failed one (`PERMISSION_DENIED`). The rule itself lives in
+//! `rba_executor::runner` (`is_executor_namespace`, `is_private_namespace`).
 
 use std::collections::HashSet;
 
@@ -20,6 +29,8 @@ use rba_proto::Message;
 use rba_proto::reapi::action_cache_server::ActionCache;
 use rba_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use tonic::{Request, Response, Status};
+
+use rba_executor::runner::{is_executor_namespace, is_private_namespace};
 
 use crate::auth;
 use crate::server::ServerState;
@@ -40,6 +51,12 @@ impl ActionCacheService {
     async fn get(&self, request: Request<GetActionResultRequest>) -> Result<ActionResult, Status> {
         auth::require_read(&request)?;
         let request = request.into_inner();
+        if is_private_namespace(&request.instance_name) {
+            return Err(Status::permission_denied(format!(
+                "instance {:?} is a tenant-scoped namespace of the executor; it is not readable",
+                request.instance_name
+            )));
+        }
         let (function, action) = status::action_key(
             &request.instance_name,
             request.digest_function,
@@ -71,6 +88,13 @@ impl ActionCacheService {
     ) -> Result<ActionResult, Status> {
         auth::require_ac_write(&request)?;
         let request = request.into_inner();
+        if is_executor_namespace(&request.instance_name) {
+            return Err(Status::permission_denied(format!(
+                "instance {:?} is reserved for the executor's own results; clients cannot \
+                 write it (use another instance name)",
+                request.instance_name
+            )));
+        }
         let (function, action) = status::action_key(
             &request.instance_name,
             request.digest_function,

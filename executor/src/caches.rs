@@ -5,12 +5,14 @@
 //! ```text
 //! cargo-home/                      one shared CARGO_HOME (registry index, .crate files, git)
 //! slots/<slot>/src/                the workspace's sources, kept in sync with each input root
-//! slots/<slot>/target/             the target dir of (workspace identity, toolchain)
+//! slots/<slot>/target/             the target dir of (tenant, workspace identity, toolchain)
 //! slots/<slot>/manifest.json       path → (digest, mtime) of what `src/` holds
 //! slots/<slot>/lock                flock'd while a job uses the slot
 //! jobs/<job id>/                   per-job scratch (REAPI actions' exec roots), removed after
 //! ```
-//! Contract: a slot is used by one job at a time ([`SlotLock`] is an exclusive `flock`, so two
+//! Contract: a slot belongs to one tenant (its key includes the [`Tenant`]; a target dir one
+//! tenant's build scripts wrote into never serves another tenant's build, see the runner's
+//! module doc); a slot is used by one job at a time ([`SlotLock`] is an exclusive `flock`, so two
 //! processes sharing a data dir also exclude each other); cargo fingerprints embed absolute
 //! paths, so a slot is always mounted at the same sandbox paths (`/workspace`, `/target`).
 //! Cargo's own cache auto-clean is turned off (`CARGO_CACHE_AUTO_CLEAN_FREQUENCY=never` in the
@@ -21,13 +23,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use crate::tenant::Tenant;
+
 /// Where the executor keeps its caches.
 #[derive(Clone, Debug)]
 pub struct CacheLayout {
     root: PathBuf,
 }
 
-/// The directories of one (workspace identity, toolchain) slot.
+/// The directories of one (tenant, workspace identity, toolchain) slot.
 #[derive(Clone, Debug)]
 pub struct Slot {
     /// The slot's directory.
@@ -73,13 +77,20 @@ impl CacheLayout {
         Ok(dir.join(lock_digest_hex))
     }
 
-    /// The slot of a workspace identity under a toolchain; both are hashed into a fixed-length,
-    /// path-safe name, so hostile identities cannot escape the layout.
-    pub fn slot(&self, workspace_identity: &str, toolchain_digest: &str) -> io::Result<Slot> {
+    /// The slot of a tenant's workspace identity under a toolchain; all three are hashed
+    /// (length-prefixed, so no two triples collide) into a fixed-length, path-safe name, so
+    /// hostile identities cannot escape the layout nor name another tenant's slot.
+    pub fn slot(
+        &self,
+        tenant: &Tenant,
+        workspace_identity: &str,
+        toolchain_digest: &str,
+    ) -> io::Result<Slot> {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(workspace_identity.as_bytes());
-        hasher.update(&[0]);
-        hasher.update(toolchain_digest.as_bytes());
+        for part in [tenant.as_str(), workspace_identity, toolchain_digest] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
         let name = hasher.finalize().to_hex()[..32].to_string();
         let dir = self.root.join("slots").join(name);
         let slot = Slot {
@@ -143,6 +154,14 @@ fn sanitize(name: &str) -> String {
         })
         .take(64)
         .collect()
+}
+
+impl Slot {
+    /// True when the target dir holds nothing at all: whatever a build in it sees was made by
+    /// that build. Meaningful only while the caller holds the slot's [`SlotLock`].
+    pub fn target_is_empty(&self) -> io::Result<bool> {
+        Ok(fs::read_dir(&self.target)?.next().is_none())
+    }
 }
 
 /// A per-job scratch directory, removed on drop.
@@ -214,10 +233,27 @@ mod tests {
     fn slots_are_stable_exclusive_and_path_safe() {
         let dir = tempfile::tempdir().unwrap();
         let layout = CacheLayout::create(dir.path()).unwrap();
-        let a = layout.slot("../../etc", "tc1").unwrap();
+        let (alice, bob) = (Tenant::token("alice"), Tenant::token("bob"));
+        let a = layout.slot(&alice, "../../etc", "tc1").unwrap();
         assert!(a.dir.starts_with(dir.path().join("slots")));
-        assert_eq!(layout.slot("../../etc", "tc1").unwrap().dir, a.dir);
-        assert_ne!(layout.slot("../../etc", "tc2").unwrap().dir, a.dir);
+        assert!(
+            a.target_is_empty().unwrap(),
+            "a new slot's target dir is empty"
+        );
+        assert_eq!(layout.slot(&alice, "../../etc", "tc1").unwrap().dir, a.dir);
+        assert_ne!(layout.slot(&alice, "../../etc", "tc2").unwrap().dir, a.dir);
+        assert_ne!(
+            layout.slot(&bob, "../../etc", "tc1").unwrap().dir,
+            a.dir,
+            "another tenant never gets the same slot"
+        );
+        // The parts are length-prefixed: moving text from one part to the next is another slot.
+        assert_ne!(
+            layout.slot(&alice, "ab", "c").unwrap().dir,
+            layout.slot(&alice, "a", "bc").unwrap().dir
+        );
+        fs::write(a.target.join(".fingerprint"), b"planted").unwrap();
+        assert!(!a.target_is_empty().unwrap(), "a dotfile is content too");
         let held = SlotLock::acquire(&a).unwrap();
         assert!(SlotLock::try_acquire(&a.dir).unwrap().is_none());
         drop(held);
@@ -236,7 +272,9 @@ mod tests {
         assert!(!path.exists());
         let dirs: Vec<PathBuf> = (0..3)
             .map(|i| {
-                let slot = layout.slot(&format!("ws{i}"), "tc").unwrap();
+                let slot = layout
+                    .slot(&Tenant::local(), &format!("ws{i}"), "tc")
+                    .unwrap();
                 drop(SlotLock::acquire(&slot).unwrap());
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 slot.dir

@@ -16,6 +16,34 @@
 //! Every job has a [`LogStream`] registered under its id before it starts, so every transport
 //! reads the same lines; its state ([`JobState`]) is a `watch` channel (queued with position,
 //! running with progress, done with the outcome).
+//!
+//! ## Results nobody else influenced
+//!
+//! A cargo job's target dir outlives the job (that is what makes a resubmission incremental),
+//! and it is not part of the Action digest. Whoever wrote into it could steer what the next
+//! build in it outputs (a build script plants a fingerprint or an artifact). The rule:
+//!
+//! - **Slots belong to one tenant.** A slot is keyed by (tenant, workspace identity,
+//!   toolchain) ([`CacheLayout::slot`]); no job ever runs in a target dir another tenant's job
+//!   wrote.
+//! - **A result is shared only if its build was clean.** A job's [`Provenance`] is
+//!   [`Provenance::Clean`] when every input of the build was in its input root or produced by
+//!   the executor from inputs no other party could steer: a REAPI command's fresh exec root, or
+//!   a cargo job whose target dir was empty when the job took the slot. Only such a success is
+//!   stored in the instance's shared namespace (the instance name itself, e.g. `rba/cargo`),
+//!   where any tenant is served it. A success built on a reused target dir is
+//!   [`Provenance::TenantState`] and goes to the namespace of the tenant that owns the slot
+//!   (`instance \0tenant:<tenant>`); failures always go to the tenant's failed namespace (kept,
+//!   never served). [`result_namespace`] is the one place this is decided.
+//! - **Lookup:** the tenant's own namespace, then the shared one ([`lookup_namespaces`]); a job
+//!   is never served another tenant's scoped result. The same tenant's unchanged resubmission
+//!   still hits.
+//! - **Clients cannot write these namespaces.** [`is_executor_namespace`] names what REAPI
+//!   `UpdateActionResult` refuses; [`is_private_namespace`] names what no client reads.
+//!
+//! What every tenant shares and trusts: the toolchain (read-only) and the cargo home, written
+//! only by `cargo fetch` (which runs no build script or proc macro) and mounted read-only in the
+//! build phase.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -436,6 +464,7 @@ impl Executor {
                 started,
                 steps: Vec::new(),
                 state: state_tx.clone(),
+                provenance: Provenance::TenantState,
             };
             let outcome = tokio::select! {
                 outcome = job.run() => outcome,
@@ -461,6 +490,9 @@ struct RunningJob<'a> {
     started: Instant,
     steps: Vec<(String, Duration)>,
     state: watch::Sender<JobState>,
+    /// Decides the result's namespace; set by the workload, `TenantState` until it proves
+    /// otherwise.
+    provenance: Provenance,
 }
 
 /// What a workload produced.
@@ -514,17 +546,33 @@ impl RunningJob<'_> {
         let _ = self.state.send(JobState::Running { done: 0, total: 0 });
         let run = match self.prepared.platform_property("job") {
             Some(_) => self.run_cargo().await?,
-            None => self.run_command().await?,
+            None => {
+                // A fresh exec root materialised from the input root alone.
+                self.provenance = Provenance::Clean;
+                self.run_command().await?
+            }
         };
         self.finish(run).await
     }
 
     /// Serves the job from the action cache when a complete, successful result exists.
+    /// Looks in the tenant's own namespace, then the shared one ([`lookup_namespaces`]).
     async fn try_cache_hit(&mut self) -> Result<Option<JobOutcome>, ExecutorError> {
         let cas = self.inner().cas.clone();
-        let (instance, digest) = (self.request.instance.clone(), self.prepared.action_digest);
-        let cached = Self::blocking(move || Ok(cas.actions.get(&instance, &digest)?)).await?;
-        let Some(result) = cached.filter(|r| r.exit_code == 0) else {
+        let namespaces = lookup_namespaces(&self.request.instance, &self.request.tenant);
+        let digest = self.prepared.action_digest;
+        let cached = Self::blocking(move || {
+            for namespace in &namespaces {
+                if let Some(result) = cas.actions.get(namespace, &digest)?
+                    && result.exit_code == 0
+                {
+                    return Ok(Some(result));
+                }
+            }
+            Ok(None)
+        })
+        .await?;
+        let Some(result) = cached else {
             return Ok(None);
         };
         let function = self.function();
@@ -621,19 +669,29 @@ impl RunningJob<'_> {
         });
         let layout = self.inner().layout.clone();
         let toolchain_digest = self.inner().toolchain.digest_hex.clone();
+        let tenant = self.request.tenant.clone();
         let slot = Self::blocking(move || {
             layout
-                .slot(&identity, &toolchain_digest)
+                .slot(&tenant, &identity, &toolchain_digest)
                 .map_err(io_error("creating a workspace slot"))
         })
         .await?;
         let lock_slot = slot.clone();
         let waited = Instant::now();
-        let _lock = Self::blocking(move || {
-            SlotLock::acquire(&lock_slot).map_err(io_error("locking a workspace slot"))
+        let (_lock, fresh) = Self::blocking(move || {
+            let lock =
+                SlotLock::acquire(&lock_slot).map_err(io_error("locking a workspace slot"))?;
+            // Only under the lock: no other job of the slot can write the target dir meanwhile.
+            let fresh = lock_slot
+                .target_is_empty()
+                .map_err(io_error("reading the target dir"))?;
+            Ok((lock, fresh))
         })
         .await?;
         self.step("slot-lock", waited);
+        if fresh {
+            self.provenance = Provenance::Clean;
+        }
 
         let synced = Instant::now();
         let (blobs, root, sync_slot, limits) = (
@@ -949,21 +1007,15 @@ impl RunningJob<'_> {
             ..Default::default()
         };
         let cas = self.inner().cas.clone();
-        let (instance, digest, stored) = (
-            self.request.instance.clone(),
-            self.prepared.action_digest,
-            result.clone(),
-        );
         let cacheable = run.success && !self.prepared.action.do_not_cache;
-        Self::blocking(move || {
-            let instance = if cacheable {
-                instance
-            } else {
-                failed_instance(&instance)
-            };
-            Ok(cas.actions.put(&instance, &digest, &stored)?)
-        })
-        .await?;
+        let namespace = result_namespace(
+            &self.request.instance,
+            &self.request.tenant,
+            self.provenance,
+            cacheable,
+        );
+        let (digest, stored) = (self.prepared.action_digest, result.clone());
+        Self::blocking(move || Ok(cas.actions.put(&namespace, &digest, &stored)?)).await?;
         Ok(JobOutcome {
             status: if run.success {
                 JobStatus::Success
@@ -1015,6 +1067,60 @@ impl RunningJob<'_> {
 /// as hits.
 pub fn failed_instance(instance: &str) -> String {
     format!("{instance}\u{0}failed")
+}
+
+/// What, besides its input root, a job's build could see (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provenance {
+    /// Only the input root and what the executor made from it: a fresh exec root, or a target
+    /// dir that was empty when the job took its slot.
+    Clean,
+    /// A target dir earlier jobs of the slot's tenant wrote into.
+    TenantState,
+}
+
+/// The action-cache namespace a job's result belongs to: the one decision of who may be
+/// served it. Clean successes go to the shared `instance`; anything else stays with `tenant`
+/// (successes in `instance \0tenant:<tenant>`, failures in that namespace's failed namespace,
+/// never served as hits).
+pub fn result_namespace(
+    instance: &str,
+    tenant: &Tenant,
+    provenance: Provenance,
+    success: bool,
+) -> String {
+    match (provenance, success) {
+        (Provenance::Clean, true) => instance.to_string(),
+        (Provenance::TenantState, true) => format!("{instance}\u{0}tenant:{tenant}"),
+        (_, false) => failed_instance(&result_namespace(
+            instance,
+            tenant,
+            Provenance::TenantState,
+            true,
+        )),
+    }
+}
+
+/// Where a job of `tenant` may find a cached success, in lookup order: its own namespace,
+/// then the shared one.
+pub fn lookup_namespaces(instance: &str, tenant: &Tenant) -> [String; 2] {
+    [
+        result_namespace(instance, tenant, Provenance::TenantState, true),
+        result_namespace(instance, tenant, Provenance::Clean, true),
+    ]
+}
+
+/// True for a namespace only the executor writes: [`CARGO_INSTANCE`], anything under `rba/`,
+/// and every namespace derived by [`result_namespace`] (they hold a NUL, which no client
+/// instance name needs). REAPI `UpdateActionResult` refuses these.
+pub fn is_executor_namespace(instance: &str) -> bool {
+    instance == CARGO_INSTANCE || instance.starts_with("rba/") || is_private_namespace(instance)
+}
+
+/// True for a tenant-scoped or failed namespace: readable by the executor alone (it serves a
+/// tenant its own entries), never through a client-facing read.
+pub fn is_private_namespace(instance: &str) -> bool {
+    instance.contains('\u{0}')
 }
 
 /// The log stream a sandbox output line belongs to.

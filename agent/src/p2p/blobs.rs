@@ -293,6 +293,14 @@ async fn serve_action_result(
         .await;
         return false;
     };
+    // Tenant-scoped and failed results are the executor's to serve to their tenant alone.
+    if rba_executor::runner::is_private_namespace(&ask.instance) {
+        let refusal = error_reply(
+            "forbidden",
+            format!("instance {:?} is not readable", ask.instance),
+        );
+        return write_frame(stream, &refusal).await.is_ok();
+    }
     let (actions, instance) = (node.cas.actions.clone(), ask.instance.clone());
     let found = tokio::task::spawn_blocking(move || actions.get(&instance, &digest)).await;
     let reply = match found {

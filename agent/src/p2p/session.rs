@@ -71,7 +71,10 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
         }
     };
     let result = match request.frame {
-        Some(client_frame::Frame::Submit(submit)) => match node.submit(Some(peer), submit).await {
+        Some(client_frame::Frame::Submit(submit)) => match node
+            .submit(Some(peer), rba_executor::tenant::Tenant::peer(peer), submit)
+            .await
+        {
             Ok(handle) => {
                 let position = match handle.state() {
                     JobState::Queued { position } => position as u32,

@@ -14,6 +14,14 @@
 //! exactly the contract's rule. `session_id` is a canonical lowercase UUID: the job's log stream
 //! is reachable under it (WebSocket `/v1/sessions/{session_id}/events`, libp2p `Attach`).
 //!
+//! Who builds: every call is a tenant of its own, `tangle:<service>/<caller address>` (the
+//! caller the producer puts in `X-TANGLE-CALLER`), so callers of one service never share a
+//! target dir nor are served each other's results built on one (see the executor runner's
+//! "Results nobody else influenced"). An operator whose callers trust each other sets
+//! `tangle.share_target_dir_per_service` (node config): every caller of a service is then the
+//! one tenant `tangle:<service>/*`, one target dir per service. A call without a caller is
+//! refused.
+//!
 //! Output: [`BuildResult`], always as `Ok`: a job that fails — bad input, a refused zip, a
 //! compile error, a failing test — still returns a result with `status` 1 and a `message`,
 //! because the consumer drops an `Err` and the call would stay pending on chain.
@@ -25,10 +33,11 @@ use blueprint_sdk::Router;
 use blueprint_sdk::extract::Context;
 use blueprint_sdk::job::Job as _;
 use blueprint_sdk::tangle::TangleLayer;
-use blueprint_sdk::tangle::extract::{CallId, ServiceId, TangleArg, TangleResult};
+use blueprint_sdk::tangle::extract::{CallId, Caller, ServiceId, TangleArg, TangleResult};
 use rba_contracts::Job;
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::runner::{JobOutcome, JobStatus};
+use rba_executor::tenant::Tenant;
 use rba_proto::rba::v1::{JobOptions, Submit};
 
 use super::TangleContext;
@@ -97,11 +106,15 @@ macro_rules! job {
             Context(ctx): Context<TangleContext>,
             CallId(call_id): CallId,
             ServiceId(service_id): ServiceId,
+            caller: Option<Caller>,
             TangleArg((zip_uri, session_id, build_target)): TangleArg<JobInput>,
         ) -> TangleResult<BuildResult> {
-            TangleResult(
-                run(&ctx, $job, service_id, call_id, &zip_uri, &session_id, &build_target).await,
-            )
+            let call = Call {
+                service_id,
+                call_id,
+                caller: caller.map(|c| c.as_address()),
+            };
+            TangleResult(run(&ctx, $job, call, &zip_uri, &session_id, &build_target).await)
         }
     };
 }
@@ -131,6 +144,27 @@ job!(
     check_project,
     Job::Check
 );
+
+/// Where a job call comes from (the producer's metadata).
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    /// The service it was called on.
+    pub service_id: u64,
+    /// Its on-chain call id.
+    pub call_id: u64,
+    /// The account that called (`None` when the call carries no caller).
+    pub caller: Option<alloy_primitives::Address>,
+}
+
+/// The tenant a call builds as: its caller within its service, or — when the operator shares
+/// one target dir per service — the whole service. `None` without a caller.
+pub fn tenant_of(config: &super::TangleConfig, call: &Call) -> Option<Tenant> {
+    if config.share_target_dir_per_service {
+        return Some(Tenant::tangle(call.service_id, "*"));
+    }
+    call.caller
+        .map(|caller| Tenant::tangle(call.service_id, caller))
+}
 
 /// True for `8-4-4-4-12` lowercase hex digits (what the contract accepts).
 pub fn is_canonical_uuid(text: &str) -> bool {
@@ -224,13 +258,23 @@ pub fn result_of(outcome: &JobOutcome, kind: JobKind, started: Instant) -> Build
 pub async fn run(
     ctx: &TangleContext,
     job: Job,
-    service_id: u64,
-    call_id: u64,
+    call: Call,
     zip_uri: &str,
     session_id: &str,
     build_target: &str,
 ) -> BuildResult {
     let started = Instant::now();
+    let Call {
+        service_id,
+        call_id,
+        ..
+    } = call;
+    let Some(tenant) = tenant_of(&ctx.config, &call) else {
+        return refused(
+            started,
+            format!("the job call names no caller ({})", Caller::METADATA_KEY),
+        );
+    };
     if !is_canonical_uuid(session_id) {
         return refused(
             started,
@@ -263,7 +307,7 @@ pub async fn run(
         input_root: Some(root.to_wire()),
         workspace_hint: format!("tangle-service-{service_id}"),
     };
-    let handle = match ctx.node.submit(None, submit).await {
+    let handle = match ctx.node.submit(None, tenant, submit).await {
         Ok(handle) => handle,
         Err(refusal) => {
             return refused(started, format!("{}: {}", refusal.code, refusal.message));

@@ -57,6 +57,9 @@ pub struct TangleConfig {
     pub max_redirects: usize,
     /// The hostile-zip limits (entries, total size, compression ratio, symlinks).
     pub zip_limits: ZipLimits,
+    /// All callers of a service build as one tenant, in one target dir per service (and are
+    /// served each other's results built there). Off by default: each caller is its own tenant.
+    pub share_target_dir_per_service: bool,
 }
 
 impl TangleConfig {
@@ -78,6 +81,7 @@ impl TangleConfig {
                 max_total_bytes: 2 << 30,
                 ..ZipLimits::default()
             },
+            share_target_dir_per_service: false,
         }
     }
 }

@@ -237,6 +237,7 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
     tangle_config.ipfs_gateway = args.ipfs_gateway.clone();
     tangle_config.allow_http = args.allow_http;
     tangle_config.allow_private_hosts = args.allow_private_hosts;
+    tangle_config.share_target_dir_per_service = node_config.tangle.share_target_dir_per_service;
     if let Some(max) = args.max_zip_bytes {
         tangle_config.max_zip_bytes = max;
     }
