@@ -104,12 +104,13 @@ fn unauthorized(why: &str) -> Response {
 }
 
 /// The viewer of a request: from its `Authorization` header, else `query_token` (the
-/// WebSocket's `?token=`); 401 without a valid token unless the node is public.
+/// WebSocket's `?token=`); without a valid token (unless the node is public), why not (the
+/// handler answers 401 with it).
 fn viewer(
     node: &NodeShared,
     headers: &HeaderMap,
     query_token: Option<&str>,
-) -> Result<Viewer, Response> {
+) -> Result<Viewer, String> {
     if node.config.public_read {
         return Ok(Viewer::Public);
     }
@@ -117,13 +118,12 @@ fn viewer(
         (Some(value), _) => {
             let value = value
                 .to_str()
-                .map_err(|_| unauthorized("malformed Authorization header"))?;
-            node.auth.authenticate_bearer(Some(value))
+                .map_err(|_| "malformed Authorization header".to_string())?;
+            node.auth.authenticate_bearer(Some(value))?
         }
-        (None, Some(token)) => node.auth.authenticate_token(token),
-        (None, None) => return Err(unauthorized("no token")),
-    }
-    .map_err(|why| unauthorized(&why))?;
+        (None, Some(token)) => node.auth.authenticate_token(token)?,
+        (None, None) => return Err("no token".to_string()),
+    };
     Ok(Viewer::Token(caller))
 }
 
@@ -158,7 +158,7 @@ async fn builds(
 ) -> Response {
     let viewer = match viewer(&node, &headers, None) {
         Ok(viewer) => viewer,
-        Err(response) => return response,
+        Err(why) => return unauthorized(&why),
     };
     let limit = query.limit.unwrap_or(100).min(10_000);
     let history = node.history.clone();
@@ -177,7 +177,7 @@ async fn build(
 ) -> Response {
     let viewer = match viewer(&node, &headers, None) {
         Ok(viewer) => viewer,
-        Err(response) => return response,
+        Err(why) => return unauthorized(&why),
     };
     match node
         .history
@@ -197,7 +197,7 @@ async fn build_logs(
 ) -> Response {
     let viewer = match viewer(&node, &headers, None) {
         Ok(viewer) => viewer,
-        Err(response) => return response,
+        Err(why) => return unauthorized(&why),
     };
     if !may_see_build(&node, &viewer, &id) {
         return not_found(format!("no build {id:?}"));
@@ -306,7 +306,7 @@ async fn events(
 ) -> Response {
     let viewer = match viewer(&node, &headers, query.token.as_deref()) {
         Ok(viewer) => viewer,
-        Err(response) => return response,
+        Err(why) => return unauthorized(&why),
     };
     let Some(source) = node
         .session(&id)

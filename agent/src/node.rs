@@ -113,7 +113,7 @@ pub enum SessionSource {
     /// The executor still knows the job (running or recently finished).
     Live(JobHandle),
     /// Only the history knows it (finished before a restart): replayed from the stored log.
-    Finished(BuildRecord),
+    Finished(Box<BuildRecord>),
 }
 
 fn wire_status(status: JobStatus) -> WireStatus {
@@ -364,7 +364,7 @@ impl NodeShared {
         self.history
             .get(id)
             .filter(BuildRecord::is_finished)
-            .map(SessionSource::Finished)
+            .map(|record| SessionSource::Finished(Box::new(record)))
     }
 
     /// Validates and starts a job (see the module doc). `peer` is the submitter (`None` for

@@ -407,6 +407,8 @@ async fn build_views_need_a_token_that_sees_the_builds_tenant() {
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("401"), "{refused}");
+    // `?token=` is for the WebSocket only (tokens in URLs end up in logs).
+    assert_eq!(get(http, "/builds?token=alice-secret-token").await.0, 401);
 
     // Bob's token sees nothing of Alice's: her build does not exist for him.
     let (status, body) = get_with(http, "/builds", Some("bob-secret-token")).await;
