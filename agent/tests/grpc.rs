@@ -276,6 +276,23 @@ async fn tls_and_tokens_keep_each_tenants_operations_its_own() {
         .into_inner();
     assert_eq!(listed.operations.len(), 1);
     assert_eq!(listed.operations[0].name, name);
+    // Nor read its live output.
+    let mut bytestream =
+        rba_proto::bytestream::byte_stream_client::ByteStreamClient::new(channel.clone());
+    let read = bytestream
+        .read(bearer(
+            rba_proto::bytestream::ReadRequest {
+                resource_name: format!("{name}/stdout"),
+                ..Default::default()
+            },
+            BOB,
+        ))
+        .await;
+    let status = match read {
+        Err(status) => status,
+        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let job_id = name.rsplit('/').next().unwrap();
     assert!(
         node.shared().executor.job(job_id).is_some(),
