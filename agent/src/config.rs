@@ -3,13 +3,33 @@
 //!
 //! Why a module of its own: `rba serve`, the tests and the bench all start nodes, and each must
 //! get the same defaults (data under one directory, loopback listeners, long idle timeouts) and
-//! the same validation (trusted peers are real PeerIds, addresses parse) before anything binds.
+//! the same validation (trusted peers are real PeerIds, addresses parse, the gRPC bind rule)
+//! before anything binds.
+//!
+//! Tokens are `rba-cache-server`'s, given the same way (`--token NAME:TOKEN:ACCESS`,
+//! `RBA_TOKENS`, `[[auth.tokens]]` in the file, with an optional `tenants = [...]` list of
+//! other tenants a token may see, `"*"` for all): they guard the REAPI gRPC face and the HTTP
+//! views of builds. Example:
+//! ```toml
+//! grpc_listen = "0.0.0.0:50051"
+//! public_read = false            # true: anyone may read /builds… over HTTP (demo nodes)
+//! sharing_peers = ["12D3KooW…"]  # operators' nodes that may read every blob and result here
+//! [tls]
+//! cert = "/etc/rba/server.pem"
+//! key = "/etc/rba/server.key"
+//! [[auth.tokens]]
+//! name = "ops"
+//! token = "…"
+//! access = "read-write"
+//! tenants = ["*"]                # an operator: sees every tenant's builds
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use libp2p::{Multiaddr, PeerId};
+use rba_cache_server::config::{AuthConfig, TlsConfig, TokenConfig, parse_token};
 use serde::{Deserialize, Serialize};
 
 /// A peer operator whose blobs and signed action results this node accepts.
@@ -62,8 +82,19 @@ pub struct NodeConfig {
     pub max_frame_bytes: usize,
     /// Largest blob a client may upload (bytes); larger uploads are refused.
     pub max_upload_bytes: u64,
-    /// Peer operators whose blobs and signed action results this node accepts.
+    /// Peer operators whose blobs and signed action results this node accepts. They may also
+    /// read every blob and result of this node.
     pub trusted_peers: Vec<TrustedPeer>,
+    /// PeerIds (operators' nodes that list this one as a trusted peer) that may read every
+    /// blob and signed result of this node without being trusted by it.
+    pub sharing_peers: Vec<String>,
+    /// Bearer tokens (REAPI gRPC and the HTTP views of builds), as for `cache-server`.
+    pub auth: AuthConfig,
+    /// Anyone may read the HTTP views of builds (`/builds`, logs, events) without a token: for
+    /// a single-user or demo node only.
+    pub public_read: bool,
+    /// Serve the REAPI gRPC face over TLS with this certificate and key.
+    pub tls: Option<TlsConfig>,
     /// When set, only these PeerIds may upload and submit (everyone else gets `forbidden`).
     pub allowed_clients: Option<Vec<String>>,
     /// CAS capacity in bytes.
@@ -102,6 +133,10 @@ impl Default for NodeConfig {
             max_frame_bytes: crate::p2p::frame::DEFAULT_MAX_FRAME,
             max_upload_bytes: 2 << 30,
             trusted_peers: Vec::new(),
+            sharing_peers: Vec::new(),
+            auth: AuthConfig::default(),
+            public_read: false,
+            tls: None,
             allowed_clients: None,
             cas_max_bytes: 50 << 30,
             fsync: true,
@@ -136,7 +171,9 @@ impl NodeConfig {
 
     /// Applies `RBA_*` environment variables: `RBA_LISTEN` (comma-separated), `RBA_HTTP_LISTEN`,
     /// `RBA_GRPC_LISTEN` (`off` disables), `RBA_WORKERS`, `RBA_TRUSTED_PEERS`
-    /// (comma-separated `MULTIADDR/p2p/PEERID`).
+    /// (comma-separated `MULTIADDR/p2p/PEERID`), `RBA_TOKENS` (comma-separated
+    /// `NAME:TOKEN:ACCESS`, added to the file's), `RBA_PUBLIC_READ` (`true`/`false`),
+    /// `RBA_TLS_CERT` and `RBA_TLS_KEY`.
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         self.apply_vars(|name| std::env::var(name).ok())
     }
@@ -162,6 +199,27 @@ impl NodeConfig {
                     .push(trusted_peer_from_multiaddr(&address)?);
             }
         }
+        if let Some(tokens) = var("RBA_TOKENS") {
+            for token in split_list(&tokens) {
+                self.auth
+                    .tokens
+                    .push(parse_token(&token).map_err(|e| anyhow::anyhow!("RBA_TOKENS: {e}"))?);
+            }
+        }
+        if let Some(public) = var("RBA_PUBLIC_READ") {
+            self.public_read = public
+                .trim()
+                .parse()
+                .with_context(|| format!("RBA_PUBLIC_READ={public:?} is not true or false"))?;
+        }
+        if let Some(tls) = TlsConfig::from_flags(
+            var("RBA_TLS_CERT").map(PathBuf::from),
+            var("RBA_TLS_KEY").map(PathBuf::from),
+        )
+        .context("RBA_TLS_CERT and RBA_TLS_KEY")?
+        {
+            self.tls = Some(tls);
+        }
         Ok(())
     }
 
@@ -181,6 +239,24 @@ impl NodeConfig {
                 .with_context(|| format!("allowed client {client:?} is not a PeerId"))?;
         }
         rba_executor::egress::EgressPolicy::new(&self.fetch_allowed_hosts)?;
+        for peer in &self.sharing_peers {
+            peer.parse::<PeerId>()
+                .with_context(|| format!("sharing peer {peer:?} is not a PeerId"))?;
+        }
+        self.auth.validate()?;
+        if let Some(grpc) = self.grpc_listen {
+            // The REAPI runs actions and reads the store: open only on loopback.
+            self.auth.check_bind(
+                grpc,
+                "give tokens (--token NAME:TOKEN:read-write, RBA_TOKENS, or [[auth.tokens]] \
+                 in the node config file), or serve gRPC on 127.0.0.1 (--grpc 127.0.0.1:PORT)",
+            )?;
+            rba_cache_server::config::warn_plaintext_tokens(&self.auth, grpc, self.tls.is_some());
+        } else if self.tls.is_some() {
+            anyhow::bail!(
+                "TLS is for the REAPI gRPC face: give --grpc ADDR too, or drop --tls-cert/--tls-key"
+            );
+        }
         anyhow::ensure!(self.workers > 0, "workers must be at least 1");
         anyhow::ensure!(
             self.max_frame_bytes >= 64 << 10,
@@ -209,6 +285,22 @@ pub struct NodeArgs {
     /// Concurrent jobs.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Bearer token for the REAPI gRPC face and the HTTP views of builds, as NAME:TOKEN:ACCESS
+    /// (ACCESS read-only|read-write), as for cache-server. Repeatable. Its tenant is
+    /// `token:NAME`; a `tenants = [...]` list (config file) lets it see others.
+    #[arg(long = "token", value_name = "NAME:TOKEN:ACCESS", value_parser = parse_token)]
+    pub tokens: Vec<TokenConfig>,
+    /// Anyone may read /builds, /builds/{id}, logs and session events without a token
+    /// (single-user or demo nodes).
+    #[arg(long)]
+    pub public_read: bool,
+    /// Serve REAPI gRPC over TLS with this PEM certificate chain (with --tls-key). Bearer
+    /// tokens off loopback need it.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -231,6 +323,13 @@ impl NodeArgs {
         }
         if let Some(workers) = self.workers {
             config.workers = workers;
+        }
+        config.auth.tokens.extend(self.tokens.iter().cloned());
+        if self.public_read {
+            config.public_read = true;
+        }
+        if let Some(tls) = TlsConfig::from_flags(self.tls_cert.clone(), self.tls_key.clone())? {
+            config.tls = Some(tls);
         }
         Ok(config)
     }
@@ -312,5 +411,46 @@ mod tests {
         assert!(toml::from_str::<NodeConfig>("bogus = 1").is_err());
         config.trusted_peers[0].peer_id = "nope".into();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn grpc_off_loopback_needs_tokens_given_any_way() {
+        let mut config = NodeConfig::ephemeral("/tmp/x");
+        config.grpc_listen = Some(([0, 0, 0, 0], 0).into());
+        let error = format!("{:#}", config.validate().unwrap_err());
+        assert!(
+            error.contains("without tokens") && error.contains("--token"),
+            "{error}"
+        );
+        config
+            .apply_vars(|name| (name == "RBA_TOKENS").then(|| "ci:0123456789:read-write".into()))
+            .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.auth.tokens[0].name, "ci");
+
+        let file: NodeConfig = toml::from_str(
+            r#"
+            grpc_listen = "0.0.0.0:50051"
+            public_read = true
+            [tls]
+            cert = "/c.pem"
+            key = "/k.pem"
+            [[auth.tokens]]
+            name = "ops"
+            token = "0123456789"
+            access = "read-write"
+            tenants = ["*"]
+        "#,
+        )
+        .unwrap();
+        file.validate().unwrap();
+        assert!(file.public_read && file.tls.is_some());
+        assert_eq!(file.auth.tokens[0].tenants, ["*"]);
+        let mut short = file.clone();
+        short.auth.tokens[0].token = "short".into();
+        assert!(short.validate().is_err());
+        let mut no_grpc = file;
+        no_grpc.grpc_listen = None;
+        assert!(no_grpc.validate().is_err(), "TLS without gRPC is a mistake");
     }
 }

@@ -12,18 +12,28 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
+use rba_cache_server::config::{AuthConfig, TlsConfig};
 use rba_cache_server::{Config, Server};
 use rba_cas::{Cas, StoreConfig};
 use rba_executor::runner::Executor;
 use tokio::sync::watch;
 
-/// Opens the store under `cas_dir` through the REAPI server (execution is attached later).
-pub fn open(cas_dir: &Path, store: StoreConfig, addr: SocketAddr) -> anyhow::Result<(Server, Cas)> {
+/// Opens the store under `cas_dir` through the REAPI server (execution is attached later),
+/// with the node's tokens (the bind rule is checked by `NodeConfig::validate`) and TLS.
+pub fn open(
+    cas_dir: &Path,
+    store: StoreConfig,
+    addr: SocketAddr,
+    auth: AuthConfig,
+    tls: Option<TlsConfig>,
+) -> anyhow::Result<(Server, Cas)> {
     let mut config = Config {
         listen: addr,
         data_dir: cas_dir.to_path_buf(),
         metrics_listen: None,
         store,
+        auth,
+        tls,
         ..Config::default()
     };
     config.execution.enabled = false;

@@ -4,6 +4,10 @@
 //!
 //! Why here and not in the executor: the executor knows jobs only while it runs; who submitted
 //! what, and the record kept after the job is forgotten, is the operator node's business.
+//!
+//! Each record names its owner tenant (`peer:…`, `local`): the HTTP views and session
+//! attachment show a build only to callers that may see that tenant. Records written before
+//! tenants existed have none and are shown only to callers that see every tenant.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -45,6 +49,10 @@ pub struct BuildRecord {
     pub action_digest: String,
     /// Submitting peer (absent for local submissions).
     pub client: Option<String>,
+    /// The tenant that owns the build (`peer:…`, `local`); absent in records from before
+    /// tenants.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Milliseconds since the epoch.
     pub submitted_at_ms: u64,
     /// `running`, `success`, `failed`, `error`, `cancelled`.
@@ -149,12 +157,22 @@ impl History {
 
     /// The most recent records first, at most `limit`.
     pub fn list(&self, limit: usize) -> Vec<BuildRecord> {
+        self.list_where(limit, |_| true)
+    }
+
+    /// The most recent records that `keep` accepts, at most `limit` (e.g. one tenant's).
+    pub fn list_where(
+        &self,
+        limit: usize,
+        keep: impl Fn(&BuildRecord) -> bool,
+    ) -> Vec<BuildRecord> {
         let mut records: Vec<BuildRecord> = self
             .tree
             .iter()
             .values()
             .filter_map(|v| v.ok())
-            .filter_map(|v| serde_json::from_slice(&v).ok())
+            .filter_map(|v| serde_json::from_slice::<BuildRecord>(&v).ok())
+            .filter(|record| keep(record))
             .collect();
         records.sort_by(|a, b| {
             b.submitted_at_ms
@@ -209,6 +227,7 @@ mod tests {
                     input_root: String::new(),
                     action_digest: String::new(),
                     client: None,
+                    tenant: Some(format!("peer:{}", at % 2)),
                     submitted_at_ms: at,
                     status: "running".into(),
                     exit_code: None,
@@ -224,7 +243,20 @@ mod tests {
         }
         let ids: Vec<String> = history.list(2).into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["b", "c"]);
+        let odd: Vec<String> = history
+            .list_where(10, |r| r.tenant.as_deref() == Some("peer:1"))
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(odd, ["b", "a"]);
+        // A record from before tenants reads back without one.
+        history
+            .tree
+            .insert("old", br#"{"id":"old","kind":"build","release":false,"input_root":"","action_digest":"","client":null,"submitted_at_ms":0,"status":"success","exit_code":0,"cache_hit":false,"duration_ms":1,"steps":[],"log_digest":null,"lines":0,"artifacts":[],"error":null}"#.to_vec())
+            .unwrap();
+        assert_eq!(history.get("old").unwrap().tenant, None);
         assert_eq!(history.mark_interrupted().unwrap(), 3);
+        assert_eq!(history.get("a").unwrap().tenant.as_deref(), Some("peer:1"));
         assert_eq!(history.get("a").unwrap().status, "error");
         assert!(history.get("zzz").is_none());
     }

@@ -4,6 +4,15 @@
 //! jobs are submitted over libp2p (or the REAPI) only — so the HTTP port can be exposed more
 //! widely than the submission protocols.
 //!
+//! Who may read what: `/health`, `/cache/stats` and `/metrics` are aggregates and open.
+//! Anything that names a build (`/builds…`, the session events) needs a bearer token
+//! (`Authorization: Bearer <token>`, or `?token=` on the WebSocket, which browsers cannot give
+//! headers): the node's tokens, as for `rba-cache-server`. A token sees the builds of its own
+//! tenant (`token:NAME`) and of the tenants its configuration lists (`tenants = [...]`, `"*"`
+//! for all); other builds answer 404, exactly as builds that do not exist. Without a token the
+//! answer is 401. `rba serve --public-read` opens these views to everyone (single-user and
+//! demo nodes).
+//!
 //! - `GET /health`, `/builds?limit=N`, `/builds/{id}`, `/builds/{id}/logs` (plain text),
 //!   `/cache/stats`, `/metrics` (Prometheus text).
 //! - `GET /v1/sessions/{id}/events?from_seq=N` (WebSocket): one JSON text message per log line
@@ -17,9 +26,10 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use rba_cache_server::auth::{ALL_TENANTS, Caller};
 use rba_executor::logstream::parse_log_blob;
 use rba_executor::runner::JobStatus;
 use serde::Deserialize;
@@ -59,6 +69,72 @@ fn not_found(what: String) -> Response {
     (StatusCode::NOT_FOUND, axum::Json(json!({ "error": what }))).into_response()
 }
 
+/// Who reads a view that names builds.
+enum Viewer {
+    /// Anyone: the node runs with `--public-read`.
+    Public,
+    /// A token's caller.
+    Token(Caller),
+}
+
+impl Viewer {
+    /// Whether it may see a build owned by `tenant` (`None`: a record from before tenants,
+    /// visible only to callers that see every tenant).
+    fn may_see(&self, tenant: Option<&str>) -> bool {
+        match (self, tenant) {
+            (Viewer::Public, _) => true,
+            (Viewer::Token(caller), Some(tenant)) => caller.may_see(tenant),
+            (Viewer::Token(caller), None) => caller.sees.iter().any(|t| t == ALL_TENANTS),
+        }
+    }
+}
+
+fn unauthorized(why: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(json!({
+            "error": format!(
+                "{why}: views of builds need a token (Authorization: Bearer <token>, or \
+                 ?token=<token> on the WebSocket), or a node started with --public-read"
+            )
+        })),
+    )
+        .into_response()
+}
+
+/// The viewer of a request: from its `Authorization` header, else `query_token` (the
+/// WebSocket's `?token=`); without a valid token (unless the node is public), why not (the
+/// handler answers 401 with it).
+fn viewer(
+    node: &NodeShared,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Viewer, String> {
+    if node.config.public_read {
+        return Ok(Viewer::Public);
+    }
+    let caller = match (headers.get(header::AUTHORIZATION), query_token) {
+        (Some(value), _) => {
+            let value = value
+                .to_str()
+                .map_err(|_| "malformed Authorization header".to_string())?;
+            node.auth.authenticate_bearer(Some(value))?
+        }
+        (None, Some(token)) => node.auth.authenticate_token(token)?,
+        (None, None) => return Err("no token".to_string()),
+    };
+    Ok(Viewer::Token(caller))
+}
+
+/// Whether `viewer` may see session or build `id` (unknown ones: no).
+fn may_see_build(node: &NodeShared, viewer: &Viewer, id: &str) -> bool {
+    match viewer {
+        Viewer::Public => true,
+        Viewer::Token(_) => viewer.may_see(node.session_owner(id).as_deref()),
+    }
+}
+
 async fn health(State(node): State<Arc<NodeShared>>) -> Response {
     axum::Json(json!({
         "status": "ok",
@@ -75,24 +151,57 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn builds(State(node): State<Arc<NodeShared>>, Query(query): Query<ListQuery>) -> Response {
+async fn builds(
+    State(node): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let viewer = match viewer(&node, &headers, None) {
+        Ok(viewer) => viewer,
+        Err(why) => return unauthorized(&why),
+    };
     let limit = query.limit.unwrap_or(100).min(10_000);
     let history = node.history.clone();
-    let records = tokio::task::spawn_blocking(move || history.list(limit))
-        .await
-        .unwrap_or_default();
+    let records = tokio::task::spawn_blocking(move || {
+        history.list_where(limit, |record| viewer.may_see(record.tenant.as_deref()))
+    })
+    .await
+    .unwrap_or_default();
     axum::Json(records).into_response()
 }
 
-async fn build(State(node): State<Arc<NodeShared>>, Path(id): Path<String>) -> Response {
-    match node.history.get(&id) {
+async fn build(
+    State(node): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let viewer = match viewer(&node, &headers, None) {
+        Ok(viewer) => viewer,
+        Err(why) => return unauthorized(&why),
+    };
+    match node
+        .history
+        .get(&id)
+        .filter(|record| viewer.may_see(record.tenant.as_deref()))
+    {
         Some(record) => axum::Json(record).into_response(),
         None => not_found(format!("no build {id:?}")),
     }
 }
 
 /// The log as plain text, one line per line: what was written so far for a running job.
-async fn build_logs(State(node): State<Arc<NodeShared>>, Path(id): Path<String>) -> Response {
+async fn build_logs(
+    State(node): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let viewer = match viewer(&node, &headers, None) {
+        Ok(viewer) => viewer,
+        Err(why) => return unauthorized(&why),
+    };
+    if !may_see_build(&node, &viewer, &id) {
+        return not_found(format!("no build {id:?}"));
+    }
     let text = match node.session(&id) {
         Some(SessionSource::Live(handle)) => {
             let upto = handle.log.lines_written();
@@ -184,15 +293,25 @@ async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
 #[derive(Deserialize)]
 struct EventsQuery {
     from_seq: Option<u64>,
+    /// The bearer token, for browsers (which cannot set headers on a WebSocket).
+    token: Option<String>,
 }
 
 async fn events(
     State(node): State<Arc<NodeShared>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Query(query): Query<EventsQuery>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let Some(source) = node.session(&id) else {
+    let viewer = match viewer(&node, &headers, query.token.as_deref()) {
+        Ok(viewer) => viewer,
+        Err(why) => return unauthorized(&why),
+    };
+    let Some(source) = node
+        .session(&id)
+        .filter(|_| may_see_build(&node, &viewer, &id))
+    else {
         return not_found(format!("no session {id:?}"));
     };
     let ws = match ws {

@@ -2,8 +2,9 @@
 //!
 //! - `rba serve`: the operator node (executor workers, libp2p sessions and blob sharing, HTTP
 //!   queries and WebSocket events, the REAPI server), configured by one TOML file, `RBA_*`
-//!   environment variables and flags; prints its PeerId and listen addresses; stops cleanly on
-//!   Ctrl-C or SIGTERM.
+//!   environment variables and flags (`--token NAME:TOKEN:ACCESS`, `--public-read`,
+//!   `--tls-cert`/`--tls-key`, as in `config`); prints its PeerId and listen addresses; stops
+//!   cleanly on Ctrl-C or SIGTERM.
 //! - `rba build|test|lint|audit|check|fmt [PATH] [--release] [--remote MULTIADDR]`: hashes the
 //!   workspace (respecting `.gitignore`, skipping `target/`), runs the job and streams cargo's
 //!   own output live, then prints a summary and exits with the job's status. Without
@@ -198,7 +199,12 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
         println!("rba: http on http://{http}");
     }
     if let Some(grpc) = node.grpc_addr() {
-        println!("rba: reapi on grpc://{grpc}");
+        let scheme = if node.shared().config.tls.is_some() {
+            "grpcs"
+        } else {
+            "grpc"
+        };
+        println!("rba: reapi on {scheme}://{grpc}");
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();

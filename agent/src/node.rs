@@ -8,6 +8,17 @@
 //! action cache and then the trusted peers (signed results only), makes sure the input root is
 //! complete (fetching missing blobs from trusted peers, verified), and hands the Action to
 //! `Executor::submit`, the one job path.
+//!
+//! Tenants and reads: every submission carries its tenant (`peer:…` for a libp2p client,
+//! `local` for the embedded node and Tangle jobs), recorded in the build's history record.
+//! What a tenant may read is `rba_cas::access` (grants): a libp2p client is granted the blobs
+//! it uploads (`p2p::blobs`) and, here, everything of a result it is served (the Action, the
+//! input root, outputs, stdout/stderr and the log) before its end event goes out. Before a
+//! client's job runs or is answered from the cache, every blob of its input root that the
+//! node holds must already be readable by it: the others are listed as `missing_input`, so
+//! the client proves it holds them by uploading them (knowing a digest is not enough to be
+//! served its build). Blobs the node lacks are fetched from trusted peers as before: operators
+//! that trust each other share their contents. Trusted and sharing peers read everything.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -18,11 +29,13 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
+use rba_cache_server::auth::Authenticator;
 use rba_cas::{Cas, Digest, StoreConfig};
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{
     CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobStatus,
 };
+use rba_executor::tenant::Tenant;
 use rba_proto::Message;
 use rba_proto::rba::v1::{
     Artifact as WireArtifact, End, EndBody, JobStatus as WireStatus, SignedActionResult, Submit,
@@ -76,7 +89,11 @@ pub struct NodeShared {
     pub network: Network,
     /// Counters.
     pub metrics: Metrics,
+    /// Bearer tokens (the HTTP views of builds; the gRPC face has its own copy).
+    pub auth: Authenticator,
     trusted: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Peers that read every blob and result: the trusted and the sharing peers.
+    readers: HashSet<PeerId>,
     allowed: Option<HashSet<PeerId>>,
     /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's job id.
     session_aliases: parking_lot::Mutex<std::collections::HashMap<String, String>>,
@@ -96,7 +113,7 @@ pub enum SessionSource {
     /// The executor still knows the job (running or recently finished).
     Live(JobHandle),
     /// Only the history knows it (finished before a restart): replayed from the stored log.
-    Finished(BuildRecord),
+    Finished(Box<BuildRecord>),
 }
 
 fn wire_status(status: JobStatus) -> WireStatus {
@@ -184,6 +201,128 @@ fn sanitize_hint(hint: &str) -> String {
 }
 
 impl NodeShared {
+    /// True when `peer` reads every blob, result and session of this node (a trusted or
+    /// sharing peer).
+    pub fn reads_everything(&self, peer: &PeerId) -> bool {
+        self.readers.contains(peer)
+    }
+
+    /// Whether `peer` may read `digest` (it uploaded it, was served it, or reads everything).
+    pub fn peer_may_read(&self, peer: &PeerId, digest: &Digest) -> bool {
+        self.reads_everything(peer)
+            || self
+                .cas
+                .reads
+                .may_read(Tenant::peer(peer).as_str(), digest)
+                .unwrap_or(false)
+    }
+
+    /// The tenant that owns session `id` (or alias), from its history record.
+    pub fn session_owner(&self, id: &str) -> Option<String> {
+        let aliased = self.session_aliases.lock().get(id).cloned();
+        let id = aliased.as_deref().unwrap_or(id);
+        self.history.get(id).and_then(|record| record.tenant)
+    }
+
+    /// Whether `peer` may attach to session `id`: its owner, or a peer that reads everything.
+    pub fn peer_may_follow(&self, peer: &PeerId, id: &str) -> bool {
+        self.reads_everything(peer)
+            || self.session_owner(id).as_deref() == Some(Tenant::peer(peer).as_str())
+    }
+
+    /// Grants the owner of session `job_id` every blob of its result (see the module doc).
+    /// Called before a result goes out, so the client can fetch what its end names.
+    pub async fn grant_session_result(&self, job_id: &str, outcome: &JobOutcome) {
+        let Some(record) = self.history.get(job_id) else {
+            return;
+        };
+        let (Some(tenant), Ok(action), Ok(root)) = (
+            record.tenant.as_deref(),
+            record.action_digest.parse::<Digest>(),
+            record.input_root.parse::<Digest>(),
+        ) else {
+            return;
+        };
+        self.grant_result(tenant, action, root, outcome).await;
+    }
+
+    /// Grants `tenant` the Action, the input root, the outputs and logs of a result.
+    async fn grant_result(&self, tenant: &str, action: Digest, root: Digest, outcome: &JobOutcome) {
+        let (cas, tenant) = (self.cas.clone(), tenant.to_string());
+        let mut digests = vec![action];
+        if let Some(log) = &outcome.log {
+            digests.extend([log.log, log.stdout, log.stderr]);
+        }
+        digests.extend(outcome.artifacts.iter().map(|a| a.digest));
+        let result = outcome.result.clone();
+        let granted = tokio::task::spawn_blocking(move || {
+            if let Some(result) = &result {
+                digests.extend(cas.actions.referenced_blobs(action.function, result)?);
+            }
+            match rba_cas::tree_digests(&cas.blobs, &root) {
+                Ok(tree) => digests.extend(tree),
+                // An input tree evicted meanwhile: nothing of it to grant.
+                Err(rba_cas::CasError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            cas.reads.grant(&tenant, &digests)
+        })
+        .await;
+        match granted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "granting a result's blobs"),
+            Err(e) => tracing::warn!(error = %e, "granting a result's blobs"),
+        }
+    }
+
+    /// Blobs of the input tree under `root` that the node holds but `tenant` may not read
+    /// (yet): a directory it may not read is listed without its contents, which are asked
+    /// for once the directory is uploaded. Blobs the node lacks are not listed here.
+    async fn unproven_inputs(&self, tenant: &Tenant, root: Digest) -> Vec<Digest> {
+        let (cas, tenant) = (self.cas.clone(), tenant.as_str().to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut unproven = Vec::new();
+            let mut queue = vec![root];
+            let mut seen = HashSet::new();
+            while let Some(directory) = queue.pop() {
+                if !seen.insert(directory) || !cas.blobs.contains(&directory)? {
+                    continue;
+                }
+                if !cas.reads.may_read(&tenant, &directory)? {
+                    unproven.push(directory);
+                    continue;
+                }
+                let Ok(dir) = rba_cas::read_directory(&cas.blobs, &directory) else {
+                    continue;
+                };
+                let function = directory.function;
+                let files: Vec<Digest> = dir
+                    .files
+                    .iter()
+                    .filter_map(|f| Digest::from_reapi_field(function, f.digest.as_ref(), "f").ok())
+                    .collect();
+                let present: HashSet<Digest> =
+                    cas.reads.has(&tenant, &files)?.into_iter().collect();
+                let absent: HashSet<Digest> = cas.blobs.find_missing(&files)?.into_iter().collect();
+                unproven.extend(
+                    files
+                        .into_iter()
+                        .filter(|f| !present.contains(f) && !absent.contains(f)),
+                );
+                queue.extend(dir.directories.iter().filter_map(|d| {
+                    Digest::from_reapi_field(function, d.digest.as_ref(), "d").ok()
+                }));
+            }
+            unproven.sort();
+            unproven.dedup();
+            anyhow::Ok(unproven)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| vec![root])
+    }
+
     /// True when `peer` may upload and submit.
     pub fn may_submit(&self, peer: &PeerId) -> bool {
         self.allowed.as_ref().is_none_or(|a| a.contains(peer))
@@ -220,7 +359,7 @@ impl NodeShared {
         self.history
             .get(id)
             .filter(BuildRecord::is_finished)
-            .map(SessionSource::Finished)
+            .map(|record| SessionSource::Finished(Box::new(record)))
     }
 
     /// Validates and starts a job (see the module doc). `peer` is the libp2p submitter
@@ -277,6 +416,25 @@ impl NodeShared {
         .map_err(|e| Refusal::new("internal", format!("storing the action: {e}")))?;
         let action_digest = prepared.action_digest;
 
+        // Proof of possession, before the cache is asked (see the module doc).
+        if let Some(peer) = &peer
+            && !self.reads_everything(peer)
+        {
+            let unproven = self.unproven_inputs(&tenant, root).await;
+            if !unproven.is_empty() {
+                let count = unproven.len();
+                let mut refusal = Refusal::new(
+                    "missing_input",
+                    format!(
+                        "upload {count} blob(s) of input root {root:?}: this node serves a \
+                         tree only to clients that uploaded it"
+                    ),
+                );
+                refusal.missing = unproven.into_iter().take(MAX_LISTED_MISSING).collect();
+                return Err(refusal);
+            }
+        }
+
         if !self.has_cached_result(action_digest).await
             && !self.fetch_action_result_from_peers(action_digest).await
         {
@@ -305,7 +463,7 @@ impl NodeShared {
                 action_digest,
                 skip_cache_lookup: false,
                 workspace_identity: Some(identity),
-                tenant,
+                tenant: tenant.clone(),
             })
             .await
             .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;
@@ -316,6 +474,7 @@ impl NodeShared {
             input_root: format!("{root:?}"),
             action_digest: format!("{action_digest:?}"),
             client: peer.map(|p| p.to_string()),
+            tenant: Some(tenant.as_str().to_string()),
             submitted_at_ms: now_ms(),
             status: "running".to_string(),
             exit_code: None,
@@ -333,6 +492,8 @@ impl NodeShared {
         let (node, watched) = (self.clone(), handle.clone());
         tokio::spawn(async move {
             let outcome = watched.wait().await;
+            node.grant_result(tenant.as_str(), action_digest, root, &outcome)
+                .await;
             let lines = watched.log.wait_finished().await.lines;
             let mut record = record;
             record.finish(&outcome, lines);
@@ -601,7 +762,13 @@ impl Node {
         // With gRPC on, the REAPI server opens the store and the node shares it.
         let (cas, reapi) = match config.grpc_listen {
             Some(addr) => {
-                let (server, cas) = crate::grpc::open(&data_dir.join("cas"), store, addr)?;
+                let (server, cas) = crate::grpc::open(
+                    &data_dir.join("cas"),
+                    store,
+                    addr,
+                    config.auth.clone(),
+                    config.tls.clone(),
+                )?;
                 (cas, Some((server, addr)))
             }
             None => (
@@ -631,6 +798,13 @@ impl Node {
             .iter()
             .map(|p| p.parse())
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut readers: HashSet<PeerId> = trusted.iter().map(|(peer, _)| *peer).collect();
+        readers.extend(
+            config
+                .sharing_peers
+                .iter()
+                .filter_map(|p| p.parse::<PeerId>().ok()),
+        );
         let allowed = config
             .allowed_clients
             .as_ref()
@@ -642,7 +816,9 @@ impl Node {
             history,
             network,
             metrics: Metrics::default(),
+            auth: Authenticator::from_auth(&config.auth),
             trusted,
+            readers,
             allowed,
             session_aliases: Default::default(),
         });

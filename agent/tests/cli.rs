@@ -131,6 +131,55 @@ fn help_lists_the_jobs_and_hash_prints_a_root() {
     );
 }
 
+#[test]
+fn serve_refuses_an_open_grpc_face_off_loopback_and_names_the_fix() {
+    let data = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str]| {
+        let run = rba(data.path())
+            .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "off"])
+            .args(extra)
+            .env_remove("RBA_CONFIG")
+            .env_remove("RBA_TOKENS")
+            .env_remove("RBA_GRPC_LISTEN")
+            .env_remove("RBA_TLS_CERT")
+            .env_remove("RBA_TLS_KEY")
+            .timeout(std::time::Duration::from_secs(60))
+            .assert()
+            .code(2);
+        String::from_utf8_lossy(&run.get_output().stderr).to_string()
+    };
+    let err = serve(&["--grpc", "0.0.0.0:0"]);
+    assert!(
+        err.starts_with("rba: error: listening on 0.0.0.0:0 (not loopback) without tokens")
+            && err.contains("--token NAME:TOKEN:read-write")
+            && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Nothing was bound or created beyond the refusal.
+    assert!(!data.path().join("identity.key").exists());
+
+    let err = serve(&["--grpc", "0.0.0.0:0", "--token", "ci:short:read-write"]);
+    assert!(err.contains("shorter than 8 characters"), "{err}");
+    let err = serve(&["--grpc", "127.0.0.1:0", "--tls-cert", "/nonexistent.pem"]);
+    assert!(
+        err.contains("--tls-cert and --tls-key go together"),
+        "{err}"
+    );
+    let err = serve(&[
+        "--grpc",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+    ]);
+    assert!(
+        err.contains("reading TLS certificate /nonexistent/cert.pem"),
+        "{err}"
+    );
+}
+
 /// `rba serve` running in the background on loopback port 0; stopped with SIGTERM on drop.
 struct Served {
     child: std::process::Child,

@@ -1,25 +1,44 @@
 //! The HTTP face with real clients: WebSocket events (tokio-tungstenite) in the exact JSON
-//! format, and the read-only queries.
+//! format, the read-only queries, and who may read them (tokens, `--public-read`).
 
 mod common;
 
 use std::net::SocketAddr;
 
-use common::{Client, fixture, lines_of, node, slow_crate, stored_lines};
+use common::{Client, fixture, lines_of, node_with, slow_crate, stored_lines};
 use futures::StreamExt;
+use rba_agent::node::Node;
 use rba_agent::p2p::session::SessionEvent;
+use rba_cache_server::auth::Access;
+use rba_cache_server::config::TokenConfig;
 use rba_executor::cargo::JobKind;
 use rba_executor::runner::JobState;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
+/// A node whose build views are open to everyone (`--public-read`).
+async fn public_node(dir: &std::path::Path) -> Node {
+    node_with(dir, &[], |config| config.public_read = true).await
+}
+
 /// A plain HTTP/1.1 GET; returns (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    get_with(addr, path, None).await
+}
+
+/// A plain HTTP/1.1 GET with an optional bearer token; returns (status, body).
+async fn get_with(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();
@@ -54,7 +73,12 @@ fn dechunk(mut body: &str) -> String {
 
 /// Every JSON message of a session's event socket, until the server closes it.
 async fn events(addr: SocketAddr, session: &str, from_seq: u64) -> Vec<Value> {
-    let url = format!("ws://{addr}/v1/sessions/{session}/events?from_seq={from_seq}");
+    events_with(addr, session, from_seq, "").await
+}
+
+/// The same with extra query parameters (`&token=…`).
+async fn events_with(addr: SocketAddr, session: &str, from_seq: u64, query: &str) -> Vec<Value> {
+    let url = format!("ws://{addr}/v1/sessions/{session}/events?from_seq={from_seq}{query}");
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let mut out = Vec::new();
     while let Some(message) = socket.next().await {
@@ -76,7 +100,7 @@ fn keys(value: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_events_stream_live_lines_then_the_end_in_the_exact_format() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node(dir.path().join("node").as_path(), &[]).await;
+    let node = public_node(dir.path().join("node").as_path()).await;
     let http = node.http_addr().unwrap();
     let client = Client::connect(&node).await;
     let slow = slow_crate(dir.path(), 30, 60);
@@ -196,7 +220,7 @@ async fn websocket_events_stream_live_lines_then_the_end_in_the_exact_format() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_queries_answer_history_logs_cache_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node(dir.path(), &[]).await;
+    let node = public_node(dir.path()).await;
     let http = node.http_addr().unwrap();
     let client = Client::connect(&node).await;
     let (result, _) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
@@ -278,7 +302,7 @@ async fn read_only_queries_answer_history_logs_cache_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_breaks_ends_its_event_stream_with_an_error_message() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node(dir.path().join("node").as_path(), &[]).await;
+    let node = public_node(dir.path().join("node").as_path()).await;
     let http = node.http_addr().unwrap();
     let client = Client::connect(&node).await;
     let slow = slow_crate(dir.path(), 200, 50);
@@ -328,6 +352,135 @@ async fn a_job_that_breaks_ends_its_event_stream_with_an_error_message() {
     assert_eq!(
         end.body.unwrap().status,
         rba_proto::rba::v1::JobStatus::Cancelled as i32
+    );
+    node.shutdown().await.unwrap();
+}
+
+fn token(name: &str, tenants: &[String]) -> TokenConfig {
+    TokenConfig {
+        name: name.into(),
+        token: format!("{name}-secret-token"),
+        access: Access::ReadOnly,
+        tenants: tenants.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_views_need_a_token_that_sees_the_builds_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice_key = libp2p::identity::Keypair::generate_ed25519();
+    let alice_tenant = format!("peer:{}", alice_key.public().to_peer_id());
+    let node = node_with(dir.path(), &[], |config| {
+        config.auth.tokens = vec![
+            // Alice's dashboard token: her builds (those of her libp2p identity).
+            token("alice", std::slice::from_ref(&alice_tenant)),
+            token("bob", &[]),
+            token("ops", &["*".to_string()]),
+        ];
+    })
+    .await;
+    let http = node.http_addr().unwrap();
+    let alice = Client::connect_as(&node, alice_key).await;
+    let (built, _) = alice.run(JobKind::Build, &fixture("hello"), &[]).await;
+    let id = built.session_id.clone();
+    let views = [
+        "/builds".to_string(),
+        format!("/builds/{id}"),
+        format!("/builds/{id}/logs"),
+    ];
+
+    // Aggregates stay open.
+    for open in ["/health", "/metrics", "/cache/stats"] {
+        assert_eq!(get(http, open).await.0, 200, "{open}");
+    }
+    // No token, or a wrong one: 401, saying how to get in.
+    for view in &views {
+        let (status, body) = get(http, view).await;
+        assert_eq!(status, 401, "{view}: {body}");
+        assert!(
+            body.contains("Bearer") && body.contains("--public-read"),
+            "{body}"
+        );
+        assert_eq!(get_with(http, view, Some("not-a-token")).await.0, 401);
+    }
+    let refused = tokio_tungstenite::connect_async(format!("ws://{http}/v1/sessions/{id}/events"))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+    // `?token=` is for the WebSocket only (tokens in URLs end up in logs).
+    assert_eq!(get(http, "/builds?token=alice-secret-token").await.0, 401);
+
+    // Bob's token sees nothing of Alice's: her build does not exist for him.
+    let (status, body) = get_with(http, "/builds", Some("bob-secret-token")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        serde_json::json!([])
+    );
+    let (mine, theirs) = (
+        get_with(http, &format!("/builds/{id}"), Some("bob-secret-token")).await,
+        get_with(
+            http,
+            "/builds/00000000-0000-0000-0000-000000000000",
+            Some("bob-secret-token"),
+        )
+        .await,
+    );
+    assert_eq!(mine.0, 404);
+    assert_eq!(
+        mine.1.replace(&id, "ID"),
+        theirs
+            .1
+            .replace("00000000-0000-0000-0000-000000000000", "ID"),
+        "the 404 leaks existence"
+    );
+    assert_eq!(
+        get_with(
+            http,
+            &format!("/builds/{id}/logs"),
+            Some("bob-secret-token")
+        )
+        .await
+        .0,
+        404
+    );
+    let refused = tokio_tungstenite::connect_async(format!(
+        "ws://{http}/v1/sessions/{id}/events?token=bob-secret-token"
+    ))
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("404"), "{refused}");
+
+    // Alice's token and the operator's see it all.
+    for token in ["alice-secret-token", "ops-secret-token"] {
+        let (status, body) = get_with(http, "/builds", Some(token)).await;
+        assert_eq!(status, 200);
+        let builds: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(builds[0]["id"], id.as_str(), "{token}");
+        assert_eq!(builds[0]["tenant"], alice_tenant.as_str());
+        assert_eq!(
+            get_with(http, &format!("/builds/{id}"), Some(token))
+                .await
+                .0,
+            200
+        );
+        let (status, log) = get_with(http, &format!("/builds/{id}/logs"), Some(token)).await;
+        assert_eq!(status, 200);
+        assert!(log.contains("hello v0.1.0"), "{log}");
+        let messages = events_with(http, &id, 0, &format!("&token={token}")).await;
+        assert_eq!(messages.last().unwrap()["status"], "success");
+    }
+    node.shutdown().await.unwrap();
+
+    // The same data under --public-read: open to anyone.
+    let node = public_node(dir.path()).await;
+    let http = node.http_addr().unwrap();
+    for view in &views {
+        assert_eq!(get(http, view).await.0, 200, "{view}");
+    }
+    assert_eq!(
+        events(http, &id, 0).await.last().unwrap()["status"],
+        "success"
     );
     node.shutdown().await.unwrap();
 }

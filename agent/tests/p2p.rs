@@ -105,7 +105,8 @@ async fn a_failing_crate_ends_with_status_error() {
 async fn a_dropped_connection_resumes_from_its_seq_with_no_line_lost_or_doubled() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path().join("node").as_path(), &[]).await;
-    let client = Client::connect(&node).await;
+    let identity = libp2p::identity::Keypair::generate_ed25519();
+    let client = Client::connect_as(&node, identity.clone()).await;
     let slow = slow_crate(dir.path(), 40, 60);
 
     let remote = client.remote.clone();
@@ -145,8 +146,19 @@ async fn a_dropped_connection_resumes_from_its_seq_with_no_line_lost_or_doubled(
         assert_eq!(lines.iter().filter(|l| l.line == text).count(), 1, "{text}");
     }
 
-    // A separate client attaching later from the middle gets exactly the rest.
-    let other = Client::connect(&node).await;
+    // The same identity on a second connection, attaching later from the middle, gets
+    // exactly the rest; another identity gets nothing (the session is its owner's).
+    let stranger = Client::connect(&node).await;
+    let refused = stranger
+        .remote
+        .follow(&result.session_id, 10, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("unknown_session"),
+        "{refused:#}"
+    );
+    let other = Client::connect_as(&node, identity).await;
     let mut tail = Vec::new();
     other
         .remote
@@ -164,7 +176,15 @@ async fn a_dropped_connection_resumes_from_its_seq_with_no_line_lost_or_doubled(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload() {
     let dir = tempfile::tempdir().unwrap();
-    let a = node(dir.path().join("a").as_path(), &[]).await;
+    // B fetches from A, so A shares with B (B's identity made first, to name it in A's config).
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let b_identity =
+        rba_agent::p2p::load_or_create_identity(&dir.path().join("b").join("identity.key"))
+            .unwrap();
+    let a = common::node_with(dir.path().join("a").as_path(), &[], |config| {
+        config.sharing_peers = vec![b_identity.public().to_peer_id().to_string()];
+    })
+    .await;
     let b = node(dir.path().join("b").as_path(), &[&a]).await;
     let untrusting = node(dir.path().join("c").as_path(), &[]).await;
 
@@ -212,6 +232,27 @@ async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload
         .expect("an Error frame");
     assert_eq!(refusal.code, "missing_input");
     assert!(refusal.missing.contains(&tree.root.to_wire()));
+
+    // A trusts nobody but shares with B only: D, which trusts A, gets neither A's signed
+    // result nor A's blobs (they are A's clients'), so its client must upload.
+    let stranger = node(dir.path().join("d").as_path(), &[&a]).await;
+    let on_d = Client::connect(&stranger).await;
+    let tree_d = on_d.hash(&fixture("hello")).await;
+    let error = on_d
+        .remote
+        .run(
+            &on_d.cas.blobs,
+            &[],
+            Client::submit(JobKind::Build, &tree_d, &[]),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    let refusal = error
+        .downcast_ref::<rba_agent::p2p::session::NodeError>()
+        .expect("an Error frame");
+    assert_eq!(refusal.code, "missing_input", "{refusal:?}");
+    stranger.shutdown().await.unwrap();
     for node in [a, b, untrusting] {
         node.shutdown().await.unwrap();
     }

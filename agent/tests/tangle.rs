@@ -191,6 +191,8 @@ impl Harness {
         let mut config = NodeConfig::ephemeral(dir.path().join("node"));
         config.grpc_listen = None;
         config.listen = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+        // The on-chain requester follows its session over HTTP without a token.
+        config.public_read = true;
         let node = Node::start(config).await.expect("node starts");
         let zip_root = dir.path().join("zips");
         std::fs::create_dir_all(&zip_root).unwrap();

@@ -1,8 +1,12 @@
-//! Bearer-token write trust.
+//! Bearer tokens: who a request comes from and what it may do.
 //!
 //! An interceptor in front of every service resolves the request's `authorization: Bearer
-//! <token>` header to an [`Access`] and stores it in the request's extensions; a wrong token is
-//! `UNAUTHENTICATED`. Handlers then ask for what they need: reading needs read-only, uploading
+//! <token>` header to a [`Caller`] (the token's name, its [`Access`], the tenants it may see)
+//! and stores it in the request's extensions; a wrong token is `UNAUTHENTICATED`. The same
+//! resolution ([`Authenticator::authenticate_bearer`]) serves `rba serve`'s HTTP face, so
+//! tokens mean the same thing on every face of a node. A token's tenant is `token:NAME`
+//! ([`Caller::tenant`]); it sees its own operations and builds, plus those of the tenants its
+//! configuration lists (`tenants = ["peer:12D3…"]`, `"*"` for all: an operator's token). Handlers then ask for what they need: reading needs read-only, uploading
 //! blobs needs read-only when `read_only_may_write_cas` (blobs are verified against their
 //! digest, so a reader cannot poison them) else read-write, and action-cache writes always need
 //! read-write (`PERMISSION_DENIED` otherwise). Without configured tokens everyone is
@@ -10,11 +14,12 @@
 
 use std::sync::Arc;
 
+use rba_executor::tenant::Tenant;
 use serde::{Deserialize, Serialize};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::config::Config;
+use crate::config::{AuthConfig, Config, TokenConfig};
 
 /// What a client may do.
 #[derive(
@@ -30,10 +35,67 @@ pub enum Access {
     ReadWrite,
 }
 
-/// Resolves tokens to access levels.
+/// Who a request comes from: a token (by name) or nobody, and what that allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// What it may do.
+    pub access: Access,
+    /// The name of the token it presented (`None`: no token).
+    pub token: Option<Arc<str>>,
+    /// Other tenants whose operations and builds it may see (`*`: every tenant).
+    pub sees: Arc<[String]>,
+}
+
+/// The `tenants` entry that lets a token see every tenant.
+pub const ALL_TENANTS: &str = "*";
+
+impl Caller {
+    /// A caller without a token.
+    pub fn anonymous(access: Access) -> Caller {
+        Caller {
+            access,
+            token: None,
+            sees: Arc::from(Vec::new()),
+        }
+    }
+
+    /// The tenant it acts as: `token:NAME`, or `anonymous` without a token.
+    pub fn tenant(&self) -> Tenant {
+        match &self.token {
+            Some(name) => Tenant::token(name),
+            None => Tenant::anonymous(),
+        }
+    }
+
+    /// Whether it may see what `tenant` owns (its own, listed, or every tenant's).
+    pub fn may_see(&self, tenant: &str) -> bool {
+        tenant == self.tenant().as_str()
+            || self.sees.iter().any(|t| t == ALL_TENANTS || t == tenant)
+    }
+}
+
+/// The name a token is known by: its configured name, or for an unnamed one a stable label
+/// derived from (never revealing) its secret.
+pub fn token_name(token: &TokenConfig) -> String {
+    if !token.name.is_empty() {
+        return token.name.clone();
+    }
+    let digest = rba_cas::DigestFunction::Blake3.digest_of(token.token.as_bytes());
+    format!("unnamed-{}", &digest.hash_hex()[..12])
+}
+
+/// One configured token, resolved.
+struct KnownToken {
+    name: Arc<str>,
+    secret: Vec<u8>,
+    access: Access,
+    sees: Arc<[String]>,
+}
+
+/// Resolves tokens to callers.
 #[derive(Clone)]
 pub struct Authenticator {
-    tokens: Arc<Vec<(String, Vec<u8>, Access)>>,
+    tokens: Arc<Vec<KnownToken>>,
     anonymous: Access,
     read_only_may_write_cas: bool,
 }
@@ -58,43 +120,84 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl Authenticator {
     /// From the server configuration.
     pub fn new(config: &Config) -> Self {
+        Self::from_auth(&config.auth)
+    }
+
+    /// From the token settings alone (the node's HTTP face uses the same ones).
+    pub fn from_auth(auth: &AuthConfig) -> Self {
         Authenticator {
             tokens: Arc::new(
-                config
-                    .auth
-                    .tokens
+                auth.tokens
                     .iter()
-                    .map(|t| (t.name.clone(), t.token.as_bytes().to_vec(), t.access))
+                    .map(|t| KnownToken {
+                        name: Arc::from(token_name(t)),
+                        secret: t.token.as_bytes().to_vec(),
+                        access: t.access,
+                        sees: Arc::from(t.tenants.clone()),
+                    })
                     .collect(),
             ),
-            anonymous: config.anonymous_access(),
-            read_only_may_write_cas: config.auth.read_only_may_write_cas,
+            anonymous: auth.anonymous_access(),
+            read_only_may_write_cas: auth.read_only_may_write_cas,
         }
+    }
+
+    /// Whether any token is configured.
+    pub fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// The caller an `authorization` header value names (`None`: no header): anonymous
+    /// without one, the token's caller with a known `Bearer` token, an error (for people)
+    /// otherwise.
+    pub fn authenticate_bearer(&self, header: Option<&str>) -> Result<Caller, String> {
+        let Some(header) = header else {
+            return Ok(Caller::anonymous(self.anonymous));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or("authorization header must be \"Bearer <token>\"")?
+            .trim();
+        self.authenticate_token(token)
+    }
+
+    /// The caller a bare token names (e.g. a WebSocket's `?token=`).
+    pub fn authenticate_token(&self, token: &str) -> Result<Caller, String> {
+        let mut granted = None;
+        for known in self.tokens.iter() {
+            if constant_time_eq(&known.secret, token.as_bytes()) {
+                tracing::trace!(token = %known.name, access = ?known.access, "authenticated");
+                granted = Some(Caller {
+                    access: known.access,
+                    token: Some(known.name.clone()),
+                    sees: known.sees.clone(),
+                });
+            }
+        }
+        granted.ok_or_else(|| "unknown token".to_string())
+    }
+
+    /// The caller a request's metadata names.
+    pub fn authenticate_caller(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Caller, Status> {
+        let header = match metadata.get("authorization") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .map_err(|_| Status::unauthenticated("malformed authorization header"))?,
+            ),
+        };
+        self.authenticate_bearer(header)
+            .map_err(Status::unauthenticated)
     }
 
     /// The access a request's metadata grants.
     pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Access, Status> {
-        let Some(header) = metadata.get("authorization") else {
-            return Ok(self.anonymous);
-        };
-        let header = header
-            .to_str()
-            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization header must be \"Bearer <token>\"")
-            })?
-            .trim();
-        let mut granted = None;
-        for (name, secret, access) in self.tokens.iter() {
-            if constant_time_eq(secret, token.as_bytes()) {
-                tracing::trace!(token = %name, ?access, "authenticated");
-                granted = Some(*access);
-            }
-        }
-        granted.ok_or_else(|| Status::unauthenticated("unknown token"))
+        self.authenticate_caller(metadata).map(|c| c.access)
     }
 
     /// Whether read-only clients may upload blobs.
@@ -105,9 +208,9 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let access = self.authenticate(request.metadata())?;
+        let caller = self.authenticate_caller(request.metadata())?;
         request.extensions_mut().insert(ClientAccess {
-            access,
+            caller,
             cas_write: self.read_only_may_write_cas,
         });
         Ok(request)
@@ -115,10 +218,10 @@ impl Interceptor for Authenticator {
 }
 
 /// What the interceptor decided, carried in the request's extensions.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ClientAccess {
-    /// The client's access.
-    pub access: Access,
+    /// Who the client is and what it may do.
+    pub caller: Caller,
     /// Whether read-only clients may upload blobs.
     pub cas_write: bool,
 }
@@ -128,16 +231,21 @@ fn client<T>(request: &Request<T>) -> ClientAccess {
     request
         .extensions()
         .get::<ClientAccess>()
-        .copied()
+        .cloned()
         .unwrap_or(ClientAccess {
-            access: Access::None,
+            caller: Caller::anonymous(Access::None),
             cas_write: false,
         })
 }
 
+/// The caller of a request.
+pub fn caller<T>(request: &Request<T>) -> Caller {
+    client(request).caller
+}
+
 /// The access of a request.
 pub fn access<T>(request: &Request<T>) -> Access {
-    client(request).access
+    client(request).caller.access
 }
 
 /// Fails unless the client may read.
@@ -153,7 +261,7 @@ pub fn require_read<T>(request: &Request<T>) -> Result<(), Status> {
 /// Fails unless the client may upload blobs.
 pub fn require_cas_write<T>(request: &Request<T>) -> Result<(), Status> {
     let client = client(request);
-    match client.access {
+    match client.caller.access {
         Access::ReadWrite => Ok(()),
         Access::ReadOnly if client.cas_write => Ok(()),
         Access::ReadOnly => Err(Status::permission_denied(
@@ -196,11 +304,13 @@ mod tests {
                 name: "ro".into(),
                 token: "read-only-token".into(),
                 access: Access::ReadOnly,
+                tenants: vec![],
             },
             TokenConfig {
                 name: "rw".into(),
                 token: "read-write-token".into(),
                 access: Access::ReadWrite,
+                tenants: vec!["token:ro".into()],
             },
         ];
         let auth = Authenticator::new(&config);
@@ -220,5 +330,50 @@ mod tests {
             auth.authenticate(&md).unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn callers_see_their_own_tenant_and_listed_ones() {
+        let mut config = Config::default();
+        config.auth.tokens = vec![
+            TokenConfig {
+                name: "ro".into(),
+                token: "read-only-token".into(),
+                access: Access::ReadOnly,
+                tenants: vec![],
+            },
+            TokenConfig {
+                name: "ops".into(),
+                token: "operator-token".into(),
+                access: Access::ReadWrite,
+                tenants: vec![ALL_TENANTS.into()],
+            },
+            TokenConfig {
+                name: String::new(),
+                token: "nameless-token".into(),
+                access: Access::ReadWrite,
+                tenants: vec!["peer:abc".into()],
+            },
+        ];
+        let auth = Authenticator::from_auth(&config.auth);
+        let ro = auth
+            .authenticate_bearer(Some("Bearer read-only-token"))
+            .unwrap();
+        assert_eq!(ro.tenant().as_str(), "token:ro");
+        assert!(ro.may_see("token:ro"));
+        assert!(!ro.may_see("token:ops"));
+        assert!(!ro.may_see("anonymous"));
+        let ops = auth.authenticate_token("operator-token").unwrap();
+        assert!(ops.may_see("token:ro") && ops.may_see("peer:xyz") && ops.may_see("local"));
+        let nameless = auth.authenticate_token("nameless-token").unwrap();
+        let tenant = nameless.tenant();
+        assert!(tenant.as_str().starts_with("token:unnamed-"), "{tenant}");
+        assert!(!tenant.as_str().contains("nameless"));
+        assert!(nameless.may_see("peer:abc") && !nameless.may_see("peer:abcd"));
+        let anonymous = auth.authenticate_bearer(None).unwrap();
+        assert_eq!(anonymous.access, Access::None);
+        assert_eq!(anonymous.tenant().as_str(), "anonymous");
+        assert!(auth.authenticate_token("operator-tokeN").is_err());
+        assert!(auth.authenticate_bearer(Some("operator-token")).is_err());
     }
 }

@@ -58,9 +58,11 @@ pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + 
 /// Serves ByteStream reads of resource names that are not blobs (e.g. the executor's live
 /// action output). Returns `None` for names it does not know.
 pub trait ReadSource: Send + Sync + 'static {
-    /// Starts a read of `resource_name` from `offset`, at most `limit` bytes (0: no limit).
+    /// Starts a read of `resource_name` from `offset`, at most `limit` bytes (0: no limit),
+    /// for `caller` (who may only read what its tenant may see).
     fn read(
         &self,
+        caller: &auth::Caller,
         resource_name: &str,
         offset: u64,
         limit: u64,
@@ -96,6 +98,7 @@ impl ByteStreamService {
 
     async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
         auth::require_read(&request)?;
+        let caller = auth::caller(&request);
         let request = request.into_inner();
         if request.read_offset < 0 {
             return Err(Status::out_of_range(format!(
@@ -116,7 +119,7 @@ impl ByteStreamService {
                 if let Some(stream) = self
                     .extra
                     .as_ref()
-                    .and_then(|s| s.read(&request.resource_name, offset, limit))
+                    .and_then(|s| s.read(&caller, &request.resource_name, offset, limit))
                 {
                     return stream;
                 }

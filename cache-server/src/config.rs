@@ -19,13 +19,18 @@
 //! enabled = true                       # the REAPI Execution service (needs the sandbox's prerequisites)
 //! workers = 2                          # actions running at once (default: CPUs, at most 4)
 //!
+//! [tls]                                # gRPC over TLS (rustls); needed for tokens off loopback
+//! cert = "/etc/rba/server.pem"         # PEM certificate chain
+//! key = "/etc/rba/server.key"          # PEM private key
+//!
 //! [auth]
 //! anonymous = "none"                   # access without a token: none | read-only | read-write
 //! read_only_may_write_cas = true       # read-only tokens may upload blobs (never action results)
 //! [[auth.tokens]]
-//! name = "ci"
+//! name = "ci"                          # its tenant is token:ci
 //! token = "s3cret"
 //! access = "read-write"
+//! tenants = ["token:dev"]              # also sees these tenants' operations ("*": all)
 //! ```
 
 use std::net::SocketAddr;
@@ -66,6 +71,41 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Execution service.
     pub execution: ExecutionConfig,
+    /// Serve gRPC over TLS with this certificate and key (`None`: plaintext).
+    pub tls: Option<TlsConfig>,
+}
+
+/// A server certificate and its key, both PEM files.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// The tonic server identity, read from the files.
+    pub fn identity(&self) -> anyhow::Result<tonic::transport::Identity> {
+        let cert = std::fs::read(&self.cert)
+            .with_context(|| format!("reading TLS certificate {}", self.cert.display()))?;
+        let key = std::fs::read(&self.key)
+            .with_context(|| format!("reading TLS key {}", self.key.display()))?;
+        Ok(tonic::transport::Identity::from_pem(cert, key))
+    }
+
+    /// From `--tls-cert` and `--tls-key`: both or neither.
+    pub fn from_flags(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> anyhow::Result<Option<TlsConfig>> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsConfig { cert, key })),
+            (None, None) => Ok(None),
+            _ => bail!("--tls-cert and --tls-key go together: give both, or neither"),
+        }
+    }
 }
 
 /// The REAPI Execution service: actions run by `rba-executor` in its sandbox, with its data
@@ -105,6 +145,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             execution: ExecutionConfig::default(),
+            tls: None,
         }
     }
 }
@@ -138,17 +179,60 @@ impl Default for AuthConfig {
     }
 }
 
+impl AuthConfig {
+    /// The access of requests without a token: as configured, else read-write when no token
+    /// is configured (the bind rule keeps that on loopback), none otherwise.
+    pub fn anonymous_access(&self) -> Access {
+        self.anonymous.unwrap_or(if self.tokens.is_empty() {
+            Access::ReadWrite
+        } else {
+            Access::None
+        })
+    }
+
+    /// Refuses tokens that are too short or whose names collide (a name is a tenant).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for token in &self.tokens {
+            if token.token.len() < 8 {
+                bail!("token {:?} is shorter than 8 characters", token.name);
+            }
+            if token.name.contains(':') {
+                bail!("token name {:?} may not contain ':'", token.name);
+            }
+            if !names.insert(crate::auth::token_name(token)) {
+                bail!("two tokens are named {:?}: a name is a tenant", token.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The bind rule: without tokens (and without an explicit anonymous access) only a
+    /// loopback address may be served. `fix` tells the operator how to give tokens.
+    pub fn check_bind(&self, listen: SocketAddr, fix: &str) -> anyhow::Result<()> {
+        if self.anonymous.is_none() && self.tokens.is_empty() && !listen.ip().is_loopback() {
+            bail!("listening on {listen} (not loopback) without tokens: {fix}");
+        }
+        Ok(())
+    }
+}
+
 /// One bearer token.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
-    /// A label for logs and metrics (never the token itself).
+    /// A label for logs and metrics (never the token itself); the token's tenant is
+    /// `token:NAME`.
     #[serde(default)]
     pub name: String,
     /// The secret.
     pub token: String,
     /// What it grants.
     pub access: Access,
+    /// Other tenants whose operations and builds it may see (`token:dev`, `peer:12D3…`,
+    /// `local`), or `"*"` for every tenant (an operator's token). Its own tenant always.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
 }
 
 impl std::fmt::Debug for TokenConfig {
@@ -156,6 +240,7 @@ impl std::fmt::Debug for TokenConfig {
         f.debug_struct("TokenConfig")
             .field("name", &self.name)
             .field("access", &self.access)
+            .field("tenants", &self.tenants)
             .finish()
     }
 }
@@ -193,13 +278,7 @@ impl Config {
 
     /// The access of requests without a token.
     pub fn anonymous_access(&self) -> Access {
-        self.auth
-            .anonymous
-            .unwrap_or(if self.auth.tokens.is_empty() {
-                Access::ReadWrite
-            } else {
-                Access::None
-            })
+        self.auth.anonymous_access()
     }
 
     /// Refuses configurations that are unsafe or inconsistent.
@@ -213,24 +292,28 @@ impl Config {
         if !(0.0..=1.0).contains(&self.store.low_watermark) {
             bail!("store.low_watermark must be within 0..=1");
         }
-        for token in &self.auth.tokens {
-            if token.token.len() < 8 {
-                bail!("token {:?} is shorter than 8 characters", token.name);
-            }
-        }
-        // Open by default only on loopback: an open server on the network needs an explicit
-        // `anonymous = "read-write"`.
-        if self.auth.anonymous.is_none()
-            && self.auth.tokens.is_empty()
-            && !self.listen.ip().is_loopback()
-        {
-            bail!(
-                "listening on {} (not loopback) without tokens: configure [[auth.tokens]], or set \
-                 auth.anonymous (--anonymous) explicitly to open the server to the network",
-                self.listen
-            );
-        }
+        self.auth.validate()?;
+        // Open by default only on loopback: an open server on the network needs tokens, or an
+        // explicit `anonymous = "read-write"` (--anonymous).
+        self.auth.check_bind(
+            self.listen,
+            "give tokens (--token NAME:TOKEN:read-write, or [[auth.tokens]] in the config \
+             file), set auth.anonymous (--anonymous) explicitly to open the server to the \
+             network, or listen on 127.0.0.1",
+        )?;
+        warn_plaintext_tokens(&self.auth, self.listen, self.tls.is_some());
         Ok(())
+    }
+}
+
+/// Bearer tokens in plaintext off loopback can be read by anyone on the path: say so loudly.
+pub fn warn_plaintext_tokens(auth: &AuthConfig, listen: SocketAddr, tls: bool) {
+    if !auth.tokens.is_empty() && !tls && !listen.ip().is_loopback() {
+        tracing::warn!(
+            %listen,
+            "bearer tokens over plaintext gRPC off loopback: anyone on the path can read them; \
+             serve TLS (--tls-cert PEM --tls-key PEM) or put a TLS proxy in front"
+        );
     }
 }
 
@@ -294,8 +377,8 @@ mod optional_addr {
     }
 }
 
-/// Parses `TOKEN:ACCESS` or `NAME:TOKEN:ACCESS`.
-fn parse_token(text: &str) -> Result<TokenConfig, String> {
+/// Parses `TOKEN:ACCESS` or `NAME:TOKEN:ACCESS` (the `--token` syntax of every rba server).
+pub fn parse_token(text: &str) -> Result<TokenConfig, String> {
     let (rest, access) = text.rsplit_once(':').ok_or("expected TOKEN:ACCESS")?;
     let access = match access {
         "read-only" | "ro" => Access::ReadOnly,
@@ -314,6 +397,7 @@ fn parse_token(text: &str) -> Result<TokenConfig, String> {
         name,
         token,
         access,
+        tenants: Vec::new(),
     })
 }
 
@@ -375,6 +459,15 @@ pub struct Cli {
     #[arg(long, env = "RBA_CACHE_ANONYMOUS", value_enum, value_name = "ACCESS")]
     pub anonymous: Option<Access>,
 
+    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key). Bearer tokens off
+    /// loopback need it.
+    #[arg(long, env = "RBA_CACHE_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "RBA_CACHE_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
     /// Actions the Execution service runs at once [default: CPUs, at most 4].
     #[arg(long, env = "RBA_CACHE_EXECUTOR_WORKERS", value_name = "N")]
     pub executor_workers: Option<usize>,
@@ -426,6 +519,9 @@ impl Cli {
         config.auth.tokens.extend(self.tokens);
         if let Some(anonymous) = self.anonymous {
             config.auth.anonymous = Some(anonymous);
+        }
+        if let Some(tls) = TlsConfig::from_flags(self.tls_cert, self.tls_key)? {
+            config.tls = Some(tls);
         }
         config.validate()?;
         Ok(config)

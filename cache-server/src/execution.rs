@@ -25,6 +25,12 @@
 //!   at most [`MAX_WAIT`]), CancelOperation ([`rba_executor::runner::JobHandle::cancel`]: a
 //!   queued job never starts, a running sandbox is killed) and DeleteOperation (forgets it;
 //!   a running job still finishes and caches its result).
+//! - **Ownership**: every operation belongs to the tenant that started it (`token:NAME` of the
+//!   caller's bearer token, `anonymous` on a server without tokens). WaitExecution, the
+//!   Operations calls and live output answer only callers that may see that tenant
+//!   ([`crate::auth::Caller::may_see`]); to anyone else the operation does not exist
+//!   (`NOT_FOUND`, the same answer as for an unknown id), so ids of other tenants' operations
+//!   can neither be waited on, cancelled nor probed.
 //! - **Live output**: `ExecuteOperationMetadata.stdout_stream_name` / `stderr_stream_name`
 //!   are `{operation name}/stdout` and `/stderr`, readable through ByteStream ([`LiveOutput`]
 //!   is its [`ReadSource`]) while the action runs and until the job is forgotten: the bytes
@@ -42,6 +48,7 @@ use rba_executor::action::{ActionError, check_command_paths};
 use rba_executor::logstream::LogStreamKind;
 use rba_executor::runner::Executor;
 use rba_executor::runner::{self, ExecutorError, JobHandle, JobOutcome, JobState, JobStatus};
+use rba_executor::tenant::Tenant;
 use rba_proto::Message;
 use rba_proto::bytestream::ReadResponse;
 use rba_proto::longrunning::operations_server::Operations;
@@ -56,6 +63,7 @@ use rba_proto::reapi::{
 };
 use tonic::{Code, Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::bytestream::{ReadSource, ReadStream};
 use crate::server::ServerState;
 use crate::status::{self, blocking};
@@ -142,17 +150,17 @@ pub fn pack<M: Message>(type_name: &str, message: &M) -> Any {
     }
 }
 
-/// The instance of each operation this server started, for names and listings. Entries go
-/// (in amortised sweeps) once the executor has forgotten the job.
+/// The instance and owner of each operation this server started, for names, listings and
+/// ownership checks. Entries go (in amortised sweeps) once the executor has forgotten the job.
 #[derive(Debug, Default)]
 struct OperationTable {
-    instances: Mutex<HashMap<String, String>>,
+    instances: Mutex<HashMap<String, (String, Tenant)>>,
     /// Size after the last sweep: the next sweep runs when the table has doubled.
     swept: Mutex<usize>,
 }
 
 impl OperationTable {
-    fn insert(&self, executor: &Executor, id: &str, instance: &str) {
+    fn insert(&self, executor: &Executor, id: &str, instance: &str, owner: Tenant) {
         let mut instances = self.instances.lock();
         let mut swept = self.swept.lock();
         if instances.len() >= (*swept * 2).max(1024) {
@@ -161,10 +169,11 @@ impl OperationTable {
             instances.retain(|id, _| known.contains(id));
             *swept = instances.len();
         }
-        instances.insert(id.to_string(), instance.to_string());
+        instances.insert(id.to_string(), (instance.to_string(), owner));
     }
 
-    fn instance(&self, id: &str) -> Option<String> {
+    /// The operation's instance and owner (`None`: not started by this server).
+    fn get(&self, id: &str) -> Option<(String, Tenant)> {
         self.instances.lock().get(id).cloned()
     }
 
@@ -182,18 +191,23 @@ struct Shared {
 }
 
 impl Shared {
-    /// The job of an operation name, if the executor knows it and it belongs to the named
-    /// instance (a bare id names it whatever its instance).
-    fn lookup(&self, name: &str) -> Result<(String, JobHandle), Status> {
+    /// The job of an operation name, if the executor knows it, this server started it for a
+    /// tenant `caller` may see, and it belongs to the named instance (a bare id names it
+    /// whatever its instance). Anything else is the same `NOT_FOUND`.
+    fn lookup(&self, name: &str, caller: &Caller) -> Result<(String, JobHandle), Status> {
         let (instance, id) = parse_operation_name(name)?;
         let not_found = || Status::not_found(format!("no operation {name:?} (unknown or expired)"));
-        let handle = self.executor.job(&id).ok_or_else(not_found)?;
-        let owner = self.table.instance(&id).unwrap_or_default();
-        let bare = !name.contains('/');
-        if !bare && owner != instance {
+        let (owner_instance, owner) = self.table.get(&id).ok_or_else(not_found)?;
+        if !caller.may_see(owner.as_str()) {
+            tracing::debug!(operation = %id, %owner, caller = %caller.tenant(), "operation of another tenant");
             return Err(not_found());
         }
-        Ok((owner, handle))
+        let handle = self.executor.job(&id).ok_or_else(not_found)?;
+        let bare = !name.contains('/');
+        if !bare && owner_instance != instance {
+            return Err(not_found());
+        }
+        Ok((owner_instance, handle))
     }
 }
 
@@ -246,6 +260,7 @@ impl ExecutionService {
     ) -> Result<OperationStream, Status> {
         // Running an action writes the action cache.
         auth::require_ac_write(&request)?;
+        let tenant = auth::caller(&request).tenant();
         let request = request.into_inner();
         let (_, action) = status::action_key(
             &request.instance_name,
@@ -267,8 +282,8 @@ impl ExecutionService {
                 action_digest: action,
                 skip_cache_lookup: request.skip_cache_lookup,
                 workspace_identity: None,
-                // TODO(tenants): the caller's token.
-                tenant: rba_executor::tenant::Tenant::anonymous(),
+                // The token's tenant; `anonymous` only on a server without tokens.
+                tenant: tenant.clone(),
             })
             .await;
         let handle = match submitted {
@@ -281,7 +296,7 @@ impl ExecutionService {
         };
         self.shared
             .table
-            .insert(&self.shared.executor, &handle.id, &instance);
+            .insert(&self.shared.executor, &handle.id, &instance, tenant);
         tracing::debug!(job = %handle.id, ?action, %instance, "execute");
         Ok(operation_stream(instance, handle))
     }
@@ -291,7 +306,8 @@ impl ExecutionService {
         request: Request<WaitExecutionRequest>,
     ) -> Result<OperationStream, Status> {
         auth::require_read(&request)?;
-        let (instance, handle) = self.shared.lookup(&request.get_ref().name)?;
+        let caller = auth::caller(&request);
+        let (instance, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
         Ok(operation_stream(instance, handle))
     }
 }
@@ -328,6 +344,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<ListOperationsResponse>, Status> {
         let result = (|| {
             auth::require_read(&request)?;
+            let caller = auth::caller(&request);
             let name = &request.get_ref().name;
             let instance = match name.strip_suffix(OPERATIONS_SEGMENT) {
                 Some(prefix) => prefix.trim_end_matches('/'),
@@ -340,8 +357,9 @@ impl Operations for OperationsService {
                 .jobs()
                 .into_iter()
                 .filter_map(|job| {
-                    let owner = self.shared.table.instance(&job.id)?;
-                    (owner == instance).then(|| snapshot(&owner, &job, &job.state()))
+                    let (owner_instance, owner) = self.shared.table.get(&job.id)?;
+                    (owner_instance == instance && caller.may_see(owner.as_str()))
+                        .then(|| snapshot(&owner_instance, &job, &job.state()))
                 })
                 .collect();
             operations.sort_by(|a, b| a.name.cmp(&b.name));
@@ -360,7 +378,8 @@ impl Operations for OperationsService {
     ) -> Result<Response<Operation>, Status> {
         let result = (|| {
             auth::require_read(&request)?;
-            let (instance, handle) = self.shared.lookup(&request.get_ref().name)?;
+            let caller = auth::caller(&request);
+            let (instance, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
             Ok(Response::new(snapshot(&instance, &handle, &handle.state())))
         })();
         self.shared.state.metrics.request("GetOperation", &result);
@@ -373,7 +392,8 @@ impl Operations for OperationsService {
     ) -> Result<Response<Empty>, Status> {
         let result = (|| {
             auth::require_ac_write(&request)?;
-            let (_, handle) = self.shared.lookup(&request.get_ref().name)?;
+            let caller = auth::caller(&request);
+            let (_, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
             self.shared.executor.forget_job(&handle.id);
             self.shared.table.remove(&handle.id);
             Ok(Response::new(Empty {}))
@@ -391,7 +411,8 @@ impl Operations for OperationsService {
     ) -> Result<Response<Empty>, Status> {
         let result = (|| {
             auth::require_ac_write(&request)?;
-            let (_, handle) = self.shared.lookup(&request.get_ref().name)?;
+            let caller = auth::caller(&request);
+            let (_, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
             tracing::info!(job = %handle.id, "operation cancelled by the client");
             handle.cancel();
             Ok(Response::new(Empty {}))
@@ -409,8 +430,9 @@ impl Operations for OperationsService {
     ) -> Result<Response<Operation>, Status> {
         let result = async {
             auth::require_read(&request)?;
+            let caller = auth::caller(&request);
             let request = request.into_inner();
-            let (instance, handle) = self.shared.lookup(&request.name)?;
+            let (instance, handle) = self.shared.lookup(&request.name, &caller)?;
             let timeout = request
                 .timeout
                 .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
@@ -659,12 +681,13 @@ pub struct LiveOutput {
 impl ReadSource for LiveOutput {
     fn read(
         &self,
+        caller: &Caller,
         resource_name: &str,
         offset: u64,
         limit: u64,
     ) -> Option<Result<ReadStream, Status>> {
         let (instance, id, kind) = parse_stream_name(resource_name)?;
-        let job = match self.shared.lookup(&operation_name(&instance, &id)) {
+        let job = match self.shared.lookup(&operation_name(&instance, &id), caller) {
             Ok((_, job)) => job,
             Err(status) if status.code() == Code::NotFound => {
                 return Some(Err(Status::not_found(format!(

@@ -4,7 +4,8 @@
 //! a shutdown future resolves, then drains in-flight requests and flushes the store.
 //! [`Server::spawn`] does all that on ephemeral tasks and hands back a [`RunningServer`] (used
 //! by tests, the bench and embedders). Every service sits behind the token
-//! [`Authenticator`].
+//! [`Authenticator`]. With `tls` configured gRPC is served over TLS (rustls, ring); bearer
+//! tokens off loopback belong inside it.
 //!
 //! With `execution.enabled` (the default) the server starts an [`Executor`] on the same store
 //! (one `Cas`, opened once), its data under `{data_dir}/executor`, and serves Execution,
@@ -54,6 +55,8 @@ pub struct ServerState {
     pub uploads: Arc<Uploads>,
     /// Runs actions for the Execution service; `None` when serving cache-only.
     pub executor: Option<Executor>,
+    /// The TLS identity gRPC is served with; `None`: plaintext.
+    pub tls: Option<tonic::transport::Identity>,
 }
 
 impl ServerState {
@@ -112,6 +115,24 @@ impl Server {
         )));
         let metrics = Arc::new(Metrics::new(cas.blobs.clone(), uploads.session_counter()));
         let auth = Authenticator::new(&config);
+        let tls = match &config.tls {
+            Some(tls) => {
+                let identity = tls.identity()?;
+                install_crypto_provider();
+                // Parse now, so a bad certificate or key fails the start, not the first client.
+                tonic::transport::Server::builder()
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity.clone()))
+                    .with_context(|| {
+                        format!(
+                            "TLS certificate {} / key {}",
+                            tls.cert.display(),
+                            tls.key.display()
+                        )
+                    })?;
+                Some(identity)
+            }
+            None => None,
+        };
         let executor = if config.execution.enabled {
             start_executor(&cas, &config)
         } else {
@@ -126,6 +147,7 @@ impl Server {
                 auth,
                 uploads,
                 executor,
+                tls,
             },
         })
     }
@@ -148,8 +170,9 @@ impl Server {
         &self.state
     }
 
-    /// The gRPC router with every service, each behind the token interceptor.
-    pub fn router(&self) -> tonic::transport::server::Router {
+    /// The gRPC router with every service, each behind the token interceptor (over TLS when
+    /// configured).
+    pub fn router(&self) -> anyhow::Result<tonic::transport::server::Router> {
         let state = &self.state;
         let auth = state.auth.clone();
         let decode = state.config.max_decoding_message_bytes();
@@ -192,7 +215,13 @@ impl Server {
             ),
             None => (None, None),
         };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(identity) = &state.tls {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity.clone()))
+                .context("TLS configuration")?;
+        }
+        Ok(builder
             // Loopback streaming of multi-GiB blobs needs windows larger than HTTP/2's 64 KiB.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
@@ -203,7 +232,7 @@ impl Server {
             .add_service(InterceptedService::new(action_cache, auth.clone()))
             .add_service(InterceptedService::new(bytestream, auth))
             .add_optional_service(execution)
-            .add_optional_service(operations)
+            .add_optional_service(operations))
     }
 
     /// Serves on the given listeners until `shutdown` resolves, then drains and flushes.
@@ -247,11 +276,12 @@ impl Server {
             data_dir = %self.state.config.data_dir.display(),
             max_batch_total_size_bytes = self.state.max_batch_total_size_bytes(),
             execution = self.state.execution_enabled(),
+            tls = self.state.tls.is_some(),
             "serving REAPI"
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let grpc = self
-            .router()
+            .router()?
             .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
         let mut drain_rx = stop_rx.clone();
         // Draining waits for in-flight requests; a client that never finishes gets 10 s.
@@ -323,6 +353,12 @@ impl Server {
             task,
         })
     }
+}
+
+/// Makes rustls's ring provider the process default (the TLS builders use the default, and a
+/// process that links both ring and aws-lc-rs has none). Harmless when one is installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Starts the executor on the server's store, or explains why the server runs cache-only.

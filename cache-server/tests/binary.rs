@@ -25,6 +25,10 @@ struct Running {
 }
 
 fn start(data_dir: &std::path::Path) -> Running {
+    start_with(data_dir, &[])
+}
+
+fn start_with(data_dir: &std::path::Path, extra: &[&str]) -> Running {
     let mut child = Command::new(BIN)
         .args([
             "--listen",
@@ -34,6 +38,7 @@ fn start(data_dir: &std::path::Path) -> Running {
             "--fsync",
             "false",
         ])
+        .args(extra)
         .arg("--data-dir")
         .arg(data_dir)
         .env("RBA_LOG", "info")
@@ -157,6 +162,101 @@ fn help_and_print_config() {
         !refused.status.success(),
         "open server off loopback without tokens is refused"
     );
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        error.contains("without tokens") && error.contains("--token NAME:TOKEN:read-write"),
+        "the refusal names the fix: {error}"
+    );
+    let half = Command::new(BIN)
+        .args(["--print-config", "--tls-cert", "/tmp/cert.pem"])
+        .output()
+        .unwrap();
+    assert!(!half.status.success());
+    assert!(String::from_utf8_lossy(&half.stderr).contains("--tls-cert and --tls-key go together"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_grpc_over_tls_with_a_token() {
+    rba_cache_server::server::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let running = start_with(
+        &dir.path().join("data"),
+        &[
+            "--no-execution",
+            "--token",
+            &format!("ci:{RW_TOKEN}:read-write"),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", running.addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = Clients::new(channel);
+    let data = noise(100 << 10, 7);
+    let digest = DigestFunction::Sha256.digest_of(&data);
+    let write = c
+        .write("main", &digest, &data, Compressor::Identity, 64 << 10)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        write.code(),
+        tonic::Code::Unauthenticated,
+        "a token is needed"
+    );
+    let anonymous = c
+        .cas
+        .find_missing_blobs(rba_proto::reapi::FindMissingBlobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    let missing = c
+        .cas
+        .find_missing_blobs(bearer(
+            rba_proto::reapi::FindMissingBlobsRequest {
+                blob_digests: vec![digest.to_reapi()],
+                ..Default::default()
+            },
+            RW_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(missing.missing_blob_digests, vec![digest.to_reapi()]);
+    // Plaintext to the TLS port gets no answer.
+    let plaintext = tonic::transport::Channel::from_shared(format!("http://{}", running.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut plain = Clients::new(plaintext);
+    assert!(
+        plain
+            .cas
+            .find_missing_blobs(bearer(
+                rba_proto::reapi::FindMissingBlobsRequest::default(),
+                RW_TOKEN
+            ))
+            .await
+            .is_err()
+    );
+    drop((c, plain));
+    stop(running, "-TERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

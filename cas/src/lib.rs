@@ -10,10 +10,12 @@
 //! - [`action_cache`]: (instance, action digest) → `ActionResult`, returned only when complete.
 //! - [`merkle`]: canonical REAPI `Directory` trees from disk or zip archives (with a stat cache
 //!   and limits against hostile archives), their validation, enumeration and materialisation.
-//! - [`Cas`]: one handle on both, sharing one sled database.
+//! - [`access`]: which tenant may read which blob (grants on upload and on results served).
+//! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
 //! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
 
+pub mod access;
 pub mod action_cache;
 pub mod digest;
 pub mod error;
@@ -22,6 +24,7 @@ pub mod store;
 
 use std::path::Path;
 
+pub use access::ReadGrants;
 pub use action_cache::ActionCache;
 pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
@@ -40,6 +43,8 @@ pub struct Cas {
     pub blobs: BlobStore,
     /// The action cache over the same store.
     pub actions: ActionCache,
+    /// Who may read which blob of the store.
+    pub reads: ReadGrants,
 }
 
 impl Cas {
@@ -47,7 +52,12 @@ impl Cas {
     pub fn open(root: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let blobs = BlobStore::open(root, config)?;
         let actions = ActionCache::open(blobs.clone())?;
-        Ok(Cas { blobs, actions })
+        let reads = ReadGrants::open(blobs.clone())?;
+        Ok(Cas {
+            blobs,
+            actions,
+            reads,
+        })
     }
 
     /// A throwaway CAS in a new temporary directory, without fsync (tests, benchmarks). It

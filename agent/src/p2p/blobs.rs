@@ -10,6 +10,13 @@
 //! Every blob entering a CAS, on either side, goes through `BlobStore::writer(expected)`, which
 //! refuses bytes that do not hash to the expected digest: a peer serving a corrupt blob is
 //! caught before anything is stored.
+//!
+//! Reads are authorized per tenant (`rba_cas::access`): a peer reads the blobs it uploaded
+//! (a `Put` verified against its digest, also when the node already held the blob, is proof
+//! that the peer holds the bytes) and those of results served to it; trusted and sharing
+//! peers read everything. `Has` answers "absent" for blobs the peer may not read, so their
+//! existence does not leak; `Get` and `GetActionResult` of anything else are refused with
+//! `forbidden`, whether or not the node holds it.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -19,6 +26,7 @@ use anyhow::Context;
 use futures::io::BufReader;
 use libp2p::{PeerId, Stream};
 use rba_cas::{BlobStore, Digest};
+use rba_executor::tenant::Tenant;
 use rba_proto::Message;
 use rba_proto::rba::v1::{
     ActionResultBody, BlobReply, BlobRequest, Chunk, Error as WireError, Get, GetActionResult, Has,
@@ -97,11 +105,11 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
             }
         };
         let keep_going = match request.request {
-            Some(blob_request::Request::Has(has)) => serve_has(&node, &mut stream, has).await,
-            Some(blob_request::Request::Get(get)) => serve_get(&node, &mut stream, get).await,
+            Some(blob_request::Request::Has(has)) => serve_has(&node, peer, &mut stream, has).await,
+            Some(blob_request::Request::Get(get)) => serve_get(&node, peer, &mut stream, get).await,
             Some(blob_request::Request::Put(put)) => serve_put(&node, peer, &mut stream, put).await,
             Some(blob_request::Request::GetActionResult(ask)) => {
-                serve_action_result(&node, &mut stream, ask).await
+                serve_action_result(&node, peer, &mut stream, ask).await
             }
             Some(blob_request::Request::Chunk(_)) | None => {
                 node.metrics.inc_protocol_errors();
@@ -122,7 +130,12 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
     }
 }
 
-async fn serve_has(node: &NodeShared, stream: &mut BufReader<Stream>, has: Has) -> bool {
+async fn serve_has(
+    node: &NodeShared,
+    peer: PeerId,
+    stream: &mut BufReader<Stream>,
+    has: Has,
+) -> bool {
     let mut digests = Vec::with_capacity(has.digests.len());
     for wire in &has.digests {
         match Digest::from_wire(wire) {
@@ -133,28 +146,51 @@ async fn serve_has(node: &NodeShared, stream: &mut BufReader<Stream>, has: Has) 
             }
         }
     }
-    let blobs = node.cas.blobs.clone();
-    let asked = digests.clone();
-    let missing = tokio::task::spawn_blocking(move || blobs.find_missing(&asked)).await;
-    let missing: HashSet<Digest> = match missing {
-        Ok(Ok(missing)) => missing.into_iter().collect(),
+    let cas = node.cas.clone();
+    let tenant = (!node.reads_everything(&peer)).then(|| Tenant::peer(peer));
+    let present = tokio::task::spawn_blocking(move || match tenant {
+        // Only what the peer may read counts as present.
+        Some(tenant) => cas.reads.has(tenant.as_str(), &digests),
+        None => {
+            let missing: HashSet<Digest> = cas.blobs.find_missing(&digests)?.into_iter().collect();
+            Ok(digests
+                .into_iter()
+                .filter(|d| !missing.contains(d))
+                .collect())
+        }
+    })
+    .await;
+    let present: Vec<_> = match present {
+        Ok(Ok(present)) => present.iter().map(Digest::to_wire).collect(),
         _ => {
             let _ = write_frame(stream, &error_reply("internal", "store lookup failed")).await;
             return false;
         }
     };
-    let present = digests
-        .iter()
-        .filter(|d| !missing.contains(d))
-        .map(Digest::to_wire)
-        .collect();
     let reply = BlobReply {
         reply: Some(blob_reply::Reply::Has(HasReply { present })),
     };
     write_frame(stream, &reply).await.is_ok()
 }
 
-async fn serve_get(node: &NodeShared, stream: &mut BufReader<Stream>, get: Get) -> bool {
+/// The refusal of a read the peer is not authorized for (the same whether or not the node
+/// holds the blob).
+fn forbidden(peer: &PeerId, what: String) -> BlobReply {
+    error_reply(
+        "forbidden",
+        format!(
+            "{peer} may not read {what}: this node serves blobs and results only to the \
+             clients that uploaded them or were served them, and to its trusted peers"
+        ),
+    )
+}
+
+async fn serve_get(
+    node: &NodeShared,
+    peer: PeerId,
+    stream: &mut BufReader<Stream>,
+    get: Get,
+) -> bool {
     let digest = match get.digest.as_ref().map(Digest::from_wire) {
         Some(Ok(d)) => d,
         Some(Err(e)) => {
@@ -166,6 +202,11 @@ async fn serve_get(node: &NodeShared, stream: &mut BufReader<Stream>, get: Get) 
             return false;
         }
     };
+    if !node.peer_may_read(&peer, &digest) {
+        return write_frame(stream, &forbidden(&peer, format!("{digest:?}")))
+            .await
+            .is_ok();
+    }
     let mut chunks = read_chunks(node.cas.blobs.clone(), digest, get.offset);
     let mut first = true;
     while let Some(chunk) = chunks.recv().await {
@@ -241,6 +282,9 @@ async fn serve_put(
             return false;
         }
     };
+    // A blob already held is not rewritten, so the store does not hash it: hash it here, for
+    // the upload to prove that the peer holds the bytes.
+    let mut proof = writer.already_present().then(|| digest.function.hasher());
     let max = node.config.max_frame_bytes;
     loop {
         let frame: BlobRequest = match read_frame(stream, max).await {
@@ -263,12 +307,30 @@ async fn serve_put(
             let _ = write_frame(stream, &error_reply("digest_mismatch", e.to_string())).await;
             return false;
         }
+        if let Some(hasher) = &mut proof {
+            hasher.update(&chunk.data);
+        }
         node.metrics.add_uploaded_bytes(chunk.data.len() as u64);
         if chunk.last {
             break;
         }
     }
-    let committed = tokio::task::spawn_blocking(move || writer.commit()).await;
+    let proven = proof.map(|hasher| hasher.finish());
+    let (cas, tenant) = (node.cas.clone(), Tenant::peer(peer));
+    let committed = tokio::task::spawn_blocking(move || {
+        let stored = writer.commit()?;
+        if let Some(actual) = proven
+            && actual != stored
+        {
+            return Err(rba_cas::CasError::HashMismatch {
+                expected: stored,
+                actual,
+            });
+        }
+        cas.reads.grant(tenant.as_str(), [&stored])?;
+        Ok(stored)
+    })
+    .await;
     let reply = match committed {
         Ok(Ok(stored)) => BlobReply {
             reply: Some(blob_reply::Reply::Stored(stored.to_wire())),
@@ -282,6 +344,7 @@ async fn serve_put(
 
 async fn serve_action_result(
     node: &NodeShared,
+    peer: PeerId,
     stream: &mut BufReader<Stream>,
     ask: GetActionResult,
 ) -> bool {
@@ -300,6 +363,15 @@ async fn serve_action_result(
             format!("instance {:?} is not readable", ask.instance),
         );
         return write_frame(stream, &refusal).await.is_ok();
+    }
+    // A result is served to whoever may read its Action: the peers served it, and trusted ones.
+    if !node.peer_may_read(&peer, &digest) {
+        return write_frame(
+            stream,
+            &forbidden(&peer, format!("the action result of {digest:?}")),
+        )
+        .await
+        .is_ok();
     }
     let (actions, instance) = (node.cas.actions.clone(), ask.instance.clone());
     let found = tokio::task::spawn_blocking(move || actions.get(&instance, &digest)).await;

@@ -6,6 +6,11 @@
 //! the stream: a slow client only delays its own frames, never the build (the log stream spills
 //! to disk), and a client that reconnects with `Attach {from_seq}` gets every line from there
 //! exactly once, because lines carry their dense `seq`.
+//!
+//! A session is its owner's: `Attach` is answered only for the peer that submitted it (and
+//! for trusted and sharing peers); to anyone else it is `unknown_session`, the same answer as
+//! for an id that does not exist. Before the `End` goes out, the owner is granted the blobs of
+//! the result (`NodeShared::grant_session_result`), so it can fetch what the end names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +106,10 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
                 write_frame(&mut stream, &error).await
             }
         },
-        Some(client_frame::Frame::Attach(attach)) => match node.session(&attach.session_id) {
+        Some(client_frame::Frame::Attach(attach)) => match node
+            .session(&attach.session_id)
+            .filter(|_| node.peer_may_follow(&peer, &attach.session_id))
+        {
             Some(source) => {
                 node.metrics.inc_attached();
                 let accepted = |action_digest| {
@@ -216,6 +224,7 @@ async fn stream_live(
         }
     }
     let outcome = handle.wait().await;
+    node.grant_session_result(&handle.id, &outcome).await;
     let lines = handle.log.wait_finished().await.lines;
     let end = node.sign_end(end_body(&handle.id, handle.action_digest, &outcome, lines));
     write_frame(stream, &frame(node_frame::Frame::End(end))).await

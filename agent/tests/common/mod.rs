@@ -85,10 +85,13 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(node: &Node) -> Client {
+        Self::connect_as(node, Keypair::generate_ed25519()).await
+    }
+
+    /// A client with a given libp2p identity (its tenant is `peer:{its PeerId}`).
+    pub async fn connect_as(node: &Node, keypair: Keypair) -> Client {
         let target = node.tcp_addr().unwrap().to_string();
-        let remote = RemoteClient::connect(Keypair::generate_ed25519(), &target)
-            .await
-            .unwrap();
+        let remote = RemoteClient::connect(keypair, &target).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cas = Cas::open(dir.path().join("cas"), StoreConfig::without_fsync()).unwrap();
         Client {

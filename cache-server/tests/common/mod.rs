@@ -55,11 +55,13 @@ pub fn with_tokens(mut config: Config) -> Config {
             name: "rw".into(),
             token: RW_TOKEN.into(),
             access: Access::ReadWrite,
+            tenants: vec![],
         },
         TokenConfig {
             name: "ro".into(),
             token: RO_TOKEN.into(),
             access: Access::ReadOnly,
+            tenants: vec![],
         },
     ];
     config

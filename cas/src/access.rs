@@ -1,0 +1,174 @@
+//! Read grants: which tenant may read which blob.
+//!
+//! Why: one store serves many tenants, and a blob's digest is no secret (it travels in logs,
+//! end events, action results). Knowing a digest must not be enough to read another tenant's
+//! sources, binaries or logs. A tenant may read a blob when it proved it holds the bytes
+//! (it uploaded them, verified against the digest) or when the blob belongs to a result the
+//! node served it (outputs, logs, the input root it submitted). Every grant is recorded here
+//! and every read check asks here, so the rule lives in one place; the faces (libp2p, HTTP)
+//! only name the tenant (`peer:…`, `token:…`, as `rba_executor::tenant::Tenant` spells it).
+//!
+//! The grants are a tree of the store's own index database (`read_grants`), keyed
+//! `len(tenant) ‖ tenant ‖ function ‖ hash`: a grant costs one small insert, a check one
+//! lookup, and grants survive restarts with the blobs they name. The empty blob is readable by
+//! everyone (it holds nothing). Grants outlive eviction harmlessly: a granted blob that is gone
+//! is simply absent.
+
+use crate::digest::{Digest, DigestFunction};
+use crate::error::{CasError, Result};
+use crate::store::BlobStore;
+
+/// The grants of one store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ReadGrants {
+    blobs: BlobStore,
+    grants: sled::Tree,
+}
+
+/// Longest tenant name accepted (identities are short: `peer:12D3…`, `token:NAME`).
+pub const MAX_TENANT_BYTES: usize = 1024;
+
+fn grant_key(tenant: &str, digest: &Digest) -> Result<Vec<u8>> {
+    if tenant.is_empty() || tenant.len() > MAX_TENANT_BYTES {
+        return Err(CasError::Invalid {
+            what: "tenant".to_string(),
+            reason: format!("a tenant name is 1..={MAX_TENANT_BYTES} bytes"),
+        });
+    }
+    let mut key = Vec::with_capacity(2 + tenant.len() + 1 + digest.hash.len());
+    key.extend_from_slice(&(tenant.len() as u16).to_be_bytes());
+    key.extend_from_slice(tenant.as_bytes());
+    key.push(match digest.function {
+        DigestFunction::Sha256 => 1,
+        DigestFunction::Blake3 => 2,
+    });
+    key.extend_from_slice(&digest.hash);
+    Ok(key)
+}
+
+impl ReadGrants {
+    /// Opens the grants of `blobs` (in its index database).
+    pub fn open(blobs: BlobStore) -> Result<Self> {
+        let grants = blobs.db().open_tree("read_grants")?;
+        Ok(ReadGrants { blobs, grants })
+    }
+
+    /// Lets `tenant` read `digests` from now on.
+    pub fn grant<'a>(
+        &self,
+        tenant: &str,
+        digests: impl IntoIterator<Item = &'a Digest>,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for digest in digests {
+            if !digest.is_empty_blob() {
+                batch.insert(grant_key(tenant, digest)?, &[][..]);
+            }
+        }
+        self.grants.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Whether `tenant` may read `digest` (whether or not the blob is still stored).
+    pub fn may_read(&self, tenant: &str, digest: &Digest) -> Result<bool> {
+        if digest.is_empty_blob() {
+            return Ok(true);
+        }
+        Ok(self.grants.contains_key(grant_key(tenant, digest)?)?)
+    }
+
+    /// Of `digests`, those `tenant` may not read, in the order given, without duplicates.
+    pub fn not_readable(&self, tenant: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut refused = Vec::new();
+        for digest in digests {
+            if seen.insert(*digest) && !self.may_read(tenant, digest)? {
+                refused.push(*digest);
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Of `digests`, those present in the store *and* readable by `tenant`: the only answer a
+    /// tenant gets to "which of these do you hold", so a blob it may not read looks absent and
+    /// its existence does not leak.
+    pub fn has(&self, tenant: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let missing: std::collections::HashSet<Digest> =
+            self.blobs.find_missing(digests)?.into_iter().collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut present = Vec::new();
+        for digest in digests {
+            if seen.insert(*digest) && !missing.contains(digest) && self.may_read(tenant, digest)? {
+                present.push(*digest);
+            }
+        }
+        Ok(present)
+    }
+
+    /// Number of grants (all tenants).
+    pub fn len(&self) -> usize {
+        self.grants.len()
+    }
+
+    /// True when nothing was granted.
+    pub fn is_empty(&self) -> bool {
+        self.grants.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cas;
+
+    #[test]
+    fn grants_are_per_tenant_and_has_hides_the_rest() {
+        let (_dir, cas) = Cas::scratch().unwrap();
+        let function = DigestFunction::Blake3;
+        let mine = cas.blobs.put_bytes(function, b"mine").unwrap();
+        let theirs = cas.blobs.put_bytes(function, b"theirs").unwrap();
+        let absent = function.digest_of(b"never stored");
+        let empty = function.empty();
+        cas.reads.grant("peer:a", [&mine, &absent]).unwrap();
+        cas.reads.grant("peer:b", [&theirs]).unwrap();
+
+        assert!(cas.reads.may_read("peer:a", &mine).unwrap());
+        assert!(!cas.reads.may_read("peer:a", &theirs).unwrap());
+        assert!(cas.reads.may_read("peer:a", &empty).unwrap());
+        // A tenant whose name is a prefix of another's gets nothing of it.
+        assert!(!cas.reads.may_read("peer:", &mine).unwrap());
+        assert!(!cas.reads.may_read("peer:ab", &mine).unwrap());
+
+        let all = [mine, theirs, absent, empty, mine];
+        assert_eq!(cas.reads.has("peer:a", &all).unwrap(), vec![mine, empty]);
+        assert_eq!(cas.reads.has("peer:b", &all).unwrap(), vec![theirs, empty]);
+        assert_eq!(
+            cas.reads.not_readable("peer:b", &all).unwrap(),
+            vec![mine, absent]
+        );
+        assert!(cas.reads.grant("", [&mine]).is_err());
+        assert!(
+            cas.reads
+                .may_read(&"x".repeat(MAX_TENANT_BYTES + 1), &mine)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn grants_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest;
+        {
+            let cas = Cas::open(dir.path(), crate::StoreConfig::without_fsync()).unwrap();
+            digest = cas
+                .blobs
+                .put_bytes(DigestFunction::Sha256, b"kept")
+                .unwrap();
+            cas.reads.grant("token:ci", [&digest]).unwrap();
+            cas.blobs.flush().unwrap();
+        }
+        let cas = Cas::open(dir.path(), crate::StoreConfig::without_fsync()).unwrap();
+        assert!(cas.reads.may_read("token:ci", &digest).unwrap());
+        assert!(!cas.reads.may_read("token:other", &digest).unwrap());
+    }
+}
