@@ -305,6 +305,7 @@ impl NodeShared {
                 tenant: peer
                     .map(rba_executor::tenant::Tenant::peer)
                     .unwrap_or_else(rba_executor::tenant::Tenant::local),
+                limits: crate::client::limits_from_wire(submit.limits.as_ref()),
             })
             .await
             .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;
@@ -617,6 +618,7 @@ impl Node {
         let mut executor_config =
             ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
         executor_config.workers = config.workers;
+        config.limits.apply(&mut executor_config)?;
         let executor =
             Executor::new(cas.clone(), executor_config).context("starting the executor")?;
         let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;

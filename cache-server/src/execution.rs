@@ -268,6 +268,8 @@ impl ExecutionService {
                 workspace_identity: None,
                 // TODO(tenants): the caller's token.
                 tenant: rba_executor::tenant::Tenant::anonymous(),
+                // The client's limits come as platform properties of the Action.
+                limits: Default::default(),
             })
             .await;
         let handle = match submitted {

@@ -262,6 +262,7 @@ pub async fn run(
         }),
         input_root: Some(root.to_wire()),
         workspace_hint: format!("tangle-service-{service_id}"),
+        limits: None,
     };
     let handle = match ctx.node.submit(None, submit).await {
         Ok(handle) => handle,

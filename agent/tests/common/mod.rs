@@ -113,6 +113,7 @@ impl Client {
             }),
             input_root: Some(tree.root.to_wire()),
             workspace_hint: "fixture".to_string(),
+            limits: None,
         }
     }
 
