@@ -75,11 +75,13 @@ async fn four_processes_together_exceed_the_memory_limit() {
     // Each process touches 96 MiB and holds it; the job may have 256 MiB: each alone fits,
     // four together do not.
     let script = r#"
+        pids=""
         for i in 1 2 3 4; do
-          python3 -c 'import time; b = b"x" * (96 << 20); print("holding", flush=True); time.sleep(10)' &
+          python3 -c 'import time; b = b"x" * (96 << 20); print("holding", flush=True); time.sleep(4)' &
+          pids="$pids $!"
         done
         failed=0
-        for i in 1 2 3 4; do wait -n || failed=1; done
+        for p in $pids; do wait $p || failed=1; done
         exit $failed
     "#;
     let started = Instant::now();
@@ -101,7 +103,7 @@ async fn four_processes_together_exceed_the_memory_limit() {
         SandboxSpec::new([
             "bash",
             "-c",
-            &script.replace("time.sleep(10)", "time.sleep(1)"),
+            &script.replace("time.sleep(4)", "time.sleep(1)"),
         ])
         .limits(limits(Some(1 << 30), Some(64))),
     )
@@ -450,4 +452,48 @@ async fn sandbox_start_stop_overhead_with_cgroups() {
         per_job[0], per_job[1]
     );
     assert!(per_job[0] < Duration::from_secs(1), "{per_job:?}");
+}
+
+/// The per-job cost of the limits themselves, apart from the container: a cgroup created,
+/// entered, left and removed; a disk allowance reserved and given back in a slot volume.
+#[test]
+fn per_job_cost_of_cgroup_and_disk_allowance() {
+    use rba_executor::cgroup::{CgroupLimits, JobCgroup};
+    let hierarchy = rba_executor::cgroup::available().expect("usable cgroups");
+    let n = 50;
+    let started = Instant::now();
+    for _ in 0..n {
+        let cgroup = JobCgroup::create(
+            hierarchy,
+            CgroupLimits {
+                memory_bytes: Some(1 << 30),
+                max_processes: Some(64),
+            },
+        )
+        .unwrap();
+        drop(cgroup.enter().unwrap());
+        let _ = cgroup.report();
+    }
+    let cgroup_cost = started.elapsed() / n;
+
+    let slot = tempfile::tempdir().unwrap();
+    let quota = DiskQuota {
+        bytes: 1 << 30,
+        inodes: 10_000,
+    };
+    let vol = rba_executor::quota::mount_slot_volume(slot.path(), quota).unwrap();
+    let started = Instant::now();
+    for _ in 0..n {
+        // What a job with a disk limit pays: the mount check and its allowance.
+        let vol = rba_executor::quota::mount_slot_volume(slot.path(), quota).unwrap();
+        let allowance = rba_executor::quota::Allowance::reserve(&vol, 64 << 20).unwrap();
+        let st = nix::sys::statvfs::statvfs(&vol).unwrap();
+        assert!(st.blocks_available() * st.fragment_size() <= 65 << 20);
+        drop(allowance);
+    }
+    let disk_cost = started.elapsed() / n;
+    assert!(rba_executor::quota::unmount_under(slot.path()).unwrap() >= 1);
+    println!("per job: cgroup {cgroup_cost:?}, disk allowance {disk_cost:?}");
+    assert!(cgroup_cost < Duration::from_millis(200), "{cgroup_cost:?}");
+    assert!(disk_cost < Duration::from_millis(200), "{disk_cost:?}");
 }
