@@ -481,7 +481,7 @@ fn per_job_cost_of_cgroup_and_disk_allowance() {
         bytes: 1 << 30,
         inodes: 10_000,
     };
-    let vol = rba_executor::quota::mount_slot_volume(slot.path(), quota).unwrap();
+    rba_executor::quota::mount_slot_volume(slot.path(), quota).unwrap();
     let started = Instant::now();
     for _ in 0..n {
         // What a job with a disk limit pays: the mount check and its allowance.
