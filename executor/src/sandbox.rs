@@ -44,9 +44,12 @@
 //! * **Unprivileged.** The job runs as `build` (uid/gid 1000 inside), which is mapped to a
 //!   non-root host uid ([`SandboxConfig::host_uid`], 65534 by default), with no capabilities and
 //!   `no_new_privs`. Files it creates in `/target` belong to that host uid; before a run the
-//!   read-write mount directories are `chown`ed to it. Host uid 0 is mapped only so that the
-//!   container set-up (which runs before the job's `exec`) can bind directories under `/root`;
-//!   the job itself never runs as it. A seccomp deny list (mount, ptrace, bpf, namespaces,
+//!   read-write mount directories are `chown`ed to it. Host uid 0 is mapped (to the
+//!   namespace's root) only for the container set-up, which runs before the job's `exec`: it
+//!   creates the entries of `/dev` and the tmpfs mounts, which the kernel refuses
+//!   (`EOVERFLOW`) to a process whose uid is not mapped in the namespace that owns them.
+//!   Mapping namespace root to an unprivileged host uid instead needs a second subordinate
+//!   uid (`/etc/subuid` holds one: the sandbox user's). The job itself never runs as it. A seccomp deny list (mount, ptrace, bpf, namespaces,
 //!   keyrings, kernel modules, ...) narrows the kernel surface ([`SandboxConfig::seccomp`]).
 //! * **No network** by default: a new network namespace with no interface up (not even
 //!   loopback). [`NetworkPolicy::Host`] shares the host's network for `cargo fetch --locked`.
