@@ -346,7 +346,7 @@ fn a_build_that_never_ends_stops_at_its_timeout() {
     // Hostile values are refused before anything runs, naming the flag.
     for (flag, value) in [("--timeout", "0"), ("--memory", "lots"), ("--disk", "-1G")] {
         let run = rba(data.path())
-            .args(["build", flag, value])
+            .args(["build", &format!("{flag}={value}")])
             .arg(fixture("endless-build"))
             .assert()
             .failure();
