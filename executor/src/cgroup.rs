@@ -315,8 +315,8 @@ impl JobCgroup {
         Ok(Some(entered))
     }
 
-    /// Moves process `pid` and the processes it already forked into the job's cgroup (v2, see
-    /// the module docs; also harmless on v1).
+    /// Moves process `pid` and the processes it already forked into the job's cgroup (v2, where
+    /// [`JobCgroup::enter`] cannot be used; see the module docs).
     pub fn adopt(&self, pid: i32) -> io::Result<()> {
         let mut pending = vec![pid];
         while let Some(pid) = pending.pop() {

@@ -49,8 +49,9 @@
 //!   creates the entries of `/dev` and the tmpfs mounts, which the kernel refuses
 //!   (`EOVERFLOW`) to a process whose uid is not mapped in the namespace that owns them.
 //!   Mapping namespace root to an unprivileged host uid instead needs a second subordinate
-//!   uid (`/etc/subuid` holds one: the sandbox user's). The job itself never runs as it. A seccomp deny list (mount, ptrace, bpf, namespaces,
-//!   keyrings, kernel modules, ...) narrows the kernel surface ([`SandboxConfig::seccomp`]).
+//!   uid (`/etc/subuid` holds one: the sandbox user's). The job itself never runs as it. A
+//!   seccomp deny list (mount, ptrace, bpf, namespaces, keyrings, kernel modules, ...) narrows
+//!   the kernel surface ([`SandboxConfig::seccomp`]).
 //! * **No network** by default: a new network namespace with no interface up (not even
 //!   loopback). [`NetworkPolicy::Host`] shares the host's network for `cargo fetch --locked`.
 //! * **Limits** ([`Limits`]): memory and processes+threads of the whole job through a cgroup
@@ -1046,11 +1047,12 @@ fn supervise(
         .transpose()
         .map_err(|e| SandboxError::Setup(format!("entering the job's cgroup: {e}")))?
         .flatten();
+    let born_inside = entered.is_some();
     let spawned = cmd.spawn();
     drop(entered);
     let mut child = spawned.map_err(|e| SandboxError::Setup(e.to_string()))?;
     let pid = child.id() as i32;
-    if let Some(cgroup) = &cgroup
+    if let Some(cgroup) = cgroup.as_ref().filter(|_| !born_inside)
         && let Err(e) = cgroup.adopt(pid)
     {
         kill_pid_namespace(pid);
