@@ -339,3 +339,23 @@ pub fn limits_from_wire(
         disk_bytes: asked(wire.disk_bytes),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rba_executor::runner::JobLimits;
+
+    #[test]
+    fn limits_cross_the_wire_unchanged_and_zero_means_not_asked() {
+        let asked = JobLimits {
+            wall_time: Some(Duration::from_secs(5)),
+            memory_bytes: Some(2 << 30),
+            max_processes: None,
+            disk_bytes: Some(1 << 30),
+        };
+        assert_eq!(limits_from_wire(Some(&limits_to_wire(&asked))), asked);
+        assert_eq!(limits_from_wire(None), JobLimits::default());
+        let zeros = rba_proto::rba::v1::JobLimits::default();
+        assert_eq!(limits_from_wire(Some(&zeros)), JobLimits::default());
+    }
+}
