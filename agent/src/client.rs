@@ -313,3 +313,49 @@ impl RemoteClient {
         }
     }
 }
+
+/// A job's limits as sent in [`Submit::limits`] (0 = not asked).
+pub fn limits_to_wire(limits: &rba_executor::runner::JobLimits) -> rba_proto::rba::v1::JobLimits {
+    rba_proto::rba::v1::JobLimits {
+        timeout_secs: limits.wall_time.map_or(0, |t| t.as_secs().max(1)),
+        memory_bytes: limits.memory_bytes.unwrap_or(0),
+        max_processes: limits.max_processes.unwrap_or(0),
+        disk_bytes: limits.disk_bytes.unwrap_or(0),
+    }
+}
+
+/// The limits a [`Submit`] asks for (the node caps them by its own).
+pub fn limits_from_wire(
+    wire: Option<&rba_proto::rba::v1::JobLimits>,
+) -> rba_executor::runner::JobLimits {
+    let Some(wire) = wire else {
+        return rba_executor::runner::JobLimits::default();
+    };
+    let asked = |v: u64| (v > 0).then_some(v);
+    rba_executor::runner::JobLimits {
+        wall_time: asked(wire.timeout_secs).map(Duration::from_secs),
+        memory_bytes: asked(wire.memory_bytes),
+        max_processes: asked(wire.max_processes),
+        disk_bytes: asked(wire.disk_bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rba_executor::runner::JobLimits;
+
+    #[test]
+    fn limits_cross_the_wire_unchanged_and_zero_means_not_asked() {
+        let asked = JobLimits {
+            wall_time: Some(Duration::from_secs(5)),
+            memory_bytes: Some(2 << 30),
+            max_processes: None,
+            disk_bytes: Some(1 << 30),
+        };
+        assert_eq!(limits_from_wire(Some(&limits_to_wire(&asked))), asked);
+        assert_eq!(limits_from_wire(None), JobLimits::default());
+        let zeros = rba_proto::rba::v1::JobLimits::default();
+        assert_eq!(limits_from_wire(Some(&zeros)), JobLimits::default());
+    }
+}

@@ -106,6 +106,8 @@ pub struct NodeConfig {
     pub fetch_allowed_hosts: Vec<String>,
     /// `[tangle]`: settings of `rba tangle run`.
     pub tangle: TangleNodeConfig,
+    /// The node's maximum per job (`[limits]`); a client's limits can only lower them.
+    pub limits: LimitsConfig,
 }
 
 /// The `[tangle]` section of the node config.
@@ -115,6 +117,70 @@ pub struct TangleNodeConfig {
     /// All callers of one service build as one tenant in one target dir (and are served each
     /// other's results built there). Off: each caller is a tenant of its own.
     pub share_target_dir_per_service: bool,
+}
+
+/// `[limits]`: the most any one job gets on this node. Unset keys keep the executor's
+/// defaults (1 h wall clock, 8 GiB memory, 1024 processes, no disk limit).
+///
+/// ```toml
+/// [limits]
+/// timeout_secs = 3600
+/// memory = "8G"        # all processes of a job together (cgroup)
+/// processes = 1024     # processes and threads of a job together (cgroup)
+/// disk = "20G"         # each slot's target-dir volume (loop-mounted ext4; needs root)
+/// disk_inodes = 1000000
+/// ```
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Wall-clock seconds of each sandboxed run.
+    pub timeout_secs: Option<u64>,
+    /// Memory of a job's processes together (`8G`, `512M`, bytes).
+    pub memory: Option<String>,
+    /// Processes and threads of a job together.
+    pub processes: Option<u64>,
+    /// Size of each slot's target-dir volume; unset: target dirs have no disk limit.
+    pub disk: Option<String>,
+    /// Inodes of each slot's volume (default 1M, with `disk`).
+    pub disk_inodes: Option<u64>,
+}
+
+impl LimitsConfig {
+    /// Sets the executor's limits (the node's maxima) from this section.
+    pub fn apply(&self, executor: &mut rba_executor::runner::ExecutorConfig) -> anyhow::Result<()> {
+        use rba_executor::runner::parse_size;
+        let size = |value: &str, key: &str| {
+            parse_size(value).map_err(|e| anyhow::anyhow!("[limits] {key}: {e}"))
+        };
+        if let Some(secs) = self.timeout_secs {
+            anyhow::ensure!(secs > 0, "[limits] timeout_secs must be at least 1");
+            executor.limits.wall_time = Some(std::time::Duration::from_secs(secs));
+        }
+        if let Some(memory) = &self.memory {
+            executor.limits.memory_bytes = Some(size(memory, "memory")?);
+        }
+        if let Some(processes) = self.processes {
+            anyhow::ensure!(processes > 0, "[limits] processes must be at least 1");
+            executor.limits.max_processes = Some(processes);
+        }
+        match &self.disk {
+            Some(disk) => {
+                let mut quota = rba_executor::quota::DiskQuota {
+                    bytes: size(disk, "disk")?,
+                    ..Default::default()
+                };
+                if let Some(inodes) = self.disk_inodes {
+                    quota.inodes = inodes;
+                }
+                executor.slot_disk = Some(quota);
+            }
+            None => anyhow::ensure!(
+                self.disk_inodes.is_none(),
+                "[limits] disk_inodes needs [limits] disk"
+            ),
+        }
+        Ok(())
+    }
 }
 
 impl Default for NodeConfig {
@@ -142,6 +208,7 @@ impl Default for NodeConfig {
             fsync: true,
             fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
             tangle: TangleNodeConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -382,6 +449,47 @@ mod tests {
             toml::from_str("[tangle]\nshare_target_dir_per_service = true\n").unwrap();
         assert!(config.tangle.share_target_dir_per_service);
         assert!(toml::from_str::<NodeConfig>("[tangle]\nshare = true\n").is_err());
+    }
+
+    #[test]
+    fn limits_section_sets_the_node_maxima_and_refuses_nonsense() {
+        let text = r#"
+            [limits]
+            timeout_secs = 600
+            memory = "2G"
+            processes = 300
+            disk = "10G"
+            disk_inodes = 50000
+        "#;
+        let config: NodeConfig = toml::from_str(text).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut executor = rba_executor::runner::ExecutorConfig::new(dir.path()).unwrap();
+        config.limits.apply(&mut executor).unwrap();
+        assert_eq!(
+            executor.limits.wall_time,
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert_eq!(executor.limits.memory_bytes, Some(2 << 30));
+        assert_eq!(executor.limits.max_processes, Some(300));
+        assert_eq!(
+            executor.slot_disk,
+            Some(rba_executor::quota::DiskQuota {
+                bytes: 10 << 30,
+                inodes: 50000
+            })
+        );
+        for bad in [
+            "[limits]\nmemory = \"lots\"",
+            "[limits]\nprocesses = 0",
+            "[limits]\ntimeout_secs = 0",
+            "[limits]\ndisk_inodes = 5",
+            "[limits]\ndisk = \"-1G\"",
+        ] {
+            let config: NodeConfig = toml::from_str(bad).unwrap();
+            let err = config.limits.apply(&mut executor).unwrap_err();
+            assert!(err.to_string().contains("[limits]"), "{bad}: {err}");
+        }
+        assert!(toml::from_str::<NodeConfig>("[limits]\nmemroy = \"1G\"").is_err());
     }
 
     #[test]

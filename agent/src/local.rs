@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use rba_executor::cargo::CargoJob;
-use rba_executor::runner::{Executor, ExecutorConfig, JobState, JobStatus};
+use rba_executor::runner::{Executor, ExecutorConfig, JobLimits, JobState, JobStatus};
 
 use crate::history::status_name;
 use crate::output::{ColorChoice, Terminal, exit_code};
@@ -19,6 +19,7 @@ use crate::workspace::{hash_workspace, open_cas, workspace_identity};
 pub async fn run(
     data_dir: &Path,
     job: CargoJob,
+    limits: JobLimits,
     path: &Path,
     workers: usize,
     color: ColorChoice,
@@ -30,11 +31,12 @@ pub async fn run(
     config.workers = workers.max(1);
     let executor = Executor::new(cas, config).context("starting the embedded executor")?;
     let handle = executor
-        .submit_cargo(
+        .submit_cargo_with_limits(
             &job,
             tree.root,
             &workspace_identity(path),
             rba_executor::tenant::Tenant::local(),
+            limits,
         )
         .await?;
     eprintln!(

@@ -5,7 +5,8 @@
 //!   environment variables and flags (`--token NAME:TOKEN:ACCESS`, `--public-read`,
 //!   `--tls-cert`/`--tls-key`, as in `config`); prints its PeerId and listen addresses; stops
 //!   cleanly on Ctrl-C or SIGTERM.
-//! - `rba build|test|lint|audit|check|fmt [PATH] [--release] [--remote MULTIADDR]`: hashes the
+//! - `rba build|test|lint|audit|check|fmt [PATH] [--release] [--remote MULTIADDR]
+//!   [--timeout SECS] [--memory SIZE] [--processes N] [--disk SIZE]`: hashes the
 //!   workspace (respecting `.gitignore`, skipping `target/`), runs the job and streams cargo's
 //!   own output live, then prints a summary and exits with the job's status. Without
 //!   `--remote` the job runs on an embedded node in-process; with it, on the node at
@@ -98,6 +99,18 @@ struct JobArgs {
     /// Concurrent jobs of the embedded node.
     #[arg(long, default_value_t = 2, env = "RBA_WORKERS")]
     workers: usize,
+    /// Wall-clock limit of the job in seconds (the node's own limit still applies).
+    #[arg(long, value_name = "SECS", value_parser = rba_executor::runner::parse_count)]
+    timeout: Option<u64>,
+    /// Memory of all the job's processes together (e.g. 2G, 512M).
+    #[arg(long, value_name = "SIZE", value_parser = rba_executor::runner::parse_size)]
+    memory: Option<u64>,
+    /// Processes and threads of the job together.
+    #[arg(long, value_name = "N", value_parser = rba_executor::runner::parse_count)]
+    processes: Option<u64>,
+    /// Bytes the job may add to its target dir (e.g. 5G; needs a node with `[limits] disk`).
+    #[arg(long, value_name = "SIZE", value_parser = rba_executor::runner::parse_size)]
+    disk: Option<u64>,
     /// Extra arguments passed to cargo (after `--`).
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -171,9 +184,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         release: args.release,
         extra_args: args.cargo_args.clone(),
     };
+    let limits = rba_executor::runner::JobLimits {
+        wall_time: args.timeout.map(std::time::Duration::from_secs),
+        memory_bytes: args.memory,
+        max_processes: args.processes,
+        disk_bytes: args.disk,
+    };
     match &args.remote {
-        None => rba_agent::local::run(&client_dir, job, &args.path, args.workers, color).await,
-        Some(remote) => run_remote(&client_dir, job, &args.path, remote, color).await,
+        None => {
+            rba_agent::local::run(&client_dir, job, limits, &args.path, args.workers, color).await
+        }
+        Some(remote) => run_remote(&client_dir, job, limits, &args.path, remote, color).await,
     }
 }
 
@@ -225,6 +246,7 @@ fn client_keypair(client_dir: &Path) -> anyhow::Result<libp2p::identity::Keypair
 async fn run_remote(
     client_dir: &Path,
     job: CargoJob,
+    limits: rba_executor::runner::JobLimits,
     path: &Path,
     remote: &str,
     color: ColorChoice,
@@ -248,6 +270,7 @@ async fn run_remote(
         }),
         input_root: Some(tree.root.to_wire()),
         workspace_hint: workspace_hint(path),
+        limits: Some(rba_agent::client::limits_to_wire(&limits)),
     };
     let mut terminal = Terminal::for_stdio(color);
     let result = client

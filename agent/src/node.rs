@@ -464,6 +464,7 @@ impl NodeShared {
                 skip_cache_lookup: false,
                 workspace_identity: Some(identity),
                 tenant: tenant.clone(),
+                limits: crate::client::limits_from_wire(submit.limits.as_ref()),
             })
             .await
             .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;
@@ -786,6 +787,7 @@ impl Node {
             ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
         executor_config.workers = config.workers;
         executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
+        config.limits.apply(&mut executor_config)?;
         let executor =
             Executor::new(cas.clone(), executor_config).context("starting the executor")?;
         let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;

@@ -372,3 +372,34 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
     assert!(again.tcp.ends_with(&peer), "{} vs {peer}", again.tcp);
     again.stop();
 }
+
+#[test]
+fn a_build_that_never_ends_stops_at_its_timeout() {
+    let data = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let run = rba(data.path())
+        .args(["build", "--timeout", "5"])
+        .arg(fixture("endless-build"))
+        .timeout(std::time::Duration::from_secs(120))
+        .assert()
+        .failure();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(
+        err.contains("wall-clock time limit reached"),
+        "the limit is named: {err}"
+    );
+    // 5 s of build plus the embedded node's start and the build script's compilation.
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}: {err}");
+
+    // Hostile values are refused before anything runs, naming the flag.
+    for (flag, value) in [("--timeout", "0"), ("--memory", "lots"), ("--disk", "-1G")] {
+        let run = rba(data.path())
+            .args(["build", &format!("{flag}={value}")])
+            .arg(fixture("endless-build"))
+            .assert()
+            .failure();
+        let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}

@@ -49,6 +49,7 @@ fn submit(kind: i32, root: Option<BlobDigest>) -> Vec<u8> {
             options: None,
             input_root: root,
             workspace_hint: String::new(),
+            limits: None,
         })),
     })
 }

@@ -284,6 +284,8 @@ impl ExecutionService {
                 workspace_identity: None,
                 // The token's tenant; `anonymous` only on a server without tokens.
                 tenant: tenant.clone(),
+                // The client's limits come as platform properties of the Action.
+                limits: Default::default(),
             })
             .await;
         let handle = match submitted {

@@ -6,6 +6,8 @@
 //! cargo-home/                      one shared CARGO_HOME (registry index, .crate files, git)
 //! slots/<slot>/src/                the workspace's sources, kept in sync with each input root
 //! slots/<slot>/target/             the target dir of (tenant, workspace identity, toolchain)
+//! slots/<slot>/disk.img, vol/      with a disk limit: the slot's volume, target dir vol/target
+//!                                  (see the `quota` module)
 //! slots/<slot>/manifest.json       path → (digest, mtime) of what `src/` holds
 //! slots/<slot>/lock                flock'd while a job uses the slot
 //! jobs/<job id>/                   per-job scratch (REAPI actions' exec roots), removed after
@@ -56,7 +58,29 @@ impl CacheLayout {
             let path = entry?.path();
             let _ = fs::remove_dir_all(&path);
         }
-        Ok(CacheLayout { root })
+        let layout = CacheLayout { root };
+        // Slot volumes a killed executor left mounted.
+        layout.unmount_volumes();
+        Ok(layout)
+    }
+
+    /// Unmounts the disk volumes of the slots no job uses (at start-up and shut-down; a slot
+    /// in use keeps its volume, its executor still runs). Failures are logged.
+    pub fn unmount_volumes(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join("slots")) else {
+            return;
+        };
+        for dir in entries.flatten().map(|e| e.path()) {
+            if !dir.join("vol").exists() {
+                continue;
+            }
+            let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else {
+                continue;
+            };
+            if let Err(e) = crate::quota::unmount_under(&dir) {
+                tracing::warn!(slot = %dir.display(), "unmounting a slot volume: {e}");
+            }
+        }
     }
 
     /// The executor's data directory.
@@ -136,6 +160,7 @@ impl CacheLayout {
             let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else {
                 continue;
             };
+            crate::quota::unmount_under(&dir)?;
             fs::remove_dir_all(&dir)?;
             removed += 1;
         }
@@ -160,7 +185,11 @@ impl Slot {
     /// True when the target dir holds nothing at all: whatever a build in it sees was made by
     /// that build. Meaningful only while the caller holds the slot's [`SlotLock`].
     pub fn target_is_empty(&self) -> io::Result<bool> {
-        Ok(fs::read_dir(&self.target)?.next().is_none())
+        match fs::read_dir(&self.target) {
+            Ok(mut entries) => Ok(entries.next().is_none()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 pub mod action;
 pub mod caches;
 pub mod cargo;
+pub mod cgroup;
 pub mod egress;
 pub mod logstream;
+pub mod quota;
 pub mod runner;
 pub mod sandbox;
 pub mod tenant;

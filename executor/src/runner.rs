@@ -90,8 +90,12 @@ pub struct ExecutorConfig {
     pub data_dir: PathBuf,
     /// Jobs running at once.
     pub workers: usize,
-    /// Limits of every sandboxed run (an Action's `timeout` can only shorten the wall time).
+    /// Limits of every sandboxed run, and the node's maxima: a job's [`JobLimits`] and an
+    /// Action's `timeout` can only lower them.
     pub limits: Limits,
+    /// Size of each slot's target-dir volume (see [`crate::quota`]): the node's disk maximum
+    /// per job. `None`: target dirs are plain directories, without a disk limit.
+    pub slot_disk: Option<crate::quota::DiskQuota>,
     /// The sandbox set-up (toolchain, host uid…).
     pub sandbox: SandboxConfig,
     /// Log stream limits.
@@ -120,6 +124,7 @@ impl ExecutorConfig {
                 .unwrap_or(2)
                 .min(4),
             limits: Limits::default(),
+            slot_disk: None,
             sandbox,
             log: LogConfig::default(),
             max_slots: 64,
@@ -176,6 +181,125 @@ pub struct ExecuteRequest {
     pub workspace_identity: Option<String>,
     /// Who asked: scopes slots and the results the job may be served.
     pub tenant: Tenant,
+    /// Limits the client asked for (capped by the node's); not part of the Action digest.
+    pub limits: JobLimits,
+}
+
+/// Limits a client asks for, each optional; the executor lowers its own ([`ExecutorConfig`])
+/// to them and never raises them. Not part of any action key: a success under tighter limits
+/// is the same result.
+///
+/// REAPI clients set them as platform properties of the Action (they are then part of *their*
+/// action key): `rba-timeout` (seconds), `rba-memory`, `rba-disk` (sizes: bytes or with a
+/// `K`/`M`/`G`/`T` suffix, powers of 1024, optional `iB`/`B`) and `rba-processes` (a count).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Wall-clock time of each sandboxed run of the job.
+    pub wall_time: Option<Duration>,
+    /// Memory of the job's processes together.
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads of the job together.
+    pub max_processes: Option<u64>,
+    /// Bytes the job may add to its target dir (needs [`ExecutorConfig::slot_disk`]).
+    pub disk_bytes: Option<u64>,
+}
+
+impl JobLimits {
+    /// Platform property names of the limits (see the type's docs).
+    pub const PLATFORM_TIMEOUT: &'static str = "rba-timeout";
+    /// See [`JobLimits::PLATFORM_TIMEOUT`].
+    pub const PLATFORM_MEMORY: &'static str = "rba-memory";
+    /// See [`JobLimits::PLATFORM_TIMEOUT`].
+    pub const PLATFORM_PROCESSES: &'static str = "rba-processes";
+    /// See [`JobLimits::PLATFORM_TIMEOUT`].
+    pub const PLATFORM_DISK: &'static str = "rba-disk";
+
+    /// The limits named by platform properties; an unparsable value is an error naming it.
+    pub fn from_platform(property: impl Fn(&str) -> Option<String>) -> Result<JobLimits, String> {
+        let get = |name: &str, parse: fn(&str) -> Result<u64, String>| {
+            property(name)
+                .map(|v| parse(&v).map_err(|e| format!("platform property `{name}`: {e}")))
+                .transpose()
+        };
+        Ok(JobLimits {
+            wall_time: get(Self::PLATFORM_TIMEOUT, parse_count)?.map(Duration::from_secs),
+            memory_bytes: get(Self::PLATFORM_MEMORY, parse_size)?,
+            max_processes: get(Self::PLATFORM_PROCESSES, parse_count)?,
+            disk_bytes: get(Self::PLATFORM_DISK, parse_size)?,
+        })
+    }
+
+    /// Each limit the lower of the two (a limit set in either one applies).
+    pub fn tightest(self, other: JobLimits) -> JobLimits {
+        fn min<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        JobLimits {
+            wall_time: min(self.wall_time, other.wall_time),
+            memory_bytes: min(self.memory_bytes, other.memory_bytes),
+            max_processes: min(self.max_processes, other.max_processes),
+            disk_bytes: min(self.disk_bytes, other.disk_bytes),
+        }
+    }
+
+    /// `node` lowered to these limits (never raised).
+    pub fn cap(&self, node: &Limits) -> Limits {
+        fn lower<T: Ord + Copy>(own: Option<T>, asked: Option<T>) -> Option<T> {
+            match (own, asked) {
+                (Some(own), Some(asked)) => Some(own.min(asked)),
+                (own, asked) => own.or(asked),
+            }
+        }
+        Limits {
+            wall_time: lower(node.wall_time, self.wall_time),
+            memory_bytes: lower(node.memory_bytes, self.memory_bytes),
+            max_processes: lower(node.max_processes, self.max_processes),
+            ..node.clone()
+        }
+    }
+}
+
+/// A whole number (`rba-timeout`, `rba-processes`, `--processes`); 0 is refused.
+pub fn parse_count(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
+/// A size in bytes: `1048576`, `512M`, `2G`, `2GiB`, `1.5G` (powers of 1024); 0 is refused.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (number, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{text}`: unknown unit `{c}` (K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 512M, 2G)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{text}` is not a size of at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// How a job ended.
@@ -304,6 +428,15 @@ struct Inner {
     logs: crate::logstream::LogRegistry,
 }
 
+impl Drop for Inner {
+    /// Shut-down: the slot volumes are unmounted (see [`CacheLayout::unmount_volumes`]).
+    fn drop(&mut self) {
+        if self.config.slot_disk.is_some() {
+            self.layout.unmount_volumes();
+        }
+    }
+}
+
 /// The executor. Cheap to clone; clones share workers, caches and the job table.
 #[derive(Clone)]
 pub struct Executor {
@@ -387,6 +520,25 @@ impl Executor {
         workspace_identity: &str,
         tenant: Tenant,
     ) -> Result<JobHandle, ExecutorError> {
+        self.submit_cargo_with_limits(
+            job,
+            input_root,
+            workspace_identity,
+            tenant,
+            JobLimits::default(),
+        )
+        .await
+    }
+
+    /// [`Executor::submit_cargo`] with limits the client asked for (capped by the node's).
+    pub async fn submit_cargo_with_limits(
+        &self,
+        job: &CargoJob,
+        input_root: Digest,
+        workspace_identity: &str,
+        tenant: Tenant,
+        limits: JobLimits,
+    ) -> Result<JobHandle, ExecutorError> {
         let blobs = self.inner.cas.blobs.clone();
         let (job, toolchain) = (job.clone(), self.inner.toolchain.clone());
         let prepared =
@@ -399,6 +551,7 @@ impl Executor {
             skip_cache_lookup: false,
             workspace_identity: Some(workspace_identity.to_string()),
             tenant,
+            limits,
         })
         .await
     }
@@ -435,6 +588,13 @@ impl Executor {
         })
         .await
         .expect("loading an action does not panic")?;
+        // Refused before it becomes a job: limits the client named but that mean nothing.
+        JobLimits::from_platform(|name| prepared.platform_property(name)).map_err(|reason| {
+            ActionError::Invalid {
+                what: format!("Action {digest:?}"),
+                reason,
+            }
+        })?;
         self.forget_old_jobs();
         let id = uuid::Uuid::new_v4().to_string();
         let log_dir = self.inner.config.data_dir.join("logs");
@@ -624,15 +784,60 @@ impl RunningJob<'_> {
         permit
     }
 
+    /// What the client asked for: the request's limits, the platform properties and the
+    /// Action's `timeout`, the tightest of each.
+    fn asked_limits(&self) -> JobLimits {
+        let platform = JobLimits::from_platform(|name| self.prepared.platform_property(name))
+            .unwrap_or_default(); // validated in `submit`
+        let timeout = JobLimits {
+            wall_time: self
+                .prepared
+                .action
+                .timeout
+                .as_ref()
+                .filter(|t| t.seconds > 0)
+                .map(|t| Duration::from_secs(t.seconds as u64)),
+            ..JobLimits::default()
+        };
+        self.request.limits.tightest(platform).tightest(timeout)
+    }
+
+    /// The node's limits lowered to what the client asked for.
     fn limits(&self) -> Limits {
-        let mut limits = self.inner().config.limits.clone();
-        if let Some(timeout) = &self.prepared.action.timeout
-            && timeout.seconds > 0
-        {
-            let asked = Duration::from_secs(timeout.seconds as u64);
-            limits.wall_time = Some(limits.wall_time.map_or(asked, |own| own.min(asked)));
-        }
-        limits
+        self.asked_limits().cap(&self.inner().config.limits)
+    }
+
+    /// Mounts the slot's volume (once per slot) and points the slot's target dir into it;
+    /// returns the job's allowance in it (held until the job ends). Without
+    /// [`ExecutorConfig::slot_disk`] the target dir stays a plain directory.
+    async fn slot_volume(
+        &mut self,
+        slot: &mut Slot,
+    ) -> Result<Option<crate::quota::Allowance>, ExecutorError> {
+        let asked = self.asked_limits().disk_bytes;
+        let Some(quota) = self.inner().config.slot_disk else {
+            if asked.is_some() {
+                self.log(
+                    LogStreamKind::System,
+                    "disk limit not enforced: this node has no slot volumes ([limits] disk)",
+                );
+            }
+            return Ok(None);
+        };
+        let dir = slot.dir.clone();
+        let (vol, allowance) = Self::blocking(move || {
+            let vol = crate::quota::mount_slot_volume(&dir, quota)
+                .map_err(io_error("mounting the slot's disk volume"))?;
+            let allowance = match asked {
+                Some(bytes) => crate::quota::Allowance::reserve(&vol, bytes)
+                    .map_err(io_error("reserving the job's disk allowance"))?,
+                None => crate::quota::Allowance::unlimited(),
+            };
+            Ok((vol, allowance))
+        })
+        .await?;
+        slot.target = vol.join("target");
+        Ok(Some(allowance))
     }
 
     fn command_env(&self, mut spec: SandboxSpec) -> SandboxSpec {
@@ -670,7 +875,7 @@ impl RunningJob<'_> {
         let layout = self.inner().layout.clone();
         let toolchain_digest = self.inner().toolchain.digest_hex.clone();
         let tenant = self.request.tenant.clone();
-        let slot = Self::blocking(move || {
+        let mut slot = Self::blocking(move || {
             layout
                 .slot(&tenant, &identity, &toolchain_digest)
                 .map_err(io_error("creating a workspace slot"))
@@ -678,17 +883,21 @@ impl RunningJob<'_> {
         .await?;
         let lock_slot = slot.clone();
         let waited = Instant::now();
-        let (_lock, fresh) = Self::blocking(move || {
-            let lock =
-                SlotLock::acquire(&lock_slot).map_err(io_error("locking a workspace slot"))?;
-            // Only under the lock: no other job of the slot can write the target dir meanwhile.
-            let fresh = lock_slot
-                .target_is_empty()
-                .map_err(io_error("reading the target dir"))?;
-            Ok((lock, fresh))
+        let _lock = Self::blocking(move || {
+            SlotLock::acquire(&lock_slot).map_err(io_error("locking a workspace slot"))
         })
         .await?;
         self.step("slot-lock", waited);
+        // The target dir moves into the slot's volume when the node limits disk.
+        let _allowance = self.slot_volume(&mut slot).await?;
+        // Only under the lock: no other job of the slot can write the target dir meanwhile.
+        let fresh_slot = slot.clone();
+        let fresh = Self::blocking(move || {
+            fresh_slot
+                .target_is_empty()
+                .map_err(io_error("reading the target dir"))
+        })
+        .await?;
         if fresh {
             self.provenance = Provenance::Clean;
         }
@@ -731,6 +940,7 @@ impl RunningJob<'_> {
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
             .workspace(&slot.src)
             .target_dir(&slot.target)
+            .disk_limited(&slot.target)
             .cargo_home(&cargo_home, false)
             .cwd(self.working_directory())
             .network(NetworkPolicy::None)
@@ -767,6 +977,19 @@ impl RunningJob<'_> {
             })
             .await?;
         self.step("build", built);
+        if outcome.limit == Some(crate::sandbox::LimitKind::Disk) {
+            // A target dir that filled its volume would fail every later job of the slot: it
+            // is a cache, start it over.
+            let target = slot.target.clone();
+            Self::blocking(move || {
+                clear_dir(&target).map_err(io_error("clearing a full target dir"))
+            })
+            .await?;
+            self.log(
+                LogStreamKind::System,
+                "the target dir filled its disk limit and was cleared",
+            );
+        }
 
         let collected = Instant::now();
         let mut artifacts = Vec::new();
@@ -849,6 +1072,7 @@ impl RunningJob<'_> {
         let spec = spec
             .workspace(&slot.src)
             .target_dir(&slot.target)
+            .disk_limited(&slot.target)
             .cargo_home(self.inner().layout.cargo_home(), true)
             .cwd(FETCH_CWD)
             .network(NetworkPolicy::Host)
@@ -1143,13 +1367,27 @@ fn timed_out(outcome: &crate::sandbox::SandboxOutcome) -> bool {
         || outcome.limit == Some(crate::sandbox::LimitKind::WallTime)
 }
 
-fn limit_message(outcome: &crate::sandbox::SandboxOutcome) -> Option<String> {
-    if let Some(reason) = outcome.killed {
-        return Some(format!("killed: {reason:?}"));
+/// Removes everything inside `dir` (not `dir` itself: it may be a mount's directory).
+fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
     }
-    outcome
-        .limit
-        .map(|limit| format!("limit reached: {limit:?}"))
+    Ok(())
+}
+
+/// The job's error naming the limit it hit (`memory limit reached`, `disk limit reached`, ...).
+fn limit_message(outcome: &crate::sandbox::SandboxOutcome) -> Option<String> {
+    match (outcome.limit, outcome.killed) {
+        (Some(limit), Some(reason)) => Some(format!("{limit} reached (killed: {reason:?})")),
+        (Some(limit), None) => Some(format!("{limit} reached")),
+        (None, Some(reason)) => Some(format!("killed: {reason:?}")),
+        (None, None) => None,
+    }
 }
 
 fn prost_timestamp(time: SystemTime) -> rba_proto::protobuf::Timestamp {

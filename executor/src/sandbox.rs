@@ -44,17 +44,27 @@
 //! * **Unprivileged.** The job runs as `build` (uid/gid 1000 inside), which is mapped to a
 //!   non-root host uid ([`SandboxConfig::host_uid`], 65534 by default), with no capabilities and
 //!   `no_new_privs`. Files it creates in `/target` belong to that host uid; before a run the
-//!   read-write mount directories are `chown`ed to it. Host uid 0 is mapped only so that the
-//!   container set-up (which runs before the job's `exec`) can bind directories under `/root`;
-//!   the job itself never runs as it. A seccomp deny list (mount, ptrace, bpf, namespaces,
-//!   keyrings, kernel modules, ...) narrows the kernel surface ([`SandboxConfig::seccomp`]).
+//!   read-write mount directories are `chown`ed to it. Host uid 0 is mapped (to the
+//!   namespace's root) only for the container set-up, which runs before the job's `exec`: it
+//!   creates the entries of `/dev` and the tmpfs mounts, which the kernel refuses
+//!   (`EOVERFLOW`) to a process whose uid is not mapped in the namespace that owns them.
+//!   Mapping namespace root to an unprivileged host uid instead needs a second subordinate
+//!   uid (`/etc/subuid` holds one: the sandbox user's). The job itself never runs as it. A
+//!   seccomp deny list (mount, ptrace, bpf, namespaces, keyrings, kernel modules, ...) narrows
+//!   the kernel surface ([`SandboxConfig::seccomp`]).
 //! * **No network** by default: a new network namespace with no interface up (not even
 //!   loopback). [`NetworkPolicy::Host`] shares the host's network for `cargo fetch --locked`.
-//! * **Limits** ([`Limits`]): memory as an address-space rlimit (`RLIMIT_AS`, per process),
-//!   processes+threads (`RLIMIT_NPROC`, counted per sandbox because every sandbox has its own
-//!   user namespace), CPU time (`RLIMIT_CPU`, per process), file size (`RLIMIT_FSIZE`), `/tmp`
-//!   size, a wall-clock timeout and a log size cap. Hitting the wall-clock timeout, the log cap
-//!   or [`KillHandle::kill`] kills the whole sandbox.
+//! * **Limits** ([`Limits`]): memory and processes+threads of the whole job through a cgroup
+//!   of its own ([`crate::cgroup`]: created before the job's first process, which is born
+//!   inside it, and removed after), CPU time (`RLIMIT_CPU`, per process), file size
+//!   (`RLIMIT_FSIZE`), `/tmp` size and inodes, a wall-clock timeout and a log size cap. Where
+//!   the host has no usable cgroups, memory falls back to an address-space rlimit (`RLIMIT_AS`,
+//!   per process) and processes to `RLIMIT_NPROC` (counted per sandbox because every sandbox
+//!   has its own user namespace); [`SandboxOutcome::cgroup`] is then `None` and the fallback is
+//!   logged. Hitting the wall-clock timeout, the log cap or [`KillHandle::kill`] kills the
+//!   whole sandbox. The outcome names the limit a job ran into ([`LimitKind`]): memory (an OOM
+//!   kill in its cgroup), processes (a refused fork, in a job that failed), disk (a full
+//!   [`SandboxSpec::disk_limited`] filesystem under a job that failed), and the others.
 //! * **Nothing outlives the job.** The job is pid 1 of its own pid namespace: when it exits or is
 //!   killed, the kernel kills every process left in the namespace (double-forked daemons
 //!   included) before [`RunningSandbox::wait`] returns. The container's root directory (a temp
@@ -69,18 +79,17 @@
 //!   `<executor user>:<host_uid>:1` in `/etc/subuid` and `/etc/subgid`; `libseccomp` to link.
 //!   `.ci/setup.d/sandbox.sh` installs all of it. [`Sandbox::new`] checks and says what is
 //!   missing.
-//! * cgroups are not used: hakoniwa only drives cgroup v2 through systemd, which hosts like the
-//!   CI machines (cgroup v1 hierarchy, no systemd) lack. Memory is therefore limited per process
-//!   by `RLIMIT_AS`, and an exhausted memory limit is seen by the job as failed allocations
-//!   (usually a non-zero exit or `SIGABRT`), not reported as a distinct [`LimitKind`].
+//! * cgroups are driven by [`crate::cgroup`], not by hakoniwa (which only drives cgroup v2
+//!   through systemd, which hosts like the CI machines, cgroup v1 without systemd, lack). The
+//!   memory limit counts the page cache and `/tmp` (tmpfs pages) of the job too.
 //! * Because the job is pid 1 of its namespace, signals whose default action would kill it are
 //!   ignored unless it handles them: `RLIMIT_CPU` therefore ends pid 1 with `SIGKILL` one second
 //!   after the soft limit (other processes get `SIGXCPU` at the soft limit), and orphans are
 //!   reparented to it.
 //! * [`NetworkPolicy::Host`] is the host's network as it is, loopback services of the host
 //!   included: give it only to the fetch phase (`cargo fetch --locked`), never to build scripts.
-//! * Disk: `RLIMIT_FSIZE` caps each file and `/tmp` is capped (its pages are memory, outside
-//!   `RLIMIT_AS`); the total written to `/target` is not capped (that needs quotas).
+//! * Disk: `RLIMIT_FSIZE` caps each file and `/tmp` is capped; the total written to `/target`
+//!   is capped by the executor's slot volumes ([`crate::quota`]), not by the sandbox.
 //! * Read-only mounts are not modified: their files must be readable by the sandbox host uid
 //!   (world-readable, as source trees and toolchains normally are).
 
@@ -238,10 +247,12 @@ pub enum NetworkPolicy {
 /// Resource limits of one job. `None` means "not limited by the sandbox" (inherited).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Address space per process (`RLIMIT_AS`). Default 8 GiB.
+    /// Memory of the whole job (all its processes, page cache and `/tmp` included) through its
+    /// cgroup; where cgroups are unavailable, address space per process (`RLIMIT_AS`).
+    /// Default 8 GiB.
     pub memory_bytes: Option<u64>,
-    /// Processes and threads of the sandbox user, counted per sandbox (`RLIMIT_NPROC`).
-    /// Default 1024.
+    /// Processes and threads of the whole job through its cgroup (`pids.max`); where cgroups
+    /// are unavailable, of the sandbox user counted per sandbox (`RLIMIT_NPROC`). Default 1024.
     pub max_processes: Option<u64>,
     /// CPU time per process (`RLIMIT_CPU`, whole seconds, rounded up). Default 1 hour.
     pub cpu_time: Option<Duration>,
@@ -254,7 +265,8 @@ pub struct Limits {
     pub max_file_size: Option<u64>,
     /// Open files per process (`RLIMIT_NOFILE`). Default: inherited.
     pub max_open_files: Option<u64>,
-    /// Size of the `/tmp` tmpfs in bytes. Default 1 GiB.
+    /// Size of the `/tmp` tmpfs in bytes (its inodes: one per 16 KiB, at least 1024).
+    /// Default 1 GiB.
     pub tmp_size: u64,
 }
 
@@ -289,6 +301,10 @@ pub struct SandboxSpec {
     pub network: NetworkPolicy,
     /// Resource limits.
     pub limits: Limits,
+    /// Host directories on size-capped filesystems (the slot volume of the target dir): when
+    /// the job fails and one of them is full (bytes or inodes), the outcome names
+    /// [`LimitKind::Disk`].
+    pub disk_limited: Vec<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -356,6 +372,12 @@ impl SandboxSpec {
         self.limits = limits;
         self
     }
+
+    /// Marks `host` as a directory on a size-capped filesystem (see [`SandboxSpec::disk_limited`]).
+    pub fn disk_limited(mut self, host: impl Into<PathBuf>) -> Self {
+        self.disk_limited.push(host.into());
+        self
+    }
 }
 
 /// Why the sandbox killed a job.
@@ -380,6 +402,26 @@ pub enum LimitKind {
     CpuTime,
     /// The file size rlimit (`SIGXFSZ`).
     FileSize,
+    /// The job's memory limit (its cgroup's OOM killer ended a process of the job).
+    Memory,
+    /// The job's process limit (its cgroup refused a fork and the job failed).
+    Processes,
+    /// A size-capped filesystem of the job ran out of bytes or inodes and the job failed.
+    Disk,
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LimitKind::WallTime => "wall-clock time limit",
+            LimitKind::LogSize => "log size limit",
+            LimitKind::CpuTime => "CPU time limit",
+            LimitKind::FileSize => "file size limit",
+            LimitKind::Memory => "memory limit",
+            LimitKind::Processes => "process limit",
+            LimitKind::Disk => "disk limit",
+        })
+    }
 }
 
 /// How the job's main process ended.
@@ -419,6 +461,9 @@ pub struct SandboxOutcome {
     pub duration: Duration,
     /// Resource usage, when available.
     pub usage: Option<ResourceUsage>,
+    /// What the job's cgroup counted; `None` when the job ran without one (memory and processes
+    /// were then limited per process by rlimits only).
+    pub cgroup: Option<crate::cgroup::CgroupReport>,
 }
 
 impl SandboxOutcome {
@@ -448,6 +493,9 @@ pub struct SandboxConfig {
     /// Host dir in which every job gets its container root dir (`rba-sandbox-*`, removed after
     /// the job). Default: the system temp dir.
     pub scratch_dir: PathBuf,
+    /// Limit memory and processes per job with a cgroup when the host has usable cgroups
+    /// (see [`crate::cgroup`]). Default true; false (or no cgroups): per-process rlimits.
+    pub cgroups: bool,
 }
 
 impl Default for SandboxConfig {
@@ -463,6 +511,7 @@ impl Default for SandboxConfig {
             seccomp: true,
             hostname: "sandbox".into(),
             scratch_dir: std::env::temp_dir(),
+            cgroups: true,
         }
     }
 }
@@ -592,6 +641,8 @@ struct Plan {
     env: BTreeMap<String, String>,
     cwd: PathBuf,
     limits: Limits,
+    cgroup: Option<&'static crate::cgroup::Hierarchy>,
+    disk_limited: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -781,7 +832,11 @@ impl Sandbox {
             TMP_DIR,
             "tmpfs",
             MountOptions::NOSUID | MountOptions::NODEV,
-            Some(format!("size={},mode=1777", spec.limits.tmp_size.max(4096))),
+            Some(format!(
+                "size={},nr_inodes={},mode=1777",
+                spec.limits.tmp_size.max(4096),
+                (spec.limits.tmp_size / (16 << 10)).max(1024)
+            )),
         );
 
         c.dir("/etc", 0o755);
@@ -873,7 +928,12 @@ impl Sandbox {
         c.gidmaps(&gids);
         c.user(SANDBOX_USER, Some(SANDBOX_USER), &[]);
 
-        apply_rlimits(&mut c, &spec.limits);
+        let cgroup = if cfg.cgroups {
+            crate::cgroup::available()
+        } else {
+            None
+        };
+        apply_rlimits(&mut c, &spec.limits, cgroup.is_some());
         if cfg.seccomp {
             c.seccomp_filter(seccomp_deny_list());
         }
@@ -935,6 +995,8 @@ impl Sandbox {
             env,
             cwd,
             limits: spec.limits.clone(),
+            cgroup,
+            disk_limited: spec.disk_limited.clone(),
         })
     }
 }
@@ -964,10 +1026,41 @@ fn supervise(
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| SandboxError::Setup(e.to_string()))?;
+    // The job's cgroup exists before the container: on v1 this thread joins it for the fork,
+    // so the container process is born inside (see the cgroup module).
+    let cgroup = plan
+        .cgroup
+        .map(|h| {
+            crate::cgroup::JobCgroup::create(
+                h,
+                crate::cgroup::CgroupLimits {
+                    memory_bytes: plan.limits.memory_bytes,
+                    max_processes: plan.limits.max_processes,
+                },
+            )
+        })
+        .transpose()
+        .map_err(|e| SandboxError::Setup(format!("creating the job's cgroup: {e}")))?;
+    let entered = cgroup
+        .as_ref()
+        .map(|c| c.enter())
+        .transpose()
+        .map_err(|e| SandboxError::Setup(format!("entering the job's cgroup: {e}")))?
+        .flatten();
+    let born_inside = entered.is_some();
+    let spawned = cmd.spawn();
+    drop(entered);
+    let mut child = spawned.map_err(|e| SandboxError::Setup(e.to_string()))?;
     let pid = child.id() as i32;
+    if let Some(cgroup) = cgroup.as_ref().filter(|_| !born_inside)
+        && let Err(e) = cgroup.adopt(pid)
+    {
+        kill_pid_namespace(pid);
+        let _ = child.wait();
+        return Err(SandboxError::Setup(format!(
+            "moving the job into its cgroup: {e}"
+        )));
+    }
     tracing::debug!(pid, program = %plan.program, "sandbox started");
 
     let (done_tx, done_rx) = std_mpsc::channel::<()>();
@@ -1015,6 +1108,9 @@ fn supervise(
 
     let status = child.wait();
     let duration = start.elapsed();
+    let report = cgroup.as_ref().map(|c| c.report());
+    // Anything the namespace's end did not take (it should have taken all) dies with the cgroup.
+    drop(cgroup);
     let _ = ctl_tx.send(Ctl::Exited);
     // Output of processes that are gone: drain what is left in the pipes.
     let drain_until = Instant::now() + READER_DRAIN;
@@ -1059,7 +1155,8 @@ fn supervise(
                     if let Some(max) = plan.limits.max_log_bytes {
                         log_bytes = log_bytes.min(max);
                     }
-                    let limit = limit_hit(exit, killed, usage, &plan.limits);
+                    let limit = limit_hit(exit, killed, usage, &plan.limits)
+                        .or_else(|| cgroup_limit_hit(exit, killed, report, &plan.disk_limited));
                     Ok(SandboxOutcome {
                         exit,
                         killed,
@@ -1068,6 +1165,7 @@ fn supervise(
                         log_truncated,
                         duration,
                         usage,
+                        cgroup: report,
                     })
                 }
             }
@@ -1076,6 +1174,32 @@ fn supervise(
     drop(child);
     tracing::debug!(pid, ?result, "sandbox finished");
     result
+}
+
+/// The job-wide limits: memory (an OOM kill in the job's cgroup), processes (a refused fork in a
+/// job that failed), disk (a full size-capped filesystem under a job that failed).
+fn cgroup_limit_hit(
+    exit: ExitKind,
+    killed: Option<KillReason>,
+    report: Option<crate::cgroup::CgroupReport>,
+    disk_limited: &[PathBuf],
+) -> Option<LimitKind> {
+    if killed.is_some() {
+        return None;
+    }
+    if report.is_some_and(|r| r.oom_kills > 0) {
+        return Some(LimitKind::Memory);
+    }
+    if exit == ExitKind::Exited(0) {
+        return None;
+    }
+    if report.is_some_and(|r| r.pids_max_hits > 0) {
+        return Some(LimitKind::Processes);
+    }
+    disk_limited
+        .iter()
+        .any(|dir| crate::quota::is_full(dir))
+        .then_some(LimitKind::Disk)
 }
 
 fn limit_hit(
@@ -1261,17 +1385,19 @@ fn read_lines(
     }
 }
 
-fn apply_rlimits(c: &mut Container, limits: &Limits) {
+/// Rlimits of every process of the job; memory and processes only when no cgroup limits the job
+/// as a whole (`job_cgroup` false).
+fn apply_rlimits(c: &mut Container, limits: &Limits, job_cgroup: bool) {
     use nix::sys::resource::{Resource, getrlimit};
     let mut set = |rlimit: Rlimit, resource: Resource, soft: u64, hard: u64| {
         // An unprivileged process cannot raise its hard limit: stay within the current one.
         let max = getrlimit(resource).map(|(_, h)| h).unwrap_or(u64::MAX);
         c.setrlimit(rlimit, soft.min(max), hard.min(max));
     };
-    if let Some(v) = limits.memory_bytes {
+    if let Some(v) = limits.memory_bytes.filter(|_| !job_cgroup) {
         set(Rlimit::As, Resource::RLIMIT_AS, v, v);
     }
-    if let Some(v) = limits.max_processes {
+    if let Some(v) = limits.max_processes.filter(|_| !job_cgroup) {
         set(Rlimit::Nproc, Resource::RLIMIT_NPROC, v, v);
     }
     if let Some(v) = limits.cpu_time {

@@ -212,6 +212,7 @@ async fn generic_command_collects_declared_outputs() {
         skip_cache_lookup: false,
         workspace_identity: None,
         tenant: rba_executor::tenant::Tenant::local(),
+        limits: Default::default(),
     };
     let handle = harness.executor.submit(request.clone()).await.unwrap();
     let outcome = handle.wait().await;

@@ -88,6 +88,7 @@ impl Remote {
             options: Some(JobOptions::default()),
             input_root: Some(tree.root.to_wire()),
             workspace_hint: "bench".to_string(),
+            limits: None,
         };
         let result = self
             .client

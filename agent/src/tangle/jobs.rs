@@ -306,6 +306,7 @@ pub async fn run(
         }),
         input_root: Some(root.to_wire()),
         workspace_hint: format!("tangle-service-{service_id}"),
+        limits: None,
     };
     let handle = match ctx.node.submit(None, tenant, submit).await {
         Ok(handle) => handle,

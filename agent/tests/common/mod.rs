@@ -116,6 +116,7 @@ impl Client {
             }),
             input_root: Some(tree.root.to_wire()),
             workspace_hint: "fixture".to_string(),
+            limits: None,
         }
     }
 
