@@ -407,6 +407,7 @@ async fn a_dag_expansion_bomb_is_refused_in_bounded_time_naming_the_limit() {
                 skip_cache_lookup: true,
                 workspace_identity: None,
                 tenant: Tenant::anonymous(),
+                limits: Default::default(),
             })
             .await,
     );
@@ -452,6 +453,7 @@ async fn output_paths_leaving_the_exec_root_are_refused_by_the_executor() {
                     skip_cache_lookup: true,
                     workspace_identity: None,
                     tenant: Tenant::anonymous(),
+                    limits: Default::default(),
                 })
                 .await,
         );
