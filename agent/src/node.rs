@@ -467,7 +467,13 @@ impl NodeShared {
                 limits: crate::client::limits_from_wire(submit.limits.as_ref()),
             })
             .await
-            .map_err(|e| Refusal::new("internal", format!("submitting: {e}")))?;
+            .map_err(|e| match e {
+                // The client's input (a hostile tree, limits that mean nothing): its fault.
+                rba_executor::runner::ExecutorError::Action(
+                    rba_executor::action::ActionError::Invalid { .. },
+                ) => Refusal::new("invalid_input", e.to_string()),
+                e => Refusal::new("internal", format!("submitting: {e}")),
+            })?;
         let record = BuildRecord {
             id: handle.id.clone(),
             kind: job.kind.name().to_string(),

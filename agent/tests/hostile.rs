@@ -343,3 +343,54 @@ async fn only_allowed_clients_may_upload_and_submit() {
     assert_eq!(code, "forbidden");
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_with_an_escaping_link_is_invalid_input_naming_it() {
+    use rba_proto::reapi::{Directory, SymlinkNode};
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), &[]).await;
+    let client = Client::connect(&node).await;
+    // A tree no honest client builds (the client refuses such links on disk): made by hand.
+    let root = Directory {
+        symlinks: vec![SymlinkNode {
+            name: "Cargo.lock".into(),
+            target: "../../../../etc/shadow".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let digest = client
+        .cas
+        .blobs
+        .put_bytes(DigestFunction::Blake3, &root.encode_to_vec())
+        .unwrap();
+    let tree = rba_cas::TreeBuild {
+        root: digest,
+        stats: Default::default(),
+        blobs: vec![digest],
+    };
+    client
+        .remote
+        .upload_missing(&client.cas.blobs, &tree.blobs)
+        .await
+        .unwrap();
+    let mut session = client.remote.session().await.unwrap();
+    session
+        .send(client_frame::Frame::Submit(Client::submit(
+            JobKind::Build,
+            &tree,
+            &[],
+        )))
+        .await
+        .unwrap();
+    let error = session.next().await.unwrap_err();
+    let error = error
+        .downcast_ref::<rba_agent::p2p::session::NodeError>()
+        .unwrap();
+    assert_eq!(error.code, "invalid_input", "{error}");
+    assert!(error.message.contains("Cargo.lock"), "{error}");
+    // The node keeps serving: an honest build goes through.
+    let (result, _) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
+    assert_eq!(result.body().status, JobStatus::Success as i32);
+    node.shutdown().await.unwrap();
+}
