@@ -624,10 +624,10 @@ fn every_binary_of_a_workspace_lands_embedded_and_remote() {
         .arg(&served.tcp)
         .assert()
         .code(2);
+    let err = stderr_of(refused.get_output());
     assert!(
-        stderr_of(refused.get_output()).starts_with("rba: error:"),
-        "{}",
-        stderr_of(refused.get_output())
+        err.starts_with("rba: error:") && err.contains("forbidden"),
+        "{err}"
     );
     assert!(!stranger.path().join("stolen").exists());
     served.stop();
