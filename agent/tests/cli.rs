@@ -523,17 +523,17 @@ fn embedded_build_lands_the_binary_and_leaves_an_unchanged_one_alone() {
     assert!(!untouched.path().join("nothing").exists());
 }
 
-/// A workspace of two packages and three binaries, written by the test (no dependencies, so
+/// A workspace of three packages: three binaries, a cdylib and a staticlib, written by the test (no dependencies, so
 /// its hand-written lock file is what cargo would write).
 fn multi_binary_workspace(root: &std::path::Path) {
     let files = [
         (
             "Cargo.toml",
-            "[workspace]\nresolver = \"2\"\nmembers = [\"one\", \"two\"]\n",
+            "[workspace]\nresolver = \"2\"\nmembers = [\"one\", \"two\", \"plug\"]\n",
         ),
         (
             "Cargo.lock",
-            "version = 3\n\n[[package]]\nname = \"one\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"two\"\nversion = \"0.1.0\"\n",
+            "version = 3\n\n[[package]]\nname = \"one\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"plug\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"two\"\nversion = \"0.1.0\"\n",
         ),
         (
             "one/Cargo.toml",
@@ -549,6 +549,14 @@ fn multi_binary_workspace(root: &std::path::Path) {
             "[package]\nname = \"two\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
         ),
         ("two/src/main.rs", "fn main() { println!(\"two\"); }\n"),
+        (
+            "plug/Cargo.toml",
+            "[package]\nname = \"plug\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\", \"staticlib\"]\n",
+        ),
+        (
+            "plug/src/lib.rs",
+            "#[no_mangle]\npub extern \"C\" fn plug() -> u32 { 7 }\n",
+        ),
     ];
     for (path, text) in files {
         let path = root.join(path);
@@ -574,12 +582,19 @@ fn every_binary_of_a_workspace_lands_embedded_and_remote() {
         .arg(workspace.path())
         .assert()
         .success();
-    assert_eq!(stderr_of(run.get_output()).matches("Fetched").count(), 3);
+    assert_eq!(stderr_of(run.get_output()).matches("Fetched").count(), 5);
     for name in ["one", "extra", "two"] {
         let binary = workspace.path().join("target/debug").join(name);
         assert_eq!(mode_of(&binary), 0o755, "{name}");
         assert_eq!(run_binary(&binary), format!("{name}\n"));
     }
+    // The libraries, with the modes the linker gave them.
+    let shared = workspace.path().join("target/debug/libplug.so");
+    assert_eq!(mode_of(&shared), 0o755);
+    assert!(std::fs::read(&shared).unwrap().starts_with(b"\x7fELF"));
+    let archive = workspace.path().join("target/debug/libplug.a");
+    assert_eq!(mode_of(&archive), 0o644);
+    assert!(std::fs::read(&archive).unwrap().starts_with(b"!<arch>\n"));
 
     // The same against a real node, release profile, into an explicit target dir.
     let node_dir = tempfile::tempdir().unwrap();
