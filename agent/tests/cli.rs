@@ -309,6 +309,11 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
     assert!(err.contains("rba: success"), "{err}");
     assert!(err.contains("artifact target/debug/hello blake3:"), "{err}");
     assert!(!err.contains("action-cache hit"), "{err}");
+    // The binary came back into the local target dir (CARGO_TARGET_DIR of `rba`).
+    let landed = client_dir.path().join("local-target/debug/hello");
+    assert!(err.contains("Fetched target/debug/hello ("), "{err}");
+    assert_eq!(run_binary(&landed), "Hello, rust-build-agent!\n");
+    let mtime = std::fs::metadata(&landed).unwrap().modified().unwrap();
     let session = err
         .lines()
         .find_map(|l| l.strip_prefix("rba: session "))
@@ -326,6 +331,14 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
     let err = String::from_utf8_lossy(&second.get_output().stderr).to_string();
     assert!(err.contains("action-cache hit"), "{err}");
     assert!(err.contains("uploaded 0 of"), "{err}");
+    assert!(
+        !err.contains("Fetched"),
+        "an identical binary is not fetched again: {err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&landed).unwrap().modified().unwrap(),
+        mtime
+    );
 
     // A failing crate exits with cargo's status.
     let failed = rba(client_dir.path())
@@ -500,6 +513,22 @@ fn embedded_build_lands_the_binary_and_leaves_an_unchanged_one_alone() {
         assert!(!stderr_of(run.get_output()).contains("Fetched"));
     }
     assert!(!untouched.path().join("t").exists());
+
+    // A target dir that cannot be created is one clear error.
+    let file = untouched.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let run = rba(data.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--target-dir")
+        .arg(file.join("target"))
+        .assert()
+        .code(2);
+    let err_unwritable = stderr_of(run.get_output());
+    assert!(
+        err_unwritable.contains("rba: error: creating the target dir"),
+        "{err_unwritable}"
+    );
 
     // `rba get` writes any blob of the local CAS by the digest printed.
     let digest = printed_digest(&err, "target/debug/hello");
