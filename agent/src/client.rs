@@ -153,6 +153,24 @@ impl RemoteClient {
         Ok(stats)
     }
 
+    /// Fetches into `store` those of `digests` it lacks (the node serves only blobs this
+    /// client may read); returns how many were fetched.
+    pub async fn fetch_missing(
+        &self,
+        store: &BlobStore,
+        digests: &[Digest],
+    ) -> anyhow::Result<u64> {
+        let missing = store.find_missing(digests)?;
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let mut blobs = self.blobs().await?;
+        for digest in &missing {
+            blobs.get_into(store, *digest).await?;
+        }
+        Ok(missing.len() as u64)
+    }
+
     /// Submits a job on `submit.input_root` and follows it to its end. The node is asked first;
     /// only when it lacks part of the tree (and its trusted peers do too) are `tree_blobs`
     /// checked with `Has` and the missing ones uploaded from `store`.

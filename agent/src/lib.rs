@@ -13,12 +13,14 @@
 //! - [`grpc`]: the REAPI server on the node's CAS.
 //! - [`client`]: the remote client `rba --remote` uses (upload what is missing, submit,
 //!   follow, resume).
+//! - [`artifacts`]: a build's binaries written into the user's target dir, hostile paths refused.
 //! - [`local`]: the embedded node `rba` uses without `--remote`.
 //! - [`output`]: what the CLI prints (live lines, progress bar, summary).
 //! - [`workspace`]: hashing a user's workspace into a local CAS.
 //! - `tangle` (feature `tangle`, off by default): the Tangle Blueprint jobs (0–4), `zip_uri`
 //!   fetching and `rba tangle run`.
 
+pub mod artifacts;
 pub mod client;
 pub mod config;
 pub mod grpc;

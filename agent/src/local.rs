@@ -11,11 +11,13 @@ use anyhow::Context;
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{Executor, ExecutorConfig, JobLimits, JobState, JobStatus};
 
+use crate::artifacts::Artifact;
 use crate::history::status_name;
-use crate::output::{ColorChoice, Terminal, exit_code};
+use crate::output::{ColorChoice, Terminal, exit_code, stderr_colours};
 use crate::workspace::{hash_workspace, open_cas, workspace_identity};
 
-/// Runs `job` on the workspace at `path` in-process; returns the process exit code.
+/// Runs `job` on the workspace at `path` in-process; returns the process exit code. With
+/// `land_in`, a successful job's artifacts are written into that target dir.
 pub async fn run(
     data_dir: &Path,
     job: CargoJob,
@@ -23,8 +25,10 @@ pub async fn run(
     path: &Path,
     workers: usize,
     color: ColorChoice,
+    land_in: Option<&Path>,
 ) -> anyhow::Result<u8> {
     let cas = open_cas(data_dir)?;
+    let store = cas.blobs.clone();
     let tree = hash_workspace(&cas, path, true).await?;
     let mut config =
         ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
@@ -85,6 +89,22 @@ pub async fn run(
     }
     if let Some(error) = &outcome.error {
         eprintln!("rba: {error}");
+    }
+    if let Some(target_dir) = land_in.filter(|_| outcome.status == JobStatus::Success) {
+        let artifacts: Vec<_> = outcome
+            .artifacts
+            .iter()
+            .map(|a| (a.path.clone(), Some(Artifact::from(a))))
+            .collect();
+        // The embedded node's CAS is this process's: nothing to fetch.
+        crate::artifacts::land(
+            target_dir,
+            &artifacts,
+            &store,
+            stderr_colours(color),
+            |_| async { Ok::<(), anyhow::Error>(()) },
+        )
+        .await?;
     }
     Ok(exit_code(
         outcome.status == JobStatus::Success,

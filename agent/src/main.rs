@@ -13,6 +13,9 @@
 //!   `MULTIADDR/p2p/PEERID`, uploading only the blobs the node lacks.
 //! - `rba logs SESSION [--from-seq N] --remote MULTIADDR`: re-attaches to a session.
 //! - `rba hash PATH`: stores a workspace in the local CAS and prints its root digest.
+//! - After a successful `rba build`, the binaries are written into the local target dir
+//!   (`--target-dir`, `CARGO_TARGET_DIR`, else `PATH/target`) unless `--no-download`.
+//! - `rba get DIGEST -o FILE [--remote MULTIADDR]`: fetches one blob the caller may read.
 //!
 //! Errors a user can act on are printed as one line `rba: error: …` (exit code 2).
 
@@ -20,10 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use rba_agent::artifacts::{Artifact, land, target_dir};
 use rba_agent::client::RemoteClient;
 use rba_agent::config::{NodeArgs, default_data_dir};
 use rba_agent::node::Node;
-use rba_agent::output::{ColorChoice, Terminal, exit_code};
+use rba_agent::output::{ColorChoice, Terminal, exit_code, stderr_colours};
 use rba_agent::p2p::session::SessionEvent;
 use rba_agent::workspace::{hash_workspace, open_cas, workspace_hint};
 use rba_executor::cargo::{CargoJob, JobKind};
@@ -77,6 +81,17 @@ enum Commands {
         #[command(subcommand)]
         command: rba_agent::tangle::runner::TangleCommand,
     },
+    /// Fetch one blob (an artifact, a log) by digest into a file.
+    Get {
+        /// The digest as rba prints it (`blake3:HEX/SIZE`).
+        digest: rba_cas::Digest,
+        /// The file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The node (MULTIADDR/p2p/PEERID); without it, the local CAS.
+        #[arg(long, env = "RBA_REMOTE")]
+        remote: Option<String>,
+    },
     /// Store a workspace in the CAS and print its root digest.
     Hash {
         /// The workspace directory.
@@ -111,6 +126,12 @@ struct JobArgs {
     /// Bytes the job may add to its target dir (e.g. 5G; needs a node with `[limits] disk`).
     #[arg(long, value_name = "SIZE", value_parser = rba_executor::runner::parse_size)]
     disk: Option<u64>,
+    /// Where a build's binaries are written (default: `CARGO_TARGET_DIR`, else PATH/target).
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// Leave the local target dir alone: do not fetch the build's binaries.
+    #[arg(long)]
+    no_download: bool,
     /// Extra arguments passed to cargo (after `--`).
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -167,6 +188,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("{:?} ({} files)", tree.root, tree.stats.files);
             return Ok(0);
         }
+        Commands::Get {
+            digest,
+            output,
+            remote,
+        } => return get(&client_dir, digest, &output, remote.as_deref()).await,
         Commands::Logs {
             session,
             from_seq,
@@ -190,11 +216,33 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         max_processes: args.processes,
         disk_bytes: args.disk,
     };
+    let land_in = (kind == JobKind::Build && !args.no_download)
+        .then(|| target_dir(args.target_dir.as_deref(), &args.path));
     match &args.remote {
         None => {
-            rba_agent::local::run(&client_dir, job, limits, &args.path, args.workers, color).await
+            rba_agent::local::run(
+                &client_dir,
+                job,
+                limits,
+                &args.path,
+                args.workers,
+                color,
+                land_in.as_deref(),
+            )
+            .await
         }
-        Some(remote) => run_remote(&client_dir, job, limits, &args.path, remote, color).await,
+        Some(remote) => {
+            run_remote(
+                &client_dir,
+                job,
+                limits,
+                &args.path,
+                remote,
+                color,
+                land_in.as_deref(),
+            )
+            .await
+        }
     }
 }
 
@@ -250,6 +298,7 @@ async fn run_remote(
     path: &Path,
     remote: &str,
     color: ColorChoice,
+    land_in: Option<&Path>,
 ) -> anyhow::Result<u8> {
     let cas = open_cas(client_dir)?;
     let tree = hash_workspace(&cas, path, true).await?;
@@ -283,7 +332,53 @@ async fn run_remote(
         "rba: uploaded {} of {} blobs ({} bytes)",
         result.upload.uploaded, result.upload.asked, result.upload.bytes
     );
-    Ok(summary(&result))
+    let code = summary(&result);
+    let body = result.body();
+    if let Some(target_dir) = land_in.filter(|_| body.status == WireStatus::Success as i32) {
+        let artifacts: Vec<_> = body
+            .artifacts
+            .iter()
+            .map(|a| (a.path.clone(), Artifact::from_wire(a)))
+            .collect();
+        land(
+            target_dir,
+            &artifacts,
+            &cas.blobs,
+            stderr_colours(color),
+            |digests| {
+                let store = cas.blobs.clone();
+                async move { client.fetch_missing(&store, &digests).await.map(|_| ()) }
+            },
+        )
+        .await?;
+    }
+    Ok(code)
+}
+
+/// `rba get`: one blob by digest, from the node (which checks this client may read it) or
+/// from the local CAS, written to `output`.
+async fn get(
+    client_dir: &Path,
+    digest: rba_cas::Digest,
+    output: &Path,
+    remote: Option<&str>,
+) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    let cas = open_cas(client_dir)?;
+    if let Some(remote) = remote {
+        let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
+        client.fetch_missing(&cas.blobs, &[digest]).await?;
+    }
+    let mut reader = cas
+        .blobs
+        .reader(&digest, 0, 0)
+        .with_context(|| format!("reading {digest:?}"))?;
+    let mut file =
+        std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?;
+    std::io::copy(&mut reader, &mut file)
+        .with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("rba: wrote {} ({} bytes)", output.display(), digest.size);
+    Ok(0)
 }
 
 fn render(terminal: &mut Terminal, event: &SessionEvent) {

@@ -34,6 +34,28 @@ impl ColorChoice {
     }
 }
 
+/// Whether rba's own status lines on stderr are coloured: `Auto` asks about stderr.
+pub fn stderr_colours(color: ColorChoice) -> bool {
+    match color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
+    }
+}
+
+/// A cargo-style status line, `   Fetched target/debug/hello (1.2 MiB)`: the verb right-aligned
+/// in 12 columns, bold green when `colours`.
+pub fn status_line(colours: bool, verb: &str, rest: &str) -> String {
+    if colours {
+        format!("\x1b[1m\x1b[32m{verb:>12}\x1b[0m {rest}")
+    } else {
+        format!("{verb:>12} {rest}")
+    }
+}
+
 /// Draws the progress bar and the summary; lines go through [`Terminal::line`].
 #[derive(Debug)]
 pub struct Terminal {
@@ -140,5 +162,10 @@ mod tests {
         assert_eq!(exit_code(false, 101), 101);
         assert_eq!(exit_code(false, -1), 1);
         assert_eq!(exit_code(false, 0), 1);
+        assert_eq!(
+            status_line(false, "Fetched", "target/debug/hello (1.2 MiB)"),
+            "     Fetched target/debug/hello (1.2 MiB)"
+        );
+        assert!(status_line(true, "Fetched", "x").starts_with("\x1b[1m\x1b[32m     Fetched"));
     }
 }

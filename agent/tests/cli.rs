@@ -17,8 +17,35 @@ fn rba(data_dir: &std::path::Path) -> Command {
         .arg(data_dir)
         .env_remove("RBA_DATA_DIR")
         .env_remove("RBA_COLOR")
-        .env_remove("NO_COLOR");
+        .env_remove("NO_COLOR")
+        // Builds land their binaries here, never in the fixtures' own target/.
+        .env("CARGO_TARGET_DIR", data_dir.join("local-target"));
     command
+}
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Runs a landed binary and returns its stdout.
+fn run_binary(path: &std::path::Path) -> String {
+    let out = std::process::Command::new(path).output().unwrap();
+    assert!(out.status.success(), "{}: {out:?}", path.display());
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The digest printed as `rba: artifact PATH DIGEST`.
+fn printed_digest(stderr: &str, path: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("rba: artifact {path} ")))
+        .unwrap_or_else(|| panic!("no artifact line for {path}: {stderr}"))
+        .to_string()
 }
 
 #[test]
@@ -282,6 +309,11 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
     assert!(err.contains("rba: success"), "{err}");
     assert!(err.contains("artifact target/debug/hello blake3:"), "{err}");
     assert!(!err.contains("action-cache hit"), "{err}");
+    // The binary came back into the local target dir (CARGO_TARGET_DIR of `rba`).
+    let landed = client_dir.path().join("local-target/debug/hello");
+    assert!(err.contains("Fetched target/debug/hello ("), "{err}");
+    assert_eq!(run_binary(&landed), "Hello, rust-build-agent!\n");
+    let mtime = std::fs::metadata(&landed).unwrap().modified().unwrap();
     let session = err
         .lines()
         .find_map(|l| l.strip_prefix("rba: session "))
@@ -299,6 +331,14 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
     let err = String::from_utf8_lossy(&second.get_output().stderr).to_string();
     assert!(err.contains("action-cache hit"), "{err}");
     assert!(err.contains("uploaded 0 of"), "{err}");
+    assert!(
+        !err.contains("Fetched"),
+        "an identical binary is not fetched again: {err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&landed).unwrap().modified().unwrap(),
+        mtime
+    );
 
     // A failing crate exits with cargo's status.
     let failed = rba(client_dir.path())
@@ -402,4 +442,237 @@ fn a_build_that_never_ends_stops_at_its_timeout() {
         let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
+}
+
+#[test]
+fn embedded_build_lands_the_binary_and_leaves_an_unchanged_one_alone() {
+    let data = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let first = rba(data.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--target-dir")
+        .arg(target.path())
+        .assert()
+        .success();
+    let err = stderr_of(first.get_output());
+    assert!(err.contains("     Fetched target/debug/hello ("), "{err}");
+    let binary = target.path().join("debug/hello");
+    assert_eq!(mode_of(&binary), 0o755);
+    assert_eq!(run_binary(&binary), "Hello, rust-build-agent!\n");
+    let mtime = std::fs::metadata(&binary).unwrap().modified().unwrap();
+
+    // Unchanged: the action-cache hit finds the file identical and does not rewrite it.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let second = rba(data.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--target-dir")
+        .arg(target.path())
+        .assert()
+        .success();
+    let err = stderr_of(second.get_output());
+    assert!(err.contains("action-cache hit"), "{err}");
+    assert!(!err.contains("Fetched"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&binary).unwrap().modified().unwrap(),
+        mtime
+    );
+
+    // A changed file is replaced.
+    std::fs::write(&binary, b"not the binary").unwrap();
+    rba(data.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--target-dir")
+        .arg(target.path())
+        .assert()
+        .success();
+    assert_eq!(run_binary(&binary), "Hello, rust-build-agent!\n");
+
+    // Without --target-dir, CARGO_TARGET_DIR is honoured.
+    rba(data.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .assert()
+        .success();
+    let from_env = data.path().join("local-target/debug/hello");
+    assert_eq!(run_binary(&from_env), "Hello, rust-build-agent!\n");
+
+    // --no-download leaves the target dir alone; `rba test` lands nothing either.
+    let untouched = tempfile::tempdir().unwrap();
+    for job in ["build", "test"] {
+        let run = rba(data.path())
+            .arg(job)
+            .arg(fixture("hello"))
+            .arg("--target-dir")
+            .arg(untouched.path().join("t"))
+            .args((job == "build").then_some("--no-download"))
+            .assert()
+            .success();
+        assert!(!stderr_of(run.get_output()).contains("Fetched"));
+    }
+    assert!(!untouched.path().join("t").exists());
+
+    // A target dir that cannot be created is one clear error.
+    let file = untouched.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let run = rba(data.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--target-dir")
+        .arg(file.join("target"))
+        .assert()
+        .code(2);
+    let err_unwritable = stderr_of(run.get_output());
+    assert!(
+        err_unwritable.contains("rba: error: creating the target dir"),
+        "{err_unwritable}"
+    );
+
+    // `rba get` writes any blob of the local CAS by the digest printed.
+    let digest = printed_digest(&err, "target/debug/hello");
+    let copy = untouched.path().join("hello-copy");
+    rba(data.path())
+        .args(["get", &digest, "-o"])
+        .arg(&copy)
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&binary).unwrap()
+    );
+    let missing = format!("blake3:{}/5", "ab".repeat(32));
+    let run = rba(data.path())
+        .args(["get", &missing, "-o"])
+        .arg(untouched.path().join("nothing"))
+        .assert()
+        .code(2);
+    assert!(stderr_of(run.get_output()).starts_with("rba: error: reading blake3:"));
+    assert!(!untouched.path().join("nothing").exists());
+}
+
+/// A workspace of three packages: three binaries, a cdylib and a staticlib, written by the test (no dependencies, so
+/// its hand-written lock file is what cargo would write).
+fn multi_binary_workspace(root: &std::path::Path) {
+    let files = [
+        (
+            "Cargo.toml",
+            "[workspace]\nresolver = \"2\"\nmembers = [\"one\", \"two\", \"plug\"]\n",
+        ),
+        (
+            "Cargo.lock",
+            "version = 3\n\n[[package]]\nname = \"one\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"plug\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"two\"\nversion = \"0.1.0\"\n",
+        ),
+        (
+            "one/Cargo.toml",
+            "[package]\nname = \"one\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+        ),
+        ("one/src/main.rs", "fn main() { println!(\"one\"); }\n"),
+        (
+            "one/src/bin/extra.rs",
+            "fn main() { println!(\"extra\"); }\n",
+        ),
+        (
+            "two/Cargo.toml",
+            "[package]\nname = \"two\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+        ),
+        ("two/src/main.rs", "fn main() { println!(\"two\"); }\n"),
+        (
+            "plug/Cargo.toml",
+            "[package]\nname = \"plug\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\", \"staticlib\"]\n",
+        ),
+        (
+            "plug/src/lib.rs",
+            "#[no_mangle]\npub extern \"C\" fn plug() -> u32 { 7 }\n",
+        ),
+    ];
+    for (path, text) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+#[test]
+fn every_binary_of_a_workspace_lands_embedded_and_remote() {
+    let workspace = tempfile::tempdir().unwrap();
+    multi_binary_workspace(workspace.path());
+    let data = tempfile::tempdir().unwrap();
+    rba(data.path())
+        .arg("build")
+        .arg(workspace.path())
+        .assert()
+        .success();
+    // The default: the workspace's own target/ (CARGO_TARGET_DIR unset).
+    let run = rba(data.path())
+        .env_remove("CARGO_TARGET_DIR")
+        .arg("build")
+        .arg(workspace.path())
+        .assert()
+        .success();
+    assert_eq!(stderr_of(run.get_output()).matches("Fetched").count(), 5);
+    for name in ["one", "extra", "two"] {
+        let binary = workspace.path().join("target/debug").join(name);
+        assert_eq!(mode_of(&binary), 0o755, "{name}");
+        assert_eq!(run_binary(&binary), format!("{name}\n"));
+    }
+    // The libraries, with the modes the linker gave them.
+    let shared = workspace.path().join("target/debug/libplug.so");
+    assert_eq!(mode_of(&shared), 0o755);
+    assert!(std::fs::read(&shared).unwrap().starts_with(b"\x7fELF"));
+    let archive = workspace.path().join("target/debug/libplug.a");
+    assert_eq!(mode_of(&archive), 0o644);
+    assert!(std::fs::read(&archive).unwrap().starts_with(b"!<arch>\n"));
+
+    // The same against a real node, release profile, into an explicit target dir.
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    let target = tempfile::tempdir().unwrap();
+    let remote = rba(client_dir.path())
+        .args(["build", "--release", "--target-dir"])
+        .arg(target.path())
+        .arg(workspace.path())
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    let err = stderr_of(remote.get_output());
+    assert!(err.contains("Fetched target/release/extra ("), "{err}");
+    for name in ["one", "extra", "two"] {
+        let binary = target.path().join("release").join(name);
+        assert_eq!(mode_of(&binary), 0o755, "{name}");
+        assert_eq!(run_binary(&binary), format!("{name}\n"));
+    }
+
+    // `rba get` over the network: the submitter may read its artifact; another client may not.
+    let digest = printed_digest(&err, "target/release/two");
+    let copy = target.path().join("two-copy");
+    rba(client_dir.path())
+        .args(["get", &digest, "-o"])
+        .arg(&copy)
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(target.path().join("release/two")).unwrap()
+    );
+    let stranger = tempfile::tempdir().unwrap();
+    let refused = rba(stranger.path())
+        .args(["get", &digest, "-o"])
+        .arg(stranger.path().join("stolen"))
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .code(2);
+    let err = stderr_of(refused.get_output());
+    assert!(
+        err.starts_with("rba: error:") && err.contains("forbidden"),
+        "{err}"
+    );
+    assert!(!stranger.path().join("stolen").exists());
+    served.stop();
 }

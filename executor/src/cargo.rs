@@ -309,6 +309,28 @@ pub struct CargoArtifact {
     pub fresh: bool,
 }
 
+impl CargoArtifact {
+    /// The files of this unit that `cargo build` leaves in `target/<profile>/` and a user wants
+    /// back: the executable, and the libraries of `cdylib` and `staticlib` targets (`.so`,
+    /// `.dylib`, `.dll`, `.a`, `.lib`; not the `.rlib`/`.rmeta` cargo only keeps for itself).
+    pub fn deliverables(&self) -> Vec<&str> {
+        let mut files: Vec<&str> = self.executable.as_deref().into_iter().collect();
+        let shared_or_static = self
+            .target_kinds
+            .iter()
+            .any(|k| k == "cdylib" || k == "staticlib");
+        if shared_or_static && !self.test {
+            files.extend(self.filenames.iter().map(String::as_str).filter(|f| {
+                std::path::Path::new(f)
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "so" | "dylib" | "dll" | "a" | "lib"))
+            }));
+        }
+        files
+    }
+}
+
 /// What one line of cargo output means.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CargoEvent {
@@ -483,6 +505,56 @@ mod tests {
     use std::process::Command;
 
     use super::*;
+
+    #[test]
+    fn deliverables_are_executables_and_cdylib_staticlib_files_only() {
+        let unit =
+            |kinds: &[&str], test: bool, executable: Option<&str>, files: &[&str]| CargoArtifact {
+                package_id: "p".into(),
+                target_name: "t".into(),
+                target_kinds: kinds.iter().map(|k| k.to_string()).collect(),
+                test,
+                executable: executable.map(str::to_string),
+                filenames: files.iter().map(|f| f.to_string()).collect(),
+                fresh: false,
+            };
+        let bin = unit(
+            &["bin"],
+            false,
+            Some("/target/debug/app"),
+            &["/target/debug/app"],
+        );
+        assert_eq!(bin.deliverables(), ["/target/debug/app"]);
+        let libs = unit(
+            &["lib", "cdylib", "staticlib"],
+            false,
+            None,
+            &[
+                "/target/debug/libplug.rlib",
+                "/target/debug/libplug.so",
+                "/target/debug/libplug.a",
+                "/target/debug/deps/libplug.rmeta",
+            ],
+        );
+        assert_eq!(
+            libs.deliverables(),
+            ["/target/debug/libplug.so", "/target/debug/libplug.a"]
+        );
+        let rlib = unit(
+            &["lib"],
+            false,
+            None,
+            &["/target/debug/libx.rlib", "/target/debug/libx.so"],
+        );
+        assert!(rlib.deliverables().is_empty());
+        let harness = unit(
+            &["cdylib"],
+            true,
+            Some("/target/debug/deps/plug-1"),
+            &["/target/debug/deps/plug-1"],
+        );
+        assert_eq!(harness.deliverables(), ["/target/debug/deps/plug-1"]);
+    }
 
     #[test]
     fn records_after_build_finished_are_program_output() {
@@ -728,6 +800,7 @@ mod tests {
             "{:?}",
             lib.filenames
         );
+        assert!(lib.deliverables().is_empty(), "an rlib is cargo's own");
         let harnesses: Vec<_> = artifacts.iter().filter(|a| a.test).collect();
         assert_eq!(harnesses.len(), 2, "{artifacts:?}");
         for harness in harnesses {

@@ -964,8 +964,9 @@ impl RunningJob<'_> {
                             let _ = job.state.send(JobState::Running { done, total });
                         }
                         CargoEvent::Artifact(artifact) => {
-                            if let Some(inside) = artifact.executable {
+                            for inside in artifact.deliverables() {
                                 let (blobs, target) = (blobs.clone(), slot.target.clone());
+                                let inside = inside.to_string();
                                 storing.push(tokio::task::spawn_blocking(move || {
                                     store_cargo_artifact(&blobs, function, &target, &inside)
                                 }));
@@ -1530,8 +1531,9 @@ fn entry_path(entry: &DesiredEntry) -> &Path {
     }
 }
 
-/// An executable cargo reported (an inside-sandbox path under `/target`) stored into the CAS;
-/// `None` for anything but a regular file inside the slot's target dir.
+/// A file cargo reported (an executable or a cdylib/staticlib, an inside-sandbox path under
+/// `/target`) stored into the CAS with its executable bit as it is; `None` for anything but a
+/// regular file inside the slot's target dir.
 ///
 /// The job may still be running and its files are hostile: the path is opened without
 /// following a final symlink and without blocking (a FIFO), and what was actually opened is
@@ -1566,8 +1568,8 @@ fn store_cargo_artifact(
     let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(io_error("resolving an artifact"))?;
     let target = std::fs::canonicalize(target).map_err(io_error("resolving the target dir"))?;
-    let is_file = file.metadata().is_ok_and(|m| m.is_file());
-    if !opened.starts_with(&target) || !is_file {
+    let metadata = file.metadata().ok().filter(|m| m.is_file());
+    if !opened.starts_with(&target) || metadata.is_none() {
         tracing::warn!(path = inside, opened = %opened.display(), "artifact refused");
         return Ok(None);
     }
@@ -1575,7 +1577,10 @@ fn store_cargo_artifact(
     Ok(Some(Artifact {
         path: format!("target/{}", relative.display()),
         digest,
-        executable: true,
+        executable: metadata.is_some_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o111 != 0
+        }),
     }))
 }
 
@@ -1685,6 +1690,14 @@ mod tests {
         };
         let app = store("/target/debug/app").expect("a regular file is stored");
         assert_eq!(app.path, "target/debug/app");
+        assert!(!app.executable, "written 0644: its mode is kept");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            target.join("debug/app"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        assert!(store("/target/debug/app").unwrap().executable);
         assert_eq!(blobs.read_to_vec(&app.digest, 100).unwrap(), b"binary");
         for hostile in [
             "/target/debug/link",
