@@ -30,7 +30,10 @@ use rba_proto::reapi::action_cache_server::ActionCache;
 use rba_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use tonic::{Request, Response, Status};
 
-use rba_executor::runner::{is_executor_namespace, is_private_namespace};
+use rba_executor::runner::{
+    Provenance, is_executor_namespace, is_private_namespace, result_namespace,
+};
+use rba_executor::tenant::Tenant;
 
 use crate::auth;
 use crate::server::ServerState;
@@ -50,6 +53,9 @@ impl ActionCacheService {
 
     async fn get(&self, request: Request<GetActionResultRequest>) -> Result<ActionResult, Status> {
         auth::require_read(&request)?;
+        let caller = auth::caller(&request);
+        let scope = auth::read_scope(&request);
+        let grantee = auth::grantee(&request);
         let request = request.into_inner();
         if is_private_namespace(&request.instance_name) {
             return Err(Status::permission_denied(format!(
@@ -64,17 +70,43 @@ impl ActionCacheService {
         )?;
         let cas = self.state.cas.clone();
         let budget = self.state.max_batch_total_size_bytes();
+        let namespaces = readable_namespaces(&request.instance_name, &caller);
         let result = blocking(move || {
-            let result = match cas.actions.get(&request.instance_name, &action) {
-                Ok(Some(result)) => result,
-                Ok(None) => return Ok(None),
-                // A stored result whose tree cannot be decoded is no usable hit.
-                Err(e @ CasError::Invalid { .. }) => {
-                    tracing::warn!(?action, error = %e, "unusable action result");
-                    return Ok(None);
+            let mut found = None;
+            for namespace in &namespaces {
+                match cas.actions.get(namespace, &action) {
+                    Ok(Some(result)) => {
+                        found = Some(result);
+                        break;
+                    }
+                    Ok(None) => {}
+                    // A stored result whose tree cannot be decoded is no usable hit.
+                    Err(e @ CasError::Invalid { .. }) => {
+                        tracing::warn!(?action, error = %e, "unusable action result");
+                    }
+                    Err(e) => return Err(status::from_cas(e)),
                 }
-                Err(e) => return Err(status::from_cas(e)),
+            }
+            let Some(result) = found else {
+                return Ok(None);
             };
+            // Served to the caller: its blobs are the caller's to read from now on.
+            if scope != auth::ReadScope::Everything
+                && let Some(tenant) = grantee
+            {
+                let blobs = cas
+                    .actions
+                    .referenced_blobs(function, &result)
+                    .map_err(status::from_cas)?;
+                let trees = result
+                    .output_directories
+                    .iter()
+                    .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok());
+                let granted: Vec<Digest> = blobs.into_iter().chain(trees).collect();
+                cas.reads
+                    .grant(tenant.as_str(), &granted)
+                    .map_err(status::from_cas)?;
+            }
             Ok(Some(inline(&cas.blobs, function, result, &request, budget)))
         })
         .await?;
@@ -87,6 +119,9 @@ impl ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<ActionResult, Status> {
         auth::require_ac_write(&request)?;
+        let caller = auth::caller(&request);
+        let scope = auth::read_scope(&request);
+        let grantee = auth::grantee(&request);
         let request = request.into_inner();
         if is_executor_namespace(&request.instance_name) {
             return Err(Status::permission_denied(format!(
@@ -104,9 +139,20 @@ impl ActionCacheService {
             .action_result
             .ok_or_else(|| Status::invalid_argument("missing action_result"))?;
         let cas = self.state.cas.clone();
-        let instance = request.instance_name;
+        // The writer's own namespace: served to its tenant and to tokens that list it.
+        let namespace = result_namespace(
+            &request.instance_name,
+            &caller.tenant(),
+            Provenance::TenantState,
+            true,
+        );
         blocking(move || {
-            externalise_inline_contents(&cas.blobs, function, &mut result)?;
+            let inlined = externalise_inline_contents(&cas.blobs, function, &mut result)?;
+            if let Some(tenant) = &grantee {
+                cas.reads
+                    .grant(tenant.as_str(), &inlined)
+                    .map_err(status::from_cas)?;
+            }
             let referenced = match cas.actions.referenced_blobs(function, &result) {
                 Ok(referenced) => referenced,
                 Err(CasError::NotFound(tree)) => {
@@ -114,14 +160,19 @@ impl ActionCacheService {
                 }
                 Err(e) => return Err(status::from_cas(e)),
             };
-            let missing = cas.blobs.find_missing(&referenced).map_err(status::from_cas)?;
+            let mut missing = cas.blobs.find_missing(&referenced).map_err(status::from_cas)?;
+            // A result may only name blobs its writer may read; otherwise whoever is served it
+            // would be granted another tenant's blobs. Unreadable ones are missing to it.
+            missing.extend(scope.not_readable(&cas, &referenced)?);
+            missing.sort_by_key(|d| d.hash_hex());
+            missing.dedup();
             if !missing.is_empty() {
                 return Err(status::missing_blobs(
                     format!("{} blob(s) the action result references are not in the CAS; upload them first", missing.len()),
                     &missing,
                 ));
             }
-            cas.actions.put(&instance, &action, &result).map_err(status::from_cas)?;
+            cas.actions.put(&namespace, &action, &result).map_err(status::from_cas)?;
             Ok(result)
         })
         .await
@@ -134,10 +185,11 @@ fn externalise_inline_contents(
     blobs: &rba_cas::BlobStore,
     function: DigestFunction,
     result: &mut ActionResult,
-) -> Result<(), Status> {
-    let store = |bytes: &[u8],
-                 claimed: Option<&rba_proto::reapi::Digest>,
-                 what: &str|
+) -> Result<Vec<Digest>, Status> {
+    let mut stored = Vec::new();
+    let mut store = |bytes: &[u8],
+                     claimed: Option<&rba_proto::reapi::Digest>,
+                     what: &str|
      -> Result<Digest, Status> {
         let actual = function.digest_of(bytes);
         if let Some(claimed) = claimed {
@@ -151,6 +203,7 @@ fn externalise_inline_contents(
         blobs
             .put_verified(actual, bytes)
             .map_err(status::from_cas)?;
+        stored.push(actual);
         Ok(actual)
     };
     for file in &mut result.output_files {
@@ -174,7 +227,31 @@ fn externalise_inline_contents(
         result.stderr_digest = Some(digest.to_reapi());
         result.stderr_raw.clear();
     }
-    Ok(())
+    Ok(stored)
+}
+
+/// Where GetActionResult looks for `caller`, in order: its own namespace (what it stored), the
+/// namespaces of the tenants its token lists, then the instance's shared namespace (the
+/// executor's clean results, and entries from before results were scoped).
+pub fn readable_namespaces(instance: &str, caller: &auth::Caller) -> Vec<String> {
+    let scoped =
+        |tenant: &Tenant| result_namespace(instance, tenant, Provenance::TenantState, true);
+    let mut namespaces = vec![scoped(&caller.tenant())];
+    namespaces.extend(
+        caller
+            .sees
+            .iter()
+            .filter_map(|name| auth::listed_tenant(name))
+            .map(|tenant| scoped(&tenant)),
+    );
+    namespaces.push(result_namespace(
+        instance,
+        &caller.tenant(),
+        Provenance::Clean,
+        true,
+    ));
+    namespaces.dedup();
+    namespaces
 }
 
 /// Fills in what the client asked to be inlined, as long as the response stays within

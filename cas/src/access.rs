@@ -89,6 +89,29 @@ impl ReadGrants {
         Ok(refused)
     }
 
+    /// Of `digests`, those none of `tenants` may read, in the order given, without duplicates
+    /// (a caller that acts for several tenants: its own and those its operator lets it see).
+    pub fn not_readable_by_any(&self, tenants: &[&str], digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut refused = Vec::new();
+        for digest in digests {
+            if !seen.insert(*digest) || digest.is_empty_blob() {
+                continue;
+            }
+            let mut readable = false;
+            for tenant in tenants {
+                if self.grants.contains_key(grant_key(tenant, digest)?)? {
+                    readable = true;
+                    break;
+                }
+            }
+            if !readable {
+                refused.push(*digest);
+            }
+        }
+        Ok(refused)
+    }
+
     /// Of `digests`, those present in the store *and* readable by `tenant`: the only answer a
     /// tenant gets to "which of these do you hold", so a blob it may not read looks absent and
     /// its existence does not leak.
