@@ -71,10 +71,20 @@ impl ActionCacheService {
         let cas = self.state.cas.clone();
         let budget = self.state.max_batch_total_size_bytes();
         let namespaces = readable_namespaces(&request.instance_name, &caller);
+        let shared = request.instance_name.clone();
         let result = blocking(move || {
             let mut found = None;
             for namespace in &namespaces {
                 match cas.actions.get(namespace, &action) {
+                    // The shared namespace holds the executor's results for every tenant, but
+                    // only for one that holds the action's inputs (as Execute demands):
+                    // otherwise knowing an action digest would reveal the outputs of another
+                    // tenant's sources. A caller that lacks them misses, uploads, and is
+                    // served through Execute.
+                    Ok(Some(_))
+                        if *namespace == shared
+                            && scope != auth::ReadScope::Everything
+                            && !holds_inputs(&cas, &scope, &action)? => {}
                     Ok(Some(result)) => {
                         found = Some(result);
                         break;
@@ -228,6 +238,30 @@ fn externalise_inline_contents(
         result.stderr_raw.clear();
     }
     Ok(stored)
+}
+
+/// Whether `scope` may read the Action `action`, its Command and its whole input root.
+fn holds_inputs(
+    cas: &rba_cas::Cas,
+    scope: &auth::ReadScope,
+    action: &Digest,
+) -> Result<bool, Status> {
+    if !scope.not_readable(cas, &[*action])?.is_empty() {
+        return Ok(false);
+    }
+    match crate::execution::input_digests(&cas.blobs, action) {
+        Ok(inputs) => Ok(scope.not_readable(cas, &inputs)?.is_empty()),
+        // Inputs gone or not an Action: nothing proves the caller holds them.
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::InvalidArgument
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(status) => Err(status),
+    }
 }
 
 /// Where GetActionResult looks for `caller`, in order: its own namespace (what it stored), the

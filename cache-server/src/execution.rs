@@ -478,8 +478,12 @@ impl Operations for OperationsService {
     }
 }
 
-/// The Action, its Command and every blob of its input root (all present).
-fn input_digests(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Digest>, Status> {
+/// The Action, its Command and every blob of its input root (all present): what a caller must
+/// be able to read to run the action or be served another tenant's result of it.
+pub(crate) fn input_digests(
+    blobs: &BlobStore,
+    action_digest: &Digest,
+) -> Result<Vec<Digest>, Status> {
     let bytes = blobs
         .read_to_vec(action_digest, MAX_ACTION_BYTES)
         .map_err(status::from_cas_read)?;

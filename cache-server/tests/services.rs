@@ -1639,21 +1639,7 @@ fn with_tenants(mut config: rba_cache_server::Config) -> rba_cache_server::Confi
 }
 
 async fn put_as(c: &mut Clients, token: &str, data: &[u8]) -> Digest {
-    let digest = SHA.digest_of(data);
-    let response = c
-        .cas
-        .batch_update_blobs(bearer(
-            BatchUpdateBlobsRequest {
-                requests: vec![entry(&digest, data, 0)],
-                ..Default::default()
-            },
-            token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.responses[0].status.as_ref().unwrap().code, 0);
-    digest
+    c.put_as(token, "", data).await
 }
 
 /// The per-blob status codes of a BatchReadBlobs, and the data.
@@ -1698,23 +1684,7 @@ async fn bytestream_read_as(
     token: &str,
     digest: &Digest,
 ) -> Result<Vec<u8>, tonic::Status> {
-    let name = resource_name::read_name("", digest, Compressor::Identity);
-    let mut stream =
-        c.bs.read(bearer(
-            rba_proto::bytestream::ReadRequest {
-                resource_name: name,
-                read_offset: 0,
-                read_limit: 0,
-            },
-            token,
-        ))
-        .await?
-        .into_inner();
-    let mut data = Vec::new();
-    while let Some(message) = stream.message().await? {
-        data.extend_from_slice(&message.data);
-    }
-    Ok(data)
+    c.read_as(token, "", digest).await
 }
 
 async fn bytestream_write_as(
