@@ -13,6 +13,13 @@
 //!
 //! Instance names separate action caches; the CAS is shared.
 //!
+//! Results are per tenant: UpdateActionResult stores under the writer's tenant namespace of the
+//! instance (`rba_executor::runner::result_namespace`, the executor's own scoping, so Execute
+//! never serves one tenant's uploaded result to another) and may name only blobs the writer
+//! may read. GetActionResult looks in the caller's namespace, those of the tenants its token
+//! lists, then the instance's shared one (the executor's clean results, served only to a
+//! caller that holds the action's inputs), and grants the caller the blobs of what it serves.
+//!
 //! The executor's own namespaces are not the clients' to write: `rba/cargo` (what `rba build`
 //! and Tangle jobs are served), anything under `rba/`, and every namespace the executor
 //! derives from an instance (tenant-scoped and failed results; their names hold a NUL).

@@ -5,15 +5,19 @@
 //! blob in 1 MiB messages through a channel of a few messages, so memory stays flat whatever
 //! the blob's size and a slow client slows the disk reads down rather than buffering.
 //! Resource names that are not blobs go to an optional [`ReadSource`] (the executor's live
-//! stdout/stderr streams will plug in there).
+//! stdout/stderr streams will plug in there). A blob the caller may not read
+//! ([`crate::auth::read_scope`]) is `NOT_FOUND`, like a missing one; `QueryWriteStatus` does
+//! not call it complete.
 //!
 //! **Write** `{instance}/uploads/{uuid}/blobs/...` or `.../compressed-blobs/zstd/...`:
 //! - chunks go through a bounded channel to a blocking task that decompresses (zstd, with a
 //!   bounded window), hashes and writes them to a temporary file; more bytes than the digest's
 //!   size fail at once, a wrong hash fails at `finish_write` (`INVALID_ARGUMENT`), and nothing
 //!   unverified ever becomes visible;
-//! - a blob already present ends the call at once with `committed_size` = its size (`-1` for
-//!   compressed uploads), as REAPI specifies;
+//! - a blob already present, and readable by the caller, ends the call at once with
+//!   `committed_size` = its size (`-1` for compressed uploads), as REAPI specifies; one present
+//!   but not the caller's to read is received and hashed like a new one, and only a verified
+//!   upload grants the caller the blob (proof of possession);
 //! - a stream that breaks before `finish_write` leaves a resumable upload: `QueryWriteStatus`
 //!   reports its `committed_size`, and a new `Write` with that `write_offset` continues it.
 //!   Idle uploads are dropped (and their temporary files deleted) after

@@ -10,6 +10,11 @@
 //! - GetTree: breadth-first over `Directory` blobs, each distinct directory once, missing
 //!   subtrees omitted, pages bounded by `page_size` and by the message limit; `page_token` is the
 //!   number of directories already returned, so a retry resumes where the stream broke.
+//! - Reads are per tenant ([`crate::auth::read_scope`]): BatchReadBlobs, GetTree (its root and
+//!   each subdirectory) refuse or omit what the caller may not read exactly as if it were
+//!   absent, and FindMissingBlobs lists such blobs as missing, so a client that holds the bytes
+//!   uploads them and is granted them (proof of possession; one grants lookup per request).
+//!   BatchUpdateBlobs grants the caller every blob it stored, once verified.
 //! - Chunking RPCs (v2.12+): `UNIMPLEMENTED`, and Capabilities says so.
 
 use std::collections::{HashSet, VecDeque};

@@ -11,6 +11,10 @@
 //!   blob of its input root are in the CAS. Missing ones end the stream at once with an `ExecuteResponse`
 //!   whose status is `FAILED_PRECONDITION` with a `PreconditionFailure` (`MISSING`,
 //!   `blobs/{hash}/{size}` per blob), as the spec asks, so the client uploads and retries.
+//!   With tokens, inputs the caller may not read count as missing (running another tenant's
+//!   input root would hand its contents over), and the final response's blobs (outputs, trees,
+//!   stdout/stderr, the log) are granted to the caller before it is sent (also to a
+//!   WaitExecution caller).
 //!   Otherwise it submits the job and streams `Operation`s named
 //!   `{instance}/operations/{job id}` (`operations/{job id}` for the empty instance): one per
 //!   stage (`QUEUED`, `EXECUTING`, `COMPLETED`), the current one again every
