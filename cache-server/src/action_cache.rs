@@ -170,6 +170,19 @@ impl ActionCacheService {
                     .grant(tenant.as_str(), &inlined)
                     .map_err(status::from_cas)?;
             }
+            // A tree the writer may not read is missing to it (its listing is another's).
+            let trees: Vec<Digest> = result
+                .output_directories
+                .iter()
+                .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok())
+                .collect();
+            let hidden_trees = scope.not_readable(&cas, &trees)?;
+            if !hidden_trees.is_empty() {
+                return Err(status::missing_blobs(
+                    "an output directory's tree is not in the CAS",
+                    &hidden_trees,
+                ));
+            }
             let referenced = match cas.actions.referenced_blobs(function, &result) {
                 Ok(referenced) => referenced,
                 Err(CasError::NotFound(tree)) => {

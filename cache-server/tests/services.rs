@@ -1887,6 +1887,29 @@ async fn action_results_are_served_to_their_tenant_and_grant_their_blobs() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
+    // Nor one whose output tree is A's (even if B holds every file it lists).
+    let shared_file = put_as(&mut c, TOKEN_B, b"a file both hold").await;
+    put_as(&mut c, TOKEN_A, b"a file both hold").await;
+    let tree = Tree {
+        root: Some(Directory {
+            files: vec![FileNode {
+                name: "f".into(),
+                digest: Some(shared_file.to_reapi()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        children: vec![],
+    };
+    let tree = put_as(&mut c, TOKEN_A, &tree.encode_to_vec()).await;
+    let refused =
+        c.ac.update_action_result(bearer(
+            update(action_result(&[], Some(tree), None)),
+            TOKEN_B,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
     c.ac.update_action_result(bearer(
         update(action_result(&[("out", output)], None, None)),
         TOKEN_A,

@@ -178,6 +178,33 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_of_several_tenants_reads_what_any_of_them_may() {
+        let (_dir, cas) = Cas::scratch().unwrap();
+        let function = DigestFunction::Sha256;
+        let a = cas.blobs.put_bytes(function, b"a's").unwrap();
+        let b = cas.blobs.put_bytes(function, b"b's").unwrap();
+        let c = cas.blobs.put_bytes(function, b"c's").unwrap();
+        cas.reads.grant("token:a", [&a]).unwrap();
+        cas.reads.grant("token:b", [&b]).unwrap();
+        let asked = [a, b, c, function.empty(), c];
+        assert_eq!(
+            cas.reads
+                .not_readable_by_any(&["token:a", "token:b"], &asked)
+                .unwrap(),
+            vec![c]
+        );
+        assert_eq!(
+            cas.reads.not_readable_by_any(&["token:a"], &asked).unwrap(),
+            vec![b, c]
+        );
+        assert_eq!(
+            cas.reads.not_readable_by_any(&[], &asked).unwrap(),
+            vec![a, b, c]
+        );
+        assert!(cas.reads.not_readable_by_any(&[""], &[a]).is_err());
+    }
+
+    #[test]
     fn grants_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let digest;
