@@ -13,6 +13,13 @@
 //!
 //! Instance names separate action caches; the CAS is shared.
 //!
+//! Results are per tenant: UpdateActionResult stores under the writer's tenant namespace of the
+//! instance (`rba_executor::runner::result_namespace`, the executor's own scoping, so Execute
+//! never serves one tenant's uploaded result to another) and may name only blobs the writer
+//! may read. GetActionResult looks in the caller's namespace, those of the tenants its token
+//! lists, then the instance's shared one (the executor's clean results, served only to a
+//! caller that holds the action's inputs), and grants the caller the blobs of what it serves.
+//!
 //! The executor's own namespaces are not the clients' to write: `rba/cargo` (what `rba build`
 //! and Tangle jobs are served), anything under `rba/`, and every namespace the executor
 //! derives from an instance (tenant-scoped and failed results; their names hold a NUL).
@@ -30,7 +37,10 @@ use rba_proto::reapi::action_cache_server::ActionCache;
 use rba_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use tonic::{Request, Response, Status};
 
-use rba_executor::runner::{is_executor_namespace, is_private_namespace};
+use rba_executor::runner::{
+    Provenance, is_executor_namespace, is_private_namespace, result_namespace,
+};
+use rba_executor::tenant::Tenant;
 
 use crate::auth;
 use crate::server::ServerState;
@@ -50,6 +60,9 @@ impl ActionCacheService {
 
     async fn get(&self, request: Request<GetActionResultRequest>) -> Result<ActionResult, Status> {
         auth::require_read(&request)?;
+        let caller = auth::caller(&request);
+        let scope = auth::read_scope(&request);
+        let grantee = auth::grantee(&request);
         let request = request.into_inner();
         if is_private_namespace(&request.instance_name) {
             return Err(Status::permission_denied(format!(
@@ -64,17 +77,53 @@ impl ActionCacheService {
         )?;
         let cas = self.state.cas.clone();
         let budget = self.state.max_batch_total_size_bytes();
+        let namespaces = readable_namespaces(&request.instance_name, &caller);
+        let shared = request.instance_name.clone();
         let result = blocking(move || {
-            let result = match cas.actions.get(&request.instance_name, &action) {
-                Ok(Some(result)) => result,
-                Ok(None) => return Ok(None),
-                // A stored result whose tree cannot be decoded is no usable hit.
-                Err(e @ CasError::Invalid { .. }) => {
-                    tracing::warn!(?action, error = %e, "unusable action result");
-                    return Ok(None);
+            let mut found = None;
+            for namespace in &namespaces {
+                match cas.actions.get(namespace, &action) {
+                    // The shared namespace holds the executor's results for every tenant, but
+                    // only for one that holds the action's inputs (as Execute demands):
+                    // otherwise knowing an action digest would reveal the outputs of another
+                    // tenant's sources. A caller that lacks them misses, uploads, and is
+                    // served through Execute.
+                    Ok(Some(_))
+                        if *namespace == shared
+                            && scope != auth::ReadScope::Everything
+                            && !holds_inputs(&cas, &scope, &action)? => {}
+                    Ok(Some(result)) => {
+                        found = Some(result);
+                        break;
+                    }
+                    Ok(None) => {}
+                    // A stored result whose tree cannot be decoded is no usable hit.
+                    Err(e @ CasError::Invalid { .. }) => {
+                        tracing::warn!(?action, error = %e, "unusable action result");
+                    }
+                    Err(e) => return Err(status::from_cas(e)),
                 }
-                Err(e) => return Err(status::from_cas(e)),
+            }
+            let Some(result) = found else {
+                return Ok(None);
             };
+            // Served to the caller: its blobs are the caller's to read from now on.
+            if scope != auth::ReadScope::Everything
+                && let Some(tenant) = grantee
+            {
+                let blobs = cas
+                    .actions
+                    .referenced_blobs(function, &result)
+                    .map_err(status::from_cas)?;
+                let trees = result
+                    .output_directories
+                    .iter()
+                    .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok());
+                let granted: Vec<Digest> = blobs.into_iter().chain(trees).collect();
+                cas.reads
+                    .grant(tenant.as_str(), &granted)
+                    .map_err(status::from_cas)?;
+            }
             Ok(Some(inline(&cas.blobs, function, result, &request, budget)))
         })
         .await?;
@@ -87,6 +136,9 @@ impl ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<ActionResult, Status> {
         auth::require_ac_write(&request)?;
+        let caller = auth::caller(&request);
+        let scope = auth::read_scope(&request);
+        let grantee = auth::grantee(&request);
         let request = request.into_inner();
         if is_executor_namespace(&request.instance_name) {
             return Err(Status::permission_denied(format!(
@@ -104,9 +156,33 @@ impl ActionCacheService {
             .action_result
             .ok_or_else(|| Status::invalid_argument("missing action_result"))?;
         let cas = self.state.cas.clone();
-        let instance = request.instance_name;
+        // The writer's own namespace: served to its tenant and to tokens that list it.
+        let namespace = result_namespace(
+            &request.instance_name,
+            &caller.tenant(),
+            Provenance::TenantState,
+            true,
+        );
         blocking(move || {
-            externalise_inline_contents(&cas.blobs, function, &mut result)?;
+            let inlined = externalise_inline_contents(&cas.blobs, function, &mut result)?;
+            if let Some(tenant) = &grantee {
+                cas.reads
+                    .grant(tenant.as_str(), &inlined)
+                    .map_err(status::from_cas)?;
+            }
+            // A tree the writer may not read is missing to it (its listing is another's).
+            let trees: Vec<Digest> = result
+                .output_directories
+                .iter()
+                .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok())
+                .collect();
+            let hidden_trees = scope.not_readable(&cas, &trees)?;
+            if !hidden_trees.is_empty() {
+                return Err(status::missing_blobs(
+                    "an output directory's tree is not in the CAS",
+                    &hidden_trees,
+                ));
+            }
             let referenced = match cas.actions.referenced_blobs(function, &result) {
                 Ok(referenced) => referenced,
                 Err(CasError::NotFound(tree)) => {
@@ -114,14 +190,19 @@ impl ActionCacheService {
                 }
                 Err(e) => return Err(status::from_cas(e)),
             };
-            let missing = cas.blobs.find_missing(&referenced).map_err(status::from_cas)?;
+            let mut missing = cas.blobs.find_missing(&referenced).map_err(status::from_cas)?;
+            // A result may only name blobs its writer may read; otherwise whoever is served it
+            // would be granted another tenant's blobs. Unreadable ones are missing to it.
+            missing.extend(scope.not_readable(&cas, &referenced)?);
+            missing.sort_by_key(|d| d.hash_hex());
+            missing.dedup();
             if !missing.is_empty() {
                 return Err(status::missing_blobs(
                     format!("{} blob(s) the action result references are not in the CAS; upload them first", missing.len()),
                     &missing,
                 ));
             }
-            cas.actions.put(&instance, &action, &result).map_err(status::from_cas)?;
+            cas.actions.put(&namespace, &action, &result).map_err(status::from_cas)?;
             Ok(result)
         })
         .await
@@ -134,10 +215,11 @@ fn externalise_inline_contents(
     blobs: &rba_cas::BlobStore,
     function: DigestFunction,
     result: &mut ActionResult,
-) -> Result<(), Status> {
-    let store = |bytes: &[u8],
-                 claimed: Option<&rba_proto::reapi::Digest>,
-                 what: &str|
+) -> Result<Vec<Digest>, Status> {
+    let mut stored = Vec::new();
+    let mut store = |bytes: &[u8],
+                     claimed: Option<&rba_proto::reapi::Digest>,
+                     what: &str|
      -> Result<Digest, Status> {
         let actual = function.digest_of(bytes);
         if let Some(claimed) = claimed {
@@ -151,6 +233,7 @@ fn externalise_inline_contents(
         blobs
             .put_verified(actual, bytes)
             .map_err(status::from_cas)?;
+        stored.push(actual);
         Ok(actual)
     };
     for file in &mut result.output_files {
@@ -174,7 +257,55 @@ fn externalise_inline_contents(
         result.stderr_digest = Some(digest.to_reapi());
         result.stderr_raw.clear();
     }
-    Ok(())
+    Ok(stored)
+}
+
+/// Whether `scope` may read the Action `action`, its Command and its whole input root.
+fn holds_inputs(
+    cas: &rba_cas::Cas,
+    scope: &auth::ReadScope,
+    action: &Digest,
+) -> Result<bool, Status> {
+    if !scope.not_readable(cas, &[*action])?.is_empty() {
+        return Ok(false);
+    }
+    match crate::execution::input_digests(&cas.blobs, action) {
+        Ok(inputs) => Ok(scope.not_readable(cas, &inputs)?.is_empty()),
+        // Inputs gone or not an Action: nothing proves the caller holds them.
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::InvalidArgument
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(status) => Err(status),
+    }
+}
+
+/// Where GetActionResult looks for `caller`, in order: its own namespace (what it stored), the
+/// namespaces of the tenants its token lists, then the instance's shared namespace (the
+/// executor's clean results, and entries from before results were scoped).
+pub fn readable_namespaces(instance: &str, caller: &auth::Caller) -> Vec<String> {
+    let scoped =
+        |tenant: &Tenant| result_namespace(instance, tenant, Provenance::TenantState, true);
+    let mut namespaces = vec![scoped(&caller.tenant())];
+    namespaces.extend(
+        caller
+            .sees
+            .iter()
+            .filter_map(|name| auth::listed_tenant(name))
+            .map(|tenant| scoped(&tenant)),
+    );
+    namespaces.push(result_namespace(
+        instance,
+        &caller.tenant(),
+        Provenance::Clean,
+        true,
+    ));
+    namespaces.dedup();
+    namespaces
 }
 
 /// Fills in what the client asked to be inlined, as long as the response stays within

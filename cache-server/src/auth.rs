@@ -11,6 +11,8 @@
 //! digest, so a reader cannot poison them) else read-write, and action-cache writes always need
 //! read-write (`PERMISSION_DENIED` otherwise). Without configured tokens everyone is
 //! read-write, which [`crate::Config::validate`] allows only on loopback unless asked for.
+//! Which blobs a caller may read is [`read_scope`] (grants recorded in `rba_cas::ReadGrants`,
+//! to the tenant [`grantee`] names).
 
 use std::sync::Arc;
 
@@ -212,6 +214,7 @@ impl Interceptor for Authenticator {
         request.extensions_mut().insert(ClientAccess {
             caller,
             cas_write: self.read_only_may_write_cas,
+            tenants_separated: self.has_tokens(),
         });
         Ok(request)
     }
@@ -224,6 +227,9 @@ pub struct ClientAccess {
     pub caller: Caller,
     /// Whether read-only clients may upload blobs.
     pub cas_write: bool,
+    /// Whether tokens are configured, so that blob reads and action results are per tenant
+    /// (without tokens every caller is the same anonymous tenant and reads everything).
+    pub tenants_separated: bool,
 }
 
 fn client<T>(request: &Request<T>) -> ClientAccess {
@@ -235,7 +241,89 @@ fn client<T>(request: &Request<T>) -> ClientAccess {
         .unwrap_or(ClientAccess {
             caller: Caller::anonymous(Access::None),
             cas_write: false,
+            tenants_separated: true,
         })
+}
+
+/// Which blobs a caller may read (see [`read_scope`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadScope {
+    /// Every blob: a server without tokens, or a token whose `tenants` list holds `"*"`.
+    Everything,
+    /// The blobs granted to these tenants: the caller's own first, then those its token
+    /// lists.
+    Tenants(Vec<String>),
+}
+
+impl ReadScope {
+    /// The tenants whose grants count, `None` for everything.
+    pub fn tenants(&self) -> Option<Vec<&str>> {
+        match self {
+            ReadScope::Everything => None,
+            ReadScope::Tenants(tenants) => Some(tenants.iter().map(String::as_str).collect()),
+        }
+    }
+
+    /// Of `digests`, those this scope may not read, in the order given, without duplicates:
+    /// one grants lookup for the whole batch.
+    pub fn not_readable(
+        &self,
+        cas: &rba_cas::Cas,
+        digests: &[rba_cas::Digest],
+    ) -> Result<Vec<rba_cas::Digest>, Status> {
+        match self.tenants() {
+            None => Ok(Vec::new()),
+            Some(tenants) => cas
+                .reads
+                .not_readable_by_any(&tenants, digests)
+                .map_err(crate::status::from_cas),
+        }
+    }
+}
+
+/// The read rule of the REAPI face (the one place it is decided): a token is a tenant, and it
+/// reads the blobs its tenant uploaded or was served as part of a result, plus those granted to
+/// the tenants its `tenants` list names; `"*"` reads everything, and so does everyone on a
+/// server without tokens (loopback only). A blob outside the scope is answered exactly like a
+/// missing one, so its existence does not leak.
+pub fn read_scope<T>(request: &Request<T>) -> ReadScope {
+    let client = client(request);
+    let caller = client.caller;
+    if !client.tenants_separated || caller.sees.iter().any(|t| t == ALL_TENANTS) {
+        return ReadScope::Everything;
+    }
+    let mut tenants = vec![caller.tenant().as_str().to_string()];
+    tenants.extend(caller.sees.iter().filter(|t| !t.is_empty()).cloned());
+    ReadScope::Tenants(tenants)
+}
+
+/// The tenant that blobs a request proved it holds (uploads) or was served (results) are
+/// granted to; `None` on a server without tokens, where grants would change nothing.
+pub fn grantee<T>(request: &Request<T>) -> Option<Tenant> {
+    let client = client(request);
+    client.tenants_separated.then(|| client.caller.tenant())
+}
+
+/// The tenant a configured `tenants` entry (`token:NAME`, `peer:ID`, `tangle:SERVICE/CALLER`,
+/// `local`, `anonymous`) names, for the action-cache namespaces it owns; `None` for anything
+/// else (such as `"*"`).
+pub fn listed_tenant(name: &str) -> Option<Tenant> {
+    if let Some(token) = name.strip_prefix("token:") {
+        Some(Tenant::token(token))
+    } else if let Some(peer) = name.strip_prefix("peer:") {
+        Some(Tenant::peer(peer))
+    } else if let Some((service, caller)) = name
+        .strip_prefix("tangle:")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some(Tenant::tangle(service.parse().ok()?, caller))
+    } else {
+        match name {
+            "local" => Some(Tenant::local()),
+            "anonymous" => Some(Tenant::anonymous()),
+            _ => None,
+        }
+    }
 }
 
 /// The caller of a request.

@@ -5,15 +5,19 @@
 //! blob in 1 MiB messages through a channel of a few messages, so memory stays flat whatever
 //! the blob's size and a slow client slows the disk reads down rather than buffering.
 //! Resource names that are not blobs go to an optional [`ReadSource`] (the executor's live
-//! stdout/stderr streams will plug in there).
+//! stdout/stderr streams will plug in there). A blob the caller may not read
+//! ([`crate::auth::read_scope`]) is `NOT_FOUND`, like a missing one; `QueryWriteStatus` does
+//! not call it complete.
 //!
 //! **Write** `{instance}/uploads/{uuid}/blobs/...` or `.../compressed-blobs/zstd/...`:
 //! - chunks go through a bounded channel to a blocking task that decompresses (zstd, with a
 //!   bounded window), hashes and writes them to a temporary file; more bytes than the digest's
 //!   size fail at once, a wrong hash fails at `finish_write` (`INVALID_ARGUMENT`), and nothing
 //!   unverified ever becomes visible;
-//! - a blob already present ends the call at once with `committed_size` = its size (`-1` for
-//!   compressed uploads), as REAPI specifies;
+//! - a blob already present, and readable by the caller, ends the call at once with
+//!   `committed_size` = its size (`-1` for compressed uploads), as REAPI specifies; one present
+//!   but not the caller's to read is received and hashed like a new one, and only a verified
+//!   upload grants the caller the blob (proof of possession);
 //! - a stream that breaks before `finish_write` leaves a resumable upload: `QueryWriteStatus`
 //!   reports its `committed_size`, and a new `Write` with that `write_offset` continues it.
 //!   Idle uploads are dropped (and their temporary files deleted) after
@@ -99,6 +103,7 @@ impl ByteStreamService {
     async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
         auth::require_read(&request)?;
         let caller = auth::caller(&request);
+        let scope = auth::read_scope(&request);
         let request = request.into_inner();
         if request.read_offset < 0 {
             return Err(Status::out_of_range(format!(
@@ -132,12 +137,17 @@ impl ByteStreamService {
         let BlobResource {
             digest, compressor, ..
         } = resource;
-        let blobs = self.state.cas.blobs.clone();
+        let cas = self.state.cas.clone();
         let level = self.state.config.zstd_level;
         let metrics = self.state.metrics.clone();
         let (tx, rx) = mpsc::channel(READ_QUEUE);
         // Open first, so NOT_FOUND / OUT_OF_RANGE are the call's status rather than a stream error.
         let source: Box<dyn Read + Send> = status::blocking(move || -> Result<Box<dyn Read + Send>, Status> {
+            // A blob the caller may not read is answered as one that is not stored.
+            if !scope.not_readable(&cas, &[digest])?.is_empty() {
+                return Err(status::from_cas_read(rba_cas::CasError::NotFound(digest)));
+            }
+            let blobs = &cas.blobs;
             match compressor {
                 Compressor::Identity => {
                     Ok(Box::new(blobs.reader(&digest, offset, limit).map_err(status::from_cas_read)?))
@@ -169,6 +179,8 @@ impl ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<WriteResponse, Status> {
         auth::require_cas_write(&request)?;
+        let grantee = auth::grantee(&request);
+        let scope = auth::read_scope(&request);
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -186,11 +198,25 @@ impl ByteStreamService {
                 first.write_offset
             )));
         }
-        let blobs = self.state.cas.blobs.clone();
-        if blobs.contains(&digest).map_err(status::from_cas)? {
+        let cas = self.state.cas.clone();
+        let blobs = cas.blobs.clone();
+        // Present and readable: nothing to prove. Present but another tenant's: the bytes must
+        // come in and be verified (the sink hashes them) before the caller is granted the blob.
+        if blobs.contains(&digest).map_err(status::from_cas)?
+            && scope.not_readable(&cas, &[digest])?.is_empty()
+        {
             self.state.uploads.forget(&upload.key);
             return Ok(already());
         }
+        let grant = |tenant: &Option<rba_executor::tenant::Tenant>| -> Result<(), Status> {
+            match tenant {
+                Some(tenant) => cas
+                    .reads
+                    .grant(tenant.as_str(), [&digest])
+                    .map_err(status::from_cas),
+                None => Ok(()),
+            }
+        };
         let sink = self
             .state
             .uploads
@@ -249,6 +275,8 @@ impl ByteStreamService {
         match outcome {
             WriteOutcome::Committed { wire_received } => {
                 self.state.uploads.forget(&upload.key);
+                // Verified against the digest: the caller holds these bytes.
+                grant(&grantee)?;
                 Ok(WriteResponse {
                     committed_size: wire_received as i64,
                 })
@@ -277,14 +305,17 @@ impl ByteStreamService {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<QueryWriteStatusResponse, Status> {
         auth::require_read(&request)?;
+        let scope = auth::read_scope(&request);
         let upload = resource_name::parse_write(&request.get_ref().resource_name)?;
         let digest = upload.blob.digest;
+        // A blob the caller may not read is not "complete" to it (no existence leak).
         if self
             .state
             .cas
             .blobs
             .contains(&digest)
             .map_err(status::from_cas)?
+            && scope.not_readable(&self.state.cas, &[digest])?.is_empty()
         {
             return Ok(QueryWriteStatusResponse {
                 committed_size: digest.size as i64,
@@ -364,11 +395,17 @@ pub struct UploadSink {
     /// zstd said the last frame was complete (its hint was 0).
     frame_complete: bool,
     digest: Digest,
+    /// Hashes what comes in when the blob is already stored (the store then keeps nothing of
+    /// it, so only this proves the uploader holds the bytes).
+    verify: Option<rba_cas::digest::Hasher>,
 }
 
 impl UploadSink {
     fn new(blobs: &BlobStore, resource: &BlobResource) -> Result<Self, Status> {
         let writer = blobs.writer(resource.digest).map_err(status::from_cas)?;
+        let verify = writer
+            .already_present()
+            .then(|| resource.digest.function.hasher());
         let decoder = match resource.compressor {
             Compressor::Identity => None,
             Compressor::Zstd => {
@@ -394,6 +431,7 @@ impl UploadSink {
             progress: Arc::new(AtomicU64::new(0)),
             frame_complete: true,
             digest: resource.digest,
+            verify,
         })
     }
 
@@ -420,7 +458,12 @@ impl UploadSink {
 
     fn write(&mut self, data: &[u8]) -> Result<(), Status> {
         match &mut self.decoder {
-            None => self.writer.write_chunk(data).map_err(status::from_cas)?,
+            None => {
+                self.writer.write_chunk(data).map_err(status::from_cas)?;
+                if let Some(hasher) = &mut self.verify {
+                    hasher.update(data);
+                }
+            }
             Some(decoder) => {
                 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
                 let mut input = InBuffer::around(data);
@@ -437,6 +480,9 @@ impl UploadSink {
                     self.writer
                         .write_chunk(&self.out[..produced])
                         .map_err(status::from_cas)?;
+                    if let Some(hasher) = &mut self.verify {
+                        hasher.update(&self.out[..produced]);
+                    }
                     if input.pos() == data.len() && produced < self.out.len() {
                         break;
                     }
@@ -454,6 +500,15 @@ impl UploadSink {
                 "zstd stream for {:?} is truncated",
                 self.digest
             )));
+        }
+        if let Some(hasher) = self.verify {
+            let actual = hasher.finish();
+            if actual != self.digest {
+                return Err(Status::invalid_argument(format!(
+                    "uploaded bytes hash to {actual:?}, not {:?}",
+                    self.digest
+                )));
+            }
         }
         self.writer.commit().map(|_| ()).map_err(status::from_cas)
     }

@@ -10,6 +10,11 @@
 //! - GetTree: breadth-first over `Directory` blobs, each distinct directory once, missing
 //!   subtrees omitted, pages bounded by `page_size` and by the message limit; `page_token` is the
 //!   number of directories already returned, so a retry resumes where the stream broke.
+//! - Reads are per tenant ([`crate::auth::read_scope`]): BatchReadBlobs, GetTree (its root and
+//!   each subdirectory) refuse or omit what the caller may not read exactly as if it were
+//!   absent, and FindMissingBlobs lists such blobs as missing, so a client that holds the bytes
+//!   uploads them and is granted them (proof of possession; one grants lookup per request).
+//!   BatchUpdateBlobs grants the caller every blob it stored, once verified.
 //! - Chunking RPCs (v2.12+): `UNIMPLEMENTED`, and Capabilities says so.
 
 use std::collections::{HashSet, VecDeque};
@@ -81,6 +86,7 @@ impl CasService {
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<FindMissingBlobsResponse, Status> {
         auth::require_read(&request)?;
+        let scope = auth::read_scope(&request);
         let request = request.into_inner();
         resource_name::validate_instance_name(&request.instance_name)?;
         let function = status::digest_function(request.digest_function)?;
@@ -89,12 +95,30 @@ impl CasService {
             .iter()
             .map(|d| status::digest(function, d))
             .collect::<Result<Vec<_>, _>>()?;
-        let blobs = self.state.cas.blobs.clone();
+        let cas = self.state.cas.clone();
         let find = move || -> Result<Vec<Digest>, Status> {
-            let missing = blobs.find_missing(&digests).map_err(status::from_cas)?;
+            let blobs = &cas.blobs;
+            let mut missing = blobs.find_missing(&digests).map_err(status::from_cas)?;
             // Present blobs were just asked about: a build is about to use them.
             if missing.len() < digests.len() {
                 blobs.touch(&digests).map_err(status::from_cas)?;
+            }
+            // Present but not the caller's to read: missing to it, so a client that really
+            // holds the bytes uploads them and earns the grant (proof of possession).
+            if scope != auth::ReadScope::Everything {
+                let mut hidden: HashSet<Digest> = missing.iter().copied().collect();
+                let present: Vec<Digest> = digests
+                    .iter()
+                    .filter(|d| !hidden.contains(d))
+                    .copied()
+                    .collect();
+                hidden.extend(scope.not_readable(&cas, &present)?);
+                // In the order asked, so the answer does not tell the two kinds apart.
+                missing = digests
+                    .iter()
+                    .filter(|d| hidden.remove(d))
+                    .copied()
+                    .collect();
             }
             Ok(missing)
         };
@@ -118,6 +142,7 @@ impl CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<BatchUpdateBlobsResponse, Status> {
         auth::require_cas_write(&request)?;
+        let grantee = auth::grantee(&request);
         let request = request.into_inner();
         resource_name::validate_instance_name(&request.instance_name)?;
         let function = status::digest_function(request.digest_function)?;
@@ -129,9 +154,10 @@ impl CasService {
             )));
         }
         self.state.metrics.received(payload as u64);
-        let blobs = self.state.cas.blobs.clone();
+        let cas = self.state.cas.clone();
+        let blobs = cas.blobs.clone();
         let responses = blocking(move || {
-            Ok(io_pool().install(|| request
+            let responses = io_pool().install(|| request
                 .requests
                 .into_par_iter()
                 .map(|entry| {
@@ -147,7 +173,21 @@ impl CasService {
                         }),
                     }
                 })
-                .collect::<Vec<_>>()))
+                .collect::<Vec<_>>());
+            // The caller proved it holds the bytes of every blob stored (verified against its
+            // digest, also when already present): one grant for the request.
+            if let Some(tenant) = grantee {
+                let stored: Vec<Digest> = responses
+                    .iter()
+                    .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+                    .filter_map(|r| r.digest.as_ref())
+                    .filter_map(|d| status::digest(function, d).ok())
+                    .collect();
+                cas.reads
+                    .grant(tenant.as_str(), &stored)
+                    .map_err(status::from_cas)?;
+            }
+            Ok(responses)
         })
         .await?;
         Ok(BatchUpdateBlobsResponse { responses })
@@ -158,6 +198,7 @@ impl CasService {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<BatchReadBlobsResponse, Status> {
         auth::require_read(&request)?;
+        let scope = auth::read_scope(&request);
         let request = request.into_inner();
         resource_name::validate_instance_name(&request.instance_name)?;
         let function = status::digest_function(request.digest_function)?;
@@ -183,14 +224,25 @@ impl CasService {
                 self.state.config.max_message_bytes
             )));
         }
-        let blobs = self.state.cas.blobs.clone();
+        let cas = self.state.cas.clone();
         let level = self.state.config.zstd_level;
         let responses = blocking(move || {
+            let blobs = &cas.blobs;
+            let wanted: Vec<Digest> = request
+                .digests
+                .iter()
+                .filter_map(|d| status::digest(function, d).ok())
+                .collect();
+            let refused: HashSet<Digest> = scope.not_readable(&cas, &wanted)?.into_iter().collect();
             Ok(request
                 .digests
                 .into_par_iter()
                 .map(|wire| {
                     let read = status::digest(function, &wire).and_then(|digest| {
+                        if refused.contains(&digest) {
+                            // The same answer as for a blob that is not stored.
+                            return Err(status::from_cas_read(CasError::NotFound(digest)));
+                        }
                         blobs
                             .read_to_vec(&digest, limit)
                             .map_err(status::from_cas_read)
@@ -229,6 +281,7 @@ impl CasService {
 
     fn get_tree_stream(&self, request: Request<GetTreeRequest>) -> Result<TreeStream, Status> {
         auth::require_read(&request)?;
+        let scope = auth::read_scope(&request);
         let request = request.into_inner();
         resource_name::validate_instance_name(&request.instance_name)?;
         let function = status::digest_function(request.digest_function)?;
@@ -249,14 +302,21 @@ impl CasService {
         };
         // Room for the page token and framing.
         let page_bytes = self.state.config.max_message_bytes - (16 << 10);
-        let blobs = self.state.cas.blobs.clone();
-        // Root first, so a missing root is NOT_FOUND on the call itself.
-        let root_directory = read_directory(&blobs, &root)?
-            .ok_or_else(|| Status::not_found(format!("tree root {root:?} is not in the CAS")))?;
+        let cas = self.state.cas.clone();
+        let blobs = cas.blobs.clone();
+        // Root first, so a missing root is NOT_FOUND on the call itself. A root the caller may
+        // not read is missing to it.
+        let not_found = || Status::not_found(format!("tree root {root:?} is not in the CAS"));
+        if !scope.not_readable(&cas, &[root])?.is_empty() {
+            return Err(not_found());
+        }
+        let root_directory = read_directory(&blobs, &root)?.ok_or_else(not_found)?;
         let (tx, rx) = mpsc::channel(2);
         tokio::task::spawn_blocking(move || {
             let walker = TreeWalker {
                 blobs,
+                cas,
+                scope,
                 function,
                 page_size,
                 page_bytes,
@@ -369,6 +429,10 @@ type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + S
 
 struct TreeWalker {
     blobs: BlobStore,
+    /// For the read check of each directory (those the caller may not read are omitted, like
+    /// missing ones).
+    cas: rba_cas::Cas,
+    scope: auth::ReadScope,
     function: DigestFunction,
     page_size: usize,
     page_bytes: usize,
@@ -398,6 +462,7 @@ impl TreeWalker {
                     "DirectoryNode.digest",
                 )?;
                 if seen.insert(digest)
+                    && self.scope.not_readable(&self.cas, &[digest])?.is_empty()
                     && let Some(child) = read_directory(&self.blobs, &digest)?
                 {
                     queue.push_back(child);

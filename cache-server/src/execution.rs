@@ -11,6 +11,10 @@
 //!   blob of its input root are in the CAS. Missing ones end the stream at once with an `ExecuteResponse`
 //!   whose status is `FAILED_PRECONDITION` with a `PreconditionFailure` (`MISSING`,
 //!   `blobs/{hash}/{size}` per blob), as the spec asks, so the client uploads and retries.
+//!   With tokens, inputs the caller may not read count as missing (running another tenant's
+//!   input root would hand its contents over), and the final response's blobs (outputs, trees,
+//!   stdout/stderr, the log) are granted to the caller before it is sent (also to a
+//!   WaitExecution caller).
 //!   Otherwise it submits the job and streams `Operation`s named
 //!   `{instance}/operations/{job id}` (`operations/{job id}` for the empty instance): one per
 //!   stage (`QUEUED`, `EXECUTING`, `COMPLETED`), the current one again every
@@ -261,6 +265,8 @@ impl ExecutionService {
         // Running an action writes the action cache.
         auth::require_ac_write(&request)?;
         let tenant = auth::caller(&request).tenant();
+        let scope = auth::read_scope(&request);
+        let grantee = auth::grantee(&request);
         let request = request.into_inner();
         let (_, action) = status::action_key(
             &request.instance_name,
@@ -269,8 +275,18 @@ impl ExecutionService {
         )?;
         let instance = request.instance_name;
 
-        let blobs = self.shared.state.cas.blobs.clone();
-        let missing = blocking(move || missing_inputs(&blobs, &action)).await?;
+        let cas = self.shared.state.cas.clone();
+        let missing = blocking(move || {
+            let mut missing = missing_inputs(&cas.blobs, &action)?;
+            if missing.is_empty() && scope != auth::ReadScope::Everything {
+                // Inputs the caller may not read are missing to it: running another tenant's
+                // input root would hand its contents to the caller.
+                let inputs = input_digests(&cas.blobs, &action)?;
+                missing = scope.not_readable(&cas, &inputs)?;
+            }
+            Ok(missing)
+        })
+        .await?;
         if !missing.is_empty() {
             return Ok(precondition_failure(&instance, &action, &missing));
         }
@@ -300,7 +316,11 @@ impl ExecutionService {
             .table
             .insert(&self.shared.executor, &handle.id, &instance, tenant);
         tracing::debug!(job = %handle.id, ?action, %instance, "execute");
-        Ok(operation_stream(instance, handle))
+        Ok(operation_stream(
+            instance,
+            handle,
+            self.result_grant(grantee),
+        ))
     }
 
     async fn resume(
@@ -309,8 +329,21 @@ impl ExecutionService {
     ) -> Result<OperationStream, Status> {
         auth::require_read(&request)?;
         let caller = auth::caller(&request);
+        let grantee = auth::grantee(&request);
         let (instance, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
-        Ok(operation_stream(instance, handle))
+        Ok(operation_stream(
+            instance,
+            handle,
+            self.result_grant(grantee),
+        ))
+    }
+
+    /// Who is granted the blobs of the result an operation stream delivers.
+    fn result_grant(&self, grantee: Option<Tenant>) -> Option<ResultGrant> {
+        grantee.map(|tenant| ResultGrant {
+            cas: self.shared.state.cas.clone(),
+            tenant,
+        })
     }
 }
 
@@ -447,6 +480,34 @@ impl Operations for OperationsService {
         self.shared.state.metrics.request("WaitOperation", &result);
         result
     }
+}
+
+/// The Action, its Command and every blob of its input root (all present): what a caller must
+/// be able to read to run the action or be served another tenant's result of it.
+pub(crate) fn input_digests(
+    blobs: &BlobStore,
+    action_digest: &Digest,
+) -> Result<Vec<Digest>, Status> {
+    let bytes = blobs
+        .read_to_vec(action_digest, MAX_ACTION_BYTES)
+        .map_err(status::from_cas_read)?;
+    let action = reapi::Action::decode(bytes.as_slice()).map_err(|e| {
+        Status::invalid_argument(format!("blob {action_digest:?} is not a valid Action: {e}"))
+    })?;
+    let function = action_digest.function;
+    let command = status::required_digest(
+        function,
+        action.command_digest.as_ref(),
+        "Action.command_digest",
+    )?;
+    let root = status::required_digest(
+        function,
+        action.input_root_digest.as_ref(),
+        "Action.input_root_digest",
+    )?;
+    let mut digests = vec![*action_digest, command, root];
+    digests.extend(rba_cas::tree_digests(blobs, &root).map_err(status::from_cas)?);
+    Ok(digests)
 }
 
 /// The Action, its Command, and every blob of its input root that the CAS lacks. Fails with
@@ -649,11 +710,56 @@ fn timed_out(outcome: &JobOutcome) -> bool {
 
 /// Operations for a job: the current one at once, then one per state change (or every
 /// [`KEEPALIVE`]) until the final one.
-fn operation_stream(instance: String, job: JobHandle) -> OperationStream {
+/// The tenant a finished operation's result is served to: granted its blobs (outputs, trees,
+/// stdout/stderr, the log) before it learns their digests.
+struct ResultGrant {
+    cas: rba_cas::Cas,
+    tenant: Tenant,
+}
+
+impl ResultGrant {
+    async fn grant(&self, job: &JobHandle, outcome: &JobOutcome) -> Result<(), Status> {
+        let Some(result) = outcome.result.clone() else {
+            return Ok(());
+        };
+        let function = job.action_digest.function;
+        let logs: Vec<Digest> = outcome.log.iter().map(|log| log.log).collect();
+        let (cas, tenant) = (self.cas.clone(), self.tenant.clone());
+        blocking(move || {
+            let mut blobs = cas
+                .actions
+                .referenced_blobs(function, &result)
+                .map_err(status::from_cas)?;
+            blobs.extend(
+                result
+                    .output_directories
+                    .iter()
+                    .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok()),
+            );
+            blobs.extend(logs);
+            cas.reads
+                .grant(tenant.as_str(), &blobs)
+                .map_err(status::from_cas)
+        })
+        .await
+    }
+}
+
+fn operation_stream(
+    instance: String,
+    job: JobHandle,
+    grant: Option<ResultGrant>,
+) -> OperationStream {
     Box::pin(async_stream::stream! {
         let mut state = job.watch();
         loop {
             let current = state.borrow_and_update().clone();
+            if let (Some(grant), JobState::Done(outcome)) = (&grant, &current)
+                && let Err(status) = grant.grant(&job, outcome).await
+            {
+                yield Err(status);
+                break;
+            }
             let operation = snapshot(&instance, &job, &current);
             let done = operation.done;
             yield Ok(operation);

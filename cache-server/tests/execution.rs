@@ -823,3 +823,153 @@ async fn output_paths_and_working_directories_leaving_the_exec_root_are_invalid_
     assert_eq!(result.exit_code, 0);
     assert_eq!(result.output_files.len(), 1);
 }
+
+const TOKEN_A: &str = "tenant-a-token-0123";
+const TOKEN_B: &str = "tenant-b-token-0123";
+
+/// Tenants `token:a` and `token:b`, both read-write, neither seeing the other.
+fn with_two_tenants(mut config: rba_cache_server::Config) -> rba_cache_server::Config {
+    let token = |name: &str, secret: &str| rba_cache_server::config::TokenConfig {
+        name: name.into(),
+        token: secret.into(),
+        access: rba_cache_server::auth::Access::ReadWrite,
+        tenants: vec![],
+    };
+    config.auth.tokens = vec![token("a", TOKEN_A), token("b", TOKEN_B)];
+    config
+}
+
+/// Uploads an action (flat input root, one output file) as the holder of `token`.
+async fn store_action_as(c: &mut Clients, token: &str, script: &str, input: &[u8]) -> Digest {
+    let file = c.put_as(token, INSTANCE, input).await;
+    let root = Directory {
+        files: vec![FileNode {
+            name: "in.txt".into(),
+            digest: Some(file.to_reapi()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let root = c.put_as(token, INSTANCE, &root.encode_to_vec()).await;
+    let command = Command {
+        arguments: vec!["sh".into(), "-c".into(), script.into()],
+        output_paths: vec!["out.txt".into()],
+        ..Default::default()
+    };
+    let command = c.put_as(token, INSTANCE, &command.encode_to_vec()).await;
+    let action = Action {
+        command_digest: Some(command.to_reapi()),
+        input_root_digest: Some(root.to_reapi()),
+        ..Default::default()
+    };
+    c.put_as(token, INSTANCE, &action.encode_to_vec()).await
+}
+
+async fn execute_as(c: &mut Clients, token: &str, action: &Digest) -> ExecuteResponse {
+    let mut stream = c
+        .exec
+        .execute(bearer(request(action, false), token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut operations = Vec::new();
+    while let Some(operation) = stream.message().await.unwrap() {
+        operations.push(operation);
+    }
+    final_response(&operations)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_runs_and_is_served_only_actions_whose_inputs_it_holds() {
+    let server = TestServer::start_executing_with(with_two_tenants).await;
+    let mut c = server.clients().await;
+    let script = "tr a-z A-Z < in.txt > out.txt";
+    let action = store_action_as(&mut c, TOKEN_A, script, b"a's secret\n").await;
+
+    // B knows the digest, not the inputs: running it would hand B A's sources.
+    let refused = execute_as(&mut c, TOKEN_B, &action).await;
+    assert_eq!(
+        code_of(&refused),
+        Code::FailedPrecondition as i32,
+        "{refused:?}"
+    );
+
+    let ran = execute_as(&mut c, TOKEN_A, &action).await;
+    assert_eq!(code_of(&ran), Code::Ok as i32, "{ran:?}");
+    let output = ran.result.unwrap().output_files[0].digest.clone().unwrap();
+    let output = Digest::from_reapi(SHA, &output).unwrap();
+    // The result's blobs were granted to the tenant it was served to…
+    assert_eq!(
+        c.read_as(TOKEN_A, INSTANCE, &output).await.unwrap(),
+        b"A'S SECRET\n"
+    );
+    // …and to no one else.
+    assert_eq!(
+        c.read_as(TOKEN_B, INSTANCE, &output)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let get = GetActionResultRequest {
+        instance_name: INSTANCE.into(),
+        action_digest: Some(action.to_reapi()),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.ac.get_action_result(bearer(get.clone(), TOKEN_B))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // Once B holds the same inputs, the executor's (clean, shared) result is B's too.
+    assert_eq!(
+        store_action_as(&mut c, TOKEN_B, script, b"a's secret\n").await,
+        action
+    );
+    c.ac.get_action_result(bearer(get, TOKEN_B)).await.unwrap();
+    assert_eq!(
+        c.read_as(TOKEN_B, INSTANCE, &output).await.unwrap(),
+        b"A'S SECRET\n"
+    );
+    let served = execute_as(&mut c, TOKEN_B, &action).await;
+    assert!(served.cached_result);
+
+    // A result A stores with UpdateActionResult is never what B's Execute is served.
+    let other = store_action_as(&mut c, TOKEN_A, "echo real > out.txt", b"x").await;
+    assert_eq!(
+        store_action_as(&mut c, TOKEN_B, "echo real > out.txt", b"x").await,
+        other
+    );
+    let planted = c.put_as(TOKEN_A, INSTANCE, b"planted\n").await;
+    c.ac.update_action_result(bearer(
+        reapi::UpdateActionResultRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(other.to_reapi()),
+            action_result: Some(reapi::ActionResult {
+                output_files: vec![reapi::OutputFile {
+                    path: "out.txt".into(),
+                    digest: Some(planted.to_reapi()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        TOKEN_A,
+    ))
+    .await
+    .unwrap();
+    let for_b = execute_as(&mut c, TOKEN_B, &other).await;
+    assert!(!for_b.cached_result, "{for_b:?}");
+    let real = for_b.result.unwrap().output_files[0]
+        .digest
+        .clone()
+        .unwrap();
+    let real = Digest::from_reapi(SHA, &real).unwrap();
+    assert_eq!(
+        c.read_as(TOKEN_B, INSTANCE, &real).await.unwrap(),
+        b"real\n"
+    );
+}

@@ -772,7 +772,13 @@ async fn action_cache_checks_completeness_inlines_and_separates_instances() {
 
 #[tokio::test]
 async fn tokens_gate_reads_and_action_cache_writes() {
-    let server = TestServer::start_with(with_tokens).await;
+    // `ro` sees `rw`'s tenant, so it is served the result `rw` stores.
+    let server = TestServer::start_with(|config| {
+        let mut config = with_tokens(config);
+        config.auth.tokens[1].tenants = vec!["token:rw".into()];
+        config
+    })
+    .await;
     let channel = server.channel().await;
     let mut c = Clients::new(channel);
     let caps = GetCapabilitiesRequest::default();
@@ -862,6 +868,17 @@ async fn tokens_gate_reads_and_action_cache_writes() {
             .code(),
         Code::Unauthenticated
     );
+    // A result names only blobs its writer may read: `rw` proves it holds the output.
+    c.cas
+        .batch_update_blobs(bearer(
+            BatchUpdateBlobsRequest {
+                requests: vec![entry(&digest, &data, 0)],
+                ..Default::default()
+            },
+            RW_TOKEN,
+        ))
+        .await
+        .unwrap();
     c.ac.update_action_result(bearer(update, RW_TOKEN))
         .await
         .unwrap();
@@ -1595,4 +1612,354 @@ async fn clients_cannot_write_the_executors_namespaces_nor_read_tenant_scoped_on
         .into_inner();
     assert_eq!(stored.exit_code, 0);
     still_serving(&mut c).await;
+}
+
+const TOKEN_A: &str = "tenant-a-token-0123";
+const TOKEN_B: &str = "tenant-b-token-0123";
+const TOKEN_C: &str = "tenant-c-token-0123";
+const TOKEN_OPS: &str = "operator-token-0123";
+
+/// Tenants `token:a`, `token:b`, `token:c` (which also sees `token:a`), and an operator
+/// (`tenants = ["*"]`), all read-write.
+fn with_tenants(mut config: rba_cache_server::Config) -> rba_cache_server::Config {
+    let token =
+        |name: &str, secret: &str, tenants: &[&str]| rba_cache_server::config::TokenConfig {
+            name: name.into(),
+            token: secret.into(),
+            access: rba_cache_server::auth::Access::ReadWrite,
+            tenants: tenants.iter().map(|t| t.to_string()).collect(),
+        };
+    config.auth.tokens = vec![
+        token("a", TOKEN_A, &[]),
+        token("b", TOKEN_B, &[]),
+        token("c", TOKEN_C, &["token:a"]),
+        token("ops", TOKEN_OPS, &["*"]),
+    ];
+    config
+}
+
+async fn put_as(c: &mut Clients, token: &str, data: &[u8]) -> Digest {
+    c.put_as(token, "", data).await
+}
+
+/// The per-blob status codes of a BatchReadBlobs, and the data.
+async fn batch_read_as(c: &mut Clients, token: &str, digests: &[Digest]) -> Vec<(i32, Vec<u8>)> {
+    c.cas
+        .batch_read_blobs(bearer(
+            BatchReadBlobsRequest {
+                digests: digests.iter().map(Digest::to_reapi).collect(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .responses
+        .into_iter()
+        .map(|r| (r.status.unwrap().code, r.data))
+        .collect()
+}
+
+async fn missing_as(c: &mut Clients, token: &str, digests: &[Digest]) -> Vec<Digest> {
+    c.cas
+        .find_missing_blobs(bearer(
+            FindMissingBlobsRequest {
+                blob_digests: digests.iter().map(Digest::to_reapi).collect(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .iter()
+        .map(|d| Digest::from_reapi(SHA, d).unwrap())
+        .collect()
+}
+
+async fn bytestream_read_as(
+    c: &mut Clients,
+    token: &str,
+    digest: &Digest,
+) -> Result<Vec<u8>, tonic::Status> {
+    c.read_as(token, "", digest).await
+}
+
+async fn bytestream_write_as(
+    c: &mut Clients,
+    token: &str,
+    digest: &Digest,
+    data: &[u8],
+) -> Result<i64, tonic::Status> {
+    let name = resource_name::write_name(
+        "",
+        &uuid::Uuid::new_v4().to_string(),
+        digest,
+        Compressor::Identity,
+    );
+    let requests = write_requests(&name, data, 0, 7, true);
+    c.bs.write(bearer(tokio_stream::iter(requests), token))
+        .await
+        .map(|r| r.into_inner().committed_size)
+}
+
+async fn get_tree_as(
+    c: &mut Clients,
+    token: &str,
+    root: &Digest,
+) -> Result<Vec<Directory>, tonic::Status> {
+    let mut stream = c
+        .cas
+        .get_tree(bearer(
+            GetTreeRequest {
+                root_digest: Some(root.to_reapi()),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await?
+        .into_inner();
+    let mut directories = Vec::new();
+    while let Some(page) = stream.message().await? {
+        directories.extend(page.directories);
+    }
+    Ok(directories)
+}
+
+#[tokio::test]
+async fn a_token_reads_only_the_blobs_it_uploaded_or_was_served() {
+    let server = TestServer::start_with(with_tenants).await;
+    let mut c = Clients::new(server.channel().await);
+    // Tenant A's sources: a blob by batch, a file by ByteStream, a tree naming the file.
+    let secret = put_as(&mut c, TOKEN_A, b"tenant a's secret source").await;
+    let file_bytes = b"tenant a's binary, written by bytestream".to_vec();
+    let file = SHA.digest_of(&file_bytes);
+    bytestream_write_as(&mut c, TOKEN_A, &file, &file_bytes)
+        .await
+        .unwrap();
+    let (subdir, subdir_bytes) = dir_bytes(&Directory {
+        files: vec![FileNode {
+            name: "bin".into(),
+            digest: Some(file.to_reapi()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let (root, root_bytes) = dir_bytes(&Directory {
+        directories: vec![DirectoryNode {
+            name: "sub".into(),
+            digest: Some(subdir.to_reapi()),
+        }],
+        ..Default::default()
+    });
+    put_as(&mut c, TOKEN_A, &subdir_bytes).await;
+    put_as(&mut c, TOKEN_A, &root_bytes).await;
+    let never = SHA.digest_of(b"never stored anywhere");
+    let a_blobs = [secret, file, subdir, root];
+
+    // A reads its own.
+    assert!(missing_as(&mut c, TOKEN_A, &a_blobs).await.is_empty());
+    assert!(
+        batch_read_as(&mut c, TOKEN_A, &a_blobs)
+            .await
+            .iter()
+            .all(|(code, _)| *code == 0)
+    );
+    assert_eq!(get_tree_as(&mut c, TOKEN_A, &root).await.unwrap().len(), 2);
+
+    // B knows the digests, not the bytes: every read answers as for a blob never stored.
+    let mut asked = a_blobs.to_vec();
+    asked.push(never);
+    assert_eq!(missing_as(&mut c, TOKEN_B, &asked).await, asked);
+    let reads = batch_read_as(&mut c, TOKEN_B, &asked).await;
+    for (code, data) in &reads {
+        assert_eq!(*code, Code::NotFound as i32, "{reads:?}");
+        assert!(data.is_empty());
+    }
+    for digest in [secret, file, never] {
+        assert_eq!(
+            bytestream_read_as(&mut c, TOKEN_B, &digest)
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+    }
+    assert_eq!(
+        get_tree_as(&mut c, TOKEN_B, &root)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        get_tree_as(&mut c, TOKEN_B, &never)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let status =
+        c.bs.query_write_status(bearer(
+            QueryWriteStatusRequest {
+                resource_name: resource_name::write_name(
+                    "",
+                    &uuid::Uuid::new_v4().to_string(),
+                    &secret,
+                    Compressor::Identity,
+                ),
+            },
+            TOKEN_B,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!status.complete, "existence leaks through QueryWriteStatus");
+
+    // Proof of possession: B claims A's file over ByteStream with other bytes: refused, nothing
+    // granted; with the real bytes it earns the read.
+    let mut lie = file_bytes.clone();
+    lie[0] ^= 1;
+    assert_eq!(
+        bytestream_write_as(&mut c, TOKEN_B, &file, &lie)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        bytestream_read_as(&mut c, TOKEN_B, &file)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    bytestream_write_as(&mut c, TOKEN_B, &file, &file_bytes)
+        .await
+        .unwrap();
+    assert_eq!(
+        bytestream_read_as(&mut c, TOKEN_B, &file).await.unwrap(),
+        file_bytes
+    );
+    put_as(&mut c, TOKEN_B, b"tenant a's secret source").await;
+    assert_eq!(
+        batch_read_as(&mut c, TOKEN_B, &[secret]).await[0],
+        (0, b"tenant a's secret source".to_vec())
+    );
+    // Its own root, but A's subdirectory stays hidden inside the tree (like a missing one).
+    put_as(&mut c, TOKEN_B, &root_bytes).await;
+    assert_eq!(get_tree_as(&mut c, TOKEN_B, &root).await.unwrap().len(), 1);
+    assert_eq!(missing_as(&mut c, TOKEN_B, &a_blobs).await, vec![subdir]);
+
+    // The operator ("*") reads everything; C reads what A may (it lists token:a).
+    assert!(missing_as(&mut c, TOKEN_OPS, &a_blobs).await.is_empty());
+    assert_eq!(
+        get_tree_as(&mut c, TOKEN_OPS, &root).await.unwrap().len(),
+        2
+    );
+    assert!(
+        batch_read_as(&mut c, TOKEN_C, &a_blobs)
+            .await
+            .iter()
+            .all(|(code, _)| *code == 0)
+    );
+}
+
+#[tokio::test]
+async fn action_results_are_served_to_their_tenant_and_grant_their_blobs() {
+    let server = TestServer::start_with(with_tenants).await;
+    let mut c = Clients::new(server.channel().await);
+    let output = put_as(&mut c, TOKEN_A, b"a's output").await;
+    let action = SHA.digest_of(b"a's action");
+    let update = |result: ActionResult| UpdateActionResultRequest {
+        action_digest: Some(action.to_reapi()),
+        action_result: Some(result),
+        ..Default::default()
+    };
+    // B cannot store a result naming A's blob (whoever is served it would be granted it).
+    let refused =
+        c.ac.update_action_result(bearer(
+            update(action_result(&[("out", output)], None, None)),
+            TOKEN_B,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    // Nor one whose output tree is A's (even if B holds every file it lists).
+    let shared_file = put_as(&mut c, TOKEN_B, b"a file both hold").await;
+    put_as(&mut c, TOKEN_A, b"a file both hold").await;
+    let tree = Tree {
+        root: Some(Directory {
+            files: vec![FileNode {
+                name: "f".into(),
+                digest: Some(shared_file.to_reapi()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        children: vec![],
+    };
+    let tree = put_as(&mut c, TOKEN_A, &tree.encode_to_vec()).await;
+    let refused =
+        c.ac.update_action_result(bearer(
+            update(action_result(&[], Some(tree), None)),
+            TOKEN_B,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    c.ac.update_action_result(bearer(
+        update(action_result(&[("out", output)], None, None)),
+        TOKEN_A,
+    ))
+    .await
+    .unwrap();
+    let get = GetActionResultRequest {
+        action_digest: Some(action.to_reapi()),
+        ..Default::default()
+    };
+    // A's result is A's: B is not served it.
+    assert_eq!(
+        c.ac.get_action_result(bearer(get.clone(), TOKEN_B))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let reads = &server.running().state.cas.reads;
+    assert!(!reads.may_read("token:c", &output).unwrap());
+    let served =
+        c.ac.get_action_result(bearer(get.clone(), TOKEN_A))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(served.output_files[0].digest, Some(output.to_reapi()));
+    // C lists token:a: served A's result, and granted its blobs as its own.
+    c.ac.get_action_result(bearer(get.clone(), TOKEN_C))
+        .await
+        .unwrap();
+    assert!(reads.may_read("token:c", &output).unwrap());
+    assert!(!reads.may_read("token:b", &output).unwrap());
+    // B stores its own result for the same action: each tenant is served its own.
+    let b_output = put_as(&mut c, TOKEN_B, b"b's output").await;
+    c.ac.update_action_result(bearer(
+        update(action_result(&[("out", b_output)], None, None)),
+        TOKEN_B,
+    ))
+    .await
+    .unwrap();
+    let for_b =
+        c.ac.get_action_result(bearer(get.clone(), TOKEN_B))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(for_b.output_files[0].digest, Some(b_output.to_reapi()));
+    let for_a =
+        c.ac.get_action_result(bearer(get, TOKEN_A))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(for_a.output_files[0].digest, Some(output.to_reapi()));
 }

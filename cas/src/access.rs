@@ -89,6 +89,29 @@ impl ReadGrants {
         Ok(refused)
     }
 
+    /// Of `digests`, those none of `tenants` may read, in the order given, without duplicates
+    /// (a caller that acts for several tenants: its own and those its operator lets it see).
+    pub fn not_readable_by_any(&self, tenants: &[&str], digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut refused = Vec::new();
+        for digest in digests {
+            if !seen.insert(*digest) || digest.is_empty_blob() {
+                continue;
+            }
+            let mut readable = false;
+            for tenant in tenants {
+                if self.grants.contains_key(grant_key(tenant, digest)?)? {
+                    readable = true;
+                    break;
+                }
+            }
+            if !readable {
+                refused.push(*digest);
+            }
+        }
+        Ok(refused)
+    }
+
     /// Of `digests`, those present in the store *and* readable by `tenant`: the only answer a
     /// tenant gets to "which of these do you hold", so a blob it may not read looks absent and
     /// its existence does not leak.
@@ -152,6 +175,33 @@ mod tests {
                 .may_read(&"x".repeat(MAX_TENANT_BYTES + 1), &mine)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_caller_of_several_tenants_reads_what_any_of_them_may() {
+        let (_dir, cas) = Cas::scratch().unwrap();
+        let function = DigestFunction::Sha256;
+        let a = cas.blobs.put_bytes(function, b"a's").unwrap();
+        let b = cas.blobs.put_bytes(function, b"b's").unwrap();
+        let c = cas.blobs.put_bytes(function, b"c's").unwrap();
+        cas.reads.grant("token:a", [&a]).unwrap();
+        cas.reads.grant("token:b", [&b]).unwrap();
+        let asked = [a, b, c, function.empty(), c];
+        assert_eq!(
+            cas.reads
+                .not_readable_by_any(&["token:a", "token:b"], &asked)
+                .unwrap(),
+            vec![c]
+        );
+        assert_eq!(
+            cas.reads.not_readable_by_any(&["token:a"], &asked).unwrap(),
+            vec![b, c]
+        );
+        assert_eq!(
+            cas.reads.not_readable_by_any(&[], &asked).unwrap(),
+            vec![a, b, c]
+        );
+        assert!(cas.reads.not_readable_by_any(&[""], &[a]).is_err());
     }
 
     #[test]

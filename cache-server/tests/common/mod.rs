@@ -180,6 +180,52 @@ impl Clients {
         digest
     }
 
+    /// Uploads with BatchUpdateBlobs as the holder of `token` and asserts success.
+    pub async fn put_as(&mut self, token: &str, instance: &str, data: &[u8]) -> Digest {
+        let digest = DigestFunction::Sha256.digest_of(data);
+        let request = reapi::BatchUpdateBlobsRequest {
+            instance_name: instance.into(),
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(digest.to_reapi()),
+                data: data.to_vec(),
+                compressor: 0,
+            }],
+            digest_function: DigestFunction::Sha256.to_reapi() as i32,
+        };
+        let response = self
+            .cas
+            .batch_update_blobs(bearer(request, token))
+            .await
+            .expect("batch update")
+            .into_inner();
+        assert_eq!(
+            response.responses[0].status.as_ref().unwrap().code,
+            0,
+            "{response:?}"
+        );
+        digest
+    }
+
+    /// Reads a whole blob with ByteStream as the holder of `token`.
+    pub async fn read_as(
+        &mut self,
+        token: &str,
+        instance: &str,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, Status> {
+        let request = ReadRequest {
+            resource_name: resource_name::read_name(instance, digest, Compressor::Identity),
+            read_offset: 0,
+            read_limit: 0,
+        };
+        let mut stream = self.bs.read(bearer(request, token)).await?.into_inner();
+        let mut data = Vec::new();
+        while let Some(message) = stream.message().await? {
+            data.extend_from_slice(&message.data);
+        }
+        Ok(data)
+    }
+
     /// Writes a blob with ByteStream in chunks.
     pub async fn write(
         &mut self,
