@@ -491,7 +491,16 @@ pub(crate) fn input_digests(
     let bytes = blobs
         .read_to_vec(action_digest, MAX_ACTION_BYTES)
         .map_err(status::from_cas_read)?;
-    let action = reapi::Action::decode(bytes.as_slice()).map_err(|e| {
+    let (command, root) = action_inputs(action_digest, &bytes)?;
+    let mut digests = vec![*action_digest, command, root];
+    digests.extend(rba_cas::tree_digests(blobs, &root).map_err(status::from_cas)?);
+    Ok(digests)
+}
+
+/// The Command and input root digests of the Action stored as `bytes`; `INVALID_ARGUMENT`
+/// when it does not decode or lacks either.
+fn action_inputs(action_digest: &Digest, bytes: &[u8]) -> Result<(Digest, Digest), Status> {
+    let action = reapi::Action::decode(bytes).map_err(|e| {
         Status::invalid_argument(format!("blob {action_digest:?} is not a valid Action: {e}"))
     })?;
     let function = action_digest.function;
@@ -505,15 +514,12 @@ pub(crate) fn input_digests(
         action.input_root_digest.as_ref(),
         "Action.input_root_digest",
     )?;
-    let mut digests = vec![*action_digest, command, root];
-    digests.extend(rba_cas::tree_digests(blobs, &root).map_err(status::from_cas)?);
-    Ok(digests)
+    Ok((command, root))
 }
 
 /// The Action, its Command, and every blob of its input root that the CAS lacks. Fails with
 /// `INVALID_ARGUMENT` when the Action (or a Directory of the input root) is malformed.
 fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Digest>, Status> {
-    let function = action_digest.function;
     let bytes = match blobs.read_to_vec(action_digest, MAX_ACTION_BYTES) {
         Ok(bytes) => bytes,
         Err(CasError::NotFound(_)) => return Ok(vec![*action_digest]),
@@ -524,19 +530,7 @@ fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Diges
         }
         Err(e) => return Err(status::from_cas_read(e)),
     };
-    let action = reapi::Action::decode(bytes.as_slice()).map_err(|e| {
-        Status::invalid_argument(format!("blob {action_digest:?} is not a valid Action: {e}"))
-    })?;
-    let command = status::required_digest(
-        function,
-        action.command_digest.as_ref(),
-        "Action.command_digest",
-    )?;
-    let root = status::required_digest(
-        function,
-        action.input_root_digest.as_ref(),
-        "Action.input_root_digest",
-    )?;
+    let (command, root) = action_inputs(action_digest, &bytes)?;
     let mut missing = blobs
         .find_missing(&[command, root])
         .map_err(status::from_cas)?;
