@@ -275,6 +275,19 @@ async fn queued_jobs_report_positions_and_cancel_stops_a_running_job() {
         )
         .await
         .unwrap();
+    // Jobs take workers in the order they reach the queue, not the order of `submit`: the
+    // second job is submitted only once the first holds the one worker.
+    let mut first = running.watch();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !matches!(
+            &*first.borrow_and_update(),
+            rba_executor::runner::JobState::Running { .. }
+        ) {
+            first.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the first job starts running");
     let check = CargoJob::new(JobKind::Check);
     let waiting = harness
         .executor
