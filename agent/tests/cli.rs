@@ -550,6 +550,17 @@ fn embedded_build_lands_the_binary_and_leaves_an_unchanged_one_alone() {
         .code(2);
     assert!(stderr_of(run.get_output()).starts_with("rba: error: reading blake3:"));
     assert!(!untouched.path().join("nothing").exists());
+    // A digest that does not parse is refused by the argument parser, naming it.
+    for hostile in ["not-a-digest", "blake3:../../etc/passwd/5", "sha256:zz/1"] {
+        let run = rba(data.path())
+            .args(["get", hostile, "-o"])
+            .arg(untouched.path().join("nothing"))
+            .assert()
+            .code(2);
+        let err = stderr_of(run.get_output());
+        assert!(err.contains(hostile), "{hostile}: {err}");
+        assert!(!untouched.path().join("nothing").exists());
+    }
 }
 
 /// A workspace of three packages: three binaries, a cdylib and a staticlib, written by the test (no dependencies, so

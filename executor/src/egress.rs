@@ -673,6 +673,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn operator_allowlist_entries_are_parsed_strictly() {
+        for bad in [
+            "",
+            "*",
+            "*.",
+            "https://index.crates.io",
+            "index.crates.io/path",
+            "a b",
+            "host:0",
+            "host:99999",
+            "host:",
+            "[::1",
+        ] {
+            let error = EgressPolicy::new(&[bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?}"));
+            assert!(error.to_string().contains(&format!("{bad:?}")), "{error}");
+        }
+        let policy = EgressPolicy::new(&["*.example.com", "mirror.example.org:8443"]).unwrap();
+        assert!(policy.allows_host("a.example.com", 443));
+        assert!(policy.allows_host("A.Example.Com.", 443));
+        assert!(!policy.allows_host("example.com", 443));
+        assert!(!policy.allows_host("badexample.com", 443));
+        assert!(!policy.allows_host("a.example.com", 80));
+        assert!(policy.allows_host("mirror.example.org", 8443));
+        assert!(!policy.allows_host("mirror.example.org", 443));
+    }
+
+    #[test]
     fn internal_addresses() {
         assert!(!is_internal_ip("203.0.113.80".parse().unwrap()));
         assert!(!is_public_ip("203.0.113.80".parse().unwrap()));
