@@ -21,7 +21,9 @@
 //!   fetching and `rba tangle run`.
 
 pub mod artifacts;
+pub mod cargo_flags;
 pub mod client;
+pub mod client_config;
 pub mod config;
 pub mod grpc;
 pub mod history;

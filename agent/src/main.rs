@@ -5,8 +5,10 @@
 //!   environment variables and flags (`--token NAME:TOKEN:ACCESS`, `--public-read`,
 //!   `--tls-cert`/`--tls-key`, as in `config`); prints its PeerId and listen addresses; stops
 //!   cleanly on Ctrl-C or SIGTERM.
-//! - `rba build|test|lint|audit|check|fmt [PATH] [--release] [--remote MULTIADDR]
-//!   [--timeout SECS] [--memory SIZE] [--processes N] [--disk SIZE]`: hashes the
+//! - `rba build|test|lint|audit|check|fmt [PATH] [CARGO FLAGS] [--remote MULTIADDR|NAME]
+//!   [--timeout SECS] [--memory SIZE] [--processes N] [--disk SIZE] [-- CARGO ARGS]`: cargo's
+//!   own flags (`-p`, `--features`, `--target`, `--profile`, `-r`, `-j`…, see
+//!   [`rba_agent::cargo_flags`]) are first-class; hashes the
 //!   workspace (respecting `.gitignore`, skipping `target/`), runs the job and streams cargo's
 //!   own output live, then prints a summary and exits with the job's status. Without
 //!   `--remote` the job runs on an embedded node in-process; with it, on the node at
@@ -16,6 +18,10 @@
 //! - After a successful `rba build`, the binaries are written into the local target dir
 //!   (`--target-dir`, `CARGO_TARGET_DIR`, else `PATH/target`) unless `--no-download`.
 //! - `rba get DIGEST -o FILE [--remote MULTIADDR]`: fetches one blob the caller may read.
+//! - Remotes may be named in `~/.config/rba/config.toml` and a project's `.rba.toml`
+//!   ([`rba_agent::client_config`]); `rba config` shows what was read.
+//! - `rba completions SHELL`: shell completions on stdout.
+//! - `cargo rba build …` is `rba build …` (the `cargo-rba` binary).
 //!
 //! Errors a user can act on are printed as one line `rba: error: …` (exit code 2).
 
@@ -24,6 +30,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use rba_agent::artifacts::{Artifact, land, target_dir};
+use rba_agent::cargo_flags::CargoFlags;
+use rba_agent::client_config::ClientConfig;
 use rba_agent::client::RemoteClient;
 use rba_agent::config::{NodeArgs, default_data_dir};
 use rba_agent::node::Node;
@@ -71,9 +79,9 @@ enum Commands {
         /// First line to print.
         #[arg(long, default_value_t = 0)]
         from_seq: u64,
-        /// The node: MULTIADDR/p2p/PEERID.
+        /// The node: MULTIADDR/p2p/PEERID or a remote's name (default: the config's).
         #[arg(long, env = "RBA_REMOTE")]
-        remote: String,
+        remote: Option<String>,
     },
     /// The node as a Tangle Blueprint (`rba tangle run`, started by the Blueprint Manager).
     #[cfg(feature = "tangle")]
@@ -88,9 +96,20 @@ enum Commands {
         /// The file to write.
         #[arg(short, long)]
         output: PathBuf,
-        /// The node (MULTIADDR/p2p/PEERID); without it, the local CAS.
+        /// The node (MULTIADDR/p2p/PEERID or a remote's name); without it, the local CAS.
         #[arg(long, env = "RBA_REMOTE")]
         remote: Option<String>,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Show the client config files read and the remotes they name.
+    Config {
+        /// The workspace whose `.rba.toml` counts.
+        #[arg(default_value = ".")]
+        path: PathBuf,
     },
     /// Store a workspace in the CAS and print its root digest.
     Hash {
@@ -105,10 +124,10 @@ struct JobArgs {
     /// The workspace directory (the one holding Cargo.toml).
     #[arg(default_value = ".")]
     path: PathBuf,
-    /// Build with the release profile.
-    #[arg(long)]
-    release: bool,
-    /// Run on this node (MULTIADDR/p2p/PEERID) instead of an embedded one.
+    #[command(flatten)]
+    cargo: CargoFlags,
+    /// Run on this node: MULTIADDR/p2p/PEERID, a name from the config file's [remotes], or
+    /// `local` for the embedded node (default: the config's default_remote, else embedded).
     #[arg(long, env = "RBA_REMOTE")]
     remote: Option<String>,
     /// Concurrent jobs of the embedded node.
@@ -132,7 +151,7 @@ struct JobArgs {
     /// Leave the local target dir alone: do not fetch the build's binaries.
     #[arg(long)]
     no_download: bool,
-    /// Extra arguments passed to cargo (after `--`).
+    /// Extra arguments passed to cargo as given (after `--`).
     #[arg(last = true)]
     cargo_args: Vec<String>,
 }
@@ -188,16 +207,39 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("{:?} ({} files)", tree.root, tree.stats.files);
             return Ok(0);
         }
+        Commands::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "rba", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Commands::Config { path } => {
+            print!("{}", ClientConfig::load(Some(&path))?.describe());
+            return Ok(0);
+        }
         Commands::Get {
             digest,
             output,
             remote,
-        } => return get(&client_dir, digest, &output, remote.as_deref()).await,
+        } => {
+            // Only an explicit --remote: without it, `get` reads the local CAS.
+            let remote = match remote {
+                Some(name) => ClientConfig::load(None)?.resolve_remote(Some(&name))?,
+                None => None,
+            };
+            return get(&client_dir, digest, &output, remote.as_deref()).await;
+        }
         Commands::Logs {
             session,
             from_seq,
             remote,
-        } => return logs(&client_dir, &session, from_seq, &remote, color).await,
+        } => {
+            let Some(remote) = ClientConfig::load(Some(Path::new(".")))?
+                .resolve_remote(remote.as_deref())?
+            else {
+                anyhow::bail!("rba logs follows a session on a node: pass --remote");
+            };
+            return logs(&client_dir, &session, from_seq, &remote, color).await;
+        }
         Commands::Build(args) => (JobKind::Build, args),
         Commands::Test(args) => (JobKind::Test, args),
         Commands::Lint(args) => (JobKind::Clippy, args),
@@ -205,10 +247,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Commands::Check(args) => (JobKind::Check, args),
         Commands::Fmt(args) => (JobKind::Fmt, args),
     };
+    let mut extra_args = args.cargo.cargo_args()?;
+    extra_args.extend(args.cargo_args.iter().cloned());
     let job = CargoJob {
         kind,
-        release: args.release,
-        extra_args: args.cargo_args.clone(),
+        release: args.cargo.release(),
+        extra_args,
     };
     let limits = rba_executor::runner::JobLimits {
         wall_time: args.timeout.map(std::time::Duration::from_secs),
@@ -218,7 +262,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     };
     let land_in = (kind == JobKind::Build && !args.no_download)
         .then(|| target_dir(args.target_dir.as_deref(), &args.path));
-    match &args.remote {
+    let remote = ClientConfig::load(Some(&args.path))?.resolve_remote(args.remote.as_deref())?;
+    match &remote {
         None => {
             rba_agent::local::run(
                 &client_dir,
