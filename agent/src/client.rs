@@ -22,6 +22,10 @@ use crate::p2p::{CAS_PROTOCOL, Network, SESSION_PROTOCOL, split_peer_multiaddr};
 
 /// How long connecting to a node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Blob streams an upload uses at once: the node verifies and stores each blob before it
+/// answers, so one stream is one round trip per blob; several streams on the same connection
+/// keep the link and the node busy while each waits for its answer.
+pub const UPLOAD_STREAMS: usize = 8;
 /// Reconnection attempts after a dropped session stream.
 const RESUME_ATTEMPTS: u32 = 20;
 
@@ -133,23 +137,53 @@ impl RemoteClient {
         Ok(SessionClient::new(stream, self.node, self.max_frame))
     }
 
-    /// Asks the node which of `digests` it lacks and uploads those from `store`.
+    /// Asks the node which of `digests` it lacks and uploads those from `store`, on
+    /// [`UPLOAD_STREAMS`] streams at once, largest blobs first, with a byte progress bar.
     pub async fn upload_missing(
         &self,
         store: &BlobStore,
         digests: &[Digest],
     ) -> anyhow::Result<UploadStats> {
-        let mut blobs = self.blobs().await?;
-        let present = blobs.has(digests).await?;
-        let mut stats = UploadStats {
+        let mut first = self.blobs().await?;
+        let present = first.has(digests).await?;
+        let mut missing: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !present.contains(d))
+            .copied()
+            .collect();
+        // Popped from the end: smallest last, so the big ones overlap with the rest.
+        missing.sort_by_key(|d| d.size);
+        let stats = UploadStats {
             asked: digests.len() as u64,
-            ..Default::default()
+            uploaded: missing.len() as u64,
+            bytes: missing.iter().map(|d| d.size).sum(),
         };
-        for digest in digests.iter().filter(|d| !present.contains(d)) {
-            blobs.put(store, *digest).await?;
-            stats.uploaded += 1;
-            stats.bytes += digest.size;
+        if missing.is_empty() {
+            return Ok(stats);
         }
+        let bar = crate::output::upload_bar(stats.bytes);
+        let queue = parking_lot::Mutex::new(missing);
+        let streams = UPLOAD_STREAMS.min(queue.lock().len());
+        let mut clients = vec![first];
+        for _ in 1..streams {
+            clients.push(self.blobs().await?);
+        }
+        let uploads = clients.into_iter().map(|mut blobs| {
+            let (queue, bar) = (&queue, &bar);
+            async move {
+                loop {
+                    let next = queue.lock().pop();
+                    let Some(digest) = next else {
+                        return anyhow::Ok(());
+                    };
+                    blobs.put(store, digest).await?;
+                    bar.inc(digest.size);
+                }
+            }
+        });
+        let result = futures::future::try_join_all(uploads).await;
+        bar.finish_and_clear();
+        result?;
         Ok(stats)
     }
 

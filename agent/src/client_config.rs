@@ -3,7 +3,7 @@
 //!
 //! Two files, both optional, merged in this order (later wins), then `RBA_REMOTE`, then flags:
 //! - the user's file, `$XDG_CONFIG_HOME/rba/config.toml` (else `~/.config/rba/config.toml`,
-//!   or `RBA_CONFIG` when set);
+//!   or `RBA_CLIENT_CONFIG` when set);
 //! - the project's `.rba.toml`, in the workspace directory or the nearest parent holding one.
 //!
 //! ```toml
@@ -85,9 +85,9 @@ pub struct ClientConfig {
     project: Option<(PathBuf, ConfigFile)>,
 }
 
-/// The user's config file path (`RBA_CONFIG`, else the XDG location).
+/// The user's config file path (`RBA_CLIENT_CONFIG`, else the XDG location).
 pub fn user_config_path() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("RBA_CONFIG").filter(|v| !v.is_empty()) {
+    if let Some(path) = std::env::var_os("RBA_CLIENT_CONFIG").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(path));
     }
     let base = std::env::var_os("XDG_CONFIG_HOME")
@@ -276,11 +276,17 @@ mod tests {
         let c = config(Some(file(Some("team"), &[("team", TEAM)])), None);
         assert_eq!(c.resolve_remote(None).unwrap().as_deref(), Some(TEAM));
         assert_eq!(c.resolve_remote(Some("local")).unwrap(), None);
-        assert_eq!(c.resolve_remote(Some("team")).unwrap().as_deref(), Some(TEAM));
+        assert_eq!(
+            c.resolve_remote(Some("team")).unwrap().as_deref(),
+            Some(TEAM)
+        );
         assert_eq!(c.resolve_remote(Some(EVIL)).unwrap().as_deref(), Some(EVIL));
         assert_eq!(config(None, None).resolve_remote(None).unwrap(), None);
         let error = c.resolve_remote(Some("nope")).unwrap_err().to_string();
-        assert!(error.contains("no remote named \"nope\" (known: team)"), "{error}");
+        assert!(
+            error.contains("no remote named \"nope\" (known: team)"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -294,11 +300,17 @@ mod tests {
             Some(file(Some("theirs"), &[("theirs", EVIL)])),
         );
         let error = hostile.resolve_remote(None).unwrap_err().to_string();
-        assert!(error.contains("/src/app/.rba.toml makes \"theirs\" the default"), "{error}");
+        assert!(
+            error.contains("/src/app/.rba.toml makes \"theirs\" the default"),
+            "{error}"
+        );
         // …even when it redefines a name the user has.
         let shadow = config(Some(user), Some(file(Some("team"), &[("team", EVIL)])));
         assert_eq!(shadow.resolve_remote(None).unwrap().as_deref(), Some(TEAM));
-        assert_eq!(shadow.resolve_remote(Some("team")).unwrap().as_deref(), Some(TEAM));
+        assert_eq!(
+            shadow.resolve_remote(Some("team")).unwrap().as_deref(),
+            Some(TEAM)
+        );
         // Named explicitly, the project's remote is the user's choice.
         assert_eq!(
             hostile.resolve_remote(Some("theirs")).unwrap().as_deref(),
@@ -315,7 +327,10 @@ mod tests {
         for (text, expected) in [
             ("remote = \"x\"\n", "unknown field `remote`"),
             ("[remotes]\nlocal = \"/ip4/1.2.3.4\"\n", "reserved"),
-            ("[remotes]\nteam = \"build.example.com:7400\"\n", "not a multiaddr"),
+            (
+                "[remotes]\nteam = \"build.example.com:7400\"\n",
+                "not a multiaddr",
+            ),
             ("default_remote = [1]\n", "default_remote"),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -13,7 +13,7 @@ use rba_executor::runner::{Executor, ExecutorConfig, JobLimits, JobState, JobSta
 
 use crate::artifacts::Artifact;
 use crate::history::status_name;
-use crate::output::{ColorChoice, Terminal, exit_code, stderr_colours};
+use crate::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
 use crate::workspace::{hash_workspace, open_cas, workspace_identity};
 
 /// Runs `job` on the workspace at `path` in-process; returns the process exit code. With
@@ -64,7 +64,9 @@ pub async fn run(
     });
     let mut reader = handle.log.subscribe(0);
     while let Some(line) = reader.next().await {
-        terminal.lock().line(&line.line);
+        terminal
+            .lock()
+            .line(LineStream::from_kind(line.stream), &line.line);
     }
     let outcome = handle.wait().await;
     progress.abort();

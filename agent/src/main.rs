@@ -31,11 +31,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use rba_agent::artifacts::{Artifact, land, target_dir};
 use rba_agent::cargo_flags::CargoFlags;
-use rba_agent::client_config::ClientConfig;
 use rba_agent::client::RemoteClient;
+use rba_agent::client_config::ClientConfig;
 use rba_agent::config::{NodeArgs, default_data_dir};
 use rba_agent::node::Node;
-use rba_agent::output::{ColorChoice, Terminal, exit_code, stderr_colours};
+use rba_agent::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
 use rba_agent::p2p::session::SessionEvent;
 use rba_agent::workspace::{hash_workspace, open_cas, workspace_hint};
 use rba_executor::cargo::{CargoJob, JobKind};
@@ -233,8 +233,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             from_seq,
             remote,
         } => {
-            let Some(remote) = ClientConfig::load(Some(Path::new(".")))?
-                .resolve_remote(remote.as_deref())?
+            let Some(remote) =
+                ClientConfig::load(Some(Path::new(".")))?.resolve_remote(remote.as_deref())?
             else {
                 anyhow::bail!("rba logs follows a session on a node: pass --remote");
             };
@@ -434,7 +434,7 @@ fn render(terminal: &mut Terminal, event: &SessionEvent) {
                 eprintln!("rba: queued at position {}", accepted.queue_position);
             }
         }
-        SessionEvent::Line(line) => terminal.line(&line.line),
+        SessionEvent::Line(line) => terminal.line(LineStream::from_wire(line.stream), &line.line),
         SessionEvent::Progress(progress) => {
             terminal.progress(progress.units_done, progress.units_total)
         }

@@ -1,6 +1,7 @@
-//! What the CLI prints while a job runs: cargo's own lines on stdout (with cargo's colours when
-//! stdout is a terminal, `--color` decides otherwise), a progress bar on stderr when it is a
-//! terminal, and a summary at the end.
+//! What the CLI prints while a job runs: the job's lines on the stream cargo would use (program
+//! output on stdout, cargo's human output on stderr), with cargo's colours when stdout is a
+//! terminal (`--color` decides otherwise), progress bars (indicatif) for hashing, uploading and
+//! build units on stderr when it is a terminal, and a summary at the end.
 //!
 //! Why a module: the embedded and remote modes print exactly the same way.
 
@@ -56,13 +57,79 @@ pub fn status_line(colours: bool, verb: &str, rest: &str) -> String {
     }
 }
 
-/// Draws the progress bar and the summary; lines go through [`Terminal::line`].
+/// Which of the client's streams a job's line goes to: as cargo does it, program output
+/// (the test harness, a `run`'s stdout, rustfmt's diff) on stdout, cargo's own human output
+/// and rba's messages on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineStream {
+    /// The job's stdout.
+    Stdout,
+    /// The job's stderr, or a message of the node.
+    Stderr,
+}
+
+impl LineStream {
+    /// From the session protocol's `LogStreamKind` (`stream` field of a `LogLine`).
+    pub fn from_wire(kind: i32) -> LineStream {
+        if kind == rba_proto::rba::v1::LogStreamKind::Stdout as i32 {
+            LineStream::Stdout
+        } else {
+            LineStream::Stderr
+        }
+    }
+
+    /// From the executor's own kind (the embedded node).
+    pub fn from_kind(kind: rba_executor::logstream::LogStreamKind) -> LineStream {
+        match kind {
+            rba_executor::logstream::LogStreamKind::Stdout => LineStream::Stdout,
+            _ => LineStream::Stderr,
+        }
+    }
+}
+
+/// Prints a job's lines, with a progress bar of build units (indicatif) on stderr when it is a
+/// terminal; lines are printed above the bar.
 #[derive(Debug)]
 pub struct Terminal {
-    interactive: bool,
-    colours: bool,
-    bar_shown: bool,
-    last: (u32, u32),
+    bar: indicatif::ProgressBar,
+    stdout_colours: bool,
+    stderr_colours: bool,
+}
+
+/// The style of every rba bar: `[=====>    ] 12/40 units`.
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .expect("a valid indicatif template")
+        .progress_chars("=> ")
+}
+
+/// A bar on stderr, hidden when stderr is not a terminal (indicatif's rule), or always when
+/// `interactive` is false.
+pub fn stderr_bar(interactive: bool, template: &str) -> indicatif::ProgressBar {
+    let bar = if interactive {
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(bar_style(template));
+    bar
+}
+
+/// A counter of files hashed, for `rba build`'s hashing phase.
+pub fn hashing_bar() -> indicatif::ProgressBar {
+    let bar = stderr_bar(true, "{spinner} hashing {pos} files {elapsed}");
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
+}
+
+/// Bytes uploaded of `total`, for the upload phase of `rba build --remote`.
+pub fn upload_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = stderr_bar(
+        true,
+        "   uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    );
+    bar.set_length(total);
+    bar
 }
 
 impl Terminal {
@@ -70,72 +137,54 @@ impl Terminal {
     /// sequences in the lines.
     pub fn new(interactive: bool, colours: bool) -> Self {
         Terminal {
-            interactive,
-            colours,
-            bar_shown: false,
-            last: (u32::MAX, u32::MAX),
+            bar: stderr_bar(interactive, "    building [{bar:30}] {pos}/{len} units"),
+            stdout_colours: colours,
+            stderr_colours: colours,
         }
     }
 
-    /// For this process: the bar when stderr is a terminal, colours as `color` says.
+    /// For this process: the bar when stderr is a terminal, colours as `color` says for each
+    /// stream (`auto`: when that stream is a terminal).
     pub fn for_stdio(color: ColorChoice) -> Self {
-        Terminal::new(std::io::stderr().is_terminal(), color.keeps_colours())
-    }
-
-    fn clear_bar(&mut self) {
-        if self.bar_shown {
-            eprint!("\r\x1b[2K");
-            self.bar_shown = false;
+        Terminal {
+            stdout_colours: color.keeps_colours(),
+            stderr_colours: stderr_colours(color),
+            ..Terminal::new(std::io::stderr().is_terminal(), false)
         }
     }
 
-    /// Prints one of cargo's lines on stdout.
-    pub fn line(&mut self, line: &str) {
-        self.clear_bar();
-        let mut stdout = std::io::stdout().lock();
-        if self.colours {
-            let _ = writeln!(stdout, "{line}");
+    /// Prints one of the job's lines on the stream cargo would have used.
+    pub fn line(&mut self, stream: LineStream, line: &str) {
+        let colours = match stream {
+            LineStream::Stdout => self.stdout_colours,
+            LineStream::Stderr => self.stderr_colours,
+        };
+        let text = if colours {
+            std::borrow::Cow::Borrowed(line)
         } else {
-            let _ = writeln!(stdout, "{}", strip_ansi(line));
-        }
-        let _ = stdout.flush();
-        if self.interactive && self.last.0 != u32::MAX {
-            self.draw(self.last.0, self.last.1);
-        }
+            strip_ansi(line)
+        };
+        self.bar.suspend(|| {
+            let _ = match stream {
+                LineStream::Stdout => {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{text}").and_then(|_| out.flush())
+                }
+                LineStream::Stderr => writeln!(std::io::stderr().lock(), "{text}"),
+            };
+        });
     }
 
-    /// Updates the bar from cargo's JSON progress (units done / expected).
+    /// Updates the bar from cargo's JSON progress (units done / expected, 0: unknown).
     pub fn progress(&mut self, done: u32, total: u32) {
-        if !self.interactive || (done, total) == self.last {
-            return;
-        }
-        self.last = (done, total);
-        self.draw(done, total);
-    }
-
-    fn draw(&mut self, done: u32, total: u32) {
-        eprint!("\r\x1b[2K{}", progress_bar(done, total, 30));
-        self.bar_shown = true;
+        self.bar.set_length(u64::from(total.max(done)));
+        self.bar.set_position(u64::from(done));
     }
 
     /// Clears the bar before the summary.
     pub fn finish(&mut self) {
-        self.clear_bar();
+        self.bar.finish_and_clear();
     }
-}
-
-/// `[=========>          ] 12/40 units` (total 0: unknown).
-pub fn progress_bar(done: u32, total: u32, width: usize) -> String {
-    if total == 0 {
-        return format!("[{}] {done}/? units", " ".repeat(width));
-    }
-    let filled = ((done.min(total) as usize) * width) / total as usize;
-    let mut bar = "=".repeat(filled);
-    if filled < width {
-        bar.push('>');
-        bar.push_str(&" ".repeat(width - filled - 1));
-    }
-    format!("[{bar}] {done}/{total} units")
 }
 
 /// The process exit code for a job: 0 on success, cargo's code when it has one, else 1.
@@ -152,12 +201,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bars_and_codes() {
-        assert_eq!(progress_bar(0, 4, 8), "[>       ] 0/4 units");
-        assert_eq!(progress_bar(2, 4, 8), "[====>   ] 2/4 units");
-        assert_eq!(progress_bar(4, 4, 8), "[========] 4/4 units");
-        assert_eq!(progress_bar(9, 4, 8), "[========] 9/4 units");
-        assert_eq!(progress_bar(3, 0, 2), "[  ] 3/? units");
+    fn codes_and_status_lines() {
         assert_eq!(exit_code(true, 0), 0);
         assert_eq!(exit_code(false, 101), 101);
         assert_eq!(exit_code(false, -1), 1);

@@ -35,16 +35,29 @@ pub async fn hash_workspace(
         );
     }
     let (blobs, path) = (cas.blobs.clone(), path.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        build_from_dir(
-            &blobs,
-            &path,
-            DigestFunction::Blake3,
-            &DirOptions::default(),
-        )
-        .with_context(|| format!("hashing {}", path.display()))
-    })
-    .await?
+    let files_done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let options = DirOptions {
+        files_done: Some(files_done.clone()),
+        ..DirOptions::default()
+    };
+    let hashing = tokio::task::spawn_blocking(move || {
+        build_from_dir(&blobs, &path, DigestFunction::Blake3, &options)
+            .with_context(|| format!("hashing {}", path.display()))
+    });
+    let bar = crate::output::hashing_bar();
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(files_done.load(std::sync::atomic::Ordering::Relaxed));
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let built = hashing.await;
+    ticker.abort();
+    bar.finish_and_clear();
+    built?
 }
 
 /// A stable name for the workspace's target cache on this machine: its canonical path.

@@ -18,6 +18,10 @@ fn rba(data_dir: &std::path::Path) -> Command {
         .env_remove("RBA_DATA_DIR")
         .env_remove("RBA_COLOR")
         .env_remove("NO_COLOR")
+        .env_remove("RBA_REMOTE")
+        // No user config file of whoever runs the tests.
+        .env("XDG_CONFIG_HOME", data_dir.join("config"))
+        .env_remove("RBA_CLIENT_CONFIG")
         // Builds land their binaries here, never in the fixtures' own target/.
         .env("CARGO_TARGET_DIR", data_dir.join("local-target"));
     command
@@ -58,10 +62,12 @@ fn build_streams_cargo_output_and_second_run_is_a_cache_hit() {
         .success();
     let out = String::from_utf8_lossy(&first.get_output().stdout).to_string();
     let err = String::from_utf8_lossy(&first.get_output().stderr).to_string();
+    // cargo's human output is on stderr, as cargo prints it; stdout is for programs' output.
     assert!(
-        out.contains("Compiling") && out.contains("hello v0.1.0"),
-        "stdout: {out}"
+        err.contains("Compiling") && err.contains("hello v0.1.0"),
+        "stderr: {err}"
     );
+    assert!(!out.contains("Compiling"), "stdout: {out}");
     assert!(err.contains("rba: success"), "stderr: {err}");
     assert!(
         err.contains("artifact target/debug/hello blake3:"),
@@ -69,8 +75,8 @@ fn build_streams_cargo_output_and_second_run_is_a_cache_hit() {
     );
     assert!(!err.contains("action-cache hit"));
     assert!(
-        !out.contains('\u{1b}'),
-        "stdout is a pipe: cargo's colours are stripped by default: {out:?}"
+        !err.contains('\u{1b}'),
+        "stderr is a pipe: cargo's colours are stripped by default: {err:?}"
     );
 
     let second = rba(data.path())
@@ -80,10 +86,9 @@ fn build_streams_cargo_output_and_second_run_is_a_cache_hit() {
         .success();
     let err = String::from_utf8_lossy(&second.get_output().stderr).to_string();
     assert!(err.contains("action-cache hit"), "stderr: {err}");
-    let out = String::from_utf8_lossy(&second.get_output().stdout).to_string();
     assert!(
-        out.contains("\u{1b}[") && out.contains("hello v0.1.0"),
-        "--color always keeps cargo's colours in the replayed log: {out:?}"
+        err.contains("\u{1b}[") && err.contains("hello v0.1.0"),
+        "--color always keeps cargo's colours in the replayed log: {err:?}"
     );
 }
 
@@ -95,8 +100,9 @@ fn failing_build_exits_with_cargos_status_and_shows_the_error() {
         .arg(fixture("compile-error"))
         .assert()
         .failure();
-    let out = String::from_utf8_lossy(&run.get_output().stdout).to_string();
-    assert!(out.contains("mismatched types"), "stdout: {out}");
+    // Diagnostics are on stderr, where cargo prints them.
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(err.contains("mismatched types"), "stderr: {err}");
     assert_eq!(run.get_output().status.code(), Some(101));
 }
 
@@ -300,11 +306,10 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
         .arg(&served.tcp)
         .assert()
         .success();
-    let out = String::from_utf8_lossy(&first.get_output().stdout).to_string();
     let err = String::from_utf8_lossy(&first.get_output().stderr).to_string();
     assert!(
-        out.contains("Compiling") && out.contains("hello v0.1.0"),
-        "{out}"
+        err.contains("Compiling") && err.contains("hello v0.1.0"),
+        "{err}"
     );
     assert!(err.contains("rba: success"), "{err}");
     assert!(err.contains("artifact target/debug/hello blake3:"), "{err}");
@@ -348,16 +353,16 @@ fn serve_then_remote_build_logs_and_clear_connection_errors() {
         .arg(&served.tcp)
         .assert()
         .code(101);
-    let out = String::from_utf8_lossy(&failed.get_output().stdout).to_string();
-    assert!(out.contains("mismatched types"), "{out}");
+    let err = String::from_utf8_lossy(&failed.get_output().stderr).to_string();
+    assert!(err.contains("mismatched types"), "{err}");
 
     // Re-attaching to the first session prints its log again from a line on.
     let logs = rba(client_dir.path())
         .args(["logs", &session, "--from-seq", "1", "--remote", &served.tcp])
         .assert()
         .success();
-    let out = String::from_utf8_lossy(&logs.get_output().stdout).to_string();
-    assert!(out.contains("Finished"), "{out}");
+    let err = String::from_utf8_lossy(&logs.get_output().stderr).to_string();
+    assert!(err.contains("Finished"), "{err}");
 
     // Errors the user can act on: one line each.
     let peer = served.tcp.rsplit('/').next().unwrap().to_string();
@@ -686,4 +691,209 @@ fn every_binary_of_a_workspace_lands_embedded_and_remote() {
     );
     assert!(!stranger.path().join("stolen").exists());
     served.stop();
+}
+
+#[test]
+fn cargo_flags_pick_packages_binaries_and_profiles() {
+    let workspace = tempfile::tempdir().unwrap();
+    multi_binary_workspace(workspace.path());
+    let manifest = workspace.path().join("Cargo.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("\n[profile.fast]\ninherits = \"release\"\n");
+    std::fs::write(&manifest, text).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let local = data.path().join("local-target");
+
+    // `-p two -r`: that package only, release profile.
+    let run = rba(data.path())
+        .args(["build", "-p", "two", "-r"])
+        .arg(workspace.path())
+        .assert()
+        .success();
+    let err = stderr_of(run.get_output());
+    assert!(err.contains("Fetched target/release/two ("), "{err}");
+    assert_eq!(run_binary(&local.join("release/two")), "two\n");
+    assert!(!local.join("release/one").exists(), "{err}");
+
+    // `-p one --bin extra --profile fast`: one binary, a custom profile's directory.
+    let run = rba(data.path())
+        .args(["build", "-p", "one", "--bin", "extra", "--profile", "fast"])
+        .arg(workspace.path())
+        .assert()
+        .success();
+    let err = stderr_of(run.get_output());
+    assert_eq!(run_binary(&local.join("fast/extra")), "extra\n");
+    assert!(!local.join("fast/one").exists(), "{err}");
+
+    // Values that are not what the flag takes are refused, named, before anything runs.
+    for (args, expected) in [
+        (
+            vec!["build", "--target", "/etc/evil.json"],
+            "rba: error: --target \"/etc/evil.json\": is a target-spec file",
+        ),
+        (
+            vec!["build", "--profile", "../x"],
+            "rba: error: --profile \"../x\"",
+        ),
+        (
+            vec!["build", "--features", "a;touch /tmp/x"],
+            "rba: error: --features",
+        ),
+    ] {
+        let run = rba(data.path())
+            .args(&args)
+            .arg(workspace.path())
+            .assert()
+            .code(2);
+        let err = stderr_of(run.get_output());
+        assert!(err.starts_with(expected), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // A value that is another flag never reaches cargo: clap refuses it.
+    rba(data.path())
+        .args(["build", "-p", "--config=build.rustflags=['-Cpanic=abort']"])
+        .arg(workspace.path())
+        .assert()
+        .failure();
+}
+
+#[test]
+fn named_remotes_come_from_config_files_and_a_project_cannot_pick_its_own() {
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    let user_file = client_dir.path().join("config/rba/config.toml");
+    std::fs::create_dir_all(user_file.parent().unwrap()).unwrap();
+    std::fs::write(
+        &user_file,
+        format!(
+            "default_remote = \"team\"\n\n[remotes]\nteam = \"{}\"\n",
+            served.tcp
+        ),
+    )
+    .unwrap();
+    let peer = served.tcp.rsplit('/').next().unwrap().to_string();
+
+    // No --remote: the user's default remote.
+    let run = rba(client_dir.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .assert()
+        .success();
+    let err = stderr_of(run.get_output());
+    assert!(err.contains(&format!("on {peer}")), "{err}");
+    // `--remote local`: the embedded node.
+    let run = rba(client_dir.path())
+        .args(["build", "--remote", "local"])
+        .arg(fixture("hello"))
+        .assert()
+        .success();
+    assert!(
+        stderr_of(run.get_output()).contains("on the embedded node"),
+        "{err}"
+    );
+    // An unknown name lists the known ones.
+    let run = rba(client_dir.path())
+        .args(["build", "--remote", "nope"])
+        .arg(fixture("hello"))
+        .assert()
+        .code(2);
+    let err = stderr_of(run.get_output());
+    assert!(
+        err.starts_with("rba: error: no remote named \"nope\" (known: team)"),
+        "{err}"
+    );
+
+    // A project whose .rba.toml makes its own node the default: refused, nothing uploaded.
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(project.path().join("src")).unwrap();
+    std::fs::write(
+        project.path().join("Cargo.toml"),
+        "[package]\nname = \"p\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    std::fs::write(project.path().join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(
+        project.path().join(".rba.toml"),
+        format!(
+            "default_remote = \"theirs\"\n\n[remotes]\ntheirs = \"/ip4/127.0.0.1/tcp/1/p2p/{peer}\"\n"
+        ),
+    )
+    .unwrap();
+    let run = rba(client_dir.path())
+        .arg("build")
+        .arg(project.path())
+        .assert()
+        .code(2);
+    let err = stderr_of(run.get_output());
+    assert!(
+        err.starts_with("rba: error: ") && err.contains(".rba.toml makes \"theirs\" the default"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // `rba config` shows what was read.
+    let shown = rba(client_dir.path())
+        .arg("config")
+        .arg(project.path())
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&shown.get_output().stdout).to_string();
+    assert!(
+        out.contains(&format!("user config: {}", user_file.display())),
+        "{out}"
+    );
+    assert!(out.contains("team = /ip4/127.0.0.1/"), "{out}");
+    assert!(
+        out.contains("project config: ") && out.contains("theirs"),
+        "{out}"
+    );
+    // A malformed user file is named.
+    std::fs::write(&user_file, "remote = 1\n").unwrap();
+    let run = rba(client_dir.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .assert()
+        .code(2);
+    let err = stderr_of(run.get_output());
+    assert!(
+        err.contains("config.toml") && err.contains("unknown field"),
+        "{err}"
+    );
+    served.stop();
+}
+
+#[test]
+fn cargo_rba_is_rba_and_completions_are_printed() {
+    let data = tempfile::tempdir().unwrap();
+    // Through cargo itself: `cargo rba` finds `cargo-rba` on PATH, which runs `rba`.
+    let cargo_rba = assert_cmd::cargo::cargo_bin("cargo-rba");
+    let path = format!(
+        "{}:{}",
+        cargo_rba.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["rba", "--version"])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("rba "),
+        "{out:?}"
+    );
+    let completions = rba(data.path())
+        .args(["completions", "bash"])
+        .assert()
+        .success();
+    let script = String::from_utf8_lossy(&completions.get_output().stdout).to_string();
+    assert!(
+        script.contains("_rba()") && script.contains("--features"),
+        "{script}"
+    );
+    let run = rba(data.path())
+        .args(["completions", "no-such-shell"])
+        .assert()
+        .failure();
+    assert!(stderr_of(run.get_output()).contains("no-such-shell"));
 }

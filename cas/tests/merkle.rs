@@ -146,6 +146,7 @@ fn skips_target_git_gitignored_and_cache_dirs() {
         skip_cache_dirs: false,
         use_stat_cache: false,
         always_include: vec![],
+        files_done: None,
     };
     let all = build_from_dir(&store, work.path(), F, &everything).unwrap();
     assert_eq!(all.stats.files, built.stats.files + 8);

@@ -46,6 +46,8 @@
 //!   total is then `max(estimate, done)` while running, and exact at the end.
 //! - Lines on stdout that are not cargo JSON records (test harness output, rustfmt diffs, a
 //!   program's output) become [`CargoEvent::UserLine`] unchanged; so do all stderr lines.
+//!   Rendered diagnostics become [`CargoEvent::Diagnostic`]: logged on stderr, where cargo's
+//!   human output puts them.
 //!   A stdout line that is a JSON object with a `reason` field is taken as a cargo record until
 //!   `build-finished`; after it, stdout is the output of what cargo runs and never a record.
 
@@ -334,8 +336,11 @@ impl CargoArtifact {
 /// What one line of cargo output means.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CargoEvent {
-    /// A line to show the user (ANSI colours kept).
+    /// A line to show the user (ANSI colours kept), on the stream it came from.
     UserLine(String),
+    /// A line of a compiler diagnostic (rendered by rustc, colours kept): it arrives in a JSON
+    /// record on stdout, but cargo's human output prints it on stderr, and so do we.
+    Diagnostic(String),
     /// Units done so far and the total (0 = unknown, see the module documentation).
     Progress {
         /// Units finished, fresh ones included.
@@ -457,7 +462,7 @@ impl CargoOutputParser {
                 };
                 let text = diagnostic.rendered.unwrap_or(diagnostic.message);
                 text.lines()
-                    .map(|l| CargoEvent::UserLine(l.to_string()))
+                    .map(|l| CargoEvent::Diagnostic(l.to_string()))
                     .collect()
             }
             "compiler-artifact" => {
@@ -734,7 +739,7 @@ mod tests {
         events
             .iter()
             .filter_map(|e| match e {
-                CargoEvent::UserLine(l) => Some(l.as_str()),
+                CargoEvent::UserLine(l) | CargoEvent::Diagnostic(l) => Some(l.as_str()),
                 _ => None,
             })
             .collect()

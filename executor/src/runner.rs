@@ -960,6 +960,7 @@ impl RunningJob<'_> {
                 for event in events {
                     match event {
                         CargoEvent::UserLine(text) => job.log(kind, text),
+                        CargoEvent::Diagnostic(text) => job.log(LogStreamKind::Stderr, text),
                         CargoEvent::Progress { done, total } => {
                             let _ = job.state.send(JobState::Running { done, total });
                         }
@@ -1646,6 +1647,7 @@ fn collect_outputs(
                     skip_cache_dirs: false,
                     use_stat_cache: false,
                     always_include: Vec::new(),
+                    files_done: None,
                 };
                 let path = exec_root.join(&relative);
                 let built = merkle::build_from_dir(blobs, &path, function, &options)?;

@@ -4,6 +4,8 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -37,6 +39,9 @@ pub struct DirOptions {
     /// (default: `Cargo.lock`, which most published libraries ignore but an offline, `--locked`
     /// build needs).
     pub always_include: Vec<String>,
+    /// Counts the files hashed (or found in the stat cache) as it goes, for a progress bar
+    /// that polls it; `None`: nobody is watching.
+    pub files_done: Option<Arc<AtomicU64>>,
 }
 
 impl Default for DirOptions {
@@ -48,6 +53,7 @@ impl Default for DirOptions {
             skip_cache_dirs: true,
             use_stat_cache: true,
             always_include: vec!["Cargo.lock".to_string()],
+            files_done: None,
         }
     }
 }
@@ -176,7 +182,13 @@ pub fn build_from_dir(
     };
     let hashed: Vec<Hashed> = jobs
         .par_iter()
-        .map(|job| hash_one(store, function, cache.as_ref(), &job.absolute))
+        .map(|job| {
+            let hashed = hash_one(store, function, cache.as_ref(), &job.absolute);
+            if let Some(done) = &options.files_done {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            hashed
+        })
         .collect::<Result<_>>()?;
     let mut file_stats = TreeStats::default();
     for (job, hashed) in jobs.iter().zip(&hashed) {
