@@ -1,5 +1,5 @@
 //! Cargo's own flags, first-class on `rba build|test|lint|check|…`: `-p`, `--workspace`,
-//! `--features`, `--target`, `--profile`, `--bin`, `-j` and the rest, so
+//! `--features`, `--target`, `--profile`, `--bin`, `-j`, `--message-format json` and the rest, so
 //! that `rba build -p app --release` means what `cargo build -p app --release` means.
 //!
 //! Why a module: the flags are parsed here once and turned into cargo arguments once
@@ -11,7 +11,18 @@
 //! target-spec file rather than a triple, or a profile name cargo would not accept is refused
 //! here with the flag named, before anything is hashed or sent.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+/// `--message-format`: how cargo's messages reach the user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum MessageFormat {
+    /// cargo's human output on stderr.
+    #[default]
+    Human,
+    /// cargo's JSON records on stdout, one per line, as `cargo --message-format json` prints
+    /// them (diagnostics rendered on stderr); replayed with the log on a cache hit.
+    Json,
+}
 
 /// The cargo flags every job command takes.
 #[derive(Args, Clone, Debug, Default, PartialEq, Eq)]
@@ -70,6 +81,9 @@ pub struct CargoFlags {
     /// Parallel jobs of cargo (`cargo -j`).
     #[arg(short = 'j', long, value_name = "N")]
     pub jobs: Option<u32>,
+    /// How cargo's messages are shown.
+    #[arg(long, value_enum, default_value_t)]
+    pub message_format: MessageFormat,
 }
 
 /// A flag value the node would never accept.
@@ -192,6 +206,9 @@ impl CargoFlags {
         }
         if let Some(jobs) = self.jobs {
             args.extend(["--jobs".to_string(), jobs.to_string()]);
+        }
+        if self.message_format == MessageFormat::Json {
+            args.extend(["--message-format".to_string(), "json".to_string()]);
         }
         Ok(args)
     }

@@ -897,3 +897,28 @@ fn cargo_rba_is_rba_and_completions_are_printed() {
         .failure();
     assert!(stderr_of(run.get_output()).contains("no-such-shell"));
 }
+
+#[test]
+fn message_format_json_prints_cargos_records_on_stdout() {
+    let data = tempfile::tempdir().unwrap();
+    for round in ["built", "replayed from the action cache"] {
+        let run = rba(data.path())
+            .args(["build", "--message-format", "json"])
+            .arg(fixture("hello"))
+            .assert()
+            .success();
+        let out = String::from_utf8_lossy(&run.get_output().stdout).to_string();
+        let records: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{round}: {l:?}: {e}")))
+            .collect();
+        let reasons: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["reason"].as_str())
+            .collect();
+        assert!(reasons.contains(&"compiler-artifact"), "{round}: {out}");
+        assert_eq!(reasons.last(), Some(&"build-finished"), "{round}: {out}");
+        let err = stderr_of(run.get_output());
+        assert!(!err.contains("\"reason\""), "{round}: {err}");
+    }
+}

@@ -56,6 +56,38 @@ use serde::Deserialize;
 /// The message format every compiling job uses.
 pub const MESSAGE_FORMAT: &str = "--message-format=json-diagnostic-rendered-ansi";
 
+/// The message format of a compiling job whose user asked for cargo's JSON records
+/// (`--message-format json`): cargo renders the diagnostics itself on stderr, as a human run
+/// would, and the records on stdout go to the user as they are ([`CargoOutputParser::forward_records`]).
+/// A different argument vector, so a different action key: a replayed log has the records.
+pub const RECORDS_FORMAT: &str = "--message-format=json-render-diagnostics";
+
+/// The user's own `--message-format` among `args` (`--message-format X`, `--message-format=X`),
+/// removed; `true` when one of them asked for JSON. Cargo refuses two message formats, and ours
+/// must stay JSON for the node to follow the build.
+fn take_message_format(args: &[String]) -> (Vec<String>, bool) {
+    let mut kept = Vec::with_capacity(args.len());
+    let mut json = false;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--" {
+            kept.push(arg.clone());
+            kept.extend(iter.by_ref().cloned());
+            break;
+        }
+        let value = if arg == "--message-format" {
+            iter.next().cloned().unwrap_or_default()
+        } else if let Some(value) = arg.strip_prefix("--message-format=") {
+            value.to_string()
+        } else {
+            kept.push(arg.clone());
+            continue;
+        };
+        json |= value.split(',').any(|v| v.trim().starts_with("json"));
+    }
+    (kept, json)
+}
+
 /// Where `cargo audit` finds the pre-fetched RustSec advisory database in the sandbox
 /// (`CARGO_HOME/advisory-db`, cargo-audit's default location under `CARGO_HOME=/cargo`).
 pub const ADVISORY_DB: &str = "/cargo/advisory-db";
@@ -201,17 +233,27 @@ impl CargoJob {
     /// every other kind they are appended as given (so `cargo test` extras may include
     /// `-- --nocapture`).
     pub fn argv(&self) -> Vec<String> {
+        let (extra_args, records) = if self.kind.has_profile() {
+            take_message_format(&self.extra_args)
+        } else {
+            (self.extra_args.clone(), false)
+        };
+        let format = if records {
+            RECORDS_FORMAT
+        } else {
+            MESSAGE_FORMAT
+        };
         let mut argv: Vec<String> = Vec::new();
         let mut push = |args: &[&str]| argv.extend(args.iter().map(|a| a.to_string()));
         match self.kind {
-            JobKind::Build => push(&["cargo", "build", "--locked", "--offline", MESSAGE_FORMAT]),
+            JobKind::Build => push(&["cargo", "build", "--locked", "--offline", format]),
             JobKind::Test => push(&[
                 "cargo",
                 "test",
                 "--locked",
                 "--offline",
                 "--no-fail-fast",
-                MESSAGE_FORMAT,
+                format,
             ]),
             JobKind::Clippy => push(&[
                 "cargo",
@@ -219,7 +261,7 @@ impl CargoJob {
                 "--locked",
                 "--offline",
                 "--all-targets",
-                MESSAGE_FORMAT,
+                format,
             ]),
             JobKind::Check => push(&[
                 "cargo",
@@ -227,7 +269,7 @@ impl CargoJob {
                 "--locked",
                 "--offline",
                 "--all-targets",
-                MESSAGE_FORMAT,
+                format,
             ]),
             JobKind::Fmt => push(&["cargo", "fmt", "--all", "--check"]),
             JobKind::Audit => push(&[
@@ -245,16 +287,15 @@ impl CargoJob {
             argv.push("--release".to_string());
         }
         if self.kind == JobKind::Clippy {
-            let split = self
-                .extra_args
+            let split = extra_args
                 .iter()
                 .position(|a| a == "--")
-                .unwrap_or(self.extra_args.len());
-            argv.extend(self.extra_args[..split].iter().cloned());
+                .unwrap_or(extra_args.len());
+            argv.extend(extra_args[..split].iter().cloned());
             argv.extend(["--", "-D", "warnings"].map(String::from));
-            argv.extend(self.extra_args.iter().skip(split + 1).cloned());
+            argv.extend(extra_args.iter().skip(split + 1).cloned());
         } else {
-            argv.extend(self.extra_args.iter().cloned());
+            argv.extend(extra_args);
         }
         argv
     }
@@ -400,6 +441,8 @@ pub struct CargoOutputParser {
     done: u32,
     total_estimate: u32,
     success: Option<bool>,
+    /// Pass every record line through to the user as well ([`RECORDS_FORMAT`] jobs).
+    pub forward_records: bool,
 }
 
 impl CargoOutputParser {
@@ -455,6 +498,15 @@ impl CargoOutputParser {
         let Some(record) = record else {
             return vec![CargoEvent::UserLine(line.to_string())];
         };
+        let mut events = Vec::new();
+        if self.forward_records {
+            events.push(CargoEvent::UserLine(line.to_string()));
+        }
+        events.extend(self.interpret(record));
+        events
+    }
+
+    fn interpret(&mut self, record: Record) -> Vec<CargoEvent> {
         match record.reason.as_str() {
             "compiler-message" => {
                 let Some(diagnostic) = record.message else {
@@ -733,6 +785,41 @@ mod tests {
             .flat_map(|l| parser.feed_stderr(l))
             .collect();
         (stdout, stderr, output.status.success())
+    }
+
+    #[test]
+    fn a_users_message_format_becomes_ours_and_json_forwards_records() {
+        let job = |extra: &[&str]| CargoJob {
+            kind: JobKind::Build,
+            release: false,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let argv = job(&["--message-format", "json", "-p", "x"]).argv();
+        assert_eq!(
+            argv.join(" "),
+            "cargo build --locked --offline --message-format=json-render-diagnostics -p x"
+        );
+        let argv = job(&["--message-format=short"]).argv();
+        assert!(argv.contains(&MESSAGE_FORMAT.to_string()), "{argv:?}");
+        assert_eq!(
+            argv.iter().filter(|a| a.contains("message-format")).count(),
+            1
+        );
+        // After `--` the arguments belong to the program, untouched.
+        let argv = job(&["--", "--message-format=json"]).argv();
+        assert_eq!(argv.last().unwrap(), "--message-format=json");
+        assert!(argv.contains(&MESSAGE_FORMAT.to_string()), "{argv:?}");
+
+        let record = r#"{"reason":"build-script-executed","package_id":"x"}"#;
+        let mut parser = CargoOutputParser::new();
+        assert_eq!(user_lines(&parser.feed_stdout(record)), Vec::<&str>::new());
+        let mut parser = CargoOutputParser {
+            forward_records: true,
+            ..CargoOutputParser::new()
+        };
+        let events = parser.feed_stdout(record);
+        assert_eq!(user_lines(&events), [record]);
+        assert_eq!(parser.units_done(), 1, "the record is still interpreted");
     }
 
     fn user_lines(events: &[CargoEvent]) -> Vec<&str> {

@@ -61,7 +61,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::action::{ActionError, PreparedAction, Toolchain, cargo_action};
 use crate::caches::{CacheLayout, Slot, SlotLock};
 use crate::cargo::{
-    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, fetch_argv, lockfile_unit_estimate,
+    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, RECORDS_FORMAT, fetch_argv,
+    lockfile_unit_estimate,
 };
 use crate::egress::{EgressPolicy, EgressProxy};
 use crate::logstream::{
@@ -946,6 +947,12 @@ impl RunningJob<'_> {
             .network(NetworkPolicy::None)
             .limits(self.limits());
         let mut parser = CargoOutputParser::with_total_estimate(lockfile_unit_estimate(&lockfile));
+        parser.forward_records = self
+            .prepared
+            .command
+            .arguments
+            .iter()
+            .any(|a| a == RECORDS_FORMAT);
         // Each executable is stored as soon as cargo reports it, while cargo goes on (other
         // units, the test run, its own exit and the sandbox teardown).
         let (blobs, function) = (self.inner().cas.blobs.clone(), self.function());
