@@ -13,7 +13,9 @@
 //!   name the binary whose results follow;
 //! - libtest's `test result: ok. 2 passed; 1 failed; 0 ignored; …` closes that binary;
 //! - libtest's `---- NAME stdout ----` opens a failing test's captured output, which runs to
-//!   the next such header or to the `failures:` list that follows the sections.
+//!   the next such header or to the `failures:` list that follows the sections;
+//! - that list (`failures:` then one indented name a line) names every failing test, also
+//!   those without a section (`-- --nocapture` prints their output inline, above).
 
 use rba_executor::logstream::strip_ansi;
 
@@ -48,6 +50,7 @@ pub struct TestReport {
     failures: Vec<FailedTest>,
     current: Option<String>,
     open: Option<FailedTest>,
+    in_failure_list: bool,
 }
 
 impl TestReport {
@@ -70,6 +73,30 @@ impl TestReport {
                 return;
             }
             self.close_section();
+        }
+        if self.in_failure_list {
+            match line.strip_prefix("    ").filter(|name| !name.contains(' ')) {
+                Some(test) => {
+                    let binary = self.binary_name();
+                    if !self
+                        .failures
+                        .iter()
+                        .any(|f| f.test == test && f.binary == binary)
+                    {
+                        self.failures.push(FailedTest {
+                            binary,
+                            test: test.to_string(),
+                            output: Vec::new(),
+                        });
+                    }
+                    return;
+                }
+                None => self.in_failure_list = false,
+            }
+        }
+        if line == "failures:" {
+            self.in_failure_list = true;
+            return;
         }
         let status = line.trim_start();
         if let Some(rest) = status.strip_prefix("Running ")
@@ -118,6 +145,13 @@ impl TestReport {
             ));
         }
         for failure in self.failures() {
+            if failure.output.is_empty() {
+                out.push(format!(
+                    "rba: failed test {} in {} (its output, if any, is inline above)",
+                    failure.test, failure.binary
+                ));
+                continue;
+            }
             out.push(format!(
                 "rba: failed test {} in {}:",
                 failure.test, failure.binary
@@ -313,6 +347,29 @@ error: test failed, to rerun pass `--lib`";
             "     Running `rustc --crate-name x`\ntest result: ok. 1 passed; 0 failed; 0 ignored",
         );
         assert_eq!(verbose.binaries()[0].name, "tests");
+    }
+
+    #[test]
+    fn failures_without_sections_are_named_from_the_list() {
+        let nocapture = report(
+            "     Running unittests src/lib.rs (/t/deps/m-0123456789abcdef)
+thread 'tests::boom' panicked at src/lib.rs:1:1:
+test tests::boom ... FAILED
+
+failures:
+    tests::boom
+
+test result: FAILED. 0 passed; 1 failed; 0 ignored",
+        );
+        let failures = nocapture.failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].test, "tests::boom");
+        assert!(failures[0].output.is_empty());
+        assert!(nocapture.render().join("\n").contains(
+            "rba: failed test tests::boom in unittests src/lib.rs (m) (its output, if any, is inline above)"
+        ));
+        // With sections, the list does not name a test twice.
+        assert_eq!(report(LOG).failures().len(), 1);
     }
 
     #[test]
