@@ -44,11 +44,20 @@ pub struct FailedTest {
 }
 
 /// Results gathered from a test job's log, one line at a time.
+///
+/// Cargo names a binary on its stderr (`Running …`) and the binary reports on its stdout, and
+/// the log interleaves the two streams as they arrive: the next binary's `Running` line may
+/// come before the previous binary's `test result:`. Each stream is in order, though, and the
+/// binaries run one after the other, so the n-th `test result:` (and the failure sections
+/// before it) belongs to the n-th binary cargo named; names are matched that way.
 #[derive(Clone, Debug, Default)]
 pub struct TestReport {
-    binaries: Vec<BinaryResult>,
-    failures: Vec<FailedTest>,
-    current: Option<String>,
+    /// Binaries as cargo named them, in order.
+    announced: Vec<String>,
+    /// (passed, failed, ignored) of each `test result:` line, in order.
+    results: Vec<(u64, u64, u64)>,
+    /// Failing tests with the index of the result they precede (their binary's).
+    failures: Vec<(usize, FailedTest)>,
     open: Option<FailedTest>,
     in_failure_list: bool,
 }
@@ -61,7 +70,7 @@ impl TestReport {
         if let Some(test) = section_header(line) {
             self.close_section();
             self.open = Some(FailedTest {
-                binary: self.binary_name(),
+                binary: String::new(),
                 test: test.to_string(),
                 output: vec![line.to_string()],
             });
@@ -77,17 +86,18 @@ impl TestReport {
         if self.in_failure_list {
             match line.strip_prefix("    ").filter(|name| !name.contains(' ')) {
                 Some(test) => {
-                    let binary = self.binary_name();
+                    let index = self.results.len();
                     if !self
                         .failures
                         .iter()
-                        .any(|f| f.test == test && f.binary == binary)
+                        .any(|(i, f)| *i == index && f.test == test)
                     {
-                        self.failures.push(FailedTest {
-                            binary,
+                        let failure = FailedTest {
+                            binary: String::new(),
                             test: test.to_string(),
                             output: Vec::new(),
-                        });
+                        };
+                        self.failures.push((index, failure));
                     }
                     return;
                 }
@@ -102,9 +112,9 @@ impl TestReport {
         if let Some(rest) = status.strip_prefix("Running ")
             && !rest.starts_with('`')
         {
-            self.current = Some(binary_label(rest));
+            self.announced.push(binary_label(rest));
         } else if let Some(rest) = status.strip_prefix("Doc-tests ") {
-            self.current = Some(format!("doc-tests {}", rest.trim()));
+            self.announced.push(format!("doc-tests {}", rest.trim()));
         } else if let Some(counts) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
                 counts
@@ -113,32 +123,47 @@ impl TestReport {
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(0)
             };
-            self.binaries.push(BinaryResult {
-                name: self.binary_name(),
-                passed: count("passed"),
-                failed: count("failed"),
-                ignored: count("ignored"),
-            });
-            self.current = None;
+            self.results
+                .push((count("passed"), count("failed"), count("ignored")));
         }
     }
 
-    /// The binaries seen so far, in the order they ran.
-    pub fn binaries(&self) -> &[BinaryResult] {
-        &self.binaries
+    /// The binaries that reported so far, in the order they ran.
+    pub fn binaries(&self) -> Vec<BinaryResult> {
+        self.results
+            .iter()
+            .enumerate()
+            .map(|(index, &(passed, failed, ignored))| BinaryResult {
+                name: self.binary_name(index),
+                passed,
+                failed,
+                ignored,
+            })
+            .collect()
     }
 
     /// The failing tests seen so far (a section still open counts).
     pub fn failures(&self) -> Vec<FailedTest> {
-        let mut all = self.failures.clone();
-        all.extend(self.open.clone().map(trimmed));
-        all
+        let open = self
+            .open
+            .clone()
+            .map(|open| (self.results.len(), trimmed(open)));
+        self.failures
+            .iter()
+            .cloned()
+            .chain(open)
+            .map(|(index, mut failure)| {
+                failure.binary = self.binary_name(index);
+                failure
+            })
+            .collect()
     }
 
     /// The report as lines for stderr: one per binary, the failing tests' output, the total.
     pub fn render(&self) -> Vec<String> {
+        let binaries = self.binaries();
         let mut out = Vec::new();
-        for binary in &self.binaries {
+        for binary in &binaries {
             out.push(format!(
                 "rba: test result of {}: {} passed, {} failed, {} ignored",
                 binary.name, binary.passed, binary.failed, binary.ignored
@@ -158,8 +183,8 @@ impl TestReport {
             ));
             out.extend(failure.output.iter().map(|line| format!("    {line}")));
         }
-        let total = |field: fn(&BinaryResult) -> u64| self.binaries.iter().map(field).sum::<u64>();
-        let count = self.binaries.len();
+        let total = |field: fn(&BinaryResult) -> u64| binaries.iter().map(field).sum::<u64>();
+        let count = binaries.len();
         out.push(format!(
             "rba: tests total: {} passed, {} failed, {} ignored in {count} test binar{}",
             total(|b| b.passed),
@@ -177,13 +202,17 @@ impl TestReport {
         }
     }
 
-    fn binary_name(&self) -> String {
-        self.current.clone().unwrap_or_else(|| "tests".to_string())
+    /// The name of the binary of the `index`-th result.
+    fn binary_name(&self, index: usize) -> String {
+        self.announced
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| "tests".to_string())
     }
 
     fn close_section(&mut self) {
         if let Some(open) = self.open.take() {
-            self.failures.push(trimmed(open));
+            self.failures.push((self.results.len(), trimmed(open)));
         }
     }
 }
@@ -285,7 +314,7 @@ error: test failed, to rerun pass `--lib`";
         let report = report(LOG);
         assert_eq!(
             report.binaries(),
-            &[
+            vec![
                 BinaryResult {
                     name: "unittests src/lib.rs (mixed_tests)".into(),
                     passed: 1,
@@ -370,6 +399,40 @@ test result: FAILED. 0 passed; 1 failed; 0 ignored",
         ));
         // With sections, the list does not name a test twice.
         assert_eq!(report(LOG).failures().len(), 1);
+    }
+
+    #[test]
+    fn the_next_binarys_name_may_come_before_the_last_ones_results() {
+        // cargo's stderr (`Doc-tests`) overtook the unit tests' stdout in the merged log.
+        let raced = report(
+            "     Running unittests src/lib.rs (/t/deps/mixed_tests-0123456789abcdef)
+   Doc-tests mixed_tests
+running 2 tests
+test tests::fails_on_purpose ... FAILED
+failures:
+
+---- tests::fails_on_purpose stdout ----
+boom
+
+failures:
+    tests::fails_on_purpose
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored
+running 0 tests
+test result: ok. 0 passed; 0 failed; 0 ignored",
+        );
+        let names: Vec<_> = raced.binaries().into_iter().map(|b| b.name).collect();
+        assert_eq!(
+            names,
+            [
+                "unittests src/lib.rs (mixed_tests)",
+                "doc-tests mixed_tests"
+            ]
+        );
+        let failures = raced.failures();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].binary, "unittests src/lib.rs (mixed_tests)");
+        assert_eq!(failures[0].output[1], "boom");
     }
 
     #[test]
