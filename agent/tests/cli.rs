@@ -793,6 +793,90 @@ impl Background {
     }
 }
 
+/// The processes in the job cgroups the executor of process `pid` made
+/// (`…/rba-jobs/job-PID-N`, see executor/src/cgroup.rs); `None` when this machine gives the
+/// executor no cgroups (no `rba-jobs` anywhere).
+fn job_cgroup_processes(pid: u32) -> Option<Vec<u32>> {
+    let prefix = format!("job-{pid}-");
+    let mut jobs_dirs = Vec::new();
+    let mut stack = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name() == "rba-jobs" {
+                jobs_dirs.push(entry.path());
+            } else if depth < 4 {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    if jobs_dirs.is_empty() {
+        return None;
+    }
+    let mut pids = Vec::new();
+    for jobs in jobs_dirs {
+        for job in std::fs::read_dir(jobs).into_iter().flatten().flatten() {
+            if job.file_name().to_string_lossy().starts_with(&prefix) {
+                let procs = std::fs::read_to_string(job.path().join("cgroup.procs"));
+                pids.extend(
+                    procs
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| l.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    Some(pids)
+}
+
+/// Waits (at most 60 s) until the jobs of executor process `pid` have processes (true), or
+/// says there are no job cgroups on this machine to look at (false).
+fn job_is_running(pid: u32) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match job_cgroup_processes(pid) {
+            None => {
+                eprintln!(
+                    "no job cgroups on this machine: the sandbox's processes are not counted"
+                );
+                return false;
+            }
+            Some(pids) if !pids.is_empty() => return true,
+            Some(_) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job of {pid} never had a process in its cgroup"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Asserts that every process of the jobs of executor process `pid` is gone (within 10 s: the
+/// kill is asynchronous to the job's end).
+fn assert_no_job_processes(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = job_cgroup_processes(pid).unwrap_or_default();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of a cancelled job still run: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
     let node_dir = tempfile::tempdir().unwrap();
@@ -813,9 +897,11 @@ fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
     };
 
     // Ctrl-C once cargo runs on the node: the job is cancelled there, rba says so, exit 130.
+    let node_pid = served.child.id();
     let build = remote_build(client_dir.path());
     let session = build.session_id();
     build.wait_for(false, "Compiling endless-build");
+    let counted = job_is_running(node_pid);
     build.signal("INT");
     let (code, err) = build.wait(std::time::Duration::from_secs(30));
     assert_eq!(code, Some(130), "{err}");
@@ -823,6 +909,9 @@ fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
         err.contains(&format!("rba: cancelled session {session} on {node_peer}")),
         "{err}"
     );
+    if counted {
+        assert_no_job_processes(node_pid);
+    }
     // The node's own account of the session: it ended, cancelled.
     let logs = rba(client_dir.path())
         .args(["logs", &session, "--remote", &served.tcp])
@@ -838,6 +927,7 @@ fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
     detached.wait_for(false, "Compiling endless-build");
     detached.signal("KILL");
     detached.wait(std::time::Duration::from_secs(10));
+    let counted = job_is_running(node_pid);
 
     // Another client identity may not cancel it, and is told as if it did not exist.
     let stranger = tempfile::tempdir().unwrap();
@@ -851,6 +941,15 @@ fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
         err.starts_with("rba: error:") && err.contains("unknown_session"),
         "{err}"
     );
+    if counted {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        assert!(
+            !job_cgroup_processes(node_pid)
+                .unwrap_or_default()
+                .is_empty(),
+            "the refused cancel left the job running"
+        );
+    }
 
     // The owner may: the job was still running (else this would be `session_finished`).
     let cancelled = rba(client_dir.path())
@@ -863,6 +962,9 @@ fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
         err.contains(&format!("rba: cancelled session {session} on {node_peer}")),
         "{err}"
     );
+    if counted {
+        assert_no_job_processes(node_pid);
+    }
 
     // Clear errors: a finished session, an unknown one.
     for (session, expected) in [
@@ -890,6 +992,8 @@ fn ctrl_c_cancels_an_embedded_build() {
     let endless = fixture("endless-build");
     let build = Background::start(data.path(), &["build".as_ref(), endless.as_os_str()]);
     build.wait_for(false, "Compiling endless-build");
+    let rba_pid = build.child.id();
+    let counted = job_is_running(rba_pid);
     build.signal("INT");
     let (code, err) = build.wait(std::time::Duration::from_secs(30));
     assert_eq!(code, Some(130), "{err}");
@@ -897,6 +1001,10 @@ fn ctrl_c_cancels_an_embedded_build() {
         err.contains("rba: cancelled job ") && err.contains("(cancelled)"),
         "{err}"
     );
+    // The sandbox went with the job, not left behind by the exiting process.
+    if counted {
+        assert_no_job_processes(rba_pid);
+    }
 }
 
 #[test]
