@@ -384,7 +384,7 @@ async fn run_remote(
             .iter()
             .map(|a| (a.path.clone(), Artifact::from_wire(a)))
             .collect();
-        land(
+        let landing = land(
             target_dir,
             &artifacts,
             &cas.blobs,
@@ -393,8 +393,17 @@ async fn run_remote(
                 let store = cas.blobs.clone();
                 async move { client.fetch_missing(&store, &digests).await.map(|_| ()) }
             },
-        )
-        .await?;
+        );
+        // SIGINT is ours now (the handler stays for the process): Ctrl-C still stops the fetch.
+        tokio::select! {
+            landed = landing => {
+                landed?;
+            }
+            _ = interrupt.recv() => {
+                eprintln!("rba: interrupted while fetching the artifacts");
+                return Ok(130);
+            }
+        }
     }
     Ok(code)
 }
@@ -457,7 +466,15 @@ fn report_cancelled(session: &str, node: libp2p::PeerId, end: &rba_proto::rba::v
 /// `rba cancel`: cancels a session of this client identity.
 async fn cancel(client_dir: &Path, session: &str, remote: &str) -> anyhow::Result<u8> {
     let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
-    let end = client.cancel(session).await?;
+    let wait = std::time::Duration::from_secs(60);
+    let end = tokio::time::timeout(wait, client.cancel(session))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the node did not confirm cancelling session {session} within {}s",
+                wait.as_secs()
+            )
+        })??;
     Ok(if report_cancelled(session, client.node(), &end) {
         0
     } else {
