@@ -5,7 +5,8 @@
 //! Why a module: the CLI, the tests and the bench all drive a node the same way; keeping the
 //! protocol choreography (submit first; on `missing_input` ask `Has`, upload, submit again;
 //! resume with `Attach {from_seq}`; check the end's signature and line count) in one place
-//! means every caller gets the exactly-once guarantee.
+//! means every caller gets the exactly-once guarantee. [`RemoteClient::cancel`] stops a session
+//! this client submitted and returns its signed end (`rba cancel`, Ctrl-C on `rba build`).
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use anyhow::Context;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use rba_cas::{BlobStore, Digest};
-use rba_proto::rba::v1::{Attach, End, EndBody, Submit, client_frame};
+use rba_proto::rba::v1::{Attach, Cancel, End, EndBody, Submit, client_frame};
 
 use crate::p2p::blobs::BlobClient;
 use crate::p2p::frame::DEFAULT_MAX_FRAME;
@@ -162,11 +163,20 @@ impl RemoteClient {
             return Ok(stats);
         }
         let bar = crate::output::upload_bar(stats.bytes);
+        // A few blobs per stream at least: each extra stream costs a round trip to open.
+        let streams = UPLOAD_STREAMS.min(missing.len().div_ceil(4));
+        let probe = missing[0];
         let queue = parking_lot::Mutex::new(missing);
-        let streams = UPLOAD_STREAMS.min(queue.lock().len());
         let mut clients = vec![first];
-        for _ in 1..streams {
-            clients.push(self.blobs().await?);
+        while clients.len() < streams {
+            // Opened one at a time, each confirmed by an answer before the next: a node drops
+            // inbound streams that arrive faster than it accepts them (libp2p-stream's
+            // channel), and a dropped stream is only seen as a closed one later.
+            let mut extra = self.blobs().await?;
+            if extra.has(&[probe]).await.is_err() {
+                break;
+            }
+            clients.push(extra);
         }
         let uploads = clients.into_iter().map(|mut blobs| {
             let (queue, bar) = (&queue, &bar);
@@ -256,6 +266,27 @@ impl RemoteClient {
         let session = self.attach(session_id, from_seq).await?;
         self.follow_stream(session, session_id, from_seq, &mut on_event)
             .await
+    }
+
+    /// Cancels session `session_id` (one this client's identity submitted) and returns its
+    /// signed end, once the node has stopped the job. The node's refusals
+    /// (`unknown_session`, `session_finished`) come back as [`NodeError`].
+    pub async fn cancel(&self, session_id: &str) -> anyhow::Result<End> {
+        let mut session = self.session().await?;
+        session
+            .send(client_frame::Frame::Cancel(Cancel {
+                session_id: session_id.to_string(),
+            }))
+            .await
+            .context("sending Cancel")?;
+        loop {
+            match session.next().await? {
+                Some(SessionEvent::End(end)) => return Ok(end),
+                Some(SessionEvent::Accepted(_)) => {}
+                Some(_) => anyhow::bail!("the node answered Cancel with log frames"),
+                None => anyhow::bail!("the node closed the session before its end"),
+            }
+        }
     }
 
     async fn attach(&self, session_id: &str, from_seq: u64) -> anyhow::Result<SessionClient> {

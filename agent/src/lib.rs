@@ -16,6 +16,8 @@
 //! - [`artifacts`]: a build's binaries written into the user's target dir, hostile paths refused.
 //! - [`local`]: the embedded node `rba` uses without `--remote`.
 //! - [`output`]: what the CLI prints (live lines, progress bar, summary).
+//! - [`test_report`]: `rba test`'s results per test binary and the failing tests' output, read
+//!   from the log lines both paths print.
 //! - [`workspace`]: hashing a user's workspace into a local CAS.
 //! - `tangle` (feature `tangle`, off by default): the Tangle Blueprint jobs (0–4), `zip_uri`
 //!   fetching and `rba tangle run`.
@@ -35,4 +37,5 @@ pub mod output;
 pub mod p2p;
 #[cfg(feature = "tangle")]
 pub mod tangle;
+pub mod test_report;
 pub mod workspace;

@@ -4,16 +4,22 @@
 //!
 //! Why a module: the embedded mode is the default and must keep working on its own, without
 //! libp2p or HTTP; it takes the same `Executor::submit_cargo` path as everything else.
+//!
+//! Ctrl-C while the job runs cancels it through `JobHandle::cancel` (the executor kills the
+//! sandbox, as for a remote `Cancel`), waits for its end and exits 130; a second Ctrl-C exits
+//! 130 at once. A test job's results are reported by `test_report` from the lines printed.
 
 use std::path::Path;
 
 use anyhow::Context;
-use rba_executor::cargo::CargoJob;
+use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::runner::{Executor, ExecutorConfig, JobLimits, JobState, JobStatus};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::artifacts::Artifact;
 use crate::history::status_name;
 use crate::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
+use crate::test_report::TestReport;
 use crate::workspace::{hash_workspace, open_cas, workspace_identity};
 
 /// Runs `job` on the workspace at `path` in-process; returns the process exit code. With
@@ -63,15 +69,46 @@ pub async fn run(
         }
     });
     let mut reader = handle.log.subscribe(0);
-    while let Some(line) = reader.next().await {
-        terminal
-            .lock()
-            .line(LineStream::from_kind(line.stream), &line.line);
+    let mut report = TestReport::default();
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling Ctrl-C")?;
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            line = reader.next() => match line {
+                Some(line) => {
+                    report.line(&line.line);
+                    terminal
+                        .lock()
+                        .line(LineStream::from_kind(line.stream), &line.line);
+                }
+                None => break,
+            },
+            _ = interrupt.recv() => {
+                if interrupted {
+                    std::process::exit(130);
+                }
+                interrupted = true;
+                terminal.lock().finish();
+                eprintln!("rba: cancelling job {} (Ctrl-C again to quit at once)", handle.id);
+                handle.cancel();
+            }
+        }
     }
     let outcome = handle.wait().await;
     progress.abort();
     terminal.lock().finish();
+    if interrupted {
+        eprintln!(
+            "rba: cancelled job {} on the embedded node ({})",
+            handle.id,
+            status_name(outcome.status)
+        );
+        return Ok(130);
+    }
     eprintln!();
+    if job.kind == JobKind::Test {
+        report.print();
+    }
     eprintln!(
         "rba: {} in {:.2}s{} (exit code {})",
         status_name(outcome.status),

@@ -13,6 +13,14 @@
 //!   own output live, then prints a summary and exits with the job's status. Without
 //!   `--remote` the job runs on an embedded node in-process; with it, on the node at
 //!   `MULTIADDR/p2p/PEERID`, uploading only the blobs the node lacks.
+//! - Ctrl-C during `rba build|test|… --remote` cancels the job on the node (a `Cancel` frame;
+//!   the node kills the sandbox), waits a few seconds for the signed end, prints `rba: cancelled
+//!   session ID on NODE` and exits 130; a second Ctrl-C exits 130 at once. Without `--remote`,
+//!   Ctrl-C cancels the embedded node's job the same way.
+//! - `rba cancel SESSION --remote MULTIADDR`: cancels a session this client identity submitted
+//!   (e.g. one whose client went away); exit 0 once the node confirms it.
+//! - `rba test` ends with the results per test binary (passed, failed, ignored), the failing
+//!   tests' output and a total (`test_report`), embedded and remote alike.
 //! - `rba logs SESSION [--from-seq N] --remote MULTIADDR`: re-attaches to a session.
 //! - `rba hash PATH`: stores a workspace in the local CAS and prints its root digest.
 //! - After a successful `rba build`, the binaries are written into the local target dir
@@ -37,9 +45,11 @@ use rba_agent::config::{NodeArgs, default_data_dir};
 use rba_agent::node::Node;
 use rba_agent::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
 use rba_agent::p2p::session::SessionEvent;
+use rba_agent::test_report::TestReport;
 use rba_agent::workspace::{hash_workspace, open_cas, workspace_hint};
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_proto::rba::v1::{JobOptions, JobStatus as WireStatus, Submit};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(name = "rba", version, about = "Remote, cached, sandboxed cargo builds", long_about = None)]
@@ -79,6 +89,14 @@ enum Commands {
         /// First line to print.
         #[arg(long, default_value_t = 0)]
         from_seq: u64,
+        /// The node: MULTIADDR/p2p/PEERID or a remote's name (default: the config's).
+        #[arg(long, env = "RBA_REMOTE")]
+        remote: Option<String>,
+    },
+    /// Cancel a session this client submitted (running or queued) on a node.
+    Cancel {
+        /// The session id (printed when the job was accepted).
+        session: String,
         /// The node: MULTIADDR/p2p/PEERID or a remote's name (default: the config's).
         #[arg(long, env = "RBA_REMOTE")]
         remote: Option<String>,
@@ -240,6 +258,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             return logs(&client_dir, &session, from_seq, &remote, color).await;
         }
+        Commands::Cancel { session, remote } => {
+            let Some(remote) =
+                ClientConfig::load(Some(Path::new(".")))?.resolve_remote(remote.as_deref())?
+            else {
+                anyhow::bail!("rba cancel stops a session on a node: pass --remote");
+            };
+            return cancel(&client_dir, &session, &remote).await;
+        }
         Commands::Build(args) => (JobKind::Build, args),
         Commands::Test(args) => (JobKind::Test, args),
         Commands::Lint(args) => (JobKind::Clippy, args),
@@ -367,16 +393,39 @@ async fn run_remote(
         limits: Some(rba_agent::client::limits_to_wire(&limits)),
     };
     let mut terminal = Terminal::for_stdio(color);
-    let result = client
-        .run(&cas.blobs, &tree.blobs, submit, |event| {
+    let mut report = TestReport::default();
+    // Installed only now, so that Ctrl-C while hashing or connecting still just stops `rba`.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let session_id = parking_lot::Mutex::new(None::<String>);
+    let finished = {
+        let run = client.run(&cas.blobs, &tree.blobs, submit, |event| {
+            match event {
+                SessionEvent::Accepted(accepted) => {
+                    *session_id.lock() = Some(accepted.session_id.clone())
+                }
+                SessionEvent::Line(line) => report.line(&line.line),
+                _ => {}
+            }
             render(&mut terminal, event)
-        })
-        .await?;
+        });
+        tokio::select! {
+            result = run => Some(result),
+            _ = interrupt.recv() => None,
+        }
+    };
     terminal.finish();
+    let Some(result) = finished else {
+        let session = session_id.lock().clone();
+        return cancel_interrupted(&client, session, &mut interrupt).await;
+    };
+    let result = result?;
     eprintln!(
         "rba: uploaded {} of {} blobs ({} bytes)",
         result.upload.uploaded, result.upload.asked, result.upload.bytes
     );
+    if job.kind == JobKind::Test {
+        report.print();
+    }
     let code = summary(&result);
     let body = result.body();
     if let Some(target_dir) = land_in.filter(|_| body.status == WireStatus::Success as i32) {
@@ -385,7 +434,7 @@ async fn run_remote(
             .iter()
             .map(|a| (a.path.clone(), Artifact::from_wire(a)))
             .collect();
-        land(
+        let landing = land(
             target_dir,
             &artifacts,
             &cas.blobs,
@@ -394,10 +443,93 @@ async fn run_remote(
                 let store = cas.blobs.clone();
                 async move { client.fetch_missing(&store, &digests).await.map(|_| ()) }
             },
-        )
-        .await?;
+        );
+        // SIGINT is ours now (the handler stays for the process): Ctrl-C still stops the fetch.
+        tokio::select! {
+            landed = landing => {
+                landed?;
+            }
+            _ = interrupt.recv() => {
+                eprintln!("rba: interrupted while fetching the artifacts");
+                return Ok(130);
+            }
+        }
     }
     Ok(code)
+}
+
+/// How long an interrupted `rba` waits for the node to confirm the cancel.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Ctrl-C during a remote job: cancels its session (when the node accepted one) and waits, at
+/// most [`CANCEL_WAIT`], for the signed end; a second Ctrl-C exits at once. Exit code 130, as
+/// a shell reports a process stopped by SIGINT.
+async fn cancel_interrupted(
+    client: &RemoteClient,
+    session: Option<String>,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<u8> {
+    let Some(session) = session else {
+        eprintln!("rba: interrupted before the node accepted the job");
+        return Ok(130);
+    };
+    eprintln!("rba: cancelling session {session} (Ctrl-C again to quit at once)");
+    let confirmed = tokio::select! {
+        confirmed = tokio::time::timeout(CANCEL_WAIT, client.cancel(&session)) => confirmed,
+        _ = interrupt.recv() => std::process::exit(130),
+    };
+    match confirmed {
+        Ok(Ok(end)) => {
+            report_cancelled(&session, client.node(), &end);
+        }
+        Ok(Err(error)) => {
+            eprintln!("rba: could not cancel session {session}: {error:#}")
+        }
+        Err(_) => eprintln!(
+            "rba: the node did not confirm cancelling session {session} within {}s",
+            CANCEL_WAIT.as_secs()
+        ),
+    }
+    Ok(130)
+}
+
+/// Prints what a `Cancel` ended in; true when the job was cancelled (it may have ended on its
+/// own just before).
+fn report_cancelled(session: &str, node: libp2p::PeerId, end: &rba_proto::rba::v1::End) -> bool {
+    let status = end
+        .body
+        .as_ref()
+        .and_then(|b| WireStatus::try_from(b.status).ok())
+        .unwrap_or(WireStatus::Unspecified);
+    if status == WireStatus::Cancelled {
+        eprintln!("rba: cancelled session {session} on {node}");
+        true
+    } else {
+        eprintln!(
+            "rba: session {session} on {node} ended ({}) before the cancel reached it",
+            status.as_str_name()
+        );
+        false
+    }
+}
+
+/// `rba cancel`: cancels a session of this client identity.
+async fn cancel(client_dir: &Path, session: &str, remote: &str) -> anyhow::Result<u8> {
+    let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
+    let wait = std::time::Duration::from_secs(60);
+    let end = tokio::time::timeout(wait, client.cancel(session))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the node did not confirm cancelling session {session} within {}s",
+                wait.as_secs()
+            )
+        })??;
+    Ok(if report_cancelled(session, client.node(), &end) {
+        0
+    } else {
+        1
+    })
 }
 
 /// `rba get`: one blob by digest, from the node (which checks this client may read it) or
@@ -498,9 +630,19 @@ async fn logs(
 ) -> anyhow::Result<u8> {
     let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
     let mut terminal = Terminal::for_stdio(color);
+    let mut report = TestReport::default();
     let result = client
-        .follow(session, from_seq, |event| render(&mut terminal, event))
+        .follow(session, from_seq, |event| {
+            if let SessionEvent::Line(line) = event {
+                report.line(&line.line);
+            }
+            render(&mut terminal, event)
+        })
         .await?;
     terminal.finish();
+    // The session's kind is not on the wire: a log with test results gets their report.
+    if !report.binaries().is_empty() {
+        report.print();
+    }
     Ok(summary(&result))
 }

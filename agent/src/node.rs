@@ -33,7 +33,8 @@ use rba_cache_server::auth::Authenticator;
 use rba_cas::{Cas, Digest, StoreConfig};
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{
-    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobStatus,
+    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobState,
+    JobStatus,
 };
 use rba_executor::tenant::Tenant;
 use rba_proto::Message;
@@ -57,7 +58,8 @@ const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Why a submission was refused: an `Error` frame's code and message.
 #[derive(Debug, Clone)]
 pub struct Refusal {
-    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`, `internal`).
+    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`, `internal`,
+    /// `unknown_session`, `session_finished`).
     pub code: &'static str,
     /// For people.
     pub message: String,
@@ -228,6 +230,38 @@ impl NodeShared {
     pub fn peer_may_follow(&self, peer: &PeerId, id: &str) -> bool {
         self.reads_everything(peer)
             || self.session_owner(id).as_deref() == Some(Tenant::peer(peer).as_str())
+    }
+
+    /// Cancels session `id` (or an alias) for `tenant`, which must be the tenant that
+    /// submitted it: the job is stopped by [`JobHandle::cancel`], the one cancel path (the
+    /// REAPI `CancelOperation` takes it too: a queued job never starts, a running sandbox is
+    /// killed), and its handle is returned so the caller can wait for the end. Cancelling is
+    /// its owner's alone, not that of the peers that may read everything: to any other tenant
+    /// the session is `unknown_session`, the answer `Attach` gives for a foreign or missing
+    /// one; a session that already ended is `session_finished`.
+    pub fn cancel_session(&self, tenant: &Tenant, id: &str) -> Result<JobHandle, Refusal> {
+        let unknown = || Refusal::new("unknown_session", format!("no session {id:?} on this node"));
+        if self.session_owner(id).as_deref() != Some(tenant.as_str()) {
+            return Err(unknown());
+        }
+        let finished = |status: &str| {
+            Refusal::new(
+                "session_finished",
+                format!("session {id:?} already ended ({status}): nothing to cancel"),
+            )
+        };
+        match self.session(id) {
+            Some(SessionSource::Live(handle)) => {
+                if let JobState::Done(outcome) = handle.state() {
+                    return Err(finished(crate::history::status_name(outcome.status)));
+                }
+                tracing::info!(job = %handle.id, tenant = tenant.as_str(), "session cancelled by its owner");
+                handle.cancel();
+                Ok(handle)
+            }
+            Some(SessionSource::Finished(record)) => Err(finished(&record.status)),
+            None => Err(unknown()),
+        }
     }
 
     /// Grants the owner of session `job_id` every blob of its result (see the module doc).

@@ -922,3 +922,376 @@ fn message_format_json_prints_cargos_records_on_stdout() {
         assert!(!err.contains("\"reason\""), "{round}: {err}");
     }
 }
+
+/// `rba` running in the background, its stdout and stderr gathered line by line, so a test
+/// can act on what it printed (a session id, cargo starting) while it runs.
+struct Background {
+    child: std::process::Child,
+    stdout: std::sync::Arc<parking_lot::Mutex<String>>,
+    stderr: std::sync::Arc<parking_lot::Mutex<String>>,
+}
+
+impl Background {
+    fn start(data_dir: &std::path::Path, args: &[&std::ffi::OsStr]) -> Background {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("rba"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env_remove("RBA_DATA_DIR")
+            .env_remove("RBA_COLOR")
+            .env_remove("NO_COLOR")
+            .env("CARGO_TARGET_DIR", data_dir.join("local-target"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let gather = |pipe: Box<dyn std::io::Read + Send>| {
+            let text = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
+            let sink = text.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { return };
+                    let mut text = sink.lock();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+            text
+        };
+        let stdout = gather(Box::new(child.stdout.take().unwrap()));
+        let stderr = gather(Box::new(child.stderr.take().unwrap()));
+        Background {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout.lock(),
+            self.stderr.lock()
+        )
+    }
+
+    /// Waits (at most 3 minutes) until `stream` has a line containing `text`; returns it.
+    fn wait_for(&self, stderr: bool, text: &str) -> String {
+        let stream = if stderr { &self.stderr } else { &self.stdout };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            if let Some(line) = stream.lock().lines().find(|l| l.contains(text)) {
+                return line.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line with {text:?}: {}",
+                self.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn session_id(&self) -> String {
+        self.wait_for(true, "rba: session ")
+            .strip_prefix("rba: session ")
+            .unwrap()
+            .to_string()
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits (at most `within`) for the process to exit; its exit code and stderr.
+    fn wait(mut self, within: std::time::Duration) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The reader threads end with the pipes.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                return (status.code(), self.stderr.lock().clone());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("rba did not exit within {within:?}: {}", self.output());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// The processes in the job cgroups the executor of process `pid` made
+/// (`…/rba-jobs/job-PID-N`, see executor/src/cgroup.rs); `None` when this machine gives the
+/// executor no cgroups (no `rba-jobs` anywhere).
+fn job_cgroup_processes(pid: u32) -> Option<Vec<u32>> {
+    let prefix = format!("job-{pid}-");
+    let mut jobs_dirs = Vec::new();
+    let mut stack = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name() == "rba-jobs" {
+                jobs_dirs.push(entry.path());
+            } else if depth < 4 {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    if jobs_dirs.is_empty() {
+        return None;
+    }
+    let mut pids = Vec::new();
+    for jobs in jobs_dirs {
+        for job in std::fs::read_dir(jobs).into_iter().flatten().flatten() {
+            if job.file_name().to_string_lossy().starts_with(&prefix) {
+                let procs = std::fs::read_to_string(job.path().join("cgroup.procs"));
+                pids.extend(
+                    procs
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| l.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    Some(pids)
+}
+
+/// Waits (at most 60 s) until the jobs of executor process `pid` have processes (true), or
+/// says there are no job cgroups on this machine to look at (false).
+fn job_is_running(pid: u32) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match job_cgroup_processes(pid) {
+            None => {
+                eprintln!(
+                    "no job cgroups on this machine: the sandbox's processes are not counted"
+                );
+                return false;
+            }
+            Some(pids) if !pids.is_empty() => return true,
+            Some(_) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job of {pid} never had a process in its cgroup"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Asserts that every process of the jobs of executor process `pid` is gone (within 10 s: the
+/// kill is asynchronous to the job's end).
+fn assert_no_job_processes(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = job_cgroup_processes(pid).unwrap_or_default();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of a cancelled job still run: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_a_remote_build_and_rba_cancel_is_the_owners_alone() {
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    let node_peer = served.tcp.rsplit('/').next().unwrap().to_string();
+    let endless = fixture("endless-build");
+    let remote_build = |client: &std::path::Path| {
+        Background::start(
+            client,
+            &[
+                "build".as_ref(),
+                endless.as_os_str(),
+                "--remote".as_ref(),
+                served.tcp.as_ref(),
+            ],
+        )
+    };
+
+    // Ctrl-C once cargo runs on the node: the job is cancelled there, rba says so, exit 130.
+    let node_pid = served.child.id();
+    let build = remote_build(client_dir.path());
+    let session = build.session_id();
+    build.wait_for(true, "Compiling endless-build");
+    let counted = job_is_running(node_pid);
+    build.signal("INT");
+    let (code, err) = build.wait(std::time::Duration::from_secs(30));
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains(&format!("rba: cancelled session {session} on {node_peer}")),
+        "{err}"
+    );
+    if counted {
+        assert_no_job_processes(node_pid);
+    }
+    // The node's own account of the session: it ended, cancelled.
+    let logs = rba(client_dir.path())
+        .args(["logs", &session, "--remote", &served.tcp])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .failure();
+    let err = stderr_of(logs.get_output());
+    assert!(err.contains("rba: cancelled in"), "{err}");
+
+    // A session whose client went away (SIGKILL: nothing sent) keeps running on the node.
+    let detached = remote_build(client_dir.path());
+    let session = detached.session_id();
+    detached.wait_for(true, "Compiling endless-build");
+    detached.signal("KILL");
+    detached.wait(std::time::Duration::from_secs(10));
+    let counted = job_is_running(node_pid);
+
+    // Another client identity may not cancel it, and is told as if it did not exist.
+    let stranger = tempfile::tempdir().unwrap();
+    let refused = rba(stranger.path())
+        .args(["cancel", &session, "--remote", &served.tcp])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .code(2);
+    let err = stderr_of(refused.get_output());
+    assert!(
+        err.starts_with("rba: error:") && err.contains("unknown_session"),
+        "{err}"
+    );
+    if counted {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        assert!(
+            !job_cgroup_processes(node_pid)
+                .unwrap_or_default()
+                .is_empty(),
+            "the refused cancel left the job running"
+        );
+    }
+
+    // The owner may: the job was still running (else this would be `session_finished`).
+    let cancelled = rba(client_dir.path())
+        .args(["cancel", &session, "--remote", &served.tcp])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .success();
+    let err = stderr_of(cancelled.get_output());
+    assert!(
+        err.contains(&format!("rba: cancelled session {session} on {node_peer}")),
+        "{err}"
+    );
+    if counted {
+        assert_no_job_processes(node_pid);
+    }
+
+    // Clear errors: a finished session, an unknown one.
+    for (session, expected) in [
+        (session.as_str(), "session_finished"),
+        ("no-such-session", "unknown_session"),
+    ] {
+        let run = rba(client_dir.path())
+            .args(["cancel", session, "--remote", &served.tcp])
+            .timeout(std::time::Duration::from_secs(60))
+            .assert()
+            .code(2);
+        let err = stderr_of(run.get_output());
+        assert!(
+            err.starts_with("rba: error:") && err.contains(expected),
+            "{session}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert!(served.stop().success());
+}
+
+#[test]
+fn ctrl_c_cancels_an_embedded_build() {
+    let data = tempfile::tempdir().unwrap();
+    let endless = fixture("endless-build");
+    let build = Background::start(data.path(), &["build".as_ref(), endless.as_os_str()]);
+    build.wait_for(true, "Compiling endless-build");
+    let rba_pid = build.child.id();
+    let counted = job_is_running(rba_pid);
+    build.signal("INT");
+    let (code, err) = build.wait(std::time::Duration::from_secs(30));
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("rba: cancelled job ") && err.contains("(cancelled)"),
+        "{err}"
+    );
+    // The sandbox went with the job, not left behind by the exiting process.
+    if counted {
+        assert_no_job_processes(rba_pid);
+    }
+}
+
+#[test]
+fn rba_test_reports_results_per_binary_and_the_failures_output() {
+    let check = |err: &str| {
+        assert!(
+            err.contains(
+                "rba: test result of unittests src/lib.rs (mixed_tests): 1 passed, 1 failed, 0 ignored"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "rba: failed test tests::fails_on_purpose in unittests src/lib.rs (mixed_tests):"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("---- tests::fails_on_purpose stdout ----")
+                && err.contains("this test fails on purpose"),
+            "{err}"
+        );
+        // The node runs `cargo test --no-fail-fast`: the doc-tests ran too (there are none).
+        assert!(
+            err.contains(
+                "rba: test result of doc-tests mixed_tests: 0 passed, 0 failed, 0 ignored"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("rba: tests total: 1 passed, 1 failed, 0 ignored in 2 test binaries"),
+            "{err}"
+        );
+        assert!(!err.contains("failed test tests::adds"), "{err}");
+    };
+    let data = tempfile::tempdir().unwrap();
+    let embedded = rba(data.path())
+        .arg("test")
+        .arg(fixture("mixed-tests"))
+        .assert()
+        .code(101);
+    check(&stderr_of(embedded.get_output()));
+
+    let node_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    let remote = rba(data.path())
+        .arg("test")
+        .arg(fixture("mixed-tests"))
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .code(101);
+    check(&stderr_of(remote.get_output()));
+    served.stop();
+}

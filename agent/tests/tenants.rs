@@ -173,3 +173,94 @@ async fn a_second_identity_reads_none_of_the_first_ones_blobs_results_or_session
     );
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_submitter_cancels_a_session_not_even_a_peer_that_reads_everything() {
+    use rba_agent::p2p::session::SessionEvent;
+    use rba_executor::runner::JobState;
+    use rba_proto::rba::v1::{Attach, client_frame};
+
+    let dir = tempfile::tempdir().unwrap();
+    let reader_key = libp2p::identity::Keypair::generate_ed25519();
+    let reader_id = reader_key.public().to_peer_id().to_string();
+    let node = common::node_with(dir.path(), &[], |config| {
+        config.sharing_peers = vec![reader_id];
+    })
+    .await;
+
+    // Alice's build never ends on its own; her client follows it in the background.
+    let alice = Client::connect(&node).await;
+    let tree = alice.hash(&fixture("endless-build")).await;
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
+    let mut accepted_tx = Some(accepted_tx);
+    let (remote, blobs, tree_blobs) = (
+        alice.remote.clone(),
+        alice.cas.blobs.clone(),
+        tree.blobs.clone(),
+    );
+    let submit = Client::submit(JobKind::Build, &tree, &[]);
+    let following = tokio::spawn(async move {
+        remote
+            .run(&blobs, &tree_blobs, submit, |event| {
+                if let (SessionEvent::Accepted(a), Some(tx)) = (event, accepted_tx.take()) {
+                    let _ = tx.send(a.session_id.clone());
+                }
+            })
+            .await
+    });
+    let session = accepted.await.unwrap();
+
+    // A sharing peer reads everything: it may watch the session...
+    let reader = Client::connect_as(&node, reader_key).await;
+    let mut watching = reader.remote.session().await.unwrap();
+    watching
+        .send(client_frame::Frame::Attach(Attach {
+            session_id: session.clone(),
+            from_seq: 0,
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        watching.next().await.unwrap(),
+        Some(SessionEvent::Accepted(_))
+    ));
+    // ...but not stop it, nor may a stranger; hostile ids get the same answer.
+    let mallory = Client::connect(&node).await;
+    let long = "x".repeat(100_000);
+    for (who, id) in [
+        (&reader, session.as_str()),
+        (&mallory, session.as_str()),
+        (&mallory, ""),
+        (&mallory, long.as_str()),
+        (&mallory, "../../history"),
+    ] {
+        let refused = who.remote.cancel(id).await.unwrap_err();
+        let refusal = refused.downcast_ref::<NodeError>().expect("a node error");
+        assert_eq!(refusal.code, "unknown_session", "{id:.40}: {refusal}");
+    }
+    let job = node
+        .shared()
+        .executor
+        .job(&session)
+        .expect("the job is known");
+    assert!(
+        !matches!(job.state(), JobState::Done(_)),
+        "refused cancels left the job alone: {:?}",
+        job.state()
+    );
+
+    // Alice may: the node confirms with the signed end, and her own stream ends the same way.
+    let end = alice.remote.cancel(&session).await.unwrap();
+    assert_eq!(end.body.unwrap().status, JobStatus::Cancelled as i32);
+    let followed = following.await.unwrap().unwrap();
+    assert_eq!(followed.body().status, JobStatus::Cancelled as i32);
+    assert_eq!(followed.session_id, session);
+    let again = alice.remote.cancel(&session).await.unwrap_err();
+    assert_eq!(
+        again.downcast_ref::<NodeError>().unwrap().code,
+        "session_finished"
+    );
+    // The node still serves.
+    let (built, _) = alice.run(JobKind::Build, &fixture("hello"), &[]).await;
+    assert_eq!(built.body().status, JobStatus::Success as i32);
+}

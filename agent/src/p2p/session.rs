@@ -1,6 +1,9 @@
-//! `/rba/session/1.0.0`: a client sends one `Submit` (or `Attach {session_id, from_seq}`); the
-//! node answers `Accepted`, then `LogBatch`es and `Progress` as the job runs, then one `End`
-//! signed by its identity, or an `Error {code, message}`.
+//! `/rba/session/1.0.0`: a client sends one `Submit` (or `Attach {session_id, from_seq}`, or
+//! `Cancel {session_id}`); the node answers `Accepted`, then `LogBatch`es and `Progress` as the
+//! job runs, then one `End` signed by its identity, or an `Error {code, message}`. A `Cancel`
+//! stops the job (`NodeShared::cancel_session`) and is answered by `Accepted` and the signed
+//! `End` alone, once the job is gone; the submitter's own stream, if still open, gets the same
+//! end after its last lines.
 //!
 //! The sender reads the job's `LogStream` with its own reader at the pace the client drains
 //! the stream: a slow client only delays its own frames, never the build (the log stream spills
@@ -9,8 +12,10 @@
 //!
 //! A session is its owner's: `Attach` is answered only for the peer that submitted it (and
 //! for trusted and sharing peers); to anyone else it is `unknown_session`, the same answer as
-//! for an id that does not exist. Before the `End` goes out, the owner is granted the blobs of
-//! the result (`NodeShared::grant_session_result`), so it can fetch what the end names.
+//! for an id that does not exist. `Cancel` is stricter still: only the submitting tenant may
+//! (a peer that reads everything may watch a build, not stop it), and to anyone else the
+//! session is `unknown_session` too. Before the `End` goes out, the owner is granted the blobs
+//! of the result (`NodeShared::grant_session_result`), so it can fetch what the end names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +74,7 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
         Err(_) => {
             let _ = write_frame(
                 &mut stream,
-                &error_frame("timeout", "no Submit or Attach within 30 s"),
+                &error_frame("timeout", "no Submit, Attach or Cancel within 30 s"),
             )
             .await;
             return;
@@ -152,11 +157,32 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
                 .await
             }
         },
+        Some(client_frame::Frame::Cancel(cancel)) => {
+            match node.cancel_session(
+                &rba_executor::tenant::Tenant::peer(peer),
+                &cancel.session_id,
+            ) {
+                Ok(handle) => {
+                    let accepted = frame(node_frame::Frame::Accepted(Accepted {
+                        session_id: cancel.session_id.clone(),
+                        action_digest: Some(handle.action_digest.to_wire()),
+                        queue_position: 0,
+                    }));
+                    match write_frame(&mut stream, &accepted).await {
+                        Ok(()) => send_end(&node, &mut stream, &handle).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(refusal) => {
+                    write_frame(&mut stream, &error_frame(refusal.code, refusal.message)).await
+                }
+            }
+        }
         None => {
             node.metrics.inc_protocol_errors();
             write_frame(
                 &mut stream,
-                &error_frame("unexpected_frame", "expected Submit or Attach"),
+                &error_frame("unexpected_frame", "expected Submit, Attach or Cancel"),
             )
             .await
         }
@@ -223,6 +249,15 @@ async fn stream_live(
             }
         }
     }
+    send_end(node, stream, handle).await
+}
+
+/// Waits for the job's end, grants its owner the result, and sends the signed `End`.
+async fn send_end(
+    node: &NodeShared,
+    stream: &mut BufReader<Stream>,
+    handle: &rba_executor::runner::JobHandle,
+) -> std::io::Result<()> {
     let outcome = handle.wait().await;
     node.grant_session_result(&handle.id, &outcome).await;
     let lines = handle.log.wait_finished().await.lines;
@@ -315,7 +350,7 @@ impl SessionClient {
         }
     }
 
-    /// Sends the first frame (`Submit` or `Attach`).
+    /// Sends the first frame (`Submit`, `Attach` or `Cancel`).
     pub async fn send(&mut self, request: client_frame::Frame) -> std::io::Result<()> {
         write_frame(
             &mut self.stream,
