@@ -9,6 +9,10 @@
 //! can send a write outside it. A file already identical (size, then hash) is left alone, so
 //! its mtime is kept and cargo's own freshness checks stay valid; anything else is written to
 //! a temporary file in the same directory and renamed over the old one.
+//!
+//! A lock file the node resolved for a workspace without one comes back among the outputs as
+//! `Cargo.lock`; [`land_lockfile`] writes it next to `Cargo.toml`, as cargo would have, and
+//! [`land`] leaves it out of the target dir.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::{BlobStore, Digest};
+use rba_executor::runner::RESOLVED_LOCK_PATH;
 
 /// One artifact the job reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,10 +286,16 @@ where
     F: FnOnce(Vec<Digest>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    // The resolved lock file is not the target dir's: see [`land_lockfile`].
+    let artifacts: Vec<_> = artifacts
+        .iter()
+        .filter(|(path, _)| path != RESOLVED_LOCK_PATH)
+        .cloned()
+        .collect();
     if artifacts.is_empty() {
         return Ok(Vec::new());
     }
-    let download = Download::plan(target_dir, artifacts)?;
+    let download = Download::plan(target_dir, &artifacts)?;
     let digests = download.digests();
     if !digests.is_empty() {
         fetch(digests)
@@ -310,6 +321,79 @@ where
         }
     }
     Ok(landed)
+}
+
+/// Writes the lock file the node resolved for a workspace that had none (the job's
+/// [`RESOLVED_LOCK_PATH`] output) next to the workspace's `Cargo.toml`, as cargo would have.
+///
+/// Only when the workspace still has no `Cargo.lock`: one that appeared meanwhile is the
+/// user's and kept. The write goes through [`Beneath`] in the workspace dir with a new
+/// temporary file renamed into place, so a `Cargo.lock` that is a symlink (dangling or not)
+/// is never followed. Returns whether the file was written.
+pub async fn land_lockfile<F, Fut>(
+    workspace: &Path,
+    artifacts: &[(String, Option<Artifact>)],
+    store: &BlobStore,
+    colours: bool,
+    fetch: F,
+) -> anyhow::Result<bool>
+where
+    F: FnOnce(Vec<Digest>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let Some((_, lock)) = artifacts
+        .iter()
+        .find(|(path, _)| path == RESOLVED_LOCK_PATH)
+    else {
+        return Ok(false);
+    };
+    let Some(lock) = lock else {
+        eprintln!("rba: warning: the node sent the resolved Cargo.lock without a valid digest");
+        return Ok(false);
+    };
+    let directory = Beneath::open(workspace)
+        .with_context(|| format!("opening the workspace {}", workspace.display()))?;
+    match directory.metadata(Path::new(RESOLVED_LOCK_PATH)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(_) => {
+            eprintln!(
+                "rba: warning: {} appeared during the build; the node's resolved lock file \
+                 {:?} was not written",
+                workspace.join(RESOLVED_LOCK_PATH).display(),
+                lock.digest
+            );
+            return Ok(false);
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "checking {}",
+                workspace.join(RESOLVED_LOCK_PATH).display()
+            )));
+        }
+    }
+    fetch(vec![lock.digest])
+        .await
+        .context("fetching the resolved Cargo.lock")?;
+    let (store, lock_artifact) = (store.clone(), lock.clone());
+    tokio::task::spawn_blocking(move || {
+        write_one(
+            &directory,
+            Path::new(RESOLVED_LOCK_PATH),
+            &lock_artifact,
+            &store,
+        )
+    })
+    .await?
+    .with_context(|| format!("writing {}", workspace.join(RESOLVED_LOCK_PATH).display()))?;
+    eprintln!(
+        "{}",
+        crate::output::status_line(
+            colours,
+            "Resolved",
+            &format!("{} (written by the node's resolution)", RESOLVED_LOCK_PATH)
+        )
+    );
+    Ok(true)
 }
 
 /// `1.2 MiB`, `816 B`: cargo's way of giving sizes.

@@ -90,6 +90,15 @@ pub async fn run(
     if let Some(error) = &outcome.error {
         eprintln!("rba: {error}");
     }
+    let outputs: Vec<_> = outcome
+        .artifacts
+        .iter()
+        .map(|a| (a.path.clone(), Some(Artifact::from(a))))
+        .collect();
+    crate::artifacts::land_lockfile(path, &outputs, &store, stderr_colours(color), |_| async {
+        Ok::<(), anyhow::Error>(())
+    })
+    .await?;
     if let Some(target_dir) = land_in.filter(|_| outcome.status == JobStatus::Success) {
         let artifacts: Vec<_> = outcome
             .artifacts

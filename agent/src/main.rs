@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use rba_agent::artifacts::{Artifact, land, target_dir};
+use rba_agent::artifacts::{Artifact, land, land_lockfile, target_dir};
 use rba_agent::client::RemoteClient;
 use rba_agent::config::{NodeArgs, default_data_dir};
 use rba_agent::node::Node;
@@ -132,6 +132,10 @@ struct JobArgs {
     /// Leave the local target dir alone: do not fetch the build's binaries.
     #[arg(long)]
     no_download: bool,
+    /// Cargo's `--locked`: a workspace without a Cargo.lock fails instead of having one
+    /// resolved on the node (and written next to Cargo.toml).
+    #[arg(long)]
+    locked: bool,
     /// Extra arguments passed to cargo (after `--`).
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -208,7 +212,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let job = CargoJob {
         kind,
         release: args.release,
-        extra_args: args.cargo_args.clone(),
+        extra_args: args
+            .locked
+            .then(|| "--locked".to_string())
+            .into_iter()
+            .chain(args.cargo_args.iter().cloned())
+            .collect(),
     };
     let limits = rba_executor::runner::JobLimits {
         wall_time: args.timeout.map(std::time::Duration::from_secs),
@@ -334,6 +343,22 @@ async fn run_remote(
     );
     let code = summary(&result);
     let body = result.body();
+    let outputs: Vec<_> = body
+        .artifacts
+        .iter()
+        .map(|a| (a.path.clone(), Artifact::from_wire(a)))
+        .collect();
+    land_lockfile(
+        path,
+        &outputs,
+        &cas.blobs,
+        stderr_colours(color),
+        |digests| {
+            let (store, client) = (cas.blobs.clone(), &client);
+            async move { client.fetch_missing(&store, &digests).await.map(|_| ()) }
+        },
+    )
+    .await?;
     if let Some(target_dir) = land_in.filter(|_| body.status == WireStatus::Success as i32) {
         let artifacts: Vec<_> = body
             .artifacts

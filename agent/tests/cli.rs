@@ -687,3 +687,49 @@ fn every_binary_of_a_workspace_lands_embedded_and_remote() {
     assert!(!stranger.path().join("stolen").exists());
     served.stop();
 }
+
+#[test]
+fn a_workspace_without_a_lock_file_gets_the_resolved_one_back_and_locked_refuses() {
+    let data = tempfile::tempdir().unwrap();
+    let workspace = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "src/main.rs"] {
+        let to = workspace.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("registry-dep").join(file), to).unwrap();
+    }
+    let lock = workspace.path().join("Cargo.lock");
+
+    // `--locked` keeps cargo's meaning: no lock file, no build, nothing written.
+    let refused = rba(data.path())
+        .args(["build", "--locked"])
+        .arg(workspace.path())
+        .assert()
+        .failure();
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.get_output().stdout),
+        stderr_of(refused.get_output())
+    );
+    assert!(
+        err.contains("cannot create the lock file") && err.contains("--locked"),
+        "{err}"
+    );
+    assert!(!lock.exists());
+
+    let built = rba(data.path())
+        .arg("build")
+        .arg(workspace.path())
+        .assert()
+        .success();
+    let err = stderr_of(built.get_output());
+    let text = std::fs::read_to_string(&lock).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(
+        text.contains("name = \"itoa\"\nversion = \"1.0.15\""),
+        "{text}"
+    );
+    assert!(err.contains("Resolved"), "{err}");
+    assert!(
+        !err.contains("refused the artifact"),
+        "the lock is not a target-dir artifact: {err}"
+    );
+}

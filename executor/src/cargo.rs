@@ -16,6 +16,11 @@
 //!   stderr status lines such as `Compiling foo` are coloured too). Compiling jobs always pass
 //!   `--locked --offline`: dependencies were fetched earlier by [`fetch_argv`] in the network
 //!   phase, and the build phase has no network.
+//! - A workspace without a `Cargo.lock` has one resolved first ([`resolve_argv`]: `cargo
+//!   generate-lockfile` in the network phase, on a copy under [`RESOLVE_DIR`]); the executor
+//!   returns it as the job's `Cargo.lock` output. The user's own `--locked`/`--frozen` (before
+//!   any `--`) is not passed a second time: it becomes [`CargoJob::lock_required`] (a platform
+//!   property of the action), and a workspace without a lock file then fails as in cargo.
 //! - Per kind (extra arguments of the job are appended after ours, see [`CargoJob::argv`]):
 //!   - `Build`: `cargo build --locked --offline --message-format=json-diagnostic-rendered-ansi
 //!     [--release]`.
@@ -178,6 +183,16 @@ impl CargoJob {
         })
     }
 
+    /// True when the user asked for cargo's `--locked` (or `--frozen`) among the extra
+    /// arguments (before any `--`): a workspace without a `Cargo.lock` then fails as cargo
+    /// fails, instead of having its lock file resolved in the fetch phase.
+    pub fn lock_required(&self) -> bool {
+        self.extra_args
+            .iter()
+            .take_while(|a| *a != "--")
+            .any(|a| a == "--locked" || a == "--frozen")
+    }
+
     /// True when the release profile is in effect (requested and meaningful for the kind).
     pub fn effective_release(&self) -> bool {
         self.release && self.kind.has_profile()
@@ -242,17 +257,23 @@ impl CargoJob {
         if self.effective_release() {
             argv.push("--release".to_string());
         }
+        let split = self
+            .extra_args
+            .iter()
+            .position(|a| a == "--")
+            .unwrap_or(self.extra_args.len());
+        // Compiling kinds already pass `--locked --offline`, which cargo refuses twice; the
+        // user's `--locked`/`--frozen` is kept as [`CargoJob::lock_required`] instead.
+        let ours = |a: &&String| {
+            !(self.kind.has_profile()
+                && matches!(a.as_str(), "--locked" | "--offline" | "--frozen"))
+        };
+        argv.extend(self.extra_args[..split].iter().filter(ours).cloned());
         if self.kind == JobKind::Clippy {
-            let split = self
-                .extra_args
-                .iter()
-                .position(|a| a == "--")
-                .unwrap_or(self.extra_args.len());
-            argv.extend(self.extra_args[..split].iter().cloned());
             argv.extend(["--", "-D", "warnings"].map(String::from));
             argv.extend(self.extra_args.iter().skip(split + 1).cloned());
         } else {
-            argv.extend(self.extra_args.iter().cloned());
+            argv.extend(self.extra_args[split..].iter().cloned());
         }
         argv
     }
@@ -275,6 +296,36 @@ pub fn fetch_argv(manifest_dir: &std::path::Path) -> Vec<String> {
         "--locked".to_string(),
         "--manifest-path".to_string(),
         manifest_dir.join("Cargo.toml").display().to_string(),
+    ]
+}
+
+/// Where the resolution of a workspace without a lock file works, under the target dir
+/// (`/target/.rba-resolve`): the fetch phase mounts the workspace read-only, and cargo writes
+/// `Cargo.lock` next to the workspace's root manifest, so the workspace is copied here first.
+/// The generated lock is left at `RESOLVE_DIR/Cargo.lock` for the executor to take.
+pub const RESOLVE_DIR: &str = "/target/.rba-resolve";
+
+/// The argument vector resolving the lock file of a workspace that has none (`cargo
+/// generate-lockfile`, network through the egress proxy as in [`fetch_argv`], run in
+/// [`FETCH_CWD`] so that the workspace's `.cargo/config.toml` is not read). `manifest_dir` is
+/// the job's working directory relative to the workspace root.
+pub fn resolve_argv(manifest_dir: &std::path::Path) -> Vec<String> {
+    let copy = format!("{RESOLVE_DIR}/workspace");
+    let manifest = std::path::Path::new(&copy)
+        .join(manifest_dir)
+        .join("Cargo.toml");
+    let script = format!(
+        "set -e; rm -rf {RESOLVE_DIR}; mkdir -p {copy}; cp -R {ws}/. {copy}/; \
+         cargo generate-lockfile --manifest-path \"$1\"; \
+         mv {copy}/Cargo.lock {RESOLVE_DIR}/Cargo.lock; rm -rf {copy}",
+        ws = crate::sandbox::WORKSPACE_DIR,
+    );
+    vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        script,
+        "resolve".to_string(),
+        manifest.display().to_string(),
     ]
 }
 
@@ -622,6 +673,40 @@ mod tests {
             .profile(),
             "release"
         );
+    }
+
+    #[test]
+    fn the_users_locked_is_kept_as_a_fact_not_passed_twice() {
+        let job = |extra: &[&str]| CargoJob {
+            kind: JobKind::Build,
+            release: false,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let locked = job(&["--locked", "-p", "x"]);
+        assert!(locked.lock_required());
+        assert_eq!(
+            locked.argv().join(" "),
+            "cargo build --locked --offline --message-format=json-diagnostic-rendered-ansi -p x"
+        );
+        assert!(job(&["--frozen"]).lock_required());
+        assert!(!job(&["-p", "x"]).lock_required());
+        // After `--` it is the program's argument, not cargo's.
+        let test = CargoJob {
+            kind: JobKind::Test,
+            ..job(&["--", "--locked"])
+        };
+        assert!(!test.lock_required());
+        assert!(
+            test.argv()
+                .ends_with(&["--".to_string(), "--locked".to_string()])
+        );
+        let resolve = resolve_argv(Path::new("app"));
+        assert_eq!(resolve[..2], ["sh", "-c"]);
+        assert_eq!(
+            resolve.last().unwrap(),
+            "/target/.rba-resolve/workspace/app/Cargo.toml"
+        );
+        assert!(resolve[2].contains("cargo generate-lockfile --manifest-path \"$1\""));
     }
 
     #[test]

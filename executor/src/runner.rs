@@ -6,7 +6,8 @@
 //!   ├─ action cache hit (exit 0, complete) ─► replay its log ─► Done { cache_hit }
 //!   └─ miss ─► queue (N workers) ─► workload:
 //!        cargo   (platform `job` = build|test|…): slot lock ─► sync sources (mtime-normalised)
-//!                ─► fetch phase (network, once per Cargo.lock) ─► build phase (no network)
+//!                ─► [no Cargo.lock: resolve one, network] ─► fetch phase (network, once per
+//!                Cargo.lock) ─► build phase (no network)
 //!                ─► artifacts from cargo's JSON into the CAS
 //!        command (anything else, e.g. Bazel): materialise the input root in a scratch dir
 //!                ─► run ─► collect `output_paths` into the CAS
@@ -58,10 +59,13 @@ use rba_proto::Message;
 use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::action::{ActionError, PreparedAction, Toolchain, cargo_action};
+use crate::action::{
+    ActionError, LOCKFILE_PROPERTY, LOCKFILE_REQUIRED, PreparedAction, Toolchain, cargo_action,
+};
 use crate::caches::{CacheLayout, Slot, SlotLock};
 use crate::cargo::{
-    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, fetch_argv, lockfile_unit_estimate,
+    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, RESOLVE_DIR, fetch_argv,
+    lockfile_unit_estimate, resolve_argv,
 };
 use crate::egress::{EgressPolicy, EgressProxy};
 use crate::logstream::{
@@ -73,6 +77,11 @@ use crate::sandbox::{
 };
 use crate::tenant::Tenant;
 use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
+
+/// The output path of a lock file the executor resolved for a workspace without one.
+pub const RESOLVED_LOCK_PATH: &str = "Cargo.lock";
+/// Largest lock file the resolution may produce.
+const MAX_RESOLVED_LOCK_BYTES: u64 = 64 << 20;
 
 /// The instance name cargo jobs use in the action cache.
 pub const CARGO_INSTANCE: &str = "rba/cargo";
@@ -928,7 +937,42 @@ impl RunningJob<'_> {
             ),
         );
 
-        let lockfile = read_lockfile(&self.inner().cas.blobs, &self.prepared.input_root_digest)?;
+        let (blobs, root) = (
+            self.inner().cas.blobs.clone(),
+            self.prepared.input_root_digest,
+        );
+        let has_lock = rba_cas::merkle::find_file(&blobs, &root, RESOLVED_LOCK_PATH)?.is_some();
+        let mut lockfile = read_lockfile(&blobs, &root)?;
+        let mut resolved_lock = None;
+        if !has_lock {
+            // A lock file an earlier job of the slot resolved is not this tree's.
+            let src = slot.src.clone();
+            Self::blocking(move || {
+                remove_resolved_lock(&src).map_err(io_error("removing a resolved lock file"))
+            })
+            .await?;
+            let required = self
+                .prepared
+                .platform_property(LOCKFILE_PROPERTY)
+                .as_deref()
+                == Some(LOCKFILE_REQUIRED);
+            if required {
+                // What cargo says, without depending on what the offline index knows.
+                return Ok(self.fetch_refused(format!(
+                    "error: cannot create the lock file {} because --locked was passed to \
+                     prevent this (the workspace has no Cargo.lock; without --locked the node \
+                     resolves one and returns it)",
+                    Path::new(WORKSPACE_DIR).join(RESOLVED_LOCK_PATH).display()
+                )));
+            }
+            match self.resolve_phase(&slot).await? {
+                Ok((text, artifact)) => {
+                    lockfile = text;
+                    resolved_lock = Some(artifact);
+                }
+                Err(failure) => return Ok(failure),
+            }
+        }
         if let Some(failure) = self.fetch_phase(&slot, &lockfile).await? {
             return Ok(failure);
         }
@@ -998,6 +1042,7 @@ impl RunningJob<'_> {
             let stored = task.await.expect("storing an artifact does not panic")?;
             artifacts.extend(stored);
         }
+        artifacts.extend(resolved_lock);
         artifacts.sort_by(|a, b| a.path.cmp(&b.path));
         artifacts.dedup_by(|a, b| a.path == b.path);
         self.step("outputs", collected);
@@ -1016,6 +1061,95 @@ impl RunningJob<'_> {
             error: limit_message(&outcome),
             timed_out: timed_out(&outcome),
         })
+    }
+
+    /// The lock file of a workspace that has none: `cargo generate-lockfile` with the network
+    /// of the fetch phase (the tree's manifests checked first, the egress proxy as the only way
+    /// out), on a copy of the workspace under the target dir ([`RESOLVE_DIR`]). The lock is
+    /// stored in the CAS as the job's `Cargo.lock` output and written into the slot's sources
+    /// (executor side, beneath the slot: nothing followed), where the build phase reads it;
+    /// [`RunningJob::fetch_phase`] then checks its sources like any lock file's.
+    async fn resolve_phase(
+        &mut self,
+        slot: &Slot,
+    ) -> Result<Result<(String, Artifact), RunResult>, ExecutorError> {
+        let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts) {
+            Ok(policy) => policy,
+            Err(refused) => return Ok(Err(self.fetch_refused(refused.to_string()))),
+        };
+        let (src, manifest_policy) = (slot.src.clone(), policy.clone());
+        let manifests = Self::blocking(move || Ok(manifest_policy.check_manifests(&src))).await?;
+        if let Err(refused) = manifests {
+            return Ok(Err(self.fetch_refused(refused.to_string())));
+        }
+        let proxy = EgressProxy::start(policy)
+            .await
+            .map_err(io_error("starting the egress proxy"))?;
+        let resolving = Instant::now();
+        self.log(
+            LogStreamKind::System,
+            "no Cargo.lock: resolving one (network allowed in this phase only, through the egress proxy)",
+        );
+        let mut spec = SandboxSpec::new(resolve_argv(Path::new(
+            &self.prepared.command.working_directory,
+        )))
+        .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
+        .env("CARGO_TERM_COLOR", "always");
+        for (name, value) in proxy.cargo_env() {
+            spec = spec.env(name, value);
+        }
+        let spec = spec
+            .workspace(&slot.src)
+            .target_dir(&slot.target)
+            .disk_limited(&slot.target)
+            .cargo_home(self.inner().layout.cargo_home(), true)
+            .cwd(FETCH_CWD)
+            .network(NetworkPolicy::Host)
+            .limits(self.limits());
+        let outcome = self
+            .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
+            .await?;
+        let refusals = proxy.refusals();
+        drop(proxy);
+        self.step("resolve", resolving);
+        if !outcome.success() {
+            let mut error = limit_message(&outcome).unwrap_or_else(|| {
+                "resolving the lock file (cargo generate-lockfile) failed".into()
+            });
+            if !refusals.is_empty() {
+                error = format!("{error}; the egress proxy refused {}", refusals.join("; "));
+                self.log(LogStreamKind::System, error.clone());
+            }
+            return Ok(Err(RunResult {
+                exit_code: exit_code(&outcome),
+                success: false,
+                output_files: Vec::new(),
+                output_directories: Vec::new(),
+                artifacts: Vec::new(),
+                error: Some(error),
+                timed_out: timed_out(&outcome),
+            }));
+        }
+        let (blobs, function, target, src) = (
+            self.inner().cas.blobs.clone(),
+            self.function(),
+            slot.target.clone(),
+            slot.src.clone(),
+        );
+        let (text, digest) =
+            Self::blocking(move || take_resolved_lock(&blobs, function, &target, &src)).await?;
+        self.log(
+            LogStreamKind::System,
+            format!("resolved Cargo.lock ({digest:?}), returned with the job's outputs"),
+        );
+        Ok(Ok((
+            text,
+            Artifact {
+                path: RESOLVED_LOCK_PATH.to_string(),
+                digest,
+                executable: false,
+            },
+        )))
     }
 
     /// `cargo fetch --locked` with network into the shared cargo home, once per Cargo.lock.
@@ -1369,6 +1503,54 @@ fn timed_out(outcome: &crate::sandbox::SandboxOutcome) -> bool {
 }
 
 /// Removes everything inside `dir` (not `dir` itself: it may be a mount's directory).
+/// Removes the `Cargo.lock` a resolution left in a slot's sources (the tree has none).
+fn remove_resolved_lock(src: &Path) -> std::io::Result<()> {
+    let src = Beneath::open(src)?;
+    src.remove(Path::new(RESOLVED_LOCK_PATH))
+}
+
+/// Takes the lock file the resolution left under the target dir ([`RESOLVE_DIR`]): read
+/// beneath the target dir without following links (the sandbox wrote there), stored in the
+/// CAS, written into the slot's sources for the build phase, and the resolution dir removed.
+fn take_resolved_lock(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    target: &Path,
+    src: &Path,
+) -> Result<(String, Digest), ExecutorError> {
+    use std::io::{Read, Write};
+    let resolve_dir = Path::new(RESOLVE_DIR)
+        .strip_prefix(TARGET_DIR)
+        .expect("the resolve dir is under the target dir");
+    let target = Beneath::open(target).map_err(io_error("opening the target dir"))?;
+    let mut bytes = Vec::new();
+    target
+        .open_file(&resolve_dir.join("Cargo.lock"))
+        .and_then(|file| {
+            file.take(MAX_RESOLVED_LOCK_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(io_error("reading the resolved Cargo.lock"))?;
+    if bytes.len() as u64 > MAX_RESOLVED_LOCK_BYTES {
+        return Err(ExecutorError::Io {
+            context: "reading the resolved Cargo.lock".into(),
+            source: std::io::Error::other(format!("larger than {MAX_RESOLVED_LOCK_BYTES} bytes")),
+        });
+    }
+    let digest = blobs.put_bytes(function, &bytes)?;
+    let src = Beneath::open(src).map_err(io_error("opening the slot's sources"))?;
+    let (temp, mut file) = src
+        .create_temp(0o644)
+        .map_err(io_error("writing the resolved Cargo.lock"))?;
+    file.write_all(&bytes)
+        .and_then(|()| src.rename_from(&src, Path::new(&temp), Path::new(RESOLVED_LOCK_PATH)))
+        .map_err(io_error("writing the resolved Cargo.lock"))?;
+    target
+        .remove(resolve_dir)
+        .map_err(io_error("removing the resolution dir"))?;
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), digest))
+}
+
 fn clear_dir(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
