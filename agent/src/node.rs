@@ -33,9 +33,11 @@ use rba_cache_server::auth::Authenticator;
 use rba_cas::{Cas, Digest, StoreConfig};
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{
-    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobStatus,
+    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, ExecutorError, JobHandle, JobOutcome,
+    JobStatus,
 };
 use rba_executor::tenant::Tenant;
+use rba_executor::toolchains::ToolchainError;
 use rba_proto::Message;
 use rba_proto::rba::v1::{
     Artifact as WireArtifact, End, EndBody, JobStatus as WireStatus, SignedActionResult, Submit,
@@ -57,7 +59,8 @@ const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Why a submission was refused: an `Error` frame's code and message.
 #[derive(Debug, Clone)]
 pub struct Refusal {
-    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`, `internal`).
+    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`,
+    /// `toolchain`, `internal`).
     pub code: &'static str,
     /// For people.
     pub message: String,
@@ -403,19 +406,6 @@ impl NodeShared {
             .ok_or_else(|| Refusal::new("bad_digest", "Submit without an input root"))?;
         let root = Digest::from_wire(root)
             .map_err(|e| Refusal::new("bad_digest", format!("input root: {e}")))?;
-        let (blobs, toolchain, prepared_job) = (
-            self.cas.blobs.clone(),
-            self.executor.toolchain().clone(),
-            job.clone(),
-        );
-        let prepared = tokio::task::spawn_blocking(move || {
-            rba_executor::action::cargo_action(&prepared_job, root, &toolchain, &blobs)
-        })
-        .await
-        .map_err(|e| Refusal::new("internal", e.to_string()))?
-        .map_err(|e| Refusal::new("internal", format!("storing the action: {e}")))?;
-        let action_digest = prepared.action_digest;
-
         // Proof of possession, before the cache is asked (see the module doc).
         if let Some(peer) = &peer
             && !self.reads_everything(peer)
@@ -434,6 +424,28 @@ impl NodeShared {
                 return Err(refusal);
             }
         }
+
+        // After the proof of possession: the toolchain is read from the tree
+        // (`rust-toolchain.toml`), whose blobs must be here.
+        let prepared = self
+            .executor
+            .cargo_action(&job, root)
+            .await
+            .map_err(|e| match e {
+                ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(
+                    digest,
+                ))) => {
+                    let mut refusal = Refusal::new(
+                        "missing_input",
+                        format!("the node lacks blob {digest:?} of input root {root:?}"),
+                    );
+                    refusal.missing = vec![digest];
+                    refusal
+                }
+                ExecutorError::Toolchain(e) => Refusal::new("toolchain", e.to_string()),
+                e => Refusal::new("internal", format!("storing the action: {e}")),
+            })?;
+        let action_digest = prepared.action_digest;
 
         if !self.has_cached_result(action_digest).await
             && !self.fetch_action_result_from_peers(action_digest).await
@@ -793,6 +805,10 @@ impl Node {
             ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
         executor_config.workers = config.workers;
         executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
+        if let Some(home) = &config.rustup_home {
+            executor_config.rustup_home = Some(home.clone());
+        }
+        executor_config.toolchain_roots = config.toolchain_roots.clone();
         config.limits.apply(&mut executor_config)?;
         let executor =
             Executor::new(cas.clone(), executor_config).context("starting the executor")?;

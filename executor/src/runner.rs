@@ -76,6 +76,7 @@ use crate::sandbox::{
     TARGET_DIR, WORKSPACE_DIR,
 };
 use crate::tenant::Tenant;
+use crate::toolchains::Toolchains;
 use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
 
 /// The output path of a lock file the executor resolved for a workspace without one.
@@ -118,6 +119,11 @@ pub struct ExecutorConfig {
     /// ([`crate::egress::default_fetch_allowed_hosts`]). Never loopback or private addresses,
     /// whatever is listed (see [`crate::egress`]).
     pub fetch_allowed_hosts: Vec<String>,
+    /// rustup's home, whose `toolchains/` a workspace's `rust-toolchain(.toml)` chooses from
+    /// (see [`crate::toolchains`]). Default `$RUSTUP_HOME`, else `~/.rustup`.
+    pub rustup_home: Option<PathBuf>,
+    /// More toolchains a workspace may choose, each a sysroot named by its directory name.
+    pub toolchain_roots: Vec<PathBuf>,
 }
 
 impl ExecutorConfig {
@@ -139,6 +145,8 @@ impl ExecutorConfig {
             max_slots: 64,
             tree_limits: TreeLimits::default(),
             fetch_allowed_hosts: crate::egress::default_fetch_allowed_hosts(),
+            rustup_home: crate::toolchains::default_rustup_home(),
+            toolchain_roots: Vec::new(),
         })
     }
 }
@@ -155,6 +163,9 @@ pub enum ExecutorError {
     /// The sandbox could not be set up.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The job's toolchain cannot be had (refused, not installed).
+    #[error(transparent)]
+    Toolchain(#[from] crate::toolchains::ToolchainError),
     /// Syncing a workspace failed.
     #[error(transparent)]
     Sync(#[from] crate::workspace::SyncError),
@@ -429,7 +440,7 @@ struct Inner {
     cas: Cas,
     layout: CacheLayout,
     sandbox: Sandbox,
-    toolchain: Toolchain,
+    toolchains: Toolchains,
     config: ExecutorConfig,
     workers: Arc<Semaphore>,
     queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
@@ -468,13 +479,17 @@ impl Executor {
         std::fs::create_dir_all(&config.sandbox.scratch_dir)
             .map_err(io_error("creating the sandbox scratch dir"))?;
         let sandbox = Sandbox::new(config.sandbox.clone())?;
-        let toolchain = Toolchain::detect()?;
+        let toolchains = Toolchains::new(
+            Toolchain::detect()?,
+            config.rustup_home.clone(),
+            config.toolchain_roots.clone(),
+        );
         Ok(Executor {
             inner: Arc::new(Inner {
                 cas,
                 layout,
                 sandbox,
-                toolchain,
+                toolchains,
                 workers: Arc::new(Semaphore::new(config.workers.max(1))),
                 config,
                 queue: Mutex::new(Vec::new()),
@@ -489,9 +504,36 @@ impl Executor {
         &self.inner.cas
     }
 
-    /// The toolchain cargo jobs run with.
+    /// The toolchain of cargo jobs whose workspace names none.
     pub fn toolchain(&self) -> &Toolchain {
-        &self.inner.toolchain
+        self.inner.toolchains.default_toolchain()
+    }
+
+    /// The toolchains of this node (the default one and those installed).
+    pub fn toolchains(&self) -> &Toolchains {
+        &self.inner.toolchains
+    }
+
+    /// Stores a cargo job as an Action over `input_root`, with the toolchain its workspace
+    /// asks for ([`Toolchains::for_workspace`]; refused, naming it, when not installed). The one
+    /// place every face turns a cargo job into an Action.
+    pub async fn cargo_action(
+        &self,
+        job: &CargoJob,
+        input_root: Digest,
+    ) -> Result<PreparedAction, ExecutorError> {
+        let executor = self.clone();
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || {
+            let blobs = &executor.inner.cas.blobs;
+            let toolchain = executor
+                .inner
+                .toolchains
+                .for_workspace(blobs, &input_root)?;
+            Ok(cargo_action(&job, input_root, &toolchain, blobs)?)
+        })
+        .await
+        .expect("cargo_action does not panic")
     }
 
     /// Live and recent log streams by job id.
@@ -548,12 +590,7 @@ impl Executor {
         tenant: Tenant,
         limits: JobLimits,
     ) -> Result<JobHandle, ExecutorError> {
-        let blobs = self.inner.cas.blobs.clone();
-        let (job, toolchain) = (job.clone(), self.inner.toolchain.clone());
-        let prepared =
-            tokio::task::spawn_blocking(move || cargo_action(&job, input_root, &toolchain, &blobs))
-                .await
-                .expect("cargo_action does not panic")?;
+        let prepared = self.cargo_action(job, input_root).await?;
         self.submit(ExecuteRequest {
             instance: CARGO_INSTANCE.to_string(),
             action_digest: prepared.action_digest,
@@ -882,7 +919,16 @@ impl RunningJob<'_> {
             )
         });
         let layout = self.inner().layout.clone();
-        let toolchain_digest = self.inner().toolchain.digest_hex.clone();
+        // The toolchain is the Action's (its `toolchain` property: part of the action key),
+        // found again among this node's installed ones; the slot is keyed by it too.
+        let toolchain = match self.prepared.platform_property("toolchain") {
+            Some(digest) => {
+                let executor = self.executor.clone();
+                Self::blocking(move || Ok(executor.inner.toolchains.by_digest(&digest)?)).await?
+            }
+            None => self.inner().toolchains.default_toolchain().clone(),
+        };
+        let toolchain_digest = toolchain.digest_hex.clone();
         let tenant = self.request.tenant.clone();
         let mut slot = Self::blocking(move || {
             layout
@@ -965,7 +1011,7 @@ impl RunningJob<'_> {
                     Path::new(WORKSPACE_DIR).join(RESOLVED_LOCK_PATH).display()
                 )));
             }
-            match self.resolve_phase(&slot).await? {
+            match self.resolve_phase(&slot, &toolchain).await? {
                 Ok((text, artifact)) => {
                     lockfile = text;
                     resolved_lock = Some(artifact);
@@ -973,7 +1019,7 @@ impl RunningJob<'_> {
                 Err(failure) => return Ok(failure),
             }
         }
-        if let Some(failure) = self.fetch_phase(&slot, &lockfile).await? {
+        if let Some(failure) = self.fetch_phase(&slot, &lockfile, &toolchain).await? {
             return Ok(failure);
         }
 
@@ -981,6 +1027,7 @@ impl RunningJob<'_> {
         let cargo_home = self.inner().layout.cargo_home();
         let spec = self
             .command_env(SandboxSpec::new(self.prepared.command.arguments.clone()))
+            .toolchain(&toolchain.sysroot)
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
             .workspace(&slot.src)
             .target_dir(&slot.target)
@@ -1072,6 +1119,7 @@ impl RunningJob<'_> {
     async fn resolve_phase(
         &mut self,
         slot: &Slot,
+        toolchain: &Toolchain,
     ) -> Result<Result<(String, Artifact), RunResult>, ExecutorError> {
         let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts) {
             Ok(policy) => policy,
@@ -1099,6 +1147,7 @@ impl RunningJob<'_> {
             spec = spec.env(name, value);
         }
         let spec = spec
+            .toolchain(&toolchain.sysroot)
             .workspace(&slot.src)
             .target_dir(&slot.target)
             .disk_limited(&slot.target)
@@ -1162,6 +1211,7 @@ impl RunningJob<'_> {
         &mut self,
         slot: &Slot,
         lockfile: &str,
+        toolchain: &Toolchain,
     ) -> Result<Option<RunResult>, ExecutorError> {
         let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts)
             .and_then(|policy| Ok((policy.check_lockfile(lockfile)?, policy)))
@@ -1205,6 +1255,7 @@ impl RunningJob<'_> {
             spec = spec.env(name, value);
         }
         let spec = spec
+            .toolchain(&toolchain.sysroot)
             .workspace(&slot.src)
             .target_dir(&slot.target)
             .disk_limited(&slot.target)
