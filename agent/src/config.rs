@@ -109,6 +109,11 @@ pub struct NodeConfig {
     pub rustup_home: Option<PathBuf>,
     /// More toolchains (sysroots, each named by its directory name) a workspace may choose.
     pub toolchain_roots: Vec<PathBuf>,
+    /// The RustSec advisory database audit jobs check against (a checkout the operator keeps
+    /// current; jobs never fetch it). Unset: the node runs no audit jobs.
+    pub advisory_db: Option<PathBuf>,
+    /// The `cargo-audit` binary of audit jobs (default: found in `PATH` or `~/.cargo/bin`).
+    pub cargo_audit: Option<PathBuf>,
     /// `[tangle]`: settings of `rba tangle run`.
     pub tangle: TangleNodeConfig,
     /// The node's maximum per job (`[limits]`); a client's limits can only lower them.
@@ -214,6 +219,8 @@ impl Default for NodeConfig {
             fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
             rustup_home: None,
             toolchain_roots: Vec::new(),
+            advisory_db: None,
+            cargo_audit: None,
             tangle: TangleNodeConfig::default(),
             limits: LimitsConfig::default(),
         }

@@ -33,6 +33,12 @@ pub async fn run(
     let mut config =
         ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
     config.workers = workers.max(1);
+    // `rba audit` embedded checks against the user's own cargo-audit database, if any.
+    config.advisory_db = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .map(|home| home.join("advisory-db"))
+        .filter(|db| db.is_dir());
     let executor = Executor::new(cas, config).context("starting the embedded executor")?;
     let handle = executor
         .submit_cargo_with_limits(

@@ -809,6 +809,10 @@ impl Node {
             executor_config.rustup_home = Some(home.clone());
         }
         executor_config.toolchain_roots = config.toolchain_roots.clone();
+        executor_config.advisory_db = config.advisory_db.clone();
+        if let Some(binary) = &config.cargo_audit {
+            executor_config.cargo_audit = Some(binary.clone());
+        }
         config.limits.apply(&mut executor_config)?;
         let executor =
             Executor::new(cas.clone(), executor_config).context("starting the executor")?;

@@ -33,12 +33,14 @@
 //!     green lint job means "no warnings at all".
 //!   - `Fmt`: `cargo fmt --all --check` (no profile, no JSON: rustfmt prints a diff on stdout,
 //!     which passes through; exit status 1 means "not formatted").
-//!   - `Audit`: `cargo audit --no-fetch --stale --db /cargo/advisory-db --color always`.
-//!     `cargo audit` normally clones the RustSec advisory database from the network, which the
-//!     build phase does not have: the advisory database must be fetched beforehand (in the
-//!     fetch/network phase, or provisioned on the node) into [`ADVISORY_DB`] inside
-//!     `CARGO_HOME`. `--stale` accepts a database older than 90 days rather than failing, since
-//!     freshness is the provisioning side's job. `cargo-audit` must be installed in the toolchain.
+//!   - `Audit`: `/rba/cargo-audit audit --db /advisory-db --no-fetch --stale --no-yanked
+//!     --color always` (cargo-audit run as cargo would run it). `cargo audit` normally clones
+//!     the RustSec advisory database and asks crates.io about yanked crates, over a network the
+//!     build phase does not have: the node's operator keeps the database (executor config
+//!     `advisory_db`), mounted read-only at [`ADVISORY_DB`], and the node's `cargo-audit`
+//!     binary is mounted read-only at [`CARGO_AUDIT`]; the job never fetches either. `--stale`
+//!     accepts a database older than 90 days, since freshness is the operator's job. Exit
+//!     status 1 (a vulnerable dependency) fails the job.
 //!   - `Check`: `cargo check --locked --offline --all-targets --message-format=… [--release]`.
 //! - `release` only affects kinds that compile ([`JobKind::has_profile`]); for `Fmt` and
 //!   `Audit` it is ignored and [`CargoJob::profile`] is `debug`, so the request's flag does not
@@ -59,9 +61,10 @@ use serde::Deserialize;
 /// The message format every compiling job uses.
 pub const MESSAGE_FORMAT: &str = "--message-format=json-diagnostic-rendered-ansi";
 
-/// Where `cargo audit` finds the pre-fetched RustSec advisory database in the sandbox
-/// (`CARGO_HOME/advisory-db`, cargo-audit's default location under `CARGO_HOME=/cargo`).
-pub const ADVISORY_DB: &str = "/cargo/advisory-db";
+/// Where audit jobs find the node's RustSec advisory database in the sandbox (read-only).
+pub const ADVISORY_DB: &str = "/advisory-db";
+/// Where audit jobs find the node's `cargo-audit` binary in the sandbox (read-only).
+pub const CARGO_AUDIT: &str = "/rba/cargo-audit";
 
 /// What a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -244,12 +247,13 @@ impl CargoJob {
             ]),
             JobKind::Fmt => push(&["cargo", "fmt", "--all", "--check"]),
             JobKind::Audit => push(&[
-                "cargo",
+                CARGO_AUDIT,
                 "audit",
-                "--no-fetch",
-                "--stale",
                 "--db",
                 ADVISORY_DB,
+                "--no-fetch",
+                "--stale",
+                "--no-yanked",
                 "--color",
                 "always",
             ]),
@@ -652,7 +656,7 @@ mod tests {
         assert_eq!(argv(JobKind::Fmt, true, &[]), "cargo fmt --all --check");
         assert_eq!(
             argv(JobKind::Audit, true, &[]),
-            "cargo audit --no-fetch --stale --db /cargo/advisory-db --color always"
+            "/rba/cargo-audit audit --db /advisory-db --no-fetch --stale --no-yanked --color always"
         );
         assert_eq!(
             fetch_argv(std::path::Path::new("/workspace/app")).join(" "),

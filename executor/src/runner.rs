@@ -56,29 +56,34 @@ use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::merkle::{self, DirOptions, MaterializeOptions, TreeLimits};
 use rba_cas::{Cas, CasError, Digest, DigestFunction};
 use rba_proto::Message;
+use rba_proto::reapi::platform::Property;
 use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::action::{
-    ActionError, LOCKFILE_PROPERTY, LOCKFILE_REQUIRED, PreparedAction, Toolchain, cargo_action,
+    ActionError, LOCKFILE_PROPERTY, LOCKFILE_REQUIRED, PreparedAction, Toolchain, cargo_command,
+    cargo_platform, store_action,
 };
 use crate::caches::{CacheLayout, Slot, SlotLock};
 use crate::cargo::{
-    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, RESOLVE_DIR, fetch_argv,
-    lockfile_unit_estimate, resolve_argv,
+    ADVISORY_DB, CARGO_AUDIT, CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, JobKind,
+    RESOLVE_DIR, fetch_argv, lockfile_unit_estimate, resolve_argv,
 };
 use crate::egress::{EgressPolicy, EgressProxy};
 use crate::logstream::{
     LogConfig, LogDigests, LogStream, LogStreamKind, LogWriter, parse_log_blob,
 };
 use crate::sandbox::{
-    Limits, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec, Stream,
-    TARGET_DIR, WORKSPACE_DIR,
+    Limits, Mount, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec,
+    Stream, TARGET_DIR, WORKSPACE_DIR,
 };
 use crate::tenant::Tenant;
 use crate::toolchains::Toolchains;
 use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
 
+/// The platform property of audit jobs naming the advisory database's state
+/// ([`advisory_db_identity`]).
+pub const ADVISORY_DB_PROPERTY: &str = "advisory-db";
 /// The output path of a lock file the executor resolved for a workspace without one.
 pub const RESOLVED_LOCK_PATH: &str = "Cargo.lock";
 /// Largest lock file the resolution may produce.
@@ -124,6 +129,82 @@ pub struct ExecutorConfig {
     pub rustup_home: Option<PathBuf>,
     /// More toolchains a workspace may choose, each a sysroot named by its directory name.
     pub toolchain_roots: Vec<PathBuf>,
+    /// The RustSec advisory database audit jobs read (a checkout of
+    /// `github.com/rustsec/advisory-db`, kept current by the operator, never fetched by a job),
+    /// mounted read-only at [`crate::cargo::ADVISORY_DB`]. `None`: audit jobs fail saying so.
+    pub advisory_db: Option<PathBuf>,
+    /// The `cargo-audit` binary audit jobs run, mounted read-only at
+    /// [`crate::cargo::CARGO_AUDIT`]. Default: `cargo-audit` in `PATH`, else in
+    /// `$CARGO_HOME/bin` (`~/.cargo/bin`), where `.ci/setup.d/cargo-audit.sh` links it.
+    pub cargo_audit: Option<PathBuf>,
+}
+
+/// The `cargo-audit` binary of this machine: in `PATH`, else in `$CARGO_HOME/bin` or
+/// `~/.cargo/bin`; links resolved.
+pub fn find_cargo_audit() -> Option<PathBuf> {
+    let in_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>());
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")));
+    in_path
+        .chain(cargo_home.map(|home| home.join("bin")))
+        .map(|dir| dir.join("cargo-audit"))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| std::fs::canonicalize(found).ok())
+}
+
+/// What identifies the state of an advisory database, for the action key of audit jobs (a
+/// result must not outlive the database it was checked against): the commit of a git
+/// checkout (`git rev-parse HEAD`), else a BLAKE3 of its `.md`/`.toml` files' paths and
+/// contents; `none` without a database.
+pub fn advisory_db_identity(db: Option<&Path>) -> String {
+    let Some(db) = db else {
+        return "none".to_string();
+    };
+    if db.join(".git").exists()
+        && let Ok(out) = std::process::Command::new("git")
+            .arg("-C")
+            .arg(db)
+            .args(["rev-parse", "HEAD"])
+            .output()
+        && out.status.success()
+    {
+        return format!("git:{}", String::from_utf8_lossy(&out.stdout).trim());
+    }
+    let mut files = Vec::new();
+    let mut pending = vec![db.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() && entry.file_name() != ".git" {
+                pending.push(path);
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "md" || e == "toml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut hasher = blake3::Hasher::new();
+    for file in files {
+        hasher.update(
+            file.strip_prefix(db)
+                .unwrap_or(&file)
+                .as_os_str()
+                .as_encoded_bytes(),
+        );
+        hasher.update(&[0]);
+        hasher.update(&std::fs::read(&file).unwrap_or_default());
+        hasher.update(&[0]);
+    }
+    format!("blake3:{}", hasher.finalize().to_hex())
 }
 
 impl ExecutorConfig {
@@ -147,6 +228,8 @@ impl ExecutorConfig {
             fetch_allowed_hosts: crate::egress::default_fetch_allowed_hosts(),
             rustup_home: crate::toolchains::default_rustup_home(),
             toolchain_roots: Vec::new(),
+            advisory_db: None,
+            cargo_audit: find_cargo_audit(),
         })
     }
 }
@@ -530,7 +613,22 @@ impl Executor {
                 .inner
                 .toolchains
                 .for_workspace(blobs, &input_root)?;
-            Ok(cargo_action(&job, input_root, &toolchain, blobs)?)
+            let mut platform = cargo_platform(&job, &toolchain);
+            if job.kind == JobKind::Audit {
+                // An audit result holds for the database it was checked against.
+                let db = executor.inner.config.advisory_db.as_deref();
+                platform.properties.push(Property {
+                    name: ADVISORY_DB_PROPERTY.to_string(),
+                    value: advisory_db_identity(db),
+                });
+            }
+            Ok(store_action(
+                cargo_command(&job),
+                input_root,
+                platform,
+                blobs,
+                input_root.function,
+            )?)
         })
         .await
         .expect("cargo_action does not panic")
@@ -1004,7 +1102,7 @@ impl RunningJob<'_> {
                 == Some(LOCKFILE_REQUIRED);
             if required {
                 // What cargo says, without depending on what the offline index knows.
-                return Ok(self.fetch_refused(format!(
+                return Ok(self.ended_before_running(format!(
                     "error: cannot create the lock file {} because --locked was passed to \
                      prevent this (the workspace has no Cargo.lock; without --locked the node \
                      resolves one and returns it)",
@@ -1025,7 +1123,30 @@ impl RunningJob<'_> {
 
         let built = Instant::now();
         let cargo_home = self.inner().layout.cargo_home();
-        let spec = self
+        let mut tools = Vec::new();
+        if self.prepared.platform_property("job").as_deref() == Some(JobKind::Audit.name()) {
+            let config = &self.inner().config;
+            match (&config.advisory_db, &config.cargo_audit) {
+                (Some(db), Some(binary)) => {
+                    tools.push(Mount::ro(db, ADVISORY_DB));
+                    tools.push(Mount::ro(binary, CARGO_AUDIT));
+                }
+                (None, _) => {
+                    return Ok(self.ended_before_running(
+                        "this node keeps no advisory database (`advisory_db` in its config): \
+                         it runs no audit jobs"
+                            .to_string(),
+                    ));
+                }
+                (_, None) => {
+                    return Ok(self.ended_before_running(
+                        "cargo-audit is not installed on this node (.ci/setup.d/cargo-audit.sh)"
+                            .to_string(),
+                    ));
+                }
+            }
+        }
+        let mut spec = self
             .command_env(SandboxSpec::new(self.prepared.command.arguments.clone()))
             .toolchain(&toolchain.sysroot)
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
@@ -1036,6 +1157,9 @@ impl RunningJob<'_> {
             .cwd(self.working_directory())
             .network(NetworkPolicy::None)
             .limits(self.limits());
+        for mount in tools {
+            spec = spec.mount(mount);
+        }
         let mut parser = CargoOutputParser::with_total_estimate(lockfile_unit_estimate(&lockfile));
         // Each executable is stored as soon as cargo reports it, while cargo goes on (other
         // units, the test run, its own exit and the sandbox teardown).
@@ -1123,12 +1247,12 @@ impl RunningJob<'_> {
     ) -> Result<Result<(String, Artifact), RunResult>, ExecutorError> {
         let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts) {
             Ok(policy) => policy,
-            Err(refused) => return Ok(Err(self.fetch_refused(refused.to_string()))),
+            Err(refused) => return Ok(Err(self.ended_before_running(refused.to_string()))),
         };
         let (src, manifest_policy) = (slot.src.clone(), policy.clone());
         let manifests = Self::blocking(move || Ok(manifest_policy.check_manifests(&src))).await?;
         if let Err(refused) = manifests {
-            return Ok(Err(self.fetch_refused(refused.to_string())));
+            return Ok(Err(self.ended_before_running(refused.to_string())));
         }
         let proxy = EgressProxy::start(policy)
             .await
@@ -1217,7 +1341,7 @@ impl RunningJob<'_> {
             .and_then(|policy| Ok((policy.check_lockfile(lockfile)?, policy)))
         {
             Ok(checked) => checked,
-            Err(refused) => return Ok(Some(self.fetch_refused(refused.to_string()))),
+            Err(refused) => return Ok(Some(self.ended_before_running(refused.to_string()))),
         };
         let (sources, policy) = policy;
         let needs_network = sources > 0;
@@ -1238,7 +1362,7 @@ impl RunningJob<'_> {
         let (src, manifest_policy) = (slot.src.clone(), policy.clone());
         let manifests = Self::blocking(move || Ok(manifest_policy.check_manifests(&src))).await?;
         if let Err(refused) = manifests {
-            return Ok(Some(self.fetch_refused(refused.to_string())));
+            return Ok(Some(self.ended_before_running(refused.to_string())));
         }
         let proxy = EgressProxy::start(policy)
             .await
@@ -1290,8 +1414,9 @@ impl RunningJob<'_> {
         Ok(None)
     }
 
-    /// The result of a job whose fetch was refused before anything ran (logged too).
-    fn fetch_refused(&mut self, error: String) -> RunResult {
+    /// The result of a job refused before anything ran (a refused fetch, no advisory
+    /// database), logged too.
+    fn ended_before_running(&mut self, error: String) -> RunResult {
         self.log(LogStreamKind::System, error.clone());
         RunResult {
             exit_code: 1,
