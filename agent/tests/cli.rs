@@ -733,3 +733,80 @@ fn a_workspace_without_a_lock_file_gets_the_resolved_one_back_and_locked_refuses
         "the lock is not a target-dir artifact: {err}"
     );
 }
+
+#[test]
+fn a_remote_build_without_a_lock_file_writes_the_resolved_one() {
+    let workspace = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "src/main.rs"] {
+        let to = workspace.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("registry-dep").join(file), to).unwrap();
+    }
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    let built = rba(client_dir.path())
+        .arg("build")
+        .arg(workspace.path())
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    let err = stderr_of(built.get_output());
+    let lock = std::fs::read_to_string(workspace.path().join("Cargo.lock"))
+        .unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(lock.contains("name = \"itoa\"\nversion = \"1.0.15\""), "{lock}");
+    assert!(err.contains("Fetched target/debug/registry-dep ("), "{err}");
+    served.stop();
+}
+
+#[test]
+fn a_rust_toolchain_file_naming_a_missing_toolchain_or_a_path_is_a_clear_error() {
+    let workspace = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "Cargo.lock", "src/main.rs"] {
+        let to = workspace.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("hello").join(file), to).unwrap();
+    }
+    let toolchain_file = workspace.path().join("rust-toolchain.toml");
+    let data = tempfile::tempdir().unwrap();
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    for (file, named) in [
+        (
+            "[toolchain]\nchannel = \"1.70.0\"\n",
+            "toolchain \"1.70.0\" is not installed on this node; installed: ",
+        ),
+        ("[toolchain]\npath = \"/usr\"\n", "\"/usr\""),
+        ("[toolchain]\nchannel = \"../../etc\"\n", "\"../../etc\""),
+    ] {
+        std::fs::write(&toolchain_file, file).unwrap();
+        let embedded = rba(data.path())
+            .arg("build")
+            .arg(workspace.path())
+            .assert()
+            .failure();
+        let err = stderr_of(embedded.get_output());
+        assert!(err.contains(named), "embedded, {file:?}: {err}");
+        let remote = rba(client_dir.path())
+            .arg("build")
+            .arg(workspace.path())
+            .arg("--remote")
+            .arg(&served.tcp)
+            .assert()
+            .failure();
+        let err = stderr_of(remote.get_output());
+        assert!(err.contains(named), "remote, {file:?}: {err}");
+    }
+    // The node still serves: `stable` is installed.
+    std::fs::write(&toolchain_file, "[toolchain]\nchannel = \"stable\"\n").unwrap();
+    rba(client_dir.path())
+        .arg("build")
+        .arg(workspace.path())
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    served.stop();
+}
