@@ -426,25 +426,34 @@ impl NodeShared {
         }
 
         // After the proof of possession: the toolchain is read from the tree
-        // (`rust-toolchain.toml`), whose blobs must be here.
-        let prepared = self
-            .executor
-            .cargo_action(&job, root)
-            .await
-            .map_err(|e| match e {
-                ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(
-                    digest,
-                ))) => {
-                    let mut refusal = Refusal::new(
-                        "missing_input",
-                        format!("the node lacks blob {digest:?} of input root {root:?}"),
-                    );
-                    refusal.missing = vec![digest];
-                    refusal
-                }
-                ExecutorError::Toolchain(e) => Refusal::new("toolchain", e.to_string()),
-                e => Refusal::new("internal", format!("storing the action: {e}")),
-            })?;
+        // (`rust-toolchain.toml`), whose root directory and toolchain file must be here; a
+        // trusted peer may supply them (not the whole tree: the result may be a cache hit),
+        // for this tenant as `ensure_input_root` would supply the whole tree.
+        let mut prepared = self.executor.cargo_action(&job, root).await;
+        for _ in 0..4 {
+            let Err(ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(
+                digest,
+            )))) = &prepared
+            else {
+                break;
+            };
+            if !self.fetch_blob_from_peers(&tenant, *digest).await {
+                break;
+            }
+            prepared = self.executor.cargo_action(&job, root).await;
+        }
+        let prepared = prepared.map_err(|e| match e {
+            ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(digest))) => {
+                let mut refusal = Refusal::new(
+                    "missing_input",
+                    format!("the node lacks blob {digest:?} of input root {root:?}"),
+                );
+                refusal.missing = vec![digest];
+                refusal
+            }
+            ExecutorError::Toolchain(e) => Refusal::new("toolchain", e.to_string()),
+            e => Refusal::new("internal", format!("storing the action: {e}")),
+        })?;
         let action_digest = prepared.action_digest;
 
         if !self.has_cached_result(action_digest).await
@@ -630,6 +639,32 @@ impl NodeShared {
             }
         }
         self.missing_in_tree(root).await
+    }
+
+    /// Fetches one blob of an input tree from the first trusted peer that has it, for
+    /// `tenant` (granted to it, as the tree would be once its result is served); true when it
+    /// is here now.
+    async fn fetch_blob_from_peers(&self, tenant: &Tenant, digest: Digest) -> bool {
+        for (peer, addresses) in &self.trusted {
+            let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, async {
+                let mut client = self.peer_client(*peer, addresses).await?;
+                client.get_into(&self.cas.blobs, digest).await
+            })
+            .await;
+            match fetched {
+                Ok(Ok(_)) => {
+                    if let Err(e) = self.cas.reads.grant(tenant.as_str(), &[digest]) {
+                        tracing::warn!(error = %e, "granting a blob fetched from a peer");
+                    }
+                    return true;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "fetching a blob from a peer")
+                }
+                Err(_) => tracing::warn!(%peer, "fetching a blob from a peer timed out"),
+            }
+        }
+        false
     }
 
     /// Blobs of the tree under `root` the store lacks (a missing directory hides its subtree).

@@ -755,7 +755,10 @@ fn a_remote_build_without_a_lock_file_writes_the_resolved_one() {
     let err = stderr_of(built.get_output());
     let lock = std::fs::read_to_string(workspace.path().join("Cargo.lock"))
         .unwrap_or_else(|e| panic!("{e}: {err}"));
-    assert!(lock.contains("name = \"itoa\"\nversion = \"1.0.15\""), "{lock}");
+    assert!(
+        lock.contains("name = \"itoa\"\nversion = \"1.0.15\""),
+        "{lock}"
+    );
     assert!(err.contains("Fetched target/debug/registry-dep ("), "{err}");
     served.stop();
 }
