@@ -357,8 +357,8 @@ where
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Ok(_) => {
             eprintln!(
-                "rba: warning: {} appeared during the build; the node's resolved lock file \
-                 {:?} was not written",
+                "rba: warning: {} exists (written during the build, or a link); the node's \
+                 resolved lock file {:?} was not written",
                 workspace.join(RESOLVED_LOCK_PATH).display(),
                 lock.digest
             );
@@ -374,7 +374,11 @@ where
     fetch(vec![lock.digest])
         .await
         .context("fetching the resolved Cargo.lock")?;
-    let (store, lock_artifact) = (store.clone(), lock.clone());
+    let lock_artifact = Artifact {
+        executable: false,
+        ..lock.clone()
+    };
+    let store = store.clone();
     tokio::task::spawn_blocking(move || {
         write_one(
             &directory,
@@ -456,6 +460,59 @@ mod tests {
                 executable: true,
             }),
         )
+    }
+
+    #[tokio::test]
+    async fn the_resolved_lock_lands_next_to_cargo_toml_never_through_a_symlink() {
+        let lock_text = b"version = 4\n";
+        let (_store_dir, store, digest) = store_with(lock_text);
+        let list = vec![
+            artifact("target/debug/app", digest),
+            artifact("Cargo.lock", digest),
+        ];
+        let no_fetch = |_| async { Ok::<(), anyhow::Error>(()) };
+
+        let workspace = tempfile::tempdir().unwrap();
+        assert!(
+            land_lockfile(workspace.path(), &list, &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        let lock = workspace.path().join("Cargo.lock");
+        assert_eq!(std::fs::read(&lock).unwrap(), lock_text);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&lock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "a lock file is never executable");
+
+        // One the user has (written meanwhile) is kept.
+        std::fs::write(&lock, "mine").unwrap();
+        assert!(
+            !land_lockfile(workspace.path(), &list, &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        assert_eq!(std::fs::read_to_string(&lock).unwrap(), "mine");
+
+        // A symlink named Cargo.lock (dangling here) is not followed: nothing is created.
+        let other = tempfile::tempdir().unwrap();
+        let outside = other.path().join("outside");
+        let workspace = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&outside, workspace.path().join("Cargo.lock")).unwrap();
+        assert!(
+            !land_lockfile(workspace.path(), &list, &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        assert!(!outside.exists());
+
+        // Without a resolved lock among the outputs, nothing happens.
+        let workspace = tempfile::tempdir().unwrap();
+        assert!(
+            !land_lockfile(workspace.path(), &list[..1], &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        assert!(!workspace.path().join("Cargo.lock").exists());
     }
 
     #[test]
