@@ -813,3 +813,33 @@ fn a_rust_toolchain_file_naming_a_missing_toolchain_or_a_path_is_a_clear_error()
         .success();
     served.stop();
 }
+
+#[test]
+fn embedded_audit_reports_a_vulnerable_dependency_from_the_users_advisory_db() {
+    // The user's own cargo-audit database (`$CARGO_HOME/advisory-db`), not a git checkout
+    // here: a RustSec-layout directory naming the fixture's itoa as vulnerable.
+    let cargo_home = tempfile::tempdir().unwrap();
+    let advisories = cargo_home.path().join("advisory-db/crates/itoa");
+    std::fs::create_dir_all(&advisories).unwrap();
+    std::fs::write(
+        advisories.join("RUSTSEC-2099-0009.md"),
+        "```toml\n[advisory]\nid = \"RUSTSEC-2099-0009\"\npackage = \"itoa\"\n\
+         date = \"2099-01-01\"\nurl = \"https://example.invalid/\"\n\n[versions]\n\
+         patched = [\">= 9.9.9\"]\n```\n\n# itoa is made-up vulnerable\n\nFor rba's test.\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let audited = rba(data.path())
+        .env("CARGO_HOME", cargo_home.path())
+        .arg("audit")
+        .arg(fixture("registry-dep"))
+        .assert()
+        .failure();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&audited.get_output().stdout),
+        stderr_of(audited.get_output())
+    );
+    assert!(output.contains("RUSTSEC-2099-0009"), "{output}");
+    assert!(output.contains("1 vulnerability found"), "{output}");
+}
