@@ -288,6 +288,87 @@ impl Toolchains {
 mod tests {
     use super::*;
 
+    /// A fake sysroot at `dir/name` whose `bin/rustc` prints `release` in its `-vV`.
+    fn fake_toolchain(dir: &Path, name: &str, release: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let root = dir.join(name);
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        let rustc = root.join("bin/rustc");
+        std::fs::write(
+            &rustc,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = -vV ]; then printf 'rustc {release}\\nhost: x86_64-unknown-linux-gnu\\nrelease: {release}\\n'; \
+                 else echo {}; fi\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&rustc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::copy(&rustc, root.join("bin/cargo")).unwrap();
+        root
+    }
+
+    #[test]
+    fn channels_select_rustup_names_and_roots_and_digests_map_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let rustup = dir.path().join("rustup");
+        let default = Toolchain::detect_with(
+            fake_toolchain(
+                &rustup.join("toolchains"),
+                "stable-x86_64-unknown-linux-gnu",
+                "1.0.0",
+            )
+            .join("bin/rustc")
+            .as_os_str(),
+        )
+        .unwrap();
+        fake_toolchain(
+            &rustup.join("toolchains"),
+            "1.70.0-x86_64-unknown-linux-gnu",
+            "1.70.0",
+        );
+        // Not a toolchain: no bin/cargo.
+        std::fs::create_dir_all(rustup.join("toolchains/broken/bin")).unwrap();
+        let root = fake_toolchain(&dir.path().join("roots"), "custom", "9.9.9");
+        let toolchains = Toolchains::new(default.clone(), Some(rustup), vec![root.clone()]);
+
+        let names: Vec<String> = toolchains.installed().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "1.70.0-x86_64-unknown-linux-gnu",
+                "stable-x86_64-unknown-linux-gnu",
+                "custom"
+            ]
+        );
+        let old = toolchains.select("1.70.0").unwrap();
+        assert_eq!(old.release(), Some("1.70.0"));
+        assert_eq!(toolchains.select("stable").unwrap(), default);
+        let custom = toolchains.select("custom").unwrap();
+        assert_eq!(custom.sysroot, root);
+        let error = toolchains.select("1.71.0").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "toolchain \"1.71.0\" is not installed on this node; installed: \
+             1.70.0-x86_64-unknown-linux-gnu, stable-x86_64-unknown-linux-gnu, custom"
+        );
+        assert!(toolchains.select("broken").is_err());
+        assert!(
+            toolchains
+                .select("../toolchains/1.70.0-x86_64-unknown-linux-gnu")
+                .is_err()
+        );
+
+        // An action's toolchain digest maps back, also for one never selected on this run.
+        let fresh = Toolchains::new(default.clone(), None, vec![root.clone()]);
+        assert_eq!(fresh.by_digest(&custom.digest_hex).unwrap(), custom);
+        assert_eq!(fresh.by_digest(&default.digest_hex).unwrap(), default);
+        assert!(matches!(
+            fresh.by_digest(&old.digest_hex),
+            Err(ToolchainError::UnknownDigest(_))
+        ));
+    }
+
     #[test]
     fn toolchain_files_name_channels_and_never_paths() {
         let toml = |text: &str| parse_toolchain_file("rust-toolchain.toml", text);
