@@ -17,7 +17,8 @@
 //!   and `lockfile=required` when the user passed `--locked` ([`LOCKFILE_PROPERTY`]).
 //!   Nothing host-specific (sysroot path, hostname, time, user) enters it; the toolchain is
 //!   identified by the text of `rustc -vV` (release, commit hash, LLVM version, host), which is
-//!   the same on every machine with that toolchain.
+//!   the same on every machine with that toolchain. The toolchain is the one the workspace's
+//!   `rust-toolchain(.toml)` chooses ([`crate::toolchains`]), else the node's default.
 //! - Messages are canonical: environment variables sorted by name, platform properties sorted
 //!   by name then value (as REAPI requires), `working_directory` empty, no `output_paths`
 //!   (artifacts live in the shared `/target` cache mount, outside the input root; the executor
@@ -90,7 +91,8 @@ pub enum ActionError {
     Cas(#[from] CasError),
 }
 
-/// The Rust toolchain the executor runs jobs with, identified once at startup.
+/// A Rust toolchain, identified by its `rustc -vV` (the node's default one is detected at
+/// startup; a workspace may choose another installed one, see [`crate::toolchains`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Toolchain {
     /// The output of `rustc -vV`, trailing whitespace removed.

@@ -42,9 +42,10 @@
 //! - **Clients cannot write these namespaces.** [`is_executor_namespace`] names what REAPI
 //!   `UpdateActionResult` refuses; [`is_private_namespace`] names what no client reads.
 //!
-//! What every tenant shares and trusts: the toolchain (read-only) and the cargo home, written
-//! only by `cargo fetch` (which runs no build script or proc macro) and mounted read-only in the
-//! build phase.
+//! What every tenant shares and trusts: the toolchains (read-only; the job's is the one its
+//! action names, see [`crate::toolchains`]), the advisory database of audit jobs (read-only)
+//! and the cargo home, written only by `cargo fetch` and `cargo generate-lockfile` (which run no
+//! build script or proc macro) and mounted read-only in the build phase.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
