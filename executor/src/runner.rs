@@ -1086,7 +1086,12 @@ impl RunningJob<'_> {
             self.inner().cas.blobs.clone(),
             self.prepared.input_root_digest,
         );
-        let has_lock = rba_cas::merkle::find_file(&blobs, &root, RESOLVED_LOCK_PATH)?.is_some();
+        // Any entry named `Cargo.lock` (a link too, even a dangling one) is the tree's own:
+        // only a tree without one has its lock file resolved.
+        let top = rba_cas::read_directory(&blobs, &root)?;
+        let has_lock = top.files.iter().any(|f| f.name == RESOLVED_LOCK_PATH)
+            || top.symlinks.iter().any(|l| l.name == RESOLVED_LOCK_PATH)
+            || top.directories.iter().any(|d| d.name == RESOLVED_LOCK_PATH);
         let mut lockfile = read_lockfile(&blobs, &root)?;
         let mut resolved_lock = None;
         if !has_lock {

@@ -313,3 +313,23 @@ async fn a_workspace_without_a_lock_file_gets_one_resolved_and_returned() {
     );
     assert!(!refused.artifacts.iter().any(|a| a.path == "Cargo.lock"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_file_that_is_a_link_is_the_trees_own_never_resolved_over() {
+    let harness = harness();
+    let source = copy_fixture("registry-dep");
+    std::fs::remove_file(source.path().join("Cargo.lock")).unwrap();
+    // Dangling inside the tree (an absolute one would be refused as leaving it).
+    std::os::unix::fs::symlink("missing.lock", source.path().join("Cargo.lock")).unwrap();
+    let (_, outcome, lines) = run(&harness, JobKind::Build, source.path(), "linked-lock").await;
+    assert_eq!(outcome.status, JobStatus::Failed, "{lines:#?}");
+    // Cargo itself meets the link (it cannot read it), not the executor's resolution.
+    assert!(
+        outcome.steps.iter().any(|(step, _)| step == "build")
+            && !outcome.steps.iter().any(|(step, _)| step == "resolve"),
+        "{:?}",
+        outcome.steps
+    );
+    assert!(!outcome.artifacts.iter().any(|a| a.path == "Cargo.lock"));
+    assert!(!source.path().join("missing.lock").exists());
+}
