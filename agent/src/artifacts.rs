@@ -9,6 +9,10 @@
 //! can send a write outside it. A file already identical (size, then hash) is left alone, so
 //! its mtime is kept and cargo's own freshness checks stay valid; anything else is written to
 //! a temporary file in the same directory and renamed over the old one.
+//!
+//! A lock file the node resolved for a workspace without one comes back among the outputs as
+//! `Cargo.lock`; [`land_lockfile`] writes it next to `Cargo.toml`, as cargo would have, and
+//! [`land`] leaves it out of the target dir.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::{BlobStore, Digest};
+use rba_executor::runner::RESOLVED_LOCK_PATH;
 
 /// One artifact the job reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,10 +286,16 @@ where
     F: FnOnce(Vec<Digest>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    // The resolved lock file is not the target dir's: see [`land_lockfile`].
+    let artifacts: Vec<_> = artifacts
+        .iter()
+        .filter(|(path, _)| path != RESOLVED_LOCK_PATH)
+        .cloned()
+        .collect();
     if artifacts.is_empty() {
         return Ok(Vec::new());
     }
-    let download = Download::plan(target_dir, artifacts)?;
+    let download = Download::plan(target_dir, &artifacts)?;
     let digests = download.digests();
     if !digests.is_empty() {
         fetch(digests)
@@ -310,6 +321,83 @@ where
         }
     }
     Ok(landed)
+}
+
+/// Writes the lock file the node resolved for a workspace that had none (the job's
+/// [`RESOLVED_LOCK_PATH`] output) next to the workspace's `Cargo.toml`, as cargo would have.
+///
+/// Only when the workspace still has no `Cargo.lock`: one that appeared meanwhile is the
+/// user's and kept. The write goes through [`Beneath`] in the workspace dir with a new
+/// temporary file renamed into place, so a `Cargo.lock` that is a symlink (dangling or not)
+/// is never followed. Returns whether the file was written.
+pub async fn land_lockfile<F, Fut>(
+    workspace: &Path,
+    artifacts: &[(String, Option<Artifact>)],
+    store: &BlobStore,
+    colours: bool,
+    fetch: F,
+) -> anyhow::Result<bool>
+where
+    F: FnOnce(Vec<Digest>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let Some((_, lock)) = artifacts
+        .iter()
+        .find(|(path, _)| path == RESOLVED_LOCK_PATH)
+    else {
+        return Ok(false);
+    };
+    let Some(lock) = lock else {
+        eprintln!("rba: warning: the node sent the resolved Cargo.lock without a valid digest");
+        return Ok(false);
+    };
+    let directory = Beneath::open(workspace)
+        .with_context(|| format!("opening the workspace {}", workspace.display()))?;
+    match directory.metadata(Path::new(RESOLVED_LOCK_PATH)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(_) => {
+            eprintln!(
+                "rba: warning: {} exists (written during the build, or a link); the node's \
+                 resolved lock file {:?} was not written",
+                workspace.join(RESOLVED_LOCK_PATH).display(),
+                lock.digest
+            );
+            return Ok(false);
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "checking {}",
+                workspace.join(RESOLVED_LOCK_PATH).display()
+            )));
+        }
+    }
+    fetch(vec![lock.digest])
+        .await
+        .context("fetching the resolved Cargo.lock")?;
+    let lock_artifact = Artifact {
+        executable: false,
+        ..lock.clone()
+    };
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        write_one(
+            &directory,
+            Path::new(RESOLVED_LOCK_PATH),
+            &lock_artifact,
+            &store,
+        )
+    })
+    .await?
+    .with_context(|| format!("writing {}", workspace.join(RESOLVED_LOCK_PATH).display()))?;
+    eprintln!(
+        "{}",
+        crate::output::status_line(
+            colours,
+            "Resolved",
+            &format!("{} (written by the node's resolution)", RESOLVED_LOCK_PATH)
+        )
+    );
+    Ok(true)
 }
 
 /// `1.2 MiB`, `816 B`: cargo's way of giving sizes.
@@ -372,6 +460,59 @@ mod tests {
                 executable: true,
             }),
         )
+    }
+
+    #[tokio::test]
+    async fn the_resolved_lock_lands_next_to_cargo_toml_never_through_a_symlink() {
+        let lock_text = b"version = 4\n";
+        let (_store_dir, store, digest) = store_with(lock_text);
+        let list = vec![
+            artifact("target/debug/app", digest),
+            artifact("Cargo.lock", digest),
+        ];
+        let no_fetch = |_| async { Ok::<(), anyhow::Error>(()) };
+
+        let workspace = tempfile::tempdir().unwrap();
+        assert!(
+            land_lockfile(workspace.path(), &list, &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        let lock = workspace.path().join("Cargo.lock");
+        assert_eq!(std::fs::read(&lock).unwrap(), lock_text);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&lock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "a lock file is never executable");
+
+        // One the user has (written meanwhile) is kept.
+        std::fs::write(&lock, "mine").unwrap();
+        assert!(
+            !land_lockfile(workspace.path(), &list, &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        assert_eq!(std::fs::read_to_string(&lock).unwrap(), "mine");
+
+        // A symlink named Cargo.lock (dangling here) is not followed: nothing is created.
+        let other = tempfile::tempdir().unwrap();
+        let outside = other.path().join("outside");
+        let workspace = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&outside, workspace.path().join("Cargo.lock")).unwrap();
+        assert!(
+            !land_lockfile(workspace.path(), &list, &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        assert!(!outside.exists());
+
+        // Without a resolved lock among the outputs, nothing happens.
+        let workspace = tempfile::tempdir().unwrap();
+        assert!(
+            !land_lockfile(workspace.path(), &list[..1], &store, false, no_fetch)
+                .await
+                .unwrap()
+        );
+        assert!(!workspace.path().join("Cargo.lock").exists());
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub struct CargoFlags {
     /// Parallel jobs of cargo (`cargo -j`).
     #[arg(short = 'j', long, value_name = "N")]
     pub jobs: Option<u32>,
+    /// Cargo's `--locked`: a workspace without a Cargo.lock fails instead of having one
+    /// resolved on the node (and written next to Cargo.toml).
+    #[arg(long)]
+    pub locked: bool,
     /// How cargo's messages are shown.
     #[arg(long, value_enum, default_value_t)]
     pub message_format: MessageFormat,
@@ -206,6 +210,9 @@ impl CargoFlags {
         }
         if let Some(jobs) = self.jobs {
             args.extend(["--jobs".to_string(), jobs.to_string()]);
+        }
+        if self.locked {
+            args.push("--locked".to_string());
         }
         if self.message_format == MessageFormat::Json {
             args.extend(["--message-format".to_string(), "json".to_string()]);

@@ -104,6 +104,16 @@ pub struct NodeConfig {
     /// Hosts a job's dependency fetch may reach (`host`, `host:port`, `*.domain`): registry
     /// mirrors, git hosts. Default crates.io; loopback and private addresses never.
     pub fetch_allowed_hosts: Vec<String>,
+    /// rustup's home, whose toolchains a workspace's `rust-toolchain.toml` chooses from
+    /// (default `$RUSTUP_HOME`, else `~/.rustup`).
+    pub rustup_home: Option<PathBuf>,
+    /// More toolchains (sysroots, each named by its directory name) a workspace may choose.
+    pub toolchain_roots: Vec<PathBuf>,
+    /// The RustSec advisory database audit jobs check against (a checkout the operator keeps
+    /// current; jobs never fetch it). Unset: the node runs no audit jobs.
+    pub advisory_db: Option<PathBuf>,
+    /// The `cargo-audit` binary of audit jobs (default: found in `PATH` or `~/.cargo/bin`).
+    pub cargo_audit: Option<PathBuf>,
     /// `[tangle]`: settings of `rba tangle run`.
     pub tangle: TangleNodeConfig,
     /// The node's maximum per job (`[limits]`); a client's limits can only lower them.
@@ -207,6 +217,10 @@ impl Default for NodeConfig {
             cas_max_bytes: 50 << 30,
             fsync: true,
             fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
+            rustup_home: None,
+            toolchain_roots: Vec::new(),
+            advisory_db: None,
+            cargo_audit: None,
             tangle: TangleNodeConfig::default(),
             limits: LimitsConfig::default(),
         }

@@ -39,6 +39,12 @@ pub async fn run(
     let mut config =
         ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
     config.workers = workers.max(1);
+    // `rba audit` embedded checks against the user's own cargo-audit database, if any.
+    config.advisory_db = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .map(|home| home.join("advisory-db"))
+        .filter(|db| db.is_dir());
     let executor = Executor::new(cas, config).context("starting the embedded executor")?;
     let handle = executor
         .submit_cargo_with_limits(
@@ -129,6 +135,15 @@ pub async fn run(
     if let Some(error) = &outcome.error {
         eprintln!("rba: {error}");
     }
+    let outputs: Vec<_> = outcome
+        .artifacts
+        .iter()
+        .map(|a| (a.path.clone(), Some(Artifact::from(a))))
+        .collect();
+    crate::artifacts::land_lockfile(path, &outputs, &store, stderr_colours(color), |_| async {
+        Ok::<(), anyhow::Error>(())
+    })
+    .await?;
     if let Some(target_dir) = land_in.filter(|_| outcome.status == JobStatus::Success) {
         let artifacts: Vec<_> = outcome
             .artifacts

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use rba_agent::artifacts::{Artifact, land, target_dir};
+use rba_agent::artifacts::{Artifact, land, land_lockfile, target_dir};
 use rba_agent::cargo_flags::CargoFlags;
 use rba_agent::client::RemoteClient;
 use rba_agent::client_config::ClientConfig;
@@ -428,6 +428,22 @@ async fn run_remote(
     }
     let code = summary(&result);
     let body = result.body();
+    let outputs: Vec<_> = body
+        .artifacts
+        .iter()
+        .map(|a| (a.path.clone(), Artifact::from_wire(a)))
+        .collect();
+    land_lockfile(
+        path,
+        &outputs,
+        &cas.blobs,
+        stderr_colours(color),
+        |digests| {
+            let (store, client) = (cas.blobs.clone(), &client);
+            async move { client.fetch_missing(&store, &digests).await.map(|_| ()) }
+        },
+    )
+    .await?;
     if let Some(target_dir) = land_in.filter(|_| body.status == WireStatus::Success as i32) {
         let artifacts: Vec<_> = body
             .artifacts

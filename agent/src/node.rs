@@ -33,10 +33,11 @@ use rba_cache_server::auth::Authenticator;
 use rba_cas::{Cas, Digest, StoreConfig};
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{
-    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome, JobState,
-    JobStatus,
+    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, ExecutorError, JobHandle, JobOutcome,
+    JobState, JobStatus,
 };
 use rba_executor::tenant::Tenant;
+use rba_executor::toolchains::ToolchainError;
 use rba_proto::Message;
 use rba_proto::rba::v1::{
     Artifact as WireArtifact, End, EndBody, JobStatus as WireStatus, SignedActionResult, Submit,
@@ -58,8 +59,8 @@ const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Why a submission was refused: an `Error` frame's code and message.
 #[derive(Debug, Clone)]
 pub struct Refusal {
-    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`, `internal`,
-    /// `unknown_session`, `session_finished`).
+    /// Stable code (`unknown_job_kind`, `bad_digest`, `missing_input`, `forbidden`,
+    /// `toolchain`, `internal`, `unknown_session`, `session_finished`).
     pub code: &'static str,
     /// For people.
     pub message: String,
@@ -437,19 +438,6 @@ impl NodeShared {
             .ok_or_else(|| Refusal::new("bad_digest", "Submit without an input root"))?;
         let root = Digest::from_wire(root)
             .map_err(|e| Refusal::new("bad_digest", format!("input root: {e}")))?;
-        let (blobs, toolchain, prepared_job) = (
-            self.cas.blobs.clone(),
-            self.executor.toolchain().clone(),
-            job.clone(),
-        );
-        let prepared = tokio::task::spawn_blocking(move || {
-            rba_executor::action::cargo_action(&prepared_job, root, &toolchain, &blobs)
-        })
-        .await
-        .map_err(|e| Refusal::new("internal", e.to_string()))?
-        .map_err(|e| Refusal::new("internal", format!("storing the action: {e}")))?;
-        let action_digest = prepared.action_digest;
-
         // Proof of possession, before the cache is asked (see the module doc).
         if let Some(peer) = &peer
             && !self.reads_everything(peer)
@@ -468,6 +456,37 @@ impl NodeShared {
                 return Err(refusal);
             }
         }
+
+        // After the proof of possession: the toolchain is read from the tree
+        // (`rust-toolchain.toml`), whose root directory and toolchain file must be here; a
+        // trusted peer may supply them (not the whole tree: the result may be a cache hit),
+        // for this tenant as `ensure_input_root` would supply the whole tree.
+        let mut prepared = self.executor.cargo_action(&job, root).await;
+        for _ in 0..4 {
+            let Err(ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(
+                digest,
+            )))) = &prepared
+            else {
+                break;
+            };
+            if !self.fetch_blob_from_peers(&tenant, *digest).await {
+                break;
+            }
+            prepared = self.executor.cargo_action(&job, root).await;
+        }
+        let prepared = prepared.map_err(|e| match e {
+            ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(digest))) => {
+                let mut refusal = Refusal::new(
+                    "missing_input",
+                    format!("the node lacks blob {digest:?} of input root {root:?}"),
+                );
+                refusal.missing = vec![digest];
+                refusal
+            }
+            ExecutorError::Toolchain(e) => Refusal::new("toolchain", e.to_string()),
+            e => Refusal::new("internal", format!("storing the action: {e}")),
+        })?;
+        let action_digest = prepared.action_digest;
 
         if !self.has_cached_result(action_digest).await
             && !self.fetch_action_result_from_peers(action_digest).await
@@ -654,6 +673,32 @@ impl NodeShared {
         self.missing_in_tree(root).await
     }
 
+    /// Fetches one blob of an input tree from the first trusted peer that has it, for
+    /// `tenant` (granted to it, as the tree would be once its result is served); true when it
+    /// is here now.
+    async fn fetch_blob_from_peers(&self, tenant: &Tenant, digest: Digest) -> bool {
+        for (peer, addresses) in &self.trusted {
+            let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, async {
+                let mut client = self.peer_client(*peer, addresses).await?;
+                client.get_into(&self.cas.blobs, digest).await
+            })
+            .await;
+            match fetched {
+                Ok(Ok(_)) => {
+                    if let Err(e) = self.cas.reads.grant(tenant.as_str(), &[digest]) {
+                        tracing::warn!(error = %e, "granting a blob fetched from a peer");
+                    }
+                    return true;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "fetching a blob from a peer")
+                }
+                Err(_) => tracing::warn!(%peer, "fetching a blob from a peer timed out"),
+            }
+        }
+        false
+    }
+
     /// Blobs of the tree under `root` the store lacks (a missing directory hides its subtree).
     async fn missing_in_tree(&self, root: Digest) -> Vec<Digest> {
         let blobs = self.cas.blobs.clone();
@@ -827,6 +872,14 @@ impl Node {
             ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
         executor_config.workers = config.workers;
         executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
+        if let Some(home) = &config.rustup_home {
+            executor_config.rustup_home = Some(home.clone());
+        }
+        executor_config.toolchain_roots = config.toolchain_roots.clone();
+        executor_config.advisory_db = config.advisory_db.clone();
+        if let Some(binary) = &config.cargo_audit {
+            executor_config.cargo_audit = Some(binary.clone());
+        }
         config.limits.apply(&mut executor_config)?;
         let executor =
             Executor::new(cas.clone(), executor_config).context("starting the executor")?;

@@ -1295,3 +1295,159 @@ fn rba_test_reports_results_per_binary_and_the_failures_output() {
     check(&stderr_of(remote.get_output()));
     served.stop();
 }
+
+#[test]
+fn a_workspace_without_a_lock_file_gets_the_resolved_one_back_and_locked_refuses() {
+    let data = tempfile::tempdir().unwrap();
+    let workspace = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "src/main.rs"] {
+        let to = workspace.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("registry-dep").join(file), to).unwrap();
+    }
+    let lock = workspace.path().join("Cargo.lock");
+
+    // `--locked` keeps cargo's meaning: no lock file, no build, nothing written.
+    let refused = rba(data.path())
+        .args(["build", "--locked"])
+        .arg(workspace.path())
+        .assert()
+        .failure();
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.get_output().stdout),
+        stderr_of(refused.get_output())
+    );
+    assert!(
+        err.contains("cannot create the lock file") && err.contains("--locked"),
+        "{err}"
+    );
+    assert!(!lock.exists());
+
+    let built = rba(data.path())
+        .arg("build")
+        .arg(workspace.path())
+        .assert()
+        .success();
+    let err = stderr_of(built.get_output());
+    let text = std::fs::read_to_string(&lock).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(
+        text.contains("name = \"itoa\"\nversion = \"1.0.15\""),
+        "{text}"
+    );
+    assert!(err.contains("Resolved"), "{err}");
+    assert!(
+        !err.contains("refused the artifact"),
+        "the lock is not a target-dir artifact: {err}"
+    );
+}
+
+#[test]
+fn a_remote_build_without_a_lock_file_writes_the_resolved_one() {
+    let workspace = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "src/main.rs"] {
+        let to = workspace.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("registry-dep").join(file), to).unwrap();
+    }
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    let built = rba(client_dir.path())
+        .arg("build")
+        .arg(workspace.path())
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    let err = stderr_of(built.get_output());
+    let lock = std::fs::read_to_string(workspace.path().join("Cargo.lock"))
+        .unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(
+        lock.contains("name = \"itoa\"\nversion = \"1.0.15\""),
+        "{lock}"
+    );
+    assert!(err.contains("Fetched target/debug/registry-dep ("), "{err}");
+    served.stop();
+}
+
+#[test]
+fn a_rust_toolchain_file_naming_a_missing_toolchain_or_a_path_is_a_clear_error() {
+    let workspace = tempfile::tempdir().unwrap();
+    for file in ["Cargo.toml", "Cargo.lock", "src/main.rs"] {
+        let to = workspace.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("hello").join(file), to).unwrap();
+    }
+    let toolchain_file = workspace.path().join("rust-toolchain.toml");
+    let data = tempfile::tempdir().unwrap();
+    let node_dir = tempfile::tempdir().unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    let served = Served::start(node_dir.path());
+    for (file, named) in [
+        (
+            "[toolchain]\nchannel = \"1.70.0\"\n",
+            "toolchain \"1.70.0\" is not installed on this node; installed: ",
+        ),
+        ("[toolchain]\npath = \"/usr\"\n", "\"/usr\""),
+        ("[toolchain]\nchannel = \"../../etc\"\n", "\"../../etc\""),
+    ] {
+        std::fs::write(&toolchain_file, file).unwrap();
+        let embedded = rba(data.path())
+            .arg("build")
+            .arg(workspace.path())
+            .assert()
+            .failure();
+        let err = stderr_of(embedded.get_output());
+        assert!(err.contains(named), "embedded, {file:?}: {err}");
+        let remote = rba(client_dir.path())
+            .arg("build")
+            .arg(workspace.path())
+            .arg("--remote")
+            .arg(&served.tcp)
+            .assert()
+            .failure();
+        let err = stderr_of(remote.get_output());
+        assert!(err.contains(named), "remote, {file:?}: {err}");
+    }
+    // The node still serves: `stable` is installed.
+    std::fs::write(&toolchain_file, "[toolchain]\nchannel = \"stable\"\n").unwrap();
+    rba(client_dir.path())
+        .arg("build")
+        .arg(workspace.path())
+        .arg("--remote")
+        .arg(&served.tcp)
+        .assert()
+        .success();
+    served.stop();
+}
+
+#[test]
+fn embedded_audit_reports_a_vulnerable_dependency_from_the_users_advisory_db() {
+    // The user's own cargo-audit database (`$CARGO_HOME/advisory-db`), not a git checkout
+    // here: a RustSec-layout directory naming the fixture's itoa as vulnerable.
+    let cargo_home = tempfile::tempdir().unwrap();
+    let advisories = cargo_home.path().join("advisory-db/crates/itoa");
+    std::fs::create_dir_all(&advisories).unwrap();
+    std::fs::write(
+        advisories.join("RUSTSEC-2099-0009.md"),
+        "```toml\n[advisory]\nid = \"RUSTSEC-2099-0009\"\npackage = \"itoa\"\n\
+         date = \"2099-01-01\"\nurl = \"https://example.invalid/\"\n\n[versions]\n\
+         patched = [\">= 9.9.9\"]\n```\n\n# itoa is made-up vulnerable\n\nFor rba's test.\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let audited = rba(data.path())
+        .env("CARGO_HOME", cargo_home.path())
+        .arg("audit")
+        .arg(fixture("registry-dep"))
+        .assert()
+        .failure();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&audited.get_output().stdout),
+        stderr_of(audited.get_output())
+    );
+    assert!(output.contains("RUSTSEC-2099-0009"), "{output}");
+    assert!(output.contains("1 vulnerability found"), "{output}");
+}

@@ -523,8 +523,8 @@ async fn jobs_0_to_4_on_fixture_zips() {
     let linted = h.call(2, &format!("cas://{blob:?}"), &session(), "").await;
     assert_success(&linted, "lint from a zip blob");
 
-    // Job 3: cargo-audit is not installed here: an Ok result with status error, and the log
-    // says why.
+    // Job 3: this node keeps no advisory database (`advisory_db`): an Ok result with status
+    // error, and the log says why.
     let audited = h.call(3, &uri, &session(), "").await;
     assert_eq!(audited.status, STATUS_ERROR, "{audited:?}");
     assert_ne!(audited.exitCode, 0, "{audited:?}");

@@ -13,10 +13,12 @@
 //! - The digest depends only on: the cargo argv ([`CargoJob::argv`]), the fixed sandbox
 //!   environment ([`cargo_environment`]), the input root, and the platform properties
 //!   ([`cargo_platform`]): `OSFamily=linux`, `container-image=rba-sandbox`, `job=<kind>`,
-//!   `profile=debug|release`, `target=<host triple>`, `toolchain=<BLAKE3 hex of rustc -vV>`.
+//!   `profile=debug|release`, `target=<host triple>`, `toolchain=<BLAKE3 hex of rustc -vV>`,
+//!   and `lockfile=required` when the user passed `--locked` ([`LOCKFILE_PROPERTY`]).
 //!   Nothing host-specific (sysroot path, hostname, time, user) enters it; the toolchain is
 //!   identified by the text of `rustc -vV` (release, commit hash, LLVM version, host), which is
-//!   the same on every machine with that toolchain.
+//!   the same on every machine with that toolchain. The toolchain is the one the workspace's
+//!   `rust-toolchain(.toml)` chooses ([`crate::toolchains`]), else the node's default.
 //! - Messages are canonical: environment variables sorted by name, platform properties sorted
 //!   by name then value (as REAPI requires), `working_directory` empty, no `output_paths`
 //!   (artifacts live in the shared `/target` cache mount, outside the input root; the executor
@@ -52,6 +54,13 @@ pub const SANDBOX_PATH: &str = "/toolchain/bin:/usr/bin:/bin";
 /// The `container-image` platform property of cargo actions.
 pub const CONTAINER_IMAGE: &str = "rba-sandbox";
 
+/// The platform property of a cargo job whose user asked for cargo's `--locked` (see
+/// [`CargoJob::lock_required`]): a workspace without a lock file then fails as with cargo,
+/// instead of having one resolved. Absent otherwise (so it splits only such jobs' keys).
+pub const LOCKFILE_PROPERTY: &str = "lockfile";
+/// The value of [`LOCKFILE_PROPERTY`] requiring the workspace's own lock file.
+pub const LOCKFILE_REQUIRED: &str = "required";
+
 /// Largest `Action` or `Command` blob [`PreparedAction::load`] decodes.
 const MAX_MESSAGE_BYTES: u64 = 4 << 20;
 
@@ -82,7 +91,8 @@ pub enum ActionError {
     Cas(#[from] CasError),
 }
 
-/// The Rust toolchain the executor runs jobs with, identified once at startup.
+/// A Rust toolchain, identified by its `rustc -vV` (the node's default one is detected at
+/// startup; a workspace may choose another installed one, see [`crate::toolchains`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Toolchain {
     /// The output of `rustc -vV`, trailing whitespace removed.
@@ -345,14 +355,18 @@ pub fn sorted_platform<N: Into<String>, V: Into<String>>(
 
 /// The platform properties of a cargo job (see the module documentation).
 pub fn cargo_platform(job: &CargoJob, toolchain: &Toolchain) -> Platform {
-    sorted_platform([
+    let mut properties = vec![
         ("OSFamily", "linux"),
         ("container-image", CONTAINER_IMAGE),
         ("job", job.kind.name()),
         ("profile", job.profile()),
         ("target", toolchain.host.as_str()),
         ("toolchain", toolchain.digest_hex.as_str()),
-    ])
+    ];
+    if job.lock_required() {
+        properties.push((LOCKFILE_PROPERTY, LOCKFILE_REQUIRED));
+    }
+    sorted_platform(properties)
 }
 
 /// The `Command` of a cargo job.

@@ -16,6 +16,11 @@
 //!   stderr status lines such as `Compiling foo` are coloured too). Compiling jobs always pass
 //!   `--locked --offline`: dependencies were fetched earlier by [`fetch_argv`] in the network
 //!   phase, and the build phase has no network.
+//! - A workspace without a `Cargo.lock` has one resolved first ([`resolve_argv`]: `cargo
+//!   generate-lockfile` in the network phase, on a copy under [`RESOLVE_DIR`]); the executor
+//!   returns it as the job's `Cargo.lock` output. The user's own `--locked`/`--frozen` (before
+//!   any `--`) is not passed a second time: it becomes [`CargoJob::lock_required`] (a platform
+//!   property of the action), and a workspace without a lock file then fails as in cargo.
 //! - Per kind (extra arguments of the job are appended after ours, see [`CargoJob::argv`]):
 //!   - `Build`: `cargo build --locked --offline --message-format=json-diagnostic-rendered-ansi
 //!     [--release]`.
@@ -28,12 +33,14 @@
 //!     green lint job means "no warnings at all".
 //!   - `Fmt`: `cargo fmt --all --check` (no profile, no JSON: rustfmt prints a diff on stdout,
 //!     which passes through; exit status 1 means "not formatted").
-//!   - `Audit`: `cargo audit --no-fetch --stale --db /cargo/advisory-db --color always`.
-//!     `cargo audit` normally clones the RustSec advisory database from the network, which the
-//!     build phase does not have: the advisory database must be fetched beforehand (in the
-//!     fetch/network phase, or provisioned on the node) into [`ADVISORY_DB`] inside
-//!     `CARGO_HOME`. `--stale` accepts a database older than 90 days rather than failing, since
-//!     freshness is the provisioning side's job. `cargo-audit` must be installed in the toolchain.
+//!   - `Audit`: `/rba/cargo-audit audit --db /advisory-db --no-fetch --stale --no-yanked
+//!     --color always` (cargo-audit run as cargo would run it). `cargo audit` normally clones
+//!     the RustSec advisory database and asks crates.io about yanked crates, over a network the
+//!     build phase does not have: the node's operator keeps the database (executor config
+//!     `advisory_db`), mounted read-only at [`ADVISORY_DB`], and the node's `cargo-audit`
+//!     binary is mounted read-only at [`CARGO_AUDIT`]; the job never fetches either. `--stale`
+//!     accepts a database older than 90 days, since freshness is the operator's job. Exit
+//!     status 1 (a vulnerable dependency) fails the job.
 //!   - `Check`: `cargo check --locked --offline --all-targets --message-format=… [--release]`.
 //! - `release` only affects kinds that compile ([`JobKind::has_profile`]); for `Fmt` and
 //!   `Audit` it is ignored and [`CargoJob::profile`] is `debug`, so the request's flag does not
@@ -88,9 +95,10 @@ fn take_message_format(args: &[String]) -> (Vec<String>, bool) {
     (kept, json)
 }
 
-/// Where `cargo audit` finds the pre-fetched RustSec advisory database in the sandbox
-/// (`CARGO_HOME/advisory-db`, cargo-audit's default location under `CARGO_HOME=/cargo`).
-pub const ADVISORY_DB: &str = "/cargo/advisory-db";
+/// Where audit jobs find the node's RustSec advisory database in the sandbox (read-only).
+pub const ADVISORY_DB: &str = "/advisory-db";
+/// Where audit jobs find the node's `cargo-audit` binary in the sandbox (read-only).
+pub const CARGO_AUDIT: &str = "/rba/cargo-audit";
 
 /// What a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -212,6 +220,16 @@ impl CargoJob {
         })
     }
 
+    /// True when the user asked for cargo's `--locked` (or `--frozen`) among the extra
+    /// arguments (before any `--`): a workspace without a `Cargo.lock` then fails as cargo
+    /// fails, instead of having its lock file resolved in the fetch phase.
+    pub fn lock_required(&self) -> bool {
+        self.extra_args
+            .iter()
+            .take_while(|a| *a != "--")
+            .any(|a| a == "--locked" || a == "--frozen")
+    }
+
     /// True when the release profile is in effect (requested and meaningful for the kind).
     pub fn effective_release(&self) -> bool {
         self.release && self.kind.has_profile()
@@ -273,12 +291,13 @@ impl CargoJob {
             ]),
             JobKind::Fmt => push(&["cargo", "fmt", "--all", "--check"]),
             JobKind::Audit => push(&[
-                "cargo",
+                CARGO_AUDIT,
                 "audit",
-                "--no-fetch",
-                "--stale",
                 "--db",
                 ADVISORY_DB,
+                "--no-fetch",
+                "--stale",
+                "--no-yanked",
                 "--color",
                 "always",
             ]),
@@ -286,16 +305,22 @@ impl CargoJob {
         if self.effective_release() {
             argv.push("--release".to_string());
         }
+        let split = extra_args
+            .iter()
+            .position(|a| a == "--")
+            .unwrap_or(extra_args.len());
+        // Compiling kinds already pass `--locked --offline`, which cargo refuses twice; the
+        // user's `--locked`/`--frozen` is kept as [`CargoJob::lock_required`] instead.
+        let ours = |a: &&String| {
+            !(self.kind.has_profile()
+                && matches!(a.as_str(), "--locked" | "--offline" | "--frozen"))
+        };
+        argv.extend(extra_args[..split].iter().filter(ours).cloned());
         if self.kind == JobKind::Clippy {
-            let split = extra_args
-                .iter()
-                .position(|a| a == "--")
-                .unwrap_or(extra_args.len());
-            argv.extend(extra_args[..split].iter().cloned());
             argv.extend(["--", "-D", "warnings"].map(String::from));
             argv.extend(extra_args.iter().skip(split + 1).cloned());
         } else {
-            argv.extend(extra_args);
+            argv.extend(extra_args[split..].iter().cloned());
         }
         argv
     }
@@ -318,6 +343,36 @@ pub fn fetch_argv(manifest_dir: &std::path::Path) -> Vec<String> {
         "--locked".to_string(),
         "--manifest-path".to_string(),
         manifest_dir.join("Cargo.toml").display().to_string(),
+    ]
+}
+
+/// Where the resolution of a workspace without a lock file works, under the target dir
+/// (`/target/.rba-resolve`): the fetch phase mounts the workspace read-only, and cargo writes
+/// `Cargo.lock` next to the workspace's root manifest, so the workspace is copied here first.
+/// The generated lock is left at `RESOLVE_DIR/Cargo.lock` for the executor to take.
+pub const RESOLVE_DIR: &str = "/target/.rba-resolve";
+
+/// The argument vector resolving the lock file of a workspace that has none (`cargo
+/// generate-lockfile`, network through the egress proxy as in [`fetch_argv`], run in
+/// [`FETCH_CWD`] so that the workspace's `.cargo/config.toml` is not read). `manifest_dir` is
+/// the job's working directory relative to the workspace root.
+pub fn resolve_argv(manifest_dir: &std::path::Path) -> Vec<String> {
+    let copy = format!("{RESOLVE_DIR}/workspace");
+    let manifest = std::path::Path::new(&copy)
+        .join(manifest_dir)
+        .join("Cargo.toml");
+    let script = format!(
+        "set -e; rm -rf {RESOLVE_DIR}; mkdir -p {copy}; cp -R {ws}/. {copy}/; \
+         cargo generate-lockfile --manifest-path \"$1\"; \
+         mv {copy}/Cargo.lock {RESOLVE_DIR}/Cargo.lock; rm -rf {copy}",
+        ws = crate::sandbox::WORKSPACE_DIR,
+    );
+    vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        script,
+        "resolve".to_string(),
+        manifest.display().to_string(),
     ]
 }
 
@@ -658,7 +713,7 @@ mod tests {
         assert_eq!(argv(JobKind::Fmt, true, &[]), "cargo fmt --all --check");
         assert_eq!(
             argv(JobKind::Audit, true, &[]),
-            "cargo audit --no-fetch --stale --db /cargo/advisory-db --color always"
+            "/rba/cargo-audit audit --db /advisory-db --no-fetch --stale --no-yanked --color always"
         );
         assert_eq!(
             fetch_argv(std::path::Path::new("/workspace/app")).join(" "),
@@ -679,6 +734,40 @@ mod tests {
             .profile(),
             "release"
         );
+    }
+
+    #[test]
+    fn the_users_locked_is_kept_as_a_fact_not_passed_twice() {
+        let job = |extra: &[&str]| CargoJob {
+            kind: JobKind::Build,
+            release: false,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let locked = job(&["--locked", "-p", "x"]);
+        assert!(locked.lock_required());
+        assert_eq!(
+            locked.argv().join(" "),
+            "cargo build --locked --offline --message-format=json-diagnostic-rendered-ansi -p x"
+        );
+        assert!(job(&["--frozen"]).lock_required());
+        assert!(!job(&["-p", "x"]).lock_required());
+        // After `--` it is the program's argument, not cargo's.
+        let test = CargoJob {
+            kind: JobKind::Test,
+            ..job(&["--", "--locked"])
+        };
+        assert!(!test.lock_required());
+        assert!(
+            test.argv()
+                .ends_with(&["--".to_string(), "--locked".to_string()])
+        );
+        let resolve = resolve_argv(Path::new("app"));
+        assert_eq!(resolve[..2], ["sh", "-c"]);
+        assert_eq!(
+            resolve.last().unwrap(),
+            "/target/.rba-resolve/workspace/app/Cargo.toml"
+        );
+        assert!(resolve[2].contains("cargo generate-lockfile --manifest-path \"$1\""));
     }
 
     #[test]

@@ -12,4 +12,5 @@ pub mod quota;
 pub mod runner;
 pub mod sandbox;
 pub mod tenant;
+pub mod toolchains;
 pub mod workspace;

@@ -6,7 +6,8 @@
 //!   ├─ action cache hit (exit 0, complete) ─► replay its log ─► Done { cache_hit }
 //!   └─ miss ─► queue (N workers) ─► workload:
 //!        cargo   (platform `job` = build|test|…): slot lock ─► sync sources (mtime-normalised)
-//!                ─► fetch phase (network, once per Cargo.lock) ─► build phase (no network)
+//!                ─► [no Cargo.lock: resolve one, network] ─► fetch phase (network, once per
+//!                Cargo.lock) ─► build phase (no network)
 //!                ─► artifacts from cargo's JSON into the CAS
 //!        command (anything else, e.g. Bazel): materialise the input root in a scratch dir
 //!                ─► run ─► collect `output_paths` into the CAS
@@ -41,9 +42,10 @@
 //! - **Clients cannot write these namespaces.** [`is_executor_namespace`] names what REAPI
 //!   `UpdateActionResult` refuses; [`is_private_namespace`] names what no client reads.
 //!
-//! What every tenant shares and trusts: the toolchain (read-only) and the cargo home, written
-//! only by `cargo fetch` (which runs no build script or proc macro) and mounted read-only in the
-//! build phase.
+//! What every tenant shares and trusts: the toolchains (read-only; the job's is the one its
+//! action names, see [`crate::toolchains`]), the advisory database of audit jobs (read-only)
+//! and the cargo home, written only by `cargo fetch` and `cargo generate-lockfile` (which run no
+//! build script or proc macro) and mounted read-only in the build phase.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,25 +57,38 @@ use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::merkle::{self, DirOptions, MaterializeOptions, TreeLimits};
 use rba_cas::{Cas, CasError, Digest, DigestFunction};
 use rba_proto::Message;
+use rba_proto::reapi::platform::Property;
 use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::action::{ActionError, PreparedAction, Toolchain, cargo_action};
+use crate::action::{
+    ActionError, LOCKFILE_PROPERTY, LOCKFILE_REQUIRED, PreparedAction, Toolchain, cargo_command,
+    cargo_platform, store_action,
+};
 use crate::caches::{CacheLayout, Slot, SlotLock};
 use crate::cargo::{
-    CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, RECORDS_FORMAT, fetch_argv,
-    lockfile_unit_estimate,
+    ADVISORY_DB, CARGO_AUDIT, CargoEvent, CargoJob, CargoOutputParser, FETCH_CWD, JobKind,
+    RECORDS_FORMAT, RESOLVE_DIR, fetch_argv, lockfile_unit_estimate, resolve_argv,
 };
 use crate::egress::{EgressPolicy, EgressProxy};
 use crate::logstream::{
     LogConfig, LogDigests, LogStream, LogStreamKind, LogWriter, parse_log_blob,
 };
 use crate::sandbox::{
-    Limits, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec, Stream,
-    TARGET_DIR, WORKSPACE_DIR,
+    Limits, Mount, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec,
+    Stream, TARGET_DIR, WORKSPACE_DIR,
 };
 use crate::tenant::Tenant;
+use crate::toolchains::Toolchains;
 use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
+
+/// The platform property of audit jobs naming the advisory database's state
+/// ([`advisory_db_identity`]).
+pub const ADVISORY_DB_PROPERTY: &str = "advisory-db";
+/// The output path of a lock file the executor resolved for a workspace without one.
+pub const RESOLVED_LOCK_PATH: &str = "Cargo.lock";
+/// Largest lock file the resolution may produce.
+const MAX_RESOLVED_LOCK_BYTES: u64 = 64 << 20;
 
 /// The instance name cargo jobs use in the action cache.
 pub const CARGO_INSTANCE: &str = "rba/cargo";
@@ -110,6 +125,87 @@ pub struct ExecutorConfig {
     /// ([`crate::egress::default_fetch_allowed_hosts`]). Never loopback or private addresses,
     /// whatever is listed (see [`crate::egress`]).
     pub fetch_allowed_hosts: Vec<String>,
+    /// rustup's home, whose `toolchains/` a workspace's `rust-toolchain(.toml)` chooses from
+    /// (see [`crate::toolchains`]). Default `$RUSTUP_HOME`, else `~/.rustup`.
+    pub rustup_home: Option<PathBuf>,
+    /// More toolchains a workspace may choose, each a sysroot named by its directory name.
+    pub toolchain_roots: Vec<PathBuf>,
+    /// The RustSec advisory database audit jobs read (a checkout of
+    /// `github.com/rustsec/advisory-db`, kept current by the operator, never fetched by a job),
+    /// mounted read-only at [`crate::cargo::ADVISORY_DB`]. `None`: audit jobs fail saying so.
+    pub advisory_db: Option<PathBuf>,
+    /// The `cargo-audit` binary audit jobs run, mounted read-only at
+    /// [`crate::cargo::CARGO_AUDIT`]. Default: `cargo-audit` in `PATH`, else in
+    /// `$CARGO_HOME/bin` (`~/.cargo/bin`), where `.ci/setup.d/cargo-audit.sh` links it.
+    pub cargo_audit: Option<PathBuf>,
+}
+
+/// The `cargo-audit` binary of this machine: in `PATH`, else in `$CARGO_HOME/bin` or
+/// `~/.cargo/bin`; links resolved.
+pub fn find_cargo_audit() -> Option<PathBuf> {
+    let in_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>());
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")));
+    in_path
+        .chain(cargo_home.map(|home| home.join("bin")))
+        .map(|dir| dir.join("cargo-audit"))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| std::fs::canonicalize(found).ok())
+}
+
+/// What identifies the state of an advisory database, for the action key of audit jobs (a
+/// result must not outlive the database it was checked against): the commit of a git
+/// checkout (`git rev-parse HEAD`), else a BLAKE3 of its `.md`/`.toml` files' paths and
+/// contents; `none` without a database.
+pub fn advisory_db_identity(db: Option<&Path>) -> String {
+    let Some(db) = db else {
+        return "none".to_string();
+    };
+    if db.join(".git").exists()
+        && let Ok(out) = std::process::Command::new("git")
+            .arg("-C")
+            .arg(db)
+            .args(["rev-parse", "HEAD"])
+            .output()
+        && out.status.success()
+    {
+        return format!("git:{}", String::from_utf8_lossy(&out.stdout).trim());
+    }
+    let mut files = Vec::new();
+    let mut pending = vec![db.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() && entry.file_name() != ".git" {
+                pending.push(path);
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "md" || e == "toml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut hasher = blake3::Hasher::new();
+    for file in files {
+        hasher.update(
+            file.strip_prefix(db)
+                .unwrap_or(&file)
+                .as_os_str()
+                .as_encoded_bytes(),
+        );
+        hasher.update(&[0]);
+        hasher.update(&std::fs::read(&file).unwrap_or_default());
+        hasher.update(&[0]);
+    }
+    format!("blake3:{}", hasher.finalize().to_hex())
 }
 
 impl ExecutorConfig {
@@ -131,6 +227,10 @@ impl ExecutorConfig {
             max_slots: 64,
             tree_limits: TreeLimits::default(),
             fetch_allowed_hosts: crate::egress::default_fetch_allowed_hosts(),
+            rustup_home: crate::toolchains::default_rustup_home(),
+            toolchain_roots: Vec::new(),
+            advisory_db: None,
+            cargo_audit: find_cargo_audit(),
         })
     }
 }
@@ -147,6 +247,9 @@ pub enum ExecutorError {
     /// The sandbox could not be set up.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The job's toolchain cannot be had (refused, not installed).
+    #[error(transparent)]
+    Toolchain(#[from] crate::toolchains::ToolchainError),
     /// Syncing a workspace failed.
     #[error(transparent)]
     Sync(#[from] crate::workspace::SyncError),
@@ -421,7 +524,7 @@ struct Inner {
     cas: Cas,
     layout: CacheLayout,
     sandbox: Sandbox,
-    toolchain: Toolchain,
+    toolchains: Toolchains,
     config: ExecutorConfig,
     workers: Arc<Semaphore>,
     queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
@@ -460,13 +563,17 @@ impl Executor {
         std::fs::create_dir_all(&config.sandbox.scratch_dir)
             .map_err(io_error("creating the sandbox scratch dir"))?;
         let sandbox = Sandbox::new(config.sandbox.clone())?;
-        let toolchain = Toolchain::detect()?;
+        let toolchains = Toolchains::new(
+            Toolchain::detect()?,
+            config.rustup_home.clone(),
+            config.toolchain_roots.clone(),
+        );
         Ok(Executor {
             inner: Arc::new(Inner {
                 cas,
                 layout,
                 sandbox,
-                toolchain,
+                toolchains,
                 workers: Arc::new(Semaphore::new(config.workers.max(1))),
                 config,
                 queue: Mutex::new(Vec::new()),
@@ -481,9 +588,51 @@ impl Executor {
         &self.inner.cas
     }
 
-    /// The toolchain cargo jobs run with.
+    /// The toolchain of cargo jobs whose workspace names none.
     pub fn toolchain(&self) -> &Toolchain {
-        &self.inner.toolchain
+        self.inner.toolchains.default_toolchain()
+    }
+
+    /// The toolchains of this node (the default one and those installed).
+    pub fn toolchains(&self) -> &Toolchains {
+        &self.inner.toolchains
+    }
+
+    /// Stores a cargo job as an Action over `input_root`, with the toolchain its workspace
+    /// asks for ([`Toolchains::for_workspace`]; refused, naming it, when not installed). The one
+    /// place every face turns a cargo job into an Action.
+    pub async fn cargo_action(
+        &self,
+        job: &CargoJob,
+        input_root: Digest,
+    ) -> Result<PreparedAction, ExecutorError> {
+        let executor = self.clone();
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || {
+            let blobs = &executor.inner.cas.blobs;
+            let toolchain = executor
+                .inner
+                .toolchains
+                .for_workspace(blobs, &input_root)?;
+            let mut platform = cargo_platform(&job, &toolchain);
+            if job.kind == JobKind::Audit {
+                // An audit result holds for the database it was checked against.
+                let db = executor.inner.config.advisory_db.as_deref();
+                platform.properties.push(Property {
+                    name: ADVISORY_DB_PROPERTY.to_string(),
+                    value: advisory_db_identity(db),
+                });
+            }
+            Ok(store_action(
+                cargo_command(&job),
+                input_root,
+                platform,
+                blobs,
+                input_root.function,
+            )?)
+        })
+        .await
+        .expect("cargo_action does not panic")
     }
 
     /// Live and recent log streams by job id.
@@ -540,12 +689,7 @@ impl Executor {
         tenant: Tenant,
         limits: JobLimits,
     ) -> Result<JobHandle, ExecutorError> {
-        let blobs = self.inner.cas.blobs.clone();
-        let (job, toolchain) = (job.clone(), self.inner.toolchain.clone());
-        let prepared =
-            tokio::task::spawn_blocking(move || cargo_action(&job, input_root, &toolchain, &blobs))
-                .await
-                .expect("cargo_action does not panic")?;
+        let prepared = self.cargo_action(job, input_root).await?;
         self.submit(ExecuteRequest {
             instance: CARGO_INSTANCE.to_string(),
             action_digest: prepared.action_digest,
@@ -874,7 +1018,16 @@ impl RunningJob<'_> {
             )
         });
         let layout = self.inner().layout.clone();
-        let toolchain_digest = self.inner().toolchain.digest_hex.clone();
+        // The toolchain is the Action's (its `toolchain` property: part of the action key),
+        // found again among this node's installed ones; the slot is keyed by it too.
+        let toolchain = match self.prepared.platform_property("toolchain") {
+            Some(digest) => {
+                let executor = self.executor.clone();
+                Self::blocking(move || Ok(executor.inner.toolchains.by_digest(&digest)?)).await?
+            }
+            None => self.inner().toolchains.default_toolchain().clone(),
+        };
+        let toolchain_digest = toolchain.digest_hex.clone();
         let tenant = self.request.tenant.clone();
         let mut slot = Self::blocking(move || {
             layout
@@ -929,15 +1082,79 @@ impl RunningJob<'_> {
             ),
         );
 
-        let lockfile = read_lockfile(&self.inner().cas.blobs, &self.prepared.input_root_digest)?;
-        if let Some(failure) = self.fetch_phase(&slot, &lockfile).await? {
+        let (blobs, root) = (
+            self.inner().cas.blobs.clone(),
+            self.prepared.input_root_digest,
+        );
+        // Any entry named `Cargo.lock` (a link too, even a dangling one) is the tree's own:
+        // only a tree without one has its lock file resolved.
+        let top = rba_cas::read_directory(&blobs, &root)?;
+        let has_lock = top.files.iter().any(|f| f.name == RESOLVED_LOCK_PATH)
+            || top.symlinks.iter().any(|l| l.name == RESOLVED_LOCK_PATH)
+            || top.directories.iter().any(|d| d.name == RESOLVED_LOCK_PATH);
+        let mut lockfile = read_lockfile(&blobs, &root)?;
+        let mut resolved_lock = None;
+        if !has_lock {
+            // A lock file an earlier job of the slot resolved is not this tree's.
+            let src = slot.src.clone();
+            Self::blocking(move || {
+                remove_resolved_lock(&src).map_err(io_error("removing a resolved lock file"))
+            })
+            .await?;
+            let required = self
+                .prepared
+                .platform_property(LOCKFILE_PROPERTY)
+                .as_deref()
+                == Some(LOCKFILE_REQUIRED);
+            if required {
+                // What cargo says, without depending on what the offline index knows.
+                return Ok(self.ended_before_running(format!(
+                    "error: cannot create the lock file {} because --locked was passed to \
+                     prevent this (the workspace has no Cargo.lock; without --locked the node \
+                     resolves one and returns it)",
+                    Path::new(WORKSPACE_DIR).join(RESOLVED_LOCK_PATH).display()
+                )));
+            }
+            match self.resolve_phase(&slot, &toolchain).await? {
+                Ok((text, artifact)) => {
+                    lockfile = text;
+                    resolved_lock = Some(artifact);
+                }
+                Err(failure) => return Ok(failure),
+            }
+        }
+        if let Some(failure) = self.fetch_phase(&slot, &lockfile, &toolchain).await? {
             return Ok(failure);
         }
 
         let built = Instant::now();
         let cargo_home = self.inner().layout.cargo_home();
-        let spec = self
+        let mut tools = Vec::new();
+        if self.prepared.platform_property("job").as_deref() == Some(JobKind::Audit.name()) {
+            let config = &self.inner().config;
+            match (&config.advisory_db, &config.cargo_audit) {
+                (Some(db), Some(binary)) => {
+                    tools.push(Mount::ro(db, ADVISORY_DB));
+                    tools.push(Mount::ro(binary, CARGO_AUDIT));
+                }
+                (None, _) => {
+                    return Ok(self.ended_before_running(
+                        "this node keeps no advisory database (`advisory_db` in its config): \
+                         it runs no audit jobs"
+                            .to_string(),
+                    ));
+                }
+                (_, None) => {
+                    return Ok(self.ended_before_running(
+                        "cargo-audit is not installed on this node (.ci/setup.d/cargo-audit.sh)"
+                            .to_string(),
+                    ));
+                }
+            }
+        }
+        let mut spec = self
             .command_env(SandboxSpec::new(self.prepared.command.arguments.clone()))
+            .toolchain(&toolchain.sysroot)
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
             .workspace(&slot.src)
             .target_dir(&slot.target)
@@ -946,6 +1163,9 @@ impl RunningJob<'_> {
             .cwd(self.working_directory())
             .network(NetworkPolicy::None)
             .limits(self.limits());
+        for mount in tools {
+            spec = spec.mount(mount);
+        }
         let mut parser = CargoOutputParser::with_total_estimate(lockfile_unit_estimate(&lockfile));
         parser.forward_records = self
             .prepared
@@ -1006,6 +1226,7 @@ impl RunningJob<'_> {
             let stored = task.await.expect("storing an artifact does not panic")?;
             artifacts.extend(stored);
         }
+        artifacts.extend(resolved_lock);
         artifacts.sort_by(|a, b| a.path.cmp(&b.path));
         artifacts.dedup_by(|a, b| a.path == b.path);
         self.step("outputs", collected);
@@ -1026,6 +1247,97 @@ impl RunningJob<'_> {
         })
     }
 
+    /// The lock file of a workspace that has none: `cargo generate-lockfile` with the network
+    /// of the fetch phase (the tree's manifests checked first, the egress proxy as the only way
+    /// out), on a copy of the workspace under the target dir ([`RESOLVE_DIR`]). The lock is
+    /// stored in the CAS as the job's `Cargo.lock` output and written into the slot's sources
+    /// (executor side, beneath the slot: nothing followed), where the build phase reads it;
+    /// [`RunningJob::fetch_phase`] then checks its sources like any lock file's.
+    async fn resolve_phase(
+        &mut self,
+        slot: &Slot,
+        toolchain: &Toolchain,
+    ) -> Result<Result<(String, Artifact), RunResult>, ExecutorError> {
+        let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts) {
+            Ok(policy) => policy,
+            Err(refused) => return Ok(Err(self.ended_before_running(refused.to_string()))),
+        };
+        let (src, manifest_policy) = (slot.src.clone(), policy.clone());
+        let manifests = Self::blocking(move || Ok(manifest_policy.check_manifests(&src))).await?;
+        if let Err(refused) = manifests {
+            return Ok(Err(self.ended_before_running(refused.to_string())));
+        }
+        let proxy = EgressProxy::start(policy)
+            .await
+            .map_err(io_error("starting the egress proxy"))?;
+        let resolving = Instant::now();
+        self.log(
+            LogStreamKind::System,
+            "no Cargo.lock: resolving one (network allowed in this phase only, through the egress proxy)",
+        );
+        let mut spec = SandboxSpec::new(resolve_argv(Path::new(
+            &self.prepared.command.working_directory,
+        )))
+        .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
+        .env("CARGO_TERM_COLOR", "always");
+        for (name, value) in proxy.cargo_env() {
+            spec = spec.env(name, value);
+        }
+        let spec = spec
+            .toolchain(&toolchain.sysroot)
+            .workspace(&slot.src)
+            .target_dir(&slot.target)
+            .disk_limited(&slot.target)
+            .cargo_home(self.inner().layout.cargo_home(), true)
+            .cwd(FETCH_CWD)
+            .network(NetworkPolicy::Host)
+            .limits(self.limits());
+        let outcome = self
+            .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
+            .await?;
+        let refusals = proxy.refusals();
+        drop(proxy);
+        self.step("resolve", resolving);
+        if !outcome.success() {
+            let mut error = limit_message(&outcome).unwrap_or_else(|| {
+                "resolving the lock file (cargo generate-lockfile) failed".into()
+            });
+            if !refusals.is_empty() {
+                error = format!("{error}; the egress proxy refused {}", refusals.join("; "));
+                self.log(LogStreamKind::System, error.clone());
+            }
+            return Ok(Err(RunResult {
+                exit_code: exit_code(&outcome),
+                success: false,
+                output_files: Vec::new(),
+                output_directories: Vec::new(),
+                artifacts: Vec::new(),
+                error: Some(error),
+                timed_out: timed_out(&outcome),
+            }));
+        }
+        let (blobs, function, target, src) = (
+            self.inner().cas.blobs.clone(),
+            self.function(),
+            slot.target.clone(),
+            slot.src.clone(),
+        );
+        let (text, digest) =
+            Self::blocking(move || take_resolved_lock(&blobs, function, &target, &src)).await?;
+        self.log(
+            LogStreamKind::System,
+            format!("resolved Cargo.lock ({digest:?}), returned with the job's outputs"),
+        );
+        Ok(Ok((
+            text,
+            Artifact {
+                path: RESOLVED_LOCK_PATH.to_string(),
+                digest,
+                executable: false,
+            },
+        )))
+    }
+
     /// `cargo fetch --locked` with network into the shared cargo home, once per Cargo.lock.
     ///
     /// The network is the operator's fetch allowlist only (see [`crate::egress`]): every
@@ -1036,12 +1348,13 @@ impl RunningJob<'_> {
         &mut self,
         slot: &Slot,
         lockfile: &str,
+        toolchain: &Toolchain,
     ) -> Result<Option<RunResult>, ExecutorError> {
         let policy = match EgressPolicy::new(&self.inner().config.fetch_allowed_hosts)
             .and_then(|policy| Ok((policy.check_lockfile(lockfile)?, policy)))
         {
             Ok(checked) => checked,
-            Err(refused) => return Ok(Some(self.fetch_refused(refused.to_string()))),
+            Err(refused) => return Ok(Some(self.ended_before_running(refused.to_string()))),
         };
         let (sources, policy) = policy;
         let needs_network = sources > 0;
@@ -1062,7 +1375,7 @@ impl RunningJob<'_> {
         let (src, manifest_policy) = (slot.src.clone(), policy.clone());
         let manifests = Self::blocking(move || Ok(manifest_policy.check_manifests(&src))).await?;
         if let Err(refused) = manifests {
-            return Ok(Some(self.fetch_refused(refused.to_string())));
+            return Ok(Some(self.ended_before_running(refused.to_string())));
         }
         let proxy = EgressProxy::start(policy)
             .await
@@ -1079,6 +1392,7 @@ impl RunningJob<'_> {
             spec = spec.env(name, value);
         }
         let spec = spec
+            .toolchain(&toolchain.sysroot)
             .workspace(&slot.src)
             .target_dir(&slot.target)
             .disk_limited(&slot.target)
@@ -1113,8 +1427,9 @@ impl RunningJob<'_> {
         Ok(None)
     }
 
-    /// The result of a job whose fetch was refused before anything ran (logged too).
-    fn fetch_refused(&mut self, error: String) -> RunResult {
+    /// The result of a job refused before anything ran (a refused fetch, no advisory
+    /// database), logged too.
+    fn ended_before_running(&mut self, error: String) -> RunResult {
         self.log(LogStreamKind::System, error.clone());
         RunResult {
             exit_code: 1,
@@ -1377,6 +1692,54 @@ fn timed_out(outcome: &crate::sandbox::SandboxOutcome) -> bool {
 }
 
 /// Removes everything inside `dir` (not `dir` itself: it may be a mount's directory).
+/// Removes the `Cargo.lock` a resolution left in a slot's sources (the tree has none).
+fn remove_resolved_lock(src: &Path) -> std::io::Result<()> {
+    let src = Beneath::open(src)?;
+    src.remove(Path::new(RESOLVED_LOCK_PATH))
+}
+
+/// Takes the lock file the resolution left under the target dir ([`RESOLVE_DIR`]): read
+/// beneath the target dir without following links (the sandbox wrote there), stored in the
+/// CAS, written into the slot's sources for the build phase, and the resolution dir removed.
+fn take_resolved_lock(
+    blobs: &rba_cas::BlobStore,
+    function: DigestFunction,
+    target: &Path,
+    src: &Path,
+) -> Result<(String, Digest), ExecutorError> {
+    use std::io::{Read, Write};
+    let resolve_dir = Path::new(RESOLVE_DIR)
+        .strip_prefix(TARGET_DIR)
+        .expect("the resolve dir is under the target dir");
+    let target = Beneath::open(target).map_err(io_error("opening the target dir"))?;
+    let mut bytes = Vec::new();
+    target
+        .open_file(&resolve_dir.join("Cargo.lock"))
+        .and_then(|file| {
+            file.take(MAX_RESOLVED_LOCK_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(io_error("reading the resolved Cargo.lock"))?;
+    if bytes.len() as u64 > MAX_RESOLVED_LOCK_BYTES {
+        return Err(ExecutorError::Io {
+            context: "reading the resolved Cargo.lock".into(),
+            source: std::io::Error::other(format!("larger than {MAX_RESOLVED_LOCK_BYTES} bytes")),
+        });
+    }
+    let digest = blobs.put_bytes(function, &bytes)?;
+    let src = Beneath::open(src).map_err(io_error("opening the slot's sources"))?;
+    let (temp, mut file) = src
+        .create_temp(0o644)
+        .map_err(io_error("writing the resolved Cargo.lock"))?;
+    file.write_all(&bytes)
+        .and_then(|()| src.rename_from(&src, Path::new(&temp), Path::new(RESOLVED_LOCK_PATH)))
+        .map_err(io_error("writing the resolved Cargo.lock"))?;
+    target
+        .remove(resolve_dir)
+        .map_err(io_error("removing the resolution dir"))?;
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), digest))
+}
+
 fn clear_dir(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

@@ -15,7 +15,7 @@
 //! | `/workspace`  | the sources, read-only ([`SandboxSpec::workspace`])                                  |
 //! | `/target`     | `CARGO_TARGET_DIR`, read-write ([`SandboxSpec::target_dir`])                         |
 //! | `/cargo`      | `CARGO_HOME`, read-only, read-write in the fetch phase ([`SandboxSpec::cargo_home`]) |
-//! | `/toolchain`  | the Rust sysroot ([`SandboxConfig::toolchain`]), read-only, first in `PATH`          |
+//! | `/toolchain`  | the Rust sysroot ([`SandboxSpec::toolchain`], else [`SandboxConfig::toolchain`]), ro |
 //! | `/usr`, `/bin`, `/lib`, `/lib64`, `/sbin` | the host's, read-only (the linker `cc`, `sh`, ...)       |
 //! | `/etc`        | a generated minimal `passwd`/`group`/`hosts`, the loader cache and `alternatives`;   |
 //! |               | `resolv.conf`, `nsswitch.conf` and the CA certificates only with [`NetworkPolicy::Host`] |
@@ -305,6 +305,10 @@ pub struct SandboxSpec {
     /// the job fails and one of them is full (bytes or inodes), the outcome names
     /// [`LimitKind::Disk`].
     pub disk_limited: Vec<PathBuf>,
+    /// The toolchain (sysroot) of this run, mounted at [`TOOLCHAIN_DIR`] instead of
+    /// [`SandboxConfig::toolchain`]. The executor chooses it among installed toolchains
+    /// ([`crate::toolchains`]); it must have a `bin/` directory.
+    pub toolchain: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -318,6 +322,13 @@ impl SandboxSpec {
             argv: argv.into_iter().map(Into::into).collect(),
             ..Self::default()
         }
+    }
+
+    /// Mounts the sysroot `host` at [`TOOLCHAIN_DIR`] for this run (see
+    /// [`SandboxSpec::toolchain`]).
+    pub fn toolchain(mut self, host: impl Into<PathBuf>) -> Self {
+        self.toolchain = Some(host.into());
+        self
     }
 
     /// Mounts the host dir `host` read-only at [`WORKSPACE_DIR`].
@@ -813,7 +824,13 @@ impl Sandbox {
             visible.push((path.clone(), path.clone()));
             taken.insert(path.clone());
         }
-        if let Some(tc) = &cfg.toolchain {
+        if let Some(tc) = spec.toolchain.as_ref().or(cfg.toolchain.as_ref()) {
+            if !tc.join("bin").is_dir() {
+                return Err(SandboxError::InvalidSpec(format!(
+                    "toolchain {} has no bin/ directory",
+                    tc.display()
+                )));
+            }
             c.bindmount_ro(path_str(tc)?, TOOLCHAIN_DIR);
             visible.push((TOOLCHAIN_DIR.into(), tc.clone()));
             taken.insert(TOOLCHAIN_DIR.into());

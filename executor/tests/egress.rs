@@ -344,3 +344,23 @@ async fn a_source_the_checks_did_not_see_is_refused_by_the_proxy() {
     );
     assert_untouched(&listener);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_without_a_lock_file_is_checked_before_its_resolution() {
+    let harness = harness();
+    let listener = trap();
+    let port = listener.local_addr().unwrap().port();
+    let git = format!("http://127.0.0.1:{port}/evil.git");
+    let krate = crate_with(&format!("evil = {{ git = \"{git}\" }}"), "");
+    std::fs::remove_file(krate.path().join("Cargo.lock")).unwrap();
+    refused(&harness, krate.path(), &[&git, "Cargo.toml"]).await;
+    let (_, outcome, _) = harness
+        .run(&CargoJob::new(JobKind::Build), krate.path(), "egress")
+        .await;
+    assert!(
+        !outcome.steps.iter().any(|(step, _)| step == "resolve"),
+        "no resolution with a refused source: {:?}",
+        outcome.steps
+    );
+    assert_untouched(&listener);
+}

@@ -248,3 +248,88 @@ async fn generic_command_collects_declared_outputs() {
     let again = harness.executor.submit(request).await.unwrap().wait().await;
     assert!(again.cache_hit);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_without_a_lock_file_gets_one_resolved_and_returned() {
+    let harness = harness();
+    let source = copy_fixture("registry-dep");
+    std::fs::remove_file(source.path().join("Cargo.lock")).unwrap();
+
+    let (_, outcome, lines) = run(&harness, JobKind::Build, source.path(), "nolock").await;
+    let text: Vec<String> = lines.iter().map(|l| strip_ansi(l).into_owned()).collect();
+    assert_eq!(
+        outcome.status,
+        JobStatus::Success,
+        "{text:#?} {:?}",
+        outcome.error
+    );
+    assert!(
+        outcome.steps.iter().any(|(step, _)| step == "resolve"),
+        "{:?}",
+        outcome.steps
+    );
+    assert!(compiled(&lines, "itoa"), "{text:#?}");
+    let lock = outcome
+        .artifacts
+        .iter()
+        .find(|a| a.path == "Cargo.lock")
+        .expect("the resolved lock file is an output of the job");
+    let lock_text = String::from_utf8(
+        harness
+            .cas
+            .blobs
+            .read_to_vec(&lock.digest, 1 << 20)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        lock_text.contains("name = \"itoa\"\nversion = \"1.0.15\""),
+        "{lock_text}"
+    );
+    assert!(lock_text.contains("registry+https://github.com/rust-lang/crates.io-index"));
+    // The resolution's scratch copy is gone from the target dir.
+    let (_, again, _) = run(&harness, JobKind::Build, source.path(), "nolock").await;
+    assert!(again.cache_hit);
+    assert!(
+        again.artifacts.iter().any(|a| a.path == "Cargo.lock"),
+        "a cache hit returns the lock file too: {:?}",
+        again.artifacts
+    );
+
+    // `--locked` keeps cargo's meaning: no lock file, no build (same slot, whose sources held
+    // the resolved lock: it is not this tree's and must not be used).
+    let locked = CargoJob {
+        kind: JobKind::Build,
+        release: false,
+        extra_args: vec!["--locked".into()],
+    };
+    let (_, refused, lines) = harness.run(&locked, source.path(), "nolock").await;
+    let text: Vec<String> = lines.iter().map(|l| strip_ansi(l).into_owned()).collect();
+    assert_eq!(refused.status, JobStatus::Failed, "{text:#?}");
+    assert!(
+        text.iter()
+            .any(|l| l.contains("cannot create the lock file") && l.contains("--locked")),
+        "{text:#?}"
+    );
+    assert!(!refused.artifacts.iter().any(|a| a.path == "Cargo.lock"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_file_that_is_a_link_is_the_trees_own_never_resolved_over() {
+    let harness = harness();
+    let source = copy_fixture("registry-dep");
+    std::fs::remove_file(source.path().join("Cargo.lock")).unwrap();
+    // Dangling inside the tree (an absolute one would be refused as leaving it).
+    std::os::unix::fs::symlink("missing.lock", source.path().join("Cargo.lock")).unwrap();
+    let (_, outcome, lines) = run(&harness, JobKind::Build, source.path(), "linked-lock").await;
+    assert_eq!(outcome.status, JobStatus::Failed, "{lines:#?}");
+    // Cargo itself meets the link (it cannot read it), not the executor's resolution.
+    assert!(
+        outcome.steps.iter().any(|(step, _)| step == "build")
+            && !outcome.steps.iter().any(|(step, _)| step == "resolve"),
+        "{:?}",
+        outcome.steps
+    );
+    assert!(!outcome.artifacts.iter().any(|a| a.path == "Cargo.lock"));
+    assert!(!source.path().join("missing.lock").exists());
+}
