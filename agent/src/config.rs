@@ -118,6 +118,8 @@ pub struct NodeConfig {
     pub tangle: TangleNodeConfig,
     /// The node's maximum per job (`[limits]`); a client's limits can only lower them.
     pub limits: LimitsConfig,
+    /// `[execute]`: `POST /execute` (code execution) bounds.
+    pub execute: crate::execute::ExecuteConfig,
 }
 
 /// The `[tangle]` section of the node config.
@@ -223,6 +225,7 @@ impl Default for NodeConfig {
             cargo_audit: None,
             tangle: TangleNodeConfig::default(),
             limits: LimitsConfig::default(),
+            execute: crate::execute::ExecuteConfig::default(),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The node's HTTP face (axum): read-only queries and the WebSocket event gateway.
 //!
-//! Why: browsers, dashboards and Prometheus cannot speak libp2p. Nothing here changes state —
-//! jobs are submitted over libp2p (or the REAPI) only — so the HTTP port can be exposed more
-//! widely than the submission protocols.
+//! Why: browsers, dashboards and Prometheus cannot speak libp2p. Nothing here changes state
+//! except `POST /execute` (code execution, [`crate::execute`]), which needs a read-write token;
+//! builds are submitted over libp2p (or the REAPI).
 //!
 //! Who may read what: `/health`, `/cache/stats` and `/metrics` are aggregates and open.
 //! Anything that names a build (`/builds…`, the session events) needs a bearer token
@@ -15,6 +15,9 @@
 //!
 //! - `GET /health`, `/builds?limit=N`, `/builds/{id}`, `/builds/{id}/logs` (plain text),
 //!   `/cache/stats`, `/metrics` (Prometheus text).
+//! - `POST /execute` (read-write token): run a Rust snippet or a stored binary, see
+//!   [`crate::execute`]; 400 names the field at fault, 401 without a token, 403 with a
+//!   read-only one, 429 when the execution queue is full.
 //! - `GET /v1/sessions/{id}/events?from_seq=N` (WebSocket): one JSON text message per log line
 //!   `{"session_id","type":"log","line"}`, then `{"session_id","type":"end","status":
 //!   "success"|"error","duration_ms","binary_hash"}`, or `{"session_id","type":"error",
@@ -28,7 +31,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use rba_cache_server::auth::{ALL_TENANTS, Caller};
 use rba_executor::logstream::parse_log_blob;
 use rba_executor::runner::JobStatus;
@@ -48,6 +51,7 @@ pub fn router(node: Arc<NodeShared>) -> Router {
         .route("/cache/stats", get(cache_stats))
         .route("/metrics", get(metrics))
         .route("/v1/sessions/{id}/events", get(events))
+        .route("/execute", post(execute))
         .with_state(node)
 }
 
@@ -412,4 +416,69 @@ async fn stream_events(
     send_json(&mut socket, last).await?;
     let _ = socket.send(Message::Close(None)).await;
     Ok(())
+}
+
+/// `POST /execute`: see [`crate::execute`].
+async fn execute(
+    State(node): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::execute::{ExecuteBody, ExecuteError};
+    use rba_cache_server::auth::Access;
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let caller = match header {
+        None => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({
+                    "error": "no token: POST /execute needs a read-write token (Authorization: Bearer <token>)"
+                })),
+            )
+                .into_response();
+        }
+        Some(value) => match node.auth.authenticate_bearer(Some(value)) {
+            Ok(caller) => caller,
+            Err(why) => return unauthorized(&why),
+        },
+    };
+    if caller.access != Access::ReadWrite {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({ "error": "POST /execute needs a read-write token" })),
+        )
+            .into_response();
+    }
+    let execution = match ExecuteBody::parse(&body).and_then(|b| b.check(node.execute.config())) {
+        Ok(execution) => execution,
+        Err(bad) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": bad.to_string(), "field": bad.field })),
+            )
+                .into_response();
+        }
+    };
+    let tenant = match &caller.token {
+        Some(name) => rba_executor::tenant::Tenant::token(name),
+        None => rba_executor::tenant::Tenant::anonymous(),
+    };
+    let reads_all = caller.sees.iter().any(|t| t == ALL_TENANTS);
+    match crate::execute::execute(&node, tenant, reads_all, execution).await {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(error @ ExecuteError::Busy { .. }) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({ "error": error.to_string() })),
+        )
+            .into_response(),
+        Err(error @ ExecuteError::NoArtifact(_)) => not_found(error.to_string()),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({ "error": error.to_string() })),
+        )
+            .into_response(),
+    }
 }

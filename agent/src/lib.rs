@@ -27,6 +27,7 @@ pub mod cargo_flags;
 pub mod client;
 pub mod client_config;
 pub mod config;
+pub mod execute;
 pub mod grpc;
 pub mod history;
 pub mod http;

@@ -100,6 +100,8 @@ pub struct NodeShared {
     allowed: Option<HashSet<PeerId>>,
     /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's job id.
     session_aliases: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+    /// `POST /execute`: how many run and wait.
+    pub execute: crate::execute::ExecuteGate,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -916,6 +918,7 @@ impl Node {
             readers,
             allowed,
             session_aliases: Default::default(),
+            execute: crate::execute::ExecuteGate::new(config.execute.clone()),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();

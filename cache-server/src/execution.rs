@@ -919,6 +919,8 @@ mod tests {
             steps: vec![],
             error: error.map(String::from),
             timed_out: error.is_some_and(|e| e.contains("WallTimeout")),
+            limit: None,
+            peak_memory_bytes: None,
         };
         let failed = execute_response(&outcome(JobStatus::Failed, None));
         assert_eq!(failed.status.unwrap().code, Code::Ok as i32);

@@ -75,8 +75,8 @@ use crate::logstream::{
     LogConfig, LogDigests, LogStream, LogStreamKind, LogWriter, parse_log_blob,
 };
 use crate::sandbox::{
-    Limits, Mount, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError, SandboxSpec,
-    Stream, TARGET_DIR, WORKSPACE_DIR,
+    LimitKind, Limits, Mount, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError,
+    SandboxSpec, Stream, TARGET_DIR, WORKSPACE_DIR,
 };
 use crate::tenant::Tenant;
 use crate::toolchains::Toolchains;
@@ -453,6 +453,11 @@ pub struct JobOutcome {
     pub error: Option<String>,
     /// The command was killed by its wall-clock timeout.
     pub timed_out: bool,
+    /// The limit that ended the command, if one did.
+    pub limit: Option<LimitKind>,
+    /// The most memory the command's processes used together (its cgroup's peak, else the
+    /// largest process's resident set), when it ran.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// Where a job is.
@@ -809,6 +814,8 @@ struct RunResult {
     artifacts: Vec<Artifact>,
     error: Option<String>,
     timed_out: bool,
+    limit: Option<LimitKind>,
+    peak_memory_bytes: Option<u64>,
 }
 
 impl RunningJob<'_> {
@@ -899,6 +906,8 @@ impl RunningJob<'_> {
             steps: std::mem::take(&mut self.steps),
             error: None,
             timed_out: false,
+            limit: None,
+            peak_memory_bytes: None,
         }))
     }
 
@@ -1244,6 +1253,8 @@ impl RunningJob<'_> {
             artifacts,
             error: limit_message(&outcome),
             timed_out: timed_out(&outcome),
+            limit: outcome.limit,
+            peak_memory_bytes: peak_memory(&outcome),
         })
     }
 
@@ -1314,6 +1325,8 @@ impl RunningJob<'_> {
                 artifacts: Vec::new(),
                 error: Some(error),
                 timed_out: timed_out(&outcome),
+                limit: outcome.limit,
+                peak_memory_bytes: peak_memory(&outcome),
             }));
         }
         let (blobs, function, target, src) = (
@@ -1421,6 +1434,8 @@ impl RunningJob<'_> {
                 artifacts: Vec::new(),
                 error: Some(error),
                 timed_out: timed_out(&outcome),
+                limit: outcome.limit,
+                peak_memory_bytes: peak_memory(&outcome),
             }));
         }
         std::fs::write(&marker, lock_digest).map_err(io_error("recording the fetched lockfile"))?;
@@ -1439,6 +1454,8 @@ impl RunningJob<'_> {
             artifacts: Vec::new(),
             error: Some(error),
             timed_out: false,
+            limit: None,
+            peak_memory_bytes: None,
         }
     }
 
@@ -1516,6 +1533,8 @@ impl RunningJob<'_> {
             artifacts,
             error: limit_message(&outcome),
             timed_out: timed_out(&outcome),
+            limit: outcome.limit,
+            peak_memory_bytes: peak_memory(&outcome),
         })
     }
 
@@ -1579,6 +1598,8 @@ impl RunningJob<'_> {
             steps: std::mem::take(&mut self.steps),
             error: run.error,
             timed_out: run.timed_out,
+            limit: run.limit,
+            peak_memory_bytes: run.peak_memory_bytes,
         })
     }
 
@@ -1607,6 +1628,8 @@ impl RunningJob<'_> {
             steps: std::mem::take(&mut self.steps),
             error: Some(message),
             timed_out: false,
+            limit: None,
+            peak_memory_bytes: None,
         }
     }
 }
@@ -1684,6 +1707,15 @@ fn exit_code(outcome: &crate::sandbox::SandboxOutcome) -> i32 {
         crate::sandbox::ExitKind::Exited(code) => code,
         crate::sandbox::ExitKind::Signaled(signal) => 128 + signal,
     }
+}
+
+fn peak_memory(outcome: &crate::sandbox::SandboxOutcome) -> Option<u64> {
+    outcome
+        .cgroup
+        .as_ref()
+        .map(|c| c.memory_peak)
+        .filter(|peak| *peak > 0)
+        .or(outcome.usage.as_ref().map(|u| u.max_rss_bytes))
 }
 
 fn timed_out(outcome: &crate::sandbox::SandboxOutcome) -> bool {

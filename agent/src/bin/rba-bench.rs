@@ -8,17 +8,23 @@
 //!   both sides;
 //! - unchanged: the same tree again (an action-cache hit remotely; a no-op `cargo build`
 //!   locally);
-//! - bytes uploaded by the resubmission after the one-file change vs that file's size.
+//! - bytes uploaded by the resubmission after the one-file change vs that file's size;
+//! - the binary in the local target dir: a cold remote build plus fetching its artifacts
+//!   into a local target dir (what `rba build --remote` leaves behind) vs a cold local build.
+//!
+//! The one-line change and the unchanged case are the medians of [`ROUNDS`] rounds, local
+//! and remote alternating.
 //!
 //! The remote side is the whole client path: hashing the workspace, `Submit`, `Has`, upload,
 //! streaming every line to the end event. Usage: `rba-bench [FIXTURE…]` (default: `hello`
-//! and `workspace3` from `tests/fixtures`).
+//! and `midsize`, a workspace with registry dependencies, from `tests/fixtures`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
+use rba_agent::artifacts::{Artifact, land};
 use rba_agent::client::{RemoteClient, SessionResult};
 use rba_agent::config::NodeConfig;
 use rba_agent::node::Node;
@@ -102,6 +108,14 @@ impl Remote {
     }
 }
 
+/// Rounds of the incremental cases (medians).
+const ROUNDS: usize = 7;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
 struct Row {
     what: &'static str,
     local: Duration,
@@ -147,42 +161,85 @@ async fn bench(fixture: &Path, scratch: &Path) -> anyhow::Result<()> {
             cold.upload.uploaded, cold.upload.bytes
         ),
     });
-
-    let changed_local = file_to_change(&local_src)?;
-    let changed_remote = file_to_change(&remote_src)?;
-    append_line(&changed_local, "// one-line change")?;
-    append_line(&changed_remote, "// one-line change")?;
-    let file_size = std::fs::metadata(&changed_remote)?.len();
-    let local = local_cargo_build(&local_src, &local_target)?;
-    let (took, changed) = remote.build(&remote_src).await?;
-    anyhow::ensure!(
-        !changed.body().cache_hit,
-        "a changed tree cannot be a cache hit"
-    );
+    // The artifacts of that build into a local target dir, fetched from the node.
+    let landing = Instant::now();
+    let artifacts: Vec<_> = cold
+        .body()
+        .artifacts
+        .iter()
+        .map(|a| (a.path.clone(), Artifact::from_wire(a)))
+        .collect();
+    let landed = land(
+        &scratch.join(format!("{name}-landed")),
+        &artifacts,
+        &remote.cas.blobs,
+        false,
+        |digests| {
+            let (client, store) = (remote.client.clone(), remote.cas.blobs.clone());
+            async move { client.fetch_missing(&store, &digests).await.map(|_| ()) }
+        },
+    )
+    .await?;
+    let bytes: u64 = artifacts
+        .iter()
+        .filter_map(|(_, a)| a.as_ref().map(|a| a.digest.size))
+        .sum();
     rows.push(Row {
-        what: "one-line change",
+        what: "cold, binary in the local target dir",
         local,
-        remote: took,
+        remote: took + landing.elapsed(),
         note: format!(
-            "uploaded {} blobs, {} bytes for a {} byte file ({:.2}x)",
-            changed.upload.uploaded,
-            changed.upload.bytes,
-            file_size,
-            changed.upload.bytes as f64 / file_size as f64
+            "{} artifact(s), {} bytes fetched in {:.3} s",
+            landed.len(),
+            bytes,
+            landing.elapsed().as_secs_f64()
         ),
     });
 
-    let local = local_cargo_build(&local_src, &local_target)?;
-    let (took, unchanged) = remote.build(&remote_src).await?;
+    let changed_local = file_to_change(&local_src)?;
+    let changed_remote = file_to_change(&remote_src)?;
+    let (mut locals, mut remotes) = (Vec::new(), Vec::new());
+    let mut last_upload = None;
+    for round in 0..ROUNDS {
+        append_line(&changed_local, &format!("// one-line change {round}"))?;
+        append_line(&changed_remote, &format!("// one-line change {round}"))?;
+        locals.push(local_cargo_build(&local_src, &local_target)?);
+        let (took, changed) = remote.build(&remote_src).await?;
+        anyhow::ensure!(
+            !changed.body().cache_hit,
+            "a changed tree cannot be a cache hit"
+        );
+        remotes.push(took);
+        last_upload = Some(changed.upload);
+    }
+    let file_size = std::fs::metadata(&changed_remote)?.len();
+    let upload = last_upload.expect("at least one round");
+    rows.push(Row {
+        what: "one-line change",
+        local: median(locals),
+        remote: median(remotes),
+        note: format!(
+            "median of {ROUNDS}; uploaded {} blobs, {} bytes for a {} byte file ({:.2}x)",
+            upload.uploaded,
+            upload.bytes,
+            file_size,
+            upload.bytes as f64 / file_size as f64
+        ),
+    });
+
+    let (mut locals, mut remotes) = (Vec::new(), Vec::new());
+    let mut hits = 0;
+    for _ in 0..ROUNDS {
+        locals.push(local_cargo_build(&local_src, &local_target)?);
+        let (took, unchanged) = remote.build(&remote_src).await?;
+        hits += usize::from(unchanged.body().cache_hit);
+        remotes.push(took);
+    }
     rows.push(Row {
         what: "unchanged",
-        local,
-        remote: took,
-        note: format!(
-            "cache hit: {}, uploaded {} bytes",
-            unchanged.body().cache_hit,
-            unchanged.upload.bytes
-        ),
+        local: median(locals),
+        remote: median(remotes),
+        note: format!("median of {ROUNDS}; cache hits: {hits}/{ROUNDS}"),
     });
 
     println!("\n## {name}");
@@ -219,7 +276,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     if fixtures.is_empty() {
-        fixtures = vec![fixtures_dir.join("hello"), fixtures_dir.join("workspace3")];
+        fixtures = vec![fixtures_dir.join("hello"), fixtures_dir.join("midsize")];
     }
     let scratch = tempfile::tempdir()?;
     for fixture in &fixtures {
