@@ -805,6 +805,13 @@ struct RunningJob<'a> {
     provenance: Provenance,
 }
 
+/// What the log and the steps call a networked phase ([`RunningJob::network_phase`]).
+struct NetworkPhase {
+    step: &'static str,
+    announce: &'static str,
+    failure: &'static str,
+}
+
 /// What a workload produced.
 struct RunResult {
     exit_code: i32,
@@ -1278,56 +1285,22 @@ impl RunningJob<'_> {
         if let Err(refused) = manifests {
             return Ok(Err(self.ended_before_running(refused.to_string())));
         }
-        let proxy = EgressProxy::start(policy)
-            .await
-            .map_err(io_error("starting the egress proxy"))?;
-        let resolving = Instant::now();
-        self.log(
-            LogStreamKind::System,
-            "no Cargo.lock: resolving one (network allowed in this phase only, through the egress proxy)",
-        );
-        let mut spec = SandboxSpec::new(resolve_argv(Path::new(
-            &self.prepared.command.working_directory,
-        )))
-        .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
-        .env("CARGO_TERM_COLOR", "always");
-        for (name, value) in proxy.cargo_env() {
-            spec = spec.env(name, value);
-        }
-        let spec = spec
-            .toolchain(&toolchain.sysroot)
-            .workspace(&slot.src)
-            .target_dir(&slot.target)
-            .disk_limited(&slot.target)
-            .cargo_home(self.inner().layout.cargo_home(), true)
-            .cwd(FETCH_CWD)
-            .network(NetworkPolicy::Host)
-            .limits(self.limits());
-        let outcome = self
-            .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
-            .await?;
-        let refusals = proxy.refusals();
-        drop(proxy);
-        self.step("resolve", resolving);
-        if !outcome.success() {
-            let mut error = limit_message(&outcome).unwrap_or_else(|| {
-                "resolving the lock file (cargo generate-lockfile) failed".into()
-            });
-            if !refusals.is_empty() {
-                error = format!("{error}; the egress proxy refused {}", refusals.join("; "));
-                self.log(LogStreamKind::System, error.clone());
-            }
-            return Ok(Err(RunResult {
-                exit_code: exit_code(&outcome),
-                success: false,
-                output_files: Vec::new(),
-                output_directories: Vec::new(),
-                artifacts: Vec::new(),
-                error: Some(error),
-                timed_out: timed_out(&outcome),
-                limit: outcome.limit,
-                peak_memory_bytes: peak_memory(&outcome),
-            }));
+        let argv = resolve_argv(Path::new(&self.prepared.command.working_directory));
+        if let Some(failed) = self
+            .network_phase(
+                NetworkPhase {
+                    step: "resolve",
+                    announce: "no Cargo.lock: resolving one (network allowed in this phase only, through the egress proxy)",
+                    failure: "resolving the lock file (cargo generate-lockfile) failed",
+                },
+                argv,
+                policy,
+                slot,
+                toolchain,
+            )
+            .await?
+        {
+            return Ok(Err(failed));
         }
         let (blobs, function, target, src) = (
             self.inner().cas.blobs.clone(),
@@ -1390,15 +1363,44 @@ impl RunningJob<'_> {
         if let Err(refused) = manifests {
             return Ok(Some(self.ended_before_running(refused.to_string())));
         }
+        let argv = fetch_argv(&self.working_directory());
+        if let Some(failed) = self
+            .network_phase(
+                NetworkPhase {
+                    step: "fetch",
+                    announce: "fetching dependencies (network allowed in this phase only, through the egress proxy)",
+                    failure: "cargo fetch failed",
+                },
+                argv,
+                policy,
+                slot,
+                toolchain,
+            )
+            .await?
+        {
+            return Ok(Some(failed));
+        }
+        std::fs::write(&marker, lock_digest).map_err(io_error("recording the fetched lockfile"))?;
+        Ok(None)
+    }
+
+    /// Runs `argv` (cargo, in [`FETCH_CWD`]) with the network of the fetch phases: the shared
+    /// cargo home writable, the egress proxy for `policy` as the only way out. `None` when it
+    /// succeeded; else the job's failed result, naming what the proxy refused.
+    async fn network_phase(
+        &mut self,
+        phase: NetworkPhase,
+        argv: Vec<String>,
+        policy: EgressPolicy,
+        slot: &Slot,
+        toolchain: &Toolchain,
+    ) -> Result<Option<RunResult>, ExecutorError> {
         let proxy = EgressProxy::start(policy)
             .await
             .map_err(io_error("starting the egress proxy"))?;
-        let fetched = Instant::now();
-        self.log(
-            LogStreamKind::System,
-            "fetching dependencies (network allowed in this phase only, through the egress proxy)",
-        );
-        let mut spec = SandboxSpec::new(fetch_argv(&self.working_directory()))
+        let started = Instant::now();
+        self.log(LogStreamKind::System, phase.announce);
+        let mut spec = SandboxSpec::new(argv)
             .env("CARGO_CACHE_AUTO_CLEAN_FREQUENCY", "never")
             .env("CARGO_TERM_COLOR", "always");
         for (name, value) in proxy.cargo_env() {
@@ -1418,28 +1420,26 @@ impl RunningJob<'_> {
             .await?;
         let refusals = proxy.refusals();
         drop(proxy);
-        self.step("fetch", fetched);
-        if !outcome.success() {
-            let mut error =
-                limit_message(&outcome).unwrap_or_else(|| "cargo fetch failed".to_string());
-            if !refusals.is_empty() {
-                error = format!("{error}; the egress proxy refused {}", refusals.join("; "));
-                self.log(LogStreamKind::System, error.clone());
-            }
-            return Ok(Some(RunResult {
-                exit_code: exit_code(&outcome),
-                success: false,
-                output_files: Vec::new(),
-                output_directories: Vec::new(),
-                artifacts: Vec::new(),
-                error: Some(error),
-                timed_out: timed_out(&outcome),
-                limit: outcome.limit,
-                peak_memory_bytes: peak_memory(&outcome),
-            }));
+        self.step(phase.step, started);
+        if outcome.success() {
+            return Ok(None);
         }
-        std::fs::write(&marker, lock_digest).map_err(io_error("recording the fetched lockfile"))?;
-        Ok(None)
+        let mut error = limit_message(&outcome).unwrap_or_else(|| phase.failure.to_string());
+        if !refusals.is_empty() {
+            error = format!("{error}; the egress proxy refused {}", refusals.join("; "));
+            self.log(LogStreamKind::System, error.clone());
+        }
+        Ok(Some(RunResult {
+            exit_code: exit_code(&outcome),
+            success: false,
+            output_files: Vec::new(),
+            output_directories: Vec::new(),
+            artifacts: Vec::new(),
+            error: Some(error),
+            timed_out: timed_out(&outcome),
+            limit: outcome.limit,
+            peak_memory_bytes: peak_memory(&outcome),
+        }))
     }
 
     /// The result of a job refused before anything ran (a refused fetch, no advisory
