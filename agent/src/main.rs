@@ -408,9 +408,29 @@ async fn run_remote(
             }
             render(&mut terminal, event)
         });
-        tokio::select! {
-            result = run => Some(result),
+        tokio::pin!(run);
+        let interrupted = tokio::select! {
+            result = &mut run => Some(result),
             _ = interrupt.recv() => None,
+        };
+        match interrupted {
+            Some(result) => Some(result),
+            // Ctrl-C while uploading or submitting: the node may be about to accept the job.
+            // Follow the session a little longer (bounded) so that the job it accepts can be
+            // cancelled instead of left running; a second Ctrl-C quits at once.
+            None => {
+                let deadline = tokio::time::sleep(CANCEL_WAIT);
+                tokio::pin!(deadline);
+                while session_id.lock().is_none() {
+                    tokio::select! {
+                        _ = &mut run => break,
+                        _ = &mut deadline => break,
+                        _ = interrupt.recv() => std::process::exit(130),
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                    }
+                }
+                None
+            }
         }
     };
     terminal.finish();
