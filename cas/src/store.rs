@@ -3,24 +3,36 @@
 //! Layout under the store root:
 //! ```text
 //! blobs/<function>/<hh>/<hash>   one file per blob, sharded by the hash's first byte
-//! tmp/                           writes in progress (emptied at startup)
+//! tmp/<pid>-<nanos>/             one process's writes in progress, with its `.lock` (flock'd)
 //! index/                         the sled database (blob sizes and last access, action cache, stat cache)
+//! lock                           the data dir's lock (flock'd), holding the owner's pid
 //! ```
 //! Contract:
 //! - A blob becomes visible only once its bytes are written, verified (size and hash), fsync'd
-//!   and renamed into place. A crash mid-write leaves at most a file under `tmp/`, removed at the
-//!   next open; a wrong digest stores nothing.
+//!   and renamed into place. A crash mid-write leaves at most a file under the process's `tmp/`
+//!   directory, removed at the next open; a wrong digest stores nothing.
+//! - One data dir, many processes: sled is a single-process database, so one process at a
+//!   time has the store open. A second opener waits for the first to close it, as cargo waits
+//!   for its build directory (`rba: blocking waiting for the data dir lock held by pid N`, once,
+//!   on stderr), instead of failing. Temporaries are per process: an opener removes only the
+//!   temporary directories whose `.lock` no live process holds, never another process's
+//!   in-flight writes.
 //! - Readers stream with offset/limit and never load a whole blob. A reader pins its blob: the
 //!   evictor skips pinned blobs. Writers of a blob already present only count the bytes.
 //! - Every method is safe to call from many threads; all I/O is blocking (call it from
 //!   `tokio::task::spawn_blocking` in async code when a blob may be large).
-//! - Presence is answered by the index and one `stat` of the blob's file, so it stays exact: an
-//!   index entry whose file vanished is dropped, and a file that exists on disk but not in the
-//!   index (a crash between rename and index update) is adopted on first sight.
-//!   Startup reads no more than the index's totals; [`BlobStore::verify`] is the full rescan.
+//! - Presence is answered by the index alone, the truth about what is stored: no `stat` per
+//!   digest, so FindMissing of thousands of digests is a batch of sorted index reads, most
+//!   served by an in-memory cache of recently seen entries. Eviction and every other removal
+//!   update the index and the cache under the same lock, so an evicted blob is never reported
+//!   present. A file renamed into place whose index entry a crash lost is invisible (and
+//!   re-uploaded) until [`BlobStore::verify`] re-hashes and adopts it; an index entry whose
+//!   file was removed behind the store's back is dropped by the first read that misses it,
+//!   and by `verify`, the full rescan. Startup and [`BlobStore::stats`] read only the index's
+//!   running totals.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -156,17 +168,21 @@ const ACCESS_GRANULARITY_MS: u64 = 1_000;
 
 struct Inner {
     root: PathBuf,
-    tmp_dir: PathBuf,
     config: StoreConfig,
     db: sled::Db,
     blobs: sled::Tree,
     lru: sled::Tree,
     meta: sled::Tree,
     total_bytes: AtomicU64,
+    blob_count: AtomicU64,
+    presence: PresenceCache,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
     pins: Mutex<HashMap<BlobKey, usize>>,
     evict_lock: Mutex<()>,
+    // Declared last: dropped after the database, so a waiting opener finds sled unlocked.
+    temporaries: ProcessTemp,
+    _root_lock: RootLock,
 }
 
 /// The content-addressed blob store. Cheap to clone; clones share one store.
@@ -184,6 +200,40 @@ impl std::fmt::Debug for BlobStore {
 }
 
 const TOTAL_BYTES_KEY: &[u8] = b"total_bytes";
+const BLOB_COUNT_KEY: &[u8] = b"blob_count";
+
+/// Recently seen index entries (size, last access) by blob key: FindMissing of blobs just
+/// uploaded or just asked about is answered from memory. Sharded by the hash's first byte;
+/// a shard's lock is held across the index read or write of a key, so a cached entry never
+/// outlives its index entry (eviction removes both under that lock).
+struct PresenceCache {
+    shards: Vec<Mutex<HashMap<BlobKey, (u64, u64)>>>,
+}
+
+const PRESENCE_SHARDS: usize = 64;
+/// Entries per shard before the shard starts over (64 × 2,048 ≈ 131k digests, ≈ 8 MB).
+const PRESENCE_PER_SHARD: usize = 2_048;
+
+impl PresenceCache {
+    fn new() -> Self {
+        PresenceCache {
+            shards: (0..PRESENCE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, key: &BlobKey) -> parking_lot::MutexGuard<'_, HashMap<BlobKey, (u64, u64)>> {
+        self.shards[key[1] as usize % PRESENCE_SHARDS].lock()
+    }
+}
+
+fn remember(shard: &mut HashMap<BlobKey, (u64, u64)>, key: BlobKey, entry: (u64, u64)) {
+    if shard.len() >= PRESENCE_PER_SHARD && !shard.contains_key(&key) {
+        shard.clear();
+    }
+    shard.insert(key, entry);
+}
 
 impl BlobStore {
     /// A throwaway store in a new temporary directory, without fsync. The store lives as long
@@ -195,44 +245,59 @@ impl BlobStore {
         Ok((dir, store))
     }
 
-    /// Opens (creating if needed) the store under `root`.
+    /// Opens (creating if needed) the store under `root`. When another process has it open,
+    /// waits until that process closes it (saying so once on stderr).
     pub fn open(root: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        let tmp_dir = root.join("tmp");
         for function in DigestFunction::ALL {
             let dir = root.join("blobs").join(function.name());
             fs::create_dir_all(&dir).map_err(|e| CasError::io("creating", &dir, e))?;
         }
-        // Writes that were in flight when the process died: never visible, now garbage.
-        if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(|e| CasError::io("cleaning", &tmp_dir, e))?;
-        }
-        fs::create_dir_all(&tmp_dir).map_err(|e| CasError::io("creating", &tmp_dir, e))?;
-        let db_path = root.join("index");
-        let db = sled::Config::new().path(&db_path).open()?;
+        let root_lock = RootLock::acquire(&root)?;
+        let temporaries = ProcessTemp::create(&root.join("tmp"))?;
+        let db = open_index(&root.join("index"))?;
         let blobs = db.open_tree("blobs")?;
         let lru = db.open_tree("lru")?;
         let meta = db.open_tree("meta")?;
-        let total = meta
-            .get(TOTAL_BYTES_KEY)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let read_counter = |key: &[u8]| -> Result<Option<u64>> {
+            Ok(meta
+                .get(key)?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        };
+        let total = read_counter(TOTAL_BYTES_KEY)?.unwrap_or(0);
+        // Stores from before the running count: counted once, here.
+        let count = match read_counter(BLOB_COUNT_KEY)? {
+            Some(count) => count,
+            None => {
+                let count = blobs.len() as u64;
+                meta.insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
+                count
+            }
+        };
         Ok(BlobStore {
             inner: Arc::new(Inner {
                 root,
-                tmp_dir,
                 config,
                 db,
                 blobs,
                 lru,
                 meta,
                 total_bytes: AtomicU64::new(total),
+                blob_count: AtomicU64::new(count),
+                presence: PresenceCache::new(),
                 evictions: AtomicU64::new(0),
                 evicted_bytes: AtomicU64::new(0),
                 pins: Mutex::new(HashMap::new()),
                 evict_lock: Mutex::new(()),
+                temporaries,
+                _root_lock: root_lock,
             }),
         })
+    }
+
+    /// This process's directory of writes in progress (emptied when the store closes).
+    pub fn temp_dir(&self) -> &Path {
+        &self.inner.temporaries.dir
     }
 
     /// The store's root directory.
@@ -261,36 +326,77 @@ impl BlobStore {
             .join(hex)
     }
 
-    /// True when the blob is present. The empty blob is always present.
+    /// True when the blob is present (in the index). The empty blob is always present.
     pub fn contains(&self, digest: &Digest) -> Result<bool> {
         if digest.is_empty_blob() {
             return Ok(true);
         }
         let key = blob_key(digest);
-        if let Some(value) = self.inner.blobs.get(key)? {
-            if parse_index_value(&value).map(|(size, _)| size) != Some(digest.size) {
-                return Ok(false);
-            }
-            // One stat keeps the answer exact even if a file was removed behind our back.
-            if fs::symlink_metadata(self.blob_path(digest)).is_ok() {
-                return Ok(true);
-            }
-            self.forget(digest)?;
-            return Ok(false);
-        }
-        self.adopt_if_on_disk(digest)
+        Ok(self.lookup(&key)?.map(|(size, _)| size) == Some(digest.size))
     }
 
     /// The subset of `digests` that is not present, in the order given, without duplicates.
+    /// One sorted pass over the index (sorted keys read neighbouring pages together), most
+    /// answers from the presence cache, no filesystem access.
     pub fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut keys: Vec<(BlobKey, u64)> = digests
+            .iter()
+            .filter(|d| !d.is_empty_blob())
+            .map(|d| (blob_key(d), d.size))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut present = std::collections::HashSet::with_capacity(keys.len());
+        for (key, size) in keys {
+            if self.lookup(&key)?.map(|(stored, _)| stored) == Some(size) {
+                present.insert((key, size));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
-        let mut missing = Vec::new();
+        Ok(digests
+            .iter()
+            .filter(|d| !d.is_empty_blob())
+            .filter(|d| !present.contains(&(blob_key(d), d.size)))
+            .filter(|d| seen.insert(**d))
+            .copied()
+            .collect())
+    }
+
+    /// [`BlobStore::find_missing`], then one `stat` per blob found present: an index entry
+    /// whose file vanished behind the store's back is dropped and reported missing. For
+    /// promises a client acts on without asking again (an action-cache hit), not the hot path.
+    pub fn find_missing_on_disk(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut missing = self.find_missing(digests)?;
+        let known_missing: std::collections::HashSet<Digest> = missing.iter().copied().collect();
+        let mut seen = std::collections::HashSet::new();
         for digest in digests {
-            if seen.insert(*digest) && !self.contains(digest)? {
+            if digest.is_empty_blob() || known_missing.contains(digest) || !seen.insert(*digest) {
+                continue;
+            }
+            if fs::symlink_metadata(self.blob_path(digest)).is_err() {
+                self.forget(digest)?;
                 missing.push(*digest);
             }
         }
         Ok(missing)
+    }
+
+    /// The index entry (size, last access) of a blob, from the presence cache or the index.
+    fn lookup(&self, key: &BlobKey) -> Result<Option<(u64, u64)>> {
+        let mut shard = self.inner.presence.shard(key);
+        if let Some(entry) = shard.get(key) {
+            return Ok(Some(*entry));
+        }
+        let entry = self
+            .inner
+            .blobs
+            .get(key)?
+            .as_deref()
+            .and_then(parse_index_value);
+        if let Some(entry) = entry {
+            remember(&mut shard, *key, entry);
+        }
+        Ok(entry)
     }
 
     /// Marks blobs as just used, so eviction keeps them. Missing blobs are ignored.
@@ -304,26 +410,28 @@ impl BlobStore {
 
     fn touch_at(&self, digest: &Digest, now: u64) -> Result<()> {
         let key = blob_key(digest);
+        let mut shard = self.inner.presence.shard(&key);
+        let cached = shard.get(&key).copied();
+        // Recently touched (as the cache knows): nothing to read or write.
+        if cached.is_some_and(|(_, access)| now.saturating_sub(access) < ACCESS_GRANULARITY_MS) {
+            return Ok(());
+        }
         let Some(value) = self.inner.blobs.get(key)? else {
+            shard.remove(&key);
             return Ok(());
         };
         let Some((size, access)) = parse_index_value(&value) else {
             return Ok(());
         };
         if now.saturating_sub(access) < ACCESS_GRANULARITY_MS {
+            remember(&mut shard, key, (size, access));
             return Ok(());
         }
-        // A concurrent eviction may remove the entry between get and insert: only rewrite the
-        // entry if it is still the one we read.
-        let swapped = self.inner.blobs.compare_and_swap(
-            key,
-            Some(value.as_ref()),
-            Some(&index_value(size, now)[..]),
-        )?;
-        if swapped.is_ok() {
-            self.inner.lru.remove(lru_key(access, &key))?;
-            self.inner.lru.insert(lru_key(now, &key), &[])?;
-        }
+        // Removals take this shard's lock too, so the entry read above is still current.
+        self.inner.blobs.insert(key, &index_value(size, now))?;
+        self.inner.lru.remove(lru_key(access, &key))?;
+        self.inner.lru.insert(lru_key(now, &key), &[])?;
+        remember(&mut shard, key, (size, now));
         Ok(())
     }
 
@@ -379,7 +487,7 @@ impl BlobStore {
         source: &mut File,
         path: &Path,
     ) -> Result<Digest> {
-        let tmp = &self.inner.tmp_dir;
+        let tmp = &self.inner.temporaries.dir;
         let mut copy = NamedTempFile::new_in(tmp)
             .map_err(|e| CasError::io("creating temp file in", tmp, e))?;
         let size =
@@ -494,7 +602,7 @@ impl BlobStore {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             total_bytes: self.inner.total_bytes.load(Ordering::Relaxed),
-            blob_count: self.inner.blobs.len() as u64,
+            blob_count: self.inner.blob_count.load(Ordering::Relaxed),
             evictions: self.inner.evictions.load(Ordering::Relaxed),
             evicted_bytes: self.inner.evicted_bytes.load(Ordering::Relaxed),
         }
@@ -506,20 +614,10 @@ impl BlobStore {
         Ok(())
     }
 
-    fn adopt_if_on_disk(&self, digest: &Digest) -> Result<bool> {
-        let path = self.blob_path(digest);
-        match fs::metadata(&path) {
-            Ok(meta) if meta.len() == digest.size => {
-                self.index_insert(digest)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
     fn index_insert(&self, digest: &Digest) -> Result<()> {
         let key = blob_key(digest);
         let now = now_millis();
+        let mut shard = self.inner.presence.shard(&key);
         let previous = self
             .inner
             .blobs
@@ -528,15 +626,18 @@ impl BlobStore {
             Some((_, access)) => {
                 self.inner.lru.remove(lru_key(access, &key))?;
             }
-            None => self.add_total(digest.size as i64)?,
+            None => self.add_total(digest.size as i64, 1)?,
         }
         self.inner.lru.insert(lru_key(now, &key), &[])?;
+        remember(&mut shard, key, (digest.size, now));
         Ok(())
     }
 
     /// Drops a blob from the index (its file is already gone or about to be).
     fn forget(&self, digest: &Digest) -> Result<bool> {
         let key = blob_key(digest);
+        let mut shard = self.inner.presence.shard(&key);
+        shard.remove(&key);
         match self
             .inner
             .blobs
@@ -546,33 +647,24 @@ impl BlobStore {
         {
             Some((size, access)) => {
                 self.inner.lru.remove(lru_key(access, &key))?;
-                self.add_total(-(size as i64))?;
+                self.add_total(-(size as i64), -1)?;
                 Ok(true)
             }
             None => Ok(false),
         }
     }
 
-    fn add_total(&self, delta: i64) -> Result<()> {
-        let total = if delta >= 0 {
-            self.inner
-                .total_bytes
-                .fetch_add(delta as u64, Ordering::SeqCst)
-                + delta as u64
-        } else {
-            let amount = delta.unsigned_abs();
-            let previous = self
-                .inner
-                .total_bytes
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
-                    Some(t.saturating_sub(amount))
-                })
-                .unwrap_or(0);
-            previous.saturating_sub(amount)
-        };
+    /// Adjusts the running byte total and blob count (kept in the index's meta tree, so
+    /// neither startup nor [`BlobStore::stats`] scans the index).
+    fn add_total(&self, bytes: i64, blobs: i64) -> Result<()> {
+        let total = adjust(&self.inner.total_bytes, bytes);
+        let count = adjust(&self.inner.blob_count, blobs);
         self.inner
             .meta
             .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.inner
+            .meta
+            .insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
         Ok(())
     }
 
@@ -672,6 +764,7 @@ impl BlobStore {
             }
         }
         let mut total = 0u64;
+        let mut count = 0u64;
         for entry in self.inner.blobs.iter() {
             let (key, value) = entry?;
             let Some((size, _)) = parse_index_value(&value) else {
@@ -682,18 +775,180 @@ impl BlobStore {
             };
             if on_disk.contains(&key) {
                 total += size;
+                count += 1;
             } else if let Some(digest) = digest_from_key(&key, size) {
                 self.forget(&digest)?;
                 report.missing.push(digest);
             }
         }
         self.inner.total_bytes.store(total, Ordering::SeqCst);
+        self.inner.blob_count.store(count, Ordering::SeqCst);
         self.inner
             .meta
             .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.inner
+            .meta
+            .insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
         self.flush()?;
         Ok(report)
     }
+}
+
+/// The data dir's lock, held (flock) while a process has the store open. sled allows one
+/// process per database: this lock makes a second process wait instead of failing.
+struct RootLock {
+    _file: File,
+    _open_here: OpenHere,
+}
+
+/// Registers a root as open in this process: a second open of it in the same process would
+/// wait for itself, so it fails instead.
+struct OpenHere(PathBuf);
+
+fn roots_open_here() -> &'static Mutex<std::collections::HashSet<PathBuf>> {
+    static ROOTS: std::sync::OnceLock<Mutex<std::collections::HashSet<PathBuf>>> =
+        std::sync::OnceLock::new();
+    ROOTS.get_or_init(Default::default)
+}
+
+impl OpenHere {
+    fn register(root: &Path) -> Result<Self> {
+        let root = fs::canonicalize(root).map_err(|e| CasError::io("resolving", root, e))?;
+        if !roots_open_here().lock().insert(root.clone()) {
+            return Err(CasError::Invalid {
+                what: format!("store {}", root.display()),
+                reason: "it is already open in this process; share the open store".into(),
+            });
+        }
+        Ok(OpenHere(root))
+    }
+}
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        roots_open_here().lock().remove(&self.0);
+    }
+}
+
+impl RootLock {
+    fn acquire(root: &Path) -> Result<Self> {
+        use rustix::fs::{FlockOperation, flock};
+        let open_here = OpenHere::register(root)?;
+        let path = root.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| CasError::io("opening", &path, e))?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                eprintln!(
+                    "rba: blocking waiting for the data dir lock held by pid {}",
+                    if holder.is_empty() { "?" } else { holder }
+                );
+                flock(&file, FlockOperation::LockExclusive)
+                    .map_err(|e| CasError::io("locking", &path, e.into()))?;
+            }
+            Err(e) => return Err(CasError::io("locking", &path, e.into())),
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(|e| CasError::io("writing", &path, e))?;
+        Ok(RootLock {
+            _file: file,
+            _open_here: open_here,
+        })
+    }
+}
+
+/// This process's directory of temporaries, `tmp/<pid>-<nanos>/`, flock'd through its `.lock`
+/// for the store's lifetime and removed when the store closes.
+struct ProcessTemp {
+    dir: PathBuf,
+    _lock: File,
+}
+
+const TEMP_LOCK_NAME: &str = ".lock";
+
+impl ProcessTemp {
+    /// Removes the temporaries of processes that are gone (their `.lock` is free, or they
+    /// predate per-process directories) and creates this process's directory.
+    fn create(tmp: &Path) -> Result<Self> {
+        use rustix::fs::{FlockOperation, flock};
+        fs::create_dir_all(tmp).map_err(|e| CasError::io("creating", tmp, e))?;
+        for entry in fs::read_dir(tmp).map_err(|e| CasError::io("listing", tmp, e))? {
+            let path = entry.map_err(|e| CasError::io("listing", tmp, e))?.path();
+            if !path.is_dir() {
+                // A write of a version that kept temporaries directly in `tmp/`.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let owner_alive = File::open(path.join(TEMP_LOCK_NAME))
+                .ok()
+                .is_some_and(|lock| flock(&lock, FlockOperation::NonBlockingLockShared).is_err());
+            if !owner_alive
+                && let Err(e) = fs::remove_dir_all(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                return Err(CasError::io("removing abandoned writes in", path, e));
+            }
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = tmp.join(format!("{}-{nanos}", std::process::id()));
+        fs::create_dir(&dir).map_err(|e| CasError::io("creating", &dir, e))?;
+        let lock_path = dir.join(TEMP_LOCK_NAME);
+        let lock = File::create(&lock_path).map_err(|e| CasError::io("creating", &lock_path, e))?;
+        flock(&lock, FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| CasError::io("locking", &lock_path, e.into()))?;
+        Ok(ProcessTemp { dir, _lock: lock })
+    }
+}
+
+impl Drop for ProcessTemp {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Opens sled. The previous owner's lock on it may outlive its data dir lock by a moment
+/// (its flusher finishing): retry briefly on a lock error only.
+fn open_index(path: &Path) -> Result<sled::Db> {
+    let mut attempts = 0;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if attempts < 200 && e.to_string().contains("could not acquire lock") =>
+            {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Adds `delta` to a counter (never below zero) and returns the new value.
+fn adjust(counter: &AtomicU64, delta: i64) -> u64 {
+    let amount = delta.unsigned_abs();
+    let apply = |value: u64| {
+        if delta >= 0 {
+            value.saturating_add(amount)
+        } else {
+            value.saturating_sub(amount)
+        }
+    };
+    let previous = counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(apply(v)))
+        .unwrap_or(0);
+    apply(previous)
 }
 
 fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -856,7 +1111,7 @@ impl BlobWriter {
         let file = if present {
             None
         } else {
-            let tmp = &store.inner.tmp_dir;
+            let tmp = &store.inner.temporaries.dir;
             Some(
                 NamedTempFile::new_in(tmp)
                     .map_err(|e| CasError::io("creating temp file in", tmp, e))?,
@@ -997,7 +1252,11 @@ mod tests {
                 assert_eq!(store.stats().total_bytes, total, "stored once");
             }
         }
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(store.temp_dir()).unwrap().count(),
+            1,
+            "only .lock"
+        );
         assert!(matches!(
             store.put_file(DigestFunction::Blake3, &dir.path().join("missing")),
             Err(CasError::Io { .. })
@@ -1045,7 +1304,11 @@ mod tests {
         ));
         assert!(!store.contains(&claimed).unwrap());
         assert!(!store.blob_path(&claimed).exists());
-        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(store.temp_dir()).unwrap().count(),
+            1,
+            "only .lock"
+        );
         assert_eq!(store.stats().total_bytes, 0);
     }
 
@@ -1068,6 +1331,44 @@ mod tests {
             store.find_missing(&[a, b, b, a_blake, wrong_size]).unwrap(),
             vec![b, a_blake, wrong_size]
         );
+    }
+
+    #[test]
+    fn presence_is_the_index_and_eviction_clears_it() {
+        let (_dir, store) = store(100);
+        let first = store.put_bytes(DigestFunction::Sha256, &[1u8; 40]).unwrap();
+        // Asked (and cached) present, then evicted by newer writes: reported missing after.
+        assert!(store.find_missing(&[first]).unwrap().is_empty());
+        store.touch(&[first]).unwrap();
+        store.put_bytes(DigestFunction::Sha256, &[2u8; 40]).unwrap();
+        store.put_bytes(DigestFunction::Sha256, &[3u8; 40]).unwrap();
+        assert!(store.stats().evictions > 0);
+        assert!(!store.blob_path(&first).exists());
+        assert_eq!(store.find_missing(&[first]).unwrap(), vec![first]);
+        assert!(!store.contains(&first).unwrap());
+        assert_eq!(store.stats().blob_count, store.inner.blobs.len() as u64);
+
+        // A file on disk the index does not list is not present until verify adopts it.
+        let (_dir, store) = self::store(1 << 20);
+        let orphan = DigestFunction::Blake3.digest_of(b"orphan");
+        let path = store.blob_path(&orphan);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"orphan").unwrap();
+        assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
+        assert_eq!(store.verify().unwrap().adopted, 1);
+        assert!(store.find_missing(&[orphan]).unwrap().is_empty());
+        assert_eq!(store.stats().blob_count, 1);
+
+        // An indexed blob whose file was removed behind the store's back: the first read
+        // that misses it drops it from the index and the cache.
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            store.reader(&orphan, 0, 0),
+            Err(CasError::NotFound(_))
+        ));
+        assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
+        assert_eq!(store.stats().blob_count, 0);
     }
 
     #[test]
