@@ -34,7 +34,7 @@ pub use merkle::{
     build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
     validate_tree,
 };
-pub use store::{BlobReader, BlobStore, BlobWriter, StoreConfig, StoreStats};
+pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -25,8 +25,10 @@
 //!   digest, so FindMissing of thousands of digests is a batch of sorted index reads, most
 //!   served by an in-memory cache of recently seen entries. Eviction and every other removal
 //!   update the index and the cache under the same lock, so an evicted blob is never reported
-//!   present. A file renamed into place whose index entry a crash lost is invisible (and
-//!   re-uploaded) until [`BlobStore::verify`] re-hashes and adopts it; an index entry whose
+//!   present. The index is flushed in the background (sled), so a crash may lose the entries
+//!   of blobs whose files are in place (complete: files are renamed only once synced): such a
+//!   blob is reported missing, and the upload that follows adopts the file instead of writing
+//!   it (as do the action cache's checks and [`BlobStore::verify`]); an index entry whose
 //!   file was removed behind the store's back is dropped by the first read that misses it,
 //!   and by `verify`, the full rescan. Startup and [`BlobStore::stats`] read only the index's
 //!   running totals.
@@ -362,11 +364,19 @@ impl BlobStore {
             .collect())
     }
 
-    /// [`BlobStore::find_missing`], then one `stat` per blob found present: an index entry
-    /// whose file vanished behind the store's back is dropped and reported missing. For
-    /// promises a client acts on without asking again (an action-cache hit), not the hot path.
+    /// [`BlobStore::find_missing`], then one `stat` per blob: an index entry whose file
+    /// vanished behind the store's back is dropped and reported missing, a file whose index
+    /// entry a crash lost is adopted. For promises a client acts on without asking again (an
+    /// action-cache hit), not the hot path.
     pub fn find_missing_on_disk(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let mut missing = self.find_missing(digests)?;
+        let mut adopted = Vec::new();
+        for digest in &missing {
+            if self.adopt_if_on_disk(digest)? {
+                adopted.push(*digest);
+            }
+        }
+        missing.retain(|d| !adopted.contains(d));
         let known_missing: std::collections::HashSet<Digest> = missing.iter().copied().collect();
         let mut seen = std::collections::HashSet::new();
         for digest in digests {
@@ -443,8 +453,21 @@ impl BlobStore {
                 self.inner.config.max_bytes
             )));
         }
-        let present = self.contains(&expected)?;
+        let present = self.contains(&expected)? || self.adopt_if_on_disk(&expected)?;
         BlobWriter::new(self.clone(), expected.function, Some(expected), present)
+    }
+
+    /// Indexes a blob whose file is in place but whose index entry a crash lost (files are
+    /// renamed into place only once complete and synced, so the right size means the right
+    /// bytes). Called where a miss is about to cost a write, never on the FindMissing path.
+    fn adopt_if_on_disk(&self, digest: &Digest) -> Result<bool> {
+        match fs::symlink_metadata(self.blob_path(digest)) {
+            Ok(meta) if meta.is_file() && meta.len() == digest.size => {
+                self.index_insert(digest)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Starts writing a blob whose digest is computed from the bytes.
@@ -1161,6 +1184,18 @@ impl BlobWriter {
 
     /// Verifies size and hash, makes the blob durable and visible, and returns its digest.
     pub fn commit(self) -> Result<Digest> {
+        let store = self.store.clone();
+        let staged = self.stage()?;
+        store
+            .publish(vec![staged])
+            .pop()
+            .expect("one result per staged blob")
+    }
+
+    /// Verifies size and hash and closes the temp file: the blob is complete but neither
+    /// durable nor visible until [`BlobStore::publish`] (which makes a batch durable at once).
+    /// Dropping the staged blob discards it.
+    pub fn stage(self) -> Result<StagedBlob> {
         let written = self.received;
         let Some(file) = self.file else {
             let expected = self
@@ -1172,7 +1207,10 @@ impl BlobWriter {
                     actual: written,
                 });
             }
-            return Ok(expected);
+            return Ok(StagedBlob {
+                digest: expected,
+                temp: None,
+            });
         };
         let actual = match (self.hasher, self.expected) {
             (Some(hasher), _) => hasher.finish(),
@@ -1199,24 +1237,148 @@ impl BlobWriter {
                 self.store.inner.config.max_bytes
             )));
         }
-        if self.store.inner.config.fsync {
-            file.as_file()
-                .sync_data()
-                .map_err(|e| CasError::io("syncing", file.path(), e))?;
-        }
         // Read-only: materialisation hard-links blobs into exec roots, where a writable file
         // would let an action corrupt the store.
         file.as_file()
             .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
             .map_err(|e| CasError::io("chmod", file.path(), e))?;
-        let path = self.store.blob_path(&actual);
-        let parent = path.parent().expect("blob paths have a parent");
-        fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
-        file.persist(&path)
-            .map_err(|e| CasError::io("publishing", &path, e.error))?;
-        self.store.index_insert(&actual)?;
-        self.store.evict_if_needed()?;
-        Ok(actual)
+        Ok(StagedBlob {
+            digest: actual,
+            temp: Some(file.into_temp_path()),
+        })
+    }
+}
+
+/// A blob written and verified, waiting in the process's temp directory for
+/// [`BlobStore::publish`]. Holds no open file, so a large batch costs no descriptors.
+pub struct StagedBlob {
+    digest: Digest,
+    /// `None` when the blob was already present: publishing it only confirms it.
+    temp: Option<tempfile::TempPath>,
+}
+
+impl StagedBlob {
+    /// The verified digest.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// True when the store held the blob already (nothing to publish).
+    pub fn already_present(&self) -> bool {
+        self.temp.is_none()
+    }
+}
+
+impl std::fmt::Debug for StagedBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedBlob")
+            .field("digest", &self.digest)
+            .field("already_present", &self.already_present())
+            .finish()
+    }
+}
+
+impl BlobStore {
+    /// Publishes staged blobs together (group commit): one sync makes all their bytes durable,
+    /// they are renamed into place, one more sync makes the new names durable, and only then
+    /// does the index list them. A crash at any point leaves no indexed blob whose file is not
+    /// complete, verified and durable (a renamed but unindexed file stays invisible until
+    /// [`BlobStore::verify`] re-hashes it). With one blob the syncs are its own `fdatasync`
+    /// and its directory's `fsync`; with more, `syncfs(2)` of the store's filesystem, once
+    /// per phase, whatever the count. Returns one result per blob, in order.
+    pub fn publish(&self, staged: Vec<StagedBlob>) -> Vec<Result<Digest>> {
+        let fsync = self.inner.config.fsync;
+        let to_write = staged.iter().filter(|s| s.temp.is_some()).count();
+        if fsync && to_write > 0 {
+            let synced = if to_write == 1 {
+                let temp = staged.iter().find_map(|s| s.temp.as_ref()).expect("one");
+                File::open(temp)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| CasError::io("syncing", temp.to_path_buf(), e))
+            } else {
+                self.sync_filesystem()
+            };
+            if let Err(e) = synced {
+                let message = e.to_string();
+                return staged
+                    .iter()
+                    .map(|s| match s.temp {
+                        None => Ok(s.digest),
+                        Some(_) => Err(CasError::io(
+                            "making a batch durable in",
+                            self.temp_dir(),
+                            io::Error::other(message.clone()),
+                        )),
+                    })
+                    .collect();
+            }
+        }
+        let mut touched_dirs = Vec::new();
+        let mut results: Vec<Result<Digest>> = staged
+            .into_iter()
+            .map(|blob| {
+                let Some(temp) = blob.temp else {
+                    return Ok(blob.digest);
+                };
+                let path = self.blob_path(&blob.digest);
+                let parent = path.parent().expect("blob paths have a parent");
+                let renamed = match temp.persist(&path) {
+                    // The shard's first blob: its directory, new too, must be made durable.
+                    Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                        fs::create_dir_all(parent)
+                            .map_err(|e| CasError::io("creating", parent, e))?;
+                        touched_dirs.extend(parent.parent().map(Path::to_path_buf));
+                        e.path.persist(&path)
+                    }
+                    other => other,
+                };
+                renamed.map_err(|e| CasError::io("publishing", &path, e.error))?;
+                touched_dirs.push(parent.to_path_buf());
+                Ok(blob.digest)
+            })
+            .collect();
+        if fsync && !touched_dirs.is_empty() {
+            let synced = if let [dir] = touched_dirs.as_slice() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| CasError::io("syncing", dir, e))
+            } else {
+                self.sync_filesystem()
+            };
+            if let Err(e) = synced {
+                // Renamed but not known durable: not indexed, so invisible (verify adopts).
+                let message = e.to_string();
+                for result in &mut results {
+                    if result.is_ok() {
+                        *result = Err(CasError::io(
+                            "making a batch durable in",
+                            self.root().to_path_buf(),
+                            io::Error::other(message.clone()),
+                        ));
+                    }
+                }
+                return results;
+            }
+        }
+        for result in &mut results {
+            if let Ok(digest) = result
+                && let Err(e) = self.index_insert(digest)
+            {
+                *result = Err(e);
+            }
+        }
+        if let Err(e) = self.evict_if_needed() {
+            tracing::warn!(error = %e, "eviction after a publish failed");
+        }
+        results
+    }
+
+    /// `syncfs(2)` of the filesystem holding the store: every write so far is durable.
+    fn sync_filesystem(&self) -> Result<()> {
+        let dir = self.temp_dir();
+        let handle = File::open(dir).map_err(|e| CasError::io("opening", dir, e))?;
+        rustix::fs::syncfs(&handle)
+            .map_err(|e| CasError::io("syncing the filesystem of", dir, e.into()))
     }
 }
 
@@ -1369,6 +1531,50 @@ mod tests {
         ));
         assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
         assert_eq!(store.stats().blob_count, 0);
+    }
+
+    #[test]
+    fn a_staged_batch_is_invisible_until_published_together() {
+        let (_dir, store) = store(1 << 20);
+        let present = store.put_bytes(DigestFunction::Sha256, b"already").unwrap();
+        let stage = |bytes: &[u8]| {
+            let mut writer = store
+                .writer(DigestFunction::Sha256.digest_of(bytes))
+                .unwrap();
+            writer.write_chunk(bytes).unwrap();
+            writer.stage().unwrap()
+        };
+        let batch = vec![
+            stage(b"one"),
+            stage(b"already"),
+            stage(b"two"),
+            stage(b"one"),
+        ];
+        assert!(batch[1].already_present() && !batch[0].already_present());
+        let digests: Vec<Digest> = batch.iter().map(StagedBlob::digest).collect();
+        assert_eq!(
+            store.find_missing(&digests).unwrap().len(),
+            2,
+            "staged is not visible"
+        );
+        assert!(!store.blob_path(&digests[0]).exists());
+        let abandoned = stage(b"never published");
+        drop(abandoned);
+        let results = store.publish(batch);
+        assert_eq!(
+            results.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            digests
+        );
+        assert!(store.find_missing(&digests).unwrap().is_empty());
+        assert_eq!(store.read_to_vec(&digests[2], 10).unwrap(), b"two");
+        assert_eq!(store.stats().blob_count, 3);
+        assert_eq!(store.stats().total_bytes, (b"already".len() + 6) as u64);
+        assert!(store.contains(&present).unwrap());
+        assert_eq!(
+            fs::read_dir(store.temp_dir()).unwrap().count(),
+            1,
+            "only .lock"
+        );
     }
 
     #[test]
