@@ -100,11 +100,10 @@ impl CasService {
         let cas = self.state.cas.clone();
         let find = move || -> Result<Vec<Digest>, Status> {
             let blobs = &cas.blobs;
-            let mut missing = blobs.find_missing(&digests).map_err(status::from_cas)?;
-            // Present blobs were just asked about: a build is about to use them.
-            if missing.len() < digests.len() {
-                blobs.touch(&digests).map_err(status::from_cas)?;
-            }
+            // Present blobs were just asked about: a build is about to use them (touched).
+            let mut missing = blobs
+                .find_missing_and_touch(&digests)
+                .map_err(status::from_cas)?;
             // Present but not the caller's to read: missing to it, so a client that really
             // holds the bytes uploads them and earns the grant (proof of possession).
             if scope != auth::ReadScope::Everything {

@@ -338,30 +338,81 @@ impl BlobStore {
     }
 
     /// The subset of `digests` that is not present, in the order given, without duplicates.
-    /// One sorted pass over the index (sorted keys read neighbouring pages together), most
-    /// answers from the presence cache, no filesystem access.
+    /// No filesystem access: the presence cache answers what it knows, and the rest is read
+    /// from the index in key order (neighbouring keys share index pages).
     pub fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let mut keys: Vec<(BlobKey, u64)> = digests
-            .iter()
-            .filter(|d| !d.is_empty_blob())
-            .map(|d| (blob_key(d), d.size))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut present = std::collections::HashSet::with_capacity(keys.len());
-        for (key, size) in keys {
-            if self.lookup(&key)?.map(|(stored, _)| stored) == Some(size) {
-                present.insert((key, size));
+        self.find_missing_at(digests, None)
+    }
+
+    /// [`BlobStore::find_missing`] that also marks the present blobs as just used (what a
+    /// REAPI FindMissingBlobs does), in the same pass.
+    pub fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        self.find_missing_at(digests, Some(now_millis()))
+    }
+
+    fn find_missing_at(&self, digests: &[Digest], touch_at: Option<u64>) -> Result<Vec<Digest>> {
+        let mut present = vec![false; digests.len()];
+        let mut unknown = Vec::new();
+        for (index, digest) in digests.iter().enumerate() {
+            if digest.is_empty_blob() {
+                present[index] = true;
+                continue;
+            }
+            let key = blob_key(digest);
+            let cached = self.inner.presence.shard(&key).get(&key).copied();
+            match cached {
+                Some((size, access)) => {
+                    present[index] = size == digest.size;
+                    if present[index]
+                        && let Some(now) = touch_at
+                        && now.saturating_sub(access) >= ACCESS_GRANULARITY_MS
+                    {
+                        self.touch_at(digest, now)?;
+                    }
+                }
+                None => unknown.push((key, index)),
+            }
+        }
+        unknown.sort_unstable();
+        let mut previous: Option<(BlobKey, Option<(u64, u64)>)> = None;
+        for (key, index) in unknown {
+            let entry = match previous {
+                Some((seen, entry)) if seen == key => entry,
+                _ => self.lookup(&key)?,
+            };
+            previous = Some((key, entry));
+            present[index] = entry.is_some_and(|(size, _)| size == digests[index].size);
+            if present[index]
+                && let Some(now) = touch_at
+            {
+                self.touch_at(&digests[index], now)?;
             }
         }
         let mut seen = std::collections::HashSet::new();
         Ok(digests
             .iter()
-            .filter(|d| !d.is_empty_blob())
-            .filter(|d| !present.contains(&(blob_key(d), d.size)))
-            .filter(|d| seen.insert(**d))
-            .copied()
+            .zip(present)
+            .filter(|(digest, present)| !present && seen.insert(**digest))
+            .map(|(digest, _)| *digest)
             .collect())
+    }
+
+    /// The index entry (size, last access) of a blob, from the presence cache or the index.
+    fn lookup(&self, key: &BlobKey) -> Result<Option<(u64, u64)>> {
+        let mut shard = self.inner.presence.shard(key);
+        if let Some(entry) = shard.get(key) {
+            return Ok(Some(*entry));
+        }
+        let entry = self
+            .inner
+            .blobs
+            .get(key)?
+            .as_deref()
+            .and_then(parse_index_value);
+        if let Some(entry) = entry {
+            remember(&mut shard, *key, entry);
+        }
+        Ok(entry)
     }
 
     /// [`BlobStore::find_missing`], then one `stat` per blob: an index entry whose file
@@ -389,24 +440,6 @@ impl BlobStore {
             }
         }
         Ok(missing)
-    }
-
-    /// The index entry (size, last access) of a blob, from the presence cache or the index.
-    fn lookup(&self, key: &BlobKey) -> Result<Option<(u64, u64)>> {
-        let mut shard = self.inner.presence.shard(key);
-        if let Some(entry) = shard.get(key) {
-            return Ok(Some(*entry));
-        }
-        let entry = self
-            .inner
-            .blobs
-            .get(key)?
-            .as_deref()
-            .and_then(parse_index_value);
-        if let Some(entry) = entry {
-            remember(&mut shard, *key, entry);
-        }
-        Ok(entry)
     }
 
     /// Marks blobs as just used, so eviction keeps them. Missing blobs are ignored.
