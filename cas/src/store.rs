@@ -165,8 +165,12 @@ fn lru_key(access: u64, key: &BlobKey) -> [u8; 41] {
     lru
 }
 
-/// Accesses closer together than this do not rewrite the LRU index.
-const ACCESS_GRANULARITY_MS: u64 = 1_000;
+/// Accesses closer together than this do not rewrite the LRU index: eviction order at minute
+/// precision, and a storm of FindMissing calls writes each blob's entry at most once a minute.
+const ACCESS_GRANULARITY_MS: u64 = 60_000;
+/// The running totals are written to the index at most this often (and on flush and close);
+/// a crash may leave them slightly behind, which [`BlobStore::verify`] corrects.
+const TOTALS_PERSIST_MS: u64 = 1_000;
 
 struct Inner {
     root: PathBuf,
@@ -177,6 +181,7 @@ struct Inner {
     meta: sled::Tree,
     total_bytes: AtomicU64,
     blob_count: AtomicU64,
+    totals_persisted_at: AtomicU64,
     presence: PresenceCache,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
@@ -185,6 +190,24 @@ struct Inner {
     // Declared last: dropped after the database, so a waiting opener finds sled unlocked.
     temporaries: ProcessTemp,
     _root_lock: RootLock,
+}
+
+impl Inner {
+    fn persist_totals(&self) -> Result<()> {
+        let total = self.total_bytes.load(Ordering::SeqCst);
+        let count = self.blob_count.load(Ordering::SeqCst);
+        self.meta.insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.meta.insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist_totals() {
+            tracing::warn!(error = %e, "saving the store's totals at close failed");
+        }
+    }
 }
 
 /// The content-addressed blob store. Cheap to clone; clones share one store.
@@ -286,6 +309,7 @@ impl BlobStore {
                 meta,
                 total_bytes: AtomicU64::new(total),
                 blob_count: AtomicU64::new(count),
+                totals_persisted_at: AtomicU64::new(0),
                 presence: PresenceCache::new(),
                 evictions: AtomicU64::new(0),
                 evicted_bytes: AtomicU64::new(0),
@@ -666,6 +690,7 @@ impl BlobStore {
 
     /// Flushes the index to disk (it also flushes itself periodically and on drop).
     pub fn flush(&self) -> Result<()> {
+        self.inner.persist_totals()?;
         self.inner.db.flush()?;
         Ok(())
     }
@@ -711,16 +736,22 @@ impl BlobStore {
     }
 
     /// Adjusts the running byte total and blob count (kept in the index's meta tree, so
-    /// neither startup nor [`BlobStore::stats`] scans the index).
+    /// neither startup nor [`BlobStore::stats`] scans the index; written at most once per
+    /// [`TOTALS_PERSIST_MS`], not once per blob).
     fn add_total(&self, bytes: i64, blobs: i64) -> Result<()> {
-        let total = adjust(&self.inner.total_bytes, bytes);
-        let count = adjust(&self.inner.blob_count, blobs);
-        self.inner
-            .meta
-            .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
-        self.inner
-            .meta
-            .insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
+        adjust(&self.inner.total_bytes, bytes);
+        adjust(&self.inner.blob_count, blobs);
+        let now = now_millis();
+        let last = self.inner.totals_persisted_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= TOTALS_PERSIST_MS
+            && self
+                .inner
+                .totals_persisted_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.inner.persist_totals()?;
+        }
         Ok(())
     }
 
