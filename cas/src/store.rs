@@ -8,9 +8,12 @@
 //! lock                           the data dir's lock (flock'd), holding the owner's pid
 //! ```
 //! Contract:
-//! - A blob becomes visible only once its bytes are written, verified (size and hash), fsync'd
-//!   and renamed into place. A crash mid-write leaves at most a file under the process's `tmp/`
-//!   directory, removed at the next open; a wrong digest stores nothing.
+//! - A blob becomes visible (indexed) only once its bytes are written, verified (size and
+//!   hash), synced, renamed into place and the rename synced. Many small blobs go through
+//!   that together (group commit: [`BlobWriter::stage`] each, then one [`BlobStore::publish`]
+//!   with one `syncfs` per phase), one blob alone through `fdatasync` and its directory's
+//!   `fsync`. A crash mid-write leaves at most a file under the process's `tmp/` directory,
+//!   removed at the next open; a wrong digest stores nothing.
 //! - One data dir, many processes: sled is a single-process database, so one process at a
 //!   time has the store open. A second opener waits for the first to close it, as cargo waits
 //!   for its build directory (`rba: blocking waiting for the data dir lock held by pid N`, once,
