@@ -935,12 +935,12 @@ impl RootLock {
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default();
-                let holder = holder.trim();
-                eprintln!(
-                    "rba: blocking waiting for the data dir lock held by pid {}",
-                    if holder.is_empty() { "?" } else { holder }
-                );
+                // Only a number is shown: the file is the data dir's, not to be echoed as is.
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+                    .map_or_else(|| "?".to_string(), |pid| pid.to_string());
+                eprintln!("rba: blocking waiting for the data dir lock held by pid {holder}");
                 flock(&file, FlockOperation::LockExclusive)
                     .map_err(|e| CasError::io("locking", &path, e.into()))?;
             }
@@ -973,7 +973,8 @@ impl ProcessTemp {
         fs::create_dir_all(tmp).map_err(|e| CasError::io("creating", tmp, e))?;
         for entry in fs::read_dir(tmp).map_err(|e| CasError::io("listing", tmp, e))? {
             let path = entry.map_err(|e| CasError::io("listing", tmp, e))?.path();
-            if !path.is_dir() {
+            // Never followed: a link here is removed as a link, whatever it points to.
+            if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
                 // A write of a version that kept temporaries directly in `tmp/`.
                 let _ = fs::remove_file(&path);
                 continue;
@@ -1642,6 +1643,44 @@ mod tests {
             1,
             "only .lock"
         );
+    }
+
+    #[test]
+    fn opening_removes_only_dead_temporaries_and_follows_no_link() {
+        use rustix::fs::{FlockOperation, flock};
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("precious"), b"keep").unwrap();
+        let tmp = dir.path().join("tmp");
+        for name in ["dead", "live"] {
+            fs::create_dir_all(tmp.join(name)).unwrap();
+            fs::write(tmp.join(name).join("half-a-blob"), b"x").unwrap();
+        }
+        fs::write(tmp.join("dead").join(TEMP_LOCK_NAME), b"").unwrap();
+        let live_lock = File::create(tmp.join("live").join(TEMP_LOCK_NAME)).unwrap();
+        flock(&live_lock, FlockOperation::NonBlockingLockExclusive).unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.join("link")).unwrap();
+        fs::write(tmp.join("stray"), b"old layout").unwrap();
+        fs::write(dir.path().join("lock"), "\u{1b}[2J not a pid").unwrap();
+
+        let store = BlobStore::open(dir.path(), StoreConfig::without_fsync()).unwrap();
+        assert!(!tmp.join("dead").exists(), "a dead process's writes go");
+        assert!(
+            tmp.join("live").join("half-a-blob").exists(),
+            "a live process's in-flight write stays"
+        );
+        assert!(!tmp.join("stray").exists());
+        assert!(
+            fs::symlink_metadata(tmp.join("link")).is_err(),
+            "the link is removed"
+        );
+        assert!(outside.path().join("precious").exists(), "never followed");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("lock")).unwrap().trim(),
+            std::process::id().to_string()
+        );
+        drop(store);
+        assert!(tmp.join("live").exists());
     }
 
     #[test]
