@@ -1,10 +1,11 @@
 //! `build.bazel.remote.execution.v2.ContentAddressableStorage`.
 //!
-//! - FindMissingBlobs: exact (the store stats each blob), and refreshes the LRU position of the
+//! - FindMissingBlobs: answered by the store's index alone (no filesystem access), and refreshes the LRU position of the
 //!   blobs that are present, as the spec asks.
 //! - BatchUpdateBlobs: each blob verified (size and hash) before it becomes visible, zstd
 //!   decompressed as it streams into the store (bounded memory whatever the claimed size),
-//!   per-blob statuses; a request whose payload exceeds the advertised
+//!   then the whole batch made durable and published together (group commit: one sync for
+//!   the batch, not one per blob), per-blob statuses; a request whose payload exceeds the advertised
 //!   `max_batch_total_size_bytes` is `INVALID_ARGUMENT`.
 //! - BatchReadBlobs: per-blob statuses, zstd when the client accepts it, the same limit.
 //! - GetTree: breadth-first over `Directory` blobs, each distinct directory once, missing
@@ -23,7 +24,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use rayon::prelude::*;
-use rba_cas::{BlobStore, CasError, Digest, DigestFunction};
+use rba_cas::{BlobStore, CasError, Digest, DigestFunction, StagedBlob};
 use rba_proto::Message;
 use rba_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use rba_proto::reapi::{
@@ -53,8 +54,9 @@ const MAX_TREE_PAGE: usize = 10_000;
 /// Largest `Directory` blob GetTree decodes.
 const MAX_DIRECTORY_BYTES: u64 = 16 << 20;
 
-/// Threads for batch blob I/O. Storing a small blob is mostly waiting on the filesystem
-/// (create, write, fsync, rename), so more threads than cores keep the disk busy.
+/// Threads for batch blob I/O. Staging a small blob is mostly waiting on the filesystem
+/// (create, write, chmod), so more threads than cores keep the disk busy; the batch's syncs
+/// and renames then happen once, in [`BlobStore::publish`].
 fn io_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
@@ -98,11 +100,10 @@ impl CasService {
         let cas = self.state.cas.clone();
         let find = move || -> Result<Vec<Digest>, Status> {
             let blobs = &cas.blobs;
-            let mut missing = blobs.find_missing(&digests).map_err(status::from_cas)?;
-            // Present blobs were just asked about: a build is about to use them.
-            if missing.len() < digests.len() {
-                blobs.touch(&digests).map_err(status::from_cas)?;
-            }
+            // Present blobs were just asked about: a build is about to use them (touched).
+            let mut missing = blobs
+                .find_missing_and_touch(&digests)
+                .map_err(status::from_cas)?;
             // Present but not the caller's to read: missing to it, so a client that really
             // holds the bytes uploads them and earns the grant (proof of possession).
             if scope != auth::ReadScope::Everything {
@@ -157,11 +158,37 @@ impl CasService {
         let cas = self.state.cas.clone();
         let blobs = cas.blobs.clone();
         let responses = blocking(move || {
-            let responses = io_pool().install(|| request
+            // Group commit: every blob is written and verified in parallel, then the batch is
+            // made durable and published at once (one sync per phase, not one per blob).
+            let staged: Vec<Result<StagedBlob, Status>> = io_pool().install(|| {
+                request
+                    .requests
+                    .par_iter()
+                    .map(|entry| stage_entry(&blobs, function, entry))
+                    .collect()
+            });
+            let mut to_publish = Vec::new();
+            let mut outcomes: Vec<Option<Result<(), Status>>> = staged
+                .into_iter()
+                .map(|result| match result {
+                    Ok(blob) => {
+                        to_publish.push(blob);
+                        None
+                    }
+                    Err(status) => Some(Err(status)),
+                })
+                .collect();
+            let mut published = blobs.publish(to_publish).into_iter();
+            for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+                let result = published.next().expect("one result per staged blob");
+                *outcome = Some(result.map(|_| ()).map_err(status::from_cas));
+            }
+            let responses: Vec<_> = request
                 .requests
-                .into_par_iter()
-                .map(|entry| {
-                    let result = store_entry(&blobs, function, &entry);
+                .into_iter()
+                .zip(outcomes)
+                .map(|(entry, outcome)| {
+                    let result = outcome.expect("every entry has an outcome");
                     if let Err(status) = &result {
                         tracing::debug!(code = ?status.code(), message = status.message(), "batch update entry refused");
                     }
@@ -173,7 +200,7 @@ impl CasService {
                         }),
                     }
                 })
-                .collect::<Vec<_>>());
+                .collect();
             // The caller proved it holds the bytes of every blob stored (verified against its
             // digest, also when already present): one grant for the request.
             if let Some(tenant) = grantee {
@@ -343,11 +370,12 @@ fn read_failure(
 }
 
 /// Stores one BatchUpdateBlobs entry, verified.
-fn store_entry(
+/// Writes and verifies one BatchUpdateBlobs entry, ready to publish with the rest.
+fn stage_entry(
     blobs: &BlobStore,
     function: DigestFunction,
     entry: &batch_update_blobs_request::Request,
-) -> Result<(), Status> {
+) -> Result<StagedBlob, Status> {
     let digest = status::required_digest(function, entry.digest.as_ref(), "digest")?;
     match Compressor::from_reapi(entry.compressor)? {
         Compressor::Identity => {
@@ -358,23 +386,24 @@ fn store_entry(
                     entry.data.len()
                 )));
             }
-            store_from_reader(blobs, digest, entry.data.as_slice())
+            stage_from_reader(blobs, digest, entry.data.as_slice())
         }
         Compressor::Zstd => {
             let decoder = zstd::stream::read::Decoder::with_buffer(entry.data.as_slice())
                 .map_err(|e| Status::internal(format!("zstd: {e}")))?;
-            store_from_reader(blobs, digest, decoder)
+            stage_from_reader(blobs, digest, decoder)
         }
     }
 }
 
-/// Streams bytes into the store, verifying them against `digest` even when the blob is
-/// already present (so a lying client is told so). Memory stays bounded by the buffer.
-pub fn store_from_reader(
+/// Streams bytes into the store's temp files, verifying them against `digest` even when the
+/// blob is already present (so a lying client is told so); [`BlobStore::publish`] makes them
+/// visible. Memory stays bounded by the buffer.
+fn stage_from_reader(
     blobs: &BlobStore,
     digest: Digest,
     mut source: impl Read,
-) -> Result<(), Status> {
+) -> Result<StagedBlob, Status> {
     let mut buffer = vec![0u8; (digest.size as usize).clamp(1, 256 << 10)];
     let mut writer = blobs.writer(digest).map_err(status::from_cas)?;
     let mut hasher = writer.already_present().then(|| digest.function.hasher());
@@ -410,7 +439,7 @@ pub fn store_from_reader(
             }));
         }
     }
-    writer.commit().map(|_| ()).map_err(status::from_cas)
+    writer.stage().map_err(status::from_cas)
 }
 
 /// A `Directory` blob, `None` when absent.

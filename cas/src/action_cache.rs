@@ -64,7 +64,7 @@ impl ActionCache {
             }
             Err(e) => return Err(e),
         };
-        let missing = self.blobs.find_missing(&referenced)?;
+        let missing = self.blobs.find_missing_on_disk(&referenced)?;
         if !missing.is_empty() {
             tracing::debug!(?action, missing = missing.len(), "action result incomplete");
             return Ok(None);

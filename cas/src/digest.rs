@@ -262,17 +262,37 @@ impl Digest {
 
 fn parse_hash(hash_hex: &str) -> Result<[u8; 32], DigestError> {
     let malformed = || DigestError::MalformedHash(truncate(hash_hex));
-    if hash_hex.len() != 64
-        || !hash_hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    let bytes = hash_hex.as_bytes();
+    if bytes.len() != 64 {
         return Err(malformed());
     }
+    // One pass, lowercase only: FindMissing parses thousands of these per request.
     let mut hash = [0u8; 32];
-    hex::decode_to_slice(hash_hex, &mut hash).map_err(|_| malformed())?;
+    for (out, pair) in hash.iter_mut().zip(bytes.chunks_exact(2)) {
+        let (high, low) = (LOWER_HEX[pair[0] as usize], LOWER_HEX[pair[1] as usize]);
+        if (high | low) > 0x0f {
+            return Err(malformed());
+        }
+        *out = (high << 4) | low;
+    }
     Ok(hash)
 }
+
+/// Value of each lowercase hex digit, 0xff for every other byte.
+const LOWER_HEX: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 /// Keeps hostile inputs from flooding error messages.
 fn truncate(text: &str) -> String {

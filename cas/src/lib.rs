@@ -6,7 +6,9 @@
 //! agent hashes users' workspaces into them.
 //!
 //! - [`digest`]: SHA-256 and BLAKE3 digests, their text and REAPI forms.
-//! - [`store`]: the filesystem blob store with its sled index, LRU eviction and `verify`.
+//! - [`store`]: the filesystem blob store with its sled index (the truth of what is present,
+//!   with an in-memory presence cache), group commit of batches, LRU eviction, `verify`, and
+//!   one process at a time per data dir (others wait).
 //! - [`action_cache`]: (instance, action digest) → `ActionResult`, returned only when complete.
 //! - [`merkle`]: canonical REAPI `Directory` trees from disk or zip archives (with a stat cache
 //!   and limits against hostile archives), their validation, enumeration and materialisation.
@@ -34,7 +36,7 @@ pub use merkle::{
     build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
     validate_tree,
 };
-pub use store::{BlobReader, BlobStore, BlobWriter, StoreConfig, StoreStats};
+pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -3,24 +3,41 @@
 //! Layout under the store root:
 //! ```text
 //! blobs/<function>/<hh>/<hash>   one file per blob, sharded by the hash's first byte
-//! tmp/                           writes in progress (emptied at startup)
+//! tmp/<pid>-<nanos>/             one process's writes in progress, with its `.lock` (flock'd)
 //! index/                         the sled database (blob sizes and last access, action cache, stat cache)
+//! lock                           the data dir's lock (flock'd), holding the owner's pid
 //! ```
 //! Contract:
-//! - A blob becomes visible only once its bytes are written, verified (size and hash), fsync'd
-//!   and renamed into place. A crash mid-write leaves at most a file under `tmp/`, removed at the
-//!   next open; a wrong digest stores nothing.
+//! - A blob becomes visible (indexed) only once its bytes are written, verified (size and
+//!   hash), synced, renamed into place and the rename synced. Many small blobs go through
+//!   that together (group commit: [`BlobWriter::stage`] each, then one [`BlobStore::publish`]
+//!   with one `syncfs` per phase), one blob alone through `fdatasync` and its directory's
+//!   `fsync`. A crash mid-write leaves at most a file under the process's `tmp/` directory,
+//!   removed at the next open; a wrong digest stores nothing.
+//! - One data dir, many processes: sled is a single-process database, so one process at a
+//!   time has the store open. A second opener waits for the first to close it, as cargo waits
+//!   for its build directory (`rba: blocking waiting for the data dir lock held by pid N`, once,
+//!   on stderr), instead of failing. Temporaries are per process: an opener removes only the
+//!   temporary directories whose `.lock` no live process holds, never another process's
+//!   in-flight writes.
 //! - Readers stream with offset/limit and never load a whole blob. A reader pins its blob: the
 //!   evictor skips pinned blobs. Writers of a blob already present only count the bytes.
 //! - Every method is safe to call from many threads; all I/O is blocking (call it from
 //!   `tokio::task::spawn_blocking` in async code when a blob may be large).
-//! - Presence is answered by the index and one `stat` of the blob's file, so it stays exact: an
-//!   index entry whose file vanished is dropped, and a file that exists on disk but not in the
-//!   index (a crash between rename and index update) is adopted on first sight.
-//!   Startup reads no more than the index's totals; [`BlobStore::verify`] is the full rescan.
+//! - Presence is answered by the index alone, the truth about what is stored: no `stat` per
+//!   digest, so FindMissing of thousands of digests is a batch of sorted index reads, most
+//!   served by an in-memory cache of recently seen entries. Eviction and every other removal
+//!   update the index and the cache under the same lock, so an evicted blob is never reported
+//!   present. The index is flushed in the background (sled), so a crash may lose the entries
+//!   of blobs whose files are in place (complete: files are renamed only once synced): such a
+//!   blob is reported missing, and the upload that follows adopts the file instead of writing
+//!   it (as do the action cache's checks and [`BlobStore::verify`]); an index entry whose
+//!   file was removed behind the store's back is dropped by the first read that misses it,
+//!   and by `verify`, the full rescan. Startup and [`BlobStore::stats`] read only the index's
+//!   running totals.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -151,22 +168,49 @@ fn lru_key(access: u64, key: &BlobKey) -> [u8; 41] {
     lru
 }
 
-/// Accesses closer together than this do not rewrite the LRU index.
-const ACCESS_GRANULARITY_MS: u64 = 1_000;
+/// Accesses closer together than this do not rewrite the LRU index: eviction order at minute
+/// precision, and a storm of FindMissing calls writes each blob's entry at most once a minute.
+const ACCESS_GRANULARITY_MS: u64 = 60_000;
+/// The running totals are written to the index at most this often (and on flush and close);
+/// a crash may leave them slightly behind, which [`BlobStore::verify`] corrects.
+const TOTALS_PERSIST_MS: u64 = 1_000;
 
 struct Inner {
     root: PathBuf,
-    tmp_dir: PathBuf,
     config: StoreConfig,
     db: sled::Db,
     blobs: sled::Tree,
     lru: sled::Tree,
     meta: sled::Tree,
     total_bytes: AtomicU64,
+    blob_count: AtomicU64,
+    totals_persisted_at: AtomicU64,
+    presence: PresenceCache,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
     pins: Mutex<HashMap<BlobKey, usize>>,
     evict_lock: Mutex<()>,
+    // Declared last: dropped after the database, so a waiting opener finds sled unlocked.
+    temporaries: ProcessTemp,
+    _root_lock: RootLock,
+}
+
+impl Inner {
+    fn persist_totals(&self) -> Result<()> {
+        let total = self.total_bytes.load(Ordering::SeqCst);
+        let count = self.blob_count.load(Ordering::SeqCst);
+        self.meta.insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.meta.insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist_totals() {
+            tracing::warn!(error = %e, "saving the store's totals at close failed");
+        }
+    }
 }
 
 /// The content-addressed blob store. Cheap to clone; clones share one store.
@@ -184,6 +228,40 @@ impl std::fmt::Debug for BlobStore {
 }
 
 const TOTAL_BYTES_KEY: &[u8] = b"total_bytes";
+const BLOB_COUNT_KEY: &[u8] = b"blob_count";
+
+/// Recently seen index entries (size, last access) by blob key: FindMissing of blobs just
+/// uploaded or just asked about is answered from memory. Sharded by the hash's first byte;
+/// a shard's lock is held across the index read or write of a key, so a cached entry never
+/// outlives its index entry (eviction removes both under that lock).
+struct PresenceCache {
+    shards: Vec<Mutex<HashMap<BlobKey, (u64, u64)>>>,
+}
+
+const PRESENCE_SHARDS: usize = 64;
+/// Entries per shard before the shard starts over (64 × 2,048 ≈ 131k digests, ≈ 8 MB).
+const PRESENCE_PER_SHARD: usize = 2_048;
+
+impl PresenceCache {
+    fn new() -> Self {
+        PresenceCache {
+            shards: (0..PRESENCE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, key: &BlobKey) -> parking_lot::MutexGuard<'_, HashMap<BlobKey, (u64, u64)>> {
+        self.shards[key[1] as usize % PRESENCE_SHARDS].lock()
+    }
+}
+
+fn remember(shard: &mut HashMap<BlobKey, (u64, u64)>, key: BlobKey, entry: (u64, u64)) {
+    if shard.len() >= PRESENCE_PER_SHARD && !shard.contains_key(&key) {
+        shard.clear();
+    }
+    shard.insert(key, entry);
+}
 
 impl BlobStore {
     /// A throwaway store in a new temporary directory, without fsync. The store lives as long
@@ -195,44 +273,60 @@ impl BlobStore {
         Ok((dir, store))
     }
 
-    /// Opens (creating if needed) the store under `root`.
+    /// Opens (creating if needed) the store under `root`. When another process has it open,
+    /// waits until that process closes it (saying so once on stderr).
     pub fn open(root: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        let tmp_dir = root.join("tmp");
         for function in DigestFunction::ALL {
             let dir = root.join("blobs").join(function.name());
             fs::create_dir_all(&dir).map_err(|e| CasError::io("creating", &dir, e))?;
         }
-        // Writes that were in flight when the process died: never visible, now garbage.
-        if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(|e| CasError::io("cleaning", &tmp_dir, e))?;
-        }
-        fs::create_dir_all(&tmp_dir).map_err(|e| CasError::io("creating", &tmp_dir, e))?;
-        let db_path = root.join("index");
-        let db = sled::Config::new().path(&db_path).open()?;
+        let root_lock = RootLock::acquire(&root)?;
+        let temporaries = ProcessTemp::create(&root.join("tmp"))?;
+        let db = open_index(&root.join("index"))?;
         let blobs = db.open_tree("blobs")?;
         let lru = db.open_tree("lru")?;
         let meta = db.open_tree("meta")?;
-        let total = meta
-            .get(TOTAL_BYTES_KEY)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let read_counter = |key: &[u8]| -> Result<Option<u64>> {
+            Ok(meta
+                .get(key)?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        };
+        let total = read_counter(TOTAL_BYTES_KEY)?.unwrap_or(0);
+        // Stores from before the running count: counted once, here.
+        let count = match read_counter(BLOB_COUNT_KEY)? {
+            Some(count) => count,
+            None => {
+                let count = blobs.len() as u64;
+                meta.insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
+                count
+            }
+        };
         Ok(BlobStore {
             inner: Arc::new(Inner {
                 root,
-                tmp_dir,
                 config,
                 db,
                 blobs,
                 lru,
                 meta,
                 total_bytes: AtomicU64::new(total),
+                blob_count: AtomicU64::new(count),
+                totals_persisted_at: AtomicU64::new(0),
+                presence: PresenceCache::new(),
                 evictions: AtomicU64::new(0),
                 evicted_bytes: AtomicU64::new(0),
                 pins: Mutex::new(HashMap::new()),
                 evict_lock: Mutex::new(()),
+                temporaries,
+                _root_lock: root_lock,
             }),
         })
+    }
+
+    /// This process's directory of writes in progress (emptied when the store closes).
+    pub fn temp_dir(&self) -> &Path {
+        &self.inner.temporaries.dir
     }
 
     /// The store's root directory.
@@ -261,32 +355,114 @@ impl BlobStore {
             .join(hex)
     }
 
-    /// True when the blob is present. The empty blob is always present.
+    /// True when the blob is present (in the index). The empty blob is always present.
     pub fn contains(&self, digest: &Digest) -> Result<bool> {
         if digest.is_empty_blob() {
             return Ok(true);
         }
         let key = blob_key(digest);
-        if let Some(value) = self.inner.blobs.get(key)? {
-            if parse_index_value(&value).map(|(size, _)| size) != Some(digest.size) {
-                return Ok(false);
-            }
-            // One stat keeps the answer exact even if a file was removed behind our back.
-            if fs::symlink_metadata(self.blob_path(digest)).is_ok() {
-                return Ok(true);
-            }
-            self.forget(digest)?;
-            return Ok(false);
-        }
-        self.adopt_if_on_disk(digest)
+        Ok(self.lookup(&key)?.map(|(size, _)| size) == Some(digest.size))
     }
 
     /// The subset of `digests` that is not present, in the order given, without duplicates.
+    /// No filesystem access: the presence cache answers what it knows, and the rest is read
+    /// from the index in key order (neighbouring keys share index pages).
     pub fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        self.find_missing_at(digests, None)
+    }
+
+    /// [`BlobStore::find_missing`] that also marks the present blobs as just used (what a
+    /// REAPI FindMissingBlobs does), in the same pass.
+    pub fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        self.find_missing_at(digests, Some(now_millis()))
+    }
+
+    fn find_missing_at(&self, digests: &[Digest], touch_at: Option<u64>) -> Result<Vec<Digest>> {
+        let mut present = vec![false; digests.len()];
+        let mut unknown = Vec::new();
+        for (index, digest) in digests.iter().enumerate() {
+            if digest.is_empty_blob() {
+                present[index] = true;
+                continue;
+            }
+            let key = blob_key(digest);
+            let cached = self.inner.presence.shard(&key).get(&key).copied();
+            match cached {
+                Some((size, access)) => {
+                    present[index] = size == digest.size;
+                    if present[index]
+                        && let Some(now) = touch_at
+                        && now.saturating_sub(access) >= ACCESS_GRANULARITY_MS
+                    {
+                        self.touch_at(digest, now)?;
+                    }
+                }
+                None => unknown.push((key, index)),
+            }
+        }
+        unknown.sort_unstable();
+        let mut previous: Option<(BlobKey, Option<(u64, u64)>)> = None;
+        for (key, index) in unknown {
+            let entry = match previous {
+                Some((seen, entry)) if seen == key => entry,
+                _ => self.lookup(&key)?,
+            };
+            previous = Some((key, entry));
+            present[index] = entry.is_some_and(|(size, _)| size == digests[index].size);
+            if present[index]
+                && let Some(now) = touch_at
+            {
+                self.touch_at(&digests[index], now)?;
+            }
+        }
         let mut seen = std::collections::HashSet::new();
-        let mut missing = Vec::new();
+        Ok(digests
+            .iter()
+            .zip(present)
+            .filter(|(digest, present)| !present && seen.insert(**digest))
+            .map(|(digest, _)| *digest)
+            .collect())
+    }
+
+    /// The index entry (size, last access) of a blob, from the presence cache or the index.
+    fn lookup(&self, key: &BlobKey) -> Result<Option<(u64, u64)>> {
+        let mut shard = self.inner.presence.shard(key);
+        if let Some(entry) = shard.get(key) {
+            return Ok(Some(*entry));
+        }
+        let entry = self
+            .inner
+            .blobs
+            .get(key)?
+            .as_deref()
+            .and_then(parse_index_value);
+        if let Some(entry) = entry {
+            remember(&mut shard, *key, entry);
+        }
+        Ok(entry)
+    }
+
+    /// [`BlobStore::find_missing`], then one `stat` per blob: an index entry whose file
+    /// vanished behind the store's back is dropped and reported missing, a file whose index
+    /// entry a crash lost is adopted. For promises a client acts on without asking again (an
+    /// action-cache hit), not the hot path.
+    pub fn find_missing_on_disk(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut missing = self.find_missing(digests)?;
+        let mut adopted = Vec::new();
+        for digest in &missing {
+            if self.adopt_if_on_disk(digest)? {
+                adopted.push(*digest);
+            }
+        }
+        missing.retain(|d| !adopted.contains(d));
+        let known_missing: std::collections::HashSet<Digest> = missing.iter().copied().collect();
+        let mut seen = std::collections::HashSet::new();
         for digest in digests {
-            if seen.insert(*digest) && !self.contains(digest)? {
+            if digest.is_empty_blob() || known_missing.contains(digest) || !seen.insert(*digest) {
+                continue;
+            }
+            if fs::symlink_metadata(self.blob_path(digest)).is_err() {
+                self.forget(digest)?;
                 missing.push(*digest);
             }
         }
@@ -304,26 +480,28 @@ impl BlobStore {
 
     fn touch_at(&self, digest: &Digest, now: u64) -> Result<()> {
         let key = blob_key(digest);
+        let mut shard = self.inner.presence.shard(&key);
+        let cached = shard.get(&key).copied();
+        // Recently touched (as the cache knows): nothing to read or write.
+        if cached.is_some_and(|(_, access)| now.saturating_sub(access) < ACCESS_GRANULARITY_MS) {
+            return Ok(());
+        }
         let Some(value) = self.inner.blobs.get(key)? else {
+            shard.remove(&key);
             return Ok(());
         };
         let Some((size, access)) = parse_index_value(&value) else {
             return Ok(());
         };
         if now.saturating_sub(access) < ACCESS_GRANULARITY_MS {
+            remember(&mut shard, key, (size, access));
             return Ok(());
         }
-        // A concurrent eviction may remove the entry between get and insert: only rewrite the
-        // entry if it is still the one we read.
-        let swapped = self.inner.blobs.compare_and_swap(
-            key,
-            Some(value.as_ref()),
-            Some(&index_value(size, now)[..]),
-        )?;
-        if swapped.is_ok() {
-            self.inner.lru.remove(lru_key(access, &key))?;
-            self.inner.lru.insert(lru_key(now, &key), &[])?;
-        }
+        // Removals take this shard's lock too, so the entry read above is still current.
+        self.inner.blobs.insert(key, &index_value(size, now))?;
+        self.inner.lru.remove(lru_key(access, &key))?;
+        self.inner.lru.insert(lru_key(now, &key), &[])?;
+        remember(&mut shard, key, (size, now));
         Ok(())
     }
 
@@ -335,8 +513,21 @@ impl BlobStore {
                 self.inner.config.max_bytes
             )));
         }
-        let present = self.contains(&expected)?;
+        let present = self.contains(&expected)? || self.adopt_if_on_disk(&expected)?;
         BlobWriter::new(self.clone(), expected.function, Some(expected), present)
+    }
+
+    /// Indexes a blob whose file is in place but whose index entry a crash lost (files are
+    /// renamed into place only once complete and synced, so the right size means the right
+    /// bytes). Called where a miss is about to cost a write, never on the FindMissing path.
+    fn adopt_if_on_disk(&self, digest: &Digest) -> Result<bool> {
+        match fs::symlink_metadata(self.blob_path(digest)) {
+            Ok(meta) if meta.is_file() && meta.len() == digest.size => {
+                self.index_insert(digest)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Starts writing a blob whose digest is computed from the bytes.
@@ -379,7 +570,22 @@ impl BlobStore {
         source: &mut File,
         path: &Path,
     ) -> Result<Digest> {
-        let tmp = &self.inner.tmp_dir;
+        let staged = self.stage_open_file(function, source, path)?;
+        self.publish(vec![staged])
+            .pop()
+            .expect("one result per staged blob")
+    }
+
+    /// Copies an open file into a temporary of the store and hashes it: a [`StagedBlob`] to
+    /// [`BlobStore::publish`] with others (an action's outputs made durable together). A blob
+    /// the store already holds is touched and staged as present.
+    pub fn stage_open_file(
+        &self,
+        function: DigestFunction,
+        source: &mut File,
+        path: &Path,
+    ) -> Result<StagedBlob> {
+        let tmp = &self.inner.temporaries.dir;
         let mut copy = NamedTempFile::new_in(tmp)
             .map_err(|e| CasError::io("creating temp file in", tmp, e))?;
         let size =
@@ -387,7 +593,7 @@ impl BlobStore {
         let digest = hash_own_file(function, copy.path())?;
         if self.contains(&digest)? {
             self.touch_at(&digest, now_millis())?;
-            return Ok(digest);
+            return Ok(StagedBlob { digest, temp: None });
         }
         BlobWriter {
             store: self.clone(),
@@ -397,7 +603,7 @@ impl BlobStore {
             file: Some(copy),
             received: size,
         }
-        .commit()
+        .stage()
     }
 
     /// Stores a file whose digest is already known (e.g. from a stat cache) without re-hashing
@@ -494,7 +700,7 @@ impl BlobStore {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             total_bytes: self.inner.total_bytes.load(Ordering::Relaxed),
-            blob_count: self.inner.blobs.len() as u64,
+            blob_count: self.inner.blob_count.load(Ordering::Relaxed),
             evictions: self.inner.evictions.load(Ordering::Relaxed),
             evicted_bytes: self.inner.evicted_bytes.load(Ordering::Relaxed),
         }
@@ -502,24 +708,15 @@ impl BlobStore {
 
     /// Flushes the index to disk (it also flushes itself periodically and on drop).
     pub fn flush(&self) -> Result<()> {
+        self.inner.persist_totals()?;
         self.inner.db.flush()?;
         Ok(())
-    }
-
-    fn adopt_if_on_disk(&self, digest: &Digest) -> Result<bool> {
-        let path = self.blob_path(digest);
-        match fs::metadata(&path) {
-            Ok(meta) if meta.len() == digest.size => {
-                self.index_insert(digest)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 
     fn index_insert(&self, digest: &Digest) -> Result<()> {
         let key = blob_key(digest);
         let now = now_millis();
+        let mut shard = self.inner.presence.shard(&key);
         let previous = self
             .inner
             .blobs
@@ -528,15 +725,18 @@ impl BlobStore {
             Some((_, access)) => {
                 self.inner.lru.remove(lru_key(access, &key))?;
             }
-            None => self.add_total(digest.size as i64)?,
+            None => self.add_total(digest.size as i64, 1)?,
         }
         self.inner.lru.insert(lru_key(now, &key), &[])?;
+        remember(&mut shard, key, (digest.size, now));
         Ok(())
     }
 
     /// Drops a blob from the index (its file is already gone or about to be).
     fn forget(&self, digest: &Digest) -> Result<bool> {
         let key = blob_key(digest);
+        let mut shard = self.inner.presence.shard(&key);
+        shard.remove(&key);
         match self
             .inner
             .blobs
@@ -546,33 +746,30 @@ impl BlobStore {
         {
             Some((size, access)) => {
                 self.inner.lru.remove(lru_key(access, &key))?;
-                self.add_total(-(size as i64))?;
+                self.add_total(-(size as i64), -1)?;
                 Ok(true)
             }
             None => Ok(false),
         }
     }
 
-    fn add_total(&self, delta: i64) -> Result<()> {
-        let total = if delta >= 0 {
-            self.inner
-                .total_bytes
-                .fetch_add(delta as u64, Ordering::SeqCst)
-                + delta as u64
-        } else {
-            let amount = delta.unsigned_abs();
-            let previous = self
+    /// Adjusts the running byte total and blob count (kept in the index's meta tree, so
+    /// neither startup nor [`BlobStore::stats`] scans the index; written at most once per
+    /// [`TOTALS_PERSIST_MS`], not once per blob).
+    fn add_total(&self, bytes: i64, blobs: i64) -> Result<()> {
+        adjust(&self.inner.total_bytes, bytes);
+        adjust(&self.inner.blob_count, blobs);
+        let now = now_millis();
+        let last = self.inner.totals_persisted_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= TOTALS_PERSIST_MS
+            && self
                 .inner
-                .total_bytes
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
-                    Some(t.saturating_sub(amount))
-                })
-                .unwrap_or(0);
-            previous.saturating_sub(amount)
-        };
-        self.inner
-            .meta
-            .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+                .totals_persisted_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.inner.persist_totals()?;
+        }
         Ok(())
     }
 
@@ -672,6 +869,7 @@ impl BlobStore {
             }
         }
         let mut total = 0u64;
+        let mut count = 0u64;
         for entry in self.inner.blobs.iter() {
             let (key, value) = entry?;
             let Some((size, _)) = parse_index_value(&value) else {
@@ -682,18 +880,181 @@ impl BlobStore {
             };
             if on_disk.contains(&key) {
                 total += size;
+                count += 1;
             } else if let Some(digest) = digest_from_key(&key, size) {
                 self.forget(&digest)?;
                 report.missing.push(digest);
             }
         }
         self.inner.total_bytes.store(total, Ordering::SeqCst);
+        self.inner.blob_count.store(count, Ordering::SeqCst);
         self.inner
             .meta
             .insert(TOTAL_BYTES_KEY, &total.to_be_bytes())?;
+        self.inner
+            .meta
+            .insert(BLOB_COUNT_KEY, &count.to_be_bytes())?;
         self.flush()?;
         Ok(report)
     }
+}
+
+/// The data dir's lock, held (flock) while a process has the store open. sled allows one
+/// process per database: this lock makes a second process wait instead of failing.
+struct RootLock {
+    _file: File,
+    _open_here: OpenHere,
+}
+
+/// Registers a root as open in this process: a second open of it in the same process would
+/// wait for itself, so it fails instead.
+struct OpenHere(PathBuf);
+
+fn roots_open_here() -> &'static Mutex<std::collections::HashSet<PathBuf>> {
+    static ROOTS: std::sync::OnceLock<Mutex<std::collections::HashSet<PathBuf>>> =
+        std::sync::OnceLock::new();
+    ROOTS.get_or_init(Default::default)
+}
+
+impl OpenHere {
+    fn register(root: &Path) -> Result<Self> {
+        let root = fs::canonicalize(root).map_err(|e| CasError::io("resolving", root, e))?;
+        if !roots_open_here().lock().insert(root.clone()) {
+            return Err(CasError::Invalid {
+                what: format!("store {}", root.display()),
+                reason: "it is already open in this process; share the open store".into(),
+            });
+        }
+        Ok(OpenHere(root))
+    }
+}
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        roots_open_here().lock().remove(&self.0);
+    }
+}
+
+impl RootLock {
+    fn acquire(root: &Path) -> Result<Self> {
+        use rustix::fs::{FlockOperation, flock};
+        let open_here = OpenHere::register(root)?;
+        let path = root.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| CasError::io("opening", &path, e))?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                // Only a number is shown: the file is the data dir's, not to be echoed as is.
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+                    .map_or_else(|| "?".to_string(), |pid| pid.to_string());
+                eprintln!("rba: blocking waiting for the data dir lock held by pid {holder}");
+                flock(&file, FlockOperation::LockExclusive)
+                    .map_err(|e| CasError::io("locking", &path, e.into()))?;
+            }
+            Err(e) => return Err(CasError::io("locking", &path, e.into())),
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(|e| CasError::io("writing", &path, e))?;
+        Ok(RootLock {
+            _file: file,
+            _open_here: open_here,
+        })
+    }
+}
+
+/// This process's directory of temporaries, `tmp/<pid>-<nanos>/`, flock'd through its `.lock`
+/// for the store's lifetime and removed when the store closes.
+struct ProcessTemp {
+    dir: PathBuf,
+    _lock: File,
+}
+
+const TEMP_LOCK_NAME: &str = ".lock";
+
+impl ProcessTemp {
+    /// Removes the temporaries of processes that are gone (their `.lock` is free, or they
+    /// predate per-process directories) and creates this process's directory.
+    fn create(tmp: &Path) -> Result<Self> {
+        use rustix::fs::{FlockOperation, flock};
+        fs::create_dir_all(tmp).map_err(|e| CasError::io("creating", tmp, e))?;
+        for entry in fs::read_dir(tmp).map_err(|e| CasError::io("listing", tmp, e))? {
+            let path = entry.map_err(|e| CasError::io("listing", tmp, e))?.path();
+            // Never followed: a link here is removed as a link, whatever it points to.
+            if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                // A write of a version that kept temporaries directly in `tmp/`.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let owner_alive = File::open(path.join(TEMP_LOCK_NAME))
+                .ok()
+                .is_some_and(|lock| flock(&lock, FlockOperation::NonBlockingLockShared).is_err());
+            if !owner_alive
+                && let Err(e) = fs::remove_dir_all(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                return Err(CasError::io("removing abandoned writes in", path, e));
+            }
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = tmp.join(format!("{}-{nanos}", std::process::id()));
+        fs::create_dir(&dir).map_err(|e| CasError::io("creating", &dir, e))?;
+        let lock_path = dir.join(TEMP_LOCK_NAME);
+        let lock = File::create(&lock_path).map_err(|e| CasError::io("creating", &lock_path, e))?;
+        flock(&lock, FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| CasError::io("locking", &lock_path, e.into()))?;
+        Ok(ProcessTemp { dir, _lock: lock })
+    }
+}
+
+impl Drop for ProcessTemp {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Opens sled. The previous owner's lock on it may outlive its data dir lock by a moment
+/// (its flusher finishing): retry briefly on a lock error only.
+fn open_index(path: &Path) -> Result<sled::Db> {
+    let mut attempts = 0;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if attempts < 200 && e.to_string().contains("could not acquire lock") =>
+            {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Adds `delta` to a counter (never below zero) and returns the new value.
+fn adjust(counter: &AtomicU64, delta: i64) -> u64 {
+    let amount = delta.unsigned_abs();
+    let apply = |value: u64| {
+        if delta >= 0 {
+            value.saturating_add(amount)
+        } else {
+            value.saturating_sub(amount)
+        }
+    };
+    let previous = counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(apply(v)))
+        .unwrap_or(0);
+    apply(previous)
 }
 
 fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -856,7 +1217,7 @@ impl BlobWriter {
         let file = if present {
             None
         } else {
-            let tmp = &store.inner.tmp_dir;
+            let tmp = &store.inner.temporaries.dir;
             Some(
                 NamedTempFile::new_in(tmp)
                     .map_err(|e| CasError::io("creating temp file in", tmp, e))?,
@@ -906,6 +1267,18 @@ impl BlobWriter {
 
     /// Verifies size and hash, makes the blob durable and visible, and returns its digest.
     pub fn commit(self) -> Result<Digest> {
+        let store = self.store.clone();
+        let staged = self.stage()?;
+        store
+            .publish(vec![staged])
+            .pop()
+            .expect("one result per staged blob")
+    }
+
+    /// Verifies size and hash and closes the temp file: the blob is complete but neither
+    /// durable nor visible until [`BlobStore::publish`] (which makes a batch durable at once).
+    /// Dropping the staged blob discards it.
+    pub fn stage(self) -> Result<StagedBlob> {
         let written = self.received;
         let Some(file) = self.file else {
             let expected = self
@@ -917,7 +1290,10 @@ impl BlobWriter {
                     actual: written,
                 });
             }
-            return Ok(expected);
+            return Ok(StagedBlob {
+                digest: expected,
+                temp: None,
+            });
         };
         let actual = match (self.hasher, self.expected) {
             (Some(hasher), _) => hasher.finish(),
@@ -944,24 +1320,173 @@ impl BlobWriter {
                 self.store.inner.config.max_bytes
             )));
         }
-        if self.store.inner.config.fsync {
-            file.as_file()
-                .sync_data()
-                .map_err(|e| CasError::io("syncing", file.path(), e))?;
-        }
         // Read-only: materialisation hard-links blobs into exec roots, where a writable file
         // would let an action corrupt the store.
         file.as_file()
             .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
             .map_err(|e| CasError::io("chmod", file.path(), e))?;
-        let path = self.store.blob_path(&actual);
-        let parent = path.parent().expect("blob paths have a parent");
-        fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
-        file.persist(&path)
-            .map_err(|e| CasError::io("publishing", &path, e.error))?;
-        self.store.index_insert(&actual)?;
-        self.store.evict_if_needed()?;
-        Ok(actual)
+        Ok(StagedBlob {
+            digest: actual,
+            temp: Some(file.into_temp_path()),
+        })
+    }
+}
+
+/// A blob written and verified, waiting in the process's temp directory for
+/// [`BlobStore::publish`]. Holds no open file, so a large batch costs no descriptors.
+pub struct StagedBlob {
+    digest: Digest,
+    /// `None` when the blob was already present: publishing it only confirms it.
+    temp: Option<tempfile::TempPath>,
+}
+
+impl StagedBlob {
+    /// The verified digest.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// True when the store held the blob already (nothing to publish).
+    pub fn already_present(&self) -> bool {
+        self.temp.is_none()
+    }
+}
+
+impl std::fmt::Debug for StagedBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedBlob")
+            .field("digest", &self.digest)
+            .field("already_present", &self.already_present())
+            .finish()
+    }
+}
+
+/// Up to this many files (and directories) a publish syncs one by one, in parallel, so that
+/// the kernel's journal commits them together; more, and one `syncfs(2)` is cheaper. A small
+/// batch (an action's outputs, a few uploads) never waits for the rest of the filesystem's
+/// dirty data (the target dir cargo just wrote, other processes' files), which `syncfs` would.
+const SMALL_BATCH: usize = 64;
+
+/// `fdatasync` (`data_only`) or `fsync` of every path, in parallel.
+fn sync_each(paths: &[&Path], data_only: bool) -> Result<()> {
+    use rayon::prelude::*;
+    paths.par_iter().try_for_each(|path| {
+        File::open(path)
+            .and_then(|f| {
+                if data_only {
+                    f.sync_data()
+                } else {
+                    f.sync_all()
+                }
+            })
+            .map_err(|e| CasError::io("syncing", path.to_path_buf(), e))
+    })
+}
+
+impl BlobStore {
+    /// Publishes staged blobs together (group commit): one sync makes all their bytes durable,
+    /// they are renamed into place, one more sync makes the new names durable, and only then
+    /// does the index list them. A crash at any point leaves no indexed blob whose file is not
+    /// complete, verified and durable (a renamed but unindexed file stays invisible until
+    /// [`BlobStore::verify`] re-hashes it). Up to [`SMALL_BATCH`] blobs the syncs are their
+    /// own `fdatasync`s and their directories' `fsync`s, issued in parallel; with more,
+    /// `syncfs(2)` of the store's filesystem, once per phase, whatever the count. Returns one
+    /// result per blob, in order.
+    pub fn publish(&self, staged: Vec<StagedBlob>) -> Vec<Result<Digest>> {
+        let fsync = self.inner.config.fsync;
+        let to_write = staged.iter().filter(|s| s.temp.is_some()).count();
+        if fsync && to_write > 0 {
+            let synced = if to_write <= SMALL_BATCH {
+                let temps: Vec<&Path> = staged
+                    .iter()
+                    .filter_map(|s| s.temp.as_ref().map(|t| t.as_ref()))
+                    .collect();
+                sync_each(&temps, true)
+            } else {
+                self.sync_filesystem()
+            };
+            if let Err(e) = synced {
+                let message = e.to_string();
+                return staged
+                    .iter()
+                    .map(|s| match s.temp {
+                        None => Ok(s.digest),
+                        Some(_) => Err(CasError::io(
+                            "making a batch durable in",
+                            self.temp_dir(),
+                            io::Error::other(message.clone()),
+                        )),
+                    })
+                    .collect();
+            }
+        }
+        let mut touched_dirs = Vec::new();
+        let mut results: Vec<Result<Digest>> = staged
+            .into_iter()
+            .map(|blob| {
+                let Some(temp) = blob.temp else {
+                    return Ok(blob.digest);
+                };
+                let path = self.blob_path(&blob.digest);
+                let parent = path.parent().expect("blob paths have a parent");
+                let renamed = match temp.persist(&path) {
+                    // The shard's first blob: its directory, new too, must be made durable.
+                    Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                        fs::create_dir_all(parent)
+                            .map_err(|e| CasError::io("creating", parent, e))?;
+                        touched_dirs.extend(parent.parent().map(Path::to_path_buf));
+                        e.path.persist(&path)
+                    }
+                    other => other,
+                };
+                renamed.map_err(|e| CasError::io("publishing", &path, e.error))?;
+                touched_dirs.push(parent.to_path_buf());
+                Ok(blob.digest)
+            })
+            .collect();
+        if fsync && !touched_dirs.is_empty() {
+            touched_dirs.sort();
+            touched_dirs.dedup();
+            let synced = if touched_dirs.len() <= SMALL_BATCH {
+                let dirs: Vec<&Path> = touched_dirs.iter().map(PathBuf::as_path).collect();
+                sync_each(&dirs, false)
+            } else {
+                self.sync_filesystem()
+            };
+            if let Err(e) = synced {
+                // Renamed but not known durable: not indexed, so invisible (verify adopts).
+                let message = e.to_string();
+                for result in &mut results {
+                    if result.is_ok() {
+                        *result = Err(CasError::io(
+                            "making a batch durable in",
+                            self.root().to_path_buf(),
+                            io::Error::other(message.clone()),
+                        ));
+                    }
+                }
+                return results;
+            }
+        }
+        for result in &mut results {
+            if let Ok(digest) = result
+                && let Err(e) = self.index_insert(digest)
+            {
+                *result = Err(e);
+            }
+        }
+        if let Err(e) = self.evict_if_needed() {
+            tracing::warn!(error = %e, "eviction after a publish failed");
+        }
+        results
+    }
+
+    /// `syncfs(2)` of the filesystem holding the store: every write so far is durable.
+    fn sync_filesystem(&self) -> Result<()> {
+        let dir = self.temp_dir();
+        let handle = File::open(dir).map_err(|e| CasError::io("opening", dir, e))?;
+        rustix::fs::syncfs(&handle)
+            .map_err(|e| CasError::io("syncing the filesystem of", dir, e.into()))
     }
 }
 
@@ -997,7 +1522,11 @@ mod tests {
                 assert_eq!(store.stats().total_bytes, total, "stored once");
             }
         }
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(store.temp_dir()).unwrap().count(),
+            1,
+            "only .lock"
+        );
         assert!(matches!(
             store.put_file(DigestFunction::Blake3, &dir.path().join("missing")),
             Err(CasError::Io { .. })
@@ -1045,7 +1574,11 @@ mod tests {
         ));
         assert!(!store.contains(&claimed).unwrap());
         assert!(!store.blob_path(&claimed).exists());
-        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(store.temp_dir()).unwrap().count(),
+            1,
+            "only .lock"
+        );
         assert_eq!(store.stats().total_bytes, 0);
     }
 
@@ -1068,6 +1601,126 @@ mod tests {
             store.find_missing(&[a, b, b, a_blake, wrong_size]).unwrap(),
             vec![b, a_blake, wrong_size]
         );
+    }
+
+    #[test]
+    fn presence_is_the_index_and_eviction_clears_it() {
+        let (_dir, store) = store(100);
+        let first = store.put_bytes(DigestFunction::Sha256, &[1u8; 40]).unwrap();
+        // Asked (and cached) present, then evicted by newer writes: reported missing after.
+        assert!(store.find_missing(&[first]).unwrap().is_empty());
+        store.touch(&[first]).unwrap();
+        store.put_bytes(DigestFunction::Sha256, &[2u8; 40]).unwrap();
+        store.put_bytes(DigestFunction::Sha256, &[3u8; 40]).unwrap();
+        assert!(store.stats().evictions > 0);
+        assert!(!store.blob_path(&first).exists());
+        assert_eq!(store.find_missing(&[first]).unwrap(), vec![first]);
+        assert!(!store.contains(&first).unwrap());
+        assert_eq!(store.stats().blob_count, store.inner.blobs.len() as u64);
+
+        // A file on disk the index does not list is not present until verify adopts it.
+        let (_dir, store) = self::store(1 << 20);
+        let orphan = DigestFunction::Blake3.digest_of(b"orphan");
+        let path = store.blob_path(&orphan);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"orphan").unwrap();
+        assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
+        assert_eq!(store.verify().unwrap().adopted, 1);
+        assert!(store.find_missing(&[orphan]).unwrap().is_empty());
+        assert_eq!(store.stats().blob_count, 1);
+
+        // An indexed blob whose file was removed behind the store's back: the first read
+        // that misses it drops it from the index and the cache.
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            store.reader(&orphan, 0, 0),
+            Err(CasError::NotFound(_))
+        ));
+        assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
+        assert_eq!(store.stats().blob_count, 0);
+    }
+
+    #[test]
+    fn a_staged_batch_is_invisible_until_published_together() {
+        let (_dir, store) = store(1 << 20);
+        let present = store.put_bytes(DigestFunction::Sha256, b"already").unwrap();
+        let stage = |bytes: &[u8]| {
+            let mut writer = store
+                .writer(DigestFunction::Sha256.digest_of(bytes))
+                .unwrap();
+            writer.write_chunk(bytes).unwrap();
+            writer.stage().unwrap()
+        };
+        let batch = vec![
+            stage(b"one"),
+            stage(b"already"),
+            stage(b"two"),
+            stage(b"one"),
+        ];
+        assert!(batch[1].already_present() && !batch[0].already_present());
+        let digests: Vec<Digest> = batch.iter().map(StagedBlob::digest).collect();
+        assert_eq!(
+            store.find_missing(&digests).unwrap().len(),
+            2,
+            "staged is not visible"
+        );
+        assert!(!store.blob_path(&digests[0]).exists());
+        let abandoned = stage(b"never published");
+        drop(abandoned);
+        let results = store.publish(batch);
+        assert_eq!(
+            results.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            digests
+        );
+        assert!(store.find_missing(&digests).unwrap().is_empty());
+        assert_eq!(store.read_to_vec(&digests[2], 10).unwrap(), b"two");
+        assert_eq!(store.stats().blob_count, 3);
+        assert_eq!(store.stats().total_bytes, (b"already".len() + 6) as u64);
+        assert!(store.contains(&present).unwrap());
+        assert_eq!(
+            fs::read_dir(store.temp_dir()).unwrap().count(),
+            1,
+            "only .lock"
+        );
+    }
+
+    #[test]
+    fn opening_removes_only_dead_temporaries_and_follows_no_link() {
+        use rustix::fs::{FlockOperation, flock};
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("precious"), b"keep").unwrap();
+        let tmp = dir.path().join("tmp");
+        for name in ["dead", "live"] {
+            fs::create_dir_all(tmp.join(name)).unwrap();
+            fs::write(tmp.join(name).join("half-a-blob"), b"x").unwrap();
+        }
+        fs::write(tmp.join("dead").join(TEMP_LOCK_NAME), b"").unwrap();
+        let live_lock = File::create(tmp.join("live").join(TEMP_LOCK_NAME)).unwrap();
+        flock(&live_lock, FlockOperation::NonBlockingLockExclusive).unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.join("link")).unwrap();
+        fs::write(tmp.join("stray"), b"old layout").unwrap();
+        fs::write(dir.path().join("lock"), "\u{1b}[2J not a pid").unwrap();
+
+        let store = BlobStore::open(dir.path(), StoreConfig::without_fsync()).unwrap();
+        assert!(!tmp.join("dead").exists(), "a dead process's writes go");
+        assert!(
+            tmp.join("live").join("half-a-blob").exists(),
+            "a live process's in-flight write stays"
+        );
+        assert!(!tmp.join("stray").exists());
+        assert!(
+            fs::symlink_metadata(tmp.join("link")).is_err(),
+            "the link is removed"
+        );
+        assert!(outside.path().join("precious").exists(), "never followed");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("lock")).unwrap().trim(),
+            std::process::id().to_string()
+        );
+        drop(store);
+        assert!(tmp.join("live").exists());
     }
 
     #[test]

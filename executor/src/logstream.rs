@@ -705,10 +705,19 @@ impl LogWriter {
         self.flush_all()
             .map_err(|e| CasError::io("writing", self.shared.dir.path(), e))?;
         self.shared.state.lock().durable = self.next_seq;
+        // The three blobs are made durable together (one group commit).
+        let mut staged = Vec::with_capacity(3);
+        for path in [&self.shared.data_path, &self.stdout_path, &self.stderr_path] {
+            let mut file =
+                std::fs::File::open(path).map_err(|e| CasError::io("opening", path, e))?;
+            staged.push(blobs.stage_open_file(function, &mut file, path)?);
+        }
+        let mut published = blobs.publish(staged).into_iter();
+        let mut next = || published.next().expect("one result per staged blob");
         Ok(LogDigests {
-            log: blobs.put_file(function, &self.shared.data_path)?,
-            stdout: blobs.put_file(function, &self.stdout_path)?,
-            stderr: blobs.put_file(function, &self.stderr_path)?,
+            log: next()?,
+            stdout: next()?,
+            stderr: next()?,
         })
     }
 }

@@ -1237,11 +1237,22 @@ impl RunningJob<'_> {
         }
 
         let collected = Instant::now();
-        let mut artifacts = Vec::new();
+        let mut staged = Vec::new();
         for task in storing {
             let stored = task.await.expect("storing an artifact does not panic")?;
-            artifacts.extend(stored);
+            staged.extend(stored);
         }
+        // Every artifact made durable and visible together (one group commit).
+        let blobs = self.inner().cas.blobs.clone();
+        let mut artifacts = Self::blocking(move || {
+            let (artifacts, blobs_staged): (Vec<Artifact>, Vec<rba_cas::StagedBlob>) =
+                staged.into_iter().unzip();
+            for published in blobs.publish(blobs_staged) {
+                published?;
+            }
+            Ok(artifacts)
+        })
+        .await?;
         artifacts.extend(resolved_lock);
         artifacts.sort_by(|a, b| a.path.cmp(&b.path));
         artifacts.dedup_by(|a, b| a.path == b.path);
@@ -1947,7 +1958,7 @@ fn store_cargo_artifact(
     function: DigestFunction,
     target: &Path,
     inside: &str,
-) -> Result<Option<Artifact>, ExecutorError> {
+) -> Result<Option<(Artifact, rba_cas::StagedBlob)>, ExecutorError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
 
@@ -1976,15 +1987,18 @@ fn store_cargo_artifact(
         tracing::warn!(path = inside, opened = %opened.display(), "artifact refused");
         return Ok(None);
     }
-    let digest = blobs.put_open_file(function, &mut file, &host)?;
-    Ok(Some(Artifact {
-        path: format!("target/{}", relative.display()),
-        digest,
-        executable: metadata.is_some_and(|m| {
-            use std::os::unix::fs::PermissionsExt;
-            m.permissions().mode() & 0o111 != 0
-        }),
-    }))
+    let staged = blobs.stage_open_file(function, &mut file, &host)?;
+    Ok(Some((
+        Artifact {
+            path: format!("target/{}", relative.display()),
+            digest: staged.digest(),
+            executable: metadata.is_some_and(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode() & 0o111 != 0
+            }),
+        },
+        staged,
+    )))
 }
 
 /// The Command's outputs: `output_paths` (REAPI v2.1+), else the legacy file and directory lists.
@@ -2090,7 +2104,14 @@ mod tests {
         assert!(fifo.success());
 
         let store = |inside: &str| {
-            store_cargo_artifact(&blobs, DigestFunction::Blake3, &target, inside).unwrap()
+            store_cargo_artifact(&blobs, DigestFunction::Blake3, &target, inside)
+                .unwrap()
+                .map(|(artifact, staged)| {
+                    for published in blobs.publish(vec![staged]) {
+                        published.unwrap();
+                    }
+                    artifact
+                })
         };
         let app = store("/target/debug/app").expect("a regular file is stored");
         assert_eq!(app.path, "target/debug/app");

@@ -340,9 +340,22 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     response
 }
 
-/// Files left in the store's temp directory (must be none once uploads are done).
+/// Files left in the store's temp directories (must be none once uploads are done), not
+/// counting each process's lock file.
 pub fn temp_files(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir.join("tmp"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let Ok(process_dirs) = std::fs::read_dir(dir.join("tmp")) else {
+        return 0;
+    };
+    process_dirs
+        .map(|d| d.unwrap().path())
+        .map(|dir| {
+            std::fs::read_dir(dir)
+                .map(|files| {
+                    files
+                        .filter(|f| f.as_ref().unwrap().file_name() != ".lock")
+                        .count()
+                })
+                .unwrap_or(1)
+        })
+        .sum()
 }

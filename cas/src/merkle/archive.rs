@@ -18,7 +18,7 @@ use std::path::Path;
 use zip::ZipArchive;
 use zip::read::ZipFile;
 
-use super::{TreeBuild, TreeBuilder, store_bytes};
+use super::{PendingBlobs, TreeBuild, TreeBuilder};
 use crate::digest::DigestFunction;
 use crate::error::{CasError, Result};
 use crate::store::BlobStore;
@@ -173,6 +173,7 @@ pub fn build_from_zip<R: Read + Seek>(
 
     // Pass 2: decompress, count, store.
     let mut builder = TreeBuilder::new(function);
+    let pending = PendingBlobs::default();
     let mut budget = limits.max_total_bytes;
     let (mut files_hashed, mut new_blobs, mut new_bytes) = (0u64, 0u64, 0u64);
     for (index, (name, kind, size, compressed)) in entries.into_iter().enumerate() {
@@ -210,7 +211,7 @@ pub fn build_from_zip<R: Read + Seek>(
                         Ok(())
                     })?;
                     let digest = function.digest_of(&bytes);
-                    (digest, store_bytes(store, digest, &bytes)?)
+                    (digest, pending.stage_bytes(store, digest, &bytes)?)
                 } else {
                     let mut writer = store.writer_for(function)?;
                     let mut hasher = function.hasher();
@@ -222,8 +223,9 @@ pub fn build_from_zip<R: Read + Seek>(
                     if store.contains(&digest)? {
                         (digest, false)
                     } else {
-                        let stored = writer.commit()?;
-                        debug_assert_eq!(stored, digest);
+                        let staged = writer.stage()?;
+                        debug_assert_eq!(staged.digest(), digest);
+                        pending.push(staged);
                         (digest, true)
                     }
                 };
@@ -237,7 +239,7 @@ pub fn build_from_zip<R: Read + Seek>(
             Kind::Dir => unreachable!("handled above"),
         }
     }
-    let mut build = builder.finish(store)?;
+    let mut build = builder.finish_with(store, pending)?;
     build.stats.files_hashed = files_hashed;
     build.stats.new_blobs += new_blobs;
     build.stats.new_bytes += new_bytes;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use super::stat_cache::{StatCache, StatKey, now_nanos};
-use super::{TreeBuild, TreeBuilder, TreeStats};
+use super::{PendingBlobs, TreeBuild, TreeBuilder, TreeStats};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
 use crate::store::{BlobStore, hash_file};
@@ -180,10 +180,11 @@ pub fn build_from_dir(
     } else {
         None
     };
+    let pending = PendingBlobs::default();
     let hashed: Vec<Hashed> = jobs
         .par_iter()
         .map(|job| {
-            let hashed = hash_one(store, function, cache.as_ref(), &job.absolute);
+            let hashed = hash_one(store, &pending, function, cache.as_ref(), &job.absolute);
             if let Some(done) = &options.files_done {
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -203,7 +204,7 @@ pub fn build_from_dir(
             file_stats.new_bytes += hashed.digest.size;
         }
     }
-    let mut build = builder.finish(store)?;
+    let mut build = builder.finish_with(store, pending)?;
     build.stats.files_hashed = file_stats.files_hashed;
     build.stats.stat_cache_hits = file_stats.stat_cache_hits;
     build.stats.new_blobs += file_stats.new_blobs;
@@ -213,6 +214,7 @@ pub fn build_from_dir(
 
 fn hash_one(
     store: &BlobStore,
+    pending: &PendingBlobs,
     function: DigestFunction,
     cache: Option<&StatCache>,
     path: &Path,
@@ -223,7 +225,7 @@ fn hash_one(
     if let Some(cache) = cache
         && let Some(digest) = cache.lookup(function, path, &meta)?
     {
-        let new = store_file_as(store, digest, path)?;
+        let new = store_file_as(store, pending, digest, path)?;
         return Ok(Hashed {
             digest,
             executable,
@@ -237,10 +239,10 @@ fn hash_one(
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|e| CasError::io("reading", path, e))?;
         let digest = function.digest_of(&bytes);
-        (digest, super::store_bytes(store, digest, &bytes)?)
+        (digest, pending.stage_bytes(store, digest, &bytes)?)
     } else {
         let digest = hash_file(function, path)?;
-        (digest, store_file_as(store, digest, path)?)
+        (digest, store_file_as(store, pending, digest, path)?)
     };
     if let Some(cache) = cache {
         // Only record what we read if the file did not change while we read it.
@@ -258,8 +260,13 @@ fn hash_one(
     })
 }
 
-/// Stores a file whose digest is known unless present; returns whether it was new.
-fn store_file_as(store: &BlobStore, digest: Digest, path: &Path) -> Result<bool> {
+/// Stages a file whose digest is known unless present; returns whether it was new.
+fn store_file_as(
+    store: &BlobStore,
+    pending: &PendingBlobs,
+    digest: Digest,
+    path: &Path,
+) -> Result<bool> {
     let mut writer = store.writer(digest)?;
     if writer.already_present() {
         return Ok(false);
@@ -277,9 +284,7 @@ fn store_file_as(store: &BlobStore, digest: Digest, path: &Path) -> Result<bool>
             .write_chunk(&buffer[..n])
             .map_err(|e| changed_while_hashing(path, e))?;
     }
-    writer
-        .commit()
-        .map_err(|e| changed_while_hashing(path, e))?;
+    pending.push(writer.stage().map_err(|e| changed_while_hashing(path, e))?);
     Ok(true)
 }
 

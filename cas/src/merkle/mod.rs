@@ -51,7 +51,7 @@ pub use validate::{
 
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
-use crate::store::BlobStore;
+use crate::store::{BlobStore, StagedBlob};
 
 /// What building a tree did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -223,12 +223,21 @@ impl TreeBuilder {
     /// parallel), and returns the root digest. File contents are not touched: the caller stored
     /// them. `stats.new_*` count only the directory blobs stored here.
     pub fn finish(self, store: &BlobStore) -> Result<TreeBuild> {
+        self.finish_with(store, PendingBlobs::default())
+    }
+
+    /// [`TreeBuilder::finish`], publishing the directory blobs together with `pending` (the
+    /// file blobs the caller staged): one group commit for the whole tree.
+    pub(crate) fn finish_with(self, store: &BlobStore, pending: PendingBlobs) -> Result<TreeBuild> {
         let sink = Sink {
             store: Some(store),
+            pending,
             acc: Mutex::default(),
         };
         let root = store_dir(self.function, &self.root, &sink)?;
-        Ok(self.into_build(root, sink))
+        let Sink { pending, acc, .. } = sink;
+        pending.publish(store)?;
+        Ok(self.into_build(root, acc))
     }
 
     /// The root digest the tree would have, storing nothing.
@@ -238,13 +247,14 @@ impl TreeBuilder {
             &self.root,
             &Sink {
                 store: None,
+                pending: PendingBlobs::default(),
                 acc: Mutex::default(),
             },
         )
     }
 
-    fn into_build(self, root: Digest, sink: Sink<'_>) -> TreeBuild {
-        let acc = sink.acc.into_inner();
+    fn into_build(self, root: Digest, acc: Mutex<Acc>) -> TreeBuild {
+        let acc = acc.into_inner();
         let mut dirs = acc.dirs;
         // Root first, then the others in a stable order.
         dirs.retain(|d| *d != root);
@@ -294,6 +304,7 @@ struct Acc {
 
 struct Sink<'a> {
     store: Option<&'a BlobStore>,
+    pending: PendingBlobs,
     acc: Mutex<Acc>,
 }
 
@@ -336,7 +347,7 @@ fn store_dir(function: DigestFunction, node: &DirNode, sink: &Sink<'_>) -> Resul
     let bytes = directory.encode_to_vec();
     let digest = function.digest_of(&bytes);
     let new = match sink.store {
-        Some(store) => store_bytes(store, digest, &bytes)?,
+        Some(store) => sink.pending.stage_bytes(store, digest, &bytes)?,
         None => false,
     };
     let mut acc = sink.acc.lock();
@@ -349,15 +360,41 @@ fn store_dir(function: DigestFunction, node: &DirNode, sink: &Sink<'_>) -> Resul
     Ok(digest)
 }
 
-/// Stores bytes whose digest is known; returns whether the blob is new to the store.
-pub(crate) fn store_bytes(store: &BlobStore, digest: Digest, bytes: &[u8]) -> Result<bool> {
-    let mut writer = store.writer(digest)?;
-    if writer.already_present() {
-        return Ok(false);
+/// The blobs of one tree build: written and verified as they come (in parallel), published
+/// together at the end (one group commit, see [`BlobStore::publish`]), so a tree of thousands
+/// of small files costs a few syncs, not one per file. Dropped unpublished, they vanish.
+#[derive(Default)]
+pub(crate) struct PendingBlobs(Mutex<Vec<StagedBlob>>);
+
+impl PendingBlobs {
+    /// Stages bytes whose digest is known; returns whether the blob is new to the store.
+    pub(crate) fn stage_bytes(
+        &self,
+        store: &BlobStore,
+        digest: Digest,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        let mut writer = store.writer(digest)?;
+        if writer.already_present() {
+            return Ok(false);
+        }
+        writer.write_chunk(bytes)?;
+        self.push(writer.stage()?);
+        Ok(true)
     }
-    writer.write_chunk(bytes)?;
-    writer.commit()?;
-    Ok(true)
+
+    /// Adds a blob the caller staged.
+    pub(crate) fn push(&self, blob: StagedBlob) {
+        self.0.lock().push(blob);
+    }
+
+    /// Makes every staged blob durable and visible; the first failure is returned.
+    pub(crate) fn publish(self, store: &BlobStore) -> Result<()> {
+        store
+            .publish(self.0.into_inner())
+            .into_iter()
+            .try_for_each(|result| result.map(|_| ()))
+    }
 }
 
 /// Splits a relative `/`-separated path into its components, skipping empty and `.` ones.

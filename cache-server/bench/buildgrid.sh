@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# reapi-bench against BuildGrid and against our cache-server, in the same run, with ratios.
+#
+# Why a script: the comparison is only fair on one machine in one run (same load, same disk),
+# and BuildGrid must be installed and configured the same way every time.
+#
+# - BuildGrid (PyPI, version $BUILDGRID_VERSION, default 0.4.4 as in issue 13's table) is
+#   installed once in a venv under ~/.cache/rba-bench/, and started on loopback, cache only
+#   (CAS + ByteStream + ActionCache), with its in-memory LRU CAS, no auth.
+# - Our cache-server runs as its own process (release build) on loopback with a store on disk
+#   under a temp dir, durable (fsync), exactly as deployed.
+# - The same reapi-bench (release build) runs against each; the ratios are ours / BuildGrid's
+#   (throughput, blobs/s) and BuildGrid's / ours (latencies): above 1 means we are better.
+#
+# Usage: cache-server/bench/buildgrid.sh  (from the repository root; builds what it needs)
+# Env: BUILDGRID_VERSION, BENCH_ARGS (extra reapi-bench arguments), CARGO_TARGET_DIR.
+set -euo pipefail
+
+version="${BUILDGRID_VERSION:-0.4.4}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+target="${CARGO_TARGET_DIR:-$root/target}"
+venv="$HOME/.cache/rba-bench/buildgrid-$version"
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [ ! -x "$venv/bin/bgd" ]; then
+    echo "# installing buildgrid==$version in $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "buildgrid==$version"
+fi
+
+(cd "$root" && cargo build --release -p rba-cache-server --bin cache-server --bin reapi-bench >&2)
+bench="$target/release/reapi-bench"
+server="$target/release/cache-server"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 1 300); do
+        if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+
+bg_port="$(free_port)"
+# thread-pool-size: BuildGrid refuses RPCs beyond its worker count (default 5 per core), and
+# the FindMissing figures use 50 concurrent callers.
+cat > "$work/buildgrid.yml" <<YAML
+thread-pool-size: 64
+server:
+  - !channel
+    address: "127.0.0.1:$bg_port"
+    insecure-mode: true
+authorization:
+  method: none
+storages:
+  - !lru-storage &cas
+    size: 6GB
+caches:
+  - !lru-action-cache &ac
+    storage: *cas
+    max-cached-refs: 100000
+    allow-updates: true
+instances:
+  - name: ''
+    services:
+      - !action-cache
+        cache: *ac
+      - !cas
+        storage: *cas
+      - !bytestream
+        storage: *cas
+YAML
+"$venv/bin/bgd" server start "$work/buildgrid.yml" > "$work/buildgrid.log" 2>&1 &
+pids+=($!)
+bg_pid=$!
+wait_port "$bg_port" || { cat "$work/buildgrid.log" >&2; exit 1; }
+
+our_port="$(free_port)"
+"$server" --listen "127.0.0.1:$our_port" --data-dir "$work/ours" --metrics-listen off \
+    > "$work/cache-server.log" 2>&1 &
+pids+=($!)
+our_pid=$!
+wait_port "$our_port" || { cat "$work/cache-server.log" >&2; exit 1; }
+
+# The issue's figures: 1 GiB streams, 10,000 × 4 KiB batch, 50 callers × 20 calls.
+common=(--throughput-gib 1 --find-tasks 50 --find-calls 20 --work-dir "$work" ${BENCH_ARGS:-})
+echo "# BuildGrid $version (in-memory CAS) on 127.0.0.1:$bg_port" >&2
+"$bench" --endpoint "grpc://127.0.0.1:$bg_port" --big-blob-gib 0 "${common[@]}" | tee "$work/theirs.txt"
+echo "# rba cache-server (disk store, fsync) on 127.0.0.1:$our_port" >&2
+"$bench" --endpoint "grpc://127.0.0.1:$our_port" --server-pid "$our_pid" --big-blob-gib 4 "${common[@]}" | tee "$work/ours.txt"
+
+python3 - "$work/ours.txt" "$work/theirs.txt" "$version" <<'PY'
+import re, sys
+def figures(path):
+    out = {}
+    for line in open(path):
+        name, _, rest = line.partition(": ")
+        m = re.match(r"([\d.]+) (MiB/s|blobs/s)", rest)
+        if m:
+            out[name] = (float(m.group(1)), m.group(2))
+        m = re.match(r"mean ([\d.]+) ms, p99 ([\d.]+) ms", rest)
+        if m:
+            out[name + " mean"] = (float(m.group(1)), "ms")
+            out[name + " p99"] = (float(m.group(2)), "ms")
+    return out
+ours, theirs = figures(sys.argv[1]), figures(sys.argv[2])
+print(f"\n| figure | rba | BuildGrid {sys.argv[3]} | ratio (>1: rba better) |")
+print("|---|---|---|---|")
+for name, (value, unit) in ours.items():
+    if name not in theirs or name.startswith("raw_"):
+        continue
+    other = theirs[name][0]
+    ratio = other / value if unit == "ms" else value / other
+    print(f"| {name} | {value:,.1f} {unit} | {other:,.1f} {unit} | {ratio:.2f}x |")
+PY
