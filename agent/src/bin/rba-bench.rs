@@ -51,7 +51,12 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// The file a one-line change goes into: the binary's main, else the first `lib.rs`.
 fn file_to_change(root: &Path) -> anyhow::Result<PathBuf> {
-    for candidate in ["src/main.rs", "app/src/main.rs", "src/lib.rs"] {
+    for candidate in [
+        "src/main.rs",
+        "app/src/main.rs",
+        "cli/src/main.rs",
+        "src/lib.rs",
+    ] {
         if root.join(candidate).is_file() {
             return Ok(root.join(candidate));
         }
