@@ -27,6 +27,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// answers, so one stream is one round trip per blob; several streams on the same connection
 /// keep the link and the node busy while each waits for its answer.
 pub const UPLOAD_STREAMS: usize = 8;
+/// The node lists at most this many missing blobs in a `missing_input` refusal (node.rs
+/// `MAX_LISTED_MISSING`): a list that long may be cut, so the client asks `Has` instead.
+const LISTED_MISSING_CAP: usize = 1000;
 /// Reconnection attempts after a dropped session stream.
 const RESUME_ATTEMPTS: u32 = 20;
 
@@ -147,15 +150,38 @@ impl RemoteClient {
     ) -> anyhow::Result<UploadStats> {
         let mut first = self.blobs().await?;
         let present = first.has(digests).await?;
-        let mut missing: Vec<Digest> = digests
+        let missing: Vec<Digest> = digests
             .iter()
             .filter(|d| !present.contains(d))
             .copied()
             .collect();
+        let mut stats = self.upload_on(first, store, missing).await?;
+        stats.asked = digests.len() as u64;
+        Ok(stats)
+    }
+
+    /// Uploads `digests` from `store` without asking the node first (it listed them as
+    /// missing).
+    pub async fn upload_listed(
+        &self,
+        store: &BlobStore,
+        digests: &[Digest],
+    ) -> anyhow::Result<UploadStats> {
+        let first = self.blobs().await?;
+        self.upload_on(first, store, digests.to_vec()).await
+    }
+
+    /// Uploads `missing` on `first` and up to [`UPLOAD_STREAMS`] - 1 more streams.
+    async fn upload_on(
+        &self,
+        first: BlobClient,
+        store: &BlobStore,
+        mut missing: Vec<Digest>,
+    ) -> anyhow::Result<UploadStats> {
         // Popped from the end: smallest last, so the big ones overlap with the rest.
         missing.sort_by_key(|d| d.size);
         let stats = UploadStats {
-            asked: digests.len() as u64,
+            asked: missing.len() as u64,
             uploaded: missing.len() as u64,
             bytes: missing.iter().map(|d| d.size).sum(),
         };
@@ -226,7 +252,7 @@ impl RemoteClient {
         mut on_event: impl FnMut(&SessionEvent),
     ) -> anyhow::Result<SessionResult> {
         let mut upload = UploadStats::default();
-        let mut uploaded_once = false;
+        let mut rounds = 0;
         loop {
             let mut session = self.session().await?;
             session
@@ -245,9 +271,32 @@ impl RemoteClient {
                 Ok(Some(_)) => anyhow::bail!("the node did not accept the job"),
                 Ok(None) => anyhow::bail!("the node closed the session without an answer"),
                 Err(error) => match error.downcast::<NodeError>() {
-                    Ok(refusal) if refusal.code == "missing_input" && !uploaded_once => {
-                        uploaded_once = true;
-                        upload = self.upload_missing(store, tree_blobs).await?;
+                    Ok(refusal) if refusal.code == "missing_input" && rounds < 2 => {
+                        rounds += 1;
+                        // Only blobs of the tree this client submitted: a node cannot make it
+                        // upload anything else its local CAS holds (another project's files).
+                        let tree: std::collections::HashSet<&Digest> = tree_blobs.iter().collect();
+                        let listed: Vec<Digest> = refusal
+                            .missing
+                            .iter()
+                            .filter_map(|d| Digest::from_wire(d).ok())
+                            .filter(|d| tree.contains(d))
+                            .collect();
+                        // A short list is usually all the node lacks (a one-file change):
+                        // upload just that, without asking `Has` about the whole tree. If the
+                        // node still lacks something, the second round asks about everything.
+                        let round = if rounds == 1
+                            && !listed.is_empty()
+                            && listed.len() == refusal.missing.len()
+                            && listed.len() < LISTED_MISSING_CAP
+                        {
+                            self.upload_listed(store, &listed).await?
+                        } else {
+                            self.upload_missing(store, tree_blobs).await?
+                        };
+                        upload.asked += round.asked;
+                        upload.uploaded += round.uploaded;
+                        upload.bytes += round.bytes;
                     }
                     Ok(refusal) => return Err(refusal.into()),
                     Err(other) => return Err(other),
