@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use rba_cas::merkle::TreeBuilder;
 use rba_cas::{Digest, DigestFunction};
-use rba_executor::action::store_action;
+use rba_executor::action::store_action_with;
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::runner::{ExecuteRequest, JobLimits, JobOutcome, JobStatus};
 use rba_executor::sandbox::LimitKind;
@@ -481,7 +481,9 @@ async fn run(
             arguments,
             ..Default::default()
         };
-        store_action(command, root, Platform::default(), &blobs, function)
+        // A run is not a pure function and its output is the caller's alone: never cached
+        // where another tenant (or a REAPI client naming the `execute` instance) is served.
+        store_action_with(command, root, Platform::default(), &blobs, function, true)
             .map_err(|e| rba_cas::CasError::invalid("the run's action", e.to_string()))
     })
     .await

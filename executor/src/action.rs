@@ -402,11 +402,25 @@ pub fn cargo_action(
 /// The command's environment variables and the platform's properties are sorted first, so
 /// equal requests always give equal digests. `input_root` must use `function`.
 pub fn store_action(
+    command: Command,
+    input_root: Digest,
+    platform: Platform,
+    blobs: &BlobStore,
+    function: DigestFunction,
+) -> Result<PreparedAction, ActionError> {
+    store_action_with(command, input_root, platform, blobs, function, false)
+}
+
+/// [`store_action`] with the Action's `do_not_cache` flag: a result of such an action is
+/// never stored where anyone else is served from (the runner keeps it in the tenant's
+/// namespace of failed and uncacheable results), for runs that are not pure functions.
+pub fn store_action_with(
     mut command: Command,
     input_root: Digest,
     platform: Platform,
     blobs: &BlobStore,
     function: DigestFunction,
+    do_not_cache: bool,
 ) -> Result<PreparedAction, ActionError> {
     if input_root.function != function {
         return Err(ActionError::Invalid {
@@ -423,7 +437,7 @@ pub fn store_action(
         command_digest: Some(command_digest.to_reapi()),
         input_root_digest: Some(input_root.to_reapi()),
         timeout: None,
-        do_not_cache: false,
+        do_not_cache,
         salt: Vec::new(),
         platform: Some(platform),
     };
