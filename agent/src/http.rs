@@ -118,17 +118,26 @@ fn viewer(
     if node.config.public_read {
         return Ok(Viewer::Public);
     }
-    let caller = match (headers.get(header::AUTHORIZATION), query_token) {
+    token_caller(node, headers, query_token).map(Viewer::Token)
+}
+
+/// The caller of a request's token: its `Authorization` header, else `query_token`; never
+/// anonymous (no token, a malformed header or an unknown token: why not).
+fn token_caller(
+    node: &NodeShared,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Caller, String> {
+    match (headers.get(header::AUTHORIZATION), query_token) {
         (Some(value), _) => {
             let value = value
                 .to_str()
                 .map_err(|_| "malformed Authorization header".to_string())?;
-            node.auth.authenticate_bearer(Some(value))?
+            node.auth.authenticate_bearer(Some(value))
         }
-        (None, Some(token)) => node.auth.authenticate_token(token)?,
-        (None, None) => return Err("no token".to_string()),
-    };
-    Ok(Viewer::Token(caller))
+        (None, Some(token)) => node.auth.authenticate_token(token),
+        (None, None) => Err("no token".to_string()),
+    }
 }
 
 /// Whether `viewer` may see session or build `id` (unknown ones: no).
@@ -426,24 +435,21 @@ async fn execute(
 ) -> Response {
     use crate::execute::{ExecuteBody, ExecuteError};
     use rba_cache_server::auth::Access;
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
-    let caller = match header {
-        None => {
+    // Never the node's `--public-read`: running code always needs a read-write token.
+    let caller = match token_caller(&node, &headers, None) {
+        Ok(caller) => caller,
+        Err(why) => {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
                 axum::Json(json!({
-                    "error": "no token: POST /execute needs a read-write token (Authorization: Bearer <token>)"
+                    "error": format!(
+                        "{why}: POST /execute needs a read-write token (Authorization: Bearer <token>)"
+                    )
                 })),
             )
                 .into_response();
         }
-        Some(value) => match node.auth.authenticate_bearer(Some(value)) {
-            Ok(caller) => caller,
-            Err(why) => return unauthorized(&why),
-        },
     };
     if caller.access != Access::ReadWrite {
         return (
@@ -462,10 +468,8 @@ async fn execute(
                 .into_response();
         }
     };
-    let tenant = match &caller.token {
-        Some(name) => rba_executor::tenant::Tenant::token(name),
-        None => rba_executor::tenant::Tenant::anonymous(),
-    };
+    // A token caller always has a name (only an anonymous caller has none).
+    let tenant = rba_executor::tenant::Tenant::token(caller.token.as_deref().unwrap_or_default());
     let reads_all = caller.sees.iter().any(|t| t == ALL_TENANTS);
     match crate::execute::execute(&node, tenant, reads_all, execution).await {
         Ok(answer) => axum::Json(answer).into_response(),

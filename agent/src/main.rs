@@ -251,19 +251,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             from_seq,
             remote,
         } => {
-            let Some(remote) =
-                ClientConfig::load(Some(Path::new(".")))?.resolve_remote(remote.as_deref())?
-            else {
-                anyhow::bail!("rba logs follows a session on a node: pass --remote");
-            };
+            let remote = session_node(remote.as_deref(), "logs")?;
             return logs(&client_dir, &session, from_seq, &remote, color).await;
         }
         Commands::Cancel { session, remote } => {
-            let Some(remote) =
-                ClientConfig::load(Some(Path::new(".")))?.resolve_remote(remote.as_deref())?
-            else {
-                anyhow::bail!("rba cancel stops a session on a node: pass --remote");
-            };
+            let remote = session_node(remote.as_deref(), "cancel")?;
             return cancel(&client_dir, &session, &remote).await;
         }
         Commands::Build(args) => (JobKind::Build, args),
@@ -356,6 +348,14 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
     eprintln!("rba: shutting down");
     node.shutdown().await?;
     Ok(0)
+}
+
+/// The node a session command (`rba logs`, `rba cancel`) talks to: `--remote`, else the
+/// config's default; a session lives on a node, so the embedded one is an error.
+fn session_node(remote: Option<&str>, command: &str) -> anyhow::Result<String> {
+    ClientConfig::load(Some(Path::new(".")))?
+        .resolve_remote(remote)?
+        .ok_or_else(|| anyhow::anyhow!("rba {command} talks to a session on a node: pass --remote"))
 }
 
 fn client_keypair(client_dir: &Path) -> anyhow::Result<libp2p::identity::Keypair> {
