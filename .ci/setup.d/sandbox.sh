@@ -5,6 +5,8 @@
 #  - uidmap:         newuidmap/newgidmap, used by hakoniwa to map the unprivileged sandbox user
 #                    (inside uid 1000) to a non-root host uid (default 65534, "nobody").
 #  - libseccomp-dev: links hakoniwa's `seccomp` feature (the sandbox's syscall deny list).
+#  - bubblewrap:     `bwrap`, the second isolation provider (`[sandbox] isolation =
+#                    "bubblewrap"`); the sandbox test suites run against it too.
 #  - /etc/subuid, /etc/subgid: allow the user running the executor (usually root) to map the
 #                    sandbox host uid/gid; newuidmap refuses mappings not listed there.
 #
@@ -20,6 +22,7 @@ command -v newgidmap >/dev/null 2>&1 || need_install+=(uidmap)
 if ! dpkg -s libseccomp-dev >/dev/null 2>&1; then
     need_install+=(libseccomp-dev)
 fi
+command -v bwrap >/dev/null 2>&1 || need_install+=(bubblewrap)
 
 if ((${#need_install[@]})); then
     SUDO=""

@@ -120,6 +120,22 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     /// `[execute]`: `POST /execute` (code execution) bounds.
     pub execute: crate::execute::ExecuteConfig,
+    /// `[sandbox]`: how jobs are isolated.
+    pub sandbox: SandboxSection,
+}
+
+/// The `[sandbox]` section: which isolation provider starts the jobs
+/// (see `rba_executor::isolation`).
+///
+/// ```toml
+/// [sandbox]
+/// isolation = "bubblewrap"   # or "namespaces", the default
+/// ```
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSection {
+    /// `namespaces` (hakoniwa, in-process; the default) or `bubblewrap` (the host's `bwrap`).
+    pub isolation: rba_executor::isolation::Isolation,
 }
 
 /// The `[tangle]` section of the node config.
@@ -226,6 +242,7 @@ impl Default for NodeConfig {
             tangle: TangleNodeConfig::default(),
             limits: LimitsConfig::default(),
             execute: crate::execute::ExecuteConfig::default(),
+            sandbox: SandboxSection::default(),
         }
     }
 }
@@ -466,6 +483,22 @@ mod tests {
             toml::from_str("[tangle]\nshare_target_dir_per_service = true\n").unwrap();
         assert!(config.tangle.share_target_dir_per_service);
         assert!(toml::from_str::<NodeConfig>("[tangle]\nshare = true\n").is_err());
+    }
+
+    #[test]
+    fn sandbox_section_names_a_provider_and_refuses_unknown_ones() {
+        let config: NodeConfig = toml::from_str("[sandbox]\nisolation = \"bubblewrap\"").unwrap();
+        assert_eq!(
+            config.sandbox.isolation,
+            rba_executor::isolation::Isolation::Bubblewrap
+        );
+        let default: NodeConfig = toml::from_str("").unwrap();
+        assert_eq!(
+            default.sandbox.isolation,
+            rba_executor::isolation::Isolation::Namespaces
+        );
+        let err = toml::from_str::<NodeConfig>("[sandbox]\nisolation = \"docker\"").unwrap_err();
+        assert!(err.to_string().contains("docker"), "{err}");
     }
 
     #[test]

@@ -879,6 +879,7 @@ impl Node {
         }
         executor_config.toolchain_roots = config.toolchain_roots.clone();
         executor_config.advisory_db = config.advisory_db.clone();
+        executor_config.sandbox.isolation = config.sandbox.isolation;
         if let Some(binary) = &config.cargo_audit {
             executor_config.cargo_audit = Some(binary.clone());
         }

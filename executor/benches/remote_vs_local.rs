@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use rba_cas::{Cas, DigestFunction, StoreConfig};
 use rba_executor::cargo::{CargoJob, JobKind};
+use rba_executor::isolation::Isolation;
 use rba_executor::runner::{Executor, ExecutorConfig, JobStatus};
 use rba_executor::sandbox::{Sandbox, SandboxConfig, SandboxSpec};
 use tokio::runtime::Runtime;
@@ -254,19 +255,32 @@ fn main() {
         1.0,
     );
 
-    let sandbox = Sandbox::new(SandboxConfig::with_host_toolchain().unwrap()).unwrap();
-    let runs = 20;
-    let started = Instant::now();
-    for _ in 0..runs {
-        let outcome = runtime
-            .block_on(sandbox.run(SandboxSpec::new(["true"]), |_| {}))
-            .unwrap();
-        assert!(outcome.success());
+    // The fixed cost of one sandboxed run, per isolation provider.
+    for isolation in Isolation::ALL {
+        let config = SandboxConfig {
+            isolation,
+            ..SandboxConfig::with_host_toolchain().unwrap()
+        };
+        let sandbox = match Sandbox::new(config) {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                println!("sandbox start/stop overhead ({isolation}): unavailable: {e}");
+                continue;
+            }
+        };
+        let runs = 20;
+        let started = Instant::now();
+        for _ in 0..runs {
+            let outcome = runtime
+                .block_on(sandbox.run(SandboxSpec::new(["true"]), |_| {}))
+                .unwrap();
+            assert!(outcome.success());
+        }
+        let per_job = started.elapsed() / runs;
+        println!(
+            "{:<52} {:>8.1} ms per job ({runs} runs of `true`)",
+            format!("sandbox start/stop overhead ({isolation})"),
+            per_job.as_secs_f64() * 1e3
+        );
     }
-    let per_job = started.elapsed() / runs;
-    println!(
-        "{:<52} {:>8.1} ms per job ({runs} runs of `true`)",
-        "sandbox start/stop overhead",
-        per_job.as_secs_f64() * 1e3
-    );
 }

@@ -486,11 +486,29 @@ impl EgressProxy {
                         let Ok((client, _)) = accepted else { continue };
                         let (policy, log) = (policy.clone(), log.clone());
                         tunnels.spawn(async move {
-                            if let Err(refusal) = serve_client(client, &policy).await {
+                            let mut client = client;
+                            if let Err((refusal, answer)) =
+                                serve_client(&mut client, &policy).await
+                            {
                                 tracing::info!(%refusal, "egress proxy refused a connection");
-                                let mut log = log.lock();
-                                if log.len() < 64 {
-                                    log.push(refusal);
+                                // Recorded before the client hears the answer: whoever reads
+                                // the refusals after the answer sees this one.
+                                {
+                                    let mut log = log.lock();
+                                    if log.len() < 64 {
+                                        log.push(refusal);
+                                    }
+                                }
+                                if let Some(status) = answer {
+                                    let _ = client
+                                        .write_all(
+                                            format!(
+                                                "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\
+                                                 Connection: close\r\n\r\n"
+                                            )
+                                            .as_bytes(),
+                                        )
+                                        .await;
                                 }
                             }
                         });
@@ -552,22 +570,24 @@ impl Drop for EgressProxy {
 }
 
 /// One client: reads `CONNECT host:port`, checks, connects, answers `200`, then copies bytes
-/// both ways. `Err` is the refusal (also answered to the client as `403`/`405`/`502`).
-async fn serve_client(mut client: TcpStream, policy: &EgressPolicy) -> Result<(), String> {
-    let head = tokio::time::timeout(PROXY_HANDSHAKE_TIMEOUT, read_head(&mut client))
+/// both ways. `Err((refusal, status))`: why, and the status line to answer (`403`, `405`,
+/// `502`…), if the client is still there to hear it.
+async fn serve_client(
+    client: &mut TcpStream,
+    policy: &EgressPolicy,
+) -> Result<(), (String, Option<&'static str>)> {
+    let head = tokio::time::timeout(PROXY_HANDSHAKE_TIMEOUT, read_head(client))
         .await
-        .map_err(|_| "no request within the handshake timeout".to_string())?
-        .map_err(|e| format!("reading the request: {e}"))?;
+        .map_err(|_| ("no request within the handshake timeout".to_string(), None))?
+        .map_err(|e| (format!("reading the request: {e}"), None))?;
     let (head, leftover) = head;
     let request_line = head.lines().next().unwrap_or_default().to_string();
     let mut parts = request_line.split_ascii_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "CONNECT" {
-        let _ = client
-            .write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .await;
-        return Err(format!(
-            "{method} {target}: only CONNECT (https) is proxied"
+        return Err((
+            format!("{method} {target}: only CONNECT (https) is proxied"),
+            Some("405 Method Not Allowed"),
         ));
     }
     let upstream = match tokio::time::timeout(
@@ -578,30 +598,24 @@ async fn serve_client(mut client: TcpStream, policy: &EgressPolicy) -> Result<()
     {
         Ok(Ok(upstream)) => upstream,
         Ok(Err((status, reason))) => {
-            let _ = client
-                .write_all(
-                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await;
-            return Err(format!("CONNECT {target}: {reason}"));
+            return Err((format!("CONNECT {target}: {reason}"), Some(status)));
         }
         Err(_) => {
-            let _ = client
-                .write_all(b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                .await;
-            return Err(format!("CONNECT {target}: connecting timed out"));
+            return Err((
+                format!("CONNECT {target}: connecting timed out"),
+                Some("504 Gateway Timeout"),
+            ));
         }
     };
     let mut upstream = upstream;
     client
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| (e.to_string(), None))?;
     if !leftover.is_empty() && upstream.write_all(&leftover).await.is_err() {
         return Ok(());
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let _ = tokio::io::copy_bidirectional(client, &mut upstream).await;
     Ok(())
 }
 

@@ -1,5 +1,11 @@
 //! The sandbox: runs one untrusted command (a `cargo build`, a build script, a test binary, an
-//! REAPI action) in a throw-away [hakoniwa] container and streams its output line by line.
+//! REAPI action) in a throw-away container and streams its output line by line.
+//!
+//! This module decides what a job sees and supervises it (cgroup, output, timeout, log cap,
+//! kill, outcome); an [isolation provider](crate::isolation) starts it: [hakoniwa]
+//! namespaces by default ([`crate::isolation::namespaces`]), or bubblewrap
+//! ([`crate::isolation::bubblewrap`]), chosen by [`SandboxConfig::isolation`]. What follows
+//! holds for both; where a provider differs, its module says so.
 //!
 //! # Why it exists
 //!
@@ -104,10 +110,11 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hakoniwa::{Container, MountOptions, Namespace, Rlimit, Runctl, Stdio};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::isolation::{Bind, Isolation, IsolationProvider, JobLayout, Rlimit, Tmpfs};
 
 /// Where the sources are mounted inside the sandbox.
 pub const WORKSPACE_DIR: &str = "/workspace";
@@ -507,6 +514,9 @@ pub struct SandboxConfig {
     /// Limit memory and processes per job with a cgroup when the host has usable cgroups
     /// (see [`crate::cgroup`]). Default true; false (or no cgroups): per-process rlimits.
     pub cgroups: bool,
+    /// Which [`IsolationProvider`] starts the jobs ([`crate::isolation`]). Default
+    /// [`Isolation::Namespaces`].
+    pub isolation: Isolation,
 }
 
 impl Default for SandboxConfig {
@@ -523,6 +533,7 @@ impl Default for SandboxConfig {
             hostname: "sandbox".into(),
             scratch_dir: std::env::temp_dir(),
             cgroups: true,
+            isolation: Isolation::default(),
         }
     }
 }
@@ -556,6 +567,7 @@ pub fn host_toolchain() -> Result<PathBuf, SandboxError> {
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     config: Arc<SandboxConfig>,
+    provider: Arc<dyn IsolationProvider>,
 }
 
 /// Cancels a running job. Cheap to clone; killing a finished job does nothing.
@@ -646,19 +658,26 @@ struct Shared {
 
 /// Everything the supervisor thread needs to start the container.
 struct Plan {
-    container: Container,
-    program: String,
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
-    cwd: PathBuf,
+    layout: JobLayout,
     limits: Limits,
     cgroup: Option<&'static crate::cgroup::Hierarchy>,
     disk_limited: Vec<PathBuf>,
 }
 
 impl Sandbox {
-    /// Checks the host prerequisites and the config.
+    /// Checks the host prerequisites and the config; jobs run under the provider the config
+    /// names ([`SandboxConfig::isolation`]).
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let provider = config.isolation.provider();
+        Self::with_provider(config, provider)
+    }
+
+    /// Like [`Sandbox::new`], with jobs started by `provider` (one of this crate's or another
+    /// implementation of [`IsolationProvider`]).
+    pub fn with_provider(
+        config: SandboxConfig,
+        provider: Arc<dyn IsolationProvider>,
+    ) -> Result<Self, SandboxError> {
         let uid = nix::unistd::getuid().as_raw();
         if config.host_uid == uid {
             return Err(SandboxError::InvalidConfig(format!(
@@ -671,28 +690,6 @@ impl Sandbox {
                 "the sandbox user must not map to host root".into(),
             ));
         }
-        for tool in ["newuidmap", "newgidmap"] {
-            if find_in_path(tool).is_none() {
-                return Err(SandboxError::Prerequisite(format!(
-                    "`{tool}` not found in PATH (package uidmap)"
-                )));
-            }
-        }
-        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| uid.to_string());
-        for (file, id) in [
-            ("/etc/subuid", config.host_uid),
-            ("/etc/subgid", config.host_gid),
-        ] {
-            if !subid_allows(Path::new(file), &user, uid, id) {
-                return Err(SandboxError::Prerequisite(format!(
-                    "{file} has no range of `{user}` containing {id} (add `{user}:{id}:1`)"
-                )));
-            }
-        }
         if let Some(tc) = &config.toolchain
             && !tc.join("bin").is_dir()
         {
@@ -701,9 +698,16 @@ impl Sandbox {
                 tc.display()
             )));
         }
+        provider.check(&config)?;
         Ok(Self {
             config: Arc::new(config),
+            provider,
         })
+    }
+
+    /// The provider that starts the jobs.
+    pub fn provider(&self) -> &dyn IsolationProvider {
+        &*self.provider
     }
 
     /// The config in use.
@@ -715,6 +719,7 @@ impl Sandbox {
     pub async fn spawn(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {
         let plan = self.plan(&spec)?;
         let config = self.config.clone();
+        let provider = self.provider.clone();
         let writable: Vec<PathBuf> = spec
             .mounts
             .iter()
@@ -729,7 +734,6 @@ impl Sandbox {
         thread::Builder::new()
             .name("rba-sandbox".into())
             .spawn(move || {
-                let mut plan = plan;
                 let root = writable
                     .iter()
                     .try_for_each(|p| chown_tree(p, config.host_uid, config.host_gid))
@@ -741,9 +745,16 @@ impl Sandbox {
                         return;
                     }
                 };
-                plan.container.rootdir(root.path());
                 let mut started_tx = Some(started_tx);
-                let result = supervise(plan, line_tx, supervisor_ctl, ctl_rx, &mut started_tx);
+                let start = |stdin| provider.start(&plan.layout, &config, root.path(), stdin);
+                let result = supervise(
+                    &plan,
+                    start,
+                    line_tx,
+                    supervisor_ctl,
+                    ctl_rx,
+                    &mut started_tx,
+                );
                 // The container is gone (the supervisor waited for it): remove its root dir
                 // before anyone hears of the end.
                 let path = root.path().to_path_buf();
@@ -786,22 +797,13 @@ impl Sandbox {
         running.wait().await
     }
 
-    /// Validates `spec` and builds the container for it.
+    /// Validates `spec` and decides everything the job sees: its [`JobLayout`].
     fn plan(&self, spec: &SandboxSpec) -> Result<Plan, SandboxError> {
         let cfg = &*self.config;
         if spec.argv.is_empty() {
             return Err(SandboxError::InvalidSpec("empty argv".into()));
         }
-
-        let mut c = Container::new(); // mount, user and pid namespaces, /proc
-        c.unshare(Namespace::Uts)
-            .unshare(Namespace::Ipc)
-            .unshare(Namespace::Cgroup)
-            .hostname(&cfg.hostname)
-            .runctl(Runctl::MountFallback);
-        if spec.network == NetworkPolicy::None {
-            c.unshare(Namespace::Network);
-        }
+        let mut binds: Vec<Bind> = Vec::new();
 
         // Inside path -> host path, for PATH lookup.
         let mut visible: Vec<(PathBuf, PathBuf)> = Vec::new();
@@ -814,12 +816,19 @@ impl Sandbox {
             let Ok(meta) = std::fs::symlink_metadata(path) else {
                 continue;
             };
-            let inside = path_str(path)?;
+            path_str(path)?;
             if meta.file_type().is_symlink() {
                 let target = std::fs::read_link(path).map_err(|e| io_err(path, e))?;
-                c.symlink(path_str(&target)?, inside);
+                path_str(&target)?;
+                binds.push(Bind::Symlink {
+                    target,
+                    inside: path.clone(),
+                });
             } else {
-                c.bindmount_ro(inside, inside);
+                binds.push(Bind::ReadOnly {
+                    host: path.clone(),
+                    inside: path.clone(),
+                });
             }
             visible.push((path.clone(), path.clone()));
             taken.insert(path.clone());
@@ -831,52 +840,53 @@ impl Sandbox {
                     tc.display()
                 )));
             }
-            c.bindmount_ro(path_str(tc)?, TOOLCHAIN_DIR);
+            path_str(tc)?;
+            binds.push(Bind::ReadOnly {
+                host: tc.clone(),
+                inside: TOOLCHAIN_DIR.into(),
+            });
             visible.push((TOOLCHAIN_DIR.into(), tc.clone()));
             taken.insert(TOOLCHAIN_DIR.into());
         }
 
-        c.devfsmount("/dev");
-        c.mount(
-            "tmpfs",
-            "/dev/shm",
-            "tmpfs",
-            MountOptions::NOSUID | MountOptions::NODEV,
-            Some(format!("size={},mode=1777", 64 << 20)),
-        );
-        c.mount(
-            "tmpfs",
-            TMP_DIR,
-            "tmpfs",
-            MountOptions::NOSUID | MountOptions::NODEV,
-            Some(format!(
-                "size={},nr_inodes={},mode=1777",
-                spec.limits.tmp_size.max(4096),
-                (spec.limits.tmp_size / (16 << 10)).max(1024)
-            )),
-        );
+        let tmpfs = vec![
+            Tmpfs {
+                inside: "/dev/shm".into(),
+                size: 64 << 20,
+                inodes: None,
+            },
+            Tmpfs {
+                inside: TMP_DIR.into(),
+                size: spec.limits.tmp_size.max(4096),
+                inodes: Some((spec.limits.tmp_size / (16 << 10)).max(1024)),
+            },
+        ];
 
-        c.dir("/etc", 0o755);
-        c.file(
-            "/etc/passwd",
-            &format!(
-                "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n\
-                 {SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{TMP_DIR}:/bin/sh\n\
-                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        let files = vec![
+            (
+                PathBuf::from("/etc/passwd"),
+                format!(
+                    "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n\
+                     {SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:{SANDBOX_USER}:{TMP_DIR}:/bin/sh\n\
+                     nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+                ),
             ),
-        );
-        c.file(
-            "/etc/group",
-            &format!("root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"),
-        );
-        c.file(
-            "/etc/hosts",
-            &format!(
-                "127.0.0.1\tlocalhost {0}\n::1\tlocalhost {0}\n",
-                cfg.hostname
+            (
+                PathBuf::from("/etc/group"),
+                format!("root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"),
             ),
-        );
-        c.file("/etc/hostname", &format!("{}\n", cfg.hostname));
+            (
+                PathBuf::from("/etc/hosts"),
+                format!(
+                    "127.0.0.1\tlocalhost {0}\n::1\tlocalhost {0}\n",
+                    cfg.hostname
+                ),
+            ),
+            (
+                PathBuf::from("/etc/hostname"),
+                format!("{}\n", cfg.hostname),
+            ),
+        ];
         let etc: Vec<&str> = match spec.network {
             NetworkPolicy::None => ETC_ALWAYS.to_vec(),
             NetworkPolicy::Host => ETC_ALWAYS.iter().chain(ETC_NETWORK).copied().collect(),
@@ -884,7 +894,10 @@ impl Sandbox {
         for path in etc {
             // metadata() follows symlinks, like the bind mount will.
             if std::fs::metadata(path).is_ok() {
-                c.bindmount_ro(path, path);
+                binds.push(Bind::ReadOnly {
+                    host: path.into(),
+                    inside: path.into(),
+                });
             }
         }
 
@@ -923,37 +936,29 @@ impl Sandbox {
                 )));
             }
             std::fs::metadata(&m.host).map_err(|e| io_err(&m.host, e))?;
-            let (host_s, inside_s) = (path_str(&m.host)?, path_str(&inside)?);
+            path_str(&m.host)?;
+            path_str(&inside)?;
             if m.writable {
-                c.bindmount_rw(host_s, inside_s);
+                binds.push(Bind::ReadWrite {
+                    host: m.host.clone(),
+                    inside: inside.clone(),
+                });
             } else {
                 warn_if_unreadable(&m.host, cfg.host_uid);
-                c.bindmount_ro(host_s, inside_s);
+                binds.push(Bind::ReadOnly {
+                    host: m.host.clone(),
+                    inside: inside.clone(),
+                });
             }
             visible.push((inside, m.host.clone()));
         }
-
-        let ids: [(u32, u32, u32); 2] = [
-            (0, nix::unistd::getuid().as_raw(), 1),
-            (SANDBOX_UID, cfg.host_uid, 1),
-        ];
-        c.uidmaps(&ids);
-        let gids: [(u32, u32, u32); 2] = [
-            (0, nix::unistd::getgid().as_raw(), 1),
-            (SANDBOX_UID, cfg.host_gid, 1),
-        ];
-        c.gidmaps(&gids);
-        c.user(SANDBOX_USER, Some(SANDBOX_USER), &[]);
 
         let cgroup = if cfg.cgroups {
             crate::cgroup::available()
         } else {
             None
         };
-        apply_rlimits(&mut c, &spec.limits, cgroup.is_some());
-        if cfg.seccomp {
-            c.seccomp_filter(seccomp_deny_list());
-        }
+        let rlimits = rlimits(&spec.limits, cgroup.is_some());
 
         let mut env: BTreeMap<String, String> = [
             ("PATH", DEFAULT_PATH),
@@ -1006,11 +1011,19 @@ impl Sandbox {
 
         let program = resolve_program(&spec.argv[0], env.get("PATH"), &visible)?;
         Ok(Plan {
-            container: c,
-            program,
-            args: spec.argv[1..].to_vec(),
-            env,
-            cwd,
+            layout: JobLayout {
+                binds,
+                tmpfs,
+                files,
+                network: spec.network,
+                hostname: cfg.hostname.clone(),
+                program,
+                args: spec.argv[1..].to_vec(),
+                env,
+                cwd,
+                rlimits,
+                seccomp: cfg.seccomp,
+            },
             limits: spec.limits.clone(),
             cgroup,
             disk_limited: spec.disk_limited.clone(),
@@ -1022,7 +1035,8 @@ impl Sandbox {
 /// it and returns the outcome. It stays alive as long as the container (the container's
 /// processes die with this thread). An error with `started_tx` left in place is a start error.
 fn supervise(
-    plan: Plan,
+    plan: &Plan,
+    start_job: impl FnOnce(File) -> Result<Box<dyn crate::isolation::JobProcess>, SandboxError>,
     line_tx: mpsc::UnboundedSender<OutputLine>,
     ctl_tx: std_mpsc::Sender<Ctl>,
     ctl_rx: std_mpsc::Receiver<Ctl>,
@@ -1036,13 +1050,6 @@ fn supervise(
         max_log_bytes: plan.limits.max_log_bytes,
     });
     let stdin = File::open("/dev/null").map_err(|e| io_err(Path::new("/dev/null"), e))?;
-    let mut cmd = plan.container.command(&plan.program);
-    cmd.args(&plan.args)
-        .envs(&plan.env)
-        .current_dir(&plan.cwd)
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     // The job's cgroup exists before the container: on v1 this thread joins it for the fork,
     // so the container process is born inside (see the cgroup module).
     let cgroup = plan
@@ -1065,26 +1072,27 @@ fn supervise(
         .map_err(|e| SandboxError::Setup(format!("entering the job's cgroup: {e}")))?
         .flatten();
     let born_inside = entered.is_some();
-    let spawned = cmd.spawn();
+    let spawned = start_job(stdin);
     drop(entered);
-    let mut child = spawned.map_err(|e| SandboxError::Setup(e.to_string()))?;
-    let pid = child.id() as i32;
+    let mut child = spawned?;
+    let pid = child.pid();
     if let Some(cgroup) = cgroup.as_ref().filter(|_| !born_inside)
         && let Err(e) = cgroup.adopt(pid)
     {
         kill_pid_namespace(pid);
         let _ = child.wait();
+        reap_leftover(pid);
         return Err(SandboxError::Setup(format!(
             "moving the job into its cgroup: {e}"
         )));
     }
-    tracing::debug!(pid, program = %plan.program, "sandbox started");
+    tracing::debug!(pid, program = %plan.layout.program, "sandbox started");
 
     let (done_tx, done_rx) = std_mpsc::channel::<()>();
     let mut readers = 0;
     for (pipe, stream) in [
-        (child.stdout.take(), Stream::Stdout),
-        (child.stderr.take(), Stream::Stderr),
+        (child.take_stdout(), Stream::Stdout),
+        (child.take_stderr(), Stream::Stderr),
     ] {
         let Some(pipe) = pipe else { continue };
         let (tx, shared, ctl, done) = (
@@ -1148,13 +1156,10 @@ fn supervise(
             Err(SandboxError::Setup(e.to_string()))
         }
         Ok(st) => {
-            let exit = match st.exit_code {
-                Some(code) => Some(ExitKind::Exited(code)),
-                // Signals come as 128 + signal number; hakoniwa's own failures as 125.
-                None if st.code > 128 => Some(ExitKind::Signaled(st.code - 128)),
-                None if killed.is_some() => Some(ExitKind::Signaled(libc::SIGKILL)),
-                None => None,
-            };
+            let exit = st.exit.or_else(|| {
+                // A killed job whose container process had no time to report it.
+                killed.map(|_| ExitKind::Signaled(libc::SIGKILL))
+            });
             match exit {
                 None => {
                     reap_leftover(pid);
@@ -1162,11 +1167,7 @@ fn supervise(
                 }
                 Some(exit) => {
                     let killed = killed.filter(|_| exit == ExitKind::Signaled(libc::SIGKILL));
-                    let usage = st.rusage.map(|r| ResourceUsage {
-                        user_time: r.user_time,
-                        system_time: r.system_time,
-                        max_rss_bytes: u64::try_from(r.max_rss).unwrap_or(0) * 1024,
-                    });
+                    let usage = st.usage;
                     let log_truncated = shared.log_truncated.load(Ordering::SeqCst);
                     let mut log_bytes = shared.log_bytes.load(Ordering::SeqCst);
                     if let Some(max) = plan.limits.max_log_bytes {
@@ -1404,105 +1405,36 @@ fn read_lines(
 
 /// Rlimits of every process of the job; memory and processes only when no cgroup limits the job
 /// as a whole (`job_cgroup` false).
-fn apply_rlimits(c: &mut Container, limits: &Limits, job_cgroup: bool) {
+fn rlimits(limits: &Limits, job_cgroup: bool) -> Vec<Rlimit> {
     use nix::sys::resource::{Resource, getrlimit};
-    let mut set = |rlimit: Rlimit, resource: Resource, soft: u64, hard: u64| {
+    let mut out = Vec::new();
+    let mut set = |resource: Resource, soft: u64, hard: u64| {
         // An unprivileged process cannot raise its hard limit: stay within the current one.
         let max = getrlimit(resource).map(|(_, h)| h).unwrap_or(u64::MAX);
-        c.setrlimit(rlimit, soft.min(max), hard.min(max));
+        out.push(Rlimit {
+            resource,
+            soft: soft.min(max),
+            hard: hard.min(max),
+        });
     };
     if let Some(v) = limits.memory_bytes.filter(|_| !job_cgroup) {
-        set(Rlimit::As, Resource::RLIMIT_AS, v, v);
+        set(Resource::RLIMIT_AS, v, v);
     }
     if let Some(v) = limits.max_processes.filter(|_| !job_cgroup) {
-        set(Rlimit::Nproc, Resource::RLIMIT_NPROC, v, v);
+        set(Resource::RLIMIT_NPROC, v, v);
     }
     if let Some(v) = limits.cpu_time {
         let secs = cpu_secs(v);
-        set(Rlimit::Cpu, Resource::RLIMIT_CPU, secs, secs + 1);
+        set(Resource::RLIMIT_CPU, secs, secs + 1);
     }
     if let Some(v) = limits.max_file_size {
-        set(Rlimit::Fsize, Resource::RLIMIT_FSIZE, v, v);
+        set(Resource::RLIMIT_FSIZE, v, v);
     }
     if let Some(v) = limits.max_open_files {
-        set(Rlimit::Nofile, Resource::RLIMIT_NOFILE, v, v);
+        set(Resource::RLIMIT_NOFILE, v, v);
     }
-    set(Rlimit::Core, Resource::RLIMIT_CORE, 0, 0);
-}
-
-/// Syscalls a build never needs and that widen the kernel attack surface: EPERM.
-fn seccomp_deny_list() -> hakoniwa::seccomp::Filter {
-    use hakoniwa::seccomp::{Action, ArgCmp, ArgCmpOp, Filter};
-    let mut f = Filter::new(Action::Allow);
-    for name in [
-        "mount",
-        "umount2",
-        "pivot_root",
-        "chroot",
-        "move_mount",
-        "open_tree",
-        "fsopen",
-        "fsconfig",
-        "fsmount",
-        "fspick",
-        "mount_setattr",
-        "unshare",
-        "setns",
-        "ptrace",
-        "process_vm_readv",
-        "process_vm_writev",
-        "bpf",
-        "perf_event_open",
-        "userfaultfd",
-        "keyctl",
-        "add_key",
-        "request_key",
-        "kexec_load",
-        "kexec_file_load",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "swapon",
-        "swapoff",
-        "reboot",
-        "acct",
-        "quotactl",
-        "syslog",
-        "open_by_handle_at",
-        "name_to_handle_at",
-        "settimeofday",
-        "clock_settime",
-        "clock_adjtime",
-        "adjtimex",
-        "iopl",
-        "ioperm",
-        "lookup_dcookie",
-        "fanotify_init",
-        "io_uring_setup",
-        "io_uring_enter",
-        "io_uring_register",
-    ] {
-        f.add_rule(Action::Errno(libc::EPERM), name);
-    }
-    // clone3 passes its flags in memory, out of seccomp's reach: make libc fall back to clone.
-    f.add_rule(Action::Errno(libc::ENOSYS), "clone3");
-    for flag in [
-        libc::CLONE_NEWUSER,
-        libc::CLONE_NEWNS,
-        libc::CLONE_NEWNET,
-        libc::CLONE_NEWPID,
-        libc::CLONE_NEWUTS,
-        libc::CLONE_NEWIPC,
-        libc::CLONE_NEWCGROUP,
-    ] {
-        let flag = flag as u64;
-        f.add_rule_conditional(
-            Action::Errno(libc::EPERM),
-            "clone",
-            &[ArgCmp::new(0, ArgCmpOp::MaskedEq, flag, flag)],
-        );
-    }
-    f
+    set(Resource::RLIMIT_CORE, 0, 0);
+    out
 }
 
 /// Looks `program` up in the sandbox's PATH, translating inside dirs to host dirs.
@@ -1631,7 +1563,7 @@ fn warn_if_unreadable(host: &Path, uid: u32) {
     }
 }
 
-fn find_in_path(tool: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(tool))
@@ -1639,7 +1571,7 @@ fn find_in_path(tool: &str) -> Option<PathBuf> {
 }
 
 /// Whether a subordinate-id file gives `user` (or `uid`) a range containing `id`.
-fn subid_allows(file: &Path, user: &str, uid: u32, id: u32) -> bool {
+pub(crate) fn subid_allows(file: &Path, user: &str, uid: u32, id: u32) -> bool {
     let Ok(text) = std::fs::read_to_string(file) else {
         return false;
     };

@@ -29,6 +29,7 @@ fn sandbox_with(configure: impl FnOnce(&mut SandboxConfig)) -> Fixture {
     let scratch = tempfile::tempdir().unwrap();
     let mut config = SandboxConfig::with_host_toolchain().unwrap();
     config.scratch_dir = scratch.path().to_path_buf();
+    config.isolation = common::isolation();
     configure(&mut config);
     Fixture {
         sandbox: Sandbox::new(config).unwrap(),

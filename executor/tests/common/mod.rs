@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rba_cas::merkle::{DirOptions, build_from_dir};
 use rba_cas::{Cas, Digest, DigestFunction};
 use rba_executor::cargo::CargoJob;
+use rba_executor::isolation::Isolation;
 use rba_executor::runner::{Executor, ExecutorConfig, JobHandle, JobOutcome};
 
 /// A fixture crate of `tests/fixtures`.
@@ -15,6 +16,16 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name)
+}
+
+/// The isolation provider the sandbox tests run against: `RBA_TEST_ISOLATION` (`namespaces`,
+/// the default, or `bubblewrap`), so that one suite checks every provider (`.ci/test` runs the
+/// sandbox, hostile-job and limit suites once per provider).
+pub fn isolation() -> Isolation {
+    match std::env::var("RBA_TEST_ISOLATION") {
+        Ok(name) => name.parse().expect("RBA_TEST_ISOLATION"),
+        Err(_) => Isolation::default(),
+    }
 }
 
 /// A scratch CAS and an executor on it; both directories go away with the harness.
@@ -31,6 +42,7 @@ impl Harness {
         let (cas_dir, cas) = Cas::scratch().unwrap();
         let executor_dir = tempfile::tempdir().unwrap();
         let mut config = ExecutorConfig::new(executor_dir.path()).unwrap();
+        config.sandbox.isolation = isolation();
         configure(&mut config);
         let executor = Executor::new(cas.clone(), config).unwrap();
         Harness {
