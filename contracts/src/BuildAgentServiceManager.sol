@@ -9,7 +9,7 @@ import { IBlueprintServiceManager, Types } from "./interfaces/IBlueprintServiceM
 ///         spends compute on it, and pays the operator once a result for exactly those
 ///         inputs is posted.
 /// @dev Jobs (the job index is the `job` argument of the hooks):
-///        0 compile, 1 test, 2 lint, 3 audit, 4 check.
+///        0 compile, 1 test, 2 lint, 3 audit, 4 check, 5 execute (run code, see below).
 ///      Job inputs are the ABI encoding of `(string zipUri, string sessionId, string buildTarget)`,
 ///      either flat (`abi.encode(zipUri, sessionId, buildTarget)`) or as one tuple
 ///      (`abi.encode(JobInputs(...))`, what alloy's `SolValue::abi_encode` gives); both are what
@@ -20,6 +20,16 @@ import { IBlueprintServiceManager, Types } from "./interfaces/IBlueprintServiceM
 ///        - sessionId: a canonical UUID, `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase hex.
 ///          Events carry it as `bytes16` (its 16 bytes), indexed, for log filtering.
 ///        - buildTarget: "" for every job; `debug`, `release`, `check` or `clippy` for job 0 only.
+///      Job 5 (execute_code) inputs are `(string code, string artifact, string stdin,
+///      uint64 timeoutSecs, uint64 memoryBytes)`, flat or as one tuple (ExecuteInputs), and
+///      canonical like the others:
+///        - exactly one of code (a Rust `main.rs`) and artifact (a binary the node built,
+///          `blake3:<64 hex>/<size>` or `sha256:<64 hex>/<size>`, printable ASCII) is non-empty;
+///        - timeoutSecs 0 (the node's default) or 1..MAX_EXECUTE_TIMEOUT_SECS;
+///        - memoryBytes 0 (the node's default) or at least MIN_EXECUTE_MEMORY_BYTES;
+///        - the encoded inputs at most MAX_INPUTS_LENGTH bytes, as for every job (Tangle's hook
+///          gas budget; a larger program is a project zip built by job 0, run by artifact).
+///      Its call records no session id (zero) and emits ExecutionAccepted.
 ///      Payment: the owner sets a native-token price per job; onJobCall must carry at least that
 ///      much value. The whole value is escrowed for the call and credited to the operator whose
 ///      result is accepted; operators withdraw their earnings with `withdrawEarnings`.
@@ -35,8 +45,16 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
     uint8 public constant JOB_LINT = 2;
     uint8 public constant JOB_AUDIT = 3;
     uint8 public constant JOB_CHECK = 4;
+    uint8 public constant JOB_EXECUTE = 5;
     /// @notice Number of jobs; valid job indexes are 0 .. JOB_COUNT - 1.
-    uint8 public constant JOB_COUNT = 5;
+    uint8 public constant JOB_COUNT = 6;
+
+    /// @notice Longest run job 5 may ask for, in seconds.
+    uint64 public constant MAX_EXECUTE_TIMEOUT_SECS = 300;
+    /// @notice Least memory job 5 may ask for, in bytes (16 MiB).
+    uint64 public constant MIN_EXECUTE_MEMORY_BYTES = 16 << 20;
+    /// @notice Longest artifact digest text of job 5.
+    uint256 public constant MAX_ARTIFACT_LENGTH = 128;
 
     /// @notice Longest accepted zip URI, in bytes.
     uint256 public constant MAX_ZIP_URI_LENGTH = 2048;
@@ -74,6 +92,10 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
     error InvalidSessionId();
     error UnknownBuildTarget();
     error BuildTargetNotAllowed(uint8 job);
+    error CodeOrArtifactRequired();
+    error InvalidArtifact();
+    error InvalidTimeout(uint64 timeoutSecs);
+    error InvalidMemory(uint64 memoryBytes);
     // payment
     error InsufficientPayment(uint8 job, uint256 required, uint256 paid);
     error UnexpectedPayment(uint256 amount);
@@ -101,6 +123,18 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         uint8 job,
         string zipUri,
         string buildTarget,
+        uint256 payment
+    );
+
+    /// @notice A job 5 (execute_code) call passed validation and its payment is escrowed.
+    /// @param programHash keccak256 of the code, or of the artifact digest text.
+    event ExecutionAccepted(
+        uint64 indexed serviceId,
+        uint64 indexed jobCallId,
+        bytes32 indexed programHash,
+        bool isArtifact,
+        uint64 timeoutSecs,
+        uint64 memoryBytes,
         uint256 payment
     );
 
@@ -142,6 +176,15 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         string buildTarget;
     }
 
+    /// @notice The tuple form of job 5's inputs (see the contract doc).
+    struct ExecuteInputs {
+        string code;
+        string artifact;
+        string stdin;
+        uint64 timeoutSecs;
+        uint64 memoryBytes;
+    }
+
     /// @notice Sets job prices; the deployer until ownership is transferred.
     address public owner;
     /// @notice The Tangle core contract, the only caller of the hooks. Zero until bound.
@@ -158,7 +201,7 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
     /// @notice Sum of the payments of calls that have no accepted result yet.
     uint256 public totalEscrowed;
 
-    uint256[5] private _jobPrices;
+    uint256[6] private _jobPrices;
     mapping(uint64 serviceId => mapping(uint64 jobCallId => JobCall)) private _jobCalls;
 
     // ═══════════════════════════════════════════════════════════════════════
@@ -252,10 +295,52 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         if (keccak256(abi.encode(zipUri, sessionId, buildTarget)) != inputsHash) revert MalformedInputs();
     }
 
+    /// @notice Decodes job 5's inputs in either accepted encoding; reverts on anything else.
+    function decodeExecuteInputs(bytes calldata inputs) external pure returns (ExecuteInputs memory decoded) {
+        if (inputs.length < 32) revert MalformedInputs();
+        bytes32 inputsHash = keccak256(inputs);
+        if (uint256(bytes32(inputs[0:32])) == 0x20) {
+            decoded = abi.decode(inputs, (ExecuteInputs));
+            if (keccak256(abi.encode(decoded)) != inputsHash) revert MalformedInputs();
+            return decoded;
+        }
+        (decoded.code, decoded.artifact, decoded.stdin, decoded.timeoutSecs, decoded.memoryBytes) =
+            abi.decode(inputs, (string, string, string, uint64, uint64));
+        if (
+            keccak256(
+                abi.encode(decoded.code, decoded.artifact, decoded.stdin, decoded.timeoutSecs, decoded.memoryBytes)
+            ) != inputsHash
+        ) revert MalformedInputs();
+    }
+
     /// @notice Checks job inputs like onJobCall does, without recording anything.
-    /// @return sessionId The session UUID's 16 bytes.
+    /// @return sessionId The session UUID's 16 bytes (zero for job 5, which has none).
     function validateJobInputs(uint8 job, bytes calldata inputs) public view returns (bytes16 sessionId) {
+        if (job == JOB_EXECUTE) {
+            _validateExecuteInputs(inputs);
+            return bytes16(0);
+        }
         (,, sessionId,) = _validateJobInputs(job, inputs);
+    }
+
+    function _validateExecuteInputs(bytes calldata inputs) internal view returns (ExecuteInputs memory decoded) {
+        if (inputs.length > MAX_INPUTS_LENGTH) revert InputsTooLarge(inputs.length, MAX_INPUTS_LENGTH);
+        try this.decodeExecuteInputs(inputs) returns (ExecuteInputs memory d) {
+            decoded = d;
+        } catch {
+            revert MalformedInputs();
+        }
+        bytes memory artifact = bytes(decoded.artifact);
+        if ((bytes(decoded.code).length == 0) == (artifact.length == 0)) revert CodeOrArtifactRequired();
+        if (artifact.length != 0) {
+            if (artifact.length > MAX_ARTIFACT_LENGTH) revert InvalidArtifact();
+            if (!_hasPrefix(artifact, "blake3:") && !_hasPrefix(artifact, "sha256:")) revert InvalidArtifact();
+            if (_firstNonPrintable(artifact, 0) != NOT_FOUND) revert InvalidArtifact();
+        }
+        if (decoded.timeoutSecs > MAX_EXECUTE_TIMEOUT_SECS) revert InvalidTimeout(decoded.timeoutSecs);
+        if (decoded.memoryBytes != 0 && decoded.memoryBytes < MIN_EXECUTE_MEMORY_BYTES) {
+            revert InvalidMemory(decoded.memoryBytes);
+        }
     }
 
     function _validateJobInputs(
@@ -267,6 +352,7 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         returns (string memory zipUri, string memory sessionIdText, bytes16 sessionId, string memory buildTarget)
     {
         _checkJobIndex(job);
+        if (job == JOB_EXECUTE) revert InvalidJobIndex(job); // its inputs: _validateExecuteInputs
         if (inputs.length > MAX_INPUTS_LENGTH) revert InputsTooLarge(inputs.length, MAX_INPUTS_LENGTH);
         try this.decodeJobInputs(inputs) returns (string memory z, string memory s, string memory b) {
             (zipUri, sessionIdText, buildTarget) = (z, s, b);
@@ -533,7 +619,31 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         payable
         onlyFromTangle
     {
+        if (job == JOB_EXECUTE) {
+            ExecuteInputs memory run = _validateExecuteInputs(inputs);
+            bool isArtifact = bytes(run.artifact).length != 0;
+            bytes32 programHash = keccak256(isArtifact ? bytes(run.artifact) : bytes(run.code));
+            _recordJobCall(serviceId, job, jobCallId, inputs, bytes16(0));
+            emit ExecutionAccepted(
+                serviceId, jobCallId, programHash, isArtifact, run.timeoutSecs, run.memoryBytes, msg.value
+            );
+            return;
+        }
         (string memory zipUri,, bytes16 sessionId, string memory buildTarget) = _validateJobInputs(job, inputs);
+        _recordJobCall(serviceId, job, jobCallId, inputs, sessionId);
+        emit JobAccepted(serviceId, jobCallId, sessionId, job, zipUri, buildTarget, msg.value);
+    }
+
+    /// @dev Checks the payment and records a validated call, escrowing msg.value.
+    function _recordJobCall(
+        uint64 serviceId,
+        uint8 job,
+        uint64 jobCallId,
+        bytes calldata inputs,
+        bytes16 sessionId
+    )
+        internal
+    {
         uint256 price = _jobPrices[job];
         if (msg.value < price) revert InsufficientPayment(job, price, msg.value);
         JobCall storage record = _jobCalls[serviceId][jobCallId];
@@ -545,8 +655,6 @@ contract BuildAgentServiceManager is IBlueprintServiceManager {
         record.job = job;
         record.status = CALL_PENDING;
         totalEscrowed += msg.value;
-
-        emit JobAccepted(serviceId, jobCallId, sessionId, job, zipUri, buildTarget, msg.value);
     }
 
     /// @inheritdoc IBlueprintServiceManager

@@ -45,6 +45,15 @@ pub const MAX_INPUTS_LENGTH: usize = 8192;
 /// URI schemes the contract accepts for `zip_uri`.
 pub const ZIP_URI_SCHEMES: [&str; 3] = ["https://", "ipfs://", "cas://"];
 
+/// Longest run [`Job::Execute`] may ask for, in seconds (0 asks for the node's default).
+pub const MAX_EXECUTE_TIMEOUT_SECS: u64 = 300;
+
+/// Least memory [`Job::Execute`] may ask for, in bytes (0 asks for the node's default).
+pub const MIN_EXECUTE_MEMORY_BYTES: u64 = 16 << 20;
+
+/// Longest artifact digest text of [`Job::Execute`].
+pub const MAX_ARTIFACT_LENGTH: usize = 128;
+
 /// Build targets the contract accepts; anything but `""` only for [`Job::Compile`].
 pub const BUILD_TARGETS: [&str; 5] = ["", "debug", "release", "check", "clippy"];
 
@@ -57,11 +66,23 @@ pub enum Job {
     Lint = 2,
     Audit = 3,
     Check = 4,
+    /// Run a Rust snippet or a built binary (`execute_code`); inputs [`ExecuteInputs`].
+    Execute = 5,
 }
 
 impl Job {
     /// All jobs in job-index order.
-    pub const ALL: [Job; 5] = [Job::Compile, Job::Test, Job::Lint, Job::Audit, Job::Check];
+    pub const ALL: [Job; 6] = [
+        Job::Compile,
+        Job::Test,
+        Job::Lint,
+        Job::Audit,
+        Job::Check,
+        Job::Execute,
+    ];
+
+    /// The jobs on a project zip (inputs [`JobInputs`]), in job-index order.
+    pub const BUILDS: [Job; 5] = [Job::Compile, Job::Test, Job::Lint, Job::Audit, Job::Check];
 
     /// The job index Tangle passes to the hooks.
     pub const fn index(self) -> u8 {
@@ -76,6 +97,7 @@ impl Job {
             2 => Some(Job::Lint),
             3 => Some(Job::Audit),
             4 => Some(Job::Check),
+            5 => Some(Job::Execute),
             _ => None,
         }
     }
@@ -88,6 +110,7 @@ impl Job {
             Job::Lint => "lint",
             Job::Audit => "audit",
             Job::Check => "check",
+            Job::Execute => "execute",
         }
     }
 }
@@ -100,6 +123,39 @@ alloy_sol_types::sol! {
         string sessionId;
         string buildTarget;
     }
+}
+
+alloy_sol_types::sol! {
+    /// [`Job::Execute`]'s inputs as one Solidity tuple (the contract also accepts the flat
+    /// encoding, [`encode_execute_inputs`]). Exactly one of `code` and `artifact` is non-empty;
+    /// `timeoutSecs` and `memoryBytes` 0 ask for the node's defaults.
+    #[derive(Debug, PartialEq, Eq)]
+    struct ExecuteInputs {
+        string code;
+        string artifact;
+        string stdin;
+        uint64 timeoutSecs;
+        uint64 memoryBytes;
+    }
+}
+
+/// Encodes [`Job::Execute`] inputs flat (`abi.encode(code, artifact, stdin, timeoutSecs,
+/// memoryBytes)`), as the contract and blueprint-sdk's `TangleArg` decode them.
+pub fn encode_execute_inputs(
+    code: &str,
+    artifact: &str,
+    stdin: &str,
+    timeout_secs: u64,
+    memory_bytes: u64,
+) -> Vec<u8> {
+    (
+        code.to_owned(),
+        artifact.to_owned(),
+        stdin.to_owned(),
+        timeout_secs,
+        memory_bytes,
+    )
+        .abi_encode_params()
 }
 
 /// Encodes job inputs the way the contract's `abi.decode(inputs, (string, string, string))`
@@ -225,7 +281,9 @@ mod tests {
             assert_eq!(job.index() as usize, i);
             assert_eq!(Job::from_index(job.index()), Some(*job));
         }
-        assert_eq!(Job::from_index(5), None);
+        assert_eq!(Job::from_index(6), None);
+        assert_eq!(Job::Execute.name(), "execute");
+        assert!(!Job::BUILDS.contains(&Job::Execute));
         assert_eq!(Job::Audit.name(), "audit");
     }
 

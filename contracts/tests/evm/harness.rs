@@ -57,6 +57,10 @@ sol! {
         error JobIndexMismatch(uint8 expected, uint8 actual);
         error InputsHashMismatch(bytes32 expected, bytes32 actual);
         error NotRegisteredOperator(address operator);
+        error CodeOrArtifactRequired();
+        error InvalidArtifact();
+        error InvalidTimeout(uint64 timeoutSecs);
+        error InvalidMemory(uint64 memoryBytes);
 
         event JobAccepted(
             uint64 indexed serviceId,
@@ -74,6 +78,15 @@ sol! {
             uint8 job,
             address operator,
             bytes32 outputsHash,
+            uint256 payment
+        );
+        event ExecutionAccepted(
+            uint64 indexed serviceId,
+            uint64 indexed jobCallId,
+            bytes32 indexed programHash,
+            bool isArtifact,
+            uint64 timeoutSecs,
+            uint64 memoryBytes,
             uint256 payment
         );
         event EarningsWithdrawn(address indexed operator, address indexed to, uint256 amount);
@@ -120,6 +133,9 @@ sol! {
         function JOB_COUNT() external view returns (uint8);
         function MAX_ZIP_URI_LENGTH() external view returns (uint256);
         function MAX_INPUTS_LENGTH() external view returns (uint256);
+        function MAX_EXECUTE_TIMEOUT_SECS() external view returns (uint64);
+        function MIN_EXECUTE_MEMORY_BYTES() external view returns (uint64);
+        function MAX_ARTIFACT_LENGTH() external view returns (uint256);
         function owner() external view returns (address);
         function tangleCore() external view returns (address);
         function blueprintId() external view returns (uint64);
@@ -206,6 +222,22 @@ pub fn inputs(zip_uri: &str, session: &str, target: &str) -> Bytes {
 
 pub fn valid_inputs() -> Bytes {
     inputs(ZIP_URI, SESSION, "")
+}
+
+/// A Rust snippet for job 5.
+pub const SNIPPET: &str = "fn main() { println!(\"hello\"); }";
+
+/// Job 5 inputs.
+pub fn execute_inputs(code: &str, artifact: &str, stdin: &str, timeout: u64, memory: u64) -> Bytes {
+    rba_contracts::encode_execute_inputs(code, artifact, stdin, timeout, memory).into()
+}
+
+/// Inputs `job` accepts: a zip build's, or a snippet for job 5.
+pub fn valid_inputs_for(job: rba_contracts::Job) -> Bytes {
+    match job {
+        rba_contracts::Job::Execute => execute_inputs(SNIPPET, "", "", 0, 0),
+        _ => valid_inputs(),
+    }
 }
 
 /// What a transaction did.

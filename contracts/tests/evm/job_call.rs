@@ -76,9 +76,9 @@ fn compile_job_accepts_every_build_target_and_emits_job_accepted() {
 }
 
 #[test]
-fn every_job_index_accepts_an_empty_build_target() {
+fn every_build_job_accepts_an_empty_build_target() {
     let mut chain = Chain::new();
-    for job in Job::ALL {
+    for job in Job::BUILDS {
         chain
             .job_call(job.index() as u64, job.index(), valid_inputs(), ZERO)
             .expect_success();
@@ -145,9 +145,9 @@ fn longest_uri_is_accepted_within_tangles_hook_gas_budget() {
 }
 
 #[test]
-fn job_index_outside_0_to_4_is_rejected() {
+fn job_index_outside_0_to_5_is_rejected() {
     let mut chain = Chain::new();
-    for job in [5u8, 6, 200, 255] {
+    for job in [6u8, 7, 200, 255] {
         assert_rejected(&mut chain, job, valid_inputs(), InvalidJobIndex { job });
     }
 }

@@ -204,7 +204,7 @@ fn other_lifecycle_hooks_accept_tangle_and_refuse_everyone_else() {
 #[test]
 fn jobs_need_one_result_and_no_bls_aggregation() {
     let mut chain = Chain::new();
-    for job in 0..5u8 {
+    for job in rba_contracts::Job::ALL.map(|j| j.index()) {
         assert_eq!(
             chain.view(getRequiredResultCountCall {
                 serviceId: SERVICE_ID,
@@ -233,5 +233,17 @@ fn rust_constants_match_the_contract() {
     assert_eq!(
         chain.view(MAX_INPUTS_LENGTHCall {}),
         U256::from(rba_contracts::MAX_INPUTS_LENGTH)
+    );
+    assert_eq!(
+        chain.view(MAX_EXECUTE_TIMEOUT_SECSCall {}),
+        rba_contracts::MAX_EXECUTE_TIMEOUT_SECS
+    );
+    assert_eq!(
+        chain.view(MIN_EXECUTE_MEMORY_BYTESCall {}),
+        rba_contracts::MIN_EXECUTE_MEMORY_BYTES
+    );
+    assert_eq!(
+        chain.view(MAX_ARTIFACT_LENGTHCall {}),
+        U256::from(rba_contracts::MAX_ARTIFACT_LENGTH)
     );
 }

@@ -3,6 +3,7 @@
 
 mod abi_compat;
 mod artifact;
+mod execute;
 mod harness;
 mod job_call;
 mod job_result;

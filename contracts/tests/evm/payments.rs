@@ -25,12 +25,12 @@ fn owner_sets_a_price_per_job_index() {
         .call_from(
             DEPLOYER,
             setJobPriceCall {
-                job: 5,
+                job: 6,
                 price: wei(1),
             },
             ZERO,
         )
-        .expect_revert(InvalidJobIndex { job: 5 });
+        .expect_revert(InvalidJobIndex { job: 6 });
     chain
         .call_from(STRANGER, jobPriceCall { job: 9 }, ZERO)
         .expect_revert(InvalidJobIndex { job: 9 });
@@ -111,7 +111,7 @@ fn underpaid_job_calls_are_rejected_for_every_job() {
     for job in Job::ALL {
         for paid in [ZERO, wei(1), price - wei(1)] {
             chain
-                .job_call(1, job.index(), valid_inputs(), paid)
+                .job_call(1, job.index(), valid_inputs_for(job), paid)
                 .expect_revert(InsufficientPayment {
                     job: job.index(),
                     required: price,
