@@ -23,9 +23,12 @@ use blueprint_sdk::{JobCall, JobResult, Router};
 use futures::StreamExt as _;
 use rba_agent::config::NodeConfig;
 use rba_agent::node::Node;
-use rba_agent::tangle::jobs::{BuildResult, STATUS_ERROR, STATUS_SUCCESS, router};
+use rba_agent::tangle::jobs::{
+    BuildResult, CHAIN_OUTPUT_CAP, EXECUTE_CODE, ExecutionResult, STATUS_ERROR, STATUS_SUCCESS,
+    STATUS_TIMEOUT, router,
+};
 use rba_agent::tangle::{TangleConfig, TangleContext};
-use rba_contracts::encode_job_inputs;
+use rba_contracts::{encode_execute_inputs, encode_job_inputs};
 use tower::ServiceExt as _;
 
 const SERVICE_ID: u64 = 7;
@@ -870,6 +873,102 @@ async fn callers_of_one_service_get_their_own_target_dirs_unless_the_operator_sh
         h.slots(),
         1,
         "both callers used the service's one target dir"
+    );
+    h.node.shutdown().await.unwrap();
+}
+
+impl Harness {
+    /// Job 5 from `caller` with the contract's flat input encoding; the one decoded result.
+    async fn execute(
+        &self,
+        caller: Option<[u8; 20]>,
+        code: &str,
+        artifact: &str,
+        stdin: &str,
+        timeout_secs: u64,
+    ) -> ExecutionResult {
+        let call_id = rand_call_id();
+        let inputs = encode_execute_inputs(code, artifact, stdin, timeout_secs, 0);
+        let results = self
+            .call_raw_from(EXECUTE_CODE, inputs, Some(call_id), caller)
+            .await;
+        assert_eq!(results.len(), 1, "one result per call");
+        match &results[0] {
+            JobResult::Ok { body, .. } => ExecutionResult::abi_decode(body).expect("ABI result"),
+            JobResult::Err(e) => panic!("job 5 answered an error instead of a result: {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn job_5_runs_code_like_post_execute_and_refuses_what_it_must() {
+    let h = Harness::new(HashMap::new(), |_| {}).await;
+    let echo = "use std::io::Read;\nfn main() { let mut s = String::new(); \
+                std::io::stdin().read_to_string(&mut s).unwrap(); print!(\"got {s}\"); }";
+    let first = h.execute(Some(CALLER_A), echo, "", "tangle", 0).await;
+    assert_eq!(first.status, STATUS_SUCCESS, "{first:?}");
+    assert_eq!(first.exitCode, 0);
+    assert_eq!(first.stdout, "got tangle\n", "{first:?}");
+    assert!(!first.compileCached);
+    assert!(first.artifact.starts_with("blake3:"), "{first:?}");
+    // The same code again: the compilation is an action-cache hit, the run happens again.
+    let again = h.execute(Some(CALLER_A), echo, "", "again", 0).await;
+    assert_eq!(again.stdout, "got again\n");
+    assert!(again.compileCached, "{again:?}");
+    // By artifact, for the caller whose build it is.
+    let by_artifact = h.execute(Some(CALLER_A), "", &first.artifact, "x", 0).await;
+    assert_eq!(by_artifact.stdout, "got x\n", "{by_artifact:?}");
+
+    // Another caller may not run A's binary: the same answer as a digest nobody stored.
+    let stranger = h.execute(Some(CALLER_B), "", &first.artifact, "", 0).await;
+    assert_eq!(stranger.status, STATUS_ERROR);
+    assert!(stranger.message.contains("not found"), "{stranger:?}");
+    assert!(stranger.stdout.is_empty());
+
+    // A panic: exit 101 and the panic message on stderr.
+    let panic = h
+        .execute(Some(CALLER_A), "fn main() { panic!(\"boom\") }", "", "", 0)
+        .await;
+    assert_eq!(
+        (panic.status, panic.exitCode),
+        (STATUS_ERROR, 101),
+        "{panic:?}"
+    );
+    assert!(panic.stderr.contains("boom"), "{panic:?}");
+    // An endless loop ends at the timeout it asked for.
+    let endless = h
+        .execute(Some(CALLER_A), "fn main() { loop {} }", "", "", 1)
+        .await;
+    assert_eq!(endless.status, STATUS_TIMEOUT, "{endless:?}");
+    // Output larger than what goes on chain is cut and says so.
+    let loud = h
+        .execute(
+            Some(CALLER_A),
+            "fn main() { for _ in 0..2000 { println!(\"0123456789\"); } }",
+            "",
+            "",
+            0,
+        )
+        .await;
+    assert_eq!(loud.status, STATUS_SUCCESS, "{loud:?}");
+    assert!(loud.stdout.len() <= CHAIN_OUTPUT_CAP && loud.outputTruncated);
+
+    // Refused before anything runs, the field named: both programs, none, a bad digest, no
+    // caller.
+    for (code, artifact, needle) in [
+        ("fn main() {}", first.artifact.as_str(), "artifact"),
+        ("", "", "code"),
+        ("", "blake3:zz/1", "artifact"),
+    ] {
+        let refused = h.execute(Some(CALLER_A), code, artifact, "", 0).await;
+        assert_eq!(refused.status, STATUS_ERROR, "{refused:?}");
+        assert_eq!(refused.exitCode, -1);
+        assert!(refused.message.contains(needle), "{needle}: {refused:?}");
+    }
+    let anonymous = h.execute(None, "fn main() {}", "", "", 0).await;
+    assert!(
+        anonymous.message.contains("names no caller"),
+        "{anonymous:?}"
     );
     h.node.shutdown().await.unwrap();
 }

@@ -7,12 +7,20 @@
 //! | 2 | `lint_project` | `clippy -- -D warnings` |
 //! | 3 | `audit_project` | `audit` |
 //! | 4 | `check_project` | `check` |
+//! | 5 | `execute_code` | a snippet's `build --release` (cached), then a sandboxed run |
 //!
 //! Input: `TangleArg<(string zip_uri, string session_id, string build_target)>` (the flat or the
 //! single-tuple ABI encoding, as the service manager contract accepts). `build_target` is `""`
 //! (= `debug`), `debug` or `release` for every job, and also `check` or `clippy` for job 0,
 //! exactly the contract's rule. `session_id` is a canonical lowercase UUID: the job's log stream
 //! is reachable under it (WebSocket `/v1/sessions/{session_id}/events`, libp2p `Attach`).
+//!
+//! Job 5 input: `TangleArg<(string code, string artifact, string stdin, uint64 timeoutSecs,
+//! uint64 memoryBytes)>` (the contract's `ExecuteInputs`): exactly one of `code` (a `main.rs`)
+//! and `artifact` (a binary the caller may read, `blake3:<hex>/<size>`), 0 for the node's
+//! default timeout and memory. It is the operation of `POST /execute` ([`crate::execute`]),
+//! through the same checks and the same gate; its output is [`ExecutionResult`], with stdout
+//! and stderr cut to [`CHAIN_OUTPUT_CAP`] bytes each (a result is posted on chain).
 //!
 //! Who builds: every call is a tenant of its own, `tangle:<service>/<caller address>` (the
 //! caller the producer puts in `X-TANGLE-CALLER`), so callers of one service never share a
@@ -63,6 +71,44 @@ alloy_sol_types::sol! {
     }
 }
 
+alloy_sol_types::sol! {
+    /// Job 5's result as posted on chain (`abi.encode` of the struct).
+    #[derive(Debug, PartialEq, Eq)]
+    struct ExecutionResult {
+        /// 0 success, 1 error (non-zero exit, compile error, refused input), 2 timeout,
+        /// 3 memory.
+        uint8 status;
+        /// The program's exit code; -1 when it did not exit normally or did not run.
+        int32 exitCode;
+        /// Wall time of the run (not of the compilation).
+        uint64 executionTimeMs;
+        /// Peak memory of the run's processes together.
+        uint64 memoryUsageBytes;
+        /// The compilation was an action-cache hit (always for an artifact).
+        bool compileCached;
+        /// The binary that ran (`blake3:<hex>/<size>`): a later call can run it by artifact.
+        string artifact;
+        /// Its standard output, at most CHAIN_OUTPUT_CAP bytes.
+        string stdout;
+        /// Its standard error (rustc's diagnostics for a compile error), at most
+        /// CHAIN_OUTPUT_CAP bytes.
+        string stderr;
+        /// stdout or stderr was longer than what is here.
+        bool outputTruncated;
+        /// Why the call failed before or around the run; empty otherwise.
+        string message;
+    }
+}
+
+/// [`ExecutionResult::status`] of a run that timed out.
+pub const STATUS_TIMEOUT: u8 = 2;
+/// [`ExecutionResult::status`] of a run that hit its memory limit.
+pub const STATUS_MEMORY: u8 = 3;
+
+/// Bytes of stdout and of stderr an [`ExecutionResult`] carries (results are posted on chain,
+/// where every byte costs gas); the full output is cut at the node's `[execute]` cap first.
+pub const CHAIN_OUTPUT_CAP: usize = 4096;
+
 /// [`BuildResult::status`] of a successful job.
 pub const STATUS_SUCCESS: u8 = 0;
 /// [`BuildResult::status`] of a failed job (cargo failed, or the job could not run).
@@ -80,11 +126,17 @@ pub const LINT_PROJECT: u8 = Job::Lint.index();
 pub const AUDIT_PROJECT: u8 = Job::Audit.index();
 /// Job index of `check_project`.
 pub const CHECK_PROJECT: u8 = Job::Check.index();
+/// Job index of `execute_code`.
+pub const EXECUTE_CODE: u8 = Job::Execute.index();
+
+/// Job 5's input as the extractor decodes it: `(code, artifact, stdin, timeoutSecs,
+/// memoryBytes)`.
+pub type ExecuteInput = (String, String, String, u64, u64);
 
 /// The job input as the extractor decodes it: `(zip_uri, session_id, build_target)`.
 pub type JobInput = (String, String, String);
 
-/// The router of the five jobs, each behind [`TangleLayer`] (which attaches the call and
+/// The router of the six jobs, each behind [`TangleLayer`] (which attaches the call and
 /// service ids the consumer needs, and skips calls without them).
 pub fn router(ctx: TangleContext) -> Router {
     Router::new()
@@ -96,6 +148,7 @@ pub fn router(ctx: TangleContext) -> Router {
         .route(LINT_PROJECT, lint_project.layer(TangleLayer))
         .route(AUDIT_PROJECT, audit_project.layer(TangleLayer))
         .route(CHECK_PROJECT, check_project.layer(TangleLayer))
+        .route(EXECUTE_CODE, execute_code.layer(TangleLayer))
         .with_context(ctx)
 }
 
@@ -144,6 +197,115 @@ job!(
     check_project,
     Job::Check
 );
+
+/// Job 5: run a snippet (compiled first, through the cache) or a stored binary.
+pub async fn execute_code(
+    Context(ctx): Context<TangleContext>,
+    CallId(call_id): CallId,
+    ServiceId(service_id): ServiceId,
+    caller: Option<Caller>,
+    TangleArg(input): TangleArg<ExecuteInput>,
+) -> TangleResult<ExecutionResult> {
+    let call = Call {
+        service_id,
+        call_id,
+        caller: caller.map(|c| c.as_address()),
+    };
+    TangleResult(run_execute(&ctx, call, input).await)
+}
+
+/// One job 5 call; never fails (failures are results).
+pub async fn run_execute(ctx: &TangleContext, call: Call, input: ExecuteInput) -> ExecutionResult {
+    let (code, artifact, stdin, timeout_secs, memory_bytes) = input;
+    let Some(tenant) = tenant_of(&ctx.config, &call) else {
+        return execution_refused(format!(
+            "the job call names no caller ({})",
+            Caller::METADATA_KEY
+        ));
+    };
+    // The same request as a `POST /execute` body: one set of checks for both faces.
+    let body = crate::execute::ExecuteBody {
+        language: None,
+        code: (!code.is_empty()).then_some(code),
+        artifact: (!artifact.is_empty()).then_some(artifact),
+        args: Vec::new(),
+        stdin,
+        timeout: (timeout_secs > 0).then_some(timeout_secs),
+        memory: (memory_bytes > 0).then(|| memory_bytes.to_string()),
+    };
+    let execution = match body.check(ctx.node.execute.config()) {
+        Ok(execution) => execution,
+        Err(bad) => return execution_refused(bad.to_string()),
+    };
+    let answer = match crate::execute::execute(&ctx.node, tenant, false, execution).await {
+        Ok(answer) => answer,
+        Err(e) => return execution_refused(e.to_string()),
+    };
+    tracing::info!(
+        service_id = call.service_id,
+        call_id = call.call_id,
+        status = %answer.status,
+        exit_code = answer.exit_code,
+        "tangle execution finished"
+    );
+    execution_result(answer)
+}
+
+/// An [`ExecutionResult`] for a call that did not run.
+fn execution_refused(message: String) -> ExecutionResult {
+    ExecutionResult {
+        status: STATUS_ERROR,
+        exitCode: -1,
+        executionTimeMs: 0,
+        memoryUsageBytes: 0,
+        compileCached: false,
+        artifact: String::new(),
+        stdout: String::new(),
+        stderr: String::new(),
+        outputTruncated: false,
+        message,
+    }
+}
+
+/// The on-chain form of an execution's answer.
+pub fn execution_result(answer: crate::execute::ExecuteAnswer) -> ExecutionResult {
+    let status = match answer.status.as_str() {
+        "success" => STATUS_SUCCESS,
+        "timeout" => STATUS_TIMEOUT,
+        "memory" => STATUS_MEMORY,
+        _ => STATUS_ERROR,
+    };
+    let (stdout, stdout_cut) = cut(answer.stdout, CHAIN_OUTPUT_CAP);
+    let (stderr, stderr_cut) = cut(answer.stderr, CHAIN_OUTPUT_CAP);
+    ExecutionResult {
+        status,
+        exitCode: answer.exit_code,
+        executionTimeMs: answer.execution_time_ms,
+        memoryUsageBytes: answer.memory_usage_bytes,
+        compileCached: answer.compile_cached,
+        artifact: answer.artifact.unwrap_or_default(),
+        stdout,
+        stderr,
+        outputTruncated: stdout_cut
+            || stderr_cut
+            || answer.stdout_truncated
+            || answer.stderr_truncated,
+        message: answer.error.unwrap_or_default(),
+    }
+}
+
+/// `text` cut to at most `cap` bytes on a character boundary; whether it was cut.
+fn cut(mut text: String, cap: usize) -> (String, bool) {
+    if text.len() <= cap {
+        return (text, false);
+    }
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    (text, true)
+}
 
 /// Where a job call comes from (the producer's metadata).
 #[derive(Clone, Copy, Debug)]
@@ -200,6 +362,9 @@ pub fn cargo_job(job: Job, build_target: &str) -> Result<CargoJob, String> {
         (Job::Lint, _) => JobKind::Clippy,
         (Job::Audit, _) => JobKind::Audit,
         (Job::Check, _) => JobKind::Check,
+        (Job::Execute, _) => {
+            return Err("job 5 (execute_code) runs code; it takes no zip or build target".into());
+        }
     };
     Ok(CargoJob {
         kind,
@@ -379,6 +544,12 @@ mod tests {
         for target in rba_contracts::BUILD_TARGETS {
             assert!(cargo_job(Job::Compile, target).is_ok());
         }
+    }
+
+    #[test]
+    fn execution_output_is_cut_on_a_character_boundary() {
+        assert_eq!(cut("héllo".into(), 2), ("h".to_string(), true));
+        assert_eq!(cut("hello".into(), 5), ("hello".to_string(), false));
     }
 
     #[test]

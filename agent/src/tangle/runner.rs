@@ -34,7 +34,7 @@ use crate::node::Node;
 pub enum TangleCommand {
     /// Run the node as a Tangle Blueprint (what the Blueprint Manager starts): jobs 0 compile,
     /// 1 test, 2 lint, 3 audit, 4 check from chain, results posted back, the node's libp2p,
-    /// HTTP/WebSocket and REAPI faces alongside.
+    /// HTTP/WebSocket and REAPI faces alongside; job 5 runs code (as `POST /execute`).
     Run(RunArgs),
 }
 
