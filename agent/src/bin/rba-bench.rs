@@ -18,6 +18,11 @@
 //! The remote side is the whole client path: hashing the workspace, `Submit`, `Has`, upload,
 //! streaming every line to the end event. Usage: `rba-bench [FIXTURE…]` (default: `hello`
 //! and `midsize`, a workspace with registry dependencies, from `tests/fixtures`).
+//!
+//! `rba-bench execute` measures `POST /execute` end to end over HTTP on loopback instead: a
+//! cached hello world (the compilation an action-cache hit, only the run happens), a new
+//! snippet each time against `rustc -O` + running it locally, and the sandbox's own start and
+//! stop (the fixed cost every run pays).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -266,8 +271,138 @@ async fn bench(fixture: &Path, scratch: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `POST /execute` with a bearer token over plain HTTP/1.1; the answer's JSON.
+async fn post_execute(
+    addr: std::net::SocketAddr,
+    token: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!(
+                "POST /execute HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, json) = text
+        .split_once("\r\n\r\n")
+        .context("HTTP answer without a body")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}: {json}");
+    Ok(serde_json::from_str(json)?)
+}
+
+/// `rba-bench execute`.
+async fn bench_execute(scratch: &Path) -> anyhow::Result<()> {
+    const TOKEN: &str = "bench-runner-token";
+    let mut config = NodeConfig::ephemeral(scratch.join("execute-node"));
+    config.grpc_listen = None;
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+    config.auth.tokens = vec![rba_cache_server::config::TokenConfig {
+        name: "bench".into(),
+        token: TOKEN.into(),
+        access: rba_cache_server::auth::Access::ReadWrite,
+        tenants: Vec::new(),
+    }];
+    let node = Node::start(config).await?;
+    let http = node.http_addr().context("the node has an HTTP port")?;
+    let snippet = |n: usize| format!("fn main() {{ println!(\"hello {n}\"); }}");
+
+    // Cached: the same code; the first call compiles, the rest only run.
+    let hello = serde_json::json!({"language": "rust", "code": snippet(0)});
+    let first = post_execute(http, TOKEN, &hello).await?;
+    anyhow::ensure!(first["status"] == "success", "{first}");
+    let mut cached = Vec::new();
+    for _ in 0..ROUNDS * 3 {
+        let started = Instant::now();
+        let answer = post_execute(http, TOKEN, &hello).await?;
+        cached.push(started.elapsed());
+        anyhow::ensure!(answer["compile_cached"] == true, "{answer}");
+    }
+
+    // Uncached: new code each time, against rustc -O and a run of the same code locally.
+    let (mut remote, mut local) = (Vec::new(), Vec::new());
+    let local_dir = scratch.join("execute-local");
+    std::fs::create_dir_all(&local_dir)?;
+    for round in 1..=ROUNDS {
+        let code = snippet(round);
+        let started = Instant::now();
+        let answer = post_execute(
+            http,
+            TOKEN,
+            &serde_json::json!({"language": "rust", "code": code}),
+        )
+        .await?;
+        remote.push(started.elapsed());
+        anyhow::ensure!(answer["compile_cached"] == false, "{answer}");
+
+        let source = local_dir.join(format!("main{round}.rs"));
+        let binary = local_dir.join(format!("main{round}"));
+        std::fs::write(&source, &code)?;
+        let started = Instant::now();
+        let compiled = std::process::Command::new("rustc")
+            .args(["-O", "--edition", "2021", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .status()?;
+        anyhow::ensure!(compiled.success(), "local rustc failed");
+        let ran = std::process::Command::new(&binary).output()?;
+        local.push(started.elapsed());
+        anyhow::ensure!(ran.status.success(), "local run failed");
+    }
+
+    // The sandbox's own start and stop, with the node's default provider.
+    let sandbox = rba_executor::sandbox::Sandbox::new(
+        rba_executor::sandbox::SandboxConfig::with_host_toolchain()?,
+    )?;
+    let mut starts = Vec::new();
+    for _ in 0..ROUNDS * 3 {
+        let started = Instant::now();
+        let outcome = sandbox
+            .run(rba_executor::sandbox::SandboxSpec::new(["true"]), |_| {})
+            .await?;
+        starts.push(started.elapsed());
+        anyhow::ensure!(outcome.success(), "sandbox run of `true` failed");
+    }
+    let (cached, remote, local, start) = (
+        median(cached),
+        median(remote),
+        median(local),
+        median(starts),
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("POST /execute on loopback (medians)");
+    println!(
+        "  cached hello world           {:>8.1} ms   = sandbox start/stop {:.1} ms + {:.1} ms (goal: + 50 ms at most)",
+        ms(cached),
+        ms(start),
+        ms(cached.saturating_sub(start))
+    );
+    println!(
+        "  new snippet, compile + run   {:>8.1} ms   vs rustc -O + run locally {:.1} ms: {:.2}x",
+        ms(remote),
+        ms(local),
+        remote.as_secs_f64() / local.as_secs_f64()
+    );
+    node.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("execute") {
+        let scratch = tempfile::tempdir()?;
+        return bench_execute(scratch.path()).await;
+    }
     let fixtures_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let mut fixtures: Vec<PathBuf> = std::env::args()
         .skip(1)
