@@ -7,6 +7,11 @@
 //! [`Authenticator`]. With `tls` configured gRPC is served over TLS (rustls, ring); bearer
 //! tokens off loopback belong inside it.
 //!
+//! The standard gRPC health service (`grpc.health.v1.Health`) answers without a token (it
+//! says only whether the server serves): `""` and each REAPI service are `SERVING` while the
+//! server runs and `NOT_SERVING` from the moment shutdown starts, so a load balancer stops
+//! sending work before the listener closes.
+//!
 //! With `execution.enabled` (the default) the server starts an [`Executor`] on the same store
 //! (one `Cas`, opened once), its data under `{data_dir}/executor`, and serves Execution,
 //! Operations and live action output through ByteStream. If the executor cannot start (the
@@ -57,6 +62,8 @@ pub struct ServerState {
     pub executor: Option<Executor>,
     /// The TLS identity gRPC is served with; `None`: plaintext.
     pub tls: Option<tonic::transport::Identity>,
+    /// What the gRPC health service answers.
+    pub health: tonic_health::server::HealthReporter,
 }
 
 impl ServerState {
@@ -148,6 +155,7 @@ impl Server {
                 uploads,
                 executor,
                 tls,
+                health: tonic_health::server::HealthReporter::new(),
             },
         })
     }
@@ -221,6 +229,9 @@ impl Server {
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity.clone()))
                 .context("TLS configuration")?;
         }
+        let health = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(state.health.clone()),
+        );
         Ok(builder
             // Loopback streaming of multi-GiB blobs needs windows larger than HTTP/2's 64 KiB.
             .initial_stream_window_size(Some(8 << 20))
@@ -232,7 +243,24 @@ impl Server {
             .add_service(InterceptedService::new(action_cache, auth.clone()))
             .add_service(InterceptedService::new(bytestream, auth))
             .add_optional_service(execution)
-            .add_optional_service(operations))
+            .add_optional_service(operations)
+            .add_service(health))
+    }
+
+    /// The names the health service reports, with the overall `""`.
+    fn health_names(&self) -> Vec<&'static str> {
+        use tonic::server::NamedService;
+        let mut names = vec![
+            "",
+            <CapabilitiesServer<CapabilitiesService> as NamedService>::NAME,
+            <ContentAddressableStorageServer<CasService> as NamedService>::NAME,
+            <ActionCacheServer<ActionCacheService> as NamedService>::NAME,
+            <ByteStreamServer<ByteStreamService> as NamedService>::NAME,
+        ];
+        if self.state.execution_enabled() {
+            names.push(<ExecutionServer<crate::execution::ExecutionService> as NamedService>::NAME);
+        }
+        names
     }
 
     /// Serves on the given listeners until `shutdown` resolves, then drains and flushes.
@@ -243,8 +271,20 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (health, names) = (self.state.health.clone(), self.health_names());
+        for name in &names {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         tokio::spawn(async move {
             shutdown.await;
+            // Probes see the drain before the listener closes.
+            for name in &names {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
             let _ = stop_tx.send(true);
         });
         let wait = |mut rx: watch::Receiver<bool>| async move {

@@ -1446,6 +1446,57 @@ async fn execution_and_operations_are_unimplemented_when_execution_is_disabled()
 }
 
 #[tokio::test]
+async fn health_answers_without_a_token_and_turns_not_serving_on_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let server = TestServer::start_with(with_tokens).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    for service in [
+        "",
+        "build.bazel.remote.execution.v2.ContentAddressableStorage",
+        "build.bazel.remote.execution.v2.ActionCache",
+        "build.bazel.remote.execution.v2.Capabilities",
+        "google.bytestream.ByteStream",
+    ] {
+        let answer = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(answer.status(), ServingStatus::Serving, "{service:?}");
+    }
+    // Execution is off on this server; an unknown name is unknown.
+    for service in ["build.bazel.remote.execution.v2.Execution", "no.such.Service"] {
+        let status = health.check(check(service)).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{service:?}");
+    }
+    // The REAPI itself still wants its token.
+    let mut c = server.clients().await;
+    assert_eq!(
+        c.caps
+            .get_capabilities(GetCapabilitiesRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    // A watcher sees NOT_SERVING as soon as shutdown starts.
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let stopping = tokio::spawn(server.shutdown());
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message())
+        .await
+        .expect("a status change within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    drop(watch);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
 async fn restart_serves_cached_results_from_the_same_data() {
     let mut server = TestServer::start().await;
     let mut c = server.clients().await;

@@ -124,6 +124,16 @@ impl TestServer {
         self.server = Some(Server::spawn(config).await.expect("server restarts"));
     }
 
+    /// Shuts the server down (clean drain and flush).
+    pub async fn shutdown(mut self) {
+        self.server
+            .take()
+            .unwrap()
+            .shutdown()
+            .await
+            .expect("clean shutdown");
+    }
+
     pub fn blobs(&self) -> &rba_cas::BlobStore {
         &self.running().state.cas.blobs
     }
