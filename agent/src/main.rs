@@ -60,6 +60,15 @@ struct Cli {
     /// Colours in cargo's output.
     #[arg(long, global = true, value_enum, default_value_t, env = "RBA_COLOR")]
     color: ColorChoice,
+    /// rba's own log lines (on stderr, filtered by RBA_LOG): text, or json for collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "RBA_LOG_FORMAT"
+    )]
+    log_format: rba_cache_server::logging::LogFormat,
     #[command(subcommand)]
     command: Commands,
 }
@@ -188,13 +197,10 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RBA_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    rba_cache_server::logging::init(
+        tracing_subscriber::EnvFilter::try_from_env("RBA_LOG").unwrap_or_else(|_| "warn".into()),
+        cli.log_format,
+    );
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(run(cli));
     // Background tasks (the swarm, blocking readers) must not keep the process alive.

@@ -480,6 +480,10 @@ pub struct Cli {
     #[arg(long, env = "RBA_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
 
+    /// Log line format: `text`, or `json` (one object per line, for log collectors).
+    #[arg(long, env = "RBA_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: crate::logging::LogFormat,
+
     /// Print the effective configuration as TOML and exit (tokens are masked).
     #[arg(long)]
     pub print_config: bool,

@@ -28,6 +28,7 @@ pub mod capabilities;
 pub mod cas;
 pub mod config;
 pub mod execution;
+pub mod logging;
 pub mod metrics;
 pub mod resource_name;
 pub mod server;

@@ -105,6 +105,50 @@ async fn clients(addr: std::net::SocketAddr) -> Clients {
 }
 
 #[test]
+fn json_logs_are_one_object_per_line() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args(["--fsync", "false", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("RBA_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cache-server starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let serving = loop {
+        let line = lines.next().expect("a log line").unwrap();
+        let object: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        assert!(
+            object["level"].is_string() && object["timestamp"].is_string(),
+            "{line}"
+        );
+        seen.push(line);
+        if object["message"] == "serving REAPI" {
+            break object;
+        }
+        assert!(seen.len() < 50, "{seen:#?}");
+    };
+    let addr: std::net::SocketAddr = serving["addr"].as_str().unwrap().parse().unwrap();
+    assert_ne!(addr.port(), 0);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<serde_json::Value> = lines
+        .map(|line| serde_json::from_str(&line.unwrap()).expect("JSON line"))
+        .collect();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        rest.iter().any(|o| o["message"] == "shut down cleanly"),
+        "{rest:#?}"
+    );
+}
+
+#[test]
 fn help_and_print_config() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);

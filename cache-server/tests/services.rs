@@ -1447,9 +1447,9 @@ async fn execution_and_operations_are_unimplemented_when_execution_is_disabled()
 
 #[tokio::test]
 async fn health_answers_without_a_token_and_turns_not_serving_on_shutdown() {
+    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
     let server = TestServer::start_with(with_tokens).await;
     let mut health = HealthClient::new(server.channel().await);
     let check = |service: &str| HealthCheckRequest {
@@ -1466,7 +1466,10 @@ async fn health_answers_without_a_token_and_turns_not_serving_on_shutdown() {
         assert_eq!(answer.status(), ServingStatus::Serving, "{service:?}");
     }
     // Execution is off on this server; an unknown name is unknown.
-    for service in ["build.bazel.remote.execution.v2.Execution", "no.such.Service"] {
+    for service in [
+        "build.bazel.remote.execution.v2.Execution",
+        "no.such.Service",
+    ] {
         let status = health.check(check(service)).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{service:?}");
     }

@@ -8,12 +8,10 @@ use tokio::net::TcpListener;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    rba_cache_server::logging::init(
+        tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?,
+        cli.log_format,
+    );
     let print_config = cli.print_config;
     let config = cli.into_config()?;
     if print_config {
