@@ -122,6 +122,9 @@ pub struct NodeConfig {
     pub execute: crate::execute::ExecuteConfig,
     /// `[sandbox]`: how jobs are isolated.
     pub sandbox: SandboxSection,
+    /// On shutdown (SIGTERM), how long jobs already taken may run to their end before they
+    /// are cancelled; new submissions are refused (`unavailable`) meanwhile. Default 30.
+    pub shutdown_grace_secs: u64,
 }
 
 /// The `[sandbox]` section: which isolation provider starts the jobs
@@ -243,6 +246,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             execute: crate::execute::ExecuteConfig::default(),
             sandbox: SandboxSection::default(),
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -259,6 +263,8 @@ impl NodeConfig {
             http_listen: Some(([127, 0, 0, 1], 0).into()),
             grpc_listen: None,
             fsync: false,
+            // A throw-away node does not keep its stopper waiting for long builds.
+            shutdown_grace_secs: 5,
             ..NodeConfig::default()
         }
     }

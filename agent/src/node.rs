@@ -102,6 +102,9 @@ pub struct NodeShared {
     session_aliases: parking_lot::Mutex<std::collections::HashMap<String, String>>,
     /// `POST /execute`: how many run and wait.
     pub execute: crate::execute::ExecuteGate,
+    /// libp2p streams being served (sessions, blob transfers): a shutdown waits for them to
+    /// end so that clients of builds that finished during the drain fetch their outputs.
+    active_streams: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -527,6 +530,9 @@ impl NodeShared {
                 rba_executor::runner::ExecutorError::Action(
                     rba_executor::action::ActionError::Invalid { .. },
                 ) => Refusal::new("invalid_input", e.to_string()),
+                rba_executor::runner::ExecutorError::Draining => {
+                    Refusal::new("unavailable", e.to_string())
+                }
                 e => Refusal::new("internal", format!("submitting: {e}")),
             })?;
         let record = BuildRecord {
@@ -920,6 +926,7 @@ impl Node {
             allowed,
             session_aliases: Default::default(),
             execute: crate::execute::ExecuteGate::new(config.execute.clone()),
+            active_streams: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -1018,8 +1025,42 @@ impl Node {
         self.grpc_addr
     }
 
-    /// Stops accepting, closes listeners and connections, flushes the store.
+    /// Drains, then stops: no new job is taken, the jobs already taken get
+    /// [`NodeConfig::shutdown_grace_secs`](crate::config::NodeConfig) to finish (then they are
+    /// cancelled), then every face and task stops and the store is flushed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(self.shared.config.shutdown_grace_secs);
+        let deadline = tokio::time::Instant::now() + grace;
+        let busy = self
+            .shared
+            .executor
+            .jobs()
+            .iter()
+            .any(|job| !matches!(job.state(), rba_executor::runner::JobState::Done(_)));
+        let cancelled = self.shared.executor.drain(grace).await;
+        if cancelled > 0 {
+            tracing::warn!(
+                cancelled,
+                "jobs cancelled at shutdown after the grace period"
+            );
+        }
+        // Clients of builds that just ended fetch their artifacts next: serve until no stream
+        // has been open for a moment, within what is left of the grace period.
+        let mut quiet_since = None;
+        while busy && tokio::time::Instant::now() < deadline {
+            let open = self
+                .shared
+                .active_streams
+                .load(std::sync::atomic::Ordering::SeqCst);
+            let now = tokio::time::Instant::now();
+            match (open, quiet_since) {
+                (0, None) => quiet_since = Some(now),
+                (0, Some(since)) if now - since >= QUIET_BEFORE_STOP => break,
+                (0, Some(_)) => {}
+                _ => quiet_since = None,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
@@ -1029,6 +1070,9 @@ impl Node {
         Ok(())
     }
 }
+
+/// At shutdown, how long no libp2p stream must have been open before the node stops.
+const QUIET_BEFORE_STOP: Duration = Duration::from_millis(1500);
 
 type Spawn = fn(Arc<NodeShared>, PeerId, libp2p::Stream) -> tokio::task::JoinHandle<()>;
 
@@ -1049,7 +1093,14 @@ fn accept_loop(
                 _ = stop.wait_for(|s| *s) => return,
                 next = incoming.next() => match next {
                     Some((peer, stream)) => {
-                        spawn(node.clone(), peer, stream);
+                        use std::sync::atomic::Ordering;
+                        node.active_streams.fetch_add(1, Ordering::SeqCst);
+                        let served = spawn(node.clone(), peer, stream);
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            let _ = served.await;
+                            node.active_streams.fetch_sub(1, Ordering::SeqCst);
+                        });
                     }
                     None => return,
                 },

@@ -277,12 +277,17 @@ impl Served {
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.child.wait().unwrap()
+    }
+
+    /// Sends SIGTERM without waiting.
+    fn terminate(&self) {
         std::process::Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status()
             .unwrap();
-        self.child.wait().unwrap()
     }
 }
 
@@ -1450,4 +1455,60 @@ fn embedded_audit_reports_a_vulnerable_dependency_from_the_users_advisory_db() {
     );
     assert!(output.contains("RUSTSEC-2099-0009"), "{output}");
     assert!(output.contains("1 vulnerability found"), "{output}");
+}
+
+#[test]
+fn sigterm_lets_a_running_build_finish_and_refuses_new_ones() {
+    let node_dir = tempfile::tempdir().unwrap();
+    let mut served = Served::start(node_dir.path());
+    // A build that is surely running when the node is told to stop: its script sleeps 4 s.
+    let sleepy = tempfile::tempdir().unwrap();
+    let root = sleepy.path();
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        "[package]\nname = \"sleepy\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(
+        root.join("build.rs"),
+        "fn main() { std::thread::sleep(std::time::Duration::from_secs(4)); }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("Cargo.lock"),
+        "version = 4\n\n[[package]]\nname = \"sleepy\"\nversion = \"0.1.0\"\n",
+    )
+    .unwrap();
+    let client = tempfile::tempdir().unwrap();
+    let build = Background::start(
+        client.path(),
+        &[
+            "build".as_ref(),
+            root.as_os_str(),
+            "--remote".as_ref(),
+            served.tcp.as_ref(),
+        ],
+    );
+    build.wait_for(true, "Compiling sleepy");
+    served.terminate();
+
+    // While it drains, a new build is refused, saying why.
+    let late_client = tempfile::tempdir().unwrap();
+    let late = rba(late_client.path())
+        .args(["build"])
+        .arg(fixture("hello"))
+        .args(["--remote", &served.tcp])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .failure();
+    let err = stderr_of(late.get_output());
+    assert!(err.contains("shutting down"), "{err}");
+
+    // The running one ends as it would have, and so does the node.
+    let (code, output) = build.wait(std::time::Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{output}");
+    let status = served.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }

@@ -18,6 +18,7 @@
 //! [execution]
 //! enabled = true                       # the REAPI Execution service (needs the sandbox's prerequisites)
 //! workers = 2                          # actions running at once (default: CPUs, at most 4)
+//! shutdown_grace_secs = 30             # SIGTERM: actions taken may finish this long, then cancelled
 //!
 //! [tls]                                # gRPC over TLS (rustls); needed for tokens off loopback
 //! cert = "/etc/rba/server.pem"         # PEM certificate chain
@@ -118,6 +119,9 @@ pub struct ExecutionConfig {
     pub enabled: bool,
     /// Actions running at once (default: the executor's, CPUs up to 4).
     pub workers: Option<usize>,
+    /// On shutdown (SIGTERM), how long actions already taken may run to their end before they
+    /// are cancelled; new Executes get `UNAVAILABLE` meanwhile. Default 30.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ExecutionConfig {
@@ -125,6 +129,7 @@ impl Default for ExecutionConfig {
         ExecutionConfig {
             enabled: true,
             workers: None,
+            shutdown_grace_secs: 30,
         }
     }
 }

@@ -578,6 +578,8 @@ fn submit_status(error: ExecutorError) -> Status {
             Status::invalid_argument(format!("invalid {what}: {reason}"))
         }
         ExecutorError::Action(ActionError::Cas(e)) | ExecutorError::Cas(e) => status::from_cas(e),
+        // Shutting down: a client retries elsewhere or later.
+        ExecutorError::Draining => Status::unavailable(error.to_string()),
         other => {
             tracing::error!(error = %other, "submitting an action failed");
             Status::internal(other.to_string())

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rba_cas::Cas;
-use rba_executor::runner::{Executor, ExecutorConfig, JobState};
+use rba_executor::runner::{Executor, ExecutorConfig};
 use rba_proto::bytestream::byte_stream_server::ByteStreamServer;
 use rba_proto::longrunning::operations_server::OperationsServer;
 use rba_proto::reapi::action_cache_server::ActionCacheServer;
@@ -292,13 +292,15 @@ impl Server {
         };
 
         let reaper = tokio::spawn(self.state.uploads.clone().reap_forever());
-        // On shutdown, running actions are cancelled (their sandboxes killed) first, so their
-        // Execute streams end and draining does not wait for them.
+        // On shutdown the executor drains first: no new action, those taken get the grace
+        // period to finish, then are cancelled (their sandboxes killed), so their Execute
+        // streams end before the gRPC drain below gives up on them.
+        let grace = Duration::from_secs(self.state.config.execution.shutdown_grace_secs);
         let cancel_task = self.state.executor.clone().map(|executor| {
             let signal = wait(stop_rx.clone());
             tokio::spawn(async move {
                 signal.await;
-                cancel_running(&executor).await;
+                executor.drain(grace).await;
             })
         });
         let metrics_task = metrics_listener.map(|listener| {
@@ -324,20 +326,21 @@ impl Server {
             .router()?
             .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
         let mut drain_rx = stop_rx.clone();
-        // Draining waits for in-flight requests; a client that never finishes gets 10 s.
+        // Draining waits for in-flight requests (Execute streams end with their actions, see
+        // above); a client that never finishes gets 10 s more.
         let result = tokio::select! {
             result = grpc => result.context("gRPC server"),
             _ = async {
                 let _ = drain_rx.wait_for(|stop| *stop).await;
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(grace + Duration::from_secs(10)).await;
             } => {
-                tracing::warn!("requests still running 10 s after shutdown; closing anyway");
+                tracing::warn!("requests still running after the shutdown grace; closing anyway");
                 Ok(())
             }
         };
         reaper.abort();
         if let Some(task) = cancel_task {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            let _ = tokio::time::timeout(grace + Duration::from_secs(10), task).await;
         }
         if let Some(task) = metrics_task {
             match tokio::time::timeout(Duration::from_secs(5), task).await {
@@ -424,28 +427,5 @@ fn start_executor(cas: &Cas, config: &Config) -> Option<Executor> {
             );
             None
         }
-    }
-}
-
-/// Cancels every job not yet done and waits (a little) for them to end.
-async fn cancel_running(executor: &Executor) {
-    let running: Vec<_> = executor
-        .jobs()
-        .into_iter()
-        .filter(|job| !matches!(job.state(), JobState::Done(_)))
-        .collect();
-    if running.is_empty() {
-        return;
-    }
-    tracing::info!(jobs = running.len(), "cancelling running actions");
-    for job in &running {
-        job.cancel();
-    }
-    let all = futures::future::join_all(running.iter().map(|job| job.wait()));
-    if tokio::time::timeout(Duration::from_secs(5), all)
-        .await
-        .is_err()
-    {
-        tracing::warn!("actions still running 5 s after cancellation");
     }
 }

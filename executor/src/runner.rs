@@ -265,6 +265,9 @@ pub enum ExecutorError {
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,
+    /// The executor is draining for a shutdown ([`Executor::drain`]) and takes no new job.
+    #[error("the executor is shutting down and takes no new jobs")]
+    Draining,
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecutorError {
@@ -535,6 +538,8 @@ struct Inner {
     queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
     jobs: Mutex<HashMap<String, JobHandle>>,
     logs: crate::logstream::LogRegistry,
+    /// Set by [`Executor::drain`]: every later submit is refused.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Inner {
@@ -584,6 +589,7 @@ impl Executor {
                 queue: Mutex::new(Vec::new()),
                 jobs: Mutex::new(HashMap::new()),
                 logs: crate::logstream::LogRegistry::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -667,6 +673,58 @@ impl Executor {
         self.inner.queue.lock().len()
     }
 
+    /// Drains for a shutdown: from now on every submit fails with
+    /// [`ExecutorError::Draining`]; the jobs already taken (queued or running) get up to
+    /// `grace` to finish, then those left are cancelled (their sandboxes killed) and waited for
+    /// a few seconds more. Returns how many had to be cancelled. Idempotent.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let unfinished = || -> Vec<JobHandle> {
+            self.jobs()
+                .into_iter()
+                .filter(|job| !matches!(job.state(), JobState::Done(_)))
+                .collect()
+        };
+        let taken = unfinished();
+        if taken.is_empty() {
+            return 0;
+        }
+        tracing::info!(
+            jobs = taken.len(),
+            ?grace,
+            "draining: waiting for running jobs"
+        );
+        let all = futures::future::join_all(taken.iter().map(|job| job.wait()));
+        if tokio::time::timeout(grace, all).await.is_ok() {
+            return 0;
+        }
+        let left = unfinished();
+        tracing::warn!(
+            jobs = left.len(),
+            "draining: cancelling jobs still running after the grace period"
+        );
+        for job in &left {
+            job.cancel();
+        }
+        let all = futures::future::join_all(left.iter().map(|job| job.wait()));
+        if tokio::time::timeout(Duration::from_secs(5), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("draining: jobs still running 5 s after cancellation");
+        }
+        left.len()
+    }
+
+    /// Whether [`Executor::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Stores a cargo job as an Action over `input_root` and submits it.
     pub async fn submit_cargo(
         &self,
@@ -726,6 +784,9 @@ impl Executor {
     /// the CAS is let through (a cached result may answer it); it is checked again before it is
     /// written anywhere.
     pub async fn submit(&self, request: ExecuteRequest) -> Result<JobHandle, ExecutorError> {
+        if self.is_draining() {
+            return Err(ExecutorError::Draining);
+        }
         let blobs = self.inner.cas.blobs.clone();
         let digest = request.action_digest;
         let limits = self.inner.config.tree_limits.clone();
