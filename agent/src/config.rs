@@ -13,6 +13,7 @@
 //! ```toml
 //! grpc_listen = "0.0.0.0:50051"
 //! public_read = false            # true: anyone may read /builds… over HTTP (demo nodes)
+//! http_cors_origins = []         # web apps elsewhere that may call the read API ("*": any)
 //! sharing_peers = ["12D3KooW…"]  # operators' nodes that may read every blob and result here
 //! [tls]
 //! cert = "/etc/rba/server.pem"
@@ -93,6 +94,10 @@ pub struct NodeConfig {
     /// Anyone may read the HTTP views of builds (`/builds`, logs, events) without a token: for
     /// a single-user or demo node only.
     pub public_read: bool,
+    /// Origins (`https://ci.example.com`, or `"*"`) whose pages may call the HTTP read API
+    /// from a browser (CORS, `GET` with a bearer token; never the dashboard's cookie). Empty
+    /// (the default): no cross-origin reads.
+    pub http_cors_origins: Vec<String>,
     /// Serve the REAPI gRPC face over TLS with this certificate and key.
     pub tls: Option<TlsConfig>,
     /// When set, only these PeerIds may upload and submit (everyone else gets `forbidden`).
@@ -214,6 +219,7 @@ impl Default for NodeConfig {
             sharing_peers: Vec::new(),
             auth: AuthConfig::default(),
             public_read: false,
+            http_cors_origins: Vec::new(),
             tls: None,
             allowed_clients: None,
             cas_max_bytes: 50 << 30,
@@ -257,7 +263,7 @@ impl NodeConfig {
     /// `RBA_GRPC_LISTEN` (`off` disables), `RBA_WORKERS`, `RBA_TRUSTED_PEERS`
     /// (comma-separated `MULTIADDR/p2p/PEERID`), `RBA_TOKENS` (comma-separated
     /// `NAME:TOKEN:ACCESS`, added to the file's), `RBA_PUBLIC_READ` (`true`/`false`),
-    /// `RBA_TLS_CERT` and `RBA_TLS_KEY`.
+    /// `RBA_HTTP_CORS_ORIGINS` (comma-separated origins), `RBA_TLS_CERT` and `RBA_TLS_KEY`.
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         self.apply_vars(|name| std::env::var(name).ok())
     }
@@ -295,6 +301,9 @@ impl NodeConfig {
                 .trim()
                 .parse()
                 .with_context(|| format!("RBA_PUBLIC_READ={public:?} is not true or false"))?;
+        }
+        if let Some(origins) = var("RBA_HTTP_CORS_ORIGINS") {
+            self.http_cors_origins = split_list(&origins);
         }
         if let Some(tls) = TlsConfig::from_flags(
             var("RBA_TLS_CERT").map(PathBuf::from),
@@ -340,6 +349,9 @@ impl NodeConfig {
             anyhow::bail!(
                 "TLS is for the REAPI gRPC face: give --grpc ADDR too, or drop --tls-cert/--tls-key"
             );
+        }
+        for origin in &self.http_cors_origins {
+            crate::http::cors_origin(origin)?;
         }
         anyhow::ensure!(self.workers > 0, "workers must be at least 1");
         anyhow::ensure!(

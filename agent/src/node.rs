@@ -53,6 +53,8 @@ use crate::p2p::{CAS_PROTOCOL, Network, SESSION_PROTOCOL};
 
 /// Blobs listed in a `missing_input` error, at most (the client asks `Has` for the rest).
 const MAX_LISTED_MISSING: usize = 1000;
+/// How old a measure of the executor's cache usage may be.
+const USAGE_MAX_AGE: Duration = Duration::from_secs(10);
 /// How long one trusted peer gets to serve what a submission lacks.
 const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -102,6 +104,8 @@ pub struct NodeShared {
     session_aliases: parking_lot::Mutex<std::collections::HashMap<String, String>>,
     /// `POST /execute`: how many run and wait.
     pub execute: crate::execute::ExecuteGate,
+    /// The executor's cache usage and when it was measured (see [`NodeShared::cache_usage`]).
+    usage: parking_lot::Mutex<Option<(std::time::Instant, rba_executor::caches::CacheUsage)>>,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -360,6 +364,22 @@ impl NodeShared {
         .unwrap_or_else(|| vec![root])
     }
 
+    /// Slots and the shared registry cache's size (`/cache/stats`, the dashboard): a walk of
+    /// the cargo home, so measured at most every [`USAGE_MAX_AGE`] and off the async threads.
+    pub async fn cache_usage(&self) -> rba_executor::caches::CacheUsage {
+        if let Some((at, usage)) = *self.usage.lock()
+            && at.elapsed() < USAGE_MAX_AGE
+        {
+            return usage;
+        }
+        let executor = self.executor.clone();
+        let usage = tokio::task::spawn_blocking(move || executor.cache_usage())
+            .await
+            .unwrap_or_default();
+        *self.usage.lock() = Some((std::time::Instant::now(), usage));
+        usage
+    }
+
     /// True when `peer` may upload and submit.
     pub fn may_submit(&self, peer: &PeerId) -> bool {
         self.allowed.as_ref().is_none_or(|a| a.contains(peer))
@@ -536,6 +556,7 @@ impl NodeShared {
             input_root: format!("{root:?}"),
             action_digest: format!("{action_digest:?}"),
             client: peer.map(|p| p.to_string()),
+            workspace: Some(sanitize_hint(&submit.workspace_hint)),
             tenant: Some(tenant.as_str().to_string()),
             submitted_at_ms: now_ms(),
             status: "running".to_string(),
@@ -919,6 +940,7 @@ impl Node {
             allowed,
             session_aliases: Default::default(),
             execute: crate::execute::ExecuteGate::new(config.execute.clone()),
+            usage: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();

@@ -168,6 +168,45 @@ impl CacheLayout {
     }
 }
 
+/// What the caches hold (the node's dashboard and `/cache/stats` show it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    /// Per-(tenant, workspace, toolchain) slots on disk.
+    pub slots: usize,
+    /// Bytes of the shared cargo home (registry index, crate sources, git checkouts).
+    pub cargo_home_bytes: u64,
+}
+
+impl CacheLayout {
+    /// Counts the slots and sums the shared cargo home's file sizes (a directory walk that
+    /// follows no links: call it off the async threads, and not on every request).
+    pub fn usage(&self) -> CacheUsage {
+        let slots = fs::read_dir(self.root.join("slots"))
+            .map(|entries| entries.filter_map(Result::ok).count())
+            .unwrap_or(0);
+        let mut cargo_home_bytes = 0;
+        let mut queue = vec![self.cargo_home()];
+        while let Some(dir) = queue.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => queue.push(entry.path()),
+                    Ok(kind) if kind.is_file() => {
+                        cargo_home_bytes += entry.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        CacheUsage {
+            slots,
+            cargo_home_bytes,
+        }
+    }
+}
+
 fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {

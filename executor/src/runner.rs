@@ -662,6 +662,11 @@ impl Executor {
         self.inner.jobs.lock().remove(id)
     }
 
+    /// Slots and the shared cargo home's size (a directory walk: off the async threads).
+    pub fn cache_usage(&self) -> crate::caches::CacheUsage {
+        self.inner.layout.usage()
+    }
+
     /// Jobs waiting for a worker.
     pub fn queue_len(&self) -> usize {
         self.inner.queue.lock().len()
