@@ -69,6 +69,8 @@ pub fn pages() -> Router<Arc<NodeShared>> {
         .route("/logout", post(logout))
         .route("/assets/app.js", get(|| asset(APP_JS, "text/javascript")))
         .route("/assets/app.css", get(|| asset(APP_CSS, "text/css")))
+        // Pages name no icon file (`data:,`); answers that are not pages make browsers ask.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
 }
 
 /// The SVG badges (part of the read API: CORS applies).
@@ -113,7 +115,9 @@ fn html(status: StatusCode, body: String) -> Response {
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CONTENT_SECURITY_POLICY, CSP),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::REFERRER_POLICY, "no-referrer"),
+            // Not `no-referrer`: with it a form's POST says `Origin: null`, and the login
+            // refuses requests that do not come from the node's own pages.
+            (header::REFERRER_POLICY, "same-origin"),
             (header::CACHE_CONTROL, "no-store"),
         ],
         body,

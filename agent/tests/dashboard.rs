@@ -172,6 +172,14 @@ impl Drop for Browser {
 
 impl Cdp {
     async fn call(&self, method: &str, params: Value) -> Value {
+        let reply = self.call_raw(method, params).await;
+        assert!(reply.get("error").is_none(), "{method}: {reply}");
+        reply["result"].clone()
+    }
+
+    /// The whole answer, an `error` included (e.g. "Execution context was destroyed" while a
+    /// page navigates).
+    async fn call_raw(&self, method: &str, params: Value) -> Value {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pending.lock().insert(id, tx);
@@ -185,12 +193,10 @@ impl Cdp {
             .send(Message::Text(message.to_string().into()))
             .await
             .unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(30), rx)
+        tokio::time::timeout(Duration::from_secs(30), rx)
             .await
             .unwrap_or_else(|_| panic!("{method}: no answer"))
-            .unwrap();
-        assert!(reply.get("error").is_none(), "{method}: {reply}");
-        reply["result"].clone()
+            .unwrap()
     }
 
     /// The value of a JavaScript expression in the page (promises awaited).
@@ -212,20 +218,30 @@ impl Cdp {
     async fn wait_for(&self, expression: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
+            // Errors (a context destroyed by a navigation) only mean "not yet".
             let value = self
-                .call(
+                .call_raw(
                     "Runtime.evaluate",
                     json!({ "expression": expression, "returnByValue": true }),
                 )
                 .await;
-            let value = &value["result"]["value"];
+            let value = &value["result"]["result"]["value"];
             if !value.is_null() && value != &json!(false) && value != &json!("") {
                 return value.clone();
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {expression}"
-            );
+            if Instant::now() >= deadline {
+                let page = self
+                    .call(
+                        "Runtime.evaluate",
+                        json!({ "expression": "location.href + '\\n' + (document.body ? document.body.innerText : '')", "returnByValue": true }),
+                    )
+                    .await;
+                panic!(
+                    "timed out waiting for {expression}\npage: {}\nerrors: {:#?}",
+                    page["result"]["value"],
+                    self.errors()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -405,6 +421,7 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
         assert!(Instant::now() < deadline, "the build never progressed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    println!("progress seen in the list: {progress_seen:?}");
     assert!(
         progress_seen.len() >= 2,
         "the progress bar moved: {progress_seen:?}"
@@ -436,6 +453,7 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
         assert!(Instant::now() < deadline, "the build never ended");
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+    println!("log lines seen on the build page while it ran: {lines_seen:?}");
     assert!(
         lines_seen.len() >= 2 && lines_seen.windows(2).all(|w| w[0] < w[1]),
         "the log grew while the build ran: {lines_seen:?}"
@@ -714,7 +732,7 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     let (_, _, body) = get(http, "/builds?status=failed", &[alice_cookie]).await;
     assert_eq!(body, "[]");
     for (query, field) in [
-        ("status=<script>", "status"),
+        ("status=%3Cscript%3E", "status"),
         ("kind=nope", "kind"),
         ("cursor=zzz", "cursor"),
         ("limit=0", "limit"),
@@ -821,11 +839,15 @@ async fn the_builds_page_paints_fast_with_ten_thousand_builds() {
             Duration::from_secs(20),
         )
         .await;
+        // Paint entries are queued a moment after the paint itself.
         let times = page
-            .eval(
-                "[performance.getEntriesByName('first-contentful-paint')[0].startTime, \
-                  performance.getEntriesByName('rba-builds-rendered')[0].startTime, \
-                  document.querySelectorAll('table.builds tbody tr').length]",
+            .wait_for(
+                "(() => { \
+                   const paint = performance.getEntriesByName('first-contentful-paint')[0]; \
+                   const rows = performance.getEntriesByName('rba-builds-rendered')[0]; \
+                   return paint && rows && [paint.startTime, rows.startTime, \
+                     document.querySelectorAll('table.builds tbody tr').length]; })()",
+                Duration::from_secs(20),
             )
             .await;
         figures.push((
