@@ -551,6 +551,40 @@ mod tests {
     }
 
     #[test]
+    fn cors_origins_are_origins_or_the_node_does_not_start() {
+        let mut config = NodeConfig::ephemeral("/tmp/x");
+        assert!(
+            config.http_cors_origins.is_empty(),
+            "CORS is off by default"
+        );
+        config
+            .apply_vars(|name| {
+                (name == "RBA_HTTP_CORS_ORIGINS")
+                    .then(|| "https://ci.example.com, http://127.0.0.1:8080".into())
+            })
+            .unwrap();
+        assert_eq!(
+            config.http_cors_origins,
+            ["https://ci.example.com", "http://127.0.0.1:8080"]
+        );
+        config.validate().unwrap();
+        for bad in [
+            "ci.example.com",
+            "https://ci.example.com/",
+            "https://ci.example.com/path",
+            "javascript:alert(1)",
+            "https://",
+            "https://a b",
+        ] {
+            config.http_cors_origins = vec![bad.to_string()];
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("http_cors_origins"), "{bad}: {error}");
+        }
+        config.http_cors_origins = vec!["*".to_string()];
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn grpc_off_loopback_needs_tokens_given_any_way() {
         let mut config = NodeConfig::ephemeral("/tmp/x");
         config.grpc_listen = Some(([0, 0, 0, 0], 0).into());

@@ -49,6 +49,8 @@ const APP_CSS: &str = include_str!("dashboard/app.css");
 
 /// Bytes of script and style the dashboard serves (all of it: the pages load nothing else).
 pub const ASSET_BYTES: usize = APP_JS.len() + APP_CSS.len();
+// The budget: the dashboard stays small enough to read, and to load at once on any link.
+const _: () = assert!(ASSET_BYTES < 20_000, "the dashboard's JS+CSS outgrew 20 kB");
 
 /// What every dashboard answer says about itself.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -141,18 +143,31 @@ fn page(title: &str, page: &str, id: &str, main: &str, logged_in: bool) -> Strin
     )
 }
 
-/// A page's viewer, or the answer that sends the browser to the login (a bad cookie is
-/// cleared on the way).
-fn page_viewer(node: &NodeShared, headers: &HeaderMap, path: &str) -> Result<Viewer, Response> {
-    viewer(node, headers, None).map_err(|_| {
-        let location = format!("/login?next={}", url_escape(path));
+/// The answer that sends a browser without a valid login to the login form (and clears a
+/// bad cookie on the way).
+struct ToLogin {
+    next: String,
+    clear_cookie: bool,
+}
+
+impl IntoResponse for ToLogin {
+    fn into_response(self) -> Response {
+        let location = format!("/login?next={}", url_escape(&self.next));
         let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response();
-        if crate::http::cookie_token(headers).is_some() {
+        if self.clear_cookie {
             response
                 .headers_mut()
                 .insert(header::SET_COOKIE, clear_cookie());
         }
         response
+    }
+}
+
+/// A page's viewer, or the way to the login.
+fn page_viewer(node: &NodeShared, headers: &HeaderMap, path: &str) -> Result<Viewer, ToLogin> {
+    viewer(node, headers, None).map_err(|_| ToLogin {
+        next: path.to_string(),
+        clear_cookie: crate::http::cookie_token(headers).is_some(),
     })
 }
 
@@ -162,7 +177,7 @@ fn logged_in(headers: &HeaderMap) -> bool {
 
 async fn builds_page(State(node): Node, headers: HeaderMap) -> Response {
     if let Err(login) = page_viewer(&node, &headers, "/") {
-        return login;
+        return login.into_response();
     }
     html(
         StatusCode::OK,
@@ -173,7 +188,7 @@ async fn builds_page(State(node): Node, headers: HeaderMap) -> Response {
 async fn build_page(State(node): Node, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let viewer = match page_viewer(&node, &headers, &format!("/ui/builds/{id}")) {
         Ok(viewer) => viewer,
-        Err(login) => return login,
+        Err(login) => return login.into_response(),
     };
     if visible_record(&node, &viewer, &id).is_none() {
         return html(
@@ -198,7 +213,7 @@ async fn build_page(State(node): Node, headers: HeaderMap, Path(id): Path<String
 
 async fn cache_page(State(node): Node, headers: HeaderMap) -> Response {
     if let Err(login) = page_viewer(&node, &headers, "/ui/cache") {
-        return login;
+        return login.into_response();
     }
     html(
         StatusCode::OK,
@@ -301,8 +316,7 @@ async fn logout(headers: HeaderMap) -> Response {
     if !crate::http::same_origin(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin logout refused").into_response();
     }
-    let mut response =
-        (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
+    let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
     response
         .headers_mut()
         .insert(header::SET_COOKIE, clear_cookie());
@@ -408,11 +422,16 @@ mod tests {
             "&lt;img src=x onerror=&quot;a&quot;&gt;&amp;&#39;"
         );
         assert_eq!(safe_next("/ui/builds/x"), "/ui/builds/x");
-        for hostile in ["//evil.example/", "https://evil.example/", "/\\evil", "", "/a\nb"] {
+        for hostile in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/\\evil",
+            "",
+            "/a\nb",
+        ] {
             assert_eq!(safe_next(hostile), "/", "{hostile:?}");
         }
         let badge = badge_svg("build", "<cache hit>");
         assert!(badge.contains("&lt;cache hit&gt;") && badge.starts_with("<svg"));
-        assert!(ASSET_BYTES < 20_000, "{ASSET_BYTES} bytes of JS+CSS");
     }
 }

@@ -255,10 +255,7 @@ impl History {
             if items.len() == limit {
                 // One more shown record exists: the page has a successor.
                 if view(record).is_some() {
-                    return Page {
-                        items,
-                        next: last,
-                    };
+                    return Page { items, next: last };
                 }
                 continue;
             }
@@ -447,6 +444,9 @@ mod tests {
         history.by_time.clear().unwrap();
         drop(history);
         let history = History::open(&db).unwrap();
-        assert_eq!(history.page(None, 10, |r| Some(r.id)).items, ["d", "b", "a", "e", "c"]);
+        assert_eq!(
+            history.page(None, 10, |r| Some(r.id)).items,
+            ["d", "b", "a", "e", "c"]
+        );
     }
 }

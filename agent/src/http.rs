@@ -381,7 +381,11 @@ async fn artifact(
     };
     let reader = match node.cas.blobs.reader(&digest, 0, digest.size) {
         Ok(reader) => reader,
-        Err(_) => return not_found(format!("artifact {index} of build {id:?} is no longer stored")),
+        Err(_) => {
+            return not_found(format!(
+                "artifact {index} of build {id:?} is no longer stored"
+            ));
+        }
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
     tokio::task::spawn_blocking(move || {

@@ -29,7 +29,9 @@ pub const STATUSES: &[&str] = &[
 
 /// Every job kind's name (the `kind` filter takes these).
 pub fn kinds() -> impl Iterator<Item = &'static str> {
-    rba_executor::cargo::JobKind::ALL.into_iter().map(|k| k.name())
+    rba_executor::cargo::JobKind::ALL
+        .into_iter()
+        .map(|k| k.name())
 }
 
 /// Units done / total of a running cargo job (`total` 0: unknown yet).
@@ -353,8 +355,7 @@ impl CacheView {
     /// caller does off the async threads, and not too often).
     pub fn new(node: &NodeShared, usage: rba_executor::caches::CacheUsage) -> CacheView {
         let stats = node.cas.blobs.stats();
-        let (cache_hits, jobs_finished) =
-            (node.metrics.cache_hits(), node.metrics.jobs_finished());
+        let (cache_hits, jobs_finished) = (node.metrics.cache_hits(), node.metrics.jobs_finished());
         CacheView {
             total_bytes: stats.total_bytes,
             blob_count: stats.blob_count,

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Client, node_with};
-use futures::stream::{SplitSink, StreamExt};
 use futures::SinkExt;
+use futures::stream::{SplitSink, StreamExt};
 use rba_agent::history::BuildRecord;
 use rba_agent::node::Node;
 use rba_agent::p2p::session::SessionEvent;
@@ -82,7 +82,11 @@ impl Browser {
         ]);
         command.arg(format!("--user-data-dir={}", profile.path().display()));
         // Chromium's own sandbox refuses to run as root (containers, CI).
-        if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) == 0 {
+        if std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(1)
+            == 0
+        {
             command.arg("--no-sandbox");
         }
         command.arg("about:blank");
@@ -492,7 +496,9 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
         )
         .await;
     assert!(steps.as_str().unwrap().contains("build"), "{steps}");
-    let summary = page.eval("document.querySelector('dl.summary').innerText").await;
+    let summary = page
+        .eval("document.querySelector('dl.summary').innerText")
+        .await;
     assert!(
         summary.as_str().unwrap().contains("blake3:"),
         "the action digest is shown: {summary}"
@@ -531,7 +537,13 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
 }
 
 /// A raw HTTP/1.1 request; (status, lower-cased head, body).
-async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
@@ -601,12 +613,17 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     let mut cross = form.to_vec();
     cross.push(("Origin", "http://evil.example"));
     assert_eq!(
-        request(http, "POST", "/login", &cross, "token=alice-secret-token").await.0,
+        request(http, "POST", "/login", &cross, "token=alice-secret-token")
+            .await
+            .0,
         403
     );
     let (status, head, _) = request(http, "POST", "/logout", &[], "").await;
     assert_eq!(status, 303);
-    assert!(head.contains("rba_token=;") && head.contains("max-age=0"), "{head}");
+    assert!(
+        head.contains("rba_token=;") && head.contains("max-age=0"),
+        "{head}"
+    );
 
     let alice_cookie = ("Cookie", "rba_token=alice-secret-token");
     let bob_cookie = ("Cookie", "rba_token=bob-secret-token");
@@ -623,7 +640,10 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
         assert!(head.contains("set-cookie: rba_token=;"), "{head}");
         let (status, head, _) = get(http, page, &[alice_cookie]).await;
         assert_eq!(status, 200, "{page}");
-        assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+        assert!(
+            head.contains("content-security-policy: default-src 'none'"),
+            "{head}"
+        );
     }
 
     // The API, the badges, the artifacts: the cookie works as the bearer header does.
@@ -676,8 +696,18 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     let (_, head, svg) = get(http, &badge, &[alice_cookie]).await;
     assert!(head.contains("content-type: image/svg+xml"), "{head}");
     assert!(svg.starts_with("<svg") && svg.contains("success"), "{svg}");
-    assert_eq!(get(http, &format!("/builds/{id}/artifacts/7"), &[alice_cookie]).await.0, 404);
-    assert_eq!(get(http, &format!("/builds/{id}/artifacts/-1"), &[alice_cookie]).await.0, 404);
+    assert_eq!(
+        get(http, &format!("/builds/{id}/artifacts/7"), &[alice_cookie])
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        get(http, &format!("/builds/{id}/artifacts/-1"), &[alice_cookie])
+            .await
+            .0,
+        404
+    );
 
     // The WebSocket: Alice's cookie from the node's own page; Bob's is a 404; the cookie sent
     // from another origin (another port of the same host is the same "site") is refused.
@@ -697,9 +727,12 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
             tokio_tungstenite::connect_async(request).await.map(|_| ())
         }
     };
-    ws("rba_token=alice-secret-token", Some(format!("http://{http}")))
-        .await
-        .unwrap();
+    ws(
+        "rba_token=alice-secret-token",
+        Some(format!("http://{http}")),
+    )
+    .await
+    .unwrap();
     let refused = ws("rba_token=bob-secret-token", Some(format!("http://{http}")))
         .await
         .unwrap_err();
@@ -728,7 +761,10 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     // Filters and bad queries.
     let (status, _, body) = get(http, "/builds?status=success&kind=build", &[alice_cookie]).await;
     assert_eq!(status, 200);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()[0]["id"], id.as_str());
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()[0]["id"],
+        id.as_str()
+    );
     let (_, _, body) = get(http, "/builds?status=failed", &[alice_cookie]).await;
     assert_eq!(body, "[]");
     for (query, field) in [
@@ -740,7 +776,11 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     ] {
         let (status, _, body) = get(http, &format!("/builds?{query}"), &[alice_cookie]).await;
         assert_eq!(status, 400, "{query}");
-        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["field"], field, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["field"],
+            field,
+            "{body}"
+        );
     }
 
     // CORS is off by default: no allow-origin for another origin's request or preflight.
@@ -757,10 +797,7 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     .await;
     assert!(!head.contains("access-control-allow-origin"), "{head}");
     // Nor does a cookie work from another origin.
-    assert_eq!(
-        get(http, "/builds", &[origin, alice_cookie]).await.0,
-        401
-    );
+    assert_eq!(get(http, "/builds", &[origin, alice_cookie]).await.0, 401);
     node.shutdown().await.unwrap();
 
     // With an origin configured: that origin may read with a bearer token, others not.
@@ -775,7 +812,12 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
         head.contains("access-control-allow-origin: https://ci.example.com"),
         "{head}"
     );
-    let (_, head, _) = get(http, "/builds", &[("Origin", "https://evil.example"), alice_bearer]).await;
+    let (_, head, _) = get(
+        http,
+        "/builds",
+        &[("Origin", "https://evil.example"), alice_bearer],
+    )
+    .await;
     assert!(!head.contains("access-control-allow-origin"), "{head}");
     node.shutdown().await.unwrap();
 }
@@ -823,8 +865,16 @@ async fn the_builds_page_paints_fast_with_ten_thousand_builds() {
     let (status, head, body) = get(http, "/builds", &[]).await;
     assert_eq!(status, 200);
     assert!(head.contains("link: </builds?limit=50&cursor="), "{head}");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap().as_array().unwrap().len(), 50);
-    let assets = get(http, "/assets/app.js", &[]).await.2.len() + get(http, "/assets/app.css", &[]).await.2.len();
+    assert_eq!(
+        serde_json::from_str::<Value>(&body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        50
+    );
+    let assets = get(http, "/assets/app.js", &[]).await.2.len()
+        + get(http, "/assets/app.css", &[]).await.2.len();
     assert_eq!(assets, rba_agent::dashboard::ASSET_BYTES);
 
     let browser = Browser::launch().await;
