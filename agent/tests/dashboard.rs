@@ -400,6 +400,11 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     // The script cannot read the HttpOnly cookie.
     assert_eq!(page.eval("document.cookie").await, json!(""));
 
+    let text = page.eval("document.querySelector('main').innerText").await;
+    assert!(
+        !text.as_str().unwrap().contains("null") && !text.as_str().unwrap().contains("undefined"),
+        "{text}"
+    );
     // The list shows the build; its progress moves while it runs.
     let row = format!("document.querySelector('tr[data-id=\"{id}\"]')");
     page.wait_for(&format!("{row} !== null"), Duration::from_secs(20))
@@ -914,6 +919,27 @@ async fn the_builds_page_paints_fast_with_ten_thousand_builds() {
          {rows} rows rendered {rows_painted:.0} ms after navigation start; JS+CSS {assets} bytes"
     );
     assert_eq!(rows, 50);
+    // The pager leads to the next 50, older ones.
+    page.eval("document.querySelector('.pager a').click(); true")
+        .await;
+    let second = page
+        .wait_for(
+            "location.search.includes('cursor=') && document.body.dataset.ready === '1' && \
+             document.querySelector('table.builds tbody tr').dataset.id",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(second, json!("00009949-0000-4000-8000-000000000000"));
+    let text = page.eval("document.querySelector('main').innerText").await;
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("« Newest") && text.contains("Older »"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("null") && !text.contains("undefined"),
+        "{text}"
+    );
     assert!(page.errors().is_empty(), "{:#?}", page.errors());
     // Loose bound (shared, loaded CI machines); the goal is 300 ms.
     assert!(rows_painted < 3000.0, "{figures:?}");

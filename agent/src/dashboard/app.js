@@ -95,9 +95,9 @@ async function buildsPage() {
       if (!json.length) body.append(el('tr', {}, el('td', { colspan: 7, class: 'empty', text: 'No builds.' })));
       busy = json.some(active);
       const next = link && /<\/builds\?([^>]*)>;\s*rel="next"/.exec(link);
-      nav.replaceChildren(
-        q.has('cursor') ? el('a', { href: '/?' + without(q, 'cursor'), text: '« Newest' }) : null,
-        next ? el('a', { href: '/?' + next[1], text: 'Older »' }) : null);
+      nav.replaceChildren(...[
+        q.has('cursor') && el('a', { href: '/?' + without(q, 'cursor'), text: '« Newest' }),
+        next && el('a', { href: '/?' + next[1], text: 'Older »' })].filter(Boolean));
       if (first) { first = false; performance.mark('rba-builds-rendered'); document.body.dataset.ready = '1'; }
     } catch (e) {
       if (e.message === 'login') return;
