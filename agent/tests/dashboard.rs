@@ -370,6 +370,8 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     let alice_tenant = format!("peer:{}", alice_key.public().to_peer_id());
     let node = node_with(&dir.path().join("node"), &[], |config| {
         config.auth.tokens = vec![token("alice", std::slice::from_ref(&alice_tenant))];
+        // One worker: a second build waits in the queue while the first runs.
+        config.workers = 1;
     })
     .await;
     let http = node.http_addr().unwrap();
@@ -409,6 +411,16 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     let row = format!("document.querySelector('tr[data-id=\"{id}\"]')");
     page.wait_for(&format!("{row} !== null"), Duration::from_secs(20))
         .await;
+    // A second build waits behind it: its row says so, with its place in the queue.
+    let (queued_id, queued_job) = start_build(&alice, &common::fixture("hello")).await;
+    page.wait_for(
+        &format!(
+            "(document.querySelector('tr[data-id=\"{queued_id}\"]') || {{}}).innerText \
+             ?.includes('queued #1')"
+        ),
+        Duration::from_secs(20),
+    )
+    .await;
     let mut progress_seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -468,6 +480,7 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
         "the log grew while the build ran: {lines_seen:?}"
     );
     let result = job.await.unwrap();
+    queued_job.await.unwrap();
     assert_eq!(
         result.body().status,
         rba_proto::rba::v1::JobStatus::Success as i32

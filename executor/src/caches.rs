@@ -298,6 +298,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn usage_counts_slots_and_the_cargo_homes_files_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::create(dir.path().join("executor")).unwrap();
+        assert_eq!(layout.usage(), CacheUsage::default());
+        layout.slot(&Tenant::token("a"), "w", "tc").unwrap();
+        layout.slot(&Tenant::token("b"), "w", "tc").unwrap();
+        let registry = layout.cargo_home().join("registry/src/x");
+        fs::create_dir_all(&registry).unwrap();
+        fs::write(registry.join("lib.rs"), vec![0u8; 1000]).unwrap();
+        fs::write(layout.cargo_home().join(".package-cache"), b"lock").unwrap();
+        // A link to something big outside is not the cache's size.
+        fs::write(dir.path().join("big"), vec![0u8; 100_000]).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("big"), registry.join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), registry.join("loop")).unwrap();
+        assert_eq!(
+            layout.usage(),
+            CacheUsage {
+                slots: 2,
+                cargo_home_bytes: 1004
+            }
+        );
+    }
+
+    #[test]
     fn slots_are_stable_exclusive_and_path_safe() {
         let dir = tempfile::tempdir().unwrap();
         let layout = CacheLayout::create(dir.path()).unwrap();
