@@ -13,11 +13,11 @@
 //!   failed, error, cancelled, cache hit), the kind, workspace, submitter, duration and, while
 //!   a build runs, its units done / total, refreshed every second.
 //! - `/ui/builds/{id}`: one build: status, the action digest and whether it was a cache hit,
-//!   its steps with durations, its artifacts (digest, size, download), and the whole log
-//!   following live over `/v1/sessions/{id}/events`, cargo's ANSI colours rendered as HTML.
-//!   The log is one stream: the executor records step durations, not which lines each step
-//!   printed, so steps are not expandable into their own logs. Another tenant's build is a 404
-//!   page, exactly as a build that does not exist.
+//!   its steps with durations, each expandable into the lines it printed (the executor notes
+//!   where in the log each step ended, `JobOutcome::step_end_lines`; steps are known once the
+//!   build ends), its artifacts (digest, size, download), and the whole log following live
+//!   over `/v1/sessions/{id}/events`, cargo's ANSI colours rendered as HTML. Another tenant's
+//!   build is a 404 page, exactly as a build that does not exist.
 //! - `/ui/cache`: store size, hit rate, evictions, slots, the shared registry cache's size.
 //! - `/login`: a form that posts a token once; `POST /login` checks it and sets the
 //!   [`TOKEN_COOKIE`] (HttpOnly: no script reads it; SameSite=Strict: no other site's request

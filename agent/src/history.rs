@@ -27,6 +27,13 @@ pub struct StepRecord {
     pub name: String,
     /// Milliseconds.
     pub ms: u64,
+    /// The log lines this step printed, `first_line..end_line` (`seq`s; absent in records from
+    /// before steps were located in the log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_line: Option<u64>,
+    /// See `first_line` (exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_line: Option<u64>,
 }
 
 /// An artifact of a job.
@@ -102,12 +109,18 @@ impl BuildRecord {
         self.exit_code = Some(outcome.exit_code);
         self.cache_hit = outcome.cache_hit;
         self.duration_ms = Some(outcome.duration.as_millis() as u64);
+        // Step i printed the lines between the ends of steps i - 1 and i.
+        let ends = (outcome.step_end_lines.len() == outcome.steps.len())
+            .then_some(&outcome.step_end_lines);
         self.steps = outcome
             .steps
             .iter()
-            .map(|(name, took)| StepRecord {
+            .enumerate()
+            .map(|(i, (name, took))| StepRecord {
                 name: name.clone(),
                 ms: took.as_millis() as u64,
+                first_line: ends.map(|e| if i == 0 { 0 } else { e[i - 1] }),
+                end_line: ends.map(|e| e[i]),
             })
             .collect();
         self.log_digest = outcome.log.as_ref().map(|l| format!("{:?}", l.log));
@@ -447,6 +460,51 @@ mod tests {
         assert_eq!(
             history.page(None, 10, |r| Some(r.id)).items,
             ["d", "b", "a", "e", "c"]
+        );
+    }
+
+    #[test]
+    fn finished_steps_name_their_lines_in_the_log() {
+        let mut build = record("x", 1, "me");
+        let outcome = |ends: Vec<u64>| JobOutcome {
+            status: JobStatus::Success,
+            exit_code: 0,
+            result: None,
+            cache_hit: false,
+            duration: std::time::Duration::from_millis(30),
+            log: None,
+            artifacts: vec![],
+            steps: ["queue", "sync", "build"]
+                .iter()
+                .map(|s| (s.to_string(), std::time::Duration::from_millis(10)))
+                .collect(),
+            step_end_lines: ends,
+            error: None,
+            timed_out: false,
+            limit: None,
+            peak_memory_bytes: None,
+        };
+        build.finish(&outcome(vec![0, 1, 9]), 10);
+        let ranges: Vec<_> = build
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.first_line, s.end_line))
+            .collect();
+        assert_eq!(
+            ranges,
+            [
+                ("queue", Some(0), Some(0)),
+                ("sync", Some(0), Some(1)),
+                ("build", Some(1), Some(9))
+            ]
+        );
+        // An outcome that does not locate its steps: durations only, and no ranges in JSON.
+        build.finish(&outcome(vec![]), 10);
+        assert!(build.steps.iter().all(|s| s.first_line.is_none()));
+        assert!(
+            !serde_json::to_string(&build)
+                .unwrap()
+                .contains("first_line")
         );
     }
 }

@@ -89,8 +89,8 @@ pub struct BuildView {
     pub duration_ms: Option<u64>,
     /// Time since submission while not finished (the server's clock).
     pub elapsed_ms: Option<u64>,
-    /// Per-step durations (`queue`, `slot-lock`, `sync`, `fetch`, `build`, `outputs`…), once
-    /// finished.
+    /// Per-step durations (`queue`, `slot-lock`, `sync`, `fetch`, `build`, `outputs`…) and
+    /// the log lines each printed (`first_line..end_line`), once finished.
     pub steps: Vec<StepRecord>,
     /// Artifacts, once finished.
     pub artifacts: Vec<ArtifactView>,

@@ -514,6 +514,21 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
         )
         .await;
     assert!(steps.as_str().unwrap().contains("build"), "{steps}");
+    // Each step opens on its own lines: the build step on cargo's, not the sync's.
+    page.eval("document.querySelector('button.toggle[data-step=\"build\"]').click(); true")
+        .await;
+    let build_log = page
+        .wait_for(
+            "(() => { const row = document.querySelector('button.toggle[data-step=\"build\"]') \
+               .closest('tr').nextElementSibling; return !row.hidden && row.innerText; })()",
+            Duration::from_secs(10),
+        )
+        .await;
+    let build_log = build_log.as_str().unwrap();
+    assert!(
+        build_log.contains("Compiling c0") && !build_log.contains("workspace synced"),
+        "{build_log}"
+    );
     let summary = page
         .eval("document.querySelector('dl.summary').innerText")
         .await;

@@ -113,15 +113,16 @@ function without(q, key) {
   return c.toString();
 }
 
-// Cargo's SGR colours as classes: f30..f37, f90..f97 (foreground), b (bold).
-function ansi(line, into) {
+// Cargo's SGR colours as classes: f30..f37, f90..f97 (foreground), b (bold). `st` carries the
+// colour from one line to the next, as a terminal would.
+function ansi(line, into, st) {
   const re = /\x1b\[([0-9;]*)m/g;
   let at = 0;
   let m;
   const put = (text) => {
     if (!text) return;
-    if (!ansi.fg && !ansi.bold) { into.append(text); return; }
-    into.append(el('span', { class: [ansi.fg && 'f' + ansi.fg, ansi.bold && 'b'].filter(Boolean).join(' '), text }));
+    if (!st.fg && !st.bold) { into.append(text); return; }
+    into.append(el('span', { class: [st.fg && 'f' + st.fg, st.bold && 'b'].filter(Boolean).join(' '), text }));
   };
   while ((m = re.exec(line))) {
     put(line.slice(at, m.index));
@@ -129,19 +130,17 @@ function ansi(line, into) {
     const codes = m[1] === '' ? [0] : m[1].split(';').map(Number);
     for (let i = 0; i < codes.length; i++) {
       const c = codes[i];
-      if (c === 0) { ansi.fg = 0; ansi.bold = false; }
-      else if (c === 1) ansi.bold = true;
-      else if (c === 22) ansi.bold = false;
-      else if ((c >= 30 && c <= 37) || (c >= 90 && c <= 97)) ansi.fg = c;
-      else if (c === 39) ansi.fg = 0;
-      else if (c === 38 && codes[i + 1] === 5) { const n = codes[i + 2]; ansi.fg = n < 8 ? 30 + n : n < 16 ? 82 + n : 0; i += 2; }
+      if (c === 0) { st.fg = 0; st.bold = false; }
+      else if (c === 1) st.bold = true;
+      else if (c === 22) st.bold = false;
+      else if ((c >= 30 && c <= 37) || (c >= 90 && c <= 97)) st.fg = c;
+      else if (c === 39) st.fg = 0;
+      else if (c === 38 && codes[i + 1] === 5) { const n = codes[i + 2]; st.fg = n < 8 ? 30 + n : n < 16 ? 82 + n : 0; i += 2; }
     }
   }
   put(line.slice(at));
   into.append('\n');
 }
-ansi.fg = 0;
-ansi.bold = false;
 
 function summary(b) {
   const items = [
@@ -156,13 +155,29 @@ function summary(b) {
   return dl;
 }
 
-function steps(b) {
+// Each step with its duration and, where the node located it in the log, its own lines
+// (`lines` is the log received so far, by seq), shown on demand.
+function steps(b, lines) {
   if (!b.steps.length) return el('p', { class: 'empty', text: active(b) ? 'Steps are listed when the build ends.' : 'No steps recorded.' });
   const total = b.steps.reduce((s, x) => s + x.ms, 0) || 1;
-  return el('table', { class: 'steps' }, ...b.steps.map((s) => {
+  return el('table', { class: 'steps' }, ...b.steps.flatMap((s) => {
     const bar = el('span', { class: 'bar' }, el('span'));
     bar.firstChild.style.width = (100 * s.ms) / total + '%';
-    return el('tr', {}, el('td', { text: s.name }), el('td', { class: 'num', text: dur(s.ms) }), el('td', {}, bar));
+    const n = s.end_line != null ? s.end_line - s.first_line : 0;
+    const label = () => (logRow.hidden ? '▸ ' : '▾ ') + n + (n === 1 ? ' line' : ' lines');
+    const log = el('pre', { class: 'log' });
+    const logRow = el('tr', { class: 'steplog', hidden: '' }, el('td', { colspan: 4 }, log));
+    const toggle = n > 0 ? el('button', { type: 'button', class: 'toggle', 'data-step': s.name, text: label() }) : null;
+    if (toggle) toggle.addEventListener('click', () => {
+      if (logRow.hidden) {
+        const st = { fg: 0, bold: false };
+        log.replaceChildren();
+        for (let i = s.first_line; i < s.end_line && i < lines.length; i++) ansi(lines[i], log, st);
+      }
+      logRow.hidden = !logRow.hidden;
+      toggle.textContent = label();
+    });
+    return [el('tr', {}, el('td', { text: s.name }), el('td', { class: 'num', text: dur(s.ms) }), el('td', {}, bar), el('td', {}, toggle)), logRow];
   }));
 }
 
@@ -185,7 +200,8 @@ async function buildPage() {
     el('h2', { text: 'Steps' }), stepsBox, el('h2', { text: 'Artifacts' }), artBox,
     el('h2', { text: 'Log' }), state, log);
   let ended = false;
-  let lines = 0;
+  const raw = [];
+  const st = { fg: 0, bold: false };
   let pending = document.createDocumentFragment();
   let queued = false;
   const flush = () => {
@@ -193,7 +209,7 @@ async function buildPage() {
     const stick = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
     log.append(pending);
     pending = document.createDocumentFragment();
-    log.dataset.lines = String(lines);
+    log.dataset.lines = String(raw.length);
     if (stick) log.scrollTop = log.scrollHeight;
   };
   const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/v1/sessions/' + encodeURIComponent(id) + '/events');
@@ -201,8 +217,8 @@ async function buildPage() {
   ws.onmessage = (ev) => {
     const m = JSON.parse(ev.data);
     if (m.type === 'log') {
-      lines++;
-      ansi(m.line, pending);
+      raw.push(m.line);
+      ansi(m.line, pending, st);
       if (!queued) { queued = true; requestAnimationFrame(flush); }
     } else {
       ended = true;
@@ -221,8 +237,13 @@ async function buildPage() {
       return;
     }
     head.replaceChildren(summary(b));
-    stepsBox.replaceChildren(steps(b));
-    artBox.replaceChildren(artifacts(b));
+    // Steps and artifacts only change once, at the end: keep an opened step open.
+    const shown = JSON.stringify([b.steps, b.artifacts]);
+    if (shown !== stepsBox.dataset.shown) {
+      stepsBox.dataset.shown = shown;
+      stepsBox.replaceChildren(steps(b, raw));
+      artBox.replaceChildren(artifacts(b));
+    }
     if (!active(b) && ended) { document.body.dataset.ready = '1'; return; }
     document.body.dataset.ready = '1';
     await new Promise((r) => setTimeout(r, 1000));
