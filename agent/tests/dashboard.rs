@@ -306,7 +306,7 @@ fn chain_workspace(dir: &Path, crates: usize, sleep_ms: u64) -> PathBuf {
         std::fs::write(
             krate.join("build.rs"),
             format!(
-                "fn main() {{\n    std::thread::sleep(std::time::Duration::from_millis({sleep_ms}));\n    println!(\"cargo:warning=crate {i} built its script\");\n}}\n"
+                "fn main() {{\n    std::thread::sleep(std::time::Duration::from_millis({sleep_ms}));\n    println!(\"cargo:warning=crate {i} built its script <img src=x onerror=alert(1)>\");\n}}\n"
             ),
         )
         .unwrap();
@@ -496,6 +496,13 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     assert!(
         log.contains("Compiling c5") && log.contains("crate 5 built its script"),
         "{log}"
+    );
+    // Markup a build prints is text on the page, never elements.
+    assert!(log.contains("<img src=x onerror=alert(1)>"), "{log}");
+    assert_eq!(
+        page.eval("document.querySelectorAll('main img').length")
+            .await,
+        json!(0)
     );
     // Cargo's colours became styled spans, not escape codes.
     assert!(!log.contains('\u{1b}'), "raw escape codes in the page");
