@@ -13,6 +13,7 @@
 //! ```toml
 //! grpc_listen = "0.0.0.0:50051"
 //! public_read = false            # true: anyone may read /builds… over HTTP (demo nodes)
+//! http_cors_origins = []         # web apps elsewhere that may call the read API ("*": any)
 //! sharing_peers = ["12D3KooW…"]  # operators' nodes that may read every blob and result here
 //! [tls]
 //! cert = "/etc/rba/server.pem"
@@ -93,6 +94,10 @@ pub struct NodeConfig {
     /// Anyone may read the HTTP views of builds (`/builds`, logs, events) without a token: for
     /// a single-user or demo node only.
     pub public_read: bool,
+    /// Origins (`https://ci.example.com`, or `"*"`) whose pages may call the HTTP read API
+    /// from a browser (CORS, `GET` with a bearer token; never the dashboard's cookie). Empty
+    /// (the default): no cross-origin reads.
+    pub http_cors_origins: Vec<String>,
     /// Serve the REAPI gRPC face over TLS with this certificate and key.
     pub tls: Option<TlsConfig>,
     /// When set, only these PeerIds may upload and submit (everyone else gets `forbidden`).
@@ -233,6 +238,7 @@ impl Default for NodeConfig {
             sharing_peers: Vec::new(),
             auth: AuthConfig::default(),
             public_read: false,
+            http_cors_origins: Vec::new(),
             tls: None,
             allowed_clients: None,
             cas_max_bytes: 50 << 30,
@@ -280,7 +286,7 @@ impl NodeConfig {
     /// `RBA_GRPC_LISTEN` (`off` disables), `RBA_WORKERS`, `RBA_TRUSTED_PEERS`
     /// (comma-separated `MULTIADDR/p2p/PEERID`), `RBA_TOKENS` (comma-separated
     /// `NAME:TOKEN:ACCESS`, added to the file's), `RBA_PUBLIC_READ` (`true`/`false`),
-    /// `RBA_TLS_CERT` and `RBA_TLS_KEY`.
+    /// `RBA_HTTP_CORS_ORIGINS` (comma-separated origins), `RBA_TLS_CERT` and `RBA_TLS_KEY`.
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         self.apply_vars(|name| std::env::var(name).ok())
     }
@@ -318,6 +324,9 @@ impl NodeConfig {
                 .trim()
                 .parse()
                 .with_context(|| format!("RBA_PUBLIC_READ={public:?} is not true or false"))?;
+        }
+        if let Some(origins) = var("RBA_HTTP_CORS_ORIGINS") {
+            self.http_cors_origins = split_list(&origins);
         }
         if let Some(tls) = TlsConfig::from_flags(
             var("RBA_TLS_CERT").map(PathBuf::from),
@@ -363,6 +372,9 @@ impl NodeConfig {
             anyhow::bail!(
                 "TLS is for the REAPI gRPC face: give --grpc ADDR too, or drop --tls-cert/--tls-key"
             );
+        }
+        for origin in &self.http_cors_origins {
+            crate::http::cors_origin(origin)?;
         }
         anyhow::ensure!(self.workers > 0, "workers must be at least 1");
         anyhow::ensure!(
@@ -575,6 +587,40 @@ mod tests {
         assert!(toml::from_str::<NodeConfig>("bogus = 1").is_err());
         config.trusted_peers[0].peer_id = "nope".into();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn cors_origins_are_origins_or_the_node_does_not_start() {
+        let mut config = NodeConfig::ephemeral("/tmp/x");
+        assert!(
+            config.http_cors_origins.is_empty(),
+            "CORS is off by default"
+        );
+        config
+            .apply_vars(|name| {
+                (name == "RBA_HTTP_CORS_ORIGINS")
+                    .then(|| "https://ci.example.com, http://127.0.0.1:8080".into())
+            })
+            .unwrap();
+        assert_eq!(
+            config.http_cors_origins,
+            ["https://ci.example.com", "http://127.0.0.1:8080"]
+        );
+        config.validate().unwrap();
+        for bad in [
+            "ci.example.com",
+            "https://ci.example.com/",
+            "https://ci.example.com/path",
+            "javascript:alert(1)",
+            "https://",
+            "https://a b",
+        ] {
+            config.http_cors_origins = vec![bad.to_string()];
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("http_cors_origins"), "{bad}: {error}");
+        }
+        config.http_cors_origins = vec!["*".to_string()];
+        config.validate().unwrap();
     }
 
     #[test]

@@ -1,28 +1,52 @@
-//! The node's HTTP face (axum): read-only queries and the WebSocket event gateway.
+//! The node's HTTP face (axum): the read API, the dashboard ([`crate::dashboard`]), the
+//! WebSocket event gateway and `POST /execute`.
 //!
 //! Why: browsers, dashboards and Prometheus cannot speak libp2p. Nothing here changes state
-//! except `POST /execute` (code execution, [`crate::execute`]), which needs a read-write token;
-//! builds are submitted over libp2p (or the REAPI).
+//! except `POST /execute` (code execution, [`crate::execute`]), which needs a read-write token,
+//! and the dashboard's login cookie; builds are submitted over libp2p (or the REAPI).
 //!
 //! Who may read what: `/health`, `/cache/stats` and `/metrics` are aggregates and open.
-//! Anything that names a build (`/builds…`, the session events) needs a bearer token
-//! (`Authorization: Bearer <token>`, or `?token=` on the WebSocket, which browsers cannot give
-//! headers): the node's tokens, as for `rba-cache-server`. A token sees the builds of its own
+//! Anything that names a build (`/builds…`, the session events, badges, artifacts) needs a
+//! token: `Authorization: Bearer <token>`, or `?token=` on the WebSocket (browsers cannot give
+//! it headers), or the dashboard's HttpOnly cookie ([`TOKEN_COOKIE`], set by `POST /login`,
+//! accepted only from the node's own origin). [`token_caller`] is the one place that reads
+//! them. The node's tokens are those of `rba-cache-server`. A token sees the builds of its own
 //! tenant (`token:NAME`) and of the tenants its configuration lists (`tenants = [...]`, `"*"`
-//! for all); other builds answer 404, exactly as builds that do not exist. Without a token the
-//! answer is 401. `rba serve --public-read` opens these views to everyone (single-user and
-//! demo nodes).
+//! for all); other builds answer 404, exactly as builds that do not exist. Without a token (or
+//! with a bad one, or a bad cookie) the answer is 401. `rba serve --public-read` opens these
+//! views to everyone (single-user and demo nodes).
 //!
-//! - `GET /health`, `/builds?limit=N`, `/builds/{id}`, `/builds/{id}/logs` (plain text),
-//!   `/cache/stats`, `/metrics` (Prometheus text).
-//! - `POST /execute` (read-write token): run a Rust snippet or a stored binary, see
-//!   [`crate::execute`]; 400 names the field at fault, 401 without a token, 403 with a
-//!   read-only one, 429 when the execution queue is full.
+//! # The read API
+//!
+//! Typed by [`crate::views`]; the dashboard's pages use nothing else.
+//!
+//! - `GET /builds?limit=N&cursor=C&status=S&kind=K&workspace=W`: a JSON array of
+//!   [`BuildView`]s, newest first, `limit` per page (default 50, at most 500). When older
+//!   builds exist, a `Link: </builds?…&cursor=C>; rel="next"` header (RFC 8288) names the next
+//!   page with the same filters. `status` is one of `queued`, `running`, `success`, `failed`,
+//!   `error`, `cancelled` or `cache-hit`; `kind` one of `build`, `test`, `clippy`, `audit`,
+//!   `check`, `fmt`. A bad filter or cursor: 400 `{"error","field"}`.
+//! - `GET /builds/{id}`: one [`BuildView`]: status, queue position or units done / total while
+//!   it runs, steps with durations, artifacts with digests, sizes and download links, the
+//!   action digest and whether it was a cache hit.
+//! - `GET /builds/{id}/logs`: the log as plain text (what was written so far while it runs).
+//! - `GET /builds/{id}/artifacts/{index}`: an artifact's bytes (`application/octet-stream`).
+//! - `GET /builds/{id}/badge.svg`, `/workspaces/{name}/badge.svg` (the latest build of a
+//!   workspace the viewer may see): status badges, see [`crate::dashboard`].
+//! - `GET /cache/stats`: a [`CacheView`] (store size, hit rate, evictions, slots, the shared
+//!   registry cache's size). `GET /health`; `GET /metrics` (Prometheus text).
 //! - `GET /v1/sessions/{id}/events?from_seq=N` (WebSocket): one JSON text message per log line
 //!   `{"session_id","type":"log","line"}`, then `{"session_id","type":"end","status":
 //!   "success"|"error","duration_ms","binary_hash"}`, or `{"session_id","type":"error",
 //!   "message"}` when the job itself broke (it could not run, or was cancelled). Each reader
 //!   reads the job's log stream at its own pace: a slow socket never holds the build.
+//! - `POST /execute` (read-write bearer token, never the cookie): run a Rust snippet or a
+//!   stored binary, see [`crate::execute`]; 400 names the field at fault, 401 without a
+//!   token, 403 with a read-only one, 429 when the execution queue is full.
+//!
+//! CORS: off unless the node's config lists origins (`http_cors_origins`, `"*"` for any); then
+//! those origins may `GET` the read API with a bearer token (never with the cookie: no
+//! credentialed CORS), and read its `Link` header.
 
 use std::sync::Arc;
 
@@ -40,19 +64,71 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::node::{NodeShared, SessionSource};
+use crate::views::{BuildView, CacheView, ListQuery};
+
+/// The cookie a browser keeps its token in: set by the dashboard's `POST /login` (HttpOnly,
+/// SameSite=Strict), cleared by `POST /logout`.
+pub const TOKEN_COOKIE: &str = "rba_token";
 
 /// The router over a node.
 pub fn router(node: Arc<NodeShared>) -> Router {
-    Router::new()
+    let read_api = Router::new()
         .route("/health", get(health))
         .route("/builds", get(builds))
         .route("/builds/{id}", get(build))
         .route("/builds/{id}/logs", get(build_logs))
+        .route("/builds/{id}/artifacts/{index}", get(artifact))
         .route("/cache/stats", get(cache_stats))
         .route("/metrics", get(metrics))
+        .merge(crate::dashboard::badges());
+    let read_api = match cors(&node.config.http_cors_origins) {
+        Some(layer) => read_api.layer(layer),
+        None => read_api,
+    };
+    Router::new()
+        .merge(read_api)
+        .merge(crate::dashboard::pages())
         .route("/v1/sessions/{id}/events", get(events))
         .route("/execute", post(execute))
         .with_state(node)
+}
+
+/// One configured CORS origin as a header value (`*` is handled by [`cors`]); the config's
+/// validation calls it, so a node never starts with an origin it cannot send.
+pub fn cors_origin(origin: &str) -> anyhow::Result<axum::http::HeaderValue> {
+    let valid = origin == "*"
+        || ((origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.ends_with('/')
+            && origin.split("://").nth(1).is_some_and(|host| {
+                !host.is_empty() && !host.contains('/') && !host.contains(char::is_whitespace)
+            }));
+    anyhow::ensure!(
+        valid,
+        "http_cors_origins: {origin:?} is not an origin like https://ci.example.com (or \"*\")"
+    );
+    Ok(axum::http::HeaderValue::from_str(origin)?)
+}
+
+/// The CORS layer of the read API, `None` when no origin is configured (no CORS headers: a
+/// browser refuses other origins' pages the answers).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| cors_origin(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET])
+            .allow_headers([header::AUTHORIZATION])
+            .expose_headers([header::LINK])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Serves until `stop` turns true.
@@ -69,12 +145,12 @@ pub async fn serve(
     Ok(())
 }
 
-fn not_found(what: String) -> Response {
+pub(crate) fn not_found(what: String) -> Response {
     (StatusCode::NOT_FOUND, axum::Json(json!({ "error": what }))).into_response()
 }
 
 /// Who reads a view that names builds.
-enum Viewer {
+pub(crate) enum Viewer {
     /// Anyone: the node runs with `--public-read`.
     Public,
     /// A token's caller.
@@ -84,7 +160,7 @@ enum Viewer {
 impl Viewer {
     /// Whether it may see a build owned by `tenant` (`None`: a record from before tenants,
     /// visible only to callers that see every tenant).
-    fn may_see(&self, tenant: Option<&str>) -> bool {
+    pub(crate) fn may_see(&self, tenant: Option<&str>) -> bool {
         match (self, tenant) {
             (Viewer::Public, _) => true,
             (Viewer::Token(caller), Some(tenant)) => caller.may_see(tenant),
@@ -93,24 +169,25 @@ impl Viewer {
     }
 }
 
-fn unauthorized(why: &str) -> Response {
+pub(crate) fn unauthorized(why: &str) -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
         axum::Json(json!({
             "error": format!(
-                "{why}: views of builds need a token (Authorization: Bearer <token>, or \
-                 ?token=<token> on the WebSocket), or a node started with --public-read"
+                "{why}: views of builds need a token (Authorization: Bearer <token>, \
+                 ?token=<token> on the WebSocket, or the dashboard's login at /login), or a \
+                 node started with --public-read"
             )
         })),
     )
         .into_response()
 }
 
-/// The viewer of a request: from its `Authorization` header, else `query_token` (the
-/// WebSocket's `?token=`); without a valid token (unless the node is public), why not (the
-/// handler answers 401 with it).
-fn viewer(
+/// The viewer of a request: from its token (see [`token_caller`]: the header, `query_token`,
+/// or the dashboard's cookie); without a valid one (unless the node is public), why not (the
+/// handler answers 401 with it, a page sends the browser to the login).
+pub(crate) fn viewer(
     node: &NodeShared,
     headers: &HeaderMap,
     query_token: Option<&str>,
@@ -118,30 +195,74 @@ fn viewer(
     if node.config.public_read {
         return Ok(Viewer::Public);
     }
-    token_caller(node, headers, query_token).map(Viewer::Token)
+    token_caller(node, headers, query_token, true).map(Viewer::Token)
 }
 
-/// The caller of a request's token: its `Authorization` header, else `query_token`; never
-/// anonymous (no token, a malformed header or an unknown token: why not).
-fn token_caller(
+/// The caller of a request's token, the one place that reads one: its `Authorization`
+/// header, else `query_token` (the WebSocket's `?token=`), else (when `cookie`: reads, never
+/// changes of state) the [`TOKEN_COOKIE`] of a request from the node's own origin. Never
+/// anonymous: no token, a malformed header, an unknown token or a bad cookie is an error
+/// saying why.
+pub(crate) fn token_caller(
     node: &NodeShared,
     headers: &HeaderMap,
     query_token: Option<&str>,
+    cookie: bool,
 ) -> Result<Caller, String> {
-    match (headers.get(header::AUTHORIZATION), query_token) {
-        (Some(value), _) => {
-            let value = value
-                .to_str()
-                .map_err(|_| "malformed Authorization header".to_string())?;
-            node.auth.authenticate_bearer(Some(value))
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| "malformed Authorization header".to_string())?;
+        return node.auth.authenticate_bearer(Some(value));
+    }
+    if let Some(token) = query_token {
+        return node.auth.authenticate_token(token);
+    }
+    match cookie.then(|| cookie_token(headers)).flatten() {
+        Some(token) => {
+            if !same_origin(headers) {
+                return Err(
+                    "the dashboard's cookie is for the node's own pages, not for other origins"
+                        .to_string(),
+                );
+            }
+            node.auth
+                .authenticate_token(&token)
+                .map_err(|why| format!("bad login cookie ({why}): log in again at /login"))
         }
-        (None, Some(token)) => node.auth.authenticate_token(token),
-        (None, None) => Err("no token".to_string()),
+        None => Err("no token".to_string()),
     }
 }
 
+/// The value of the [`TOKEN_COOKIE`] a request carries.
+pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .map(|(_, value)| value.to_string())
+}
+
+/// True unless the request names an `Origin` other than the host it was sent to (browsers
+/// send `Origin` on cross-origin fetches and on every WebSocket handshake; SameSite does not
+/// tell one port of a host from another).
+pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
 /// Whether `viewer` may see session or build `id` (unknown ones: no).
-fn may_see_build(node: &NodeShared, viewer: &Viewer, id: &str) -> bool {
+pub(crate) fn may_see_build(node: &NodeShared, viewer: &Viewer, id: &str) -> bool {
     match viewer {
         Viewer::Public => true,
         Viewer::Token(_) => viewer.may_see(node.session_owner(id).as_deref()),
@@ -159,28 +280,64 @@ async fn health(State(node): State<Arc<NodeShared>>) -> Response {
     .into_response()
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    limit: Option<usize>,
+fn bad_request(field: &str, message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({ "error": message, "field": field })),
+    )
+        .into_response()
 }
 
 async fn builds(
     State(node): State<Arc<NodeShared>>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let viewer = match viewer(&node, &headers, None) {
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    let limit = query.limit.unwrap_or(100).min(10_000);
-    let history = node.history.clone();
-    let records = tokio::task::spawn_blocking(move || {
-        history.list_where(limit, |record| viewer.may_see(record.tenant.as_deref()))
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return bad_request("query", rejection.body_text()),
+    };
+    let cursor = match query.check() {
+        Ok(cursor) => cursor,
+        Err(bad) => return bad_request(bad.field, bad.message),
+    };
+    let (shared, limit) = (node.clone(), query.page_size());
+    let (page, query) = tokio::task::spawn_blocking(move || {
+        let page = shared.history.page(cursor.as_ref(), limit, |record| {
+            if !viewer.may_see(record.tenant.as_deref()) || !query.keeps_record(&record) {
+                return None;
+            }
+            Some(BuildView::new(&shared, record)).filter(|view| query.keeps_view(view))
+        });
+        (page, query)
     })
     .await
-    .unwrap_or_default();
-    axum::Json(records).into_response()
+    .expect("listing builds does not panic");
+    let mut response = axum::Json(page.items).into_response();
+    if let Some(next) = page.next
+        && let Ok(link) = axum::http::HeaderValue::from_str(&format!(
+            "</builds?{}>; rel=\"next\"",
+            query.next_query(&next)
+        ))
+    {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    response
+}
+
+/// The record of build `id` if `viewer` may see it.
+pub(crate) fn visible_record(
+    node: &NodeShared,
+    viewer: &Viewer,
+    id: &str,
+) -> Option<crate::history::BuildRecord> {
+    node.history
+        .get(id)
+        .filter(|record| viewer.may_see(record.tenant.as_deref()))
 }
 
 async fn build(
@@ -192,14 +349,88 @@ async fn build(
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    match node
-        .history
-        .get(&id)
-        .filter(|record| viewer.may_see(record.tenant.as_deref()))
-    {
-        Some(record) => axum::Json(record).into_response(),
+    match visible_record(&node, &viewer, &id) {
+        Some(record) => axum::Json(BuildView::new(&node, record)).into_response(),
         None => not_found(format!("no build {id:?}")),
     }
+}
+
+/// An artifact's bytes, streamed from the CAS.
+async fn artifact(
+    State(node): State<Arc<NodeShared>>,
+    headers: HeaderMap,
+    Path((id, index)): Path<(String, String)>,
+) -> Response {
+    let viewer = match viewer(&node, &headers, None) {
+        Ok(viewer) => viewer,
+        Err(why) => return unauthorized(&why),
+    };
+    let missing = || not_found(format!("no artifact {index:?} of build {id:?}"));
+    let Some(record) = visible_record(&node, &viewer, &id) else {
+        return missing();
+    };
+    let Some(artifact) = index
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| record.artifacts.get(i))
+    else {
+        return missing();
+    };
+    let Ok(digest) = artifact.digest.parse::<rba_cas::Digest>() else {
+        return missing();
+    };
+    let reader = match node.cas.blobs.reader(&digest, 0, digest.size) {
+        Ok(reader) => reader,
+        Err(_) => {
+            return not_found(format!(
+                "artifact {index} of build {id:?} is no longer stored"
+            ));
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        loop {
+            let mut chunk = vec![0u8; 256 << 10];
+            match reader.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    let name: String = artifact
+        .path
+        .rsplit('/')
+        .next()
+        .unwrap_or("artifact")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, digest.size.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// The log as plain text, one line per line: what was written so far for a running job.
@@ -259,17 +490,8 @@ async fn build_logs(
 }
 
 async fn cache_stats(State(node): State<Arc<NodeShared>>) -> Response {
-    let stats = node.cas.blobs.stats();
-    axum::Json(json!({
-        "total_bytes": stats.total_bytes,
-        "blob_count": stats.blob_count,
-        "evictions": stats.evictions,
-        "evicted_bytes": stats.evicted_bytes,
-        "max_bytes": node.cas.blobs.config().max_bytes,
-        "action_cache_entries": node.cas.actions.len(),
-        "builds": node.history.len(),
-    }))
-    .into_response()
+    let usage = node.cache_usage().await;
+    axum::Json(CacheView::new(&node, usage)).into_response()
 }
 
 async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
@@ -436,7 +658,7 @@ async fn execute(
     use crate::execute::{ExecuteBody, ExecuteError};
     use rba_cache_server::auth::Access;
     // Never the node's `--public-read`: running code always needs a read-write token.
-    let caller = match token_caller(&node, &headers, None) {
+    let caller = match token_caller(&node, &headers, None, false) {
         Ok(caller) => caller,
         Err(why) => {
             return (

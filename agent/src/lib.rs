@@ -7,7 +7,10 @@
 //!   `Executor::submit`.
 //! - [`p2p`]: libp2p (TCP + noise + yamux, QUIC), the node identity, frames, and the
 //!   `/rba/session/1.0.0` and `/rba/cas/1.0.0` protocols (both sides).
-//! - [`http`]: read-only HTTP queries and the WebSocket event gateway (axum).
+//! - [`http`]: the HTTP face (axum): the read API, the WebSocket event gateway, `POST /execute`.
+//! - [`views`]: the read API's typed answers (a build with its live state, the cache).
+//! - [`dashboard`]: the build dashboard in the browser (pages, embedded assets, login cookie,
+//!   SVG badges).
 //! - [`history`]: build records in the CAS's sled database.
 //! - [`metrics`]: counters rendered as Prometheus text.
 //! - [`grpc`]: the REAPI server on the node's CAS.
@@ -27,6 +30,7 @@ pub mod cargo_flags;
 pub mod client;
 pub mod client_config;
 pub mod config;
+pub mod dashboard;
 pub mod execute;
 pub mod grpc;
 pub mod history;
@@ -39,4 +43,5 @@ pub mod p2p;
 #[cfg(feature = "tangle")]
 pub mod tangle;
 pub mod test_report;
+pub mod views;
 pub mod workspace;

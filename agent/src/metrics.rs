@@ -54,6 +54,16 @@ impl Metrics {
         self.served_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Jobs answered from the action cache so far.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache_hits.load(Ordering::Relaxed)
+    }
+
+    /// Jobs that ended so far (succeeded or not, cache hits included).
+    pub fn jobs_finished(&self) -> u64 {
+        self.jobs_succeeded.load(Ordering::Relaxed) + self.jobs_failed.load(Ordering::Relaxed)
+    }
+
     /// Bytes clients uploaded so far.
     pub fn uploaded_bytes(&self) -> u64 {
         self.uploaded_bytes.load(Ordering::Relaxed)

@@ -53,6 +53,8 @@ use crate::p2p::{CAS_PROTOCOL, Network, SESSION_PROTOCOL};
 
 /// Blobs listed in a `missing_input` error, at most (the client asks `Has` for the rest).
 const MAX_LISTED_MISSING: usize = 1000;
+/// How old a measure of the executor's cache usage may be.
+const USAGE_MAX_AGE: Duration = Duration::from_secs(10);
 /// How long one trusted peer gets to serve what a submission lacks.
 const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -105,6 +107,8 @@ pub struct NodeShared {
     /// libp2p streams being served (sessions, blob transfers): a shutdown waits for them to
     /// end so that clients of builds that finished during the drain fetch their outputs.
     active_streams: std::sync::atomic::AtomicUsize,
+    /// The executor's cache usage and when it was measured (see [`NodeShared::cache_usage`]).
+    usage: parking_lot::Mutex<Option<(std::time::Instant, rba_executor::caches::CacheUsage)>>,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -363,6 +367,22 @@ impl NodeShared {
         .unwrap_or_else(|| vec![root])
     }
 
+    /// Slots and the shared registry cache's size (`/cache/stats`, the dashboard): a walk of
+    /// the cargo home, so measured at most every [`USAGE_MAX_AGE`] and off the async threads.
+    pub async fn cache_usage(&self) -> rba_executor::caches::CacheUsage {
+        if let Some((at, usage)) = *self.usage.lock()
+            && at.elapsed() < USAGE_MAX_AGE
+        {
+            return usage;
+        }
+        let executor = self.executor.clone();
+        let usage = tokio::task::spawn_blocking(move || executor.cache_usage())
+            .await
+            .unwrap_or_default();
+        *self.usage.lock() = Some((std::time::Instant::now(), usage));
+        usage
+    }
+
     /// True when `peer` may upload and submit.
     pub fn may_submit(&self, peer: &PeerId) -> bool {
         self.allowed.as_ref().is_none_or(|a| a.contains(peer))
@@ -542,6 +562,7 @@ impl NodeShared {
             input_root: format!("{root:?}"),
             action_digest: format!("{action_digest:?}"),
             client: peer.map(|p| p.to_string()),
+            workspace: Some(sanitize_hint(&submit.workspace_hint)),
             tenant: Some(tenant.as_str().to_string()),
             submitted_at_ms: now_ms(),
             status: "running".to_string(),
@@ -927,6 +948,7 @@ impl Node {
             session_aliases: Default::default(),
             execute: crate::execute::ExecuteGate::new(config.execute.clone()),
             active_streams: Default::default(),
+            usage: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();

@@ -919,6 +919,7 @@ mod tests {
             log: None,
             artifacts: vec![],
             steps: vec![],
+            step_end_lines: vec![],
             error: error.map(String::from),
             timed_out: error.is_some_and(|e| e.contains("WallTimeout")),
             limit: None,

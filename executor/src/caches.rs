@@ -168,6 +168,45 @@ impl CacheLayout {
     }
 }
 
+/// What the caches hold (the node's dashboard and `/cache/stats` show it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    /// Per-(tenant, workspace, toolchain) slots on disk.
+    pub slots: usize,
+    /// Bytes of the shared cargo home (registry index, crate sources, git checkouts).
+    pub cargo_home_bytes: u64,
+}
+
+impl CacheLayout {
+    /// Counts the slots and sums the shared cargo home's file sizes (a directory walk that
+    /// follows no links: call it off the async threads, and not on every request).
+    pub fn usage(&self) -> CacheUsage {
+        let slots = fs::read_dir(self.root.join("slots"))
+            .map(|entries| entries.filter_map(Result::ok).count())
+            .unwrap_or(0);
+        let mut cargo_home_bytes = 0;
+        let mut queue = vec![self.cargo_home()];
+        while let Some(dir) = queue.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => queue.push(entry.path()),
+                    Ok(kind) if kind.is_file() => {
+                        cargo_home_bytes += entry.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        CacheUsage {
+            slots,
+            cargo_home_bytes,
+        }
+    }
+}
+
 fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {
@@ -257,6 +296,30 @@ impl SlotLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_counts_slots_and_the_cargo_homes_files_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CacheLayout::create(dir.path().join("executor")).unwrap();
+        assert_eq!(layout.usage(), CacheUsage::default());
+        layout.slot(&Tenant::token("a"), "w", "tc").unwrap();
+        layout.slot(&Tenant::token("b"), "w", "tc").unwrap();
+        let registry = layout.cargo_home().join("registry/src/x");
+        fs::create_dir_all(&registry).unwrap();
+        fs::write(registry.join("lib.rs"), vec![0u8; 1000]).unwrap();
+        fs::write(layout.cargo_home().join(".package-cache"), b"lock").unwrap();
+        // A link to something big outside is not the cache's size.
+        fs::write(dir.path().join("big"), vec![0u8; 100_000]).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("big"), registry.join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), registry.join("loop")).unwrap();
+        assert_eq!(
+            layout.usage(),
+            CacheUsage {
+                slots: 2,
+                cargo_home_bytes: 1004
+            }
+        );
+    }
 
     #[test]
     fn slots_are_stable_exclusive_and_path_safe() {

@@ -452,6 +452,10 @@ pub struct JobOutcome {
     pub artifacts: Vec<Artifact>,
     /// Named step durations (`queue`, `sync`, `fetch`, `build`, `outputs`).
     pub steps: Vec<(String, Duration)>,
+    /// Log lines written when each step ended, parallel to `steps`: step `i` printed lines
+    /// `step_end_lines[i - 1]..step_end_lines[i]` (from 0 for the first), so a reader can show
+    /// each step's own log. Empty when unknown.
+    pub step_end_lines: Vec<u64>,
     /// What went wrong, for `Error` and limit kills.
     pub error: Option<String>,
     /// The command was killed by its wall-clock timeout.
@@ -668,6 +672,11 @@ impl Executor {
         self.inner.jobs.lock().remove(id)
     }
 
+    /// Slots and the shared cargo home's size (a directory walk: off the async threads).
+    pub fn cache_usage(&self) -> crate::caches::CacheUsage {
+        self.inner.layout.usage()
+    }
+
     /// Jobs waiting for a worker.
     pub fn queue_len(&self) -> usize {
         self.inner.queue.lock().len()
@@ -834,6 +843,7 @@ impl Executor {
                 writer: Some(writer),
                 started,
                 steps: Vec::new(),
+                step_end_lines: Vec::new(),
                 state: state_tx.clone(),
                 provenance: Provenance::TenantState,
             };
@@ -860,6 +870,8 @@ struct RunningJob<'a> {
     writer: Option<LogWriter>,
     started: Instant,
     steps: Vec<(String, Duration)>,
+    /// Lines written when each step ended (see [`JobOutcome::step_end_lines`]).
+    step_end_lines: Vec<u64>,
     state: watch::Sender<JobState>,
     /// Decides the result's namespace; set by the workload, `TenantState` until it proves
     /// otherwise.
@@ -903,6 +915,12 @@ impl RunningJob<'_> {
 
     fn step(&mut self, name: &str, since: Instant) {
         self.steps.push((name.to_string(), since.elapsed()));
+        let lines = match &self.writer {
+            Some(writer) => writer.lines_written(),
+            // The log is already stored: nothing was written since the last step.
+            None => self.step_end_lines.last().copied().unwrap_or(0),
+        };
+        self.step_end_lines.push(lines);
     }
 
     async fn blocking<T: Send + 'static>(
@@ -972,6 +990,7 @@ impl RunningJob<'_> {
             duration: self.started.elapsed(),
             log: Some(log),
             steps: std::mem::take(&mut self.steps),
+            step_end_lines: std::mem::take(&mut self.step_end_lines),
             error: None,
             timed_out: false,
             limit: None,
@@ -1150,7 +1169,6 @@ impl RunningJob<'_> {
             )?)
         })
         .await?;
-        self.step("sync", synced);
         self.log(
             LogStreamKind::System,
             format!(
@@ -1158,6 +1176,8 @@ impl RunningJob<'_> {
                 stats.written, stats.kept, stats.removed
             ),
         );
+        // After its report line: that line is the sync step's own (`step_end_lines`).
+        self.step("sync", synced);
 
         let (blobs, root) = (
             self.inner().cas.blobs.clone(),
@@ -1668,6 +1688,7 @@ impl RunningJob<'_> {
             log: Some(log),
             artifacts: run.artifacts,
             steps: std::mem::take(&mut self.steps),
+            step_end_lines: std::mem::take(&mut self.step_end_lines),
             error: run.error,
             timed_out: run.timed_out,
             limit: run.limit,
@@ -1698,6 +1719,7 @@ impl RunningJob<'_> {
             log,
             artifacts: Vec::new(),
             steps: std::mem::take(&mut self.steps),
+            step_end_lines: std::mem::take(&mut self.step_end_lines),
             error: Some(message),
             timed_out: false,
             limit: None,

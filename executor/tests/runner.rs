@@ -72,6 +72,25 @@ async fn build_then_cache_hit_then_incremental_rebuild() {
         .expect("binary artifact");
     assert!(binary.executable);
     assert!(harness.cas.blobs.contains(&binary.digest).unwrap());
+    // Each step is located in the log: the sync's report is its own, cargo's output the build's.
+    assert_eq!(first.step_end_lines.len(), first.steps.len());
+    assert!(first.step_end_lines.windows(2).all(|w| w[0] <= w[1]));
+    let step_lines = |name: &str| {
+        let i = first.steps.iter().position(|(s, _)| s == name).unwrap();
+        let from = i
+            .checked_sub(1)
+            .map_or(0, |p| first.step_end_lines[p] as usize);
+        lines[from..first.step_end_lines[i] as usize].to_vec()
+    };
+    assert!(
+        step_lines("sync")
+            .iter()
+            .any(|l| l.starts_with("workspace synced")),
+        "{lines:#?} {:?}",
+        first.step_end_lines
+    );
+    assert!(compiled(&step_lines("build"), "hello"));
+    assert!(!compiled(&step_lines("sync"), "hello"));
 
     let (_, second, replayed) = run(&harness, JobKind::Build, source.path(), "hello").await;
     assert!(
