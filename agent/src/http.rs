@@ -5,7 +5,7 @@
 //! except `POST /execute` (code execution, [`crate::execute`]), which needs a read-write token,
 //! and the dashboard's login cookie; builds are submitted over libp2p (or the REAPI).
 //!
-//! Who may read what: `/health`, `/cache/stats` and `/metrics` are aggregates and open.
+//! Who may read what: `/health`, `/ready`, `/cache/stats` and `/metrics` are aggregates and open.
 //! Anything that names a build (`/builds…`, the session events, badges, artifacts) needs a
 //! token: `Authorization: Bearer <token>`, or `?token=` on the WebSocket (browsers cannot give
 //! it headers), or the dashboard's HttpOnly cookie ([`TOKEN_COOKIE`], set by `POST /login`,
@@ -34,7 +34,8 @@
 //! - `GET /builds/{id}/badge.svg`, `/workspaces/{name}/badge.svg` (the latest build of a
 //!   workspace the viewer may see): status badges, see [`crate::dashboard`].
 //! - `GET /cache/stats`: a [`CacheView`] (store size, hit rate, evictions, slots, the shared
-//!   registry cache's size). `GET /health`; `GET /metrics` (Prometheus text).
+//!   registry cache's size). `GET /health` (the process lives); `GET /ready` (200 while it takes work, 503
+//!   naming what fails: store, a drain for shutdown, workers); `GET /metrics` (Prometheus text).
 //! - `GET /v1/sessions/{id}/events?from_seq=N` (WebSocket): one JSON text message per log line
 //!   `{"session_id","type":"log","line"}`, then `{"session_id","type":"end","status":
 //!   "success"|"error","duration_ms","binary_hash"}`, or `{"session_id","type":"error",
@@ -74,6 +75,7 @@ pub const TOKEN_COOKIE: &str = "rba_token";
 pub fn router(node: Arc<NodeShared>) -> Router {
     let read_api = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/builds", get(builds))
         .route("/builds/{id}", get(build))
         .route("/builds/{id}/logs", get(build_logs))
@@ -278,6 +280,41 @@ async fn health(State(node): State<Arc<NodeShared>>) -> Response {
         "workers": node.config.workers,
     }))
     .into_response()
+}
+
+/// Readiness, for load balancers and orchestrators: 200 when the node takes work (its store is
+/// reachable, its executor is not draining for a shutdown and has workers), else 503 naming
+/// what is not. `/health` says the process lives; this says whether to send it builds.
+async fn ready(State(node): State<Arc<NodeShared>>) -> Response {
+    let root = node.cas.blobs.root().to_path_buf();
+    let store = tokio::task::spawn_blocking(move || std::fs::metadata(&root).map(|m| m.is_dir()))
+        .await
+        .map(|r| matches!(r, Ok(true)))
+        .unwrap_or(false);
+    let checks = [
+        ("store", store),
+        ("accepting_jobs", !node.executor.is_draining()),
+        ("workers", node.config.workers > 0),
+    ];
+    let failing: Vec<&str> = checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| *name)
+        .collect();
+    let status = if failing.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let checks: serde_json::Map<String, serde_json::Value> = checks
+        .iter()
+        .map(|(name, ok)| (name.to_string(), json!(ok)))
+        .collect();
+    (
+        status,
+        axum::Json(json!({ "ready": failing.is_empty(), "checks": checks, "failing": failing })),
+    )
+        .into_response()
 }
 
 fn bad_request(field: &str, message: String) -> Response {

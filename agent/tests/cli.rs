@@ -1494,6 +1494,30 @@ fn sigterm_lets_a_running_build_finish_and_refuses_new_ones() {
     build.wait_for(true, "Compiling sleepy");
     served.terminate();
 
+    // Readiness turns 503 for load balancers while it drains.
+    let http = served.http.trim_start_matches("http://").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&http).unwrap();
+        write!(
+            stream,
+            "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        if answer.starts_with("HTTP/1.1 503") {
+            assert!(answer.contains("accepting_jobs"), "{answer}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still ready while draining: {answer}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
     // While it drains, a new build is refused, saying why.
     let late_client = tempfile::tempdir().unwrap();
     let late = rba(late_client.path())
@@ -1511,4 +1535,28 @@ fn sigterm_lets_a_running_build_finish_and_refuses_new_ones() {
     assert_eq!(code, Some(0), "{output}");
     let status = served.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// `deploy/rba.service` is a unit systemd accepts, run against the binary under test.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rba.service"),
+    )
+    .unwrap();
+    let rba = assert_cmd::cargo::cargo_bin("rba");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rba.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/rba", &rba.display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }

@@ -231,6 +231,8 @@ async fn read_only_queries_answer_history_logs_cache_and_metrics() {
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["peer_id"], node.peer_id().to_string());
+    let (status, body) = get(http, "/ready").await;
+    assert_eq!(status, 200, "{body}");
 
     let (status, body) = get(http, "/builds").await;
     assert_eq!(status, 200);
@@ -390,7 +392,7 @@ async fn build_views_need_a_token_that_sees_the_builds_tenant() {
     ];
 
     // Aggregates stay open.
-    for open in ["/health", "/metrics", "/cache/stats"] {
+    for open in ["/health", "/ready", "/metrics", "/cache/stats"] {
         assert_eq!(get(http, open).await.0, 200, "{open}");
     }
     // No token, or a wrong one: 401, saying how to get in.

@@ -112,8 +112,11 @@ pub struct ExecutorConfig {
     /// Size of each slot's target-dir volume (see [`crate::quota`]): the node's disk maximum
     /// per job. `None`: target dirs are plain directories, without a disk limit.
     pub slot_disk: Option<crate::quota::DiskQuota>,
-    /// The sandbox set-up (toolchain, host uid…).
+    /// The sandbox set-up (toolchain, host uid, the isolation provider by name…).
     pub sandbox: SandboxConfig,
+    /// An isolation provider of the embedder's own (a microVM, a container runtime) instead of
+    /// the one [`SandboxConfig::isolation`] names; see [`crate::isolation`].
+    pub isolation_provider: Option<Arc<dyn crate::isolation::IsolationProvider>>,
     /// Log stream limits.
     pub log: LogConfig,
     /// Keep at most this many per-workspace slots (LRU).
@@ -223,6 +226,7 @@ impl ExecutorConfig {
             limits: Limits::default(),
             slot_disk: None,
             sandbox,
+            isolation_provider: None,
             log: LogConfig::default(),
             max_slots: 64,
             tree_limits: TreeLimits::default(),
@@ -576,7 +580,10 @@ impl Executor {
             .map_err(io_error("creating the executor's data dir"))?;
         std::fs::create_dir_all(&config.sandbox.scratch_dir)
             .map_err(io_error("creating the sandbox scratch dir"))?;
-        let sandbox = Sandbox::new(config.sandbox.clone())?;
+        let sandbox = match &config.isolation_provider {
+            Some(provider) => Sandbox::with_provider(config.sandbox.clone(), provider.clone())?,
+            None => Sandbox::new(config.sandbox.clone())?,
+        };
         let toolchains = Toolchains::new(
             Toolchain::detect()?,
             config.rustup_home.clone(),

@@ -438,3 +438,53 @@ async fn drain_cancels_what_outlives_the_grace() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(running.wait().await.status, JobStatus::Cancelled);
 }
+
+/// An isolation provider of an embedder's own: the namespaces provider, counting its starts.
+#[derive(Debug, Default)]
+struct Counting {
+    starts: std::sync::atomic::AtomicUsize,
+}
+
+impl rba_executor::isolation::IsolationProvider for Counting {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    fn check(
+        &self,
+        config: &rba_executor::sandbox::SandboxConfig,
+    ) -> Result<(), rba_executor::sandbox::SandboxError> {
+        rba_executor::isolation::namespaces::Namespaces.check(config)
+    }
+
+    fn start(
+        &self,
+        layout: &rba_executor::isolation::JobLayout,
+        config: &rba_executor::sandbox::SandboxConfig,
+        root: &Path,
+        stdin: std::fs::File,
+    ) -> Result<Box<dyn rba_executor::isolation::JobProcess>, rba_executor::sandbox::SandboxError>
+    {
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        rba_executor::isolation::namespaces::Namespaces.start(layout, config, root, stdin)
+    }
+}
+
+#[tokio::test]
+async fn an_embedders_own_isolation_provider_runs_every_job() {
+    use rba_executor::isolation::IsolationProvider as _;
+    let counting = Arc::new(Counting::default());
+    let provider = counting.clone();
+    let h = Harness::new(move |config| config.isolation_provider = Some(provider));
+    let (_, outcome, lines) = h
+        .run(
+            &CargoJob::new(JobKind::Build),
+            &fixture("hello"),
+            "own-provider",
+        )
+        .await;
+    assert_eq!(outcome.status, JobStatus::Success, "{lines:?}");
+    assert!(counting.starts.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(counting.name(), "counting");
+}
