@@ -42,6 +42,11 @@
 //! - **Clients cannot write these namespaces.** [`is_executor_namespace`] names what REAPI
 //!   `UpdateActionResult` refuses; [`is_private_namespace`] names what no client reads.
 //!
+//! - **Shared units** ([`crate::shared_units`]) are the one thing a fresh slot receives before its
+//!   build: registry units the executor compiled in a clean build without workspace-controlled
+//!   input, copied into the empty target dir. The build stays [`Provenance::Clean`]: they are
+//!   executor-made, and cargo uses one only if its fingerprint matches this build's.
+//!
 //! What every tenant shares and trusts: the toolchains (read-only; the job's is the one its
 //! action names, see [`crate::toolchains`]), the advisory database of audit jobs (read-only)
 //! and the cargo home, written only by `cargo fetch` and `cargo generate-lockfile` (which run no
@@ -78,6 +83,7 @@ use crate::sandbox::{
     LimitKind, Limits, Mount, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError,
     SandboxSpec, Stream, TARGET_DIR, WORKSPACE_DIR,
 };
+use crate::shared_units::{BuildUnits, SharedUnits, UnitsPlan};
 use crate::tenant::Tenant;
 use crate::toolchains::Toolchains;
 use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
@@ -138,6 +144,9 @@ pub struct ExecutorConfig {
     /// [`crate::cargo::CARGO_AUDIT`]. Default: `cargo-audit` in `PATH`, else in
     /// `$CARGO_HOME/bin` (`~/.cargo/bin`), where `.ci/setup.d/cargo-audit.sh` links it.
     pub cargo_audit: Option<PathBuf>,
+    /// Share compiled registry dependencies across workspaces and tenants
+    /// ([`crate::shared_units`]). Default on.
+    pub shared_units: bool,
 }
 
 /// The `cargo-audit` binary of this machine: in `PATH`, else in `$CARGO_HOME/bin` or
@@ -231,6 +240,7 @@ impl ExecutorConfig {
             toolchain_roots: Vec::new(),
             advisory_db: None,
             cargo_audit: find_cargo_audit(),
+            shared_units: true,
         })
     }
 }
@@ -530,6 +540,7 @@ struct Inner {
     layout: CacheLayout,
     sandbox: Sandbox,
     toolchains: Toolchains,
+    units: SharedUnits,
     config: ExecutorConfig,
     workers: Arc<Semaphore>,
     queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
@@ -573,8 +584,10 @@ impl Executor {
             config.rustup_home.clone(),
             config.toolchain_roots.clone(),
         );
+        let units = SharedUnits::open(cas.blobs.clone())?;
         Ok(Executor {
             inner: Arc::new(Inner {
+                units,
                 cas,
                 layout,
                 sandbox,
@@ -591,6 +604,11 @@ impl Executor {
     /// The store jobs read from and write to.
     pub fn cas(&self) -> &Cas {
         &self.inner.cas
+    }
+
+    /// The index of shared units ([`crate::shared_units`]).
+    pub fn shared_units(&self) -> &SharedUnits {
+        &self.inner.units
     }
 
     /// The toolchain of cargo jobs whose workspace names none.
@@ -1142,6 +1160,9 @@ impl RunningJob<'_> {
         if let Some(failure) = self.fetch_phase(&slot, &lockfile, &toolchain).await? {
             return Ok(failure);
         }
+        let mut built_units = self
+            .receive_units(fresh, &slot, &lockfile, &toolchain)
+            .await?;
 
         let built = Instant::now();
         let cargo_home = self.inner().layout.cargo_home();
@@ -1208,6 +1229,9 @@ impl RunningJob<'_> {
                             let _ = job.state.send(JobState::Running { done, total });
                         }
                         CargoEvent::Artifact(artifact) => {
+                            if let Some(built) = built_units.as_mut() {
+                                built.artifact(&artifact);
+                            }
                             for inside in artifact.deliverables() {
                                 let (blobs, target) = (blobs.clone(), slot.target.clone());
                                 let inside = inside.to_string();
@@ -1216,12 +1240,24 @@ impl RunningJob<'_> {
                                 }));
                             }
                         }
+                        CargoEvent::BuildScriptExecuted {
+                            package_id,
+                            out_dir,
+                        } => {
+                            if let Some(built) = built_units.as_mut() {
+                                built.build_script_run(&package_id, &out_dir);
+                            }
+                        }
                         CargoEvent::BuildFinished { .. } => {}
                     }
                 }
             })
             .await?;
         self.step("build", built);
+        if outcome.success() {
+            self.publish_units(built_units, &slot, &lockfile, &toolchain)
+                .await?;
+        }
         if outcome.limit == Some(crate::sandbox::LimitKind::Disk) {
             // A target dir that filled its volume would fail every later job of the slot: it
             // is a cache, start it over.
@@ -1274,6 +1310,102 @@ impl RunningJob<'_> {
             limit: outcome.limit,
             peak_memory_bytes: peak_memory(&outcome),
         })
+    }
+
+    /// Shared units before the build ([`crate::shared_units`]): what the job may do with them,
+    /// and, in a fresh slot, the matching ones materialised into its target dir. Returns the
+    /// collector of the units the build compiles when it may publish them.
+    async fn receive_units(
+        &mut self,
+        fresh: bool,
+        slot: &Slot,
+        lockfile: &str,
+        toolchain: &Toolchain,
+    ) -> Result<Option<BuildUnits>, ExecutorError> {
+        if !self.inner().config.shared_units || !fresh {
+            return Ok(None);
+        }
+        let (command, src) = (self.prepared.command.clone(), slot.src.clone());
+        let plan = Self::blocking(move || Ok(UnitsPlan::for_job(&command, &src, fresh))).await?;
+        if !plan.receive {
+            let reason = plan.reason.unwrap_or_default();
+            self.log(LogStreamKind::System, format!("shared units off: {reason}"));
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let (units, toolchain, lock, target) = (
+            self.inner().units.clone(),
+            toolchain.digest_hex.clone(),
+            lockfile.to_string(),
+            slot.target.clone(),
+        );
+        let done = Self::blocking(move || {
+            units
+                .materialise(&toolchain, &lock, &target)
+                .map_err(io_error("materialising shared units"))
+        })
+        .await;
+        self.step("units", started);
+        match done {
+            Ok(done) => {
+                self.log(
+                    LogStreamKind::System,
+                    format!(
+                        "shared units: {} materialised ({} bytes)",
+                        done.units, done.bytes
+                    ),
+                );
+                for (unit, why) in done.skipped {
+                    self.log(
+                        LogStreamKind::System,
+                        format!("shared units: {unit} not used: {why}"),
+                    );
+                }
+            }
+            // Not the job's failure: cargo builds what is not there.
+            Err(e) => self.log(LogStreamKind::System, format!("shared units: {e}")),
+        }
+        if let Some(reason) = plan.reason {
+            self.log(LogStreamKind::System, format!("shared units: {reason}"));
+        }
+        Ok(plan.publish.then(BuildUnits::default))
+    }
+
+    /// Shared units after a successful build: the registry units it compiled stored and
+    /// indexed, unless workspace code ran at build time ([`BuildUnits::tainted`]).
+    async fn publish_units(
+        &mut self,
+        built: Option<BuildUnits>,
+        slot: &Slot,
+        lockfile: &str,
+        toolchain: &Toolchain,
+    ) -> Result<(), ExecutorError> {
+        let Some(built) = built else {
+            return Ok(());
+        };
+        if let Some(reason) = built.tainted() {
+            let line = format!("shared units not published: {reason}");
+            self.log(LogStreamKind::System, line);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (units, toolchain, lock, target) = (
+            self.inner().units.clone(),
+            toolchain.digest_hex.clone(),
+            lockfile.to_string(),
+            slot.target.clone(),
+        );
+        let published =
+            Self::blocking(move || Ok(units.publish(&toolchain, &lock, &target, &built)?)).await?;
+        self.step("units-publish", started);
+        self.log(
+            LogStreamKind::System,
+            format!(
+                "shared units: {} published ({} bytes)",
+                published.units, published.bytes
+            ),
+        );
+        Ok(())
     }
 
     /// The lock file of a workspace that has none: `cargo generate-lockfile` with the network
