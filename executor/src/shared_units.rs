@@ -97,7 +97,7 @@ const INDEX_TREE: &str = "shared_units";
 pub struct UnitFile {
     /// Path under the target dir.
     pub path: String,
-    /// Its blob (BLAKE3).
+    /// Its blob, `blake3:HEX/SIZE`.
     pub digest: String,
     /// Executable bit.
     pub executable: bool,
@@ -244,6 +244,8 @@ impl SharedUnits {
             let name = path.file_name().map(Path::new).unwrap_or(Path::new(""));
             if written != digest {
                 let _ = dir.remove(Path::new(&temp));
+                // Gone from the store, so the unit's next publication stores it again.
+                let _ = self.blobs.remove_if_corrupt(&digest);
                 return Err(format!("corrupt ({} does not match its digest)", file.path));
             }
             out.set_modified(now).map_err(io)?;
@@ -349,7 +351,8 @@ impl SharedUnits {
                 .stage_open_file(DigestFunction::Blake3, &mut file, &host.join(&path))?;
             record_files.push(UnitFile {
                 path: path.display().to_string(),
-                digest: blob.digest().to_string(),
+                // `function:hash/size` (the `Debug` form is the one `FromStr` reads back).
+                digest: format!("{:?}", blob.digest()),
                 executable: meta.mode & 0o111 != 0,
             });
             staged.push(blob);
