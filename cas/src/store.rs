@@ -1832,7 +1832,9 @@ mod tests {
     #[test]
     fn remove_if_corrupt_drops_only_a_tampered_blob() {
         let (_dir, store) = store(1 << 20);
-        let blob = store.put_bytes(DigestFunction::Blake3, b"original").unwrap();
+        let blob = store
+            .put_bytes(DigestFunction::Blake3, b"original")
+            .unwrap();
         assert!(!store.remove_if_corrupt(&blob).unwrap(), "intact: kept");
         assert!(store.contains(&blob).unwrap());
         let path = store.blob_path(&blob);
@@ -1840,9 +1842,14 @@ mod tests {
         fs::write(&path, b"tampere").unwrap();
         assert!(store.remove_if_corrupt(&blob).unwrap());
         assert!(!store.contains(&blob).unwrap() && !path.exists());
-        assert!(!store.remove_if_corrupt(&blob).unwrap(), "absent: nothing to do");
+        assert!(
+            !store.remove_if_corrupt(&blob).unwrap(),
+            "absent: nothing to do"
+        );
         assert_eq!(
-            store.put_bytes(DigestFunction::Blake3, b"original").unwrap(),
+            store
+                .put_bytes(DigestFunction::Blake3, b"original")
+                .unwrap(),
             blob
         );
         assert_eq!(store.read_to_vec(&blob, 100).unwrap(), b"original");

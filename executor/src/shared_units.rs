@@ -193,6 +193,7 @@ impl SharedUnits {
         let now = SystemTime::now();
         let mut done = Materialised::default();
         for checksum in lock_registry_packages(lockfile).values() {
+            let mut unusable = Vec::new();
             for unit in self.units(toolchain, checksum) {
                 if target.metadata(Path::new(&unit.id)).is_ok() {
                     continue;
@@ -204,15 +205,31 @@ impl SharedUnits {
                     }
                     Err(why) => {
                         remove_unit(&target, &unit);
-                        done.skipped.push((unit.id.clone(), why));
+                        unusable.push(unit.id.clone());
+                        done.skipped.push((unit.id, why));
                     }
                 }
+            }
+            if !unusable.is_empty() {
+                // Out of the index (and of the stats) until a build publishes it again.
+                self.index
+                    .update_and_fetch(index_key(toolchain, checksum), |old| {
+                        let mut units = old.map(decode).unwrap_or_default();
+                        units.retain(|u| !unusable.contains(&u.id));
+                        (!units.is_empty()).then(|| serde_json::to_vec(&units).ok())?
+                    })
+                    .map_err(io::Error::other)?;
             }
         }
         Ok(done)
     }
 
-    fn write_unit(&self, target: &Beneath, unit: &UnitRecord, now: SystemTime) -> Result<(), String> {
+    fn write_unit(
+        &self,
+        target: &Beneath,
+        unit: &UnitRecord,
+        now: SystemTime,
+    ) -> Result<(), String> {
         let io = |e: io::Error| format!("writing: {e}");
         for dir in &unit.dirs {
             target.create_dir_all(&plain(dir)?).map_err(io)?;
@@ -233,7 +250,9 @@ impl SharedUnits {
             let mut hasher = digest.function.hasher();
             let mut buffer = vec![0u8; 1 << 16];
             loop {
-                let n = reader.read(&mut buffer).map_err(|e| format!("reading: {e}"))?;
+                let n = reader
+                    .read(&mut buffer)
+                    .map_err(|e| format!("reading: {e}"))?;
                 if n == 0 {
                     break;
                 }
@@ -346,9 +365,9 @@ impl SharedUnits {
             if bytes > MAX_UNIT_BYTES {
                 return Ok(None);
             }
-            let blob = self
-                .blobs
-                .stage_open_file(DigestFunction::Blake3, &mut file, &host.join(&path))?;
+            let blob =
+                self.blobs
+                    .stage_open_file(DigestFunction::Blake3, &mut file, &host.join(&path))?;
             record_files.push(UnitFile {
                 path: path.display().to_string(),
                 // `function:hash/size` (the `Debug` form is the one `FromStr` reads back).
@@ -431,8 +450,7 @@ fn under_target(inside: &str) -> Option<PathBuf> {
 /// A stored relative path, refused unless plain.
 fn plain(path: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(path);
-    if path.components().count() > 0
-        && path.components().all(|c| matches!(c, Component::Normal(_)))
+    if path.components().count() > 0 && path.components().all(|c| matches!(c, Component::Normal(_)))
     {
         Ok(path)
     } else {
@@ -659,7 +677,9 @@ fn command_control(command: &Command) -> Result<String, String> {
     }
     let subcommand = args.get(1).cloned().unwrap_or_default();
     if !matches!(subcommand.as_str(), "build" | "check" | "test" | "clippy") {
-        return Err(format!("`cargo {subcommand}` does not compile with shared units"));
+        return Err(format!(
+            "`cargo {subcommand}` does not compile with shared units"
+        ));
     }
     let mut rest = args[2..].iter();
     while let Some(arg) = rest.next() {
@@ -697,7 +717,10 @@ fn workspace_control(src: &Path) -> Result<(), String> {
         for (name, kind) in entries {
             let path = dir.join(&name);
             if name == ".cargo" {
-                return Err(format!("the workspace has cargo configuration ({})", path.display()));
+                return Err(format!(
+                    "the workspace has cargo configuration ({})",
+                    path.display()
+                ));
             }
             match kind {
                 EntryKind::Directory if name != ".git" && name != "target" => pending.push(path),
@@ -767,7 +790,9 @@ mod tests {
         let test = crate::cargo::CargoJob::new(crate::cargo::JobKind::Test);
         let plan = UnitsPlan::for_job(&crate::action::cargo_command(&test), src.path(), true);
         assert_eq!((plan.receive, plan.publish), (true, false));
-        assert!(!UnitsPlan::for_job(&crate::action::cargo_command(&job), src.path(), false).receive);
+        assert!(
+            !UnitsPlan::for_job(&crate::action::cargo_command(&job), src.path(), false).receive
+        );
         for hostile in [
             &["cargo", "build", "--config", "build.rustflags=['-Cfoo']"][..],
             &["cargo", "build", "--config=build.rustc-wrapper='x'"],
@@ -780,12 +805,21 @@ mod tests {
             assert!(!plan.receive && !plan.publish, "{hostile:?}");
         }
         let mut with_env = command(&["cargo", "build"]);
-        with_env.environment_variables.push(rba_proto::reapi::command::EnvironmentVariable {
-            name: "RUSTFLAGS".into(),
-            value: "-Cfoo".into(),
-        });
+        with_env
+            .environment_variables
+            .push(rba_proto::reapi::command::EnvironmentVariable {
+                name: "RUSTFLAGS".into(),
+                value: "-Cfoo".into(),
+            });
         assert!(!UnitsPlan::for_job(&with_env, src.path(), true).receive);
-        assert!(UnitsPlan::for_job(&command(&["cargo", "test", "-p", "x", "--", "--nocapture"]), src.path(), true).receive);
+        assert!(
+            UnitsPlan::for_job(
+                &command(&["cargo", "test", "-p", "x", "--", "--nocapture"]),
+                src.path(),
+                true
+            )
+            .receive
+        );
     }
 
     #[test]
@@ -802,6 +836,10 @@ mod tests {
         assert!(workspace_control(src.path()).unwrap_err().contains("patch"));
         std::fs::remove_file(src.path().join("sub/Cargo.toml")).unwrap();
         std::fs::create_dir_all(src.path().join("sub/.cargo")).unwrap();
-        assert!(workspace_control(src.path()).unwrap_err().contains(".cargo"));
+        assert!(
+            workspace_control(src.path())
+                .unwrap_err()
+                .contains(".cargo")
+        );
     }
 }

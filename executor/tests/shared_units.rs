@@ -135,8 +135,15 @@ async fn a_new_workspace_of_another_tenant_compiles_only_its_own_crates() {
     let alice = Tenant::peer("alice");
     let (outcome, lines) = run(&node, JobKind::Build, first.path(), "alice:/a", alice).await;
     assert_success(&outcome, &lines);
-    assert_eq!(compiled(&lines), set(&["itoa", "registry-dep"]), "{lines:#?}");
-    assert!(has_line(&lines, "shared units: 0 materialised"), "{lines:#?}");
+    assert_eq!(
+        compiled(&lines),
+        set(&["itoa", "registry-dep"]),
+        "{lines:#?}"
+    );
+    assert!(
+        has_line(&lines, "shared units: 0 materialised"),
+        "{lines:#?}"
+    );
     let stats = node.executor.shared_units().stats();
     assert!(stats.units >= 1 && stats.bytes > 0, "{stats:?}");
 
@@ -146,11 +153,21 @@ async fn a_new_workspace_of_another_tenant_compiles_only_its_own_crates() {
     let (warm, lines) = run(&node, JobKind::Build, other.path(), "bob:/b", bob.clone()).await;
     assert_success(&warm, &lines);
     assert_eq!(compiled(&lines), set(&["other-app"]), "{lines:#?}");
-    assert!(!has_line(&lines, "shared units: 0 materialised"), "{lines:#?}");
+    assert!(
+        !has_line(&lines, "shared units: 0 materialised"),
+        "{lines:#?}"
+    );
 
     // The same bytes as a cold build of that workspace on a node without shared units.
     let cold_node = harness(false);
-    let (cold, cold_lines) = run(&cold_node, JobKind::Build, other.path(), "bob:/b", bob.clone()).await;
+    let (cold, cold_lines) = run(
+        &cold_node,
+        JobKind::Build,
+        other.path(),
+        "bob:/b",
+        bob.clone(),
+    )
+    .await;
     assert_success(&cold, &cold_lines);
     assert_eq!(compiled(&cold_lines), set(&["itoa", "other-app"]));
     assert!(!has_line(&cold_lines, "shared units"), "{cold_lines:#?}");
@@ -175,8 +192,7 @@ async fn a_new_workspace_of_another_tenant_compiles_only_its_own_crates() {
 async fn a_corrupted_unit_is_detected_and_rebuilt_never_used() {
     let node = harness(true);
     let first = copy_fixture("registry-dep");
-    let (outcome, lines) =
-        run(&node, JobKind::Build, first.path(), "a", Tenant::local()).await;
+    let (outcome, lines) = run(&node, JobKind::Build, first.path(), "a", Tenant::local()).await;
     assert_success(&outcome, &lines);
 
     // Flip the bytes of the stored itoa rlib (same size).
@@ -211,6 +227,29 @@ async fn a_corrupted_unit_is_detected_and_rebuilt_never_used() {
     let (warm, lines) = run(&node, JobKind::Build, third.path(), "c", Tenant::local()).await;
     assert_success(&warm, &lines);
     assert_eq!(compiled(&lines), set(&["third-app"]), "{lines:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_units_are_rebuilt_and_republished() {
+    let node = harness(true);
+    let first = copy_fixture("registry-dep");
+    let (outcome, lines) = run(&node, JobKind::Build, first.path(), "a", Tenant::local()).await;
+    assert_success(&outcome, &lines);
+    let published = node.executor.shared_units().stats();
+    assert!(published.units > 0);
+
+    // The store's LRU takes everything (units are blobs like any other).
+    node.cas.blobs.evict_down_to(0).unwrap();
+    let other = other_workspace("other-app");
+    let (rebuilt, lines) = run(&node, JobKind::Build, other.path(), "b", Tenant::local()).await;
+    assert_success(&rebuilt, &lines);
+    assert!(has_line(&lines, "not used: evicted"), "{lines:#?}");
+    assert_eq!(compiled(&lines), set(&["itoa", "other-app"]), "{lines:#?}");
+    assert_eq!(
+        node.executor.shared_units().stats(),
+        published,
+        "the evicted unit left the index; the rebuild published it again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,15 +288,21 @@ async fn workspaces_that_control_their_dependencies_build_neither_receive_nor_pu
         let (outcome, lines) = run(&node, JobKind::Build, source.path(), identity, local()).await;
         assert_success(&outcome, &lines);
         assert!(compiled(&lines).contains("itoa"), "{lines:#?}");
-        assert!(has_line(&lines, "shared units off:") && has_line(&lines, reason), "{lines:#?}");
-        assert_eq!(node.executor.shared_units().stats().units, 0, "{identity} published");
+        assert!(
+            has_line(&lines, "shared units off:") && has_line(&lines, reason),
+            "{lines:#?}"
+        );
+        assert_eq!(
+            node.executor.shared_units().stats().units,
+            0,
+            "{identity} published"
+        );
     }
 
     // A workspace with a build script of its own receives, but publishes nothing.
     let scripted = other_workspace("with-build-script");
     std::fs::write(scripted.path().join("build.rs"), "fn main() {}\n").unwrap();
-    let (outcome, lines) =
-        run(&node, JobKind::Build, scripted.path(), "scripted", local()).await;
+    let (outcome, lines) = run(&node, JobKind::Build, scripted.path(), "scripted", local()).await;
     assert_success(&outcome, &lines);
     assert!(
         has_line(&lines, "shared units not published") && has_line(&lines, "build script"),
@@ -282,8 +327,14 @@ async fn workspaces_that_control_their_dependencies_build_neither_receive_nor_pu
         assert!(!has_line(&lines, "materialised"), "{lines:#?}");
         assert!(compiled(&lines).contains("itoa"), "{lines:#?}");
     }
-    let (outcome, lines) =
-        run(&node, JobKind::Build, scripted.path(), "scripted-2", local()).await;
+    let (outcome, lines) = run(
+        &node,
+        JobKind::Build,
+        scripted.path(),
+        "scripted-2",
+        local(),
+    )
+    .await;
     assert_success(&outcome, &lines);
     assert_eq!(compiled(&lines), set(&["with-build-script"]), "{lines:#?}");
 }
@@ -293,8 +344,14 @@ async fn midsize_shares_build_scripts_and_proc_macros_and_a_profile_change_rebui
  {
     let node = harness(true);
     let first = copy_fixture("midsize");
-    let (outcome, lines) =
-        run(&node, JobKind::Build, first.path(), "mid-a", Tenant::peer("alice")).await;
+    let (outcome, lines) = run(
+        &node,
+        JobKind::Build,
+        first.path(),
+        "mid-a",
+        Tenant::peer("alice"),
+    )
+    .await;
     assert_success(&outcome, &lines);
     assert!(compiled(&lines).len() > 20, "{lines:#?}");
 
@@ -305,8 +362,7 @@ async fn midsize_shares_build_scripts_and_proc_macros_and_a_profile_change_rebui
         "\npub fn shared_units_edit() -> u32 {\n    7\n}\n",
     );
     let bob = Tenant::peer("bob");
-    let (outcome, lines) =
-        run(&node, JobKind::Build, second.path(), "mid-b", bob.clone()).await;
+    let (outcome, lines) = run(&node, JobKind::Build, second.path(), "mid-b", bob.clone()).await;
     assert_success(&outcome, &lines);
     assert_eq!(
         compiled(&lines),
