@@ -1333,15 +1333,16 @@ impl RunningJob<'_> {
             return Ok(None);
         }
         let started = Instant::now();
-        let (units, toolchain, lock, target) = (
+        let (units, toolchain, variant, lock, target) = (
             self.inner().units.clone(),
             toolchain.digest_hex.clone(),
+            plan.variant.clone(),
             lockfile.to_string(),
             slot.target.clone(),
         );
         let done = Self::blocking(move || {
             units
-                .materialise(&toolchain, &lock, &target)
+                .materialise(&toolchain, &variant, &lock, &target)
                 .map_err(io_error("materialising shared units"))
         })
         .await;
@@ -1368,7 +1369,7 @@ impl RunningJob<'_> {
         if let Some(reason) = plan.reason {
             self.log(LogStreamKind::System, format!("shared units: {reason}"));
         }
-        Ok(plan.publish.then(BuildUnits::default))
+        Ok(plan.publish.then(|| BuildUnits::new(plan.variant)))
     }
 
     /// Shared units after a successful build: the registry units it compiled stored and
@@ -1395,8 +1396,10 @@ impl RunningJob<'_> {
             lockfile.to_string(),
             slot.target.clone(),
         );
-        let published =
-            Self::blocking(move || Ok(units.publish(&toolchain, &lock, &target, &built)?)).await?;
+        let published = Self::blocking(move || {
+            Ok(units.publish(&toolchain, built.variant(), &lock, &target, &built)?)
+        })
+        .await?;
         self.step("units-publish", started);
         self.log(
             LogStreamKind::System,

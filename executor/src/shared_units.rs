@@ -115,6 +115,10 @@ pub struct UnitRecord {
     pub files: Vec<UnitFile>,
     /// Their total size.
     pub bytes: u64,
+    /// The kind of build that made it ([`UnitsPlan::variant`]): only builds of the same kind
+    /// receive it (a `check` build's metadata-only units are useless to a `build`).
+    #[serde(default)]
+    pub variant: String,
 }
 
 /// What the index names.
@@ -180,12 +184,14 @@ impl SharedUnits {
         }
     }
 
-    /// Copies every unit indexed under `toolchain` and a registry checksum of `lockfile` into
-    /// `target` (a fresh target dir, executor side); blobs re-hashed on the way, a unit with a
-    /// missing or corrupt blob removed again and reported in [`Materialised::skipped`].
+    /// Copies every unit indexed under `toolchain` and a registry checksum of `lockfile`, made
+    /// by a build of the kind `variant`, into `target` (a fresh target dir, executor side); blobs
+    /// re-hashed on the way, a unit with a missing or corrupt blob removed again (from the target
+    /// dir and the index) and reported in [`Materialised::skipped`].
     pub fn materialise(
         &self,
         toolchain: &str,
+        variant: &str,
         lockfile: &str,
         target: &Path,
     ) -> io::Result<Materialised> {
@@ -195,7 +201,7 @@ impl SharedUnits {
         for checksum in lock_registry_packages(lockfile).values() {
             let mut unusable = Vec::new();
             for unit in self.units(toolchain, checksum) {
-                if target.metadata(Path::new(&unit.id)).is_ok() {
+                if unit.variant != variant || target.metadata(Path::new(&unit.id)).is_ok() {
                     continue;
                 }
                 match self.write_unit(&target, &unit, now) {
@@ -278,6 +284,7 @@ impl SharedUnits {
     pub fn publish(
         &self,
         toolchain: &str,
+        variant: &str,
         lockfile: &str,
         target: &Path,
         built: &BuildUnits,
@@ -292,9 +299,10 @@ impl SharedUnits {
             else {
                 continue;
             };
-            let Some(record) = self.store_unit(&target_dir, target, unit)? else {
+            let Some(mut record) = self.store_unit(&target_dir, target, unit)? else {
                 continue;
             };
+            record.variant = variant.to_string();
             published.units += 1;
             published.bytes += record.bytes;
             by_checksum
@@ -386,6 +394,7 @@ impl SharedUnits {
             dirs: dirs.iter().map(|d| d.display().to_string()).collect(),
             files: record_files,
             bytes,
+            variant: String::new(),
         }))
     }
 }
@@ -532,9 +541,23 @@ pub struct BuildUnits {
     units: Vec<BuiltUnit>,
     /// Why nothing of the build may be published (workspace code ran at build time).
     tainted: Option<String>,
+    variant: String,
 }
 
 impl BuildUnits {
+    /// An empty collector for a build of `variant` ([`UnitsPlan::variant`]).
+    pub fn new(variant: String) -> Self {
+        BuildUnits {
+            variant,
+            ..Default::default()
+        }
+    }
+
+    /// The kind of build the units come from.
+    pub fn variant(&self) -> &str {
+        &self.variant
+    }
+
     /// A `compiler-artifact` record.
     pub fn artifact(&mut self, artifact: &CargoArtifact) {
         if registry_package(&artifact.package_id).is_none() {
@@ -587,6 +610,10 @@ pub struct UnitsPlan {
     pub publish: bool,
     /// Why either is off (for the job's log).
     pub reason: Option<String>,
+    /// The kind of build, `<profile dir>/<build|check>` (`debug/build` for `cargo build` and
+    /// `cargo test`, `release/check` for `cargo check --release` or clippy): units are received
+    /// only by builds of the kind that published them.
+    pub variant: String,
 }
 
 impl UnitsPlan {
@@ -596,6 +623,7 @@ impl UnitsPlan {
             receive: false,
             publish: false,
             reason: Some(reason.into()),
+            variant: String::new(),
         }
     }
 
@@ -607,8 +635,8 @@ impl UnitsPlan {
             // not the executor's alone.
             return UnitsPlan::off("the target dir was used before");
         }
-        let subcommand = match command_control(command) {
-            Ok(subcommand) => subcommand,
+        let (subcommand, release) = match command_control(command) {
+            Ok(found) => found,
             Err(why) => return UnitsPlan::off(why),
         };
         if let Err(why) = workspace_control(src) {
@@ -619,6 +647,15 @@ impl UnitsPlan {
             receive: true,
             publish,
             reason: (!publish).then(|| format!("`cargo {subcommand}` jobs do not publish units")),
+            variant: format!(
+                "{}/{}",
+                if release { "release" } else { "debug" },
+                if matches!(subcommand.as_str(), "build" | "test") {
+                    "build"
+                } else {
+                    "check"
+                }
+            ),
         }
     }
 }
@@ -664,8 +701,9 @@ const VALUE_FLAGS: &[&str] = &[
     "--message-format",
 ];
 
-/// The cargo subcommand if the Command is one the executor makes, else why not.
-fn command_control(command: &Command) -> Result<String, String> {
+/// The cargo subcommand and whether it builds with the release profile, if the Command is one
+/// the executor makes; else why not.
+fn command_control(command: &Command) -> Result<(String, bool), String> {
     let mut env = command.environment_variables.clone();
     env.sort_by(|a, b| a.name.cmp(&b.name));
     if env != crate::action::cargo_environment() {
@@ -682,6 +720,7 @@ fn command_control(command: &Command) -> Result<String, String> {
         ));
     }
     let mut rest = args[2..].iter();
+    let mut release = false;
     while let Some(arg) = rest.next() {
         if arg == "--" {
             // After it: the test harness's or clippy's arguments, which never reach a
@@ -690,6 +729,7 @@ fn command_control(command: &Command) -> Result<String, String> {
         }
         let flag = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
         if PLAIN_FLAGS.contains(&arg.as_str()) {
+            release |= arg == "--release" || arg == "-r";
             continue;
         }
         if VALUE_FLAGS.contains(&flag) {
@@ -700,7 +740,7 @@ fn command_control(command: &Command) -> Result<String, String> {
         }
         return Err(format!("the job passes `{arg}` to cargo"));
     }
-    Ok(subcommand)
+    Ok((subcommand, release))
 }
 
 /// `Ok` when the workspace controls nothing of its dependencies' compilation beyond what
@@ -787,6 +827,12 @@ mod tests {
         let job = crate::cargo::CargoJob::new(crate::cargo::JobKind::Build);
         let plan = UnitsPlan::for_job(&crate::action::cargo_command(&job), src.path(), true);
         assert_eq!((plan.receive, plan.publish), (true, true));
+        assert_eq!(plan.variant, "debug/build");
+        let mut release = crate::cargo::CargoJob::new(crate::cargo::JobKind::Clippy);
+        release.release = true;
+        let plan = UnitsPlan::for_job(&crate::action::cargo_command(&release), src.path(), true);
+        assert_eq!((plan.receive, plan.publish), (true, false));
+        assert_eq!(plan.variant, "release/check");
         let test = crate::cargo::CargoJob::new(crate::cargo::JobKind::Test);
         let plan = UnitsPlan::for_job(&crate::action::cargo_command(&test), src.path(), true);
         assert_eq!((plan.receive, plan.publish), (true, false));
