@@ -584,7 +584,7 @@ impl Executor {
             config.rustup_home.clone(),
             config.toolchain_roots.clone(),
         );
-        let units = SharedUnits::open(cas.blobs.clone())?;
+        let units = SharedUnits::new(cas.clone());
         Ok(Executor {
             inner: Arc::new(Inner {
                 units,

@@ -15,12 +15,14 @@
 //!   compiled (`compiler-artifact` records that are not `fresh`, and `build-script-executed`
 //!   records) is stored: its files under `deps/` named with its hash, or its `build/<pkg>-<H>/`
 //!   directory, plus its `.fingerprint/<pkg>-<H>/` directory; each file a blob, the unit a
-//!   [`UnitRecord`] in the index (a sled tree of the store, written by the executor only; no
-//!   REAPI or session call reaches it). The index key is (toolchain identity, the package's
-//!   checksum from `Cargo.lock`); a key holds up to [`MAX_VARIANTS`] units (other features,
-//!   profiles, dependency versions), newest first.
-//! - **Before a build in a fresh slot** (empty target dir), every unit indexed under the
-//!   toolchain and a checksum of the job's `Cargo.lock` is copied into the target dir (copies,
+//!   [`UnitRecord`] in the index ([`SharedUnits`]: an action-cache namespace only the executor
+//!   writes and no client reads, [`SHARED_UNITS_NAMESPACE`]). The index key is (toolchain
+//!   identity, the package's checksum from `Cargo.lock`); a key holds up to [`MAX_VARIANTS`]
+//!   units (other features, profiles, dependency versions), newest first, each tagged with the
+//!   kind of build that made it ([`UnitsPlan::variant`]: profile dir, build or check).
+//! - **Before a build in a fresh slot** (empty target dir), every unit of the job's kind of
+//!   build indexed under the toolchain and a checksum of the job's `Cargo.lock` is copied into the
+//!   target dir (copies,
 //!   never hardlinks: the build writes into its target dir, a hardlink would let it write into
 //!   the store), each file re-hashed while copied: a unit with a blob that is gone (evicted) or
 //!   no longer matches its digest (corrupted) is removed again and rebuilt by cargo, never
@@ -66,8 +68,9 @@
 //! the other tenants whose builds share those units (see the crate README's open questions).
 //!
 //! Eviction: unit files are ordinary blobs of the store, under its LRU and byte budget
-//! (materialising touches them); a unit whose blobs are gone is skipped and rebuilt, and the
-//! index keeps [`MAX_VARIANTS`] per key. [`SharedUnits::stats`] counts what the index names.
+//! (materialising touches them); a unit whose blobs are gone is skipped, rebuilt and dropped from
+//! the index until a build publishes it again, and the index keeps [`MAX_VARIANTS`] per key.
+//! [`SharedUnits::stats`] counts what the index names (in `/cache/stats`).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -76,8 +79,8 @@ use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
 use rba_cas::merkle::beneath::{Beneath, EntryKind};
-use rba_cas::{BlobStore, CasError, Digest, DigestFunction};
-use rba_proto::reapi::Command;
+use rba_cas::{Cas, CasError, Digest, DigestFunction};
+use rba_proto::reapi::{ActionResult, Command, OutputFile};
 use serde::{Deserialize, Serialize};
 
 use crate::cargo::CargoArtifact;
@@ -89,8 +92,12 @@ pub const MAX_VARIANTS: usize = 8;
 const MAX_UNIT_FILES: usize = 512;
 /// Bytes of one unit at most.
 const MAX_UNIT_BYTES: u64 = 512 << 20;
-/// The sled tree of the index.
-const INDEX_TREE: &str = "shared_units";
+/// The action-cache namespace of the index: under `rba/`, so REAPI `UpdateActionResult` refuses
+/// it, and with a NUL, so no client-facing read serves it (see the runner's
+/// `is_executor_namespace` and `is_private_namespace`).
+pub const SHARED_UNITS_NAMESPACE: &str = "rba/units\u{0}shared";
+/// Largest unit record read back from the store.
+const MAX_RECORD_BYTES: u64 = 4 << 20;
 
 /// One file of a unit, relative to the target dir (`debug/deps/libitoa-<H>.rlib`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -150,25 +157,37 @@ pub struct Published {
     pub bytes: u64,
 }
 
-/// The index of shared units over a blob store. Cheap to clone.
+/// The index of shared units over a CAS. Cheap to clone.
+///
+/// Stored in the action cache, in [`SHARED_UNITS_NAMESPACE`]: one entry per (toolchain,
+/// package checksum), keyed by the BLAKE3 of both; each of its `output_files` is one unit, named
+/// by its id, whose digest is the unit's [`UnitRecord`] (JSON) stored as a blob and also inlined
+/// in `contents`. Unit files are blobs of the store. So the index lives wherever the action cache
+/// and the store live (a scale-out node's shared ones included), and an entry is read without
+/// the completeness check of a hit: a unit with a missing blob is skipped, not the entry.
+/// Read-modify-write: two builds publishing the same package at once may lose one's variants
+/// (the next build publishes them again).
 #[derive(Clone, Debug)]
 pub struct SharedUnits {
-    blobs: BlobStore,
-    index: sled::Tree,
+    cas: Cas,
 }
 
 impl SharedUnits {
-    /// The index of `blobs`' database.
-    pub fn open(blobs: BlobStore) -> Result<Self, CasError> {
-        let index = blobs.db().open_tree(INDEX_TREE)?;
-        Ok(SharedUnits { blobs, index })
+    /// The index of `cas`.
+    pub fn new(cas: Cas) -> Self {
+        SharedUnits { cas }
     }
 
     /// Units and bytes the index names.
     pub fn stats(&self) -> SharedUnitStats {
         let mut stats = SharedUnitStats::default();
-        for entry in self.index.iter().flatten() {
-            for unit in decode(&entry.1) {
+        for result in self
+            .cas
+            .actions
+            .results_in(SHARED_UNITS_NAMESPACE)
+            .unwrap_or_default()
+        {
+            for unit in result.output_files.iter().filter_map(|f| self.decode(f)) {
                 stats.units += 1;
                 stats.bytes += unit.bytes;
             }
@@ -178,10 +197,66 @@ impl SharedUnits {
 
     /// The units indexed under a toolchain and a package checksum, newest first.
     pub fn units(&self, toolchain: &str, checksum: &str) -> Vec<UnitRecord> {
-        match self.index.get(index_key(toolchain, checksum)) {
-            Ok(Some(value)) => decode(&value),
+        match self
+            .cas
+            .actions
+            .get_unchecked(SHARED_UNITS_NAMESPACE, &index_key(toolchain, checksum))
+        {
+            Ok(Some(result)) => result
+                .output_files
+                .iter()
+                .filter_map(|f| self.decode(f))
+                .collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// A unit record of an index entry: its inlined contents if they match its digest, else its
+    /// blob (verified too); `None` when neither does.
+    fn decode(&self, file: &OutputFile) -> Option<UnitRecord> {
+        let digest =
+            Digest::from_reapi_field(DigestFunction::Blake3, file.digest.as_ref(), "unit").ok()?;
+        let matches = |bytes: &[u8]| DigestFunction::Blake3.digest_of(bytes) == digest;
+        let bytes = if matches(&file.contents) {
+            file.contents.clone()
+        } else {
+            let bytes = self.cas.blobs.read_to_vec(&digest, MAX_RECORD_BYTES).ok()?;
+            matches(&bytes).then_some(bytes)?
+        };
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Replaces the entry of (`toolchain`, `checksum`) with `change` applied to its units.
+    fn update(
+        &self,
+        toolchain: &str,
+        checksum: &str,
+        change: impl FnOnce(&mut Vec<UnitRecord>),
+    ) -> Result<(), CasError> {
+        let key = index_key(toolchain, checksum);
+        let mut units = self.units(toolchain, checksum);
+        change(&mut units);
+        if units.is_empty() {
+            self.cas.actions.remove(SHARED_UNITS_NAMESPACE, &key)?;
+            return Ok(());
+        }
+        let mut output_files = Vec::new();
+        for unit in &units {
+            let json = serde_json::to_vec(unit)
+                .map_err(|e| CasError::invalid(format!("unit {}", unit.id), e.to_string()))?;
+            let digest = self.cas.blobs.put_bytes(DigestFunction::Blake3, &json)?;
+            output_files.push(OutputFile {
+                path: unit.id.clone(),
+                digest: Some(digest.to_reapi()),
+                contents: json,
+                ..Default::default()
+            });
+        }
+        let result = ActionResult {
+            output_files,
+            ..Default::default()
+        };
+        self.cas.actions.put(SHARED_UNITS_NAMESPACE, &key, &result)
     }
 
     /// Copies every unit indexed under `toolchain` and a registry checksum of `lockfile`, made
@@ -218,13 +293,10 @@ impl SharedUnits {
             }
             if !unusable.is_empty() {
                 // Out of the index (and of the stats) until a build publishes it again.
-                self.index
-                    .update_and_fetch(index_key(toolchain, checksum), |old| {
-                        let mut units = old.map(decode).unwrap_or_default();
-                        units.retain(|u| !unusable.contains(&u.id));
-                        (!units.is_empty()).then(|| serde_json::to_vec(&units).ok())?
-                    })
-                    .map_err(io::Error::other)?;
+                self.update(toolchain, checksum, |units| {
+                    units.retain(|u| !unusable.contains(&u.id))
+                })
+                .map_err(io::Error::other)?;
             }
         }
         Ok(done)
@@ -243,7 +315,7 @@ impl SharedUnits {
         for file in &unit.files {
             let path = plain(&file.path)?;
             let digest: Digest = file.digest.parse().map_err(|e| format!("{e}"))?;
-            let mut reader = match self.blobs.reader(&digest, 0, 0) {
+            let mut reader = match self.cas.blobs.reader(&digest, 0, 0) {
                 Ok(reader) => reader,
                 Err(CasError::NotFound(_)) => return Err("evicted".into()),
                 Err(e) => return Err(format!("reading: {e}")),
@@ -270,7 +342,7 @@ impl SharedUnits {
             if written != digest {
                 let _ = dir.remove(Path::new(&temp));
                 // Gone from the store, so the unit's next publication stores it again.
-                let _ = self.blobs.remove_if_corrupt(&digest);
+                let _ = self.cas.blobs.remove_if_corrupt(&digest);
                 return Err(format!("corrupt ({} does not match its digest)", file.path));
             }
             out.set_modified(now).map_err(io)?;
@@ -311,15 +383,12 @@ impl SharedUnits {
                 .push(record);
         }
         for (checksum, records) in by_checksum {
-            self.index
-                .update_and_fetch(index_key(toolchain, &checksum), |old| {
-                    let mut units = old.map(decode).unwrap_or_default();
-                    units.retain(|u| !records.iter().any(|r| r.id == u.id));
-                    let mut merged = records.clone();
-                    merged.extend(units);
-                    merged.truncate(MAX_VARIANTS);
-                    serde_json::to_vec(&merged).ok()
-                })?;
+            self.update(toolchain, &checksum, |units| {
+                units.retain(|u| !records.iter().any(|r| r.id == u.id));
+                let older = std::mem::replace(units, records);
+                units.extend(older);
+                units.truncate(MAX_VARIANTS);
+            })?;
         }
         Ok(published)
     }
@@ -373,9 +442,11 @@ impl SharedUnits {
             if bytes > MAX_UNIT_BYTES {
                 return Ok(None);
             }
-            let blob =
-                self.blobs
-                    .stage_open_file(DigestFunction::Blake3, &mut file, &host.join(&path))?;
+            let blob = self.cas.blobs.stage_open_file(
+                DigestFunction::Blake3,
+                &mut file,
+                &host.join(&path),
+            )?;
             record_files.push(UnitFile {
                 path: path.display().to_string(),
                 // `function:hash/size` (the `Debug` form is the one `FromStr` reads back).
@@ -384,7 +455,7 @@ impl SharedUnits {
             });
             staged.push(blob);
         }
-        for published in self.blobs.publish(staged) {
+        for published in self.cas.blobs.publish(staged) {
             published?;
         }
         dirs.sort();
@@ -478,16 +549,15 @@ fn remove_unit(target: &Beneath, unit: &UnitRecord) {
     }
 }
 
-fn index_key(toolchain: &str, checksum: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(toolchain.len() + checksum.len() + 1);
-    key.extend_from_slice(toolchain.as_bytes());
-    key.push(0);
-    key.extend_from_slice(checksum.as_bytes());
-    key
-}
-
-fn decode(bytes: &[u8]) -> Vec<UnitRecord> {
-    serde_json::from_slice(bytes).unwrap_or_default()
+/// The index entry's key: BLAKE3 of the toolchain identity and the package checksum (each
+/// length-prefixed).
+fn index_key(toolchain: &str, checksum: &str) -> Digest {
+    let mut key = b"rba shared units 1".to_vec();
+    for part in [toolchain, checksum] {
+        key.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        key.extend_from_slice(part.as_bytes());
+    }
+    DigestFunction::Blake3.digest_of(&key)
 }
 
 /// `(source, name, version)` of a registry package id (`registry+URL#name@version`, also
@@ -791,6 +861,12 @@ fn workspace_control(src: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_index_namespace_is_the_executors_alone() {
+        assert!(crate::runner::is_executor_namespace(SHARED_UNITS_NAMESPACE));
+        assert!(crate::runner::is_private_namespace(SHARED_UNITS_NAMESPACE));
+    }
 
     #[test]
     fn registry_package_ids_and_lock_checksums() {
