@@ -65,7 +65,8 @@
 //! runs in the publishing build with write access to the target dir; a malicious crate that a
 //! publishing workspace depends on could rewrite another registry unit of that build before it is
 //! stored. This is the trust every cargo user gives the crates of their lock file, here extended to
-//! the other tenants whose builds share those units (see the crate README's open questions).
+//! the other tenants whose builds share those units; a node whose operator does not accept it
+//! turns sharing off (`ExecutorConfig::shared_units`, node config `shared_units = false`).
 //!
 //! Eviction: unit files are ordinary blobs of the store, under its LRU and byte budget
 //! (materialising touches them); a unit whose blobs are gone is skipped, rebuilt and dropped from
