@@ -1347,6 +1347,7 @@ impl RunningJob<'_> {
         })
         .await;
         self.step("units", started);
+        let mut materialised = Vec::new();
         match done {
             Ok(done) => {
                 self.log(
@@ -1362,6 +1363,7 @@ impl RunningJob<'_> {
                         format!("shared units: {unit} not used: {why}"),
                     );
                 }
+                materialised = done.ids;
             }
             // Not the job's failure: cargo builds what is not there.
             Err(e) => self.log(LogStreamKind::System, format!("shared units: {e}")),
@@ -1369,7 +1371,9 @@ impl RunningJob<'_> {
         if let Some(reason) = plan.reason {
             self.log(LogStreamKind::System, format!("shared units: {reason}"));
         }
-        Ok(plan.publish.then(|| BuildUnits::new(plan.variant)))
+        Ok(plan
+            .publish
+            .then(|| BuildUnits::new(plan.variant, materialised)))
     }
 
     /// Shared units after a successful build: the registry units it compiled stored and

@@ -73,14 +73,14 @@
 //! the index until a build publishes it again, and the index keeps [`MAX_VARIANTS`] per key.
 //! [`SharedUnits::stats`] counts what the index names (in `/cache/stats`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
 use rba_cas::merkle::beneath::{Beneath, EntryKind};
-use rba_cas::{Cas, CasError, Digest, DigestFunction};
+use rba_cas::{Cas, CasError, Digest, DigestFunction, StagedBlob};
 use rba_proto::reapi::{ActionResult, Command, OutputFile};
 use serde::{Deserialize, Serialize};
 
@@ -147,6 +147,8 @@ pub struct Materialised {
     pub bytes: u64,
     /// Units not written, with why (`evicted`, `corrupt`).
     pub skipped: Vec<(String, String)>,
+    /// The ids of the units written (not published again by the build).
+    pub ids: Vec<String>,
 }
 
 /// What publishing stored.
@@ -227,37 +229,64 @@ impl SharedUnits {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Replaces the entry of (`toolchain`, `checksum`) with `change` applied to its units.
-    fn update(
+    /// The entry of (`toolchain`, `checksum`) with `change` applied to its units, its record
+    /// blobs added to `staged` (`None`: no unit left, the entry goes).
+    fn changed_entry(
         &self,
         toolchain: &str,
         checksum: &str,
         change: impl FnOnce(&mut Vec<UnitRecord>),
-    ) -> Result<(), CasError> {
+        staged: &mut Vec<StagedBlob>,
+    ) -> Result<(Digest, Option<ActionResult>), CasError> {
         let key = index_key(toolchain, checksum);
         let mut units = self.units(toolchain, checksum);
         change(&mut units);
         if units.is_empty() {
-            self.cas.actions.remove(SHARED_UNITS_NAMESPACE, &key)?;
-            return Ok(());
+            return Ok((key, None));
         }
         let mut output_files = Vec::new();
         for unit in &units {
             let json = serde_json::to_vec(unit)
                 .map_err(|e| CasError::invalid(format!("unit {}", unit.id), e.to_string()))?;
-            let digest = self.cas.blobs.put_bytes(DigestFunction::Blake3, &json)?;
+            let mut writer = self.cas.blobs.writer_for(DigestFunction::Blake3)?;
+            writer.write_chunk(&json)?;
+            let blob = writer.stage()?;
             output_files.push(OutputFile {
                 path: unit.id.clone(),
-                digest: Some(digest.to_reapi()),
+                digest: Some(blob.digest().to_reapi()),
                 contents: json,
                 ..Default::default()
             });
+            staged.push(blob);
         }
         let result = ActionResult {
             output_files,
             ..Default::default()
         };
-        self.cas.actions.put(SHARED_UNITS_NAMESPACE, &key, &result)
+        Ok((key, Some(result)))
+    }
+
+    /// Publishes `staged` (one group commit), then writes the index entries.
+    fn commit(
+        &self,
+        staged: Vec<StagedBlob>,
+        entries: Vec<(Digest, Option<ActionResult>)>,
+    ) -> Result<(), CasError> {
+        for published in self.cas.blobs.publish(staged) {
+            published?;
+        }
+        for (key, entry) in entries {
+            match entry {
+                Some(result) => self
+                    .cas
+                    .actions
+                    .put(SHARED_UNITS_NAMESPACE, &key, &result)?,
+                None => {
+                    self.cas.actions.remove(SHARED_UNITS_NAMESPACE, &key)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Copies every unit indexed under `toolchain` and a registry checksum of `lockfile`, made
@@ -284,6 +313,7 @@ impl SharedUnits {
                     Ok(()) => {
                         done.units += 1;
                         done.bytes += unit.bytes;
+                        done.ids.push(unit.id);
                     }
                     Err(why) => {
                         remove_unit(&target, &unit);
@@ -294,10 +324,16 @@ impl SharedUnits {
             }
             if !unusable.is_empty() {
                 // Out of the index (and of the stats) until a build publishes it again.
-                self.update(toolchain, checksum, |units| {
-                    units.retain(|u| !unusable.contains(&u.id))
-                })
-                .map_err(io::Error::other)?;
+                let mut staged = Vec::new();
+                let entry = self
+                    .changed_entry(
+                        toolchain,
+                        checksum,
+                        |units| units.retain(|u| !unusable.contains(&u.id)),
+                        &mut staged,
+                    )
+                    .and_then(|entry| self.commit(staged, vec![entry]));
+                entry.map_err(io::Error::other)?;
             }
         }
         Ok(done)
@@ -366,13 +402,16 @@ impl SharedUnits {
         let target_dir = Beneath::open(target).map_err(|e| CasError::io("opening", target, e))?;
         let mut by_checksum: BTreeMap<String, Vec<UnitRecord>> = BTreeMap::new();
         let mut published = Published::default();
+        let mut staged = Vec::new();
         for unit in &built.units {
             let Some(checksum) = registry_package(&unit.package_id)
                 .and_then(|(source, name, version)| checksums.get(&(source, name, version)))
             else {
                 continue;
             };
-            let Some(mut record) = self.store_unit(&target_dir, target, unit)? else {
+            let Some(mut record) =
+                self.store_unit(&target_dir, target, unit, &built.materialised, &mut staged)?
+            else {
                 continue;
             };
             record.variant = variant.to_string();
@@ -383,14 +422,18 @@ impl SharedUnits {
                 .or_default()
                 .push(record);
         }
+        let mut entries = Vec::new();
         for (checksum, records) in by_checksum {
-            self.update(toolchain, &checksum, |units| {
+            let change = |units: &mut Vec<UnitRecord>| {
                 units.retain(|u| !records.iter().any(|r| r.id == u.id));
                 let older = std::mem::replace(units, records);
                 units.extend(older);
                 units.truncate(MAX_VARIANTS);
-            })?;
+            };
+            entries.push(self.changed_entry(toolchain, &checksum, change, &mut staged)?);
         }
+        // Every file and record of the build made durable together, then indexed.
+        self.commit(staged, entries)?;
         Ok(published)
     }
 
@@ -401,10 +444,16 @@ impl SharedUnits {
         target: &Beneath,
         host: &Path,
         unit: &BuiltUnit,
+        materialised: &BTreeSet<String>,
+        staged: &mut Vec<StagedBlob>,
     ) -> Result<Option<UnitRecord>, CasError> {
         let Some((fingerprint, roots)) = unit_paths(target, unit) else {
             return Ok(None);
         };
+        if materialised.contains(&fingerprint.display().to_string()) {
+            // Copied in from the index before the build (a build script's run, reported again).
+            return Ok(None);
+        }
         let mut dirs = Vec::new();
         let mut files = Vec::new();
         let mut pending: Vec<PathBuf> = Vec::new();
@@ -432,7 +481,6 @@ impl SharedUnits {
                 return Ok(None);
             }
         }
-        let mut staged = Vec::new();
         let mut record_files = Vec::new();
         let mut bytes = 0;
         for path in files {
@@ -455,9 +503,6 @@ impl SharedUnits {
                 executable: meta.mode & 0o111 != 0,
             });
             staged.push(blob);
-        }
-        for published in self.cas.blobs.publish(staged) {
-            published?;
         }
         dirs.sort();
         record_files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -610,16 +655,19 @@ struct BuiltUnit {
 #[derive(Clone, Debug, Default)]
 pub struct BuildUnits {
     units: Vec<BuiltUnit>,
+    materialised: BTreeSet<String>,
     /// Why nothing of the build may be published (workspace code ran at build time).
     tainted: Option<String>,
     variant: String,
 }
 
 impl BuildUnits {
-    /// An empty collector for a build of `variant` ([`UnitsPlan::variant`]).
-    pub fn new(variant: String) -> Self {
+    /// An empty collector for a build of `variant` ([`UnitsPlan::variant`]) into which the
+    /// units `materialised` (their ids) were copied.
+    pub fn new(variant: String, materialised: Vec<String>) -> Self {
         BuildUnits {
             variant,
+            materialised: materialised.into_iter().collect(),
             ..Default::default()
         }
     }
