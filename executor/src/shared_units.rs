@@ -315,10 +315,12 @@ impl SharedUnits {
                         done.bytes += unit.bytes;
                         done.ids.push(unit.id);
                     }
-                    Err(why) => {
+                    Err(skip) => {
                         remove_unit(&target, &unit);
-                        unusable.push(unit.id.clone());
-                        done.skipped.push((unit.id, why));
+                        if skip.unusable {
+                            unusable.push(unit.id.clone());
+                        }
+                        done.skipped.push((unit.id, skip.why));
                     }
                 }
             }
@@ -339,23 +341,23 @@ impl SharedUnits {
         Ok(done)
     }
 
-    fn write_unit(
-        &self,
-        target: &Beneath,
-        unit: &UnitRecord,
-        now: SystemTime,
-    ) -> Result<(), String> {
-        let io = |e: io::Error| format!("writing: {e}");
+    fn write_unit(&self, target: &Beneath, unit: &UnitRecord, now: SystemTime) -> Result<(), Skip> {
+        let io = |e: io::Error| Skip::failed(format!("writing: {e}"));
         for dir in &unit.dirs {
-            target.create_dir_all(&plain(dir)?).map_err(io)?;
+            target
+                .create_dir_all(&plain(dir).map_err(Skip::unusable)?)
+                .map_err(io)?;
         }
         for file in &unit.files {
-            let path = plain(&file.path)?;
-            let digest: Digest = file.digest.parse().map_err(|e| format!("{e}"))?;
+            let path = plain(&file.path).map_err(Skip::unusable)?;
+            let digest: Digest = file
+                .digest
+                .parse()
+                .map_err(|e| Skip::unusable(format!("{e}")))?;
             let mut reader = match self.cas.blobs.reader(&digest, 0, 0) {
                 Ok(reader) => reader,
-                Err(CasError::NotFound(_)) => return Err("evicted".into()),
-                Err(e) => return Err(format!("reading: {e}")),
+                Err(CasError::NotFound(_)) => return Err(Skip::unusable("evicted".into())),
+                Err(e) => return Err(Skip::failed(format!("reading: {e}"))),
             };
             let parent = path.parent().unwrap_or(Path::new(""));
             target.create_dir_all(parent).map_err(io)?;
@@ -367,7 +369,7 @@ impl SharedUnits {
             loop {
                 let n = reader
                     .read(&mut buffer)
-                    .map_err(|e| format!("reading: {e}"))?;
+                    .map_err(|e| Skip::failed(format!("reading: {e}")))?;
                 if n == 0 {
                     break;
                 }
@@ -380,7 +382,10 @@ impl SharedUnits {
                 let _ = dir.remove(Path::new(&temp));
                 // Gone from the store, so the unit's next publication stores it again.
                 let _ = self.cas.blobs.remove_if_corrupt(&digest);
-                return Err(format!("corrupt ({} does not match its digest)", file.path));
+                return Err(Skip::unusable(format!(
+                    "corrupt ({} does not match its digest)",
+                    file.path
+                )));
             }
             out.set_modified(now).map_err(io)?;
             dir.rename_from(&dir, Path::new(&temp), name).map_err(io)?;
@@ -513,6 +518,30 @@ impl SharedUnits {
             bytes,
             variant: String::new(),
         }))
+    }
+}
+
+/// Why a unit was not materialised.
+struct Skip {
+    why: String,
+    /// The unit itself is broken (a blob evicted or corrupt): out of the index. Otherwise (the
+    /// target dir's disk full, say) it stays indexed for the next build.
+    unusable: bool,
+}
+
+impl Skip {
+    fn unusable(why: String) -> Skip {
+        Skip {
+            why,
+            unusable: true,
+        }
+    }
+
+    fn failed(why: String) -> Skip {
+        Skip {
+            why,
+            unusable: false,
+        }
     }
 }
 
@@ -910,6 +939,27 @@ fn workspace_control(src: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_paths_under_the_target_dir() {
+        assert_eq!(
+            under_target("/target/debug/deps/libitoa-0123456789abcdef.rlib"),
+            Some(PathBuf::from("debug/deps/libitoa-0123456789abcdef.rlib"))
+        );
+        for hostile in [
+            "/target",
+            "/target/../etc/passwd",
+            "/workspace/x",
+            "target/x",
+            "/etc",
+        ] {
+            assert_eq!(under_target(hostile), None, "{hostile}");
+        }
+        assert!(plain("debug/.fingerprint/itoa-1").is_ok());
+        for hostile in ["", "/etc/passwd", "debug/../../x", "./x"] {
+            assert!(plain(hostile).is_err(), "{hostile}");
+        }
+    }
 
     #[test]
     fn the_index_namespace_is_the_executors_alone() {
