@@ -1,6 +1,8 @@
 //! Shared units end to end (see `rba_executor::shared_units`): real executor, real sandbox,
 //! real cargo, registry dependencies fetched from crates.io through the egress proxy. Workspaces
-//! at different identities and tenants share compiled registry units; a workspace that controls
+//! at different identities and tenants share compiled registry units (build scripts and
+//! proc-macros included), and a profile, feature or version change of one dependency rebuilds
+//! exactly it and its dependents; a workspace that controls
 //! its dependencies' compilation neither receives nor publishes them; a corrupted unit is
 //! rebuilt, never used. Needs `.ci/setup` (uidmap, subuid entries) and crates.io reachable.
 
@@ -340,8 +342,7 @@ async fn workspaces_that_control_their_dependencies_build_neither_receive_nor_pu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn midsize_shares_build_scripts_and_proc_macros_and_a_profile_change_rebuilds_exactly_its_units()
- {
+async fn midsize_shares_build_scripts_and_proc_macros_and_a_change_rebuilds_exactly_its_units() {
     let node = harness(true);
     let first = copy_fixture("midsize");
     let (outcome, lines) = run(
@@ -376,7 +377,50 @@ async fn midsize_shares_build_scripts_and_proc_macros_and_a_profile_change_rebui
         &third.path().join("Cargo.toml"),
         "\n[profile.dev.package.itoa]\nopt-level = 1\n",
     );
-    let (outcome, lines) = run(&node, JobKind::Build, third.path(), "mid-c", bob).await;
+    let (outcome, lines) = run(&node, JobKind::Build, third.path(), "mid-c", bob.clone()).await;
+    assert_success(&outcome, &lines);
+    assert_eq!(
+        compiled(&lines),
+        set(&["itoa", "midsize-cli", "midsize-core", "serde_json"]),
+        "{lines:#?}"
+    );
+
+    // A feature change (serde_json's `raw_value`, no new dependency): serde_json (its build
+    // script too) and its dependents.
+    let fourth = copy_fixture("midsize");
+    let manifest = fourth.path().join("core/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "serde_json = \"1\"",
+            "serde_json = { version = \"1\", features = [\"raw_value\"] }",
+        ),
+    )
+    .unwrap();
+    let (outcome, lines) = run(&node, JobKind::Build, fourth.path(), "mid-d", bob.clone()).await;
+    assert_success(&outcome, &lines);
+    assert_eq!(
+        compiled(&lines),
+        set(&["midsize-cli", "midsize-core", "serde_json"]),
+        "{lines:#?}"
+    );
+
+    // A dependency version change (itoa 1.0.18 -> 1.0.14, fetched): it and its dependents.
+    let fifth = copy_fixture("midsize");
+    let lock = fifth.path().join("Cargo.lock");
+    let text = std::fs::read_to_string(&lock).unwrap();
+    let old = "name = \"itoa\"\nversion = \"1.0.18\"\nsource = \"registry+https://github.com/rust-lang/crates.io-index\"\nchecksum = \"8f42a60cbdf9a97f5d2305f08a87dc4e09308d1276d28c869c684d7777685682\"";
+    assert!(text.contains(old), "the fixture's lock names itoa 1.0.18");
+    std::fs::write(
+        &lock,
+        text.replace(
+            old,
+            "name = \"itoa\"\nversion = \"1.0.14\"\nsource = \"registry+https://github.com/rust-lang/crates.io-index\"\nchecksum = \"d75a2a4b1b190afb6f5425f10f6a8f959d2ea0b9c2b1d79553551850539e4674\"",
+        ),
+    )
+    .unwrap();
+    let (outcome, lines) = run(&node, JobKind::Build, fifth.path(), "mid-e", bob).await;
     assert_success(&outcome, &lines);
     assert_eq!(
         compiled(&lines),
