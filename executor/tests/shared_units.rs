@@ -2,9 +2,8 @@
 //! real cargo, registry dependencies fetched from crates.io through the egress proxy. Workspaces
 //! at different identities and tenants share compiled registry units (build scripts and
 //! proc-macros included), and a profile, feature or version change of one dependency rebuilds
-//! exactly it and its dependents; a workspace that controls
-//! its dependencies' compilation neither receives nor publishes them; a corrupted unit is
-//! rebuilt, never used. Needs `.ci/setup` (uidmap, subuid entries) and crates.io reachable.
+//! exactly it and its dependents; a workspace that controls its dependencies' compilation
+//! neither receives nor publishes them; a corrupted or evicted unit is rebuilt, never used. Needs `.ci/setup` (uidmap, subuid entries) and crates.io reachable.
 
 mod common;
 
