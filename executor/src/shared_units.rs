@@ -21,12 +21,12 @@
 //!   units (other features, profiles, dependency versions), newest first, each tagged with the
 //!   kind of build that made it ([`UnitsPlan::variant`]: profile dir, build or check).
 //! - **Before a build in a fresh slot** (empty target dir), every unit of the job's kind of
-//!   build indexed under the toolchain and a checksum of the job's `Cargo.lock` is copied into the
-//!   target dir (copies,
-//!   never hardlinks: the build writes into its target dir, a hardlink would let it write into
-//!   the store), each file re-hashed while copied: a unit with a blob that is gone (evicted) or
-//!   no longer matches its digest (corrupted) is removed again and rebuilt by cargo, never
-//!   used. Every materialised file gets the same mtime (now): newer than any registry source, and
+//!   build indexed under the toolchain and a checksum of the job's `Cargo.lock` is copied into
+//!   the target dir (copies, never hardlinks: the build writes into its target dir, a hardlink
+//!   would let it write into the store; what a receiving build does to its copies stays in its
+//!   slot), each file re-hashed while copied: a unit with a blob that is gone (evicted) or no
+//!   longer matches its digest (corrupted) is removed again and rebuilt by cargo, never used.
+//!   A used target dir receives nothing: it already holds what its workspace built. Every materialised file gets the same mtime (now): newer than any registry source, and
 //!   no unit newer than another, which is what cargo's mtime comparisons between a unit and its
 //!   dependencies need.
 //! - **Cargo decides freshness**, as in any incremental build: a unit is used only if its
@@ -71,7 +71,9 @@
 //! Eviction: unit files are ordinary blobs of the store, under its LRU and byte budget
 //! (materialising touches them); a unit whose blobs are gone is skipped, rebuilt and dropped from
 //! the index until a build publishes it again, and the index keeps [`MAX_VARIANTS`] per key.
-//! [`SharedUnits::stats`] counts what the index names (in `/cache/stats`).
+//! [`SharedUnits::stats`] counts what the index names (in `/cache/stats`). Known limit: the
+//! variants of a key are ordered by publication, not by use, so a tenant publishing many feature
+//! combinations of one package pushes older variants out (a performance matter only).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
