@@ -231,6 +231,31 @@ async fn a_corrupted_unit_is_detected_and_rebuilt_never_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_go_to_builds_of_their_own_kind_only() {
+    let node = harness(true);
+    let first = copy_fixture("registry-dep");
+    let (outcome, lines) = run(&node, JobKind::Check, first.path(), "a", Tenant::local()).await;
+    assert_success(&outcome, &lines);
+    assert!(node.executor.shared_units().stats().units > 0, "{lines:#?}");
+
+    // `cargo check`'s metadata-only units are not copied into a `cargo build`...
+    let other = other_workspace("other-app");
+    let (built, lines) = run(&node, JobKind::Build, other.path(), "b", Tenant::local()).await;
+    assert_success(&built, &lines);
+    assert!(
+        has_line(&lines, "shared units: 0 materialised"),
+        "{lines:#?}"
+    );
+    assert_eq!(compiled(&lines), set(&["itoa", "other-app"]), "{lines:#?}");
+
+    // ...but into another workspace's `cargo check`.
+    let third = other_workspace("third-app");
+    let (checked, lines) = run(&node, JobKind::Check, third.path(), "c", Tenant::local()).await;
+    assert_success(&checked, &lines);
+    assert!(!compiled(&lines).contains("itoa"), "{lines:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_units_are_rebuilt_and_republished() {
     let node = harness(true);
     let first = copy_fixture("registry-dep");
