@@ -1314,7 +1314,7 @@ impl RunningJob<'_> {
 
     /// Shared units before the build ([`crate::shared_units`]): what the job may do with them,
     /// and, in a fresh slot, the matching ones materialised into its target dir. Returns the
-    /// collector of the units the build compiles when it may publish them.
+    /// collector of what the build compiles and uses when it may receive units.
     async fn receive_units(
         &mut self,
         fresh: bool,
@@ -1371,13 +1371,16 @@ impl RunningJob<'_> {
         if let Some(reason) = plan.reason {
             self.log(LogStreamKind::System, format!("shared units: {reason}"));
         }
-        Ok(plan
-            .publish
-            .then(|| BuildUnits::new(plan.variant, materialised)))
+        Ok(Some(BuildUnits::new(
+            plan.variant,
+            materialised,
+            plan.publish,
+        )))
     }
 
     /// Shared units after a successful build: the registry units it compiled stored and
-    /// indexed, unless workspace code ran at build time ([`BuildUnits::tainted`]).
+    /// indexed if it publishes ([`BuildUnits::publishes`]: not when workspace code ran at build
+    /// time), and the shared units it used kept in front of their variants.
     async fn publish_units(
         &mut self,
         built: Option<BuildUnits>,
@@ -1388,10 +1391,10 @@ impl RunningJob<'_> {
         let Some(built) = built else {
             return Ok(());
         };
+        let publishes = built.publishes();
         if let Some(reason) = built.tainted() {
             let line = format!("shared units not published: {reason}");
             self.log(LogStreamKind::System, line);
-            return Ok(());
         }
         let started = Instant::now();
         let (units, toolchain, lock, target) = (
@@ -1405,13 +1408,15 @@ impl RunningJob<'_> {
         })
         .await?;
         self.step("units-publish", started);
-        self.log(
-            LogStreamKind::System,
-            format!(
-                "shared units: {} published ({} bytes)",
-                published.units, published.bytes
-            ),
-        );
+        if publishes {
+            self.log(
+                LogStreamKind::System,
+                format!(
+                    "shared units: {} published ({} bytes)",
+                    published.units, published.bytes
+                ),
+            );
+        }
         Ok(())
     }
 

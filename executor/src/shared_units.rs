@@ -18,8 +18,9 @@
 //!   [`UnitRecord`] in the index ([`SharedUnits`]: an action-cache namespace only the executor
 //!   writes and no client reads, [`SHARED_UNITS_NAMESPACE`]). The index key is (toolchain
 //!   identity, the package's checksum from `Cargo.lock`); a key holds up to [`MAX_VARIANTS`]
-//!   units (other features, profiles, dependency versions), newest first, each tagged with the
-//!   kind of build that made it ([`UnitsPlan::variant`]: profile dir, build or check).
+//!   units (other features, profiles, dependency versions), most recently published or used
+//!   first, each tagged with the kind of build that made it ([`UnitsPlan::variant`]: profile
+//!   dir, build or check).
 //! - **Before a build in a fresh slot** (empty target dir), every unit of the job's kind of
 //!   build indexed under the toolchain and a checksum of the job's `Cargo.lock` is copied into
 //!   the target dir (copies, never hardlinks: the build writes into its target dir, a hardlink
@@ -71,9 +72,10 @@
 //! Eviction: unit files are ordinary blobs of the store, under its LRU and byte budget
 //! (materialising touches them); a unit whose blobs are gone is skipped, rebuilt and dropped from
 //! the index until a build publishes it again, and the index keeps [`MAX_VARIANTS`] per key.
-//! [`SharedUnits::stats`] counts what the index names (in `/cache/stats`). Known limit: the
-//! variants of a key are ordered by publication, not by use, so a tenant publishing many feature
-//! combinations of one package pushes older variants out (a performance matter only).
+//! A key's variants are kept by use: after any build that received units, those cargo found
+//! fresh move to the front of their key, so a tenant publishing many feature combinations of a
+//! package pushes out unused variants, not the ones builds use. [`SharedUnits::stats`] counts
+//! what the index names (in `/cache/stats`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -232,19 +234,24 @@ impl SharedUnits {
     }
 
     /// The entry of (`toolchain`, `checksum`) with `change` applied to its units, its record
-    /// blobs added to `staged` (`None`: no unit left, the entry goes).
+    /// blobs added to `staged`: `None` when the change changed nothing, else the key and the new
+    /// entry (`None`: no unit left, the entry goes).
     fn changed_entry(
         &self,
         toolchain: &str,
         checksum: &str,
         change: impl FnOnce(&mut Vec<UnitRecord>),
         staged: &mut Vec<StagedBlob>,
-    ) -> Result<(Digest, Option<ActionResult>), CasError> {
+    ) -> Result<Option<IndexEntry>, CasError> {
         let key = index_key(toolchain, checksum);
-        let mut units = self.units(toolchain, checksum);
+        let before = self.units(toolchain, checksum);
+        let mut units = before.clone();
         change(&mut units);
+        if units == before {
+            return Ok(None);
+        }
         if units.is_empty() {
-            return Ok((key, None));
+            return Ok(Some(IndexEntry { key, result: None }));
         }
         let mut output_files = Vec::new();
         for unit in &units {
@@ -265,20 +272,19 @@ impl SharedUnits {
             output_files,
             ..Default::default()
         };
-        Ok((key, Some(result)))
+        Ok(Some(IndexEntry {
+            key,
+            result: Some(result),
+        }))
     }
 
     /// Publishes `staged` (one group commit), then writes the index entries.
-    fn commit(
-        &self,
-        staged: Vec<StagedBlob>,
-        entries: Vec<(Digest, Option<ActionResult>)>,
-    ) -> Result<(), CasError> {
+    fn commit(&self, staged: Vec<StagedBlob>, entries: Vec<IndexEntry>) -> Result<(), CasError> {
         for published in self.cas.blobs.publish(staged) {
             published?;
         }
-        for (key, entry) in entries {
-            match entry {
+        for IndexEntry { key, result } in entries {
+            match result {
                 Some(result) => self
                     .cas
                     .actions
@@ -336,7 +342,7 @@ impl SharedUnits {
                         |units| units.retain(|u| !unusable.contains(&u.id)),
                         &mut staged,
                     )
-                    .and_then(|entry| self.commit(staged, vec![entry]));
+                    .and_then(|entry| self.commit(staged, entry.into_iter().collect()));
                 entry.map_err(io::Error::other)?;
             }
         }
@@ -395,8 +401,10 @@ impl SharedUnits {
         Ok(())
     }
 
-    /// Stores the registry units `built` names (files read beneath `target` without following
-    /// anything) and indexes them under `toolchain` and their package's checksum in `lockfile`.
+    /// Stores the registry units `built` names, if it [`BuildUnits::publishes`] (files read
+    /// beneath `target` without following anything), and indexes them under `toolchain` and
+    /// their package's checksum in `lockfile`; moves the materialised units the build used to the
+    /// front of their keys.
     pub fn publish(
         &self,
         toolchain: &str,
@@ -410,7 +418,12 @@ impl SharedUnits {
         let mut by_checksum: BTreeMap<String, Vec<UnitRecord>> = BTreeMap::new();
         let mut published = Published::default();
         let mut staged = Vec::new();
-        for unit in &built.units {
+        let stored = if built.publishes() {
+            &built.units[..]
+        } else {
+            &[]
+        };
+        for unit in stored {
             let Some(checksum) = registry_package(&unit.package_id)
                 .and_then(|(source, name, version)| checksums.get(&(source, name, version)))
             else {
@@ -429,15 +442,39 @@ impl SharedUnits {
                 .or_default()
                 .push(record);
         }
+        // Materialised units cargo used move up their key's list: variants are kept by use.
+        let mut used: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for unit in &built.used {
+            let Some(checksum) = registry_package(&unit.package_id)
+                .and_then(|(source, name, version)| checksums.get(&(source, name, version)))
+            else {
+                continue;
+            };
+            let Some((id, _)) = unit_paths(&target_dir, unit) else {
+                continue;
+            };
+            let id = id.display().to_string();
+            if built.materialised.contains(&id) {
+                used.entry(checksum.clone()).or_default().push(id);
+                by_checksum.entry(checksum.clone()).or_default();
+            }
+        }
         let mut entries = Vec::new();
         for (checksum, records) in by_checksum {
+            let used = used.remove(&checksum).unwrap_or_default();
             let change = |units: &mut Vec<UnitRecord>| {
                 units.retain(|u| !records.iter().any(|r| r.id == u.id));
-                let older = std::mem::replace(units, records);
-                units.extend(older);
-                units.truncate(MAX_VARIANTS);
+                let (mut first, rest): (Vec<_>, Vec<_>) =
+                    units.drain(..).partition(|u| used.contains(&u.id));
+                let mut ordered = records;
+                ordered.append(&mut first);
+                ordered.extend(rest);
+                ordered.truncate(MAX_VARIANTS);
+                *units = ordered;
             };
-            entries.push(self.changed_entry(toolchain, &checksum, change, &mut staged)?);
+            if let Some(entry) = self.changed_entry(toolchain, &checksum, change, &mut staged)? {
+                entries.push(entry);
+            }
         }
         // Every file and record of the build made durable together, then indexed.
         self.commit(staged, entries)?;
@@ -521,6 +558,12 @@ impl SharedUnits {
             variant: String::new(),
         }))
     }
+}
+
+/// A changed index entry: its key and its new result (`None`: removed).
+struct IndexEntry {
+    key: Digest,
+    result: Option<ActionResult>,
 }
 
 /// Why a unit was not materialised.
@@ -686,7 +729,10 @@ struct BuiltUnit {
 #[derive(Clone, Debug, Default)]
 pub struct BuildUnits {
     units: Vec<BuiltUnit>,
+    /// Registry units cargo found fresh (materialised ones, used by this build).
+    used: Vec<BuiltUnit>,
     materialised: BTreeSet<String>,
+    publish: bool,
     /// Why nothing of the build may be published (workspace code ran at build time).
     tainted: Option<String>,
     variant: String,
@@ -694,13 +740,20 @@ pub struct BuildUnits {
 
 impl BuildUnits {
     /// An empty collector for a build of `variant` ([`UnitsPlan::variant`]) into which the
-    /// units `materialised` (their ids) were copied.
-    pub fn new(variant: String, materialised: Vec<String>) -> Self {
+    /// units `materialised` (their ids) were copied; `publish` as [`UnitsPlan::publish`].
+    pub fn new(variant: String, materialised: Vec<String>, publish: bool) -> Self {
         BuildUnits {
             variant,
             materialised: materialised.into_iter().collect(),
+            publish,
             ..Default::default()
         }
+    }
+
+    /// True when the build's new units are to be stored: its plan allows it and no workspace
+    /// code ran at build time.
+    pub fn publishes(&self) -> bool {
+        self.publish && self.tainted.is_none()
     }
 
     /// The kind of build the units come from.
@@ -725,12 +778,15 @@ impl BuildUnits {
             }
             return;
         }
-        if !artifact.fresh {
-            self.units.push(BuiltUnit {
-                package_id: artifact.package_id.clone(),
-                files: artifact.filenames.clone(),
-                build_script_run: false,
-            });
+        let unit = BuiltUnit {
+            package_id: artifact.package_id.clone(),
+            files: artifact.filenames.clone(),
+            build_script_run: false,
+        };
+        if artifact.fresh {
+            self.used.push(unit);
+        } else {
+            self.units.push(unit);
         }
     }
 

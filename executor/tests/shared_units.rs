@@ -256,6 +256,68 @@ async fn units_go_to_builds_of_their_own_kind_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_are_kept_by_use() {
+    let node = harness(true);
+    let build = |source: tempfile::TempDir, identity: &'static str| {
+        let node = &node;
+        async move {
+            let (outcome, lines) = run(
+                node,
+                JobKind::Build,
+                source.path(),
+                identity,
+                Tenant::local(),
+            )
+            .await;
+            assert_success(&outcome, &lines);
+            compiled(&lines)
+        }
+    };
+    let with_profile = |name: &str, setting: &str| {
+        let source = other_workspace(name);
+        append(
+            &source.path().join("Cargo.toml"),
+            &format!("\n[profile.dev.package.itoa]\n{setting}\n"),
+        );
+        source
+    };
+    let variants = [
+        "opt-level = 1",
+        "opt-level = 2",
+        "opt-level = 3",
+        "opt-level = \"s\"",
+        "opt-level = \"z\"",
+        "codegen-units = 1",
+        "overflow-checks = false",
+        "debug-assertions = false",
+    ];
+    assert!(variants.len() > rba_executor::shared_units::MAX_VARIANTS - 1);
+    // The default itoa, then MAX_VARIANTS - 1 others: the default is the oldest of the key.
+    assert!(
+        build(copy_fixture("registry-dep"), "default")
+            .await
+            .contains("itoa")
+    );
+    let names = ["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8"];
+    for (i, setting) in variants[..7].iter().enumerate() {
+        let compiled = build(with_profile(names[i], setting), names[i]).await;
+        assert!(compiled.contains("itoa"), "{setting}: {compiled:?}");
+    }
+    // A workspace uses the default: it moves up, so one more variant drops another one.
+    assert_eq!(build(other_workspace("user"), "user").await, set(&["user"]));
+    assert!(
+        build(with_profile(names[7], variants[7]), names[7])
+            .await
+            .contains("itoa")
+    );
+    assert_eq!(
+        build(other_workspace("late"), "late").await,
+        set(&["late"]),
+        "the variant in use outlived unused ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_units_are_rebuilt_and_republished() {
     let node = harness(true);
     let first = copy_fixture("registry-dep");
