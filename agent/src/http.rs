@@ -268,8 +268,6 @@ async fn cache_stats(State(node): State<Arc<NodeShared>>) -> Response {
         "max_bytes": node.cas.blobs.config().max_bytes,
         "action_cache_entries": node.cas.actions.len(),
         "builds": node.history.len(),
-        // Registry units shared across workspaces (`rba_executor::shared_units`).
-        "shared_units": node.executor.shared_units().stats(),
     }))
     .into_response()
 }
