@@ -75,7 +75,7 @@
 //! A key's variants are kept by use: after any build that received units, those cargo found
 //! fresh move to the front of their key, so a tenant publishing many feature combinations of a
 //! package pushes out unused variants, not the ones builds use. [`SharedUnits::stats`] counts
-//! what the index names (in `/cache/stats`).
+//! what the index names (for the node's `/cache/stats`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
