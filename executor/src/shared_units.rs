@@ -134,7 +134,7 @@ pub struct UnitRecord {
 }
 
 /// What the index names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedUnitStats {
     /// Units indexed (their blobs may since have been evicted).
     pub units: u64,
