@@ -119,6 +119,10 @@ pub struct NodeConfig {
     pub advisory_db: Option<PathBuf>,
     /// The `cargo-audit` binary of audit jobs (default: found in `PATH` or `~/.cargo/bin`).
     pub cargo_audit: Option<PathBuf>,
+    /// Share compiled registry dependencies across workspaces and tenants: a new workspace's
+    /// first build starts with the units this node compiled for others (see
+    /// `rba_executor::shared_units`). Default on.
+    pub shared_units: bool,
     /// `[tangle]`: settings of `rba tangle run`.
     pub tangle: TangleNodeConfig,
     /// The node's maximum per job (`[limits]`); a client's limits can only lower them.
@@ -248,6 +252,7 @@ impl Default for NodeConfig {
             toolchain_roots: Vec::new(),
             advisory_db: None,
             cargo_audit: None,
+            shared_units: true,
             tangle: TangleNodeConfig::default(),
             limits: LimitsConfig::default(),
             execute: crate::execute::ExecuteConfig::default(),

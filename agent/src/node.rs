@@ -901,6 +901,7 @@ impl Node {
             ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
         executor_config.workers = config.workers;
         executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
+        executor_config.shared_units = config.shared_units;
         if let Some(home) = &config.rustup_home {
             executor_config.rustup_home = Some(home.clone());
         }

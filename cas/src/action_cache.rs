@@ -89,6 +89,27 @@ impl ActionCache {
         Ok(self.entries.remove(entry_key(instance, action))?.is_some())
     }
 
+    /// Every result stored under `instance` (unchecked, as [`ActionCache::get_unchecked`]), for
+    /// a namespace's owner to take stock of it (e.g. the executor's shared-unit index).
+    pub fn results_in(&self, instance: &str) -> Result<Vec<ActionResult>> {
+        // The key starts with the instance's length, so no other instance shares this prefix.
+        let mut prefix = Vec::with_capacity(4 + instance.len());
+        prefix.extend_from_slice(&(instance.len() as u32).to_be_bytes());
+        prefix.extend_from_slice(instance.as_bytes());
+        let mut results = Vec::new();
+        for entry in self.entries.scan_prefix(prefix) {
+            let (_, bytes) = entry?;
+            let result = ActionResult::decode(bytes.as_ref()).map_err(|e| {
+                CasError::invalid(
+                    format!("stored ActionResult in {instance:?}"),
+                    e.to_string(),
+                )
+            })?;
+            results.push(result);
+        }
+        Ok(results)
+    }
+
     /// Number of entries across all instances.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -167,6 +188,30 @@ mod tests {
         let (dir, blobs) = BlobStore::scratch().unwrap();
         let cache = ActionCache::open(blobs.clone()).unwrap();
         (dir, blobs, cache)
+    }
+
+    #[test]
+    fn results_in_lists_one_instance_only() {
+        let (_dir, _blobs, cache) = cache();
+        let f = DigestFunction::Blake3;
+        let result = |code| ActionResult {
+            exit_code: code,
+            ..Default::default()
+        };
+        cache.put("a", &f.digest_of(b"1"), &result(1)).unwrap();
+        cache.put("a", &f.digest_of(b"2"), &result(2)).unwrap();
+        cache.put("ab", &f.digest_of(b"3"), &result(3)).unwrap();
+        cache.put("", &f.digest_of(b"4"), &result(4)).unwrap();
+        let mut codes: Vec<i32> = cache
+            .results_in("a")
+            .unwrap()
+            .iter()
+            .map(|r| r.exit_code)
+            .collect();
+        codes.sort();
+        assert_eq!(codes, [1, 2]);
+        assert_eq!(cache.results_in("ab").unwrap().len(), 1);
+        assert!(cache.results_in("none").unwrap().is_empty());
     }
 
     #[test]

@@ -834,6 +834,26 @@ impl BlobStore {
         Ok(evicted)
     }
 
+    /// Re-hashes one blob (e.g. after a reader found bytes that do not match its digest): if
+    /// they no longer match, the blob's file and index entry are removed, so the next put of
+    /// those bytes stores them again. Returns true when it was corrupt (false when intact or
+    /// absent).
+    pub fn remove_if_corrupt(&self, digest: &Digest) -> Result<bool> {
+        let path = self.blob_path(digest);
+        if digest.is_empty_blob() || !path.exists() {
+            return Ok(false);
+        }
+        if hash_own_file(digest.function, &path)? == *digest {
+            return Ok(false);
+        }
+        self.forget(digest)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(CasError::io("removing corrupt", &path, e)),
+        }
+    }
+
     /// Re-hashes every blob on disk: removes corrupt blobs and index entries whose file is gone,
     /// indexes files the index lost, and recomputes the byte total.
     pub fn verify(&self) -> Result<VerifyReport> {
@@ -1807,5 +1827,31 @@ mod tests {
         assert!(store.contains(&fine).unwrap());
         assert!(!store.contains(&corrupt).unwrap());
         assert_eq!(store.stats().total_bytes, 4);
+    }
+
+    #[test]
+    fn remove_if_corrupt_drops_only_a_tampered_blob() {
+        let (_dir, store) = store(1 << 20);
+        let blob = store
+            .put_bytes(DigestFunction::Blake3, b"original")
+            .unwrap();
+        assert!(!store.remove_if_corrupt(&blob).unwrap(), "intact: kept");
+        assert!(store.contains(&blob).unwrap());
+        let path = store.blob_path(&blob);
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        fs::write(&path, b"tampere").unwrap();
+        assert!(store.remove_if_corrupt(&blob).unwrap());
+        assert!(!store.contains(&blob).unwrap() && !path.exists());
+        assert!(
+            !store.remove_if_corrupt(&blob).unwrap(),
+            "absent: nothing to do"
+        );
+        assert_eq!(
+            store
+                .put_bytes(DigestFunction::Blake3, b"original")
+                .unwrap(),
+            blob
+        );
+        assert_eq!(store.read_to_vec(&blob, 100).unwrap(), b"original");
     }
 }

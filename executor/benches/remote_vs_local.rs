@@ -126,6 +126,9 @@ impl RemoteSide {
         let cas = Cas::open(scratch.join(format!("{name}-cas")), store).unwrap();
         let mut config = ExecutorConfig::new(scratch.join(format!("{name}-executor"))).unwrap();
         config.workers = 1;
+        // These figures are issue 11's: every cold round really cold (the `shared_units` bench
+        // measures a node that shares units between workspaces).
+        config.shared_units = false;
         let executor = Executor::new(cas.clone(), config).unwrap();
         RemoteSide {
             executor,

@@ -446,6 +446,13 @@ pub enum CargoEvent {
     },
     /// An artifact was produced (or found fresh).
     Artifact(CargoArtifact),
+    /// A build script ran (or was found fresh): `build-script-executed`.
+    BuildScriptExecuted {
+        /// Cargo's package id.
+        package_id: String,
+        /// Its `OUT_DIR`, an inside-sandbox path.
+        out_dir: String,
+    },
     /// Cargo finished compiling (before tests run, for `cargo test`).
     BuildFinished {
         /// True when every unit compiled.
@@ -467,6 +474,8 @@ struct Record {
     #[serde(default)]
     fresh: bool,
     success: Option<bool>,
+    #[serde(default)]
+    out_dir: String,
 }
 
 #[derive(Deserialize)]
@@ -591,7 +600,13 @@ impl CargoOutputParser {
             }
             "build-script-executed" => {
                 self.done += 1;
-                vec![self.progress()]
+                vec![
+                    CargoEvent::BuildScriptExecuted {
+                        package_id: record.package_id,
+                        out_dir: record.out_dir,
+                    },
+                    self.progress(),
+                ]
             }
             "build-finished" => {
                 let success = record.success.unwrap_or(false);
@@ -816,8 +831,16 @@ mod tests {
         );
         assert_eq!(parser.feed_stdout(r#"{"reason":"timing-info"}"#), vec![]);
         assert_eq!(
-            parser.feed_stdout(r#"{"reason":"build-script-executed","package_id":"x"}"#),
-            vec![CargoEvent::Progress { done: 1, total: 3 }]
+            parser.feed_stdout(
+                r#"{"reason":"build-script-executed","package_id":"x","out_dir":"/target/o"}"#
+            ),
+            vec![
+                CargoEvent::BuildScriptExecuted {
+                    package_id: "x".into(),
+                    out_dir: "/target/o".into()
+                },
+                CargoEvent::Progress { done: 1, total: 3 }
+            ]
         );
         assert_eq!(
             parser.feed_stderr("   Compiling x"),

@@ -13,6 +13,7 @@ pub mod logstream;
 pub mod quota;
 pub mod runner;
 pub mod sandbox;
+pub mod shared_units;
 pub mod tenant;
 pub mod toolchains;
 pub mod workspace;

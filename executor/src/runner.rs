@@ -42,6 +42,11 @@
 //! - **Clients cannot write these namespaces.** [`is_executor_namespace`] names what REAPI
 //!   `UpdateActionResult` refuses; [`is_private_namespace`] names what no client reads.
 //!
+//! - **Shared units** ([`crate::shared_units`]) are the one thing a fresh slot receives before its
+//!   build: registry units the executor compiled in a clean build without workspace-controlled
+//!   input, copied into the empty target dir. The build stays [`Provenance::Clean`]: they are
+//!   executor-made, and cargo uses one only if its fingerprint matches this build's.
+//!
 //! What every tenant shares and trusts: the toolchains (read-only; the job's is the one its
 //! action names, see [`crate::toolchains`]), the advisory database of audit jobs (read-only)
 //! and the cargo home, written only by `cargo fetch` and `cargo generate-lockfile` (which run no
@@ -78,6 +83,7 @@ use crate::sandbox::{
     LimitKind, Limits, Mount, NetworkPolicy, OutputLine, Sandbox, SandboxConfig, SandboxError,
     SandboxSpec, Stream, TARGET_DIR, WORKSPACE_DIR,
 };
+use crate::shared_units::{BuildUnits, SharedUnits, UnitsPlan};
 use crate::tenant::Tenant;
 use crate::toolchains::Toolchains;
 use crate::workspace::{DesiredEntry, read_lockfile, sync_directory};
@@ -141,6 +147,9 @@ pub struct ExecutorConfig {
     /// [`crate::cargo::CARGO_AUDIT`]. Default: `cargo-audit` in `PATH`, else in
     /// `$CARGO_HOME/bin` (`~/.cargo/bin`), where `.ci/setup.d/cargo-audit.sh` links it.
     pub cargo_audit: Option<PathBuf>,
+    /// Share compiled registry dependencies across workspaces and tenants
+    /// ([`crate::shared_units`]). Default on.
+    pub shared_units: bool,
 }
 
 /// The `cargo-audit` binary of this machine: in `PATH`, else in `$CARGO_HOME/bin` or
@@ -235,6 +244,7 @@ impl ExecutorConfig {
             toolchain_roots: Vec::new(),
             advisory_db: None,
             cargo_audit: find_cargo_audit(),
+            shared_units: true,
         })
     }
 }
@@ -541,6 +551,7 @@ struct Inner {
     layout: CacheLayout,
     sandbox: Sandbox,
     toolchains: Toolchains,
+    units: SharedUnits,
     config: ExecutorConfig,
     workers: Arc<Semaphore>,
     queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
@@ -589,8 +600,10 @@ impl Executor {
             config.rustup_home.clone(),
             config.toolchain_roots.clone(),
         );
+        let units = SharedUnits::new(cas.clone());
         Ok(Executor {
             inner: Arc::new(Inner {
+                units,
                 cas,
                 layout,
                 sandbox,
@@ -608,6 +621,11 @@ impl Executor {
     /// The store jobs read from and write to.
     pub fn cas(&self) -> &Cas {
         &self.inner.cas
+    }
+
+    /// The index of shared units ([`crate::shared_units`]).
+    pub fn shared_units(&self) -> &SharedUnits {
+        &self.inner.units
     }
 
     /// The toolchain of cargo jobs whose workspace names none.
@@ -1230,6 +1248,9 @@ impl RunningJob<'_> {
         if let Some(failure) = self.fetch_phase(&slot, &lockfile, &toolchain).await? {
             return Ok(failure);
         }
+        let mut built_units = self
+            .receive_units(fresh, &slot, &lockfile, &toolchain)
+            .await?;
 
         let built = Instant::now();
         let cargo_home = self.inner().layout.cargo_home();
@@ -1296,6 +1317,9 @@ impl RunningJob<'_> {
                             let _ = job.state.send(JobState::Running { done, total });
                         }
                         CargoEvent::Artifact(artifact) => {
+                            if let Some(built) = built_units.as_mut() {
+                                built.artifact(&artifact);
+                            }
                             for inside in artifact.deliverables() {
                                 let (blobs, target) = (blobs.clone(), slot.target.clone());
                                 let inside = inside.to_string();
@@ -1304,12 +1328,24 @@ impl RunningJob<'_> {
                                 }));
                             }
                         }
+                        CargoEvent::BuildScriptExecuted {
+                            package_id,
+                            out_dir,
+                        } => {
+                            if let Some(built) = built_units.as_mut() {
+                                built.build_script_run(&package_id, &out_dir);
+                            }
+                        }
                         CargoEvent::BuildFinished { .. } => {}
                     }
                 }
             })
             .await?;
         self.step("build", built);
+        if outcome.success() {
+            self.publish_units(built_units, &slot, &lockfile, &toolchain)
+                .await?;
+        }
         if outcome.limit == Some(crate::sandbox::LimitKind::Disk) {
             // A target dir that filled its volume would fail every later job of the slot: it
             // is a cache, start it over.
@@ -1362,6 +1398,114 @@ impl RunningJob<'_> {
             limit: outcome.limit,
             peak_memory_bytes: peak_memory(&outcome),
         })
+    }
+
+    /// Shared units before the build ([`crate::shared_units`]): what the job may do with them,
+    /// and, in a fresh slot, the matching ones materialised into its target dir. Returns the
+    /// collector of what the build compiles and uses when it may receive units.
+    async fn receive_units(
+        &mut self,
+        fresh: bool,
+        slot: &Slot,
+        lockfile: &str,
+        toolchain: &Toolchain,
+    ) -> Result<Option<BuildUnits>, ExecutorError> {
+        if !self.inner().config.shared_units || !fresh {
+            return Ok(None);
+        }
+        let (command, src) = (self.prepared.command.clone(), slot.src.clone());
+        let plan = Self::blocking(move || Ok(UnitsPlan::for_job(&command, &src, fresh))).await?;
+        if !plan.receive {
+            let reason = plan.reason.unwrap_or_default();
+            self.log(LogStreamKind::System, format!("shared units off: {reason}"));
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let (units, toolchain, variant, lock, target) = (
+            self.inner().units.clone(),
+            toolchain.digest_hex.clone(),
+            plan.variant.clone(),
+            lockfile.to_string(),
+            slot.target.clone(),
+        );
+        let done = Self::blocking(move || {
+            units
+                .materialise(&toolchain, &variant, &lock, &target)
+                .map_err(io_error("materialising shared units"))
+        })
+        .await;
+        self.step("units", started);
+        let mut materialised = Vec::new();
+        match done {
+            Ok(done) => {
+                self.log(
+                    LogStreamKind::System,
+                    format!(
+                        "shared units: {} materialised ({} bytes)",
+                        done.units, done.bytes
+                    ),
+                );
+                for (unit, why) in done.skipped {
+                    self.log(
+                        LogStreamKind::System,
+                        format!("shared units: {unit} not used: {why}"),
+                    );
+                }
+                materialised = done.ids;
+            }
+            // Not the job's failure: cargo builds what is not there.
+            Err(e) => self.log(LogStreamKind::System, format!("shared units: {e}")),
+        }
+        if let Some(reason) = plan.reason {
+            self.log(LogStreamKind::System, format!("shared units: {reason}"));
+        }
+        Ok(Some(BuildUnits::new(
+            plan.variant,
+            materialised,
+            plan.publish,
+        )))
+    }
+
+    /// Shared units after a successful build: the registry units it compiled stored and
+    /// indexed if it publishes ([`BuildUnits::publishes`]: not when workspace code ran at build
+    /// time), and the shared units it used kept in front of their variants.
+    async fn publish_units(
+        &mut self,
+        built: Option<BuildUnits>,
+        slot: &Slot,
+        lockfile: &str,
+        toolchain: &Toolchain,
+    ) -> Result<(), ExecutorError> {
+        let Some(built) = built else {
+            return Ok(());
+        };
+        let publishes = built.publishes();
+        if let Some(reason) = built.tainted() {
+            let line = format!("shared units not published: {reason}");
+            self.log(LogStreamKind::System, line);
+        }
+        let started = Instant::now();
+        let (units, toolchain, lock, target) = (
+            self.inner().units.clone(),
+            toolchain.digest_hex.clone(),
+            lockfile.to_string(),
+            slot.target.clone(),
+        );
+        let published = Self::blocking(move || {
+            Ok(units.publish(&toolchain, built.variant(), &lock, &target, &built)?)
+        })
+        .await?;
+        self.step("units-publish", started);
+        if publishes {
+            self.log(
+                LogStreamKind::System,
+                format!(
+                    "shared units: {} published ({} bytes)",
+                    published.units, published.bytes
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// The lock file of a workspace that has none: `cargo generate-lockfile` with the network
