@@ -348,6 +348,8 @@ pub struct CacheView {
     pub slots: usize,
     /// Bytes of the shared cargo home (the registry cache every job reads).
     pub registry_cache_bytes: u64,
+    /// Registry units shared across workspaces (`rba_executor::shared_units`).
+    pub shared_units: rba_executor::shared_units::SharedUnitStats,
 }
 
 impl CacheView {
@@ -375,6 +377,7 @@ impl CacheView {
             queued: node.executor.queue_len(),
             slots: usage.slots,
             registry_cache_bytes: usage.cargo_home_bytes,
+            shared_units: usage.shared_units,
         }
     }
 }

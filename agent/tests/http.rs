@@ -280,6 +280,7 @@ async fn read_only_queries_answer_history_logs_cache_and_metrics() {
     let stats: Value = serde_json::from_str(&body).unwrap();
     assert!(stats["blob_count"].as_u64().unwrap() > 0);
     assert_eq!(stats["action_cache_entries"], 1);
+    assert_eq!(stats["shared_units"]["units"], 0, "hello has no registry dependency");
 
     let (status, body) = get(http, "/metrics").await;
     assert_eq!(status, 200);

@@ -175,6 +175,8 @@ pub struct CacheUsage {
     pub slots: usize,
     /// Bytes of the shared cargo home (registry index, crate sources, git checkouts).
     pub cargo_home_bytes: u64,
+    /// Registry units shared across workspaces (filled in by [`crate::runner::Executor::cache_usage`]).
+    pub shared_units: crate::shared_units::SharedUnitStats,
 }
 
 impl CacheLayout {
@@ -203,6 +205,7 @@ impl CacheLayout {
         CacheUsage {
             slots,
             cargo_home_bytes,
+            ..CacheUsage::default()
         }
     }
 }
@@ -316,7 +319,8 @@ mod tests {
             layout.usage(),
             CacheUsage {
                 slots: 2,
-                cargo_home_bytes: 1004
+                cargo_home_bytes: 1004,
+                ..CacheUsage::default()
             }
         );
     }

@@ -699,7 +699,10 @@ impl Executor {
 
     /// Slots and the shared cargo home's size (a directory walk: off the async threads).
     pub fn cache_usage(&self) -> crate::caches::CacheUsage {
-        self.inner.layout.usage()
+        crate::caches::CacheUsage {
+            shared_units: self.shared_units().stats(),
+            ..self.inner.layout.usage()
+        }
     }
 
     /// Jobs waiting for a worker.
