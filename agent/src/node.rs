@@ -578,7 +578,7 @@ impl NodeShared {
         if let Err(e) = self.history.put(&record) {
             tracing::warn!(error = %e, "recording a build");
         }
-        let (node, watched) = (self.clone(), handle.clone());
+        let (node, watched, kind) = (self.clone(), handle.clone(), job.kind.name());
         tokio::spawn(async move {
             let outcome = watched.wait().await;
             node.grant_result(tenant.as_str(), action_digest, root, &outcome)
@@ -589,14 +589,8 @@ impl NodeShared {
             if let Err(e) = node.history.put(&record) {
                 tracing::warn!(error = %e, "recording a build outcome");
             }
-            if outcome.cache_hit {
-                node.metrics.inc_cache_hits();
-            }
-            if outcome.status == JobStatus::Success {
-                node.metrics.inc_succeeded();
-            } else {
-                node.metrics.inc_failed();
-            }
+            node.metrics
+                .job_finished(kind, outcome.status, outcome.cache_hit, outcome.duration);
         });
         Ok(handle)
     }

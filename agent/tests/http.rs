@@ -280,11 +280,21 @@ async fn read_only_queries_answer_history_logs_cache_and_metrics() {
     let stats: Value = serde_json::from_str(&body).unwrap();
     assert!(stats["blob_count"].as_u64().unwrap() > 0);
     assert_eq!(stats["action_cache_entries"], 1);
-    assert_eq!(stats["shared_units"]["units"], 0, "hello has no registry dependency");
+    assert_eq!(
+        stats["shared_units"]["units"], 0,
+        "hello has no registry dependency"
+    );
 
     let (status, body) = get(http, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(body.contains("# TYPE rba_sessions_submitted_total counter"));
+    assert!(
+        body.contains("# TYPE rba_sessions_submitted counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE rba_job_duration_seconds histogram"),
+        "{body}"
+    );
     assert!(body.contains("rba_jobs_succeeded_total 1"), "{body}");
     assert!(body.contains("rba_cas_blobs "));
 

@@ -22,6 +22,9 @@ const MAX_TREE_BYTES: u64 = 64 << 20;
 pub struct ActionCache {
     blobs: BlobStore,
     entries: sled::Tree,
+    /// Entries stored: counted once at open, then kept by `put` and `remove`, so metrics never
+    /// scan the tree (sled's `len` is a full scan).
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn entry_key(instance: &str, action: &Digest) -> Vec<u8> {
@@ -40,14 +43,24 @@ impl ActionCache {
     /// Opens the action cache of a store.
     pub fn open(blobs: BlobStore) -> Result<Self> {
         let entries = blobs.db().open_tree("action_cache")?;
-        Ok(ActionCache { blobs, entries })
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(entries.len() as u64));
+        Ok(ActionCache {
+            blobs,
+            entries,
+            count,
+        })
     }
 
     /// Stores a result. Every digest it names must be well-formed for the action's function.
     pub fn put(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<()> {
         referenced_digests(action.function, result)?;
-        self.entries
+        let previous = self
+            .entries
             .insert(entry_key(instance, action), result.encode_to_vec())?;
+        if previous.is_none() {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -86,7 +99,12 @@ impl ActionCache {
 
     /// Removes an entry; returns whether there was one.
     pub fn remove(&self, instance: &str, action: &Digest) -> Result<bool> {
-        Ok(self.entries.remove(entry_key(instance, action))?.is_some())
+        let removed = self.entries.remove(entry_key(instance, action))?.is_some();
+        if removed {
+            self.count
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 
     /// Every result stored under `instance` (unchecked, as [`ActionCache::get_unchecked`]), for
@@ -110,14 +128,14 @@ impl ActionCache {
         Ok(results)
     }
 
-    /// Number of entries across all instances.
+    /// Number of entries across all instances (a counter: no scan).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.count.load(std::sync::atomic::Ordering::Relaxed) as usize
     }
 
     /// True when no entry is stored.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Every blob a result depends on, including the files inside its output trees.
@@ -188,6 +206,25 @@ mod tests {
         let (dir, blobs) = BlobStore::scratch().unwrap();
         let cache = ActionCache::open(blobs.clone()).unwrap();
         (dir, blobs, cache)
+    }
+
+    #[test]
+    fn the_entry_count_follows_puts_and_removes_and_survives_a_reopen() {
+        let (_dir, blobs, cache) = cache();
+        let f = DigestFunction::Blake3;
+        let result = ActionResult::default();
+        let (a, b) = (f.digest_of(b"a"), f.digest_of(b"b"));
+        assert!(cache.is_empty());
+        cache.put("i", &a, &result).unwrap();
+        cache.put("i", &a, &result).unwrap(); // replaced, not added
+        cache.put("j", &a, &result).unwrap();
+        cache.put("i", &b, &result).unwrap();
+        assert_eq!(cache.len(), 3);
+        assert!(cache.remove("i", &a).unwrap());
+        assert!(!cache.remove("i", &a).unwrap());
+        assert_eq!(cache.len(), 2);
+        drop(cache);
+        assert_eq!(ActionCache::open(blobs).unwrap().len(), 2);
     }
 
     #[test]

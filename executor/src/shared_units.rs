@@ -62,12 +62,18 @@
 //!   units' compilation and could rewrite their files. Only units of packages whose source is a
 //!   registry and that have a checksum in the lock file are stored.
 //!
-//! What remains trusted: registry code itself. A registry package's build script or proc-macro
-//! runs in the publishing build with write access to the target dir; a malicious crate that a
+//! Registry code that runs at build time: a registry package's build script or proc-macro runs
+//! in the publishing build with write access to its target dir, so a malicious crate a
 //! publishing workspace depends on could rewrite another registry unit of that build before it is
-//! stored. This is the trust every cargo user gives the crates of their lock file, here extended to
-//! the other tenants whose builds share those units; a node whose operator does not accept it
-//! turns sharing off (`ExecutorConfig::shared_units`, node config `shared_units = false`).
+//! stored. A unit therefore records the registry packages whose code ran at build time where it
+//! was made ([`UnitRecord::build_time_code`], by checksum), and only a build whose own lock file
+//! names every one of them receives it: whatever could have touched the unit is code the
+//! receiving workspace chose to run in its own build anyway, where it could touch that unit just
+//! the same. A tenant cannot reach another tenant's build through a crate the other did not pick.
+//! (The lock file is the receiving side's measure: it may name packages a given build does not
+//! compile, e.g. optional ones; those are still packages the workspace's owner locked.) A node
+//! whose operator wants no sharing at all turns it off (`ExecutorConfig::shared_units`, node
+//! config `shared_units = false`).
 //!
 //! Eviction: unit files are ordinary blobs of the store, under its LRU and byte budget
 //! (materialising touches them); a unit whose blobs are gone is skipped, rebuilt and dropped from
@@ -131,6 +137,12 @@ pub struct UnitRecord {
     /// receive it (a `check` build's metadata-only units are useless to a `build`).
     #[serde(default)]
     pub variant: String,
+    /// The registry packages (by `Cargo.lock` checksum) whose code ran at build time in the
+    /// build that made it — build scripts and proc-macros, which could write to any file of
+    /// that build's target dir: only a build whose own lock file has every one of them
+    /// receives the unit (see the module doc, "Trust").
+    #[serde(default)]
+    pub build_time_code: Vec<String>,
 }
 
 /// What the index names.
@@ -311,10 +323,16 @@ impl SharedUnits {
         let target = Beneath::open(target)?;
         let now = SystemTime::now();
         let mut done = Materialised::default();
-        for checksum in lock_registry_packages(lockfile).values() {
+        let locked = lock_registry_packages(lockfile);
+        let chosen: BTreeSet<&String> = locked.values().collect();
+        for checksum in locked.values() {
             let mut unusable = Vec::new();
             for unit in self.units(toolchain, checksum) {
                 if unit.variant != variant || target.metadata(Path::new(&unit.id)).is_ok() {
+                    continue;
+                }
+                // Made where code this workspace did not pick ran at build time: not for it.
+                if !unit.build_time_code.iter().all(|c| chosen.contains(c)) {
                     continue;
                 }
                 match self.write_unit(&target, &unit, now) {
@@ -417,8 +435,16 @@ impl SharedUnits {
         let target_dir = Beneath::open(target).map_err(|e| CasError::io("opening", target, e))?;
         let mut by_checksum: BTreeMap<String, Vec<UnitRecord>> = BTreeMap::new();
         let mut published = Published::default();
+        // Every package whose code ran at build time, by checksum; one without a checksum
+        // cannot be named to a receiver, so then nothing of this build is stored.
+        let build_time_code: Option<Vec<String>> = built
+            .build_time_code
+            .iter()
+            .map(|id| registry_package(id).and_then(|key| checksums.get(&key).cloned()))
+            .collect::<Option<BTreeSet<_>>>()
+            .map(|set| set.into_iter().collect());
         let mut staged = Vec::new();
-        let stored = if built.publishes() {
+        let stored = if built.publishes() && build_time_code.is_some() {
             &built.units[..]
         } else {
             &[]
@@ -435,6 +461,7 @@ impl SharedUnits {
                 continue;
             };
             record.variant = variant.to_string();
+            record.build_time_code = build_time_code.clone().unwrap_or_default();
             published.units += 1;
             published.bytes += record.bytes;
             by_checksum
@@ -556,6 +583,7 @@ impl SharedUnits {
             files: record_files,
             bytes,
             variant: String::new(),
+            build_time_code: Vec::new(),
         }))
     }
 }
@@ -736,6 +764,8 @@ pub struct BuildUnits {
     /// Why nothing of the build may be published (workspace code ran at build time).
     tainted: Option<String>,
     variant: String,
+    /// Registry packages (ids) with a build script or a proc-macro in this build.
+    build_time_code: BTreeSet<String>,
 }
 
 impl BuildUnits {
@@ -763,6 +793,13 @@ impl BuildUnits {
 
     /// A `compiler-artifact` record.
     pub fn artifact(&mut self, artifact: &CargoArtifact) {
+        let runs_at_build_time = artifact
+            .target_kinds
+            .iter()
+            .any(|k| k == "custom-build" || k == "proc-macro");
+        if runs_at_build_time && registry_package(&artifact.package_id).is_some() {
+            self.build_time_code.insert(artifact.package_id.clone());
+        }
         if registry_package(&artifact.package_id).is_none() {
             if artifact
                 .target_kinds

@@ -514,3 +514,104 @@ async fn midsize_shares_build_scripts_and_proc_macros_and_a_change_rebuilds_exac
         "{lines:#?}"
     );
 }
+
+/// A workspace depending on itoa only, locked to the same itoa as `midsize`, printing `n`.
+fn itoa_only_workspace(n: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        "[package]\nname = \"itoa-only\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+         [dependencies]\nitoa = \"=1.0.18\"\n\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("src/main.rs"),
+        format!("fn main() {{\n    println!(\"{{}}\", itoa::Buffer::new().format({n}));\n}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("Cargo.lock"),
+        "version = 4\n\n[[package]]\nname = \"itoa\"\nversion = \"1.0.18\"\n\
+         source = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
+         checksum = \"8f42a60cbdf9a97f5d2305f08a87dc4e09308d1276d28c869c684d7777685682\"\n\n\
+         [[package]]\nname = \"itoa-only\"\nversion = \"0.1.0\"\ndependencies = [\n \"itoa\",\n]\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// A tenant cannot reach another tenant's build through a crate the other did not pick: a unit
+/// made where registry build scripts and proc-macros ran goes only to workspaces that lock every
+/// one of them (they could have rewritten it, and run in such a workspace's own build anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_go_only_to_workspaces_that_lock_the_build_time_code_that_ran_beside_them() {
+    let node = harness(true);
+    // Midsize runs build scripts and proc-macros (serde, proc-macro2, clap_derive…) beside
+    // itoa's compilation, and publishes itoa among its units.
+    let midsize = copy_fixture("midsize");
+    let (outcome, lines) = run(
+        &node,
+        JobKind::Build,
+        midsize.path(),
+        "mallory:/midsize",
+        Tenant::peer("mallory"),
+    )
+    .await;
+    assert_success(&outcome, &lines);
+    assert!(compiled(&lines).contains("itoa"), "{lines:#?}");
+
+    // A workspace that locks the same itoa and none of that build-time code compiles itoa
+    // itself: nothing of midsize's build is materialised into it.
+    let itoa_only = itoa_only_workspace(1);
+    let alice = Tenant::peer("alice");
+    let (outcome, lines) = run(
+        &node,
+        JobKind::Build,
+        itoa_only.path(),
+        "alice:/itoa-only",
+        alice.clone(),
+    )
+    .await;
+    assert_success(&outcome, &lines);
+    assert_eq!(compiled(&lines), set(&["itoa", "itoa-only"]), "{lines:#?}");
+    assert!(
+        has_line(&lines, "shared units: 0 materialised"),
+        "{lines:#?}"
+    );
+
+    // Its own clean build ran no build-time code: its itoa is for every workspace, midsize's
+    // included (a new identity of midsize still receives all its units).
+    // (Other sources: not an action-cache hit of the same build.)
+    let again = itoa_only_workspace(2);
+    let (outcome, lines) = run(
+        &node,
+        JobKind::Build,
+        again.path(),
+        "bob:/itoa-only",
+        Tenant::peer("bob"),
+    )
+    .await;
+    assert_success(&outcome, &lines);
+    assert_eq!(compiled(&lines), set(&["itoa-only"]), "{lines:#?}");
+    let second_midsize = copy_fixture("midsize");
+    append(
+        &second_midsize.path().join("core/src/lib.rs"),
+        "\npub fn another_tenants_edit() -> u32 {\n    9\n}\n",
+    );
+    let (outcome, lines) = run(
+        &node,
+        JobKind::Build,
+        second_midsize.path(),
+        "alice:/midsize",
+        alice,
+    )
+    .await;
+    assert_success(&outcome, &lines);
+    assert_eq!(
+        compiled(&lines),
+        set(&["midsize-cli", "midsize-core"]),
+        "{lines:#?}"
+    );
+}
