@@ -67,6 +67,31 @@ impl TestReport {
     pub fn line(&mut self, raw: &str) {
         let plain = strip_ansi(raw);
         let line = plain.trim_end();
+        // Cargo's own lines (stderr) may land anywhere in the test binaries' output (stdout),
+        // inside a failure section or list too: they are never part of one.
+        let status = line.trim_start();
+        if let Some(rest) = status.strip_prefix("Running ")
+            && !rest.starts_with('`')
+        {
+            self.announced.push(binary_label(rest));
+            return;
+        }
+        if let Some(rest) = status.strip_prefix("Doc-tests ") {
+            self.announced.push(format!("doc-tests {}", rest.trim()));
+            return;
+        }
+        let cargo_error = status.starts_with("error: test failed, to rerun pass")
+            || (status.starts_with("error: ")
+                && status.contains(" target")
+                && status.ends_with("failed:"));
+        // The targets listed under `error: N targets failed:` (`` `--lib` ``, `` `--test t` ``).
+        let failed_target = line.starts_with("    ")
+            && status.len() > 2
+            && status.starts_with('`')
+            && status.ends_with('`');
+        if cargo_error || failed_target {
+            return;
+        }
         if let Some(test) = section_header(line) {
             self.close_section();
             self.open = Some(FailedTest {
@@ -84,7 +109,10 @@ impl TestReport {
             self.close_section();
         }
         if self.in_failure_list {
-            match line.strip_prefix("    ").filter(|name| !name.contains(' ')) {
+            match line
+                .strip_prefix("    ")
+                .filter(|name| !name.contains(' ') && !name.starts_with('`'))
+            {
                 Some(test) => {
                     let index = self.results.len();
                     if !self
@@ -108,14 +136,7 @@ impl TestReport {
             self.in_failure_list = true;
             return;
         }
-        let status = line.trim_start();
-        if let Some(rest) = status.strip_prefix("Running ")
-            && !rest.starts_with('`')
-        {
-            self.announced.push(binary_label(rest));
-        } else if let Some(rest) = status.strip_prefix("Doc-tests ") {
-            self.announced.push(format!("doc-tests {}", rest.trim()));
-        } else if let Some(counts) = line.strip_prefix("test result: ") {
+        if let Some(counts) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
                 counts
                     .split(';')
@@ -433,6 +454,45 @@ test result: ok. 0 passed; 0 failed; 0 ignored",
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].binary, "unittests src/lib.rs (mixed_tests)");
         assert_eq!(failures[0].output[1], "boom");
+    }
+
+    #[test]
+    fn cargos_lines_inside_a_failure_section_announce_and_stay_out_of_it() {
+        // cargo's stderr arrived in the middle of the unit tests' failure section.
+        let raced = report(
+            "     Running unittests src/lib.rs (/t/deps/mixed_tests-0123456789abcdef)
+running 2 tests
+test tests::fails_on_purpose ... FAILED
+failures:
+
+---- tests::fails_on_purpose stdout ----
+error: test failed, to rerun pass `--lib`
+   Doc-tests mixed_tests
+boom
+error: 1 target failed:
+    `--lib`
+
+failures:
+    tests::fails_on_purpose
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored
+running 0 tests
+test result: ok. 0 passed; 0 failed; 0 ignored",
+        );
+        let names: Vec<_> = raced.binaries().into_iter().map(|b| b.name).collect();
+        assert_eq!(
+            names,
+            [
+                "unittests src/lib.rs (mixed_tests)",
+                "doc-tests mixed_tests"
+            ]
+        );
+        let failures = raced.failures();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(
+            failures[0].output,
+            ["---- tests::fails_on_purpose stdout ----", "boom"]
+        );
     }
 
     #[test]

@@ -108,6 +108,9 @@ impl Node {
                 .unwrap();
             let outcome = handle.wait().await;
             let took = started.elapsed();
+            // Shared units are stored after the job (the client does not wait for them): not
+            // timed, but done before anything else is measured.
+            self.executor.units_published().await;
             let lines = common::log_lines(&handle).await;
             if outcome.status != JobStatus::Success {
                 for line in &lines {

@@ -559,6 +559,24 @@ struct Inner {
     logs: crate::logstream::LogRegistry,
     /// Set by [`Executor::drain`]: every later submit is refused.
     draining: std::sync::atomic::AtomicBool,
+    /// Builds whose shared units are being published in the background.
+    publishing: watch::Sender<usize>,
+}
+
+/// Counts one background publication of shared units while it lives.
+struct PublishingGuard(watch::Sender<usize>);
+
+impl PublishingGuard {
+    fn start(count: &watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        PublishingGuard(count.clone())
+    }
+}
+
+impl Drop for PublishingGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl Drop for Inner {
@@ -614,6 +632,7 @@ impl Executor {
                 jobs: Mutex::new(HashMap::new()),
                 logs: crate::logstream::LogRegistry::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                publishing: watch::channel(0).0,
             }),
         })
     }
@@ -735,6 +754,8 @@ impl Executor {
         );
         let all = futures::future::join_all(taken.iter().map(|job| job.wait()));
         if tokio::time::timeout(grace, all).await.is_ok() {
+            // What finished may still be storing its shared units: let it, within reason.
+            let _ = tokio::time::timeout(Duration::from_secs(30), self.units_published()).await;
             return 0;
         }
         let left = unfinished();
@@ -753,6 +774,13 @@ impl Executor {
             tracing::warn!("draining: jobs still running 5 s after cancellation");
         }
         left.len()
+    }
+
+    /// Waits until no build's shared units are still being published (they are stored in the
+    /// background after the job ends; see [`crate::shared_units`]).
+    pub async fn units_published(&self) {
+        let mut count = self.inner.publishing.subscribe();
+        let _ = count.wait_for(|n| *n == 0).await;
     }
 
     /// Whether [`Executor::drain`] was called.
@@ -1161,7 +1189,7 @@ impl RunningJob<'_> {
         .await?;
         let lock_slot = slot.clone();
         let waited = Instant::now();
-        let _lock = Self::blocking(move || {
+        let lock = Self::blocking(move || {
             SlotLock::acquire(&lock_slot).map_err(io_error("locking a workspace slot"))
         })
         .await?;
@@ -1345,10 +1373,6 @@ impl RunningJob<'_> {
             })
             .await?;
         self.step("build", built);
-        if outcome.success() {
-            self.publish_units(built_units, &slot, &lockfile, &toolchain)
-                .await?;
-        }
         if outcome.limit == Some(crate::sandbox::LimitKind::Disk) {
             // A target dir that filled its volume would fail every later job of the slot: it
             // is a cache, start it over.
@@ -1384,6 +1408,10 @@ impl RunningJob<'_> {
         artifacts.sort_by(|a, b| a.path.cmp(&b.path));
         artifacts.dedup_by(|a, b| a.path == b.path);
         self.step("outputs", collected);
+        if outcome.success() {
+            // The job's last step: the slot stays locked until the units are stored.
+            self.start_publishing(built_units, &slot, &lockfile, &toolchain, lock);
+        }
         let (layout, max_slots) = (self.inner().layout.clone(), self.inner().config.max_slots);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = layout.cleanup(max_slots) {
@@ -1471,44 +1499,53 @@ impl RunningJob<'_> {
 
     /// Shared units after a successful build: the registry units it compiled stored and
     /// indexed if it publishes ([`BuildUnits::publishes`]: not when workspace code ran at build
-    /// time), and the shared units it used kept in front of their variants.
-    async fn publish_units(
+    /// time), and the shared units it used kept in front of their variants. In the background,
+    /// so the job's client does not wait for it: the slot's lock (`lock`) is held until it is
+    /// done, so no later job of the slot touches the files meanwhile
+    /// ([`Executor::units_published`] waits for every build's).
+    fn start_publishing(
         &mut self,
         built: Option<BuildUnits>,
         slot: &Slot,
         lockfile: &str,
         toolchain: &Toolchain,
-    ) -> Result<(), ExecutorError> {
+        lock: SlotLock,
+    ) {
         let Some(built) = built else {
-            return Ok(());
+            return;
         };
         let publishes = built.publishes();
         if let Some(reason) = built.tainted() {
             let line = format!("shared units not published: {reason}");
             self.log(LogStreamKind::System, line);
+        } else if publishes {
+            self.log(
+                LogStreamKind::System,
+                "shared units: publishing this build's registry units",
+            );
         }
-        let started = Instant::now();
-        let (units, toolchain, lock, target) = (
+        let (units, toolchain, lock_file, target) = (
             self.inner().units.clone(),
             toolchain.digest_hex.clone(),
             lockfile.to_string(),
             slot.target.clone(),
         );
-        let published = Self::blocking(move || {
-            Ok(units.publish(&toolchain, built.variant(), &lock, &target, &built)?)
-        })
-        .await?;
-        self.step("units-publish", started);
-        if publishes {
-            self.log(
-                LogStreamKind::System,
-                format!(
-                    "shared units: {} published ({} bytes)",
-                    published.units, published.bytes
+        let in_flight = PublishingGuard::start(&self.inner().publishing);
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            match units.publish(&toolchain, built.variant(), &lock_file, &target, &built) {
+                Ok(published) if publishes => tracing::info!(
+                    units = published.units,
+                    bytes = published.bytes,
+                    took = ?started.elapsed(),
+                    "shared units published"
                 ),
-            );
-        }
-        Ok(())
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "publishing shared units"),
+            }
+            drop(lock);
+            drop(in_flight);
+        });
     }
 
     /// The lock file of a workspace that has none: `cargo generate-lockfile` with the network

@@ -619,6 +619,39 @@ async fn bad_specs_fail_before_anything_runs() {
     fx.assert_healthy().await;
 }
 
+/// A job's environment (a REAPI client chooses it) never steers the host side: a `PATH` naming
+/// a directory of planted `setpriv`, `prlimit`, `mount`, `mkdir`, `sh` and `bwrap` runs none
+/// of them, and the job still sees its own `PATH`.
+#[tokio::test]
+async fn the_jobs_path_never_picks_what_the_host_runs() {
+    let fx = fixture().await;
+    let planted = readable_tempdir();
+    let marker = planted.path().join("ran-on-the-host");
+    for tool in [
+        "setpriv", "prlimit", "mount", "mkdir", "sh", "bwrap", "unshare", "true",
+    ] {
+        let path = planted.path().join(tool);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho {tool} >> {}\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let hostile_path = format!("{}:/usr/bin:/bin", planted.path().display());
+    let (lines, outcome) = fx
+        .run(
+            SandboxSpec::new(["/bin/sh", "-c", "echo \"$PATH\""])
+                .env("PATH", &hostile_path)
+                .limits(quick()),
+        )
+        .await;
+    assert!(outcome.success(), "{outcome:?} {lines:?}");
+    assert_eq!(text(&lines, Stream::Stdout), [hostile_path.as_str()]);
+    assert!(!marker.exists(), "a planted tool ran on the host");
+    fx.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn a_provider_missing_its_tool_is_refused_naming_it() {
     let _serial = SERIAL.lock().await;

@@ -85,6 +85,8 @@ async fn run(
         .await
         .unwrap();
     let outcome = handle.wait().await;
+    // Its units are stored after the job ended: the next step of a test may count on them.
+    harness.executor.units_published().await;
     let lines = log_lines(&handle)
         .await
         .iter()

@@ -67,6 +67,10 @@ shift
 exec "$@"
 "#;
 
+/// `PATH` of the host-side chain (`unshare`, `sh`, `mount`, `setpriv`, `prlimit`, `bwrap`):
+/// the system's directories, never the job's.
+const WRAPPER_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The first descriptor number handed to `bwrap` is at least this.
 const FIRST_PASSED_FD: RawFd = 10;
 
@@ -271,6 +275,13 @@ impl IsolationProvider for Bubblewrap {
                 &layout.cwd.to_string_lossy(),
             ],
         );
+        // The job's environment is set by bwrap inside; the host-side chain below runs with
+        // WRAPPER_PATH only (a job's PATH — a REAPI client's, say — must never choose what the
+        // executor runs as root).
+        arg(&mut args, &["--clearenv"]);
+        for (key, value) in &layout.env {
+            arg(&mut args, &["--setenv", key, value]);
+        }
         arg(&mut args, &["--", &layout.program]);
         args.extend(layout.args.iter().cloned());
 
@@ -291,7 +302,13 @@ impl IsolationProvider for Bubblewrap {
         // parent-death signal is set after the uid switch, which would clear it) and gains no
         // privileges; prlimit: the job's rlimits, inherited by everything bwrap starts. Every
         // step execs the next: the pid stays the one this thread started.
-        let mut cmd = Command::new("unshare");
+        let tool = |name: &str| {
+            find_in_path(name).ok_or_else(|| {
+                SandboxError::Prerequisite(format!("`{name}` not found in PATH (util-linux)"))
+            })
+        };
+        let (unshare, setpriv, prlimit) = (tool("unshare")?, tool("setpriv")?, tool("prlimit")?);
+        let mut cmd = Command::new(unshare);
         cmd.args([
             "--mount",
             "--propagation",
@@ -308,9 +325,7 @@ impl IsolationProvider for Bubblewrap {
                 .arg(host)
                 .arg(stage);
         }
-        cmd.args([
-            "--",
-            "setpriv",
+        cmd.arg("--").arg(setpriv).args([
             "--reuid",
             &config.host_uid.to_string(),
             "--regid",
@@ -320,8 +335,8 @@ impl IsolationProvider for Bubblewrap {
             "KILL",
             "--no-new-privs",
             "--",
-            "prlimit",
         ]);
+        cmd.arg(prlimit);
         for limit in &layout.rlimits {
             cmd.arg(format!(
                 "--{}={}:{}",
@@ -334,7 +349,7 @@ impl IsolationProvider for Bubblewrap {
             .arg(&bwrap)
             .args(&args)
             .env_clear()
-            .envs(&layout.env)
+            .env("PATH", WRAPPER_PATH)
             .current_dir("/")
             .stdin(Stdio::from(stdin))
             .stdout(Stdio::piped())
