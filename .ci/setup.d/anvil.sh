@@ -27,3 +27,19 @@ if ! installed; then
 fi
 installed || { echo "setup-anvil: anvil $WANT did not install under $DIR/node_modules" >&2; exit 1; }
 echo "setup-anvil: $(ls "$DIR"/node_modules/@foundry-rs/anvil-*/bin/anvil | head -1) is anvil $WANT"
+
+# The saved chain state (Tangle core deployed) the test starts anvil from ships in the crate
+# blueprint-chain-setup-anvil, locked in Cargo.lock as an optional dependency we never build.
+# `cargo info NAME@VERSION` unpacks it into the cargo registry; run outside the workspace.
+CRATE=blueprint-chain-setup-anvil
+VERSION="$(awk -v n="name = \"$CRATE\"" '$0==n{getline; gsub(/version = |"/,""); print; exit}' "$ROOT/Cargo.lock")"
+if [ -z "$VERSION" ]; then
+    echo "setup-anvil: $CRATE is not in Cargo.lock" >&2
+    exit 1
+fi
+if ! compgen -G "${CARGO_HOME:-$HOME/.cargo}/registry/src/*/$CRATE-$VERSION/snapshots/localtestnet-state.json" >/dev/null; then
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    (cd "$scratch" && cargo info "$CRATE@$VERSION" >/dev/null)
+fi
+echo "setup-anvil: $CRATE $VERSION (the saved Tangle chain state) is in the cargo registry"
