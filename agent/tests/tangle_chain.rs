@@ -20,6 +20,9 @@
 //! end → result final on chain, and the test's wall time.
 #![cfg(feature = "tangle")]
 
+mod common;
+
+use std::collections::HashMap;
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -311,9 +314,9 @@ fn zip_dir(root: &Path) -> Vec<u8> {
     writer.finish().unwrap().into_inner()
 }
 
-/// A loopback HTTPS server answering every request with `body` (a zip), with a certificate for
+/// A loopback HTTPS server answering `GET /NAME` with `zips[NAME]`, with a certificate for
 /// 127.0.0.1 signed by a test CA; returns its port and the CA's PEM.
-async fn https_server(body: Vec<u8>) -> (u16, String) {
+async fn https_server(zips: HashMap<String, Vec<u8>>) -> (u16, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -337,14 +340,14 @@ async fn https_server(body: Vec<u8>) -> (u16, String) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let body = Arc::new(body);
+    let zips = Arc::new(zips);
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, body) = (acceptor.clone(), Arc::clone(&body));
+            let (acceptor, zips) = (acceptor.clone(), Arc::clone(&zips));
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -357,12 +360,24 @@ async fn https_server(body: Vec<u8>) -> (u16, String) {
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
+                let request = String::from_utf8_lossy(&request);
+                let name = request
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .trim_start_matches('/');
+                let Some(body) = zips.get(name) else {
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    return;
+                };
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = tls.write_all(head.as_bytes()).await;
-                let _ = tls.write_all(&body).await;
+                let _ = tls.write_all(body).await;
                 let _ = tls.shutdown().await;
             });
         }
@@ -496,8 +511,15 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     let chain_ready = started.elapsed();
 
     // The node, as the Blueprint Manager starts it.
-    let (https_port, ca_pem) =
-        https_server(zip_dir(&repo_root().join("tests/fixtures/hello"))).await;
+    let slow = common::slow_crate(scratch.path(), 40, 100);
+    let (https_port, ca_pem) = https_server(HashMap::from([
+        (
+            "hello.zip".to_string(),
+            zip_dir(&repo_root().join("tests/fixtures/hello")),
+        ),
+        ("slow.zip".to_string(), zip_dir(&slow)),
+    ]))
+    .await;
     let ca = scratch.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
     let keystore = scratch.path().join("keystore");
@@ -702,7 +724,109 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     assert!(executed.stdout.contains("hi from chain"), "{executed:?}");
     assert_eq!(executed.status, 0, "{executed:?}");
 
+    // SIGTERM while a job runs: the node takes no new call, the job finishes and its result is
+    // posted before the node exits.
+    let slow_session = uuid::Uuid::new_v4().to_string();
+    let slow_call = customer
+        .submit_job_with_value(
+            service_id,
+            1,
+            encode_job_inputs(
+                &format!("https://127.0.0.1:{https_port}/slow.zip"),
+                &slow_session,
+                "",
+            )
+            .into(),
+            U256::from(JOB_PRICE),
+        )
+        .await
+        .unwrap();
+    assert!(slow_call.tx.success, "{slow_call:?}");
+    let url = format!("ws://{http}/v1/sessions/{slow_session}/events");
+    let mut socket = loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((socket, _)) => break socket,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "no session: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Until the test itself runs (it takes 4 s).
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(120), socket.next())
+            .await
+            .expect("events keep coming")
+            .expect("the socket stays open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(event["type"], "log", "the job is still running: {event}");
+            if event["line"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("running 1 test")
+            {
+                break;
+            }
+        }
+    }
+    let mut node = node;
+    let status = Command::new("kill")
+        .args(["-TERM", &node.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+    // A call submitted while draining is not taken (it stays pending on chain for another
+    // operator or the node's restart).
+    let late = customer
+        .submit_job_with_value(
+            service_id,
+            0,
+            encode_job_inputs(
+                &format!("https://127.0.0.1:{https_port}/hello.zip"),
+                &uuid::Uuid::new_v4().to_string(),
+                "",
+            )
+            .into(),
+            U256::from(JOB_PRICE),
+        )
+        .await
+        .unwrap();
+    let (output, _) = chain_result(&customer, service_id, slow_call.call_id).await;
+    let slow_result = BuildResult::abi_decode(&output).expect("an ABI BuildResult");
+    assert_eq!(
+        slow_result.status, 0,
+        "the job in flight finished: {slow_result:?}"
+    );
+    let exit = loop {
+        if let Some(exit) = node.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(60),
+            "the node exits after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let drained_in = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    let late_call = customer
+        .get_job_call(service_id, late.call_id)
+        .await
+        .unwrap();
+    assert!(
+        !late_call.completed,
+        "a call arriving while draining is not taken"
+    );
     drop(node);
+    eprintln!(
+        "figures: SIGTERM with a job in flight -> result posted and node exited in {drained_in:?}"
+    );
     eprintln!(
         "figures: operator paid {rewards} wei of {JOB_PRICE}; chain ready (anvil + manager + blueprint + service) {:?}; JobSubmitted -> first log line on the WebSocket {:?}; build end -> result on chain {:?}; whole test {:?}",
         chain_ready,

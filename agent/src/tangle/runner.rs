@@ -9,10 +9,19 @@
 //! which would parse `rba`'s own command line), the node starts (libp2p, HTTP + WebSocket,
 //! REAPI, executor) and stays up as a background service of the `BlueprintRunner`, whose
 //! `TangleProducer` turns `JobSubmitted` events into job calls for [`super::jobs::router`] and
-//! whose `TangleConsumer` posts the results. Ctrl-C or SIGTERM stops both.
+//! whose `TangleConsumer` posts the results.
+//!
+//! Ctrl-C or SIGTERM drains: the producer takes no new call from chain, the calls already taken
+//! run to their end (the executor's `shutdown_grace_secs`, then they are cancelled and answered
+//! with an error result) and their results are posted while the runner still runs; only then
+//! does the runner stop and the node shut down. A call taken from chain and dropped at a
+//! restart would stay pending on chain with the customer's payment.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,7 +31,9 @@ use blueprint_sdk::runner::error::RunnerError;
 use blueprint_sdk::runner::tangle::config::TangleConfig as RunnerTangleConfig;
 use blueprint_sdk::runner::{BackgroundService, BlueprintRunner};
 use blueprint_sdk::tangle::{TangleConsumer, TangleProducer};
+use blueprint_sdk::{JobCall, JobResult};
 use clap::{Args, Parser, Subcommand};
+use futures::{Sink, Stream};
 use tokio::sync::{oneshot, watch};
 
 use super::{TangleConfig, TangleContext};
@@ -186,6 +197,91 @@ fn blueprint_argv(args: &RunArgs, data_dir: &Path, keystore: &str) -> Vec<String
     argv
 }
 
+/// How many calls were taken from chain and how many results reached the chain, for the drain.
+#[derive(Debug, Default)]
+struct Drain {
+    draining: AtomicBool,
+    taken: AtomicU64,
+    settled: AtomicU64,
+}
+
+impl Drain {
+    fn in_flight(&self) -> u64 {
+        let settled = self.settled.load(Ordering::SeqCst);
+        self.taken.load(Ordering::SeqCst).saturating_sub(settled)
+    }
+}
+
+/// The producer, stopped from taking calls once draining (it then stays pending: ending the
+/// stream would stop the runner with an error before the results are posted).
+struct DrainingProducer<P> {
+    inner: P,
+    drain: Arc<Drain>,
+}
+
+impl<P, E> Stream for DrainingProducer<P>
+where
+    P: Stream<Item = Result<JobCall, E>> + Unpin,
+{
+    type Item = Result<JobCall, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if self.drain.draining.load(Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(_))) = &next {
+            self.drain.taken.fetch_add(1, Ordering::SeqCst);
+        }
+        next
+    }
+}
+
+/// The consumer, counting the results it has flushed (posted, or dropped as not postable).
+struct SettlingConsumer<C> {
+    inner: C,
+    drain: Arc<Drain>,
+    unflushed: u64,
+}
+
+impl<C: Sink<JobResult> + Unpin> Sink<JobResult> for SettlingConsumer<C> {
+    type Error = C::Error;
+
+    fn poll_ready(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), C::Error>> {
+        Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: JobResult) -> Result<(), C::Error> {
+        self.unflushed += 1;
+        Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), C::Error>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = &flushed {
+            let done = std::mem::take(&mut self.unflushed);
+            self.drain.settled.fetch_add(done, Ordering::SeqCst);
+        }
+        flushed
+    }
+
+    fn poll_close(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), C::Error>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// After the grace period, how long results of cancelled jobs may take to reach the chain.
+const POST_MARGIN: Duration = Duration::from_secs(30);
+
 /// The node's lifetime as a `BlueprintRunner` background service: it reports an end when the
 /// node stops.
 struct NodeService {
@@ -261,17 +357,60 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
     let ctx = TangleContext::new(Arc::clone(node.shared()), tangle_config)?;
     let (stopped_tx, stopped) = watch::channel(false);
     let service_id = settings.service_id.unwrap_or_default();
+    let drain = Arc::new(Drain::default());
+    let producer = DrainingProducer {
+        inner: TangleProducer::new(client.clone(), service_id),
+        drain: Arc::clone(&drain),
+    };
+    let consumer = SettlingConsumer {
+        inner: TangleConsumer::new(client),
+        drain: Arc::clone(&drain),
+        unflushed: 0,
+    };
     let runner = BlueprintRunner::builder(RunnerTangleConfig::default(), env)
         .router(super::jobs::router(ctx))
-        .producer(TangleProducer::new(client.clone(), service_id))
-        .consumer(TangleConsumer::new(client))
+        .producer(producer)
+        .consumer(consumer)
         .background_service(NodeService { stopped })
         .run();
+    tokio::pin!(runner);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = tokio::select! {
-        result = runner => result.context("the blueprint runner stopped"),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = terminate.recv() => Ok(()),
+    let ended = tokio::select! {
+        result = &mut runner => Some(result),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = terminate.recv() => None,
+    };
+    let result = match ended {
+        Some(result) => result.context("the blueprint runner stopped"),
+        None => {
+            drain.draining.store(true, Ordering::SeqCst);
+            let grace = Duration::from_secs(node.shared().config.shutdown_grace_secs);
+            eprintln!(
+                "rba: draining: {} call(s) in flight, up to {grace:?} to finish",
+                drain.in_flight()
+            );
+            let shared = Arc::clone(node.shared());
+            let executor = tokio::spawn(async move { shared.executor.drain(grace).await });
+            let deadline = tokio::time::Instant::now() + grace + POST_MARGIN;
+            let result = loop {
+                if drain.in_flight() == 0 {
+                    break Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "rba: {} result(s) not posted before the deadline",
+                        drain.in_flight()
+                    );
+                    break Ok(());
+                }
+                tokio::select! {
+                    result = &mut runner => break result.context("the blueprint runner stopped"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            };
+            let _ = executor.await;
+            result
+        }
     };
     eprintln!("rba: shutting down");
     let _ = stopped_tx.send(true);
