@@ -385,6 +385,45 @@ async fn https_server(zips: HashMap<String, Vec<u8>>) -> (u16, String) {
     (port, ca.pem())
 }
 
+/// `rba tangle run` as the Blueprint Manager starts it: the blueprint environment in variables,
+/// `--test-mode` (no manager bridge here), loopback listeners.
+fn rba_tangle(rpc: &str, keystore: &Path, data: &Path, blueprint_id: u64) -> Command {
+    let mut command = Command::new(assert_cmd::cargo::cargo_bin("rba"));
+    command
+        .args(["tangle", "run", "--test-mode", "--allow-private-hosts"])
+        .args(["--http", "127.0.0.1:0", "--grpc", "off"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .env("BLUEPRINT_ID", blueprint_id.to_string())
+        .env("KEYSTORE_URI", keystore)
+        .env("DATA_DIR", data)
+        .env("HTTP_RPC_URL", format!("http://{rpc}"))
+        .env("WS_RPC_URL", format!("ws://{rpc}"))
+        .env("TANGLE_CONTRACT", TANGLE)
+        .env("STAKING_CONTRACT", STAKING)
+        .env("STATUS_REGISTRY_CONTRACT", STATUS_REGISTRY)
+        .env("RBA_LOG", "info")
+        .env_remove("SERVICE_ID")
+        .env_remove("REGISTRATION_MODE_ON")
+        .env_remove("REGISTRATION_CAPTURE_ONLY")
+        .env_remove("REGISTRATION_OUTPUT_PATH")
+        .env_remove("RBA_DATA_DIR")
+        .env_remove("RBA_CONFIG")
+        .env_remove("SSL_CERT_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// A keystore directory holding the operator's key, as the operator imports it.
+fn operator_keystore(dir: &Path) -> PathBuf {
+    let keystore = dir.join("keystore");
+    key_store(
+        &Keystore::new(KeystoreConfig::new().fs_root(&keystore)).unwrap(),
+        OPERATOR_KEY,
+    );
+    keystore
+}
+
 /// The node's stderr, echoed, with the lines it prints at start handed over.
 fn follow_stderr(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
@@ -482,13 +521,24 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     );
 
     // The operator registers, the customer requests a service, the operator approves it.
-    let operator_client = client(rpc, OPERATOR_KEY, blueprint_id, None).await;
-    let registered = operator_client
-        .register_operator(blueprint_id, "http://127.0.0.1:1", None)
-        .await
+    // The operator registers through the binary, as the Blueprint Manager has it do before
+    // running it: registration mode, which starts no node.
+    let keystore = operator_keystore(scratch.path());
+    let data = scratch.path().join("data");
+    let mut registration = rba_tangle(rpc, &keystore, &data, blueprint_id)
+        .env("REGISTRATION_MODE_ON", "true")
+        .spawn()
         .unwrap();
-    assert!(registered.success);
+    let registration_lines = follow_stderr(&mut registration);
+    let registration = registration.wait().unwrap();
+    let said: Vec<String> = registration_lines.try_iter().collect();
+    assert!(registration.success(), "{said:#?}");
+    assert!(
+        !said.iter().any(|l| l.starts_with("rba: http on")),
+        "{said:#?}"
+    );
     assert!(view(rpc, manager, isRegisteredOperatorCall { operator }).await);
+    let operator_client = client(rpc, OPERATOR_KEY, blueprint_id, None).await;
     let customer = client(rpc, CUSTOMER_KEY, blueprint_id, None).await;
     let (_, request_id) = customer
         .request_service(ServiceRequestParams::new(
@@ -522,35 +572,12 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     .await;
     let ca = scratch.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
-    let keystore = scratch.path().join("keystore");
-    key_store(
-        &Keystore::new(KeystoreConfig::new().fs_root(&keystore)).unwrap(),
-        OPERATOR_KEY,
-    );
-    let data = scratch.path().join("data");
-    let mut node = Command::new(assert_cmd::cargo::cargo_bin("rba"))
-        .args(["tangle", "run", "--test-mode", "--allow-private-hosts"])
-        .args(["--http", "127.0.0.1:0", "--grpc", "off"])
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+    let mut node = rba_tangle(rpc, &keystore, &data, blueprint_id)
+        .env("SERVICE_ID", service_id.to_string())
+        .env("SSL_CERT_FILE", &ca)
         // A customer on chain holds no token of the node: it follows its session by the
         // session id alone, which only a node that serves reads publicly allows.
         .arg("--public-read")
-        .env("BLUEPRINT_ID", blueprint_id.to_string())
-        .env("SERVICE_ID", service_id.to_string())
-        .env("KEYSTORE_URI", &keystore)
-        .env("DATA_DIR", &data)
-        .env("HTTP_RPC_URL", format!("http://{rpc}"))
-        .env("WS_RPC_URL", format!("ws://{rpc}"))
-        .env("TANGLE_CONTRACT", TANGLE)
-        .env("STAKING_CONTRACT", STAKING)
-        .env("STATUS_REGISTRY_CONTRACT", STATUS_REGISTRY)
-        .env("SSL_CERT_FILE", &ca)
-        .env("RBA_LOG", "info")
-        .env_remove("RBA_DATA_DIR")
-        .env_remove("RBA_CONFIG")
-        .env_remove("SSL_CERT_DIR")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let lines = follow_stderr(&mut node);
@@ -833,5 +860,32 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         first_line,
         seen_at.saturating_duration_since(build_end),
         started.elapsed()
+    );
+}
+
+/// Registration mode starts no node and no listener, and writes the (empty) registration inputs
+/// where the Blueprint Manager reads them; flags this version does not know are not fatal. No
+/// chain is needed when only the inputs are captured.
+#[test]
+fn registration_mode_starts_no_node_and_unknown_flags_are_not_fatal() {
+    let scratch = tempfile::tempdir().unwrap();
+    let keystore = operator_keystore(scratch.path());
+    let data = scratch.path().join("data");
+    let output = rba_tangle("127.0.0.1:1", &keystore, &data, 7)
+        .args(["--some-future-flag", "--another-one=3", "-q"])
+        .env("REGISTRATION_MODE_ON", "true")
+        .env("REGISTRATION_CAPTURE_ONLY", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("registration mode"), "{stderr}");
+    assert!(!stderr.contains("rba: http on"), "{stderr}");
+    assert!(!data.join("rba").exists(), "no node data: {stderr}");
+    let inputs = std::fs::read(data.join("registration_inputs.bin")).unwrap();
+    assert_eq!(
+        inputs,
+        Bytes::new().abi_encode(),
+        "an ABI-encoded empty bytes"
     );
 }

@@ -110,6 +110,20 @@ pub struct RunArgs {
     /// Also fetch from loopback and private addresses (private deployments only).
     #[arg(long)]
     pub allow_private_hosts: bool,
+
+    /// Arguments this version does not know, ignored with a warning rather than fatal: the
+    /// Blueprint Manager of a newer SDK may pass flags this one does not have. Everything from
+    /// the first unknown argument on is ignored (clap cannot tell an unknown flag's value from
+    /// the next flag); the manager's own flags come first and every setting also has its
+    /// environment variable.
+    #[arg(
+        value_name = "IGNORED",
+        hide = true,
+        num_args = 0..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub ignored: Vec<String>,
 }
 
 /// Runs a `rba tangle` command; returns the process exit code.
@@ -300,7 +314,50 @@ impl BackgroundService for NodeService {
     }
 }
 
+/// Registration mode (`REGISTRATION_MODE_ON`, how the Blueprint Manager starts a binary before
+/// the operator runs it): no node, no listener. The blueprint takes no registration inputs (the
+/// manager's `onRegister` ignores them), so the payload is an ABI-encoded empty `bytes`, written
+/// where the manager reads it; unless only capture was asked for (or a dry run), the operator
+/// is then registered for the blueprint.
+async fn register(env: &BlueprintEnvironment) -> anyhow::Result<u8> {
+    use alloy_sol_types::SolValue as _;
+    use blueprint_sdk::runner::BlueprintConfig as _;
+    let payload = blueprint_sdk::alloy::primitives::Bytes::new().abi_encode();
+    let path = blueprint_sdk::registration::write_registration_inputs(env, &payload)
+        .await
+        .context("writing the registration inputs")?;
+    eprintln!(
+        "rba: registration mode: inputs written to {} (no node started)",
+        path.display()
+    );
+    if env.registration_capture_only() || env.dry_run {
+        return Ok(0);
+    }
+    let config = RunnerTangleConfig::default();
+    if config
+        .requires_registration(env)
+        .await
+        .context("checking the operator's registration")?
+    {
+        config
+            .update_registration_inputs(payload)
+            .context("registration inputs")?;
+        config
+            .register(env)
+            .await
+            .context("registering the operator")?;
+        eprintln!("rba: operator registered");
+    }
+    Ok(0)
+}
+
 async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8> {
+    if !args.ignored.is_empty() {
+        eprintln!(
+            "rba: warning: ignoring arguments this version does not know: {}",
+            args.ignored.join(" ")
+        );
+    }
     let missing = missing_environment(&args);
     if !missing.is_empty() {
         anyhow::bail!(
@@ -316,6 +373,9 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
             .context("reading the blueprint settings")?;
     let env = BlueprintEnvironment::load_with_config(context_config)
         .context("loading the blueprint environment")?;
+    if env.registration_mode() {
+        return register(&env).await;
+    }
     let settings = env
         .protocol_settings
         .tangle()
