@@ -401,7 +401,6 @@ fn rba_tangle(rpc: &str, keystore: &Path, data: &Path, blueprint_id: u64) -> Com
         .env("TANGLE_CONTRACT", TANGLE)
         .env("STAKING_CONTRACT", STAKING)
         .env("STATUS_REGISTRY_CONTRACT", STATUS_REGISTRY)
-        .env("RBA_LOG", "info")
         .env_remove("SERVICE_ID")
         .env_remove("REGISTRATION_MODE_ON")
         .env_remove("REGISTRATION_CAPTURE_ONLY")
@@ -527,6 +526,7 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     let data = scratch.path().join("data");
     let mut registration = rba_tangle(rpc, &keystore, &data, blueprint_id)
         .env("REGISTRATION_MODE_ON", "true")
+        .args(["--rpc-address", "https://operator.example:7430"])
         .spawn()
         .unwrap();
     let registration_lines = follow_stderr(&mut registration);
@@ -539,6 +539,14 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     );
     assert!(view(rpc, manager, isRegisteredOperatorCall { operator }).await);
     let operator_client = client(rpc, OPERATOR_KEY, blueprint_id, None).await;
+    assert_eq!(
+        operator_client
+            .get_operator_rpc_endpoint(blueprint_id, operator)
+            .await
+            .unwrap(),
+        "https://operator.example:7430",
+        "customers find the node's address on chain"
+    );
     let customer = client(rpc, CUSTOMER_KEY, blueprint_id, None).await;
     let (_, request_id) = customer
         .request_service(ServiceRequestParams::new(
@@ -575,6 +583,8 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     let mut node = rba_tangle(rpc, &keystore, &data, blueprint_id)
         .env("SERVICE_ID", service_id.to_string())
         .env("SSL_CERT_FILE", &ca)
+        // The SDK polls every 2 s; polling faster measures the node, not the poll.
+        .env("RBA_TANGLE_POLL_INTERVAL_MS", "200")
         // A customer on chain holds no token of the node: it follows its session by the
         // session id alone, which only a node that serves reads publicly allows.
         .arg("--public-read")

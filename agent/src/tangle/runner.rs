@@ -110,6 +110,13 @@ pub struct RunArgs {
     /// Also fetch from loopback and private addresses (private deployments only).
     #[arg(long)]
     pub allow_private_hosts: bool,
+    /// The address customers reach this node at (its HTTP face, for the session WebSocket),
+    /// registered on chain with the operator in registration mode.
+    #[arg(long, env = "RBA_TANGLE_RPC_ADDRESS", value_name = "URL")]
+    pub rpc_address: Option<String>,
+    /// How often the chain is polled for new job calls, in milliseconds.
+    #[arg(long, env = "RBA_TANGLE_POLL_INTERVAL_MS", default_value_t = 2000)]
+    pub poll_interval_ms: u64,
 
     /// Arguments this version does not know, ignored with a warning rather than fatal: the
     /// Blueprint Manager of a newer SDK may pass flags this one does not have. Everything from
@@ -319,7 +326,7 @@ impl BackgroundService for NodeService {
 /// manager's `onRegister` ignores them), so the payload is an ABI-encoded empty `bytes`, written
 /// where the manager reads it; unless only capture was asked for (or a dry run), the operator
 /// is then registered for the blueprint.
-async fn register(env: &BlueprintEnvironment) -> anyhow::Result<u8> {
+async fn register(env: &BlueprintEnvironment, rpc_address: String) -> anyhow::Result<u8> {
     use alloy_sol_types::SolValue as _;
     use blueprint_sdk::runner::BlueprintConfig as _;
     let payload = blueprint_sdk::alloy::primitives::Bytes::new().abi_encode();
@@ -333,7 +340,7 @@ async fn register(env: &BlueprintEnvironment) -> anyhow::Result<u8> {
     if env.registration_capture_only() || env.dry_run {
         return Ok(0);
     }
-    let config = RunnerTangleConfig::default();
+    let config = RunnerTangleConfig::new(rpc_address);
     if config
         .requires_registration(env)
         .await
@@ -374,7 +381,7 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
     let env = BlueprintEnvironment::load_with_config(context_config)
         .context("loading the blueprint environment")?;
     if env.registration_mode() {
-        return register(&env).await;
+        return register(&env, args.rpc_address.clone().unwrap_or_default()).await;
     }
     let settings = env
         .protocol_settings
@@ -419,7 +426,8 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
     let service_id = settings.service_id.unwrap_or_default();
     let drain = Arc::new(Drain::default());
     let producer = DrainingProducer {
-        inner: TangleProducer::new(client.clone(), service_id),
+        inner: TangleProducer::new(client.clone(), service_id)
+            .with_poll_interval(Duration::from_millis(args.poll_interval_ms.max(50))),
         drain: Arc::clone(&drain),
     };
     let consumer = SettlingConsumer {
