@@ -57,7 +57,8 @@ const STATUS_REGISTRY: &str = "0x2bdCC0de6bE1f7D2ee689a0342D76F52E8EFABa3";
 const DEPLOYER_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 const OPERATOR_KEY: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
 const CUSTOMER_KEY: &str = "7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
-/// The price of a job call (wei), the blueprint's event rate; the customer pays it with the call.
+/// The price of a job call (wei), the blueprint's event rate (as in `blueprint.json`); the
+/// customer pays it with the call.
 const JOB_PRICE: u64 = 1_000_000_000_000_000;
 /// tnt-core's `Types.PricingModel.EventDriven` (PayOnce 0, Subscription 1, EventDriven 2).
 const PRICING_EVENT_DRIVEN: u8 = 2;
@@ -248,7 +249,8 @@ async fn view<C: alloy_sol_types::SolCall>(rpc: &str, to: Address, call: C) -> C
 }
 
 /// The blueprint definition the SDK's deployment created blueprint 0 with (a definition this
-/// tnt-core accepts), with our manager, our jobs and our name.
+/// tnt-core accepts), with our manager and, from the repository's `blueprint.json` (what
+/// `cargo tangle blueprint deploy` reads), our name, jobs and pricing.
 fn blueprint_definition(snapshots: &Path, manager: Address) -> ITangleTypes::BlueprintDefinition {
     let broadcast: serde_json::Value = serde_json::from_slice(
         &std::fs::read(snapshots.join("localtestnet-broadcast.json")).unwrap(),
@@ -266,18 +268,29 @@ fn blueprint_definition(snapshots: &Path, manager: Address) -> ITangleTypes::Blu
         &hex::decode(input.trim_start_matches("0x")).unwrap(),
     )
     .unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_root().join("blueprint.json")).unwrap())
+            .unwrap();
+    let jobs = ours["jobs"].as_array().unwrap();
+    assert_eq!(
+        jobs.len(),
+        rba_contracts::Job::ALL.len(),
+        "blueprint.json has one job per job index"
+    );
+    assert_eq!(ours["config"]["pricing"], "event_driven");
+    assert_eq!(ours["config"]["event_rate"].as_u64(), Some(JOB_PRICE));
     let mut definition = call.definition;
     definition.manager = manager;
-    definition.metadata.name = "rust-build-agent".into();
+    definition.metadata.name = ours["metadata"]["name"].as_str().unwrap().into();
     // Pay per job call: the customer sends the job's event rate with `submitJob`, and Tangle
     // core shares it out to the operator when the result is in.
     definition.config.pricing = PRICING_EVENT_DRIVEN;
     definition.config.eventRate = U256::from(JOB_PRICE);
-    definition.jobs = rba_contracts::Job::ALL
+    definition.jobs = jobs
         .iter()
         .map(|job| ITangleTypes::JobDefinition {
-            name: job.name().into(),
-            description: format!("rba job {}", job.name()),
+            name: job["name"].as_str().unwrap().into(),
+            description: job["description"].as_str().unwrap_or_default().into(),
             metadataUri: String::new(),
             paramsSchema: Bytes::new(),
             resultSchema: Bytes::new(),
