@@ -64,7 +64,7 @@ const JOB_PRICE: u64 = 1_000_000_000_000_000;
 const PRICING_EVENT_DRIVEN: u8 = 2;
 
 alloy_sol_types::sol! {
-    function earnings(address operator) external view returns (uint256);
+    function setJobPrice(uint8 job, uint256 price) external;
     function isRegisteredOperator(address operator) external view returns (bool);
     event JobResultPosted(
         uint64 indexed serviceId,
@@ -663,12 +663,14 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         &session_id,
         "",
     );
+    // anvil mines the transaction as it arrives: JobSubmitted is emitted then, while the
+    // client is still polling for the receipt, so the latency is counted from the send.
+    let submitted_at = Instant::now();
     let submitted = customer
         .submit_job_with_value(service_id, 0, inputs.into(), U256::from(JOB_PRICE))
         .await
         .unwrap();
     assert!(submitted.tx.success, "{submitted:?}");
-    let submitted_at = Instant::now();
     let call_id = submitted.call_id;
 
     // The customer follows the session (it appears once the node has imported the zip).
@@ -773,6 +775,40 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     let executed = ExecutionResult::abi_decode(&output).expect("an ABI ExecutionResult");
     assert!(executed.stdout.contains("hi from chain"), "{executed:?}");
     assert_eq!(executed.status, 0, "{executed:?}");
+
+    // A price on the manager itself cannot be paid through this Tangle core, which forwards no
+    // value to the hooks (contracts/README.md, "Payment on a real Tangle deployment"): every
+    // call then reverts with InsufficientPayment.
+    let price_on_manager = |price: u64| {
+        TransactionRequest::default().to(manager).input(
+            setJobPriceCall {
+                job: 0,
+                price: U256::from(price),
+            }
+            .abi_encode()
+            .into(),
+        )
+    };
+    assert!(send(rpc, DEPLOYER_KEY, price_on_manager(1)).await.status());
+    let refused = customer
+        .submit_job_with_value(
+            service_id,
+            0,
+            encode_job_inputs(
+                &format!("https://127.0.0.1:{https_port}/hello.zip"),
+                &uuid::Uuid::new_v4().to_string(),
+                "",
+            )
+            .into(),
+            U256::from(JOB_PRICE),
+        )
+        .await;
+    let refused = format!("{refused:?}");
+    let insufficient = hex::encode(alloy_primitives::keccak256(
+        "InsufficientPayment(uint8,uint256,uint256)",
+    ));
+    assert!(refused.contains(&insufficient[..8]), "{refused}");
+    assert!(send(rpc, DEPLOYER_KEY, price_on_manager(0)).await.status());
 
     // SIGTERM while a job runs: the node takes no new call, the job finishes and its result is
     // posted before the node exits.
