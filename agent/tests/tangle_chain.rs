@@ -759,6 +759,41 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     );
     let _ = deployer;
 
+    // Jobs 2 (lint), 3 (audit) and 4 (check) on chain, submitted together: each gets its
+    // result posted (audit needs an advisory database on the node; without one its result is
+    // an error that says so, still posted).
+    let mut calls = Vec::new();
+    for job in [2u8, 3, 4] {
+        let call = customer
+            .submit_job_with_value(
+                service_id,
+                job,
+                encode_job_inputs(
+                    &format!("https://127.0.0.1:{https_port}/hello.zip"),
+                    &uuid::Uuid::new_v4().to_string(),
+                    "",
+                )
+                .into(),
+                U256::from(JOB_PRICE),
+            )
+            .await
+            .unwrap();
+        assert!(call.tx.success, "job {job}: {call:?}");
+        calls.push((job, call.call_id));
+    }
+    for (job, call_id) in calls {
+        let (output, _) = chain_result(&customer, service_id, call_id).await;
+        let result = BuildResult::abi_decode(&output).expect("an ABI BuildResult");
+        if job == 3 {
+            assert!(
+                result.status == 0 || !result.message.is_empty(),
+                "{result:?}"
+            );
+        } else {
+            assert_eq!(result.status, 0, "job {job}: {result:?}");
+        }
+    }
+
     // Job 5 (execute_code) on chain, at the same price: the program's output comes back.
     let exec = customer
         .submit_job_with_value(
