@@ -450,6 +450,17 @@ fn follow_stderr(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     rx
 }
 
+/// The session's WebSocket URL for the account of `key`: it signs the session's read message.
+fn session_url(http: &str, session_id: &str, key: &str) -> String {
+    use blueprint_sdk::alloy::signers::SignerSync as _;
+    let message = rba_agent::tangle::session_read_message(session_id);
+    let sig = signer(key).sign_message_sync(message.as_bytes()).unwrap();
+    format!(
+        "ws://{http}/v1/sessions/{session_id}/events?sig=0x{}",
+        hex::encode(sig.as_bytes())
+    )
+}
+
 /// Waits for the result of call `call_id` on chain; returns the bytes and when it was seen.
 async fn chain_result(
     customer: &TangleClient,
@@ -598,9 +609,6 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         .env("SSL_CERT_FILE", &ca)
         // The SDK polls every 2 s; polling faster measures the node, not the poll.
         .env("RBA_TANGLE_POLL_INTERVAL_MS", "200")
-        // A customer on chain holds no token of the node: it follows its session by the
-        // session id alone, which only a node that serves reads publicly allows.
-        .arg("--public-read")
         .spawn()
         .unwrap();
     let lines = follow_stderr(&mut node);
@@ -673,8 +681,9 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     assert!(submitted.tx.success, "{submitted:?}");
     let call_id = submitted.call_id;
 
-    // The customer follows the session (it appears once the node has imported the zip).
-    let url = format!("ws://{http}/v1/sessions/{session_id}/events");
+    // The customer follows the session (it appears once the node has imported the zip). It
+    // holds no token of the node: it signs the session's read message with its account.
+    let url = session_url(&http, &session_id, CUSTOMER_KEY);
     let mut socket = loop {
         match tokio_tungstenite::connect_async(&url).await {
             Ok((socket, _)) => break socket,
@@ -708,6 +717,17 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         }
     };
     let build_end = Instant::now();
+    // Another account's signature, or none, does not read the customer's session.
+    for (url, refused) in [
+        (session_url(&http, &session_id, DEPLOYER_KEY), "404"),
+        (
+            format!("ws://{http}/v1/sessions/{session_id}/events"),
+            "401",
+        ),
+    ] {
+        let err = tokio_tungstenite::connect_async(&url).await.unwrap_err();
+        assert!(err.to_string().contains(refused), "{url}: {err}");
+    }
     assert_eq!(end["type"], "end", "{end}");
     assert_eq!(end["status"], "success", "{end} {lines_seen:#?}");
     let first_line = first_line.expect("log lines before the end");
@@ -863,7 +883,7 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         .await
         .unwrap();
     assert!(slow_call.tx.success, "{slow_call:?}");
-    let url = format!("ws://{http}/v1/sessions/{slow_session}/events");
+    let url = session_url(&http, &slow_session, CUSTOMER_KEY);
     let mut socket = loop {
         match tokio_tungstenite::connect_async(&url).await {
             Ok((socket, _)) => break socket,
