@@ -65,6 +65,7 @@ const PRICING_EVENT_DRIVEN: u8 = 2;
 
 alloy_sol_types::sol! {
     function setJobPrice(uint8 job, uint256 price) external;
+    function getLastHeartbeat(uint64 serviceId, address operator) external view returns (uint256);
     function isRegisteredOperator(address operator) external view returns (bool);
     event JobResultPosted(
         uint64 indexed serviceId,
@@ -609,6 +610,7 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         .env("SSL_CERT_FILE", &ca)
         // The SDK polls every 2 s; polling faster measures the node, not the poll.
         .env("RBA_TANGLE_POLL_INTERVAL_MS", "200")
+        .env("RBA_TANGLE_HEARTBEAT_SECS", "1")
         .spawn()
         .unwrap();
     let lines = follow_stderr(&mut node);
@@ -778,6 +780,24 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         "the operator's share of {JOB_PRICE} wei: {rewards}"
     );
     let _ = deployer;
+
+    // The node's QoS heartbeats reach the operator status registry.
+    let registry: Address = STATUS_REGISTRY.parse().unwrap();
+    let heartbeat_deadline = Instant::now() + Duration::from_secs(20);
+    while view(
+        rpc,
+        registry,
+        getLastHeartbeatCall {
+            serviceId: service_id,
+            operator,
+        },
+    )
+    .await
+        == U256::ZERO
+    {
+        assert!(Instant::now() < heartbeat_deadline, "no heartbeat on chain");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Jobs 2 (lint), 3 (audit) and 4 (check) on chain, submitted together: each gets its
     // result posted (audit needs an advisory database on the node; without one its result is

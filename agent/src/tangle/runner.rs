@@ -26,6 +26,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use blueprint_sdk::contexts::tangle::TangleClientContext;
+use blueprint_sdk::qos::heartbeat::{
+    HeartbeatConfig, HeartbeatConsumer, HeartbeatService, HeartbeatStatus,
+};
 use blueprint_sdk::runner::config::{BlueprintEnvironment, ContextConfig};
 use blueprint_sdk::runner::error::RunnerError;
 use blueprint_sdk::runner::tangle::config::TangleConfig as RunnerTangleConfig;
@@ -114,6 +117,10 @@ pub struct RunArgs {
     /// registered on chain with the operator in registration mode.
     #[arg(long, env = "RBA_TANGLE_RPC_ADDRESS", value_name = "URL")]
     pub rpc_address: Option<String>,
+    /// How often the node sends a QoS heartbeat to the operator status registry, in seconds
+    /// (0: none). Tangle marks an operator that misses heartbeats offline.
+    #[arg(long, env = "RBA_TANGLE_HEARTBEAT_SECS", default_value_t = 300)]
+    pub heartbeat_secs: u64,
     /// How often the chain is polled for new job calls, in milliseconds.
     #[arg(long, env = "RBA_TANGLE_POLL_INTERVAL_MS", default_value_t = 2000)]
     pub poll_interval_ms: u64,
@@ -300,6 +307,54 @@ impl<C: Sink<JobResult> + Unpin> Sink<JobResult> for SettlingConsumer<C> {
     }
 }
 
+/// The heartbeat's own hook: the QoS service submits each heartbeat to the status registry
+/// itself; this only logs it.
+struct LoggedHeartbeat;
+
+impl HeartbeatConsumer for LoggedHeartbeat {
+    fn send_heartbeat(
+        &self,
+        status: &HeartbeatStatus,
+    ) -> Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), blueprint_sdk::qos::error::Error>>
+                + Send
+                + 'static,
+        >,
+    > {
+        tracing::debug!(
+            service_id = status.service_id,
+            status_code = status.status_code,
+            "QoS heartbeat"
+        );
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The QoS heartbeat as a background service that lasts as long as the node (the SDK's own
+/// `heartbeat_service` adapter drops its end of the channel at once, which the runner takes for
+/// a failed service, and stops).
+struct Heartbeat {
+    service: HeartbeatService<LoggedHeartbeat>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl BackgroundService for Heartbeat {
+    async fn start(&self) -> Result<oneshot::Receiver<Result<(), RunnerError>>, RunnerError> {
+        self.service
+            .start_heartbeat()
+            .await
+            .map_err(|e| RunnerError::Other(Box::new(e)))?;
+        let (tx, rx) = oneshot::channel();
+        let mut stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            let _ = tx.send(Ok(()));
+        });
+        Ok(rx)
+    }
+}
+
 /// After the grace period, how long results of cancelled jobs may take to reach the chain.
 const POST_MARGIN: Duration = Duration::from_secs(30);
 
@@ -435,12 +490,39 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
         drain: Arc::clone(&drain),
         unflushed: 0,
     };
-    let runner = BlueprintRunner::builder(RunnerTangleConfig::default(), env)
+    let heartbeat = (args.heartbeat_secs > 0 && !env.dry_run)
+        .then(|| {
+            let config = HeartbeatConfig {
+                interval_secs: args.heartbeat_secs,
+                service_id,
+                blueprint_id: settings.blueprint_id,
+                status_registry_address: settings.status_registry_contract,
+                ..HeartbeatConfig::default()
+            };
+            HeartbeatService::new(
+                config,
+                Arc::new(LoggedHeartbeat),
+                env.http_rpc_endpoint.to_string(),
+                env.keystore_uri.clone(),
+                settings.status_registry_contract,
+                env.dry_run,
+                service_id,
+                settings.blueprint_id,
+            )
+        })
+        .transpose()
+        .context("starting the QoS heartbeat")?;
+    let mut builder = BlueprintRunner::builder(RunnerTangleConfig::default(), env)
         .router(super::jobs::router(ctx))
         .producer(producer)
         .consumer(consumer)
-        .background_service(NodeService { stopped })
-        .run();
+        .background_service(NodeService {
+            stopped: stopped.clone(),
+        });
+    if let Some(service) = heartbeat {
+        builder = builder.background_service(Heartbeat { service, stopped });
+    }
+    let runner = builder.run();
     tokio::pin!(runner);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ended = tokio::select! {
