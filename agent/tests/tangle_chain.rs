@@ -802,14 +802,21 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     // Jobs 2 (lint), 3 (audit) and 4 (check) on chain, submitted together: each gets its
     // result posted (audit needs an advisory database on the node; without one its result is
     // an error that says so, still posted).
+    // With them, job 0 on a zip the server does not have: the contract accepts the input, the
+    // node answers with an error result, posted like any other.
     let mut calls = Vec::new();
-    for job in [2u8, 3, 4] {
+    for (job, zip) in [
+        (2u8, "hello.zip"),
+        (3, "hello.zip"),
+        (4, "hello.zip"),
+        (0, "gone.zip"),
+    ] {
         let call = customer
             .submit_job_with_value(
                 service_id,
                 job,
                 encode_job_inputs(
-                    &format!("https://127.0.0.1:{https_port}/hello.zip"),
+                    &format!("https://127.0.0.1:{https_port}/{zip}"),
                     &uuid::Uuid::new_v4().to_string(),
                     "",
                 )
@@ -829,6 +836,9 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
                 result.status == 0 || !result.message.is_empty(),
                 "{result:?}"
             );
+        } else if job == 0 {
+            assert_eq!((result.status, result.exitCode), (1, -1), "{result:?}");
+            assert!(result.message.contains("404"), "{result:?}");
         } else {
             assert_eq!(result.status, 0, "job {job}: {result:?}");
         }
