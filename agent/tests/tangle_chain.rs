@@ -7,14 +7,18 @@
 //!   which has Tangle core (tnt-core) deployed and an operator staked;
 //! - our `BuildAgentServiceManager` deployed from `rba_contracts`' bytecode, a blueprint created
 //!   with it as its service manager (the definition is the SDK's own `createBlueprint` call from
-//!   the state's deployment log, with our manager and our six jobs), the operator registered, a
-//!   service requested by a customer account and approved by the operator;
+//!   the state's deployment log, with our manager and `blueprint.json`'s jobs and pay-per-call
+//!   pricing), the operator registered by the binary in registration mode, a service requested
+//!   by a customer account and approved by the operator;
 //! - the node started as the Blueprint Manager starts it (environment variables, `--test-mode`
-//!   because there is no manager bridge here), fetching the zip from a loopback HTTPS server
-//!   whose test CA it trusts through `SSL_CERT_FILE`;
-//! - the customer submits job 0 with a price paid, follows the session's WebSocket, and reads the
-//!   `BuildResult` back from the chain; the manager credited the payment to the operator; a
-//!   malformed input is refused on chain by the manager; job 5 runs code on chain.
+//!   because there is no manager bridge here), fetching zips from a loopback HTTPS server whose
+//!   test CA it trusts through `SSL_CERT_FILE`;
+//! - the customer submits job 0 paying its price, follows the session's WebSocket with its
+//!   signature (no token of the node), reads the `BuildResult` back from the chain; the manager
+//!   accepted it (`JobResultPosted`), Tangle core paid the operator its share, the node's QoS
+//!   heartbeat is in the status registry; a malformed input is refused on chain by the manager,
+//!   a missing zip is answered with an error result; jobs 2–5 run on chain; SIGTERM with job 1
+//!   in flight still posts its result before the node exits.
 //!
 //! It prints the figures of the issue: `JobSubmitted` → first log line on the WebSocket, build
 //! end → result final on chain, and the test's wall time.
@@ -494,8 +498,7 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     let (_anvil, rpc) = start_anvil(&snapshots.join("localtestnet-state.json"));
     let rpc = rpc.as_str();
     let tangle: Address = TANGLE.parse().unwrap();
-    let (deployer, operator, customer_address) = (
-        signer(DEPLOYER_KEY).address(),
+    let (operator, customer_address) = (
         signer(OPERATOR_KEY).address(),
         signer(CUSTOMER_KEY).address(),
     );
@@ -544,9 +547,9 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         "job 0 is priced per call"
     );
 
-    // The operator registers, the customer requests a service, the operator approves it.
     // The operator registers through the binary, as the Blueprint Manager has it do before
-    // running it: registration mode, which starts no node.
+    // running it (registration mode, which starts no node); the customer requests a service,
+    // the operator approves it.
     let keystore = operator_keystore(scratch.path());
     let data = scratch.path().join("data");
     let mut registration = rba_tangle(rpc, &keystore, &data, blueprint_id)
@@ -779,7 +782,6 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         rewards > U256::ZERO && rewards <= U256::from(JOB_PRICE),
         "the operator's share of {JOB_PRICE} wei: {rewards}"
     );
-    let _ = deployer;
 
     // The node's QoS heartbeats reach the operator status registry.
     let registry: Address = STATUS_REGISTRY.parse().unwrap();
