@@ -157,6 +157,10 @@ pub(crate) enum Viewer {
     Public,
     /// A token's caller.
     Token(Caller),
+    /// A Tangle customer, by the account that signed the session's read message (its
+    /// checksummed address): it sees the sessions its own job calls started.
+    #[cfg(feature = "tangle")]
+    Account(String),
 }
 
 impl Viewer {
@@ -167,6 +171,10 @@ impl Viewer {
             (Viewer::Public, _) => true,
             (Viewer::Token(caller), Some(tenant)) => caller.may_see(tenant),
             (Viewer::Token(caller), None) => caller.sees.iter().any(|t| t == ALL_TENANTS),
+            #[cfg(feature = "tangle")]
+            (Viewer::Account(account), tenant) => tenant.is_some_and(|tenant| {
+                tenant.starts_with("tangle:") && tenant.ends_with(&format!("/{account}"))
+            }),
         }
     }
 }
@@ -267,7 +275,7 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
 pub(crate) fn may_see_build(node: &NodeShared, viewer: &Viewer, id: &str) -> bool {
     match viewer {
         Viewer::Public => true,
-        Viewer::Token(_) => viewer.may_see(node.session_owner(id).as_deref()),
+        _ => viewer.may_see(node.session_owner(id).as_deref()),
     }
 }
 
@@ -567,6 +575,27 @@ struct EventsQuery {
     from_seq: Option<u64>,
     /// The bearer token, for browsers (which cannot set headers on a WebSocket).
     token: Option<String>,
+    /// A Tangle customer's signature of the session's read message
+    /// ([`crate::tangle::session_read_message`]), instead of a token.
+    #[cfg(feature = "tangle")]
+    sig: Option<String>,
+}
+
+/// Who reads a session's events: a Tangle customer by its signature of the session's read
+/// message, else as for every view (token or `--public-read`).
+fn events_viewer(
+    node: &NodeShared,
+    headers: &HeaderMap,
+    query: &EventsQuery,
+    id: &str,
+) -> Result<Viewer, String> {
+    #[cfg(feature = "tangle")]
+    if let Some(sig) = query.sig.as_deref() {
+        return crate::tangle::session_reader(id, sig).map(Viewer::Account);
+    }
+    #[cfg(not(feature = "tangle"))]
+    let _ = id;
+    viewer(node, headers, query.token.as_deref())
 }
 
 async fn events(
@@ -576,7 +605,7 @@ async fn events(
     Query(query): Query<EventsQuery>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let viewer = match viewer(&node, &headers, query.token.as_deref()) {
+    let viewer = match events_viewer(&node, &headers, &query, &id) {
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };

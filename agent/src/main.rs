@@ -197,8 +197,16 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A Tangle node is a service whose output the Blueprint Manager collects: `info` shows each
+    // call taken, built and posted. At a terminal, `warn` keeps the build's own output readable.
+    let default_filter = match &cli.command {
+        #[cfg(feature = "tangle")]
+        Commands::Tangle { .. } => "info",
+        _ => "warn",
+    };
     rba_cache_server::logging::init(
-        tracing_subscriber::EnvFilter::try_from_env("RBA_LOG").unwrap_or_else(|_| "warn".into()),
+        tracing_subscriber::EnvFilter::try_from_env("RBA_LOG")
+            .unwrap_or_else(|_| default_filter.into()),
         cli.log_format,
     );
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -29,6 +29,27 @@ use rba_cas::merkle::ZipLimits;
 
 use crate::node::NodeShared;
 
+/// What a Tangle customer signs (EIP-191 `personal_sign`) to follow the session of its own job
+/// call without a token of the node: `GET /v1/sessions/{id}/events?sig=0x…`. The session id is
+/// public on chain (it is in the call's inputs); the signature proves the reader is the account
+/// that made the call. It is bound to the one session and grants only reading it.
+pub fn session_read_message(session_id: &str) -> String {
+    format!("rba: read session {session_id}")
+}
+
+/// The checksummed address that signed [`session_read_message`] for `session_id` (a 65-byte
+/// signature in hex), or why not.
+pub fn session_reader(session_id: &str, signature: &str) -> Result<String, String> {
+    let bytes = hex::decode(signature.trim_start_matches("0x"))
+        .map_err(|_| "sig is not hex".to_string())?;
+    let signature = alloy_primitives::Signature::try_from(bytes.as_slice())
+        .map_err(|e| format!("sig is not a signature: {e}"))?;
+    signature
+        .recover_address_from_msg(session_read_message(session_id))
+        .map(|address| address.to_string())
+        .map_err(|e| format!("sig does not recover an account: {e}"))
+}
+
 /// How the Tangle jobs fetch and accept a `zip_uri`.
 #[derive(Clone, Debug)]
 pub struct TangleConfig {

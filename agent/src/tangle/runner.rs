@@ -9,20 +9,34 @@
 //! which would parse `rba`'s own command line), the node starts (libp2p, HTTP + WebSocket,
 //! REAPI, executor) and stays up as a background service of the `BlueprintRunner`, whose
 //! `TangleProducer` turns `JobSubmitted` events into job calls for [`super::jobs::router`] and
-//! whose `TangleConsumer` posts the results. Ctrl-C or SIGTERM stops both.
+//! whose `TangleConsumer` posts the results.
+//!
+//! Ctrl-C or SIGTERM drains: the producer takes no new call from chain, the calls already taken
+//! run to their end (the executor's `shutdown_grace_secs`, then they are cancelled and answered
+//! with an error result) and their results are posted while the runner still runs; only then
+//! does the runner stop and the node shut down. A call taken from chain and dropped at a
+//! restart would stay pending on chain with the customer's payment.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use blueprint_sdk::contexts::tangle::TangleClientContext;
+use blueprint_sdk::qos::heartbeat::{
+    HeartbeatConfig, HeartbeatConsumer, HeartbeatService, HeartbeatStatus,
+};
 use blueprint_sdk::runner::config::{BlueprintEnvironment, ContextConfig};
 use blueprint_sdk::runner::error::RunnerError;
 use blueprint_sdk::runner::tangle::config::TangleConfig as RunnerTangleConfig;
 use blueprint_sdk::runner::{BackgroundService, BlueprintRunner};
 use blueprint_sdk::tangle::{TangleConsumer, TangleProducer};
+use blueprint_sdk::{JobCall, JobResult};
 use clap::{Args, Parser, Subcommand};
+use futures::{Sink, Stream};
 use tokio::sync::{oneshot, watch};
 
 use super::{TangleConfig, TangleContext};
@@ -99,6 +113,31 @@ pub struct RunArgs {
     /// Also fetch from loopback and private addresses (private deployments only).
     #[arg(long)]
     pub allow_private_hosts: bool,
+    /// The address customers reach this node at (its HTTP face, for the session WebSocket),
+    /// registered on chain with the operator in registration mode.
+    #[arg(long, env = "RBA_TANGLE_RPC_ADDRESS", value_name = "URL")]
+    pub rpc_address: Option<String>,
+    /// How often the node sends a QoS heartbeat to the operator status registry, in seconds
+    /// (0: none). Tangle marks an operator that misses heartbeats offline.
+    #[arg(long, env = "RBA_TANGLE_HEARTBEAT_SECS", default_value_t = 300)]
+    pub heartbeat_secs: u64,
+    /// How often the chain is polled for new job calls, in milliseconds.
+    #[arg(long, env = "RBA_TANGLE_POLL_INTERVAL_MS", default_value_t = 2000)]
+    pub poll_interval_ms: u64,
+
+    /// Arguments this version does not know, ignored with a warning rather than fatal: the
+    /// Blueprint Manager of a newer SDK may pass flags this one does not have. Everything from
+    /// the first unknown argument on is ignored (clap cannot tell an unknown flag's value from
+    /// the next flag); the manager's own flags come first and every setting also has its
+    /// environment variable.
+    #[arg(
+        value_name = "IGNORED",
+        hide = true,
+        num_args = 0..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub ignored: Vec<String>,
 }
 
 /// Runs a `rba tangle` command; returns the process exit code.
@@ -186,6 +225,139 @@ fn blueprint_argv(args: &RunArgs, data_dir: &Path, keystore: &str) -> Vec<String
     argv
 }
 
+/// How many calls were taken from chain and how many results reached the chain, for the drain.
+#[derive(Debug, Default)]
+struct Drain {
+    draining: AtomicBool,
+    taken: AtomicU64,
+    settled: AtomicU64,
+}
+
+impl Drain {
+    fn in_flight(&self) -> u64 {
+        let settled = self.settled.load(Ordering::SeqCst);
+        self.taken.load(Ordering::SeqCst).saturating_sub(settled)
+    }
+}
+
+/// The producer, stopped from taking calls once draining (it then stays pending: ending the
+/// stream would stop the runner with an error before the results are posted).
+struct DrainingProducer<P> {
+    inner: P,
+    drain: Arc<Drain>,
+}
+
+impl<P, E> Stream for DrainingProducer<P>
+where
+    P: Stream<Item = Result<JobCall, E>> + Unpin,
+{
+    type Item = Result<JobCall, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if self.drain.draining.load(Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(_))) = &next {
+            self.drain.taken.fetch_add(1, Ordering::SeqCst);
+        }
+        next
+    }
+}
+
+/// The consumer, counting the results it has flushed (posted, or dropped as not postable).
+struct SettlingConsumer<C> {
+    inner: C,
+    drain: Arc<Drain>,
+    unflushed: u64,
+}
+
+impl<C: Sink<JobResult> + Unpin> Sink<JobResult> for SettlingConsumer<C> {
+    type Error = C::Error;
+
+    fn poll_ready(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), C::Error>> {
+        Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: JobResult) -> Result<(), C::Error> {
+        self.unflushed += 1;
+        Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), C::Error>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = &flushed {
+            let done = std::mem::take(&mut self.unflushed);
+            self.drain.settled.fetch_add(done, Ordering::SeqCst);
+        }
+        flushed
+    }
+
+    fn poll_close(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), C::Error>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// The heartbeat's own hook: the QoS service submits each heartbeat to the status registry
+/// itself; this only logs it.
+struct LoggedHeartbeat;
+
+impl HeartbeatConsumer for LoggedHeartbeat {
+    fn send_heartbeat(
+        &self,
+        status: &HeartbeatStatus,
+    ) -> Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), blueprint_sdk::qos::error::Error>>
+                + Send
+                + 'static,
+        >,
+    > {
+        tracing::debug!(
+            service_id = status.service_id,
+            status_code = status.status_code,
+            "QoS heartbeat"
+        );
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The QoS heartbeat as a background service that lasts as long as the node (the SDK's own
+/// `heartbeat_service` adapter drops its end of the channel at once, which the runner takes for
+/// a failed service, and stops).
+struct Heartbeat {
+    service: HeartbeatService<LoggedHeartbeat>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl BackgroundService for Heartbeat {
+    async fn start(&self) -> Result<oneshot::Receiver<Result<(), RunnerError>>, RunnerError> {
+        self.service
+            .start_heartbeat()
+            .await
+            .map_err(|e| RunnerError::Other(Box::new(e)))?;
+        let (tx, rx) = oneshot::channel();
+        let mut stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            let _ = tx.send(Ok(()));
+        });
+        Ok(rx)
+    }
+}
+
+/// After the grace period, how long results of cancelled jobs may take to reach the chain.
+const POST_MARGIN: Duration = Duration::from_secs(30);
+
 /// The node's lifetime as a `BlueprintRunner` background service: it reports an end when the
 /// node stops.
 struct NodeService {
@@ -204,7 +376,50 @@ impl BackgroundService for NodeService {
     }
 }
 
+/// Registration mode (`REGISTRATION_MODE_ON`, how the Blueprint Manager starts a binary before
+/// the operator runs it): no node, no listener. The blueprint takes no registration inputs (the
+/// manager's `onRegister` ignores them), so the payload is an ABI-encoded empty `bytes`, written
+/// where the manager reads it; unless only capture was asked for (or a dry run), the operator
+/// is then registered for the blueprint.
+async fn register(env: &BlueprintEnvironment, rpc_address: String) -> anyhow::Result<u8> {
+    use alloy_sol_types::SolValue as _;
+    use blueprint_sdk::runner::BlueprintConfig as _;
+    let payload = blueprint_sdk::alloy::primitives::Bytes::new().abi_encode();
+    let path = blueprint_sdk::registration::write_registration_inputs(env, &payload)
+        .await
+        .context("writing the registration inputs")?;
+    eprintln!(
+        "rba: registration mode: inputs written to {} (no node started)",
+        path.display()
+    );
+    if env.registration_capture_only() || env.dry_run {
+        return Ok(0);
+    }
+    let config = RunnerTangleConfig::new(rpc_address);
+    if config
+        .requires_registration(env)
+        .await
+        .context("checking the operator's registration")?
+    {
+        config
+            .update_registration_inputs(payload)
+            .context("registration inputs")?;
+        config
+            .register(env)
+            .await
+            .context("registering the operator")?;
+        eprintln!("rba: operator registered");
+    }
+    Ok(0)
+}
+
 async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8> {
+    if !args.ignored.is_empty() {
+        eprintln!(
+            "rba: warning: ignoring arguments this version does not know: {}",
+            args.ignored.join(" ")
+        );
+    }
     let missing = missing_environment(&args);
     if !missing.is_empty() {
         anyhow::bail!(
@@ -220,6 +435,9 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
             .context("reading the blueprint settings")?;
     let env = BlueprintEnvironment::load_with_config(context_config)
         .context("loading the blueprint environment")?;
+    if env.registration_mode() {
+        return register(&env, args.rpc_address.clone().unwrap_or_default()).await;
+    }
     let settings = env
         .protocol_settings
         .tangle()
@@ -261,17 +479,88 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
     let ctx = TangleContext::new(Arc::clone(node.shared()), tangle_config)?;
     let (stopped_tx, stopped) = watch::channel(false);
     let service_id = settings.service_id.unwrap_or_default();
-    let runner = BlueprintRunner::builder(RunnerTangleConfig::default(), env)
+    let drain = Arc::new(Drain::default());
+    let producer = DrainingProducer {
+        inner: TangleProducer::new(client.clone(), service_id)
+            .with_poll_interval(Duration::from_millis(args.poll_interval_ms.max(50))),
+        drain: Arc::clone(&drain),
+    };
+    let consumer = SettlingConsumer {
+        inner: TangleConsumer::new(client),
+        drain: Arc::clone(&drain),
+        unflushed: 0,
+    };
+    let heartbeat = (args.heartbeat_secs > 0 && !env.dry_run)
+        .then(|| {
+            let config = HeartbeatConfig {
+                interval_secs: args.heartbeat_secs,
+                service_id,
+                blueprint_id: settings.blueprint_id,
+                status_registry_address: settings.status_registry_contract,
+                ..HeartbeatConfig::default()
+            };
+            HeartbeatService::new(
+                config,
+                Arc::new(LoggedHeartbeat),
+                env.http_rpc_endpoint.to_string(),
+                env.keystore_uri.clone(),
+                settings.status_registry_contract,
+                env.dry_run,
+                service_id,
+                settings.blueprint_id,
+            )
+        })
+        .transpose()
+        .context("starting the QoS heartbeat")?;
+    let mut builder = BlueprintRunner::builder(RunnerTangleConfig::default(), env)
         .router(super::jobs::router(ctx))
-        .producer(TangleProducer::new(client.clone(), service_id))
-        .consumer(TangleConsumer::new(client))
-        .background_service(NodeService { stopped })
-        .run();
+        .producer(producer)
+        .consumer(consumer)
+        .background_service(NodeService {
+            stopped: stopped.clone(),
+        });
+    if let Some(service) = heartbeat {
+        builder = builder.background_service(Heartbeat { service, stopped });
+    }
+    let runner = builder.run();
+    tokio::pin!(runner);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = tokio::select! {
-        result = runner => result.context("the blueprint runner stopped"),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = terminate.recv() => Ok(()),
+    let ended = tokio::select! {
+        result = &mut runner => Some(result),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = terminate.recv() => None,
+    };
+    let result = match ended {
+        Some(result) => result.context("the blueprint runner stopped"),
+        None => {
+            drain.draining.store(true, Ordering::SeqCst);
+            let grace = Duration::from_secs(node.shared().config.shutdown_grace_secs);
+            eprintln!(
+                "rba: draining: {} call(s) in flight, up to {grace:?} to finish",
+                drain.in_flight()
+            );
+            let shared = Arc::clone(node.shared());
+            let executor = tokio::spawn(async move { shared.executor.drain(grace).await });
+            let deadline = tokio::time::Instant::now() + grace + POST_MARGIN;
+            let result = loop {
+                if drain.in_flight() == 0 {
+                    break Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "rba: {} result(s) not posted before the deadline",
+                        drain.in_flight()
+                    );
+                    break Ok(());
+                }
+                tokio::select! {
+                    result = &mut runner => break result.context("the blueprint runner stopped"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            };
+            let _ = executor.await;
+            result
+        }
     };
     eprintln!("rba: shutting down");
     let _ = stopped_tx.send(true);
