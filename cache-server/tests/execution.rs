@@ -676,8 +676,13 @@ async fn stdout_is_readable_live_through_bytestream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_cancels_running_actions() {
-    let mut server = TestServer::start_executing().await;
+async fn shutdown_drains_then_cancels_running_actions() {
+    // The actions taken get the grace period, then are cancelled.
+    let mut server = TestServer::start_executing_with(|mut config| {
+        config.execution.shutdown_grace_secs = 2;
+        config
+    })
+    .await;
     let mut c = server.clients().await;
     let action = store_action(&mut c, &["sleep", "60"], &[], &[]).await;
     let mut stream = c
@@ -695,9 +700,14 @@ async fn shutdown_cancels_running_actions() {
     let executor = server.running().state.executor.clone().unwrap();
     let started = Instant::now();
     server.server.take().unwrap().shutdown().await.unwrap();
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "shutdown does not wait for the sleep"
+        took >= Duration::from_secs(2),
+        "the grace period was given: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "shutdown does not wait for the sleep: {took:?}"
     );
     let job = executor.jobs().pop().unwrap();
     let outcome = job.wait().await;

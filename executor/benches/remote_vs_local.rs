@@ -20,7 +20,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rba_cas::{Cas, DigestFunction, StoreConfig};
@@ -29,30 +28,6 @@ use rba_executor::isolation::Isolation;
 use rba_executor::runner::{Executor, ExecutorConfig, JobStatus};
 use rba_executor::sandbox::{Sandbox, SandboxConfig, SandboxSpec};
 use tokio::runtime::Runtime;
-
-fn copy_dir(from: &Path, to: &Path) {
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success(), "copying the fixture");
-}
-
-fn local_cargo(workspace: &Path, target: &Path, args: &[&str]) -> Duration {
-    let started = Instant::now();
-    let status = Command::new("cargo")
-        .args(args)
-        .current_dir(workspace)
-        .env("CARGO_TARGET_DIR", target)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "local cargo {args:?}");
-    started.elapsed()
-}
 
 async fn remote(
     executor: &Executor,
@@ -122,7 +97,7 @@ impl RemoteSide {
     fn new(scratch: &Path, name: &str, store: StoreConfig) -> RemoteSide {
         let workspace = scratch.join(format!("{name}-workspace"));
         std::fs::create_dir_all(&workspace).unwrap();
-        copy_dir(&common::fixture("midsize"), &workspace);
+        common::copy_dir(&common::fixture("midsize"), &workspace);
         let cas = Cas::open(scratch.join(format!("{name}-cas")), store).unwrap();
         let mut config = ExecutorConfig::new(scratch.join(format!("{name}-executor"))).unwrap();
         config.workers = 1;
@@ -156,10 +131,10 @@ fn main() {
     let scratch = tempfile::tempdir().unwrap();
     let local_ws = scratch.path().join("local");
     std::fs::create_dir_all(&local_ws).unwrap();
-    copy_dir(&common::fixture("midsize"), &local_ws);
+    common::copy_dir(&common::fixture("midsize"), &local_ws);
     let local_target = scratch.path().join("local-target");
     let local_build =
-        |target: &Path| local_cargo(&local_ws, target, &["build", "--locked", "--offline"]);
+        |target: &Path| common::local_cargo(&local_ws, target, &["build", "--locked", "--offline"]);
 
     let runtime = Runtime::new().unwrap();
     let synced = RemoteSide::new(scratch.path(), "remote", StoreConfig::default());
@@ -169,7 +144,7 @@ fn main() {
 
     // Warm the registries: local ~/.cargo, and each executor's shared cargo home (its fetch
     // phase runs before any cargo job; `fmt --check` compiles nothing).
-    local_cargo(&local_ws, &local_target, &["fetch", "--locked"]);
+    common::local_cargo(&local_ws, &local_target, &["fetch", "--locked"]);
     for side in [&synced, &unsynced] {
         side.run(&runtime, JobKind::Fmt, "midsize");
     }

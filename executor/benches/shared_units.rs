@@ -22,7 +22,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rba_cas::{Cas, DigestFunction, StoreConfig};
@@ -31,31 +30,6 @@ use rba_executor::logstream::strip_ansi;
 use rba_executor::runner::{Executor, ExecutorConfig, JobStatus};
 use rba_executor::tenant::Tenant;
 use tokio::runtime::Runtime;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success(), "copying the fixture");
-}
-
-fn local_cargo(workspace: &Path, target: &Path, args: &[&str]) -> Duration {
-    let started = Instant::now();
-    let status = Command::new("cargo")
-        .args(args)
-        .current_dir(workspace)
-        .env("CARGO_TARGET_DIR", target)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "local cargo {args:?}");
-    started.elapsed()
-}
 
 /// A Rust source file of the fixture's workspace, edited per round (a new tree: no action-cache
 /// hit, and another workspace's sources).
@@ -159,8 +133,8 @@ fn main() {
     let scratch = tempfile::tempdir().unwrap();
     let runtime = Runtime::new().unwrap();
     let local_ws = scratch.path().join("local");
-    copy_dir(&common::fixture(&fixture), &local_ws);
-    local_cargo(&local_ws, &scratch.path().join("t"), &["fetch", "--locked"]);
+    common::copy_dir(&common::fixture(&fixture), &local_ws);
+    common::local_cargo(&local_ws, &scratch.path().join("t"), &["fetch", "--locked"]);
 
     let mut local_cold = Vec::new();
     let mut node_cold = Vec::new();
@@ -171,7 +145,7 @@ fn main() {
         // Local: a fresh target dir, warm registry.
         edit(&local_ws, &format!("local round {round}"));
         let target = scratch.path().join(format!("local-target-{round}"));
-        local_cold.push(local_cargo(
+        local_cold.push(common::local_cargo(
             &local_ws,
             &target,
             &["build", "--locked", "--offline"],
@@ -182,7 +156,7 @@ fn main() {
         let dir = scratch.path().join(format!("off-{round}"));
         let off = Node::new(&dir, false);
         let ws = dir.join("workspace");
-        copy_dir(&common::fixture(&fixture), &ws);
+        common::copy_dir(&common::fixture(&fixture), &ws);
         off.run(&runtime, JobKind::Fmt, &ws, "warm", Tenant::local());
         edit(&ws, &format!("off round {round}"));
         node_cold.push(
@@ -197,7 +171,7 @@ fn main() {
         let dir = scratch.path().join(format!("on-{round}"));
         let on = Node::new(&dir, true);
         let first = dir.join("first");
-        copy_dir(&common::fixture(&fixture), &first);
+        common::copy_dir(&common::fixture(&fixture), &first);
         on.run(&runtime, JobKind::Fmt, &first, "warm", Tenant::local());
         edit(&first, &format!("first round {round}"));
         let alice = Tenant::peer("alice");
@@ -207,7 +181,7 @@ fn main() {
         );
         published.push(on.executor.shared_units().stats());
         let second = dir.join("second");
-        copy_dir(&common::fixture(&fixture), &second);
+        common::copy_dir(&common::fixture(&fixture), &second);
         edit(&second, &format!("another workspace, round {round}"));
         let bob = Tenant::peer("bob");
         warm_start.push(

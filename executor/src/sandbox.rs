@@ -1036,7 +1036,7 @@ impl Sandbox {
 /// processes die with this thread). An error with `started_tx` left in place is a start error.
 fn supervise(
     plan: &Plan,
-    start_job: impl FnOnce(File) -> Result<Box<dyn crate::isolation::JobProcess>, SandboxError>,
+    start_job: impl FnOnce(File) -> Result<crate::isolation::StartedJob, SandboxError>,
     line_tx: mpsc::UnboundedSender<OutputLine>,
     ctl_tx: std_mpsc::Sender<Ctl>,
     ctl_rx: std_mpsc::Receiver<Ctl>,
@@ -1074,8 +1074,12 @@ fn supervise(
     let born_inside = entered.is_some();
     let spawned = start_job(stdin);
     drop(entered);
-    let mut child = spawned?;
-    let pid = child.pid();
+    let crate::isolation::StartedJob {
+        pid,
+        stdout,
+        stderr,
+        process: mut child,
+    } = spawned?;
     if let Some(cgroup) = cgroup.as_ref().filter(|_| !born_inside)
         && let Err(e) = cgroup.adopt(pid)
     {
@@ -1090,10 +1094,7 @@ fn supervise(
 
     let (done_tx, done_rx) = std_mpsc::channel::<()>();
     let mut readers = 0;
-    for (pipe, stream) in [
-        (child.take_stdout(), Stream::Stdout),
-        (child.take_stderr(), Stream::Stderr),
-    ] {
+    for (pipe, stream) in [(stdout, Stream::Stdout), (stderr, Stream::Stderr)] {
         let Some(pipe) = pipe else { continue };
         let (tx, shared, ctl, done) = (
             line_tx.clone(),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Harness, fixture, hash_dir};
+use common::{Harness, copy_fixture, fixture, hash_dir};
 use rba_cas::DigestFunction;
 use rba_executor::action::store_action;
 use rba_executor::cargo::{CargoJob, JobKind};
@@ -18,19 +18,6 @@ use rba_proto::reapi::{Command, Platform};
 
 fn harness() -> Harness {
     Harness::new(|config| config.limits.wall_time = Some(Duration::from_secs(300)))
-}
-
-/// Copies a fixture into a temp dir so the test can edit it.
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", fixture(name).display()))
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    dir
 }
 
 async fn run(
@@ -463,8 +450,7 @@ impl rba_executor::isolation::IsolationProvider for Counting {
         config: &rba_executor::sandbox::SandboxConfig,
         root: &Path,
         stdin: std::fs::File,
-    ) -> Result<Box<dyn rba_executor::isolation::JobProcess>, rba_executor::sandbox::SandboxError>
-    {
+    ) -> Result<rba_executor::isolation::StartedJob, rba_executor::sandbox::SandboxError> {
         self.starts
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         rba_executor::isolation::namespaces::Namespaces.start(layout, config, root, stdin)

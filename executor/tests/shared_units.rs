@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Harness, fixture, hash_dir, log_lines};
+use common::{Harness, copy_fixture, hash_dir, log_lines};
 use rba_cas::DigestFunction;
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::logstream::strip_ansi;
@@ -25,19 +25,6 @@ fn harness(shared_units: bool) -> Harness {
         config.limits.wall_time = Some(Duration::from_secs(900));
         config.shared_units = shared_units;
     })
-}
-
-/// A copy of a fixture the test may edit.
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(format!("{}/.", fixture(name).display()))
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    dir
 }
 
 /// Another workspace with the registry dependencies of `registry-dep` (itoa): its package is

@@ -1,8 +1,8 @@
 //! Job 5 (`execute_code`): which inputs onJobCall accepts, the named error for each bad one,
 //! and a result posted and paid like any job's.
 
-use alloy_primitives::{Bytes, U256, keccak256};
-use alloy_sol_types::{SolError, SolValue};
+use alloy_primitives::{U256, keccak256};
+use alloy_sol_types::SolValue;
 use rba_contracts::{
     ExecuteInputs, Job, MAX_ARTIFACT_LENGTH, MAX_EXECUTE_TIMEOUT_SECS, MAX_INPUTS_LENGTH,
     MIN_EXECUTE_MEMORY_BYTES, inputs_hash,
@@ -14,32 +14,6 @@ const ZERO: U256 = U256::ZERO;
 const JOB: u8 = Job::Execute.index();
 const ARTIFACT: &str =
     "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262/1024";
-
-#[track_caller]
-fn assert_rejected<E: SolError + std::fmt::Debug + Clone>(
-    chain: &mut Chain,
-    inputs: Bytes,
-    expected: E,
-) {
-    chain
-        .call_from(
-            STRANGER,
-            validateJobInputsCall {
-                job: JOB,
-                inputs: inputs.clone(),
-            },
-            ZERO,
-        )
-        .expect_revert(expected.clone());
-    chain
-        .job_call(77, JOB, inputs, ZERO)
-        .expect_revert(expected);
-    let record = chain.view(getJobCallCall {
-        serviceId: SERVICE_ID,
-        jobCallId: 77,
-    });
-    assert_eq!(record.status, 0, "nothing recorded");
-}
 
 #[test]
 fn code_or_artifact_runs_are_accepted_and_announced() {
@@ -98,11 +72,13 @@ fn bad_runs_are_rejected_naming_the_problem() {
     let mut chain = Chain::new();
     assert_rejected(
         &mut chain,
+        JOB,
         execute_inputs(SNIPPET, ARTIFACT, "", 0, 0),
         CodeOrArtifactRequired {},
     );
     assert_rejected(
         &mut chain,
+        JOB,
         execute_inputs("", "", "stdin only", 0, 0),
         CodeOrArtifactRequired {},
     );
@@ -113,12 +89,14 @@ fn bad_runs_are_rejected_naming_the_problem() {
     ] {
         assert_rejected(
             &mut chain,
+            JOB,
             execute_inputs("", &artifact, "", 0, 0),
             InvalidArtifact {},
         );
     }
     assert_rejected(
         &mut chain,
+        JOB,
         execute_inputs(SNIPPET, "", "", MAX_EXECUTE_TIMEOUT_SECS + 1, 0),
         InvalidTimeout {
             timeoutSecs: MAX_EXECUTE_TIMEOUT_SECS + 1,
@@ -126,6 +104,7 @@ fn bad_runs_are_rejected_naming_the_problem() {
     );
     assert_rejected(
         &mut chain,
+        JOB,
         execute_inputs(SNIPPET, "", "", 0, MIN_EXECUTE_MEMORY_BYTES - 1),
         InvalidMemory {
             memoryBytes: MIN_EXECUTE_MEMORY_BYTES - 1,
@@ -135,6 +114,7 @@ fn bad_runs_are_rejected_naming_the_problem() {
     let too_large = execute_inputs(SNIPPET, "", &huge, 0, 0);
     assert_rejected(
         &mut chain,
+        JOB,
         too_large.clone(),
         InputsTooLarge {
             length: U256::from(too_large.len()),
@@ -143,9 +123,10 @@ fn bad_runs_are_rejected_naming_the_problem() {
     );
     // A build job's inputs are not a run's, and a trailing word makes the encoding
     // non-canonical.
-    assert_rejected(&mut chain, valid_inputs(), MalformedInputs {});
+    assert_rejected(&mut chain, JOB, valid_inputs(), MalformedInputs {});
     assert_rejected(
         &mut chain,
+        JOB,
         with_trailing_word(&execute_inputs(SNIPPET, "", "", 0, 0)),
         MalformedInputs {},
     );

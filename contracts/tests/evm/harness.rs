@@ -535,3 +535,38 @@ pub fn tuple_inputs(zip_uri: &str, session: &str, target: &str) -> Bytes {
     .abi_encode()
     .into()
 }
+
+/// `validateJobInputs` (a view) and the job hook reject `inputs` of `job` with `expected`, and
+/// nothing is recorded.
+#[track_caller]
+pub fn assert_rejected<E: SolError + std::fmt::Debug + Clone>(
+    chain: &mut Chain,
+    job: u8,
+    inputs: Bytes,
+    expected: E,
+) {
+    // validateJobInputs (a view) and the hook agree on the error.
+    chain
+        .call_from(
+            STRANGER,
+            validateJobInputsCall {
+                job,
+                inputs: inputs.clone(),
+            },
+            U256::ZERO,
+        )
+        .expect_revert(expected.clone());
+    chain
+        .job_call(99, job, inputs, U256::ZERO)
+        .expect_revert(expected);
+    // Nothing was recorded.
+    assert_eq!(
+        chain
+            .view(getJobCallCall {
+                serviceId: SERVICE_ID,
+                jobCallId: 99
+            })
+            .status,
+        0
+    );
+}

@@ -13,39 +13,6 @@ fn uri_of_len(scheme: &str, len: usize) -> String {
     format!("{scheme}{}", "a".repeat(len - scheme.len()))
 }
 
-#[track_caller]
-fn assert_rejected<E: SolError + std::fmt::Debug + Clone>(
-    chain: &mut Chain,
-    job: u8,
-    inputs: Bytes,
-    expected: E,
-) {
-    // validateJobInputs (a view) and the hook agree on the error.
-    chain
-        .call_from(
-            STRANGER,
-            validateJobInputsCall {
-                job,
-                inputs: inputs.clone(),
-            },
-            ZERO,
-        )
-        .expect_revert(expected.clone());
-    chain
-        .job_call(99, job, inputs, ZERO)
-        .expect_revert(expected);
-    // Nothing was recorded.
-    assert_eq!(
-        chain
-            .view(getJobCallCall {
-                serviceId: SERVICE_ID,
-                jobCallId: 99
-            })
-            .status,
-        0
-    );
-}
-
 #[test]
 fn compile_job_accepts_every_build_target_and_emits_job_accepted() {
     let mut chain = Chain::new();

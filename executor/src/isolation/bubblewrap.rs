@@ -32,7 +32,7 @@
 //!   comes from the job's cgroup, as with every provider.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 
@@ -43,7 +43,7 @@ use std::process::{Command, Stdio};
 
 use super::{
     Bind, DENIED_CLONE_FLAGS, DENIED_SYSCALLS, ENOSYS_SYSCALLS, IsolationProvider, JobExit,
-    JobLayout, JobProcess,
+    JobLayout, JobProcess, StartedJob,
 };
 use crate::sandbox::{
     ExitKind, NetworkPolicy, SANDBOX_UID, SandboxConfig, SandboxError, find_in_path,
@@ -163,7 +163,7 @@ impl IsolationProvider for Bubblewrap {
         config: &SandboxConfig,
         root: &Path,
         stdin: File,
-    ) -> Result<Box<dyn JobProcess>, SandboxError> {
+    ) -> Result<StartedJob, SandboxError> {
         let bwrap = self.binary().ok_or_else(|| {
             SandboxError::Prerequisite(format!("`{}` not found", self.program.display()))
         })?;
@@ -364,12 +364,18 @@ impl IsolationProvider for Bubblewrap {
             .collect();
         cmd.fd_mappings(mappings)
             .map_err(|e| SandboxError::Setup(format!("passing descriptors to bwrap: {e}")))?;
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::Setup(format!("starting {}: {e}", bwrap.display())))?;
         // The parent's copies of the passed descriptors close with `cmd`.
         drop(cmd);
-        Ok(Box::new(Process { child }))
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        Ok(StartedJob::new(
+            child.id(),
+            stdout,
+            stderr,
+            Process { child },
+        ))
     }
 }
 
@@ -433,24 +439,6 @@ struct Process {
 }
 
 impl JobProcess for Process {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn take_stdout(&mut self) -> Option<Box<dyn Read + Send>> {
-        self.child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>)
-    }
-
-    fn take_stderr(&mut self) -> Option<Box<dyn Read + Send>> {
-        self.child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>)
-    }
-
     fn wait(&mut self) -> io::Result<JobExit> {
         let status = self.child.wait()?;
         Ok(JobExit {

@@ -205,14 +205,37 @@ pub struct JobExit {
     pub reason: String,
 }
 
-/// A job's first process, started by a provider.
-pub trait JobProcess: Send {
+/// A job's first process, as a provider started it.
+pub struct StartedJob {
     /// Its host pid (a child of this process).
-    fn pid(&self) -> i32;
-    /// The job's stdout, once.
-    fn take_stdout(&mut self) -> Option<Box<dyn Read + Send>>;
-    /// The job's stderr, once.
-    fn take_stderr(&mut self) -> Option<Box<dyn Read + Send>>;
+    pub pid: i32,
+    /// The job's stdout.
+    pub stdout: Option<Box<dyn Read + Send>>,
+    /// The job's stderr.
+    pub stderr: Option<Box<dyn Read + Send>>,
+    /// What reaps it.
+    pub process: Box<dyn JobProcess>,
+}
+
+impl StartedJob {
+    /// A started job from its pid, its output pipes and what reaps it.
+    pub fn new(
+        pid: u32,
+        stdout: Option<impl Read + Send + 'static>,
+        stderr: Option<impl Read + Send + 'static>,
+        process: impl JobProcess + 'static,
+    ) -> Self {
+        StartedJob {
+            pid: pid as i32,
+            stdout: stdout.map(|p| Box::new(p) as Box<dyn Read + Send>),
+            stderr: stderr.map(|p| Box::new(p) as Box<dyn Read + Send>),
+            process: Box::new(process),
+        }
+    }
+}
+
+/// Reaps a job's first process.
+pub trait JobProcess: Send {
     /// Waits for the process (and with it the whole pid namespace) to end and reaps it.
     fn wait(&mut self) -> io::Result<JobExit>;
 }
@@ -233,7 +256,7 @@ pub trait IsolationProvider: Send + Sync + fmt::Debug {
         config: &SandboxConfig,
         root: &Path,
         stdin: File,
-    ) -> Result<Box<dyn JobProcess>, SandboxError>;
+    ) -> Result<StartedJob, SandboxError>;
 }
 
 /// Syscalls a build never needs and that widen the kernel attack surface: `EPERM`.

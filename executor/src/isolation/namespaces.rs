@@ -11,7 +11,7 @@
 //! [`SANDBOX_UID`], mapped to [`SandboxConfig::host_uid`].
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 use hakoniwa::{Container, MountOptions, Namespace, Runctl, Stdio};
@@ -19,7 +19,7 @@ use nix::sys::resource::Resource;
 
 use super::{
     Bind, DENIED_CLONE_FLAGS, DENIED_SYSCALLS, ENOSYS_SYSCALLS, IsolationProvider, JobExit,
-    JobLayout, JobProcess,
+    JobLayout, JobProcess, StartedJob,
 };
 use crate::sandbox::{
     ExitKind, NetworkPolicy, ResourceUsage, SANDBOX_UID, SANDBOX_USER, SandboxConfig, SandboxError,
@@ -68,7 +68,7 @@ impl IsolationProvider for Namespaces {
         config: &SandboxConfig,
         root: &Path,
         stdin: File,
-    ) -> Result<Box<dyn JobProcess>, SandboxError> {
+    ) -> Result<StartedJob, SandboxError> {
         let container = container(layout, config, root);
         let mut cmd = container.command(&layout.program);
         cmd.args(&layout.args)
@@ -77,10 +77,16 @@ impl IsolationProvider for Namespaces {
             .stdin(Stdio::from(stdin))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::Setup(e.to_string()))?;
-        Ok(Box::new(Process { child }))
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        Ok(StartedJob::new(
+            child.id(),
+            stdout,
+            stderr,
+            Process { child },
+        ))
     }
 }
 
@@ -183,24 +189,6 @@ struct Process {
 }
 
 impl JobProcess for Process {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn take_stdout(&mut self) -> Option<Box<dyn Read + Send>> {
-        self.child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>)
-    }
-
-    fn take_stderr(&mut self) -> Option<Box<dyn Read + Send>> {
-        self.child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>)
-    }
-
     fn wait(&mut self) -> io::Result<JobExit> {
         let st = self.child.wait().map_err(io::Error::other)?;
         let exit = match st.exit_code {

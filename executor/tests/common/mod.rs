@@ -18,6 +18,41 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Copies the directory `from` into `to` (created if missing), as `cp -r from/. to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "copying {}", from.display());
+}
+
+/// A copy of a fixture in a temp dir, for a test that edits it.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture(name), dir.path());
+    dir
+}
+
+/// Runs a local `cargo ARGS` in `workspace` with `target` as its target dir, output discarded;
+/// how long it took (the benches' reference).
+pub fn local_cargo(workspace: &Path, target: &Path, args: &[&str]) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new("cargo")
+        .args(args)
+        .current_dir(workspace)
+        .env("CARGO_TARGET_DIR", target)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "local cargo {args:?}");
+    started.elapsed()
+}
+
 /// The isolation provider the sandbox tests run against: `RBA_TEST_ISOLATION` (`namespaces`,
 /// the default, or `bubblewrap`), so that one suite checks every provider (`.ci/test` runs the
 /// sandbox, hostile-job and limit suites once per provider).
