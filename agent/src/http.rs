@@ -488,10 +488,10 @@ async fn build_logs(
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    if !may_see_build(&node, &viewer, &id) {
+    let Some(job) = node.resolve_session(&id, |job| may_see_build(&node, &viewer, job)) else {
         return not_found(format!("no build {id:?}"));
-    }
-    let text = match node.session(&id) {
+    };
+    let text = match node.session(&job) {
         Some(SessionSource::Live(handle)) => {
             let upto = handle.log.lines_written();
             let mut reader = handle.log.subscribe(0);
@@ -610,8 +610,8 @@ async fn events(
         Err(why) => return unauthorized(&why),
     };
     let Some(source) = node
-        .session(&id)
-        .filter(|_| may_see_build(&node, &viewer, &id))
+        .resolve_session(&id, |job| may_see_build(&node, &viewer, job))
+        .and_then(|job| node.session(&job))
     else {
         return not_found(format!("no session {id:?}"));
     };

@@ -100,8 +100,10 @@ pub struct NodeShared {
     /// Peers that read every blob and result: the trusted and the sharing peers.
     readers: HashSet<PeerId>,
     allowed: Option<HashSet<PeerId>>,
-    /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's job id.
-    session_aliases: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+    /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's jobs
+    /// that answer to it, at most one per owner (tenant). The id is public on chain, so one
+    /// caller's use of it never blocks, nor reaches, another caller's session.
+    session_aliases: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
     /// `POST /execute`: how many run and wait.
     pub execute: crate::execute::ExecuteGate,
     /// libp2p streams being served (sessions, blob transfers): a shutdown waits for them to
@@ -229,14 +231,28 @@ impl NodeShared {
                 .unwrap_or(false)
     }
 
-    /// The tenant that owns session `id` (or alias), from its history record.
+    /// The tenant that owns job `id`, from its history record.
     pub fn session_owner(&self, id: &str) -> Option<String> {
-        let aliased = self.session_aliases.lock().get(id).cloned();
-        let id = aliased.as_deref().unwrap_or(id);
         self.history.get(id).and_then(|record| record.tenant)
     }
 
-    /// Whether `peer` may attach to session `id`: its owner, or a peer that reads everything.
+    /// The job session `id` names for a reader: `id` itself when it is a job's id, else the
+    /// first job aliased to it ([`NodeShared::alias_session`]) that `visible` accepts (it is
+    /// given job ids). The one place a session name becomes a job.
+    pub fn resolve_session(&self, id: &str, visible: impl Fn(&str) -> bool) -> Option<String> {
+        if self.executor.job(id).is_some() || self.history.get(id).is_some() {
+            return visible(id).then(|| id.to_string());
+        }
+        let aliased = self
+            .session_aliases
+            .lock()
+            .get(id)
+            .cloned()
+            .unwrap_or_default();
+        aliased.into_iter().find(|job| visible(job))
+    }
+
+    /// Whether `peer` may attach to job `id`: its owner, or a peer that reads everything.
     pub fn peer_may_follow(&self, peer: &PeerId, id: &str) -> bool {
         self.reads_everything(peer)
             || self.session_owner(id).as_deref() == Some(Tenant::peer(peer).as_str())
@@ -251,16 +267,18 @@ impl NodeShared {
     /// one; a session that already ended is `session_finished`.
     pub fn cancel_session(&self, tenant: &Tenant, id: &str) -> Result<JobHandle, Refusal> {
         let unknown = || Refusal::new("unknown_session", format!("no session {id:?} on this node"));
-        if self.session_owner(id).as_deref() != Some(tenant.as_str()) {
+        let Some(job) = self.resolve_session(id, |job| {
+            self.session_owner(job).as_deref() == Some(tenant.as_str())
+        }) else {
             return Err(unknown());
-        }
+        };
         let finished = |status: &str| {
             Refusal::new(
                 "session_finished",
                 format!("session {id:?} already ended ({status}): nothing to cancel"),
             )
         };
-        match self.session(id) {
+        match self.session(&job) {
             Some(SessionSource::Live(handle)) => {
                 if let JobState::Done(outcome) = handle.state() {
                     return Err(finished(crate::history::status_name(outcome.status)));
@@ -398,26 +416,32 @@ impl NodeShared {
         }
     }
 
-    /// Makes session `job_id` reachable as `alias` too (a Tangle job's on-chain session id);
-    /// false, and nothing changed, when `alias` already names a session.
+    /// Makes session `job_id` reachable as `alias` too (a Tangle job's on-chain session id) for
+    /// its owner; false, and nothing changed, when `alias` is a job's id or already names a
+    /// session of the same owner (another owner's use of the same alias is no conflict).
     pub fn alias_session(&self, alias: &str, job_id: &str) -> bool {
-        let mut aliases = self.session_aliases.lock();
-        if aliases.contains_key(alias) || self.executor.job(alias).is_some() {
+        let owner = self.session_owner(job_id);
+        if self.executor.job(alias).is_some() || self.history.get(alias).is_some() {
             return false;
         }
-        aliases.insert(alias.to_string(), job_id.to_string());
+        let mut aliases = self.session_aliases.lock();
+        let jobs = aliases.entry(alias.to_string()).or_default();
+        if jobs.iter().any(|job| self.session_owner(job) == owner) {
+            return false;
+        }
+        jobs.push(job_id.to_string());
         true
     }
 
-    /// A session by id (or by an alias, see [`NodeShared::alias_session`]).
+    /// A session by job id or alias (the first job the alias names; a reader that must see
+    /// only its own uses [`NodeShared::resolve_session`] first).
     pub fn session(&self, id: &str) -> Option<SessionSource> {
-        let aliased = self.session_aliases.lock().get(id).cloned();
-        let id = aliased.as_deref().unwrap_or(id);
-        if let Some(handle) = self.executor.job(id) {
+        let id = self.resolve_session(id, |_| true)?;
+        if let Some(handle) = self.executor.job(&id) {
             return Some(SessionSource::Live(handle));
         }
         self.history
-            .get(id)
+            .get(&id)
             .filter(BuildRecord::is_finished)
             .map(|record| SessionSource::Finished(Box::new(record)))
     }

@@ -627,9 +627,13 @@ async fn requester_attached_to_the_session_gets_the_log_and_the_end() {
         end["duration_ms"].as_u64().unwrap() <= result.durationMs,
         "the job's duration includes the fetch: {end} vs {result:?}"
     );
-    // The same session id again is refused (one job per session).
+    // The same session id again is refused (one job per session and caller).
     let again = h.call(1, &uri, &session_id, "").await;
     assert_refused(&again, "already in use");
+    // Another caller may use the same id (it is public on chain): its call is not refused,
+    // so no caller can squat another's session id; each reads only its own session.
+    let other = h.call_from(Some(CALLER_B), 1, &uri, &session_id, "").await;
+    assert_success(&other, "caller B with caller A's session id");
     h.node.shutdown().await.unwrap();
 }
 

@@ -112,8 +112,8 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
             }
         },
         Some(client_frame::Frame::Attach(attach)) => match node
-            .session(&attach.session_id)
-            .filter(|_| node.peer_may_follow(&peer, &attach.session_id))
+            .resolve_session(&attach.session_id, |job| node.peer_may_follow(&peer, job))
+            .and_then(|job| node.session(&job))
         {
             Some(source) => {
                 node.metrics.inc_attached();
