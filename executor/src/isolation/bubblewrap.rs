@@ -169,8 +169,9 @@ impl IsolationProvider for Bubblewrap {
         })?;
         let mut passed: Vec<OwnedFd> = Vec::new();
         let mut args: Vec<String> = Vec::new();
-        // Descriptors are renumbered in the child to FIRST_PASSED_FD + their index here; the
-        // arguments name them by that number, fixed once all are open.
+        // Descriptors are renumbered in the child, from above every open one (at least
+        // FIRST_PASSED_FD) in the order passed; the arguments name them by that number, fixed
+        // once all are open.
         let mut fd_args: Vec<(usize, usize)> = Vec::new(); // (index in args, index in passed)
         let mut pass = |fd: OwnedFd, args: &mut Vec<String>, passed: &mut Vec<OwnedFd>| {
             fd_args.push((args.len(), passed.len()));

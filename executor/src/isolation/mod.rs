@@ -21,11 +21,11 @@
 //!   kernel kill every process of the job.
 //!
 //! A new provider implements the two traits and is handed to
-//! [`Sandbox::with_provider`](crate::sandbox::Sandbox::with_provider); the executor does not
-//! change. Two ship here: [`Isolation::Namespaces`] ([`namespaces`], hakoniwa) and
+//! [`Sandbox::with_provider`](crate::sandbox::Sandbox::with_provider) (or, for the executor,
+//! `ExecutorConfig::isolation_provider`); the executor does not change. Two ship here: [`Isolation::Namespaces`] ([`namespaces`], hakoniwa) and
 //! [`Isolation::Bubblewrap`] ([`bubblewrap`], Debian's `bwrap`). The node chooses with
 //! `[sandbox] isolation = "namespaces" | "bubblewrap"`. The sandbox, hostile-job and limit
-//! test suites of this crate run against both (`RBA_TEST_ISOLATION=bubblewrap`, see
+//! and runner suites of this crate run against both (`RBA_TEST_ISOLATION=bubblewrap`, see
 //! `.ci/test`).
 //!
 //! # What a provider must guarantee
