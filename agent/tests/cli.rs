@@ -1462,31 +1462,13 @@ fn sigterm_lets_a_running_build_finish_and_refuses_new_ones() {
     let node_dir = tempfile::tempdir().unwrap();
     let mut served = Served::start(node_dir.path());
     // A build that is surely running when the node is told to stop: its script sleeps 4 s.
-    let sleepy = tempfile::tempdir().unwrap();
-    let root = sleepy.path();
-    std::fs::create_dir_all(root.join("src")).unwrap();
-    std::fs::write(
-        root.join("Cargo.toml"),
-        "[package]\nname = \"sleepy\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("src/main.rs"), "fn main() {}\n").unwrap();
-    std::fs::write(
-        root.join("build.rs"),
-        "fn main() { std::thread::sleep(std::time::Duration::from_secs(4)); }\n",
-    )
-    .unwrap();
-    std::fs::write(
-        root.join("Cargo.lock"),
-        "version = 4\n\n[[package]]\nname = \"sleepy\"\nversion = \"0.1.0\"\n",
-    )
-    .unwrap();
+    let sleepy = fixture("sleepy");
     let client = tempfile::tempdir().unwrap();
     let build = Background::start(
         client.path(),
         &[
             "build".as_ref(),
-            root.as_os_str(),
+            sleepy.as_os_str(),
             "--remote".as_ref(),
             served.tcp.as_ref(),
         ],

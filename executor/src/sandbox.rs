@@ -1564,6 +1564,17 @@ fn warn_if_unreadable(host: &Path, uid: u32) {
     }
 }
 
+/// Every one of `tools` in the executor's `PATH`, else a prerequisite error naming the missing
+/// one and its package.
+pub(crate) fn require_tools(tools: &[&str], package: &str) -> Result<(), SandboxError> {
+    match tools.iter().find(|tool| find_in_path(tool).is_none()) {
+        Some(tool) => Err(SandboxError::Prerequisite(format!(
+            "`{tool}` not found in PATH (package {package})"
+        ))),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

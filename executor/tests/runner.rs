@@ -340,30 +340,6 @@ async fn a_lock_file_that_is_a_link_is_the_trees_own_never_resolved_over() {
     assert!(!source.path().join("missing.lock").exists());
 }
 
-/// A crate whose build script sleeps `secs` seconds (a build that is surely running).
-fn sleepy_crate(secs: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    std::fs::create_dir_all(root.join("src")).unwrap();
-    std::fs::write(
-        root.join("Cargo.toml"),
-        "[package]\nname = \"sleepy\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("src/main.rs"), "fn main() {}\n").unwrap();
-    std::fs::write(
-        root.join("build.rs"),
-        format!("fn main() {{ std::thread::sleep(std::time::Duration::from_secs({secs})); }}\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        root.join("Cargo.lock"),
-        "version = 4\n\n[[package]]\nname = \"sleepy\"\nversion = \"0.1.0\"\n",
-    )
-    .unwrap();
-    dir
-}
-
 async fn submit_running(harness: &Harness, source: &Path, identity: &str) -> JobHandle {
     let root = hash_dir(&harness.cas, source, DigestFunction::Blake3).await;
     let handle = harness
@@ -387,8 +363,7 @@ async fn submit_running(harness: &Harness, source: &Path, identity: &str) -> Job
 #[tokio::test]
 async fn drain_refuses_new_jobs_and_lets_taken_ones_finish_within_the_grace() {
     let h = harness();
-    let slow = sleepy_crate(3);
-    let running = submit_running(&h, slow.path(), "drain-slow").await;
+    let running = submit_running(&h, &fixture("sleepy"), "drain-slow").await;
     let executor = h.executor.clone();
     let draining = tokio::spawn(async move { executor.drain(Duration::from_secs(120)).await });
     while !h.executor.is_draining() {
@@ -418,8 +393,7 @@ async fn drain_refuses_new_jobs_and_lets_taken_ones_finish_within_the_grace() {
 #[tokio::test]
 async fn drain_cancels_what_outlives_the_grace() {
     let h = harness();
-    let endless = sleepy_crate(600);
-    let running = submit_running(&h, endless.path(), "drain-endless").await;
+    let running = submit_running(&h, &fixture("endless-build"), "drain-endless").await;
     let started = std::time::Instant::now();
     assert_eq!(h.executor.drain(Duration::from_secs(1)).await, 1);
     assert!(started.elapsed() < Duration::from_secs(30));

@@ -1,7 +1,7 @@
 //! The fixture workspaces every crate's tests and benches build (`tests/fixtures/`): a single
 //! crate, a 3-member workspace, a compile error, passing and failing tests, clippy warnings, a
-//! registry dependency, a build script that never ends and a 34-crate mid-size workspace. Each
-//! is standalone (its own `[workspace]` and `Cargo.lock`).
+//! registry dependency, a build script that never ends, one that takes 4 s (`sleepy`) and a
+//! 34-crate mid-size workspace. Each is standalone (its own `[workspace]` and `Cargo.lock`).
 //!
 //! The end-to-end tests that start the real binaries live beside the crate that owns each
 //! binary, because cargo builds a package's binaries for its own integration tests only:

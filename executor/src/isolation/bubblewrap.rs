@@ -46,7 +46,7 @@ use super::{
     JobLayout, JobProcess, StartedJob,
 };
 use crate::sandbox::{
-    ExitKind, NetworkPolicy, SANDBOX_UID, SandboxConfig, SandboxError, find_in_path,
+    ExitKind, NetworkPolicy, SANDBOX_UID, SandboxConfig, SandboxError, find_in_path, require_tools,
 };
 
 /// Where staged host paths are bound, in the job's private mount namespace (a tmpfs mounted
@@ -123,13 +123,10 @@ impl IsolationProvider for Bubblewrap {
             .output()
             .map_err(|e| SandboxError::Prerequisite(format!("running {}: {e}", bwrap.display())))?;
         let help = String::from_utf8_lossy(&help.stdout);
-        for tool in ["unshare", "setpriv", "prlimit", "mount"] {
-            if find_in_path(tool).is_none() {
-                return Err(SandboxError::Prerequisite(format!(
-                    "`{tool}` not found in PATH (package util-linux / mount)"
-                )));
-            }
-        }
+        require_tools(
+            &["unshare", "setpriv", "prlimit", "mount"],
+            "util-linux / mount",
+        )?;
         for option in ["--ro-bind-data", "--size", "--die-with-parent", "--seccomp"] {
             if !help.contains(option) {
                 return Err(SandboxError::Prerequisite(format!(

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::sandbox::{
     ExitKind, NetworkPolicy, ResourceUsage, SANDBOX_UID, SANDBOX_USER, SandboxConfig, SandboxError,
-    find_in_path, subid_allows,
+    require_tools, subid_allows,
 };
 
 /// The hakoniwa provider.
@@ -36,13 +36,7 @@ impl IsolationProvider for Namespaces {
     }
 
     fn check(&self, config: &SandboxConfig) -> Result<(), SandboxError> {
-        for tool in ["newuidmap", "newgidmap"] {
-            if find_in_path(tool).is_none() {
-                return Err(SandboxError::Prerequisite(format!(
-                    "`{tool}` not found in PATH (package uidmap)"
-                )));
-            }
-        }
+        require_tools(&["newuidmap", "newgidmap"], "uidmap")?;
         let uid = nix::unistd::getuid().as_raw();
         let user = nix::unistd::User::from_uid(nix::unistd::getuid())
             .ok()
