@@ -28,7 +28,6 @@ use rba_cache_server::auth::Access;
 use rba_cache_server::config::TokenConfig;
 use rba_executor::cargo::JobKind;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 type Socket =
@@ -576,31 +575,8 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     node.shutdown().await.unwrap();
 }
 
-/// A raw HTTP/1.1 request; (status, lower-cased head, body).
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text[9..12].parse().unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (status, head.to_ascii_lowercase(), body.to_string())
-}
-
 async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
-    request(addr, "GET", path, headers, "").await
+    common::http_request(addr, "GET", path, headers, "").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -625,10 +601,11 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     // Logging in: a wrong token is refused; the right one sets an HttpOnly, SameSite=Strict
     // cookie and goes back where it was asked to, never to another site.
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
-    let (status, _, body) = request(http, "POST", "/login", &form, "token=nope&next=%2F").await;
+    let (status, _, body) =
+        common::http_request(http, "POST", "/login", &form, "token=nope&next=%2F").await;
     assert_eq!(status, 401);
     assert!(body.contains("not one of this node"), "{body}");
-    let (status, head, _) = request(
+    let (status, head, _) = common::http_request(
         http,
         "POST",
         "/login",
@@ -653,12 +630,12 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     let mut cross = form.to_vec();
     cross.push(("Origin", "http://evil.example"));
     assert_eq!(
-        request(http, "POST", "/login", &cross, "token=alice-secret-token")
+        common::http_request(http, "POST", "/login", &cross, "token=alice-secret-token")
             .await
             .0,
         403
     );
-    let (status, head, _) = request(http, "POST", "/logout", &[], "").await;
+    let (status, head, _) = common::http_request(http, "POST", "/logout", &[], "").await;
     assert_eq!(status, 303);
     assert!(
         head.contains("rba_token=;") && head.contains("max-age=0"),
@@ -788,7 +765,7 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     assert!(refused.to_string().contains("401"), "{refused}");
 
     // POST /execute never takes the cookie (it changes state).
-    let (status, _, _) = request(
+    let (status, _, _) = common::http_request(
         http,
         "POST",
         "/execute",
@@ -827,7 +804,7 @@ async fn pages_api_badges_artifacts_and_events_keep_to_the_tenants() {
     let origin = ("Origin", "https://ci.example.com");
     let (_, head, _) = get(http, "/builds", &[origin, alice_bearer]).await;
     assert!(!head.contains("access-control-allow-origin"), "{head}");
-    let (_, head, _) = request(
+    let (_, head, _) = common::http_request(
         http,
         "OPTIONS",
         "/builds",

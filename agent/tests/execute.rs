@@ -8,7 +8,6 @@ use common::node_with;
 use rba_cache_server::auth::Access;
 use rba_cache_server::config::TokenConfig;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RUNNER: &str = "runner-secret-token";
 const OTHER: &str = "other-secret-token";
@@ -16,28 +15,13 @@ const VIEWER: &str = "viewer-secret-token";
 
 /// A plain HTTP/1.1 POST; returns (status, body as JSON).
 async fn post(addr: SocketAddr, token: Option<&str>, body: &str) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let authorization = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(
-            format!(
-                "POST /execute HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text[9..12].parse().unwrap();
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    headers.extend(bearer.iter().map(|b| ("Authorization", b.as_str())));
+    let (status, _, body) = common::http_request(addr, "POST", "/execute", &headers, body).await;
     (
         status,
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
     )
 }
 

@@ -41,7 +41,7 @@ use blueprint_sdk::alloy::rpc::types::{Filter, TransactionRequest};
 use blueprint_sdk::alloy::signers::local::PrivateKeySigner;
 use blueprint_sdk::clients::tangle::contracts::{ITangle, ITangleTypes};
 use blueprint_sdk::clients::tangle::{
-    ServiceRequestParams, TangleClient, TangleClientConfig, TangleSettings,
+    JobSubmissionResult, ServiceRequestParams, TangleClient, TangleClientConfig, TangleSettings,
 };
 use blueprint_sdk::crypto::BytesEncoding as _;
 use blueprint_sdk::crypto::k256::{K256Ecdsa, K256SigningKey};
@@ -467,6 +467,44 @@ fn session_url(http: &str, session_id: &str, key: &str) -> String {
 }
 
 /// Waits for the result of call `call_id` on chain; returns the bytes and when it was seen.
+/// Build job `job` on `zip` (a file of the test's HTTPS server) under `session`, paid at the
+/// job's price: what Tangle core answered.
+async fn submit_zip_job(
+    customer: &TangleClient,
+    service_id: u64,
+    job: u8,
+    https_port: u16,
+    zip: &str,
+    session: &str,
+) -> blueprint_sdk::clients::tangle::Result<JobSubmissionResult> {
+    let inputs = encode_job_inputs(
+        &format!("https://127.0.0.1:{https_port}/{zip}"),
+        session,
+        "",
+    );
+    customer
+        .submit_job_with_value(service_id, job, inputs.into(), U256::from(JOB_PRICE))
+        .await
+}
+
+/// The session's WebSocket once it answers (it appears when the node has imported the zip),
+/// retried until `since` is `within` old.
+async fn connect_session(
+    url: &str,
+    since: Instant,
+    within: Duration,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((socket, _)) => return socket,
+            Err(e) => {
+                assert!(since.elapsed() < within, "no session: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 async fn chain_result(
     customer: &TangleClient,
     service_id: u64,
@@ -628,19 +666,15 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     };
 
     // A malformed input is refused on chain: the manager reverts the call (bad session id).
-    let bad = customer
-        .submit_job_with_value(
-            service_id,
-            0,
-            encode_job_inputs(
-                &format!("https://127.0.0.1:{https_port}/hello.zip"),
-                "not-a-uuid",
-                "",
-            )
-            .into(),
-            U256::from(JOB_PRICE),
-        )
-        .await;
+    let bad = submit_zip_job(
+        &customer,
+        service_id,
+        0,
+        https_port,
+        "hello.zip",
+        "not-a-uuid",
+    )
+    .await;
     assert!(
         bad.as_ref().map_or(true, |r| !r.tx.success),
         "a bad session id is refused on chain: {bad:?}"
@@ -671,36 +705,26 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     )
     .await;
     let session_id = uuid::Uuid::new_v4().to_string();
-    let inputs = encode_job_inputs(
-        &format!("https://127.0.0.1:{https_port}/hello.zip"),
-        &session_id,
-        "",
-    );
     // anvil mines the transaction as it arrives: JobSubmitted is emitted then, while the
     // client is still polling for the receipt, so the latency is counted from the send.
     let submitted_at = Instant::now();
-    let submitted = customer
-        .submit_job_with_value(service_id, 0, inputs.into(), U256::from(JOB_PRICE))
-        .await
-        .unwrap();
+    let submitted = submit_zip_job(
+        &customer,
+        service_id,
+        0,
+        https_port,
+        "hello.zip",
+        &session_id,
+    )
+    .await
+    .unwrap();
     assert!(submitted.tx.success, "{submitted:?}");
     let call_id = submitted.call_id;
 
     // The customer follows the session (it appears once the node has imported the zip). It
     // holds no token of the node: it signs the session's read message with its account.
     let url = session_url(&http, &session_id, CUSTOMER_KEY);
-    let mut socket = loop {
-        match tokio_tungstenite::connect_async(&url).await {
-            Ok((socket, _)) => break socket,
-            Err(e) => {
-                assert!(
-                    submitted_at.elapsed() < Duration::from_secs(20),
-                    "no session: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let mut socket = connect_session(&url, submitted_at, Duration::from_secs(20)).await;
     let mut first_line = None;
     let mut lines_seen = Vec::new();
     let end = loop {
@@ -813,20 +837,16 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         (4, "hello.zip"),
         (0, "gone.zip"),
     ] {
-        let call = customer
-            .submit_job_with_value(
-                service_id,
-                job,
-                encode_job_inputs(
-                    &format!("https://127.0.0.1:{https_port}/{zip}"),
-                    &uuid::Uuid::new_v4().to_string(),
-                    "",
-                )
-                .into(),
-                U256::from(JOB_PRICE),
-            )
-            .await
-            .unwrap();
+        let call = submit_zip_job(
+            &customer,
+            service_id,
+            job,
+            https_port,
+            zip,
+            &uuid::Uuid::new_v4().to_string(),
+        )
+        .await
+        .unwrap();
         assert!(call.tx.success, "job {job}: {call:?}");
         calls.push((job, call.call_id));
     }
@@ -877,19 +897,15 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
         )
     };
     assert!(send(rpc, DEPLOYER_KEY, price_on_manager(1)).await.status());
-    let refused = customer
-        .submit_job_with_value(
-            service_id,
-            0,
-            encode_job_inputs(
-                &format!("https://127.0.0.1:{https_port}/hello.zip"),
-                &uuid::Uuid::new_v4().to_string(),
-                "",
-            )
-            .into(),
-            U256::from(JOB_PRICE),
-        )
-        .await;
+    let refused = submit_zip_job(
+        &customer,
+        service_id,
+        0,
+        https_port,
+        "hello.zip",
+        &uuid::Uuid::new_v4().to_string(),
+    )
+    .await;
     let refused = format!("{refused:?}");
     let insufficient = hex::encode(alloy_primitives::keccak256(
         "InsufficientPayment(uint8,uint256,uint256)",
@@ -900,34 +916,19 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     // SIGTERM while a job runs: the node takes no new call, the job finishes and its result is
     // posted before the node exits.
     let slow_session = uuid::Uuid::new_v4().to_string();
-    let slow_call = customer
-        .submit_job_with_value(
-            service_id,
-            1,
-            encode_job_inputs(
-                &format!("https://127.0.0.1:{https_port}/slow.zip"),
-                &slow_session,
-                "",
-            )
-            .into(),
-            U256::from(JOB_PRICE),
-        )
-        .await
-        .unwrap();
+    let slow_call = submit_zip_job(
+        &customer,
+        service_id,
+        1,
+        https_port,
+        "slow.zip",
+        &slow_session,
+    )
+    .await
+    .unwrap();
     assert!(slow_call.tx.success, "{slow_call:?}");
     let url = session_url(&http, &slow_session, CUSTOMER_KEY);
-    let mut socket = loop {
-        match tokio_tungstenite::connect_async(&url).await {
-            Ok((socket, _)) => break socket,
-            Err(e) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(120),
-                    "no session: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let mut socket = connect_session(&url, started, Duration::from_secs(120)).await;
     // Until the test itself runs (it takes 4 s).
     loop {
         let message = tokio::time::timeout(Duration::from_secs(120), socket.next())
@@ -956,20 +957,16 @@ async fn job_called_on_chain_is_built_posted_and_paid() {
     let signalled = Instant::now();
     // A call submitted while draining is not taken (it stays pending on chain for another
     // operator or the node's restart).
-    let late = customer
-        .submit_job_with_value(
-            service_id,
-            0,
-            encode_job_inputs(
-                &format!("https://127.0.0.1:{https_port}/hello.zip"),
-                &uuid::Uuid::new_v4().to_string(),
-                "",
-            )
-            .into(),
-            U256::from(JOB_PRICE),
-        )
-        .await
-        .unwrap();
+    let late = submit_zip_job(
+        &customer,
+        service_id,
+        0,
+        https_port,
+        "hello.zip",
+        &uuid::Uuid::new_v4().to_string(),
+    )
+    .await
+    .unwrap();
     let (output, _) = chain_result(&customer, service_id, slow_call.call_id).await;
     let slow_result = BuildResult::abi_decode(&output).expect("an ABI BuildResult");
     assert_eq!(
