@@ -199,6 +199,9 @@ pub struct History {
     tree: sled::Tree,
     /// `submitted_at_ms` (8 bytes big-endian) ++ id → empty: the records newest first.
     by_time: sled::Tree,
+    /// Records stored: counted once at open, then kept by `put`, so `/cache/stats` never
+    /// scans the tree (sled's `len` is a full scan).
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn time_key(at_ms: u64, id: &str) -> Vec<u8> {
@@ -211,11 +214,14 @@ impl History {
     /// Opens the `builds` tree of the CAS's sled database (and its time index, rebuilt when it
     /// does not match).
     pub fn open(db: &sled::Db) -> anyhow::Result<Self> {
+        let tree = db.open_tree("builds")?;
+        let count = tree.len();
         let history = History {
-            tree: db.open_tree("builds")?,
+            tree,
             by_time: db.open_tree("builds_by_time")?,
+            count: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(count)),
         };
-        if history.by_time.len() != history.tree.len() {
+        if history.by_time.len() != count {
             history.by_time.clear()?;
             for record in history.list(usize::MAX) {
                 history
@@ -229,8 +235,13 @@ impl History {
     /// Stores (replaces) a record. A record's `submitted_at_ms` never changes, so its index
     /// key stays the same.
     pub fn put(&self, record: &BuildRecord) -> anyhow::Result<()> {
-        self.tree
+        let previous = self
+            .tree
             .insert(record.id.as_bytes(), serde_json::to_vec(record)?)?;
+        if previous.is_none() {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.by_time
             .insert(time_key(record.submitted_at_ms, &record.id), &[])?;
         Ok(())
@@ -325,14 +336,14 @@ impl History {
         records
     }
 
-    /// Number of records.
+    /// Number of records (a counter: no scan).
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True when nothing was recorded.
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len() == 0
     }
 
     /// Records still `running` (after a restart: jobs that died with the old process) become
@@ -439,6 +450,7 @@ mod tests {
         }
         // Putting a record again (its outcome) does not add a second index entry.
         history.put(&record("d", 9, "me")).unwrap();
+        assert_eq!(history.len(), 5, "a replaced record is not counted twice");
         let mine = |r: BuildRecord| (r.tenant.as_deref() == Some("me")).then_some(r.id);
         let first = history.page(None, 2, mine);
         assert_eq!(first.items, ["d", "b"]);
@@ -461,6 +473,7 @@ mod tests {
             history.page(None, 10, |r| Some(r.id)).items,
             ["d", "b", "a", "e", "c"]
         );
+        assert_eq!(history.len(), 5, "counted again at open");
     }
 
     #[test]
