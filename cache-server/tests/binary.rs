@@ -149,6 +149,24 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
+fn an_unknown_log_format_is_refused_naming_it() {
+    let data = tempfile::tempdir().unwrap();
+    for (args, env) in [(vec!["--log-format", "xml"], None), (vec![], Some("yaml"))] {
+        let mut command = Command::new(BIN);
+        command.args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"]);
+        command.args(&args).arg("--data-dir").arg(data.path());
+        if let Some(format) = env {
+            command.env("RBA_LOG_FORMAT", format);
+        }
+        let out = command.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        let named = env.unwrap_or("xml");
+        assert!(err.contains(named) && err.contains("log-format"), "{err}");
+    }
+}
+
+#[test]
 fn help_and_print_config() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
