@@ -11,7 +11,7 @@
 //! digest, so a reader cannot poison them) else read-write, and action-cache writes always need
 //! read-write (`PERMISSION_DENIED` otherwise). Without configured tokens everyone is
 //! read-write, which [`crate::Config::validate`] allows only on loopback unless asked for.
-//! Which blobs a caller may read is [`read_scope`] (grants recorded in `rba_cas::ReadGrants`,
+//! Which blobs a caller may read is [`read_scope`] (grants recorded in `rba_cas::EmbeddedGrants`,
 //! to the tenant [`grantee`] names).
 
 use std::sync::Arc;

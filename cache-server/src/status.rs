@@ -31,6 +31,10 @@ pub fn from_cas(error: CasError) -> Status {
             tracing::error!(%error, "store failure");
             Status::internal(error.to_string())
         }
+        CasError::Unavailable(_) => {
+            tracing::warn!(%error, "store unavailable");
+            Status::unavailable(error.to_string())
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::store::BlobStore;
 
 /// The grants of one store. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct ReadGrants {
+pub struct EmbeddedGrants {
     blobs: BlobStore,
     grants: sled::Tree,
 }
@@ -46,11 +46,11 @@ fn grant_key(tenant: &str, digest: &Digest) -> Result<Vec<u8>> {
     Ok(key)
 }
 
-impl ReadGrants {
+impl EmbeddedGrants {
     /// Opens the grants of `blobs` (in its index database).
     pub fn open(blobs: BlobStore) -> Result<Self> {
         let grants = blobs.db().open_tree("read_grants")?;
-        Ok(ReadGrants { blobs, grants })
+        Ok(EmbeddedGrants { blobs, grants })
     }
 
     /// Lets `tenant` read `digests` from now on.

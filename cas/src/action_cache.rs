@@ -1,7 +1,7 @@
 //! The action cache: `(instance name, action digest) → ActionResult`, stored in the store's sled
 //! database.
 //!
-//! Contract: [`ActionCache::get`] returns an entry only when every blob it references is present
+//! Contract: [`EmbeddedActionCache::get`] returns an entry only when every blob it references is present
 //! (output files, every file inside each output directory's `Tree`, the tree blobs themselves,
 //! stdout and stderr), and marks those blobs as just used so that eviction cannot break the hit
 //! it just served. This is the completeness check REAPI asks for: a client told "hit" never finds
@@ -19,7 +19,7 @@ const MAX_TREE_BYTES: u64 = 64 << 20;
 
 /// The action cache. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct ActionCache {
+pub struct EmbeddedActionCache {
     blobs: BlobStore,
     entries: sled::Tree,
     /// Entries stored: counted once at open, then kept by `put` and `remove`, so metrics never
@@ -39,12 +39,12 @@ fn entry_key(instance: &str, action: &Digest) -> Vec<u8> {
     key
 }
 
-impl ActionCache {
+impl EmbeddedActionCache {
     /// Opens the action cache of a store.
     pub fn open(blobs: BlobStore) -> Result<Self> {
         let entries = blobs.db().open_tree("action_cache")?;
         let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(entries.len() as u64));
-        Ok(ActionCache {
+        Ok(EmbeddedActionCache {
             blobs,
             entries,
             count,
@@ -107,7 +107,7 @@ impl ActionCache {
         Ok(removed)
     }
 
-    /// Every result stored under `instance` (unchecked, as [`ActionCache::get_unchecked`]), for
+    /// Every result stored under `instance` (unchecked, as [`EmbeddedActionCache::get_unchecked`]), for
     /// a namespace's owner to take stock of it (e.g. the executor's shared-unit index).
     pub fn results_in(&self, instance: &str) -> Result<Vec<ActionResult>> {
         // The key starts with the instance's length, so no other instance shares this prefix.
@@ -202,9 +202,9 @@ mod tests {
 
     use super::*;
 
-    fn cache() -> (tempfile::TempDir, BlobStore, ActionCache) {
+    fn cache() -> (tempfile::TempDir, BlobStore, EmbeddedActionCache) {
         let (dir, blobs) = BlobStore::scratch().unwrap();
-        let cache = ActionCache::open(blobs.clone()).unwrap();
+        let cache = EmbeddedActionCache::open(blobs.clone()).unwrap();
         (dir, blobs, cache)
     }
 
@@ -224,7 +224,7 @@ mod tests {
         assert!(!cache.remove("i", &a).unwrap());
         assert_eq!(cache.len(), 2);
         drop(cache);
-        assert_eq!(ActionCache::open(blobs).unwrap().len(), 2);
+        assert_eq!(EmbeddedActionCache::open(blobs).unwrap().len(), 2);
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub enum CasError {
         #[source]
         source: std::io::Error,
     },
+    /// A backend service or task could not do the work (a database or bucket unreachable or
+    /// refusing, a worker task gone); the message names which and why.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The embedded database failed.
     #[error("index database: {0}")]
     Db(#[from] sled::Error),

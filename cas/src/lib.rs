@@ -6,6 +6,8 @@
 //! agent hashes users' workspaces into them.
 //!
 //! - [`digest`]: SHA-256 and BLAKE3 digests, their text and REAPI forms.
+//! - [`seams`]: the [`Store`], [`ActionCache`] and [`Grants`] traits every caller names, and
+//!   their embedded implementations.
 //! - [`store`]: the filesystem blob store with its sled index (the truth of what is present,
 //!   with an in-memory presence cache), group commit of batches, LRU eviction, `verify`, and
 //!   one process at a time per data dir (others wait).
@@ -22,12 +24,13 @@ pub mod action_cache;
 pub mod digest;
 pub mod error;
 pub mod merkle;
+pub mod seams;
 pub mod store;
 
 use std::path::Path;
 
-pub use access::ReadGrants;
-pub use action_cache::ActionCache;
+pub use access::EmbeddedGrants;
+pub use action_cache::EmbeddedActionCache;
 pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
 pub use merkle::{
@@ -36,6 +39,7 @@ pub use merkle::{
     build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
     validate_tree,
 };
+pub use seams::{ActionCache, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.
@@ -44,17 +48,17 @@ pub struct Cas {
     /// The blob store.
     pub blobs: BlobStore,
     /// The action cache over the same store.
-    pub actions: ActionCache,
+    pub actions: EmbeddedActionCache,
     /// Who may read which blob of the store.
-    pub reads: ReadGrants,
+    pub reads: EmbeddedGrants,
 }
 
 impl Cas {
     /// Opens (creating if needed) a CAS under `root`.
     pub fn open(root: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let blobs = BlobStore::open(root, config)?;
-        let actions = ActionCache::open(blobs.clone())?;
-        let reads = ReadGrants::open(blobs.clone())?;
+        let actions = EmbeddedActionCache::open(blobs.clone())?;
+        let reads = EmbeddedGrants::open(blobs.clone())?;
         Ok(Cas {
             blobs,
             actions,

@@ -1404,6 +1404,42 @@ fn sync_each(paths: &[&Path], data_only: bool) -> Result<()> {
 }
 
 impl BlobStore {
+    /// Stores many small buffers as one group commit: each is written to a temporary and
+    /// verified against its digest (in parallel), then the batch is made durable and published
+    /// at once ([`BlobStore::publish`]). One result per blob, in order; a blob whose bytes do
+    /// not match its digest fails alone.
+    pub fn put_batch(&self, blobs: Vec<(Digest, bytes::Bytes)>) -> Vec<Result<()>> {
+        use rayon::prelude::*;
+        let staged: Vec<Result<StagedBlob>> = blobs
+            .par_iter()
+            .map(|(digest, bytes)| {
+                let mut writer = self.writer(*digest)?;
+                writer.write_chunk(bytes)?;
+                writer.stage()
+            })
+            .collect();
+        let mut to_publish = Vec::new();
+        let mut outcomes: Vec<Option<Result<()>>> = staged
+            .into_iter()
+            .map(|result| match result {
+                Ok(blob) => {
+                    to_publish.push(blob);
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            })
+            .collect();
+        let mut published = self.publish(to_publish).into_iter();
+        for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+            let result = published.next().expect("one result per staged blob");
+            *outcome = Some(result.map(|_| ()));
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every blob has an outcome"))
+            .collect()
+    }
+
     /// Publishes staged blobs together (group commit): one sync makes all their bytes durable,
     /// they are renamed into place, one more sync makes the new names durable, and only then
     /// does the index list them. A crash at any point leaves no indexed blob whose file is not

@@ -1,0 +1,374 @@
+//! The seams the rest of the code stands on: [`Store`] (blobs), [`ActionCache`] (results) and
+//! [`Grants`] (who may read which blob), as async traits.
+//!
+//! Why: one machine is the default, but an operator who outgrows it runs the same code with
+//! blobs in an S3-compatible bucket and the exact state (index, action cache, grants) in
+//! PostgreSQL. Callers name these traits, never a backend, so a backend is chosen once, at the
+//! composition root, and today's features (verification, completeness, the existence cache,
+//! the fast/slow tiers, eviction) are layers that wrap an inner implementation.
+//!
+//! The traits are async because the scale-out backends are network services; the embedded
+//! backends ([`BlobStore`], [`EmbeddedActionCache`], [`EmbeddedGrants`]) do their blocking work
+//! on tokio's blocking pool behind them, so an async caller never blocks a runtime thread.
+//!
+//! Contracts every implementation keeps (the conformance tests in `cas/tests/seams.rs` run
+//! against each backend):
+//! - a blob becomes visible (to `find_missing` and `read`) only once its bytes are complete,
+//!   verified against its digest and durable as the backend defines it;
+//! - `find_missing` answers from an index, never one probe per digest of the slow tier;
+//! - the empty blob is always present;
+//! - errors name the digest, key or service that failed ([`CasError`]).
+
+use std::fmt::Debug;
+use std::io::Read;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use rba_proto::reapi::ActionResult;
+
+use crate::access::EmbeddedGrants;
+use crate::action_cache::EmbeddedActionCache;
+use crate::digest::Digest;
+use crate::error::{CasError, Result};
+use crate::store::{BlobStore, StoreStats};
+
+/// A blob's bytes as they arrive: chunks in order, or the error that ended the read.
+pub type ChunkStream = BoxStream<'static, Result<Bytes>>;
+
+/// Size of the chunks the embedded store reads in (large: fewer wakeups, fewer messages).
+pub const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// Where blobs live. Cheap to share (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + Debug + 'static {
+    /// A short name for errors, logs and metrics ("filesystem", "s3", "tiered", …).
+    fn backend(&self) -> &'static str;
+
+    /// The subset of `digests` that is absent, in the order given, without duplicates.
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
+
+    /// Marks present blobs as just used (eviction order); absent ones are ignored.
+    async fn touch(&self, digests: &[Digest]) -> Result<()>;
+
+    /// `limit` bytes (0 = to the end) of a blob from `offset`. [`CasError::NotFound`] when
+    /// absent, [`CasError::OffsetOutOfRange`] past its end.
+    async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream>;
+
+    /// Stores one blob from a stream of chunks; it becomes visible only once the bytes match
+    /// `digest` (size and hash). A blob already present is not written again.
+    async fn write(&self, digest: Digest, chunks: ChunkStream) -> Result<()>;
+
+    /// Stores many small blobs as one durable batch (group commit); one result per blob, in
+    /// order. A blob whose bytes do not match its digest fails alone.
+    async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>>;
+
+    /// Counters for metrics and `/cache/stats` (kept as they change: never a scan).
+    fn stats(&self) -> StoreStats;
+
+    /// The local filesystem tier, when this store has one: what hardlinks, seekable zips and
+    /// the executor's materialisation need. Blobs must be made local first
+    /// ([`Store::make_local`]).
+    fn local(&self) -> Option<&BlobStore> {
+        None
+    }
+
+    /// Makes `digests` readable from [`Store::local`] (a fast tier fetches them from the slow
+    /// one). Fails with [`CasError::NotFound`] naming a blob present in no tier.
+    async fn make_local(&self, digests: &[Digest]) -> Result<()> {
+        match self.local() {
+            Some(_) => match self.find_missing(digests).await?.first() {
+                Some(missing) => Err(CasError::NotFound(*missing)),
+                None => Ok(()),
+            },
+            None => Err(CasError::Unavailable(format!(
+                "the {} store has no local tier",
+                self.backend()
+            ))),
+        }
+    }
+
+    /// Whether one blob is present.
+    async fn contains(&self, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .find_missing(std::slice::from_ref(digest))
+            .await?
+            .is_empty())
+    }
+
+    /// A whole blob in memory, refusing blobs larger than `max_size` before reading them.
+    async fn read_to_vec(&self, digest: &Digest, max_size: u64) -> Result<Vec<u8>> {
+        if digest.size > max_size {
+            return Err(CasError::QuotaExceeded(format!(
+                "blob {digest:?} is larger than the {max_size} bytes allowed here"
+            )));
+        }
+        let mut chunks = self.read(digest, 0, 0).await?;
+        let mut buffer = Vec::with_capacity(digest.size as usize);
+        while let Some(chunk) = chunks.next().await {
+            buffer.extend_from_slice(&chunk?);
+            if buffer.len() as u64 > digest.size {
+                break;
+            }
+        }
+        if buffer.len() as u64 != digest.size {
+            return Err(CasError::SizeMismatch {
+                expected: *digest,
+                actual: buffer.len() as u64,
+            });
+        }
+        Ok(buffer)
+    }
+}
+
+/// `(instance name, action digest) → ActionResult`. Instance names separate caches (and
+/// executor-only namespaces); blobs are shared by all instances.
+///
+/// Implementations store and return entries as given: whether the blobs a result names are
+/// still present (REAPI's completeness rule) is the completeness layer's decision, made once
+/// over whichever store is configured.
+#[async_trait]
+pub trait ActionCache: Send + Sync + Debug + 'static {
+    /// A short name for errors, logs and metrics ("embedded", "postgres", …).
+    fn backend(&self) -> &'static str;
+
+    /// The stored result, without checking the blobs it names.
+    async fn get_unchecked(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>>;
+
+    /// Stores (or replaces) a result. Every digest it names directly must be well-formed for
+    /// the action's digest function.
+    async fn put(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<()>;
+
+    /// Removes an entry; returns whether there was one.
+    async fn remove(&self, instance: &str, action: &Digest) -> Result<bool>;
+
+    /// Every result stored under `instance`, for a namespace's owner to take stock of it.
+    async fn results_in(&self, instance: &str) -> Result<Vec<ActionResult>>;
+
+    /// Entries across all instances (a counter, not a scan).
+    fn len(&self) -> u64;
+
+    /// True when no entry is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which tenant may read which blob (see [`crate::access`] for the rule and why).
+#[async_trait]
+pub trait Grants: Send + Sync + Debug + 'static {
+    /// A short name for errors, logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Lets `tenant` read `digests` from now on.
+    async fn grant(&self, tenant: &str, digests: &[Digest]) -> Result<()>;
+
+    /// The subset of `digests` (in order, without duplicates) that none of `tenants` may read.
+    /// The empty blob is readable by everyone. An invalid tenant name is an error.
+    async fn not_readable_by_any(
+        &self,
+        tenants: &[&str],
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>>;
+
+    /// Grants recorded (all tenants; a counter, not a scan).
+    fn len(&self) -> u64;
+
+    /// True when nothing was granted.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `tenant` may read `digest`.
+    async fn may_read(&self, tenant: &str, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .not_readable_by_any(&[tenant], std::slice::from_ref(digest))
+            .await?
+            .is_empty())
+    }
+}
+
+/// Runs blocking store work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?
+}
+
+#[async_trait]
+impl Store for BlobStore {
+    fn backend(&self) -> &'static str {
+        "filesystem"
+    }
+
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let store = self.clone();
+        let digests = digests.to_vec();
+        blocking(move || store.find_missing(&digests)).await
+    }
+
+    async fn touch(&self, digests: &[Digest]) -> Result<()> {
+        let store = self.clone();
+        let digests = digests.to_vec();
+        blocking(move || BlobStore::touch(&store, &digests)).await
+    }
+
+    async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream> {
+        let store = self.clone();
+        let digest = *digest;
+        let reader = blocking(move || store.reader(&digest, offset, limit)).await?;
+        Ok(read_in_chunks(reader, digest))
+    }
+
+    async fn write(&self, digest: Digest, mut chunks: ChunkStream) -> Result<()> {
+        let store = self.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let sink = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut writer = store.writer(digest)?;
+            while let Some(chunk) = rx.blocking_recv() {
+                writer.write_chunk(&chunk)?;
+            }
+            writer.commit().map(|_| ())
+        });
+        let mut sent = Ok(());
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the writer failed; its error is the one to report
+                    }
+                }
+                Err(e) => {
+                    sent = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        // Dropping a writer without committing discards it: an aborted stream stores nothing.
+        if let Err(e) = sent {
+            sink.abort();
+            return Err(e);
+        }
+        sink.await
+            .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        let count = blobs.len();
+        let store = self.clone();
+        let outcome = blocking(move || Ok(store.put_batch(blobs))).await;
+        match outcome {
+            Ok(results) => results,
+            Err(e) => {
+                let message = e.to_string();
+                (0..count)
+                    .map(|_| Err(CasError::Unavailable(message.clone())))
+                    .collect()
+            }
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        BlobStore::stats(self)
+    }
+
+    fn local(&self) -> Option<&BlobStore> {
+        Some(self)
+    }
+}
+
+/// Streams a blob reader in [`READ_CHUNK_BYTES`] chunks from a blocking thread.
+fn read_in_chunks(mut reader: crate::store::BlobReader, digest: Digest) -> ChunkStream {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(2);
+    tokio::task::spawn_blocking(move || {
+        while reader.remaining() > 0 {
+            let size = reader.remaining().min(READ_CHUNK_BYTES as u64) as usize;
+            let mut chunk = vec![0u8; size];
+            if let Err(e) = reader.read_exact(&mut chunk) {
+                let _ = tx.blocking_send(Err(CasError::Unavailable(format!(
+                    "reading blob {digest:?}: {e}"
+                ))));
+                return;
+            }
+            if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+                return; // the reader went away
+            }
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Result<Bytes>>) -> ChunkStream {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+#[async_trait]
+impl ActionCache for EmbeddedActionCache {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn get_unchecked(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>> {
+        let cache = self.clone();
+        let (instance, action) = (instance.to_string(), *action);
+        blocking(move || cache.get_unchecked(&instance, &action)).await
+    }
+
+    async fn put(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<()> {
+        let cache = self.clone();
+        let (instance, action, result) = (instance.to_string(), *action, result.clone());
+        blocking(move || EmbeddedActionCache::put(&cache, &instance, &action, &result)).await
+    }
+
+    async fn remove(&self, instance: &str, action: &Digest) -> Result<bool> {
+        let cache = self.clone();
+        let (instance, action) = (instance.to_string(), *action);
+        blocking(move || EmbeddedActionCache::remove(&cache, &instance, &action)).await
+    }
+
+    async fn results_in(&self, instance: &str) -> Result<Vec<ActionResult>> {
+        let cache = self.clone();
+        let instance = instance.to_string();
+        blocking(move || cache.results_in(&instance)).await
+    }
+
+    fn len(&self) -> u64 {
+        EmbeddedActionCache::len(self) as u64
+    }
+}
+
+#[async_trait]
+impl Grants for EmbeddedGrants {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn grant(&self, tenant: &str, digests: &[Digest]) -> Result<()> {
+        let grants = self.clone();
+        let (tenant, digests) = (tenant.to_string(), digests.to_vec());
+        blocking(move || EmbeddedGrants::grant(&grants, &tenant, &digests)).await
+    }
+
+    async fn not_readable_by_any(
+        &self,
+        tenants: &[&str],
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>> {
+        let grants = self.clone();
+        let tenants: Vec<String> = tenants.iter().map(|t| t.to_string()).collect();
+        let digests = digests.to_vec();
+        blocking(move || {
+            let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
+            EmbeddedGrants::not_readable_by_any(&grants, &tenants, &digests)
+        })
+        .await
+    }
+
+    fn len(&self) -> u64 {
+        EmbeddedGrants::len(self) as u64
+    }
+}
