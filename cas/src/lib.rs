@@ -39,7 +39,7 @@ pub use merkle::{
     build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
     validate_tree,
 };
-pub use seams::{ActionCache, ChunkStream, Grants, Store};
+pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.

@@ -1,5 +1,6 @@
-//! The seams the rest of the code stands on: [`Store`] (blobs), [`ActionCache`] (results) and
-//! [`Grants`] (who may read which blob), as async traits.
+//! The seams the rest of the code stands on: [`Store`] (blobs), [`ActionCache`] (results),
+//! [`Grants`] (who may read which blob) and [`BlobIndex`] (presence, for stores whose bytes live
+//! in a bucket), as async traits.
 //!
 //! Why: one machine is the default, but an operator who outgrows it runs the same code with
 //! blobs in an S3-compatible bucket and the exact state (index, action cache, grants) in
@@ -120,6 +121,36 @@ pub trait Store: Send + Sync + Debug + 'static {
         }
         Ok(buffer)
     }
+}
+
+/// The index of a store whose bytes live elsewhere (an S3-compatible bucket): which blobs are
+/// present, their sizes and when they were last used. It is the truth of presence: a blob is
+/// visible once indexed, and only verified, durable bytes are ever indexed, so `find_missing`
+/// is one index query and never a probe of the bucket.
+#[async_trait]
+pub trait BlobIndex: Send + Sync + Debug + 'static {
+    /// A short name for errors, logs and metrics ("embedded", "postgres", …).
+    fn backend(&self) -> &'static str;
+
+    /// The subset of `digests` that is not indexed, in the order given, without duplicates;
+    /// one query whatever the count. The empty blob is always present.
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
+
+    /// Records blobs as present (their bytes are already durable and verified), as just used.
+    async fn insert(&self, digests: &[Digest]) -> Result<()>;
+
+    /// Marks indexed blobs as just used; others are ignored.
+    async fn touch(&self, digests: &[Digest]) -> Result<()>;
+
+    /// Forgets blobs (evicted, or found corrupt).
+    async fn remove(&self, digests: &[Digest]) -> Result<()>;
+
+    /// Up to `limit` indexed blobs, least recently used first (what eviction removes next).
+    async fn least_recently_used(&self, limit: usize) -> Result<Vec<Digest>>;
+
+    /// Blobs and bytes indexed (kept as they change or refreshed in the background: never a
+    /// scan per call).
+    fn stats(&self) -> StoreStats;
 }
 
 /// `(instance name, action digest) → ActionResult`. Instance names separate caches (and
