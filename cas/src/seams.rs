@@ -90,6 +90,14 @@ pub trait Store: Send + Sync + Debug + 'static {
         }
     }
 
+    /// Makes blobs that were written straight into [`Store::local`] (a resumable upload, an
+    /// action's outputs) stored in every tier, so other processes see them. A store whose
+    /// local tier is the store itself has nothing to do.
+    async fn publish_local(&self, digests: &[Digest]) -> Result<()> {
+        let _ = digests;
+        Ok(())
+    }
+
     /// Whether one blob is present.
     async fn contains(&self, digest: &Digest) -> Result<bool> {
         Ok(self
