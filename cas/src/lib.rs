@@ -36,8 +36,8 @@ pub use error::{CasError, Result};
 pub use merkle::{
     DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
     TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
-    build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
-    validate_tree,
+    build_from_zip_file, get_tree, make_tree_local, materialize, read_directory, tree_digests,
+    validate_directory, validate_tree,
 };
 pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};

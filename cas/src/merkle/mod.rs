@@ -16,6 +16,8 @@
 //! - `stat_cache`: [`StatCache`], `(path, size, mtime, ctime, inode) → digest`.
 //! - `archive`: [`build_from_zip`] with [`ZipLimits`] against hostile archives.
 //! - `materialize`: [`materialize`] a stored tree into an empty directory.
+//! - `local`: [`make_tree_local`], a stored tree's blobs fetched into a store's local tier
+//!   level by level (a scale-out worker, before it materialises).
 //! - `input_tree`: [`validate_tree`], a whole input tree checked against [`TreeLimits`]
 //!   (expanded size, depth, names, symlinks) from its distinct blobs, before anything touches
 //!   disk.
@@ -26,6 +28,7 @@ mod archive;
 pub mod beneath;
 mod disk;
 mod input_tree;
+mod local;
 mod materialize;
 mod stat_cache;
 mod validate;
@@ -43,6 +46,7 @@ pub use disk::{DirOptions, build_from_dir};
 pub use input_tree::{
     MAX_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES, TreeLimits, TreeSummary, validate_tree,
 };
+pub use local::make_tree_local;
 pub use materialize::{MaterializeOptions, Materialized, MaterializedFile, materialize};
 pub use stat_cache::StatCache;
 pub use validate::{
