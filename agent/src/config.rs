@@ -280,6 +280,16 @@ impl NodeConfig {
         }
     }
 
+    /// The configuration as TOML with every token masked (`--print-config`): what a file
+    /// holding these settings would say.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        for token in &mut masked.auth.tokens {
+            token.token = "********".into();
+        }
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
     /// Reads a TOML file (unknown keys are errors).
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)

@@ -193,6 +193,10 @@ struct ServeArgs {
     /// Do not fsync blobs (tests, tmpfs).
     #[arg(long)]
     no_fsync: bool,
+    /// Print the configuration the node would run with (defaults < file < RBA_* environment
+    /// < flags; tokens masked) as TOML, and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -335,6 +339,10 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
     }
     if args.no_fsync {
         config.fsync = false;
+    }
+    if args.print_config {
+        print!("{}", config.to_masked_toml());
+        return Ok(0);
     }
     let node = Node::start(config).await?;
     println!("rba: node {}", node.peer_id());

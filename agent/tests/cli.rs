@@ -1542,3 +1542,45 @@ fn the_systemd_unit_verifies() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
+
+#[test]
+fn serve_print_config_layers_file_environment_and_flags_and_masks_tokens() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("node.toml");
+    std::fs::write(
+        &file,
+        "workers = 3\nshutdown_grace_secs = 9\n[[auth.tokens]]\nname = \"ci\"\ntoken = \"file-secret-0123456789\"\naccess = \"read-write\"\n",
+    )
+    .unwrap();
+    let out = rba(data.path())
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .args(["--http", "off"])
+        .env("RBA_WORKERS", "5")
+        .env_remove("RBA_CONFIG")
+        .assert()
+        .success();
+    let printed = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    // The environment beats the file, a flag beats both, the file beats the defaults.
+    assert!(printed.contains("workers = 5"), "{printed}");
+    assert!(printed.contains("shutdown_grace_secs = 9"), "{printed}");
+    assert!(!printed.contains("http_listen"), "{printed}");
+    assert!(printed.contains("name = \"ci\""), "{printed}");
+    assert!(!printed.contains("file-secret"), "{printed}");
+    // Nothing was started or created: printing is all it did.
+    assert!(!data.path().join("cas").exists() && !data.path().join("identity.key").exists());
+
+    // A bad file is refused naming it.
+    std::fs::write(&file, "no_such_key = 1\n").unwrap();
+    let out = rba(data.path())
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .env_remove("RBA_CONFIG")
+        .assert()
+        .failure();
+    let stderr = stderr_of(out.get_output());
+    assert!(
+        stderr.contains("node.toml") && stderr.contains("no_such_key"),
+        "{stderr}"
+    );
+}
