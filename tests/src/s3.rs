@@ -74,10 +74,8 @@ impl TestS3 {
                 program: program.clone(),
                 port,
                 bucket: bucket.to_string(),
-                log: std::env::temp_dir().join(format!(
-                    "rba-moto-{}-{port}.log",
-                    std::process::id()
-                )),
+                log: std::env::temp_dir()
+                    .join(format!("rba-moto-{}-{port}.log", std::process::id())),
                 child: None,
             };
             match server.launch() {
@@ -85,7 +83,10 @@ impl TestS3 {
                 Err(e) => last_error = e,
             }
         }
-        panic!("moto_server ({}) did not start: {last_error}", program.display());
+        panic!(
+            "moto_server ({}) did not start: {last_error}",
+            program.display()
+        );
     }
 
     /// Starts the process, waits until it answers, creates the bucket.
@@ -103,7 +104,11 @@ impl TestS3 {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 return Err(format!("exited with {status}: {}", self.log_tail()));
             }
@@ -139,6 +144,13 @@ impl TestS3 {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One unsigned request to the server (moto does not check signatures): the status code
+    /// and the whole response, e.g. `request("GET", "/BUCKET?uploads")` to list the multipart
+    /// uploads in progress.
+    pub fn request(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        http(self.port, method, path)
     }
 
     /// The bucket created at start.

@@ -34,8 +34,8 @@ use crate::digest::Digest;
 use crate::error::{CasError, Result};
 use crate::seams::BlobIndex;
 use crate::store::{
-    ACCESS_GRANULARITY_MS, StoreStats, blob_key, digest_from_key, index_value, lru_key,
-    now_millis, parse_index_value,
+    ACCESS_GRANULARITY_MS, StoreStats, blob_key, digest_from_key, index_value, lru_key, now_millis,
+    parse_index_value,
 };
 
 const TOTALS_KEY: &[u8] = b"totals";
@@ -197,7 +197,9 @@ impl EmbeddedBlobIndex {
         inner.blob_count.store(count, Ordering::SeqCst);
         inner.total_bytes.store(bytes, Ordering::SeqCst);
         inner.removed.fetch_add(removed, Ordering::Relaxed);
-        inner.removed_bytes.fetch_add(removed_bytes, Ordering::Relaxed);
+        inner
+            .removed_bytes
+            .fetch_add(removed_bytes, Ordering::Relaxed);
         Ok(())
     }
 
