@@ -443,32 +443,36 @@ async fn a_bucket_that_refuses_writes_is_a_clear_error_and_nothing_is_recorded()
     .unwrap();
     let small = data(11, 500);
     let large = data(12, 2 * MIB);
-    for (store, bucket) in [(&nowhere, "rba-no-such-bucket")] {
-        for bytes in [&small, &large] {
-            let digest = sha(bytes);
-            match store.write(digest, stream(bytes, 64 * 1024)).await {
-                Err(CasError::Unavailable(message)) => assert!(
-                    message.starts_with(&format!("s3 bucket {bucket}: ")),
-                    "{message}"
-                ),
-                other => panic!("{other:?}"),
-            }
-            assert_eq!(store.find_missing(&[digest]).await.unwrap(), vec![digest]);
+    for bytes in [&small, &large] {
+        let digest = sha(bytes);
+        match nowhere.write(digest, stream(bytes, 64 * 1024)).await {
+            Err(CasError::Unavailable(message)) => assert!(
+                message.starts_with("s3 bucket rba-no-such-bucket: "),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
         }
-        let results = store
-            .write_batch(vec![(sha(b"x"), Bytes::from_static(b"x"))])
-            .await;
-        assert!(
-            matches!(&results[0], Err(CasError::Unavailable(m)) if m.contains(bucket)),
-            "{results:?}"
-        );
+        assert_eq!(nowhere.find_missing(&[digest]).await.unwrap(), vec![digest]);
     }
+    let results = nowhere
+        .write_batch(vec![(sha(b"x"), Bytes::from_static(b"x"))])
+        .await;
+    assert!(
+        matches!(&results[0], Err(CasError::Unavailable(m)) if m.contains("rba-no-such-bucket")),
+        "{results:?}"
+    );
+    assert!(matches!(
+        nowhere.ready().await,
+        Err(CasError::Unavailable(m)) if m.starts_with("s3 bucket rba-no-such-bucket: listing cas")
+    ));
     assert_eq!(index.stats().blob_count, 0);
 
     // The server gone: every request fails (no retries configured), nothing is indexed.
     let kept = data(13, 700);
     f.store.write(sha(&kept), stream(&kept, 700)).await.unwrap();
+    f.store.ready().await.unwrap();
     f.s3.stop();
+    assert!(f.store.ready().await.is_err());
     let digest = sha(&small);
     match f.store.write(digest, stream(&small, 100)).await {
         Err(CasError::Unavailable(message)) => {
@@ -632,4 +636,48 @@ async fn tiered_over_a_refusing_bucket_reports_the_blob_missing() {
     tiers.write(digest, stream(&bytes, 500)).await.unwrap();
     assert!(tiers.find_missing(&[digest]).await.unwrap().is_empty());
     assert_eq!(keys(&f.store).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_index_keeps_totals_and_eviction_order_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (sha(b"a"), sha(b"bb"), sha(b"ccc"));
+    {
+        let index = EmbeddedBlobIndex::open(dir.path()).unwrap();
+        assert!(matches!(
+            EmbeddedBlobIndex::open(dir.path()),
+            Err(CasError::Unavailable(m)) if m.contains(&dir.path().display().to_string())
+        ));
+        for digest in [a, b, c] {
+            index.insert(&[digest, digest]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        index.insert(&[a]).await.unwrap(); // again: now the most recently used
+        assert_eq!(index.least_recently_used(2).await.unwrap(), vec![b, c]);
+        let stats = index.stats();
+        assert_eq!((stats.blob_count, stats.total_bytes), (3, 6));
+        index.remove(&[b, sha(b"never indexed")]).await.unwrap();
+        let stats = index.stats();
+        assert_eq!(
+            (
+                stats.blob_count,
+                stats.total_bytes,
+                stats.evictions,
+                stats.evicted_bytes
+            ),
+            (2, 4, 1, 2)
+        );
+        index.touch(&[b, c]).await.unwrap(); // b is ignored: absent
+    }
+    let index = EmbeddedBlobIndex::open(dir.path()).unwrap();
+    let stats = index.stats();
+    assert_eq!((stats.blob_count, stats.total_bytes), (2, 4));
+    assert_eq!(
+        index
+            .find_missing(&[b, a, DigestFunction::Sha256.empty(), c, b])
+            .await
+            .unwrap(),
+        vec![b]
+    );
+    assert_eq!(index.least_recently_used(10).await.unwrap(), vec![c, a]);
 }

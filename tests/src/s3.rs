@@ -240,3 +240,28 @@ pub fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
     Ok((status, response))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_restarts_and_is_killed_when_dropped() {
+        let mut s3 = TestS3::start_with_bucket("rba-harness");
+        let bucket = format!("/{}", s3.bucket());
+        assert_eq!(s3.request("GET", &bucket).unwrap().0, 200);
+        assert_eq!(s3.request("GET", "/rba-absent").unwrap().0, 404);
+        let first = s3.pid().unwrap();
+
+        s3.restart();
+        let second = s3.pid().unwrap();
+        assert_ne!(first, second);
+        assert!(!std::path::Path::new(&format!("/proc/{first}")).exists());
+        assert_eq!(s3.request("GET", &bucket).unwrap().0, 200);
+
+        let log = s3.log.clone();
+        drop(s3);
+        assert!(!std::path::Path::new(&format!("/proc/{second}")).exists());
+        assert!(!log.exists());
+    }
+}

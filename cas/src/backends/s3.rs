@@ -40,7 +40,8 @@
 //! - `write_batch` checks every blob, asks the index once which are missing, puts those
 //!   concurrently ([`BucketOptions::batch_concurrency`]) and records them with one
 //!   `index.insert`.
-//! - `read(offset, limit)` is one ranged `GET`, streamed as it arrives.
+//! - `read(offset, limit)` is one ranged `GET`, streamed as it arrives; it marks the blob used
+//!   in the index beside the read (eviction order), not before it.
 //! - Errors of the bucket are [`CasError::Unavailable`]`("s3 bucket B: <operation>: <error>")`;
 //!   a bucket that refuses a write fails the write and nothing is indexed. Requests are retried
 //!   by `object_store` within [`BucketOptions::retry`] (short by default: a client waiting on a
@@ -284,19 +285,33 @@ impl BucketStore {
         &self.bucket
     }
 
-    /// The key of a blob: `<prefix>/cas/<function>/<hex hash>-<size>`.
-    pub fn key(&self, digest: &Digest) -> ObjectPath {
-        let name = format!(
-            "cas/{}/{}-{}",
-            digest.function.name(),
-            digest.hash_hex(),
-            digest.size
-        );
+    /// Whether the bucket answers (for readiness checks): lists the blob keys' first level
+    /// (one small request), so a wrong bucket, endpoint or credentials show here.
+    pub async fn ready(&self) -> Result<()> {
+        let cas = self.key_under("cas");
+        self.objects
+            .list_with_delimiter(Some(&cas))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(format_args!("listing {cas}"), e))
+    }
+
+    fn key_under(&self, name: &str) -> ObjectPath {
         if self.prefix.is_empty() {
             ObjectPath::from(name)
         } else {
             ObjectPath::from(format!("{}/{name}", self.prefix))
         }
+    }
+
+    /// The key of a blob: `<prefix>/cas/<function>/<hex hash>-<size>`.
+    pub fn key(&self, digest: &Digest) -> ObjectPath {
+        self.key_under(&format!(
+            "cas/{}/{}-{}",
+            digest.function.name(),
+            digest.hash_hex(),
+            digest.size
+        ))
     }
 
     fn unavailable(&self, operation: impl fmt::Display, error: impl fmt::Display) -> CasError {
@@ -517,6 +532,13 @@ impl Store for BucketStore {
         if offset == end {
             return Ok(empty_stream());
         }
+        // A read is a use (eviction order), recorded beside the read rather than before it.
+        let (index, used) = (self.index.clone(), *digest);
+        tokio::spawn(async move {
+            if let Err(e) = index.touch(&[used]).await {
+                tracing::warn!(digest = ?used, error = %e, "marking a read blob as used");
+            }
+        });
         let key = self.key(digest);
         let options = GetOptions::new().with_range(Some(GetRange::Bounded(offset..end)));
         let got = match self.objects.get_opts(&key, options).await {

@@ -124,7 +124,11 @@ impl Store for Tiered {
             }
         }
         self.fetch(digest).await?;
-        self.read_fast(digest, offset, limit).await
+        match self.read_fast(digest, offset, limit).await {
+            // (evicted from the fast tier between the fetch and the read: serve the slow one)
+            Err(CasError::NotFound(_)) => self.slow.read(digest, offset, limit).await,
+            other => other,
+        }
     }
 
     async fn write(&self, digest: Digest, chunks: ChunkStream) -> Result<()> {
