@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use rba_cas::backends::embedded_index::EmbeddedBlobIndex;
-use rba_cas::backends::s3::{BucketOptions, BucketSettings, BucketStore};
+use rba_cas::backends::s3::{BucketOptions, BucketSettings, BucketStore, parse_store_url};
 use rba_cas::layers::tiered::Tiered;
 use rba_cas::{BlobIndex, BlobStore, CasError, ChunkStream, Digest, DigestFunction, Store};
 use rba_cas::{Result, StoreStats};
@@ -447,7 +447,8 @@ async fn a_bucket_that_refuses_writes_is_a_clear_error_and_nothing_is_recorded()
         let digest = sha(bytes);
         match nowhere.write(digest, stream(bytes, 64 * 1024)).await {
             Err(CasError::Unavailable(message)) => assert!(
-                message.starts_with("s3 bucket rba-no-such-bucket: "),
+                message.starts_with("s3 bucket rba-no-such-bucket: ")
+                    && message.contains("NoSuchBucket"),
                 "{message}"
             ),
             other => panic!("{other:?}"),
@@ -477,7 +478,8 @@ async fn a_bucket_that_refuses_writes_is_a_clear_error_and_nothing_is_recorded()
     match f.store.write(digest, stream(&small, 100)).await {
         Err(CasError::Unavailable(message)) => {
             assert!(
-                message.starts_with("s3 bucket rba-test: put pre/fix/cas/sha256/"),
+                message.starts_with("s3 bucket rba-test: put pre/fix/cas/sha256/")
+                    && message.contains("Connection refused"),
                 "{message}"
             )
         }
@@ -680,4 +682,19 @@ async fn the_embedded_index_keeps_totals_and_eviction_order_across_reopening() {
         vec![b]
     );
     assert_eq!(index.least_recently_used(10).await.unwrap(), vec![c, a]);
+}
+
+#[test]
+fn store_urls_name_a_bucket_and_an_optional_prefix() {
+    let parsed = |url: &str| parse_store_url(url).ok();
+    let pair = |b: &str, p: &str| Some((b.to_string(), p.to_string()));
+    assert_eq!(parsed("s3://cache"), pair("cache", ""));
+    assert_eq!(parsed("s3://cache/"), pair("cache", ""));
+    assert_eq!(parsed("s3://cache/team/a/"), pair("cache", "team/a"));
+    for bad in ["s3://", "s3:///prefix", "https://cache", "cache", ""] {
+        assert!(
+            matches!(parse_store_url(bad), Err(CasError::Invalid { .. })),
+            "{bad:?}"
+        );
+    }
 }

@@ -189,7 +189,9 @@ impl BucketStore {
     /// (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
     /// `AWS_ALLOW_HTTP`, …, as `object_store` reads them).
     pub fn from_url(url: &str, options: BucketOptions, index: Arc<dyn BlobIndex>) -> Result<Self> {
-        BucketStore::from_url_and_vars(url, std::env::vars(), options, index)
+        let vars = std::env::vars_os()
+            .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)));
+        BucketStore::from_url_and_vars(url, vars, options, index)
     }
 
     /// [`BucketStore::from_url`] with the `AWS_*` variables given instead of read from the
@@ -314,8 +316,12 @@ impl BucketStore {
         ))
     }
 
-    fn unavailable(&self, operation: impl fmt::Display, error: impl fmt::Display) -> CasError {
-        CasError::Unavailable(format!("s3 bucket {}: {operation}: {error}", self.bucket))
+    fn unavailable(&self, operation: impl fmt::Display, error: object_store::Error) -> CasError {
+        CasError::Unavailable(format!(
+            "s3 bucket {}: {operation}: {}",
+            self.bucket,
+            with_causes(&error)
+        ))
     }
 
     /// Stores bytes already checked against `digest` under its key.
@@ -478,6 +484,22 @@ fn check(digest: &Digest, bytes: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// An error with the causes its own text leaves out ("error sending request" says little;
+/// "…: tcp connect error: Connection refused" says what to fix).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The same failure for another blob of a batch ([`CasError`] is not `Clone`).
