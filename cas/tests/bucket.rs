@@ -315,6 +315,50 @@ async fn wrong_bytes_are_refused_and_leave_nothing_in_the_bucket() {
     assert_eq!(f.store.stats().blob_count, 0);
 }
 
+/// A client that goes away mid-upload (its write dropped) leaves no upload open on the server,
+/// and a blob larger than the store takes is refused before a byte is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_upload_is_aborted_and_an_oversized_blob_refused() {
+    let f = fixture(BucketOptions {
+        max_blob_bytes: 10 * MIB as u64,
+        ..small_multipart()
+    });
+    let bytes = data(18, 8 * MIB);
+    let digest = sha(&bytes);
+    // 6 MiB arrive (a first 5 MiB part is sent), then the client says nothing more.
+    let stalled = stream(&bytes[..6 * MIB], MIB)
+        .chain(futures::stream::pending())
+        .boxed();
+    let store = f.store.clone();
+    let writing = tokio::spawn(async move { store.write(digest, stalled).await });
+    let mut waited = 0;
+    while open_uploads(&f.s3) == 0 {
+        assert!(waited < 200, "the upload never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    writing.abort();
+    assert!(writing.await.unwrap_err().is_cancelled());
+    let mut waited = 0;
+    while open_uploads(&f.s3) > 0 {
+        assert!(waited < 200, "the abandoned upload is still open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(keys(&f.store).await.is_empty());
+    assert_eq!(f.store.find_missing(&[digest]).await.unwrap(), vec![digest]);
+
+    let huge = Digest {
+        size: 10 * MIB as u64 + 1,
+        ..digest
+    };
+    let never_read = futures::stream::once(async { panic!("the stream was read") }).boxed();
+    assert!(matches!(
+        f.store.write(huge, never_read).await,
+        Err(CasError::QuotaExceeded(m)) if m.contains("s3 bucket rba-test")
+    ));
+}
+
 /// A hostile tenant sends garbage under the digest of a blob an honest tenant is uploading at
 /// the same moment, finishing after it (S3 keeps the last writer's object). The honest bytes
 /// must be what the key holds.

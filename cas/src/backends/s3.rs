@@ -25,15 +25,17 @@
 //!     bytes than its digest says are refused as they arrive), hashed, checked, and only then
 //!     sent, in one `PUT`;
 //!   - a larger one is streamed as a multipart upload ([`BucketOptions::part_size`] parts,
+//!     larger for a blob that would need more than S3's 10,000 parts;
 //!     [`BucketOptions::part_concurrency`] in flight, so memory stays bounded) while it is
 //!     hashed, and the upload is *completed* only once size and hash match; otherwise it is
 //!     aborted. S3 makes a multipart upload's object exist only at completion, all at once, so
 //!     an aborted or unfinished upload is never visible under the key, whoever else writes it.
 //!
 //!   This needs no temporary object and no server-side copy (a `CopyObject` is refused above
-//!   5 GiB and would double the bytes written); a write cancelled mid-way (its future dropped)
-//!   leaves an incomplete multipart upload that is invisible and that the bucket's
-//!   `AbortIncompleteMultipartUpload` lifecycle rule should clean up.
+//!   5 GiB and would double the bytes written). A write cancelled mid-way (its future dropped:
+//!   the client went away) aborts its upload in the background; one the process could not
+//!   abort (it died) stays invisible, for the bucket's `AbortIncompleteMultipartUpload`
+//!   lifecycle rule to clean up.
 //! - **A blob already indexed is not written again**: its stream is drained and counted (a
 //!   wrong size is still [`CasError::SizeMismatch`]), as the filesystem store does, so a client
 //!   that sends it gets the usual answer.
@@ -82,6 +84,9 @@ pub struct BucketOptions {
     pub part_concurrency: usize,
     /// `PUT`s in flight at once for a [`Store::write_batch`].
     pub batch_concurrency: usize,
+    /// Blobs larger than this are refused before a byte is read ([`CasError::QuotaExceeded`]);
+    /// 5 TiB, S3's largest object, by default.
+    pub max_blob_bytes: u64,
     /// Retries of a failed request (`object_store` retries connection errors, 5xx and
     /// throttling with backoff).
     pub retry: RetryConfig,
@@ -94,6 +99,7 @@ impl Default for BucketOptions {
             part_size: 8 << 20,
             part_concurrency: 4,
             batch_concurrency: 32,
+            max_blob_bytes: 5 << 40,
             retry: RetryConfig {
                 backoff: BackoffConfig::default(),
                 max_retries: 3,
@@ -178,7 +184,7 @@ pub fn parse_store_url(url: &str) -> Result<(String, String)> {
 /// object_store's HTTP client uses rustls without a bundled crypto provider (see the workspace
 /// manifest): ring, the provider of the rest of the workspace, becomes the process default
 /// unless one is already installed.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
@@ -342,7 +348,10 @@ impl BucketStore {
             .put_multipart(&key)
             .await
             .map_err(|e| self.unavailable(format_args!("starting upload of {key}"), e))?;
-        let mut upload = WriteMultipart::new_with_chunk_size(upload, self.options.part_size);
+        let mut upload = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(
+            upload,
+            part_size(self.options.part_size, digest.size),
+        )));
         let mut hasher = BackgroundHasher::start(digest.function);
         let mut received = 0u64;
         let refused = loop {
@@ -359,13 +368,14 @@ impl BucketStore {
                 });
             }
             if let Err(e) = upload
+                .get()
                 .wait_for_capacity(self.options.part_concurrency)
                 .await
             {
                 break Some(self.unavailable(format_args!("uploading {key}"), e));
             }
             hasher.update(chunk.clone()).await;
-            upload.put(chunk);
+            upload.get().put(chunk);
         };
         let refused = match refused {
             Some(e) => Some(e),
@@ -383,16 +393,56 @@ impl BucketStore {
             },
         };
         if let Some(error) = refused {
-            if let Err(e) = upload.abort().await {
+            if let Err(e) = upload.take().abort().await {
                 tracing::warn!(%key, error = %e, "aborting a refused multipart upload");
             }
             return Err(error);
         }
         upload
+            .take()
             .finish()
             .await
             .map(|_| ())
             .map_err(|e| self.unavailable(format_args!("completing upload of {key}"), e))
+    }
+}
+
+/// S3 allows at most this many parts in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// The part size for a blob of `size` bytes: the configured one, or larger (in whole MiB) when
+/// the blob would need more than [`MAX_PARTS`] parts of it.
+fn part_size(configured: usize, size: u64) -> usize {
+    let needed = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
+    (configured as u64).max(needed) as usize
+}
+
+/// A multipart upload that is aborted if dropped unfinished: a write whose future is dropped
+/// (the client went away) does not leave its parts stored and billed until the bucket's
+/// lifecycle rule cleans them.
+struct AbortOnDrop(Option<WriteMultipart>);
+
+impl AbortOnDrop {
+    fn get(&mut self) -> &mut WriteMultipart {
+        self.0.as_mut().expect("upload still in progress")
+    }
+
+    fn take(&mut self) -> WriteMultipart {
+        self.0.take().expect("upload still in progress")
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(upload) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = upload.abort().await {
+                    tracing::warn!(error = %e, "aborting an abandoned multipart upload");
+                }
+            });
+        }
     }
 }
 
@@ -587,6 +637,12 @@ impl Store for BucketStore {
     }
 
     async fn write(&self, digest: Digest, chunks: ChunkStream) -> Result<()> {
+        if digest.size > self.options.max_blob_bytes {
+            return Err(CasError::QuotaExceeded(format!(
+                "blob {digest:?} is larger than the {} bytes s3 bucket {} takes",
+                self.options.max_blob_bytes, self.bucket
+            )));
+        }
         if digest.is_empty_blob()
             || self
                 .index
@@ -684,5 +740,22 @@ impl Store for BucketStore {
 
     fn stats(&self) -> StoreStats {
         self.index.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_grow_so_an_upload_never_needs_more_than_s3_allows() {
+        let mib = 1usize << 20;
+        assert_eq!(part_size(8 * mib, 20 * mib as u64), 8 * mib);
+        assert_eq!(part_size(8 * mib, 10_000 * 8 * mib as u64), 8 * mib);
+        let five_tib = 5u64 << 40;
+        let part = part_size(8 * mib, five_tib);
+        assert_eq!(part % mib, 0);
+        assert!(five_tib.div_ceil(part as u64) <= MAX_PARTS);
+        assert!(part > 8 * mib);
     }
 }
