@@ -28,7 +28,9 @@
 //!   mismatch calls [`BlobStore::remove_if_corrupt`] on [`Store::local`]. This layer adds one
 //!   thing the slow copy makes possible: a read of the fast tier that fails mid-stream has the
 //!   blob re-hashed and, if damaged, removed locally, so the next read fetches it again.
-//! - The fast tier evicts by its own LRU (its `max_bytes`): eviction there loses nothing.
+//! - The fast tier evicts by its own LRU (its `max_bytes`): eviction there loses nothing. It
+//!   must be able to hold the largest blob written or read through it (a blob above its
+//!   capacity is refused, as by the fast store alone).
 
 use std::sync::Arc;
 
