@@ -15,14 +15,20 @@
 //! - [`merkle`]: canonical REAPI `Directory` trees from disk or zip archives (with a stat cache
 //!   and limits against hostile archives), their validation, enumeration and materialisation.
 //! - [`access`]: which tenant may read which blob (grants on upload and on results served).
+//! - [`backends`]: the scale-out backends: blobs in an S3-compatible bucket
+//!   ([`backends::s3::BucketStore`]) with their presence index.
+//! - [`layers`]: stores that wrap stores, e.g. a local fast tier in front of a bucket
+//!   ([`layers::tiered::Tiered`]).
 //! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
 //! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
 
 pub mod access;
 pub mod action_cache;
+pub mod backends;
 pub mod digest;
 pub mod error;
+pub mod layers;
 pub mod merkle;
 pub mod seams;
 pub mod store;

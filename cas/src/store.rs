@@ -110,9 +110,9 @@ pub struct VerifyReport {
 }
 
 /// Key of a blob in the index: function byte + raw hash.
-type BlobKey = [u8; 33];
+pub(crate) type BlobKey = [u8; 33];
 
-fn blob_key(digest: &Digest) -> BlobKey {
+pub(crate) fn blob_key(digest: &Digest) -> BlobKey {
     let mut key = [0u8; 33];
     key[0] = function_byte(digest.function);
     key[1..].copy_from_slice(&digest.hash);
@@ -126,7 +126,7 @@ fn function_byte(function: DigestFunction) -> u8 {
     }
 }
 
-fn digest_from_key(key: &[u8], size: u64) -> Option<Digest> {
+pub(crate) fn digest_from_key(key: &[u8], size: u64) -> Option<Digest> {
     let function = match key.first()? {
         1 => DigestFunction::Sha256,
         2 => DigestFunction::Blake3,
@@ -139,7 +139,7 @@ fn digest_from_key(key: &[u8], size: u64) -> Option<Digest> {
     })
 }
 
-fn now_millis() -> u64 {
+pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -147,21 +147,21 @@ fn now_millis() -> u64 {
 }
 
 /// Index value: size and last access, both big-endian u64.
-fn index_value(size: u64, access: u64) -> [u8; 16] {
+pub(crate) fn index_value(size: u64, access: u64) -> [u8; 16] {
     let mut value = [0u8; 16];
     value[..8].copy_from_slice(&size.to_be_bytes());
     value[8..].copy_from_slice(&access.to_be_bytes());
     value
 }
 
-fn parse_index_value(value: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn parse_index_value(value: &[u8]) -> Option<(u64, u64)> {
     Some((
         u64::from_be_bytes(value.get(..8)?.try_into().ok()?),
         u64::from_be_bytes(value.get(8..16)?.try_into().ok()?),
     ))
 }
 
-fn lru_key(access: u64, key: &BlobKey) -> [u8; 41] {
+pub(crate) fn lru_key(access: u64, key: &BlobKey) -> [u8; 41] {
     let mut lru = [0u8; 41];
     lru[..8].copy_from_slice(&access.to_be_bytes());
     lru[8..].copy_from_slice(key);
@@ -170,7 +170,7 @@ fn lru_key(access: u64, key: &BlobKey) -> [u8; 41] {
 
 /// Accesses closer together than this do not rewrite the LRU index: eviction order at minute
 /// precision, and a storm of FindMissing calls writes each blob's entry at most once a minute.
-const ACCESS_GRANULARITY_MS: u64 = 60_000;
+pub(crate) const ACCESS_GRANULARITY_MS: u64 = 60_000;
 /// The running totals are written to the index at most this often (and on flush and close);
 /// a crash may leave them slightly behind, which [`BlobStore::verify`] corrects.
 const TOTALS_PERSIST_MS: u64 = 1_000;

@@ -8,3 +8,8 @@
 //! `agent/tests/cli.rs` (`rba build`, `rba serve`, `rba build --remote`, `rba logs`),
 //! `cache-server/tests/binary.rs` (`cache-server`) and `cache-server/tests/bazel_e2e.rs` (a real
 //! Bazel client against it).
+//!
+//! Servers the tests run for real, shared by every crate's tests: [`s3`] (an S3-compatible
+//! server, moto).
+
+pub mod s3;
