@@ -1,10 +1,17 @@
 //! The `Store` contract, checked the same way against every backend through the trait alone
-//! (see `rba_cas::seams`). Backends that need a server (a bucket, PostgreSQL) run the same
-//! checks from this file once their harness is up.
+//! (see `rba_cas::seams`): the embedded filesystem store, a bucket store on a real
+//! S3-compatible server (moto, `rba_e2e_tests::s3`), and the fast/slow layer over it. Each
+//! backend's own behaviour (multipart, races, refusals) is tested beside it (`bucket.rs`).
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use rba_cas::{Cas, CasError, Digest, DigestFunction, Store};
+use rba_cas::backends::embedded_index::EmbeddedBlobIndex;
+use rba_cas::backends::s3::{BucketOptions, BucketStore};
+use rba_cas::layers::tiered::Tiered;
+use rba_cas::{Cas, CasError, Digest, DigestFunction, Store, StoreConfig};
+use rba_e2e_tests::s3::TestS3;
 
 fn chunks(parts: Vec<&'static [u8]>) -> rba_cas::ChunkStream {
     futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from_static(p)))).boxed()
@@ -147,4 +154,58 @@ async fn a_large_blob_streams_in_chunks() {
     }
     assert_eq!(chunks, 6);
     assert_eq!(read, bytes);
+}
+
+fn bucket(s3: &TestS3, index_dir: &std::path::Path) -> BucketStore {
+    let index = Arc::new(EmbeddedBlobIndex::open(index_dir).unwrap());
+    BucketStore::from_url_and_vars(&s3.url(), s3.env(), BucketOptions::no_retries(), index).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucket_store_keeps_the_contract() {
+    let s3 = TestS3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = bucket(&s3, &dir.path().join("index"));
+    store_contract(&store).await;
+    assert!(store.local().is_none());
+    assert!(matches!(
+        store.make_local(&[DigestFunction::Sha256.empty()]).await,
+        Err(CasError::Unavailable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tiered_store_keeps_the_contract_and_publishes_what_was_written_locally() {
+    let s3 = TestS3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let slow: Arc<dyn Store> = Arc::new(bucket(&s3, &dir.path().join("index")));
+    let fast =
+        rba_cas::BlobStore::open(dir.path().join("fast"), StoreConfig::without_fsync()).unwrap();
+    let tiered = Tiered::new(fast.clone(), slow.clone());
+    store_contract(&tiered).await;
+
+    // Written straight into the fast tier (as a resumable upload or an action's outputs are):
+    // not stored for other processes until published.
+    let function = DigestFunction::Blake3;
+    let output = fast.put_bytes(function, b"an action's output").unwrap();
+    assert_eq!(tiered.find_missing(&[output]).await.unwrap(), vec![output]);
+    tiered.publish_local(&[output]).await.unwrap();
+    assert!(slow.contains(&output).await.unwrap());
+    tiered.publish_local(&[output]).await.unwrap(); // again: nothing to do
+    let absent = function.digest_of(b"in no tier");
+    assert!(matches!(
+        tiered.publish_local(&[absent]).await,
+        Err(CasError::NotFound(d)) if d == absent
+    ));
+
+    // Another machine's tiered view (its own empty fast tier) reads it and makes it local.
+    let other_fast =
+        rba_cas::BlobStore::open(dir.path().join("other-fast"), StoreConfig::without_fsync())
+            .unwrap();
+    let other = Tiered::new(other_fast.clone(), slow);
+    other.make_local(&[output]).await.unwrap();
+    assert_eq!(
+        other_fast.read_to_vec(&output, 100).unwrap(),
+        b"an action's output"
+    );
 }

@@ -18,6 +18,8 @@
 //!   whole blob in memory), unless the slow tier already has it; `write_batch` is the fast
 //!   tier's group commit then one slow `write_batch` of the blobs that passed. A blob the slow
 //!   tier refuses is reported failed even though it stays in the fast tier (as a cache).
+//! - **Blobs written into the fast tier directly** (a resumable ByteStream upload, an action's
+//!   outputs) reach the slow tier through [`Store::publish_local`].
 //! - **Read-through.** `read` serves the fast tier when it has the blob; otherwise it fetches
 //!   the whole blob from the slow tier into the fast one (verified by the fast tier's writer:
 //!   bytes from the shared store are not trusted either) and serves the range from there.
@@ -165,6 +167,23 @@ impl Store for Tiered {
 
     fn local(&self) -> Option<&BlobStore> {
         Some(&self.fast)
+    }
+
+    /// Sends the slow tier what was written straight into the fast one (a resumable upload,
+    /// an action's outputs), streamed from the local files, [`Tiered::fetch_concurrency`] at a
+    /// time; what the slow tier already has is skipped. A blob the fast tier lacks is
+    /// [`CasError::NotFound`].
+    async fn publish_local(&self, digests: &[Digest]) -> Result<()> {
+        let missing = self.slow.find_missing(digests).await?;
+        futures::stream::iter(missing)
+            .map(|digest| async move {
+                let local = Store::read(&self.fast, &digest, 0, 0).await?;
+                self.slow.write(digest, local).await
+            })
+            .buffer_unordered(self.fetch_concurrency)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
     }
 
     async fn make_local(&self, digests: &[Digest]) -> Result<()> {
