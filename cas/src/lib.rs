@@ -15,6 +15,8 @@
 //! - [`merkle`]: canonical REAPI `Directory` trees from disk or zip archives (with a stat cache
 //!   and limits against hostile archives), their validation, enumeration and materialisation.
 //! - [`access`]: which tenant may read which blob (grants on upload and on results served).
+//! - [`layers`]: features as layers over the seams (completeness of action-cache hits, …).
+//! - [`stores`]: [`Stores`], the store, complete action cache and grants a server is given.
 //! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
 //! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
@@ -23,9 +25,11 @@ pub mod access;
 pub mod action_cache;
 pub mod digest;
 pub mod error;
+pub mod layers;
 pub mod merkle;
 pub mod seams;
 pub mod store;
+pub mod stores;
 
 use std::path::Path;
 
@@ -33,14 +37,16 @@ pub use access::EmbeddedGrants;
 pub use action_cache::EmbeddedActionCache;
 pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
+pub use layers::complete::CompleteActionCache;
 pub use merkle::{
     DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
     TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
-    build_from_zip_file, get_tree, materialize, read_directory, tree_digests, validate_directory,
-    validate_tree,
+    build_from_zip_file, get_tree, materialize, read_directory, tree_digests, tree_digests_in,
+    validate_directory, validate_tree,
 };
 pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
+pub use stores::Stores;
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.
 #[derive(Clone, Debug)]

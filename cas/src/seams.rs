@@ -53,6 +53,23 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Marks present blobs as just used (eviction order); absent ones are ignored.
     async fn touch(&self, digests: &[Digest]) -> Result<()>;
 
+    /// [`Store::find_missing`] that also marks the present blobs as just used (what a REAPI
+    /// FindMissingBlobs does: a build is about to use them). A backend that can do both in one
+    /// pass overrides it.
+    async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let missing = self.find_missing(digests).await?;
+        let absent: std::collections::HashSet<&Digest> = missing.iter().collect();
+        let present: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !absent.contains(d))
+            .copied()
+            .collect();
+        if !present.is_empty() {
+            self.touch(&present).await?;
+        }
+        Ok(missing)
+    }
+
     /// `limit` bytes (0 = to the end) of a blob from `offset`. [`CasError::NotFound`] when
     /// absent, [`CasError::OffsetOutOfRange`] past its end.
     async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream>;
@@ -253,6 +270,12 @@ impl Store for BlobStore {
         let store = self.clone();
         let digests = digests.to_vec();
         blocking(move || BlobStore::touch(&store, &digests)).await
+    }
+
+    async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let store = self.clone();
+        let digests = digests.to_vec();
+        blocking(move || BlobStore::find_missing_and_touch(&store, &digests)).await
     }
 
     async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream> {
