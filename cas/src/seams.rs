@@ -351,9 +351,17 @@ fn read_in_chunks(mut reader: crate::store::BlobReader, digest: Digest) -> Chunk
             let size = reader.remaining().min(READ_CHUNK_BYTES as u64) as usize;
             let mut chunk = vec![0u8; size];
             if let Err(e) = reader.read_exact(&mut chunk) {
-                let _ = tx.blocking_send(Err(CasError::Unavailable(format!(
-                    "reading blob {digest:?}: {e}"
-                ))));
+                // A stored file shorter than its digest is lost data, not an outage: callers
+                // must not retry it as one (REAPI's DATA_LOSS).
+                let error = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    CasError::SizeMismatch {
+                        expected: digest,
+                        actual: digest.size - reader.remaining(),
+                    }
+                } else {
+                    CasError::Unavailable(format!("reading blob {digest:?}: {e}"))
+                };
+                let _ = tx.blocking_send(Err(error));
                 return;
             }
             if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
