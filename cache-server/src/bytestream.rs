@@ -514,6 +514,9 @@ struct Through {
     digest: Digest,
     received: u64,
     tx: Option<mpsc::Sender<rba_cas::Result<Bytes>>>,
+    /// Set by `commit` only: a channel closed without it is an abandoned upload, and the
+    /// store is told so (an error ends its stream) rather than shown a clean end.
+    finished: Arc<std::sync::atomic::AtomicBool>,
     task: Option<tokio::task::JoinHandle<rba_cas::Result<()>>>,
 }
 
@@ -521,12 +524,24 @@ impl Through {
     /// Starts the store's write (on the current runtime).
     fn start(store: Arc<dyn Store>, digest: Digest) -> Self {
         let (tx, mut rx) = mpsc::channel::<rba_cas::Result<Bytes>>(WRITE_QUEUE);
-        let chunks: ChunkStream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done, mut ended) = (finished.clone(), false);
+        let chunks: ChunkStream = futures::stream::poll_fn(move |cx| match rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) if !ended && !done.load(Ordering::Acquire) => {
+                ended = true;
+                std::task::Poll::Ready(Some(Err(CasError::Unavailable(format!(
+                    "upload of {digest:?} abandoned before finish_write"
+                )))))
+            }
+            other => other,
+        })
+        .boxed();
         let task = tokio::spawn(async move { store.write(digest, chunks).await });
         Through {
             digest,
             received: 0,
             tx: Some(tx),
+            finished,
             task: Some(task),
         }
     }
@@ -562,20 +577,10 @@ impl Through {
     }
 
     fn commit(mut self) -> Result<(), Status> {
-        self.tx = None; // the end of the stream: the store verifies and publishes
+        // The end of the stream: the store verifies and publishes.
+        self.finished.store(true, Ordering::Release);
+        self.tx = None;
         self.outcome()
-    }
-}
-
-impl Drop for Through {
-    /// Abandoned before commit: the store is told the stream broke, and stores nothing.
-    fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.try_send(Err(CasError::Unavailable(format!(
-                "upload of {:?} abandoned",
-                self.digest
-            ))));
-        }
     }
 }
 

@@ -287,19 +287,27 @@ impl Store for BlobStore {
 
     async fn write(&self, digest: Digest, mut chunks: ChunkStream) -> Result<()> {
         let store = self.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        // `Some(chunk)`, then `None` once the stream ended cleanly: only that commits. A
+        // channel closed without it (the stream failed, or this future was dropped) drops the
+        // writer uncommitted, which discards it: an aborted stream stores nothing.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(4);
         let sink = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut writer = store.writer(digest)?;
-            while let Some(chunk) = rx.blocking_recv() {
-                writer.write_chunk(&chunk)?;
+            while let Some(message) = rx.blocking_recv() {
+                match message {
+                    Some(chunk) => writer.write_chunk(&chunk)?,
+                    None => return writer.commit().map(|_| ()),
+                }
             }
-            writer.commit().map(|_| ())
+            Err(CasError::Unavailable(format!(
+                "the write of {digest:?} was abandoned"
+            )))
         });
         let mut sent = Ok(());
         while let Some(chunk) = chunks.next().await {
             match chunk {
                 Ok(chunk) => {
-                    if tx.send(chunk).await.is_err() {
+                    if tx.send(Some(chunk)).await.is_err() {
                         break; // the writer failed; its error is the one to report
                     }
                 }
@@ -309,14 +317,14 @@ impl Store for BlobStore {
                 }
             }
         }
-        drop(tx);
-        // Dropping a writer without committing discards it: an aborted stream stores nothing.
-        if let Err(e) = sent {
-            sink.abort();
-            return Err(e);
+        if sent.is_ok() {
+            let _ = tx.send(None).await;
         }
-        sink.await
-            .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?
+        drop(tx);
+        let written = sink
+            .await
+            .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?;
+        sent.and(written)
     }
 
     async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
