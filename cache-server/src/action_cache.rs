@@ -2,8 +2,9 @@
 //!
 //! - GetActionResult answers only *complete* hits: every output file, every file inside every
 //!   output directory's tree, the trees themselves, stdout and stderr must be in the CAS (the
-//!   store's completeness check, which also refreshes their LRU position); anything less is
-//!   `NOT_FOUND`, so a client never downloads a hit whose outputs are gone.
+//!   completeness layer of the given [`rba_cas::Stores`], `rba_cas::layers::complete`, which
+//!   also refreshes their LRU position); anything less is `NOT_FOUND`, so a client never
+//!   downloads a hit whose outputs are gone.
 //!   `inline_stdout`, `inline_stderr` and `inline_output_files` are honoured within the message
 //!   limit.
 //! - UpdateActionResult needs a read-write client. Inline contents (`stdout_raw`,
