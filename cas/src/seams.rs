@@ -245,6 +245,9 @@ pub trait Grants: Send + Sync + Debug + 'static {
     }
 }
 
+/// FindMissingBlobs with at most this many digests is answered inline by the embedded store.
+const INLINE_FIND_LIMIT: usize = 16;
+
 /// Runs blocking store work on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
@@ -272,7 +275,13 @@ impl Store for BlobStore {
         blocking(move || BlobStore::touch(&store, &digests)).await
     }
 
+    /// One pass over the presence cache and the index. A few digests (what most REAPI calls
+    /// ask) are answered on the calling thread: mostly presence-cache hits, cheaper than a hop
+    /// to the blocking pool.
     async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        if digests.len() <= INLINE_FIND_LIMIT {
+            return BlobStore::find_missing_and_touch(self, digests);
+        }
         let store = self.clone();
         let digests = digests.to_vec();
         blocking(move || BlobStore::find_missing_and_touch(&store, &digests)).await
