@@ -217,6 +217,15 @@ async fn reapi_services_run_over_the_stores_they_are_given() {
     assert!(!cas.blobs.contains(&digest).unwrap());
     assert_eq!(temp_files(&dir.path().join("cas")), 0, "temp files left");
 
+    // Metrics read the seams' counters.
+    let metrics = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("rba_cache_action_cache_entries 1\n"),
+        "{metrics}"
+    );
+    let blobs = format!("rba_cache_store_blobs {}\n", cas.blobs.stats().blob_count);
+    assert!(metrics.contains(&blobs), "{metrics}");
+
     server.shutdown().await.unwrap();
     // The caller's store outlives the server and holds what it stored.
     assert!(cas.blobs.contains(&good_digest).unwrap());
