@@ -445,6 +445,13 @@ impl Read for ChunkReader {
         while self.current.is_empty() {
             match futures::executor::block_on(self.chunks.next()) {
                 Some(Ok(chunk)) => self.current = chunk,
+                // A stored blob shorter than its digest reads as one (DATA_LOSS, not INTERNAL).
+                Some(Err(e @ CasError::SizeMismatch { .. })) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        e.to_string(),
+                    ));
+                }
                 Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
                 None => return Ok(0),
             }

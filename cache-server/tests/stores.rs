@@ -217,6 +217,22 @@ async fn reapi_services_run_over_the_stores_they_are_given() {
     assert!(!cas.blobs.contains(&digest).unwrap());
     assert_eq!(temp_files(&dir.path().join("cas")), 0, "temp files left");
 
+    // A stored blob truncated behind the store's back is lost data, plain or compressed.
+    let doomed = noise(50_000, 9);
+    let doomed_digest = c.put("", SHA, &doomed).await;
+    std::fs::write(cas.blobs.blob_path(&doomed_digest), &doomed[..20_000]).unwrap();
+    for compressor in [Compressor::Identity, Compressor::Zstd] {
+        let status = c
+            .read(
+                &resource_name::read_name("", &doomed_digest, compressor),
+                0,
+                0,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DataLoss, "{compressor:?}: {status:?}");
+    }
+
     // Metrics read the seams' counters.
     let metrics = http_get(server.metrics_addr.unwrap(), "/metrics").await;
     assert!(
