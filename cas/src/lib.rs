@@ -19,7 +19,9 @@
 //! - [`stores`]: [`Stores`], the store, complete action cache and grants a server is given.
 //! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
-//! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
+//! The concrete types do blocking I/O; async callers go through the seams ([`Store`],
+//! [`ActionCache`], [`Grants`], bundled as [`Stores`]), whose embedded implementations run
+//! that work on tokio's blocking pool.
 
 pub mod access;
 pub mod action_cache;

@@ -12,7 +12,6 @@
 //! `Cas`'s action cache) can refuse to pair it with other stores instead of serving
 //! silently diverging state ([`Stores::is_embedded_in`]).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::Cas;
@@ -26,10 +25,8 @@ pub struct Stores {
     blobs: Arc<dyn Store>,
     actions: CompleteActionCache,
     grants: Arc<dyn Grants>,
-    /// The data directory of the embedded `Cas` these are, if they are one.
-    embedded_root: Option<PathBuf>,
-    /// That `Cas`'s blob store, for the one thing the seams do not cover: flushing its index
-    /// at shutdown.
+    /// The blob store of the embedded `Cas` these are, if they are one: which `Cas` (its
+    /// directory), and the one thing the seams do not cover, flushing its index at shutdown.
     embedded: Option<crate::BlobStore>,
 }
 
@@ -44,7 +41,6 @@ impl Stores {
             actions: CompleteActionCache::new(actions, blobs.clone()),
             blobs,
             grants,
-            embedded_root: None,
             embedded: None,
         }
     }
@@ -52,7 +48,6 @@ impl Stores {
     /// The embedded store, action cache and grants of `cas` (one sled database).
     pub fn embedded(cas: &Cas) -> Self {
         Stores {
-            embedded_root: Some(cas.blobs.root().to_path_buf()),
             embedded: Some(cas.blobs.clone()),
             ..Stores::new(
                 Arc::new(cas.blobs.clone()),
@@ -80,7 +75,9 @@ impl Stores {
     /// Whether these are exactly the embedded store, action cache and grants of `cas`
     /// (built by [`Stores::embedded`] from it, or from another handle on the same directory).
     pub fn is_embedded_in(&self, cas: &Cas) -> bool {
-        self.embedded_root.as_deref() == Some(cas.blobs.root())
+        self.embedded
+            .as_ref()
+            .is_some_and(|blobs| blobs.root() == cas.blobs.root())
     }
 
     /// Makes what the embedded backends hold in memory durable (their index), before a clean
