@@ -7,9 +7,9 @@
 //! in one place for every backend and every caller:
 //!
 //! - the blobs a result depends on are its output files, each output directory's `Tree` blob
-//!   and every file inside that tree, and its stdout and stderr ([`referenced_blobs`]); a tree
-//!   blob that is missing, or larger than [`MAX_TREE_BYTES`], makes the result incomplete
-//!   (missing) or unusable (refused);
+//!   and every file inside that tree, and its stdout and stderr
+//!   ([`CompleteActionCache::referenced_blobs`]); a tree blob that is missing, or larger than
+//!   [`MAX_TREE_BYTES`], makes the result incomplete (missing) or unusable (refused);
 //! - presence is asked of the store, and where the store has a local filesystem tier of the
 //!   local files themselves (an index entry whose file vanished is dropped and counts as
 //!   missing, a file whose index entry a crash lost is adopted): a hit is a promise the client
@@ -20,7 +20,7 @@
 //! [`CompleteActionCache`] applies the rule over the async seams ([`ActionCache`], [`Store`]);
 //! the synchronous [`crate::EmbeddedActionCache::get`] (the executor's path) runs the very same
 //! code over its own blob store: the rule is written once, as an async function over
-//! [`BlobSource`], and the synchronous source never suspends, so it is driven to completion
+//! `BlobSource`, and the synchronous source never suspends, so it is driven to completion
 //! inline without any runtime.
 
 use std::collections::HashMap;
