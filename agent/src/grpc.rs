@@ -38,7 +38,10 @@ pub fn open(
     };
     config.execution.enabled = false;
     let server = Server::new(config).context("setting up the REAPI server")?;
-    let cas = server.state().cas.clone();
+    let cas = server
+        .embedded()
+        .expect("Server::new opens an embedded store")
+        .clone();
     Ok((server, cas))
 }
 
@@ -54,7 +57,7 @@ pub async fn spawn(
         .await
         .with_context(|| format!("binding REAPI gRPC on {addr}"))?;
     let bound = listener.local_addr()?;
-    let server = server.with_executor(executor);
+    let server = server.with_executor(executor)?;
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;

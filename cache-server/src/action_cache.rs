@@ -2,8 +2,9 @@
 //!
 //! - GetActionResult answers only *complete* hits: every output file, every file inside every
 //!   output directory's tree, the trees themselves, stdout and stderr must be in the CAS (the
-//!   store's completeness check, which also refreshes their LRU position); anything less is
-//!   `NOT_FOUND`, so a client never downloads a hit whose outputs are gone.
+//!   completeness layer of the given [`rba_cas::Stores`], `rba_cas::layers::complete`, which
+//!   also refreshes their LRU position); anything less is `NOT_FOUND`, so a client never
+//!   downloads a hit whose outputs are gone.
 //!   `inline_stdout`, `inline_stderr` and `inline_output_files` are honoured within the message
 //!   limit.
 //! - UpdateActionResult needs a read-write client. Inline contents (`stdout_raw`,
@@ -31,7 +32,8 @@
 
 use std::collections::HashSet;
 
-use rba_cas::{CasError, Digest, DigestFunction};
+use bytes::Bytes;
+use rba_cas::{ActionCache as _, CasError, Digest, DigestFunction, Store, Stores};
 use rba_proto::Message;
 use rba_proto::reapi::action_cache_server::ActionCache;
 use rba_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
@@ -44,7 +46,7 @@ use rba_executor::tenant::Tenant;
 
 use crate::auth;
 use crate::server::ServerState;
-use crate::status::{self, blocking};
+use crate::status;
 
 /// The ActionCache service.
 #[derive(Clone, Debug)]
@@ -75,58 +77,61 @@ impl ActionCacheService {
             request.digest_function,
             request.action_digest.as_ref(),
         )?;
-        let cas = self.state.cas.clone();
+        let stores = &self.state.stores;
         let budget = self.state.max_batch_total_size_bytes();
         let namespaces = readable_namespaces(&request.instance_name, &caller);
-        let shared = request.instance_name.clone();
-        let result = blocking(move || {
-            let mut found = None;
-            for namespace in &namespaces {
-                match cas.actions.get(namespace, &action) {
-                    // The shared namespace holds the executor's results for every tenant, but
-                    // only for one that holds the action's inputs (as Execute demands):
-                    // otherwise knowing an action digest would reveal the outputs of another
-                    // tenant's sources. A caller that lacks them misses, uploads, and is
-                    // served through Execute.
-                    Ok(Some(_))
-                        if *namespace == shared
-                            && scope != auth::ReadScope::Everything
-                            && !holds_inputs(&cas, &scope, &action)? => {}
-                    Ok(Some(result)) => {
-                        found = Some(result);
-                        break;
-                    }
-                    Ok(None) => {}
-                    // A stored result whose tree cannot be decoded is no usable hit.
-                    Err(e @ CasError::Invalid { .. }) => {
-                        tracing::warn!(?action, error = %e, "unusable action result");
-                    }
-                    Err(e) => return Err(status::from_cas(e)),
+        let shared = &request.instance_name;
+        let mut found = None;
+        for namespace in &namespaces {
+            // Complete hits only: the completeness layer checks every blob the result names.
+            match stores.actions().get(namespace, &action).await {
+                // The shared namespace holds the executor's results for every tenant, but only
+                // for one that holds the action's inputs (as Execute demands): otherwise
+                // knowing an action digest would reveal the outputs of another tenant's
+                // sources. A caller that lacks them misses, uploads, and is served through
+                // Execute.
+                Ok(Some(_))
+                    if namespace == shared
+                        && scope != auth::ReadScope::Everything
+                        && !holds_inputs(stores, &scope, &action).await? => {}
+                Ok(Some(result)) => {
+                    found = Some(result);
+                    break;
                 }
+                Ok(None) => {}
+                // A stored result whose tree cannot be decoded is no usable hit.
+                Err(e @ CasError::Invalid { .. }) => {
+                    tracing::warn!(?action, error = %e, "unusable action result");
+                }
+                Err(e) => return Err(status::from_cas(e)),
             }
-            let Some(result) = found else {
-                return Ok(None);
-            };
-            // Served to the caller: its blobs are the caller's to read from now on.
-            if scope != auth::ReadScope::Everything
-                && let Some(tenant) = grantee
-            {
-                let blobs = cas
-                    .actions
-                    .referenced_blobs(function, &result)
-                    .map_err(status::from_cas)?;
-                let trees = result
-                    .output_directories
-                    .iter()
-                    .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok());
-                let granted: Vec<Digest> = blobs.into_iter().chain(trees).collect();
-                cas.reads
-                    .grant(tenant.as_str(), &granted)
-                    .map_err(status::from_cas)?;
+        }
+        let result = match found {
+            None => None,
+            Some(result) => {
+                // Served to the caller: its blobs are the caller's to read from now on.
+                if scope != auth::ReadScope::Everything
+                    && let Some(tenant) = grantee
+                {
+                    let blobs = stores
+                        .actions()
+                        .referenced_blobs(function, &result)
+                        .await
+                        .map_err(status::from_cas)?;
+                    let trees = result
+                        .output_directories
+                        .iter()
+                        .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok());
+                    let granted: Vec<Digest> = blobs.into_iter().chain(trees).collect();
+                    stores
+                        .grants()
+                        .grant(tenant.as_str(), &granted)
+                        .await
+                        .map_err(status::from_cas)?;
+                }
+                Some(inline(stores.blobs().as_ref(), function, result, &request, budget).await)
             }
-            Ok(Some(inline(&cas.blobs, function, result, &request, budget)))
-        })
-        .await?;
+        };
         self.state.metrics.action_cache(result.is_some());
         result.ok_or_else(|| Status::not_found(format!("no complete action result for {action:?}")))
     }
@@ -155,7 +160,8 @@ impl ActionCacheService {
         let mut result = request
             .action_result
             .ok_or_else(|| Status::invalid_argument("missing action_result"))?;
-        let cas = self.state.cas.clone();
+        let stores = &self.state.stores;
+        let grants = stores.grants().as_ref();
         // The writer's own namespace: served to its tenant and to tokens that list it.
         let namespace = result_namespace(
             &request.instance_name,
@@ -163,60 +169,74 @@ impl ActionCacheService {
             Provenance::TenantState,
             true,
         );
-        blocking(move || {
-            let inlined = externalise_inline_contents(&cas.blobs, function, &mut result)?;
-            if let Some(tenant) = &grantee {
-                cas.reads
-                    .grant(tenant.as_str(), &inlined)
-                    .map_err(status::from_cas)?;
-            }
-            // A tree the writer may not read is missing to it (its listing is another's).
-            let trees: Vec<Digest> = result
-                .output_directories
-                .iter()
-                .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok())
-                .collect();
-            let hidden_trees = scope.not_readable(&cas, &trees)?;
-            if !hidden_trees.is_empty() {
+        let inlined =
+            externalise_inline_contents(stores.blobs().as_ref(), function, &mut result).await?;
+        if let Some(tenant) = &grantee {
+            grants
+                .grant(tenant.as_str(), &inlined)
+                .await
+                .map_err(status::from_cas)?;
+        }
+        // A tree the writer may not read is missing to it (its listing is another's).
+        let trees: Vec<Digest> = result
+            .output_directories
+            .iter()
+            .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok())
+            .collect();
+        let hidden_trees = scope.not_readable(grants, &trees).await?;
+        if !hidden_trees.is_empty() {
+            return Err(status::missing_blobs(
+                "an output directory's tree is not in the CAS",
+                &hidden_trees,
+            ));
+        }
+        let referenced = match stores.actions().referenced_blobs(function, &result).await {
+            Ok(referenced) => referenced,
+            Err(CasError::NotFound(tree)) => {
                 return Err(status::missing_blobs(
                     "an output directory's tree is not in the CAS",
-                    &hidden_trees,
+                    &[tree],
                 ));
             }
-            let referenced = match cas.actions.referenced_blobs(function, &result) {
-                Ok(referenced) => referenced,
-                Err(CasError::NotFound(tree)) => {
-                    return Err(status::missing_blobs("an output directory's tree is not in the CAS", &[tree]));
-                }
-                Err(e) => return Err(status::from_cas(e)),
-            };
-            let mut missing = cas.blobs.find_missing(&referenced).map_err(status::from_cas)?;
-            // A result may only name blobs its writer may read; otherwise whoever is served it
-            // would be granted another tenant's blobs. Unreadable ones are missing to it.
-            missing.extend(scope.not_readable(&cas, &referenced)?);
-            missing.sort_by_key(|d| d.hash_hex());
-            missing.dedup();
-            if !missing.is_empty() {
-                return Err(status::missing_blobs(
-                    format!("{} blob(s) the action result references are not in the CAS; upload them first", missing.len()),
-                    &missing,
-                ));
-            }
-            cas.actions.put(&namespace, &action, &result).map_err(status::from_cas)?;
-            Ok(result)
-        })
-        .await
+            Err(e) => return Err(status::from_cas(e)),
+        };
+        let mut missing = stores
+            .blobs()
+            .find_missing(&referenced)
+            .await
+            .map_err(status::from_cas)?;
+        // A result may only name blobs its writer may read; otherwise whoever is served it
+        // would be granted another tenant's blobs. Unreadable ones are missing to it.
+        missing.extend(scope.not_readable(grants, &referenced).await?);
+        missing.sort_by_key(|d| d.hash_hex());
+        missing.dedup();
+        if !missing.is_empty() {
+            return Err(status::missing_blobs(
+                format!(
+                    "{} blob(s) the action result references are not in the CAS; upload them first",
+                    missing.len()
+                ),
+                &missing,
+            ));
+        }
+        stores
+            .actions()
+            .put(&namespace, &action, &result)
+            .await
+            .map_err(status::from_cas)?;
+        Ok(result)
     }
 }
 
 /// Moves inline bytes of an uploaded result into the CAS (verifying any digest they come
-/// with) so that the stored result is small and its blobs are shared.
-fn externalise_inline_contents(
-    blobs: &rba_cas::BlobStore,
+/// with) so that the stored result is small and its blobs are shared. The blobs are written
+/// as one batch (group commit).
+async fn externalise_inline_contents(
+    blobs: &dyn Store,
     function: DigestFunction,
     result: &mut ActionResult,
 ) -> Result<Vec<Digest>, Status> {
-    let mut stored = Vec::new();
+    let mut batch: Vec<(Digest, Bytes)> = Vec::new();
     let mut store = |bytes: &[u8],
                      claimed: Option<&rba_proto::reapi::Digest>,
                      what: &str|
@@ -230,10 +250,7 @@ fn externalise_inline_contents(
                 )));
             }
         }
-        blobs
-            .put_verified(actual, bytes)
-            .map_err(status::from_cas)?;
-        stored.push(actual);
+        batch.push((actual, Bytes::copy_from_slice(bytes)));
         Ok(actual)
     };
     for file in &mut result.output_files {
@@ -257,20 +274,27 @@ fn externalise_inline_contents(
         result.stderr_digest = Some(digest.to_reapi());
         result.stderr_raw.clear();
     }
+    let stored: Vec<Digest> = batch.iter().map(|(digest, _)| *digest).collect();
+    if !batch.is_empty() {
+        for written in blobs.write_batch(batch).await {
+            written.map_err(status::from_cas)?;
+        }
+    }
     Ok(stored)
 }
 
 /// Whether `scope` may read the Action `action`, its Command and its whole input root.
-fn holds_inputs(
-    cas: &rba_cas::Cas,
+async fn holds_inputs(
+    stores: &Stores,
     scope: &auth::ReadScope,
     action: &Digest,
 ) -> Result<bool, Status> {
-    if !scope.not_readable(cas, &[*action])?.is_empty() {
+    let grants = stores.grants().as_ref();
+    if !scope.not_readable(grants, &[*action]).await?.is_empty() {
         return Ok(false);
     }
-    match crate::execution::input_digests(&cas.blobs, action) {
-        Ok(inputs) => Ok(scope.not_readable(cas, &inputs)?.is_empty()),
+    match crate::execution::input_digests(stores.blobs().as_ref(), action).await {
+        Ok(inputs) => Ok(scope.not_readable(grants, &inputs).await?.is_empty()),
         // Inputs gone or not an Action: nothing proves the caller holds them.
         Err(status)
             if matches!(
@@ -310,32 +334,49 @@ pub fn readable_namespaces(instance: &str, caller: &auth::Caller) -> Vec<String>
 
 /// Fills in what the client asked to be inlined, as long as the response stays within
 /// `budget` bytes. Blobs that vanished in the meantime are simply not inlined.
-fn inline(
-    blobs: &rba_cas::BlobStore,
+async fn inline(
+    blobs: &dyn Store,
     function: DigestFunction,
     mut result: ActionResult,
     request: &GetActionResultRequest,
     budget: usize,
 ) -> ActionResult {
     let mut remaining = budget.saturating_sub(result.encoded_len()) as u64;
-    let mut read = |digest: Option<&rba_proto::reapi::Digest>| -> Option<Vec<u8>> {
+    async fn read(
+        blobs: &dyn Store,
+        function: DigestFunction,
+        remaining: &mut u64,
+        digest: Option<&rba_proto::reapi::Digest>,
+    ) -> Option<Vec<u8>> {
         let digest = Digest::from_reapi(function, digest?).ok()?;
-        if digest.size == 0 || digest.size > remaining {
+        if digest.size == 0 || digest.size > *remaining {
             return None;
         }
-        let bytes = blobs.read_to_vec(&digest, remaining).ok()?;
-        remaining -= bytes.len() as u64;
+        let bytes = blobs.read_to_vec(&digest, *remaining).await.ok()?;
+        *remaining -= bytes.len() as u64;
         Some(bytes)
-    };
+    }
     if request.inline_stdout
         && result.stdout_raw.is_empty()
-        && let Some(bytes) = read(result.stdout_digest.as_ref())
+        && let Some(bytes) = read(
+            blobs,
+            function,
+            &mut remaining,
+            result.stdout_digest.as_ref(),
+        )
+        .await
     {
         result.stdout_raw = bytes;
     }
     if request.inline_stderr
         && result.stderr_raw.is_empty()
-        && let Some(bytes) = read(result.stderr_digest.as_ref())
+        && let Some(bytes) = read(
+            blobs,
+            function,
+            &mut remaining,
+            result.stderr_digest.as_ref(),
+        )
+        .await
     {
         result.stderr_raw = bytes;
     }
@@ -348,7 +389,8 @@ fn inline(
         for file in &mut result.output_files {
             if file.contents.is_empty()
                 && wanted.contains(file.path.as_str())
-                && let Some(bytes) = read(file.digest.as_ref())
+                && let Some(bytes) =
+                    read(blobs, function, &mut remaining, file.digest.as_ref()).await
             {
                 file.contents = bytes;
             }

@@ -266,16 +266,16 @@ impl ReadScope {
 
     /// Of `digests`, those this scope may not read, in the order given, without duplicates:
     /// one grants lookup for the whole batch.
-    pub fn not_readable(
+    pub async fn not_readable(
         &self,
-        cas: &rba_cas::Cas,
+        grants: &dyn rba_cas::Grants,
         digests: &[rba_cas::Digest],
     ) -> Result<Vec<rba_cas::Digest>, Status> {
         match self.tenants() {
             None => Ok(Vec::new()),
-            Some(tenants) => cas
-                .reads
+            Some(tenants) => grants
                 .not_readable_by_any(&tenants, digests)
+                .await
                 .map_err(crate::status::from_cas),
         }
     }

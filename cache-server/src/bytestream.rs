@@ -1,9 +1,12 @@
 //! `google.bytestream.ByteStream` over the CAS.
 //!
+//! Thin over the [`rba_cas::Stores`] the server was given (the `Store` and `Grants` seams).
+//!
 //! **Read** `{instance}/blobs/...` or `.../compressed-blobs/zstd/...` with `read_offset` and
-//! `read_limit` (for compressed reads both count compressed bytes). A blocking task streams the
-//! blob in 1 MiB messages through a channel of a few messages, so memory stays flat whatever
-//! the blob's size and a slow client slows the disk reads down rather than buffering.
+//! `read_limit` (for compressed reads both count compressed bytes). The store's chunk stream
+//! (`Store::read`) is sent in 1 MiB messages ([`READ_CHUNK`]) through a bounded channel, so
+//! memory stays flat whatever the blob's size and a slow client slows the reads down rather
+//! than buffering; compressed reads run the zstd encoder on a blocking task fed by that stream.
 //! Resource names that are not blobs go to an optional [`ReadSource`] (the executor's live
 //! stdout/stderr streams will plug in there). A blob the caller may not read
 //! ([`crate::auth::read_scope`]) is `NOT_FOUND`, like a missing one; `QueryWriteStatus` does
@@ -18,10 +21,15 @@
 //!   `committed_size` = its size (`-1` for compressed uploads), as REAPI specifies; one present
 //!   but not the caller's to read is received and hashed like a new one, and only a verified
 //!   upload grants the caller the blob (proof of possession);
-//! - a stream that breaks before `finish_write` leaves a resumable upload: `QueryWriteStatus`
-//!   reports its `committed_size`, and a new `Write` with that `write_offset` continues it.
-//!   Idle uploads are dropped (and their temporary files deleted) after
-//!   `upload_idle_timeout_secs`.
+//! - uploads are written into the store's local filesystem tier (`Store::local`), then, once
+//!   committed, published to every tier (`Store::publish_local`); a stream that breaks before
+//!   `finish_write` leaves a resumable upload there: `QueryWriteStatus` reports its
+//!   `committed_size`, and a new `Write` with that `write_offset` continues it. Idle uploads
+//!   are dropped (and their temporary files deleted) after `upload_idle_timeout_secs`;
+//! - a store without a local tier takes the upload through `Store::write` (verified by the
+//!   store; the bytes are hashed here too, so a blob already present proves possession just
+//!   the same), and such an upload is not resumable: a broken stream stores nothing and a
+//!   resumed `Write` is told to start again from offset 0.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -30,9 +38,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
-use rba_cas::{BlobStore, BlobWriter, Digest};
+use rba_cas::{BlobWriter, CasError, ChunkStream, Digest, Store};
 use rba_proto::bytestream::byte_stream_server::ByteStream;
 use rba_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
@@ -137,41 +146,61 @@ impl ByteStreamService {
         let BlobResource {
             digest, compressor, ..
         } = resource;
-        let cas = self.state.cas.clone();
-        let level = self.state.config.zstd_level;
+        let stores = &self.state.stores;
+        // A blob the caller may not read is answered as one that is not stored.
+        if !scope
+            .not_readable(stores.grants().as_ref(), &[digest])
+            .await?
+            .is_empty()
+        {
+            return Err(status::from_cas_read(CasError::NotFound(digest)));
+        }
         let metrics = self.state.metrics.clone();
-        let (tx, rx) = mpsc::channel(READ_QUEUE);
-        // Open first, so NOT_FOUND / OUT_OF_RANGE are the call's status rather than a stream error.
-        let source: Box<dyn Read + Send> = status::blocking(move || -> Result<Box<dyn Read + Send>, Status> {
-            // A blob the caller may not read is answered as one that is not stored.
-            if !scope.not_readable(&cas, &[digest])?.is_empty() {
-                return Err(status::from_cas_read(rba_cas::CasError::NotFound(digest)));
+        // Opened first, so NOT_FOUND / OUT_OF_RANGE are the call's status rather than a stream
+        // error.
+        match compressor {
+            Compressor::Identity => {
+                let chunks = stores
+                    .blobs()
+                    .read(&digest, offset, limit)
+                    .await
+                    .map_err(status::from_cas_read)?;
+                let (tx, rx) = mpsc::channel(READ_QUEUE);
+                tokio::spawn(forward(chunks, tx, metrics));
+                Ok(Box::pin(ReceiverStream::new(rx)))
             }
-            let blobs = &cas.blobs;
-            match compressor {
-                Compressor::Identity => {
-                    Ok(Box::new(blobs.reader(&digest, offset, limit).map_err(status::from_cas_read)?))
-                }
-                Compressor::Zstd => {
-                    let reader = blobs.reader(&digest, 0, 0).map_err(status::from_cas_read)?;
+            Compressor::Zstd => {
+                let chunks = stores
+                    .blobs()
+                    .read(&digest, 0, 0)
+                    .await
+                    .map_err(status::from_cas_read)?;
+                let level = self.state.config.zstd_level;
+                // The encoder is CPU work: a blocking task, fed by the store's stream.
+                let source = status::blocking(move || -> Result<Box<dyn Read + Send>, Status> {
+                    let reader = ChunkReader::new(chunks);
                     let mut encoder = zstd::stream::read::Encoder::new(reader, level)
                         .map_err(|e| Status::internal(format!("zstd: {e}")))?;
-                    let skipped = std::io::copy(&mut (&mut encoder).take(offset), &mut std::io::sink())
-                        .map_err(|e| status::from_read_io(&digest, e))?;
+                    let skipped =
+                        std::io::copy(&mut (&mut encoder).take(offset), &mut std::io::sink())
+                            .map_err(|e| status::from_read_io(&digest, e))?;
                     if skipped < offset {
                         return Err(Status::out_of_range(format!(
                             "read_offset {offset} is past the end of the {skipped}-byte compressed stream"
                         )));
                     }
-                    let limited: Box<dyn Read + Send> =
-                        if limit == 0 { Box::new(encoder) } else { Box::new(encoder.take(limit)) };
-                    Ok(limited)
-                }
+                    Ok(if limit == 0 {
+                        Box::new(encoder)
+                    } else {
+                        Box::new(encoder.take(limit))
+                    })
+                })
+                .await?;
+                let (tx, rx) = mpsc::channel(READ_QUEUE);
+                tokio::task::spawn_blocking(move || pump(source, digest, tx, &metrics));
+                Ok(Box::pin(ReceiverStream::new(rx)))
             }
-        })
-        .await?;
-        tokio::task::spawn_blocking(move || pump(source, digest, tx, &metrics));
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        }
     }
 
     async fn write_blob(
@@ -198,25 +227,19 @@ impl ByteStreamService {
                 first.write_offset
             )));
         }
-        let cas = self.state.cas.clone();
-        let blobs = cas.blobs.clone();
+        let stores = self.state.stores.clone();
+        let blobs = stores.blobs().clone();
         // Present and readable: nothing to prove. Present but another tenant's: the bytes must
         // come in and be verified (the sink hashes them) before the caller is granted the blob.
-        if blobs.contains(&digest).map_err(status::from_cas)?
-            && scope.not_readable(&cas, &[digest])?.is_empty()
+        if blobs.contains(&digest).await.map_err(status::from_cas)?
+            && scope
+                .not_readable(stores.grants().as_ref(), &[digest])
+                .await?
+                .is_empty()
         {
             self.state.uploads.forget(&upload.key);
             return Ok(already());
         }
-        let grant = |tenant: &Option<rba_executor::tenant::Tenant>| -> Result<(), Status> {
-            match tenant {
-                Some(tenant) => cas
-                    .reads
-                    .grant(tenant.as_str(), [&digest])
-                    .map_err(status::from_cas),
-                None => Ok(()),
-            }
-        };
         let sink = self
             .state
             .uploads
@@ -275,20 +298,40 @@ impl ByteStreamService {
         match outcome {
             WriteOutcome::Committed { wire_received } => {
                 self.state.uploads.forget(&upload.key);
+                // Written into the local tier: now into every tier, so other processes see it.
+                blobs
+                    .publish_local(&[digest])
+                    .await
+                    .map_err(status::from_cas)?;
                 // Verified against the digest: the caller holds these bytes.
-                grant(&grantee)?;
+                if let Some(tenant) = &grantee {
+                    stores
+                        .grants()
+                        .grant(tenant.as_str(), &[digest])
+                        .await
+                        .map_err(status::from_cas)?;
+                }
                 Ok(WriteResponse {
                     committed_size: wire_received as i64,
                 })
             }
             WriteOutcome::Failed(error) => {
                 self.state.uploads.forget(&upload.key);
-                if blobs.contains(&digest).unwrap_or(false)
+                if blobs.contains(&digest).await.unwrap_or(false)
                     && error.code() != tonic::Code::InvalidArgument
                 {
                     return Ok(already());
                 }
                 Err(error)
+            }
+            WriteOutcome::Interrupted(sink) if !sink.resumable() => {
+                self.state.uploads.forget(&upload.key);
+                drop(sink); // the store's write is told the stream broke: nothing is stored
+                Err(Status::invalid_argument(format!(
+                    "write stream ended before finish_write; the {} store takes no resumable \
+                     uploads: write again from offset 0",
+                    blobs.backend()
+                )))
             }
             WriteOutcome::Interrupted(sink) => {
                 let committed = sink.wire_received;
@@ -300,7 +343,7 @@ impl ByteStreamService {
         }
     }
 
-    fn query(
+    async fn query(
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<QueryWriteStatusResponse, Status> {
@@ -308,14 +351,17 @@ impl ByteStreamService {
         let scope = auth::read_scope(&request);
         let upload = resource_name::parse_write(&request.get_ref().resource_name)?;
         let digest = upload.blob.digest;
+        let stores = &self.state.stores;
         // A blob the caller may not read is not "complete" to it (no existence leak).
-        if self
-            .state
-            .cas
-            .blobs
+        if stores
+            .blobs()
             .contains(&digest)
+            .await
             .map_err(status::from_cas)?
-            && scope.not_readable(&self.state.cas, &[digest])?.is_empty()
+            && scope
+                .not_readable(stores.grants().as_ref(), &[digest])
+                .await?
+                .is_empty()
         {
             return Ok(QueryWriteStatusResponse {
                 committed_size: digest.size as i64,
@@ -334,6 +380,86 @@ impl ByteStreamService {
 /// must name the same upload.
 fn same_upload(upload: &UploadResource, name: &str) -> bool {
     resource_name::parse_write(name).is_ok_and(|other| other.key == upload.key)
+}
+
+/// Sends a store's chunk stream as ReadResponses of [`READ_CHUNK`] bytes (the last one
+/// shorter) until it ends, the client leaves, or reading fails.
+async fn forward(
+    mut chunks: ChunkStream,
+    tx: mpsc::Sender<Result<ReadResponse, Status>>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let chunk = match chunks.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                let _ = tx.send(Err(status::from_cas_read(e))).await;
+                return;
+            }
+            None => break,
+        };
+        let mut chunk: Bytes = chunk;
+        while !chunk.is_empty() {
+            // A whole message straight from the store: no copy.
+            let data = if pending.is_empty() && chunk.len() >= READ_CHUNK {
+                Vec::from(chunk.split_to(READ_CHUNK))
+            } else {
+                let take = (READ_CHUNK - pending.len()).min(chunk.len());
+                pending.extend_from_slice(&chunk.split_to(take));
+                if pending.len() < READ_CHUNK {
+                    continue;
+                }
+                std::mem::take(&mut pending)
+            };
+            metrics.sent(data.len() as u64);
+            if tx.send(Ok(ReadResponse { data })).await.is_err() {
+                return; // client went away
+            }
+        }
+    }
+    if !pending.is_empty() {
+        metrics.sent(pending.len() as u64);
+        let _ = tx.send(Ok(ReadResponse { data: pending })).await;
+    }
+}
+
+/// A store's chunk stream as a blocking `Read`, for the zstd encoder's blocking task (the
+/// stream is polled on that thread; its chunks come from the store's own tasks).
+struct ChunkReader {
+    chunks: ChunkStream,
+    current: Bytes,
+}
+
+impl ChunkReader {
+    fn new(chunks: ChunkStream) -> Self {
+        ChunkReader {
+            chunks,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match futures::executor::block_on(self.chunks.next()) {
+                Some(Ok(chunk)) => self.current = chunk,
+                // A stored blob shorter than its digest reads as one (DATA_LOSS, not INTERNAL).
+                Some(Err(e @ CasError::SizeMismatch { .. })) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        e.to_string(),
+                    ));
+                }
+                Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
 }
 
 /// Streams `source` as ReadResponses until it ends, the client leaves, or reading fails.
@@ -382,10 +508,109 @@ enum WriteOutcome {
     Interrupted(Box<UploadSink>),
 }
 
-/// An upload in progress: the store's writer (temp file + hasher), the zstd decoder for
-/// compressed uploads, and how many wire bytes were accepted.
+/// Where an upload's bytes go.
+enum Target {
+    /// The store's local tier: a temp file + hasher, kept across interruptions (resumable).
+    Local(BlobWriter),
+    /// A store without a local tier: a `Store::write` fed chunk by chunk (not resumable).
+    Through(Through),
+}
+
+/// A `Store::write` running on its own task, fed through a channel.
+struct Through {
+    digest: Digest,
+    received: u64,
+    tx: Option<mpsc::Sender<rba_cas::Result<Bytes>>>,
+    /// Set by `commit` only: a channel closed without it is an abandoned upload, and the
+    /// store is told so (an error ends its stream) rather than shown a clean end.
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    task: Option<tokio::task::JoinHandle<rba_cas::Result<()>>>,
+}
+
+impl Through {
+    /// Starts the store's write (on the current runtime).
+    fn start(store: Arc<dyn Store>, digest: Digest) -> Self {
+        let (tx, mut rx) = mpsc::channel::<rba_cas::Result<Bytes>>(WRITE_QUEUE);
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done, mut ended) = (finished.clone(), false);
+        let chunks: ChunkStream = futures::stream::poll_fn(move |cx| match rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) if !ended && !done.load(Ordering::Acquire) => {
+                ended = true;
+                std::task::Poll::Ready(Some(Err(CasError::Unavailable(format!(
+                    "upload of {digest:?} abandoned before finish_write"
+                )))))
+            }
+            other => other,
+        })
+        .boxed();
+        let task = tokio::spawn(async move { store.write(digest, chunks).await });
+        Through {
+            digest,
+            received: 0,
+            tx: Some(tx),
+            finished,
+            task: Some(task),
+        }
+    }
+
+    /// The store's verdict once its write ended.
+    fn outcome(&mut self) -> Result<(), Status> {
+        let task = self.task.take().expect("a write's outcome is taken once");
+        match futures::executor::block_on(task) {
+            Ok(result) => result.map_err(status::from_cas),
+            Err(e) => Err(Status::internal(format!("store write task failed: {e}"))),
+        }
+    }
+
+    fn write_chunk(&mut self, bytes: &[u8]) -> Result<(), Status> {
+        let after = self.received + bytes.len() as u64;
+        if after > self.digest.size {
+            return Err(status::from_cas(CasError::SizeMismatch {
+                expected: self.digest,
+                actual: after,
+            }));
+        }
+        self.received = after;
+        let tx = self.tx.as_ref().expect("written before commit");
+        if tx.blocking_send(Ok(Bytes::copy_from_slice(bytes))).is_err() {
+            // The store's write ended early: its error is the one to report.
+            self.tx = None;
+            return self.outcome().and(Err(Status::internal(format!(
+                "the store stopped reading {:?} early",
+                self.digest
+            ))));
+        }
+        Ok(())
+    }
+
+    fn commit(mut self) -> Result<(), Status> {
+        // The end of the stream: the store verifies and publishes.
+        self.finished.store(true, Ordering::Release);
+        self.tx = None;
+        self.outcome()
+    }
+}
+
+impl Target {
+    fn write_chunk(&mut self, bytes: &[u8]) -> Result<(), Status> {
+        match self {
+            Target::Local(writer) => writer.write_chunk(bytes).map_err(status::from_cas),
+            Target::Through(through) => through.write_chunk(bytes),
+        }
+    }
+
+    fn commit(self) -> Result<(), Status> {
+        match self {
+            Target::Local(writer) => writer.commit().map(|_| ()).map_err(status::from_cas),
+            Target::Through(through) => through.commit(),
+        }
+    }
+}
+
+/// An upload in progress: where its bytes go (the local tier's writer, or the store's own
+/// write), the zstd decoder for compressed uploads, and how many wire bytes were accepted.
 pub struct UploadSink {
-    writer: BlobWriter,
+    target: Target,
     decoder: Option<zstd::stream::raw::Decoder<'static>>,
     out: Vec<u8>,
     /// Wire (possibly compressed) bytes accepted so far: the resumable `committed_size`.
@@ -401,11 +626,21 @@ pub struct UploadSink {
 }
 
 impl UploadSink {
-    fn new(blobs: &BlobStore, resource: &BlobResource) -> Result<Self, Status> {
-        let writer = blobs.writer(resource.digest).map_err(status::from_cas)?;
-        let verify = writer
-            .already_present()
-            .then(|| resource.digest.function.hasher());
+    fn new(store: &Arc<dyn Store>, resource: &BlobResource) -> Result<Self, Status> {
+        let (target, hash_here) = match store.local() {
+            Some(local) => {
+                let writer = local.writer(resource.digest).map_err(status::from_cas)?;
+                let present = writer.already_present();
+                (Target::Local(writer), present)
+            }
+            // The store verifies what it stores; hashing here too covers a blob it already
+            // holds (proof of possession whatever the backend).
+            None => (
+                Target::Through(Through::start(store.clone(), resource.digest)),
+                true,
+            ),
+        };
+        let verify = hash_here.then(|| resource.digest.function.hasher());
         let decoder = match resource.compressor {
             Compressor::Identity => None,
             Compressor::Zstd => {
@@ -420,7 +655,7 @@ impl UploadSink {
             }
         };
         Ok(UploadSink {
-            writer,
+            target,
             decoder,
             out: if resource.compressor == Compressor::Zstd {
                 vec![0u8; 256 << 10]
@@ -459,7 +694,7 @@ impl UploadSink {
     fn write(&mut self, data: &[u8]) -> Result<(), Status> {
         match &mut self.decoder {
             None => {
-                self.writer.write_chunk(data).map_err(status::from_cas)?;
+                self.target.write_chunk(data)?;
                 if let Some(hasher) = &mut self.verify {
                     hasher.update(data);
                 }
@@ -477,9 +712,7 @@ impl UploadSink {
                     })?;
                     let produced = output.pos();
                     self.frame_complete = hint == 0;
-                    self.writer
-                        .write_chunk(&self.out[..produced])
-                        .map_err(status::from_cas)?;
+                    self.target.write_chunk(&self.out[..produced])?;
                     if let Some(hasher) = &mut self.verify {
                         hasher.update(&self.out[..produced]);
                     }
@@ -510,7 +743,12 @@ impl UploadSink {
                 )));
             }
         }
-        self.writer.commit().map(|_| ()).map_err(status::from_cas)
+        self.target.commit()
+    }
+
+    /// Whether an interrupted upload can be parked and resumed (only in a local tier).
+    fn resumable(&self) -> bool {
+        matches!(self.target, Target::Local(_))
     }
 }
 
@@ -560,7 +798,7 @@ impl Uploads {
         &self,
         upload: &UploadResource,
         offset: u64,
-        blobs: &BlobStore,
+        blobs: &Arc<dyn Store>,
     ) -> Result<UploadSink, Status> {
         let mut slots = self.slots.lock();
         let sink = match slots.remove(&upload.key) {
@@ -674,7 +912,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let result = self.query(request);
+        let result = self.query(request).await;
         self.state.metrics.request("QueryWriteStatus", &result);
         result.map(Response::new)
     }

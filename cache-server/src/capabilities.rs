@@ -65,7 +65,7 @@ pub fn server_capabilities(state: &ServerState, update_enabled: bool) -> ServerC
             symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
             supported_compressors: zstd.clone(),
             supported_batch_update_compressors: zstd,
-            max_cas_blob_size_bytes: state.cas.blobs.config().max_bytes.min(i64::MAX as u64) as i64,
+            max_cas_blob_size_bytes: state.config.store.max_bytes.min(i64::MAX as u64) as i64,
             split_blob_support: false,
             splice_blob_support: false,
             fast_cdc_2020_params: None,

@@ -1,11 +1,16 @@
 //! `build.bazel.remote.execution.v2.ContentAddressableStorage`.
 //!
-//! - FindMissingBlobs: answered by the store's index alone (no filesystem access), and refreshes the LRU position of the
-//!   blobs that are present, as the spec asks.
-//! - BatchUpdateBlobs: each blob verified (size and hash) before it becomes visible, zstd
-//!   decompressed as it streams into the store (bounded memory whatever the claimed size),
-//!   then the whole batch made durable and published together (group commit: one sync for
-//!   the batch, not one per blob), per-blob statuses; a request whose payload exceeds the advertised
+//! Thin over the [`rba_cas::Stores`] the server was given: every call goes through the
+//! `Store` and `Grants` seams, whatever the backend.
+//!
+//! - FindMissingBlobs: answered by the store's index alone (`Store::find_missing_and_touch`),
+//!   and refreshes the LRU position of the blobs that are present, as the spec asks.
+//! - BatchUpdateBlobs: zstd entries decompressed with a bound (never past their digest's size,
+//!   and at most [`DECODED_BATCH_FACTOR`] times the batch limit in all, so a few bytes cannot
+//!   claim gigabytes of memory), each blob verified (size and hash) before it becomes visible,
+//!   also when it is already present (a lying client is told so and earns no grant), then the
+//!   batch handed to `Store::write_batch` (group commit: one sync for the batch, not one per
+//!   blob), per-blob statuses; a request whose payload exceeds the advertised
 //!   `max_batch_total_size_bytes` is `INVALID_ARGUMENT`.
 //! - BatchReadBlobs: per-blob statuses, zstd when the client accepts it, the same limit.
 //! - GetTree: breadth-first over `Directory` blobs, each distinct directory once, missing
@@ -22,9 +27,10 @@ use std::collections::{HashSet, VecDeque};
 use std::io::Read;
 use std::pin::Pin;
 
-use futures::Stream;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use rayon::prelude::*;
-use rba_cas::{BlobStore, CasError, Digest, DigestFunction, StagedBlob};
+use rba_cas::{CasError, Digest, DigestFunction, Store, Stores};
 use rba_proto::Message;
 use rba_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use rba_proto::reapi::{
@@ -44,8 +50,12 @@ use crate::server::ServerState;
 use crate::status::{self, blocking};
 use crate::{auth, resource_name};
 
-/// Finds with at most this many digests run inline; larger ones on the blocking pool.
-const INLINE_FIND_LIMIT: usize = 16;
+/// BatchUpdateBlobs decompresses at most this many times `max_batch_total_size_bytes` per
+/// request (claimed sizes, counted before decoding); compressed entries past it fail alone
+/// (send them through ByteStream).
+pub const DECODED_BATCH_FACTOR: u64 = 16;
+/// BatchReadBlobs reads this many blobs concurrently.
+const READ_CONCURRENCY: usize = 16;
 /// Framing bytes a BatchReadBlobs response adds per blob (digest, status, tags), an upper bound.
 const READ_ENTRY_OVERHEAD: usize = 128;
 /// Default and largest GetTree page, in directories.
@@ -54,9 +64,8 @@ const MAX_TREE_PAGE: usize = 10_000;
 /// Largest `Directory` blob GetTree decodes.
 const MAX_DIRECTORY_BYTES: u64 = 16 << 20;
 
-/// Threads for batch blob I/O. Staging a small blob is mostly waiting on the filesystem
-/// (create, write, chmod), so more threads than cores keep the disk busy; the batch's syncs
-/// and renames then happen once, in [`BlobStore::publish`].
+/// Threads for the batch calls' codec work (zstd, hashing of blobs already present); the store
+/// does its own I/O behind the seam.
 fn io_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
@@ -65,9 +74,9 @@ fn io_pool() -> &'static rayon::ThreadPool {
             .unwrap_or(2);
         rayon::ThreadPoolBuilder::new()
             .num_threads((cores * 2).clamp(4, 32))
-            .thread_name(|i| format!("cas-batch-io-{i}"))
+            .thread_name(|i| format!("cas-batch-codec-{i}"))
             .build()
-            .expect("batch I/O thread pool")
+            .expect("batch codec thread pool")
     })
 }
 
@@ -97,38 +106,35 @@ impl CasService {
             .iter()
             .map(|d| status::digest(function, d))
             .collect::<Result<Vec<_>, _>>()?;
-        let cas = self.state.cas.clone();
-        let find = move || -> Result<Vec<Digest>, Status> {
-            let blobs = &cas.blobs;
-            // Present blobs were just asked about: a build is about to use them (touched).
-            let mut missing = blobs
-                .find_missing_and_touch(&digests)
-                .map_err(status::from_cas)?;
-            // Present but not the caller's to read: missing to it, so a client that really
-            // holds the bytes uploads them and earns the grant (proof of possession).
-            if scope != auth::ReadScope::Everything {
-                let mut hidden: HashSet<Digest> = missing.iter().copied().collect();
-                let present: Vec<Digest> = digests
-                    .iter()
-                    .filter(|d| !hidden.contains(d))
-                    .copied()
-                    .collect();
-                hidden.extend(scope.not_readable(&cas, &present)?);
-                // In the order asked, so the answer does not tell the two kinds apart.
-                missing = digests
-                    .iter()
-                    .filter(|d| hidden.remove(d))
-                    .copied()
-                    .collect();
-            }
-            Ok(missing)
-        };
+        let stores = &self.state.stores;
+        // Present blobs were just asked about: a build is about to use them (touched).
+        let mut missing = stores
+            .blobs()
+            .find_missing_and_touch(&digests)
+            .await
+            .map_err(status::from_cas)?;
+        // Present but not the caller's to read: missing to it, so a client that really holds
+        // the bytes uploads them and earns the grant (proof of possession).
+        if scope != auth::ReadScope::Everything {
+            let mut hidden: HashSet<Digest> = missing.iter().copied().collect();
+            let present: Vec<Digest> = digests
+                .iter()
+                .filter(|d| !hidden.contains(d))
+                .copied()
+                .collect();
+            hidden.extend(
+                scope
+                    .not_readable(stores.grants().as_ref(), &present)
+                    .await?,
+            );
+            // In the order asked, so the answer does not tell the two kinds apart.
+            missing = digests
+                .iter()
+                .filter(|d| hidden.remove(d))
+                .copied()
+                .collect();
+        }
         let asked = request.blob_digests.len() as u64;
-        let missing = if request.blob_digests.len() <= INLINE_FIND_LIMIT {
-            find()?
-        } else {
-            blocking(find).await?
-        };
         self.state.metrics.lookups(
             asked.saturating_sub(missing.len() as u64),
             missing.len() as u64,
@@ -155,68 +161,102 @@ impl CasService {
             )));
         }
         self.state.metrics.received(payload as u64);
-        let cas = self.state.cas.clone();
-        let blobs = cas.blobs.clone();
-        let responses = blocking(move || {
-            // Group commit: every blob is written and verified in parallel, then the batch is
-            // made durable and published at once (one sync per phase, not one per blob).
-            let staged: Vec<Result<StagedBlob, Status>> = io_pool().install(|| {
+        let stores = self.state.stores.clone();
+        let wires: Vec<Option<rba_proto::reapi::Digest>> =
+            request.requests.iter().map(|e| e.digest.clone()).collect();
+        // Which claimed blobs are present already: their bytes are hashed here (the store only
+        // counts them), so a client lying about a present blob is refused all the same.
+        let claimed: Vec<Digest> = wires
+            .iter()
+            .filter_map(|d| status::digest(function, d.as_ref()?).ok())
+            .collect();
+        let absent: HashSet<Digest> = stores
+            .blobs()
+            .find_missing(&claimed)
+            .await
+            .map_err(status::from_cas)?
+            .into_iter()
+            .collect();
+        // Decompression, bounded in all (claimed sizes, before decoding anything).
+        let mut budget = (limit as u64).saturating_mul(DECODED_BATCH_FACTOR);
+        let within: Vec<bool> = request
+            .requests
+            .iter()
+            .map(|entry| {
+                if entry.compressor == rba_proto::reapi::compressor::Value::Identity as i32 {
+                    return true;
+                }
+                let size = entry
+                    .digest
+                    .as_ref()
+                    .map_or(0, |d| d.size_bytes.max(0) as u64);
+                let fits = size <= budget;
+                if fits {
+                    budget -= size;
+                }
+                fits
+            })
+            .collect();
+        let decoded: Vec<Result<(Digest, Bytes), Status>> = blocking(move || {
+            Ok(io_pool().install(|| {
                 request
                     .requests
-                    .par_iter()
-                    .map(|entry| stage_entry(&blobs, function, entry))
+                    .into_par_iter()
+                    .zip(within)
+                    .map(|(entry, within)| decode_entry(function, entry, within, &absent))
                     .collect()
-            });
-            let mut to_publish = Vec::new();
-            let mut outcomes: Vec<Option<Result<(), Status>>> = staged
-                .into_iter()
-                .map(|result| match result {
-                    Ok(blob) => {
-                        to_publish.push(blob);
-                        None
-                    }
-                    Err(status) => Some(Err(status)),
-                })
-                .collect();
-            let mut published = blobs.publish(to_publish).into_iter();
-            for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
-                let result = published.next().expect("one result per staged blob");
-                *outcome = Some(result.map(|_| ()).map_err(status::from_cas));
-            }
-            let responses: Vec<_> = request
-                .requests
-                .into_iter()
-                .zip(outcomes)
-                .map(|(entry, outcome)| {
-                    let result = outcome.expect("every entry has an outcome");
-                    if let Err(status) = &result {
-                        tracing::debug!(code = ?status.code(), message = status.message(), "batch update entry refused");
-                    }
-                    batch_update_blobs_response::Response {
-                        digest: entry.digest,
-                        status: Some(match result {
-                            Ok(()) => status::rpc_ok(),
-                            Err(status) => status::to_rpc(&status),
-                        }),
-                    }
-                })
-                .collect();
-            // The caller proved it holds the bytes of every blob stored (verified against its
-            // digest, also when already present): one grant for the request.
-            if let Some(tenant) = grantee {
-                let stored: Vec<Digest> = responses
-                    .iter()
-                    .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
-                    .filter_map(|r| r.digest.as_ref())
-                    .filter_map(|d| status::digest(function, d).ok())
-                    .collect();
-                cas.reads
-                    .grant(tenant.as_str(), &stored)
-                    .map_err(status::from_cas)?;
-            }
-            Ok(responses)
+            }))
         })
         .await?;
+        let mut to_write = Vec::new();
+        let mut outcomes: Vec<Option<Result<(), Status>>> = decoded
+            .into_iter()
+            .map(|entry| match entry {
+                Ok(blob) => {
+                    to_write.push(blob);
+                    None
+                }
+                Err(status) => Some(Err(status)),
+            })
+            .collect();
+        // Group commit: the batch is made durable and visible at once.
+        let mut written = stores.blobs().write_batch(to_write).await.into_iter();
+        for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+            let result = written.next().expect("one result per blob written");
+            *outcome = Some(result.map_err(status::from_cas));
+        }
+        let responses: Vec<_> = wires
+            .into_iter()
+            .zip(outcomes)
+            .map(|(digest, outcome)| {
+                let result = outcome.expect("every entry has an outcome");
+                if let Err(status) = &result {
+                    tracing::debug!(code = ?status.code(), message = status.message(), "batch update entry refused");
+                }
+                batch_update_blobs_response::Response {
+                    digest,
+                    status: Some(match result {
+                        Ok(()) => status::rpc_ok(),
+                        Err(status) => status::to_rpc(&status),
+                    }),
+                }
+            })
+            .collect();
+        // The caller proved it holds the bytes of every blob stored (verified against its
+        // digest, also when already present): one grant for the request.
+        if let Some(tenant) = grantee {
+            let stored: Vec<Digest> = responses
+                .iter()
+                .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+                .filter_map(|r| r.digest.as_ref())
+                .filter_map(|d| status::digest(function, d).ok())
+                .collect();
+            stores
+                .grants()
+                .grant(tenant.as_str(), &stored)
+                .await
+                .map_err(status::from_cas)?;
+        }
         Ok(BatchUpdateBlobsResponse { responses })
     }
 
@@ -251,62 +291,75 @@ impl CasService {
                 self.state.config.max_message_bytes
             )));
         }
-        let cas = self.state.cas.clone();
+        let stores = &self.state.stores;
         let level = self.state.config.zstd_level;
-        let responses = blocking(move || {
-            let blobs = &cas.blobs;
-            let wanted: Vec<Digest> = request
-                .digests
-                .iter()
-                .filter_map(|d| status::digest(function, d).ok())
-                .collect();
-            let refused: HashSet<Digest> = scope.not_readable(&cas, &wanted)?.into_iter().collect();
-            Ok(request
-                .digests
-                .into_par_iter()
-                .map(|wire| {
-                    let read = status::digest(function, &wire).and_then(|digest| {
-                        if refused.contains(&digest) {
-                            // The same answer as for a blob that is not stored.
-                            return Err(status::from_cas_read(CasError::NotFound(digest)));
-                        }
-                        blobs
-                            .read_to_vec(&digest, limit)
-                            .map_err(status::from_cas_read)
-                    });
-                    match read {
-                        Ok(data) if zstd_ok && data.len() > 64 => {
-                            match zstd::bulk::compress(&data, level) {
-                                Ok(compressed) => batch_read_blobs_response::Response {
-                                    digest: Some(wire),
-                                    data: compressed,
-                                    compressor: Compressor::Zstd.to_reapi(),
-                                    status: Some(status::rpc_ok()),
-                                },
-                                Err(e) => {
-                                    read_failure(wire, Status::internal(format!("zstd: {e}")))
-                                }
-                            }
-                        }
-                        Ok(data) => batch_read_blobs_response::Response {
+        let wanted: Vec<Digest> = request
+            .digests
+            .iter()
+            .filter_map(|d| status::digest(function, d).ok())
+            .collect();
+        let refused: HashSet<Digest> = scope
+            .not_readable(stores.grants().as_ref(), &wanted)
+            .await?
+            .into_iter()
+            .collect();
+        let (refused, blobs) = (&refused, stores.blobs().as_ref());
+        let reads: Vec<(rba_proto::reapi::Digest, Result<Vec<u8>, Status>)> =
+            futures::stream::iter(request.digests.into_iter().map(|wire| async move {
+                let read = match status::digest(function, &wire) {
+                    // The same answer as for a blob that is not stored.
+                    Ok(digest) if refused.contains(&digest) => {
+                        Err(status::from_cas_read(CasError::NotFound(digest)))
+                    }
+                    Ok(digest) => blobs
+                        .read_to_vec(&digest, limit)
+                        .await
+                        .map_err(status::from_cas_read),
+                    Err(status) => Err(status),
+                };
+                (wire, read)
+            }))
+            .buffered(READ_CONCURRENCY)
+            .collect()
+            .await;
+        let respond =
+            move |(wire, read): (rba_proto::reapi::Digest, Result<Vec<u8>, Status>)| match read {
+                Ok(data) if zstd_ok && data.len() > 64 => {
+                    match zstd::bulk::compress(&data, level) {
+                        Ok(compressed) => batch_read_blobs_response::Response {
                             digest: Some(wire),
-                            data,
-                            compressor: Compressor::Identity.to_reapi(),
+                            data: compressed,
+                            compressor: Compressor::Zstd.to_reapi(),
                             status: Some(status::rpc_ok()),
                         },
-                        Err(status) => read_failure(wire, status),
+                        Err(e) => read_failure(wire, Status::internal(format!("zstd: {e}"))),
                     }
-                })
-                .collect::<Vec<_>>())
-        })
-        .await?;
+                }
+                Ok(data) => batch_read_blobs_response::Response {
+                    digest: Some(wire),
+                    data,
+                    compressor: Compressor::Identity.to_reapi(),
+                    status: Some(status::rpc_ok()),
+                },
+                Err(status) => read_failure(wire, status),
+            };
+        // Compression is CPU work: on the codec pool, in parallel.
+        let responses = if zstd_ok {
+            blocking(move || Ok(io_pool().install(|| reads.into_par_iter().map(respond).collect())))
+                .await?
+        } else {
+            reads.into_iter().map(respond).collect::<Vec<_>>()
+        };
         self.state
             .metrics
             .sent(responses.iter().map(|r| r.data.len() as u64).sum());
         Ok(BatchReadBlobsResponse { responses })
     }
 
-    fn get_tree_stream(&self, request: Request<GetTreeRequest>) -> Result<TreeStream, Status> {
+    async fn get_tree_stream(
+        &self,
+        request: Request<GetTreeRequest>,
+    ) -> Result<TreeStream, Status> {
         auth::require_read(&request)?;
         let scope = auth::read_scope(&request);
         let request = request.into_inner();
@@ -329,28 +382,32 @@ impl CasService {
         };
         // Room for the page token and framing.
         let page_bytes = self.state.config.max_message_bytes - (16 << 10);
-        let cas = self.state.cas.clone();
-        let blobs = cas.blobs.clone();
+        let stores = self.state.stores.clone();
         // Root first, so a missing root is NOT_FOUND on the call itself. A root the caller may
         // not read is missing to it.
         let not_found = || Status::not_found(format!("tree root {root:?} is not in the CAS"));
-        if !scope.not_readable(&cas, &[root])?.is_empty() {
+        if !scope
+            .not_readable(stores.grants().as_ref(), &[root])
+            .await?
+            .is_empty()
+        {
             return Err(not_found());
         }
-        let root_directory = read_directory(&blobs, &root)?.ok_or_else(not_found)?;
+        let root_directory = read_directory(stores.blobs().as_ref(), &root)
+            .await?
+            .ok_or_else(not_found)?;
         let (tx, rx) = mpsc::channel(2);
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let walker = TreeWalker {
-                blobs,
-                cas,
+                stores,
                 scope,
                 function,
                 page_size,
                 page_bytes,
                 skip,
             };
-            if let Err(status) = walker.walk(root, root_directory, &tx) {
-                let _ = tx.blocking_send(Err(status));
+            if let Err(status) = walker.walk(root, root_directory, &tx).await {
+                let _ = tx.send(Err(status)).await;
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
@@ -369,15 +426,17 @@ fn read_failure(
     }
 }
 
-/// Stores one BatchUpdateBlobs entry, verified.
-/// Writes and verifies one BatchUpdateBlobs entry, ready to publish with the rest.
-fn stage_entry(
-    blobs: &BlobStore,
+/// Decodes one BatchUpdateBlobs entry (zstd never past its digest's size, and only `within`
+/// the request's decoding budget) and, for a blob already present (`absent` lacks it),
+/// verifies the bytes against the digest here: the store would only count them.
+fn decode_entry(
     function: DigestFunction,
-    entry: &batch_update_blobs_request::Request,
-) -> Result<StagedBlob, Status> {
+    entry: batch_update_blobs_request::Request,
+    within: bool,
+    absent: &HashSet<Digest>,
+) -> Result<(Digest, Bytes), Status> {
     let digest = status::required_digest(function, entry.digest.as_ref(), "digest")?;
-    match Compressor::from_reapi(entry.compressor)? {
+    let data = match Compressor::from_reapi(entry.compressor)? {
         Compressor::Identity => {
             if entry.data.len() as u64 != digest.size {
                 return Err(Status::invalid_argument(format!(
@@ -386,65 +445,48 @@ fn stage_entry(
                     entry.data.len()
                 )));
             }
-            stage_from_reader(blobs, digest, entry.data.as_slice())
+            entry.data
         }
         Compressor::Zstd => {
-            let decoder = zstd::stream::read::Decoder::with_buffer(entry.data.as_slice())
-                .map_err(|e| Status::internal(format!("zstd: {e}")))?;
-            stage_from_reader(blobs, digest, decoder)
-        }
-    }
-}
-
-/// Streams bytes into the store's temp files, verifying them against `digest` even when the
-/// blob is already present (so a lying client is told so); [`BlobStore::publish`] makes them
-/// visible. Memory stays bounded by the buffer.
-fn stage_from_reader(
-    blobs: &BlobStore,
-    digest: Digest,
-    mut source: impl Read,
-) -> Result<StagedBlob, Status> {
-    let mut buffer = vec![0u8; (digest.size as usize).clamp(1, 256 << 10)];
-    let mut writer = blobs.writer(digest).map_err(status::from_cas)?;
-    let mut hasher = writer.already_present().then(|| digest.function.hasher());
-    loop {
-        let n = match source.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
+            if !within {
                 return Err(Status::invalid_argument(format!(
-                    "undecodable data for {digest:?}: {e}"
+                    "compressed entries of this batch decompress to more than {DECODED_BATCH_FACTOR} \
+                     times max_batch_total_size_bytes; send {digest:?} through ByteStream"
                 )));
             }
-        };
-        writer.write_chunk(&buffer[..n]).map_err(status::from_cas)?;
-        if let Some(hasher) = &mut hasher {
-            hasher.update(&buffer[..n]);
+            let decoder = zstd::stream::read::Decoder::with_buffer(entry.data.as_slice())
+                .map_err(|e| Status::internal(format!("zstd: {e}")))?;
+            let mut data = Vec::with_capacity(digest.size.min(1 << 20) as usize);
+            decoder
+                .take(digest.size + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| {
+                    Status::invalid_argument(format!("undecodable data for {digest:?}: {e}"))
+                })?;
+            if data.len() as u64 != digest.size {
+                return Err(status::from_cas(CasError::SizeMismatch {
+                    expected: digest,
+                    actual: data.len() as u64,
+                }));
+            }
+            data
         }
-    }
-    if let Some(hasher) = hasher {
-        let actual = hasher.finish();
+    };
+    if !absent.contains(&digest) {
+        let actual = function.digest_of(&data);
         if actual != digest {
-            return Err(status::from_cas(if actual.size != digest.size {
-                CasError::SizeMismatch {
-                    expected: digest,
-                    actual: actual.size,
-                }
-            } else {
-                CasError::HashMismatch {
-                    expected: digest,
-                    actual,
-                }
+            return Err(status::from_cas(CasError::HashMismatch {
+                expected: digest,
+                actual,
             }));
         }
     }
-    writer.stage().map_err(status::from_cas)
+    Ok((digest, Bytes::from(data)))
 }
 
 /// A `Directory` blob, `None` when absent.
-fn read_directory(blobs: &BlobStore, digest: &Digest) -> Result<Option<Directory>, Status> {
-    let bytes = match blobs.read_to_vec(digest, MAX_DIRECTORY_BYTES) {
+async fn read_directory(blobs: &dyn Store, digest: &Digest) -> Result<Option<Directory>, Status> {
+    let bytes = match blobs.read_to_vec(digest, MAX_DIRECTORY_BYTES).await {
         Ok(bytes) => bytes,
         Err(CasError::NotFound(_)) => return Ok(None),
         Err(e) => return Err(status::from_cas_read(e)),
@@ -457,10 +499,9 @@ fn read_directory(blobs: &BlobStore, digest: &Digest) -> Result<Option<Directory
 type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
 
 struct TreeWalker {
-    blobs: BlobStore,
-    /// For the read check of each directory (those the caller may not read are omitted, like
-    /// missing ones).
-    cas: rba_cas::Cas,
+    /// The blobs, and the grants for the read check of each directory (those the caller may
+    /// not read are omitted, like missing ones).
+    stores: Stores,
     scope: auth::ReadScope,
     function: DigestFunction,
     page_size: usize,
@@ -471,7 +512,7 @@ struct TreeWalker {
 impl TreeWalker {
     /// Breadth-first, each distinct directory once, in a stable order (children in listing
     /// order), so that page tokens (positions in this order) stay valid across calls.
-    fn walk(
+    async fn walk(
         &self,
         root: Digest,
         root_directory: Directory,
@@ -491,8 +532,13 @@ impl TreeWalker {
                     "DirectoryNode.digest",
                 )?;
                 if seen.insert(digest)
-                    && self.scope.not_readable(&self.cas, &[digest])?.is_empty()
-                    && let Some(child) = read_directory(&self.blobs, &digest)?
+                    && self
+                        .scope
+                        .not_readable(self.stores.grants().as_ref(), &[digest])
+                        .await?
+                        .is_empty()
+                    && let Some(child) =
+                        read_directory(self.stores.blobs().as_ref(), &digest).await?
                 {
                     queue.push_back(child);
                 }
@@ -509,7 +555,7 @@ impl TreeWalker {
                     directories: std::mem::take(&mut page),
                     next_page_token: (position - 1).to_string(),
                 };
-                if tx.blocking_send(Ok(response)).is_err() {
+                if tx.send(Ok(response)).await.is_err() {
                     return Ok(()); // the client went away
                 }
                 sent_any = true;
@@ -519,10 +565,12 @@ impl TreeWalker {
             page.push(directory);
         }
         if !page.is_empty() || !sent_any {
-            let _ = tx.blocking_send(Ok(GetTreeResponse {
-                directories: page,
-                next_page_token: String::new(),
-            }));
+            let _ = tx
+                .send(Ok(GetTreeResponse {
+                    directories: page,
+                    next_page_token: String::new(),
+                }))
+                .await;
         }
         Ok(())
     }
@@ -563,10 +611,8 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
-        let state = self.state.clone();
-        let this = self.clone();
-        let result = blocking(move || this.get_tree_stream(request)).await;
-        state.metrics.request("GetTree", &result);
+        let result = self.get_tree_stream(request).await;
+        self.state.metrics.request("GetTree", &result);
         result.map(Response::new)
     }
 

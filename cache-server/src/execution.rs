@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, Stream};
 use parking_lot::Mutex;
-use rba_cas::{BlobStore, CasError, Digest};
+use rba_cas::{CasError, Digest, Store, Stores};
 use rba_executor::action::{ActionError, check_command_paths};
 use rba_executor::logstream::LogStreamKind;
 use rba_executor::runner::Executor;
@@ -70,7 +70,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::auth::Caller;
 use crate::bytestream::{ReadSource, ReadStream};
 use crate::server::ServerState;
-use crate::status::{self, blocking};
+use crate::status;
 use crate::{auth, resource_name};
 
 /// The path segment between an instance name and an operation id.
@@ -275,18 +275,17 @@ impl ExecutionService {
         )?;
         let instance = request.instance_name;
 
-        let cas = self.shared.state.cas.clone();
-        let missing = blocking(move || {
-            let mut missing = missing_inputs(&cas.blobs, &action)?;
-            if missing.is_empty() && scope != auth::ReadScope::Everything {
-                // Inputs the caller may not read are missing to it: running another tenant's
-                // input root would hand its contents to the caller.
-                let inputs = input_digests(&cas.blobs, &action)?;
-                missing = scope.not_readable(&cas, &inputs)?;
-            }
-            Ok(missing)
-        })
-        .await?;
+        // The server's stores are the executor's own (checked when the server was built).
+        let stores = &self.shared.state.stores;
+        let mut missing = missing_inputs(stores.blobs().as_ref(), &action).await?;
+        if missing.is_empty() && scope != auth::ReadScope::Everything {
+            // Inputs the caller may not read are missing to it: running another tenant's
+            // input root would hand its contents to the caller.
+            let inputs = input_digests(stores.blobs().as_ref(), &action).await?;
+            missing = scope
+                .not_readable(stores.grants().as_ref(), &inputs)
+                .await?;
+        }
         if !missing.is_empty() {
             return Ok(precondition_failure(&instance, &action, &missing));
         }
@@ -341,7 +340,7 @@ impl ExecutionService {
     /// Who is granted the blobs of the result an operation stream delivers.
     fn result_grant(&self, grantee: Option<Tenant>) -> Option<ResultGrant> {
         grantee.map(|tenant| ResultGrant {
-            cas: self.shared.state.cas.clone(),
+            stores: self.shared.state.stores.clone(),
             tenant,
         })
     }
@@ -484,16 +483,21 @@ impl Operations for OperationsService {
 
 /// The Action, its Command and every blob of its input root (all present): what a caller must
 /// be able to read to run the action or be served another tenant's result of it.
-pub(crate) fn input_digests(
-    blobs: &BlobStore,
+pub(crate) async fn input_digests(
+    blobs: &dyn Store,
     action_digest: &Digest,
 ) -> Result<Vec<Digest>, Status> {
     let bytes = blobs
         .read_to_vec(action_digest, MAX_ACTION_BYTES)
+        .await
         .map_err(status::from_cas_read)?;
     let (command, root) = action_inputs(action_digest, &bytes)?;
     let mut digests = vec![*action_digest, command, root];
-    digests.extend(rba_cas::tree_digests(blobs, &root).map_err(status::from_cas)?);
+    digests.extend(
+        rba_cas::tree_digests_in(blobs, &root)
+            .await
+            .map_err(status::from_cas)?,
+    );
     Ok(digests)
 }
 
@@ -519,8 +523,8 @@ fn action_inputs(action_digest: &Digest, bytes: &[u8]) -> Result<(Digest, Digest
 
 /// The Action, its Command, and every blob of its input root that the CAS lacks. Fails with
 /// `INVALID_ARGUMENT` when the Action (or a Directory of the input root) is malformed.
-fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Digest>, Status> {
-    let bytes = match blobs.read_to_vec(action_digest, MAX_ACTION_BYTES) {
+async fn missing_inputs(blobs: &dyn Store, action_digest: &Digest) -> Result<Vec<Digest>, Status> {
+    let bytes = match blobs.read_to_vec(action_digest, MAX_ACTION_BYTES).await {
         Ok(bytes) => bytes,
         Err(CasError::NotFound(_)) => return Ok(vec![*action_digest]),
         Err(CasError::QuotaExceeded(reason)) => {
@@ -533,13 +537,14 @@ fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Diges
     let (command, root) = action_inputs(action_digest, &bytes)?;
     let mut missing = blobs
         .find_missing(&[command, root])
+        .await
         .map_err(status::from_cas)?;
     if !missing.contains(&command) {
-        check_command(blobs, &command)?;
+        check_command(blobs, &command).await?;
     }
     if !missing.contains(&root) {
-        match rba_cas::tree_digests(blobs, &root) {
-            Ok(all) => missing.extend(blobs.find_missing(&all).map_err(status::from_cas)?),
+        match rba_cas::tree_digests_in(blobs, &root).await {
+            Ok(all) => missing.extend(blobs.find_missing(&all).await.map_err(status::from_cas)?),
             Err(CasError::NotFound(directory)) => missing.push(directory),
             Err(e) => return Err(status::from_cas(e)),
         }
@@ -553,8 +558,8 @@ fn missing_inputs(blobs: &BlobStore, action_digest: &Digest) -> Result<Vec<Diges
 /// directory could leave the exec root, before anything happens on the host. The executor
 /// refuses it too (the same check: [`check_command_paths`]); answering here keeps such a
 /// request from ever reaching it.
-fn check_command(blobs: &BlobStore, digest: &Digest) -> Result<(), Status> {
-    let bytes = match blobs.read_to_vec(digest, MAX_ACTION_BYTES) {
+async fn check_command(blobs: &dyn Store, digest: &Digest) -> Result<(), Status> {
+    let bytes = match blobs.read_to_vec(digest, MAX_ACTION_BYTES).await {
         Ok(bytes) => bytes,
         Err(CasError::NotFound(_)) => return Ok(()),
         Err(CasError::QuotaExceeded(reason)) => {
@@ -709,7 +714,7 @@ fn timed_out(outcome: &JobOutcome) -> bool {
 /// The tenant a finished operation's result is served to: granted its blobs (outputs, trees,
 /// stdout/stderr, the log) before it learns their digests.
 struct ResultGrant {
-    cas: rba_cas::Cas,
+    stores: Stores,
     tenant: Tenant,
 }
 
@@ -720,24 +725,24 @@ impl ResultGrant {
         };
         let function = job.action_digest.function;
         let logs: Vec<Digest> = outcome.log.iter().map(|log| log.log).collect();
-        let (cas, tenant) = (self.cas.clone(), self.tenant.clone());
-        blocking(move || {
-            let mut blobs = cas
-                .actions
-                .referenced_blobs(function, &result)
-                .map_err(status::from_cas)?;
-            blobs.extend(
-                result
-                    .output_directories
-                    .iter()
-                    .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok()),
-            );
-            blobs.extend(logs);
-            cas.reads
-                .grant(tenant.as_str(), &blobs)
-                .map_err(status::from_cas)
-        })
-        .await
+        let mut blobs = self
+            .stores
+            .actions()
+            .referenced_blobs(function, &result)
+            .await
+            .map_err(status::from_cas)?;
+        blobs.extend(
+            result
+                .output_directories
+                .iter()
+                .filter_map(|d| Digest::from_reapi(function, d.tree_digest.as_ref()?).ok()),
+        );
+        blobs.extend(logs);
+        self.stores
+            .grants()
+            .grant(self.tenant.as_str(), &blobs)
+            .await
+            .map_err(status::from_cas)
     }
 }
 

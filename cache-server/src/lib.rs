@@ -1,7 +1,11 @@
 //! The Bazel Remote Execution API v2 over gRPC, on the `rba-cas` store and the `rba-executor`.
 //!
 //! Every REAPI client (Bazel, Buck2, Pants, …) can use this server as its remote cache and
-//! remote executor. One module per gRPC service:
+//! remote executor. The services are thin over the [`rba_cas::Stores`] they are given (a
+//! `Store`, the complete action cache over it and the read grants, behind `rba_cas`'s seams):
+//! nothing here opens a backend or names one, so the same services serve the embedded store
+//! ([`Server::new`]) or a front end's shared one ([`Server::with_stores`]). One module per gRPC
+//! service:
 //!
 //! - [`capabilities`]: `GetCapabilities` — digest functions, compressors, the real batch limit,
 //!   whether *this client* may update the action cache.

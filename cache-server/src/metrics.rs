@@ -4,9 +4,11 @@
 //! - `rba_cache_action_cache_hits_total`, `rba_cache_action_cache_misses_total`;
 //! - `rba_cache_blob_lookups_total{result="hit"|"miss"}`: digests asked in FindMissingBlobs;
 //! - `rba_cache_bytes_received_total`, `rba_cache_bytes_sent_total`: blob payload on the wire;
-//! - store gauges read at scrape time: `rba_cache_store_bytes`, `rba_cache_store_blobs`,
-//!   `rba_cache_store_capacity_bytes`, `rba_cache_evictions_total`,
-//!   `rba_cache_evicted_bytes_total`, `rba_cache_upload_sessions`.
+//! - store gauges read at scrape time from the seams' counters (never a scan):
+//!   `rba_cache_store_bytes`, `rba_cache_store_blobs`, `rba_cache_store_capacity_bytes` (the
+//!   configured `store.max_bytes`), `rba_cache_evictions_total`,
+//!   `rba_cache_evicted_bytes_total`, `rba_cache_action_cache_entries`,
+//!   `rba_cache_read_grants`, `rba_cache_upload_sessions`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +19,7 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-use rba_cas::BlobStore;
+use rba_cas::{ActionCache, Stores};
 use tonic::Status;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,13 +48,14 @@ pub struct Metrics {
 /// Reads the store's own counters at scrape time.
 #[derive(Debug)]
 struct StoreCollector {
-    store: BlobStore,
+    stores: Stores,
+    capacity: u64,
     upload_sessions: Arc<AtomicU64>,
 }
 
 impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = self.store.stats();
+        let stats = self.stores.blobs().stats();
         let gauges = [
             (
                 "rba_cache_store_bytes",
@@ -67,7 +70,17 @@ impl Collector for StoreCollector {
             (
                 "rba_cache_store_capacity_bytes",
                 "Eviction threshold of the blob store",
-                self.store.config().max_bytes,
+                self.capacity,
+            ),
+            (
+                "rba_cache_action_cache_entries",
+                "Entries in the action cache (all instances)",
+                self.stores.actions().len(),
+            ),
+            (
+                "rba_cache_read_grants",
+                "Read grants recorded (all tenants)",
+                self.stores.grants().len(),
             ),
             (
                 "rba_cache_upload_sessions",
@@ -105,8 +118,9 @@ impl Collector for StoreCollector {
 }
 
 impl Metrics {
-    /// Registers every metric; store gauges are read from `store` at scrape time.
-    pub fn new(store: BlobStore, upload_sessions: Arc<AtomicU64>) -> Self {
+    /// Registers every metric; store gauges are read from `stores` at scrape time, and
+    /// `capacity` is the store's configured eviction threshold.
+    pub fn new(stores: Stores, capacity: u64, upload_sessions: Arc<AtomicU64>) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -145,7 +159,8 @@ impl Metrics {
             bytes_sent.clone(),
         );
         registry.register_collector(Box::new(StoreCollector {
-            store,
+            stores,
+            capacity,
             upload_sessions,
         }));
         Metrics {

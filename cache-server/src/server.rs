@@ -1,7 +1,12 @@
 //! The tonic router with every service, the listeners, and clean shutdown.
 //!
-//! [`Server::new`] opens the store; [`Server::serve`] runs the gRPC and metrics listeners until
-//! a shutdown future resolves, then drains in-flight requests and flushes the store.
+//! Composition: [`Server::with_stores`] takes everything it serves (the [`Stores`]: a blob
+//! store, the complete action cache over it and the read grants; and optionally an
+//! [`Executor`]) and opens nothing, so the same services run over the embedded store or over
+//! a front end's shared backends. [`Server::new`] is the embedded composition the
+//! `cache-server` binary uses: it opens the `Cas` under `data_dir`, starts the executor on it
+//! and calls `with_stores`. [`Server::serve`] runs the gRPC and metrics listeners until a
+//! shutdown future resolves, then drains in-flight requests and flushes the store.
 //! [`Server::spawn`] does all that on ephemeral tasks and hands back a [`RunningServer`] (used
 //! by tests, the bench and embedders). Every service sits behind the token
 //! [`Authenticator`]. With `tls` configured gRPC is served over TLS (rustls, ring); bearer
@@ -12,8 +17,14 @@
 //! server runs and `NOT_SERVING` from the moment shutdown starts, so a load balancer stops
 //! sending work before the listener closes.
 //!
-//! With `execution.enabled` (the default) the server starts an [`Executor`] on the same store
-//! (one `Cas`, opened once), its data under `{data_dir}/executor`, and serves Execution,
+//! The Execution service runs on the executor's own embedded `Cas` (the executor stores its
+//! outputs and results there), so it is served only over exactly those stores:
+//! [`Server::with_stores`] and [`Server::with_executor`] refuse, with an error saying so, an
+//! executor whose `Cas` is not the given stores (a front end over a shared store would
+//! otherwise answer Execute from one action cache and GetActionResult from another).
+//!
+//! With `execution.enabled` (the default) [`Server::new`] starts an [`Executor`] on the same
+//! store (one `Cas`, opened once), its data under `{data_dir}/executor`, and serves Execution,
 //! Operations and live action output through ByteStream. If the executor cannot start (the
 //! sandbox's prerequisites are missing) it logs why and serves cache-only; then, as with
 //! `--no-execution`, Execution and Operations answer `UNIMPLEMENTED` and Capabilities says
@@ -25,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rba_cas::Cas;
+use rba_cas::{Cas, Stores};
 use rba_executor::runner::{Executor, ExecutorConfig};
 use rba_proto::bytestream::byte_stream_server::ByteStreamServer;
 use rba_proto::longrunning::operations_server::OperationsServer;
@@ -48,8 +59,8 @@ use crate::metrics::Metrics;
 /// What every service shares. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ServerState {
-    /// The blob store and action cache.
-    pub cas: Cas,
+    /// The blob store, the complete action cache and the read grants served.
+    pub stores: Stores,
     /// The configuration the server runs with.
     pub config: Arc<Config>,
     /// Counters.
@@ -78,10 +89,13 @@ impl ServerState {
     }
 }
 
-/// The REAPI server: the store opened, services built, not yet listening.
+/// The REAPI server: services built over their stores, not yet listening.
 #[derive(Debug)]
 pub struct Server {
     state: ServerState,
+    /// The embedded `Cas` [`Server::new`] opened (`None` when given its stores), for the
+    /// embedder that composes more around it (the node, tests); the services never use it.
+    embedded: Option<Cas>,
 }
 
 /// A server running on background tasks.
@@ -93,6 +107,8 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     /// The shared state (store, metrics) of the running server.
     pub state: ServerState,
+    /// The embedded `Cas` [`Server::new`] opened, if it did (see [`Server::embedded`]).
+    pub embedded: Option<Cas>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -111,16 +127,49 @@ impl RunningServer {
 }
 
 impl Server {
-    /// Opens (creating) the data directory and the store.
+    /// The embedded composition (the `cache-server` binary): opens (creating) the data
+    /// directory and its `Cas`, starts the executor on it when execution is enabled, and serves
+    /// both through [`Server::with_stores`].
     pub fn new(config: Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let cas = Cas::open(&config.data_dir, config.store.clone())
             .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
+        let executor = if config.execution.enabled {
+            start_executor(&cas, &config)
+        } else {
+            tracing::info!("execution disabled by configuration: serving cache-only");
+            None
+        };
+        let mut server = Server::with_stores(config, Stores::embedded(&cas), executor)?;
+        server.embedded = Some(cas);
+        Ok(server)
+    }
+
+    /// Serves `stores` (and Execution with `executor`, if given), opening nothing: the
+    /// composition root chose the backends. `config` supplies the listeners, limits, tokens
+    /// and TLS; its `data_dir` and `store` sections describe the store only as far as the
+    /// advertised capacity goes.
+    ///
+    /// Fails when `executor` does not run on exactly these stores (see the module docs): the
+    /// executor's results land in its own `Cas`, so serving Execution beside other stores
+    /// would answer from two action caches.
+    pub fn with_stores(
+        config: Config,
+        stores: Stores,
+        executor: Option<Executor>,
+    ) -> anyhow::Result<Self> {
+        if let Some(executor) = &executor {
+            check_executor(&stores, executor)?;
+        }
         let uploads = Arc::new(Uploads::new(Duration::from_secs(
             config.upload_idle_timeout_secs,
         )));
-        let metrics = Arc::new(Metrics::new(cas.blobs.clone(), uploads.session_counter()));
+        let metrics = Arc::new(Metrics::new(
+            stores.clone(),
+            config.store.max_bytes,
+            uploads.session_counter(),
+        ));
         let auth = Authenticator::new(&config);
         let tls = match &config.tls {
             Some(tls) => {
@@ -140,15 +189,9 @@ impl Server {
             }
             None => None,
         };
-        let executor = if config.execution.enabled {
-            start_executor(&cas, &config)
-        } else {
-            tracing::info!("execution disabled by configuration: serving cache-only");
-            None
-        };
         Ok(Server {
             state: ServerState {
-                cas,
+                stores,
                 config: Arc::new(config),
                 metrics,
                 auth,
@@ -157,14 +200,23 @@ impl Server {
                 tls,
                 health: tonic_health::server::HealthReporter::new(),
             },
+            embedded: None,
         })
     }
 
-    /// Serves Execution with this executor (e.g. one shared with other front ends) instead of
-    /// the one `new` started. It must run on this server's store.
-    pub fn with_executor(mut self, executor: Executor) -> Self {
+    /// Serves Execution with this executor (e.g. the node's, shared with its other faces)
+    /// instead of the one `new` started. It must run on this server's stores (refused
+    /// otherwise, as in [`Server::with_stores`]).
+    pub fn with_executor(mut self, executor: Executor) -> anyhow::Result<Self> {
+        check_executor(&self.state.stores, &executor)?;
         self.state.executor = Some(executor);
-        self
+        Ok(self)
+    }
+
+    /// The embedded `Cas` [`Server::new`] opened; `None` when the server was given its
+    /// stores. For the embedder (the node shares it with its own faces), never the services.
+    pub fn embedded(&self) -> Option<&Cas> {
+        self.embedded.as_ref()
     }
 
     /// Serves cache-only, stopping nothing (jobs already submitted finish).
@@ -349,9 +401,10 @@ impl Server {
                 _ => {}
             }
         }
-        let blobs = self.state.cas.blobs.clone();
-        tokio::task::spawn_blocking(move || blobs.flush())
-            .await?
+        self.state
+            .stores
+            .flush()
+            .await
             .context("flushing the store")?;
         tracing::info!("shut down cleanly");
         result
@@ -384,6 +437,7 @@ impl Server {
             .transpose()?;
         let server = self;
         let state = server.state.clone();
+        let embedded = server.embedded.clone();
         let (shutdown, mut rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(listener, metrics_listener, async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -392,6 +446,7 @@ impl Server {
             addr,
             metrics_addr,
             state,
+            embedded,
             shutdown,
             task,
         })
@@ -402,6 +457,22 @@ impl Server {
 /// process that links both ring and aws-lc-rs has none). Harmless when one is installed.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Refuses to serve Execution with an executor whose `Cas` is not `stores`.
+fn check_executor(stores: &Stores, executor: &Executor) -> anyhow::Result<()> {
+    if stores.is_embedded_in(executor.cas()) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the executor runs on the embedded store under {}, but the server was given other \
+         stores ({} blobs, {} action cache): Execution would store results where \
+         GetActionResult does not look. Serve these stores cache-only (no executor), or give \
+         the executor's own stores (Stores::embedded of its Cas)",
+        executor.cas().blobs.root().display(),
+        stores.blobs().backend(),
+        rba_cas::ActionCache::backend(stores.actions()),
+    )
 }
 
 /// Starts the executor on the server's store, or explains why the server runs cache-only.

@@ -151,7 +151,8 @@ pub fn rpc_ok() -> rba_proto::rpc::Status {
     }
 }
 
-/// Runs blocking store work off the async workers.
+/// Runs blocking work off the async workers: codec work (zstd, hashing) and the local tier's
+/// upload writers. Store work proper goes through the seams, whose backends do their own.
 pub async fn blocking<T, F>(work: F) -> Result<T, Status>
 where
     F: FnOnce() -> Result<T, Status> + Send + 'static,

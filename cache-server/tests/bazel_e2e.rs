@@ -234,7 +234,7 @@ async fn bazel_builds_are_all_remote_cache_hits_after_clean() {
         "big output spans several messages"
     );
     assert_eq!(
-        server.running().state.cas.actions.len(),
+        server.running().embedded.as_ref().unwrap().actions.len(),
         ACTIONS,
         "one action result per genrule"
     );
@@ -305,7 +305,10 @@ async fn bazel_remote_execution_runs_every_action_remotely_then_all_hits_after_c
     assert_eq!(remote_cache_hits(&cold), 0, "{cold}");
     let executor = server.running().state.executor.clone().unwrap();
     assert_eq!(executor.jobs().len(), ACTIONS, "one job per genrule");
-    assert_eq!(server.running().state.cas.actions.len(), ACTIONS);
+    assert_eq!(
+        server.running().embedded.as_ref().unwrap().actions.len(),
+        ACTIONS
+    );
     let built = bazel.outputs();
     assert_eq!(built["a.txt"], b"hello from bazel\n");
     assert_eq!(built["b.txt"], b"HELLO FROM BAZEL\n");

@@ -1578,7 +1578,7 @@ async fn clients_cannot_write_the_executors_namespaces_nor_read_tenant_scoped_on
     let tenant = Tenant::token("alice");
     let scoped = result_namespace(CARGO_INSTANCE, &tenant, Provenance::TenantState, true);
     let failed = result_namespace(CARGO_INSTANCE, &tenant, Provenance::Clean, false);
-    let actions = &server.running().state.cas.actions;
+    let actions = &server.running().embedded.as_ref().unwrap().actions;
     actions.put(CARGO_INSTANCE, &action, &executors).unwrap();
     actions.put(&scoped, &action, &executors).unwrap();
 
@@ -1982,7 +1982,7 @@ async fn action_results_are_served_to_their_tenant_and_grant_their_blobs() {
             .code(),
         Code::NotFound
     );
-    let reads = &server.running().state.cas.reads;
+    let reads = &server.running().embedded.as_ref().unwrap().reads;
     assert!(!reads.may_read("token:c", &output).unwrap());
     let served =
         c.ac.get_action_result(bearer(get.clone(), TOKEN_A))

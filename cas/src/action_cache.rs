@@ -5,17 +5,17 @@
 //! (output files, every file inside each output directory's `Tree`, the tree blobs themselves,
 //! stdout and stderr), and marks those blobs as just used so that eviction cannot break the hit
 //! it just served. This is the completeness check REAPI asks for: a client told "hit" never finds
-//! an output missing. Instance names separate action caches; blobs are shared by all instances.
+//! an output missing. The rule itself lives in [`crate::layers::complete`] (the same code serves
+//! the async [`crate::layers::complete::CompleteActionCache`]). Instance names separate action
+//! caches; blobs are shared by all instances.
 
 use rba_proto::Message;
-use rba_proto::reapi::{ActionResult, Tree};
+use rba_proto::reapi::ActionResult;
 
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
+use crate::layers::complete;
 use crate::store::BlobStore;
-
-/// Trees larger than this are not decoded for the completeness check (they are refused).
-const MAX_TREE_BYTES: u64 = 64 << 20;
 
 /// The action cache. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -53,7 +53,7 @@ impl EmbeddedActionCache {
 
     /// Stores a result. Every digest it names must be well-formed for the action's function.
     pub fn put(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<()> {
-        referenced_digests(action.function, result)?;
+        complete::direct_references(action.function, result)?;
         let previous = self
             .entries
             .insert(entry_key(instance, action), result.encode_to_vec())?;
@@ -64,26 +64,17 @@ impl EmbeddedActionCache {
         Ok(())
     }
 
-    /// The stored result, only if everything it references is present.
+    /// The stored result, only if everything it references is present (then touched): the
+    /// rule of [`crate::layers::complete`], run inline on this thread over the store's files.
     pub fn get(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>> {
         let Some(result) = self.get_unchecked(instance, action)? else {
             return Ok(None);
         };
-        let referenced = match self.referenced_blobs(action.function, &result) {
-            Ok(referenced) => referenced,
-            Err(CasError::NotFound(missing)) => {
-                tracing::debug!(?action, ?missing, "action result incomplete");
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        };
-        let missing = self.blobs.find_missing_on_disk(&referenced)?;
-        if !missing.is_empty() {
-            tracing::debug!(?action, missing = missing.len(), "action result incomplete");
-            return Ok(None);
-        }
-        self.blobs.touch(&referenced)?;
-        Ok(Some(result))
+        complete::run_inline(complete::complete(
+            &complete::Inline(&self.blobs),
+            action,
+            result,
+        ))
     }
 
     /// The stored result without the completeness check (e.g. to inspect a failed run).
@@ -138,7 +129,8 @@ impl EmbeddedActionCache {
         self.len() == 0
     }
 
-    /// Every blob a result depends on, including the files inside its output trees.
+    /// Every blob a result depends on, including the files inside its output trees
+    /// ([`crate::layers::complete`] decides which).
     ///
     /// Fails with [`CasError::NotFound`] when a tree blob itself is missing.
     pub fn referenced_blobs(
@@ -146,59 +138,17 @@ impl EmbeddedActionCache {
         function: DigestFunction,
         result: &ActionResult,
     ) -> Result<Vec<Digest>> {
-        let mut digests = referenced_digests(function, result)?;
-        for directory in &result.output_directories {
-            let tree_digest = Digest::from_reapi_field(
-                function,
-                directory.tree_digest.as_ref(),
-                "OutputDirectory.tree_digest",
-            )?;
-            let bytes = self.blobs.read_to_vec(&tree_digest, MAX_TREE_BYTES)?;
-            let tree = Tree::decode(bytes.as_slice())
-                .map_err(|e| CasError::invalid(format!("Tree {tree_digest:?}"), e.to_string()))?;
-            for dir in tree.root.iter().chain(tree.children.iter()) {
-                for file in &dir.files {
-                    digests.push(Digest::from_reapi_field(
-                        function,
-                        file.digest.as_ref(),
-                        "FileNode.digest",
-                    )?);
-                }
-            }
-        }
-        Ok(digests)
-    }
-}
-
-/// The digests an `ActionResult` names directly (not those inside its trees).
-fn referenced_digests(function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
-    let mut digests = Vec::new();
-    for file in &result.output_files {
-        digests.push(Digest::from_reapi_field(
+        complete::run_inline(complete::referenced_blobs(
+            &complete::Inline(&self.blobs),
             function,
-            file.digest.as_ref(),
-            "OutputFile.digest",
-        )?);
+            result,
+        ))
     }
-    for directory in &result.output_directories {
-        digests.push(Digest::from_reapi_field(
-            function,
-            directory.tree_digest.as_ref(),
-            "OutputDirectory.tree_digest",
-        )?);
-    }
-    for digest in [&result.stdout_digest, &result.stderr_digest]
-        .into_iter()
-        .flatten()
-    {
-        digests.push(Digest::from_reapi(function, digest)?);
-    }
-    Ok(digests)
 }
 
 #[cfg(test)]
 mod tests {
-    use rba_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile};
+    use rba_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile, Tree};
 
     use super::*;
 

@@ -17,11 +17,14 @@
 //! - [`access`]: which tenant may read which blob (grants on upload and on results served).
 //! - [`backends`]: the scale-out backends: blobs in an S3-compatible bucket
 //!   ([`backends::s3::BucketStore`]) with their presence index.
-//! - [`layers`]: stores that wrap stores, e.g. a local fast tier in front of a bucket
-//!   ([`layers::tiered::Tiered`]).
+//! - [`layers`]: features as layers over the seams: completeness of action-cache hits, a local
+//!   fast tier in front of a bucket ([`layers::tiered::Tiered`]).
+//! - [`stores`]: [`Stores`], the store, complete action cache and grants a server is given.
 //! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
-//! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
+//! The concrete types do blocking I/O; async callers go through the seams ([`Store`],
+//! [`ActionCache`], [`Grants`], bundled as [`Stores`]), whose embedded implementations run
+//! that work on tokio's blocking pool.
 
 pub mod access;
 pub mod action_cache;
@@ -32,6 +35,7 @@ pub mod layers;
 pub mod merkle;
 pub mod seams;
 pub mod store;
+pub mod stores;
 
 use std::path::Path;
 
@@ -39,14 +43,16 @@ pub use access::EmbeddedGrants;
 pub use action_cache::EmbeddedActionCache;
 pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
+pub use layers::complete::CompleteActionCache;
 pub use merkle::{
     DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
     TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
     build_from_zip_file, get_tree, make_tree_local, materialize, read_directory, tree_digests,
-    validate_directory, validate_tree,
+    tree_digests_in, validate_directory, validate_tree,
 };
 pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
+pub use stores::Stores;
 
 /// The store and its action cache, opened together from one directory. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -53,6 +53,23 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Marks present blobs as just used (eviction order); absent ones are ignored.
     async fn touch(&self, digests: &[Digest]) -> Result<()>;
 
+    /// [`Store::find_missing`] that also marks the present blobs as just used (what a REAPI
+    /// FindMissingBlobs does: a build is about to use them). A backend that can do both in one
+    /// pass overrides it.
+    async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let missing = self.find_missing(digests).await?;
+        let absent: std::collections::HashSet<&Digest> = missing.iter().collect();
+        let present: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !absent.contains(d))
+            .copied()
+            .collect();
+        if !present.is_empty() {
+            self.touch(&present).await?;
+        }
+        Ok(missing)
+    }
+
     /// `limit` bytes (0 = to the end) of a blob from `offset`. [`CasError::NotFound`] when
     /// absent, [`CasError::OffsetOutOfRange`] past its end.
     async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream>;
@@ -228,6 +245,9 @@ pub trait Grants: Send + Sync + Debug + 'static {
     }
 }
 
+/// FindMissingBlobs with at most this many digests is answered inline by the embedded store.
+const INLINE_FIND_LIMIT: usize = 16;
+
 /// Runs blocking store work on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
@@ -255,6 +275,18 @@ impl Store for BlobStore {
         blocking(move || BlobStore::touch(&store, &digests)).await
     }
 
+    /// One pass over the presence cache and the index. A few digests (what most REAPI calls
+    /// ask) are answered on the calling thread: mostly presence-cache hits, cheaper than a hop
+    /// to the blocking pool.
+    async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        if digests.len() <= INLINE_FIND_LIMIT {
+            return BlobStore::find_missing_and_touch(self, digests);
+        }
+        let store = self.clone();
+        let digests = digests.to_vec();
+        blocking(move || BlobStore::find_missing_and_touch(&store, &digests)).await
+    }
+
     async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream> {
         let store = self.clone();
         let digest = *digest;
@@ -264,19 +296,27 @@ impl Store for BlobStore {
 
     async fn write(&self, digest: Digest, mut chunks: ChunkStream) -> Result<()> {
         let store = self.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        // `Some(chunk)`, then `None` once the stream ended cleanly: only that commits. A
+        // channel closed without it (the stream failed, or this future was dropped) drops the
+        // writer uncommitted, which discards it: an aborted stream stores nothing.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(4);
         let sink = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut writer = store.writer(digest)?;
-            while let Some(chunk) = rx.blocking_recv() {
-                writer.write_chunk(&chunk)?;
+            while let Some(message) = rx.blocking_recv() {
+                match message {
+                    Some(chunk) => writer.write_chunk(&chunk)?,
+                    None => return writer.commit().map(|_| ()),
+                }
             }
-            writer.commit().map(|_| ())
+            Err(CasError::Unavailable(format!(
+                "the write of {digest:?} was abandoned"
+            )))
         });
         let mut sent = Ok(());
         while let Some(chunk) = chunks.next().await {
             match chunk {
                 Ok(chunk) => {
-                    if tx.send(chunk).await.is_err() {
+                    if tx.send(Some(chunk)).await.is_err() {
                         break; // the writer failed; its error is the one to report
                     }
                 }
@@ -286,14 +326,14 @@ impl Store for BlobStore {
                 }
             }
         }
-        drop(tx);
-        // Dropping a writer without committing discards it: an aborted stream stores nothing.
-        if let Err(e) = sent {
-            sink.abort();
-            return Err(e);
+        if sent.is_ok() {
+            let _ = tx.send(None).await;
         }
-        sink.await
-            .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?
+        drop(tx);
+        let written = sink
+            .await
+            .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?;
+        sent.and(written)
     }
 
     async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
@@ -328,9 +368,17 @@ fn read_in_chunks(mut reader: crate::store::BlobReader, digest: Digest) -> Chunk
             let size = reader.remaining().min(READ_CHUNK_BYTES as u64) as usize;
             let mut chunk = vec![0u8; size];
             if let Err(e) = reader.read_exact(&mut chunk) {
-                let _ = tx.blocking_send(Err(CasError::Unavailable(format!(
-                    "reading blob {digest:?}: {e}"
-                ))));
+                // A stored file shorter than its digest is lost data, not an outage: callers
+                // must not retry it as one (REAPI's DATA_LOSS).
+                let error = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    CasError::SizeMismatch {
+                        expected: digest,
+                        actual: digest.size - reader.remaining(),
+                    }
+                } else {
+                    CasError::Unavailable(format!("reading blob {digest:?}: {e}"))
+                };
+                let _ = tx.blocking_send(Err(error));
                 return;
             }
             if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {

@@ -135,7 +135,12 @@ impl TestServer {
     }
 
     pub fn blobs(&self) -> &rba_cas::BlobStore {
-        &self.running().state.cas.blobs
+        &self
+            .running()
+            .embedded
+            .as_ref()
+            .expect("an embedded store")
+            .blobs
     }
 }
 

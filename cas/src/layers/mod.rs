@@ -1,6 +1,10 @@
-//! Layers: [`crate::Store`] implementations that wrap other stores, so a feature is written once
-//! and put over whichever backend the composition root chose.
+//! Layers: today's store features as implementations of the seams ([`crate::seams`]) that wrap
+//! an inner one, so a feature is written once and put over whichever backend the composition
+//! root chose. One concern per module.
 //!
+//! - [`complete`]: an action-cache hit only when every blob it names is present (REAPI's
+//!   completeness rule), over any store.
 //! - [`tiered`]: a local filesystem tier in front of a shared slow one (a bucket).
 
+pub mod complete;
 pub mod tiered;

@@ -11,7 +11,8 @@
 //!
 //! Modules:
 //! - [`TreeBuilder`] (here): the in-memory tree every source feeds, and its storage.
-//! - `validate`: [`validate_directory`], [`read_directory`], [`tree_digests`], [`get_tree`].
+//! - `validate`: [`validate_directory`], [`read_directory`], [`tree_digests`] (and
+//!   [`tree_digests_in`] over any store), [`get_tree`].
 //! - `disk`: [`build_from_dir`] (gitignore-aware, parallel, with the stat cache).
 //! - `stat_cache`: [`StatCache`], `(path, size, mtime, ctime, inode) → digest`.
 //! - `archive`: [`build_from_zip`] with [`ZipLimits`] against hostile archives.
@@ -50,7 +51,8 @@ pub use local::make_tree_local;
 pub use materialize::{MaterializeOptions, Materialized, MaterializedFile, materialize};
 pub use stat_cache::StatCache;
 pub use validate::{
-    MAX_DIRECTORY_BYTES, find_file, get_tree, read_directory, tree_digests, validate_directory,
+    MAX_DIRECTORY_BYTES, find_file, get_tree, read_directory, tree_digests, tree_digests_in,
+    validate_directory,
 };
 
 use crate::digest::{Digest, DigestFunction};

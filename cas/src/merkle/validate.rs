@@ -8,6 +8,8 @@ use rba_proto::reapi::{self, Directory, Tree};
 
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
+use crate::layers::complete;
+use crate::seams::Store;
 use crate::store::BlobStore;
 
 /// `Directory` blobs larger than this are refused when read.
@@ -172,18 +174,33 @@ fn walk(
 /// directories breadth-first, then file contents. Fails with [`CasError::NotFound`] when a
 /// `Directory` is missing (missing *files* are listed, not checked: ask `find_missing`).
 pub fn tree_digests(store: &BlobStore, root: &Digest) -> Result<Vec<Digest>> {
+    complete::run_inline(digests_of_tree(&complete::Inline(store), root))
+}
+
+/// [`tree_digests`] over any [`Store`]: the same walk, each `Directory` read through the seam.
+pub async fn tree_digests_in(store: &dyn Store, root: &Digest) -> Result<Vec<Digest>> {
+    digests_of_tree(&complete::Seam(store), root).await
+}
+
+/// The one walk behind [`tree_digests`] and [`tree_digests_in`].
+async fn digests_of_tree(source: &dyn complete::BlobSource, root: &Digest) -> Result<Vec<Digest>> {
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     let mut seen_files = HashSet::new();
-    walk(store, root, |digest, _, file_digests| {
-        dirs.push(*digest);
-        files.extend(
-            file_digests
-                .iter()
-                .filter(|d| seen_files.insert(**d))
-                .copied(),
-        );
-    })?;
+    let mut seen = HashSet::from([*root]);
+    let mut queue = VecDeque::from([*root]);
+    while let Some(digest) = queue.pop_front() {
+        let bytes = source.read_whole(&digest, MAX_DIRECTORY_BYTES).await?;
+        let directory = decode_directory(&digest, &bytes)?;
+        let (file_digests, subdirectories) = child_digests(&directory, root.function)?;
+        dirs.push(digest);
+        files.extend(file_digests.into_iter().filter(|d| seen_files.insert(*d)));
+        for sub in subdirectories {
+            if seen.insert(sub) {
+                queue.push_back(sub);
+            }
+        }
+    }
     dirs.extend(files);
     Ok(dirs)
 }
