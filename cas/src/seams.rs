@@ -248,8 +248,8 @@ pub trait Grants: Send + Sync + Debug + 'static {
 /// FindMissingBlobs with at most this many digests is answered inline by the embedded store.
 const INLINE_FIND_LIMIT: usize = 16;
 
-/// Runs blocking store work on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
+/// Runs blocking store work on tokio's blocking pool (every embedded backend's one way).
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)

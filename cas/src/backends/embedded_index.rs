@@ -33,6 +33,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use crate::digest::Digest;
 use crate::error::{CasError, Result};
 use crate::seams::BlobIndex;
+use crate::seams::blocking;
 use crate::store::{
     ACCESS_GRANULARITY_MS, StoreStats, blob_key, digest_from_key, index_value, lru_key, now_millis,
     parse_index_value,
@@ -231,15 +232,6 @@ enum Change {
     Insert,
     Touch,
     Remove,
-}
-
-/// Runs index work on tokio's blocking pool (sled blocks).
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| CasError::Unavailable(format!("blob index task failed: {e}")))?
 }
 
 #[async_trait]
