@@ -15,12 +15,15 @@
 //! - [`merkle`]: canonical REAPI `Directory` trees from disk or zip archives (with a stat cache
 //!   and limits against hostile archives), their validation, enumeration and materialisation.
 //! - [`access`]: which tenant may read which blob (grants on upload and on results served).
+//! - [`backends`]: the scale-out backends of the seams (PostgreSQL for the blob index, the
+//!   action cache and the grants).
 //! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
 //! The crate does blocking I/O; async callers use `tokio::task::spawn_blocking` for large work.
 
 pub mod access;
 pub mod action_cache;
+pub mod backends;
 pub mod digest;
 pub mod error;
 pub mod merkle;

@@ -119,7 +119,7 @@ fn blob_key(digest: &Digest) -> BlobKey {
     key
 }
 
-fn function_byte(function: DigestFunction) -> u8 {
+pub(crate) fn function_byte(function: DigestFunction) -> u8 {
     match function {
         DigestFunction::Sha256 => 1,
         DigestFunction::Blake3 => 2,
@@ -170,7 +170,7 @@ fn lru_key(access: u64, key: &BlobKey) -> [u8; 41] {
 
 /// Accesses closer together than this do not rewrite the LRU index: eviction order at minute
 /// precision, and a storm of FindMissing calls writes each blob's entry at most once a minute.
-const ACCESS_GRANULARITY_MS: u64 = 60_000;
+pub(crate) const ACCESS_GRANULARITY_MS: u64 = 60_000;
 /// The running totals are written to the index at most this often (and on flush and close);
 /// a crash may leave them slightly behind, which [`BlobStore::verify`] corrects.
 const TOTALS_PERSIST_MS: u64 = 1_000;

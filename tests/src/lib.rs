@@ -8,3 +8,7 @@
 //! `agent/tests/cli.rs` (`rba build`, `rba serve`, `rba build --remote`, `rba logs`),
 //! `cache-server/tests/binary.rs` (`cache-server`) and `cache-server/tests/bazel_e2e.rs` (a real
 //! Bazel client against it).
+//!
+//! [`postgres`] starts a private PostgreSQL server for the tests of the scale-out backends.
+
+pub mod postgres;
