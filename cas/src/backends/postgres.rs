@@ -298,10 +298,24 @@ impl Postgres {
         })
     }
 
-    /// Creates or upgrades the `cas` schema: one transaction, under an advisory lock that
-    /// every process (and every component) takes before touching `rba_schema`.
+    /// The connection pool, for other components' tables in the same database (the
+    /// scheduler's queue).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Creates or upgrades the `cas` schema.
     async fn migrate(&self) -> Result<()> {
-        let operation = "migrating the cas schema";
+        self.migrate_component(COMPONENT, MIGRATIONS).await
+    }
+
+    /// Creates or upgrades the schema of `component` to version `migrations.len()`
+    /// (migration `n`, 1-based, brings it from version `n - 1` to `n`): one transaction, under
+    /// an advisory lock that every process (and every component) takes before touching
+    /// `rba_schema`. A database whose version of `component` is newer is refused.
+    pub async fn migrate_component(&self, component: &str, migrations: &[&str]) -> Result<()> {
+        let operation = &format!("migrating the {component} schema");
+        let version = migrations.len() as i32;
         let fail = |e: tokio_postgres::Error| failed(operation, &e);
         let mut client = self.client(operation).await?;
         let transaction = client.transaction().await.map_err(fail)?;
@@ -319,42 +333,40 @@ impl Postgres {
         let current: i32 = transaction
             .query_opt(
                 "SELECT version FROM rba_schema WHERE component = $1",
-                &[&COMPONENT],
+                &[&component],
             )
             .await
             .map_err(fail)?
             .map(|row| row.get(0))
             .unwrap_or(0);
-        if current > SCHEMA_VERSION {
+        if current > version {
             return Err(CasError::Unavailable(format!(
-                "postgres: the database's {COMPONENT} schema is version {current}, newer than \
-                 version {SCHEMA_VERSION} that this build knows: run a newer rba against it"
+                "postgres: the database's {component} schema is version {current}, newer than \
+                 version {version} that this build knows: run a newer rba against it"
             )));
         }
-        if current == SCHEMA_VERSION {
+        if current == version {
             return Ok(()); // dropping the transaction rolls it back
         }
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        for (index, migration) in migrations.iter().enumerate().skip(current as usize) {
             transaction.batch_execute(migration).await.map_err(|e| {
-                failed(
-                    &format!("applying {COMPONENT} migration {}", index + 1),
-                    &e,
-                )
+                failed(&format!("applying {component} migration {}", index + 1), &e)
             })?;
         }
         transaction
             .execute(
                 "INSERT INTO rba_schema (component, version) VALUES ($1, $2) \
                  ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                &[&COMPONENT, &SCHEMA_VERSION],
+                &[&component, &version],
             )
             .await
             .map_err(fail)?;
         transaction.commit().await.map_err(fail)?;
         tracing::info!(
             from = current,
-            to = SCHEMA_VERSION,
-            "postgres: migrated the cas schema"
+            to = version,
+            component,
+            "postgres: migrated a schema"
         );
         Ok(())
     }
@@ -482,7 +494,10 @@ fn digest_from_row(function: i16, hash: &[u8], size: i64) -> Result<Digest> {
     let invalid = || {
         CasError::invalid(
             "a postgres cas_blobs row",
-            format!("function {function}, hash of {} bytes, size {size}", hash.len()),
+            format!(
+                "function {function}, hash of {} bytes, size {size}",
+                hash.len()
+            ),
         )
     };
     let function = DigestFunction::ALL
