@@ -494,10 +494,7 @@ fn digest_from_row(function: i16, hash: &[u8], size: i64) -> Result<Digest> {
     let invalid = || {
         CasError::invalid(
             "a postgres cas_blobs row",
-            format!(
-                "function {function}, hash of {} bytes, size {size}",
-                hash.len()
-            ),
+            format!("function {function}, hash of {} bytes, size {size}", hash.len()),
         )
     };
     let function = DigestFunction::ALL
