@@ -817,7 +817,7 @@ impl JobQueue {
                     RETURNING rba_jobs.id)
                  SELECT id, pg_notify($4, id::text)::text FROM expired",
                 &[
-                    &secs(config.queue_timeout_secs),
+                    &secs(config.queue_timeout_secs + config.lease_secs),
                     &WORKERS_NAMED,
                     &(config.queue_timeout_secs as i64),
                     &JOB_CHANNEL,

@@ -210,7 +210,7 @@ impl Worker {
             }
             let permit = tokio::select! {
                 permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                _ = drained(drain.clone()) => break,
+                _ = raised(drain.clone()) => break,
                 Some(end) = jobs.join_next(), if !jobs.is_empty() => {
                     tally(&mut report, end);
                     continue;
@@ -233,7 +233,7 @@ impl Worker {
                     drop(permit);
                     tokio::select! {
                         _ = self.queue.work_available() => {}
-                        _ = drained(drain.clone()) => {}
+                        _ = raised(drain.clone()) => {}
                     }
                 }
                 Err(error) => {
@@ -241,7 +241,7 @@ impl Worker {
                     tracing::warn!(worker = %self.id, %error, "claiming a job failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = drained(drain.clone()) => {}
+                        _ = raised(drain.clone()) => {}
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -273,7 +273,7 @@ impl Worker {
                 return self.finish(&job, Arc::new(outcome), None).await;
             }
         };
-        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let (lost_tx, lost_rx) = watch::channel(false);
         let pump = tokio::spawn(pump_logs(
             self.queue.clone(),
             job.clone(),
@@ -290,8 +290,8 @@ impl Worker {
                         return self.lose(&job, &handle, pump).await;
                     }
                 }
-                _ = lost_rx.changed() => return self.lose(&job, &handle, pump).await,
-                _ = drained(drain.clone()), if drain_deadline.is_none() => {
+                _ = raised(lost_rx.clone()) => return self.lose(&job, &handle, pump).await,
+                _ = raised(drain.clone()), if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + self.drain_grace);
                 }
                 _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
@@ -450,9 +450,10 @@ fn tally(report: &mut WorkerReport, end: Result<JobEnd, tokio::task::JoinError>)
     }
 }
 
-/// Resolves once `drain` is true; never when its sender is gone without draining.
-async fn drained(mut drain: watch::Receiver<bool>) {
-    if drain.wait_for(|draining| *draining).await.is_err() {
+/// Resolves once `flag` is true (the drain signal, a lost lease); never when its sender is
+/// gone without raising it.
+async fn raised(mut flag: watch::Receiver<bool>) {
+    if flag.wait_for(|raised| *raised).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
