@@ -628,3 +628,87 @@ async fn a_database_restart_during_a_queue_of_twenty_jobs_loses_and_repeats_noth
     }
     assert_eq!(completed, 20, "every job recorded once, by one worker");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reapers_requeue_each_expired_job_once() {
+    let pg = TestPostgres::start();
+    let queue = queue(&pg, fast()).await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(queue.enqueue(&request(n), None).await.unwrap());
+    }
+    for _ in &ids {
+        queue.claim("gone").await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Four processes' reapers at once (each its own pool).
+    let mut reapers = Vec::new();
+    for _ in 0..4 {
+        reapers.push(JobQueue::connect(&pg.url(), fast()).await.unwrap());
+    }
+    let runs = reapers.iter().map(|reaper| {
+        let reaper = reaper.clone();
+        tokio::spawn(async move {
+            let mut requeued = 0;
+            for _ in 0..3 {
+                requeued += reaper.reap().await.unwrap().requeued;
+            }
+            requeued
+        })
+    });
+    let mut requeued = 0;
+    for run in runs {
+        requeued += run.await.unwrap();
+    }
+    assert_eq!(requeued, ids.len() as u64);
+    for id in ids {
+        let record = queue.job(id).await.unwrap();
+        assert_eq!(record.state, "queued");
+        assert_eq!(record.lost_workers, vec!["gone".to_string()]);
+        assert_eq!(record.log_lines, 1, "one requeue note per job");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_by_notifications_also_after_a_database_restart() {
+    let mut pg = TestPostgres::start();
+    // Polling so slow that only a notification (or the listener's reconnection) can wake.
+    let config = QueueConfig {
+        poll_interval_ms: 60_000,
+        reap_interval_secs: 3600,
+        ..fast()
+    };
+    let queue = queue(&pg, config).await;
+    for round in 0..2 {
+        let id = loop {
+            match queue.enqueue(&request(round), None).await {
+                Ok(id) => break id,
+                Err(error) => {
+                    assert!(error.is_transient(), "{error}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let job = queue.claim("w").await.unwrap().unwrap();
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.wait(id).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let completed = Instant::now();
+        queue.complete(&job, &outcome(0)).await.unwrap();
+        let woken = tokio::time::timeout(Duration::from_secs(15), waiter)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the waiter was not woken"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(woken.exit_code, 0);
+        eprintln!(
+            "round {round}: woken {:?} after the outcome",
+            completed.elapsed()
+        );
+        if round == 0 {
+            tokio::task::block_in_place(|| pg.restart());
+        }
+    }
+}

@@ -445,12 +445,7 @@ impl JobQueue {
             .parse()
             .map_err(|e| QueueError::Database(format!("database URL: {e}")))?;
         let listener = Arc::new(Listener::default());
-        let listen_task = tokio::spawn(listen(
-            pg_config,
-            Arc::downgrade(&listener),
-            config.poll_interval(),
-        ))
-        .abort_handle();
+        let listen_task = tokio::spawn(listen(pg_config, Arc::downgrade(&listener))).abort_handle();
         Ok(JobQueue {
             inner: Arc::new(Inner {
                 pool,
@@ -1150,7 +1145,10 @@ impl Listener {
 
 /// The listening connection: `LISTEN`s on the queue's channels and wakes local waiters;
 /// reconnects (waking everyone) whenever the connection is lost. Ends with the queue.
-async fn listen(config: tokio_postgres::Config, listener: Weak<Listener>, retry: Duration) {
+async fn listen(config: tokio_postgres::Config, listener: Weak<Listener>) {
+    const FIRST_RETRY: Duration = Duration::from_millis(200);
+    const LAST_RETRY: Duration = Duration::from_secs(5);
+    let mut retry = FIRST_RETRY;
     loop {
         let connected = config.connect(tokio_postgres::NoTls).await;
         let (client, mut connection) = match connected {
@@ -1158,6 +1156,7 @@ async fn listen(config: tokio_postgres::Config, listener: Weak<Listener>, retry:
             Err(error) => {
                 tracing::debug!(%error, "job queue listener: cannot connect; retrying");
                 tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(LAST_RETRY);
                 if listener.strong_count() == 0 {
                     return;
                 }
@@ -1188,8 +1187,10 @@ async fn listen(config: tokio_postgres::Config, listener: Weak<Listener>, retry:
             tracing::debug!(%error, "job queue listener: LISTEN failed; retrying");
             driver.abort();
             tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(LAST_RETRY);
             continue;
         }
+        retry = FIRST_RETRY;
         match listener.upgrade() {
             Some(listener) => listener.wake_all(),
             None => {
@@ -1217,5 +1218,27 @@ async fn listen(config: tokio_postgres::Config, listener: Weak<Listener>, retry:
             return;
         }
         tokio::time::sleep(retry).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_is_a_scheduler_section_with_defaults() {
+        let config: QueueConfig = toml::from_str("lease_secs = 60\nheartbeat_secs = 20").unwrap();
+        assert_eq!(config.lease(), Duration::from_secs(60));
+        assert_eq!(config.max_attempts, QueueConfig::default().max_attempts);
+        config.check().unwrap();
+        QueueConfig::default().check().unwrap();
+        let unknown = toml::from_str::<QueueConfig>("lease = 3").unwrap_err();
+        assert!(unknown.to_string().contains("lease"), "{unknown}");
+        let too_slow = QueueConfig {
+            heartbeat_secs: 20,
+            ..QueueConfig::default()
+        };
+        let refused = too_slow.check().unwrap_err();
+        assert!(refused.contains("heartbeat_secs (20)"), "{refused}");
     }
 }
