@@ -181,7 +181,10 @@ impl Postgres {
     pub async fn connect(url: &str) -> Result<Postgres> {
         // The URL may hold a password: errors never repeat it.
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            CasError::Unavailable(format!("postgres: parsing the database URL: {e}"))
+            CasError::Unavailable(format!(
+                "postgres: parsing the database URL: {}",
+                describe(&e)
+            ))
         })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -294,7 +297,10 @@ impl Postgres {
     /// A pooled connection, or [`CasError::Unavailable`] naming the operation.
     async fn client(&self, operation: &str) -> Result<Object> {
         self.inner.pool.get().await.map_err(|e| {
-            CasError::Unavailable(format!("postgres: {operation}: no connection: {e}"))
+            CasError::Unavailable(format!(
+                "postgres: {operation}: no connection: {}",
+                describe(&e)
+            ))
         })
     }
 
@@ -378,7 +384,22 @@ fn connection_lost(error: &tokio_postgres::Error) -> bool {
 }
 
 fn failed(operation: &str, error: &tokio_postgres::Error) -> CasError {
-    CasError::Unavailable(format!("postgres: {operation}: {error}"))
+    CasError::Unavailable(format!("postgres: {operation}: {}", describe(error)))
+}
+
+/// An error and its causes on one line (`tokio-postgres` shows only "db error" or "error
+/// connecting to server" and keeps the reason in the source).
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string().replace('\n', " ");
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The totals of `cas_counters`.
