@@ -7,12 +7,12 @@
 use std::time::Duration;
 
 use rba_cas::backends::postgres::{COMPONENT, Postgres, SCHEMA_VERSION};
-use rba_proto::reapi::{ActionResult, OutputFile};
 use rba_cas::{
-    ActionCache, BlobIndex, BlobStore, CasError, Cas, Digest, DigestFunction, EmbeddedActionCache,
+    ActionCache, BlobIndex, BlobStore, Cas, CasError, Digest, DigestFunction, EmbeddedActionCache,
     EmbeddedGrants, Grants,
 };
 use rba_e2e_tests::postgres::TestPostgres;
+use rba_proto::reapi::{ActionResult, OutputFile};
 
 async fn connect(server: &TestPostgres) -> Postgres {
     Postgres::connect(&server.url())
@@ -83,7 +83,11 @@ async fn blob_index_answers_like_the_embedded_store() {
     ];
     let missing = index.find_missing(&asked).await.unwrap();
     assert_eq!(missing, vec![absent, wrong_size, other_function]);
-    assert_eq!(missing, store.find_missing(&asked).unwrap(), "as the embedded store");
+    assert_eq!(
+        missing,
+        store.find_missing(&asked).unwrap(),
+        "as the embedded store"
+    );
     assert!(index.find_missing(&[]).await.unwrap().is_empty());
 
     let stats = index.stats();
@@ -91,10 +95,7 @@ async fn blob_index_answers_like_the_embedded_store() {
     assert_eq!(stats.total_bytes, 3 + 3 + 5);
 
     index.remove(&[stored[1], absent, stored[1]]).await.unwrap();
-    assert_eq!(
-        index.find_missing(&stored).await.unwrap(),
-        vec![stored[1]]
-    );
+    assert_eq!(index.find_missing(&stored).await.unwrap(), vec![stored[1]]);
     assert_eq!(index.stats().blob_count, 2);
     assert_eq!(index.stats().total_bytes, 3 + 5);
     index.remove(&[f.empty()]).await.unwrap();
@@ -102,7 +103,14 @@ async fn blob_index_answers_like_the_embedded_store() {
 
     // A second handle (another process) sees the same rows and, once refreshed, the totals.
     let other = connect(&server).await;
-    assert!(other.blob_index().find_missing(&stored[..1]).await.unwrap().is_empty());
+    assert!(
+        other
+            .blob_index()
+            .find_missing(&stored[..1])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(other.blob_index().stats().blob_count, 2);
     other.blob_index().insert(&[absent]).await.unwrap();
     pg.refresh_stats().await.unwrap();
@@ -180,7 +188,10 @@ async fn action_cache_conformance(cache: &dyn ActionCache) {
     assert_eq!(cache.get_unchecked("j", &a).await.unwrap(), Some(result(3)));
     assert_eq!(cache.get_unchecked("j", &b).await.unwrap(), None);
     let other_function = DigestFunction::Sha256.digest_of(b"a");
-    assert_eq!(cache.get_unchecked("i", &other_function).await.unwrap(), None);
+    assert_eq!(
+        cache.get_unchecked("i", &other_function).await.unwrap(),
+        None
+    );
 
     let mut codes: Vec<i32> = cache
         .results_in("i")
@@ -220,10 +231,17 @@ async fn action_cache_conformance(cache: &dyn ActionCache) {
 /// The grant rules every backend keeps (those of `rba_cas::access`).
 async fn grants_conformance(grants: &dyn Grants) {
     let f = DigestFunction::Sha256;
-    let (mine, theirs, absent) = (f.digest_of(b"mine"), f.digest_of(b"theirs"), f.digest_of(b"x"));
+    let (mine, theirs, absent) = (
+        f.digest_of(b"mine"),
+        f.digest_of(b"theirs"),
+        f.digest_of(b"x"),
+    );
     let empty = f.empty();
     assert!(grants.is_empty());
-    grants.grant("peer:a", &[mine, absent, mine, empty]).await.unwrap();
+    grants
+        .grant("peer:a", &[mine, absent, mine, empty])
+        .await
+        .unwrap();
     grants.grant("peer:b", &[theirs]).await.unwrap();
     grants.grant("peer:b", &[theirs]).await.unwrap(); // again: nothing new
     assert_eq!(grants.len(), 3);
@@ -236,9 +254,19 @@ async fn grants_conformance(grants: &dyn Grants) {
     assert!(!grants.may_read("peer:", &mine).await.unwrap());
     assert!(!grants.may_read("peer:ab", &mine).await.unwrap());
 
-    let asked = [mine, theirs, absent, empty, mine, DigestFunction::Blake3.digest_of(b"mine")];
+    let asked = [
+        mine,
+        theirs,
+        absent,
+        empty,
+        mine,
+        DigestFunction::Blake3.digest_of(b"mine"),
+    ];
     assert_eq!(
-        grants.not_readable_by_any(&["peer:b"], &asked).await.unwrap(),
+        grants
+            .not_readable_by_any(&["peer:b"], &asked)
+            .await
+            .unwrap(),
         vec![mine, absent, asked[5]]
     );
     assert_eq!(
@@ -252,9 +280,18 @@ async fn grants_conformance(grants: &dyn Grants) {
         grants.not_readable_by_any(&[], &asked).await.unwrap(),
         vec![mine, theirs, absent, asked[5]]
     );
-    assert!(grants.not_readable_by_any(&["peer:a"], &[]).await.unwrap().is_empty());
+    assert!(
+        grants
+            .not_readable_by_any(&["peer:a"], &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    for bad in [String::new(), "x".repeat(rba_cas::access::MAX_TENANT_BYTES + 1)] {
+    for bad in [
+        String::new(),
+        "x".repeat(rba_cas::access::MAX_TENANT_BYTES + 1),
+    ] {
         assert!(matches!(
             grants.grant(&bad, &[mine]).await,
             Err(CasError::Invalid { .. })
@@ -407,9 +444,18 @@ async fn a_database_restart_mid_sequence_loses_nothing() {
     tokio::task::block_in_place(|| server.stop());
     assert_unavailable(index.find_missing(&before).await, "find_missing");
     assert_unavailable(index.insert(&[blob(5000)]).await, "insert");
-    assert_unavailable(cache.get_unchecked("main", &action).await, "get action result");
-    assert_unavailable(cache.put("main", &blob(1001), &result).await, "put action result");
-    assert_unavailable(grants.may_read("token:ci", &before[0]).await, "check read grants");
+    assert_unavailable(
+        cache.get_unchecked("main", &action).await,
+        "get action result",
+    );
+    assert_unavailable(
+        cache.put("main", &blob(1001), &result).await,
+        "put action result",
+    );
+    assert_unavailable(
+        grants.may_read("token:ci", &before[0]).await,
+        "check read grants",
+    );
     // The counters keep their last values through the outage.
     assert_eq!(index.stats().blob_count, 100);
     assert_eq!(cache.len(), 1);
@@ -425,7 +471,10 @@ async fn a_database_restart_mid_sequence_loses_nothing() {
     let after: Vec<Digest> = (100..200).map(blob).collect();
     index.insert(&after).await.unwrap();
     cache.put("main", &blob(1001), &result).await.unwrap();
-    assert_eq!(index.find_missing(&[blob(5000)]).await.unwrap(), vec![blob(5000)]);
+    assert_eq!(
+        index.find_missing(&[blob(5000)]).await.unwrap(),
+        vec![blob(5000)]
+    );
     pg.refresh_stats().await.unwrap();
     assert_eq!(index.stats().blob_count, 200);
     assert_eq!(cache.len(), 2);
@@ -498,7 +547,10 @@ async fn hostile_inputs_are_stored_exactly_or_refused() {
     assert_eq!(missing, expected);
     grants.grant("token:big", &present).await.unwrap();
     assert_eq!(
-        grants.not_readable_by_any(&["token:big"], &asked).await.unwrap(),
+        grants
+            .not_readable_by_any(&["token:big"], &asked)
+            .await
+            .unwrap(),
         expected
     );
     // A digest whose size no blob can have is simply missing.
@@ -522,13 +574,18 @@ async fn concurrent_writers_of_overlapping_batches_neither_deadlock_nor_miscount
     let (first, second) = (connect(&server).await, connect(&server).await);
     let mut calls = Vec::new();
     for worker in 0..8u32 {
-        let pg = if worker % 2 == 0 { first.clone() } else { second.clone() };
+        let pg = if worker % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
         calls.push(tokio::spawn(async move {
             let index = pg.blob_index();
             let grants = pg.grants();
             for round in 0..10u32 {
                 // Overlapping batches, in opposite orders in alternate workers.
-                let mut batch: Vec<Digest> = (0..200).map(|n| blob((n + round * 50) % 600)).collect();
+                let mut batch: Vec<Digest> =
+                    (0..200).map(|n| blob((n + round * 50) % 600)).collect();
                 if worker % 2 == 1 {
                     batch.reverse();
                 }
@@ -555,7 +612,10 @@ async fn concurrent_writers_of_overlapping_batches_neither_deadlock_nor_miscount
     let (count, bytes): (i64, i64) = (row.get(0), row.get(1));
     first.refresh_stats().await.unwrap();
     let stats = first.blob_index().stats();
-    assert_eq!((stats.blob_count, stats.total_bytes), (count as u64, bytes as u64));
+    assert_eq!(
+        (stats.blob_count, stats.total_bytes),
+        (count as u64, bytes as u64)
+    );
     let grants: i64 = client
         .query_one("SELECT count(*) FROM cas_read_grants", &[])
         .await

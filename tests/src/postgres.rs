@@ -132,7 +132,9 @@ impl TestPostgres {
         loop {
             match server.try_wait() {
                 Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = server.kill();
                     let _ = server.wait();
@@ -146,7 +148,8 @@ impl TestPostgres {
     /// accepts connections. Panics with the log when it cannot.
     pub fn start_again(&mut self) {
         if self.server.is_none() {
-            self.launch().unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+            self.launch()
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
         }
     }
 
@@ -165,7 +168,13 @@ impl TestPostgres {
         if self.as_user {
             let mut command = Command::new("setpriv");
             command
-                .args(["--reuid", SERVER_USER, "--regid", SERVER_USER, "--init-groups"])
+                .args([
+                    "--reuid",
+                    SERVER_USER,
+                    "--regid",
+                    SERVER_USER,
+                    "--init-groups",
+                ])
                 .arg("--")
                 .arg(program.as_ref());
             command
@@ -277,7 +286,8 @@ impl TestPostgres {
     /// The postmaster writes `ready` on line 8 of `postmaster.pid` once it accepts
     /// connections (a listening socket alone may still answer "starting up").
     fn accepts_connections(&self) -> bool {
-        let pid_file = fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap_or_default();
+        let pid_file =
+            fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap_or_default();
         pid_file.lines().nth(7).map(str::trim) == Some("ready")
             && TcpStream::connect_timeout(
                 &SocketAddr::from(([127, 0, 0, 1], self.port)),
@@ -321,12 +331,15 @@ pub fn postgres_bin() -> Result<PathBuf, String> {
 }
 
 fn running_as_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A user's uid and gid, from /etc/passwd.
 fn user_ids(user: &str) -> Result<(u32, u32), String> {
-    let passwd = fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
+    let passwd =
+        fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
     passwd
         .lines()
         .find_map(|line| {
@@ -370,7 +383,12 @@ mod tests {
         let dir = postgres.dir.clone();
         let port = postgres.port();
         assert!(postgres.url().contains(&format!("127.0.0.1:{port}")));
-        assert!(postgres.socket_dir().join(format!(".s.PGSQL.{port}")).exists());
+        assert!(
+            postgres
+                .socket_dir()
+                .join(format!(".s.PGSQL.{port}"))
+                .exists()
+        );
         let url = postgres.create_database("it's");
         assert!(url.ends_with("/it's"));
         postgres.stop();
