@@ -652,3 +652,59 @@ async fn the_first_calls_after_a_quiet_restart_succeed() {
     }
     assert_eq!(cache.results_in("main").await.unwrap().len(), 3);
 }
+
+/// The migration rules hold for any component (the scheduler will own its own): versions
+/// recorded apart, a failed migration leaves nothing behind, a newer one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_migrate_apart_and_a_failed_migration_leaves_nothing() {
+    let server = TestPostgres::start();
+    let pg = connect(&server).await;
+    let broken = [
+        "CREATE TABLE other_a (x int)",
+        "CREATE TABLE other_b (y nosuchtype)",
+    ];
+    let failed = pg.migrate("other", &broken).await;
+    let message = assert_unavailable(failed, "applying other migration 2");
+    assert!(message.contains("nosuchtype"), "{message}");
+    assert_eq!(pg.schema_version("other").await.unwrap(), None);
+    let client = sql(&server).await;
+    let exists = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(
+        !exists("other_a").await,
+        "migration 1 was rolled back with 2"
+    );
+
+    let first = ["CREATE TABLE other_a (x int)"];
+    assert_eq!(pg.migrate("other", &first).await.unwrap(), 0);
+    assert_eq!(
+        pg.migrate("other", &first).await.unwrap(),
+        1,
+        "nothing to do"
+    );
+    let both = [
+        "CREATE TABLE other_a (x int)",
+        "CREATE TABLE other_b (y int)",
+    ];
+    assert_eq!(pg.migrate("other", &both).await.unwrap(), 1);
+    assert!(exists("other_a").await && exists("other_b").await);
+    assert_eq!(pg.schema_version("other").await.unwrap(), Some(2));
+    assert_eq!(
+        pg.schema_version(COMPONENT).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    let refused = pg.migrate("other", &first).await;
+    let message = assert_unavailable(refused, "other schema is version 2");
+    assert!(
+        message.contains("version 1 that this build knows"),
+        "{message}"
+    );
+}

@@ -13,7 +13,8 @@
 //!   component `cas` owns [`MIGRATIONS`], applied in one transaction under an advisory lock, so
 //!   processes starting together migrate once and never see half a schema. A database whose
 //!   version is newer than this build knows is refused, naming both versions (an old binary
-//!   must not write into a schema it does not understand).
+//!   must not write into a schema it does not understand). Other components migrate their
+//!   own tables the same way ([`Postgres::migrate`]).
 //! - **One statement per call.** `find_missing` and `not_readable_by_any` send the digests as
 //!   arrays (`unnest … WITH ORDINALITY`) and get back the positions that are absent: one round
 //!   trip whatever the count. Writes that change a counter do it in the same statement
@@ -31,7 +32,9 @@
 //! - **Outages.** Every failure is [`CasError::Unavailable`] naming postgres and the operation;
 //!   nothing panics on a lost connection. A call whose pooled connection was closed under it
 //!   (the database restarted) is retried on a new connection (every statement here is safe to
-//!   repeat), so the first call after a restart succeeds.
+//!   repeat), so the first call after a restart succeeds. (One consequence: a repeated
+//!   `ActionCache::remove` whose first attempt committed before the connection died answers
+//!   `false`; the entry is gone either way.)
 //!
 //! Binary columns: hashes, instance names and tenant names are `bytea`, stored and compared
 //! byte for byte (a PostgreSQL `text` cannot hold a NUL byte, which an instance name may).
@@ -213,7 +216,7 @@ impl Postgres {
                 refresher: parking_lot::Mutex::new(None),
             }),
         };
-        postgres.migrate().await?;
+        postgres.migrate(COMPONENT, MIGRATIONS).await?;
         postgres.refresh_stats().await?;
         let weak = Arc::downgrade(&postgres.inner);
         let task = tokio::spawn(async move {
@@ -304,12 +307,17 @@ impl Postgres {
         })
     }
 
-    /// Creates or upgrades the `cas` schema: one transaction, under an advisory lock that
-    /// every process (and every component) takes before touching `rba_schema`.
-    async fn migrate(&self) -> Result<()> {
-        let operation = "migrating the cas schema";
-        let fail = |e: tokio_postgres::Error| failed(operation, &e);
-        let mut client = self.client(operation).await?;
+    /// Creates or upgrades `component`'s schema with its numbered `migrations` (migration `n`,
+    /// 1-based, brings it from version `n - 1` to `n`) and returns the version before. One
+    /// transaction, under an advisory lock that every process and every component takes
+    /// before touching `rba_schema`: processes starting together migrate once. A database
+    /// whose version is newer than `migrations.len()` is refused, naming both versions.
+    /// `connect` migrates component [`COMPONENT`]; others (the scheduler) call this for theirs.
+    pub async fn migrate(&self, component: &str, migrations: &[&str]) -> Result<i32> {
+        let operation = format!("migrating the {component} schema");
+        let fail = |e: tokio_postgres::Error| failed(&operation, &e);
+        let known = i32::try_from(migrations.len()).unwrap_or(i32::MAX);
+        let mut client = self.client(&operation).await?;
         let transaction = client.transaction().await.map_err(fail)?;
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
@@ -325,41 +333,42 @@ impl Postgres {
         let current: i32 = transaction
             .query_opt(
                 "SELECT version FROM rba_schema WHERE component = $1",
-                &[&COMPONENT],
+                &[&component],
             )
             .await
             .map_err(fail)?
             .map(|row| row.get(0))
             .unwrap_or(0);
-        if current > SCHEMA_VERSION {
+        if current > known {
             return Err(CasError::Unavailable(format!(
-                "postgres: the database's {COMPONENT} schema is version {current}, newer than \
-                 version {SCHEMA_VERSION} that this build knows: run a newer rba against it"
+                "postgres: the database's {component} schema is version {current}, newer than \
+                 version {known} that this build knows: run a newer rba against it"
             )));
         }
-        if current == SCHEMA_VERSION {
-            return Ok(()); // dropping the transaction rolls it back
+        if current == known {
+            return Ok(current); // dropping the transaction rolls it back
         }
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        for (index, migration) in migrations.iter().enumerate().skip(current.max(0) as usize) {
             transaction.batch_execute(migration).await.map_err(|e| {
-                failed(&format!("applying {COMPONENT} migration {}", index + 1), &e)
+                failed(&format!("applying {component} migration {}", index + 1), &e)
             })?;
         }
         transaction
             .execute(
                 "INSERT INTO rba_schema (component, version) VALUES ($1, $2) \
                  ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                &[&COMPONENT, &SCHEMA_VERSION],
+                &[&component, &known],
             )
             .await
             .map_err(fail)?;
         transaction.commit().await.map_err(fail)?;
         tracing::info!(
+            component,
             from = current,
-            to = SCHEMA_VERSION,
-            "postgres: migrated the cas schema"
+            to = known,
+            "postgres: migrated the schema"
         );
-        Ok(())
+        Ok(current)
     }
 }
 
