@@ -48,6 +48,8 @@ impl TestPostgres {
     /// Creates a cluster in a new temporary directory and starts it. Panics with the server's
     /// log when it cannot (a test cannot go on without its database).
     pub fn start() -> TestPostgres {
+        static REAPED: std::sync::Once = std::sync::Once::new();
+        REAPED.call_once(reap_orphans);
         let bin = postgres_bin().unwrap_or_else(|e| panic!("{e}"));
         let as_user = running_as_root();
         let dir = unique_temp_dir();
@@ -78,6 +80,22 @@ impl TestPostgres {
     /// [`TestPostgres::create_database`]).
     pub fn url_of(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The superuser's database through the unix socket (no TCP).
+    pub fn socket_url(&self) -> String {
+        let dir: String = self
+            .socket_dir()
+            .to_string_lossy()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("postgres://postgres@{dir}:{}/postgres", self.port)
     }
 
     /// The directory holding the server's unix socket (`.s.PGSQL.PORT`).
@@ -330,6 +348,52 @@ pub fn postgres_bin() -> Result<PathBuf, String> {
     })
 }
 
+/// Stops the servers and removes the directories that test processes killed before their
+/// `Drop` ran left behind (a directory is named after its test process: `rba-pg-PID-…`), so
+/// an interrupted run does not leak servers or disk. A server is signalled only when its
+/// command line names that directory.
+fn reap_orphans() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix("rba-pg-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if owner == std::process::id() || Path::new(&format!("/proc/{owner}")).exists() {
+            continue; // its test process is alive
+        }
+        let dir = entry.path();
+        let data = dir.join("data");
+        let server = fs::read_to_string(data.join("postmaster.pid"))
+            .ok()
+            .and_then(|pid_file| pid_file.lines().next()?.trim().parse::<u32>().ok());
+        if let Some(server) = server {
+            if String::from_utf8_lossy(&command_line(server)).contains(&*data.to_string_lossy()) {
+                let _ = Command::new("kill")
+                    .args(["-INT", &server.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while !command_line(server).is_empty() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// A process's command line; empty once it exited (a zombie has none) or when there is none.
+fn command_line(pid: u32) -> Vec<u8> {
+    fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
 fn running_as_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
@@ -389,6 +453,7 @@ mod tests {
                 .join(format!(".s.PGSQL.{port}"))
                 .exists()
         );
+        assert!(postgres.socket_url().contains("%2Fsocket"));
         let url = postgres.create_database("it's");
         assert!(url.ends_with("/it's"));
         postgres.stop();
@@ -398,6 +463,25 @@ mod tests {
         assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
         drop(postgres);
         assert!(!dir.exists(), "the cluster's directory is removed");
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn servers_of_killed_test_processes_are_reaped() {
+        // A server whose test process is gone (here: a directory named after a dead pid).
+        let mut orphan = TestPostgres::start();
+        let port = orphan.port();
+        let dead_pid = u32::MAX - 1; // no process has it (pid_max is at most 2^22)
+        let moved = std::env::temp_dir().join(format!("rba-pg-{dead_pid}-0-0"));
+        orphan.stop();
+        fs::rename(&orphan.dir, &moved).unwrap();
+        orphan.dir = moved.clone();
+        orphan.start_again();
+        let server = orphan.server.take().unwrap(); // as if the test process died
+        std::mem::forget(server);
+        std::mem::forget(orphan);
+        reap_orphans();
+        assert!(!moved.exists(), "the orphan's directory is removed");
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
     }
 }
