@@ -373,16 +373,16 @@ fn reap_orphans() {
         let server = fs::read_to_string(data.join("postmaster.pid"))
             .ok()
             .and_then(|pid_file| pid_file.lines().next()?.trim().parse::<u32>().ok());
-        if let Some(server) = server {
-            if String::from_utf8_lossy(&command_line(server)).contains(&*data.to_string_lossy()) {
-                let _ = Command::new("kill")
-                    .args(["-INT", &server.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                while !command_line(server).is_empty() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+        if let Some(server) = server
+            && String::from_utf8_lossy(&command_line(server)).contains(&*data.to_string_lossy())
+        {
+            let _ = Command::new("kill")
+                .args(["-INT", &server.to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while !command_line(server).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         let _ = fs::remove_dir_all(&dir);
