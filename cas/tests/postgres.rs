@@ -358,8 +358,21 @@ async fn processes_starting_together_migrate_once() {
         .await
         .unwrap();
     assert_eq!(counters.get::<_, i64>(0), 3 * 16);
-    // Each handle works on the one schema.
+    // Each handle works on the one schema, over TCP or the unix socket alike.
+    handles.push(
+        Postgres::connect(&server.socket_url())
+            .await
+            .unwrap_or_else(|e| panic!("over {}: {e}", server.socket_url())),
+    );
     handles[1].blob_index().insert(&[blob(1)]).await.unwrap();
+    assert!(
+        handles[6]
+            .blob_index()
+            .find_missing(&[blob(1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         handles[5]
             .blob_index()
