@@ -66,6 +66,7 @@ impl EmbeddedGrants {
         tenant: &str,
         digests: impl IntoIterator<Item = &'a Digest>,
     ) -> Result<()> {
+        check_tenant(tenant)?;
         let mut batch = sled::Batch::default();
         for digest in digests {
             if !digest.is_empty_blob() {
@@ -98,7 +99,11 @@ impl EmbeddedGrants {
 
     /// Of `digests`, those none of `tenants` may read, in the order given, without duplicates
     /// (a caller that acts for several tenants: its own and those its operator lets it see).
+    /// Every tenant name is checked, whether or not an earlier one may read the blobs.
     pub fn not_readable_by_any(&self, tenants: &[&str], digests: &[Digest]) -> Result<Vec<Digest>> {
+        for tenant in tenants {
+            check_tenant(tenant)?;
+        }
         let mut seen = std::collections::HashSet::new();
         let mut refused = Vec::new();
         for digest in digests {

@@ -172,7 +172,10 @@ impl EmbeddedActionCache {
 
 /// The digests an `ActionResult` names directly (not those inside its trees); an error names
 /// the first malformed one. Every backend's `put` checks a result with it.
-pub(crate) fn referenced_digests(function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
+pub(crate) fn referenced_digests(
+    function: DigestFunction,
+    result: &ActionResult,
+) -> Result<Vec<Digest>> {
     let mut digests = Vec::new();
     for file in &result.output_files {
         digests.push(Digest::from_reapi_field(

@@ -48,6 +48,8 @@ impl TestPostgres {
     /// Creates a cluster in a new temporary directory and starts it. Panics with the server's
     /// log when it cannot (a test cannot go on without its database).
     pub fn start() -> TestPostgres {
+        static REAPED: std::sync::Once = std::sync::Once::new();
+        REAPED.call_once(reap_orphans);
         let bin = postgres_bin().unwrap_or_else(|e| panic!("{e}"));
         let as_user = running_as_root();
         let dir = unique_temp_dir();
@@ -78,6 +80,22 @@ impl TestPostgres {
     /// [`TestPostgres::create_database`]).
     pub fn url_of(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The superuser's database through the unix socket (no TCP).
+    pub fn socket_url(&self) -> String {
+        let dir: String = self
+            .socket_dir()
+            .to_string_lossy()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("postgres://postgres@{dir}:{}/postgres", self.port)
     }
 
     /// The directory holding the server's unix socket (`.s.PGSQL.PORT`).
@@ -132,7 +150,9 @@ impl TestPostgres {
         loop {
             match server.try_wait() {
                 Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = server.kill();
                     let _ = server.wait();
@@ -146,7 +166,8 @@ impl TestPostgres {
     /// accepts connections. Panics with the log when it cannot.
     pub fn start_again(&mut self) {
         if self.server.is_none() {
-            self.launch().unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+            self.launch()
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
         }
     }
 
@@ -165,7 +186,13 @@ impl TestPostgres {
         if self.as_user {
             let mut command = Command::new("setpriv");
             command
-                .args(["--reuid", SERVER_USER, "--regid", SERVER_USER, "--init-groups"])
+                .args([
+                    "--reuid",
+                    SERVER_USER,
+                    "--regid",
+                    SERVER_USER,
+                    "--init-groups",
+                ])
                 .arg("--")
                 .arg(program.as_ref());
             command
@@ -277,7 +304,8 @@ impl TestPostgres {
     /// The postmaster writes `ready` on line 8 of `postmaster.pid` once it accepts
     /// connections (a listening socket alone may still answer "starting up").
     fn accepts_connections(&self) -> bool {
-        let pid_file = fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap_or_default();
+        let pid_file =
+            fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap_or_default();
         pid_file.lines().nth(7).map(str::trim) == Some("ready")
             && TcpStream::connect_timeout(
                 &SocketAddr::from(([127, 0, 0, 1], self.port)),
@@ -320,13 +348,62 @@ pub fn postgres_bin() -> Result<PathBuf, String> {
     })
 }
 
+/// Stops the servers and removes the directories that test processes killed before their
+/// `Drop` ran left behind (a directory is named after its test process: `rba-pg-PID-…`), so
+/// an interrupted run does not leak servers or disk. A server is signalled only when its
+/// command line names that directory.
+fn reap_orphans() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix("rba-pg-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if owner == std::process::id() || Path::new(&format!("/proc/{owner}")).exists() {
+            continue; // its test process is alive
+        }
+        let dir = entry.path();
+        let data = dir.join("data");
+        let server = fs::read_to_string(data.join("postmaster.pid"))
+            .ok()
+            .and_then(|pid_file| pid_file.lines().next()?.trim().parse::<u32>().ok());
+        if let Some(server) = server
+            && String::from_utf8_lossy(&command_line(server)).contains(&*data.to_string_lossy())
+        {
+            let _ = Command::new("kill")
+                .args(["-INT", &server.to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while !command_line(server).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// A process's command line; empty once it exited (a zombie has none) or when there is none.
+fn command_line(pid: u32) -> Vec<u8> {
+    fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
 fn running_as_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A user's uid and gid, from /etc/passwd.
 fn user_ids(user: &str) -> Result<(u32, u32), String> {
-    let passwd = fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
+    let passwd =
+        fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
     passwd
         .lines()
         .find_map(|line| {
@@ -370,7 +447,13 @@ mod tests {
         let dir = postgres.dir.clone();
         let port = postgres.port();
         assert!(postgres.url().contains(&format!("127.0.0.1:{port}")));
-        assert!(postgres.socket_dir().join(format!(".s.PGSQL.{port}")).exists());
+        assert!(
+            postgres
+                .socket_dir()
+                .join(format!(".s.PGSQL.{port}"))
+                .exists()
+        );
+        assert!(postgres.socket_url().contains("%2Fsocket"));
         let url = postgres.create_database("it's");
         assert!(url.ends_with("/it's"));
         postgres.stop();
@@ -380,6 +463,25 @@ mod tests {
         assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
         drop(postgres);
         assert!(!dir.exists(), "the cluster's directory is removed");
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn servers_of_killed_test_processes_are_reaped() {
+        // A server whose test process is gone (here: a directory named after a dead pid).
+        let mut orphan = TestPostgres::start();
+        let port = orphan.port();
+        let dead_pid = u32::MAX - 1; // no process has it (pid_max is at most 2^22)
+        let moved = std::env::temp_dir().join(format!("rba-pg-{dead_pid}-0-0"));
+        orphan.stop();
+        fs::rename(&orphan.dir, &moved).unwrap();
+        orphan.dir = moved.clone();
+        orphan.start_again();
+        let server = orphan.server.take().unwrap(); // as if the test process died
+        std::mem::forget(server);
+        std::mem::forget(orphan);
+        reap_orphans();
+        assert!(!moved.exists(), "the orphan's directory is removed");
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
     }
 }

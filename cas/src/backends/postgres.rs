@@ -13,7 +13,8 @@
 //!   component `cas` owns [`MIGRATIONS`], applied in one transaction under an advisory lock, so
 //!   processes starting together migrate once and never see half a schema. A database whose
 //!   version is newer than this build knows is refused, naming both versions (an old binary
-//!   must not write into a schema it does not understand).
+//!   must not write into a schema it does not understand). Other components migrate their
+//!   own tables the same way ([`Postgres::migrate`]).
 //! - **One statement per call.** `find_missing` and `not_readable_by_any` send the digests as
 //!   arrays (`unnest … WITH ORDINALITY`) and get back the positions that are absent: one round
 //!   trip whatever the count. Writes that change a counter do it in the same statement
@@ -31,7 +32,9 @@
 //! - **Outages.** Every failure is [`CasError::Unavailable`] naming postgres and the operation;
 //!   nothing panics on a lost connection. A call whose pooled connection was closed under it
 //!   (the database restarted) is retried on a new connection (every statement here is safe to
-//!   repeat), so the first call after a restart succeeds.
+//!   repeat), so the first call after a restart succeeds. (One consequence: a repeated
+//!   `ActionCache::remove` whose first attempt committed before the connection died answers
+//!   `false`; the entry is gone either way.)
 //!
 //! Binary columns: hashes, instance names and tenant names are `bytea`, stored and compared
 //! byte for byte (a PostgreSQL `text` cannot hold a NUL byte, which an instance name may).
@@ -181,7 +184,10 @@ impl Postgres {
     pub async fn connect(url: &str) -> Result<Postgres> {
         // The URL may hold a password: errors never repeat it.
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            CasError::Unavailable(format!("postgres: parsing the database URL: {e}"))
+            CasError::Unavailable(format!(
+                "postgres: parsing the database URL: {}",
+                describe(&e)
+            ))
         })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -210,7 +216,7 @@ impl Postgres {
                 refresher: parking_lot::Mutex::new(None),
             }),
         };
-        postgres.migrate().await?;
+        postgres.migrate(COMPONENT, MIGRATIONS).await?;
         postgres.refresh_stats().await?;
         let weak = Arc::downgrade(&postgres.inner);
         let task = tokio::spawn(async move {
@@ -291,33 +297,33 @@ impl Postgres {
         Ok(())
     }
 
-    /// A pooled connection, or [`CasError::Unavailable`] naming the operation.
-    async fn client(&self, operation: &str) -> Result<Object> {
-        self.inner.pool.get().await.map_err(|e| {
-            CasError::Unavailable(format!("postgres: {operation}: no connection: {e}"))
-        })
-    }
-
-    /// The connection pool, for other components' tables in the same database (the
-    /// scheduler's queue).
+    /// The connection pool, for the tables of other components in the same database (the
+    /// scheduler's job queue).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }
 
-    /// Creates or upgrades the `cas` schema.
-    async fn migrate(&self) -> Result<()> {
-        self.migrate_component(COMPONENT, MIGRATIONS).await
+    /// A pooled connection, or [`CasError::Unavailable`] naming the operation.
+    async fn client(&self, operation: &str) -> Result<Object> {
+        self.inner.pool.get().await.map_err(|e| {
+            CasError::Unavailable(format!(
+                "postgres: {operation}: no connection: {}",
+                describe(&e)
+            ))
+        })
     }
 
-    /// Creates or upgrades the schema of `component` to version `migrations.len()`
-    /// (migration `n`, 1-based, brings it from version `n - 1` to `n`): one transaction, under
-    /// an advisory lock that every process (and every component) takes before touching
-    /// `rba_schema`. A database whose version of `component` is newer is refused.
-    pub async fn migrate_component(&self, component: &str, migrations: &[&str]) -> Result<()> {
-        let operation = &format!("migrating the {component} schema");
-        let version = migrations.len() as i32;
-        let fail = |e: tokio_postgres::Error| failed(operation, &e);
-        let mut client = self.client(operation).await?;
+    /// Creates or upgrades `component`'s schema with its numbered `migrations` (migration `n`,
+    /// 1-based, brings it from version `n - 1` to `n`) and returns the version before. One
+    /// transaction, under an advisory lock that every process and every component takes
+    /// before touching `rba_schema`: processes starting together migrate once. A database
+    /// whose version is newer than `migrations.len()` is refused, naming both versions.
+    /// `connect` migrates component [`COMPONENT`]; others (the scheduler) call this for theirs.
+    pub async fn migrate(&self, component: &str, migrations: &[&str]) -> Result<i32> {
+        let operation = format!("migrating the {component} schema");
+        let fail = |e: tokio_postgres::Error| failed(&operation, &e);
+        let known = i32::try_from(migrations.len()).unwrap_or(i32::MAX);
+        let mut client = self.client(&operation).await?;
         let transaction = client.transaction().await.map_err(fail)?;
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
@@ -339,16 +345,16 @@ impl Postgres {
             .map_err(fail)?
             .map(|row| row.get(0))
             .unwrap_or(0);
-        if current > version {
+        if current > known {
             return Err(CasError::Unavailable(format!(
                 "postgres: the database's {component} schema is version {current}, newer than \
-                 version {version} that this build knows: run a newer rba against it"
+                 version {known} that this build knows: run a newer rba against it"
             )));
         }
-        if current == version {
-            return Ok(()); // dropping the transaction rolls it back
+        if current == known {
+            return Ok(current); // dropping the transaction rolls it back
         }
-        for (index, migration) in migrations.iter().enumerate().skip(current as usize) {
+        for (index, migration) in migrations.iter().enumerate().skip(current.max(0) as usize) {
             transaction.batch_execute(migration).await.map_err(|e| {
                 failed(&format!("applying {component} migration {}", index + 1), &e)
             })?;
@@ -357,18 +363,18 @@ impl Postgres {
             .execute(
                 "INSERT INTO rba_schema (component, version) VALUES ($1, $2) \
                  ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                &[&component, &version],
+                &[&component, &known],
             )
             .await
             .map_err(fail)?;
         transaction.commit().await.map_err(fail)?;
         tracing::info!(
-            from = current,
-            to = version,
             component,
-            "postgres: migrated a schema"
+            from = current,
+            to = known,
+            "postgres: migrated the schema"
         );
-        Ok(())
+        Ok(current)
     }
 }
 
@@ -390,7 +396,22 @@ fn connection_lost(error: &tokio_postgres::Error) -> bool {
 }
 
 fn failed(operation: &str, error: &tokio_postgres::Error) -> CasError {
-    CasError::Unavailable(format!("postgres: {operation}: {error}"))
+    CasError::Unavailable(format!("postgres: {operation}: {}", describe(error)))
+}
+
+/// An error and its causes on one line (`tokio-postgres` shows only "db error" or "error
+/// connecting to server" and keeps the reason in the source).
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string().replace('\n', " ");
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The totals of `cas_counters`.
@@ -494,7 +515,10 @@ fn digest_from_row(function: i16, hash: &[u8], size: i64) -> Result<Digest> {
     let invalid = || {
         CasError::invalid(
             "a postgres cas_blobs row",
-            format!("function {function}, hash of {} bytes, size {size}", hash.len()),
+            format!(
+                "function {function}, hash of {} bytes, size {size}",
+                hash.len()
+            ),
         )
     };
     let function = DigestFunction::ALL
@@ -572,11 +596,16 @@ macro_rules! query {
     };
 }
 
+/// Why a correlated scalar subquery and not `NOT EXISTS`: PostgreSQL turns `NOT EXISTS` into
+/// an anti-join, and with a table of 100,000 rows its cost model prefers hashing the whole
+/// table on every call (O(table) per call, ~5× slower here) to probing the primary key once
+/// per digest. A scalar subquery is always a probe per digest: the cost follows the digests
+/// asked, never the size of the index.
 const FIND_MISSING: &str = "\
     SELECT d.i FROM unnest($1::smallint[], $2::bytea[], $3::bigint[]) \
         WITH ORDINALITY AS d(function, hash, size, i) \
-    WHERE NOT EXISTS (SELECT 1 FROM cas_blobs b \
-        WHERE b.function = d.function AND b.hash = d.hash AND b.size = d.size)";
+    WHERE (SELECT b.size FROM cas_blobs b \
+        WHERE b.function = d.function AND b.hash = d.hash) IS DISTINCT FROM d.size";
 
 const INSERT_BLOBS: &str = "\
     WITH ins AS ( \
@@ -867,10 +896,12 @@ const GRANT: &str = "\
         FROM added WHERE c.name = 'grants' AND c.shard = $4 AND added.count > 0) \
     SELECT count FROM added";
 
+/// A scalar subquery per digest, for the reason given at [`FIND_MISSING`].
 const NOT_READABLE: &str = "\
     SELECT d.i FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS d(function, hash, i) \
-    WHERE NOT EXISTS (SELECT 1 FROM cas_read_grants g \
-        WHERE g.tenant = ANY($3::bytea[]) AND g.function = d.function AND g.hash = d.hash)";
+    WHERE (SELECT true FROM cas_read_grants g \
+        WHERE g.tenant = ANY($3::bytea[]) AND g.function = d.function AND g.hash = d.hash \
+        LIMIT 1) IS NULL";
 
 /// The read grants in PostgreSQL (table `cas_read_grants`), with the rules of
 /// [`crate::access`]. Cheap to clone.

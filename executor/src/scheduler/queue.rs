@@ -431,7 +431,7 @@ impl JobQueue {
     ) -> Result<JobQueue, QueueError> {
         config.check().map_err(QueueError::Database)?;
         postgres
-            .migrate_component(SCHEMA_COMPONENT, MIGRATIONS)
+            .migrate(SCHEMA_COMPONENT, MIGRATIONS)
             .await
             .map_err(|e| QueueError::Migration(e.to_string()))?;
         JobQueue::new(postgres.pool().clone(), url, config)
