@@ -514,6 +514,11 @@ async fn a_killed_workers_job_is_requeued_and_finished_by_another_once() {
     doomed.task.abort();
     let killed = Instant::now();
     let survivor = start_worker(&queue, &other_executor, "survivor", 1);
+    wait_until("the survivor to take the job", Duration::from_secs(30), || async {
+        queue.job(id).await.unwrap().worker.as_deref() == Some("survivor")
+    })
+    .await;
+    let taken_over = killed.elapsed();
     let outcome = queue.wait(id).await.unwrap();
     let took = killed.elapsed();
     assert_eq!(outcome.status, JobStatus::Success, "{:?}", outcome.error);
@@ -526,7 +531,10 @@ async fn a_killed_workers_job_is_requeued_and_finished_by_another_once() {
     assert_eq!(record.attempts, 2);
     assert_eq!(record.worker.as_deref(), Some("survivor"));
     assert_eq!(record.lost_workers, vec!["doomed".to_string()]);
-    eprintln!("a killed worker's job finished elsewhere {took:?} after the kill (lease 2 s)");
+    eprintln!(
+        "a killed worker's job: taken over {taken_over:?} and finished elsewhere {took:?} after \
+         the kill (lease 2 s, reap every 1 s, the job runs 3 s)"
+    );
     // The doomed executor's run ends on its own; it records nothing.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
