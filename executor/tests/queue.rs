@@ -220,7 +220,7 @@ async fn a_stale_worker_can_write_nothing_after_its_job_was_requeued() {
     assert_eq!((fresh.id, fresh.attempt), (id, 2));
     for refused in [
         queue.complete(&stale, &outcome(7)).await,
-        queue.heartbeat(&stale).await,
+        queue.heartbeat(&stale).await.map(|_| ()),
         queue.append_logs(&stale, &[line(1, "late")]).await,
         queue.release(&stale).await,
     ] {
@@ -514,9 +514,11 @@ async fn a_killed_workers_job_is_requeued_and_finished_by_another_once() {
     doomed.task.abort();
     let killed = Instant::now();
     let survivor = start_worker(&queue, &other_executor, "survivor", 1);
-    wait_until("the survivor to take the job", Duration::from_secs(30), || async {
-        queue.job(id).await.unwrap().worker.as_deref() == Some("survivor")
-    })
+    wait_until(
+        "the survivor to take the job",
+        Duration::from_secs(30),
+        || async { queue.job(id).await.unwrap().worker.as_deref() == Some("survivor") },
+    )
     .await;
     let taken_over = killed.elapsed();
     let outcome = queue.wait(id).await.unwrap();
@@ -719,4 +721,58 @@ async fn waiters_are_woken_by_notifications_also_after_a_database_restart() {
             tokio::task::block_in_place(|| pg.restart());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_ends_queued_or_running_and_the_worker_keeps_serving() {
+    let pg = TestPostgres::start();
+    let queue = queue(&pg, fast()).await;
+    let harness = Harness::new(|_| {});
+    let waiting = queue.enqueue(&request(1), Some("nobody")).await.unwrap();
+    assert!(queue.cancel(waiting).await.unwrap());
+    let outcome = queue.wait(waiting).await.unwrap();
+    assert_eq!(outcome.status, JobStatus::Cancelled);
+    assert!(queue.claim("nobody").await.unwrap().is_none());
+    assert!(!queue.cancel(waiting).await.unwrap(), "already finished");
+    assert!(matches!(
+        queue.cancel(JobId(424242)).await,
+        Err(QueueError::NotFound(_))
+    ));
+
+    // Cancelled while its worker is dead: failed by the reaper, never requeued.
+    let orphan = queue.enqueue(&request(2), None).await.unwrap();
+    queue.claim("ghost").await.unwrap().unwrap();
+    assert!(queue.cancel(orphan).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(queue.reap().await.unwrap().gave_up, 1);
+    let error = queue.wait(orphan).await.unwrap().error.clone().unwrap();
+    assert_eq!(
+        error,
+        format!("job {orphan} was cancelled and its worker ghost stopped renewing its lease")
+    );
+
+    let long = queue
+        .enqueue(&shell_job(&harness.cas, "echo begun; sleep 60").await, None)
+        .await
+        .unwrap();
+    let worker = start_worker(&queue, &harness.executor, "w1", 1);
+    wait_until("the job to run", Duration::from_secs(30), || async {
+        queue.job(long).await.unwrap().log_lines > 0
+    })
+    .await;
+    let cancelled = Instant::now();
+    assert!(queue.cancel(long).await.unwrap());
+    let outcome = tokio::time::timeout(Duration::from_secs(20), queue.wait(long))
+        .await
+        .expect("a cancelled job ends")
+        .unwrap();
+    assert_eq!(outcome.status, JobStatus::Cancelled, "{:?}", outcome.error);
+    assert!(cancelled.elapsed() < Duration::from_secs(10));
+    let next = queue
+        .enqueue(&shell_job(&harness.cas, "echo next").await, None)
+        .await
+        .unwrap();
+    assert_eq!(queue.wait(next).await.unwrap().status, JobStatus::Success);
+    let report = worker.stop().await;
+    assert_eq!(report.completed, 2);
 }

@@ -31,5 +31,7 @@ pub mod queue;
 mod stored;
 pub mod worker;
 
-pub use queue::{ClaimedJob, JobId, JobLogs, JobQueue, JobRecord, QueueConfig, QueueError, Reaped};
+pub use queue::{
+    ClaimedJob, JobId, JobLogs, JobQueue, JobRecord, Lease, QueueConfig, QueueError, Reaped,
+};
 pub use worker::{SharedCas, Staging, Worker, WorkerReport, process_worker_id};

@@ -40,6 +40,9 @@
 //!   `NOTIFY rba_queue`. One `LISTEN` connection per [`JobQueue`] wakes the local waiters. A
 //!   lost notification (the listening connection dropped, the database restarted) costs at
 //!   most [`QueueConfig::poll_interval_ms`]: every waiter also polls.
+//! - **Cancelling** ([`JobQueue::cancel`]) ends a queued job at once; a running job is marked
+//!   and its worker learns it at its next heartbeat, stops the run and records the cancelled
+//!   outcome.
 //! - **Preference.** A job can name the worker it prefers ([`JobQueue::enqueue`]); without one
 //!   a job with a workspace identity prefers the worker that last completed a job of the same
 //!   (tenant, workspace identity): the worker that holds its target dir. A preferred job goes
@@ -62,7 +65,7 @@ use tokio_postgres::error::SqlState;
 
 use super::stored;
 use crate::logstream::{LogLine, LogStreamKind};
-use crate::runner::{ExecuteRequest, JobOutcome};
+use crate::runner::{ExecuteRequest, JobOutcome, JobStatus};
 
 /// The component name of the queue's tables in the schema-version table.
 pub const SCHEMA_COMPONENT: &str = "scheduler";
@@ -91,6 +94,7 @@ CREATE TABLE rba_jobs (
     started_at       TIMESTAMPTZ,
     finished_at      TIMESTAMPTZ,
     log_lines        BIGINT NOT NULL DEFAULT 0,
+    cancel_requested BOOLEAN NOT NULL DEFAULT false,
     outcome          BYTEA,
     action_result    BYTEA,
     error            TEXT
@@ -293,6 +297,15 @@ impl From<deadpool_postgres::PoolError> for QueueError {
             other => QueueError::Unavailable(other.to_string()),
         }
     }
+}
+
+/// What a heartbeat found ([`JobQueue::heartbeat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// The lease is renewed.
+    Held,
+    /// The lease is renewed, and a front end cancelled the job: stop it, record its outcome.
+    CancelRequested,
 }
 
 /// A job a worker claimed: what to run and the lease that lets it report on the job.
@@ -576,8 +589,9 @@ impl JobQueue {
     }
 
     /// Renews the lease on a claimed job (and records its worker as seen). `LeaseLost` when
-    /// the job is no longer this claim's: stop working on it.
-    pub async fn heartbeat(&self, job: &ClaimedJob) -> Result<(), QueueError> {
+    /// the job is no longer this claim's: stop working on it. [`Lease::CancelRequested`]: a
+    /// front end cancelled the job; stop it and complete it with its (cancelled) outcome.
+    pub async fn heartbeat(&self, job: &ClaimedJob) -> Result<Lease, QueueError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -585,7 +599,7 @@ impl JobQueue {
                     UPDATE rba_workers SET last_seen = now() WHERE id = $3)
                  UPDATE rba_jobs SET lease_until = now() + $4::float8 * interval '1 second'
                  WHERE id = $1 AND lease = $2 AND state = 'running'
-                 RETURNING id",
+                 RETURNING cancel_requested",
                 &[
                     &job.id.0,
                     &job.lease,
@@ -595,8 +609,45 @@ impl JobQueue {
             )
             .await?;
         match row {
-            Some(_) => Ok(()),
+            Some(row) if row.get::<_, bool>(0) => Ok(Lease::CancelRequested),
+            Some(_) => Ok(Lease::Held),
             None => Err(lost(job)),
+        }
+    }
+
+    /// Cancels a job: a queued job ends at once with a `Cancelled` outcome; a running job is
+    /// marked, and its worker stops it at its next heartbeat and records its outcome (if the
+    /// worker is gone, the reaper fails it instead of requeueing it). `false` when the job had
+    /// already finished.
+    pub async fn cancel(&self, job: JobId) -> Result<bool, QueueError> {
+        let mut cancelled =
+            stored::error_outcome(format!("job {job} was cancelled before a worker took it"));
+        cancelled.status = JobStatus::Cancelled;
+        let (json, _) = stored::encode_outcome(&cancelled);
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "WITH cancelled AS (
+                    UPDATE rba_jobs SET cancel_requested = true,
+                           outcome = CASE WHEN state = 'queued' THEN $2 ELSE outcome END,
+                           finished_at = CASE WHEN state = 'queued' THEN now()
+                                              ELSE finished_at END,
+                           state = CASE WHEN state = 'queued' THEN 'done' ELSE state END
+                    WHERE id = $1 AND state IN ('queued', 'running')
+                    RETURNING id)
+                 SELECT id, pg_notify($3, id::text)::text FROM cancelled",
+                &[&job.0, &json, &JOB_CHANNEL],
+            )
+            .await?;
+        if row.is_some() {
+            return Ok(true);
+        }
+        match client
+            .query_opt("SELECT 1 FROM rba_jobs WHERE id = $1", &[&job.0])
+            .await?
+        {
+            Some(_) => Ok(false),
+            None => Err(QueueError::NotFound(job)),
         }
     }
 
@@ -753,7 +804,7 @@ impl JobQueue {
                            log_lines = log_lines + 1
                     WHERE id IN (SELECT id FROM rba_jobs
                                  WHERE state = 'running' AND lease_until < now()
-                                   AND attempts < max_attempts
+                                   AND attempts < max_attempts AND NOT cancel_requested
                                  FOR UPDATE SKIP LOCKED)
                     RETURNING id, worker, attempts, max_attempts, log_lines - 1 AS seq),
                  line AS (
@@ -778,13 +829,17 @@ impl JobQueue {
                     UPDATE rba_jobs SET state = 'failed', lease = NULL, lease_until = NULL,
                            finished_at = now(),
                            lost_workers = array_append(lost_workers, worker),
-                           error = format('job %s: worker %s stopped renewing its lease on '
-                               'attempt %s of %s; giving up (workers lost: %s)',
-                               id, worker, attempts, max_attempts,
-                               array_to_string(array_append(lost_workers, worker), ', '))
+                           error = CASE WHEN cancel_requested
+                               THEN format('job %s was cancelled and its worker %s stopped '
+                                           'renewing its lease', id, worker)
+                               ELSE format('job %s: worker %s stopped renewing its lease on '
+                                   'attempt %s of %s; giving up (workers lost: %s)',
+                                   id, worker, attempts, max_attempts,
+                                   array_to_string(array_append(lost_workers, worker), ', '))
+                               END
                     WHERE id IN (SELECT id FROM rba_jobs
                                  WHERE state = 'running' AND lease_until < now()
-                                   AND attempts >= max_attempts
+                                   AND (attempts >= max_attempts OR cancel_requested)
                                  FOR UPDATE SKIP LOCKED)
                     RETURNING id)
                  SELECT id, pg_notify($1, id::text)::text FROM gave_up",

@@ -9,6 +9,8 @@
 //! - **Heartbeats** every [`QueueConfig::heartbeat_secs`] while the job runs *and* while its
 //!   outcome is being recorded (a database outage at the end of a job must not cost the
 //!   lease).
+//! - **A cancelled job** (a heartbeat says so) is stopped and completed with its cancelled
+//!   outcome.
 //! - **A lost lease cancels the local job** (its sandbox is killed) and nothing more is written:
 //!   another worker owns the job now.
 //! - **Draining** ([`Worker::run`]'s signal): no new claim; running jobs get the drain grace to
@@ -39,7 +41,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use super::queue::{ClaimedJob, JobQueue, QueueError};
+use super::queue::{ClaimedJob, JobQueue, Lease, QueueError};
 use super::stored::error_outcome;
 use crate::logstream::{LogLine, LogStream};
 use crate::runner::{ExecuteRequest, Executor, ExecutorError, JobHandle, JobOutcome};
@@ -282,14 +284,21 @@ impl Worker {
         ));
         let mut heartbeat = self.heartbeat_timer();
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut cancelling = false;
         let outcome = loop {
             tokio::select! {
                 outcome = handle.wait() => break outcome,
-                _ = heartbeat.tick() => {
-                    if let Err(QueueError::LeaseLost { .. }) = self.queue.heartbeat(&job).await {
+                _ = heartbeat.tick() => match self.queue.heartbeat(&job).await {
+                    Err(QueueError::LeaseLost { .. }) => {
                         return self.lose(&job, &handle, pump).await;
                     }
-                }
+                    Ok(Lease::CancelRequested) if !cancelling => {
+                        tracing::info!(worker = %self.id, job = %job.id, "job cancelled");
+                        cancelling = true;
+                        handle.cancel();
+                    }
+                    _ => {}
+                },
                 _ = raised(lost_rx.clone()) => return self.lose(&job, &handle, pump).await,
                 _ = raised(drain.clone()), if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + self.drain_grace);
