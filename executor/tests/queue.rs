@@ -349,6 +349,15 @@ async fn a_job_goes_to_its_preferred_worker_first_then_to_anyone() {
     assert_eq!(taken.id, pinned);
     queue.complete(&taken, &outcome(0)).await.unwrap();
 
+    // A preferred worker that is not around is not waited for.
+    let orphan = queue
+        .enqueue(&request(5), Some("never-seen"))
+        .await
+        .unwrap();
+    let taken = queue.claim("other").await.unwrap().unwrap();
+    assert_eq!(taken.id, orphan);
+    queue.complete(&taken, &outcome(0)).await.unwrap();
+
     // Without a named preference, a workspace's job prefers the worker that last built it
     // (for the same tenant only).
     let mut workspace = request(4);

@@ -47,7 +47,7 @@
 //!   a job with a workspace identity prefers the worker that last completed a job of the same
 //!   (tenant, workspace identity): the worker that holds its target dir. A preferred job goes
 //!   to that worker first, and to any worker once it has been queued for
-//!   [`QueueConfig::prefer_grace_secs`].
+//!   [`QueueConfig::prefer_grace_secs`] — at once if that worker was not seen within a lease.
 //! - **Text.** Instance names and tenants are client-influenced text that may hold anything,
 //!   NUL bytes included (which PostgreSQL's `text` refuses): they are stored as `bytea`, and
 //!   every value is a bound parameter, never part of a statement's text.
@@ -481,6 +481,10 @@ impl JobQueue {
 
     /// Queues a job. `preferred_worker`: the worker that should get it first; `None`: the
     /// worker that last completed a job of the same (tenant, workspace identity), if any.
+    ///
+    /// Nothing here looks at the Action: a front end checks the request first (as
+    /// [`crate::runner::Executor::submit`] does before a job exists); a worker that cannot
+    /// load it ends the job with an `Error` outcome naming why.
     pub async fn enqueue(
         &self,
         request: &ExecuteRequest,
@@ -516,7 +520,8 @@ impl JobQueue {
     }
 
     /// Claims the next job `worker` may take, if any: its own preferred jobs first, then the
-    /// oldest job nobody prefers or whose preference grace is over. Records `worker` as seen.
+    /// oldest job nobody prefers, whose preference grace is over, or whose preferred worker
+    /// was not seen within a lease (gone: no point waiting for it). Records `worker` as seen.
     /// A job whose stored request cannot be read is failed (naming why) and the next one is
     /// claimed instead.
     pub async fn claim(&self, worker: &str) -> Result<Option<ClaimedJob>, QueueError> {
@@ -533,7 +538,11 @@ impl JobQueue {
                         SELECT id FROM rba_jobs
                         WHERE state = 'queued' AND deadline > now()
                           AND (preferred_worker IS NULL OR preferred_worker = $1
-                               OR queued_at <= now() - $2::float8 * interval '1 second')
+                               OR queued_at <= now() - $2::float8 * interval '1 second'
+                               OR NOT EXISTS (
+                                   SELECT 1 FROM rba_workers w
+                                   WHERE w.id = preferred_worker
+                                     AND w.last_seen > now() - $3::float8 * interval '1 second'))
                         ORDER BY (preferred_worker IS NOT DISTINCT FROM $1) DESC, queued_at, id
                         LIMIT 1
                         FOR UPDATE SKIP LOCKED)
