@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Harness, hash_dir};
@@ -784,4 +785,75 @@ async fn a_cancelled_job_ends_queued_or_running_and_the_worker_keeps_serving() {
     assert_eq!(queue.wait(next).await.unwrap().status, JobStatus::Success);
     let report = worker.stop().await;
     assert_eq!(report.completed, 2);
+}
+
+/// A store seam that counts its calls and refuses the inputs of instance `unreachable`.
+#[derive(Default)]
+struct CountingStaging {
+    before: std::sync::atomic::AtomicUsize,
+    after: std::sync::atomic::AtomicUsize,
+}
+
+impl rba_executor::scheduler::Staging for CountingStaging {
+    fn before_run<'a>(
+        &'a self,
+        request: &'a ExecuteRequest,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.before
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if request.instance == "unreachable" {
+                return Err("the bucket refused to serve the input root".into());
+            }
+            Ok(())
+        })
+    }
+
+    fn after_run<'a>(
+        &'a self,
+        _: &'a ExecuteRequest,
+        outcome: &'a JobOutcome,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            assert_eq!(outcome.status, JobStatus::Success);
+            self.after.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_seam_runs_once_before_and_once_after_each_job() {
+    let pg = TestPostgres::start();
+    let queue = queue(&pg, fast()).await;
+    let harness = Harness::new(|_| {});
+    let staging = Arc::new(CountingStaging::default());
+    let (drain, signal) = watch::channel(false);
+    let worker = Worker::new(queue.clone(), harness.executor.clone())
+        .with_id("staged")
+        .with_staging(staging.clone());
+    let task = tokio::spawn(worker.run(signal));
+    let good = queue
+        .enqueue(&shell_job(&harness.cas, "echo staged").await, None)
+        .await
+        .unwrap();
+    let mut unreachable = shell_job(&harness.cas, "echo never").await;
+    unreachable.instance = "unreachable".into();
+    let refused = queue.enqueue(&unreachable, None).await.unwrap();
+    assert_eq!(queue.wait(good).await.unwrap().status, JobStatus::Success);
+    let error = queue.wait(refused).await.unwrap().error.clone().unwrap();
+    assert_eq!(
+        error,
+        format!(
+            "job {refused}: its inputs could not be made available to worker staged: the \
+             bucket refused to serve the input root"
+        )
+    );
+    drain.send(true).unwrap();
+    task.await.unwrap();
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(
+        (staging.before.load(SeqCst), staging.after.load(SeqCst)),
+        (2, 1)
+    );
 }

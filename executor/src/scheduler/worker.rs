@@ -25,9 +25,9 @@
 //!
 //! The job's Action, Command and input root must be readable from the executor's [`Cas`]
 //! before [`Executor::submit`], and its outputs and logs must reach the shared store after.
-//! Making that so is [`Staging`]'s business, called exactly twice per job:
+//! Making that so is [`Staging`]'s business, called once each per job:
 //! [`Staging::before_run`] right before submit and [`Staging::after_run`] right after the
-//! outcome, before it is recorded. The default ([`SharedCas`]) does nothing: the executor's
+//! outcome, before it is recorded (not for a job that could not start). The default ([`SharedCas`]) does nothing: the executor's
 //! `Cas` is the shared store itself.
 //!
 //! [`Cas`]: rba_cas::Cas
@@ -259,15 +259,25 @@ impl Worker {
 
     /// One claimed job, from submit to its recorded outcome (or its loss or release).
     async fn run_job(&self, job: ClaimedJob, drain: watch::Receiver<bool>) -> JobEnd {
-        // The store seam, part 1: inputs readable by the executor.
-        if let Err(reason) = self.staging.before_run(&job.request).await {
-            let outcome = error_outcome(format!(
-                "job {}: its inputs could not be made available to worker {}: {reason}",
-                job.id, self.id
-            ));
-            return self.finish(&job, Arc::new(outcome), None).await;
-        }
-        let handle = match self.executor.submit(job.request.clone()).await {
+        // The store seam, part 1: inputs readable by the executor. Then the one job path.
+        let started = self
+            .under_lease(&job, async {
+                self.staging.before_run(&job.request).await?;
+                Ok::<_, String>(self.executor.submit(job.request.clone()).await)
+            })
+            .await;
+        let submitted = match started {
+            Err(end) => return end,
+            Ok(Err(reason)) => {
+                let outcome = error_outcome(format!(
+                    "job {}: its inputs could not be made available to worker {}: {reason}",
+                    job.id, self.id
+                ));
+                return self.finish(&job, Arc::new(outcome), None).await;
+            }
+            Ok(Ok(submitted)) => submitted,
+        };
+        let handle = match submitted {
             Ok(handle) => handle,
             Err(ExecutorError::Draining) => return self.release(&job, None).await,
             Err(error) => {
@@ -311,6 +321,28 @@ impl Worker {
         self.finish(&job, outcome, Some((&handle, pump))).await
     }
 
+    /// Runs `work` while renewing the lease on `job` (staging, submitting, recording: anything
+    /// that may outlast a lease); `Err(JobEnd::Lost)` as soon as the lease is gone (`work` is
+    /// dropped).
+    async fn under_lease<T>(
+        &self,
+        job: &ClaimedJob,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, JobEnd> {
+        tokio::pin!(work);
+        let mut heartbeat = self.heartbeat_timer();
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done),
+                _ = heartbeat.tick() => {
+                    if let Err(QueueError::LeaseLost { .. }) = self.queue.heartbeat(job).await {
+                        return Err(JobEnd::Lost);
+                    }
+                }
+            }
+        }
+    }
+
     fn heartbeat_timer(&self) -> tokio::time::Interval {
         let period = self.queue.config().heartbeat();
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -342,8 +374,13 @@ impl Worker {
                     _ => {}
                 }
             }
-            // The store seam, part 2: outputs where the front ends read them.
-            let outcome = match self.staging.after_run(&job.request, &outcome).await {
+            // The store seam, part 2: outputs where the front ends read them (only for a job
+            // that ran: one that could not start has none).
+            let published = match handle {
+                Some(_) => self.staging.after_run(&job.request, &outcome).await,
+                None => Ok(()),
+            };
+            let outcome = match published {
                 Ok(()) => outcome,
                 Err(reason) => Arc::new(error_outcome(format!(
                     "job {}: its outputs could not be published by worker {}: {reason}",
@@ -370,20 +407,9 @@ impl Worker {
                 }
             }
         };
-        tokio::pin!(work);
-        let mut heartbeat = self.heartbeat_timer();
-        let end = loop {
-            tokio::select! {
-                done = &mut work => break match done {
-                    Ok(()) => JobEnd::Completed,
-                    Err(end) => end,
-                },
-                _ = heartbeat.tick() => {
-                    if let Err(QueueError::LeaseLost { .. }) = self.queue.heartbeat(job).await {
-                        break JobEnd::Lost;
-                    }
-                }
-            }
+        let end = match self.under_lease(job, work).await {
+            Ok(Ok(())) => JobEnd::Completed,
+            Ok(Err(end)) | Err(end) => end,
         };
         if let Some(handle) = handle {
             self.executor.forget_job(&handle.id);
