@@ -403,6 +403,12 @@ async fn hostile_instance_tenant_and_worker_text_round_trips() {
     let mut logs = queue.logs(id, 0);
     assert_eq!(logs.next().await.unwrap().unwrap().line, hostile);
     assert!(logs.next().await.unwrap().is_none());
+    // A reader asking for a line past any i64 gets nothing, not the log from the start.
+    assert!(queue.logs(id, u64::MAX).next().await.unwrap().is_none());
+    assert!(matches!(
+        queue.logs(JobId(-1), 0).next().await,
+        Err(QueueError::NotFound(_))
+    ));
     // The table is still there and still works.
     assert!(queue.enqueue(&request(2), None).await.is_ok());
 }

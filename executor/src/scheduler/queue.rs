@@ -669,7 +669,10 @@ impl JobQueue {
         let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
             return Ok(());
         };
-        if last.seq - first.seq + 1 != lines.len() as u64 {
+        if lines
+            .windows(2)
+            .any(|pair| pair[0].seq.checked_add(1) != Some(pair[1].seq))
+        {
             return Err(QueueError::Database(format!(
                 "job {}: log lines to append are not contiguous ({}..={} for {} lines)",
                 job.id,
@@ -1131,7 +1134,11 @@ impl JobLogs {
             .query(
                 "SELECT seq, stream, line FROM rba_job_logs
                  WHERE job = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-                &[&self.job.0, &(self.next as i64), &READ_BATCH],
+                &[
+                    &self.job.0,
+                    &i64::try_from(self.next).unwrap_or(i64::MAX),
+                    &READ_BATCH,
+                ],
             )
             .await?;
         for row in &rows {
