@@ -234,6 +234,16 @@ async fn a_stale_worker_can_write_nothing_after_its_job_was_requeued() {
         .append_logs(&fresh, &[line(0, "from fresh")])
         .await
         .unwrap();
+    // A repeated batch (its reply lost) is stored once; a gap is refused.
+    queue
+        .append_logs(&fresh, &[line(0, "from fresh")])
+        .await
+        .unwrap();
+    let gap = queue
+        .append_logs(&fresh, &[line(1, "x"), line(3, "y")])
+        .await
+        .unwrap_err();
+    assert!(gap.to_string().contains("not contiguous"), "{gap}");
     queue.complete(&fresh, &outcome(0)).await.unwrap();
     // Repeating the same complete (a lost reply) is fine; the stale one still is not.
     queue.complete(&fresh, &outcome(0)).await.unwrap();
