@@ -1054,13 +1054,18 @@ impl JobQueue {
         }
     }
 
-    /// Waits until new work may be there: a job was queued or requeued (a notification), or
-    /// the poll interval passed.
-    pub async fn work_available(&self) {
-        let notified = self.inner.listener.queue.notified();
-        tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep(self.inner.config.poll_interval()) => {}
+    /// A signal of new work, armed now (before the caller looks for work, so a job queued in
+    /// between is not missed): resolves when a job is queued or requeued (a notification) or
+    /// after the poll interval.
+    pub fn work_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut notified = Box::pin(self.inner.listener.queue.clone().notified_owned());
+        notified.as_mut().enable();
+        let poll = self.inner.config.poll_interval();
+        async move {
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
         }
     }
 }
@@ -1174,7 +1179,7 @@ enum Fetched {
 #[derive(Default)]
 struct Listener {
     jobs: Mutex<HashMap<JobId, Weak<Notify>>>,
-    queue: Notify,
+    queue: Arc<Notify>,
 }
 
 impl Listener {

@@ -219,6 +219,7 @@ impl Worker {
                 }
             };
             self.queue.reap_if_due().await;
+            let work_signal = self.queue.work_signal();
             match self.queue.claim(&self.id).await {
                 Ok(Some(job)) => {
                     backoff = self.queue.config().poll_interval();
@@ -234,7 +235,7 @@ impl Worker {
                 Ok(None) => {
                     drop(permit);
                     tokio::select! {
-                        _ = self.queue.work_available() => {}
+                        _ = work_signal => {}
                         _ = raised(drain.clone()) => {}
                     }
                 }
