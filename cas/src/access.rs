@@ -28,13 +28,20 @@ pub struct EmbeddedGrants {
 /// Longest tenant name accepted (identities are short: `peer:12D3…`, `token:NAME`).
 pub const MAX_TENANT_BYTES: usize = 1024;
 
-fn grant_key(tenant: &str, digest: &Digest) -> Result<Vec<u8>> {
+/// Refuses a tenant name that is empty or longer than [`MAX_TENANT_BYTES`] (every backend's
+/// rule, checked here once).
+pub(crate) fn check_tenant(tenant: &str) -> Result<()> {
     if tenant.is_empty() || tenant.len() > MAX_TENANT_BYTES {
         return Err(CasError::Invalid {
             what: "tenant".to_string(),
             reason: format!("a tenant name is 1..={MAX_TENANT_BYTES} bytes"),
         });
     }
+    Ok(())
+}
+
+fn grant_key(tenant: &str, digest: &Digest) -> Result<Vec<u8>> {
+    check_tenant(tenant)?;
     let mut key = Vec::with_capacity(2 + tenant.len() + 1 + digest.hash.len());
     key.extend_from_slice(&(tenant.len() as u16).to_be_bytes());
     key.extend_from_slice(tenant.as_bytes());
@@ -59,6 +66,7 @@ impl EmbeddedGrants {
         tenant: &str,
         digests: impl IntoIterator<Item = &'a Digest>,
     ) -> Result<()> {
+        check_tenant(tenant)?;
         let mut batch = sled::Batch::default();
         for digest in digests {
             if !digest.is_empty_blob() {
@@ -91,7 +99,11 @@ impl EmbeddedGrants {
 
     /// Of `digests`, those none of `tenants` may read, in the order given, without duplicates
     /// (a caller that acts for several tenants: its own and those its operator lets it see).
+    /// Every tenant name is checked, whether or not an earlier one may read the blobs.
     pub fn not_readable_by_any(&self, tenants: &[&str], digests: &[Digest]) -> Result<Vec<Digest>> {
+        for tenant in tenants {
+            check_tenant(tenant)?;
+        }
         let mut seen = std::collections::HashSet::new();
         let mut refused = Vec::new();
         for digest in digests {

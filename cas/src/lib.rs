@@ -16,7 +16,8 @@
 //!   and limits against hostile archives), their validation, enumeration and materialisation.
 //! - [`access`]: which tenant may read which blob (grants on upload and on results served).
 //! - [`backends`]: the scale-out backends: blobs in an S3-compatible bucket
-//!   ([`backends::s3::BucketStore`]) with their presence index.
+//!   ([`backends::s3::BucketStore`]) with their presence index; the blob index, the action cache
+//!   and the grants in PostgreSQL ([`backends::postgres`]).
 //! - [`layers`]: features as layers over the seams: completeness of action-cache hits, a local
 //!   fast tier in front of a bucket ([`layers::tiered::Tiered`]).
 //! - [`stores`]: [`Stores`], the store, complete action cache and grants a server is given.

@@ -119,7 +119,7 @@ pub(crate) fn blob_key(digest: &Digest) -> BlobKey {
     key
 }
 
-fn function_byte(function: DigestFunction) -> u8 {
+pub(crate) fn function_byte(function: DigestFunction) -> u8 {
     match function {
         DigestFunction::Sha256 => 1,
         DigestFunction::Blake3 => 2,

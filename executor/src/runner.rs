@@ -423,8 +423,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// How a job ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a job ended. Its serde form (`success`, `failed`, `cancelled`, `error`) is what the job
+/// queue stores ([`crate::scheduler`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum JobStatus {
     /// The command exited 0.
     Success,

@@ -409,8 +409,10 @@ pub enum KillReason {
     Cancelled,
 }
 
-/// A limit the job ran into, as far as the sandbox can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A limit the job ran into, as far as the sandbox can tell. Its serde form (`wall-time`,
+/// `memory`, …) is what the job queue stores ([`crate::scheduler`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LimitKind {
     /// The wall-clock timeout.
     WallTime,

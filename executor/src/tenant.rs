@@ -41,6 +41,12 @@ impl Tenant {
         Tenant(format!("tangle:{service_id}/{caller}"))
     }
 
+    /// A tenant read back from a store only the executor writes (the job queue,
+    /// [`crate::scheduler`]), as [`Tenant::as_str`] gave it: never from a client's words.
+    pub fn from_stored(text: impl Into<String>) -> Tenant {
+        Tenant(text.into())
+    }
+
     /// The identity as text (`peer:…`, `token:…`, …).
     pub fn as_str(&self) -> &str {
         &self.0

@@ -10,6 +10,8 @@
 //! Bazel client against it).
 //!
 //! Servers the tests run for real, shared by every crate's tests: [`s3`] (an S3-compatible
-//! server, moto).
+//! server, moto) and [`postgres`] (a private PostgreSQL server per test, for the scale-out
+//! backends and the job queue).
 
+pub mod postgres;
 pub mod s3;

@@ -1,0 +1,159 @@
+//! FindMissing of 10,000 digests (half present) against the PostgreSQL blob index holding
+//! 100,000 blobs, from one caller: p50 and p99 over many calls, beside the embedded
+//! `BlobStore::find_missing` over the same blobs in the same run (the reference ratio).
+//! Issue 12's goal: p99 ≤ 20 ms on loopback.
+//!
+//! `cargo bench -p rba-cas --bench pg_find_missing` starts a private PostgreSQL server
+//! (`rba_e2e_tests::postgres`, run `.ci/setup.d/postgres.sh` first) and prints
+//! `pg_find_missing …` lines. `RBA_BENCH_CALLS` sets the calls per backend (default 200).
+//! The test server runs without fsync, which FindMissing (a read) does not depend on; indexing
+//! the 100,000 blobs (batched inserts) is timed and printed too, for information, and followed
+//! by `VACUUM ANALYZE` (what autovacuum does shortly after a bulk load).
+
+use std::time::{Duration, Instant};
+
+use rba_cas::backends::postgres::Postgres;
+use rba_cas::{BlobIndex, BlobStore, Digest, DigestFunction};
+use rba_e2e_tests::postgres::TestPostgres;
+
+const INDEXED: usize = 100_000;
+const ASKED: usize = 10_000;
+const INSERT_BATCH: usize = 5_000;
+
+fn blob_bytes(n: usize) -> Vec<u8> {
+    format!("pg bench blob {n}").into_bytes()
+}
+
+/// The digests of call `call`: 5,000 indexed blobs (a different window each call) interleaved
+/// with 5,000 never stored.
+fn asked(indexed: &[Digest], call: usize) -> Vec<Digest> {
+    let start = (call * 7_919) % indexed.len();
+    (0..ASKED)
+        .map(|i| {
+            if i % 2 == 0 {
+                indexed[(start + i / 2) % indexed.len()]
+            } else {
+                DigestFunction::Blake3.digest_of(format!("absent {call} {i}").as_bytes())
+            }
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn report(label: &str, mut times: Vec<Duration>) -> (Duration, Duration) {
+    times.sort();
+    let (p50, p99) = (percentile(&times, 0.50), percentile(&times, 0.99));
+    let mean = times.iter().sum::<Duration>() / times.len() as u32;
+    println!(
+        "pg_find_missing {label}: {} calls of {ASKED} digests (half present) over {INDEXED} \
+         blobs: p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms, max {:.2} ms",
+        times.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        mean.as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3,
+    );
+    (p50, p99)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run briefly then.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let calls: usize = std::env::var("RBA_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benching { 200 } else { 3 });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = TestPostgres::start();
+    let pg = runtime
+        .block_on(Postgres::connect(&server.url()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    let index = pg.blob_index();
+
+    let indexed: Vec<Digest> = (0..INDEXED)
+        .map(|n| DigestFunction::Blake3.digest_of(&blob_bytes(n)))
+        .collect();
+    let started = Instant::now();
+    runtime.block_on(async {
+        for batch in indexed.chunks(INSERT_BATCH) {
+            index.insert(batch).await.unwrap();
+        }
+    });
+    println!(
+        "pg_find_missing index: {INDEXED} blobs inserted in batches of {INSERT_BATCH} in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(index.stats().blob_count, INDEXED as u64);
+    // What autovacuum does within a minute of a bulk load (statistics, hint bits, visibility
+    // map): the figures are the steady state, not the first reads after the load.
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("VACUUM ANALYZE cas_blobs")
+            .await
+            .unwrap();
+    });
+
+    let (_dir, store) = BlobStore::scratch().unwrap();
+    for start in (0..INDEXED).step_by(INSERT_BATCH) {
+        let batch = (start..(start + INSERT_BATCH).min(INDEXED))
+            .map(|n| {
+                let bytes = blob_bytes(n);
+                (DigestFunction::Blake3.digest_of(&bytes), bytes.into())
+            })
+            .collect();
+        for outcome in store.put_batch(batch) {
+            outcome.unwrap();
+        }
+    }
+
+    let requests: Vec<Vec<Digest>> = (0..calls + 10).map(|call| asked(&indexed, call)).collect();
+    let mut pg_times = Vec::with_capacity(calls);
+    runtime.block_on(async {
+        for (call, digests) in requests.iter().enumerate() {
+            let started = Instant::now();
+            let missing = index.find_missing(digests).await.unwrap();
+            let elapsed = started.elapsed();
+            assert_eq!(missing.len(), ASKED / 2);
+            if call >= 10 {
+                pg_times.push(elapsed); // the first 10 warm the pool and the plan cache
+            }
+        }
+    });
+    let mut embedded_times = Vec::with_capacity(calls);
+    for (call, digests) in requests.iter().enumerate() {
+        let started = Instant::now();
+        let missing = store.find_missing(digests).unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(missing.len(), ASKED / 2);
+        if call >= 10 {
+            embedded_times.push(elapsed);
+        }
+    }
+    let (pg_p50, pg_p99) = report("postgres", pg_times);
+    let (embedded_p50, embedded_p99) = report("embedded", embedded_times);
+    println!(
+        "pg_find_missing postgres/embedded: p50 ×{:.1}, p99 ×{:.1} (goal: postgres p99 ≤ 20 ms: {})",
+        pg_p50.as_secs_f64() / embedded_p50.as_secs_f64(),
+        pg_p99.as_secs_f64() / embedded_p99.as_secs_f64(),
+        if pg_p99 <= Duration::from_millis(20) {
+            "met"
+        } else {
+            "not met"
+        }
+    );
+    drop(pg);
+    drop(runtime);
+    drop(server);
+}
