@@ -9,6 +9,7 @@ use rba_proto::reapi::{self, Directory, Tree};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
 use crate::layers::complete;
+use crate::merkle::TreeLimits;
 use crate::seams::Store;
 use crate::store::BlobStore;
 
@@ -174,35 +175,109 @@ fn walk(
 /// directories breadth-first, then file contents. Fails with [`CasError::NotFound`] when a
 /// `Directory` is missing (missing *files* are listed, not checked: ask `find_missing`).
 pub fn tree_digests(store: &BlobStore, root: &Digest) -> Result<Vec<Digest>> {
-    complete::run_inline(digests_of_tree(&complete::Inline(store), root))
+    complete::run_inline(digests_of_tree(
+        &complete::Inline(store),
+        root,
+        TreeWalk::default(),
+    ))
 }
 
 /// [`tree_digests`] over any [`Store`]: the same walk, each `Directory` read through the seam.
 pub async fn tree_digests_in(store: &dyn Store, root: &Digest) -> Result<Vec<Digest>> {
-    digests_of_tree(&complete::Seam(store), root).await
+    digests_of_tree(&complete::Seam(store), root, TreeWalk::default()).await
 }
 
-/// The one walk behind [`tree_digests`] and [`tree_digests_in`].
-async fn digests_of_tree(source: &dyn complete::BlobSource, root: &Digest) -> Result<Vec<Digest>> {
+/// How [`digests_of_tree`] walks: within which bounds, and whether each level's blobs are
+/// first made local in a store (a worker fetching a tree from the shared tier).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct TreeWalk<'a> {
+    /// Bounds checked after each level (a hostile tree stops the walk early).
+    pub(crate) limits: Option<&'a TreeLimits>,
+    /// Before a level's directories are read, they are made local in this store; after, the
+    /// files they name.
+    pub(crate) make_local_in: Option<&'a dyn Store>,
+}
+
+/// The one walk of a stored tree, level by level (so a fetching walk asks for a whole level in
+/// one batch), behind [`tree_digests`], [`tree_digests_in`] and
+/// [`crate::merkle::make_tree_local`]. Lists each directory once and each file once, in the
+/// order [`tree_digests`] documents.
+pub(crate) async fn digests_of_tree(
+    source: &dyn complete::BlobSource,
+    root: &Digest,
+    walk: TreeWalk<'_>,
+) -> Result<Vec<Digest>> {
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     let mut seen_files = HashSet::new();
     let mut seen = HashSet::from([*root]);
-    let mut queue = VecDeque::from([*root]);
-    while let Some(digest) = queue.pop_front() {
-        let bytes = source.read_whole(&digest, MAX_DIRECTORY_BYTES).await?;
-        let directory = decode_directory(&digest, &bytes)?;
-        let (file_digests, subdirectories) = child_digests(&directory, root.function)?;
-        dirs.push(digest);
-        files.extend(file_digests.into_iter().filter(|d| seen_files.insert(*d)));
-        for sub in subdirectories {
-            if seen.insert(sub) {
-                queue.push_back(sub);
-            }
+    let mut level = vec![*root];
+    let mut tally = Tally::default();
+    while !level.is_empty() {
+        if let Some(store) = walk.make_local_in {
+            store.make_local(&level).await?;
         }
+        let files_before = files.len();
+        let mut next = Vec::new();
+        for digest in &level {
+            let bytes = source.read_whole(digest, MAX_DIRECTORY_BYTES).await?;
+            let directory = decode_directory(digest, &bytes)?;
+            tally.directory_bytes += digest.size;
+            tally.entries += (directory.files.len()
+                + directory.directories.len()
+                + directory.symlinks.len()) as u64;
+            let (file_digests, subdirectories) = child_digests(&directory, root.function)?;
+            for file in file_digests {
+                if seen_files.insert(file) {
+                    tally.file_bytes += file.size;
+                    files.push(file);
+                }
+            }
+            next.extend(subdirectories.into_iter().filter(|d| seen.insert(*d)));
+        }
+        if !next.is_empty() {
+            tally.depth += 1;
+        }
+        if let Some(limits) = walk.limits {
+            tally.check(limits)?;
+        }
+        if let Some(store) = walk.make_local_in {
+            store.make_local(&files[files_before..]).await?;
+        }
+        dirs.append(&mut level);
+        level = next;
     }
     dirs.extend(files);
     Ok(dirs)
+}
+
+/// What a walk has seen so far, against [`TreeLimits`].
+#[derive(Default)]
+struct Tally {
+    entries: u64,
+    depth: u64,
+    file_bytes: u64,
+    directory_bytes: u64,
+}
+
+impl Tally {
+    fn check(&self, limits: &TreeLimits) -> Result<()> {
+        let broken = if self.entries > limits.max_entries {
+            format!("more than {} entries", limits.max_entries)
+        } else if self.file_bytes > limits.max_total_bytes {
+            format!("more than {} bytes of files", limits.max_total_bytes)
+        } else if self.directory_bytes > limits.max_directory_bytes {
+            format!(
+                "more than {} bytes of directories",
+                limits.max_directory_bytes
+            )
+        } else if self.depth >= limits.max_depth {
+            format!("deeper than {} levels", limits.max_depth)
+        } else {
+            return Ok(());
+        };
+        Err(CasError::QuotaExceeded(format!("input tree has {broken}")))
+    }
 }
 
 /// The file a `/`-separated `path` names in a stored tree, following the tree's own symlinks
