@@ -60,7 +60,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::merkle::{self, DirOptions, MaterializeOptions, TreeLimits};
-use rba_cas::{Cas, CasError, Digest, DigestFunction};
+use rba_cas::{ActionCache, Cas, CasError, Digest, DigestFunction, Stores};
 use rba_proto::Message;
 use rba_proto::reapi::platform::Property;
 use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
@@ -550,6 +550,9 @@ impl JobHandle {
 
 struct Inner {
     cas: Cas,
+    /// The action cache results are looked up in and stored into, and the store whose blobs
+    /// decide a hit's completeness (see [`Executor::with_stores`]).
+    stores: Stores,
     layout: CacheLayout,
     sandbox: Sandbox,
     toolchains: Toolchains,
@@ -605,8 +608,36 @@ impl std::fmt::Debug for Executor {
 }
 
 impl Executor {
-    /// Sets up the caches and checks the sandbox's prerequisites.
+    /// Sets up the caches and checks the sandbox's prerequisites. Results go to `cas`'s own
+    /// (embedded) action cache.
     pub fn new(cas: Cas, config: ExecutorConfig) -> Result<Self, ExecutorError> {
+        let stores = Stores::embedded(&cas);
+        Executor::with_stores(cas, config, stores)
+    }
+
+    /// [`Executor::new`] whose results are looked up in and stored into `stores`' action
+    /// cache (a scale-out deployment's shared one), a hit being complete over `stores`' blob
+    /// store. `cas` stays the executor's working store: jobs read their inputs from and write
+    /// their outputs into its blob store, so it must be `stores`' local tier
+    /// ([`rba_cas::Store::local`]); blobs of a hit found only in a slower tier are made local before
+    /// the hit is served. What stays in `cas` alone: the shared-units namespace (compiled
+    /// units only this machine's slots reuse).
+    pub fn with_stores(
+        cas: Cas,
+        config: ExecutorConfig,
+        stores: Stores,
+    ) -> Result<Self, ExecutorError> {
+        let local_root = stores
+            .blobs()
+            .local()
+            .map(|local| local.root().to_path_buf());
+        if local_root.as_deref() != Some(cas.blobs.root()) {
+            return Err(ExecutorError::Cas(CasError::Unavailable(format!(
+                "the executor's store under {} is not the local tier of the {} store it was given",
+                cas.blobs.root().display(),
+                stores.blobs().backend()
+            ))));
+        }
         let layout = CacheLayout::create(&config.data_dir)
             .map_err(io_error("creating the executor's data dir"))?;
         std::fs::create_dir_all(&config.sandbox.scratch_dir)
@@ -625,6 +656,7 @@ impl Executor {
             inner: Arc::new(Inner {
                 units,
                 cas,
+                stores,
                 layout,
                 sandbox,
                 toolchains,
@@ -637,6 +669,11 @@ impl Executor {
                 publishing: watch::channel(0).0,
             }),
         })
+    }
+
+    /// The action cache (and its store) results are looked up in and stored into.
+    pub fn stores(&self) -> &Stores {
+        &self.inner.stores
     }
 
     /// The store jobs read from and write to.
@@ -1014,23 +1051,29 @@ impl RunningJob<'_> {
     /// Serves the job from the action cache when a complete, successful result exists.
     /// Looks in the tenant's own namespace, then the shared one ([`lookup_namespaces`]).
     async fn try_cache_hit(&mut self) -> Result<Option<JobOutcome>, ExecutorError> {
-        let cas = self.inner().cas.clone();
-        let namespaces = lookup_namespaces(&self.request.instance, &self.request.tenant);
+        let stores = self.inner().stores.clone();
         let digest = self.prepared.action_digest;
-        let cached = Self::blocking(move || {
-            for namespace in &namespaces {
-                if let Some(result) = cas.actions.get(namespace, &digest)?
-                    && result.exit_code == 0
-                {
-                    return Ok(Some(result));
-                }
+        let mut cached = None;
+        for namespace in lookup_namespaces(&self.request.instance, &self.request.tenant) {
+            if let Some(result) = stores.actions().get(&namespace, &digest).await?
+                && result.exit_code == 0
+            {
+                cached = Some(result);
+                break;
             }
-            Ok(None)
-        })
-        .await?;
+        }
         let Some(result) = cached else {
             return Ok(None);
         };
+        if !stores.is_embedded_in(&self.inner().cas) {
+            // A shared cache: the hit is complete in the shared store; every face serves it
+            // (and the replay reads it) from this machine's local tier.
+            let referenced = stores
+                .actions()
+                .referenced_blobs(self.function(), &result)
+                .await?;
+            stores.blobs().make_local(&referenced).await?;
+        }
         let function = self.function();
         let blobs = self.inner().cas.blobs.clone();
         let stored = result.clone();
@@ -1858,7 +1901,6 @@ impl RunningJob<'_> {
             }),
             ..Default::default()
         };
-        let cas = self.inner().cas.clone();
         let cacheable = run.success && !self.prepared.action.do_not_cache;
         let namespace = result_namespace(
             &self.request.instance,
@@ -1866,8 +1908,11 @@ impl RunningJob<'_> {
             self.provenance,
             cacheable,
         );
-        let (digest, stored) = (self.prepared.action_digest, result.clone());
-        Self::blocking(move || Ok(cas.actions.put(&namespace, &digest, &stored)?)).await?;
+        self.inner()
+            .stores
+            .actions()
+            .put(&namespace, &self.prepared.action_digest, &result)
+            .await?;
         Ok(JobOutcome {
             status: if run.success {
                 JobStatus::Success
