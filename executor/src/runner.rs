@@ -282,6 +282,9 @@ pub enum ExecutorError {
     /// The executor is draining for a shutdown ([`Executor::drain`]) and takes no new job.
     #[error("the executor is shutting down and takes no new jobs")]
     Draining,
+    /// The scale-out job queue failed (a dispatched job: [`crate::scheduler::dispatch`]).
+    #[error("job queue: {0}")]
+    Queue(String),
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecutorError {
@@ -553,6 +556,8 @@ struct Inner {
     /// The action cache results are looked up in and stored into, and the store whose blobs
     /// decide a hit's completeness (see [`Executor::with_stores`]).
     stores: Stores,
+    /// Where jobs run when they are not run here ([`Executor::with_dispatch`]).
+    dispatch: Option<crate::scheduler::Dispatch>,
     layout: CacheLayout,
     sandbox: Sandbox,
     toolchains: Toolchains,
@@ -627,6 +632,28 @@ impl Executor {
         config: ExecutorConfig,
         stores: Stores,
     ) -> Result<Self, ExecutorError> {
+        Executor::build(cas, config, stores, None)
+    }
+
+    /// A front end's executor: [`Executor::with_stores`] whose jobs, on an action-cache miss,
+    /// run on the workers of `dispatch` instead of in a local slot (see
+    /// [`crate::scheduler::dispatch`]). `stores`' blob store is the shared store the workers
+    /// read (with `cas` as its local tier).
+    pub fn with_dispatch(
+        cas: Cas,
+        config: ExecutorConfig,
+        stores: Stores,
+        dispatch: crate::scheduler::Dispatch,
+    ) -> Result<Self, ExecutorError> {
+        Executor::build(cas, config, stores, Some(dispatch))
+    }
+
+    fn build(
+        cas: Cas,
+        config: ExecutorConfig,
+        stores: Stores,
+        dispatch: Option<crate::scheduler::Dispatch>,
+    ) -> Result<Self, ExecutorError> {
         let local_root = stores
             .blobs()
             .local()
@@ -657,6 +684,7 @@ impl Executor {
                 units,
                 cas,
                 stores,
+                dispatch,
                 layout,
                 sandbox,
                 toolchains,
@@ -674,6 +702,11 @@ impl Executor {
     /// The action cache (and its store) results are looked up in and stored into.
     pub fn stores(&self) -> &Stores {
         &self.inner.stores
+    }
+
+    /// The workers this executor's jobs run on, when it is a front end.
+    pub fn dispatch(&self) -> Option<&crate::scheduler::Dispatch> {
+        self.inner.dispatch.as_ref()
     }
 
     /// The store jobs read from and write to.
@@ -1033,6 +1066,9 @@ impl RunningJob<'_> {
         {
             return Ok(outcome);
         }
+        if let Some(dispatch) = self.inner().dispatch.clone() {
+            return self.run_remote(&dispatch).await;
+        }
         let queued = Instant::now();
         let _permit = self.wait_for_worker().await;
         self.step("queue", queued);
@@ -1046,6 +1082,101 @@ impl RunningJob<'_> {
             }
         };
         self.finish(run).await
+    }
+
+    /// Runs the job on a worker of `dispatch` (see [`crate::scheduler::dispatch`]).
+    async fn run_remote(
+        &mut self,
+        dispatch: &crate::scheduler::Dispatch,
+    ) -> Result<JobOutcome, ExecutorError> {
+        use crate::scheduler::dispatch::{
+            CancelOnDrop, make_outcome_local, mirror_logs, publish_inputs, starts_attempt,
+        };
+        let queue = dispatch.queue();
+        let stores = self.inner().stores.clone();
+        let published = Instant::now();
+        publish_inputs(
+            stores.blobs().as_ref(),
+            self.prepared.action_digest,
+            self.prepared.command_digest,
+            self.prepared.input_root_digest,
+        )
+        .await?;
+        self.step("publish", published);
+        let request = ExecuteRequest {
+            // The lookup was made here (or the client asked for none): see the module doc.
+            skip_cache_lookup: true,
+            ..self.request.clone()
+        };
+        let job = queue
+            .enqueue(&request, None)
+            .await
+            .map_err(|e| ExecutorError::Queue(e.to_string()))?;
+        let mut cancel = CancelOnDrop::new(queue.clone(), job);
+        tracing::info!(job = %self.id, queued = %job, "job dispatched to the workers");
+        let queued = Instant::now();
+        let before = self.writer.as_ref().map_or(0, |w| w.lines_written());
+        let mut attempt_base = before;
+        let mut lines = mirror_logs(queue, job);
+        let wait = queue.wait(job);
+        tokio::pin!(wait);
+        let mut poll = tokio::time::interval(queue.config().poll_interval());
+        let mut running = false;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut wait => break outcome,
+                Some(line) = lines.recv() => {
+                    if !running {
+                        running = true;
+                        self.step("queue", queued);
+                        let _ = self.state.send(JobState::Running { done: 0, total: 0 });
+                    }
+                    if starts_attempt(&line) {
+                        attempt_base = before + line.seq + 1;
+                    }
+                    self.log(line.stream, line.line);
+                }
+                _ = poll.tick(), if !running => {
+                    if queue.job(job).await.is_ok_and(|record| record.state == "running") {
+                        running = true;
+                        self.step("queue", queued);
+                        let _ = self.state.send(JobState::Running { done: 0, total: 0 });
+                    }
+                }
+            }
+        };
+        cancel.disarm();
+        let outcome = outcome.map_err(|e| ExecutorError::Queue(e.to_string()))?;
+        // The lines written before the outcome was recorded: the log ends with them.
+        while let Some(line) = lines.recv().await {
+            if starts_attempt(&line) {
+                attempt_base = before + line.seq + 1;
+            }
+            self.log(line.stream, line.line);
+        }
+        if !running {
+            self.step("queue", queued);
+        }
+        make_outcome_local(&stores, self.function(), &outcome).await?;
+        let log = self.finish_log().await?;
+        let mut outcome = JobOutcome::clone(&outcome);
+        let mut steps = std::mem::take(&mut self.steps);
+        let mut step_end_lines = std::mem::take(&mut self.step_end_lines);
+        // The worker's steps, their line numbers counted in this log.
+        if outcome.step_end_lines.len() == outcome.steps.len() {
+            step_end_lines.extend(outcome.step_end_lines.iter().map(|n| n + attempt_base));
+            steps.append(&mut outcome.steps);
+        } else {
+            step_end_lines.clear();
+            steps.append(&mut outcome.steps);
+        }
+        Ok(JobOutcome {
+            duration: self.started.elapsed(),
+            log: Some(log),
+            steps,
+            step_end_lines,
+            ..outcome
+        })
     }
 
     /// Serves the job from the action cache when a complete, successful result exists.
