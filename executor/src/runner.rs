@@ -102,6 +102,8 @@ pub const CARGO_INSTANCE: &str = "rba/cargo";
 pub const LOG_OUTPUT_PATH: &str = ".rba/log.jsonl";
 /// How long a finished job stays queryable by id (its results stay in the CAS for good).
 pub const JOB_RETENTION: Duration = Duration::from_secs(3600);
+/// Largest Action blob made local for a submission over shared stores.
+const MAX_ACTION_BYTES: u64 = 1 << 20;
 /// Largest stdout/stderr/log blob replayed on a cache hit.
 const MAX_REPLAY_BYTES: u64 = 256 << 20;
 
@@ -901,6 +903,36 @@ impl Executor {
         .await
     }
 
+    /// Makes an Action and its Command readable from the local tier (shared stores only). A
+    /// blob no tier holds is left for [`PreparedAction::load`] to report, naming it.
+    async fn make_action_local(&self, action: Digest) -> Result<(), ExecutorError> {
+        let store = self.inner.stores.blobs();
+        match store.make_local(&[action]).await {
+            Ok(()) => {}
+            Err(CasError::NotFound(_)) => return Ok(()),
+            Err(other) => return Err(other.into()),
+        }
+        let blobs = self.inner.cas.blobs.clone();
+        let command = tokio::task::spawn_blocking(move || {
+            let bytes = blobs.read_to_vec(&action, MAX_ACTION_BYTES)?;
+            Ok::<_, CasError>(
+                reapi::Action::decode(bytes.as_slice())
+                    .ok()
+                    .and_then(|decoded| decoded.command_digest)
+                    .and_then(|command| Digest::from_reapi(action.function, &command).ok()),
+            )
+        })
+        .await
+        .expect("reading an action does not panic")?;
+        if let Some(command) = command {
+            match store.make_local(&[command]).await {
+                Ok(()) | Err(CasError::NotFound(_)) => {}
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Drops jobs (and their log streams) that finished more than [`JOB_RETENTION`] ago.
     fn forget_old_jobs(&self) {
         let now = Instant::now();
@@ -927,6 +959,12 @@ impl Executor {
         let blobs = self.inner.cas.blobs.clone();
         let digest = request.action_digest;
         let limits = self.inner.config.tree_limits.clone();
+        if !self.inner.stores.is_embedded_in(&self.inner.cas) {
+            // Shared stores: the Action and its Command may have been uploaded through another
+            // process (a client that found them present skips the upload); they are read from
+            // the local tier.
+            self.make_action_local(digest).await?;
+        }
         let prepared = tokio::task::spawn_blocking(move || {
             let prepared = PreparedAction::load(digest, &blobs)?;
             match prepared.check_input_tree(&blobs, &limits) {
