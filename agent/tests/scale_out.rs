@@ -221,7 +221,7 @@ async fn upload(channel: &Channel, blobs: &[&[u8]]) -> Vec<Digest> {
             .map(
                 |(bytes, digest)| reapi::batch_update_blobs_request::Request {
                     digest: Some(digest.to_reapi()),
-                    data: bytes.to_vec().into(),
+                    data: bytes.to_vec(),
                     ..Default::default()
                 },
             )
