@@ -621,12 +621,15 @@ impl NodeShared {
         Ok(handle)
     }
 
+    /// Whether the action cache the executor looks in (the embedded one, or a front end's
+    /// shared one) has a complete success for `action_digest`.
     async fn has_cached_result(&self, action_digest: Digest) -> bool {
-        let actions = self.cas.actions.clone();
-        tokio::task::spawn_blocking(move || actions.get(CARGO_INSTANCE, &action_digest))
+        self.executor
+            .stores()
+            .actions()
+            .get(CARGO_INSTANCE, &action_digest)
             .await
             .ok()
-            .and_then(Result::ok)
             .flatten()
             .is_some_and(|r| r.exit_code == 0)
     }
