@@ -1,7 +1,8 @@
 //! A front end's executor dispatching through the job queue to a worker, over a real
 //! PostgreSQL ([`TestPostgres`]) and a real S3-compatible server ([`TestS3`], moto): the front
 //! end and the worker each have their own local tier and see each other only through the
-//! bucket and the database, as two machines would.
+//! bucket and the database, as two machines would: dispatch, live logs, outputs made local,
+//! shared hits, cancellation, and the tenant namespaces of results built on a worker.
 
 mod common;
 
@@ -16,11 +17,19 @@ use rba_cas::{Cas, Digest, DigestFunction, Stores};
 use rba_e2e_tests::postgres::TestPostgres;
 use rba_e2e_tests::s3::TestS3;
 use rba_executor::action::store_action;
-use rba_executor::runner::{ExecuteRequest, Executor, ExecutorConfig, JobState, JobStatus};
+use rba_executor::cargo::{CargoJob, JobKind};
+use rba_executor::logstream::strip_ansi;
+use rba_executor::runner::{
+    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, JobState, JobStatus, Provenance,
+    result_namespace,
+};
 use rba_executor::scheduler::{Dispatch, JobQueue, QueueConfig, TieredStaging, Worker};
 use rba_executor::tenant::Tenant;
 use rba_proto::reapi::{Command, Platform};
 use tokio::sync::watch;
+
+/// What the `planter` fixture's build script writes over the `hello` binary.
+const PLANTED: &[u8] = b"#!/bin/sh\necho planted by another build\n";
 
 fn fast() -> QueueConfig {
     QueueConfig {
@@ -200,4 +209,174 @@ async fn a_front_end_runs_its_jobs_on_a_worker_through_the_bucket_and_the_databa
     let _ = drain.send(true);
     let report = worker.await.unwrap();
     assert!(report.completed >= 2, "{report:?}");
+}
+
+/// A front end and one worker over the same bucket and database.
+struct Deployment {
+    front: Executor,
+    front_cas: Cas,
+    front_stores: Stores,
+    worker: tokio::task::JoinHandle<rba_executor::scheduler::WorkerReport>,
+    drain: watch::Sender<bool>,
+    _dirs: Vec<tempfile::TempDir>,
+    _services: (TestPostgres, TestS3),
+}
+
+impl Deployment {
+    async fn start(tweak: impl Fn(&mut ExecutorConfig)) -> Deployment {
+        let pg = TestPostgres::start();
+        let s3 = TestS3::start();
+        let queue = JobQueue::connect(&pg.url(), fast()).await.unwrap();
+        let (front_cas, front_stores, front_dir) = shared(&pg, &s3).await;
+        let front_data = tempfile::tempdir().unwrap();
+        let mut front_config = config(front_data.path());
+        tweak(&mut front_config);
+        let front = Executor::with_dispatch(
+            front_cas.clone(),
+            front_config,
+            front_stores.clone(),
+            Dispatch::new(queue.clone()),
+        )
+        .unwrap();
+        let (worker_cas, worker_stores, worker_dir) = shared(&pg, &s3).await;
+        let worker_data = tempfile::tempdir().unwrap();
+        let mut worker_config = config(worker_data.path());
+        tweak(&mut worker_config);
+        let limits = worker_config.tree_limits.clone();
+        let executor =
+            Executor::with_stores(worker_cas, worker_config, worker_stores.clone()).unwrap();
+        let (drain, signal) = watch::channel(false);
+        let worker = Worker::new(queue, executor)
+            .with_id("the-worker")
+            .with_staging(Arc::new(TieredStaging::new(worker_stores, limits)));
+        Deployment {
+            front,
+            front_cas,
+            front_stores,
+            worker: tokio::spawn(worker.run(signal)),
+            drain,
+            _dirs: vec![front_dir, front_data, worker_dir, worker_data],
+            _services: (pg, s3),
+        }
+    }
+
+    async fn build(
+        &self,
+        source: &std::path::Path,
+        tenant: &Tenant,
+    ) -> (Digest, Arc<rba_executor::runner::JobOutcome>, Vec<String>) {
+        let root = hash_dir(&self.front_cas, source, DigestFunction::Blake3).await;
+        let handle = self
+            .front
+            .submit_cargo(
+                &CargoJob::new(JobKind::Build),
+                root,
+                "popular",
+                tenant.clone(),
+            )
+            .await
+            .unwrap();
+        let outcome = handle.wait().await;
+        let lines = common::log_lines(&handle).await;
+        assert_eq!(
+            outcome.status,
+            JobStatus::Success,
+            "{tenant}: {lines:#?} {:?}",
+            outcome.error
+        );
+        (handle.action_digest, outcome, lines)
+    }
+
+    /// Whether the shared action cache holds an entry (unchecked) under `namespace`.
+    async fn cached(&self, namespace: &str, action: &Digest) -> bool {
+        self.front_stores
+            .actions()
+            .inner()
+            .get_unchecked(namespace, action)
+            .await
+            .unwrap()
+            .is_some()
+    }
+
+    fn binary(&self, outcome: &rba_executor::runner::JobOutcome) -> Vec<u8> {
+        let artifact = outcome
+            .artifacts
+            .iter()
+            .find(|a| a.path == "target/debug/hello")
+            .unwrap_or_else(|| panic!("no hello binary in {:?}", outcome.artifacts));
+        self.front_cas
+            .blobs
+            .read_to_vec(&artifact.digest, 64 << 20)
+            .unwrap()
+    }
+}
+
+/// The runner's poisoning rule ("Results nobody else influenced") holds when the jobs run on
+/// a worker: the worker's slot is the tenant's, a result built on a reused target dir lands in
+/// the tenant's namespace of the shared action cache, and another tenant is never served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_keeps_a_tenants_scoped_result_from_every_other_tenant() {
+    let deployment = Deployment::start(|config| {
+        config.limits.wall_time = Some(Duration::from_secs(300));
+    })
+    .await;
+    let (alice, bob, carol) = (
+        Tenant::token("alice"),
+        Tenant::token("bob"),
+        Tenant::token("carol"),
+    );
+    let hello = common::fixture("hello");
+    let hello_with_notes = tempfile::tempdir().unwrap();
+    common::copy_dir(&hello, hello_with_notes.path());
+    std::fs::write(hello_with_notes.path().join("NOTES.txt"), "not a source\n").unwrap();
+    let alice_scope = result_namespace(CARGO_INSTANCE, &alice, Provenance::TenantState, true);
+
+    // A's first build: a fresh slot on the worker, clean, shared.
+    let (first, outcome, _) = deployment.build(hello_with_notes.path(), &alice).await;
+    assert!(!outcome.cache_hit);
+    assert!(deployment.cached(CARGO_INSTANCE, &first).await);
+
+    // The planter poisons A's slot on the worker; its result stays A's.
+    let (planter, _, lines) = deployment.build(&common::fixture("planter"), &alice).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| strip_ansi(l).contains("planted 2 file(s)")),
+        "the planter ran in A's slot on the worker: {lines:#?}"
+    );
+    assert!(!deployment.cached(CARGO_INSTANCE, &planter).await);
+    assert!(deployment.cached(&alice_scope, &planter).await);
+
+    // A's build of the popular tree in the poisoned slot is A's alone.
+    let (poisoned, outcome, lines) = deployment.build(&hello, &alice).await;
+    assert!(!outcome.cache_hit, "{lines:#?}");
+    assert_eq!(deployment.binary(&outcome), PLANTED, "{lines:#?}");
+    assert!(!deployment.cached(CARGO_INSTANCE, &poisoned).await);
+    assert!(deployment.cached(&alice_scope, &poisoned).await);
+
+    // B: the same action, never served A's result: a clean build of its own.
+    let (clean, outcome, lines) = deployment.build(&hello, &bob).await;
+    assert_eq!(clean, poisoned, "the same action");
+    assert!(!outcome.cache_hit, "B is never served A's scoped result");
+    assert!(
+        lines
+            .iter()
+            .any(|l| strip_ansi(l).contains("Compiling hello")),
+        "{lines:#?}"
+    );
+    let clean_binary = deployment.binary(&outcome);
+    assert_ne!(clean_binary, PLANTED);
+    assert!(deployment.cached(CARGO_INSTANCE, &clean).await);
+
+    // A's resubmission hits its own entry; a third tenant is served B's clean one.
+    let (_, outcome, _) = deployment.build(&hello, &alice).await;
+    assert!(outcome.cache_hit);
+    assert_eq!(deployment.binary(&outcome), PLANTED);
+    let (_, outcome, _) = deployment.build(&hello, &carol).await;
+    assert!(outcome.cache_hit);
+    assert_eq!(deployment.binary(&outcome), clean_binary);
+
+    let _ = deployment.drain.send(true);
+    let report = deployment.worker.await.unwrap();
+    assert_eq!(report.completed, 4, "{report:?}");
 }
