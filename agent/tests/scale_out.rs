@@ -429,6 +429,17 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("rba: worker stopped"), "{stderr}");
     drop(workers);
+    // No worker left: the front end is not ready, and says why.
+    let started = Instant::now();
+    loop {
+        let (status, body) = http_get(&front, "/ready");
+        if status == 503 {
+            assert!(body.contains("no worker seen within"), "{body}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (status, stderr) = front.terminate();
     assert!(status.success(), "{stderr}");
 
