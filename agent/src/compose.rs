@@ -14,6 +14,10 @@
 //!   dispatches its jobs to it ([`Dispatch`]), a worker's executor runs them
 //!   ([`rba_executor::scheduler::Worker`] with [`TieredStaging`]).
 //!
+//! Workers run what the front ends prepared: a cargo Action names its toolchain (chosen on the
+//! front end from the workspace's `rust-toolchain.toml`), so workers need those toolchains
+//! installed (`rustup_home`, `toolchain_roots`), as a node does.
+//!
 //! One without the other is a configuration error naming both: a bucket without a shared
 //! index, or a shared queue without a shared store, would let front ends and workers see
 //! different state. Errors name the variable to fix; a database URL's password is never

@@ -14,6 +14,11 @@
 //!      ─► stdout/stderr/log into the CAS ─► ActionResult ─► action cache (successes) or the
 //!         failed-results namespace (failures: kept, but re-run on resubmission) ─► Done
 //! ```
+//! The action cache is a seam ([`Executor::with_stores`]): the embedded one of the `Cas`, or a
+//! scale-out deployment's shared one. A scale-out front end ([`Executor::with_dispatch`])
+//! takes the same path up to the miss, then, instead of a local slot, publishes the inputs,
+//! queues the job for the workers, mirrors its log and makes its outputs local
+//! ([`crate::scheduler::dispatch`]); the worker runs the workload above, namespaces included.
 //! Every job has a [`LogStream`] registered under its id before it starts, so every transport
 //! reads the same lines; its state ([`JobState`]) is a `watch` channel (queued with position,
 //! running with progress, done with the outcome).
