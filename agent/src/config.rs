@@ -134,6 +134,14 @@ pub struct NodeConfig {
     /// On shutdown (SIGTERM), how long jobs already taken may run to their end before they
     /// are cancelled; new submissions are refused (`unavailable`) meanwhile. Default 30.
     pub shutdown_grace_secs: u64,
+    /// `[store]`: blobs in an S3-compatible bucket (`RBA_STORE_URL`); unset: embedded. See
+    /// [`crate::compose`].
+    pub store: crate::compose::StoreSection,
+    /// `[database]`: blob index, action cache and job queue in PostgreSQL
+    /// (`RBA_DATABASE_URL`); unset: embedded. Set with `[store]`, or neither.
+    pub database: crate::compose::DatabaseSection,
+    /// `[scheduler]`: the job queue's timing (leases, heartbeats, deadlines), scale-out only.
+    pub scheduler: rba_executor::scheduler::QueueConfig,
 }
 
 /// The `[sandbox]` section: which isolation provider starts the jobs
@@ -258,6 +266,9 @@ impl Default for NodeConfig {
             execute: crate::execute::ExecuteConfig::default(),
             sandbox: SandboxSection::default(),
             shutdown_grace_secs: 30,
+            store: Default::default(),
+            database: Default::default(),
+            scheduler: Default::default(),
         }
     }
 }
@@ -287,6 +298,9 @@ impl NodeConfig {
         for token in &mut masked.auth.tokens {
             token.token = "********".into();
         }
+        if let Some(url) = &mut masked.database.url {
+            *url = crate::compose::mask_url(url);
+        }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
@@ -301,12 +315,19 @@ impl NodeConfig {
     /// `RBA_GRPC_LISTEN` (`off` disables), `RBA_WORKERS`, `RBA_TRUSTED_PEERS`
     /// (comma-separated `MULTIADDR/p2p/PEERID`), `RBA_TOKENS` (comma-separated
     /// `NAME:TOKEN:ACCESS`, added to the file's), `RBA_PUBLIC_READ` (`true`/`false`),
-    /// `RBA_HTTP_CORS_ORIGINS` (comma-separated origins), `RBA_TLS_CERT` and `RBA_TLS_KEY`.
+    /// `RBA_HTTP_CORS_ORIGINS` (comma-separated origins), `RBA_TLS_CERT` and `RBA_TLS_KEY`,
+    /// `RBA_STORE_URL` and `RBA_DATABASE_URL` (scale-out: [`crate::compose`]).
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         self.apply_vars(|name| std::env::var(name).ok())
     }
 
     fn apply_vars(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(url) = var(crate::compose::STORE_URL_VAR) {
+            self.store.url = Some(url);
+        }
+        if let Some(url) = var(crate::compose::DATABASE_URL_VAR) {
+            self.database.url = Some(url);
+        }
         if let Some(listen) = var("RBA_LISTEN") {
             self.listen = split_list(&listen);
         }
@@ -392,6 +413,8 @@ impl NodeConfig {
             crate::http::cors_origin(origin)?;
         }
         anyhow::ensure!(self.workers > 0, "workers must be at least 1");
+        crate::compose::scale_out_urls(self)?;
+        self.scheduler.check().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
             self.max_frame_bytes >= 64 << 10,
             "max_frame_bytes must be at least 64 KiB"

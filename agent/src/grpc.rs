@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::Context;
 use rba_cache_server::config::{AuthConfig, TlsConfig};
 use rba_cache_server::{Config, Server};
-use rba_cas::{Cas, StoreConfig};
+use rba_cas::{Cas, StoreConfig, Stores};
 use rba_executor::runner::Executor;
 use tokio::sync::watch;
 
@@ -43,6 +43,28 @@ pub fn open(
         .expect("Server::new opens an embedded store")
         .clone();
     Ok((server, cas))
+}
+
+/// The REAPI server of a scale-out front end: it serves `stores` (the shared bucket and
+/// database, with the node's `Cas` under `cas_dir` as their local tier), execution attached
+/// later by [`spawn`] with the node's executor over the very same stores.
+pub fn over_stores(
+    cas_dir: &Path,
+    stores: Stores,
+    addr: SocketAddr,
+    auth: AuthConfig,
+    tls: Option<TlsConfig>,
+) -> anyhow::Result<Server> {
+    let mut config = Config {
+        listen: addr,
+        data_dir: cas_dir.to_path_buf(),
+        metrics_listen: None,
+        auth,
+        tls,
+        ..Config::default()
+    };
+    config.execution.enabled = false;
+    Server::with_stores(config, stores, None).context("setting up the REAPI server")
 }
 
 /// Serves `server` with the node's `executor` on `addr` until `stop`; returns the bound

@@ -291,19 +291,36 @@ async fn health(State(node): State<Arc<NodeShared>>) -> Response {
 }
 
 /// Readiness, for load balancers and orchestrators: 200 when the node takes work (its store is
-/// reachable, its executor is not draining for a shutdown and has workers), else 503 naming
-/// what is not. `/health` says the process lives; this says whether to send it builds.
+/// reachable, its executor is not draining for a shutdown and has workers; scaled out: the
+/// database and the bucket answer and a worker was seen within a lease), else 503 naming
+/// what is not (and why, under `reasons`). `/health` says the process lives; this says whether to send it builds.
 async fn ready(State(node): State<Arc<NodeShared>>) -> Response {
     let root = node.cas.blobs.root().to_path_buf();
     let store = tokio::task::spawn_blocking(move || std::fs::metadata(&root).map(|m| m.is_dir()))
         .await
         .map(|r| matches!(r, Ok(true)))
         .unwrap_or(false);
-    let checks = [
+    let mut checks = vec![
         ("store", store),
         ("accepting_jobs", !node.executor.is_draining()),
         ("workers", node.config.workers > 0),
     ];
+    let mut reasons = serde_json::Map::new();
+    if let Some(shared) = &node.scale_out {
+        // Scaled out: the shared database and bucket answer, and a worker was seen lately
+        // (jobs run there, not in this process's slots).
+        checks.retain(|(name, _)| *name != "workers");
+        for (name, outcome) in shared.ready().await {
+            let name = match name {
+                "store" => "shared_store",
+                other => other,
+            };
+            if let Err(reason) = &outcome {
+                reasons.insert(name.to_string(), json!(reason));
+            }
+            checks.push((name, outcome.is_ok()));
+        }
+    }
     let failing: Vec<&str> = checks
         .iter()
         .filter(|(_, ok)| !ok)
@@ -320,7 +337,12 @@ async fn ready(State(node): State<Arc<NodeShared>>) -> Response {
         .collect();
     (
         status,
-        axum::Json(json!({ "ready": failing.is_empty(), "checks": checks, "failing": failing })),
+        axum::Json(json!({
+            "ready": failing.is_empty(),
+            "checks": checks,
+            "failing": failing,
+            "reasons": reasons,
+        })),
     )
         .into_response()
 }

@@ -2,6 +2,8 @@
 //!
 //! One module per concern:
 //! - [`config`]: the node's TOML configuration, environment and flag overrides.
+//! - [`compose`]: the config turned into the executor's backends: embedded, or a scale-out
+//!   front end or worker over a bucket and PostgreSQL (`RBA_STORE_URL`, `RBA_DATABASE_URL`).
 //! - [`node`]: the operator node joining the CAS, the executor, the history, libp2p, HTTP and
 //!   gRPC; [`node::NodeShared::submit`] is how every remote submission reaches
 //!   `Executor::submit`.
@@ -29,6 +31,7 @@ pub mod artifacts;
 pub mod cargo_flags;
 pub mod client;
 pub mod client_config;
+pub mod compose;
 pub mod config;
 pub mod dashboard;
 pub mod execute;

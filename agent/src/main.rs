@@ -5,6 +5,11 @@
 //!   environment variables and flags (`--token NAME:TOKEN:ACCESS`, `--public-read`,
 //!   `--tls-cert`/`--tls-key`, as in `config`); prints its PeerId and listen addresses; stops
 //!   cleanly on Ctrl-C or SIGTERM.
+//! - `rba worker`: joins a scale-out deployment (`RBA_STORE_URL`, `RBA_DATABASE_URL`, the same
+//!   two settings as its front ends' `rba serve`): claims jobs from the PostgreSQL job queue
+//!   and runs them in its sandboxes, its `--data-dir` holding its local tier of the bucket and
+//!   its target caches; SIGTERM or Ctrl-C drains (no new claim; running jobs finish within the
+//!   grace, else are given back to the queue) and exits 0. See `rba_agent::compose`.
 //! - `rba build|test|lint|audit|check|fmt [PATH] [CARGO FLAGS] [--remote MULTIADDR|NAME]
 //!   [--timeout SECS] [--memory SIZE] [--processes N] [--disk SIZE] [-- CARGO ARGS]`: cargo's
 //!   own flags (`-p`, `--features`, `--target`, `--profile`, `-r`, `-j`…, see
@@ -79,6 +84,9 @@ struct Cli {
 enum Commands {
     /// Run the operator node (libp2p, HTTP, REAPI, executor).
     Serve(ServeArgs),
+    /// Run jobs for the front ends of a scale-out deployment.
+    #[command(long_about = WORKER_ABOUT)]
+    Worker(WorkerArgs),
     /// cargo build
     Build(JobArgs),
     /// cargo test
@@ -183,6 +191,40 @@ struct JobArgs {
     cargo_args: Vec<String>,
 }
 
+const WORKER_ABOUT: &str = "Run jobs for the front ends of a scale-out deployment.
+
+A worker joins the deployment its front ends (`rba serve`) run on: blobs in an S3-compatible \
+bucket, the blob index, the action cache and the job queue in PostgreSQL. Give it the same two \
+settings: RBA_STORE_URL=s3://BUCKET[/prefix] (with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, \
+AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP as the S3 client reads them) and \
+RBA_DATABASE_URL=postgres://USER@HOST:PORT/DB, or [store] url and [database] url in --config.
+
+It claims jobs from the queue (preferring those whose workspace's target dir it holds), fetches \
+their inputs from the bucket into its local store under --data-dir, runs them in its sandboxes \
+(the [limits] and [sandbox] sections of the config apply) with --workers at once, streams their \
+log lines to the front ends and publishes their outputs to the bucket. Its results go to the \
+shared action cache. A worker that dies mid-job loses its lease and the job runs elsewhere.
+
+SIGTERM or Ctrl-C drains: no new claim; running jobs get shutdown_grace_secs to finish, then \
+are given back to the queue; the worker then exits 0. It prints its id (`rba: worker ID`).";
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Node TOML configuration file ([store], [database], [scheduler], [limits], [sandbox]…).
+    #[arg(long, env = "RBA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Jobs run at once (default: the config's `workers`, RBA_WORKERS).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Do not fsync blobs of the local store (tests, tmpfs).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Print the configuration the worker would run with (passwords and tokens masked), and
+    /// exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
@@ -233,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let color = cli.color;
     let (kind, args) = match cli.command {
         Commands::Serve(args) => return serve(data_dir, args).await,
+        Commands::Worker(args) => return worker(data_dir, args).await,
         #[cfg(feature = "tangle")]
         Commands::Tangle { command } => {
             return rba_agent::tangle::runner::main(data_dir, command).await;
@@ -370,6 +413,82 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
     eprintln!("rba: shutting down");
     node.shutdown().await?;
     Ok(0)
+}
+
+async fn worker(data_dir: Option<PathBuf>, args: WorkerArgs) -> anyhow::Result<u8> {
+    use rba_agent::compose::{Shared, executor_config, worker_executor};
+    let mut config = match &args.config {
+        Some(path) => rba_agent::config::NodeConfig::from_file(path)?,
+        None => rba_agent::config::NodeConfig::default(),
+    };
+    config.apply_env()?;
+    config.data_dir = data_dir.unwrap_or_else(|| default_data_dir().join("worker"));
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    if args.no_fsync {
+        config.fsync = false;
+    }
+    if args.print_config {
+        print!("{}", config.to_masked_toml());
+        return Ok(0);
+    }
+    config.validate()?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let shared = Shared::connect(&config).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "rba worker joins a scale-out deployment: set RBA_STORE_URL and RBA_DATABASE_URL \
+             (or [store] url and [database] url in --config), as for its front ends"
+        )
+    })?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", data_dir.display()))?;
+    let store = rba_cas::StoreConfig {
+        max_bytes: config.cas_max_bytes,
+        fsync: config.fsync,
+        ..rba_cas::StoreConfig::default()
+    };
+    let cas = rba_cas::Cas::open(data_dir.join("cas"), store).map_err(|e| {
+        anyhow::anyhow!("opening the local store under {}: {e}", data_dir.display())
+    })?;
+    let (executor, staging) = worker_executor(
+        &cas,
+        executor_config(&config, &data_dir.join("executor"))?,
+        &shared,
+    )?;
+    let worker = rba_executor::scheduler::Worker::new(shared.queue.clone(), executor)
+        .with_slots(config.workers)
+        .with_drain_grace(std::time::Duration::from_secs(config.shutdown_grace_secs))
+        .with_staging(std::sync::Arc::new(staging));
+    println!("rba: worker {}", worker.id());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let (drain, drained) = tokio::sync::watch::channel(false);
+    let mut running = tokio::spawn(worker.run(drained));
+    let report = tokio::select! {
+        report = &mut running => report?,
+        _ = terminate.recv() => drain_worker(&drain, &mut running).await?,
+        _ = interrupt.recv() => drain_worker(&drain, &mut running).await?,
+    };
+    eprintln!(
+        "rba: worker stopped: {} job(s) completed, {} given back, {} lost",
+        report.completed, report.released, report.lost
+    );
+    let blobs = cas.blobs.clone();
+    tokio::task::spawn_blocking(move || blobs.flush()).await??;
+    Ok(0)
+}
+
+/// Raises the drain signal and waits for the worker to stop.
+async fn drain_worker(
+    drain: &tokio::sync::watch::Sender<bool>,
+    running: &mut tokio::task::JoinHandle<rba_executor::scheduler::WorkerReport>,
+) -> anyhow::Result<rba_executor::scheduler::WorkerReport> {
+    eprintln!("rba: worker draining");
+    let _ = drain.send(true);
+    Ok(running.await?)
 }
 
 /// The node a session command (`rba logs`, `rba cancel`) talks to: `--remote`, else the

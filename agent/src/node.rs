@@ -33,8 +33,8 @@ use rba_cache_server::auth::Authenticator;
 use rba_cas::{Cas, Digest, StoreConfig};
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{
-    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorConfig, ExecutorError, JobHandle, JobOutcome,
-    JobState, JobStatus,
+    CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorError, JobHandle, JobOutcome, JobState,
+    JobStatus,
 };
 use rba_executor::tenant::Tenant;
 use rba_executor::toolchains::ToolchainError;
@@ -88,6 +88,8 @@ pub struct NodeShared {
     pub cas: Cas,
     /// The one job path.
     pub executor: Executor,
+    /// The shared bucket, database and job queue of a scale-out front end (`None`: embedded).
+    pub scale_out: Option<crate::compose::Shared>,
     /// Persisted build records.
     pub history: History,
     /// libp2p.
@@ -619,12 +621,15 @@ impl NodeShared {
         Ok(handle)
     }
 
+    /// Whether the action cache the executor looks in (the embedded one, or a front end's
+    /// shared one) has a complete success for `action_digest`.
     async fn has_cached_result(&self, action_digest: Digest) -> bool {
-        let actions = self.cas.actions.clone();
-        tokio::task::spawn_blocking(move || actions.get(CARGO_INSTANCE, &action_digest))
+        self.executor
+            .stores()
+            .actions()
+            .get(CARGO_INSTANCE, &action_digest)
             .await
             .ok()
-            .and_then(Result::ok)
             .flatten()
             .is_some_and(|r| r.exit_code == 0)
     }
@@ -892,8 +897,11 @@ impl Node {
             fsync: config.fsync,
             ..StoreConfig::default()
         };
-        // With gRPC on, the REAPI server opens the store and the node shares it.
-        let (cas, reapi) = match config.grpc_listen {
+        // Scaled out: the bucket and the database, reached before anything binds (a wrong
+        // URL fails the start naming its variable). See `compose`.
+        let scale_out = crate::compose::Shared::connect(&config).await?;
+        // With gRPC on (embedded), the REAPI server opens the store and the node shares it.
+        let (cas, mut reapi) = match config.grpc_listen.filter(|_| scale_out.is_none()) {
             Some(addr) => {
                 let (server, cas) = crate::grpc::open(
                     &data_dir.join("cas"),
@@ -910,28 +918,30 @@ impl Node {
                 None,
             ),
         };
+        // Scaled out, the node's `Cas` is the local tier of the shared stores, which every
+        // face serves (the REAPI server and the executor over the very same handles).
+        let shared_stores = scale_out.as_ref().map(|shared| shared.stores(&cas));
+        if let (Some(addr), Some(stores)) = (config.grpc_listen, &shared_stores) {
+            let server = crate::grpc::over_stores(
+                &data_dir.join("cas"),
+                stores.clone(),
+                addr,
+                config.auth.clone(),
+                config.tls.clone(),
+            )?;
+            reapi = Some((server, addr));
+        }
         let history = History::open(cas.blobs.db())?;
         let interrupted = history.mark_interrupted()?;
         if interrupted > 0 {
             tracing::warn!(interrupted, "builds interrupted by the last stop");
         }
-        let mut executor_config =
-            ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
-        executor_config.workers = config.workers;
-        executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
-        executor_config.shared_units = config.shared_units;
-        if let Some(home) = &config.rustup_home {
-            executor_config.rustup_home = Some(home.clone());
-        }
-        executor_config.toolchain_roots = config.toolchain_roots.clone();
-        executor_config.advisory_db = config.advisory_db.clone();
-        executor_config.sandbox.isolation = config.sandbox.isolation;
-        if let Some(binary) = &config.cargo_audit {
-            executor_config.cargo_audit = Some(binary.clone());
-        }
-        config.limits.apply(&mut executor_config)?;
-        let executor =
-            Executor::new(cas.clone(), executor_config).context("starting the executor")?;
+        let executor_config = crate::compose::executor_config(&config, &data_dir.join("executor"))?;
+        let executor = crate::compose::front_end_executor(
+            &cas,
+            executor_config,
+            scale_out.as_ref().zip(shared_stores),
+        )?;
         let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;
         let network = Network::start(keypair, Duration::from_secs(config.idle_timeout_secs))?;
         for address in &config.listen {
@@ -957,6 +967,7 @@ impl Node {
             config: config.clone(),
             cas,
             executor,
+            scale_out,
             history,
             network,
             metrics: Metrics::default(),

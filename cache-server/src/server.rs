@@ -17,8 +17,9 @@
 //! server runs and `NOT_SERVING` from the moment shutdown starts, so a load balancer stops
 //! sending work before the listener closes.
 //!
-//! The Execution service runs on the executor's own embedded `Cas` (the executor stores its
-//! outputs and results there), so it is served only over exactly those stores:
+//! The Execution service stores results in the executor's action cache
+//! ([`Executor::stores`]: its embedded `Cas`'s, or a front end's shared one), so it is served
+//! only over exactly those stores:
 //! [`Server::with_stores`] and [`Server::with_executor`] refuse, with an error saying so, an
 //! executor whose `Cas` is not the given stores (a front end over a shared store would
 //! otherwise answer Execute from one action cache and GetActionResult from another).
@@ -461,14 +462,14 @@ pub fn install_crypto_provider() {
 
 /// Refuses to serve Execution with an executor whose `Cas` is not `stores`.
 fn check_executor(stores: &Stores, executor: &Executor) -> anyhow::Result<()> {
-    if stores.is_embedded_in(executor.cas()) {
+    if stores.is_embedded_in(executor.cas()) || stores.is_same_as(executor.stores()) {
         return Ok(());
     }
     anyhow::bail!(
         "the executor runs on the embedded store under {}, but the server was given other \
          stores ({} blobs, {} action cache): Execution would store results where \
          GetActionResult does not look. Serve these stores cache-only (no executor), or give \
-         the executor's own stores (Stores::embedded of its Cas)",
+         the executor's own stores (Executor::stores)",
         executor.cas().blobs.root().display(),
         stores.blobs().backend(),
         rba_cas::ActionCache::backend(stores.actions()),

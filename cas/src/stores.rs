@@ -80,6 +80,22 @@ impl Stores {
             .is_some_and(|blobs| blobs.root() == cas.blobs.root())
     }
 
+    /// Whether `other` is these very backends (clones of one bundle, or bundles built over the
+    /// same backend handles): what a server checks before serving an executor's results.
+    pub fn is_same_as(&self, other: &Stores) -> bool {
+        fn same<T: ?Sized>(a: &Arc<T>, b: &Arc<T>) -> bool {
+            std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+        }
+        let embedded_alike = match (&self.embedded, &other.embedded) {
+            (Some(a), Some(b)) => a.root() == b.root(),
+            (None, None) => true,
+            _ => false,
+        };
+        embedded_alike
+            && same(&self.blobs, &other.blobs)
+            && same(self.actions.inner(), other.actions.inner())
+    }
+
     /// Makes what the embedded backends hold in memory durable (their index), before a clean
     /// exit. Backends that are network services persist as they go: nothing to do.
     pub async fn flush(&self) -> Result<()> {

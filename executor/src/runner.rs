@@ -14,6 +14,11 @@
 //!      ─► stdout/stderr/log into the CAS ─► ActionResult ─► action cache (successes) or the
 //!         failed-results namespace (failures: kept, but re-run on resubmission) ─► Done
 //! ```
+//! The action cache is a seam ([`Executor::with_stores`]): the embedded one of the `Cas`, or a
+//! scale-out deployment's shared one. A scale-out front end ([`Executor::with_dispatch`])
+//! takes the same path up to the miss, then, instead of a local slot, publishes the inputs,
+//! queues the job for the workers, mirrors its log and makes its outputs local
+//! ([`crate::scheduler::dispatch`]); the worker runs the workload above, namespaces included.
 //! Every job has a [`LogStream`] registered under its id before it starts, so every transport
 //! reads the same lines; its state ([`JobState`]) is a `watch` channel (queued with position,
 //! running with progress, done with the outcome).
@@ -60,7 +65,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use rba_cas::merkle::beneath::{Beneath, EntryKind};
 use rba_cas::merkle::{self, DirOptions, MaterializeOptions, TreeLimits};
-use rba_cas::{Cas, CasError, Digest, DigestFunction};
+use rba_cas::{ActionCache, Cas, CasError, Digest, DigestFunction, Stores};
 use rba_proto::Message;
 use rba_proto::reapi::platform::Property;
 use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirectory, OutputFile};
@@ -102,6 +107,8 @@ pub const CARGO_INSTANCE: &str = "rba/cargo";
 pub const LOG_OUTPUT_PATH: &str = ".rba/log.jsonl";
 /// How long a finished job stays queryable by id (its results stay in the CAS for good).
 pub const JOB_RETENTION: Duration = Duration::from_secs(3600);
+/// Largest Action blob made local for a submission over shared stores.
+const MAX_ACTION_BYTES: u64 = 1 << 20;
 /// Largest stdout/stderr/log blob replayed on a cache hit.
 const MAX_REPLAY_BYTES: u64 = 256 << 20;
 
@@ -282,6 +289,9 @@ pub enum ExecutorError {
     /// The executor is draining for a shutdown ([`Executor::drain`]) and takes no new job.
     #[error("the executor is shutting down and takes no new jobs")]
     Draining,
+    /// The scale-out job queue failed (a dispatched job: [`crate::scheduler::dispatch`]).
+    #[error("job queue: {0}")]
+    Queue(String),
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecutorError {
@@ -550,6 +560,11 @@ impl JobHandle {
 
 struct Inner {
     cas: Cas,
+    /// The action cache results are looked up in and stored into, and the store whose blobs
+    /// decide a hit's completeness (see [`Executor::with_stores`]).
+    stores: Stores,
+    /// Where jobs run when they are not run here ([`Executor::with_dispatch`]).
+    dispatch: Option<crate::scheduler::Dispatch>,
     layout: CacheLayout,
     sandbox: Sandbox,
     toolchains: Toolchains,
@@ -605,8 +620,58 @@ impl std::fmt::Debug for Executor {
 }
 
 impl Executor {
-    /// Sets up the caches and checks the sandbox's prerequisites.
+    /// Sets up the caches and checks the sandbox's prerequisites. Results go to `cas`'s own
+    /// (embedded) action cache.
     pub fn new(cas: Cas, config: ExecutorConfig) -> Result<Self, ExecutorError> {
+        let stores = Stores::embedded(&cas);
+        Executor::with_stores(cas, config, stores)
+    }
+
+    /// [`Executor::new`] whose results are looked up in and stored into `stores`' action
+    /// cache (a scale-out deployment's shared one), a hit being complete over `stores`' blob
+    /// store. `cas` stays the executor's working store: jobs read their inputs from and write
+    /// their outputs into its blob store, so it must be `stores`' local tier
+    /// ([`rba_cas::Store::local`]); blobs of a hit found only in a slower tier are made local before
+    /// the hit is served. What stays in `cas` alone: the shared-units namespace (compiled
+    /// units only this machine's slots reuse).
+    pub fn with_stores(
+        cas: Cas,
+        config: ExecutorConfig,
+        stores: Stores,
+    ) -> Result<Self, ExecutorError> {
+        Executor::build(cas, config, stores, None)
+    }
+
+    /// A front end's executor: [`Executor::with_stores`] whose jobs, on an action-cache miss,
+    /// run on the workers of `dispatch` instead of in a local slot (see
+    /// [`crate::scheduler::dispatch`]). `stores`' blob store is the shared store the workers
+    /// read (with `cas` as its local tier).
+    pub fn with_dispatch(
+        cas: Cas,
+        config: ExecutorConfig,
+        stores: Stores,
+        dispatch: crate::scheduler::Dispatch,
+    ) -> Result<Self, ExecutorError> {
+        Executor::build(cas, config, stores, Some(dispatch))
+    }
+
+    fn build(
+        cas: Cas,
+        config: ExecutorConfig,
+        stores: Stores,
+        dispatch: Option<crate::scheduler::Dispatch>,
+    ) -> Result<Self, ExecutorError> {
+        let local_root = stores
+            .blobs()
+            .local()
+            .map(|local| local.root().to_path_buf());
+        if local_root.as_deref() != Some(cas.blobs.root()) {
+            return Err(ExecutorError::Cas(CasError::Unavailable(format!(
+                "the executor's store under {} is not the local tier of the {} store it was given",
+                cas.blobs.root().display(),
+                stores.blobs().backend()
+            ))));
+        }
         let layout = CacheLayout::create(&config.data_dir)
             .map_err(io_error("creating the executor's data dir"))?;
         std::fs::create_dir_all(&config.sandbox.scratch_dir)
@@ -625,6 +690,8 @@ impl Executor {
             inner: Arc::new(Inner {
                 units,
                 cas,
+                stores,
+                dispatch,
                 layout,
                 sandbox,
                 toolchains,
@@ -637,6 +704,16 @@ impl Executor {
                 publishing: watch::channel(0).0,
             }),
         })
+    }
+
+    /// The action cache (and its store) results are looked up in and stored into.
+    pub fn stores(&self) -> &Stores {
+        &self.inner.stores
+    }
+
+    /// The workers this executor's jobs run on, when it is a front end.
+    pub fn dispatch(&self) -> Option<&crate::scheduler::Dispatch> {
+        self.inner.dispatch.as_ref()
     }
 
     /// The store jobs read from and write to.
@@ -831,6 +908,36 @@ impl Executor {
         .await
     }
 
+    /// Makes an Action and its Command readable from the local tier (shared stores only). A
+    /// blob no tier holds is left for [`PreparedAction::load`] to report, naming it.
+    async fn make_action_local(&self, action: Digest) -> Result<(), ExecutorError> {
+        let store = self.inner.stores.blobs();
+        match store.make_local(&[action]).await {
+            Ok(()) => {}
+            Err(CasError::NotFound(_)) => return Ok(()),
+            Err(other) => return Err(other.into()),
+        }
+        let blobs = self.inner.cas.blobs.clone();
+        let command = tokio::task::spawn_blocking(move || {
+            let bytes = blobs.read_to_vec(&action, MAX_ACTION_BYTES)?;
+            Ok::<_, CasError>(
+                reapi::Action::decode(bytes.as_slice())
+                    .ok()
+                    .and_then(|decoded| decoded.command_digest)
+                    .and_then(|command| Digest::from_reapi(action.function, &command).ok()),
+            )
+        })
+        .await
+        .expect("reading an action does not panic")?;
+        if let Some(command) = command {
+            match store.make_local(&[command]).await {
+                Ok(()) | Err(CasError::NotFound(_)) => {}
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Drops jobs (and their log streams) that finished more than [`JOB_RETENTION`] ago.
     fn forget_old_jobs(&self) {
         let now = Instant::now();
@@ -857,6 +964,12 @@ impl Executor {
         let blobs = self.inner.cas.blobs.clone();
         let digest = request.action_digest;
         let limits = self.inner.config.tree_limits.clone();
+        if !self.inner.stores.is_embedded_in(&self.inner.cas) {
+            // Shared stores: the Action and its Command may have been uploaded through another
+            // process (a client that found them present skips the upload); they are read from
+            // the local tier.
+            self.make_action_local(digest).await?;
+        }
         let prepared = tokio::task::spawn_blocking(move || {
             let prepared = PreparedAction::load(digest, &blobs)?;
             match prepared.check_input_tree(&blobs, &limits) {
@@ -996,6 +1109,9 @@ impl RunningJob<'_> {
         {
             return Ok(outcome);
         }
+        if let Some(dispatch) = self.inner().dispatch.clone() {
+            return self.run_remote(&dispatch).await;
+        }
         let queued = Instant::now();
         let _permit = self.wait_for_worker().await;
         self.step("queue", queued);
@@ -1011,26 +1127,127 @@ impl RunningJob<'_> {
         self.finish(run).await
     }
 
+    /// Runs the job on a worker of `dispatch` (see [`crate::scheduler::dispatch`]).
+    async fn run_remote(
+        &mut self,
+        dispatch: &crate::scheduler::Dispatch,
+    ) -> Result<JobOutcome, ExecutorError> {
+        use crate::scheduler::dispatch::{
+            CancelOnDrop, make_outcome_local, mirror_logs, publish_inputs, starts_attempt,
+        };
+        let queue = dispatch.queue();
+        let stores = self.inner().stores.clone();
+        let published = Instant::now();
+        publish_inputs(
+            stores.blobs().as_ref(),
+            self.prepared.action_digest,
+            self.prepared.command_digest,
+            self.prepared.input_root_digest,
+        )
+        .await?;
+        self.step("publish", published);
+        let request = ExecuteRequest {
+            // The lookup was made here (or the client asked for none): see the module doc.
+            skip_cache_lookup: true,
+            ..self.request.clone()
+        };
+        let job = queue
+            .enqueue(&request, None)
+            .await
+            .map_err(|e| ExecutorError::Queue(e.to_string()))?;
+        let mut cancel = CancelOnDrop::new(queue.clone(), job);
+        tracing::info!(job = %self.id, queued = %job, "job dispatched to the workers");
+        let queued = Instant::now();
+        let before = self.writer.as_ref().map_or(0, |w| w.lines_written());
+        let mut attempt_base = before;
+        let mut lines = mirror_logs(queue, job);
+        let wait = queue.wait(job);
+        tokio::pin!(wait);
+        let mut poll = tokio::time::interval(queue.config().poll_interval());
+        let mut running = false;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut wait => break outcome,
+                Some(line) = lines.recv() => {
+                    if !running {
+                        running = true;
+                        self.step("queue", queued);
+                        let _ = self.state.send(JobState::Running { done: 0, total: 0 });
+                    }
+                    if starts_attempt(&line) {
+                        attempt_base = before + line.seq + 1;
+                    }
+                    self.log(line.stream, line.line);
+                }
+                _ = poll.tick(), if !running => {
+                    if queue.job(job).await.is_ok_and(|record| record.state == "running") {
+                        running = true;
+                        self.step("queue", queued);
+                        let _ = self.state.send(JobState::Running { done: 0, total: 0 });
+                    }
+                }
+            }
+        };
+        cancel.disarm();
+        let outcome = outcome.map_err(|e| ExecutorError::Queue(e.to_string()))?;
+        // The lines written before the outcome was recorded: the log ends with them.
+        while let Some(line) = lines.recv().await {
+            if starts_attempt(&line) {
+                attempt_base = before + line.seq + 1;
+            }
+            self.log(line.stream, line.line);
+        }
+        if !running {
+            self.step("queue", queued);
+        }
+        make_outcome_local(&stores, self.function(), &outcome).await?;
+        let log = self.finish_log().await?;
+        let mut outcome = JobOutcome::clone(&outcome);
+        let mut steps = std::mem::take(&mut self.steps);
+        let mut step_end_lines = std::mem::take(&mut self.step_end_lines);
+        // The worker's steps, their line numbers counted in this log.
+        if outcome.step_end_lines.len() == outcome.steps.len() {
+            step_end_lines.extend(outcome.step_end_lines.iter().map(|n| n + attempt_base));
+            steps.append(&mut outcome.steps);
+        } else {
+            step_end_lines.clear();
+            steps.append(&mut outcome.steps);
+        }
+        Ok(JobOutcome {
+            duration: self.started.elapsed(),
+            log: Some(log),
+            steps,
+            step_end_lines,
+            ..outcome
+        })
+    }
+
     /// Serves the job from the action cache when a complete, successful result exists.
     /// Looks in the tenant's own namespace, then the shared one ([`lookup_namespaces`]).
     async fn try_cache_hit(&mut self) -> Result<Option<JobOutcome>, ExecutorError> {
-        let cas = self.inner().cas.clone();
-        let namespaces = lookup_namespaces(&self.request.instance, &self.request.tenant);
+        let stores = self.inner().stores.clone();
         let digest = self.prepared.action_digest;
-        let cached = Self::blocking(move || {
-            for namespace in &namespaces {
-                if let Some(result) = cas.actions.get(namespace, &digest)?
-                    && result.exit_code == 0
-                {
-                    return Ok(Some(result));
-                }
+        let mut cached = None;
+        for namespace in lookup_namespaces(&self.request.instance, &self.request.tenant) {
+            if let Some(result) = stores.actions().get(&namespace, &digest).await?
+                && result.exit_code == 0
+            {
+                cached = Some(result);
+                break;
             }
-            Ok(None)
-        })
-        .await?;
+        }
         let Some(result) = cached else {
             return Ok(None);
         };
+        if !stores.is_embedded_in(&self.inner().cas) {
+            // A shared cache: the hit is complete in the shared store; every face serves it
+            // (and the replay reads it) from this machine's local tier.
+            let referenced = stores
+                .actions()
+                .referenced_blobs(self.function(), &result)
+                .await?;
+            stores.blobs().make_local(&referenced).await?;
+        }
         let function = self.function();
         let blobs = self.inner().cas.blobs.clone();
         let stored = result.clone();
@@ -1858,7 +2075,6 @@ impl RunningJob<'_> {
             }),
             ..Default::default()
         };
-        let cas = self.inner().cas.clone();
         let cacheable = run.success && !self.prepared.action.do_not_cache;
         let namespace = result_namespace(
             &self.request.instance,
@@ -1866,8 +2082,11 @@ impl RunningJob<'_> {
             self.provenance,
             cacheable,
         );
-        let (digest, stored) = (self.prepared.action_digest, result.clone());
-        Self::blocking(move || Ok(cas.actions.put(&namespace, &digest, &stored)?)).await?;
+        self.inner()
+            .stores
+            .actions()
+            .put(&namespace, &self.prepared.action_digest, &result)
+            .await?;
         Ok(JobOutcome {
             status: if run.success {
                 JobStatus::Success

@@ -21,17 +21,21 @@
 //! - log lines reach readers while the job runs, in order, and stay with the job.
 //!
 //! Modules: [`queue`] (the tables and every transition, one statement each), [`worker`] (the
-//! loop that drives the one job path, [`crate::runner::Executor::submit`], under a lease), and
-//! `stored` (the one serialized form of a request and an outcome).
+//! loop that drives the one job path, [`crate::runner::Executor::submit`], under a lease, and
+//! [`worker::TieredStaging`], a worker's store seam over a local tier of the shared store),
+//! [`dispatch`] (a front end's executor handing its jobs to the workers, inside the same job
+//! path) and `stored` (the one serialized form of a request and an outcome).
 //!
-//! Not here (yet): the front ends submit to the executor directly; wiring them to
-//! [`JobQueue`] (and the `rba worker` subcommand) is the composition root's business.
+//! Wiring a front end and a worker from a config (`RBA_DATABASE_URL`, `RBA_STORE_URL`) is the
+//! composition root's business (the agent's `compose` module).
 
+pub mod dispatch;
 pub mod queue;
 mod stored;
 pub mod worker;
 
+pub use dispatch::Dispatch;
 pub use queue::{
     ClaimedJob, JobId, JobLogs, JobQueue, JobRecord, Lease, QueueConfig, QueueError, Reaped,
 };
-pub use worker::{SharedCas, Staging, Worker, WorkerReport, process_worker_id};
+pub use worker::{SharedCas, Staging, TieredStaging, Worker, WorkerReport, process_worker_id};

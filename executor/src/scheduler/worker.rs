@@ -27,8 +27,18 @@
 //! before [`Executor::submit`], and its outputs and logs must reach the shared store after.
 //! Making that so is [`Staging`]'s business, called once each per job:
 //! [`Staging::before_run`] right before submit and [`Staging::after_run`] right after the
-//! outcome, before it is recorded (not for a job that could not start). The default ([`SharedCas`]) does nothing: the executor's
-//! `Cas` is the shared store itself.
+//! outcome, before it is recorded (not for a job that could not start). The default
+//! ([`SharedCas`]) does nothing: the executor's `Cas` is the shared store itself.
+//! [`TieredStaging`] is the seam of an `rba worker` whose executor's `Cas` is the local (fast)
+//! tier of the shared store ([`rba_cas::layers::tiered::Tiered`]): it fetches the inputs into
+//! the local tier before the run and publishes every blob the outcome names after it.
+//!
+//! The worker's executor looks results up in and stores them into the shared action cache
+//! ([`Executor::with_stores`]), with the namespaces ([`crate::runner::result_namespace`])
+//! computed from the stored request's instance and tenant exactly as the embedded path does;
+//! its result becomes a hit for the front ends only once [`Staging::after_run`] published its
+//! blobs (the completeness layer over the shared store decides), so a worker that dies
+//! between the two leaves a miss, never a hit whose outputs are gone.
 //!
 //! [`Cas`]: rba_cas::Cas
 //! [`QueueConfig::heartbeat_secs`]: super::QueueConfig::heartbeat_secs
@@ -41,6 +51,12 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use rba_cas::merkle::TreeLimits;
+use rba_cas::{CasError, Digest, Stores, make_tree_local};
+use rba_proto::Message;
+use rba_proto::reapi::Action;
+
+use super::dispatch::outcome_blobs;
 use super::queue::{ClaimedJob, JobQueue, Lease, QueueError};
 use super::stored::error_outcome;
 use crate::logstream::{LogLine, LogStream};
@@ -89,6 +105,78 @@ impl Staging for SharedCas {
         _: &'a JobOutcome,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// The [`Staging`] of a worker whose executor's `Cas` is the local tier of a shared store
+/// (`stores.blobs()`, e.g. [`rba_cas::layers::tiered::Tiered`]): see the module doc.
+#[derive(Clone, Debug)]
+pub struct TieredStaging {
+    stores: Stores,
+    limits: TreeLimits,
+}
+
+/// Largest Action blob a worker reads.
+const MAX_ACTION_BYTES: u64 = 1 << 20;
+
+impl TieredStaging {
+    /// Staging through `stores` (the worker executor's [`Executor::stores`]); an input tree
+    /// fetched is bounded by `limits` (the executor's [`crate::runner::ExecutorConfig::tree_limits`]).
+    pub fn new(stores: Stores, limits: TreeLimits) -> TieredStaging {
+        TieredStaging { stores, limits }
+    }
+
+    async fn stage_inputs(&self, action_digest: Digest) -> Result<(), CasError> {
+        let store = self.stores.blobs().as_ref();
+        let function = action_digest.function;
+        store.make_local(&[action_digest]).await?;
+        let bytes = store.read_to_vec(&action_digest, MAX_ACTION_BYTES).await?;
+        let action = Action::decode(bytes.as_slice()).map_err(|e| CasError::Invalid {
+            what: format!("Action {action_digest:?}"),
+            reason: e.to_string(),
+        })?;
+        let field = |digest, name| {
+            Digest::from_reapi_field(function, digest, name).map_err(|e| CasError::Invalid {
+                what: format!("Action {action_digest:?}"),
+                reason: e.to_string(),
+            })
+        };
+        let command = field(action.command_digest.as_ref(), "Action.command_digest")?;
+        let root = field(
+            action.input_root_digest.as_ref(),
+            "Action.input_root_digest",
+        )?;
+        store.make_local(&[command]).await?;
+        make_tree_local(store, &root, &self.limits).await?;
+        Ok(())
+    }
+}
+
+impl Staging for TieredStaging {
+    fn before_run<'a>(&'a self, request: &'a ExecuteRequest) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.stage_inputs(request.action_digest)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn after_run<'a>(
+        &'a self,
+        request: &'a ExecuteRequest,
+        outcome: &'a JobOutcome,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let function = request.action_digest.function;
+            let blobs = outcome_blobs(&self.stores, function, outcome)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.stores
+                .blobs()
+                .publish_local(&blobs)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -1,0 +1,531 @@
+//! Scale-out end to end, with the real binaries: one `rba serve` front end and two `rba
+//! worker` processes over a real PostgreSQL ([`TestPostgres`]) and a real S3-compatible server
+//! ([`TestS3`], moto), joined by `RBA_DATABASE_URL` and `RBA_STORE_URL` alone.
+//!
+//! What it proves: a REAPI Execute runs on a worker and its output is served by the front end;
+//! a cargo build through the front end (`rba build --remote`) gets its binary back; a worker
+//! killed with SIGKILL mid-job loses the job to the other worker, which finishes it once; after
+//! every process restarted (fresh local dirs for the front end and the workers) the earlier
+//! result is a cache hit served from the bucket and the database; a worker drains and exits 0
+//! on SIGTERM; `/ready` reports the shared state; and a broken store or database URL stops
+//! `rba serve` and `rba worker` with an error naming the variable.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rba_cas::{Digest, DigestFunction};
+use rba_e2e_tests::postgres::TestPostgres;
+use rba_e2e_tests::s3::TestS3;
+use rba_proto::Message;
+use rba_proto::longrunning::operation;
+use rba_proto::reapi::{self, digest_function};
+use tonic::transport::Channel;
+
+const SHA: DigestFunction = DigestFunction::Sha256;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// The deployment's shared settings: the two URLs, the bucket's `AWS_*` variables, and a
+/// config file with short leases (a killed worker's job moves within seconds).
+struct Deployment {
+    pg: TestPostgres,
+    s3: TestS3,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    fn start() -> Deployment {
+        let pg = TestPostgres::start();
+        let s3 = TestS3::start();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("rba.toml");
+        std::fs::write(
+            &config,
+            "shutdown_grace_secs = 5\n\
+             [scheduler]\n\
+             lease_secs = 3\n\
+             heartbeat_secs = 1\n\
+             prefer_grace_secs = 1\n\
+             queue_timeout_secs = 60\n\
+             poll_interval_ms = 200\n\
+             reap_interval_secs = 1\n",
+        )
+        .unwrap();
+        Deployment {
+            pg,
+            s3,
+            config,
+            _dir: dir,
+        }
+    }
+
+    fn command(&self, data_dir: &Path) -> Command {
+        let mut command = Command::new(assert_cmd::cargo::cargo_bin("rba"));
+        command
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("RBA_DATA_DIR")
+            .env_remove("RBA_CONFIG")
+            .env_remove("RBA_WORKERS")
+            .env("RBA_DATABASE_URL", self.pg.url())
+            .env("RBA_STORE_URL", self.s3.url())
+            .env("RBA_LOG", "info,rba_cas=warn");
+        for (key, value) in self.s3.env() {
+            command.env(key, value);
+        }
+        command
+    }
+
+    fn serve(&self, data_dir: &Path) -> Process {
+        let mut command = self.command(data_dir);
+        command.args([
+            "serve",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--no-fsync",
+            "--config",
+        ]);
+        command.arg(&self.config);
+        Process::start(
+            command,
+            &["rba: listening on ", "rba: http on ", "rba: reapi on "],
+        )
+    }
+
+    fn worker(&self, data_dir: &Path) -> Process {
+        let mut command = self.command(data_dir);
+        command.args(["worker", "--workers", "1", "--no-fsync", "--config"]);
+        command.arg(&self.config);
+        Process::start(command, &["rba: worker "])
+    }
+}
+
+/// A running `rba` process: what it printed on stdout (the prefixes asked for) and its
+/// stderr, collected as it comes.
+struct Process {
+    child: Child,
+    printed: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Process {
+    fn start(mut command: Command, prefixes: &[&str]) -> Process {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut printed: Vec<String> = Vec::new();
+        for prefix in prefixes {
+            loop {
+                let Some(Ok(line)) = lines.next() else {
+                    panic!(
+                        "rba exited before printing {prefix:?}: {}",
+                        stderr.lock().unwrap()
+                    );
+                };
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    printed.push(rest.to_string());
+                    break;
+                }
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Process {
+            child,
+            printed,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100)); // the stderr reader's last lines
+                return (status, self.stderr());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "rba did not stop on SIGTERM: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn channel(front: &Process) -> Channel {
+    let url = front.printed[2].replace("grpc://", "http://");
+    tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn upload(channel: &Channel, blobs: &[&[u8]]) -> Vec<Digest> {
+    let digests: Vec<Digest> = blobs.iter().map(|b| SHA.digest_of(b)).collect();
+    let response = reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+        channel.clone(),
+    )
+    .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+        requests: blobs
+            .iter()
+            .zip(&digests)
+            .map(
+                |(bytes, digest)| reapi::batch_update_blobs_request::Request {
+                    digest: Some(digest.to_reapi()),
+                    data: bytes.to_vec(),
+                    ..Default::default()
+                },
+            )
+            .collect(),
+        digest_function: digest_function::Value::Sha256 as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    for answer in response.responses {
+        assert_eq!(answer.status.unwrap_or_default().code, 0);
+    }
+    digests
+}
+
+/// Stores `sh -c SCRIPT` over an input root holding `in.txt` (collecting `out.txt`) through
+/// the front end's REAPI: the Action's digest.
+async fn shell_action(channel: &Channel, script: &str) -> Digest {
+    let input = b"input from the client\n".as_slice();
+    let input_digest = SHA.digest_of(input);
+    let root = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "in.txt".into(),
+            digest: Some(input_digest.to_reapi()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command = reapi::Command {
+        arguments: vec!["sh".into(), "-c".into(), script.into()],
+        output_paths: vec!["out.txt".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let digests = upload(channel, &[input, &root, &command]).await;
+    let action = reapi::Action {
+        command_digest: Some(digests[2].to_reapi()),
+        input_root_digest: Some(digests[1].to_reapi()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    upload(channel, &[&action]).await[0]
+}
+
+async fn execute(channel: &Channel, action: Digest) -> reapi::ExecuteResponse {
+    let mut stream = reapi::execution_client::ExecutionClient::new(channel.clone())
+        .execute(reapi::ExecuteRequest {
+            action_digest: Some(action.to_reapi()),
+            digest_function: digest_function::Value::Sha256 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let operation = tokio::time::timeout(Duration::from_secs(90), stream.message())
+            .await
+            .expect("the operation ends")
+            .unwrap()
+            .expect("a final operation");
+        if operation.done {
+            let Some(operation::Result::Response(any)) = operation.result else {
+                panic!("{operation:?}")
+            };
+            return reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+        }
+    }
+}
+
+/// The bytes of `out.txt` of a response, read from the front end.
+async fn output(channel: &Channel, response: &reapi::ExecuteResponse) -> String {
+    let result = response.result.as_ref().expect("a result");
+    assert_eq!(result.exit_code, 0, "{response:?}");
+    let file = result
+        .output_files
+        .iter()
+        .find(|f| f.path == "out.txt")
+        .expect("out.txt");
+    let read = reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+        channel.clone(),
+    )
+    .batch_read_blobs(reapi::BatchReadBlobsRequest {
+        digests: vec![file.digest.clone().unwrap()],
+        digest_function: digest_function::Value::Sha256 as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    String::from_utf8(read.responses[0].data.to_vec()).unwrap()
+}
+
+fn claims(worker: &Process) -> usize {
+    worker.stderr().matches("claimed a job").count()
+}
+
+fn http_get(front: &Process, path: &str) -> (u16, String) {
+    let address = front.printed[1]
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    rba_e2e_tests::s3::http(port, "GET", path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
+    let deployment = Deployment::start();
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = deployment.serve(front_dir.path());
+    let (w1_dir, w2_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut workers = vec![
+        deployment.worker(w1_dir.path()),
+        deployment.worker(w2_dir.path()),
+    ];
+    assert_ne!(workers[0].printed[0], workers[1].printed[0], "worker ids");
+    let channel = channel(&front).await;
+
+    // /ready: the database, the bucket and a worker seen.
+    let started = Instant::now();
+    loop {
+        let (status, body) = http_get(&front, "/ready");
+        if status == 200 {
+            assert!(body.contains("\"shared_store\":true"), "{body}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // (a) A REAPI Execute runs on a worker; the front end serves its output.
+    let action = shell_action(&channel, "cat in.txt > out.txt; echo ran on a worker").await;
+    let response = execute(&channel, action).await;
+    assert!(!response.cached_result);
+    assert_eq!(output(&channel, &response).await, "input from the client\n");
+    assert_eq!(
+        claims(&workers[0]) + claims(&workers[1]),
+        1,
+        "one worker ran it"
+    );
+
+    // (b) A cargo build through the front end's libp2p face gets its binary back.
+    let client_dir = tempfile::tempdir().unwrap();
+    let build = Command::new(assert_cmd::cargo::cargo_bin("rba"))
+        .arg("--data-dir")
+        .arg(client_dir.path())
+        .arg("build")
+        .arg(fixture("hello"))
+        .arg("--remote")
+        .arg(&front.printed[0])
+        .env_remove("RBA_DATA_DIR")
+        .env_remove("RBA_REMOTE")
+        .env_remove("RBA_DATABASE_URL")
+        .env_remove("RBA_STORE_URL")
+        .env("XDG_CONFIG_HOME", client_dir.path().join("config"))
+        .env("CARGO_TARGET_DIR", client_dir.path().join("local-target"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&build.stderr);
+    assert!(build.status.success(), "{err}");
+    assert!(err.contains("rba: success"), "{err}");
+    let binary = client_dir.path().join("local-target/debug/hello");
+    let ran = Command::new(&binary).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "Hello, rust-build-agent!\n"
+    );
+
+    // (c) SIGKILL of the worker running a job: the other one finishes it, once.
+    let before = [claims(&workers[0]), claims(&workers[1])];
+    let sleeper = shell_action(&channel, "sleep 4; cat in.txt > out.txt; echo slept").await;
+    let running = {
+        let channel = channel.clone();
+        tokio::spawn(async move { execute(&channel, sleeper).await })
+    };
+    let started = Instant::now();
+    let victim = loop {
+        if let Some(victim) = (0..2).find(|&i| claims(&workers[i]) > before[i]) {
+            break victim;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nobody claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let survivor = 1 - victim;
+    workers[victim].kill9();
+    let killed_at = Instant::now();
+    let response = running.await.unwrap();
+    assert_eq!(output(&channel, &response).await, "input from the client\n");
+    assert_eq!(
+        claims(&workers[survivor]) - before[survivor],
+        1,
+        "the survivor ran it once: {}",
+        workers[survivor].stderr()
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(40));
+
+    // A worker drains and exits 0 on SIGTERM; the front end stops cleanly.
+    let survivor = workers.remove(survivor);
+    let (status, stderr) = survivor.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("rba: worker stopped"), "{stderr}");
+    drop(workers);
+    // No worker left: the front end is not ready, and says why.
+    let started = Instant::now();
+    loop {
+        let (status, body) = http_get(&front, "/ready");
+        if status == 503 {
+            assert!(body.contains("no worker seen within"), "{body}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, stderr) = front.terminate();
+    assert!(status.success(), "{stderr}");
+
+    // (d) Every process restarted, every local dir fresh: the earlier result is a hit from the
+    // shared state, its output served by the new front end.
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = deployment.serve(front_dir.path());
+    let worker_dir = tempfile::tempdir().unwrap();
+    let worker = deployment.worker(worker_dir.path());
+    let channel = self::channel(&front).await;
+    let action = shell_action(&channel, "cat in.txt > out.txt; echo ran on a worker").await;
+    let response = execute(&channel, action).await;
+    assert!(response.cached_result, "{response:?}");
+    assert_eq!(output(&channel, &response).await, "input from the client\n");
+    assert_eq!(claims(&worker), 0, "nothing ran again");
+    drop(worker);
+    drop(front);
+}
+
+#[test]
+fn broken_urls_stop_serve_and_worker_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rba = |args: &[&str], vars: &[(&str, &str)]| {
+        let mut command = Command::new(assert_cmd::cargo::cargo_bin("rba"));
+        command
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("RBA_DATA_DIR")
+            .env_remove("RBA_CONFIG")
+            .env_remove("RBA_DATABASE_URL")
+            .env_remove("RBA_STORE_URL");
+        for (key, value) in vars {
+            command.env(key, value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{args:?} {vars:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let serve = ["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "off"];
+    // A closed port: nothing listens on port 1.
+    let closed = "postgres://rba@127.0.0.1:1/rba";
+    for args in [&serve[..], &["worker"][..]] {
+        let err = rba(
+            args,
+            &[
+                ("RBA_STORE_URL", "gs://bucket"),
+                ("RBA_DATABASE_URL", closed),
+            ],
+        );
+        assert!(err.contains("RBA_STORE_URL"), "{err}");
+        let err = rba(
+            args,
+            &[("RBA_STORE_URL", "s3://"), ("RBA_DATABASE_URL", closed)],
+        );
+        assert!(err.contains("RBA_STORE_URL"), "{err}");
+        let err = rba(
+            args,
+            &[
+                ("RBA_STORE_URL", "s3://bucket"),
+                ("RBA_DATABASE_URL", closed),
+            ],
+        );
+        assert!(err.contains("RBA_DATABASE_URL"), "{err}");
+        let err = rba(args, &[("RBA_STORE_URL", "s3://bucket")]);
+        assert!(err.contains("RBA_DATABASE_URL"), "{err}");
+        let err = rba(args, &[("RBA_DATABASE_URL", closed)]);
+        assert!(err.contains("RBA_STORE_URL"), "{err}");
+    }
+    // The worker has nothing to join without them.
+    let err = rba(&["worker"], &[]);
+    assert!(err.contains("RBA_DATABASE_URL"), "{err}");
+    // --print-config masks the database password.
+    let printed = Command::new(assert_cmd::cargo::cargo_bin("rba"))
+        .args(["worker", "--print-config"])
+        .env_remove("RBA_CONFIG")
+        .env("RBA_DATABASE_URL", "postgres://rba:hunter2@db.example/rba")
+        .env("RBA_STORE_URL", "s3://bucket/prefix")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.status.success());
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("postgres://rba:********@db.example/rba"),
+        "{text}"
+    );
+    assert!(text.contains("s3://bucket/prefix"), "{text}");
+}
