@@ -387,6 +387,10 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
         print!("{}", config.to_masked_toml());
         return Ok(0);
     }
+    // Signals are listened for before the node says where it listens: a SIGTERM sent as soon
+    // as those lines appear must already shut it down cleanly.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let node = Node::start(config).await?;
     println!("rba: node {}", node.peer_id());
     for address in node.dialable_addrs() {
@@ -405,9 +409,8 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
     eprintln!("rba: shutting down");
