@@ -180,12 +180,71 @@ async fn timings(url: &str, ids: &[JobId]) -> Vec<Timing> {
 struct Run {
     jobs_per_sec: f64,
     wall: Duration,
+    /// Jobs/s of the same jobs without the queue ([`direct`]), if measured.
+    direct: Option<f64>,
 }
 
 struct Settings {
     jobs: u64,
     sleep: Duration,
     pickups: u64,
+    direct: bool,
+}
+
+/// `n` executors of one slot each (own data dirs), set up as [`run`]'s workers are.
+fn executors(cas: &Cas, n: usize) -> Vec<(Executor, tempfile::TempDir)> {
+    (0..n)
+        .map(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = ExecutorConfig::new(dir.path()).unwrap();
+            config.sandbox.isolation = common::isolation();
+            config.workers = 1;
+            config.shared_units = false;
+            (Executor::new(cas.clone(), config).unwrap(), dir)
+        })
+        .collect()
+}
+
+/// The reference without a scheduler: the same jobs (their own Commands) on `n` executors of
+/// one slot, each taking the next job from an in-memory list as soon as its last one ended.
+/// What `n` sandboxes of this machine, right now, can do at best.
+async fn direct(cas: &Cas, root: Digest, n: usize, settings: &Settings) -> f64 {
+    let sleep = settings.sleep.as_secs_f64();
+    let requests: Vec<ExecuteRequest> = (0..settings.jobs)
+        .map(|j| shell_job(cas, root, format!("sleep {sleep:.3}; echo direct {n} job {j}")))
+        .collect();
+    let next = std::sync::Arc::new(parking_lot::Mutex::new(requests.into_iter()));
+    let executors = executors(cas, n);
+    let started = Instant::now();
+    let runners: Vec<_> = executors
+        .iter()
+        .map(|(executor, _)| {
+            let executor = executor.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(request) = next.lock().next() else {
+                        return;
+                    };
+                    let handle = executor.submit(request).await.unwrap();
+                    let outcome = handle.wait().await;
+                    assert_eq!(outcome.status, JobStatus::Success, "{:?}", outcome.error);
+                    executor.forget_job(&handle.id);
+                }
+            })
+        })
+        .collect();
+    for runner in runners {
+        runner.await.unwrap();
+    }
+    let wall = started.elapsed();
+    let jobs_per_sec = settings.jobs as f64 / wall.as_secs_f64();
+    println!(
+        "worker_scaling N={n}: without the queue (the same jobs straight to {n} executors): \
+         {jobs_per_sec:.2} jobs/s in {:.2} s",
+        wall.as_secs_f64()
+    );
+    jobs_per_sec
 }
 
 /// One worker count: fresh database, `n` idle workers, the jobs queued at once, every outcome
@@ -204,13 +263,7 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
     let mut dirs = Vec::new();
     let mut workers = Vec::new();
     let (drain, signal) = watch::channel(false);
-    for w in 0..n {
-        let dir = tempfile::tempdir().unwrap();
-        let mut executor_config = ExecutorConfig::new(dir.path()).unwrap();
-        executor_config.sandbox.isolation = common::isolation();
-        executor_config.workers = 1;
-        executor_config.shared_units = false;
-        let executor = Executor::new(cas.clone(), executor_config).unwrap();
+    for (w, (executor, dir)) in executors(cas, n).into_iter().enumerate() {
         let queue = JobQueue::connect(&url, config.clone()).await.unwrap();
         let worker = Worker::new(queue, executor)
             .with_id(format!("worker-{w}"))
@@ -370,7 +423,11 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
         },
         "every job recorded once"
     );
-    Run { jobs_per_sec, wall }
+    Run {
+        jobs_per_sec,
+        wall,
+        direct: None,
+    }
 }
 
 fn main() {
@@ -386,6 +443,7 @@ fn main() {
             if benching { 200 } else { 50 },
         )),
         pickups: setting("RBA_BENCH_PICKUPS", if benching { 20 } else { 2 }),
+        direct: setting("RBA_BENCH_DIRECT", 1) != 0,
     };
     let counts: Vec<usize> = std::env::var("RBA_BENCH_WORKERS")
         .unwrap_or_else(|_| "1,2,4".into())
@@ -412,7 +470,10 @@ fn main() {
         let root = common::hash_dir(&cas, empty.path(), DigestFunction::Sha256).await;
         let mut runs: Vec<(usize, Run)> = Vec::new();
         for &n in &counts {
-            let run = run(&pg, &cas, root, n, &settings).await;
+            let mut run = run(&pg, &cas, root, n, &settings).await;
+            if settings.direct {
+                run.direct = Some(direct(&cas, root, n, &settings).await);
+            }
             if n == 1 {
                 let per_job = run.wall.as_secs_f64() / settings.jobs as f64;
                 println!(
@@ -426,9 +487,19 @@ fn main() {
             for (n, run) in &runs {
                 let ratio = run.jobs_per_sec / one.jobs_per_sec;
                 let efficiency = ratio / *n as f64;
+                let against_direct = match (run.direct, one.direct) {
+                    (Some(direct), Some(direct_one)) => format!(
+                        "; without the queue ×{:.2} of N=1 ({:.0}% of ideal), the queue's \
+                         jobs/s {:.0}% of the direct run's",
+                        direct / direct_one,
+                        direct / direct_one / *n as f64 * 100.0,
+                        run.jobs_per_sec / direct * 100.0
+                    ),
+                    _ => String::new(),
+                };
                 println!(
                     "worker_scaling N={n}: {:.2} jobs/s, ×{ratio:.2} of N=1, {:.0}% of the ideal \
-                     ×{n} (goal ≥ 80%: {})",
+                     ×{n} (goal ≥ 80%: {}){against_direct}",
                     run.jobs_per_sec,
                     efficiency * 100.0,
                     if efficiency >= 0.8 { "met" } else { "NOT met" },
