@@ -36,8 +36,14 @@
 //! claim (with a backlog of all jobs queued at once this is mostly waiting for a free worker),
 //! a job's time from claim to recorded outcome minus its sleep (the executor's and the
 //! sandbox's share), the gap between a worker recording one outcome and claiming its next job
-//! (the scheduler's share), and, with the workers idle, the pickup latency of a single queued
-//! job (the notification path).
+//! (the scheduler's share; negative since the worker claims as soon as the run ends, while the
+//! outcome is being recorded), the executor's own time per job by step, and, with the workers
+//! idle, the pickup latency of a single queued job (the notification path).
+//!
+//! Then, as the reference of what this machine can do at that moment, the same number of jobs
+//! straight to `N` executors of one slot without the queue: the queue's jobs/s over that run's
+//! is the scheduler's share, and that run's own scaling is the machine's (sandbox start and stop
+//! on two cores shared with whatever else runs). `RBA_BENCH_DIRECT=0` skips it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -211,7 +217,13 @@ fn executors(cas: &Cas, n: usize) -> Vec<(Executor, tempfile::TempDir)> {
 async fn direct(cas: &Cas, root: Digest, n: usize, settings: &Settings) -> f64 {
     let sleep = settings.sleep.as_secs_f64();
     let requests: Vec<ExecuteRequest> = (0..settings.jobs)
-        .map(|j| shell_job(cas, root, format!("sleep {sleep:.3}; echo direct {n} job {j}")))
+        .map(|j| {
+            shell_job(
+                cas,
+                root,
+                format!("sleep {sleep:.3}; echo direct {n} job {j}"),
+            )
+        })
         .collect();
     let next = std::sync::Arc::new(parking_lot::Mutex::new(requests.into_iter()));
     let executors = executors(cas, n);
@@ -256,7 +268,13 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
     let front = JobQueue::connect(&url, config.clone()).await.unwrap();
     let sleep = settings.sleep.as_secs_f64();
     let requests: Vec<ExecuteRequest> = (0..settings.jobs + settings.pickups)
-        .map(|j| shell_job(cas, root, format!("sleep {sleep:.3}; echo workers {n} job {j}")))
+        .map(|j| {
+            shell_job(
+                cas,
+                root,
+                format!("sleep {sleep:.3}; echo workers {n} job {j}"),
+            )
+        })
         .collect();
     let (requests, pickups) = requests.split_at(settings.jobs as usize);
 
@@ -297,7 +315,9 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
         let outcome = front.wait(*id).await.unwrap();
         executor_time += outcome.duration;
         for (position, (step, took)) in outcome.steps.iter().enumerate() {
-            let entry = steps.entry(step.clone()).or_insert((position, Duration::ZERO));
+            let entry = steps
+                .entry(step.clone())
+                .or_insert((position, Duration::ZERO));
             entry.1 += *took;
         }
         if outcome.status != JobStatus::Success {
@@ -358,7 +378,8 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
     );
     println!(
         "worker_scaling N={n}: enqueue→claim {}; claim→outcome recorded − sleep {}; \
-         outcome recorded→next claim (per worker) {}",
+         a worker's previous outcome recorded→its next claim {} (negative: the claim overlapped \
+         the recording)",
         p50_p99_ms(queue_wait),
         p50_p99_ms(in_job),
         p50_p99_ms(gaps),

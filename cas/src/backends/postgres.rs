@@ -55,9 +55,9 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use crate::access::check_tenant;
-use crate::layers::complete::direct_references;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
+use crate::layers::complete::direct_references;
 use crate::seams::{ActionCache, BlobIndex, Grants};
 use crate::store::{ACCESS_GRANULARITY_MS, StoreStats, function_byte};
 
