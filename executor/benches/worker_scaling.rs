@@ -263,8 +263,13 @@ async fn direct(cas: &Cas, root: Digest, n: usize, settings: &Settings) -> f64 {
 /// waited for; then the single-job pickups.
 async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Settings) -> Run {
     let url = pg.create_database(&format!("scaling_{n}"));
-    // The defaults of a deployment: polling only behind notifications, every second.
-    let config = QueueConfig::default();
+    // The defaults of a deployment (polling only behind notifications, every second), except
+    // the queue timeout: one worker's backlog of 500 jobs may take longer than 10 minutes on a
+    // loaded machine, and a job failed for waiting would spoil the figure, not make it.
+    let config = QueueConfig {
+        queue_timeout_secs: 24 * 3600,
+        ..QueueConfig::default()
+    };
     let front = JobQueue::connect(&url, config.clone()).await.unwrap();
     let sleep = settings.sleep.as_secs_f64();
     let requests: Vec<ExecuteRequest> = (0..settings.jobs + settings.pickups)
