@@ -873,3 +873,75 @@ async fn the_store_seam_runs_once_before_and_once_after_each_job() {
         (2, 1)
     );
 }
+
+/// A store seam whose publishing of the first job's outputs takes `delay`.
+struct SlowFirstPublish {
+    delay: Duration,
+    published: std::sync::atomic::AtomicBool,
+}
+
+impl rba_executor::scheduler::Staging for SlowFirstPublish {
+    fn before_run<'a>(
+        &'a self,
+        _: &'a ExecuteRequest,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn after_run<'a>(
+        &'a self,
+        _: &'a ExecuteRequest,
+        _: &'a JobOutcome,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if !self
+                .published
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                tokio::time::sleep(self.delay).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_serves_the_next_job_while_the_last_outcome_is_being_recorded() {
+    let pg = TestPostgres::start();
+    let queue = queue(&pg, fast()).await;
+    let harness = Harness::new(|config| config.workers = 1);
+    let first = queue
+        .enqueue(&shell_job(&harness.cas, "echo first").await, None)
+        .await
+        .unwrap();
+    let second = queue
+        .enqueue(&shell_job(&harness.cas, "echo second").await, None)
+        .await
+        .unwrap();
+    let (drain, signal) = watch::channel(false);
+    let worker = Worker::new(queue.clone(), harness.executor.clone())
+        .with_id("one-slot")
+        .with_slots(1)
+        .with_staging(Arc::new(SlowFirstPublish {
+            delay: Duration::from_secs(8),
+            published: Default::default(),
+        }));
+    let task = tokio::spawn(worker.run(signal));
+    let outcome = tokio::time::timeout(Duration::from_secs(30), queue.wait(second))
+        .await
+        .expect("the second job ends")
+        .unwrap();
+    assert_eq!(outcome.status, JobStatus::Success, "{:?}", outcome.error);
+    // The one slot ran the second job while the first one's outputs were still being
+    // published: its outcome is not recorded yet, and its lease is still held.
+    let record = queue.job(first).await.unwrap();
+    assert_eq!(
+        (record.state.as_str(), record.worker.as_deref()),
+        ("running", Some("one-slot"))
+    );
+    let outcome = queue.wait(first).await.unwrap();
+    assert_eq!(stdout_of(&harness.cas, &outcome).await, "first\n");
+    drain.send(true).unwrap();
+    let report = task.await.unwrap();
+    assert_eq!((report.completed, report.lost), (2, 0));
+}

@@ -71,7 +71,8 @@ use crate::runner::{ExecuteRequest, JobOutcome, JobStatus};
 pub const SCHEMA_COMPONENT: &str = "scheduler";
 
 /// The queue's migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE SEQUENCE rba_job_leases;
 CREATE TABLE rba_jobs (
     id               BIGSERIAL PRIMARY KEY,
@@ -116,7 +117,14 @@ CREATE TABLE rba_workers (
     first_seen TIMESTAMPTZ NOT NULL DEFAULT now(),
     last_seen  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-"#];
+"#,
+    // A worker's own preferred jobs, found without reading the rest of the queue (see
+    // `JobQueue::claim`).
+    r#"
+CREATE INDEX rba_jobs_preferred ON rba_jobs (preferred_worker, queued_at, id)
+    WHERE state = 'queued' AND preferred_worker IS NOT NULL;
+"#,
+];
 
 /// The channel of a job's events (payload: the job id): log lines, state changes.
 const JOB_CHANNEL: &str = "rba_job";
@@ -524,6 +532,12 @@ impl JobQueue {
     /// was not seen within a lease (gone: no point waiting for it). Records `worker` as seen.
     /// A job whose stored request cannot be read is failed (naming why) and the next one is
     /// claimed instead.
+    ///
+    /// Two index walks, each stopping at its first free row, so a claim costs the same with
+    /// ten jobs queued or ten thousand: the worker's own preferred jobs
+    /// (`rba_jobs_preferred`), and only if it has none, the oldest job it may take
+    /// (`rba_jobs_queued`). One ordering of all queued rows by "preferred by me first" instead
+    /// sorted the whole queue on every claim (18 ms of database time with 5,000 queued).
     pub async fn claim(&self, worker: &str) -> Result<Option<ClaimedJob>, QueueError> {
         let worker = pg_text(worker);
         let client = self.client().await?;
@@ -534,18 +548,27 @@ impl JobQueue {
                     "WITH seen AS (
                         INSERT INTO rba_workers (id) VALUES ($1)
                         ON CONFLICT (id) DO UPDATE SET last_seen = now()),
-                     next AS (
+                     mine AS MATERIALIZED (
                         SELECT id FROM rba_jobs
-                        WHERE state = 'queued' AND deadline > now()
-                          AND (preferred_worker IS NULL OR preferred_worker = $1
+                        WHERE state = 'queued' AND preferred_worker = $1 AND deadline > now()
+                        ORDER BY queued_at, id
+                        LIMIT 1
+                        FOR UPDATE SKIP LOCKED),
+                     anyones AS MATERIALIZED (
+                        SELECT id FROM rba_jobs
+                        WHERE NOT EXISTS (SELECT 1 FROM mine)
+                          AND state = 'queued' AND deadline > now()
+                          AND (preferred_worker IS NULL
                                OR queued_at <= now() - $2::float8 * interval '1 second'
                                OR NOT EXISTS (
                                    SELECT 1 FROM rba_workers w
                                    WHERE w.id = preferred_worker
                                      AND w.last_seen > now() - $3::float8 * interval '1 second'))
-                        ORDER BY (preferred_worker IS NOT DISTINCT FROM $1) DESC, queued_at, id
+                        ORDER BY queued_at, id
                         LIMIT 1
-                        FOR UPDATE SKIP LOCKED)
+                        FOR UPDATE SKIP LOCKED),
+                     next AS (
+                        SELECT id FROM mine UNION ALL SELECT id FROM anyones LIMIT 1)
                      UPDATE rba_jobs j
                      SET state = 'running', worker = $1, attempts = j.attempts + 1,
                          lease = nextval('rba_job_leases'),

@@ -18,6 +18,11 @@
 //! - **A job that cannot start** (its Action is missing or malformed) ends with an `Error`
 //!   outcome naming why; the worker keeps serving. A job whose stored request cannot be read is
 //!   failed by [`JobQueue::claim`] itself.
+//! - **Slots** ([`Worker::with_slots`]) are the executor's: a slot is taken for the claim and
+//!   given back when the job's run has ended, *before* its log is flushed and its outcome
+//!   recorded, so a busy worker's next claim and sandbox start overlap those round trips
+//!   instead of following them (`benches/worker_scaling.rs` measures the gap). A job being
+//!   recorded still counts as running for draining.
 //! - **Outages** of the database are retried with backoff for
 //!   [`QueueConfig::database_retry_secs`]; log lines are kept and re-sent, never dropped.
 //!
@@ -48,7 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use rba_cas::merkle::TreeLimits;
@@ -314,11 +319,7 @@ impl Worker {
                     tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempt, "claimed a job");
                     let worker = self.clone();
                     let drain = drain.clone();
-                    jobs.spawn(async move {
-                        let end = worker.run_job(job, drain).await;
-                        drop(permit);
-                        end
-                    });
+                    jobs.spawn(async move { worker.run_job(job, drain, permit).await });
                 }
                 Ok(None) => {
                     drop(permit);
@@ -346,8 +347,14 @@ impl Worker {
         report
     }
 
-    /// One claimed job, from submit to its recorded outcome (or its loss or release).
-    async fn run_job(&self, job: ClaimedJob, drain: watch::Receiver<bool>) -> JobEnd {
+    /// One claimed job, from submit to its recorded outcome (or its loss or release). `slot`
+    /// is given back as soon as the run has ended (see the module doc's "Slots").
+    async fn run_job(
+        &self,
+        job: ClaimedJob,
+        drain: watch::Receiver<bool>,
+        slot: OwnedSemaphorePermit,
+    ) -> JobEnd {
         // The store seam, part 1: inputs readable by the executor. Then the one job path.
         let started = self
             .under_lease(&job, async {
@@ -407,6 +414,8 @@ impl Worker {
                 }
             }
         };
+        // The executor's slot is free again: the next claim overlaps the recording.
+        drop(slot);
         self.finish(&job, outcome, Some((&handle, pump))).await
     }
 
