@@ -753,9 +753,15 @@ async fn find_missing_fast_path_answers_exactly_across_chunks() {
     let ones = Digest {
         function: DigestFunction::Blake3,
         hash: [0xff; 32],
-        size: i64::MAX as u64,
+        size: 1 << 40,
     };
-    let hostile_present = [zeros, Digest { size: 1, ..zeros }, ones];
+    let alternating = Digest {
+        function: DigestFunction::Sha256,
+        hash: std::array::from_fn(|i| if i % 2 == 0 { 0 } else { 0xff }),
+        size: 1,
+    };
+    // (The index keys on function and hash: one size per hash.)
+    let hostile_present = [zeros, alternating, ones];
     cached.insert(&hostile_present).await.unwrap();
     let indexed: Vec<Digest> = indexed.into_iter().chain(hostile_present).collect();
 
