@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rba_cas::backends::postgres::{COMPONENT, Postgres, SCHEMA_VERSION};
+use rba_cas::backends::postgres::{COMPONENT, PRESENT_TTL, PROBE_CHUNK, Postgres, SCHEMA_VERSION};
 use rba_cas::{
     ActionCache, BlobIndex, BlobStore, Cas, CasError, Digest, DigestFunction, EmbeddedActionCache,
     EmbeddedGrants, Grants,
@@ -720,4 +720,171 @@ async fn components_migrate_apart_and_a_failed_migration_leaves_nothing() {
         message.contains("version 1 that this build knows"),
         "{message}"
     );
+}
+
+/// What `find_missing` must answer: the distinct non-empty digests of `asked` that are not
+/// exactly (function, hash and size) in `indexed`, in the order asked.
+fn expected_missing(indexed: &[Digest], asked: &[Digest]) -> Vec<Digest> {
+    let indexed: std::collections::HashSet<Digest> = indexed.iter().copied().collect();
+    let mut seen = std::collections::HashSet::new();
+    asked
+        .iter()
+        .filter(|d| !d.is_empty_blob() && !indexed.contains(d) && seen.insert(**d))
+        .copied()
+        .collect()
+}
+
+/// The fast path (sorted, chunked, probed on several connections at once, one array back,
+/// the presence cache in front) answers exactly what the table holds: mixed present and
+/// missing, duplicates, the other digest function's digest of the same hash bytes, a wrong
+/// size, hostile hashes and sizes, at and around every chunk boundary, cached or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_missing_fast_path_answers_exactly_across_chunks() {
+    let server = TestPostgres::start();
+    let pg = connect(&server).await;
+    let (cached, uncached) = (pg.blob_index(), pg.blob_index_uncached());
+    let indexed: Vec<Digest> = (0..6_000).map(|n| blob(3 * n)).collect();
+    cached.insert(&indexed).await.unwrap();
+    let zeros = Digest {
+        function: DigestFunction::Sha256,
+        hash: [0; 32],
+        size: 0,
+    };
+    let ones = Digest {
+        function: DigestFunction::Blake3,
+        hash: [0xff; 32],
+        size: 1 << 40,
+    };
+    let alternating = Digest {
+        function: DigestFunction::Sha256,
+        hash: std::array::from_fn(|i| if i % 2 == 0 { 0 } else { 0xff }),
+        size: 1,
+    };
+    // (The index keys on function and hash: one size per hash.)
+    let hostile_present = [zeros, alternating, ones];
+    cached.insert(&hostile_present).await.unwrap();
+    let indexed: Vec<Digest> = indexed.into_iter().chain(hostile_present).collect();
+
+    // Everything that must not match a row of blob(0): its hash under the other function,
+    // other sizes, the largest sizes.
+    let twin = |d: Digest, f: DigestFunction| Digest { function: f, ..d };
+    let near_misses = [
+        twin(blob(0), DigestFunction::Sha256),
+        Digest {
+            size: blob(0).size + 1,
+            ..blob(0)
+        },
+        Digest { size: 0, ..blob(0) },
+        Digest {
+            size: u64::MAX,
+            ..blob(0)
+        },
+        Digest {
+            size: i64::MAX as u64 + 1,
+            ..blob(0)
+        },
+        twin(ones, DigestFunction::Sha256),
+        twin(zeros, DigestFunction::Blake3),
+        Digest { size: 2, ..zeros },
+        DigestFunction::Sha256.empty(),
+        DigestFunction::Blake3.empty(),
+    ];
+    let mixed = |count: usize| -> Vec<Digest> {
+        let mut asked: Vec<Digest> = (0..count as u32).map(|n| blob(n * 2)).collect();
+        // Duplicates far apart (different chunks once sorted or not) and side by side.
+        asked.extend_from_within(..count.min(300));
+        asked.insert(count / 2, asked[0]);
+        asked.extend(near_misses);
+        asked.extend(hostile_present);
+        asked.extend(hostile_present);
+        asked
+    };
+    let mut sizes = vec![1, 2, PROBE_CHUNK - 20, 2 * PROBE_CHUNK - 330];
+    for chunks in 2..=5 {
+        sizes.extend([
+            chunks * PROBE_CHUNK - 331,
+            chunks * PROBE_CHUNK - 330,
+            chunks * PROBE_CHUNK - 329,
+        ]);
+    }
+    sizes.push(12_000);
+    for count in sizes {
+        let asked = mixed(count);
+        let expected = expected_missing(&indexed, &asked);
+        assert!(!expected.is_empty());
+        assert_eq!(
+            uncached.find_missing(&asked).await.unwrap(),
+            expected,
+            "{count} asked, uncached"
+        );
+        // Twice through the cache: the second answer comes mostly from it.
+        for round in 0..2 {
+            assert_eq!(
+                cached.find_missing(&asked).await.unwrap(),
+                expected,
+                "{count} asked, cached, round {round}"
+            );
+        }
+    }
+    // Present digests only (nothing comes back), then missing only.
+    assert!(cached.find_missing(&indexed).await.unwrap().is_empty());
+    assert!(uncached.find_missing(&indexed).await.unwrap().is_empty());
+    let absent: Vec<Digest> = (0..9_000).map(|n| blob(3 * n + 1)).collect();
+    assert_eq!(cached.find_missing(&absent).await.unwrap(), absent);
+}
+
+/// The presence cache never outlives a removal made through the same handle, even one that
+/// races a FindMissing in flight; another handle's (process's) removal is seen at once by
+/// the uncached index and by the cached one within `PRESENT_TTL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_presence_cache_forgets_removals() {
+    let server = TestPostgres::start();
+    let pg = connect(&server).await;
+    let index = pg.blob_index();
+    let batch: Vec<Digest> = (0..5_000).map(blob).collect();
+
+    // Removed through this handle: missing at once, whichever index removed it.
+    index.insert(&batch).await.unwrap();
+    assert!(index.find_missing(&batch).await.unwrap().is_empty());
+    pg.blob_index_uncached().remove(&batch[..10]).await.unwrap();
+    index.remove(&batch[10..20]).await.unwrap();
+    assert_eq!(index.find_missing(&batch).await.unwrap(), batch[..20]);
+
+    // A removal racing FindMissing calls in flight: once it returned, nothing is cached.
+    for round in 0..20 {
+        index.insert(&batch).await.unwrap();
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (index, batch) = (index.clone(), batch.clone());
+                tokio::spawn(async move { index.find_missing(&batch).await.unwrap() })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(round % 5)).await;
+        index.remove(&batch).await.unwrap();
+        for reader in readers {
+            reader.await.unwrap();
+        }
+        assert_eq!(
+            index.find_missing(&batch).await.unwrap(),
+            batch,
+            "round {round}"
+        );
+    }
+
+    // Another process's removal: its own view and an uncached index see it at once; this
+    // cached index within PRESENT_TTL.
+    index.insert(&batch).await.unwrap();
+    assert!(index.find_missing(&batch).await.unwrap().is_empty());
+    let other = connect(&server).await;
+    other.blob_index().remove(&batch[..100]).await.unwrap();
+    assert_eq!(
+        other.blob_index().find_missing(&batch).await.unwrap(),
+        batch[..100]
+    );
+    assert_eq!(
+        pg.blob_index_uncached().find_missing(&batch).await.unwrap(),
+        batch[..100]
+    );
+    tokio::time::sleep(PRESENT_TTL).await;
+    assert_eq!(index.find_missing(&batch).await.unwrap(), batch[..100]);
 }
