@@ -201,7 +201,7 @@ fn killed_batch_writer_leaves_only_complete_blobs_visible() {
         .map(|&(i, j)| DigestFunction::Blake3.digest_of(&batch_blob(i, j)))
         .collect();
     // Killed at several moments: mid-write, mid-sync, mid-rename, mid-index, across runs.
-    for delay_ms in [0u64, 3, 10, 25, 60, 150] {
+    for delay_ms in [0u64, 3, 10, 25, 60, 150, 600] {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
