@@ -671,6 +671,7 @@ impl BlobStore {
             hasher: None,
             file: Some(copy),
             received: size,
+            early_sync: None,
         }
         .stage()
     }
@@ -1326,6 +1327,51 @@ pub struct BlobWriter {
     /// `None` when the blob is already present: bytes are only counted.
     file: Option<NamedTempFile>,
     received: u64,
+    /// Syncs a large blob while it is written (started once it passes [`EARLY_SYNC_BYTES`]).
+    early_sync: Option<EarlySync>,
+}
+
+/// A large blob is made durable while it is written: each time another this many bytes are
+/// in, a helper thread `fdatasync`s what is there (skipped while the previous sync runs), so
+/// the disk writes while the network delivers and the sync at publish only waits for the
+/// tail. A streamed multi-GiB upload then costs about its transfer, not transfer + flush.
+const EARLY_SYNC_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 32 << 20 };
+
+/// The helper thread of one writer, and the first error it met (kept: once reported to one
+/// `fdatasync`, a write-back error is not reported again to the later sync of the publish).
+struct EarlySync {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl EarlySync {
+    fn start(file: &File) -> Option<Self> {
+        let file = file.try_clone().ok()?;
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("rba-blob-sync".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .ok()?;
+        Some(EarlySync { wake, thread })
+    }
+
+    /// Asks for a sync; none is queued behind one already running.
+    fn nudge(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Waits for the sync in progress; its error, if any sync failed.
+    fn finish(self) -> io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the blob sync thread panicked")))
+    }
 }
 
 impl BlobWriter {
@@ -1347,6 +1393,7 @@ impl BlobWriter {
             hasher: Some(function.hasher()),
             file,
             received: 0,
+            early_sync: None,
         })
     }
 
@@ -1378,6 +1425,16 @@ impl BlobWriter {
             }
             file.write_all(bytes)
                 .map_err(|e| CasError::io("writing", file.path(), e))?;
+            if self.store.inner.config.fsync
+                && after / EARLY_SYNC_BYTES > self.received / EARLY_SYNC_BYTES
+            {
+                if self.early_sync.is_none() {
+                    self.early_sync = EarlySync::start(file.as_file());
+                }
+                if let Some(early) = &self.early_sync {
+                    early.nudge();
+                }
+            }
         }
         self.received = after;
         Ok(())
@@ -1398,6 +1455,12 @@ impl BlobWriter {
     /// Dropping the staged blob discards it.
     pub fn stage(self) -> Result<StagedBlob> {
         let written = self.received;
+        if let Some(early) = self.early_sync
+            && let Err(e) = early.finish()
+        {
+            let path = self.file.as_ref().map(|f| f.path().to_path_buf());
+            return Err(CasError::io("syncing", path.unwrap_or_default(), e));
+        }
         let Some(file) = self.file else {
             let expected = self
                 .expected
@@ -1895,6 +1958,37 @@ mod tests {
         assert!(store.writer(blob).unwrap().already_present());
         assert_eq!(store.find_missing_cached(&[blob], false), Some(vec![]));
         assert_eq!(store.stats().blob_count, 1);
+    }
+
+    #[test]
+    fn a_large_blob_is_synced_while_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
+        let bytes: Vec<u8> = (0..(EARLY_SYNC_BYTES * 3 + 1000) as usize)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let digest = DigestFunction::Blake3.digest_of(&bytes);
+        let mut writer = store.writer(digest).unwrap();
+        for chunk in bytes.chunks(64 << 10) {
+            writer.write_chunk(chunk).unwrap();
+        }
+        assert!(writer.early_sync.is_some(), "the helper started");
+        writer.commit().unwrap();
+        assert!(store.read_to_vec(&digest, u64::MAX).unwrap() == bytes);
+        // A lie is still refused once the helper has synced part of it.
+        let lie = Digest {
+            hash: [7; 32],
+            ..digest
+        };
+        let mut writer = store.writer(lie).unwrap();
+        for chunk in bytes.chunks(64 << 10) {
+            writer.write_chunk(chunk).unwrap();
+        }
+        assert!(matches!(
+            writer.commit(),
+            Err(CasError::HashMismatch { .. })
+        ));
+        assert!(!store.contains(&lie).unwrap());
     }
 
     #[test]
