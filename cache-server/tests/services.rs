@@ -340,6 +340,11 @@ async fn batch_update_and_read_round_trip_with_compression_and_per_blob_errors()
             invalid, invalid, invalid, invalid, invalid, invalid, invalid, invalid, 0, invalid
         ]
     );
+    // The refusal names the blob it refuses (the wrong hash, and the present blob's liar).
+    for (index, digest) in [(0, lie), (9, sha_text)] {
+        let message = &response.responses[index].status.as_ref().unwrap().message;
+        assert!(message.contains(&digest.hash_hex()), "{message}");
+    }
     let missing = c
         .cas
         .find_missing_blobs(FindMissingBlobsRequest {

@@ -18,12 +18,19 @@ use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
 use crate::store::BlobStore;
 
-/// The grants of one store. Cheap to clone.
+/// The grants of one store. Cheap to clone; open it once per store (clones share the count).
 #[derive(Clone, Debug)]
 pub struct EmbeddedGrants {
     blobs: BlobStore,
     grants: sled::Tree,
+    /// The running count (metrics read it: sled's `len` is a scan), and its saved copy.
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    meta: sled::Tree,
+    /// Held while granting: which keys are new is read before they are written.
+    granting: std::sync::Arc<parking_lot::Mutex<()>>,
 }
+
+const GRANT_COUNT_KEY: &[u8] = b"count";
 
 /// Longest tenant name accepted (identities are short: `peer:12D3…`, `token:NAME`).
 pub const MAX_TENANT_BYTES: usize = 1024;
@@ -57,7 +64,26 @@ impl EmbeddedGrants {
     /// Opens the grants of `blobs` (in its index database).
     pub fn open(blobs: BlobStore) -> Result<Self> {
         let grants = blobs.db().open_tree("read_grants")?;
-        Ok(EmbeddedGrants { blobs, grants })
+        let meta = blobs.db().open_tree("read_grants_meta")?;
+        let saved = meta
+            .get(GRANT_COUNT_KEY)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
+        // Stores from before the running count: counted once, here.
+        let count = match saved {
+            Some(count) => count,
+            None => {
+                let count = grants.len() as u64;
+                meta.insert(GRANT_COUNT_KEY, &count.to_be_bytes())?;
+                count
+            }
+        };
+        Ok(EmbeddedGrants {
+            blobs,
+            grants,
+            count: std::sync::Arc::new(count.into()),
+            meta,
+            granting: Default::default(),
+        })
     }
 
     /// Lets `tenant` read `digests` from now on.
@@ -67,13 +93,28 @@ impl EmbeddedGrants {
         digests: impl IntoIterator<Item = &'a Digest>,
     ) -> Result<()> {
         check_tenant(tenant)?;
+        let _one_at_a_time = self.granting.lock();
         let mut batch = sled::Batch::default();
+        let mut new = std::collections::HashSet::new();
         for digest in digests {
-            if !digest.is_empty_blob() {
-                batch.insert(grant_key(tenant, digest)?, &[][..]);
+            if digest.is_empty_blob() {
+                continue;
+            }
+            let key = grant_key(tenant, digest)?;
+            if !new.contains(&key) && !self.grants.contains_key(&key)? {
+                batch.insert(key.clone(), &[][..]);
+                new.insert(key);
             }
         }
+        if new.is_empty() {
+            return Ok(());
+        }
         self.grants.apply_batch(batch)?;
+        let count = self
+            .count
+            .fetch_add(new.len() as u64, std::sync::atomic::Ordering::Relaxed)
+            + new.len() as u64;
+        self.meta.insert(GRANT_COUNT_KEY, &count.to_be_bytes())?;
         Ok(())
     }
 
@@ -140,14 +181,14 @@ impl EmbeddedGrants {
         Ok(present)
     }
 
-    /// Number of grants (all tenants).
+    /// Number of grants (all tenants; a running count, not a scan).
     pub fn len(&self) -> usize {
-        self.grants.len()
+        self.count.load(std::sync::atomic::Ordering::Relaxed) as usize
     }
 
     /// True when nothing was granted.
     pub fn is_empty(&self) -> bool {
-        self.grants.is_empty()
+        self.len() == 0
     }
 }
 
@@ -166,6 +207,9 @@ mod tests {
         let empty = function.empty();
         cas.reads.grant("peer:a", [&mine, &absent]).unwrap();
         cas.reads.grant("peer:b", [&theirs]).unwrap();
+        // The running count: a grant given again, or twice in one call, counts once.
+        cas.reads.grant("peer:a", [&mine, &mine, &empty]).unwrap();
+        assert_eq!(cas.reads.len(), 3);
 
         assert!(cas.reads.may_read("peer:a", &mine).unwrap());
         assert!(!cas.reads.may_read("peer:a", &theirs).unwrap());
@@ -231,6 +275,7 @@ mod tests {
         }
         let cas = Cas::open(dir.path(), crate::StoreConfig::without_fsync()).unwrap();
         assert!(cas.reads.may_read("token:ci", &digest).unwrap());
+        assert_eq!(cas.reads.len(), 1, "the count is kept, not rescanned");
         assert!(!cas.reads.may_read("token:other", &digest).unwrap());
     }
 }

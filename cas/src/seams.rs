@@ -21,7 +21,6 @@
 //! - errors name the digest, key or service that failed ([`CasError`]).
 
 use std::fmt::Debug;
-use std::io::Read;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -245,9 +244,6 @@ pub trait Grants: Send + Sync + Debug + 'static {
     }
 }
 
-/// FindMissingBlobs with at most this many digests is answered inline by the embedded store.
-const INLINE_FIND_LIMIT: usize = 16;
-
 /// Runs blocking store work on tokio's blocking pool (every embedded backend's one way).
 pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
@@ -263,7 +259,12 @@ impl Store for BlobStore {
         "filesystem"
     }
 
+    /// From the existence cache on the calling thread when it knows every digest (memory
+    /// only), else one hop to the blocking pool for the whole call (index reads).
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        if let Some(missing) = self.find_missing_cached(digests, false) {
+            return Ok(missing);
+        }
         let store = self.clone();
         let digests = digests.to_vec();
         blocking(move || store.find_missing(&digests)).await
@@ -275,12 +276,12 @@ impl Store for BlobStore {
         blocking(move || BlobStore::touch(&store, &digests)).await
     }
 
-    /// One pass over the presence cache and the index. A few digests (what most REAPI calls
-    /// ask) are answered on the calling thread: mostly presence-cache hits, cheaper than a hop
-    /// to the blocking pool.
+    /// One pass over the existence cache and the index: on the calling thread when the cache
+    /// knows every digest and no LRU position is due for an update (memory only, however many
+    /// digests), else one hop to the blocking pool for the whole call.
     async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        if digests.len() <= INLINE_FIND_LIMIT {
-            return BlobStore::find_missing_and_touch(self, digests);
+        if let Some(missing) = self.find_missing_cached(digests, true) {
+            return Ok(missing);
         }
         let store = self.clone();
         let digests = digests.to_vec();
@@ -365,22 +366,23 @@ fn read_in_chunks(mut reader: crate::store::BlobReader, digest: Digest) -> Chunk
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(2);
     tokio::task::spawn_blocking(move || {
         while reader.remaining() > 0 {
-            let size = reader.remaining().min(READ_CHUNK_BYTES as u64) as usize;
-            let mut chunk = vec![0u8; size];
-            if let Err(e) = reader.read_exact(&mut chunk) {
+            let chunk = match reader.read_chunk(READ_CHUNK_BYTES) {
+                Ok(chunk) => chunk,
+                Err(e) => {
                 // A stored file shorter than its digest is lost data, not an outage: callers
                 // must not retry it as one (REAPI's DATA_LOSS).
-                let error = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    CasError::SizeMismatch {
-                        expected: digest,
-                        actual: digest.size - reader.remaining(),
-                    }
-                } else {
-                    CasError::Unavailable(format!("reading blob {digest:?}: {e}"))
-                };
-                let _ = tx.blocking_send(Err(error));
-                return;
-            }
+                    let error = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        CasError::SizeMismatch {
+                            expected: digest,
+                            actual: digest.size - reader.remaining(),
+                        }
+                    } else {
+                        CasError::Unavailable(format!("reading blob {digest:?}: {e}"))
+                    };
+                    let _ = tx.blocking_send(Err(error));
+                    return;
+                }
+            };
             if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
                 return; // the reader went away
             }

@@ -190,6 +190,7 @@ struct Inner {
     evicted_bytes: AtomicU64,
     pins: Mutex<HashMap<BlobKey, usize>>,
     evict_lock: Mutex<()>,
+    syncer: FsSyncer,
     // Declared last: dropped after the database, so a waiting opener finds sled unlocked.
     temporaries: ProcessTemp,
     _root_lock: RootLock,
@@ -230,37 +231,72 @@ impl std::fmt::Debug for BlobStore {
 const TOTAL_BYTES_KEY: &[u8] = b"total_bytes";
 const BLOB_COUNT_KEY: &[u8] = b"blob_count";
 
-/// Recently seen index entries (size, last access) by blob key: FindMissing of blobs just
-/// uploaded or just asked about is answered from memory. Sharded by the hash's first byte;
-/// a shard's lock is held across the index read or write of a key, so a cached entry never
-/// outlives its index entry (eviction removes both under that lock).
+/// What the index said recently about blob keys, the existence cache: FindMissing of blobs
+/// just uploaded or just asked about, present or absent, is answered from memory. Sharded by
+/// the hash's first byte; a shard's lock is held across the index read or write of a key, so
+/// a cached answer never outlives the index entry it reflects: every index insert
+/// ([`BlobStore::index_insert`]) and removal ([`BlobStore::forget`], the one way out of the
+/// index for eviction, `verify` and corruption) rewrites the key's cached answer under that
+/// lock.
 struct PresenceCache {
-    shards: Vec<Mutex<HashMap<BlobKey, (u64, u64)>>>,
+    shards: Vec<Mutex<PresenceShard>>,
+}
+
+#[derive(Default)]
+struct PresenceShard {
+    /// Present blobs: (size, last access) as indexed.
+    present: HashMap<BlobKey, (u64, u64)>,
+    /// Keys the index does not hold.
+    absent: std::collections::HashSet<BlobKey>,
 }
 
 const PRESENCE_SHARDS: usize = 64;
-/// Entries per shard before the shard starts over (64 × 2,048 ≈ 131k digests, ≈ 8 MB).
+/// Present entries per shard before the shard's present entries start over (64 × 2,048 ≈
+/// 131k digests, ≈ 8 MB).
 const PRESENCE_PER_SHARD: usize = 2_048;
+/// Absent keys per shard before they start over (64 × 1,024 ≈ 65k digests): fewer, so a
+/// client asking about many digests nobody stored cannot push out what is present.
+const ABSENCE_PER_SHARD: usize = 1_024;
 
 impl PresenceCache {
     fn new() -> Self {
         PresenceCache {
             shards: (0..PRESENCE_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(PresenceShard::default()))
                 .collect(),
         }
     }
 
-    fn shard(&self, key: &BlobKey) -> parking_lot::MutexGuard<'_, HashMap<BlobKey, (u64, u64)>> {
+    fn shard(&self, key: &BlobKey) -> parking_lot::MutexGuard<'_, PresenceShard> {
         self.shards[key[1] as usize % PRESENCE_SHARDS].lock()
     }
 }
 
-fn remember(shard: &mut HashMap<BlobKey, (u64, u64)>, key: BlobKey, entry: (u64, u64)) {
-    if shard.len() >= PRESENCE_PER_SHARD && !shard.contains_key(&key) {
-        shard.clear();
+impl PresenceShard {
+    /// `Some(Some(entry))`: present as indexed; `Some(None)`: absent; `None`: not known.
+    fn known(&self, key: &BlobKey) -> Option<Option<(u64, u64)>> {
+        match self.present.get(key) {
+            Some(entry) => Some(Some(*entry)),
+            None if self.absent.contains(key) => Some(None),
+            None => None,
+        }
     }
-    shard.insert(key, entry);
+
+    fn remember(&mut self, key: BlobKey, entry: (u64, u64)) {
+        self.absent.remove(&key);
+        if self.present.len() >= PRESENCE_PER_SHARD && !self.present.contains_key(&key) {
+            self.present.clear();
+        }
+        self.present.insert(key, entry);
+    }
+
+    fn remember_absent(&mut self, key: BlobKey) {
+        self.present.remove(&key);
+        if self.absent.len() >= ABSENCE_PER_SHARD {
+            self.absent.clear();
+        }
+        self.absent.insert(key);
+    }
 }
 
 impl BlobStore {
@@ -318,6 +354,7 @@ impl BlobStore {
                 evicted_bytes: AtomicU64::new(0),
                 pins: Mutex::new(HashMap::new()),
                 evict_lock: Mutex::new(()),
+                syncer: FsSyncer::default(),
                 temporaries,
                 _root_lock: root_lock,
             }),
@@ -377,6 +414,35 @@ impl BlobStore {
         self.find_missing_at(digests, Some(now_millis()))
     }
 
+    /// [`BlobStore::find_missing`] (with `touch`: [`BlobStore::find_missing_and_touch`])
+    /// answered from the existence cache alone, without blocking: `None` as soon as a digest
+    /// needs the index (not cached, or present and due for an LRU update). For async
+    /// callers, which then take one hop to a blocking thread for the whole call.
+    pub fn find_missing_cached(&self, digests: &[Digest], touch: bool) -> Option<Vec<Digest>> {
+        let now = if touch { now_millis() } else { 0 };
+        let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for digest in digests {
+            if digest.is_empty_blob() {
+                continue;
+            }
+            let key = blob_key(digest);
+            match self.inner.presence.shard(&key).known(&key)? {
+                Some((size, access)) if size == digest.size => {
+                    if touch && now.saturating_sub(access) >= ACCESS_GRANULARITY_MS {
+                        return None;
+                    }
+                }
+                _ => {
+                    if seen.insert(*digest) {
+                        missing.push(*digest);
+                    }
+                }
+            }
+        }
+        Some(missing)
+    }
+
     fn find_missing_at(&self, digests: &[Digest], touch_at: Option<u64>) -> Result<Vec<Digest>> {
         let mut present = vec![false; digests.len()];
         let mut unknown = Vec::new();
@@ -386,9 +452,9 @@ impl BlobStore {
                 continue;
             }
             let key = blob_key(digest);
-            let cached = self.inner.presence.shard(&key).get(&key).copied();
+            let cached = self.inner.presence.shard(&key).known(&key);
             match cached {
-                Some((size, access)) => {
+                Some(Some((size, access))) => {
                     present[index] = size == digest.size;
                     if present[index]
                         && let Some(now) = touch_at
@@ -397,9 +463,11 @@ impl BlobStore {
                         self.touch_at(digest, now)?;
                     }
                 }
+                Some(None) => {}
                 None => unknown.push((key, index)),
             }
         }
+        // In key order: neighbouring keys share index pages.
         unknown.sort_unstable();
         let mut previous: Option<(BlobKey, Option<(u64, u64)>)> = None;
         for (key, index) in unknown {
@@ -424,11 +492,12 @@ impl BlobStore {
             .collect())
     }
 
-    /// The index entry (size, last access) of a blob, from the presence cache or the index.
+    /// The index entry (size, last access) of a blob, from the existence cache or the index
+    /// (whose answer, present or absent, the cache then keeps).
     fn lookup(&self, key: &BlobKey) -> Result<Option<(u64, u64)>> {
         let mut shard = self.inner.presence.shard(key);
-        if let Some(entry) = shard.get(key) {
-            return Ok(Some(*entry));
+        if let Some(known) = shard.known(key) {
+            return Ok(known);
         }
         let entry = self
             .inner
@@ -436,8 +505,9 @@ impl BlobStore {
             .get(key)?
             .as_deref()
             .and_then(parse_index_value);
-        if let Some(entry) = entry {
-            remember(&mut shard, *key, entry);
+        match entry {
+            Some(entry) => shard.remember(*key, entry),
+            None => shard.remember_absent(*key),
         }
         Ok(entry)
     }
@@ -481,27 +551,27 @@ impl BlobStore {
     fn touch_at(&self, digest: &Digest, now: u64) -> Result<()> {
         let key = blob_key(digest);
         let mut shard = self.inner.presence.shard(&key);
-        let cached = shard.get(&key).copied();
+        let cached = shard.present.get(&key).copied();
         // Recently touched (as the cache knows): nothing to read or write.
         if cached.is_some_and(|(_, access)| now.saturating_sub(access) < ACCESS_GRANULARITY_MS) {
             return Ok(());
         }
         let Some(value) = self.inner.blobs.get(key)? else {
-            shard.remove(&key);
+            shard.remember_absent(key);
             return Ok(());
         };
         let Some((size, access)) = parse_index_value(&value) else {
             return Ok(());
         };
         if now.saturating_sub(access) < ACCESS_GRANULARITY_MS {
-            remember(&mut shard, key, (size, access));
+            shard.remember(key, (size, access));
             return Ok(());
         }
         // Removals take this shard's lock too, so the entry read above is still current.
         self.inner.blobs.insert(key, &index_value(size, now))?;
         self.inner.lru.remove(lru_key(access, &key))?;
         self.inner.lru.insert(lru_key(now, &key), &[])?;
-        remember(&mut shard, key, (size, now));
+        shard.remember(key, (size, now));
         Ok(())
     }
 
@@ -586,8 +656,7 @@ impl BlobStore {
         path: &Path,
     ) -> Result<StagedBlob> {
         let tmp = &self.inner.temporaries.dir;
-        let mut copy = NamedTempFile::new_in(tmp)
-            .map_err(|e| CasError::io("creating temp file in", tmp, e))?;
+        let mut copy = new_temp(tmp)?;
         let size =
             io::copy(source, copy.as_file_mut()).map_err(|e| CasError::io("copying", path, e))?;
         let digest = hash_own_file(function, copy.path())?;
@@ -602,6 +671,7 @@ impl BlobStore {
             hasher: None,
             file: Some(copy),
             received: size,
+            early_sync: None,
         }
         .stage()
     }
@@ -728,7 +798,7 @@ impl BlobStore {
             None => self.add_total(digest.size as i64, 1)?,
         }
         self.inner.lru.insert(lru_key(now, &key), &[])?;
-        remember(&mut shard, key, (digest.size, now));
+        shard.remember(key, (digest.size, now));
         Ok(())
     }
 
@@ -736,7 +806,7 @@ impl BlobStore {
     fn forget(&self, digest: &Digest) -> Result<bool> {
         let key = blob_key(digest);
         let mut shard = self.inner.presence.shard(&key);
-        shard.remove(&key);
+        shard.remember_absent(key);
         match self
             .inner
             .blobs
@@ -1154,6 +1224,17 @@ fn copy_into(source: &mut impl Read, path: &Path, writer: &mut BlobWriter) -> Re
     }
 }
 
+/// A new temporary for a blob's bytes, created read-only (`0o444`; this process writes it
+/// through the descriptor it opened): blobs are read-only because materialisation hard-links
+/// them into exec roots, where a writable file would let an action corrupt the store. Made so
+/// at creation, a published blob costs no `chmod`.
+fn new_temp(dir: &Path) -> Result<NamedTempFile> {
+    tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        .tempfile_in(dir)
+        .map_err(|e| CasError::io("creating temp file in", dir, e))
+}
+
 /// Keeps a blob from being evicted while it lives.
 pub struct PinGuard {
     store: BlobStore,
@@ -1188,6 +1269,27 @@ impl BlobReader {
     /// Bytes left to read.
     pub fn remaining(&self) -> u64 {
         self.remaining
+    }
+
+    /// The next `max` bytes (fewer only at the end) as one buffer of their own, read in as few
+    /// `read` calls as the kernel allows (usually one) and never zero-filled first: what
+    /// large streamed reads hand on as a chunk without copying it again.
+    pub fn read_chunk(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        let size = self.remaining.min(max as u64) as usize;
+        let mut chunk = Vec::with_capacity(size);
+        let read = match &mut self.source {
+            ReaderSource::Empty => 0,
+            // `read_to_end` of a `File` reads into the spare capacity as it is.
+            ReaderSource::File(file) => file.take(size as u64).read_to_end(&mut chunk)?,
+        };
+        self.remaining -= read as u64;
+        if read < size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob shorter than its digest says",
+            ));
+        }
+        Ok(chunk)
     }
 }
 
@@ -1225,6 +1327,51 @@ pub struct BlobWriter {
     /// `None` when the blob is already present: bytes are only counted.
     file: Option<NamedTempFile>,
     received: u64,
+    /// Syncs a large blob while it is written (started once it passes [`EARLY_SYNC_BYTES`]).
+    early_sync: Option<EarlySync>,
+}
+
+/// A large blob is made durable while it is written: each time another this many bytes are
+/// in, a helper thread `fdatasync`s what is there (skipped while the previous sync runs), so
+/// the disk writes while the network delivers and the sync at publish only waits for the
+/// tail. A streamed multi-GiB upload then costs about its transfer, not transfer + flush.
+const EARLY_SYNC_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 32 << 20 };
+
+/// The helper thread of one writer, and the first error it met (kept: once reported to one
+/// `fdatasync`, a write-back error is not reported again to the later sync of the publish).
+struct EarlySync {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl EarlySync {
+    fn start(file: &File) -> Option<Self> {
+        let file = file.try_clone().ok()?;
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("rba-blob-sync".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .ok()?;
+        Some(EarlySync { wake, thread })
+    }
+
+    /// Asks for a sync; none is queued behind one already running.
+    fn nudge(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Waits for the sync in progress; its error, if any sync failed.
+    fn finish(self) -> io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the blob sync thread panicked")))
+    }
 }
 
 impl BlobWriter {
@@ -1238,10 +1385,7 @@ impl BlobWriter {
             None
         } else {
             let tmp = &store.inner.temporaries.dir;
-            Some(
-                NamedTempFile::new_in(tmp)
-                    .map_err(|e| CasError::io("creating temp file in", tmp, e))?,
-            )
+            Some(new_temp(tmp)?)
         };
         Ok(BlobWriter {
             store,
@@ -1249,6 +1393,7 @@ impl BlobWriter {
             hasher: Some(function.hasher()),
             file,
             received: 0,
+            early_sync: None,
         })
     }
 
@@ -1280,6 +1425,16 @@ impl BlobWriter {
             }
             file.write_all(bytes)
                 .map_err(|e| CasError::io("writing", file.path(), e))?;
+            if self.store.inner.config.fsync
+                && after / EARLY_SYNC_BYTES > self.received / EARLY_SYNC_BYTES
+            {
+                if self.early_sync.is_none() {
+                    self.early_sync = EarlySync::start(file.as_file());
+                }
+                if let Some(early) = &self.early_sync {
+                    early.nudge();
+                }
+            }
         }
         self.received = after;
         Ok(())
@@ -1300,6 +1455,12 @@ impl BlobWriter {
     /// Dropping the staged blob discards it.
     pub fn stage(self) -> Result<StagedBlob> {
         let written = self.received;
+        if let Some(early) = self.early_sync
+            && let Err(e) = early.finish()
+        {
+            let path = self.file.as_ref().map(|f| f.path().to_path_buf());
+            return Err(CasError::io("syncing", path.unwrap_or_default(), e));
+        }
         let Some(file) = self.file else {
             let expected = self
                 .expected
@@ -1340,11 +1501,7 @@ impl BlobWriter {
                 self.store.inner.config.max_bytes
             )));
         }
-        // Read-only: materialisation hard-links blobs into exec roots, where a writable file
-        // would let an action corrupt the store.
-        file.as_file()
-            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
-            .map_err(|e| CasError::io("chmod", file.path(), e))?;
+        // Created read-only ([`new_temp`]): nothing to change before it is published.
         Ok(StagedBlob {
             digest: actual,
             temp: Some(file.into_temp_path()),
@@ -1538,11 +1695,74 @@ impl BlobStore {
     }
 
     /// `syncfs(2)` of the filesystem holding the store: every write so far is durable.
+    /// Concurrent publishes share syncs ([`FsSyncer`]).
     fn sync_filesystem(&self) -> Result<()> {
         let dir = self.temp_dir();
-        let handle = File::open(dir).map_err(|e| CasError::io("opening", dir, e))?;
-        rustix::fs::syncfs(&handle)
-            .map_err(|e| CasError::io("syncing the filesystem of", dir, e.into()))
+        self.inner.syncer.sync(dir, || {
+            let handle = File::open(dir).map_err(|e| CasError::io("opening", dir, e))?;
+            rustix::fs::syncfs(&handle)
+                .map_err(|e| CasError::io("syncing the filesystem of", dir, e.into()))
+        })
+    }
+}
+
+/// Group commit across batches: concurrent publishes share their `syncfs` calls instead of
+/// queueing one each behind the others.
+///
+/// A caller needs a sync that *started* after its writes (one already running may have
+/// started before them). So it waits for the running sync to end, and the waiters then share
+/// the next one: N batches in flight cost about two syncs per phase, not N, and a sync that
+/// flushes one batch's data also flushes another's renames. On a shared disk each `syncfs`
+/// also waits for everyone else's dirty data, which is what makes the count matter.
+#[derive(Default)]
+struct FsSyncer {
+    state: Mutex<SyncState>,
+    ended: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Generations started and finished (a generation is one sync).
+    started: u64,
+    finished: u64,
+    running: bool,
+    /// The last finished sync's failure, if it failed.
+    failure: Option<String>,
+}
+
+impl FsSyncer {
+    /// Runs `sync` (or waits for a sync started after this call, run by another caller).
+    /// `dir` names the filesystem in a shared sync's error.
+    fn sync(&self, dir: &Path, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut state = self.state.lock();
+        let needed = state.started + 1;
+        let mut sync = Some(sync);
+        loop {
+            if state.finished >= needed {
+                // Any sync of generation >= `needed` started after the caller's writes.
+                return match &state.failure {
+                    None => Ok(()),
+                    Some(message) => Err(CasError::io(
+                        "syncing (with other batches) the filesystem of",
+                        dir,
+                        io::Error::other(message.clone()),
+                    )),
+                };
+            }
+            if !state.running {
+                let run = sync.take().expect("a caller leads at most one sync");
+                state.running = true;
+                state.started += 1;
+                let generation = state.started;
+                let outcome = parking_lot::MutexGuard::unlocked(&mut state, run);
+                state.running = false;
+                state.finished = generation;
+                state.failure = outcome.as_ref().err().map(ToString::to_string);
+                self.ended.notify_all();
+                return outcome;
+            }
+            self.ended.wait(&mut state);
+        }
     }
 }
 
@@ -1695,6 +1915,105 @@ mod tests {
         ));
         assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
         assert_eq!(store.stats().blob_count, 0);
+    }
+
+    #[test]
+    fn the_existence_cache_follows_every_index_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, store) = store(1 << 20);
+        let bytes: &[u8] = b"a blob asked about before it was stored";
+        let blob = DigestFunction::Sha256.digest_of(bytes);
+        let never = DigestFunction::Sha256.digest_of(b"never asked about");
+        // Not known to the cache: a cache-only answer refuses to guess.
+        assert_eq!(store.find_missing_cached(&[never], false), None);
+        // Asked and absent: cached as absent.
+        assert_eq!(store.find_missing(&[blob]).unwrap(), vec![blob]);
+        assert_eq!(store.find_missing_cached(&[blob], true), Some(vec![blob]));
+        // Stored (group commit): present right after, from the cache too.
+        let stored = store.put_batch(vec![(blob, bytes::Bytes::from_static(bytes))]);
+        assert!(stored.into_iter().all(|r| r.is_ok()));
+        assert_eq!(store.find_missing_cached(&[blob], true), Some(vec![]));
+        assert!(store.find_missing_and_touch(&[blob]).unwrap().is_empty());
+
+        // Found corrupt and removed: missing right after.
+        let path = store.blob_path(&blob);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"a blob asked about before it was Stored").unwrap();
+        assert!(store.remove_if_corrupt(&blob).unwrap());
+        assert_eq!(store.find_missing_cached(&[blob], false), Some(vec![blob]));
+        assert_eq!(store.find_missing(&[blob]).unwrap(), vec![blob]);
+
+        // Stored again, then its file removed behind the store's back: `verify` drops it, and
+        // it is missing right after.
+        store.put_verified(blob, bytes).unwrap();
+        assert_eq!(store.find_missing_cached(&[blob], false), Some(vec![]));
+        fs::remove_file(&path).unwrap();
+        assert_eq!(store.verify().unwrap().missing, vec![blob]);
+        assert_eq!(store.find_missing_cached(&[blob], false), Some(vec![blob]));
+        assert_eq!(store.find_missing(&[blob]).unwrap(), vec![blob]);
+
+        // A file the index lost (a crash): missing until a write adopts it, present right after.
+        fs::write(&path, bytes).unwrap();
+        assert_eq!(store.find_missing(&[blob]).unwrap(), vec![blob]);
+        assert!(store.writer(blob).unwrap().already_present());
+        assert_eq!(store.find_missing_cached(&[blob], false), Some(vec![]));
+        assert_eq!(store.stats().blob_count, 1);
+    }
+
+    #[test]
+    fn a_large_blob_is_synced_while_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
+        let bytes: Vec<u8> = (0..(EARLY_SYNC_BYTES * 3 + 1000) as usize)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let digest = DigestFunction::Blake3.digest_of(&bytes);
+        let mut writer = store.writer(digest).unwrap();
+        for chunk in bytes.chunks(64 << 10) {
+            writer.write_chunk(chunk).unwrap();
+        }
+        assert!(writer.early_sync.is_some(), "the helper started");
+        writer.commit().unwrap();
+        assert!(store.read_to_vec(&digest, u64::MAX).unwrap() == bytes);
+        // A lie is still refused once the helper has synced part of it.
+        let lie = Digest {
+            hash: [7; 32],
+            ..digest
+        };
+        let mut writer = store.writer(lie).unwrap();
+        for chunk in bytes.chunks(64 << 10) {
+            writer.write_chunk(chunk).unwrap();
+        }
+        assert!(matches!(
+            writer.commit(),
+            Err(CasError::HashMismatch { .. })
+        ));
+        assert!(!store.contains(&lie).unwrap());
+    }
+
+    #[test]
+    fn concurrent_batches_share_their_syncs() {
+        let syncer = FsSyncer::default();
+        let runs = AtomicU64::new(0);
+        let slow_sync = || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok(())
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| syncer.sync(Path::new("/"), slow_sync).unwrap());
+            }
+        });
+        // The first sync, then (usually) one for all who came while it ran.
+        let runs = runs.load(Ordering::SeqCst);
+        assert!((1..8).contains(&runs), "{runs} syncs for 8 batches");
+        // A failed sync fails every batch that relied on it, and the next one starts afresh.
+        let failed = syncer.sync(Path::new("/store"), || {
+            Err(CasError::io("syncing", "/store", io::Error::other("disk gone")))
+        });
+        assert!(failed.unwrap_err().to_string().contains("disk gone"));
+        assert!(syncer.sync(Path::new("/"), || Ok(())).is_ok());
     }
 
     #[test]

@@ -131,14 +131,18 @@ fn batch_blob(i: usize, j: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Child mode only: publishes batches of small blobs (group commit) until killed.
+/// Child mode only: publishes batches of small blobs (group commit) until killed. The first
+/// batch alone, then two threads at once, so the kill lands in both ways of making a batch
+/// durable and in syncs shared between batches: one stages and publishes 64 blobs at a time
+/// (each file and directory synced), the other stores 192 at a time through `put_batch` (what
+/// BatchUpdateBlobs calls: `syncfs`, shared with any batch publishing at the same moment).
 #[test]
 fn child_batch_writer() {
     let Ok(root) = std::env::var(BATCH_CHILD_ENV) else {
         return;
     };
     let store = BlobStore::open(&root, StoreConfig::default()).unwrap();
-    for i in 0..MAX_BATCHES {
+    let stage_and_publish = |i: usize| {
         let staged = (0..BATCH_BLOBS)
             .map(|j| {
                 let data = batch_blob(i, j);
@@ -152,12 +156,34 @@ fn child_batch_writer() {
         for result in store.publish(staged) {
             result.unwrap();
         }
-        if i == 0 {
-            let mut stdout = std::io::stdout();
-            writeln!(stdout, "READY").unwrap();
-            stdout.flush().unwrap();
-        }
-    }
+    };
+    stage_and_publish(0);
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "READY").unwrap();
+    stdout.flush().unwrap();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in (4..MAX_BATCHES).step_by(4) {
+                stage_and_publish(i);
+            }
+        });
+        scope.spawn(|| {
+            for first in (1..MAX_BATCHES).step_by(4) {
+                let blobs = (first..(first + 3).min(MAX_BATCHES))
+                    .flat_map(|i| (0..BATCH_BLOBS).map(move |j| batch_blob(i, j)))
+                    .map(|data| {
+                        (
+                            DigestFunction::Blake3.digest_of(&data),
+                            bytes::Bytes::from(data),
+                        )
+                    })
+                    .collect();
+                for result in store.put_batch(blobs) {
+                    result.unwrap();
+                }
+            }
+        });
+    });
     panic!("the parent should have killed this process");
 }
 
@@ -175,7 +201,7 @@ fn killed_batch_writer_leaves_only_complete_blobs_visible() {
         .map(|&(i, j)| DigestFunction::Blake3.digest_of(&batch_blob(i, j)))
         .collect();
     // Killed at several moments: mid-write, mid-sync, mid-rename, mid-index, across runs.
-    for delay_ms in [0u64, 3, 10, 25, 60, 150] {
+    for delay_ms in [0u64, 3, 10, 25, 60, 150, 600] {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
