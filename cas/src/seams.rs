@@ -369,8 +369,8 @@ fn read_in_chunks(mut reader: crate::store::BlobReader, digest: Digest) -> Chunk
             let chunk = match reader.read_chunk(READ_CHUNK_BYTES) {
                 Ok(chunk) => chunk,
                 Err(e) => {
-                // A stored file shorter than its digest is lost data, not an outage: callers
-                // must not retry it as one (REAPI's DATA_LOSS).
+                    // A stored file shorter than its digest is lost data, not an outage: callers
+                    // must not retry it as one (REAPI's DATA_LOSS).
                     let error = if e.kind() == std::io::ErrorKind::UnexpectedEof {
                         CasError::SizeMismatch {
                             expected: digest,

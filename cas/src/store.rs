@@ -2010,7 +2010,11 @@ mod tests {
         assert!((1..8).contains(&runs), "{runs} syncs for 8 batches");
         // A failed sync fails every batch that relied on it, and the next one starts afresh.
         let failed = syncer.sync(Path::new("/store"), || {
-            Err(CasError::io("syncing", "/store", io::Error::other("disk gone")))
+            Err(CasError::io(
+                "syncing",
+                "/store",
+                io::Error::other("disk gone"),
+            ))
         });
         assert!(failed.unwrap_err().to_string().contains("disk gone"));
         assert!(syncer.sync(Path::new("/"), || Ok(())).is_ok());

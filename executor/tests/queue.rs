@@ -874,9 +874,10 @@ async fn the_store_seam_runs_once_before_and_once_after_each_job() {
     );
 }
 
-/// A store seam whose publishing of the first job's outputs takes `delay`.
+/// A store seam whose publishing of the first job's outputs waits until `release` is
+/// notified (the test's say, not a timer: a loaded machine must not change the outcome).
 struct SlowFirstPublish {
-    delay: Duration,
+    release: Arc<tokio::sync::Notify>,
     published: std::sync::atomic::AtomicBool,
 }
 
@@ -898,7 +899,7 @@ impl rba_executor::scheduler::Staging for SlowFirstPublish {
                 .published
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                tokio::time::sleep(self.delay).await;
+                self.release.notified().await;
             }
             Ok(())
         })
@@ -919,15 +920,16 @@ async fn a_slot_serves_the_next_job_while_the_last_outcome_is_being_recorded() {
         .await
         .unwrap();
     let (drain, signal) = watch::channel(false);
+    let release = Arc::new(tokio::sync::Notify::new());
     let worker = Worker::new(queue.clone(), harness.executor.clone())
         .with_id("one-slot")
         .with_slots(1)
         .with_staging(Arc::new(SlowFirstPublish {
-            delay: Duration::from_secs(8),
+            release: release.clone(),
             published: Default::default(),
         }));
     let task = tokio::spawn(worker.run(signal));
-    let outcome = tokio::time::timeout(Duration::from_secs(30), queue.wait(second))
+    let outcome = tokio::time::timeout(Duration::from_secs(120), queue.wait(second))
         .await
         .expect("the second job ends")
         .unwrap();
@@ -939,6 +941,7 @@ async fn a_slot_serves_the_next_job_while_the_last_outcome_is_being_recorded() {
         (record.state.as_str(), record.worker.as_deref()),
         ("running", Some("one-slot"))
     );
+    release.notify_one();
     let outcome = queue.wait(first).await.unwrap();
     assert_eq!(stdout_of(&harness.cas, &outcome).await, "first\n");
     drain.send(true).unwrap();
