@@ -699,17 +699,3 @@ async fn the_job_view_is_built_without_touching_the_host_mounts() {
     assert!(running.wait().await.unwrap().success());
     fx.assert_clean();
 }
-
-#[tokio::test]
-async fn sandbox_start_stop_overhead() {
-    let fx = fixture().await;
-    let n = 10;
-    let started = Instant::now();
-    for _ in 0..n {
-        let (_, outcome) = fx.run(SandboxSpec::new(["true"]).limits(quick())).await;
-        assert!(outcome.success());
-    }
-    let per_job = started.elapsed() / n;
-    println!("no-op sandbox start+stop: {per_job:?} per job");
-    assert!(per_job < Duration::from_secs(2), "{per_job:?}");
-}
