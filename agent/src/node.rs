@@ -39,17 +39,15 @@ use rba_executor::runner::{
 use rba_executor::tenant::Tenant;
 use rba_executor::toolchains::ToolchainError;
 use rba_proto::Message;
-use rba_proto::rba::v1::{
-    Artifact as WireArtifact, End, EndBody, JobStatus as WireStatus, SignedActionResult, Submit,
-};
-use rba_proto::reapi::ActionResult;
+use rba_proto::rba::v1::{Artifact as WireArtifact, End, EndBody, JobStatus as WireStatus, Submit};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
 use crate::history::{BuildRecord, History, now_ms};
 use crate::metrics::Metrics;
-use crate::p2p::blobs::BlobClient;
+use crate::p2p::trusted::TrustedSource;
 use crate::p2p::{CAS_PROTOCOL, Network, SESSION_PROTOCOL};
+use rba_cas::layers::peer::{PeerFetch, PeerFetched, PeerSource};
 
 /// Blobs listed in a `missing_input` error, at most (the client asks `Has` for the rest).
 const MAX_LISTED_MISSING: usize = 1000;
@@ -98,7 +96,8 @@ pub struct NodeShared {
     pub metrics: Metrics,
     /// Bearer tokens (the HTTP views of builds; the gRPC face has its own copy).
     pub auth: Authenticator,
-    trusted: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// The store's peer tier: the trusted peers' stores, asked for what this one lacks.
+    peers: PeerFetch,
     /// Peers that read every blob and result: the trusted and the sharing peers.
     readers: HashSet<PeerId>,
     allowed: Option<HashSet<PeerId>>,
@@ -540,9 +539,12 @@ impl NodeShared {
         let action_digest = prepared.action_digest;
 
         if !self.has_cached_result(action_digest).await
-            && !self.fetch_action_result_from_peers(action_digest).await
+            && !self
+                .peers
+                .fetch_action_result(CARGO_INSTANCE, action_digest)
+                .await
         {
-            let missing = self.ensure_input_root(root).await;
+            let missing = self.peers.complete_tree(root).await;
             if !missing.is_empty() {
                 let count = missing.len();
                 let mut refusal = Refusal::new(
@@ -634,237 +636,18 @@ impl NodeShared {
             .is_some_and(|r| r.exit_code == 0)
     }
 
-    /// Opens a blob client to a trusted peer.
-    async fn peer_client(
-        &self,
-        peer: PeerId,
-        addresses: &[Multiaddr],
-    ) -> anyhow::Result<BlobClient> {
-        self.network.dial(peer, addresses.to_vec()).await?;
-        let stream = self.network.open(peer, CAS_PROTOCOL).await?;
-        Ok(BlobClient::new(stream, peer, self.config.max_frame_bytes))
-    }
-
-    /// Asks trusted peers for a signed result of `action_digest`; stores the first one whose
-    /// signature is the peer's own and whose blobs all arrive intact.
-    async fn fetch_action_result_from_peers(&self, action_digest: Digest) -> bool {
-        for (peer, addresses) in &self.trusted {
-            let attempt = tokio::time::timeout(
-                PEER_FETCH_TIMEOUT,
-                self.action_result_from(*peer, addresses, action_digest),
-            )
-            .await;
-            match attempt {
-                Ok(Ok(true)) => {
-                    self.metrics.inc_peer_action_results();
-                    return true;
-                }
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %format!("{e:#}"), "peer action result refused")
-                }
-                Err(_) => tracing::warn!(%peer, "peer action result timed out"),
-            }
-        }
-        false
-    }
-
-    async fn action_result_from(
-        &self,
-        peer: PeerId,
-        addresses: &[Multiaddr],
-        action_digest: Digest,
-    ) -> anyhow::Result<bool> {
-        let mut client = self.peer_client(peer, addresses).await?;
-        let Some(signed) = client
-            .get_action_result(CARGO_INSTANCE, action_digest)
-            .await?
-        else {
-            return Ok(false);
-        };
-        let result = verify_signed_result(&signed, peer, action_digest)?;
-        let referenced = self
-            .cas
-            .actions
-            .referenced_blobs(action_digest.function, &result)
-            .context("the peer's result names blobs we cannot resolve")?;
-        let blobs = self.cas.blobs.clone();
-        let missing =
-            tokio::task::spawn_blocking(move || blobs.find_missing(&referenced)).await??;
-        for digest in missing {
-            client.get_into(&self.cas.blobs, digest).await?;
-            self.metrics.inc_peer_fetched_blobs();
-        }
-        let actions = self.cas.actions.clone();
-        tokio::task::spawn_blocking(move || actions.put(CARGO_INSTANCE, &action_digest, &result))
-            .await??;
-        Ok(true)
-    }
-
-    /// Makes the input root complete, fetching what is missing from trusted peers; returns
-    /// what is still missing.
-    pub async fn ensure_input_root(&self, root: Digest) -> Vec<Digest> {
-        let missing = self.missing_in_tree(root).await;
-        if missing.is_empty() {
-            return missing;
-        }
-        for (peer, addresses) in &self.trusted {
-            let fetched = tokio::time::timeout(
-                PEER_FETCH_TIMEOUT,
-                self.fetch_tree_from(*peer, addresses, root),
-            )
-            .await;
-            match fetched {
-                Ok(Ok(())) => return Vec::new(),
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %format!("{e:#}"), "fetching an input root from a peer")
-                }
-                Err(_) => tracing::warn!(%peer, "fetching an input root from a peer timed out"),
-            }
-        }
-        self.missing_in_tree(root).await
-    }
-
     /// Fetches one blob of an input tree from the first trusted peer that has it, for
     /// `tenant` (granted to it, as the tree would be once its result is served); true when it
     /// is here now.
     async fn fetch_blob_from_peers(&self, tenant: &Tenant, digest: Digest) -> bool {
-        for (peer, addresses) in &self.trusted {
-            let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, async {
-                let mut client = self.peer_client(*peer, addresses).await?;
-                client.get_into(&self.cas.blobs, digest).await
-            })
-            .await;
-            match fetched {
-                Ok(Ok(_)) => {
-                    if let Err(e) = self.cas.reads.grant(tenant.as_str(), &[digest]) {
-                        tracing::warn!(error = %e, "granting a blob fetched from a peer");
-                    }
-                    return true;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %format!("{e:#}"), "fetching a blob from a peer")
-                }
-                Err(_) => tracing::warn!(%peer, "fetching a blob from a peer timed out"),
-            }
+        if !self.peers.fetch_blob(digest).await {
+            return false;
         }
-        false
-    }
-
-    /// Blobs of the tree under `root` the store lacks (a missing directory hides its subtree).
-    async fn missing_in_tree(&self, root: Digest) -> Vec<Digest> {
-        let blobs = self.cas.blobs.clone();
-        tokio::task::spawn_blocking(move || missing_in_tree(&blobs, root))
-            .await
-            .unwrap_or_else(|_| vec![root])
-    }
-
-    async fn fetch_tree_from(
-        &self,
-        peer: PeerId,
-        addresses: &[Multiaddr],
-        root: Digest,
-    ) -> anyhow::Result<()> {
-        let mut client = self.peer_client(peer, addresses).await?;
-        let mut queue = vec![root];
-        while let Some(directory) = queue.pop() {
-            if !self.cas.blobs.contains(&directory)? {
-                client.get_into(&self.cas.blobs, directory).await?;
-                self.metrics.inc_peer_fetched_blobs();
-            }
-            let blobs = self.cas.blobs.clone();
-            let (files, children) = tokio::task::spawn_blocking(move || {
-                let dir = rba_cas::read_directory(&blobs, &directory)?;
-                let function = directory.function;
-                let mut files = Vec::new();
-                for file in &dir.files {
-                    files.push(Digest::from_reapi_field(
-                        function,
-                        file.digest.as_ref(),
-                        "FileNode.digest",
-                    )?);
-                }
-                let mut children = Vec::new();
-                for child in &dir.directories {
-                    children.push(Digest::from_reapi_field(
-                        function,
-                        child.digest.as_ref(),
-                        "DirectoryNode.digest",
-                    )?);
-                }
-                let missing = blobs.find_missing(&files)?;
-                anyhow::Ok((missing, children))
-            })
-            .await??;
-            for file in files {
-                client.get_into(&self.cas.blobs, file).await?;
-                self.metrics.inc_peer_fetched_blobs();
-            }
-            queue.extend(children);
+        if let Err(e) = self.cas.reads.grant(tenant.as_str(), &[digest]) {
+            tracing::warn!(error = %e, "granting a blob fetched from a peer");
         }
-        Ok(())
+        true
     }
-}
-
-/// Checks a peer's signed action result: signed by `peer` itself, for the asked action.
-pub fn verify_signed_result(
-    signed: &SignedActionResult,
-    peer: PeerId,
-    action_digest: Digest,
-) -> anyhow::Result<ActionResult> {
-    let body = signed.body.as_ref().context("unsigned action result")?;
-    let signer = crate::p2p::verify(
-        &signed.signer_public_key,
-        &body.encode_to_vec(),
-        &signed.signature,
-    )?;
-    anyhow::ensure!(
-        signer == peer,
-        "action result signed by {signer}, not by the trusted peer {peer}"
-    );
-    anyhow::ensure!(
-        body.instance == CARGO_INSTANCE
-            && body
-                .action_digest
-                .as_ref()
-                .and_then(|d| Digest::from_wire(d).ok())
-                == Some(action_digest),
-        "the signed result is for another action"
-    );
-    ActionResult::decode(body.action_result.as_slice()).context("malformed ActionResult")
-}
-
-/// Blobs of the tree under `root` that `blobs` lacks (a missing directory hides its subtree).
-pub fn missing_in_tree(blobs: &rba_cas::BlobStore, root: Digest) -> Vec<Digest> {
-    let mut missing = Vec::new();
-    let mut queue = vec![root];
-    while let Some(directory) = queue.pop() {
-        let dir = match rba_cas::read_directory(blobs, &directory) {
-            Ok(dir) => dir,
-            Err(_) => {
-                missing.push(directory);
-                continue;
-            }
-        };
-        let function = directory.function;
-        let files: Vec<Digest> = dir
-            .files
-            .iter()
-            .filter_map(|f| Digest::from_reapi_field(function, f.digest.as_ref(), "f").ok())
-            .collect();
-        match blobs.find_missing(&files) {
-            Ok(absent) => missing.extend(absent),
-            Err(_) => missing.extend(files),
-        }
-        queue.extend(
-            dir.directories
-                .iter()
-                .filter_map(|d| Digest::from_reapi_field(function, d.digest.as_ref(), "d").ok()),
-        );
-    }
-    missing.sort();
-    missing.dedup();
-    missing
 }
 
 /// A running operator node.
@@ -951,7 +734,7 @@ impl Node {
             .trusted_peers
             .iter()
             .map(|p| p.parse())
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<anyhow::Result<Vec<(PeerId, Vec<Multiaddr>)>>>()?;
         let mut readers: HashSet<PeerId> = trusted.iter().map(|(peer, _)| *peer).collect();
         readers.extend(
             config
@@ -963,6 +746,28 @@ impl Node {
             .allowed_clients
             .as_ref()
             .map(|list| list.iter().filter_map(|p| p.parse().ok()).collect());
+        let metrics = Metrics::default();
+        let counters = metrics.clone();
+        let peers = PeerFetch::new(
+            cas.blobs.clone(),
+            cas.actions.clone(),
+            trusted
+                .into_iter()
+                .map(|(id, addresses)| {
+                    Arc::new(TrustedSource::new(
+                        id,
+                        addresses,
+                        network.clone(),
+                        config.max_frame_bytes,
+                    )) as Arc<dyn PeerSource>
+                })
+                .collect(),
+            PEER_FETCH_TIMEOUT,
+        )
+        .observed_by(move |fetched| match fetched {
+            PeerFetched::Blob => counters.inc_peer_fetched_blobs(),
+            PeerFetched::ActionResult => counters.inc_peer_action_results(),
+        });
         let shared = Arc::new(NodeShared {
             config: config.clone(),
             cas,
@@ -970,9 +775,9 @@ impl Node {
             scale_out,
             history,
             network,
-            metrics: Metrics::default(),
+            metrics,
             auth: Authenticator::from_auth(&config.auth),
-            trusted,
+            peers,
             readers,
             allowed,
             session_aliases: Default::default(),

@@ -48,8 +48,8 @@ pub use layers::complete::CompleteActionCache;
 pub use merkle::{
     DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
     TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
-    build_from_zip_file, get_tree, make_tree_local, materialize, read_directory, tree_digests,
-    tree_digests_in, validate_directory, validate_tree,
+    build_from_zip_file, get_tree, make_tree_local, materialize, missing_in_tree, read_directory,
+    tree_digests, tree_digests_in, validate_directory, validate_tree,
 };
 pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};

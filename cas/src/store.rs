@@ -712,18 +712,7 @@ impl BlobStore {
             });
         }
         let pin = self.pin(digest);
-        if !self.contains(digest)? {
-            return Err(CasError::NotFound(*digest));
-        }
-        let path = self.blob_path(digest);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget(digest)?;
-                return Err(CasError::NotFound(*digest));
-            }
-            Err(e) => return Err(CasError::io("opening", path, e)),
-        };
+        let (mut file, path) = self.open_present(digest)?;
         if offset > 0 {
             file.seek(SeekFrom::Start(offset))
                 .map_err(|e| CasError::io("seeking", &path, e))?;
@@ -734,6 +723,30 @@ impl BlobStore {
             _pin: Some(pin),
             remaining: length,
         })
+    }
+
+    /// A present blob's file, opened for reading: for readers that must seek (a zip's central
+    /// directory). The open file stays readable when the blob is evicted afterwards.
+    pub fn open_file(&self, digest: &Digest) -> Result<File> {
+        let _pin = self.pin(digest);
+        self.open_present(digest).map(|(file, _)| file)
+    }
+
+    /// Opens the file of a blob the index holds; a file gone behind the index's back is
+    /// forgotten and reported missing.
+    fn open_present(&self, digest: &Digest) -> Result<(File, PathBuf)> {
+        if !self.contains(digest)? {
+            return Err(CasError::NotFound(*digest));
+        }
+        let path = self.blob_path(digest);
+        match File::open(&path) {
+            Ok(file) => Ok((file, path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(digest)?;
+                Err(CasError::NotFound(*digest))
+            }
+            Err(e) => Err(CasError::io("opening", path, e)),
+        }
     }
 
     /// Reads a whole blob into memory, refusing blobs larger than `max_size`.

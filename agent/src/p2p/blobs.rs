@@ -401,6 +401,8 @@ pub struct BlobClient {
     stream: BufReader<Stream>,
     peer: PeerId,
     max_frame: usize,
+    /// The blob whose chunks are being received ([`BlobClient::request_blob`]).
+    receiving: Option<Digest>,
 }
 
 impl BlobClient {
@@ -410,6 +412,7 @@ impl BlobClient {
             stream: BufReader::new(stream),
             peer,
             max_frame,
+            receiving: None,
         }
     }
 
@@ -490,38 +493,58 @@ impl BlobClient {
 
     /// Fetches one blob into `store`, verified against `digest`.
     pub async fn get_into(&mut self, store: &BlobStore, digest: Digest) -> anyhow::Result<()> {
-        self.request(blob_request::Request::Get(Get {
-            digest: Some(digest.to_wire()),
-            offset: 0,
-        }))
-        .await?;
+        self.request_blob(digest).await?;
         let mut writer = store.writer(digest)?;
-        loop {
-            match self.reply().await? {
-                blob_reply::Reply::Chunk(chunk) => {
-                    writer.write_chunk(&chunk.data).with_context(|| {
-                        format!("{} served a corrupt blob for {digest:?}", self.peer)
-                    })?;
-                    if chunk.last {
-                        break;
-                    }
-                }
-                blob_reply::Reply::Error(e) => {
-                    anyhow::bail!(
-                        "{} has no {digest:?} ({}: {})",
-                        self.peer,
-                        e.code,
-                        e.message
-                    )
-                }
-                _ => anyhow::bail!("{} answered Get with something else", self.peer),
-            }
+        while let Some(chunk) = self.next_chunk().await? {
+            writer
+                .write_chunk(&chunk)
+                .with_context(|| format!("{} served a corrupt blob for {digest:?}", self.peer))?;
         }
         let peer = self.peer;
         tokio::task::spawn_blocking(move || writer.commit())
             .await?
             .with_context(|| format!("{peer} served a corrupt blob for {digest:?}"))?;
         Ok(())
+    }
+
+    /// Asks for blob `digest` from its start; its bytes follow through
+    /// [`BlobClient::next_chunk`].
+    pub async fn request_blob(&mut self, digest: Digest) -> anyhow::Result<()> {
+        self.receiving = None;
+        self.request(blob_request::Request::Get(Get {
+            digest: Some(digest.to_wire()),
+            offset: 0,
+        }))
+        .await?;
+        self.receiving = Some(digest);
+        Ok(())
+    }
+
+    /// The next chunk of the blob asked by [`BlobClient::request_blob`]; `None` after its
+    /// last one. Fails when the peer has no such blob.
+    pub async fn next_chunk(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(digest) = self.receiving else {
+            return Ok(None);
+        };
+        let reply = self.reply().await;
+        self.receiving = None;
+        match reply? {
+            blob_reply::Reply::Chunk(chunk) => {
+                if !chunk.last {
+                    self.receiving = Some(digest);
+                }
+                Ok(Some(chunk.data))
+            }
+            blob_reply::Reply::Error(e) => {
+                anyhow::bail!(
+                    "{} has no {digest:?} ({}: {})",
+                    self.peer,
+                    e.code,
+                    e.message
+                )
+            }
+            _ => anyhow::bail!("{} answered Get with something else", self.peer),
+        }
     }
 
     /// Asks the peer for its signed action result of `action_digest`.

@@ -14,6 +14,7 @@
 pub mod blobs;
 pub mod frame;
 pub mod session;
+pub mod trusted;
 
 use std::collections::HashMap;
 use std::path::Path;

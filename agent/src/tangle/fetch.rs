@@ -667,8 +667,8 @@ async fn import_cas(
         }
         let (store, limits) = (store.clone(), config.zip_limits.clone());
         return tokio::task::spawn_blocking(move || {
-            let _pin = store.pin(&digest);
-            let file = std::fs::File::open(store.blob_path(&digest))
+            let file = store
+                .open_file(&digest)
                 .map_err(|e| FetchError::Internal(e.to_string()))?;
             build_from_zip(&store, BufReader::new(file), TREE_FUNCTION, &limits)
                 .map(|tree| tree.root)
@@ -682,7 +682,7 @@ async fn import_cas(
         rba_cas::read_directory(&store, &digest).map_err(|e| {
             FetchError::Archive(format!("{digest:?} is neither a zip nor a tree root: {e}"))
         })?;
-        let missing = crate::node::missing_in_tree(&store, digest);
+        let missing = rba_cas::missing_in_tree(&store, &digest);
         if !missing.is_empty() {
             return Err(FetchError::NotInCas(format!(
                 "the tree {digest:?} lacks {} blob(s), e.g. {:?}",

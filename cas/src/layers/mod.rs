@@ -5,6 +5,9 @@
 //! - [`complete`]: an action-cache hit only when every blob it names is present (REAPI's
 //!   completeness rule), over any store.
 //! - [`tiered`]: a local filesystem tier in front of a shared slow one (a bucket).
+//! - [`peer`]: the stores of trusted operators, behind everything else: what this node lacks,
+//!   fetched and verified before it is kept.
 
 pub mod complete;
+pub mod peer;
 pub mod tiered;

@@ -182,6 +182,31 @@ pub fn tree_digests(store: &BlobStore, root: &Digest) -> Result<Vec<Digest>> {
     ))
 }
 
+/// Blobs of the tree under `root` that `store` lacks, sorted: a missing (or unreadable)
+/// `Directory` is listed and hides its subtree; a `Directory` naming a malformed digest is
+/// listed as if missing, as nothing under it can be trusted to be complete.
+pub fn missing_in_tree(store: &BlobStore, root: &Digest) -> Vec<Digest> {
+    let mut missing = Vec::new();
+    let mut seen = HashSet::from([*root]);
+    let mut queue = vec![*root];
+    while let Some(digest) = queue.pop() {
+        let children = read_directory(store, &digest)
+            .and_then(|directory| child_digests(&directory, digest.function));
+        let Ok((files, dirs)) = children else {
+            missing.push(digest);
+            continue;
+        };
+        match store.find_missing(&files) {
+            Ok(absent) => missing.extend(absent),
+            Err(_) => missing.extend(files),
+        }
+        queue.extend(dirs.into_iter().filter(|dir| seen.insert(*dir)));
+    }
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
 /// [`tree_digests`] over any [`Store`]: the same walk, each `Directory` read through the seam.
 pub async fn tree_digests_in(store: &dyn Store, root: &Digest) -> Result<Vec<Digest>> {
     digests_of_tree(&complete::Seam(store), root, TreeWalk::default()).await
