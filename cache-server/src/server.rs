@@ -374,7 +374,11 @@ impl Server {
             tls = self.state.tls.is_some(),
             "serving REAPI"
         );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // The builder's `tcp_nodelay` applies only to listeners it binds itself: without
+        // TCP_NODELAY on the accepted sockets, a request larger than one segment waits for a
+        // delayed ACK (a fixed ~40 ms on every FindMissing of 1,000 digests).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let grpc = self
             .router()?
             .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));

@@ -124,26 +124,7 @@ fn load_average() -> String {
 
 /// Stores `sh -c SCRIPT` over the empty input root `root` in `cas`; the request for it.
 fn shell_job(cas: &Cas, root: Digest, script: String) -> ExecuteRequest {
-    let command = Command {
-        arguments: vec!["sh".into(), "-c".into(), script],
-        ..Default::default()
-    };
-    let prepared = store_action(
-        command,
-        root,
-        Platform::default(),
-        &cas.blobs,
-        DigestFunction::Sha256,
-    )
-    .unwrap();
-    ExecuteRequest {
-        instance: "main".into(),
-        action_digest: prepared.action_digest,
-        skip_cache_lookup: true,
-        workspace_identity: None,
-        tenant: Tenant::local(),
-        limits: Default::default(),
-    }
+    common::command_request(cas, root, common::shell(script), true)
 }
 
 /// The queue's own timestamps of a set of jobs (seconds since the epoch, database clock).

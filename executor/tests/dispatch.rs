@@ -79,26 +79,10 @@ async fn job(cas: &Cas, script: &str) -> ExecuteRequest {
     std::fs::write(input.path().join("in.txt"), "hello from the front end\n").unwrap();
     let root = hash_dir(cas, input.path(), DigestFunction::Sha256).await;
     let command = Command {
-        arguments: vec!["sh".into(), "-c".into(), script.into()],
         output_paths: vec!["out.txt".into()],
-        ..Default::default()
+        ..common::shell(script)
     };
-    let prepared = store_action(
-        command,
-        root,
-        Platform::default(),
-        &cas.blobs,
-        DigestFunction::Sha256,
-    )
-    .unwrap();
-    ExecuteRequest {
-        instance: "main".into(),
-        action_digest: prepared.action_digest,
-        skip_cache_lookup: false,
-        workspace_identity: None,
-        tenant: Tenant::local(),
-        limits: Default::default(),
-    }
+    common::command_request(cas, root, command, false)
 }
 
 fn output(outcome: &rba_executor::runner::JobOutcome) -> Digest {

@@ -87,26 +87,7 @@ fn line(seq: u64, text: &str) -> LogLine {
 async fn shell_job(cas: &Cas, script: &str) -> ExecuteRequest {
     let empty = tempfile::tempdir().unwrap();
     let root = hash_dir(cas, empty.path(), DigestFunction::Sha256).await;
-    let command = Command {
-        arguments: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    };
-    let prepared = store_action(
-        command,
-        root,
-        Platform::default(),
-        &cas.blobs,
-        DigestFunction::Sha256,
-    )
-    .unwrap();
-    ExecuteRequest {
-        instance: "main".into(),
-        action_digest: prepared.action_digest,
-        skip_cache_lookup: true,
-        workspace_identity: None,
-        tenant: Tenant::local(),
-        limits: Default::default(),
-    }
+    common::command_request(cas, root, common::shell(script), true)
 }
 
 /// A second executor over the same CAS (the shared store), with its own data dir.

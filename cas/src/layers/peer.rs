@@ -20,7 +20,7 @@ use rba_proto::reapi::ActionResult;
 
 use crate::action_cache::EmbeddedActionCache;
 use crate::digest::Digest;
-use crate::merkle::{child_digests, missing_in_tree, read_directory};
+use crate::merkle::missing_in_tree;
 use crate::store::BlobStore;
 
 /// What a peer or its connection reports when it fails (the wire's own error, kept whole for
@@ -196,29 +196,27 @@ impl PeerFetch {
         Ok(())
     }
 
+    /// Fetches what the tree under `root` lacks, a level at a time: a missing directory hides
+    /// its subtree until it has arrived (the walk is [`missing_in_tree`]'s, the store's one).
     async fn fetch_tree(
         &self,
         connection: &mut dyn PeerConnection,
         root: Digest,
     ) -> Result<(), PeerError> {
-        let mut queue = vec![root];
-        while let Some(directory) = queue.pop() {
-            if !self.blobs.contains(&directory)? {
-                self.fetch_into(connection, directory).await?;
+        let mut fetched = std::collections::HashSet::new();
+        loop {
+            let missing = self.missing_in_tree(root).await;
+            if missing.is_empty() {
+                return Ok(());
             }
-            let blobs = self.blobs.clone();
-            let (missing, children) = tokio::task::spawn_blocking(move || -> crate::Result<_> {
-                let (files, children) =
-                    child_digests(&read_directory(&blobs, &directory)?, directory.function)?;
-                Ok((blobs.find_missing(&files)?, children))
-            })
-            .await??;
-            for file in missing {
-                self.fetch_into(connection, file).await?;
+            for digest in missing {
+                if !fetched.insert(digest) {
+                    // Here, yet still missing: a Directory whose children cannot be read.
+                    return Err(format!("{digest:?} arrived but is not a valid Directory").into());
+                }
+                self.fetch_into(connection, digest).await?;
             }
-            queue.extend(children);
         }
-        Ok(())
     }
 
     async fn fetch_result(
@@ -501,5 +499,12 @@ mod tests {
             4,
             "two directories, two files"
         );
+
+        // A "root" that arrives intact but is no Directory: named, and the fetch ends.
+        let garbage = there
+            .blobs
+            .put_bytes(DigestFunction::Blake3, b"\xff not a Directory")
+            .unwrap();
+        assert_eq!(layer.complete_tree(garbage).await, vec![garbage]);
     }
 }

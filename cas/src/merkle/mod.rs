@@ -50,7 +50,6 @@ pub use input_tree::{
 pub use local::make_tree_local;
 pub use materialize::{MaterializeOptions, Materialized, MaterializedFile, materialize};
 pub use stat_cache::StatCache;
-pub(crate) use validate::child_digests;
 pub use validate::{
     MAX_DIRECTORY_BYTES, find_file, get_tree, missing_in_tree, read_directory, tree_digests,
     tree_digests_in, validate_directory,

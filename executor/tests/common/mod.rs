@@ -9,7 +9,8 @@ use rba_cas::merkle::{DirOptions, build_from_dir};
 use rba_cas::{Cas, Digest, DigestFunction};
 use rba_executor::cargo::CargoJob;
 use rba_executor::isolation::Isolation;
-use rba_executor::runner::{Executor, ExecutorConfig, JobHandle, JobOutcome};
+use rba_executor::runner::{ExecuteRequest, Executor, ExecutorConfig, JobHandle, JobOutcome};
+use rba_proto::reapi::{Command, Platform};
 
 /// A fixture crate of `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -129,4 +130,38 @@ pub async fn log_lines(handle: &JobHandle) -> Vec<String> {
         lines.push(line.line);
     }
     lines
+}
+
+/// Stores `command` as an Action over the input root `root` in `cas` (SHA-256, no platform);
+/// a request for it from the local tenant on instance `main`.
+pub fn command_request(
+    cas: &Cas,
+    root: Digest,
+    command: Command,
+    skip_cache_lookup: bool,
+) -> ExecuteRequest {
+    let prepared = rba_executor::action::store_action(
+        command,
+        root,
+        Platform::default(),
+        &cas.blobs,
+        DigestFunction::Sha256,
+    )
+    .unwrap();
+    ExecuteRequest {
+        instance: "main".into(),
+        action_digest: prepared.action_digest,
+        skip_cache_lookup,
+        workspace_identity: None,
+        tenant: rba_executor::tenant::Tenant::local(),
+        limits: Default::default(),
+    }
+}
+
+/// `sh -c SCRIPT` as a [`Command`].
+pub fn shell(script: impl Into<String>) -> Command {
+    Command {
+        arguments: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
 }
