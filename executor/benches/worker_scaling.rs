@@ -53,11 +53,8 @@ use std::time::{Duration, Instant};
 
 use rba_cas::{Cas, Digest, DigestFunction};
 use rba_e2e_tests::postgres::TestPostgres;
-use rba_executor::action::store_action;
 use rba_executor::runner::{ExecuteRequest, Executor, ExecutorConfig, JobStatus};
 use rba_executor::scheduler::{JobId, JobQueue, QueueConfig, Worker, WorkerReport};
-use rba_executor::tenant::Tenant;
-use rba_proto::reapi::{Command, Platform};
 use tokio::sync::watch;
 
 fn setting(name: &str, default: u64) -> u64 {

@@ -16,7 +16,6 @@ use rba_cas::layers::tiered::Tiered;
 use rba_cas::{Cas, Digest, DigestFunction, Stores};
 use rba_e2e_tests::postgres::TestPostgres;
 use rba_e2e_tests::s3::TestS3;
-use rba_executor::action::store_action;
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::logstream::strip_ansi;
 use rba_executor::runner::{
@@ -25,7 +24,7 @@ use rba_executor::runner::{
 };
 use rba_executor::scheduler::{Dispatch, JobQueue, QueueConfig, TieredStaging, Worker};
 use rba_executor::tenant::Tenant;
-use rba_proto::reapi::{Command, Platform};
+use rba_proto::reapi::Command;
 use tokio::sync::watch;
 
 /// What the `planter` fixture's build script writes over the `hello` binary.

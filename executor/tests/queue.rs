@@ -12,14 +12,12 @@ use std::time::{Duration, Instant};
 use common::{Harness, hash_dir};
 use rba_cas::{Cas, Digest, DigestFunction};
 use rba_e2e_tests::postgres::TestPostgres;
-use rba_executor::action::store_action;
 use rba_executor::logstream::{LogLine, LogStreamKind};
 use rba_executor::runner::{ExecuteRequest, Executor, ExecutorConfig, JobOutcome, JobStatus};
 use rba_executor::scheduler::{
     ClaimedJob, JobId, JobQueue, QueueConfig, QueueError, Worker, WorkerReport,
 };
 use rba_executor::tenant::Tenant;
-use rba_proto::reapi::{Command, Platform};
 use tokio::sync::watch;
 
 /// Timing for tests: short leases and deadlines, fast polling.
