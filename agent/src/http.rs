@@ -139,6 +139,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    // Log lines go out as they come: without TCP_NODELAY a line written while the previous
+    // one is unacknowledged waits for a delayed ACK (up to 40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on an HTTP connection");
+        }
+    });
     axum::serve(listener, router(node))
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
