@@ -12,7 +12,8 @@
 //!   ([`Tiered`]); presence, the action cache and the read grants live in PostgreSQL;
 //! - the job queue ([`JobQueue`]) lives in the same database; a front end's executor
 //!   dispatches its jobs to it ([`Dispatch`]), a worker's executor runs them
-//!   ([`rba_executor::scheduler::Worker`] with [`TieredStaging`]).
+//!   ([`rba_executor::scheduler::Worker`] with [`TieredStaging`]);
+//! - the build history a front end records lives there too ([`history`]).
 //!
 //! Workers run what the front ends prepared: a cargo Action names its toolchain (chosen on the
 //! front end from the workspace's `rust-toolchain.toml`), so workers need those toolchains
@@ -36,6 +37,8 @@ use rba_executor::scheduler::{Dispatch, JobQueue, TieredStaging};
 use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
+use crate::history::History;
+use crate::history::postgres::PgHistory;
 
 /// The environment variable of `[store] url`.
 pub const STORE_URL_VAR: &str = "RBA_STORE_URL";
@@ -253,6 +256,25 @@ pub fn front_end_executor(
         ),
     };
     executor.context("starting the executor")
+}
+
+/// The build history of a node over `cas`: in its embedded database, or — a front end of
+/// `shared` — in the shared database, where the front end named `front_end` (its peer id)
+/// records the builds it takes.
+pub async fn history(
+    cas: &Cas,
+    shared: Option<&Shared>,
+    front_end: &str,
+) -> anyhow::Result<History> {
+    match shared {
+        None => History::embedded(&cas.blobs),
+        Some(shared) => {
+            let store = PgHistory::open(&shared.postgres, front_end)
+                .await
+                .with_context(|| format!("{DATABASE_URL_VAR}: the build history cannot be used"))?;
+            Ok(History::over(Arc::new(store)))
+        }
+    }
 }
 
 /// A worker's executor over its local tier `cas` and the staging its jobs go through.

@@ -190,7 +190,7 @@ async fn build_page(State(node): Node, headers: HeaderMap, Path(id): Path<String
         Ok(viewer) => viewer,
         Err(login) => return login.into_response(),
     };
-    if visible_record(&node, &viewer, &id).is_none() {
+    if visible_record(&node, &viewer, &id).await.is_none() {
         return html(
             StatusCode::NOT_FOUND,
             page(
@@ -374,7 +374,7 @@ async fn build_badge(State(node): Node, headers: HeaderMap, Path(id): Path<Strin
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    match visible_record(&node, &viewer, &id) {
+    match visible_record(&node, &viewer, &id).await {
         Some(record) => {
             let view = BuildView::new(&node, record);
             svg(StatusCode::OK, badge_svg(&view.kind, view.badge_label()))
@@ -392,22 +392,20 @@ async fn workspace_badge(
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    let shared = node.clone();
-    let latest = tokio::task::spawn_blocking(move || {
-        shared.history.latest(|record| {
+    let latest = node
+        .history
+        .latest(|record| {
             record.workspace.as_deref() == Some(name.as_str())
                 && viewer.may_see(record.tenant.as_deref())
         })
-    })
-    .await
-    .ok()
-    .flatten();
+        .await;
     match latest {
-        Some(record) => {
+        Err(e) => crate::http::history_unavailable(&e),
+        Ok(Some(record)) => {
             let view = BuildView::new(&node, record);
             svg(StatusCode::OK, badge_svg(&view.kind, view.badge_label()))
         }
-        None => svg(StatusCode::NOT_FOUND, badge_svg("build", "unknown")),
+        Ok(None) => svg(StatusCode::NOT_FOUND, badge_svg("build", "unknown")),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The REAPI gRPC face of `rba serve`: `rba-cache-server`'s services over the node's own store
 //! and executor.
 //!
-//! Why a module: the node owns one store (one sled database per directory, locked by its
+//! Why a module: the node owns one store (one embedded database per directory, locked by its
 //! process) and one executor; the REAPI server must serve exactly those, not open a second
 //! store or start a second executor. So when gRPC is enabled the store is opened *by* the
 //! cache server ([`open`]), the node takes its `Cas` from it, and the node's executor is handed

@@ -58,7 +58,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rba_cache_server::auth::{ALL_TENANTS, Caller};
-use rba_executor::logstream::parse_log_blob;
 use rba_executor::runner::JobStatus;
 use serde::Deserialize;
 use serde_json::json;
@@ -279,14 +278,6 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
     matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-/// Whether `viewer` may see session or build `id` (unknown ones: no).
-pub(crate) fn may_see_build(node: &NodeShared, viewer: &Viewer, id: &str) -> bool {
-    match viewer {
-        Viewer::Public => true,
-        _ => viewer.may_see(node.session_owner(id).as_deref()),
-    }
-}
-
 async fn health(State(node): State<Arc<NodeShared>>) -> Response {
     axum::Json(json!({
         "status": "ok",
@@ -380,18 +371,19 @@ async fn builds(
         Ok(cursor) => cursor,
         Err(bad) => return bad_request(bad.field, bad.message),
     };
-    let (shared, limit) = (node.clone(), query.page_size());
-    let (page, query) = tokio::task::spawn_blocking(move || {
-        let page = shared.history.page(cursor.as_ref(), limit, |record| {
+    let listed = node
+        .history
+        .page(cursor.as_ref(), query.page_size(), |record| {
             if !viewer.may_see(record.tenant.as_deref()) || !query.keeps_record(&record) {
                 return None;
             }
-            Some(BuildView::new(&shared, record)).filter(|view| query.keeps_view(view))
-        });
-        (page, query)
-    })
-    .await
-    .expect("listing builds does not panic");
+            Some(BuildView::new(&node, record)).filter(|view| query.keeps_view(view))
+        })
+        .await;
+    let page = match listed {
+        Ok(page) => page,
+        Err(e) => return history_unavailable(&e),
+    };
     let mut response = axum::Json(page.items).into_response();
     if let Some(next) = page.next
         && let Ok(link) = axum::http::HeaderValue::from_str(&format!(
@@ -405,14 +397,24 @@ async fn builds(
 }
 
 /// The record of build `id` if `viewer` may see it.
-pub(crate) fn visible_record(
+pub(crate) async fn visible_record(
     node: &NodeShared,
     viewer: &Viewer,
     id: &str,
 ) -> Option<crate::history::BuildRecord> {
     node.history
         .get(id)
+        .await
         .filter(|record| viewer.may_see(record.tenant.as_deref()))
+}
+
+/// 503 naming why the build history could not be read (its database unreachable).
+pub(crate) fn history_unavailable(error: &anyhow::Error) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "error": format!("the build history cannot be read: {error:#}") })),
+    )
+        .into_response()
 }
 
 async fn build(
@@ -424,7 +426,7 @@ async fn build(
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    match visible_record(&node, &viewer, &id) {
+    match visible_record(&node, &viewer, &id).await {
         Some(record) => axum::Json(BuildView::new(&node, record)).into_response(),
         None => not_found(format!("no build {id:?}")),
     }
@@ -441,7 +443,7 @@ async fn artifact(
         Err(why) => return unauthorized(&why),
     };
     let missing = || not_found(format!("no artifact {index:?} of build {id:?}"));
-    let Some(record) = visible_record(&node, &viewer, &id) else {
+    let Some(record) = visible_record(&node, &viewer, &id).await else {
         return missing();
     };
     let Some(artifact) = index
@@ -518,10 +520,10 @@ async fn build_logs(
         Ok(viewer) => viewer,
         Err(why) => return unauthorized(&why),
     };
-    let Some(job) = node.resolve_session(&id, |job| may_see_build(&node, &viewer, job)) else {
-        return not_found(format!("no build {id:?}"));
-    };
-    let text = match node.session(&job) {
+    let text = match node
+        .visible_session(&id, |owner| viewer.may_see(owner))
+        .await
+    {
         Some(SessionSource::Live(handle)) => {
             let upto = handle.log.lines_written();
             let mut reader = handle.log.subscribe(0);
@@ -545,12 +547,7 @@ async fn build_logs(
             else {
                 return not_found(format!("build {id:?} has no stored log"));
             };
-            let blobs = node.cas.blobs.clone();
-            let bytes = tokio::task::spawn_blocking(move || blobs.read_to_vec(&digest, 1 << 30))
-                .await
-                .ok()
-                .and_then(Result::ok);
-            let Some(lines) = bytes.and_then(|b| parse_log_blob(&b).ok()) else {
+            let Ok(lines) = node.stored_log(&digest).await else {
                 return not_found(format!("the log of build {id:?} is no longer stored"));
             };
             lines.into_iter().fold(String::new(), |mut text, line| {
@@ -566,7 +563,11 @@ async fn build_logs(
 
 async fn cache_stats(State(node): State<Arc<NodeShared>>) -> Response {
     let usage = node.cache_usage().await;
-    axum::Json(CacheView::new(&node, usage)).into_response()
+    let builds = match node.history.count().await {
+        Ok(builds) => builds,
+        Err(e) => return history_unavailable(&e),
+    };
+    axum::Json(CacheView::new(&node, usage, builds)).into_response()
 }
 
 async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
@@ -640,8 +641,8 @@ async fn events(
         Err(why) => return unauthorized(&why),
     };
     let Some(source) = node
-        .resolve_session(&id, |job| may_see_build(&node, &viewer, job))
-        .and_then(|job| node.session(&job))
+        .visible_session(&id, |owner| viewer.may_see(owner))
+        .await
     else {
         return not_found(format!("no session {id:?}"));
     };
@@ -707,11 +708,9 @@ async fn stream_events(
                 .as_deref()
                 .and_then(|d| d.parse::<rba_cas::Digest>().ok());
             if let Some(digest) = digest {
-                let blobs = node.cas.blobs.clone();
-                let bytes =
-                    tokio::task::spawn_blocking(move || blobs.read_to_vec(&digest, 1 << 30))
-                        .await??;
-                for line in parse_log_blob(&bytes)?
+                for line in node
+                    .stored_log(&digest)
+                    .await?
                     .into_iter()
                     .filter(|l| l.seq >= from_seq)
                 {

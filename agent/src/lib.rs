@@ -13,7 +13,7 @@
 //! - [`views`]: the read API's typed answers (a build with its live state, the cache).
 //! - [`dashboard`]: the build dashboard in the browser (pages, embedded assets, login cookie,
 //!   SVG badges).
-//! - [`history`]: build records in the CAS's sled database.
+//! - [`history`]: build records, in the embedded database or (scaled out) PostgreSQL.
 //! - [`metrics`]: counters rendered as Prometheus text.
 //! - [`grpc`]: the REAPI server on the node's CAS.
 //! - [`client`]: the remote client `rba --remote` uses (upload what is missing, submit,

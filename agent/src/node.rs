@@ -78,6 +78,12 @@ impl Refusal {
     }
 }
 
+/// The largest stored log a reader is served.
+const MAX_STORED_LOG_BYTES: u64 = 1 << 30;
+
+/// Session alias → (job id, owner tenant) of the jobs that answer to it.
+type SessionAliases = std::collections::HashMap<String, Vec<(String, Option<String>)>>;
+
 /// What every face of the node shares.
 pub struct NodeShared {
     /// The configuration the node runs with.
@@ -102,9 +108,9 @@ pub struct NodeShared {
     readers: HashSet<PeerId>,
     allowed: Option<HashSet<PeerId>>,
     /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's jobs
-    /// that answer to it, at most one per owner (tenant). The id is public on chain, so one
-    /// caller's use of it never blocks, nor reaches, another caller's session.
-    session_aliases: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// that answer to it with their owners (tenants), at most one per owner. The id is public
+    /// on chain, so one caller's use of it never blocks, nor reaches, another caller's session.
+    session_aliases: parking_lot::Mutex<SessionAliases>,
     /// `POST /execute`: how many run and wait.
     pub execute: crate::execute::ExecuteGate,
     /// libp2p streams being served (sessions, blob transfers): a shutdown waits for them to
@@ -232,17 +238,30 @@ impl NodeShared {
                 .unwrap_or(false)
     }
 
-    /// The tenant that owns job `id`, from its history record.
-    pub fn session_owner(&self, id: &str) -> Option<String> {
-        self.history.get(id).and_then(|record| record.tenant)
+    /// The tenant that owns job `id`: the submitter the executor's registry names while it
+    /// knows the job, else its history record's.
+    pub async fn session_owner(&self, id: &str) -> Option<String> {
+        match self.executor.job(id) {
+            Some(handle) => Some(handle.tenant.as_str().to_string()),
+            None => self.history.get(id).await.and_then(|record| record.tenant),
+        }
     }
 
     /// The job session `id` names for a reader: `id` itself when it is a job's id, else the
-    /// first job aliased to it ([`NodeShared::alias_session`]) that `visible` accepts (it is
-    /// given job ids). The one place a session name becomes a job.
-    pub fn resolve_session(&self, id: &str, visible: impl Fn(&str) -> bool) -> Option<String> {
-        if self.executor.job(id).is_some() || self.history.get(id).is_some() {
-            return visible(id).then(|| id.to_string());
+    /// first job aliased to it ([`NodeShared::alias_session`]) that `visible` accepts.
+    /// `visible` is given the job's owner tenant (see [`NodeShared::session_owner`]; `None`
+    /// for a record from before tenants). The one place a session name becomes a job.
+    pub async fn resolve_session(
+        &self,
+        id: &str,
+        visible: impl Fn(Option<&str>) -> bool,
+    ) -> Option<String> {
+        let known = match self.executor.job(id) {
+            Some(handle) => Some(Some(handle.tenant.as_str().to_string())),
+            None => self.history.get(id).await.map(|record| record.tenant),
+        };
+        if let Some(owner) = known {
+            return visible(owner.as_deref()).then(|| id.to_string());
         }
         let aliased = self
             .session_aliases
@@ -250,13 +269,16 @@ impl NodeShared {
             .get(id)
             .cloned()
             .unwrap_or_default();
-        aliased.into_iter().find(|job| visible(job))
+        aliased
+            .into_iter()
+            .find(|(_, owner)| visible(owner.as_deref()))
+            .map(|(job, _)| job)
     }
 
-    /// Whether `peer` may attach to job `id`: its owner, or a peer that reads everything.
-    pub fn peer_may_follow(&self, peer: &PeerId, id: &str) -> bool {
-        self.reads_everything(peer)
-            || self.session_owner(id).as_deref() == Some(Tenant::peer(peer).as_str())
+    /// Whether `peer` may attach to a job owned by `owner`: its owner, or a peer that reads
+    /// everything.
+    pub fn peer_may_follow(&self, peer: &PeerId, owner: Option<&str>) -> bool {
+        self.reads_everything(peer) || owner == Some(Tenant::peer(peer).as_str())
     }
 
     /// Cancels session `id` (or an alias) for `tenant`, which must be the tenant that
@@ -266,11 +288,12 @@ impl NodeShared {
     /// its owner's alone, not that of the peers that may read everything: to any other tenant
     /// the session is `unknown_session`, the answer `Attach` gives for a foreign or missing
     /// one; a session that already ended is `session_finished`.
-    pub fn cancel_session(&self, tenant: &Tenant, id: &str) -> Result<JobHandle, Refusal> {
+    pub async fn cancel_session(&self, tenant: &Tenant, id: &str) -> Result<JobHandle, Refusal> {
         let unknown = || Refusal::new("unknown_session", format!("no session {id:?} on this node"));
-        let Some(job) = self.resolve_session(id, |job| {
-            self.session_owner(job).as_deref() == Some(tenant.as_str())
-        }) else {
+        let Some(job) = self
+            .resolve_session(id, |owner| owner == Some(tenant.as_str()))
+            .await
+        else {
             return Err(unknown());
         };
         let finished = |status: &str| {
@@ -279,7 +302,7 @@ impl NodeShared {
                 format!("session {id:?} already ended ({status}): nothing to cancel"),
             )
         };
-        match self.session(&job) {
+        match self.session(&job).await {
             Some(SessionSource::Live(handle)) => {
                 if let JobState::Done(outcome) = handle.state() {
                     return Err(finished(crate::history::status_name(outcome.status)));
@@ -296,7 +319,7 @@ impl NodeShared {
     /// Grants the owner of session `job_id` every blob of its result (see the module doc).
     /// Called before a result goes out, so the client can fetch what its end names.
     pub async fn grant_session_result(&self, job_id: &str, outcome: &JobOutcome) {
-        let Some(record) = self.history.get(job_id) else {
+        let Some(record) = self.history.get(job_id).await else {
             return;
         };
         let (Some(tenant), Ok(action), Ok(root)) = (
@@ -420,29 +443,58 @@ impl NodeShared {
     /// Makes session `job_id` reachable as `alias` too (a Tangle job's on-chain session id) for
     /// its owner; false, and nothing changed, when `alias` is a job's id or already names a
     /// session of the same owner (another owner's use of the same alias is no conflict).
-    pub fn alias_session(&self, alias: &str, job_id: &str) -> bool {
-        let owner = self.session_owner(job_id);
-        if self.executor.job(alias).is_some() || self.history.get(alias).is_some() {
+    pub async fn alias_session(&self, alias: &str, job_id: &str) -> bool {
+        let owner = self.session_owner(job_id).await;
+        if self.executor.job(alias).is_some() || self.history.get(alias).await.is_some() {
             return false;
         }
         let mut aliases = self.session_aliases.lock();
         let jobs = aliases.entry(alias.to_string()).or_default();
-        if jobs.iter().any(|job| self.session_owner(job) == owner) {
+        if jobs.iter().any(|(_, other)| *other == owner) {
             return false;
         }
-        jobs.push(job_id.to_string());
+        jobs.push((job_id.to_string(), owner));
         true
+    }
+
+    /// The lines of a finished job's stored log, read through the executor's stores (scaled
+    /// out: from the shared store when this front end's local tier does not hold it, e.g.
+    /// a build another front end, or this one before a fresh start, recorded).
+    pub async fn stored_log(
+        &self,
+        digest: &Digest,
+    ) -> anyhow::Result<Vec<rba_executor::logstream::LogLine>> {
+        let bytes = self
+            .executor
+            .stores()
+            .blobs()
+            .read_to_vec(digest, MAX_STORED_LOG_BYTES)
+            .await
+            .with_context(|| format!("reading the stored log {digest:?}"))?;
+        Ok(rba_executor::logstream::parse_log_blob(&bytes)?)
+    }
+
+    /// The session `id` names for a reader that `visible` lets see its owner
+    /// ([`NodeShared::resolve_session`], then [`NodeShared::session`]).
+    pub async fn visible_session(
+        &self,
+        id: &str,
+        visible: impl Fn(Option<&str>) -> bool,
+    ) -> Option<SessionSource> {
+        let job = self.resolve_session(id, visible).await?;
+        self.session(&job).await
     }
 
     /// A session by job id or alias (the first job the alias names; a reader that must see
     /// only its own uses [`NodeShared::resolve_session`] first).
-    pub fn session(&self, id: &str) -> Option<SessionSource> {
-        let id = self.resolve_session(id, |_| true)?;
+    pub async fn session(&self, id: &str) -> Option<SessionSource> {
+        let id = self.resolve_session(id, |_| true).await?;
         if let Some(handle) = self.executor.job(&id) {
             return Some(SessionSource::Live(handle));
         }
         self.history
             .get(&id)
+            .await
             .filter(BuildRecord::is_finished)
             .map(|record| SessionSource::Finished(Box::new(record)))
     }
@@ -603,7 +655,7 @@ impl NodeShared {
             artifacts: Vec::new(),
             error: None,
         };
-        if let Err(e) = self.history.put(&record) {
+        if let Err(e) = self.history.put(&record).await {
             tracing::warn!(error = %e, "recording a build");
         }
         let (node, watched, kind) = (self.clone(), handle.clone(), job.kind.name());
@@ -614,7 +666,7 @@ impl NodeShared {
             let lines = watched.log.wait_finished().await.lines;
             let mut record = record;
             record.finish(&outcome, lines);
-            if let Err(e) = node.history.put(&record) {
+            if let Err(e) = node.history.put(&record).await {
                 tracing::warn!(error = %e, "recording a build outcome");
             }
             node.metrics
@@ -714,11 +766,6 @@ impl Node {
             )?;
             reapi = Some((server, addr));
         }
-        let history = History::open(cas.blobs.db())?;
-        let interrupted = history.mark_interrupted()?;
-        if interrupted > 0 {
-            tracing::warn!(interrupted, "builds interrupted by the last stop");
-        }
         let executor_config = crate::compose::executor_config(&config, &data_dir.join("executor"))?;
         let executor = crate::compose::front_end_executor(
             &cas,
@@ -726,6 +773,16 @@ impl Node {
             scale_out.as_ref().zip(shared_stores),
         )?;
         let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;
+        let history = crate::compose::history(
+            &cas,
+            scale_out.as_ref(),
+            &keypair.public().to_peer_id().to_string(),
+        )
+        .await?;
+        let interrupted = history.mark_interrupted().await?;
+        if interrupted > 0 {
+            tracing::warn!(interrupted, "builds interrupted by the last stop");
+        }
         let network = Network::start(keypair, Duration::from_secs(config.idle_timeout_secs))?;
         for address in &config.listen {
             network.listen(address.parse()?).await?;
@@ -820,18 +877,6 @@ impl Node {
             grpc_addr = Some(bound);
             tasks.push(task);
         }
-        // Forget finished log streams after a day (their logs stay in the CAS).
-        let (executor, mut stop) = (shared.executor.clone(), shutdown_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    _ = tokio::time::sleep(Duration::from_secs(600)) => {
-                        executor.logs().cleanup(Duration::from_secs(24 * 3600));
-                    }
-                }
-            }
-        }));
         Ok(Node {
             shared,
             http_addr,

@@ -354,8 +354,12 @@ pub struct CacheView {
 
 impl CacheView {
     /// The statistics now; `usage` is the executor's cache usage (a directory walk the
-    /// caller does off the async threads, and not too often).
-    pub fn new(node: &NodeShared, usage: rba_executor::caches::CacheUsage) -> CacheView {
+    /// caller does off the async threads, and not too often); `builds` the history's count.
+    pub fn new(
+        node: &NodeShared,
+        usage: rba_executor::caches::CacheUsage,
+        builds: usize,
+    ) -> CacheView {
         let stats = node.cas.blobs.stats();
         let (cache_hits, jobs_finished) = (node.metrics.cache_hits(), node.metrics.jobs_finished());
         CacheView {
@@ -365,7 +369,7 @@ impl CacheView {
             evicted_bytes: stats.evicted_bytes,
             max_bytes: node.cas.blobs.config().max_bytes,
             action_cache_entries: node.cas.actions.len(),
-            builds: node.history.len(),
+            builds,
             cache_hits,
             jobs_finished,
             hit_rate: if jobs_finished == 0 {

@@ -80,6 +80,7 @@ async fn reapi_clients_see_what_libp2p_clients_built() {
 
 const ALICE: &str = "alice-secret-token";
 const BOB: &str = "bob-secret-token";
+const OPS: &str = "ops-secret-token";
 const SHA: DigestFunction = DigestFunction::Sha256;
 
 fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -131,7 +132,9 @@ async fn tls_and_tokens_keep_each_tenants_operations_its_own() {
     };
     let node = common::node_with(&dir.path().join("node"), &[], |config| {
         config.grpc_listen = Some(([127, 0, 0, 1], 0).into());
-        config.auth.tokens = vec![token("alice", ALICE), token("bob", BOB)];
+        let mut operator = token("ops", OPS);
+        operator.tenants = vec![rba_cache_server::auth::ALL_TENANTS.into()];
+        config.auth.tokens = vec![token("alice", ALICE), token("bob", BOB), operator];
         config.tls = Some(TlsConfig {
             cert: dir.path().join("cert.pem"),
             key: dir.path().join("key.pem"),
@@ -319,5 +322,54 @@ async fn tls_and_tokens_keep_each_tenants_operations_its_own() {
     };
     let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
     assert_eq!(response.status.unwrap().code, Code::Cancelled as i32);
+
+    // One registry of jobs behind every face: a libp2p client's build is the operation
+    // `rba/cargo/operations/{session}`, seen by a token that sees every tenant, and by no
+    // token of another tenant.
+    let (result, _) = Client::connect(&node)
+        .await
+        .run(JobKind::Build, &fixture("hello"), &[])
+        .await;
+    let session = format!(
+        "{}/operations/{}",
+        rba_executor::runner::CARGO_INSTANCE,
+        result.session_id
+    );
+    let seen = operations
+        .get_operation(bearer(
+            GetOperationRequest {
+                name: session.clone(),
+            },
+            OPS,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(seen.done, "{seen:?}");
+    let Some(operation::Result::Response(any)) = seen.result else {
+        panic!("{seen:?}")
+    };
+    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    let listed = operations
+        .list_operations(bearer(
+            ListOperationsRequest {
+                name: format!("{}/operations", rba_executor::runner::CARGO_INSTANCE),
+                ..Default::default()
+            },
+            OPS,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.operations.iter().any(|op| op.name == session),
+        "{listed:?}"
+    );
+    let hidden = operations
+        .get_operation(bearer(GetOperationRequest { name: session }, ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
     node.shutdown().await.unwrap();
 }

@@ -60,7 +60,7 @@ async fn build_streams_lines_then_a_signed_end_and_a_resubmission_is_a_cache_hit
     assert!(!lines_of(&events).is_empty(), "the cached log is replayed");
 
     // History and re-attachment to a finished session.
-    let record = node.shared().history.get(&result.session_id).unwrap();
+    let record = node.shared().history.get(&result.session_id).await.unwrap();
     assert_eq!(record.status, "success");
     assert!(record.steps.iter().any(|s| s.name == "build"));
     let mut replay = Vec::new();
@@ -94,6 +94,7 @@ async fn a_failing_crate_ends_with_status_error() {
         node.shared()
             .history
             .get(&result.session_id)
+            .await
             .unwrap()
             .status,
         "failed"

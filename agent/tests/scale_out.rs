@@ -6,7 +6,8 @@
 //! a cargo build through the front end (`rba build --remote`) gets its binary back; a worker
 //! killed with SIGKILL mid-job loses the job to the other worker, which finishes it once; after
 //! every process restarted (fresh local dirs for the front end and the workers) the earlier
-//! result is a cache hit served from the bucket and the database; a worker drains and exits 0
+//! result is a cache hit served from the bucket and the database, and the new front end lists
+//! the earlier build and serves its log (the history is in the database); a worker drains and exits 0
 //! on SIGTERM; `/ready` reports the shared state; and a broken store or database URL stops
 //! `rba serve` and `rba worker` with an error naming the variable.
 
@@ -16,6 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rba_agent::history::postgres::PgHistory;
+use rba_agent::history::{BuildRecord, History};
+use rba_cas::backends::postgres::Postgres;
 use rba_cas::{Digest, DigestFunction};
 use rba_e2e_tests::postgres::TestPostgres;
 use rba_e2e_tests::s3::TestS3;
@@ -50,6 +54,7 @@ impl Deployment {
         std::fs::write(
             &config,
             "shutdown_grace_secs = 5\n\
+             public_read = true\n\
              [scheduler]\n\
              lease_secs = 3\n\
              heartbeat_secs = 1\n\
@@ -455,8 +460,111 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
     assert!(response.cached_result, "{response:?}");
     assert_eq!(output(&channel, &response).await, "input from the client\n");
     assert_eq!(claims(&worker), 0, "nothing ran again");
+
+    // The build history is the database's: the new front end lists the cargo build of (b)
+    // and serves its log, which its fresh local tier reads from the bucket.
+    let (status, response) = http_get(&front, "/builds");
+    assert_eq!(status, 200, "{response}");
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let builds: serde_json::Value = serde_json::from_str(body).unwrap();
+    let hello = builds
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "build" && b["status"] == "success")
+        .unwrap_or_else(|| panic!("the build of (b) is not listed: {body}"));
+    let id = hello["id"].as_str().unwrap();
+    let (status, log) = http_get(&front, &format!("/builds/{id}/logs"));
+    assert_eq!(status, 200, "{log}");
+    assert!(log.contains("hello v0.1.0 (/workspace)"), "{log}");
     drop(worker);
     drop(front);
+}
+
+fn record(id: &str, at_ms: u64, tenant: &str, status: &str) -> BuildRecord {
+    serde_json::from_value(serde_json::json!({
+        "id": id, "kind": "build", "release": false, "input_root": "", "action_digest": "",
+        "client": null, "workspace": "w", "tenant": tenant, "submitted_at_ms": at_ms,
+        "status": status, "exit_code": null, "cache_hit": false, "duration_ms": null,
+        "steps": [], "log_digest": null, "lines": null, "artifacts": [], "error": null,
+    }))
+    .unwrap()
+}
+
+/// The build history in PostgreSQL, as two front ends over one database see it: one list,
+/// newest first a page at a time (hidden records skipped, ids of one millisecond in bytewise
+/// order, as the embedded history), counted without a scan, and each front end marking only
+/// its own interrupted builds; a front end opened again migrates nothing and sees it all.
+/// A database that stops answering is an error for writes and pages, and a miss for reads.
+#[tokio::test]
+async fn the_build_history_in_postgres_is_shared_by_the_front_ends() {
+    let mut pg = TestPostgres::start();
+    let postgres = Postgres::connect(&pg.url()).await.unwrap();
+    let open = |front_end: &'static str| {
+        let postgres = postgres.clone();
+        async move {
+            let store = PgHistory::open(&postgres, front_end).await.unwrap();
+            History::over(Arc::new(store))
+        }
+    };
+    let (a, b) = (open("front-a").await, open("front-b").await);
+    assert_eq!(a.backend(), "postgres");
+    for (id, at, tenant) in [
+        ("x", 5, "me"),
+        ("B", 5, "me"),
+        ("a", 5, "me"),
+        ("o", 1, "other"),
+    ] {
+        a.put(&record(id, at, tenant, "success")).await.unwrap();
+    }
+    b.put(&record("run-b", 9, "me", "running")).await.unwrap();
+    a.put(&record("run-a", 8, "me", "running")).await.unwrap();
+    // An outcome replaces its record: not a second one.
+    a.put(&record("x", 5, "me", "failed")).await.unwrap();
+    assert_eq!(a.count().await.unwrap(), 6, "both front ends' records");
+    let mine = |r: BuildRecord| (r.tenant.as_deref() == Some("me")).then_some(r.id);
+    let first = b.page(None, 3, mine).await.unwrap();
+    assert_eq!(first.items, ["run-b", "run-a", "x"]);
+    let rest = b.page(first.next.as_ref(), 3, mine).await.unwrap();
+    assert_eq!(rest.items, ["a", "B"]);
+    assert!(rest.next.is_none(), "only another tenant's record is left");
+    assert_eq!(b.get("x").await.unwrap().status, "failed");
+    assert!(b.get("nothing").await.is_none());
+
+    // Front end a restarts: its running build is interrupted, b's is alive.
+    let a = open("front-a").await;
+    assert_eq!(a.mark_interrupted().await.unwrap(), 1);
+    assert_eq!(a.get("run-a").await.unwrap().status, "error");
+    assert_eq!(a.get("run-b").await.unwrap().status, "running");
+    assert_eq!(a.mark_interrupted().await.unwrap(), 0);
+    assert_eq!(
+        postgres
+            .schema_version(rba_agent::history::postgres::SCHEMA_COMPONENT)
+            .await
+            .unwrap(),
+        Some(rba_agent::history::postgres::MIGRATIONS.len() as i32)
+    );
+
+    // The database stops: writes and pages fail naming it, reads miss (and so refuse).
+    pg.stop();
+    let error = a
+        .put(&record("late", 10, "me", "success"))
+        .await
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("postgres"), "{error:#}");
+    assert!(a.page(None, 5, mine).await.is_err());
+    assert!(a.get("x").await.is_none());
+    pg.start_again();
+    let again = tokio::time::Instant::now();
+    while a.get("x").await.is_none() {
+        assert!(
+            again.elapsed() < Duration::from_secs(20),
+            "the history did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.put(&record("late", 10, "me", "success")).await.unwrap();
+    assert_eq!(b.count().await.unwrap(), 7);
 }
 
 #[test]

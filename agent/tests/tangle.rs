@@ -486,8 +486,11 @@ async fn jobs_0_to_4_on_fixture_zips() {
     assert_ne!(compiled.binaryHash, alloy_primitives::FixedBytes::ZERO);
     let log = h.log_text(&compiled);
     assert!(log.contains("hello v0.1.0 (/workspace)"), "{log}");
-    let record = h.node.shared().history.list(10);
-    assert_eq!(record.len(), 1, "the build is in the node's history");
+    assert_eq!(
+        h.node.shared().history.count().await.unwrap(),
+        1,
+        "the build is in the node's history"
+    );
 
     // Job 0 release by http://, the single-tuple encoding (alloy's `abi_encode` of the tuple).
     let call_id = rand_call_id();
@@ -593,8 +596,8 @@ async fn requester_attached_to_the_session_gets_the_log_and_the_end() {
         }
     };
     assert!(
-        h.node.shared().executor.logs().get(&session_id).is_some(),
-        "the log stream is registered under the session id"
+        h.node.shared().session(&session_id).await.is_some(),
+        "the session id names the job"
     );
     let mut lines = Vec::new();
     let end = loop {
@@ -752,7 +755,11 @@ async fn hostile_zip_uris_give_error_results_and_write_nothing_outside() {
     );
 
     // Nothing ran, nothing escaped, nothing stayed behind.
-    assert_eq!(h.node.shared().history.len(), 0, "no job was submitted");
+    assert_eq!(
+        h.node.shared().history.count().await.unwrap(),
+        0,
+        "no job was submitted"
+    );
     assert!(!Path::new("/tmp").join(&escape_name).exists());
     for ancestor in h.zip_root.ancestors().take(4) {
         assert!(

@@ -42,11 +42,9 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, Stream};
-use parking_lot::Mutex;
 use rba_cas::{CasError, Digest, Store, Stores};
 use rba_executor::action::{ActionError, check_command_paths};
 use rba_executor::logstream::LogStreamKind;
@@ -154,64 +152,31 @@ pub fn pack<M: Message>(type_name: &str, message: &M) -> Any {
     }
 }
 
-/// The instance and owner of each operation this server started, for names, listings and
-/// ownership checks. Entries go (in amortised sweeps) once the executor has forgotten the job.
-#[derive(Debug, Default)]
-struct OperationTable {
-    instances: Mutex<HashMap<String, (String, Tenant)>>,
-    /// Size after the last sweep: the next sweep runs when the table has doubled.
-    swept: Mutex<usize>,
-}
-
-impl OperationTable {
-    fn insert(&self, executor: &Executor, id: &str, instance: &str, owner: Tenant) {
-        let mut instances = self.instances.lock();
-        let mut swept = self.swept.lock();
-        if instances.len() >= (*swept * 2).max(1024) {
-            let known: std::collections::HashSet<String> =
-                executor.jobs().into_iter().map(|job| job.id).collect();
-            instances.retain(|id, _| known.contains(id));
-            *swept = instances.len();
-        }
-        instances.insert(id.to_string(), (instance.to_string(), owner));
-    }
-
-    /// The operation's instance and owner (`None`: not started by this server).
-    fn get(&self, id: &str) -> Option<(String, Tenant)> {
-        self.instances.lock().get(id).cloned()
-    }
-
-    fn remove(&self, id: &str) {
-        self.instances.lock().remove(id);
-    }
-}
-
 /// What the Execution and Operations services share.
 #[derive(Clone, Debug)]
 struct Shared {
     state: ServerState,
     executor: Executor,
-    table: Arc<OperationTable>,
 }
 
 impl Shared {
-    /// The job of an operation name, if the executor knows it, this server started it for a
-    /// tenant `caller` may see, and it belongs to the named instance (a bare id names it
-    /// whatever its instance). Anything else is the same `NOT_FOUND`.
+    /// The job of an operation name, if the executor knows it, it was submitted by a tenant
+    /// `caller` may see, and under the named instance (a bare id names it whatever its
+    /// instance). Anything else is the same `NOT_FOUND`. The executor's job registry is the
+    /// one table of jobs: its handles carry their instance and tenant.
     fn lookup(&self, name: &str, caller: &Caller) -> Result<(String, JobHandle), Status> {
         let (instance, id) = parse_operation_name(name)?;
         let not_found = || Status::not_found(format!("no operation {name:?} (unknown or expired)"));
-        let (owner_instance, owner) = self.table.get(&id).ok_or_else(not_found)?;
-        if !caller.may_see(owner.as_str()) {
-            tracing::debug!(operation = %id, %owner, caller = %caller.tenant(), "operation of another tenant");
-            return Err(not_found());
-        }
         let handle = self.executor.job(&id).ok_or_else(not_found)?;
-        let bare = !name.contains('/');
-        if !bare && owner_instance != instance {
+        if !caller.may_see(handle.tenant.as_str()) {
+            tracing::debug!(operation = %id, owner = %handle.tenant, caller = %caller.tenant(), "operation of another tenant");
             return Err(not_found());
         }
-        Ok((owner_instance, handle))
+        let bare = !name.contains('/');
+        if !bare && handle.instance != instance {
+            return Err(not_found());
+        }
+        Ok((handle.instance.clone(), handle))
     }
 }
 
@@ -228,7 +193,7 @@ pub struct OperationsService {
 }
 
 /// The Execution service, the Operations service and the live-output reader over one
-/// executor, sharing one table of operations.
+/// executor and its job registry.
 #[derive(Clone, Debug)]
 pub struct ExecutionServices {
     /// `build.bazel.remote.execution.v2.Execution`.
@@ -241,11 +206,7 @@ pub struct ExecutionServices {
 
 /// The services over `executor`, which must run on `state`'s store.
 pub fn services(state: ServerState, executor: Executor) -> ExecutionServices {
-    let shared = Shared {
-        state,
-        executor,
-        table: Arc::new(OperationTable::default()),
-    };
+    let shared = Shared { state, executor };
     ExecutionServices {
         execution: ExecutionService {
             shared: shared.clone(),
@@ -311,9 +272,6 @@ impl ExecutionService {
             }
             Err(error) => return Err(submit_status(error)),
         };
-        self.shared
-            .table
-            .insert(&self.shared.executor, &handle.id, &instance, tenant);
         tracing::debug!(job = %handle.id, ?action, %instance, "execute");
         Ok(operation_stream(
             instance,
@@ -390,11 +348,8 @@ impl Operations for OperationsService {
                 .executor
                 .jobs()
                 .into_iter()
-                .filter_map(|job| {
-                    let (owner_instance, owner) = self.shared.table.get(&job.id)?;
-                    (owner_instance == instance && caller.may_see(owner.as_str()))
-                        .then(|| snapshot(&owner_instance, &job, &job.state()))
-                })
+                .filter(|job| job.instance == instance && caller.may_see(job.tenant.as_str()))
+                .map(|job| snapshot(&job.instance, &job, &job.state()))
                 .collect();
             operations.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Response::new(ListOperationsResponse {
@@ -429,7 +384,6 @@ impl Operations for OperationsService {
             let caller = auth::caller(&request);
             let (_, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
             self.shared.executor.forget_job(&handle.id);
-            self.shared.table.remove(&handle.id);
             Ok(Response::new(Empty {}))
         })();
         self.shared

@@ -19,7 +19,10 @@
 //!   ([`backends::s3::BucketStore`]) with their presence index; the blob index, the action cache
 //!   and the grants in PostgreSQL ([`backends::postgres`]).
 //! - [`layers`]: features as layers over the seams: completeness of action-cache hits, a local
-//!   fast tier in front of a bucket ([`layers::tiered::Tiered`]).
+//!   fast tier in front of a bucket ([`layers::tiered::Tiered`]), peer fetch from trusted
+//!   operators ([`layers::peer`]).
+//! - [`records`]: a named key space in the embedded database for a node's own records (its
+//!   build history), so no other crate names the database engine.
 //! - [`stores`]: [`Stores`], the store, complete action cache and grants a server is given.
 //! - [`Cas`]: one handle on all of them, sharing one sled database.
 //!
@@ -34,6 +37,7 @@ pub mod digest;
 pub mod error;
 pub mod layers;
 pub mod merkle;
+pub mod records;
 pub mod seams;
 pub mod store;
 pub mod stores;
@@ -51,6 +55,7 @@ pub use merkle::{
     build_from_zip_file, get_tree, make_tree_local, materialize, missing_in_tree, read_directory,
     tree_digests, tree_digests_in, validate_directory, validate_tree,
 };
+pub use records::EmbeddedRecords;
 pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};
 pub use store::{BlobReader, BlobStore, BlobWriter, StagedBlob, StoreConfig, StoreStats};
 pub use stores::Stores;

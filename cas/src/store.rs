@@ -376,8 +376,9 @@ impl BlobStore {
         &self.inner.config
     }
 
-    /// The sled database, shared with the action cache and stat cache of this store.
-    pub fn db(&self) -> &sled::Db {
+    /// The sled database, shared with the action cache, grants, stat cache and record spaces
+    /// ([`crate::records`]) of this store; never outside this crate.
+    pub(crate) fn db(&self) -> &sled::Db {
         &self.inner.db
     }
 

@@ -46,16 +46,16 @@
 //! - The spill files live in a fresh directory under the directory given to [`LogStream::new`];
 //!   it is removed when the writer and the last handle and reader are dropped.
 //!
-//! [`LogRegistry`] maps stream ids to live streams for the servers, and forgets finished streams
-//! after a retention period.
+//! No registry of streams here: a job's stream is its handle's ([`crate::runner::JobHandle`]),
+//! found through the executor's one registry of jobs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use rba_cas::{BlobStore, CasError, Digest, DigestFunction};
@@ -482,7 +482,7 @@ impl LogStream {
         self.shared.state.lock().end.clone()
     }
 
-    /// When the stream finished (used by [`LogRegistry::cleanup`]).
+    /// When the stream finished (the executor forgets a job some time after).
     pub fn finished_at(&self) -> Option<Instant> {
         self.shared.state.lock().ended_at
     }
@@ -898,68 +898,6 @@ fn read_spilled(
     Ok(lines)
 }
 
-/// Live log streams by id (a session id, a REAPI operation name…), shared by the servers.
-/// Cheap to clone; clones share one registry.
-#[derive(Clone, Debug, Default)]
-pub struct LogRegistry {
-    streams: Arc<Mutex<HashMap<String, LogStream>>>,
-}
-
-impl LogRegistry {
-    /// An empty registry.
-    pub fn new() -> Self {
-        LogRegistry::default()
-    }
-
-    /// Registers a stream under `id`, returning the stream it replaces.
-    pub fn insert(&self, id: impl Into<String>, stream: LogStream) -> Option<LogStream> {
-        self.streams.lock().insert(id.into(), stream)
-    }
-
-    /// The stream registered under `id`.
-    pub fn get(&self, id: &str) -> Option<LogStream> {
-        self.streams.lock().get(id).cloned()
-    }
-
-    /// Unregisters a stream. Readers already subscribed keep reading it.
-    pub fn remove(&self, id: &str) -> Option<LogStream> {
-        self.streams.lock().remove(id)
-    }
-
-    /// The registered ids, sorted.
-    pub fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.streams.lock().keys().cloned().collect();
-        ids.sort();
-        ids
-    }
-
-    /// Number of registered streams.
-    pub fn len(&self) -> usize {
-        self.streams.lock().len()
-    }
-
-    /// True when no stream is registered.
-    pub fn is_empty(&self) -> bool {
-        self.streams.lock().is_empty()
-    }
-
-    /// Unregisters streams finished more than `retain` ago; returns how many.
-    pub fn cleanup(&self, retain: Duration) -> usize {
-        self.cleanup_at(Instant::now(), retain)
-    }
-
-    /// [`LogRegistry::cleanup`] as of `now`.
-    pub fn cleanup_at(&self, now: Instant, retain: Duration) -> usize {
-        let mut streams = self.streams.lock();
-        let before = streams.len();
-        streams.retain(|_, stream| match stream.finished_at() {
-            Some(at) => now.saturating_duration_since(at) <= retain,
-            None => true,
-        });
-        before - streams.len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
@@ -1251,29 +1189,6 @@ mod tests {
         assert!(spill.exists());
         drop(stream);
         assert!(!spill.exists());
-    }
-
-    #[tokio::test]
-    async fn registry_forgets_finished_streams_after_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let registry = LogRegistry::new();
-        let (done_writer, done) = LogStream::new(dir.path()).unwrap();
-        let (_live_writer, live) = LogStream::new(dir.path()).unwrap();
-        registry.insert("done", done);
-        registry.insert("live", live);
-        drop(done_writer);
-        assert_eq!(registry.ids(), vec!["done".to_string(), "live".to_string()]);
-        assert_eq!(registry.cleanup(Duration::from_secs(60)), 0);
-        assert_eq!(
-            registry.cleanup_at(
-                Instant::now() + Duration::from_secs(61),
-                Duration::from_secs(60)
-            ),
-            1
-        );
-        assert!(registry.get("done").is_none());
-        assert!(registry.get("live").is_some());
-        assert_eq!(registry.len(), 1);
     }
 
     #[test]

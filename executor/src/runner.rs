@@ -517,6 +517,11 @@ pub enum JobState {
 pub struct JobHandle {
     /// Unique id; also the log stream's id in the registry.
     pub id: String,
+    /// The REAPI instance it was submitted under ([`CARGO_INSTANCE`] for cargo jobs).
+    pub instance: String,
+    /// The tenant that submitted it: every face shows a job only to callers that may see
+    /// this tenant.
+    pub tenant: Tenant,
     /// The Action digest.
     pub action_digest: Digest,
     /// The job's log.
@@ -572,8 +577,8 @@ struct Inner {
     config: ExecutorConfig,
     workers: Arc<Semaphore>,
     queue: Mutex<Vec<(String, watch::Sender<JobState>)>>,
+    /// The one registry of jobs every face reads: id → handle (instance, tenant, state, log).
     jobs: Mutex<HashMap<String, JobHandle>>,
-    logs: crate::logstream::LogRegistry,
     /// Set by [`Executor::drain`]: every later submit is refused.
     draining: std::sync::atomic::AtomicBool,
     /// Builds whose shared units are being published in the background.
@@ -699,7 +704,6 @@ impl Executor {
                 config,
                 queue: Mutex::new(Vec::new()),
                 jobs: Mutex::new(HashMap::new()),
-                logs: crate::logstream::LogRegistry::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 publishing: watch::channel(0).0,
             }),
@@ -773,11 +777,6 @@ impl Executor {
         .expect("cargo_action does not panic")
     }
 
-    /// Live and recent log streams by job id.
-    pub fn logs(&self) -> &crate::logstream::LogRegistry {
-        &self.inner.logs
-    }
-
     /// A job by id, while it is known.
     pub fn job(&self, id: &str) -> Option<JobHandle> {
         self.inner.jobs.lock().get(id).cloned()
@@ -791,7 +790,6 @@ impl Executor {
     /// Forgets a job and its log stream (a running job keeps running; its results still reach
     /// the CAS and the action cache). Returns the handle if the job was known.
     pub fn forget_job(&self, id: &str) -> Option<JobHandle> {
-        self.inner.logs.remove(id);
         self.inner.jobs.lock().remove(id)
     }
 
@@ -941,7 +939,6 @@ impl Executor {
     /// Drops jobs (and their log streams) that finished more than [`JOB_RETENTION`] ago.
     fn forget_old_jobs(&self) {
         let now = Instant::now();
-        self.inner.logs.cleanup_at(now, JOB_RETENTION);
         self.inner.jobs.lock().retain(|_, job| {
             job.log
                 .finished_at()
@@ -995,12 +992,13 @@ impl Executor {
         let (state_tx, state_rx) = watch::channel(JobState::Queued { position: 0 });
         let handle = JobHandle {
             id: id.clone(),
+            instance: request.instance.clone(),
+            tenant: request.tenant.clone(),
             action_digest: digest,
             log: log.clone(),
             state: state_rx,
             cancel: Arc::new(Notify::new()),
         };
-        self.inner.logs.insert(id.clone(), log);
         self.inner.jobs.lock().insert(id.clone(), handle.clone());
         let executor = self.clone();
         let cancel = handle.cancel.clone();

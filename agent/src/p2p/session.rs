@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::io::BufReader;
 use libp2p::{PeerId, Stream};
-use rba_executor::logstream::{LogLine as ExecLogLine, parse_log_blob};
+use rba_executor::logstream::LogLine as ExecLogLine;
 use rba_executor::runner::JobState;
 use rba_proto::rba::v1::{
     Accepted, ClientFrame, End, Error as WireError, LogBatch, LogLine, NodeFrame, Progress,
@@ -112,8 +112,10 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
             }
         },
         Some(client_frame::Frame::Attach(attach)) => match node
-            .resolve_session(&attach.session_id, |job| node.peer_may_follow(&peer, job))
-            .and_then(|job| node.session(&job))
+            .visible_session(&attach.session_id, |owner| {
+                node.peer_may_follow(&peer, owner)
+            })
+            .await
         {
             Some(source) => {
                 node.metrics.inc_attached();
@@ -158,10 +160,13 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
             }
         },
         Some(client_frame::Frame::Cancel(cancel)) => {
-            match node.cancel_session(
-                &rba_executor::tenant::Tenant::peer(peer),
-                &cancel.session_id,
-            ) {
+            match node
+                .cancel_session(
+                    &rba_executor::tenant::Tenant::peer(peer),
+                    &cancel.session_id,
+                )
+                .await
+            {
                 Ok(handle) => {
                     let accepted = frame(node_frame::Frame::Accepted(Accepted {
                         session_id: cancel.session_id.clone(),
@@ -277,21 +282,17 @@ async fn stream_stored(
         .as_ref()
         .and_then(|d| rba_cas::Digest::from_wire(d).ok())
     {
-        Some(digest) => {
-            let blobs = node.cas.blobs.clone();
-            let read =
-                tokio::task::spawn_blocking(move || blobs.read_to_vec(&digest, 1 << 30)).await;
-            match read {
-                Ok(Ok(bytes)) => parse_log_blob(&bytes).unwrap_or_default(),
-                _ => {
-                    return write_frame(
-                        stream,
-                        &error_frame("not_found", "the session's log is no longer stored"),
-                    )
-                    .await;
-                }
+        Some(digest) => match node.stored_log(&digest).await {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "replaying a finished session");
+                return write_frame(
+                    stream,
+                    &error_frame("not_found", "the session's log is no longer stored"),
+                )
+                .await;
             }
-        }
+        },
         None => Vec::new(),
     };
     let rest: Vec<LogLine> = lines

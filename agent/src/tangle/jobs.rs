@@ -452,8 +452,8 @@ pub async fn run(
     };
     // One job per session id and caller; another caller's use of the same (public) id is
     // no conflict: each reads only its own.
-    let owns = |job: &str| ctx.node.session_owner(job).as_deref() == Some(tenant.as_str());
-    if ctx.node.resolve_session(session_id, owns).is_some() {
+    let owns = |owner: Option<&str>| owner == Some(tenant.as_str());
+    if ctx.node.resolve_session(session_id, owns).await.is_some() {
         return refused(
             started,
             format!("session_id {session_id} is already in use by this caller"),
@@ -482,12 +482,7 @@ pub async fn run(
             return refused(started, format!("{}: {}", refusal.code, refusal.message));
         }
     };
-    if ctx.node.alias_session(session_id, &handle.id) {
-        ctx.node
-            .executor
-            .logs()
-            .insert(session_id.to_string(), handle.log.clone());
-    } else {
+    if !ctx.node.alias_session(session_id, &handle.id).await {
         // A call of the same caller took this session id while we were fetching: ours runs
         // anyway (the chain paid for it) but cannot be watched under that id.
         tracing::warn!(session_id, job_id = %handle.id, "session id taken meanwhile");

@@ -1,19 +1,25 @@
-//! Build history: one record per session, persisted in the CAS's own sled database (tree
-//! `builds`), so `GET /builds`, re-attaching to a finished session and the figures survive a
-//! restart of the node.
+//! Build history: one record per session, so `GET /builds`, re-attaching to a finished
+//! session and the figures survive a restart of the node.
 //!
 //! Why here and not in the executor: the executor knows jobs only while it runs; who submitted
 //! what, and the record kept after the job is forgotten, is the operator node's business.
+//!
+//! Where the records live is a [`HistoryStore`]: the embedded store's database
+//! ([`embedded`], the default) or, on a front end of a scale-out deployment, PostgreSQL
+//! ([`postgres`]: a replaced front end still lists and serves its builds). The composition
+//! root ([`crate::compose::history`]) picks it with the other backends.
 //!
 //! Each record names its owner tenant (`peer:…`, `local`): the HTTP views and session
 //! attachment show a build only to callers that may see that tenant. Records written before
 //! tenants existed have none and are shown only to callers that see every tenant.
 //!
-//! Newest first, a page at a time: a second tree (`builds_by_time`) keys every record by
-//! `submitted_at_ms` (big-endian) and id, so a page of the dashboard reads its own records and
-//! the ones it skips, never the whole history ([`History::page`]; a history of 10,000 builds
-//! must not ship, nor be parsed, to show 50). The index is rebuilt at open when it does not
-//! match the records (a history written before it existed).
+//! Newest first, a page at a time: both stores read records in (`submitted_at_ms`, id) order
+//! from a cursor, so a page of the dashboard reads its own records and the ones it skips,
+//! never the whole history ([`History::page`]; a history of 10,000 builds must not ship, nor
+//! be parsed, to show 50).
+
+pub mod embedded;
+pub mod postgres;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -193,170 +199,152 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
-/// The persisted history. Cheap to clone.
+/// Where the history's records live: the embedded database ([`embedded::EmbeddedHistory`]),
+/// or PostgreSQL when the node is a front end of a scale-out deployment
+/// ([`postgres::PgHistory`]). Paging, counting and the interrupted-build sweep are
+/// [`History`]'s, over these few operations.
+#[async_trait::async_trait]
+pub trait HistoryStore: Send + Sync + std::fmt::Debug {
+    /// `embedded` or `postgres`, for logs.
+    fn backend(&self) -> &'static str;
+
+    /// Stores (replaces) a record; true when its id was new. A record's `submitted_at_ms`
+    /// never changes.
+    async fn put(&self, record: &BuildRecord) -> anyhow::Result<bool>;
+
+    /// The record of session `id`.
+    async fn get(&self, id: &str) -> anyhow::Result<Option<BuildRecord>>;
+
+    /// Up to `limit` records submitted before `after` (from the newest when `None`), newest
+    /// first, ordered by `submitted_at_ms` then id (bytewise), both descending; fewer only
+    /// when no older record exists.
+    async fn older_than(
+        &self,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<BuildRecord>>;
+
+    /// The number of records, without counting them (a counter the store keeps).
+    async fn count(&self) -> anyhow::Result<usize>;
+
+    /// The records still `running` that this node submitted (after a restart: jobs that
+    /// died with the old process; another front end's running builds are not its to judge).
+    async fn running(&self) -> anyhow::Result<Vec<BuildRecord>>;
+}
+
+/// The persisted history over its [`HistoryStore`]. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct History {
-    tree: sled::Tree,
-    /// `submitted_at_ms` (8 bytes big-endian) ++ id → empty: the records newest first.
-    by_time: sled::Tree,
-    /// Records stored: counted once at open, then kept by `put`, so `/cache/stats` never
-    /// scans the tree (sled's `len` is a full scan).
-    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    store: std::sync::Arc<dyn HistoryStore>,
 }
 
-fn time_key(at_ms: u64, id: &str) -> Vec<u8> {
-    let mut key = at_ms.to_be_bytes().to_vec();
-    key.extend_from_slice(id.as_bytes());
-    key
-}
+/// How many records a page reads from the store at a time, beyond the page itself (records
+/// the view hides, e.g. another tenant's, are read and skipped).
+const PAGE_READ_AHEAD: usize = 16;
 
 impl History {
-    /// Opens the `builds` tree of the CAS's sled database (and its time index, rebuilt when it
-    /// does not match).
-    pub fn open(db: &sled::Db) -> anyhow::Result<Self> {
-        let tree = db.open_tree("builds")?;
-        let count = tree.len();
-        let history = History {
-            tree,
-            by_time: db.open_tree("builds_by_time")?,
-            count: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(count)),
-        };
-        if history.by_time.len() != count {
-            history.by_time.clear()?;
-            for record in history.list(usize::MAX) {
-                history
-                    .by_time
-                    .insert(time_key(record.submitted_at_ms, &record.id), &[])?;
-            }
-        }
-        Ok(history)
+    /// The history kept by `store`.
+    pub fn over(store: std::sync::Arc<dyn HistoryStore>) -> History {
+        History { store }
     }
 
-    /// Stores (replaces) a record. A record's `submitted_at_ms` never changes, so its index
-    /// key stays the same.
-    pub fn put(&self, record: &BuildRecord) -> anyhow::Result<()> {
-        let previous = self
-            .tree
-            .insert(record.id.as_bytes(), serde_json::to_vec(record)?)?;
-        if previous.is_none() {
-            self.count
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// The history in the embedded database of `blobs` (its time index rebuilt when it does
+    /// not match the records).
+    pub fn embedded(blobs: &rba_cas::BlobStore) -> anyhow::Result<History> {
+        Ok(History::over(std::sync::Arc::new(
+            embedded::EmbeddedHistory::open(blobs)?,
+        )))
+    }
+
+    /// `embedded` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    /// Stores (replaces) a record.
+    pub async fn put(&self, record: &BuildRecord) -> anyhow::Result<()> {
+        self.store.put(record).await.map(|_| ())
+    }
+
+    /// A record by session id; `None` also when the store cannot answer (logged), so a
+    /// reader is refused rather than shown something it may not see.
+    pub async fn get(&self, id: &str) -> Option<BuildRecord> {
+        match self.store.get(id).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), id, "reading a build record");
+                None
+            }
         }
-        self.by_time
-            .insert(time_key(record.submitted_at_ms, &record.id), &[])?;
-        Ok(())
     }
 
     /// Up to `limit` records older than `after` (from the newest when `None`), newest first,
     /// mapped by `view` (`None`: not shown, e.g. another tenant's or filtered out). Reads
-    /// records until the page is full, through the time index.
-    pub fn page<T>(
+    /// records from the store a batch at a time until the page is full and one more shown
+    /// record proves a next page.
+    pub async fn page<T>(
         &self,
         after: Option<&Cursor>,
         limit: usize,
         mut view: impl FnMut(BuildRecord) -> Option<T>,
-    ) -> Page<T> {
-        let end = match after {
-            Some(cursor) => std::ops::Bound::Excluded(time_key(cursor.at_ms, &cursor.id)),
-            None => std::ops::Bound::Unbounded,
-        };
+    ) -> anyhow::Result<Page<T>> {
+        let batch = limit.saturating_add(1).saturating_add(PAGE_READ_AHEAD);
         let mut items = Vec::new();
         let mut last = None;
-        for key in self
-            .by_time
-            .range::<Vec<u8>, _>((std::ops::Bound::Unbounded, end))
-            .keys()
-            .rev()
-            .filter_map(Result::ok)
-        {
-            if key.len() < 8 {
-                continue;
-            }
-            let id = String::from_utf8_lossy(&key[8..]).to_string();
-            let Some(record) = self.get(&id) else {
-                continue;
-            };
-            if items.len() == limit {
-                // One more shown record exists: the page has a successor.
-                if view(record).is_some() {
-                    return Page { items, next: last };
+        let mut read_from = after.cloned();
+        loop {
+            let records = self.store.older_than(read_from.as_ref(), batch).await?;
+            let exhausted = records.len() < batch;
+            for record in records {
+                let cursor = Cursor {
+                    at_ms: record.submitted_at_ms,
+                    id: record.id.clone(),
+                };
+                read_from = Some(cursor.clone());
+                if items.len() == limit {
+                    // One more shown record exists: the page has a successor.
+                    if view(record).is_some() {
+                        return Ok(Page { items, next: last });
+                    }
+                    continue;
                 }
-                continue;
+                if let Some(item) = view(record) {
+                    items.push(item);
+                    last = Some(cursor);
+                }
             }
-            let cursor = Cursor {
-                at_ms: record.submitted_at_ms,
-                id: record.id.clone(),
-            };
-            if let Some(item) = view(record) {
-                items.push(item);
-                last = Some(cursor);
+            if exhausted {
+                return Ok(Page { items, next: None });
             }
         }
-        Page { items, next: None }
     }
 
     /// The newest record that `keep` accepts.
-    pub fn latest(&self, keep: impl Fn(&BuildRecord) -> bool) -> Option<BuildRecord> {
-        self.page(None, 1, |record| keep(&record).then_some(record))
-            .items
-            .pop()
-    }
-
-    /// A record by session id.
-    pub fn get(&self, id: &str) -> Option<BuildRecord> {
-        let bytes = self.tree.get(id.as_bytes()).ok()??;
-        serde_json::from_slice(&bytes).ok()
-    }
-
-    /// The most recent records first, at most `limit`.
-    pub fn list(&self, limit: usize) -> Vec<BuildRecord> {
-        self.list_where(limit, |_| true)
-    }
-
-    /// The most recent records that `keep` accepts, at most `limit` (e.g. one tenant's).
-    pub fn list_where(
+    pub async fn latest(
         &self,
-        limit: usize,
         keep: impl Fn(&BuildRecord) -> bool,
-    ) -> Vec<BuildRecord> {
-        let mut records: Vec<BuildRecord> = self
-            .tree
-            .iter()
-            .values()
-            .filter_map(|v| v.ok())
-            .filter_map(|v| serde_json::from_slice::<BuildRecord>(&v).ok())
-            .filter(|record| keep(record))
-            .collect();
-        records.sort_by(|a, b| {
-            b.submitted_at_ms
-                .cmp(&a.submitted_at_ms)
-                .then(a.id.cmp(&b.id))
-        });
-        records.truncate(limit);
-        records
+    ) -> anyhow::Result<Option<BuildRecord>> {
+        Ok(self
+            .page(None, 1, |record| keep(&record).then_some(record))
+            .await?
+            .items
+            .pop())
     }
 
-    /// Number of records (a counter: no scan).
-    pub fn len(&self) -> usize {
-        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    /// Number of records (a counter the store keeps: no scan).
+    pub async fn count(&self) -> anyhow::Result<usize> {
+        self.store.count().await
     }
 
-    /// True when nothing was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Records still `running` (after a restart: jobs that died with the old process) become
-    /// `error`.
-    pub fn mark_interrupted(&self) -> anyhow::Result<usize> {
+    /// This node's records still `running` (after a restart: jobs that died with the old
+    /// process) become `error`.
+    pub async fn mark_interrupted(&self) -> anyhow::Result<usize> {
         let mut count = 0;
-        for mut record in self.list(usize::MAX) {
-            if !record.is_finished() {
-                record.status = "error".to_string();
-                record.error = Some("the node stopped while the job ran".to_string());
-                self.put(&record)?;
-                count += 1;
-            }
+        for mut record in self.store.running().await? {
+            record.status = "error".to_string();
+            record.error = Some("the node stopped while the job ran".to_string());
+            self.put(&record).await?;
+            count += 1;
         }
         Ok(count)
     }
@@ -365,55 +353,6 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn records_round_trip_and_list_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let history = History::open(&db).unwrap();
-        for (id, at) in [("a", 1), ("b", 3), ("c", 2)] {
-            history
-                .put(&BuildRecord {
-                    id: id.into(),
-                    kind: "build".into(),
-                    release: false,
-                    input_root: String::new(),
-                    action_digest: String::new(),
-                    client: None,
-                    workspace: None,
-                    tenant: Some(format!("peer:{}", at % 2)),
-                    submitted_at_ms: at,
-                    status: "running".into(),
-                    exit_code: None,
-                    cache_hit: false,
-                    duration_ms: None,
-                    steps: vec![],
-                    log_digest: None,
-                    lines: None,
-                    artifacts: vec![],
-                    error: None,
-                })
-                .unwrap();
-        }
-        let ids: Vec<String> = history.list(2).into_iter().map(|r| r.id).collect();
-        assert_eq!(ids, ["b", "c"]);
-        let odd: Vec<String> = history
-            .list_where(10, |r| r.tenant.as_deref() == Some("peer:1"))
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(odd, ["b", "a"]);
-        // A record from before tenants reads back without one.
-        history
-            .tree
-            .insert("old", br#"{"id":"old","kind":"build","release":false,"input_root":"","action_digest":"","client":null,"submitted_at_ms":0,"status":"success","exit_code":0,"cache_hit":false,"duration_ms":1,"steps":[],"log_digest":null,"lines":0,"artifacts":[],"error":null}"#.to_vec())
-            .unwrap();
-        assert_eq!(history.get("old").unwrap().tenant, None);
-        assert_eq!(history.mark_interrupted().unwrap(), 3);
-        assert_eq!(history.get("a").unwrap().tenant.as_deref(), Some("peer:1"));
-        assert_eq!(history.get("a").unwrap().status, "error");
-        assert!(history.get("zzz").is_none());
-    }
 
     fn record(id: &str, at: u64, tenant: &str) -> BuildRecord {
         BuildRecord {
@@ -438,42 +377,97 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pages_walk_the_time_index_newest_first_and_the_index_is_rebuilt() {
+    fn embedded(dir: &std::path::Path) -> (rba_cas::BlobStore, History) {
+        let blobs = rba_cas::BlobStore::open(dir, rba_cas::StoreConfig::default()).unwrap();
+        let history = History::embedded(&blobs).unwrap();
+        (blobs, history)
+    }
+
+    #[tokio::test]
+    async fn pages_walk_the_time_index_newest_first_and_the_index_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let history = History::open(&db).unwrap();
+        let (blobs, history) = embedded(dir.path());
         // Two records in the same millisecond, ids out of order.
         for (id, at) in [("b", 5), ("a", 5), ("c", 1), ("d", 9), ("e", 3)] {
             let tenant = if id == "c" { "other" } else { "me" };
-            history.put(&record(id, at, tenant)).unwrap();
+            history.put(&record(id, at, tenant)).await.unwrap();
         }
         // Putting a record again (its outcome) does not add a second index entry.
-        history.put(&record("d", 9, "me")).unwrap();
-        assert_eq!(history.len(), 5, "a replaced record is not counted twice");
+        history.put(&record("d", 9, "me")).await.unwrap();
+        assert_eq!(
+            history.count().await.unwrap(),
+            5,
+            "a replaced record is not counted twice"
+        );
         let mine = |r: BuildRecord| (r.tenant.as_deref() == Some("me")).then_some(r.id);
-        let first = history.page(None, 2, mine);
+        let first = history.page(None, 2, mine).await.unwrap();
         assert_eq!(first.items, ["d", "b"]);
         let next = first.next.unwrap();
         assert_eq!(next.to_string(), "5-b");
         assert_eq!(next.to_string().parse::<Cursor>().unwrap(), next);
-        let second = history.page(Some(&next), 2, mine);
+        let second = history.page(Some(&next), 2, mine).await.unwrap();
         assert_eq!(second.items, ["a", "e"]);
         // Only another tenant's record is left: no next page.
         assert!(second.next.is_none(), "{:?}", second.next);
-        assert_eq!(history.latest(|r| r.id != "d").unwrap().id, "b");
+        let latest = history.latest(|r| r.id != "d").await.unwrap().unwrap();
+        assert_eq!(latest.id, "b");
         for bad in ["", "x-y", "5", "5-"] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
         }
         // A history written before the index: rebuilt at open.
-        history.by_time.clear().unwrap();
+        rba_cas::EmbeddedRecords::open(&blobs, "builds_by_time")
+            .unwrap()
+            .clear()
+            .unwrap();
         drop(history);
-        let history = History::open(&db).unwrap();
+        let history = History::embedded(&blobs).unwrap();
+        let all = history.page(None, 10, |r| Some(r.id)).await.unwrap();
+        assert_eq!(all.items, ["d", "b", "a", "e", "c"]);
+        assert_eq!(history.count().await.unwrap(), 5, "counted again at open");
+        // A page larger than a store read, with most records hidden, still fills.
+        for i in 0..100u64 {
+            let tenant = if i % 10 == 0 { "me" } else { "other" };
+            history
+                .put(&record(&format!("n{i:03}"), 100 + i, tenant))
+                .await
+                .unwrap();
+        }
+        let mine_page = history.page(None, 7, mine).await.unwrap();
         assert_eq!(
-            history.page(None, 10, |r| Some(r.id)).items,
-            ["d", "b", "a", "e", "c"]
+            mine_page.items,
+            ["n090", "n080", "n070", "n060", "n050", "n040", "n030"]
         );
-        assert_eq!(history.len(), 5, "counted again at open");
+        let rest = history
+            .page(mine_page.next.as_ref(), 100, mine)
+            .await
+            .unwrap();
+        assert_eq!(rest.items, ["n020", "n010", "n000", "d", "b", "a", "e"]);
+        assert!(rest.next.is_none());
+    }
+
+    #[tokio::test]
+    async fn interrupted_builds_become_errors_and_old_records_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, history) = embedded(dir.path());
+        let mut running = record("r", 2, "peer:1");
+        running.status = "running".into();
+        history.put(&running).await.unwrap();
+        history.put(&record("s", 1, "peer:1")).await.unwrap();
+        // A record from before tenants reads back without one.
+        rba_cas::EmbeddedRecords::open(&blobs, "builds")
+            .unwrap()
+            .insert(b"old", br#"{"id":"old","kind":"build","release":false,"input_root":"","action_digest":"","client":null,"submitted_at_ms":0,"status":"success","exit_code":0,"cache_hit":false,"duration_ms":1,"steps":[],"log_digest":null,"lines":0,"artifacts":[],"error":null}"#)
+            .unwrap();
+        assert_eq!(history.get("old").await.unwrap().tenant, None);
+        assert_eq!(history.mark_interrupted().await.unwrap(), 1);
+        let r = history.get("r").await.unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.tenant.as_deref()),
+            ("error", Some("peer:1"))
+        );
+        assert_eq!(history.get("s").await.unwrap().status, "success");
+        assert!(history.get("zzz").await.is_none());
+        assert_eq!(history.mark_interrupted().await.unwrap(), 0);
     }
 
     #[test]
