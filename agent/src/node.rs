@@ -590,7 +590,7 @@ impl NodeShared {
         })?;
         let action_digest = prepared.action_digest;
 
-        if !self.has_cached_result(action_digest).await
+        if !self.has_cached_result(&tenant, action_digest).await
             && !self
                 .peers
                 .fetch_action_result(CARGO_INSTANCE, action_digest)
@@ -675,17 +675,17 @@ impl NodeShared {
         Ok(handle)
     }
 
-    /// Whether the action cache the executor looks in (the embedded one, or a front end's
-    /// shared one) has a complete success for `action_digest`.
-    async fn has_cached_result(&self, action_digest: Digest) -> bool {
+    /// Whether the job of `tenant` for `action_digest` will be a cache hit, as the executor
+    /// decides it ([`rba_executor::runner::Executor::cached_success`]: the tenant's own
+    /// namespace, then the shared one, in the embedded or a front end's shared cache); then
+    /// its inputs need not be here.
+    async fn has_cached_result(&self, tenant: &Tenant, action_digest: Digest) -> bool {
         self.executor
-            .stores()
-            .actions()
-            .get(CARGO_INSTANCE, &action_digest)
+            .cached_success(CARGO_INSTANCE, tenant, &action_digest)
             .await
             .ok()
             .flatten()
-            .is_some_and(|r| r.exit_code == 0)
+            .is_some()
     }
 
     /// Fetches one blob of an input tree from the first trusted peer that has it, for

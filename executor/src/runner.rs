@@ -777,6 +777,26 @@ impl Executor {
         .expect("cargo_action does not panic")
     }
 
+    /// The complete, successful cached result a job of `tenant` submitting `action` under
+    /// `instance` would be served: its own namespace, then the shared one
+    /// ([`lookup_namespaces`]). The one lookup: the job path's hit is this, and a face that
+    /// must know beforehand (whether missing inputs matter) asks this too.
+    pub async fn cached_success(
+        &self,
+        instance: &str,
+        tenant: &Tenant,
+        action: &Digest,
+    ) -> Result<Option<ActionResult>, ExecutorError> {
+        for namespace in lookup_namespaces(instance, tenant) {
+            if let Some(result) = self.inner.stores.actions().get(&namespace, action).await?
+                && result.exit_code == 0
+            {
+                return Ok(Some(result));
+            }
+        }
+        Ok(None)
+    }
+
     /// A job by id, while it is known.
     pub fn job(&self, id: &str) -> Option<JobHandle> {
         self.inner.jobs.lock().get(id).cloned()
@@ -1224,16 +1244,14 @@ impl RunningJob<'_> {
     /// Looks in the tenant's own namespace, then the shared one ([`lookup_namespaces`]).
     async fn try_cache_hit(&mut self) -> Result<Option<JobOutcome>, ExecutorError> {
         let stores = self.inner().stores.clone();
-        let digest = self.prepared.action_digest;
-        let mut cached = None;
-        for namespace in lookup_namespaces(&self.request.instance, &self.request.tenant) {
-            if let Some(result) = stores.actions().get(&namespace, &digest).await?
-                && result.exit_code == 0
-            {
-                cached = Some(result);
-                break;
-            }
-        }
+        let cached = self
+            .executor
+            .cached_success(
+                &self.request.instance,
+                &self.request.tenant,
+                &self.prepared.action_digest,
+            )
+            .await?;
         let Some(result) = cached else {
             return Ok(None);
         };
