@@ -571,7 +571,7 @@ async fn cache_stats(State(node): State<Arc<NodeShared>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
-    let stats = node.cas.blobs.stats();
+    let stats = node.store_stats();
     let text = node.metrics.render(&[
         ("rba_cas_bytes", "Bytes held by the CAS", stats.total_bytes),
         ("rba_cas_blobs", "Blobs held by the CAS", stats.blob_count),

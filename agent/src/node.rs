@@ -457,6 +457,12 @@ impl NodeShared {
         true
     }
 
+    /// The blob counters of the store the node's jobs and faces use: the embedded store, or
+    /// scaled out the shared one (the bucket's index), not this front end's local tier.
+    pub fn store_stats(&self) -> rba_cas::StoreStats {
+        self.executor.stores().blobs().stats()
+    }
+
     /// The lines of a finished job's stored log, read through the executor's stores (scaled
     /// out: from the shared store when this front end's local tier does not hold it, e.g.
     /// a build another front end, or this one before a fresh start, recorded).

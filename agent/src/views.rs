@@ -360,7 +360,7 @@ impl CacheView {
         usage: rba_executor::caches::CacheUsage,
         builds: usize,
     ) -> CacheView {
-        let stats = node.cas.blobs.stats();
+        let stats = node.store_stats();
         let (cache_hits, jobs_finished) = (node.metrics.cache_hits(), node.metrics.jobs_finished());
         CacheView {
             total_bytes: stats.total_bytes,

@@ -455,6 +455,20 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
     let worker_dir = tempfile::tempdir().unwrap();
     let worker = deployment.worker(worker_dir.path());
     let channel = self::channel(&front).await;
+    // Its metrics count the shared store's blobs, not its empty local tier.
+    let started = Instant::now();
+    loop {
+        let (_, metrics) = http_get(&front, "/metrics");
+        let blobs = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("rba_cas_blobs "))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        if blobs.is_some_and(|n| n > 0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let action = shell_action(&channel, "cat in.txt > out.txt; echo ran on a worker").await;
     let response = execute(&channel, action).await;
     assert!(response.cached_result, "{response:?}");
