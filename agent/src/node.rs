@@ -81,9 +81,6 @@ impl Refusal {
 /// The largest stored log a reader is served.
 const MAX_STORED_LOG_BYTES: u64 = 1 << 30;
 
-/// Session alias → (job id, owner tenant) of the jobs that answer to it.
-type SessionAliases = std::collections::HashMap<String, Vec<(String, Option<String>)>>;
-
 /// What every face of the node shares.
 pub struct NodeShared {
     /// The configuration the node runs with.
@@ -107,10 +104,10 @@ pub struct NodeShared {
     /// Peers that read every blob and result: the trusted and the sharing peers.
     readers: HashSet<PeerId>,
     allowed: Option<HashSet<PeerId>>,
-    /// Other names of sessions: a Tangle job's on-chain `session_id` → the executor's jobs
-    /// that answer to it with their owners (tenants), at most one per owner. The id is public
-    /// on chain, so one caller's use of it never blocks, nor reaches, another caller's session.
-    session_aliases: parking_lot::Mutex<SessionAliases>,
+    /// Held while a build record's alias is given or its outcome recorded, so neither
+    /// overwrites the other and one owner's alias names one build (the aliases themselves
+    /// are the history's: [`BuildRecord::alias`]).
+    alias_lock: tokio::sync::Mutex<()>,
     /// `POST /execute`: how many run and wait.
     pub execute: crate::execute::ExecuteGate,
     /// libp2p streams being served (sessions, blob transfers): a shutdown waits for them to
@@ -263,16 +260,12 @@ impl NodeShared {
         if let Some(owner) = known {
             return visible(owner.as_deref()).then(|| id.to_string());
         }
-        let aliased = self
-            .session_aliases
-            .lock()
-            .get(id)
-            .cloned()
-            .unwrap_or_default();
-        aliased
+        self.history
+            .aliased(id)
+            .await
             .into_iter()
-            .find(|(_, owner)| visible(owner.as_deref()))
-            .map(|(job, _)| job)
+            .find(|record| visible(record.tenant.as_deref()))
+            .map(|record| record.id)
     }
 
     /// Whether `peer` may attach to a job owned by `owner`: its owner, or a peer that reads
@@ -441,20 +434,30 @@ impl NodeShared {
     }
 
     /// Makes session `job_id` reachable as `alias` too (a Tangle job's on-chain session id) for
-    /// its owner; false, and nothing changed, when `alias` is a job's id or already names a
-    /// session of the same owner (another owner's use of the same alias is no conflict).
+    /// its owner, in its history record (so the alias outlives the node, and a scale-out front
+    /// end's is every front end's); false, and nothing changed, when `alias` is a job's id or
+    /// already names a session of the same owner (another owner's use of the same alias is no
+    /// conflict), or the history cannot record it.
     pub async fn alias_session(&self, alias: &str, job_id: &str) -> bool {
-        let owner = self.session_owner(job_id).await;
+        let _one_at_a_time = self.alias_lock.lock().await;
+        let Some(mut record) = self.history.get(job_id).await else {
+            return false;
+        };
         if self.executor.job(alias).is_some() || self.history.get(alias).await.is_some() {
             return false;
         }
-        let mut aliases = self.session_aliases.lock();
-        let jobs = aliases.entry(alias.to_string()).or_default();
-        if jobs.iter().any(|(_, other)| *other == owner) {
+        let aliased = self.history.aliased(alias).await;
+        if aliased.iter().any(|other| other.tenant == record.tenant) {
             return false;
         }
-        jobs.push((job_id.to_string(), owner));
-        true
+        record.alias = Some(alias.to_string());
+        match self.history.put(&record).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), alias, job_id, "recording a session alias");
+                false
+            }
+        }
     }
 
     /// The blob counters of the store the node's jobs and faces use: the embedded store, or
@@ -650,6 +653,7 @@ impl NodeShared {
             client: peer.map(|p| p.to_string()),
             workspace: Some(sanitize_hint(&submit.workspace_hint)),
             tenant: Some(tenant.as_str().to_string()),
+            alias: None,
             submitted_at_ms: now_ms(),
             status: "running".to_string(),
             exit_code: None,
@@ -672,8 +676,15 @@ impl NodeShared {
             let lines = watched.log.wait_finished().await.lines;
             let mut record = record;
             record.finish(&outcome, lines);
-            if let Err(e) = node.history.put(&record).await {
-                tracing::warn!(error = %e, "recording a build outcome");
+            {
+                // An alias given meanwhile is kept (see `alias_lock`).
+                let _aliases = node.alias_lock.lock().await;
+                if let Some(stored) = node.history.get(&record.id).await {
+                    record.alias = stored.alias;
+                }
+                if let Err(e) = node.history.put(&record).await {
+                    tracing::warn!(error = %e, "recording a build outcome");
+                }
             }
             node.metrics
                 .job_finished(kind, outcome.status, outcome.cache_hit, outcome.duration);
@@ -843,7 +854,7 @@ impl Node {
             peers,
             readers,
             allowed,
-            session_aliases: Default::default(),
+            alias_lock: tokio::sync::Mutex::new(()),
             execute: crate::execute::ExecuteGate::new(config.execute.clone()),
             active_streams: Default::default(),
             usage: Default::default(),

@@ -862,6 +862,7 @@ async fn the_builds_page_paints_fast_with_ten_thousand_builds() {
                     client: None,
                     workspace: Some(format!("ws{}", i % 20)),
                     tenant: Some("local".into()),
+                    alias: None,
                     submitted_at_ms: 1_700_000_000_000 + i * 1000,
                     status: ["success", "failed", "cancelled"][i as usize % 3].into(),
                     exit_code: Some(0),

@@ -258,3 +258,56 @@ async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload
         node.shutdown().await.unwrap();
     }
 }
+
+/// A session's alias (a Tangle call's on-chain id) is its history record's: one build per
+/// alias and owner, another owner's use of the same alias is no conflict, and after a restart
+/// of the node the alias still names the finished session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_alias_is_kept_in_the_history_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), &[]).await;
+    let client = Client::connect(&node).await;
+    let (first, _) = client.run(JobKind::Build, &fixture("hello"), &[]).await;
+    let (second, _) = client.run(JobKind::Check, &fixture("hello"), &[]).await;
+    let shared = node.shared();
+    assert!(shared.alias_session("0xabc", &first.session_id).await);
+    assert!(
+        !shared.alias_session("0xabc", &second.session_id).await,
+        "one build per alias and owner"
+    );
+    assert!(
+        !shared
+            .alias_session(&second.session_id, &first.session_id)
+            .await,
+        "a job's id is no alias"
+    );
+    let owner = shared.session_owner(&first.session_id).await;
+    assert_eq!(
+        shared
+            .resolve_session("0xabc", |o| o == owner.as_deref())
+            .await
+            .as_deref(),
+        Some(first.session_id.as_str())
+    );
+    assert!(
+        shared.resolve_session("0xabc", |_| false).await.is_none(),
+        "a reader that may not see the owner finds nothing"
+    );
+    drop(client);
+    node.shutdown().await.unwrap();
+
+    let node = common::node(dir.path(), &[]).await;
+    let shared = node.shared();
+    match shared
+        .visible_session("0xabc", |o| o == owner.as_deref())
+        .await
+    {
+        Some(rba_agent::node::SessionSource::Finished(record)) => {
+            assert_eq!(record.id, first.session_id);
+            assert_eq!(record.alias.as_deref(), Some("0xabc"));
+            assert_eq!(record.status, "success");
+        }
+        _ => panic!("the alias does not name the finished session after a restart"),
+    }
+    node.shutdown().await.unwrap();
+}

@@ -545,6 +545,22 @@ async fn the_build_history_in_postgres_is_shared_by_the_front_ends() {
     assert_eq!(b.get("x").await.unwrap().status, "failed");
     assert!(b.get("nothing").await.is_none());
 
+    // An alias names one build per owner, across front ends.
+    let mut aliased = record("al-1", 6, "me", "success");
+    aliased.alias = Some("0xabc".into());
+    a.put(&aliased).await.unwrap();
+    let mut again = record("al-2", 7, "me", "success");
+    again.alias = Some("0xabc".into());
+    assert!(
+        b.put(&again).await.is_err(),
+        "a second build of one owner's alias"
+    );
+    let mut other_owner = record("al-3", 7, "other", "success");
+    other_owner.alias = Some("0xabc".into());
+    b.put(&other_owner).await.unwrap();
+    let named: Vec<String> = b.aliased("0xabc").await.into_iter().map(|r| r.id).collect();
+    assert_eq!(named, ["al-1", "al-3"]);
+
     // Front end a restarts: its running build is interrupted, b's is alive.
     let a = open("front-a").await;
     assert_eq!(a.mark_interrupted().await.unwrap(), 1);
@@ -578,7 +594,11 @@ async fn the_build_history_in_postgres_is_shared_by_the_front_ends() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     a.put(&record("late", 10, "me", "success")).await.unwrap();
-    assert_eq!(b.count().await.unwrap(), 7);
+    assert_eq!(
+        b.count().await.unwrap(),
+        9,
+        "the refused alias was not counted"
+    );
 }
 
 #[test]

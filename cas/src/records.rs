@@ -78,6 +78,22 @@ impl EmbeddedRecords {
             .collect()
     }
 
+    /// Up to `limit` keys that start with `prefix`, in key order.
+    pub fn keys_with_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        self.tree
+            .scan_prefix(prefix)
+            .keys()
+            .take(limit)
+            .map(|key| Ok(key?.to_vec()))
+            .collect()
+    }
+
+    /// Removes `key`.
+    pub fn remove(&self, key: &[u8]) -> Result<()> {
+        self.tree.remove(key)?;
+        Ok(())
+    }
+
     /// Every value, in key order (a full scan: for opening and repairs, not for requests).
     pub fn values(&self) -> impl Iterator<Item = Result<Vec<u8>>> + '_ {
         self.tree.iter().values().map(|value| Ok(value?.to_vec()))
@@ -120,6 +136,16 @@ mod tests {
         );
         assert_eq!(
             records.keys_below(Some(b"b"), 10).unwrap(),
+            vec![b"a".to_vec()]
+        );
+        records.insert(b"ab", b"v").unwrap();
+        assert_eq!(
+            records.keys_with_prefix(b"a", 10).unwrap(),
+            vec![b"a".to_vec(), b"ab".to_vec()]
+        );
+        records.remove(b"ab").unwrap();
+        assert_eq!(
+            records.keys_with_prefix(b"a", 10).unwrap(),
             vec![b"a".to_vec()]
         );
         records.clear().unwrap();

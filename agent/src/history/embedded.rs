@@ -12,11 +12,17 @@ use rba_cas::{BlobStore, EmbeddedRecords};
 
 use super::{BuildRecord, Cursor, HistoryStore};
 
+/// The most records one alias is read back with (one per owner: a public on-chain id may be
+/// reused by many callers, each sees only its own).
+const MAX_ALIASED: usize = 10_000;
+
 /// The history in the embedded database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct EmbeddedHistory {
     records: EmbeddedRecords,
     by_time: EmbeddedRecords,
+    /// `alias` ++ NUL ++ id → nothing: the records an alias names.
+    by_alias: EmbeddedRecords,
     /// Records stored: counted once at open (a scan), then kept by `put`.
     count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -24,6 +30,12 @@ pub struct EmbeddedHistory {
 fn time_key(at_ms: u64, id: &str) -> Vec<u8> {
     let mut key = at_ms.to_be_bytes().to_vec();
     key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn alias_prefix(alias: &str) -> Vec<u8> {
+    let mut key = alias.as_bytes().to_vec();
+    key.push(0);
     key
 }
 
@@ -39,6 +51,7 @@ impl EmbeddedHistory {
         let history = EmbeddedHistory {
             records,
             by_time: EmbeddedRecords::open(blobs, "builds_by_time")?,
+            by_alias: EmbeddedRecords::open(blobs, "builds_by_alias")?,
             count: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(count)),
         };
         if history.by_time.count() != count {
@@ -75,9 +88,17 @@ impl HistoryStore for EmbeddedHistory {
     async fn put(&self, record: &BuildRecord) -> anyhow::Result<bool> {
         let (key, json) = (record.id.clone(), serde_json::to_vec(record)?);
         let time = time_key(record.submitted_at_ms, &record.id);
+        let alias = record.alias.as_deref().map(|alias| {
+            let mut key = alias_prefix(alias);
+            key.extend_from_slice(record.id.as_bytes());
+            key
+        });
         self.blocking(move |history| {
             let new = history.records.insert(key.as_bytes(), &json)?;
             history.by_time.insert(&time, &[])?;
+            if let Some(alias) = alias {
+                history.by_alias.insert(&alias, &[])?;
+            }
             if new {
                 history
                     .count
@@ -130,6 +151,24 @@ impl HistoryStore for EmbeddedHistory {
 
     async fn count(&self) -> anyhow::Result<usize> {
         Ok(self.count.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    async fn aliased(&self, alias: &str) -> anyhow::Result<Vec<BuildRecord>> {
+        let (prefix, alias) = (alias_prefix(alias), alias.to_string());
+        self.blocking(move |history| {
+            let mut records = Vec::new();
+            for key in history.by_alias.keys_with_prefix(&prefix, MAX_ALIASED)? {
+                let id = &key[prefix.len()..];
+                if let Some(record) = history.records.get(id)?.and_then(|b| decode(&b))
+                    && record.alias.as_deref() == Some(alias.as_str())
+                {
+                    records.push(record);
+                }
+            }
+            records.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
+            Ok(records)
+        })
+        .await
     }
 
     async fn running(&self) -> anyhow::Result<Vec<BuildRecord>> {

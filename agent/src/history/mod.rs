@@ -76,6 +76,10 @@ pub struct BuildRecord {
     /// tenants.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Another name the session answers to for its owner (a Tangle call's on-chain
+    /// `session_id`); at most one build per alias and owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
     /// Milliseconds since the epoch.
     pub submitted_at_ms: u64,
     /// `running`, `success`, `failed`, `error`, `cancelled`.
@@ -227,6 +231,9 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug {
     /// The number of records, without counting them (a counter the store keeps).
     async fn count(&self) -> anyhow::Result<usize>;
 
+    /// The records whose `alias` is `alias`, whoever owns them, oldest first.
+    async fn aliased(&self, alias: &str) -> anyhow::Result<Vec<BuildRecord>>;
+
     /// The records still `running` that this node submitted (after a restart: jobs that
     /// died with the old process; another front end's running builds are not its to judge).
     async fn running(&self) -> anyhow::Result<Vec<BuildRecord>>;
@@ -274,6 +281,18 @@ impl History {
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), id, "reading a build record");
                 None
+            }
+        }
+    }
+
+    /// The records that answer to `alias` (see [`BuildRecord::alias`]), oldest first; none
+    /// when the store cannot answer (logged).
+    pub async fn aliased(&self, alias: &str) -> Vec<BuildRecord> {
+        match self.store.aliased(alias).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), alias, "reading aliased build records");
+                Vec::new()
             }
         }
     }
@@ -364,6 +383,7 @@ mod tests {
             client: None,
             workspace: Some("w".into()),
             tenant: Some(tenant.into()),
+            alias: None,
             submitted_at_ms: at,
             status: "success".into(),
             exit_code: Some(0),
@@ -468,6 +488,23 @@ mod tests {
         assert_eq!(history.get("s").await.unwrap().status, "success");
         assert!(history.get("zzz").await.is_none());
         assert_eq!(history.mark_interrupted().await.unwrap(), 0);
+        // Aliases: found by name, whoever owns them, and kept across an open.
+        let mut aliased = record("t", 3, "peer:2");
+        aliased.alias = Some("0xabc".into());
+        history.put(&aliased).await.unwrap();
+        let mut other = record("u", 4, "peer:1");
+        other.alias = Some("0xabc".into());
+        history.put(&other).await.unwrap();
+        history.put(&record("v", 5, "peer:1")).await.unwrap();
+        let history = History::embedded(&blobs).unwrap();
+        let named: Vec<String> = history
+            .aliased("0xabc")
+            .await
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(named, ["t", "u"]);
+        assert!(history.aliased("0xab").await.is_empty());
     }
 
     #[test]

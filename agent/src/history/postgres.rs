@@ -6,7 +6,8 @@
 //! One table, `rba_builds` (schema component [`SCHEMA_COMPONENT`], migrated like the store's
 //! and the queue's): the record as JSON beside the columns queries use (`submitted_at_ms`
 //! and the id, collated bytewise like the embedded index, for newest-first pages; `running`
-//! and `front_end` for the sweep of interrupted builds). A one-row table keeps the count, so
+//! and `front_end` for the sweep of interrupted builds; `alias` and `tenant`, unique together,
+//! so two front ends cannot give one owner's alias to two builds). A one-row table keeps the count, so
 //! opening never counts the table. Each front end names itself (its libp2p peer id, stable
 //! with its data dir) and, at start, marks interrupted only the builds it submitted: another
 //! front end's running builds are alive.
@@ -26,8 +27,11 @@ CREATE TABLE rba_builds (
     submitted_at_ms  BIGINT NOT NULL,
     running          BOOLEAN NOT NULL,
     front_end        TEXT NOT NULL,
+    tenant           TEXT,
+    alias            TEXT,
     record           TEXT NOT NULL
 );
+CREATE UNIQUE INDEX rba_builds_alias ON rba_builds (alias, tenant) WHERE alias IS NOT NULL;
 CREATE INDEX rba_builds_newest ON rba_builds (submitted_at_ms DESC, id DESC);
 CREATE INDEX rba_builds_running ON rba_builds (front_end) WHERE running;
 CREATE TABLE rba_builds_count (
@@ -94,10 +98,12 @@ impl HistoryStore for PgHistory {
         let row = client
             .query_one(
                 "WITH stored AS (
-                     INSERT INTO rba_builds (id, submitted_at_ms, running, front_end, record)
-                     VALUES ($1, $2, $3, $4, $5)
+                     INSERT INTO rba_builds
+                         (id, submitted_at_ms, running, front_end, tenant, alias, record)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
                      ON CONFLICT (id) DO UPDATE
-                         SET running = EXCLUDED.running, record = EXCLUDED.record
+                         SET running = EXCLUDED.running, alias = EXCLUDED.alias,
+                             record = EXCLUDED.record
                      RETURNING (xmax = 0) AS inserted
                  ), counted AS (
                      UPDATE rba_builds_count SET records = records + 1
@@ -109,6 +115,8 @@ impl HistoryStore for PgHistory {
                     &millis(record.submitted_at_ms),
                     &!record.is_finished(),
                     &self.front_end,
+                    &record.tenant,
+                    &record.alias,
                     &json,
                 ],
             )
@@ -165,6 +173,19 @@ impl HistoryStore for PgHistory {
             .await
             .context("postgres: counting build records")?;
         Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    async fn aliased(&self, alias: &str) -> anyhow::Result<Vec<BuildRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT record FROM rba_builds WHERE alias = $1
+                 ORDER BY submitted_at_ms, id",
+                &[&alias],
+            )
+            .await
+            .context("postgres: reading aliased build records")?;
+        rows.iter().map(|row| decode(row.get(0))).collect()
     }
 
     async fn running(&self) -> anyhow::Result<Vec<BuildRecord>> {
