@@ -572,6 +572,7 @@ async fn cache_stats(State(node): State<Arc<NodeShared>>) -> Response {
 
 async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
     let stats = node.store_stats();
+    let queued = node.jobs_queued().await;
     let text = node.metrics.render(&[
         ("rba_cas_bytes", "Bytes held by the CAS", stats.total_bytes),
         ("rba_cas_blobs", "Blobs held by the CAS", stats.blob_count),
@@ -587,8 +588,8 @@ async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
         ),
         (
             "rba_jobs_queued",
-            "Jobs waiting for a worker",
-            node.executor.queue_len() as u64,
+            "Jobs waiting for a worker (scaled out: in the shared queue)",
+            queued,
         ),
     ]);
     (

@@ -466,6 +466,18 @@ impl NodeShared {
         self.executor.stores().blobs().stats()
     }
 
+    /// Jobs waiting for a worker: this executor's queue, or scaled out the shared queue's
+    /// (its own when the database cannot answer, logged).
+    pub async fn jobs_queued(&self) -> u64 {
+        if let Some(dispatch) = self.executor.dispatch() {
+            match dispatch.queue().depth().await {
+                Ok(depth) => return depth.queued,
+                Err(e) => tracing::warn!(error = %e, "reading the shared queue's depth"),
+            }
+        }
+        self.executor.queue_len() as u64
+    }
+
     /// The lines of a finished job's stored log, read through the executor's stores (scaled
     /// out: from the shared store when this front end's local tier does not hold it, e.g.
     /// a build another front end, or this one before a fresh start, recorded).

@@ -152,6 +152,13 @@ async fn concurrent_claimers_never_take_the_same_job() {
     for n in 0..60 {
         ids.insert(queue.enqueue(&request(n), None).await.unwrap());
     }
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.queued, depth.running), (60, 0));
+    let held = queue.claim("holder").await.unwrap().unwrap();
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.queued, depth.running), (59, 1));
+    queue.complete(&held, &outcome(0)).await.unwrap();
+    ids.remove(&held.id);
     let claimers = (0..4).map(|w| {
         let queue = queue.clone();
         tokio::spawn(async move {
@@ -173,6 +180,12 @@ async fn concurrent_claimers_never_take_the_same_job() {
     assert!(
         seen.values().all(|&n| n == 1),
         "a job was claimed twice: {seen:?}"
+    );
+    let depth = queue.depth().await.unwrap();
+    assert_eq!(
+        (depth.queued, depth.running),
+        (0, 0),
+        "finished jobs are not counted"
     );
     for id in ids {
         let record = queue.job(id).await.unwrap();

@@ -36,6 +36,7 @@ pub mod worker;
 
 pub use dispatch::Dispatch;
 pub use queue::{
-    ClaimedJob, JobId, JobLogs, JobQueue, JobRecord, Lease, QueueConfig, QueueError, Reaped,
+    ClaimedJob, JobId, JobLogs, JobQueue, JobRecord, Lease, QueueConfig, QueueDepth, QueueError,
+    Reaped,
 };
 pub use worker::{SharedCas, Staging, TieredStaging, Worker, WorkerReport, process_worker_id};

@@ -126,6 +126,15 @@ CREATE INDEX rba_jobs_preferred ON rba_jobs (preferred_worker, queued_at, id)
 "#,
 ];
 
+/// Jobs waiting and running in the shared queue ([`JobQueue::depth`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Waiting for a worker.
+    pub queued: u64,
+    /// Claimed by a worker.
+    pub running: u64,
+}
+
 /// The channel of a job's events (payload: the job id): log lines, state changes.
 const JOB_CHANNEL: &str = "rba_job";
 /// The channel of new work (a job queued or requeued).
@@ -967,6 +976,24 @@ impl JobQueue {
             lost_workers: row.get(4),
             log_lines: row.get::<_, i64>(5) as u64,
             error: row.get(6),
+        })
+    }
+
+    /// How many jobs are queued and how many running, for metrics: read through the queue's
+    /// partial indexes (never the finished jobs).
+    pub async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM rba_jobs WHERE state = 'queued'),
+                        (SELECT count(*) FROM rba_jobs WHERE state = 'running')",
+                &[],
+            )
+            .await?;
+        let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok(QueueDepth {
+            queued: count(0),
+            running: count(1),
         })
     }
 
