@@ -81,6 +81,16 @@ impl Refusal {
 /// The largest stored log a reader is served.
 const MAX_STORED_LOG_BYTES: u64 = 1 << 30;
 
+/// What a session name resolved to ([`NodeShared::resolve_session`]).
+struct Resolved {
+    /// The job's id.
+    id: String,
+    /// Its handle, while the executor knows the job.
+    live: Option<JobHandle>,
+    /// Its history record, when it was read.
+    record: Option<BuildRecord>,
+}
+
 /// What every face of the node shares.
 pub struct NodeShared {
     /// The configuration the node runs with.
@@ -235,37 +245,48 @@ impl NodeShared {
                 .unwrap_or(false)
     }
 
-    /// The tenant that owns job `id`: the submitter the executor's registry names while it
-    /// knows the job, else its history record's.
-    pub async fn session_owner(&self, id: &str) -> Option<String> {
-        match self.executor.job(id) {
-            Some(handle) => Some(handle.tenant.as_str().to_string()),
-            None => self.history.get(id).await.and_then(|record| record.tenant),
-        }
-    }
-
     /// The job session `id` names for a reader: `id` itself when it is a job's id, else the
     /// first job aliased to it ([`NodeShared::alias_session`]) that `visible` accepts.
-    /// `visible` is given the job's owner tenant (see [`NodeShared::session_owner`]; `None`
-    /// for a record from before tenants). The one place a session name becomes a job.
+    /// `visible` is given the job's owner tenant: the submitter the executor's registry names
+    /// while it knows the job, else its history record's (`None` for a record from before
+    /// tenants). The one place a session name becomes a job: the live handle, or the record,
+    /// each looked up once.
+    async fn resolve(&self, id: &str, visible: impl Fn(Option<&str>) -> bool) -> Option<Resolved> {
+        if let Some(handle) = self.executor.job(id) {
+            return visible(Some(handle.tenant.as_str())).then(|| Resolved {
+                id: id.to_string(),
+                live: Some(handle),
+                record: None,
+            });
+        }
+        if let Some(record) = self.history.get(id).await {
+            return visible(record.tenant.as_deref()).then(|| Resolved {
+                id: id.to_string(),
+                live: None,
+                record: Some(record),
+            });
+        }
+        let record = self
+            .history
+            .aliased(id)
+            .await
+            .into_iter()
+            .find(|record| visible(record.tenant.as_deref()))?;
+        Some(Resolved {
+            id: record.id.clone(),
+            live: self.executor.job(&record.id),
+            record: Some(record),
+        })
+    }
+
+    /// The job id session `id` names for a reader that `visible` lets see its owner (see
+    /// [`NodeShared::visible_session`]).
     pub async fn resolve_session(
         &self,
         id: &str,
         visible: impl Fn(Option<&str>) -> bool,
     ) -> Option<String> {
-        let known = match self.executor.job(id) {
-            Some(handle) => Some(Some(handle.tenant.as_str().to_string())),
-            None => self.history.get(id).await.map(|record| record.tenant),
-        };
-        if let Some(owner) = known {
-            return visible(owner.as_deref()).then(|| id.to_string());
-        }
-        self.history
-            .aliased(id)
-            .await
-            .into_iter()
-            .find(|record| visible(record.tenant.as_deref()))
-            .map(|record| record.id)
+        self.resolve(id, visible).await.map(|resolved| resolved.id)
     }
 
     /// Whether `peer` may attach to a job owned by `owner`: its owner, or a peer that reads
@@ -283,19 +304,14 @@ impl NodeShared {
     /// one; a session that already ended is `session_finished`.
     pub async fn cancel_session(&self, tenant: &Tenant, id: &str) -> Result<JobHandle, Refusal> {
         let unknown = || Refusal::new("unknown_session", format!("no session {id:?} on this node"));
-        let Some(job) = self
-            .resolve_session(id, |owner| owner == Some(tenant.as_str()))
-            .await
-        else {
-            return Err(unknown());
-        };
         let finished = |status: &str| {
             Refusal::new(
                 "session_finished",
                 format!("session {id:?} already ended ({status}): nothing to cancel"),
             )
         };
-        match self.session(&job).await {
+        let owned = |owner: Option<&str>| owner == Some(tenant.as_str());
+        match self.visible_session(id, owned).await {
             Some(SessionSource::Live(handle)) => {
                 if let JobState::Done(outcome) = handle.state() {
                     return Err(finished(crate::history::status_name(outcome.status)));
@@ -495,29 +511,28 @@ impl NodeShared {
         Ok(rba_executor::logstream::parse_log_blob(&bytes)?)
     }
 
-    /// The session `id` names for a reader that `visible` lets see its owner
-    /// ([`NodeShared::resolve_session`], then [`NodeShared::session`]).
+    /// The session `id` (a job id or an alias) names for a reader that `visible` lets see
+    /// its owner: the live job, or its finished record.
     pub async fn visible_session(
         &self,
         id: &str,
         visible: impl Fn(Option<&str>) -> bool,
     ) -> Option<SessionSource> {
-        let job = self.resolve_session(id, visible).await?;
-        self.session(&job).await
-    }
-
-    /// A session by job id or alias (the first job the alias names; a reader that must see
-    /// only its own uses [`NodeShared::resolve_session`] first).
-    pub async fn session(&self, id: &str) -> Option<SessionSource> {
-        let id = self.resolve_session(id, |_| true).await?;
-        if let Some(handle) = self.executor.job(&id) {
+        let resolved = self.resolve(id, visible).await?;
+        if let Some(handle) = resolved.live {
             return Some(SessionSource::Live(handle));
         }
-        self.history
-            .get(&id)
-            .await
+        resolved
+            .record
             .filter(BuildRecord::is_finished)
             .map(|record| SessionSource::Finished(Box::new(record)))
+    }
+
+    /// A session by job id or alias for a reader that sees every owner (the first job the
+    /// alias names; a reader that must see only its own uses
+    /// [`NodeShared::visible_session`]).
+    pub async fn session(&self, id: &str) -> Option<SessionSource> {
+        self.visible_session(id, |_| true).await
     }
 
     /// Validates and starts a job (see the module doc). `peer` is the libp2p submitter

@@ -281,7 +281,7 @@ async fn a_session_alias_is_kept_in_the_history_across_a_restart() {
             .await,
         "a job's id is no alias"
     );
-    let owner = shared.session_owner(&first.session_id).await;
+    let owner = shared.history.get(&first.session_id).await.unwrap().tenant;
     assert_eq!(
         shared
             .resolve_session("0xabc", |o| o == owner.as_deref())
