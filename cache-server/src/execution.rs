@@ -164,7 +164,7 @@ impl Shared {
     /// `caller` may see, and under the named instance (a bare id names it whatever its
     /// instance). Anything else is the same `NOT_FOUND`. The executor's job registry is the
     /// one table of jobs: its handles carry their instance and tenant.
-    fn lookup(&self, name: &str, caller: &Caller) -> Result<(String, JobHandle), Status> {
+    fn lookup(&self, name: &str, caller: &Caller) -> Result<JobHandle, Status> {
         let (instance, id) = parse_operation_name(name)?;
         let not_found = || Status::not_found(format!("no operation {name:?} (unknown or expired)"));
         let handle = self.executor.job(&id).ok_or_else(not_found)?;
@@ -176,7 +176,7 @@ impl Shared {
         if !bare && handle.instance != instance {
             return Err(not_found());
         }
-        Ok((handle.instance.clone(), handle))
+        Ok(handle)
     }
 }
 
@@ -259,7 +259,7 @@ impl ExecutionService {
                 skip_cache_lookup: request.skip_cache_lookup,
                 workspace_identity: None,
                 // The token's tenant; `anonymous` only on a server without tokens.
-                tenant: tenant.clone(),
+                tenant,
                 // The client's limits come as platform properties of the Action.
                 limits: Default::default(),
             })
@@ -273,11 +273,7 @@ impl ExecutionService {
             Err(error) => return Err(submit_status(error)),
         };
         tracing::debug!(job = %handle.id, ?action, %instance, "execute");
-        Ok(operation_stream(
-            instance,
-            handle,
-            self.result_grant(grantee),
-        ))
+        Ok(operation_stream(handle, self.result_grant(grantee)))
     }
 
     async fn resume(
@@ -287,12 +283,8 @@ impl ExecutionService {
         auth::require_read(&request)?;
         let caller = auth::caller(&request);
         let grantee = auth::grantee(&request);
-        let (instance, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
-        Ok(operation_stream(
-            instance,
-            handle,
-            self.result_grant(grantee),
-        ))
+        let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
+        Ok(operation_stream(handle, self.result_grant(grantee)))
     }
 
     /// Who is granted the blobs of the result an operation stream delivers.
@@ -349,7 +341,7 @@ impl Operations for OperationsService {
                 .jobs()
                 .into_iter()
                 .filter(|job| job.instance == instance && caller.may_see(job.tenant.as_str()))
-                .map(|job| snapshot(&job.instance, &job, &job.state()))
+                .map(|job| snapshot(&job, &job.state()))
                 .collect();
             operations.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Response::new(ListOperationsResponse {
@@ -368,8 +360,8 @@ impl Operations for OperationsService {
         let result = (|| {
             auth::require_read(&request)?;
             let caller = auth::caller(&request);
-            let (instance, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
-            Ok(Response::new(snapshot(&instance, &handle, &handle.state())))
+            let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
+            Ok(Response::new(snapshot(&handle, &handle.state())))
         })();
         self.shared.state.metrics.request("GetOperation", &result);
         result
@@ -382,7 +374,7 @@ impl Operations for OperationsService {
         let result = (|| {
             auth::require_ac_write(&request)?;
             let caller = auth::caller(&request);
-            let (_, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
+            let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
             self.shared.executor.forget_job(&handle.id);
             Ok(Response::new(Empty {}))
         })();
@@ -400,7 +392,7 @@ impl Operations for OperationsService {
         let result = (|| {
             auth::require_ac_write(&request)?;
             let caller = auth::caller(&request);
-            let (_, handle) = self.shared.lookup(&request.get_ref().name, &caller)?;
+            let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
             tracing::info!(job = %handle.id, "operation cancelled by the client");
             handle.cancel();
             Ok(Response::new(Empty {}))
@@ -420,14 +412,14 @@ impl Operations for OperationsService {
             auth::require_read(&request)?;
             let caller = auth::caller(&request);
             let request = request.into_inner();
-            let (instance, handle) = self.shared.lookup(&request.name, &caller)?;
+            let handle = self.shared.lookup(&request.name, &caller)?;
             let timeout = request
                 .timeout
                 .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
                 .unwrap_or(MAX_WAIT)
                 .min(MAX_WAIT);
             let _ = tokio::time::timeout(timeout, handle.wait()).await;
-            Ok(Response::new(snapshot(&instance, &handle, &handle.state())))
+            Ok(Response::new(snapshot(&handle, &handle.state())))
         }
         .await;
         self.shared.state.metrics.request("WaitOperation", &result);
@@ -579,7 +571,8 @@ fn precondition_failure(instance: &str, action: &Digest, missing: &[Digest]) -> 
 }
 
 /// The Operation describing a job in `state`.
-fn snapshot(instance: &str, job: &JobHandle, state: &JobState) -> Operation {
+fn snapshot(job: &JobHandle, state: &JobState) -> Operation {
+    let instance = job.instance.as_str();
     let stage = match state {
         JobState::Queued { .. } => execution_stage::Value::Queued,
         JobState::Running { .. } => execution_stage::Value::Executing,
@@ -700,11 +693,7 @@ impl ResultGrant {
     }
 }
 
-fn operation_stream(
-    instance: String,
-    job: JobHandle,
-    grant: Option<ResultGrant>,
-) -> OperationStream {
+fn operation_stream(job: JobHandle, grant: Option<ResultGrant>) -> OperationStream {
     Box::pin(async_stream::stream! {
         let mut state = job.watch();
         loop {
@@ -715,7 +704,7 @@ fn operation_stream(
                 yield Err(status);
                 break;
             }
-            let operation = snapshot(&instance, &job, &current);
+            let operation = snapshot(&job, &current);
             let done = operation.done;
             yield Ok(operation);
             if done {
@@ -751,7 +740,7 @@ impl ReadSource for LiveOutput {
     ) -> Option<Result<ReadStream, Status>> {
         let (instance, id, kind) = parse_stream_name(resource_name)?;
         let job = match self.shared.lookup(&operation_name(&instance, &id), caller) {
-            Ok((_, job)) => job,
+            Ok(job) => job,
             Err(status) if status.code() == Code::NotFound => {
                 return Some(Err(Status::not_found(format!(
                     "no live output {resource_name:?} (unknown or expired operation)"
