@@ -164,10 +164,22 @@ impl Shared {
     /// `caller` may see, and under the named instance (a bare id names it whatever its
     /// instance). Anything else is the same `NOT_FOUND`. The executor's job registry is the
     /// one table of jobs: its handles carry their instance and tenant.
-    fn lookup(&self, name: &str, caller: &Caller) -> Result<JobHandle, Status> {
+    async fn lookup(&self, name: &str, caller: &Caller) -> Result<JobHandle, Status> {
         let (instance, id) = parse_operation_name(name)?;
         let not_found = || Status::not_found(format!("no operation {name:?} (unknown or expired)"));
-        let handle = self.executor.job(&id).ok_or_else(not_found)?;
+        // On a scale-out front end, an operation another front end dispatched is followed
+        // here (`Executor::find_job`), if the caller may see its tenant.
+        let handle = self
+            .executor
+            .find_job(&id, |tenant| caller.may_see(tenant.as_str()))
+            .await
+            .map_err(|error| match error {
+                ExecutorError::Queue(reason) => Status::unavailable(format!(
+                    "looking up operation {name:?} in the job queue: {reason}"
+                )),
+                other => submit_status(other),
+            })?
+            .ok_or_else(not_found)?;
         if !caller.may_see(handle.tenant.as_str()) {
             tracing::debug!(operation = %id, owner = %handle.tenant, caller = %caller.tenant(), "operation of another tenant");
             return Err(not_found());
@@ -283,7 +295,7 @@ impl ExecutionService {
         auth::require_read(&request)?;
         let caller = auth::caller(&request);
         let grantee = auth::grantee(&request);
-        let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
+        let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
         Ok(operation_stream(handle, self.result_grant(grantee)))
     }
 
@@ -357,12 +369,13 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let result = (|| {
+        let result = async {
             auth::require_read(&request)?;
             let caller = auth::caller(&request);
-            let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
+            let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
             Ok(Response::new(snapshot(&handle, &handle.state())))
-        })();
+        }
+        .await;
         self.shared.state.metrics.request("GetOperation", &result);
         result
     }
@@ -371,13 +384,14 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        let result = (|| {
+        let result = async {
             auth::require_ac_write(&request)?;
             let caller = auth::caller(&request);
-            let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
+            let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
             self.shared.executor.forget_job(&handle.id);
             Ok(Response::new(Empty {}))
-        })();
+        }
+        .await;
         self.shared
             .state
             .metrics
@@ -389,14 +403,15 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        let result = (|| {
+        let result = async {
             auth::require_ac_write(&request)?;
             let caller = auth::caller(&request);
-            let handle = self.shared.lookup(&request.get_ref().name, &caller)?;
+            let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
             tracing::info!(job = %handle.id, "operation cancelled by the client");
             handle.cancel();
             Ok(Response::new(Empty {}))
-        })();
+        }
+        .await;
         self.shared
             .state
             .metrics
@@ -412,7 +427,7 @@ impl Operations for OperationsService {
             auth::require_read(&request)?;
             let caller = auth::caller(&request);
             let request = request.into_inner();
-            let handle = self.shared.lookup(&request.name, &caller)?;
+            let handle = self.shared.lookup(&request.name, &caller).await?;
             let timeout = request
                 .timeout
                 .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
@@ -739,16 +754,29 @@ impl ReadSource for LiveOutput {
         limit: u64,
     ) -> Option<Result<ReadStream, Status>> {
         let (instance, id, kind) = parse_stream_name(resource_name)?;
-        let job = match self.shared.lookup(&operation_name(&instance, &id), caller) {
-            Ok(job) => job,
-            Err(status) if status.code() == Code::NotFound => {
-                return Some(Err(Status::not_found(format!(
-                    "no live output {resource_name:?} (unknown or expired operation)"
-                ))));
+        let (shared, caller, resource_name) = (
+            self.shared.clone(),
+            caller.clone(),
+            resource_name.to_string(),
+        );
+        // The lookup may ask the job queue (a scale-out front end): it is the stream's first
+        // step, its refusal the stream's one item.
+        Some(Ok(Box::pin(async_stream::stream! {
+            match shared.lookup(&operation_name(&instance, &id), &caller).await {
+                Ok(job) => {
+                    let mut bytes = live_bytes(job, kind, offset, limit);
+                    while let Some(item) = futures::StreamExt::next(&mut bytes).await {
+                        yield item;
+                    }
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    yield Err(Status::not_found(format!(
+                        "no live output {resource_name:?} (unknown or expired operation)"
+                    )));
+                }
+                Err(status) => yield Err(status),
             }
-            Err(status) => return Some(Err(status)),
-        };
-        Some(Ok(live_bytes(job, kind, offset, limit)))
+        })))
     }
 }
 

@@ -528,6 +528,9 @@ pub struct JobHandle {
     pub log: LogStream,
     state: watch::Receiver<JobState>,
     cancel: Arc<Notify>,
+    /// Another front end's job, followed here ([`Executor::find_job`]): not this executor's
+    /// to drain.
+    followed: bool,
 }
 
 impl JobHandle {
@@ -837,7 +840,7 @@ impl Executor {
         let unfinished = || -> Vec<JobHandle> {
             self.jobs()
                 .into_iter()
-                .filter(|job| !matches!(job.state(), JobState::Done(_)))
+                .filter(|job| !job.followed && !matches!(job.state(), JobState::Done(_)))
                 .collect()
         };
         let taken = unfinished();
@@ -978,24 +981,8 @@ impl Executor {
         if self.is_draining() {
             return Err(ExecutorError::Draining);
         }
-        let blobs = self.inner.cas.blobs.clone();
         let digest = request.action_digest;
-        let limits = self.inner.config.tree_limits.clone();
-        if !self.inner.stores.is_embedded_in(&self.inner.cas) {
-            // Shared stores: the Action and its Command may have been uploaded through another
-            // process (a client that found them present skips the upload); they are read from
-            // the local tier.
-            self.make_action_local(digest).await?;
-        }
-        let prepared = tokio::task::spawn_blocking(move || {
-            let prepared = PreparedAction::load(digest, &blobs)?;
-            match prepared.check_input_tree(&blobs, &limits) {
-                Ok(_) | Err(ActionError::Cas(CasError::NotFound(_))) => Ok(prepared),
-                Err(refused) => Err(refused),
-            }
-        })
-        .await
-        .expect("loading an action does not panic")?;
+        let prepared = self.prepare(digest).await?;
         // Refused before it becomes a job: limits the client named but that mean nothing.
         JobLimits::from_platform(|name| prepared.platform_property(name)).map_err(|reason| {
             ActionError::Invalid {
@@ -1003,8 +990,77 @@ impl Executor {
                 reason,
             }
         })?;
+        self.start(uuid::Uuid::new_v4().to_string(), request, prepared, None)
+    }
+
+    /// A job by id: this executor's, or — on a scale-out front end ([`Executor::with_dispatch`])
+    /// — one another front end dispatched under that id, from when it is queued (its inputs
+    /// published; before, it is unknown here, and a REAPI client retries its Execute) while the
+    /// queue keeps it. Such a job
+    /// is *followed* here: a handle whose log mirrors the queue's lines and whose outcome is
+    /// the queue's, its blobs made local, exactly as for a job dispatched from here (one job
+    /// path, [`crate::scheduler::dispatch`]), so every face serves an operation or session
+    /// from whichever front end a client reaches. `visible` is given the job's tenant and
+    /// decides before anything is followed; a job it refuses is `None`, as an unknown one.
+    /// Cancelling a followed handle cancels the job; shutting this front end down does not.
+    pub async fn find_job(
+        &self,
+        id: &str,
+        visible: impl Fn(&Tenant) -> bool,
+    ) -> Result<Option<JobHandle>, ExecutorError> {
+        if let Some(handle) = self.job(id) {
+            return Ok(Some(handle));
+        }
+        let Some(dispatch) = &self.inner.dispatch else {
+            return Ok(None);
+        };
+        let queue_error = |e: crate::scheduler::QueueError| ExecutorError::Queue(e.to_string());
+        let Some((queued, request)) = dispatch.queue().named(id).await.map_err(queue_error)? else {
+            return Ok(None);
+        };
+        if !visible(&request.tenant) {
+            return Ok(None);
+        }
+        let prepared = self.prepare(request.action_digest).await?;
+        self.start(id.to_string(), request, prepared, Some(queued))
+            .map(Some)
+    }
+
+    /// Loads and checks an Action for a job (see [`Executor::submit`]).
+    async fn prepare(&self, digest: Digest) -> Result<PreparedAction, ExecutorError> {
+        let blobs = self.inner.cas.blobs.clone();
+        let limits = self.inner.config.tree_limits.clone();
+        if !self.inner.stores.is_embedded_in(&self.inner.cas) {
+            // Shared stores: the Action and its Command may have been uploaded through another
+            // process (a client that found them present skips the upload); they are read from
+            // the local tier.
+            self.make_action_local(digest).await?;
+        }
+        Ok(tokio::task::spawn_blocking(move || {
+            let prepared = PreparedAction::load(digest, &blobs)?;
+            match prepared.check_input_tree(&blobs, &limits) {
+                Ok(_) | Err(ActionError::Cas(CasError::NotFound(_))) => Ok(prepared),
+                Err(refused) => Err(refused),
+            }
+        })
+        .await
+        .expect("loading an action does not panic")?)
+    }
+
+    /// Registers job `id` and runs it in the background: a new job, or with `followed` the
+    /// queue's job of that name (see [`Executor::find_job`]). A job of that id registered
+    /// meanwhile (two readers following one job at once) is returned instead.
+    fn start(
+        &self,
+        id: String,
+        request: ExecuteRequest,
+        prepared: PreparedAction,
+        followed: Option<crate::scheduler::JobId>,
+    ) -> Result<JobHandle, ExecutorError> {
         self.forget_old_jobs();
-        let id = uuid::Uuid::new_v4().to_string();
+        if let Some(known) = self.job(&id) {
+            return Ok(known);
+        }
         let log_dir = self.inner.config.data_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(io_error("creating the log dir"))?;
         let (writer, log) = LogStream::with_config(&log_dir, self.inner.config.log.clone())
@@ -1014,12 +1070,16 @@ impl Executor {
             id: id.clone(),
             instance: request.instance.clone(),
             tenant: request.tenant.clone(),
-            action_digest: digest,
+            action_digest: prepared.action_digest,
             log: log.clone(),
             state: state_rx,
             cancel: Arc::new(Notify::new()),
+            followed: followed.is_some(),
         };
-        self.inner.jobs.lock().insert(id.clone(), handle.clone());
+        match self.inner.jobs.lock().entry(id.clone()) {
+            std::collections::hash_map::Entry::Occupied(known) => return Ok(known.get().clone()),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(handle.clone()),
+        };
         let executor = self.clone();
         let cancel = handle.cancel.clone();
         tokio::spawn(async move {
@@ -1035,10 +1095,20 @@ impl Executor {
                 step_end_lines: Vec::new(),
                 state: state_tx.clone(),
                 provenance: Provenance::TenantState,
+                followed,
             };
             let outcome = tokio::select! {
                 outcome = job.run() => outcome,
-                _ = cancel.notified() => Err(ExecutorError::Cancelled),
+                _ = cancel.notified() => {
+                    if let (Some(queued), Some(dispatch)) = (followed, &executor.inner.dispatch) {
+                        // A followed job is not this front end's to cancel on drop (see
+                        // `RunningJob::follow`): a reader's cancel is passed on here.
+                        if let Err(error) = dispatch.queue().cancel(queued).await {
+                            tracing::warn!(job = %id, %error, "cancelling a followed job failed");
+                        }
+                    }
+                    Err(ExecutorError::Cancelled)
+                }
             };
             let outcome = match outcome {
                 Ok(outcome) => outcome,
@@ -1065,6 +1135,9 @@ struct RunningJob<'a> {
     /// Decides the result's namespace; set by the workload, `TenantState` until it proves
     /// otherwise.
     provenance: Provenance,
+    /// The queue's job this one follows ([`Executor::find_job`]): another front end looked up
+    /// the cache and dispatched it.
+    followed: Option<crate::scheduler::JobId>,
 }
 
 /// What the log and the steps call a networked phase ([`RunningJob::network_phase`]).
@@ -1121,6 +1194,9 @@ impl RunningJob<'_> {
     }
 
     async fn run(&mut self) -> Result<JobOutcome, ExecutorError> {
+        if let (Some(queued), Some(dispatch)) = (self.followed, self.inner().dispatch.clone()) {
+            return self.follow(dispatch.queue(), queued, false).await;
+        }
         if !self.request.skip_cache_lookup
             && !self.prepared.action.do_not_cache
             && let Some(outcome) = self.try_cache_hit().await?
@@ -1150,9 +1226,7 @@ impl RunningJob<'_> {
         &mut self,
         dispatch: &crate::scheduler::Dispatch,
     ) -> Result<JobOutcome, ExecutorError> {
-        use crate::scheduler::dispatch::{
-            CancelOnDrop, make_outcome_local, mirror_logs, publish_inputs, starts_attempt,
-        };
+        use crate::scheduler::dispatch::publish_inputs;
         let queue = dispatch.queue();
         let stores = self.inner().stores.clone();
         let published = Instant::now();
@@ -1170,11 +1244,31 @@ impl RunningJob<'_> {
             ..self.request.clone()
         };
         let job = queue
-            .enqueue(&request, None)
+            .enqueue_named(Some(self.id), &request, None)
             .await
             .map_err(|e| ExecutorError::Queue(e.to_string()))?;
-        let mut cancel = CancelOnDrop::new(queue.clone(), job);
         tracing::info!(job = %self.id, queued = %job, "job dispatched to the workers");
+        self.follow(queue, job, true).await
+    }
+
+    /// Waits for queue job `job`, mirroring its log lines into this job's log, and makes its
+    /// outcome this job's, its blobs local: steps 3 to 6 of [`crate::scheduler::dispatch`].
+    /// `owned`: this front end dispatched it, and dropping this future (a cancelled handle, a
+    /// shutdown) cancels it; a followed job is cancelled only on a reader's request.
+    async fn follow(
+        &mut self,
+        queue: &crate::scheduler::JobQueue,
+        job: crate::scheduler::JobId,
+        owned: bool,
+    ) -> Result<JobOutcome, ExecutorError> {
+        use crate::scheduler::dispatch::{
+            CancelOnDrop, make_outcome_local, mirror_logs, starts_attempt,
+        };
+        let stores = self.inner().stores.clone();
+        let mut cancel = CancelOnDrop::new(queue.clone(), job);
+        if !owned {
+            cancel.disarm();
+        }
         let queued = Instant::now();
         let before = self.writer.as_ref().map_or(0, |w| w.lines_written());
         let mut attempt_base = before;

@@ -173,6 +173,68 @@ async fn a_front_end_runs_its_jobs_on_a_worker_through_the_bucket_and_the_databa
     assert!(elsewhere.cache_hit, "{elsewhere:?}");
     assert!(other_cas.blobs.contains(&out).unwrap());
 
+    // The second front end follows a job the first dispatched, by its id (an operation or
+    // session name reaching another front end): its live log and its outcome, the output made
+    // local there. A caller that may not see the job's tenant is told nothing, and following
+    // is not owning: draining the follower leaves the job running to its end.
+    let slow = job(
+        &front_cas,
+        "sleep 2; cat in.txt > out.txt; echo followed elsewhere",
+    )
+    .await;
+    let owner = slow.tenant.clone();
+    let dispatched = front.submit(slow).await.unwrap();
+    // Found elsewhere once it is in the queue (its inputs published): a worker runs it.
+    let started = Instant::now();
+    while !matches!(dispatched.state(), JobState::Running { .. }) {
+        assert!(started.elapsed() < Duration::from_secs(30), "never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        other
+            .find_job(&dispatched.id, |_| false)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        other
+            .find_job("no-such-job", |_| true)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let followed = other
+        .find_job(&dispatched.id, |tenant| *tenant == owner)
+        .await
+        .unwrap()
+        .expect("the job is followed");
+    assert_eq!((&followed.id, &followed.tenant), (&dispatched.id, &owner));
+    assert!(
+        !matches!(followed.state(), JobState::Done(_)),
+        "still running"
+    );
+    assert_eq!(
+        other.drain(Duration::ZERO).await,
+        0,
+        "not the follower's to drain"
+    );
+    let outcome = followed.wait().await;
+    assert_eq!(outcome.status, JobStatus::Success, "{:?}", outcome.error);
+    let lines = common::log_lines(&followed).await;
+    assert!(
+        lines.iter().any(|l| l.contains("followed elsewhere")),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        other_cas
+            .blobs
+            .read_to_vec(&output(&outcome), 1 << 20)
+            .unwrap(),
+        b"hello from the front end\n"
+    );
+    assert_eq!(dispatched.wait().await.status, JobStatus::Success);
+
     // Cancelling a dispatched job cancels it in the queue: the worker stops it.
     let sleeper = job(&front_cas, "sleep 60; echo never > out.txt").await;
     let handle = front.submit(sleeper).await.unwrap();

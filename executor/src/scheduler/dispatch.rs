@@ -33,6 +33,12 @@
 //! ([`JobQueue::cancel`]): a queued job ends at once, a running one at its worker's next
 //! heartbeat.
 //!
+//! The job is enqueued under its id ([`JobQueue::enqueue_named`]), so it is one job for every
+//! front end: a client whose next call reaches another front end (a load balancer, a
+//! reconnect) names it there, and that front end *follows* it
+//! ([`crate::runner::Executor::find_job`]) with steps 3 to 6 above — the same code, minus the
+//! ownership: only a reader's explicit cancel is passed on, never a follower's shutdown.
+//!
 //! Inputs from the queue are data: digests and the stored request, never paths; a worker
 //! reads nothing of a front end but the shared store and the queue.
 

@@ -124,6 +124,12 @@ CREATE TABLE rba_workers (
 CREATE INDEX rba_jobs_preferred ON rba_jobs (preferred_worker, queued_at, id)
     WHERE state = 'queued' AND preferred_worker IS NOT NULL;
 "#,
+    // The front end's name of a job (its operation or session id), by which any front end
+    // finds it (see `JobQueue::named`).
+    r#"
+ALTER TABLE rba_jobs ADD COLUMN name BYTEA;
+CREATE UNIQUE INDEX rba_jobs_name ON rba_jobs (name) WHERE name IS NOT NULL;
+"#,
 ];
 
 /// Jobs waiting and running in the shared queue ([`JobQueue::depth`]).
@@ -507,18 +513,29 @@ impl JobQueue {
         request: &ExecuteRequest,
         preferred_worker: Option<&str>,
     ) -> Result<JobId, QueueError> {
+        self.enqueue_named(None, request, preferred_worker).await
+    }
+
+    /// [`JobQueue::enqueue`] under `name`, the front end's id of the job (its operation or
+    /// session name, unique), by which every front end finds it ([`JobQueue::named`]).
+    pub async fn enqueue_named(
+        &self,
+        name: Option<&str>,
+        request: &ExecuteRequest,
+        preferred_worker: Option<&str>,
+    ) -> Result<JobId, QueueError> {
         let client = self.client().await?;
         let preferred = preferred_worker.map(pg_text);
         let row = client
             .query_one(
                 "WITH job AS (
                     INSERT INTO rba_jobs (instance, tenant, affinity, request, max_attempts,
-                                          preferred_worker, deadline)
+                                          preferred_worker, deadline, name)
                     VALUES ($1, $2, $3, $4, $5,
                             COALESCE($6::text, (SELECT worker FROM rba_jobs
                                                 WHERE affinity = $3 AND state = 'done'
                                                 ORDER BY finished_at DESC LIMIT 1)),
-                            now() + $7::float8 * interval '1 second')
+                            now() + $7::float8 * interval '1 second', $9)
                     RETURNING id)
                  SELECT id, pg_notify($8, id::text)::text FROM job",
                 &[
@@ -530,10 +547,32 @@ impl JobQueue {
                     &preferred,
                     &secs(self.inner.config.queue_timeout_secs),
                     &QUEUE_CHANNEL,
+                    &name.map(str::as_bytes),
                 ],
             )
             .await?;
         Ok(JobId(row.get(0)))
+    }
+
+    /// The job a front end enqueued under `name` ([`JobQueue::enqueue_named`]) and its
+    /// request, while the queue keeps it ([`QueueConfig::retention_secs`] after its end).
+    /// `name` is a client's text: a bound parameter, compared as bytes. A stored request that
+    /// cannot be read is an error naming why.
+    pub async fn named(&self, name: &str) -> Result<Option<(JobId, ExecuteRequest)>, QueueError> {
+        let client = self.client().await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT id, request FROM rba_jobs WHERE name = $1",
+                &[&name.as_bytes()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let job = JobId(row.get(0));
+        let request = stored::decode_request(row.get(1))
+            .map_err(|reason| QueueError::Database(format!("job {job}: {reason}")))?;
+        Ok(Some((job, request)))
     }
 
     /// Claims the next job `worker` may take, if any: its own preferred jobs first, then the
