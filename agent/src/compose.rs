@@ -45,12 +45,46 @@ pub const STORE_URL_VAR: &str = "RBA_STORE_URL";
 /// The environment variable of `[database] url`.
 pub const DATABASE_URL_VAR: &str = "RBA_DATABASE_URL";
 
-/// `[store]`: where blobs live. No `url`: the embedded store under the data dir.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// `[store]`: where blobs live. No `url`: the embedded store under the data dir; with one,
+/// the bucket, this machine's store under the data dir being its local tier.
+///
+/// ```toml
+/// [store]
+/// max_bytes = 53687091200   # the local store's capacity (LRU eviction above it)
+/// fsync = true              # durable writes (off only for tests and tmpfs)
+/// url = "s3://rba-cas/prod" # scale-out (RBA_STORE_URL), with [database] url
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     /// `s3://BUCKET[/prefix]` (the endpoint and credentials come from the `AWS_*` variables).
     pub url: Option<String>,
+    /// Capacity of the store under the data dir, in bytes (embedded: the CAS; scaled out:
+    /// the local tier).
+    pub max_bytes: u64,
+    /// fsync blobs (turn off for tests and benches on tmpfs).
+    pub fsync: bool,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            url: None,
+            max_bytes: 50 << 30,
+            fsync: true,
+        }
+    }
+}
+
+impl StoreSection {
+    /// The settings of the store under the data dir.
+    pub fn local(&self) -> rba_cas::StoreConfig {
+        rba_cas::StoreConfig {
+            max_bytes: self.max_bytes,
+            fsync: self.fsync,
+            ..Default::default()
+        }
+    }
 }
 
 /// `[database]`: where the blob index, the action cache and the job queue live. No `url`:
@@ -215,26 +249,98 @@ impl Shared {
     }
 }
 
-/// The executor settings of a node or worker config (slots, sandbox, limits, toolchains),
+/// What every face of a node (or `cache-server`) serves: the store under the data dir, and
+/// scaled out the shared state with the stores over it.
+#[derive(Clone, Debug)]
+pub struct Backends {
+    /// The store under `data_dir/cas`: embedded, the store; scaled out, the local tier.
+    pub cas: Cas,
+    /// The shared state of a scale-out deployment (`None`: embedded).
+    pub shared: Option<Shared>,
+    /// The stores the faces serve and the executor runs over (the shared ones over `cas`, or
+    /// `cas`'s own).
+    pub stores: Stores,
+}
+
+/// Opens (creating) `config`'s data dir and its store, and connects to the shared state when
+/// scaled out (failing naming the variable whose service cannot be reached).
+pub async fn backends(config: &NodeConfig) -> anyhow::Result<Backends> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let shared = Shared::connect(config).await?;
+    let cas = Cas::open(data_dir.join("cas"), config.store.local())
+        .with_context(|| format!("opening the store under {}", data_dir.display()))?;
+    let stores = match &shared {
+        Some(shared) => shared.stores(&cas),
+        None => Stores::embedded(&cas),
+    };
+    Ok(Backends {
+        cas,
+        shared,
+        stores,
+    })
+}
+
+/// `cache-server`: the REAPI face alone over [`backends`], with an executor when `[reapi]
+/// execution` is on — a front end's that dispatches to the workers when scaled out. An
+/// embedded executor that cannot start (the sandbox's prerequisites missing) leaves the server
+/// cache-only, saying why.
+pub async fn reapi_server(config: &NodeConfig) -> anyhow::Result<rba_cache_server::Server> {
+    config.validate()?;
+    let Backends {
+        cas,
+        shared,
+        stores,
+    } = backends(config).await?;
+    let executor = if config.reapi.execution {
+        let started = executor_config(config, &config.data_dir.join("executor")).and_then(|c| {
+            front_end_executor(&cas, c, shared.as_ref().map(|s| (s, stores.clone())))
+        });
+        match started {
+            Ok(executor) => {
+                tracing::info!(slots = config.workers.slots, "remote execution enabled");
+                Some(executor)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = %format!("{error:#}"),
+                    "remote execution is DISABLED: the sandbox cannot be set up (run \
+                     .ci/setup.d/sandbox.sh, or pass --no-execution to silence this); serving \
+                     cache-only"
+                );
+                None
+            }
+        }
+    } else {
+        tracing::info!("execution disabled by configuration: serving cache-only");
+        None
+    };
+    crate::grpc::server(config, stores, executor)
+}
+
+/// The executor settings of a node or worker config (its `[workers]`: slots, sandbox, limits,
+/// toolchains),
 /// its data under `dir`: one place, so a worker runs jobs exactly as an embedded node does.
 pub fn executor_config(
     config: &NodeConfig,
     dir: &std::path::Path,
 ) -> anyhow::Result<ExecutorConfig> {
+    let workers = &config.workers;
     let mut executor_config = ExecutorConfig::new(dir).context("configuring the executor")?;
-    executor_config.workers = config.workers;
-    executor_config.fetch_allowed_hosts = config.fetch_allowed_hosts.clone();
-    executor_config.shared_units = config.shared_units;
-    if let Some(home) = &config.rustup_home {
+    executor_config.workers = workers.slots;
+    executor_config.fetch_allowed_hosts = workers.fetch_allowed_hosts.clone();
+    executor_config.shared_units = workers.shared_units;
+    if let Some(home) = &workers.rustup_home {
         executor_config.rustup_home = Some(home.clone());
     }
-    executor_config.toolchain_roots = config.toolchain_roots.clone();
-    executor_config.advisory_db = config.advisory_db.clone();
-    executor_config.sandbox.isolation = config.sandbox.isolation;
-    if let Some(binary) = &config.cargo_audit {
+    executor_config.toolchain_roots = workers.toolchain_roots.clone();
+    executor_config.advisory_db = workers.advisory_db.clone();
+    executor_config.sandbox.isolation = workers.isolation;
+    if let Some(binary) = &workers.cargo_audit {
         executor_config.cargo_audit = Some(binary.clone());
     }
-    config.limits.apply(&mut executor_config)?;
+    workers.limits.apply(&mut executor_config)?;
     Ok(executor_config)
 }
 

@@ -1,5 +1,11 @@
 //! The operator node's configuration: one TOML file, overridden by environment variables and
-//! flags (in that order of precedence, flags last).
+//! flags (in that order of precedence, flags last), read by `rba serve` (a node, or a
+//! scale-out front end), `rba worker` and `rba tangle run` alike.
+//!
+//! Its sections are the parts of a deployment: `[servers]` (the faces: libp2p, HTTP, REAPI),
+//! `[workers]` (slots, sandbox, per-job `[workers.limits]`, toolchains), `[store]` (capacity,
+//! durability, and scaled out the bucket), `[database]` and `[scheduler]` (scale-out: the
+//! shared index, action cache and job queue), `[auth]`, `[execute]`, `[tangle]`.
 //!
 //! Why a module of its own: `rba serve`, the tests and the bench all start nodes, and each must
 //! get the same defaults (data under one directory, loopback listeners, long idle timeouts) and
@@ -11,13 +17,18 @@
 //! other tenants a token may see, `"*"` for all): they guard the REAPI gRPC face and the HTTP
 //! views of builds. Example:
 //! ```toml
-//! grpc_listen = "0.0.0.0:50051"
 //! public_read = false            # true: anyone may read /builds… over HTTP (demo nodes)
 //! http_cors_origins = []         # web apps elsewhere that may call the read API ("*": any)
 //! sharing_peers = ["12D3KooW…"]  # operators' nodes that may read every blob and result here
-//! [tls]
+//! [servers]
+//! reapi = "0.0.0.0:50051"
+//! [servers.tls]
 //! cert = "/etc/rba/server.pem"
 //! key = "/etc/rba/server.key"
+//! [workers]
+//! slots = 4
+//! [workers.limits]
+//! memory = "8G"
 //! [[auth.tokens]]
 //! name = "ops"
 //! token = "…"
@@ -62,27 +73,17 @@ impl TrustedPeer {
     }
 }
 
-/// Everything `rba serve` needs.
+/// Everything `rba serve`, `rba worker` and `rba tangle run` need: one schema, whose
+/// sections are the parts of a deployment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// Everything the node keeps: `cas/`, `executor/`, `identity.key`.
     pub data_dir: PathBuf,
-    /// libp2p listen addresses (TCP and QUIC).
-    pub listen: Vec<String>,
-    /// HTTP (read-only queries and WebSocket) listen address; `None` disables it.
-    pub http_listen: Option<SocketAddr>,
-    /// REAPI gRPC listen address; `None` (the default) disables it. See the `grpc` module.
-    pub grpc_listen: Option<SocketAddr>,
-    /// Concurrent jobs.
-    pub workers: usize,
-    /// Idle timeout of libp2p connections, in seconds (long: a build may print nothing for a
-    /// while, and a client may stay attached for hours).
-    pub idle_timeout_secs: u64,
-    /// Largest frame accepted on the libp2p protocols.
-    pub max_frame_bytes: usize,
-    /// Largest blob a client may upload (bytes); larger uploads are refused.
-    pub max_upload_bytes: u64,
+    /// `[servers]`: the faces this node serves (libp2p, HTTP, REAPI) and their bounds.
+    pub servers: ServersSection,
+    /// `[workers]`: how jobs run here — slots, sandbox, per-job limits, toolchains.
+    pub workers: WorkersSection,
     /// Peer operators whose blobs and signed action results this node accepts. They may also
     /// read every blob and result of this node.
     pub trusted_peers: Vec<TrustedPeer>,
@@ -98,64 +99,197 @@ pub struct NodeConfig {
     /// from a browser (CORS, `GET` with a bearer token; never the dashboard's cookie). Empty
     /// (the default): no cross-origin reads.
     pub http_cors_origins: Vec<String>,
-    /// Serve the REAPI gRPC face over TLS with this certificate and key.
-    pub tls: Option<TlsConfig>,
     /// When set, only these PeerIds may upload and submit (everyone else gets `forbidden`).
     pub allowed_clients: Option<Vec<String>>,
-    /// CAS capacity in bytes.
-    pub cas_max_bytes: u64,
-    /// fsync blobs (turn off for tests and benches on tmpfs).
-    pub fsync: bool,
+    /// `[tangle]`: settings of `rba tangle run`.
+    pub tangle: TangleNodeConfig,
+    /// `[execute]`: `POST /execute` (code execution) bounds.
+    pub execute: crate::execute::ExecuteConfig,
+    /// `[reapi]`: the REAPI gRPC face's protocol settings (its address is `[servers] reapi`).
+    pub reapi: ReapiSection,
+    /// `[store]`: the blob store — its capacity and durability here, and scaled out its
+    /// S3-compatible bucket (`RBA_STORE_URL`). See [`crate::compose`].
+    pub store: crate::compose::StoreSection,
+    /// `[database]`: blob index, action cache and job queue in PostgreSQL
+    /// (`RBA_DATABASE_URL`); unset: embedded. Set with `[store] url`, or neither.
+    pub database: crate::compose::DatabaseSection,
+    /// `[scheduler]`: the job queue's timing (leases, heartbeats, deadlines), scale-out only.
+    pub scheduler: rba_executor::scheduler::QueueConfig,
+}
+
+/// `[servers]`: where the node's faces listen, and what they accept.
+///
+/// ```toml
+/// [servers]
+/// libp2p = ["/ip4/0.0.0.0/tcp/7420", "/ip4/0.0.0.0/udp/7420/quic-v1"]
+/// http = "127.0.0.1:7421"          # views, WebSocket gateway, dashboard, /metrics; "off"
+/// reapi = "127.0.0.1:7422"         # REAPI v2 gRPC (Bazel, Buck2); off unless set
+/// [servers.tls]                    # the REAPI face over TLS
+/// cert = "/etc/rba/server.pem"
+/// key = "/etc/rba/server.key"
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServersSection {
+    /// libp2p listen addresses (TCP and QUIC).
+    pub libp2p: Vec<String>,
+    /// HTTP (read-only queries, WebSocket, dashboard, metrics) listen address; `"off"`
+    /// disables it.
+    #[serde(with = "optional_addr")]
+    pub http: Option<SocketAddr>,
+    /// REAPI gRPC listen address; `"off"` (the default of `rba serve`) disables it. See the
+    /// `grpc` module and `[reapi]`.
+    #[serde(with = "optional_addr")]
+    pub reapi: Option<SocketAddr>,
+    /// Serve the REAPI gRPC face over TLS with this certificate and key.
+    pub tls: Option<TlsConfig>,
+    /// Idle timeout of libp2p connections, in seconds (long: a build may print nothing for a
+    /// while, and a client may stay attached for hours).
+    pub idle_timeout_secs: u64,
+    /// Largest frame accepted on the libp2p protocols.
+    pub max_frame_bytes: usize,
+    /// Largest blob a client may upload (bytes); larger uploads are refused.
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ServersSection {
+    fn default() -> Self {
+        ServersSection {
+            libp2p: vec![
+                "/ip4/127.0.0.1/tcp/7420".to_string(),
+                "/ip4/127.0.0.1/udp/7420/quic-v1".to_string(),
+            ],
+            http: Some(([127, 0, 0, 1], 7421).into()),
+            reapi: None,
+            tls: None,
+            idle_timeout_secs: 6 * 3600,
+            max_frame_bytes: crate::p2p::frame::DEFAULT_MAX_FRAME,
+            max_upload_bytes: 2 << 30,
+        }
+    }
+}
+
+/// `[workers]`: how jobs run — on this node, or on an `rba worker` reading the same file.
+///
+/// ```toml
+/// [workers]
+/// slots = 2                        # jobs at once
+/// shutdown_grace_secs = 30         # SIGTERM: running jobs may finish this long
+/// isolation = "namespaces"         # or "bubblewrap" (the host's bwrap)
+/// [workers.limits]                 # the most one job gets; a client can only ask less
+/// timeout_secs = 3600
+/// memory = "8G"
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Jobs running at once.
+    pub slots: usize,
+    /// On shutdown (SIGTERM), how long jobs already taken may run to their end before they
+    /// are cancelled (a worker: given back to the queue); new submissions are refused
+    /// (`unavailable`) meanwhile. Default 30.
+    pub shutdown_grace_secs: u64,
+    /// `namespaces` (hakoniwa, in-process; the default) or `bubblewrap` (the host's `bwrap`):
+    /// which isolation provider starts the jobs (see `rba_executor::isolation`).
+    pub isolation: rba_executor::isolation::Isolation,
+    /// `[workers.limits]`: the most any one job gets; a client's limits can only lower them.
+    pub limits: LimitsConfig,
     /// Hosts a job's dependency fetch may reach (`host`, `host:port`, `*.domain`): registry
     /// mirrors, git hosts. Default crates.io; loopback and private addresses never.
     pub fetch_allowed_hosts: Vec<String>,
+    /// Share compiled registry dependencies across workspaces and tenants: a new workspace's
+    /// first build starts with the units built for others (see
+    /// `rba_executor::shared_units`). Default on.
+    pub shared_units: bool,
     /// rustup's home, whose toolchains a workspace's `rust-toolchain.toml` chooses from
     /// (default `$RUSTUP_HOME`, else `~/.rustup`).
     pub rustup_home: Option<PathBuf>,
     /// More toolchains (sysroots, each named by its directory name) a workspace may choose.
     pub toolchain_roots: Vec<PathBuf>,
     /// The RustSec advisory database audit jobs check against (a checkout the operator keeps
-    /// current; jobs never fetch it). Unset: the node runs no audit jobs.
+    /// current; jobs never fetch it). Unset: no audit jobs.
     pub advisory_db: Option<PathBuf>,
     /// The `cargo-audit` binary of audit jobs (default: found in `PATH` or `~/.cargo/bin`).
     pub cargo_audit: Option<PathBuf>,
-    /// Share compiled registry dependencies across workspaces and tenants: a new workspace's
-    /// first build starts with the units this node compiled for others (see
-    /// `rba_executor::shared_units`). Default on.
-    pub shared_units: bool,
-    /// `[tangle]`: settings of `rba tangle run`.
-    pub tangle: TangleNodeConfig,
-    /// The node's maximum per job (`[limits]`); a client's limits can only lower them.
-    pub limits: LimitsConfig,
-    /// `[execute]`: `POST /execute` (code execution) bounds.
-    pub execute: crate::execute::ExecuteConfig,
-    /// `[sandbox]`: how jobs are isolated.
-    pub sandbox: SandboxSection,
-    /// On shutdown (SIGTERM), how long jobs already taken may run to their end before they
-    /// are cancelled; new submissions are refused (`unavailable`) meanwhile. Default 30.
-    pub shutdown_grace_secs: u64,
-    /// `[store]`: blobs in an S3-compatible bucket (`RBA_STORE_URL`); unset: embedded. See
-    /// [`crate::compose`].
-    pub store: crate::compose::StoreSection,
-    /// `[database]`: blob index, action cache and job queue in PostgreSQL
-    /// (`RBA_DATABASE_URL`); unset: embedded. Set with `[store]`, or neither.
-    pub database: crate::compose::DatabaseSection,
-    /// `[scheduler]`: the job queue's timing (leases, heartbeats, deadlines), scale-out only.
-    pub scheduler: rba_executor::scheduler::QueueConfig,
 }
 
-/// The `[sandbox]` section: which isolation provider starts the jobs
-/// (see `rba_executor::isolation`).
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            slots: 2,
+            shutdown_grace_secs: 30,
+            isolation: Default::default(),
+            limits: LimitsConfig::default(),
+            fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
+            shared_units: true,
+            rustup_home: None,
+            toolchain_roots: Vec::new(),
+            advisory_db: None,
+            cargo_audit: None,
+        }
+    }
+}
+
+/// `[reapi]`: the REAPI v2 gRPC face (Bazel, Buck2), served by `rba serve` when `[servers]
+/// reapi` is set and by `cache-server` always.
 ///
 /// ```toml
-/// [sandbox]
-/// isolation = "bubblewrap"   # or "namespaces", the default
+/// [reapi]
+/// execution = true                 # serve Execute (false: cache-only)
+/// metrics = "127.0.0.1:50052"      # its own Prometheus endpoint ("off": none)
+/// max_message_bytes = 4194304      # gRPC message limit the batch limit is derived from
+/// upload_idle_timeout_secs = 600   # interrupted uploads stay resumable this long
+/// zstd_level = 1
 /// ```
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct SandboxSection {
-    /// `namespaces` (hakoniwa, in-process; the default) or `bubblewrap` (the host's `bwrap`).
-    pub isolation: rba_executor::isolation::Isolation,
+pub struct ReapiSection {
+    /// Serve the Execution and Operations services (actions run by this node's workers, or
+    /// scaled out by `rba worker`s); `false`: cache-only.
+    pub execution: bool,
+    /// The REAPI face's own Prometheus metrics listener (`cache-server`'s default
+    /// 127.0.0.1:50052); `"off"`: none (a node's `/metrics` is on its HTTP face).
+    #[serde(with = "optional_addr")]
+    pub metrics: Option<SocketAddr>,
+    /// Largest gRPC message sent, and what clients are assumed to accept (4 MiB is every
+    /// implementation's default); the advertised batch limit is derived from it.
+    pub max_message_bytes: usize,
+    /// Interrupted ByteStream uploads stay resumable this long without activity.
+    pub upload_idle_timeout_secs: u64,
+    /// zstd level of compressed reads.
+    pub zstd_level: i32,
+}
+
+impl Default for ReapiSection {
+    fn default() -> Self {
+        let face = rba_cache_server::Config::default();
+        ReapiSection {
+            execution: true,
+            metrics: None,
+            max_message_bytes: face.max_message_bytes,
+            upload_idle_timeout_secs: face.upload_idle_timeout_secs,
+            zstd_level: face.zstd_level,
+        }
+    }
+}
+
+/// `Option<SocketAddr>` as `"host:port"`, or `"off"` for none (a file can turn a face off).
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.serialize_str(&addr.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_optional_addr(&text, "address").map_err(serde::de::Error::custom)
+    }
 }
 
 /// The `[tangle]` section of the node config.
@@ -167,11 +301,11 @@ pub struct TangleNodeConfig {
     pub share_target_dir_per_service: bool,
 }
 
-/// `[limits]`: the most any one job gets on this node. Unset keys keep the executor's
-/// defaults (1 h wall clock, 8 GiB memory, 1024 processes, no disk limit).
+/// `[workers.limits]`: the most any one job gets on this node. Unset keys keep the
+/// executor's defaults (1 h wall clock, 8 GiB memory, 1024 processes, no disk limit).
 ///
 /// ```toml
-/// [limits]
+/// [workers.limits]
 /// timeout_secs = 3600
 /// memory = "8G"        # all processes of a job together (cgroup)
 /// processes = 1024     # processes and threads of a job together (cgroup)
@@ -198,17 +332,20 @@ impl LimitsConfig {
     pub fn apply(&self, executor: &mut rba_executor::runner::ExecutorConfig) -> anyhow::Result<()> {
         use rba_executor::runner::parse_size;
         let size = |value: &str, key: &str| {
-            parse_size(value).map_err(|e| anyhow::anyhow!("[limits] {key}: {e}"))
+            parse_size(value).map_err(|e| anyhow::anyhow!("[workers.limits] {key}: {e}"))
         };
         if let Some(secs) = self.timeout_secs {
-            anyhow::ensure!(secs > 0, "[limits] timeout_secs must be at least 1");
+            anyhow::ensure!(secs > 0, "[workers.limits] timeout_secs must be at least 1");
             executor.limits.wall_time = Some(std::time::Duration::from_secs(secs));
         }
         if let Some(memory) = &self.memory {
             executor.limits.memory_bytes = Some(size(memory, "memory")?);
         }
         if let Some(processes) = self.processes {
-            anyhow::ensure!(processes > 0, "[limits] processes must be at least 1");
+            anyhow::ensure!(
+                processes > 0,
+                "[workers.limits] processes must be at least 1"
+            );
             executor.limits.max_processes = Some(processes);
         }
         match &self.disk {
@@ -224,7 +361,7 @@ impl LimitsConfig {
             }
             None => anyhow::ensure!(
                 self.disk_inodes.is_none(),
-                "[limits] disk_inodes needs [limits] disk"
+                "[workers.limits] disk_inodes needs [workers.limits] disk"
             ),
         }
         Ok(())
@@ -235,37 +372,17 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             data_dir: default_data_dir().join("node"),
-            listen: vec![
-                "/ip4/127.0.0.1/tcp/7420".to_string(),
-                "/ip4/127.0.0.1/udp/7420/quic-v1".to_string(),
-            ],
-            http_listen: Some(([127, 0, 0, 1], 7421).into()),
-            // Off until rba-cache-server can serve the node's own store (see `grpc`).
-            grpc_listen: None,
-            workers: 2,
-            idle_timeout_secs: 6 * 3600,
-            max_frame_bytes: crate::p2p::frame::DEFAULT_MAX_FRAME,
-            max_upload_bytes: 2 << 30,
+            servers: ServersSection::default(),
+            workers: WorkersSection::default(),
             trusted_peers: Vec::new(),
             sharing_peers: Vec::new(),
             auth: AuthConfig::default(),
             public_read: false,
             http_cors_origins: Vec::new(),
-            tls: None,
             allowed_clients: None,
-            cas_max_bytes: 50 << 30,
-            fsync: true,
-            fetch_allowed_hosts: rba_executor::egress::default_fetch_allowed_hosts(),
-            rustup_home: None,
-            toolchain_roots: Vec::new(),
-            advisory_db: None,
-            cargo_audit: None,
-            shared_units: true,
             tangle: TangleNodeConfig::default(),
-            limits: LimitsConfig::default(),
             execute: crate::execute::ExecuteConfig::default(),
-            sandbox: SandboxSection::default(),
-            shutdown_grace_secs: 30,
+            reapi: ReapiSection::default(),
             store: Default::default(),
             database: Default::default(),
             scheduler: Default::default(),
@@ -276,19 +393,41 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// Defaults with everything under `data_dir` and every listener on loopback port 0.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
-        NodeConfig {
+        let mut config = NodeConfig {
             data_dir: data_dir.into(),
-            listen: vec![
-                "/ip4/127.0.0.1/tcp/0".to_string(),
-                "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
-            ],
-            http_listen: Some(([127, 0, 0, 1], 0).into()),
-            grpc_listen: None,
-            fsync: false,
-            // A throw-away node does not keep its stopper waiting for long builds.
-            shutdown_grace_secs: 5,
+            servers: ServersSection {
+                libp2p: vec![
+                    "/ip4/127.0.0.1/tcp/0".to_string(),
+                    "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
+                ],
+                http: Some(([127, 0, 0, 1], 0).into()),
+                reapi: None,
+                ..ServersSection::default()
+            },
             ..NodeConfig::default()
-        }
+        };
+        config.store.fsync = false;
+        // A throw-away node does not keep its stopper waiting for long builds.
+        config.workers.shutdown_grace_secs = 5;
+        config
+    }
+
+    /// The defaults of `cache-server`: the REAPI face alone on 127.0.0.1:50051 with its metrics
+    /// on 127.0.0.1:50052, its data under `~/.cache/rba-cache-server`, as many slots as CPUs
+    /// (at most 4).
+    pub fn reapi_server() -> Self {
+        let mut config = NodeConfig {
+            data_dir: rba_cache_server::config::default_data_dir(),
+            ..NodeConfig::default()
+        };
+        config.servers.libp2p = Vec::new();
+        config.servers.http = None;
+        config.servers.reapi = rba_cache_server::config::DEFAULT_LISTEN.parse().ok();
+        config.reapi.metrics = rba_cache_server::config::DEFAULT_METRICS_LISTEN
+            .parse()
+            .ok();
+        config.workers.slots = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        config
     }
 
     /// The configuration as TOML with every token masked (`--print-config`): what a file
@@ -304,15 +443,28 @@ impl NodeConfig {
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
-    /// Reads a TOML file (unknown keys are errors).
+    /// Reads a TOML file over the defaults (unknown keys are errors).
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+        NodeConfig::from_file_over(NodeConfig::default(), path)
     }
 
-    /// Applies `RBA_*` environment variables: `RBA_LISTEN` (comma-separated), `RBA_HTTP_LISTEN`,
-    /// `RBA_GRPC_LISTEN` (`off` disables), `RBA_WORKERS`, `RBA_TRUSTED_PEERS`
+    /// Reads a TOML file over `base` (a binary's own defaults): what the file says replaces
+    /// `base`'s key by key, sections merged. Unknown keys are errors.
+    pub fn from_file_over(base: NodeConfig, path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let file: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let mut merged = toml::Table::try_from(&base).context("rendering the defaults")?;
+        merge_tables(&mut merged, file);
+        merged
+            .try_into()
+            .with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Applies `RBA_*` environment variables: `RBA_LISTEN` (comma-separated; `[servers]
+    /// libp2p`), `RBA_HTTP_LISTEN` (`[servers] http`), `RBA_GRPC_LISTEN` (`[servers] reapi`;
+    /// `off` disables), `RBA_WORKERS` (`[workers] slots`), `RBA_TRUSTED_PEERS`
     /// (comma-separated `MULTIADDR/p2p/PEERID`), `RBA_TOKENS` (comma-separated
     /// `NAME:TOKEN:ACCESS`, added to the file's), `RBA_PUBLIC_READ` (`true`/`false`),
     /// `RBA_HTTP_CORS_ORIGINS` (comma-separated origins), `RBA_TLS_CERT` and `RBA_TLS_KEY`,
@@ -329,16 +481,16 @@ impl NodeConfig {
             self.database.url = Some(url);
         }
         if let Some(listen) = var("RBA_LISTEN") {
-            self.listen = split_list(&listen);
+            self.servers.libp2p = split_list(&listen);
         }
         if let Some(http) = var("RBA_HTTP_LISTEN") {
-            self.http_listen = parse_optional_addr(&http, "RBA_HTTP_LISTEN")?;
+            self.servers.http = parse_optional_addr(&http, "RBA_HTTP_LISTEN")?;
         }
         if let Some(grpc) = var("RBA_GRPC_LISTEN") {
-            self.grpc_listen = parse_optional_addr(&grpc, "RBA_GRPC_LISTEN")?;
+            self.servers.reapi = parse_optional_addr(&grpc, "RBA_GRPC_LISTEN")?;
         }
         if let Some(workers) = var("RBA_WORKERS") {
-            self.workers = workers
+            self.workers.slots = workers
                 .parse()
                 .with_context(|| format!("RBA_WORKERS={workers:?} is not a number"))?;
         }
@@ -370,14 +522,14 @@ impl NodeConfig {
         )
         .context("RBA_TLS_CERT and RBA_TLS_KEY")?
         {
-            self.tls = Some(tls);
+            self.servers.tls = Some(tls);
         }
         Ok(())
     }
 
     /// Checks everything that can be checked before binding.
     pub fn validate(&self) -> anyhow::Result<()> {
-        for address in &self.listen {
+        for address in &self.servers.libp2p {
             address
                 .parse::<Multiaddr>()
                 .with_context(|| format!("listen address {address:?} is not a multiaddr"))?;
@@ -390,21 +542,27 @@ impl NodeConfig {
                 .parse::<PeerId>()
                 .with_context(|| format!("allowed client {client:?} is not a PeerId"))?;
         }
-        rba_executor::egress::EgressPolicy::new(&self.fetch_allowed_hosts)?;
+        rba_executor::egress::EgressPolicy::new(&self.workers.fetch_allowed_hosts)?;
         for peer in &self.sharing_peers {
             peer.parse::<PeerId>()
                 .with_context(|| format!("sharing peer {peer:?} is not a PeerId"))?;
         }
         self.auth.validate()?;
-        if let Some(grpc) = self.grpc_listen {
+        if let Some(grpc) = self.servers.reapi {
             // The REAPI runs actions and reads the store: open only on loopback.
             self.auth.check_bind(
                 grpc,
                 "give tokens (--token NAME:TOKEN:read-write, RBA_TOKENS, or [[auth.tokens]] \
-                 in the node config file), or serve gRPC on 127.0.0.1 (--grpc 127.0.0.1:PORT)",
+                 in the config file), set [auth] anonymous explicitly to open it to the \
+                 network, or serve REAPI on 127.0.0.1 ([servers] reapi: --grpc for rba serve, \
+                 --listen for cache-server)",
             )?;
-            rba_cache_server::config::warn_plaintext_tokens(&self.auth, grpc, self.tls.is_some());
-        } else if self.tls.is_some() {
+            rba_cache_server::config::warn_plaintext_tokens(
+                &self.auth,
+                grpc,
+                self.servers.tls.is_some(),
+            );
+        } else if self.servers.tls.is_some() {
             anyhow::bail!(
                 "TLS is for the REAPI gRPC face: give --grpc ADDR too, or drop --tls-cert/--tls-key"
             );
@@ -412,12 +570,16 @@ impl NodeConfig {
         for origin in &self.http_cors_origins {
             crate::http::cors_origin(origin)?;
         }
-        anyhow::ensure!(self.workers > 0, "workers must be at least 1");
+        anyhow::ensure!(self.workers.slots > 0, "[workers] slots must be at least 1");
+        anyhow::ensure!(
+            self.reapi.max_message_bytes >= 64 << 10,
+            "[reapi] max_message_bytes must be at least 64 KiB"
+        );
         crate::compose::scale_out_urls(self)?;
         self.scheduler.check().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
-            self.max_frame_bytes >= 64 << 10,
-            "max_frame_bytes must be at least 64 KiB"
+            self.servers.max_frame_bytes >= 64 << 10,
+            "[servers] max_frame_bytes must be at least 64 KiB"
         );
         Ok(())
     }
@@ -470,23 +632,23 @@ impl NodeArgs {
         };
         config.apply_env()?;
         if !self.listen.is_empty() {
-            config.listen = self.listen.clone();
+            config.servers.libp2p = self.listen.clone();
         }
         if let Some(http) = &self.http {
-            config.http_listen = parse_optional_addr(http, "--http")?;
+            config.servers.http = parse_optional_addr(http, "--http")?;
         }
         if let Some(grpc) = &self.grpc {
-            config.grpc_listen = parse_optional_addr(grpc, "--grpc")?;
+            config.servers.reapi = parse_optional_addr(grpc, "--grpc")?;
         }
         if let Some(workers) = self.workers {
-            config.workers = workers;
+            config.workers.slots = workers;
         }
         config.auth.tokens.extend(self.tokens.iter().cloned());
         if self.public_read {
             config.public_read = true;
         }
         if let Some(tls) = TlsConfig::from_flags(self.tls_cert.clone(), self.tls_key.clone())? {
-            config.tls = Some(tls);
+            config.servers.tls = Some(tls);
         }
         Ok(config)
     }
@@ -499,6 +661,20 @@ pub fn parse_optional_addr(text: &str, what: &str) -> anyhow::Result<Option<Sock
         addr => Ok(Some(addr.parse().with_context(|| {
             format!("{what}={addr:?} is not an address like 127.0.0.1:7421")
         })?)),
+    }
+}
+
+/// `over`'s keys into `base`, recursively for tables (arrays and values are replaced).
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => {
+                merge_tables(inner, value)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -543,24 +719,24 @@ mod tests {
 
     #[test]
     fn sandbox_section_names_a_provider_and_refuses_unknown_ones() {
-        let config: NodeConfig = toml::from_str("[sandbox]\nisolation = \"bubblewrap\"").unwrap();
+        let config: NodeConfig = toml::from_str("[workers]\nisolation = \"bubblewrap\"").unwrap();
         assert_eq!(
-            config.sandbox.isolation,
+            config.workers.isolation,
             rba_executor::isolation::Isolation::Bubblewrap
         );
         let default: NodeConfig = toml::from_str("").unwrap();
         assert_eq!(
-            default.sandbox.isolation,
+            default.workers.isolation,
             rba_executor::isolation::Isolation::Namespaces
         );
-        let err = toml::from_str::<NodeConfig>("[sandbox]\nisolation = \"docker\"").unwrap_err();
+        let err = toml::from_str::<NodeConfig>("[workers]\nisolation = \"docker\"").unwrap_err();
         assert!(err.to_string().contains("docker"), "{err}");
     }
 
     #[test]
     fn limits_section_sets_the_node_maxima_and_refuses_nonsense() {
         let text = r#"
-            [limits]
+            [workers.limits]
             timeout_secs = 600
             memory = "2G"
             processes = 300
@@ -570,7 +746,7 @@ mod tests {
         let config: NodeConfig = toml::from_str(text).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut executor = rba_executor::runner::ExecutorConfig::new(dir.path()).unwrap();
-        config.limits.apply(&mut executor).unwrap();
+        config.workers.limits.apply(&mut executor).unwrap();
         assert_eq!(
             executor.limits.wall_time,
             Some(std::time::Duration::from_secs(600))
@@ -585,33 +761,35 @@ mod tests {
             })
         );
         for bad in [
-            "[limits]\nmemory = \"lots\"",
-            "[limits]\nprocesses = 0",
-            "[limits]\ntimeout_secs = 0",
-            "[limits]\ndisk_inodes = 5",
-            "[limits]\ndisk = \"-1G\"",
+            "[workers.limits]\nmemory = \"lots\"",
+            "[workers.limits]\nprocesses = 0",
+            "[workers.limits]\ntimeout_secs = 0",
+            "[workers.limits]\ndisk_inodes = 5",
+            "[workers.limits]\ndisk = \"-1G\"",
         ] {
             let config: NodeConfig = toml::from_str(bad).unwrap();
-            let err = config.limits.apply(&mut executor).unwrap_err();
-            assert!(err.to_string().contains("[limits]"), "{bad}: {err}");
+            let err = config.workers.limits.apply(&mut executor).unwrap_err();
+            assert!(err.to_string().contains("[workers.limits]"), "{bad}: {err}");
         }
-        assert!(toml::from_str::<NodeConfig>("[limits]\nmemroy = \"1G\"").is_err());
+        assert!(toml::from_str::<NodeConfig>("[workers.limits]\nmemroy = \"1G\"").is_err());
     }
 
     #[test]
     fn toml_env_and_validation() {
         let text = r#"
             data_dir = "/tmp/x"
-            listen = ["/ip4/127.0.0.1/tcp/0"]
-            http_listen = "127.0.0.1:0"
-            workers = 3
+            [servers]
+            libp2p = ["/ip4/127.0.0.1/tcp/0"]
+            http = "127.0.0.1:0"
+            [workers]
+            slots = 3
             [[trusted_peers]]
             peer_id = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
             addresses = ["/ip4/127.0.0.1/tcp/9"]
         "#;
         let mut config: NodeConfig = toml::from_str(text).unwrap();
-        assert_eq!(config.workers, 3);
-        assert_eq!(config.grpc_listen, NodeConfig::default().grpc_listen);
+        assert_eq!(config.workers.slots, 3);
+        assert_eq!(config.servers.reapi, NodeConfig::default().servers.reapi);
         config.validate().unwrap();
         config
             .apply_vars(|name| match name {
@@ -620,9 +798,12 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert_eq!(config.grpc_listen, None);
-        assert_eq!(config.workers, 5);
+        assert_eq!(config.servers.reapi, None);
+        assert_eq!(config.workers.slots, 5);
         assert!(toml::from_str::<NodeConfig>("bogus = 1").is_err());
+        // An unknown key (a flat key of an earlier version) is refused, naming the sections.
+        let moved = toml::from_str::<NodeConfig>("grpc_listen = \"127.0.0.1:1\"").unwrap_err();
+        assert!(moved.to_string().contains("servers"), "{moved}");
         config.trusted_peers[0].peer_id = "nope".into();
         assert!(config.validate().is_err());
     }
@@ -664,7 +845,7 @@ mod tests {
     #[test]
     fn grpc_off_loopback_needs_tokens_given_any_way() {
         let mut config = NodeConfig::ephemeral("/tmp/x");
-        config.grpc_listen = Some(([0, 0, 0, 0], 0).into());
+        config.servers.reapi = Some(([0, 0, 0, 0], 0).into());
         let error = format!("{:#}", config.validate().unwrap_err());
         assert!(
             error.contains("without tokens") && error.contains("--token"),
@@ -678,9 +859,10 @@ mod tests {
 
         let file: NodeConfig = toml::from_str(
             r#"
-            grpc_listen = "0.0.0.0:50051"
             public_read = true
-            [tls]
+            [servers]
+            reapi = "0.0.0.0:50051"
+            [servers.tls]
             cert = "/c.pem"
             key = "/k.pem"
             [[auth.tokens]]
@@ -692,13 +874,13 @@ mod tests {
         )
         .unwrap();
         file.validate().unwrap();
-        assert!(file.public_read && file.tls.is_some());
+        assert!(file.public_read && file.servers.tls.is_some());
         assert_eq!(file.auth.tokens[0].tenants, ["*"]);
         let mut short = file.clone();
         short.auth.tokens[0].token = "short".into();
         assert!(short.validate().is_err());
         let mut no_grpc = file;
-        no_grpc.grpc_listen = None;
+        no_grpc.servers.reapi = None;
         assert!(no_grpc.validate().is_err(), "TLS without gRPC is a mistake");
     }
 }

@@ -57,7 +57,7 @@ pub struct ExecuteConfig {
     pub max_queued: usize,
     /// Bytes of stdout and of stderr kept in an answer; the rest is cut (and said so).
     pub output_cap_bytes: usize,
-    /// Wall-clock seconds of a run when the request names none (the node's `[limits]` still cap it).
+    /// Wall-clock seconds of a run when the request names none (the node's `[workers.limits]` still cap it).
     pub default_timeout_secs: u64,
     /// Memory of a run when the request names none.
     pub default_memory: String,
@@ -85,7 +85,7 @@ const MAX_STDIN_BYTES: usize = 1024 * 1024;
 /// Arguments of an artifact run, at most, and bytes of each.
 const MAX_ARGS: usize = 64;
 const MAX_ARG_BYTES: usize = 4096;
-/// The longest run a request may ask for (the node's `[limits]` may allow less).
+/// The longest run a request may ask for (the node's `[workers.limits]` may allow less).
 const MAX_TIMEOUT_SECS: u64 = 300;
 
 /// The request body.

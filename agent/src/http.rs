@@ -284,7 +284,7 @@ async fn health(State(node): State<Arc<NodeShared>>) -> Response {
         "peer_id": node.network.peer_id().to_string(),
         "listen": node.network.dialable_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "queued": node.executor.queue_len(),
-        "workers": node.config.workers,
+        "workers": node.config.workers.slots,
     }))
     .into_response()
 }
@@ -302,7 +302,7 @@ async fn ready(State(node): State<Arc<NodeShared>>) -> Response {
     let mut checks = vec![
         ("store", store),
         ("accepting_jobs", !node.executor.is_draining()),
-        ("workers", node.config.workers > 0),
+        ("workers", node.config.workers.slots > 0),
     ];
     let mut reasons = serde_json::Map::new();
     if let Some(shared) = &node.scale_out {
@@ -584,7 +584,7 @@ async fn metrics(State(node): State<Arc<NodeShared>>) -> Response {
         (
             "rba_action_cache_entries",
             "Action cache entries",
-            node.cas.actions.len() as u64,
+            node.action_cache_entries(),
         ),
         (
             "rba_jobs_queued",

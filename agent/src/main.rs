@@ -177,7 +177,7 @@ struct JobArgs {
     /// Processes and threads of the job together.
     #[arg(long, value_name = "N", value_parser = rba_executor::runner::parse_count)]
     processes: Option<u64>,
-    /// Bytes the job may add to its target dir (e.g. 5G; needs a node with `[limits] disk`).
+    /// Bytes the job may add to its target dir (e.g. 5G; needs a node with `[workers.limits] disk`).
     #[arg(long, value_name = "SIZE", value_parser = rba_executor::runner::parse_size)]
     disk: Option<u64>,
     /// Where a build's binaries are written (default: `CARGO_TARGET_DIR`, else PATH/target).
@@ -201,19 +201,19 @@ RBA_DATABASE_URL=postgres://USER@HOST:PORT/DB, or [store] url and [database] url
 
 It claims jobs from the queue (preferring those whose workspace's target dir it holds), fetches \
 their inputs from the bucket into its local store under --data-dir, runs them in its sandboxes \
-(the [limits] and [sandbox] sections of the config apply) with --workers at once, streams their \
+(the [workers] section of the config applies: sandbox, limits, toolchains) with --workers at once, streams their \
 log lines to the front ends and publishes their outputs to the bucket. Its results go to the \
 shared action cache. A worker that dies mid-job loses its lease and the job runs elsewhere.
 
-SIGTERM or Ctrl-C drains: no new claim; running jobs get shutdown_grace_secs to finish, then \
-are given back to the queue; the worker then exits 0. It prints its id (`rba: worker ID`).";
+SIGTERM or Ctrl-C drains: no new claim; running jobs get [workers] shutdown_grace_secs to finish, \
+then are given back to the queue; the worker then exits 0. It prints its id (`rba: worker ID`).";
 
 #[derive(Args)]
 struct WorkerArgs {
-    /// Node TOML configuration file ([store], [database], [scheduler], [limits], [sandbox]…).
+    /// Node TOML configuration file ([store], [database], [scheduler], [workers]…).
     #[arg(long, env = "RBA_CONFIG")]
     config: Option<PathBuf>,
-    /// Jobs run at once (default: the config's `workers`, RBA_WORKERS).
+    /// Jobs run at once (default: the config's `[workers] slots`, RBA_WORKERS).
     #[arg(long)]
     workers: Option<usize>,
     /// Do not fsync blobs of the local store (tests, tmpfs).
@@ -381,7 +381,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
             .push(rba_agent::config::trusted_peer_from_multiaddr(peer)?);
     }
     if args.no_fsync {
-        config.fsync = false;
+        config.store.fsync = false;
     }
     if args.print_config {
         print!("{}", config.to_masked_toml());
@@ -400,7 +400,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<u8>
         println!("rba: http on http://{http}");
     }
     if let Some(grpc) = node.grpc_addr() {
-        let scheme = if node.shared().config.tls.is_some() {
+        let scheme = if node.shared().config.servers.tls.is_some() {
             "grpcs"
         } else {
             "grpc"
@@ -427,10 +427,10 @@ async fn worker(data_dir: Option<PathBuf>, args: WorkerArgs) -> anyhow::Result<u
     config.apply_env()?;
     config.data_dir = data_dir.unwrap_or_else(|| default_data_dir().join("worker"));
     if let Some(workers) = args.workers {
-        config.workers = workers;
+        config.workers.slots = workers;
     }
     if args.no_fsync {
-        config.fsync = false;
+        config.store.fsync = false;
     }
     if args.print_config {
         print!("{}", config.to_masked_toml());
@@ -448,11 +448,7 @@ async fn worker(data_dir: Option<PathBuf>, args: WorkerArgs) -> anyhow::Result<u
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", data_dir.display()))?;
-    let store = rba_cas::StoreConfig {
-        max_bytes: config.cas_max_bytes,
-        fsync: config.fsync,
-        ..rba_cas::StoreConfig::default()
-    };
+    let store = config.store.local();
     let cas = rba_cas::Cas::open(data_dir.join("cas"), store).map_err(|e| {
         anyhow::anyhow!("opening the local store under {}: {e}", data_dir.display())
     })?;
@@ -462,8 +458,10 @@ async fn worker(data_dir: Option<PathBuf>, args: WorkerArgs) -> anyhow::Result<u
         &shared,
     )?;
     let worker = rba_executor::scheduler::Worker::new(shared.queue.clone(), executor)
-        .with_slots(config.workers)
-        .with_drain_grace(std::time::Duration::from_secs(config.shutdown_grace_secs))
+        .with_slots(config.workers.slots)
+        .with_drain_grace(std::time::Duration::from_secs(
+            config.workers.shutdown_grace_secs,
+        ))
         .with_staging(std::sync::Arc::new(staging));
     println!("rba: worker {}", worker.id());
     use std::io::Write;

@@ -30,7 +30,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use rba_cache_server::auth::Authenticator;
-use rba_cas::{Cas, Digest, StoreConfig};
+use rba_cas::{Cas, Digest};
 use rba_executor::cargo::CargoJob;
 use rba_executor::runner::{
     CARGO_INSTANCE, ExecuteRequest, Executor, ExecutorError, JobHandle, JobOutcome, JobState,
@@ -259,24 +259,44 @@ impl NodeShared {
                 record: None,
             });
         }
-        if let Some(record) = self.history.get(id).await {
-            return visible(record.tenant.as_deref()).then(|| Resolved {
-                id: id.to_string(),
-                live: None,
-                record: Some(record),
-            });
-        }
-        let record = self
-            .history
-            .aliased(id)
-            .await
-            .into_iter()
-            .find(|record| visible(record.tenant.as_deref()))?;
+        let record = match self.history.get(id).await {
+            Some(record) => visible(record.tenant.as_deref()).then_some(record)?,
+            None => self
+                .history
+                .aliased(id)
+                .await
+                .into_iter()
+                .find(|record| visible(record.tenant.as_deref()))?,
+        };
         Some(Resolved {
             id: record.id.clone(),
-            live: self.executor.job(&record.id),
+            live: self.live_job(&record).await,
             record: Some(record),
         })
+    }
+
+    /// The live job of a visible history record: this node's, or on a scale-out front end one
+    /// that another front end runs, followed here (`Executor::find_job`) so that its log and
+    /// outcome stream from whichever front end a client reaches. A finished record has none.
+    async fn live_job(&self, record: &BuildRecord) -> Option<JobHandle> {
+        if let Some(handle) = self.executor.job(&record.id) {
+            return Some(handle);
+        }
+        if record.status != "running" {
+            return None;
+        }
+        let owner = record.tenant.as_deref();
+        match self
+            .executor
+            .find_job(&record.id, |tenant| Some(tenant.as_str()) == owner)
+            .await
+        {
+            Ok(handle) => handle,
+            Err(error) => {
+                tracing::warn!(session = %record.id, %error, "following another front end's job failed");
+                None
+            }
+        }
     }
 
     /// The job id session `id` names for a reader that `visible` lets see its owner (see
@@ -480,6 +500,12 @@ impl NodeShared {
     /// scaled out the shared one (the bucket's index), not this front end's local tier.
     pub fn store_stats(&self) -> rba_cas::StoreStats {
         self.executor.stores().blobs().stats()
+    }
+
+    /// Entries of the action cache the executor answers from (scaled out: the shared one's,
+    /// from the database's counters, not this front end's local cache): a counter, not a scan.
+    pub fn action_cache_entries(&self) -> u64 {
+        rba_cas::ActionCache::len(self.executor.stores().actions())
     }
 
     /// Jobs waiting for a worker: this executor's queue, or scaled out the shared queue's
@@ -769,53 +795,27 @@ impl Node {
     pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         config.validate()?;
         let data_dir: PathBuf = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        let store = StoreConfig {
-            max_bytes: config.cas_max_bytes,
-            fsync: config.fsync,
-            ..StoreConfig::default()
-        };
-        // Scaled out: the bucket and the database, reached before anything binds (a wrong
-        // URL fails the start naming its variable). See `compose`.
-        let scale_out = crate::compose::Shared::connect(&config).await?;
-        // With gRPC on (embedded), the REAPI server opens the store and the node shares it.
-        let (cas, mut reapi) = match config.grpc_listen.filter(|_| scale_out.is_none()) {
-            Some(addr) => {
-                let (server, cas) = crate::grpc::open(
-                    &data_dir.join("cas"),
-                    store,
-                    addr,
-                    config.auth.clone(),
-                    config.tls.clone(),
-                )?;
-                (cas, Some((server, addr)))
-            }
-            None => (
-                Cas::open(data_dir.join("cas"), store)
-                    .with_context(|| format!("opening the CAS under {}", data_dir.display()))?,
-                None,
-            ),
-        };
-        // Scaled out, the node's `Cas` is the local tier of the shared stores, which every
-        // face serves (the REAPI server and the executor over the very same handles).
-        let shared_stores = scale_out.as_ref().map(|shared| shared.stores(&cas));
-        if let (Some(addr), Some(stores)) = (config.grpc_listen, &shared_stores) {
-            let server = crate::grpc::over_stores(
-                &data_dir.join("cas"),
-                stores.clone(),
-                addr,
-                config.auth.clone(),
-                config.tls.clone(),
-            )?;
-            reapi = Some((server, addr));
-        }
+        // The store under the data dir and, scaled out, the bucket and the database (reached
+        // before anything binds: a wrong URL fails the start naming its variable). Every face
+        // serves the same stores, and the executor runs over them. See `compose`.
+        let crate::compose::Backends {
+            cas,
+            shared: scale_out,
+            stores,
+        } = crate::compose::backends(&config).await?;
         let executor_config = crate::compose::executor_config(&config, &data_dir.join("executor"))?;
         let executor = crate::compose::front_end_executor(
             &cas,
             executor_config,
-            scale_out.as_ref().zip(shared_stores),
+            scale_out.as_ref().map(|shared| (shared, stores.clone())),
         )?;
+        let reapi = match config.servers.reapi {
+            Some(addr) => Some((
+                crate::grpc::server(&config, stores.clone(), Some(executor.clone()))?,
+                addr,
+            )),
+            None => None,
+        };
         let keypair = crate::p2p::load_or_create_identity(&data_dir.join("identity.key"))?;
         let history = crate::compose::history(
             &cas,
@@ -827,8 +827,11 @@ impl Node {
         if interrupted > 0 {
             tracing::warn!(interrupted, "builds interrupted by the last stop");
         }
-        let network = Network::start(keypair, Duration::from_secs(config.idle_timeout_secs))?;
-        for address in &config.listen {
+        let network = Network::start(
+            keypair,
+            Duration::from_secs(config.servers.idle_timeout_secs),
+        )?;
+        for address in &config.servers.libp2p {
             network.listen(address.parse()?).await?;
         }
         let trusted = config
@@ -859,7 +862,7 @@ impl Node {
                         id,
                         addresses,
                         network.clone(),
-                        config.max_frame_bytes,
+                        config.servers.max_frame_bytes,
                     )) as Arc<dyn PeerSource>
                 })
                 .collect(),
@@ -901,7 +904,7 @@ impl Node {
             |node, peer, stream| tokio::spawn(crate::p2p::blobs::serve(node, peer, stream)),
         )?);
         let mut http_addr = None;
-        if let Some(addr) = config.http_listen {
+        if let Some(addr) = config.servers.http {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding HTTP on {addr}"))?;
@@ -915,9 +918,7 @@ impl Node {
         }
         let mut grpc_addr = None;
         if let Some((server, addr)) = reapi {
-            let (bound, task) =
-                crate::grpc::spawn(server, shared.executor.clone(), addr, shutdown_rx.clone())
-                    .await?;
+            let (bound, task) = crate::grpc::spawn(server, addr, shutdown_rx.clone()).await?;
             grpc_addr = Some(bound);
             tasks.push(task);
         }
@@ -972,10 +973,10 @@ impl Node {
     }
 
     /// Drains, then stops: no new job is taken, the jobs already taken get
-    /// [`NodeConfig::shutdown_grace_secs`](crate::config::NodeConfig) to finish (then they are
+    /// `[workers] shutdown_grace_secs` to finish (then they are
     /// cancelled), then every face and task stops and the store is flushed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let grace = Duration::from_secs(self.shared.config.shutdown_grace_secs);
+        let grace = Duration::from_secs(self.shared.config.workers.shutdown_grace_secs);
         let deadline = tokio::time::Instant::now() + grace;
         let busy = self
             .shared

@@ -331,7 +331,7 @@ pub struct CacheView {
     /// The CAS's capacity.
     pub max_bytes: u64,
     /// Action cache entries.
-    pub action_cache_entries: usize,
+    pub action_cache_entries: u64,
     /// Build records in the history.
     pub builds: usize,
     /// Jobs answered from the action cache since start.
@@ -368,7 +368,7 @@ impl CacheView {
             evictions: stats.evictions,
             evicted_bytes: stats.evicted_bytes,
             max_bytes: node.cas.blobs.config().max_bytes,
-            action_cache_entries: node.cas.actions.len(),
+            action_cache_entries: node.action_cache_entries(),
             builds,
             cache_hits,
             jobs_finished,
@@ -377,7 +377,7 @@ impl CacheView {
             } else {
                 cache_hits as f64 / jobs_finished as f64
             },
-            workers: node.config.workers,
+            workers: node.config.workers.slots,
             queued: node.executor.queue_len(),
             slots: usage.slots,
             registry_cache_bytes: usage.cargo_home_bytes,

@@ -1549,7 +1549,7 @@ fn serve_print_config_layers_file_environment_and_flags_and_masks_tokens() {
     let file = data.path().join("node.toml");
     std::fs::write(
         &file,
-        "workers = 3\nshutdown_grace_secs = 9\n[[auth.tokens]]\nname = \"ci\"\ntoken = \"file-secret-0123456789\"\naccess = \"read-write\"\n",
+        "[workers]\nslots = 3\nshutdown_grace_secs = 9\n[[auth.tokens]]\nname = \"ci\"\ntoken = \"file-secret-0123456789\"\naccess = \"read-write\"\n",
     )
     .unwrap();
     let out = rba(data.path())
@@ -1562,9 +1562,10 @@ fn serve_print_config_layers_file_environment_and_flags_and_masks_tokens() {
         .success();
     let printed = String::from_utf8_lossy(&out.get_output().stdout).to_string();
     // The environment beats the file, a flag beats both, the file beats the defaults.
-    assert!(printed.contains("workers = 5"), "{printed}");
+    assert!(printed.contains("[workers]\nslots = 5\n"), "{printed}");
     assert!(printed.contains("shutdown_grace_secs = 9"), "{printed}");
-    assert!(!printed.contains("http_listen"), "{printed}");
+    assert!(printed.contains("[servers]\n"), "{printed}");
+    assert!(printed.contains("\nhttp = \"off\"\n"), "{printed}");
     assert!(printed.contains("name = \"ci\""), "{printed}");
     assert!(!printed.contains("file-secret"), "{printed}");
     // Nothing was started or created: printing is all it did.

@@ -370,7 +370,7 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     let node = node_with(&dir.path().join("node"), &[], |config| {
         config.auth.tokens = vec![token("alice", std::slice::from_ref(&alice_tenant))];
         // One worker: a second build waits in the queue while the first runs.
-        config.workers = 1;
+        config.workers.slots = 1;
     })
     .await;
     let http = node.http_addr().unwrap();

@@ -24,7 +24,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 async fn reapi_clients_see_what_libp2p_clients_built() {
     let dir = tempfile::tempdir().unwrap();
     let node = common::node_with(dir.path(), &[], |config| {
-        config.grpc_listen = Some(([127, 0, 0, 1], 0).into());
+        config.servers.reapi = Some(([127, 0, 0, 1], 0).into());
     })
     .await;
     let grpc = node.grpc_addr().expect("gRPC is listening");
@@ -131,11 +131,11 @@ async fn tls_and_tokens_keep_each_tenants_operations_its_own() {
         tenants: vec![],
     };
     let node = common::node_with(&dir.path().join("node"), &[], |config| {
-        config.grpc_listen = Some(([127, 0, 0, 1], 0).into());
+        config.servers.reapi = Some(([127, 0, 0, 1], 0).into());
         let mut operator = token("ops", OPS);
         operator.tenants = vec![rba_cache_server::auth::ALL_TENANTS.into()];
         config.auth.tokens = vec![token("alice", ALICE), token("bob", BOB), operator];
-        config.tls = Some(TlsConfig {
+        config.servers.tls = Some(TlsConfig {
             cert: dir.path().join("cert.pem"),
             key: dir.path().join("key.pem"),
         });

@@ -57,7 +57,7 @@ fn submit(kind: i32, root: Option<BlobDigest>) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_get_clear_error_codes_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let node = common::node_with(dir.path(), &[], |c| c.max_upload_bytes = 1 << 20).await;
+    let node = common::node_with(dir.path(), &[], |c| c.servers.max_upload_bytes = 1 << 20).await;
     let client = Client::connect(&node).await;
     let tree = client.hash(&fixture("hello")).await;
 

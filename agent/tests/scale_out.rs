@@ -7,7 +7,9 @@
 //! killed with SIGKILL mid-job loses the job to the other worker, which finishes it once; after
 //! every process restarted (fresh local dirs for the front end and the workers) the earlier
 //! result is a cache hit served from the bucket and the database, and the new front end lists
-//! the earlier build and serves its log (the history is in the database); a worker drains and exits 0
+//! the earlier build and serves its log (the history is in the database); `cache-server` as a
+//! second front end answers WaitExecution for an operation the first one took; a worker
+//! drains and exits 0
 //! on SIGTERM; `/ready` reports the shared state; and a broken store or database URL stops
 //! `rba serve` and `rba worker` with an error naming the variable.
 
@@ -53,8 +55,9 @@ impl Deployment {
         let config = dir.path().join("rba.toml");
         std::fs::write(
             &config,
-            "shutdown_grace_secs = 5\n\
-             public_read = true\n\
+            "public_read = true\n\
+             [workers]\n\
+             shutdown_grace_secs = 5\n\
              [scheduler]\n\
              lease_secs = 3\n\
              heartbeat_secs = 1\n\
@@ -73,10 +76,15 @@ impl Deployment {
     }
 
     fn command(&self, data_dir: &Path) -> Command {
-        let mut command = Command::new(assert_cmd::cargo::cargo_bin("rba"));
+        let mut command = self.binary("rba");
+        command.arg("--data-dir").arg(data_dir);
         command
-            .arg("--data-dir")
-            .arg(data_dir)
+    }
+
+    /// One of the binaries, joined to the deployment by the two URLs and the bucket's `AWS_*`.
+    fn binary(&self, name: &str) -> Command {
+        let mut command = Command::new(assert_cmd::cargo::cargo_bin(name));
+        command
             .env_remove("RBA_DATA_DIR")
             .env_remove("RBA_CONFIG")
             .env_remove("RBA_WORKERS")
@@ -107,6 +115,46 @@ impl Deployment {
             command,
             &["rba: listening on ", "rba: http on ", "rba: reapi on "],
         )
+    }
+
+    /// `cache-server` as a front end: the same file and variables, the REAPI face alone.
+    fn cache_server(&self, data_dir: &Path) -> Process {
+        let mut command = self.binary("cache-server");
+        command
+            .env_remove("RBA_CACHE_CONFIG")
+            .env("NO_COLOR", "1")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+                "--fsync",
+                "false",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .arg("--config")
+            .arg(&self.config);
+        // Its address is in its log ("serving REAPI addr=…"), not on stdout.
+        let process = Process::start(command, &[]);
+        let started = Instant::now();
+        loop {
+            let log = process.stderr();
+            if let Some(addr) = log
+                .lines()
+                .filter(|line| line.contains("serving REAPI"))
+                .find_map(|line| line.split("addr=").nth(1)?.split_whitespace().next())
+            {
+                let mut process = process;
+                process.printed = vec![String::new(), String::new(), format!("grpc://{addr}")];
+                return process;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "cache-server did not start: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn worker(&self, data_dir: &Path) -> Process {
@@ -455,15 +503,20 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
     let worker_dir = tempfile::tempdir().unwrap();
     let worker = deployment.worker(worker_dir.path());
     let channel = self::channel(&front).await;
-    // Its metrics count the shared store's blobs, not its empty local tier.
+    // Its metrics count the shared store's blobs and the shared action cache's entries, not
+    // its empty local tier and cache.
     let started = Instant::now();
     loop {
         let (_, metrics) = http_get(&front, "/metrics");
-        let blobs = metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("rba_cas_blobs "))
-            .and_then(|n| n.trim().parse::<u64>().ok());
-        if blobs.is_some_and(|n| n > 0) {
+        let gauge = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        };
+        if gauge("rba_cas_blobs").is_some_and(|n| n > 0)
+            && gauge("rba_action_cache_entries").is_some_and(|n| n > 0)
+        {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(20), "{metrics}");
@@ -491,7 +544,72 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
     let (status, log) = http_get(&front, &format!("/builds/{id}/logs"));
     assert_eq!(status, 200, "{log}");
     assert!(log.contains("hello v0.1.0 (/workspace)"), "{log}");
+
+    // (e) An operation is served by whichever front end a client reaches: a second front end
+    // — `cache-server`, scaled out by the same file and variables — answers WaitExecution for
+    // an Execute the first one took, its output read from there.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = deployment.cache_server(other_dir.path());
+    let other_channel = self::channel(&other).await;
+    let slow = shell_action(
+        &channel,
+        "sleep 2; cat in.txt > out.txt; echo waited elsewhere",
+    )
+    .await;
+    let mut first = reapi::execution_client::ExecutionClient::new(channel.clone())
+        .execute(reapi::ExecuteRequest {
+            action_digest: Some(slow.to_reapi()),
+            digest_function: digest_function::Value::Sha256 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let name = first.message().await.unwrap().expect("an operation").name;
+    // Another front end finds it once it is queued (REAPI clients retry Execute on a
+    // NOT_FOUND): here, once the worker has claimed it.
+    let started = Instant::now();
+    while claims(&worker) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nobody claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut waited = reapi::execution_client::ExecutionClient::new(other_channel.clone())
+        .wait_execution(reapi::WaitExecutionRequest { name: name.clone() })
+        .await
+        .unwrap_or_else(|status| panic!("WaitExecution({name}) on the other front end: {status}"))
+        .into_inner();
+    let response = loop {
+        let operation = tokio::time::timeout(Duration::from_secs(90), waited.message())
+            .await
+            .expect("the operation ends")
+            .unwrap()
+            .expect("a final operation");
+        assert_eq!(operation.name, name);
+        if operation.done {
+            let Some(operation::Result::Response(any)) = operation.result else {
+                panic!("{operation:?}")
+            };
+            break reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+        }
+    };
+    assert!(!response.cached_result);
+    assert_eq!(
+        output(&other_channel, &response).await,
+        "input from the client\n"
+    );
+    assert_eq!(claims(&worker), 1, "it ran once");
+    let unknown = reapi::execution_client::ExecutionClient::new(other_channel)
+        .wait_execution(reapi::WaitExecutionRequest {
+            name: "operations/00000000-0000-0000-0000-000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown}");
     drop(worker);
+    drop(other);
     drop(front);
 }
 
@@ -544,6 +662,23 @@ async fn the_build_history_in_postgres_is_shared_by_the_front_ends() {
     assert!(rest.next.is_none(), "only another tenant's record is left");
     assert_eq!(b.get("x").await.unwrap().status, "failed");
     assert!(b.get("nothing").await.is_none());
+    // A record that does not decode (a newer version's, or damaged) is left out of pages and
+    // lookups instead of failing them.
+    postgres
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO rba_builds (id, submitted_at_ms, running, front_end, tenant, record)
+             VALUES ('damaged', 6, false, 'front-a', 'me', '{\"id\": 7')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let all = b.page(None, 10, mine).await.unwrap();
+    assert_eq!(all.items, ["run-b", "run-a", "x", "a", "B"]);
+    assert!(b.get("damaged").await.is_none());
 
     // An alias names one build per owner, across front ends.
     let mut aliased = record("al-1", 6, "me", "success");

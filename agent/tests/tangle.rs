@@ -192,8 +192,8 @@ impl Harness {
     async fn new(zips: HashMap<String, Vec<u8>>, tweak: impl FnOnce(&mut TangleConfig)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::ephemeral(dir.path().join("node"));
-        config.grpc_listen = None;
-        config.listen = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+        config.servers.reapi = None;
+        config.servers.libp2p = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
         // The on-chain requester follows its session over HTTP without a token.
         config.public_read = true;
         let node = Node::start(config).await.expect("node starts");

@@ -35,7 +35,7 @@ if [ ! -x "$venv/bin/bgd" ]; then
     "$venv/bin/pip" install --quiet "buildgrid==$version"
 fi
 
-(cd "$root" && cargo build --release -p rba-cache-server --bin cache-server --bin reapi-bench >&2)
+(cd "$root" && cargo build --release -p rba-agent -p rba-cache-server --bin cache-server --bin reapi-bench >&2)
 bench="$target/release/reapi-bench"
 server="$target/release/cache-server"
 

@@ -1,41 +1,15 @@
-//! Server configuration: built-in defaults, overridden by a TOML file, overridden by environment
-//! variables and command-line flags (each flag has an `RBA_CACHE_*` variable).
+//! The REAPI face's settings ([`Config`]): listeners, message limits, tokens, TLS, and what
+//! the face says of its store and executor — and the pieces of the deployment's configuration
+//! schema that belong to this face ([`AuthConfig`], [`TokenConfig`], [`TlsConfig`], the
+//! `--token` syntax).
 //!
-//! Example file (every key optional):
-//! ```toml
-//! listen = "127.0.0.1:50051"
-//! data_dir = "/var/cache/rba"
-//! metrics_listen = "127.0.0.1:50052"   # "" disables the metrics endpoint
-//! max_message_bytes = 4194304          # gRPC message limit the batch limit is derived from
-//! upload_idle_timeout_secs = 600       # interrupted uploads stay resumable this long
-//! zstd_level = 1
-//!
-//! [store]
-//! max_bytes = 53687091200              # LRU eviction above this
-//! low_watermark = 0.9
-//! fsync = true
-//!
-//! [execution]
-//! enabled = true                       # the REAPI Execution service (needs the sandbox's prerequisites)
-//! workers = 2                          # actions running at once (default: CPUs, at most 4)
-//! shutdown_grace_secs = 30             # SIGTERM: actions taken may finish this long, then cancelled
-//!
-//! [tls]                                # gRPC over TLS (rustls); needed for tokens off loopback
-//! cert = "/etc/rba/server.pem"         # PEM certificate chain
-//! key = "/etc/rba/server.key"          # PEM private key
-//!
-//! [auth]
-//! anonymous = "none"                   # access without a token: none | read-only | read-write
-//! read_only_may_write_cas = true       # read-only tokens may upload blobs (never action results)
-//! [[auth.tokens]]
-//! name = "ci"                          # its tenant is token:ci
-//! token = "s3cret"
-//! access = "read-write"
-//! tenants = ["token:dev"]              # also sees these tenants' operations ("*": all)
-//! ```
+//! Why no file format here: the configuration file is the one schema of `rba serve`, `rba
+//! worker` and `cache-server` (the agent's `NodeConfig`, `[servers] reapi` and `[reapi]` for
+//! this face), and the composition root there builds a [`Config`] from it. Tests and embedders
+//! build one directly.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use rba_cas::StoreConfig;
@@ -49,15 +23,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:50052";
 
 /// Everything the server needs to run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
     /// Where blobs, the index and the action cache live.
     pub data_dir: PathBuf,
     /// Prometheus metrics listen address; `None` disables it.
-    #[serde(with = "optional_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// Largest gRPC message the server sends, and what it assumes clients accept (4 MiB is every
     /// gRPC implementation's default). `max_batch_total_size_bytes` is derived from it.
@@ -111,8 +83,7 @@ impl TlsConfig {
 
 /// The REAPI Execution service: actions run by `rba-executor` in its sandbox, with its data
 /// under `{data_dir}/executor`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub struct ExecutionConfig {
     /// Serve Execute/WaitExecution and Operations. When the sandbox cannot be set up the server
     /// logs why and serves cache-only.
@@ -262,13 +233,6 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 impl Config {
-    /// Reads a TOML file over the defaults.
-    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
-    }
-
     /// The batch limit advertised in Capabilities: the message limit minus room for the
     /// per-blob framing (digests, statuses), so a batch that honours it really fits.
     pub fn max_batch_total_size_bytes(&self) -> usize {
@@ -345,43 +309,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
-/// The metrics address flag: an address, or none (`off`).
-#[derive(Clone, Copy, Debug)]
-pub struct MetricsAddr(pub Option<SocketAddr>);
-
-fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
-    parse_optional_addr(text).map(MetricsAddr)
-}
-
-/// `host:port`, or `off`/`""` for none.
-fn parse_optional_addr(text: &str) -> Result<Option<SocketAddr>, String> {
-    match text.trim() {
-        "" | "off" | "none" => Ok(None),
-        addr => addr
-            .parse()
-            .map(Some)
-            .map_err(|e| format!("invalid address {addr:?}: {e}")),
-    }
-}
-
-mod optional_addr {
-    use std::net::SocketAddr;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
-        match addr {
-            Some(addr) => s.serialize_str(&addr.to_string()),
-            None => s.serialize_str(""),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_optional_addr(&text).map_err(serde::de::Error::custom)
-    }
-}
-
 /// Parses `TOKEN:ACCESS` or `NAME:TOKEN:ACCESS` (the `--token` syntax of every rba server).
 pub fn parse_token(text: &str) -> Result<TokenConfig, String> {
     let (rest, access) = text.rsplit_once(':').ok_or("expected TOKEN:ACCESS")?;
@@ -406,150 +333,8 @@ pub fn parse_token(text: &str) -> Result<TokenConfig, String> {
     })
 }
 
-/// Command line of the `cache-server` binary. Every flag can also be given by environment.
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "cache-server",
-    version,
-    about = "REAPI v2 remote cache and remote execution over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store",
-    long_about = "REAPI v2 remote cache and remote execution over gRPC (Bazel, Buck2, Pants, …) on the rba content-addressed store.\n\n\
-With no arguments it serves gRPC on 127.0.0.1:50051, Prometheus metrics on 127.0.0.1:50052/metrics, \
-and keeps its data under $XDG_CACHE_HOME/rba-cache-server (or ~/.cache/rba-cache-server). \
-Actions sent to Execute run in the rba sandbox (unprivileged, no network, read-only /usr) when its \
-prerequisites are present (.ci/setup.d/sandbox.sh); otherwise, or with --no-execution, it serves cache-only.\n\n\
-Settings come from built-in defaults, then the TOML file given by --config, then environment \
-variables, then flags. Use --print-config to see the result.",
-    after_help = "Examples:\n  \
-cache-server\n  \
-cache-server --listen 0.0.0.0:50051 --token ci:$CI_TOKEN:read-write --token dev:$DEV_TOKEN:read-only\n  \
-bazel build //... --remote_cache=grpc://127.0.0.1:50051\n  \
-bazel build //... --remote_executor=grpc://127.0.0.1:50051"
-)]
-pub struct Cli {
-    /// TOML configuration file (--print-config shows every key).
-    #[arg(long, short = 'c', env = "RBA_CACHE_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// gRPC listen address [default: 127.0.0.1:50051].
-    #[arg(long, env = "RBA_CACHE_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-
-    /// Data directory (blobs, index, action cache) [default: ~/.cache/rba-cache-server].
-    #[arg(long, env = "RBA_CACHE_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-
-    /// Prometheus metrics address, or "off" [default: 127.0.0.1:50052].
-    #[arg(long, env = "RBA_CACHE_METRICS_LISTEN", value_name = "ADDR|off", value_parser = parse_metrics_addr)]
-    pub metrics_listen: Option<MetricsAddr>,
-
-    /// Store capacity; least-recently-used blobs are evicted above it (e.g. 50GiB).
-    #[arg(long, env = "RBA_CACHE_MAX_STORE_BYTES", value_name = "SIZE", value_parser = parse_size)]
-    pub max_store_bytes: Option<u64>,
-
-    /// fsync each blob before it becomes visible.
-    #[arg(long, env = "RBA_CACHE_FSYNC", value_name = "BOOL")]
-    pub fsync: Option<bool>,
-
-    /// gRPC message limit the advertised batch limit is derived from (e.g. 4MiB).
-    #[arg(long, env = "RBA_CACHE_MAX_MESSAGE_BYTES", value_name = "SIZE", value_parser = parse_size)]
-    pub max_message_bytes: Option<u64>,
-
-    /// Bearer token, as TOKEN:ACCESS or NAME:TOKEN:ACCESS with ACCESS read-only|read-write.
-    /// Repeatable; the variable takes a comma-separated list.
-    #[arg(long = "token", env = "RBA_CACHE_TOKENS", value_name = "[NAME:]TOKEN:ACCESS",
-          value_parser = parse_token, value_delimiter = ',', hide_env_values = true)]
-    pub tokens: Vec<TokenConfig>,
-
-    /// Access of requests without a token [default: read-write without tokens, else none].
-    #[arg(long, env = "RBA_CACHE_ANONYMOUS", value_enum, value_name = "ACCESS")]
-    pub anonymous: Option<Access>,
-
-    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key). Bearer tokens off
-    /// loopback need it.
-    #[arg(long, env = "RBA_CACHE_TLS_CERT", value_name = "PEM")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// The PEM private key of --tls-cert.
-    #[arg(long, env = "RBA_CACHE_TLS_KEY", value_name = "PEM")]
-    pub tls_key: Option<PathBuf>,
-
-    /// Actions the Execution service runs at once [default: CPUs, at most 4].
-    #[arg(long, env = "RBA_CACHE_EXECUTOR_WORKERS", value_name = "N")]
-    pub executor_workers: Option<usize>,
-
-    /// Serve cache-only: no Execution service (Execute answers UNIMPLEMENTED).
-    #[arg(long, env = "RBA_CACHE_NO_EXECUTION")]
-    pub no_execution: bool,
-
-    /// Log filter (tracing-subscriber syntax).
-    #[arg(long, env = "RBA_LOG", default_value = "info", value_name = "FILTER")]
-    pub log: String,
-
-    /// Log line format: `text`, or `json` (one object per line, for log collectors).
-    #[arg(long, env = "RBA_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: crate::logging::LogFormat,
-
-    /// Print the effective configuration as TOML and exit (tokens are masked).
-    #[arg(long)]
-    pub print_config: bool,
-}
-
-impl Cli {
-    /// Defaults, then the file, then environment and flags.
-    pub fn into_config(self) -> anyhow::Result<Config> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        if let Some(listen) = self.listen {
-            config.listen = listen;
-        }
-        if let Some(dir) = self.data_dir {
-            config.data_dir = dir;
-        }
-        if let Some(MetricsAddr(metrics)) = self.metrics_listen {
-            config.metrics_listen = metrics;
-        }
-        if let Some(bytes) = self.max_store_bytes {
-            config.store.max_bytes = bytes;
-        }
-        if let Some(fsync) = self.fsync {
-            config.store.fsync = fsync;
-        }
-        if let Some(bytes) = self.max_message_bytes {
-            config.max_message_bytes = usize::try_from(bytes).context("max_message_bytes")?;
-        }
-        if let Some(workers) = self.executor_workers {
-            config.execution.workers = Some(workers);
-        }
-        if self.no_execution {
-            config.execution.enabled = false;
-        }
-        config.auth.tokens.extend(self.tokens);
-        if let Some(anonymous) = self.anonymous {
-            config.auth.anonymous = Some(anonymous);
-        }
-        if let Some(tls) = TlsConfig::from_flags(self.tls_cert, self.tls_key)? {
-            config.tls = Some(tls);
-        }
-        config.validate()?;
-        Ok(config)
-    }
-}
-
-/// The configuration as TOML with secrets masked.
-pub fn to_masked_toml(config: &Config) -> String {
-    let mut masked = config.clone();
-    for token in &mut masked.auth.tokens {
-        token.token = "********".into();
-    }
-    toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
-}
-
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
     #[test]
@@ -559,38 +344,6 @@ mod tests {
         assert_eq!(parse_size("50G"), Ok(50 << 30));
         assert!(parse_size("4 parsecs").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn layers_file_then_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:7000\"\nmetrics_listen = \"127.0.0.1:7002\"\n[store]\nmax_bytes = 1000\n\
-             [[auth.tokens]]\ntoken = \"abcdefghij\"\naccess = \"read-only\"\n",
-        )
-        .unwrap();
-        let cli = Cli::try_parse_from([
-            "cache-server",
-            "--config",
-            path.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:7001",
-            "--token",
-            "ci:0123456789:read-write",
-            "--metrics-listen",
-            "off",
-        ])
-        .unwrap();
-        let config = cli.into_config().unwrap();
-        assert_eq!(config.listen.port(), 7001);
-        assert_eq!(config.metrics_listen, None);
-        assert_eq!(config.store.max_bytes, 1000);
-        assert_eq!(config.auth.tokens.len(), 2);
-        assert_eq!(config.auth.tokens[1].access, Access::ReadWrite);
-        assert_eq!(config.anonymous_access(), Access::None);
-        assert!(!to_masked_toml(&config).contains("0123456789"));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! Composition: [`Server::with_stores`] takes everything it serves (the [`Stores`]: a blob
 //! store, the complete action cache over it and the read grants; and optionally an
 //! [`Executor`]) and opens nothing, so the same services run over the embedded store or over
-//! a front end's shared backends. [`Server::new`] is the embedded composition the
-//! `cache-server` binary uses: it opens the `Cas` under `data_dir`, starts the executor on it
-//! and calls `with_stores`. [`Server::serve`] runs the gRPC and metrics listeners until a
+//! a front end's shared backends: the `cache-server` binary and `rba serve` get theirs from the
+//! one composition root (the agent's `compose`). [`Server::new`] is a self-contained embedded
+//! composition for tests and embedders: it opens the `Cas` under `data_dir`, starts the
+//! executor on it and calls `with_stores`. [`Server::serve`] runs the gRPC and metrics listeners until a
 //! shutdown future resolves, then drains in-flight requests and flushes the store.
 //! [`Server::spawn`] does all that on ephemeral tasks and hands back a [`RunningServer`] (used
 //! by tests, the bench and embedders). Every service sits behind the token
@@ -128,9 +129,10 @@ impl RunningServer {
 }
 
 impl Server {
-    /// The embedded composition (the `cache-server` binary): opens (creating) the data
-    /// directory and its `Cas`, starts the executor on it when execution is enabled, and serves
-    /// both through [`Server::with_stores`].
+    /// A self-contained embedded composition (tests, embedders; the binaries compose through
+    /// the agent's `compose`): opens (creating) the data directory and its `Cas`, starts the
+    /// executor on it when execution is enabled, and serves both through
+    /// [`Server::with_stores`].
     pub fn new(config: Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;

@@ -141,13 +141,11 @@ async fn bench(fixture: &Path, scratch: &Path) -> anyhow::Result<()> {
     copy_dir(fixture, &remote_src)?;
     let local_target = scratch.join(format!("{name}-target"));
 
-    let node = Node::start(NodeConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".to_string()],
-        http_listen: None,
-        grpc_listen: None,
-        ..NodeConfig::ephemeral(scratch.join(format!("{name}-node")))
-    })
-    .await?;
+    let mut config = NodeConfig::ephemeral(scratch.join(format!("{name}-node")));
+    config.servers.libp2p = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+    config.servers.http = None;
+    config.servers.reapi = None;
+    let node = Node::start(config).await?;
     let client = RemoteClient::connect(
         Keypair::generate_ed25519(),
         &node.tcp_addr().context("node address")?.to_string(),
@@ -305,8 +303,8 @@ async fn post_execute(
 async fn bench_execute(scratch: &Path) -> anyhow::Result<()> {
     const TOKEN: &str = "bench-runner-token";
     let mut config = NodeConfig::ephemeral(scratch.join("execute-node"));
-    config.grpc_listen = None;
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+    config.servers.reapi = None;
+    config.servers.libp2p = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
     config.auth.tokens = vec![rba_cache_server::config::TokenConfig {
         name: "bench".into(),
         token: TOKEN.into(),

@@ -56,8 +56,22 @@ impl std::fmt::Debug for PgHistory {
     }
 }
 
-fn decode(json: &str) -> anyhow::Result<BuildRecord> {
-    serde_json::from_str(json).context("a build record in rba_builds does not decode")
+/// A stored record, or `None` (logged) for one that does not decode — written by a newer
+/// version, or damaged: as the embedded history does, such a record is left out of lists and
+/// lookups instead of failing every page that holds it.
+fn decode(row: &deadpool_postgres::tokio_postgres::Row) -> Option<BuildRecord> {
+    let json: &str = row.get(0);
+    match serde_json::from_str(json) {
+        Ok(record) => Some(record),
+        Err(error) => {
+            tracing::warn!(%error, "a build record in rba_builds does not decode; left out");
+            None
+        }
+    }
+}
+
+fn decode_all(rows: &[deadpool_postgres::tokio_postgres::Row]) -> Vec<BuildRecord> {
+    rows.iter().filter_map(decode).collect()
 }
 
 fn millis(at_ms: u64) -> i64 {
@@ -131,7 +145,7 @@ impl HistoryStore for PgHistory {
             .query_opt("SELECT record FROM rba_builds WHERE id = $1", &[&id])
             .await
             .context("postgres: reading a build record")?;
-        row.map(|row| decode(row.get(0))).transpose()
+        Ok(row.as_ref().and_then(decode))
     }
 
     async fn older_than(
@@ -163,7 +177,7 @@ impl HistoryStore for PgHistory {
             }
         }
         .context("postgres: reading a page of build records")?;
-        rows.iter().map(|row| decode(row.get(0))).collect()
+        Ok(decode_all(&rows))
     }
 
     async fn count(&self) -> anyhow::Result<usize> {
@@ -185,7 +199,7 @@ impl HistoryStore for PgHistory {
             )
             .await
             .context("postgres: reading aliased build records")?;
-        rows.iter().map(|row| decode(row.get(0))).collect()
+        Ok(decode_all(&rows))
     }
 
     async fn running(&self) -> anyhow::Result<Vec<BuildRecord>> {
@@ -197,6 +211,6 @@ impl HistoryStore for PgHistory {
             )
             .await
             .context("postgres: reading running builds")?;
-        rows.iter().map(|row| decode(row.get(0))).collect()
+        Ok(decode_all(&rows))
     }
 }

@@ -91,7 +91,7 @@ pub fn read_chunks(
 /// Node side: serves one inbound blob stream until the peer closes it or breaks the protocol.
 pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
     let mut stream = BufReader::new(stream);
-    let max = node.config.max_frame_bytes;
+    let max = node.config.servers.max_frame_bytes;
     loop {
         let request: BlobRequest = match read_frame(&mut stream, max).await {
             Ok(Some(request)) => request,
@@ -261,14 +261,14 @@ async fn serve_put(
         .await;
         return false;
     }
-    if digest.size > node.config.max_upload_bytes {
+    if digest.size > node.config.servers.max_upload_bytes {
         let _ = write_frame(
             stream,
             &error_reply(
                 "upload_refused",
                 format!(
                     "blob {digest:?} is larger than the node's upload limit of {} bytes",
-                    node.config.max_upload_bytes
+                    node.config.servers.max_upload_bytes
                 ),
             ),
         )
@@ -285,7 +285,7 @@ async fn serve_put(
     // A blob already held is not rewritten, so the store does not hash it: hash it here, for
     // the upload to prove that the peer holds the bytes.
     let mut proof = writer.already_present().then(|| digest.function.hasher());
-    let max = node.config.max_frame_bytes;
+    let max = node.config.servers.max_frame_bytes;
     loop {
         let frame: BlobRequest = match read_frame(stream, max).await {
             Ok(Some(frame)) => frame,

@@ -60,7 +60,7 @@ pub async fn serve(node: Arc<NodeShared>, peer: PeerId, stream: Stream) {
     let mut stream = BufReader::new(stream);
     let first = tokio::time::timeout(
         FIRST_FRAME_TIMEOUT,
-        read_frame::<_, ClientFrame>(&mut stream, node.config.max_frame_bytes),
+        read_frame::<_, ClientFrame>(&mut stream, node.config.servers.max_frame_bytes),
     )
     .await;
     let request = match first {

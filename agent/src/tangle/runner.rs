@@ -534,7 +534,7 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
         Some(result) => result.context("the blueprint runner stopped"),
         None => {
             drain.draining.store(true, Ordering::SeqCst);
-            let grace = Duration::from_secs(node.shared().config.shutdown_grace_secs);
+            let grace = Duration::from_secs(node.shared().config.workers.shutdown_grace_secs);
             eprintln!(
                 "rba: draining: {} call(s) in flight, up to {grace:?} to finish",
                 drain.in_flight()

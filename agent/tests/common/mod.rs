@@ -57,8 +57,8 @@ pub async fn node_with(dir: &Path, trusted: &[&Node], tweak: impl FnOnce(&mut No
         .with_test_writer()
         .try_init();
     let mut config = NodeConfig::ephemeral(dir);
-    config.grpc_listen = None;
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
+    config.servers.reapi = None;
+    config.servers.libp2p = vec!["/ip4/127.0.0.1/tcp/0".to_string()];
     config.trusted_peers = trusted
         .iter()
         .map(|peer| TrustedPeer {

@@ -1,6 +1,8 @@
-//! The `cache-server` binary: `--help`, `--print-config`, serving, clean shutdown on SIGTERM
-//! and SIGINT, and a restart on the same data directory that still serves what was cached.
+//! The `cache-server` binary: `--help`, `--print-config` over the node's configuration schema,
+//! serving, clean shutdown on SIGTERM and SIGINT, and a restart on the same data directory
+//! that still serves what was cached. (Its scale-out mode is in `scale_out.rs`.)
 
+#[path = "../../cache-server/tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -195,13 +197,35 @@ fn help_and_print_config() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&printed.stdout);
-    assert!(printed.status.success());
     assert!(
-        text.contains("listen = \"127.0.0.1:6000\"") && text.contains("[store]"),
-        "{text}"
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
     );
-    assert!(text.contains("[execution]\nenabled = true"), "{text}");
+    // The node's schema: the REAPI face alone, its metrics on their own port.
+    for key in [
+        "reapi = \"127.0.0.1:6000\"",
+        "http = \"off\"",
+        "libp2p = []",
+        "metrics = \"127.0.0.1:50052\"",
+        "[store]",
+        "[reapi]\nexecution = true",
+    ] {
+        assert!(text.contains(key), "{key}: {text}");
+    }
+    assert!(!text.contains("secret-token-1"), "tokens are masked");
+    // A node config file applies as it is; flags win over it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.toml");
+    std::fs::write(
+        &file,
+        "[servers]\nreapi = \"127.0.0.1:6001\"\n[workers]\nslots = 7\n[workers.limits]\n\
+         memory = \"1G\"\n[reapi]\nmetrics = \"off\"\n",
+    )
+    .unwrap();
     let cache_only = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
         .args([
             "--print-config",
             "--no-execution",
@@ -211,11 +235,27 @@ fn help_and_print_config() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&cache_only.stdout);
+    for key in [
+        "reapi = \"127.0.0.1:6001\"",
+        "[workers]\nslots = 3\n",
+        "memory = \"1G\"",
+        "[reapi]\nexecution = false\nmetrics = \"off\"",
+    ] {
+        assert!(text.contains(key), "{key}: {text}");
+    }
+    std::fs::write(&file, "[reapi]\nmetrcs = \"off\"\n").unwrap();
+    let typo = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(!typo.status.success());
+    let error = String::from_utf8_lossy(&typo.stderr);
     assert!(
-        text.contains("[execution]\nenabled = false\nworkers = 3"),
-        "{text}"
+        error.contains("metrcs") && error.contains("node.toml"),
+        "{error}"
     );
-    assert!(!text.contains("secret-token-1"), "tokens are masked");
     let refused = Command::new(BIN)
         .args(["--print-config", "--listen", "0.0.0.0:6000"])
         .output()
