@@ -1,6 +1,8 @@
 //! The operator node's configuration: one TOML file, overridden by environment variables and
 //! flags (in that order of precedence, flags last), read by `rba serve` (a node, or a
-//! scale-out front end), `rba worker` and `rba tangle run` alike.
+//! scale-out front end), `rba worker`, `rba tangle run`, `cache-server` (over its own
+//! defaults, [`NodeConfig::reapi_server`]) and the embedded node of `rba build`
+//! (`crate::local::embedded_config`) alike.
 //!
 //! Its sections are the parts of a deployment: `[servers]` (the faces: libp2p, HTTP, REAPI),
 //! `[workers]` (slots, sandbox, per-job `[workers.limits]`, toolchains), `[store]` (capacity,

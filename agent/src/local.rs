@@ -12,40 +12,65 @@
 use std::path::Path;
 
 use anyhow::Context;
+use rba_cas::Cas;
 use rba_executor::cargo::{CargoJob, JobKind};
-use rba_executor::runner::{Executor, ExecutorConfig, JobLimits, JobState, JobStatus};
+use rba_executor::runner::{Executor, JobLimits, JobState, JobStatus};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::artifacts::Artifact;
+use crate::config::NodeConfig;
 use crate::history::status_name;
 use crate::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
 use crate::test_report::TestReport;
-use crate::workspace::{hash_workspace, open_cas, workspace_identity};
+use crate::workspace::{hash_workspace, workspace_identity};
 
-/// Runs `job` on the workspace at `path` in-process; returns the process exit code. With
-/// `land_in`, a successful job's artifacts are written into that target dir.
+/// The embedded node's configuration: the node schema (`[workers]`: slots, sandbox, limits,
+/// toolchains; `[store]`: capacity, durability) from the file `RBA_CONFIG` names, else the
+/// defaults, then the `RBA_*` environment; its data under `data_dir` (the client's), whatever
+/// the file says, and `slots` (`--workers`) over all of it. Only the executor and the local
+/// store are configured by it: the embedded node serves no face and shares no state.
+pub fn embedded_config(data_dir: &Path, slots: Option<usize>) -> anyhow::Result<NodeConfig> {
+    let mut config = match std::env::var_os("RBA_CONFIG") {
+        Some(file) => NodeConfig::from_file(Path::new(&file))?,
+        None => NodeConfig::default(),
+    };
+    config.apply_env()?;
+    config.data_dir = data_dir.to_path_buf();
+    if let Some(slots) = slots {
+        config.workers.slots = slots;
+    }
+    anyhow::ensure!(config.workers.slots > 0, "--workers must be at least 1");
+    if config.workers.advisory_db.is_none() {
+        // `rba audit` embedded checks against the user's own cargo-audit database, if any.
+        config.workers.advisory_db = std::env::var_os("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+            .map(|home| home.join("advisory-db"))
+            .filter(|db| db.is_dir());
+    }
+    Ok(config)
+}
+
+/// Runs `job` on the workspace at `path` in-process, configured by `config`
+/// ([`embedded_config`]); returns the process exit code. With `land_in`, a successful job's
+/// artifacts are written into that target dir.
 pub async fn run(
-    data_dir: &Path,
+    config: &NodeConfig,
     job: CargoJob,
     limits: JobLimits,
     path: &Path,
-    workers: usize,
     color: ColorChoice,
     land_in: Option<&Path>,
 ) -> anyhow::Result<u8> {
-    let cas = open_cas(data_dir)?;
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let cas = Cas::open(data_dir.join("cas"), config.store.local())
+        .with_context(|| format!("opening the CAS under {}", data_dir.display()))?;
     let store = cas.blobs.clone();
     let tree = hash_workspace(&cas, path, true).await?;
-    let mut config =
-        ExecutorConfig::new(data_dir.join("executor")).context("configuring the executor")?;
-    config.workers = workers.max(1);
-    // `rba audit` embedded checks against the user's own cargo-audit database, if any.
-    config.advisory_db = std::env::var_os("CARGO_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
-        .map(|home| home.join("advisory-db"))
-        .filter(|db| db.is_dir());
-    let executor = Executor::new(cas, config).context("starting the embedded executor")?;
+    let executor_config = crate::compose::executor_config(config, &data_dir.join("executor"))?;
+    let executor = Executor::new(cas, executor_config).context("starting the embedded executor")?;
     let handle = executor
         .submit_cargo_with_limits(
             &job,

@@ -165,9 +165,10 @@ struct JobArgs {
     /// `local` for the embedded node (default: the config's default_remote, else embedded).
     #[arg(long, env = "RBA_REMOTE")]
     remote: Option<String>,
-    /// Concurrent jobs of the embedded node.
-    #[arg(long, default_value_t = 2, env = "RBA_WORKERS")]
-    workers: usize,
+    /// Concurrent jobs of the embedded node (default: `[workers] slots` of the node config
+    /// file RBA_CONFIG names, RBA_WORKERS, else 2).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Wall-clock limit of the job in seconds (the node's own limit still applies).
     #[arg(long, value_name = "SECS", value_parser = rba_executor::runner::parse_count)]
     timeout: Option<u64>,
@@ -344,16 +345,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let remote = ClientConfig::load(Some(&args.path))?.resolve_remote(args.remote.as_deref())?;
     match &remote {
         None => {
-            rba_agent::local::run(
-                &client_dir,
-                job,
-                limits,
-                &args.path,
-                args.workers,
-                color,
-                land_in.as_deref(),
-            )
-            .await
+            let config = rba_agent::local::embedded_config(&client_dir, args.workers)?;
+            rba_agent::local::run(&config, job, limits, &args.path, color, land_in.as_deref()).await
         }
         Some(remote) => {
             run_remote(

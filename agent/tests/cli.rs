@@ -19,6 +19,8 @@ fn rba(data_dir: &std::path::Path) -> Command {
         .env_remove("RBA_COLOR")
         .env_remove("NO_COLOR")
         .env_remove("RBA_REMOTE")
+        .env_remove("RBA_CONFIG")
+        .env_remove("RBA_WORKERS")
         // No user config file of whoever runs the tests.
         .env("XDG_CONFIG_HOME", data_dir.join("config"))
         .env_remove("RBA_CLIENT_CONFIG")
@@ -441,6 +443,33 @@ fn a_build_that_never_ends_stops_at_its_timeout() {
     );
     // 5 s of build plus the embedded node's start and the build script's compilation.
     assert!(took < std::time::Duration::from_secs(60), "{took:?}: {err}");
+
+    // The node configuration file (RBA_CONFIG: the schema `rba serve`, `rba worker` and
+    // `cache-server` read) configures the embedded node too: its [workers.limits] stop the
+    // same build without a flag; a key it does not know stops `rba` naming the file.
+    let config = data.path().join("node.toml");
+    std::fs::write(&config, "[workers.limits]\ntimeout_secs = 3\n").unwrap();
+    let run = rba(data.path())
+        .env("RBA_CONFIG", &config)
+        .arg("build")
+        .arg(fixture("endless-build"))
+        .timeout(std::time::Duration::from_secs(120))
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(err.contains("wall-clock time limit reached"), "{err}");
+    std::fs::write(&config, "[workers.limits]\ntimeout_sec = 3\n").unwrap();
+    let run = rba(data.path())
+        .env("RBA_CONFIG", &config)
+        .arg("build")
+        .arg(fixture("endless-build"))
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(
+        err.contains("node.toml") && err.contains("timeout_sec"),
+        "{err}"
+    );
 
     // Hostile values are refused before anything runs, naming the flag.
     for (flag, value) in [("--timeout", "0"), ("--memory", "lots"), ("--disk", "-1G")] {
