@@ -321,8 +321,12 @@ async fn shell_action(channel: &Channel, script: &str) -> Digest {
     upload(channel, &[&action]).await[0]
 }
 
-async fn execute(channel: &Channel, action: Digest) -> reapi::ExecuteResponse {
-    let mut stream = reapi::execution_client::ExecutionClient::new(channel.clone())
+/// Starts an Execute of `action`: its stream of operations.
+async fn start_execute(
+    channel: &Channel,
+    action: Digest,
+) -> tonic::Streaming<rba_proto::longrunning::Operation> {
+    reapi::execution_client::ExecutionClient::new(channel.clone())
         .execute(reapi::ExecuteRequest {
             action_digest: Some(action.to_reapi()),
             digest_function: digest_function::Value::Sha256 as i32,
@@ -330,7 +334,13 @@ async fn execute(channel: &Channel, action: Digest) -> reapi::ExecuteResponse {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// The response of the final operation of a stream (Execute or WaitExecution).
+async fn final_response(
+    stream: &mut tonic::Streaming<rba_proto::longrunning::Operation>,
+) -> reapi::ExecuteResponse {
     loop {
         let operation = tokio::time::timeout(Duration::from_secs(90), stream.message())
             .await
@@ -344,6 +354,10 @@ async fn execute(channel: &Channel, action: Digest) -> reapi::ExecuteResponse {
             return reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
         }
     }
+}
+
+async fn execute(channel: &Channel, action: Digest) -> reapi::ExecuteResponse {
+    final_response(&mut start_execute(channel, action).await).await
 }
 
 /// The bytes of `out.txt` of a response, read from the front end.
@@ -556,15 +570,7 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
         "sleep 2; cat in.txt > out.txt; echo waited elsewhere",
     )
     .await;
-    let mut first = reapi::execution_client::ExecutionClient::new(channel.clone())
-        .execute(reapi::ExecuteRequest {
-            action_digest: Some(slow.to_reapi()),
-            digest_function: digest_function::Value::Sha256 as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut first = start_execute(&channel, slow).await;
     let name = first.message().await.unwrap().expect("an operation").name;
     // Another front end finds it once it is queued (REAPI clients retry Execute on a
     // NOT_FOUND): here, once the worker has claimed it.
@@ -581,21 +587,15 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
         .await
         .unwrap_or_else(|status| panic!("WaitExecution({name}) on the other front end: {status}"))
         .into_inner();
-    let response = loop {
-        let operation = tokio::time::timeout(Duration::from_secs(90), waited.message())
-            .await
-            .expect("the operation ends")
-            .unwrap()
-            .expect("a final operation");
-        assert_eq!(operation.name, name);
-        if operation.done {
-            let Some(operation::Result::Response(any)) = operation.result else {
-                panic!("{operation:?}")
-            };
-            break reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
-        }
-    };
+    let response = final_response(&mut waited).await;
     assert!(!response.cached_result);
+    let operation =
+        rba_proto::longrunning::operations_client::OperationsClient::new(other_channel.clone())
+            .get_operation(rba_proto::longrunning::GetOperationRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(operation.done && operation.name == name, "{operation:?}");
     assert_eq!(
         output(&other_channel, &response).await,
         "input from the client\n"
