@@ -589,6 +589,26 @@ async fn a_front_end_and_two_workers_over_postgres_and_a_bucket() {
         .into_inner();
     let response = final_response(&mut waited).await;
     assert!(!response.cached_result);
+    // A name built to hurt the queue's lookup is a plain unknown (or invalid) name, and the
+    // front end goes on serving.
+    for hostile in [
+        "operations/x'); DELETE FROM rba_jobs; --",
+        "operations/\u{0}\u{7f}\u{202e}",
+    ] {
+        let refused = reapi::execution_client::ExecutionClient::new(other_channel.clone())
+            .wait_execution(reapi::WaitExecutionRequest {
+                name: hostile.into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::NotFound | tonic::Code::InvalidArgument
+            ),
+            "{hostile:?}: {refused}"
+        );
+    }
     let operation =
         rba_proto::longrunning::operations_client::OperationsClient::new(other_channel.clone())
             .get_operation(rba_proto::longrunning::GetOperationRequest { name: name.clone() })
