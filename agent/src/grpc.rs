@@ -15,6 +15,7 @@ use anyhow::Context;
 use rba_cache_server::{Config, Server};
 use rba_cas::Stores;
 use rba_executor::runner::Executor;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
@@ -54,25 +55,36 @@ pub fn server(
         .context("setting up the REAPI server")
 }
 
-/// Serves `server` on `addr` (and its `[reapi] metrics` listener, if any) until `stop`;
-/// returns the bound address and the task.
+/// Binds `server`'s listeners: gRPC on `addr`, and its `[reapi] metrics` endpoint if any.
+pub async fn listeners(
+    server: &Server,
+    addr: SocketAddr,
+) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding REAPI gRPC on {addr}"))?;
+    let metrics = match server.state().config.metrics_listen {
+        Some(addr) => {
+            let metrics = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the REAPI metrics on {addr}"))?;
+            let bound = metrics.local_addr()?;
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
+    Ok((listener, metrics))
+}
+
+/// Serves `server` on [`listeners`] until `stop`; returns the bound address and the task.
 pub async fn spawn(
     server: Server,
     addr: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding REAPI gRPC on {addr}"))?;
+    let (listener, metrics) = listeners(&server, addr).await?;
     let bound = listener.local_addr()?;
-    let metrics = match server.state().config.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the REAPI metrics on {addr}"))?,
-        ),
-        None => None,
-    };
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -17,7 +17,6 @@ use clap::Parser;
 use rba_agent::config::{NodeConfig, parse_optional_addr};
 use rba_cache_server::auth::Access;
 use rba_cache_server::config::{TlsConfig, TokenConfig, parse_size, parse_token};
-use tokio::net::TcpListener;
 
 /// Command line of `cache-server`. Every flag can also be given by environment.
 #[derive(Debug, Clone, Parser)]
@@ -182,26 +181,12 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let addr = config.servers.reapi.expect("checked by node_config");
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        let metrics_listener = match config.reapi.metrics {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding metrics {addr}"))?,
-            ),
-            None => None,
-        };
-        if let Some(listener) = &metrics_listener {
-            let addr = listener.local_addr()?;
-            tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        }
         let server = rba_agent::compose::reapi_server(&config).await?;
+        let (listener, metrics) = rba_agent::grpc::listeners(&server, addr).await?;
         // Listen for signals before the server says it is serving: a SIGTERM sent the moment
         // "serving REAPI" is logged must already shut down cleanly.
         let shutdown = shutdown_signal()?;
-        server.serve(listener, metrics_listener, shutdown).await
+        server.serve(listener, metrics, shutdown).await
     })
 }
 
