@@ -294,9 +294,11 @@ pub async fn reapi_server(config: &NodeConfig) -> anyhow::Result<rba_cache_serve
         stores,
     } = backends(config).await?;
     let executor = if config.reapi.execution {
-        let started = executor_config(config, &config.data_dir.join("executor")).and_then(|c| {
-            front_end_executor(&cas, c, shared.as_ref().map(|s| (s, stores.clone())))
-        });
+        // A configuration error stops the start; only an executor that cannot start (the
+        // sandbox's prerequisites) leaves the server cache-only.
+        let settings = executor_config(config, &config.data_dir.join("executor"))?;
+        let started =
+            front_end_executor(&cas, settings, shared.as_ref().map(|s| (s, stores.clone())));
         match started {
             Ok(executor) => {
                 tracing::info!(slots = config.workers.slots, "remote execution enabled");

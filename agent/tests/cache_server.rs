@@ -243,6 +243,30 @@ fn help_and_print_config() {
     ] {
         assert!(text.contains(key), "{key}: {text}");
     }
+    // A value that cannot be used stops the start (not a cache-only server), naming the key.
+    std::fs::write(&file, "[workers.limits]\nmemory = \"lots\"\n").unwrap();
+    let refused = assert_cmd::Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        refused.status.code().is_some_and(|code| code != 0),
+        "it exits by itself, failing: {:?} {error}",
+        refused.status
+    );
+    assert!(error.contains("[workers.limits] memory"), "{error}");
+    assert!(!error.contains("serving REAPI"), "{error}");
     std::fs::write(&file, "[reapi]\nmetrcs = \"off\"\n").unwrap();
     let typo = Command::new(BIN)
         .arg("--config")
