@@ -265,12 +265,8 @@ pub struct Backends {
 /// Opens (creating) `config`'s data dir and its store, and connects to the shared state when
 /// scaled out (failing naming the variable whose service cannot be reached).
 pub async fn backends(config: &NodeConfig) -> anyhow::Result<Backends> {
-    let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let shared = Shared::connect(config).await?;
-    let cas = Cas::open(data_dir.join("cas"), config.store.local())
-        .with_context(|| format!("opening the store under {}", data_dir.display()))?;
+    let cas = crate::workspace::open_cas(&config.data_dir, config.store.local())?;
     let stores = match &shared {
         Some(shared) => shared.stores(&cas),
         None => Stores::embedded(&cas),

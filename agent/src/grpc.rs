@@ -27,7 +27,7 @@ pub fn face_config(config: &NodeConfig) -> Config {
     let defaults = Config::default();
     Config {
         listen: config.servers.reapi.unwrap_or(defaults.listen),
-        data_dir: config.data_dir.join("cas"),
+        data_dir: crate::workspace::cas_dir(&config.data_dir),
         metrics_listen: config.reapi.metrics,
         max_message_bytes: config.reapi.max_message_bytes,
         upload_idle_timeout_secs: config.reapi.upload_idle_timeout_secs,

@@ -12,7 +12,6 @@
 use std::path::Path;
 
 use anyhow::Context;
-use rba_cas::Cas;
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_executor::runner::{Executor, JobLimits, JobState, JobStatus};
 use tokio::signal::unix::{SignalKind, signal};
@@ -22,7 +21,7 @@ use crate::config::NodeConfig;
 use crate::history::status_name;
 use crate::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
 use crate::test_report::TestReport;
-use crate::workspace::{hash_workspace, workspace_identity};
+use crate::workspace::{hash_workspace, open_cas, workspace_identity};
 
 /// The embedded node's configuration: the node schema (`[workers]`: slots, sandbox, limits,
 /// toolchains; `[store]`: capacity, durability) from the file `RBA_CONFIG` names, else the
@@ -63,10 +62,7 @@ pub async fn run(
     land_in: Option<&Path>,
 ) -> anyhow::Result<u8> {
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let cas = Cas::open(data_dir.join("cas"), config.store.local())
-        .with_context(|| format!("opening the CAS under {}", data_dir.display()))?;
+    let cas = open_cas(data_dir, config.store.local())?;
     let store = cas.blobs.clone();
     let tree = hash_workspace(&cas, path, true).await?;
     let executor_config = crate::compose::executor_config(config, &data_dir.join("executor"))?;

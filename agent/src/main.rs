@@ -282,7 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             return rba_agent::tangle::runner::main(data_dir, command).await;
         }
         Commands::Hash { path } => {
-            let cas = open_cas(&client_dir)?;
+            let cas = open_cas(&client_dir, rba_cas::StoreConfig::default())?;
             let tree = hash_workspace(&cas, &path, false).await?;
             println!("{:?} ({} files)", tree.root, tree.stats.files);
             return Ok(0);
@@ -439,12 +439,7 @@ async fn worker(data_dir: Option<PathBuf>, args: WorkerArgs) -> anyhow::Result<u
         )
     })?;
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", data_dir.display()))?;
-    let store = config.store.local();
-    let cas = rba_cas::Cas::open(data_dir.join("cas"), store).map_err(|e| {
-        anyhow::anyhow!("opening the local store under {}: {e}", data_dir.display())
-    })?;
+    let cas = open_cas(&data_dir, config.store.local())?;
     let (executor, staging) = worker_executor(
         &cas,
         executor_config(&config, &data_dir.join("executor"))?,
@@ -506,7 +501,7 @@ async fn run_remote(
     color: ColorChoice,
     land_in: Option<&Path>,
 ) -> anyhow::Result<u8> {
-    let cas = open_cas(client_dir)?;
+    let cas = open_cas(client_dir, rba_cas::StoreConfig::default())?;
     let tree = hash_workspace(&cas, path, true).await?;
     let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
     eprintln!(
@@ -712,7 +707,7 @@ async fn get(
     remote: Option<&str>,
 ) -> anyhow::Result<u8> {
     use anyhow::Context;
-    let cas = open_cas(client_dir)?;
+    let cas = open_cas(client_dir, rba_cas::StoreConfig::default())?;
     if let Some(remote) = remote {
         let client = RemoteClient::connect(client_keypair(client_dir)?, remote).await?;
         client.fetch_missing(&cas.blobs, &[digest]).await?;

@@ -282,7 +282,7 @@ impl NodeShared {
         if let Some(handle) = self.executor.job(&record.id) {
             return Some(handle);
         }
-        if record.status != "running" {
+        if record.is_finished() {
             return None;
         }
         let owner = record.tenant.as_deref();

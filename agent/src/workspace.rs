@@ -10,12 +10,18 @@ use anyhow::{Context, bail};
 use rba_cas::merkle::{DirOptions, TreeBuild, build_from_dir};
 use rba_cas::{Cas, DigestFunction, StoreConfig};
 
-/// Opens (creating) the CAS under `data_dir/cas`.
-pub fn open_cas(data_dir: &Path) -> anyhow::Result<Cas> {
+/// Opens (creating) the CAS under `data_dir/cas` with `store`'s capacity and durability.
+pub fn open_cas(data_dir: &Path, store: StoreConfig) -> anyhow::Result<Cas> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    Cas::open(data_dir.join("cas"), StoreConfig::default())
+    Cas::open(cas_dir(data_dir), store)
         .with_context(|| format!("opening the CAS under {}", data_dir.display()))
+}
+
+/// Where a data dir keeps its store: `DATA_DIR/cas` (the client's, an embedded node's, a
+/// node's, a worker's and `cache-server`'s alike).
+pub fn cas_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("cas")
 }
 
 /// Hashes a workspace into the CAS; `require_manifest` refuses a directory without

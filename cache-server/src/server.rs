@@ -95,8 +95,8 @@ impl ServerState {
 #[derive(Debug)]
 pub struct Server {
     state: ServerState,
-    /// The embedded `Cas` [`Server::new`] opened (`None` when given its stores), for the
-    /// embedder that composes more around it (the node, tests); the services never use it.
+    /// The embedded `Cas` [`Server::new`] opened (`None` when given its stores), handed to
+    /// [`RunningServer`] for the tests that look inside it; the services never use it.
     embedded: Option<Cas>,
 }
 
@@ -109,7 +109,7 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     /// The shared state (store, metrics) of the running server.
     pub state: ServerState,
-    /// The embedded `Cas` [`Server::new`] opened, if it did (see [`Server::embedded`]).
+    /// The embedded `Cas` [`Server::new`] opened, if it did (tests read its action cache).
     pub embedded: Option<Cas>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -214,12 +214,6 @@ impl Server {
         check_executor(&self.state.stores, &executor)?;
         self.state.executor = Some(executor);
         Ok(self)
-    }
-
-    /// The embedded `Cas` [`Server::new`] opened; `None` when the server was given its
-    /// stores. For the embedder (the node shares it with its own faces), never the services.
-    pub fn embedded(&self) -> Option<&Cas> {
-        self.embedded.as_ref()
     }
 
     /// Serves cache-only, stopping nothing (jobs already submitted finish).
