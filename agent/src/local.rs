@@ -35,10 +35,15 @@ pub fn embedded_config(data_dir: &Path, slots: Option<usize>) -> anyhow::Result<
     };
     config.apply_env()?;
     config.data_dir = data_dir.to_path_buf();
-    if let Some(slots) = slots {
-        config.workers.slots = slots;
+    match slots {
+        Some(0) => anyhow::bail!("--workers must be at least 1"),
+        Some(slots) => config.workers.slots = slots,
+        // Named where it came from: the flag was not given.
+        None => anyhow::ensure!(
+            config.workers.slots > 0,
+            "[workers] slots (from RBA_CONFIG's file or RBA_WORKERS) must be at least 1"
+        ),
     }
-    anyhow::ensure!(config.workers.slots > 0, "--workers must be at least 1");
     if config.workers.advisory_db.is_none() {
         // `rba audit` embedded checks against the user's own cargo-audit database, if any.
         config.workers.advisory_db = std::env::var_os("CARGO_HOME")

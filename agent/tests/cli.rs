@@ -470,6 +470,32 @@ fn a_build_that_never_ends_stops_at_its_timeout() {
         err.contains("node.toml") && err.contains("timeout_sec"),
         "{err}"
     );
+    // Zero slots is refused naming where it came from: the file, the environment, the flag.
+    std::fs::write(&config, "[workers]\nslots = 0\n").unwrap();
+    for (file, env, flag, named) in [
+        (true, None, None, "[workers] slots"),
+        (false, Some("0"), None, "RBA_WORKERS"),
+        (true, None, Some("0"), "--workers"),
+    ] {
+        let mut command = rba(data.path());
+        command.env_remove("RBA_WORKERS");
+        if file {
+            command.env("RBA_CONFIG", &config);
+        }
+        if let Some(env) = env {
+            command.env("RBA_WORKERS", env);
+        }
+        command.arg("build");
+        if let Some(flag) = flag {
+            command.arg(format!("--workers={flag}"));
+        }
+        let run = command.arg(fixture("endless-build")).assert().failure();
+        let err = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+        assert!(
+            err.contains(named) && err.contains("at least 1"),
+            "{named}: {err}"
+        );
+    }
 
     // Hostile values are refused before anything runs, naming the flag.
     for (flag, value) in [("--timeout", "0"), ("--memory", "lots"), ("--disk", "-1G")] {
