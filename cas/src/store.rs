@@ -9,11 +9,13 @@
 //! ```
 //! Contract:
 //! - A blob becomes visible (indexed) only once its bytes are written, verified (size and
-//!   hash), synced, renamed into place and the rename synced. Many small blobs go through
-//!   that together (group commit: [`BlobWriter::stage`] each, then one [`BlobStore::publish`]
-//!   with one `syncfs` per phase), one blob alone through `fdatasync` and its directory's
-//!   `fsync`. A crash mid-write leaves at most a file under the process's `tmp/` directory,
-//!   removed at the next open; a wrong digest stores nothing.
+//!   hash), renamed into place (never over a file) and then synced, bytes and name, in one
+//!   step. Many small blobs go through that together (group commit: [`BlobWriter::stage`]
+//!   each, then one [`BlobStore::publish`] with one `syncfs`), one blob alone through its
+//!   `fdatasync` and its directory's `fsync`, in parallel. A crash mid-write leaves at most a
+//!   file under the process's `tmp/` directory, removed at the next open; a crash before the
+//!   sync may leave an unindexed file at a blob's path whose bytes never reached the disk,
+//!   which nothing trusts without hashing it; a wrong digest stores nothing.
 //! - One data dir, many processes: sled is a single-process database, so one process at a
 //!   time has the store open. A second opener waits for the first to close it, as cargo waits
 //!   for its build directory (`rba: blocking waiting for the data dir lock held by pid N`, once,
@@ -29,9 +31,9 @@
 //!   served by an in-memory cache of recently seen entries. Eviction and every other removal
 //!   update the index and the cache under the same lock, so an evicted blob is never reported
 //!   present. The index is flushed in the background (sled), so a crash may lose the entries
-//!   of blobs whose files are in place (complete: files are renamed only once synced): such a
-//!   blob is reported missing, and the upload that follows adopts the file instead of writing
-//!   it (as do the action cache's checks and [`BlobStore::verify`]); an index entry whose
+//!   of blobs whose files are in place: such a blob is reported missing, and the upload that
+//!   follows adopts the file, once hashed and synced, instead of writing it (as do the action
+//!   cache's checks and [`BlobStore::verify`]); an index entry whose
 //!   file was removed behind the store's back is dropped by the first read that misses it,
 //!   and by `verify`, the full rescan. Startup and [`BlobStore::stats`] read only the index's
 //!   running totals.
@@ -615,17 +617,33 @@ impl BlobStore {
         BlobWriter::new(self.clone(), expected.function, Some(expected), present)
     }
 
-    /// Indexes a blob whose file is in place but whose index entry a crash lost (files are
-    /// renamed into place only once complete and synced, so the right size means the right
-    /// bytes). Called where a miss is about to cost a write, never on the FindMissing path.
+    /// Indexes a blob whose file is in place but not indexed: a crash lost its entry, or a
+    /// publish has renamed it and not yet synced it. Files are renamed into place before they
+    /// are synced, so after a crash the right size is no proof of the right bytes: the file is
+    /// hashed and made durable first. Called where a miss is about to cost a write, never on
+    /// the FindMissing path.
     fn adopt_if_on_disk(&self, digest: &Digest) -> Result<bool> {
-        match fs::symlink_metadata(self.blob_path(digest)) {
-            Ok(meta) if meta.is_file() && meta.len() == digest.size => {
-                self.index_insert(digest)?;
-                Ok(true)
-            }
-            _ => Ok(false),
+        let path = self.blob_path(digest);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() == digest.size => {}
+            _ => return Ok(false),
         }
+        if !hash_own_file(digest.function, &path).is_ok_and(|actual| actual == *digest) {
+            // Left for the publish that follows, which replaces it.
+            return Ok(false);
+        }
+        self.adopt(digest, &path)?;
+        Ok(true)
+    }
+
+    /// Indexes a blob file found on disk and already hashed, once it is durable.
+    fn adopt(&self, digest: &Digest, path: &Path) -> Result<()> {
+        if self.inner.config.fsync {
+            let parent = path.parent().expect("blob paths have a parent");
+            sync_each(&[path], true)?;
+            sync_each(&[parent], false)?;
+        }
+        self.index_insert(digest)
     }
 
     /// Starts writing a blob whose digest is computed from the bytes.
@@ -992,7 +1010,7 @@ impl BlobStore {
                     continue;
                 }
                 if self.inner.blobs.get(blob_key(&claimed))?.is_none() {
-                    self.index_insert(&claimed)?;
+                    self.adopt(&claimed, &entry)?;
                     report.adopted += 1;
                 }
                 on_disk.insert(blob_key(&claimed));
@@ -1638,77 +1656,58 @@ impl BlobStore {
             .collect()
     }
 
-    /// Publishes staged blobs together (group commit): one sync makes all their bytes durable,
-    /// they are renamed into place, one more sync makes the new names durable, and only then
-    /// does the index list them. A crash at any point leaves no indexed blob whose file is not
-    /// complete, verified and durable (a renamed but unindexed file stays invisible until
-    /// [`BlobStore::verify`] re-hashes it). Up to [`SMALL_BATCH`] blobs the syncs are their
-    /// own `fdatasync`s and their directories' `fsync`s, issued in parallel; with more,
-    /// `syncfs(2)` of the store's filesystem, once per phase, whatever the count. Returns one
-    /// result per blob, in order.
+    /// Publishes staged blobs together (group commit): each is renamed into place (never over
+    /// a file), one sync makes all their bytes and names durable, and only then does the index
+    /// list them. Up to [`SMALL_BATCH`] blobs the sync is their own `fdatasync`s and their
+    /// directories' `fsync`s, issued in parallel; with more, one `syncfs(2)` of the store's
+    /// filesystem, whatever the count. Returns one result per blob, in order.
+    ///
+    /// A crash before the sync may leave a renamed file whose bytes the disk never got (zeros,
+    /// a short file) at a blob's path, unindexed and so invisible. Nothing trusts such a file
+    /// unhashed: adoption ([`BlobStore::verify`], a writer finding the file) hashes and syncs
+    /// it first, and a publish that finds its path taken hashes what is there after its sync
+    /// and replaces it (synced first, the old way) unless it is the very blob.
     pub fn publish(&self, staged: Vec<StagedBlob>) -> Vec<Result<Digest>> {
         let fsync = self.inner.config.fsync;
-        let to_write = staged.iter().filter(|s| s.temp.is_some()).count();
-        if fsync && to_write > 0 {
-            let synced = if to_write <= SMALL_BATCH {
-                let temps: Vec<&Path> = staged
-                    .iter()
-                    .filter_map(|s| s.temp.as_ref().map(|t| t.as_ref()))
-                    .collect();
-                sync_each(&temps, true)
-            } else {
-                self.sync_filesystem()
+        let mut results = Vec::with_capacity(staged.len());
+        let mut placed: Vec<PathBuf> = Vec::new();
+        let mut touched_dirs: Vec<PathBuf> = Vec::new();
+        // Blobs whose path holds a file the index does not list, with our verified copy.
+        let mut taken: Vec<(usize, tempfile::TempPath)> = Vec::new();
+        for blob in staged {
+            let Some(temp) = blob.temp else {
+                results.push(Ok(blob.digest));
+                continue;
             };
-            if let Err(e) = synced {
-                let message = e.to_string();
-                return staged
-                    .iter()
-                    .map(|s| match s.temp {
-                        None => Ok(s.digest),
-                        Some(_) => Err(CasError::io(
-                            "making a batch durable in",
-                            self.temp_dir(),
-                            io::Error::other(message.clone()),
-                        )),
-                    })
-                    .collect();
-            }
-        }
-        let mut touched_dirs = Vec::new();
-        let mut results: Vec<Result<Digest>> = staged
-            .into_iter()
-            .map(|blob| {
-                let Some(temp) = blob.temp else {
-                    return Ok(blob.digest);
-                };
-                let path = self.blob_path(&blob.digest);
-                let parent = path.parent().expect("blob paths have a parent");
-                let renamed = match temp.persist(&path) {
-                    // The shard's first blob: its directory, new too, must be made durable.
-                    Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
-                        fs::create_dir_all(parent)
-                            .map_err(|e| CasError::io("creating", parent, e))?;
-                        touched_dirs.extend(parent.parent().map(Path::to_path_buf));
-                        e.path.persist(&path)
+            let path = self.blob_path(&blob.digest);
+            let outcome = match self.place(temp, &path, &mut touched_dirs) {
+                Ok(None) => Ok(()),
+                Ok(Some(ours)) => self.contains(&blob.digest).map(|indexed| {
+                    if !indexed {
+                        taken.push((results.len(), ours));
                     }
-                    other => other,
-                };
-                renamed.map_err(|e| CasError::io("publishing", &path, e.error))?;
-                touched_dirs.push(parent.to_path_buf());
-                Ok(blob.digest)
-            })
-            .collect();
-        if fsync && !touched_dirs.is_empty() {
+                }),
+                Err(e) => Err(e),
+            };
+            if outcome.is_ok() {
+                placed.push(path);
+            }
+            results.push(outcome.map(|()| blob.digest));
+        }
+        if fsync && !placed.is_empty() {
             touched_dirs.sort();
             touched_dirs.dedup();
-            let synced = if touched_dirs.len() <= SMALL_BATCH {
+            let synced = if placed.len() <= SMALL_BATCH {
+                let files: Vec<&Path> = placed.iter().map(PathBuf::as_path).collect();
                 let dirs: Vec<&Path> = touched_dirs.iter().map(PathBuf::as_path).collect();
-                sync_each(&dirs, false)
+                let (files, dirs) =
+                    rayon::join(|| sync_each(&files, true), || sync_each(&dirs, false));
+                files.and(dirs)
             } else {
                 self.sync_filesystem()
             };
             if let Err(e) = synced {
-                // Renamed but not known durable: not indexed, so invisible (verify adopts).
+                // Renamed but not known durable: not indexed, so invisible (adoption hashes).
                 let message = e.to_string();
                 for result in &mut results {
                     if result.is_ok() {
@@ -1722,6 +1721,11 @@ impl BlobStore {
                 return results;
             }
         }
+        for (slot, ours) in taken {
+            if let Ok(digest) = results[slot] {
+                results[slot] = self.keep_or_replace(&digest, ours).map(|()| digest);
+            }
+        }
         for result in &mut results {
             if let Ok(digest) = result
                 && let Err(e) = self.index_insert(digest)
@@ -1733,6 +1737,57 @@ impl BlobStore {
             tracing::warn!(error = %e, "eviction after a publish failed");
         }
         results
+    }
+
+    /// Renames a verified temporary to a blob's path unless a file is there already
+    /// (`RENAME_NOREPLACE`: an indexed blob's file is never replaced by bytes not yet durable).
+    /// Returns the temporary back when the path is taken. The blob's directory (and a new
+    /// shard directory's parent) joins `touched_dirs`, to be synced with the rest.
+    fn place(
+        &self,
+        temp: tempfile::TempPath,
+        path: &Path,
+        touched_dirs: &mut Vec<PathBuf>,
+    ) -> Result<Option<tempfile::TempPath>> {
+        let parent = path.parent().expect("blob paths have a parent");
+        let renamed = match temp.persist_noclobber(path) {
+            // The shard's first blob: its directory, new too, must be made durable.
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
+                touched_dirs.extend(parent.parent().map(Path::to_path_buf));
+                e.path.persist_noclobber(path)
+            }
+            other => other,
+        };
+        let outcome = match renamed {
+            Ok(_) => None,
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Some(e.path),
+            Err(e) => return Err(CasError::io("publishing", path, e.error)),
+        };
+        // A taken path's name may be another publish's, not yet durable: synced here too.
+        touched_dirs.push(parent.to_path_buf());
+        Ok(outcome)
+    }
+
+    /// A blob's path held a file the index does not list (another publish of the same blob
+    /// between its rename and its index entry, or a crash's leftover). Called after a sync
+    /// that began once the file was seen, so what is there now is durable: kept if it hashes
+    /// to the blob, else replaced by our copy, synced before and after the rename.
+    fn keep_or_replace(&self, digest: &Digest, ours: tempfile::TempPath) -> Result<()> {
+        let path = self.blob_path(digest);
+        if hash_own_file(digest.function, &path).is_ok_and(|actual| actual == *digest) {
+            return Ok(());
+        }
+        let parent = path.parent().expect("blob paths have a parent");
+        if self.inner.config.fsync {
+            sync_each(&[ours.as_ref()], true)?;
+        }
+        ours.persist(&path)
+            .map_err(|e| CasError::io("publishing", &path, e.error))?;
+        if self.inner.config.fsync {
+            sync_each(&[parent], false)?;
+        }
+        Ok(())
     }
 
     /// `syncfs(2)` of the filesystem holding the store: every write so far is durable.
@@ -1956,6 +2011,48 @@ mod tests {
         ));
         assert_eq!(store.find_missing(&[orphan]).unwrap(), vec![orphan]);
         assert_eq!(store.stats().blob_count, 0);
+    }
+
+    #[test]
+    fn a_file_at_a_blob_path_whose_bytes_never_reached_the_disk_is_never_trusted() {
+        // A crash between a publish's rename and its sync can leave, unindexed at a blob's
+        // path, a file of the right size whose bytes the disk never got (here: zeros).
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), StoreConfig::default()).unwrap();
+        assert!(store.config().fsync, "the sync paths are under test");
+        let blob = |fill: u8| {
+            let bytes = bytes::Bytes::from(vec![fill; 4096]);
+            (DigestFunction::Sha256.digest_of(&bytes), bytes)
+        };
+        let lost = [blob(1), blob(2), blob(3)];
+        for (digest, _) in &lost {
+            let path = store.blob_path(digest);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, [0u8; 4096]).unwrap();
+        }
+        let (first, second, third) = (lost[0].0, lost[1].0, lost[2].0);
+        // Neither a writer nor an action-cache check adopts it: it does not hash to the blob.
+        assert!(!store.writer(first).unwrap().already_present());
+        assert_eq!(store.find_missing_on_disk(&[second]).unwrap(), vec![second]);
+        // A batch over two leftovers and a new blob: the leftovers are replaced, all readable.
+        let fresh = blob(4);
+        let results = store.put_batch(vec![lost[0].clone(), lost[1].clone(), fresh.clone()]);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        for (digest, bytes) in [&lost[0], &lost[1], &fresh] {
+            assert_eq!(store.read_to_vec(digest, 1 << 20).unwrap(), bytes.as_ref());
+        }
+        // The third, never uploaded again: verify finds it corrupt and removes it.
+        let report = store.verify().unwrap();
+        assert_eq!(report.corrupt, vec![third]);
+        assert!(!store.blob_path(&third).exists());
+        assert_eq!(store.find_missing(&[third]).unwrap(), vec![third]);
+        // The same bytes with their own digest are adopted (hashed and synced) by a writer.
+        let (digest, bytes) = blob(5);
+        let path = store.blob_path(&digest);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, &bytes).unwrap();
+        assert!(store.writer(digest).unwrap().already_present());
+        assert!(store.contains(&digest).unwrap());
     }
 
     #[test]
