@@ -12,15 +12,23 @@
 # - The same reapi-bench (release build) runs against each; the ratios are ours / BuildGrid's
 #   (throughput, blobs/s) and BuildGrid's / ours (latencies): above 1 means we are better.
 #
+# - The store's data dir is a fresh directory under $BENCH_DIR (default: $TMPDIR or /tmp). On
+#   an ext4 without a journal (this project's VMs), creating a file in a block group where
+#   thousands of files were just deleted costs ~1 ms of kernel CPU (ext4's `recently_deleted`
+#   inode scan; seen with `perf`), against ~30 us elsewhere, and BatchUpdate, one file per
+#   blob, then measures the allocator, not the store. After a big `rm -rf` (a test run, an
+#   earlier bench), point BENCH_DIR at a new top-level directory (`mkdir /bench-N`: ext4
+#   spreads top-level directories over fresh groups).
+#
 # Usage: cache-server/bench/buildgrid.sh  (from the repository root; builds what it needs)
-# Env: BUILDGRID_VERSION, BENCH_ARGS (extra reapi-bench arguments), CARGO_TARGET_DIR.
+# Env: BUILDGRID_VERSION, BENCH_ARGS (extra reapi-bench arguments), BENCH_DIR, CARGO_TARGET_DIR.
 set -euo pipefail
 
 version="${BUILDGRID_VERSION:-0.4.4}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
 venv="$HOME/.cache/rba-bench/buildgrid-$version"
-work="$(mktemp -d)"
+work="$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" rba-bench.XXXXXX)"
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done

@@ -605,15 +605,22 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Starts writing a blob whose digest is known; the bytes are verified against it.
+    /// Starts writing a blob whose digest is known; the bytes are verified against it. A file
+    /// a crash left unindexed at the blob's path is adopted (hashed) instead of uploaded again.
     pub fn writer(&self, expected: Digest) -> Result<BlobWriter> {
+        self.writer_adopting(expected, true)
+    }
+
+    /// [`BlobStore::writer`]; `adopt: false` skips the `stat` of the blob's path, for bytes
+    /// already in memory (a batch): a leftover there is checked by the publish instead.
+    fn writer_adopting(&self, expected: Digest, adopt: bool) -> Result<BlobWriter> {
         if expected.size > self.inner.config.max_bytes {
             return Err(CasError::QuotaExceeded(format!(
                 "blob {expected:?} is larger than the store's capacity of {} bytes",
                 self.inner.config.max_bytes
             )));
         }
-        let present = self.contains(&expected)? || self.adopt_if_on_disk(&expected)?;
+        let present = self.contains(&expected)? || (adopt && self.adopt_if_on_disk(&expected)?);
         BlobWriter::new(self.clone(), expected.function, Some(expected), present)
     }
 
@@ -1629,7 +1636,7 @@ impl BlobStore {
         let staged: Vec<Result<StagedBlob>> = blobs
             .par_iter()
             .map(|(digest, bytes)| {
-                let mut writer = self.writer(*digest)?;
+                let mut writer = self.writer_adopting(*digest, false)?;
                 writer.write_chunk(bytes)?;
                 writer.stage()
             })
@@ -1807,8 +1814,7 @@ impl BlobStore {
 ///
 /// A caller needs a sync that *started* after its writes (one already running may have
 /// started before them). So it waits for the running sync to end, and the waiters then share
-/// the next one: N batches in flight cost about two syncs per phase, not N, and a sync that
-/// flushes one batch's data also flushes another's renames. On a shared disk each `syncfs`
+/// the next one: N batches in flight cost about two syncs, not N. On a shared disk each `syncfs`
 /// also waits for everyone else's dirty data, which is what makes the count matter.
 #[derive(Default)]
 struct FsSyncer {
