@@ -8,14 +8,17 @@
 //! lock                           the data dir's lock (flock'd), holding the owner's pid
 //! ```
 //! Contract:
-//! - A blob becomes visible (indexed) only once its bytes are written, verified (size and
-//!   hash), renamed into place (never over a file) and then synced, bytes and name, in one
-//!   step. Many small blobs go through that together (group commit: [`BlobWriter::stage`]
-//!   each, then one [`BlobStore::publish`] with one `syncfs`), one blob alone through its
-//!   `fdatasync` and its directory's `fsync`, in parallel. A crash mid-write leaves at most a
-//!   file under the process's `tmp/` directory, removed at the next open; a crash before the
-//!   sync may leave an unindexed file at a blob's path whose bytes never reached the disk,
-//!   which nothing trusts without hashing it; a wrong digest stores nothing.
+//! - A blob becomes visible (indexed) only once its bytes are verified (size and hash), placed
+//!   at its path (never over a file) and then synced, bytes and name, in one step. A stream
+//!   or a file is placed by renaming its temporary; an in-memory batch
+//!   ([`BlobStore::put_batch`]) is written straight to its paths, verified first. Many blobs
+//!   go through that together (group commit: [`BlobWriter::stage`] each, then one
+//!   [`BlobStore::publish`] with one `syncfs`), one blob alone through its `fdatasync` and its
+//!   directory's `fsync`, in parallel. A crash mid-stream leaves at most a file under the
+//!   process's `tmp/` directory, removed at the next open. A crash mid-batch or before a sync
+//!   may leave an unindexed file at a blob's path that is short, or whose bytes never reached
+//!   the disk: nothing trusts such a file without hashing it, a later write of that blob
+//!   replaces it, and [`BlobStore::verify`] removes it. A wrong digest stores nothing.
 //! - One data dir, many processes: sled is a single-process database, so one process at a
 //!   time has the store open. A second opener waits for the first to close it, as cargo waits
 //!   for its build directory (`rba: blocking waiting for the data dir lock held by pid N`, once,
@@ -109,6 +112,9 @@ pub struct VerifyReport {
     pub missing: Vec<Digest>,
     /// Files found on disk without an index entry, now indexed.
     pub adopted: u64,
+    /// Files without an index entry whose bytes do not match their name (a write a crash
+    /// interrupted), now removed.
+    pub unfinished: u64,
 }
 
 /// Key of a blob in the index: function byte + raw hash.
@@ -608,19 +614,13 @@ impl BlobStore {
     /// Starts writing a blob whose digest is known; the bytes are verified against it. A file
     /// a crash left unindexed at the blob's path is adopted (hashed) instead of uploaded again.
     pub fn writer(&self, expected: Digest) -> Result<BlobWriter> {
-        self.writer_adopting(expected, true)
-    }
-
-    /// [`BlobStore::writer`]; `adopt: false` skips the `stat` of the blob's path, for bytes
-    /// already in memory (a batch): a leftover there is checked by the publish instead.
-    fn writer_adopting(&self, expected: Digest, adopt: bool) -> Result<BlobWriter> {
         if expected.size > self.inner.config.max_bytes {
             return Err(CasError::QuotaExceeded(format!(
                 "blob {expected:?} is larger than the store's capacity of {} bytes",
                 self.inner.config.max_bytes
             )));
         }
-        let present = self.contains(&expected)? || (adopt && self.adopt_if_on_disk(&expected)?);
+        let present = self.contains(&expected)? || self.adopt_if_on_disk(&expected)?;
         BlobWriter::new(self.clone(), expected.function, Some(expected), present)
     }
 
@@ -990,8 +990,10 @@ impl BlobStore {
         }
     }
 
-    /// Re-hashes every blob on disk: removes corrupt blobs and index entries whose file is gone,
-    /// indexes files the index lost, and recomputes the byte total.
+    /// Re-hashes every blob on disk: removes corrupt blobs, unfinished writes and index entries
+    /// whose file is gone, indexes files the index lost, and recomputes the byte total. For a
+    /// store with no writes in flight (`rba verify` holds the data dir): a blob being written
+    /// in place would count as unfinished.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let mut on_disk = std::collections::HashSet::new();
@@ -1001,19 +1003,30 @@ impl BlobStore {
                 let Some(name) = entry.file_name().and_then(|n| n.to_str()) else {
                     continue;
                 };
-                let Ok(size) = fs::metadata(&entry).map(|m| m.len()) else {
+                // Only regular files are blobs: anything else (a link planted in the data dir)
+                // is removed as itself, never followed, hashed or adopted.
+                let Ok(meta) = fs::symlink_metadata(&entry) else {
                     continue;
                 };
+                if !meta.is_file() {
+                    let _ = fs::remove_file(&entry);
+                    continue;
+                }
+                let size = meta.len();
                 let Ok(claimed) = Digest::from_hex(function, name, size as i64) else {
                     let _ = fs::remove_file(&entry);
                     continue;
                 };
                 let actual = hash_own_file(function, &entry)?;
                 if actual != claimed {
-                    self.forget(&claimed)?;
+                    let indexed = self.forget(&claimed)?;
                     fs::remove_file(&entry)
                         .map_err(|e| CasError::io("removing corrupt", &entry, e))?;
-                    report.corrupt.push(claimed);
+                    if indexed {
+                        report.corrupt.push(claimed);
+                    } else {
+                        report.unfinished += 1;
+                    }
                     continue;
                 }
                 if self.inner.blobs.get(blob_key(&claimed))?.is_none() {
@@ -1627,40 +1640,87 @@ fn sync_each(paths: &[&Path], data_only: bool) -> Result<()> {
 }
 
 impl BlobStore {
-    /// Stores many small buffers as one group commit: each is written to a temporary and
-    /// verified against its digest (in parallel), then the batch is made durable and published
-    /// at once ([`BlobStore::publish`]). One result per blob, in order; a blob whose bytes do
-    /// not match its digest fails alone.
+    /// Stores many small buffers as one group commit. Each is verified against its digest and
+    /// written straight to its blob's path (`O_EXCL`: never over a file; no temporary, no
+    /// rename), in parallel; then one sync makes the batch durable and the index lists it
+    /// ([`BlobStore::publish`]'s second half). One result per blob, in order; a blob whose
+    /// bytes do not match its digest fails alone.
+    ///
+    /// A crash mid-batch may leave short files at blob paths, unindexed: what a crash before a
+    /// publish's sync leaves too, and handled the same way (nothing trusts such a file
+    /// unhashed; [`BlobStore::verify`] removes it).
     pub fn put_batch(&self, blobs: Vec<(Digest, bytes::Bytes)>) -> Vec<Result<()>> {
         use rayon::prelude::*;
-        let staged: Vec<Result<StagedBlob>> = blobs
-            .par_iter()
-            .map(|(digest, bytes)| {
-                let mut writer = self.writer_adopting(*digest, false)?;
-                writer.write_chunk(bytes)?;
-                writer.stage()
-            })
+        let placed: Vec<Result<Placement>> = blobs
+            .into_par_iter()
+            .map(|(digest, bytes)| self.write_in_place(digest, bytes))
             .collect();
-        let mut to_publish = Vec::new();
-        let mut outcomes: Vec<Option<Result<()>>> = staged
+        self.make_durable_and_index(placed)
             .into_iter()
-            .map(|result| match result {
-                Ok(blob) => {
-                    to_publish.push(blob);
-                    None
-                }
-                Err(e) => Some(Err(e)),
-            })
-            .collect();
-        let mut published = self.publish(to_publish).into_iter();
-        for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
-            let result = published.next().expect("one result per staged blob");
-            *outcome = Some(result.map(|_| ()));
-        }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every blob has an outcome"))
+            .map(|result| result.map(|_| ()))
             .collect()
+    }
+
+    /// Verifies an in-memory blob and, unless the index lists it, writes it to its path.
+    fn write_in_place(&self, expected: Digest, bytes: bytes::Bytes) -> Result<Placement> {
+        if expected.size > self.inner.config.max_bytes {
+            return Err(CasError::QuotaExceeded(format!(
+                "blob {expected:?} is larger than the store's capacity of {} bytes",
+                self.inner.config.max_bytes
+            )));
+        }
+        if bytes.len() as u64 != expected.size {
+            return Err(CasError::SizeMismatch {
+                expected,
+                actual: bytes.len() as u64,
+            });
+        }
+        // Present: only the size is checked, as for any writer of a present blob.
+        if self.contains(&expected)? {
+            return Ok(Placement::present(expected));
+        }
+        let actual = expected.function.digest_of(&bytes);
+        if actual != expected {
+            return Err(CasError::HashMismatch { expected, actual });
+        }
+        let path = self.blob_path(&expected);
+        let parent = path.parent().expect("blob paths have a parent");
+        let create = || {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&path)
+        };
+        let mut dirs = vec![parent.to_path_buf()];
+        let created = match create() {
+            // The shard's first blob: its directory, new too, must be made durable.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
+                dirs.extend(parent.parent().map(Path::to_path_buf));
+                create()
+            }
+            other => other,
+        };
+        let mut file = match created {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Ok(Placement::placed(
+                    expected,
+                    path,
+                    dirs,
+                    Some(Ours::Bytes(bytes)),
+                ));
+            }
+            Err(e) => return Err(CasError::io("creating", &path, e)),
+        };
+        if let Err(e) = file.write_all(&bytes) {
+            // Ours (`O_EXCL`), unindexed: removed, so no short file is left behind.
+            let _ = fs::remove_file(&path);
+            return Err(CasError::io("writing", &path, e));
+        }
+        Ok(Placement::placed(expected, path, dirs, None))
     }
 
     /// Publishes staged blobs together (group commit): each is renamed into place (never over
@@ -1675,38 +1735,32 @@ impl BlobStore {
     /// it first, and a publish that finds its path taken hashes what is there after its sync
     /// and replaces it (synced first, the old way) unless it is the very blob.
     pub fn publish(&self, staged: Vec<StagedBlob>) -> Vec<Result<Digest>> {
+        let placed = staged
+            .into_iter()
+            .map(|blob| match blob.temp {
+                None => Ok(Placement::present(blob.digest)),
+                Some(temp) => self.place(blob.digest, temp),
+            })
+            .collect();
+        self.make_durable_and_index(placed)
+    }
+
+    /// The second half of a group commit: one sync for every blob placed (bytes and names),
+    /// then the taken paths settled ([`BlobStore::keep_or_replace`]), then the index.
+    fn make_durable_and_index(&self, placed: Vec<Result<Placement>>) -> Vec<Result<Digest>> {
         let fsync = self.inner.config.fsync;
-        let mut results = Vec::with_capacity(staged.len());
-        let mut placed: Vec<PathBuf> = Vec::new();
-        let mut touched_dirs: Vec<PathBuf> = Vec::new();
-        // Blobs whose path holds a file the index does not list, with our verified copy.
-        let mut taken: Vec<(usize, tempfile::TempPath)> = Vec::new();
-        for blob in staged {
-            let Some(temp) = blob.temp else {
-                results.push(Ok(blob.digest));
-                continue;
-            };
-            let path = self.blob_path(&blob.digest);
-            let outcome = match self.place(temp, &path, &mut touched_dirs) {
-                Ok(None) => Ok(()),
-                Ok(Some(ours)) => self.contains(&blob.digest).map(|indexed| {
-                    if !indexed {
-                        taken.push((results.len(), ours));
-                    }
-                }),
-                Err(e) => Err(e),
-            };
-            if outcome.is_ok() {
-                placed.push(path);
+        let mut files: Vec<&Path> = Vec::new();
+        let mut dirs: Vec<&Path> = Vec::new();
+        for placement in placed.iter().flatten() {
+            if let Some(path) = &placement.path {
+                files.push(path);
+                dirs.extend(placement.dirs.iter().map(PathBuf::as_path));
             }
-            results.push(outcome.map(|()| blob.digest));
         }
-        if fsync && !placed.is_empty() {
-            touched_dirs.sort();
-            touched_dirs.dedup();
-            let synced = if placed.len() <= SMALL_BATCH {
-                let files: Vec<&Path> = placed.iter().map(PathBuf::as_path).collect();
-                let dirs: Vec<&Path> = touched_dirs.iter().map(PathBuf::as_path).collect();
+        if fsync && !files.is_empty() {
+            dirs.sort();
+            dirs.dedup();
+            let synced = if files.len() <= SMALL_BATCH {
                 let (files, dirs) =
                     rayon::join(|| sync_each(&files, true), || sync_each(&dirs, false));
                 files.and(dirs)
@@ -1714,32 +1768,33 @@ impl BlobStore {
                 self.sync_filesystem()
             };
             if let Err(e) = synced {
-                // Renamed but not known durable: not indexed, so invisible (adoption hashes).
+                // Placed but not known durable: not indexed, so invisible (adoption hashes).
                 let message = e.to_string();
-                for result in &mut results {
-                    if result.is_ok() {
-                        *result = Err(CasError::io(
-                            "making a batch durable in",
-                            self.root().to_path_buf(),
-                            io::Error::other(message.clone()),
-                        ));
-                    }
+                return placed
+                    .into_iter()
+                    .map(|placement| {
+                        placement.and_then(|_| {
+                            Err(CasError::io(
+                                "making a batch durable in",
+                                self.root().to_path_buf(),
+                                io::Error::other(message.clone()),
+                            ))
+                        })
+                    })
+                    .collect();
+            }
+        }
+        let results: Vec<Result<Digest>> = placed
+            .into_iter()
+            .map(|placement| {
+                let placement = placement?;
+                if let Some(ours) = placement.taken {
+                    self.keep_or_replace(&placement.digest, ours)?;
                 }
-                return results;
-            }
-        }
-        for (slot, ours) in taken {
-            if let Ok(digest) = results[slot] {
-                results[slot] = self.keep_or_replace(&digest, ours).map(|()| digest);
-            }
-        }
-        for result in &mut results {
-            if let Ok(digest) = result
-                && let Err(e) = self.index_insert(digest)
-            {
-                *result = Err(e);
-            }
-        }
+                self.index_insert(&placement.digest)?;
+                Ok(placement.digest)
+            })
+            .collect();
         if let Err(e) = self.evict_if_needed() {
             tracing::warn!(error = %e, "eviction after a publish failed");
         }
@@ -1748,50 +1803,64 @@ impl BlobStore {
 
     /// Renames a verified temporary to a blob's path unless a file is there already
     /// (`RENAME_NOREPLACE`: an indexed blob's file is never replaced by bytes not yet durable).
-    /// Returns the temporary back when the path is taken. The blob's directory (and a new
-    /// shard directory's parent) joins `touched_dirs`, to be synced with the rest.
-    fn place(
-        &self,
-        temp: tempfile::TempPath,
-        path: &Path,
-        touched_dirs: &mut Vec<PathBuf>,
-    ) -> Result<Option<tempfile::TempPath>> {
+    /// A taken path keeps the temporary, to settle after the sync, unless the index lists the
+    /// blob. The blob's directory (and a new shard directory's parent) is synced with the rest.
+    fn place(&self, digest: Digest, temp: tempfile::TempPath) -> Result<Placement> {
+        let path = self.blob_path(&digest);
         let parent = path.parent().expect("blob paths have a parent");
-        let renamed = match temp.persist_noclobber(path) {
+        let mut dirs = vec![parent.to_path_buf()];
+        let renamed = match temp.persist_noclobber(&path) {
             // The shard's first blob: its directory, new too, must be made durable.
             Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
-                touched_dirs.extend(parent.parent().map(Path::to_path_buf));
-                e.path.persist_noclobber(path)
+                dirs.extend(parent.parent().map(Path::to_path_buf));
+                e.path.persist_noclobber(&path)
             }
             other => other,
         };
-        let outcome = match renamed {
+        let taken = match renamed {
             Ok(_) => None,
-            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Some(e.path),
-            Err(e) => return Err(CasError::io("publishing", path, e.error)),
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                // The name may be another publish's, not yet durable: synced here too.
+                (!self.contains(&digest)?).then_some(Ours::Temp(e.path))
+            }
+            Err(e) => return Err(CasError::io("publishing", &path, e.error)),
         };
-        // A taken path's name may be another publish's, not yet durable: synced here too.
-        touched_dirs.push(parent.to_path_buf());
-        Ok(outcome)
+        Ok(Placement::placed(digest, path, dirs, taken))
     }
 
-    /// A blob's path held a file the index does not list (another publish of the same blob
-    /// between its rename and its index entry, or a crash's leftover). Called after a sync
-    /// that began once the file was seen, so what is there now is durable: kept if it hashes
-    /// to the blob, else replaced by our copy, synced before and after the rename.
-    fn keep_or_replace(&self, digest: &Digest, ours: tempfile::TempPath) -> Result<()> {
+    /// A blob's path held a file the index does not list: another publish of the same blob
+    /// between its placement and its index entry (perhaps still writing it), or a crash's
+    /// leftover. Called after a sync that began once the file was seen. Kept if it hashes to
+    /// the blob, and synced again after the hash (a writer still writing it when the sync ran
+    /// is done by now: complete files are never written again); else replaced by our copy,
+    /// synced before and after the rename.
+    fn keep_or_replace(&self, digest: &Digest, ours: Ours) -> Result<()> {
         let path = self.blob_path(digest);
+        let fsync = self.inner.config.fsync;
         if hash_own_file(digest.function, &path).is_ok_and(|actual| actual == *digest) {
-            return Ok(());
+            return if fsync {
+                sync_each(&[path.as_path()], true)
+            } else {
+                Ok(())
+            };
         }
+        let ours = match ours {
+            Ours::Temp(temp) => temp,
+            Ours::Bytes(bytes) => {
+                let mut temp = new_temp(self.temp_dir())?;
+                temp.write_all(&bytes)
+                    .map_err(|e| CasError::io("writing", temp.path(), e))?;
+                temp.into_temp_path()
+            }
+        };
         let parent = path.parent().expect("blob paths have a parent");
-        if self.inner.config.fsync {
+        if fsync {
             sync_each(&[ours.as_ref()], true)?;
         }
         ours.persist(&path)
             .map_err(|e| CasError::io("publishing", &path, e.error))?;
-        if self.inner.config.fsync {
+        if fsync {
             sync_each(&[parent], false)?;
         }
         Ok(())
@@ -1807,6 +1876,43 @@ impl BlobStore {
                 .map_err(|e| CasError::io("syncing the filesystem of", dir, e.into()))
         })
     }
+}
+
+/// A blob on its way into the index, between placement and the batch's sync.
+struct Placement {
+    digest: Digest,
+    /// Where it was placed (`None`: the index lists it already; nothing to sync).
+    path: Option<PathBuf>,
+    /// Directories whose entries the sync must make durable.
+    dirs: Vec<PathBuf>,
+    /// The path was taken by a file the index does not list: our verified copy, to settle.
+    taken: Option<Ours>,
+}
+
+impl Placement {
+    fn present(digest: Digest) -> Self {
+        Placement {
+            digest,
+            path: None,
+            dirs: Vec::new(),
+            taken: None,
+        }
+    }
+
+    fn placed(digest: Digest, path: PathBuf, dirs: Vec<PathBuf>, taken: Option<Ours>) -> Self {
+        Placement {
+            digest,
+            path: Some(path),
+            dirs,
+            taken,
+        }
+    }
+}
+
+/// Our verified copy of a blob whose path was taken.
+enum Ours {
+    Temp(tempfile::TempPath),
+    Bytes(bytes::Bytes),
 }
 
 /// Group commit across batches: concurrent publishes share their `syncfs` calls instead of
@@ -2020,6 +2126,40 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_written_in_place_fails_only_its_lying_blobs() {
+        let (_dir, store) = store(1 << 20);
+        let good = bytes::Bytes::from_static(b"a good blob");
+        let digest = DigestFunction::Sha256.digest_of(&good);
+        let claimed = DigestFunction::Sha256.digest_of(b"something else");
+        let liar = Digest {
+            size: good.len() as u64,
+            ..claimed
+        };
+        let short = Digest {
+            size: digest.size + 1,
+            ..digest
+        };
+        let results = store.put_batch(vec![
+            (digest, good.clone()),
+            (liar, good.clone()),
+            (short, good.clone()),
+            // The same blob twice in one batch: one write, the other finds it and keeps it.
+            (digest, good.clone()),
+        ]);
+        assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(CasError::HashMismatch { .. })));
+        assert!(matches!(results[2], Err(CasError::SizeMismatch { .. })));
+        assert!(!store.blob_path(&liar).exists(), "a lie leaves no file");
+        assert_eq!(store.read_to_vec(&digest, 100).unwrap(), good.as_ref());
+        assert_eq!(store.stats().blob_count, 1);
+        let mode = fs::metadata(store.blob_path(&digest))
+            .unwrap()
+            .permissions();
+        assert!(mode.readonly(), "blob files are read-only");
+        assert_eq!(store.verify().unwrap().intact, 1);
+    }
+
+    #[test]
     fn a_file_at_a_blob_path_whose_bytes_never_reached_the_disk_is_never_trusted() {
         // A crash between a publish's rename and its sync can leave, unindexed at a blob's
         // path, a file of the right size whose bytes the disk never got (here: zeros).
@@ -2047,9 +2187,10 @@ mod tests {
         for (digest, bytes) in [&lost[0], &lost[1], &fresh] {
             assert_eq!(store.read_to_vec(digest, 1 << 20).unwrap(), bytes.as_ref());
         }
-        // The third, never uploaded again: verify finds it corrupt and removes it.
+        // The third, never uploaded again: verify removes it, an unfinished write (it was
+        // never indexed, so nothing served was corrupt).
         let report = store.verify().unwrap();
-        assert_eq!(report.corrupt, vec![third]);
+        assert_eq!((report.corrupt.len(), report.unfinished), (0, 1));
         assert!(!store.blob_path(&third).exists());
         assert_eq!(store.find_missing(&[third]).unwrap(), vec![third]);
         // The same bytes with their own digest are adopted (hashed and synced) by a writer.
