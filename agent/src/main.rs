@@ -51,7 +51,7 @@ use rba_agent::node::Node;
 use rba_agent::output::{ColorChoice, LineStream, Terminal, exit_code, stderr_colours};
 use rba_agent::p2p::session::SessionEvent;
 use rba_agent::test_report::TestReport;
-use rba_agent::workspace::{hash_workspace, open_cas, workspace_hint};
+use rba_agent::workspace::{cas_dir, hash_workspace, open_cas, workspace_hint};
 use rba_executor::cargo::{CargoJob, JobKind};
 use rba_proto::rba::v1::{JobOptions, JobStatus as WireStatus, Submit};
 use tokio::signal::unix::{SignalKind, signal};
@@ -152,7 +152,21 @@ enum Commands {
         #[arg(default_value = ".")]
         path: PathBuf,
     },
+    /// Re-hash every blob of the local store and repair its index (after a crash, a full disk,
+    /// a file changed behind its back). Exits 0 when all was well, 1 when something was
+    /// repaired.
+    #[command(long_about = VERIFY_ABOUT)]
+    Verify,
 }
+
+const VERIFY_ABOUT: &str = "Re-hash every blob of the local store and repair its index.
+
+Removes blobs whose bytes no longer match their digest and the short files of writes a crash \
+interrupted, drops index entries whose file is gone, and indexes complete files a crash left \
+unindexed (hashed and synced first). Reads every byte: \
+it takes as long as reading the store. A node using the same data dir waits for it (the data \
+dir is locked while the store is open). Exit status: 0 when all was well, 1 when something was \
+repaired (the repairs are listed), 2 on an error.";
 
 #[derive(Args)]
 struct JobArgs {
@@ -287,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("{:?} ({} files)", tree.root, tree.stats.files);
             return Ok(0);
         }
+        Commands::Verify => return verify(&client_dir).await,
         Commands::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "rba", &mut std::io::stdout());
@@ -696,6 +711,37 @@ async fn cancel(client_dir: &Path, session: &str, remote: &str) -> anyhow::Resul
     } else {
         1
     })
+}
+
+/// `rba verify`: [`rba_cas::BlobStore::verify`] over the local store, reported.
+async fn verify(client_dir: &Path) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    let cas = open_cas(client_dir, rba_cas::StoreConfig::default())?;
+    let blobs = cas.blobs.clone();
+    let report = tokio::task::spawn_blocking(move || blobs.verify())
+        .await?
+        .with_context(|| format!("verifying the store under {}", client_dir.display()))?;
+    for digest in &report.corrupt {
+        println!("removed corrupt blob {digest:?}");
+    }
+    for digest in &report.missing {
+        println!("dropped index entry without a file {digest:?}");
+    }
+    println!(
+        "verified {}: {} blobs intact; removed {} corrupt; dropped {} index entries without a \
+         file; indexed {} files again; removed {} unfinished writes",
+        cas_dir(client_dir).display(),
+        report.intact,
+        report.corrupt.len(),
+        report.missing.len(),
+        report.adopted,
+        report.unfinished
+    );
+    let repaired = !report.corrupt.is_empty()
+        || !report.missing.is_empty()
+        || report.adopted > 0
+        || report.unfinished > 0;
+    Ok(u8::from(repaired))
 }
 
 /// `rba get`: one blob by digest, from the node (which checks this client may read it) or

@@ -167,6 +167,98 @@ fn help_lists_the_jobs_and_hash_prints_a_root() {
 }
 
 #[test]
+fn verify_repairs_the_local_store_and_follows_no_link() {
+    use rba_cas::DigestFunction;
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let stdout = |assert: assert_cmd::assert::Assert| {
+        String::from_utf8_lossy(&assert.get_output().stdout).to_string()
+    };
+    rba(data.path())
+        .arg("hash")
+        .arg(fixture("hello"))
+        .assert()
+        .success();
+    let out = stdout(rba(data.path()).arg("verify").assert().code(0));
+    assert!(
+        out.contains("removed 0 corrupt; dropped 0 index entries without a file; indexed 0"),
+        "{out}"
+    );
+    let blobs = data.path().join("cas/blobs/blake3");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flat_map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap())
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    // One blob changed behind the store's back (same size), one removed.
+    let (tampered, removed) = (&files[0], &files[1]);
+    let len = std::fs::metadata(tampered).unwrap().len() as usize;
+    std::fs::set_permissions(tampered, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(tampered, vec![b'x'; len]).unwrap();
+    std::fs::remove_file(removed).unwrap();
+    // A complete blob file the index never listed (a crash between rename and index).
+    let place = |digest: &rba_cas::Digest| {
+        let hex = digest.hash_hex();
+        std::fs::create_dir_all(blobs.join(&hex[..2])).unwrap();
+        blobs.join(&hex[..2]).join(hex)
+    };
+    let orphan: &[u8] = b"a blob whose index entry a crash lost";
+    let orphan_digest = DigestFunction::Blake3.digest_of(orphan);
+    std::fs::write(place(&orphan_digest), orphan).unwrap();
+    // A link planted in the store, named after an outside file's digest: never followed.
+    let secret: &[u8] = b"a file outside the store";
+    let outside = data.path().join("outside");
+    std::fs::write(&outside, secret).unwrap();
+    let secret_digest = DigestFunction::Blake3.digest_of(secret);
+    let link = place(&secret_digest);
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    // A write a crash interrupted: a short file at a blob's path, never indexed.
+    let unfinished: &[u8] = b"a blob whose write a crash cut short";
+    std::fs::write(
+        place(&DigestFunction::Blake3.digest_of(unfinished)),
+        &unfinished[..7],
+    )
+    .unwrap();
+
+    let out = stdout(rba(data.path()).arg("verify").assert().code(1));
+    assert!(
+        out.contains("removed corrupt blob blake3:")
+            && out.contains("dropped index entry without a file blake3:")
+            && out.contains(
+                "removed 1 corrupt; dropped 1 index entries without a file; indexed 1 files \
+                 again; removed 1 unfinished writes"
+            ),
+        "{out}"
+    );
+    assert!(!tampered.exists());
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "the link is gone"
+    );
+    assert_eq!(
+        std::fs::read(&outside).unwrap(),
+        secret,
+        "its target is not"
+    );
+    // Repaired: clean on the next run; the adopted blob is served, the link's digest is not.
+    rba(data.path()).arg("verify").assert().code(0);
+    let got = data.path().join("got");
+    rba(data.path())
+        .args(["get", &format!("{orphan_digest:?}"), "-o"])
+        .arg(&got)
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(&got).unwrap(), orphan);
+    rba(data.path())
+        .args(["get", &format!("{secret_digest:?}"), "-o"])
+        .arg(&got)
+        .assert()
+        .failure();
+}
+
+#[test]
 fn serve_refuses_an_open_grpc_face_off_loopback_and_names_the_fix() {
     let data = tempfile::tempdir().unwrap();
     let serve = |extra: &[&str]| {
