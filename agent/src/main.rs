@@ -716,6 +716,10 @@ async fn cancel(client_dir: &Path, session: &str, remote: &str) -> anyhow::Resul
 /// `rba verify`: [`rba_cas::BlobStore::verify`] over the local store, reported.
 async fn verify(client_dir: &Path) -> anyhow::Result<u8> {
     use anyhow::Context;
+    // A mistyped --data-dir must not get a new, empty store that verifies clean.
+    if !cas_dir(client_dir).is_dir() {
+        anyhow::bail!("no store under {} to verify", client_dir.display());
+    }
     let cas = open_cas(client_dir, rba_cas::StoreConfig::default())?;
     let blobs = cas.blobs.clone();
     let report = tokio::task::spawn_blocking(move || blobs.verify())

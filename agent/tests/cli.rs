@@ -174,6 +174,15 @@ fn verify_repairs_the_local_store_and_follows_no_link() {
     let stdout = |assert: assert_cmd::assert::Assert| {
         String::from_utf8_lossy(&assert.get_output().stdout).to_string()
     };
+    // No store there (a mistyped --data-dir): an error naming it, and nothing created.
+    let nowhere = data.path().join("no-such-dir");
+    let refused = rba(&nowhere).arg("verify").assert().code(2);
+    assert!(
+        stderr_of(refused.get_output()).contains("no store under"),
+        "{}",
+        stderr_of(refused.get_output())
+    );
+    assert!(!nowhere.join("cas").exists());
     rba(data.path())
         .arg("hash")
         .arg(fixture("hello"))

@@ -1773,12 +1773,13 @@ impl BlobStore {
                 return placed
                     .into_iter()
                     .map(|placement| {
-                        placement.and_then(|_| {
-                            Err(CasError::io(
+                        placement.and_then(|placement| match placement.path {
+                            None => Ok(placement.digest),
+                            Some(_) => Err(CasError::io(
                                 "making a batch durable in",
                                 self.root().to_path_buf(),
                                 io::Error::other(message.clone()),
-                            ))
+                            )),
                         })
                     })
                     .collect();
