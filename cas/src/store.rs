@@ -611,22 +611,28 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Starts writing a blob whose digest is known; the bytes are verified against it. A file
-    /// a crash left unindexed at the blob's path is adopted (hashed) instead of uploaded again.
-    pub fn writer(&self, expected: Digest) -> Result<BlobWriter> {
-        if expected.size > self.inner.config.max_bytes {
+    /// Refuses a blob larger than the whole store (eviction could never make room for it).
+    fn fits(&self, digest: &Digest) -> Result<()> {
+        if digest.size > self.inner.config.max_bytes {
             return Err(CasError::QuotaExceeded(format!(
-                "blob {expected:?} is larger than the store's capacity of {} bytes",
+                "blob {digest:?} is larger than the store's capacity of {} bytes",
                 self.inner.config.max_bytes
             )));
         }
+        Ok(())
+    }
+
+    /// Starts writing a blob whose digest is known; the bytes are verified against it. A file
+    /// a crash left unindexed at the blob's path is adopted (hashed) instead of uploaded again.
+    pub fn writer(&self, expected: Digest) -> Result<BlobWriter> {
+        self.fits(&expected)?;
         let present = self.contains(&expected)? || self.adopt_if_on_disk(&expected)?;
         BlobWriter::new(self.clone(), expected.function, Some(expected), present)
     }
 
     /// Indexes a blob whose file is in place but not indexed: a crash lost its entry, or a
-    /// publish has renamed it and not yet synced it. Files are renamed into place before they
-    /// are synced, so after a crash the right size is no proof of the right bytes: the file is
+    /// publish has placed it and not yet synced it. Files are placed before they are synced,
+    /// so after a crash the right size is no proof of the right bytes: the file is
     /// hashed and made durable first. Called where a miss is about to cost a write, never on
     /// the FindMissing path.
     fn adopt_if_on_disk(&self, digest: &Digest) -> Result<bool> {
@@ -1574,12 +1580,7 @@ impl BlobWriter {
                 return Err(CasError::HashMismatch { expected, actual });
             }
         }
-        if actual.size > self.store.inner.config.max_bytes {
-            return Err(CasError::QuotaExceeded(format!(
-                "blob {actual:?} is larger than the store's capacity of {} bytes",
-                self.store.inner.config.max_bytes
-            )));
-        }
+        self.store.fits(&actual)?;
         // Created read-only ([`new_temp`]): nothing to change before it is published.
         Ok(StagedBlob {
             digest: actual,
@@ -1663,12 +1664,7 @@ impl BlobStore {
 
     /// Verifies an in-memory blob and, unless the index lists it, writes it to its path.
     fn write_in_place(&self, expected: Digest, bytes: bytes::Bytes) -> Result<Placement> {
-        if expected.size > self.inner.config.max_bytes {
-            return Err(CasError::QuotaExceeded(format!(
-                "blob {expected:?} is larger than the store's capacity of {} bytes",
-                self.inner.config.max_bytes
-            )));
-        }
+        self.fits(&expected)?;
         if bytes.len() as u64 != expected.size {
             return Err(CasError::SizeMismatch {
                 expected,
