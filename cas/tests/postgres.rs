@@ -408,13 +408,68 @@ async fn a_database_newer_than_the_build_is_refused() {
     // Another component's version is not ours to judge.
     sql(&server)
         .await
-        .batch_execute(
-            "UPDATE rba_schema SET version = 1 WHERE component = 'cas'; \
-             INSERT INTO rba_schema VALUES ('scheduler', 99)",
+        .execute(
+            "UPDATE rba_schema SET version = $1 WHERE component = 'cas'",
+            &[&SCHEMA_VERSION],
         )
         .await
         .unwrap();
+    sql(&server)
+        .await
+        .batch_execute("INSERT INTO rba_schema VALUES ('scheduler', 99)")
+        .await
+        .unwrap();
     connect(&server).await;
+}
+
+/// A database an earlier build migrated to version 1 (no hash index) is brought to this
+/// build's version on connect, keeping its rows, and answers FindMissing through the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_is_upgraded_in_place() {
+    let server = TestPostgres::start();
+    let indexed: Vec<Digest> = (0..500).map(blob).collect();
+    connect(&server)
+        .await
+        .blob_index()
+        .insert(&indexed)
+        .await
+        .unwrap();
+    sql(&server)
+        .await
+        .batch_execute(
+            "DROP INDEX cas_blobs_by_hash; \
+             UPDATE rba_schema SET version = 1 WHERE component = 'cas'",
+        )
+        .await
+        .unwrap();
+
+    let upgraded = connect(&server).await;
+    assert_eq!(
+        upgraded.schema_version(COMPONENT).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    let method: String = sql(&server)
+        .await
+        .query_one(
+            "SELECT am.amname::text FROM pg_class c JOIN pg_am am ON am.oid = c.relam \
+             WHERE c.relname = 'cas_blobs_by_hash'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(method, "hash");
+    let absent: Vec<Digest> = (1_000..1_100).map(blob).collect();
+    let asked: Vec<Digest> = indexed.iter().chain(&absent).copied().collect();
+    assert_eq!(
+        upgraded
+            .blob_index_uncached()
+            .find_missing(&asked)
+            .await
+            .unwrap(),
+        absent
+    );
+    assert_eq!(upgraded.blob_index().stats().blob_count, 500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
