@@ -25,7 +25,7 @@
 //!   builds exist, a `Link: </builds?…&cursor=C>; rel="next"` header (RFC 8288) names the next
 //!   page with the same filters. `status` is one of `queued`, `running`, `success`, `failed`,
 //!   `error`, `cancelled` or `cache-hit`; `kind` one of `build`, `test`, `clippy`, `audit`,
-//!   `check`, `fmt`. A bad filter or cursor: 400 `{"error","field"}`.
+//!   `check`, `fmt`, `run`. A bad filter or cursor: 400 `{"error","field"}`.
 //! - `GET /builds/{id}`: one [`BuildView`]: status, queue position or units done / total while
 //!   it runs, steps with durations, artifacts with digests, sizes and download links, the
 //!   action digest and whether it was a cache hit.

@@ -99,6 +99,9 @@ enum Commands {
     Check(JobArgs),
     /// cargo fmt --check
     Fmt(JobArgs),
+    /// cargo run: build, then run the program on the node, in the sandbox (arguments for it
+    /// after a second `--`: `rba run -- -- ARGS`); never answered from the cache
+    Run(JobArgs),
     /// Re-attach to a session on a node and stream its log from a line on.
     Logs {
         /// The session id (printed when the job was accepted).
@@ -341,6 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Commands::Audit(args) => (JobKind::Audit, args),
         Commands::Check(args) => (JobKind::Check, args),
         Commands::Fmt(args) => (JobKind::Fmt, args),
+        Commands::Run(args) => (JobKind::Run, args),
     };
     let mut extra_args = args.cargo.cargo_args()?;
     extra_args.extend(args.cargo_args.iter().cloned());
@@ -355,7 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         max_processes: args.processes,
         disk_bytes: args.disk,
     };
-    let land_in = (kind == JobKind::Build && !args.no_download)
+    let land_in = (matches!(kind, JobKind::Build | JobKind::Run) && !args.no_download)
         .then(|| target_dir(args.target_dir.as_deref(), &args.path));
     let remote = ClientConfig::load(Some(&args.path))?.resolve_remote(args.remote.as_deref())?;
     match &remote {

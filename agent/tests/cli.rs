@@ -94,6 +94,73 @@ fn build_streams_cargo_output_and_second_run_is_a_cache_hit() {
     );
 }
 
+/// `rba run`: the program runs on the node in the sandbox with the user's arguments; its
+/// output is on stdout, its status is rba's, it cannot reach the host's loopback, and a second
+/// run runs again (its output is never replayed from a cache) while its build is reused.
+#[test]
+fn run_runs_the_program_in_the_sandbox_every_time() {
+    let data = tempfile::tempdir().unwrap();
+    // A port on the host's loopback the program tries to reach from inside the sandbox.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host.set_nonblocking(true).unwrap();
+    let port = host.local_addr().unwrap().port().to_string();
+    let run = |code: i32| {
+        rba(data.path())
+            .arg("run")
+            .arg(fixture("runs"))
+            .args([
+                "--",
+                "--",
+                &code.to_string(),
+                &port,
+                "two words",
+                "--locked",
+            ])
+            .assert()
+            .code(code)
+    };
+    let first = run(7);
+    let out = String::from_utf8_lossy(&first.get_output().stdout).to_string();
+    let err = stderr_of(first.get_output());
+    assert!(
+        out.contains(&format!("runs: args 7 {port} two words --locked")),
+        "the program's arguments arrive as given: stdout {out}, stderr {err}"
+    );
+    assert!(
+        out.contains(&format!("runs: port {port} unreachable")),
+        "the sandbox has no route to the host: {out}"
+    );
+    assert!(
+        err.contains("runs: exiting with 7") && err.contains("Compiling runs"),
+        "{err}"
+    );
+    assert!(
+        host.accept().is_err(),
+        "nothing reached the host's listener"
+    );
+    let clock = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("runs: clock "))
+            .unwrap_or_else(|| panic!("no clock line: {out}"))
+            .to_string()
+    };
+    let second = run(0);
+    let second_out = String::from_utf8_lossy(&second.get_output().stdout).to_string();
+    let second_err = stderr_of(second.get_output());
+    assert!(
+        !second_err.contains("action-cache hit") && !second_err.contains("Compiling runs"),
+        "the program runs again on the build it reuses: {second_err}"
+    );
+    assert_ne!(
+        clock(&out),
+        clock(&second_out),
+        "a second run is not a replay"
+    );
+    // Like `cargo run`, a successful run lands the binary in the local target dir.
+    let landed = run_binary(&data.path().join("local-target/debug/runs"));
+    assert!(landed.starts_with("runs: args \n"), "{landed}");
+}
+
 #[test]
 fn failing_build_exits_with_cargos_status_and_shows_the_error() {
     let data = tempfile::tempdir().unwrap();

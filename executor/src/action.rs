@@ -22,7 +22,8 @@
 //! - Messages are canonical: environment variables sorted by name, platform properties sorted
 //!   by name then value (as REAPI requires), `working_directory` empty, no `output_paths`
 //!   (artifacts live in the shared `/target` cache mount, outside the input root; the executor
-//!   collects them from cargo's artifact records), no timeout, no salt, `do_not_cache = false`.
+//!   collects them from cargo's artifact records), no timeout, no salt, `do_not_cache = false`
+//!   except for `cargo run` ([`crate::cargo::JobKind::result_is_reusable`]).
 //!   The platform is set on the `Action` (REAPI ≥ 2.2), not the deprecated `Command.platform`.
 //! - [`store_action`] (used by [`cargo_action`]) stores `Command` then `Action` in the CAS and
 //!   returns both with their digests, so a worker can run the action from its digest alone.
@@ -387,12 +388,13 @@ pub fn cargo_action(
     toolchain: &Toolchain,
     blobs: &BlobStore,
 ) -> Result<PreparedAction, ActionError> {
-    store_action(
+    store_action_with(
         cargo_command(job),
         input_root,
         cargo_platform(job, toolchain),
         blobs,
         input_root.function,
+        !job.kind.result_is_reusable(),
     )
 }
 
@@ -493,6 +495,18 @@ mod tests {
             "55e80d5553f5229a595f2dad3ced70c0ddb7218b030ce4a74af01ff22208c4ab/342",
             "the action digest of a fixed job changed"
         );
+    }
+
+    /// A run's output is not a function of its inputs: its action says so, and only its.
+    #[test]
+    fn only_a_run_is_marked_do_not_cache() {
+        let (_dir, blobs) = store();
+        let input = root(&blobs, b"root directory");
+        let tc = toolchain("/opt/rust");
+        for kind in JobKind::ALL {
+            let action = cargo_action(&CargoJob::new(kind), input, &tc, &blobs).unwrap();
+            assert_eq!(action.action.do_not_cache, kind == JobKind::Run, "{kind:?}");
+        }
     }
 
     #[test]

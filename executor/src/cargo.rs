@@ -42,6 +42,10 @@
 //!     accepts a database older than 90 days, since freshness is the operator's job. Exit
 //!     status 1 (a vulnerable dependency) fails the job.
 //!   - `Check`: `cargo check --locked --offline --all-targets --message-format=… [--release]`.
+//!   - `Run`: `cargo run --locked --offline --message-format=… [--release]`, then the
+//!     program's own arguments after the user's `--`. The program runs in the build's sandbox
+//!     (no network, the job's limits); its stdout and stderr pass through as user lines and
+//!     its exit status is the job's. Never cached ([`JobKind::result_is_reusable`]).
 //! - `release` only affects kinds that compile ([`JobKind::has_profile`]); for `Fmt` and
 //!   `Audit` it is ignored and [`CargoJob::profile`] is `debug`, so the request's flag does not
 //!   split their cache entries.
@@ -115,25 +119,29 @@ pub enum JobKind {
     Audit,
     /// `cargo check`.
     Check,
+    /// `cargo run`: builds, then runs the program in the same sandbox (no network, the job's
+    /// limits). Never served from the action cache ([`JobKind::result_is_reusable`]).
+    Run,
 }
 
 /// A job kind the protocol sent that we do not run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unsupported job kind {0} (expected build, test, lint, fmt, audit or check)")]
+#[error("unsupported job kind {0} (expected build, test, lint, fmt, audit, check or run)")]
 pub struct UnsupportedJobKind(pub i32);
 
 impl JobKind {
     /// Every kind.
-    pub const ALL: [JobKind; 6] = [
+    pub const ALL: [JobKind; 7] = [
         JobKind::Build,
         JobKind::Test,
         JobKind::Clippy,
         JobKind::Fmt,
         JobKind::Audit,
         JobKind::Check,
+        JobKind::Run,
     ];
 
-    /// Lowercase name (`build`, `test`, `clippy`, `fmt`, `audit`, `check`), also the `job`
+    /// Lowercase name (`build`, `test`, `clippy`, `fmt`, `audit`, `check`, `run`), also the `job`
     /// platform property of the job's REAPI action.
     pub fn name(self) -> &'static str {
         match self {
@@ -143,6 +151,7 @@ impl JobKind {
             JobKind::Fmt => "fmt",
             JobKind::Audit => "audit",
             JobKind::Check => "check",
+            JobKind::Run => "run",
         }
     }
 
@@ -157,6 +166,7 @@ impl JobKind {
             P::Audit => Some(JobKind::Audit),
             P::Check => Some(JobKind::Check),
             P::Fmt => Some(JobKind::Fmt),
+            P::Run => Some(JobKind::Run),
         }
     }
 
@@ -178,12 +188,21 @@ impl JobKind {
             JobKind::Audit => P::Audit,
             JobKind::Check => P::Check,
             JobKind::Fmt => P::Fmt,
+            JobKind::Run => P::Run,
         }
     }
 
     /// True for kinds that compile, honour `--release` and emit cargo JSON records.
     pub fn has_profile(self) -> bool {
         !matches!(self, JobKind::Fmt | JobKind::Audit)
+    }
+
+    /// False for `Run`: what a program prints may depend on more than its inputs (the clock,
+    /// randomness), so each run runs; its action says `do_not_cache`, and its result is kept
+    /// only for its own tenant. The build it runs still reuses the target dir's units. Cargo's
+    /// other commands are functions of the workspace and the toolchain, and are cached.
+    pub fn result_is_reusable(self) -> bool {
+        self != JobKind::Run
     }
 }
 
@@ -289,6 +308,7 @@ impl CargoJob {
                 "--all-targets",
                 format,
             ]),
+            JobKind::Run => push(&["cargo", "run", "--locked", "--offline", format]),
             JobKind::Fmt => push(&["cargo", "fmt", "--all", "--check"]),
             JobKind::Audit => push(&[
                 CARGO_AUDIT,
@@ -724,6 +744,11 @@ mod tests {
         assert_eq!(
             argv(JobKind::Check, true, &[]),
             "cargo check --locked --offline --all-targets --message-format=json-diagnostic-rendered-ansi --release"
+        );
+        // The program's arguments after the user's `--`; a `--locked` there is the program's.
+        assert_eq!(
+            argv(JobKind::Run, true, &["--bin", "x", "--", "--locked", "a"]),
+            "cargo run --locked --offline --message-format=json-diagnostic-rendered-ansi --release --bin x -- --locked a"
         );
         assert_eq!(argv(JobKind::Fmt, true, &[]), "cargo fmt --all --check");
         assert_eq!(

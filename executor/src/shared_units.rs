@@ -48,7 +48,7 @@
 //! anything a workspace controls beyond what its key covers. [`UnitsPlan::for_job`] decides, once
 //! per job, and a job outside the rules neither receives nor publishes:
 //! - the Command is one the executor makes ([`crate::action::cargo_command`]): `cargo
-//!   build|check|test|clippy`, the executor's own environment and no other, and only arguments
+//!   build|check|test|clippy|run`, the executor's own environment and no other, and only arguments
 //!   that select packages, targets, features or the profile (all part of cargo's unit hash); no
 //!   `--config`, `-Z`, `--target` or anything else (a REAPI client can send any argument vector);
 //! - no `.cargo` directory anywhere in the workspace (config: `rustflags`, `RUSTC_WRAPPER`,
@@ -56,7 +56,8 @@
 //!   `cargo-features`;
 //! - publishing also needs the build to be **clean** (the slot's target dir was empty when the job
 //!   took it: no earlier job's build script could have planted a file), a `build` or `check` job
-//!   (no workspace test binary runs after compilation), and **no workspace code run at build
+//!   (no workspace test binary or program runs after compilation: `test` and `run` receive
+//!   only), and **no workspace code run at build
 //!   time**: a path or git package with a build script or a proc-macro in the build stops
 //!   publishing ([`BuildUnits::artifact`]), since it runs in the same sandbox as the registry
 //!   units' compilation and could rewrite their files. Only units of packages whose source is a
@@ -893,7 +894,7 @@ impl UnitsPlan {
             variant: format!(
                 "{}/{}",
                 if release { "release" } else { "debug" },
-                if matches!(subcommand.as_str(), "build" | "test") {
+                if matches!(subcommand.as_str(), "build" | "test" | "run") {
                     "build"
                 } else {
                     "check"
@@ -957,7 +958,10 @@ fn command_control(command: &Command) -> Result<(String, bool), String> {
         return Err("the job does not run cargo".into());
     }
     let subcommand = args.get(1).cloned().unwrap_or_default();
-    if !matches!(subcommand.as_str(), "build" | "check" | "test" | "clippy") {
+    if !matches!(
+        subcommand.as_str(),
+        "build" | "check" | "test" | "clippy" | "run"
+    ) {
         return Err(format!(
             "`cargo {subcommand}` does not compile with shared units"
         ));
@@ -1136,6 +1140,23 @@ mod tests {
             )
             .receive
         );
+        // A run compiles like a build, so it receives the build variant, but its program runs
+        // after compilation in the same sandbox: it never publishes.
+        let run = UnitsPlan::for_job(
+            &command(&[
+                "cargo",
+                "run",
+                "--release",
+                "--bin",
+                "x",
+                "--",
+                "--config=x",
+            ]),
+            src.path(),
+            true,
+        );
+        assert!(run.receive && !run.publish);
+        assert_eq!(run.variant, "release/build");
     }
 
     #[test]

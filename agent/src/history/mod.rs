@@ -58,7 +58,7 @@ pub struct ArtifactRecord {
 pub struct BuildRecord {
     /// Session id (the executor's job id).
     pub id: String,
-    /// `build`, `test`, `clippy`, `audit`, `check`, `fmt`.
+    /// `build`, `test`, `clippy`, `audit`, `check`, `fmt`, `run`.
     pub kind: String,
     /// Release profile requested.
     pub release: bool,
