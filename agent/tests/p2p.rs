@@ -102,6 +102,41 @@ async fn a_failing_crate_ends_with_status_error() {
     node.shutdown().await.unwrap();
 }
 
+/// A run over a session: the program's lines and status come back, and the same submission
+/// again runs again (a run's result is never served from the action cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_never_answered_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), &[]).await;
+    let client = Client::connect(&node).await;
+    let clock = |events: &[SessionEvent]| {
+        lines_of(events)
+            .into_iter()
+            .find(|l| l.line.starts_with("runs: clock "))
+            .map(|l| l.line)
+            .expect("the program's output is streamed")
+    };
+    let (failed, _) = client
+        .run(JobKind::Run, &fixture("runs"), &["--", "3", "x"])
+        .await;
+    assert_eq!(failed.body().exit_code, 3);
+    assert_eq!(failed.body().status, JobStatus::Error as i32);
+    // Successful runs, whose results a build would cache.
+    let (first, first_events) = client
+        .run(JobKind::Run, &fixture("runs"), &["--", "0", "x"])
+        .await;
+    assert_eq!(first.body().status, JobStatus::Success as i32);
+    let (second, second_events) = client
+        .run(JobKind::Run, &fixture("runs"), &["--", "0", "x"])
+        .await;
+    assert!(!second.body().cache_hit, "a run is not replayed");
+    assert_eq!(second.body().status, JobStatus::Success as i32);
+    assert_ne!(clock(&first_events), clock(&second_events));
+    let record = node.shared().history.get(&second.session_id).await.unwrap();
+    assert_eq!(record.kind, "run");
+    node.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_resumes_from_its_seq_with_no_line_lost_or_doubled() {
     let dir = tempfile::tempdir().unwrap();

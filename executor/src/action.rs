@@ -388,10 +388,22 @@ pub fn cargo_action(
     toolchain: &Toolchain,
     blobs: &BlobStore,
 ) -> Result<PreparedAction, ActionError> {
+    store_cargo_action(job, input_root, cargo_platform(job, toolchain), blobs)
+}
+
+/// Stores the action of a cargo job on `input_root` with `platform` ([`cargo_platform`], plus
+/// what the executor adds): the job's command, and `do_not_cache` for kinds whose result is not
+/// reusable ([`crate::cargo::JobKind::result_is_reusable`]).
+pub fn store_cargo_action(
+    job: &CargoJob,
+    input_root: Digest,
+    platform: Platform,
+    blobs: &BlobStore,
+) -> Result<PreparedAction, ActionError> {
     store_action_with(
         cargo_command(job),
         input_root,
-        cargo_platform(job, toolchain),
+        platform,
         blobs,
         input_root.function,
         !job.kind.result_is_reusable(),

@@ -72,8 +72,8 @@ use rba_proto::reapi::{self, ActionResult, ExecutedActionMetadata, OutputDirecto
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::action::{
-    ActionError, LOCKFILE_PROPERTY, LOCKFILE_REQUIRED, PreparedAction, Toolchain, cargo_command,
-    cargo_platform, store_action,
+    ActionError, LOCKFILE_PROPERTY, LOCKFILE_REQUIRED, PreparedAction, Toolchain, cargo_platform,
+    store_cargo_action,
 };
 use crate::caches::{CacheLayout, Slot, SlotLock};
 use crate::cargo::{
@@ -768,13 +768,7 @@ impl Executor {
                     value: advisory_db_identity(db),
                 });
             }
-            Ok(store_action(
-                cargo_command(&job),
-                input_root,
-                platform,
-                blobs,
-                input_root.function,
-            )?)
+            Ok(store_cargo_action(&job, input_root, platform, blobs)?)
         })
         .await
         .expect("cargo_action does not panic")
