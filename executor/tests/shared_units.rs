@@ -168,7 +168,14 @@ async fn a_new_workspace_of_another_tenant_compiles_only_its_own_crates() {
     );
 
     // Its tests, at yet another identity, pass on shared units too.
-    let (tested, lines) = run(&node, JobKind::Test, other.path(), "bob:/b-test", bob).await;
+    let (tested, lines) = run(
+        &node,
+        JobKind::Test,
+        other.path(),
+        "bob:/b-test",
+        bob.clone(),
+    )
+    .await;
     assert_success(&tested, &lines);
     assert!(has_line(&lines, "test tests::formats ... ok"), "{lines:#?}");
     assert!(!compiled(&lines).contains("itoa"), "{lines:#?}");
@@ -176,6 +183,18 @@ async fn a_new_workspace_of_another_tenant_compiles_only_its_own_crates() {
         has_line(&lines, "`cargo test` jobs do not publish units"),
         "{lines:#?}"
     );
+
+    // And so does a run, whose program runs beside the units it received: it publishes none.
+    let published = node.executor.shared_units().stats();
+    let (ran, lines) = run(&node, JobKind::Run, other.path(), "bob:/b-run", bob).await;
+    assert_success(&ran, &lines);
+    assert!(has_line(&lines, "7 from another workspace"), "{lines:#?}");
+    assert_eq!(compiled(&lines), set(&["other-app"]), "{lines:#?}");
+    assert!(
+        has_line(&lines, "`cargo run` jobs do not publish units"),
+        "{lines:#?}"
+    );
+    assert_eq!(node.executor.shared_units().stats(), published);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
