@@ -128,7 +128,9 @@ fn html(status: StatusCode, body: String) -> Response {
 }
 
 /// A page of the dashboard: the shell the script fills from the API (`page`, `id` as data
-/// attributes), or a message in `main` when there is nothing to fetch.
+/// attributes, and the values the builds list's filters offer: the API's own, so a new job
+/// kind or status needs no change to the script), or a message in `main` when there is
+/// nothing to fetch.
 fn page(title: &str, page: &str, id: &str, main: &str, logged_in: bool) -> String {
     let logout = if logged_in {
         r#"<form method="post" action="/logout"><button type="submit">Log out</button></form>"#
@@ -136,10 +138,12 @@ fn page(title: &str, page: &str, id: &str, main: &str, logged_in: bool) -> Strin
         ""
     };
     format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>{title} · rba</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/assets/app.css"></head><body data-page="{page}" data-id="{id}"><header><a class="brand" href="/">rba</a><nav><a href="/">Builds</a><a href="/ui/cache">Cache</a></nav>{logout}</header><main id="main">{main}</main><script src="/assets/app.js" defer></script></body></html>"#,
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>{title} · rba</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/assets/app.css"></head><body data-page="{page}" data-id="{id}" data-kinds="{kinds}" data-statuses="{statuses}"><header><a class="brand" href="/">rba</a><nav><a href="/">Builds</a><a href="/ui/cache">Cache</a></nav>{logout}</header><main id="main">{main}</main><script src="/assets/app.js" defer></script></body></html>"#,
         title = html_escape(title),
         page = page,
         id = html_escape(id),
+        kinds = crate::views::kinds().collect::<Vec<_>>().join(" "),
+        statuses = crate::views::STATUSES.join(" ") + " cache-hit",
     )
 }
 

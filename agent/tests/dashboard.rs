@@ -406,6 +406,21 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
         !text.as_str().unwrap().contains("null") && !text.as_str().unwrap().contains("undefined"),
         "{text}"
     );
+    // The filters offer what the API accepts, every job kind and status included.
+    let offered = |name: &str| {
+        format!(
+            "Array.from(document.querySelectorAll('select[name={name}] option')) \
+             .map((o) => o.value).filter((v) => v).join(' ')"
+        )
+    };
+    assert_eq!(
+        page.eval(&offered("kind")).await,
+        json!(rba_agent::views::kinds().collect::<Vec<_>>().join(" "))
+    );
+    assert_eq!(
+        page.eval(&offered("status")).await,
+        json!(rba_agent::views::STATUSES.join(" ") + " cache-hit")
+    );
     // The list shows the build; its progress moves while it runs.
     let row = format!("document.querySelector('tr[data-id=\"{id}\"]')");
     page.wait_for(&format!("{row} !== null"), Duration::from_secs(20))

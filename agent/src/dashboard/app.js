@@ -77,8 +77,8 @@ function select(name, values, current) {
 async function buildsPage() {
   const q = new URLSearchParams(location.search);
   const filters = el('form', { class: 'filters', method: 'get', action: '/' },
-    select('status', ['queued', 'running', 'success', 'cache-hit', 'failed', 'error', 'cancelled'], q.get('status')),
-    select('kind', ['build', 'test', 'check', 'clippy', 'fmt', 'audit'], q.get('kind')));
+    select('status', document.body.dataset.statuses.split(' '), q.get('status')),
+    select('kind', document.body.dataset.kinds.split(' '), q.get('kind')));
   const body = el('tbody');
   const table = el('table', { class: 'builds' },
     el('thead', {}, el('tr', {}, ...['Status', 'Kind', 'Workspace', 'Submitter', 'Submitted (UTC)', 'Duration', 'Progress'].map((h) => el('th', { text: h })))),
