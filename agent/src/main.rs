@@ -99,8 +99,11 @@ enum Commands {
     Check(JobArgs),
     /// cargo fmt --check
     Fmt(JobArgs),
-    /// cargo run: build, then run the program on the node, in the sandbox (arguments for it
-    /// after a second `--`: `rba run -- -- ARGS`); never answered from the cache
+    /// cargo run (the program runs on the node, in the sandbox)
+    ///
+    /// Builds, then runs the program in the build's sandbox: no network, the job's limits, no
+    /// stdin. Its own arguments go after a second `--` (`rba run -- --bin app -- ARGS`). A run
+    /// is never answered from the action cache; its build reuses the target dir.
     Run(JobArgs),
     /// Re-attach to a session on a node and stream its log from a line on.
     Logs {
