@@ -223,7 +223,7 @@ fn help_lists_the_jobs_and_hash_prints_a_root() {
     let help = rba(data.path()).arg("--help").assert().success();
     let text = String::from_utf8_lossy(&help.get_output().stdout).to_string();
     for job in ["build", "test", "lint", "audit", "check", "run", "hash"] {
-        assert!(text.contains(job), "{text}");
+        assert!(text.contains(&format!("\n  {job} ")), "{job}: {text}");
     }
     let hash = rba(data.path())
         .arg("hash")
