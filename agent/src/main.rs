@@ -748,11 +748,7 @@ async fn verify(client_dir: &Path) -> anyhow::Result<u8> {
         report.adopted,
         report.unfinished
     );
-    let repaired = !report.corrupt.is_empty()
-        || !report.missing.is_empty()
-        || report.adopted > 0
-        || report.unfinished > 0;
-    Ok(u8::from(repaired))
+    Ok(u8::from(report.repaired()))
 }
 
 /// `rba get`: one blob by digest, from the node (which checks this client may read it) or

@@ -117,6 +117,17 @@ pub struct VerifyReport {
     pub unfinished: u64,
 }
 
+impl VerifyReport {
+    /// Whether the scan changed anything (removed, dropped or indexed), as opposed to finding
+    /// every blob intact and indexed.
+    pub fn repaired(&self) -> bool {
+        !self.corrupt.is_empty()
+            || !self.missing.is_empty()
+            || self.adopted > 0
+            || self.unfinished > 0
+    }
+}
+
 /// Key of a blob in the index: function byte + raw hash.
 pub(crate) type BlobKey = [u8; 33];
 
