@@ -21,7 +21,8 @@
 #   spreads top-level directories over fresh groups).
 #
 # Usage: cache-server/bench/buildgrid.sh  (from the repository root; builds what it needs)
-# Env: BUILDGRID_VERSION, BENCH_ARGS (extra reapi-bench arguments), BENCH_DIR, CARGO_TARGET_DIR.
+# Env: BUILDGRID_VERSION, BENCH_ARGS (extra reapi-bench arguments; they override the script's own,
+# e.g. BENCH_ARGS="--read-streams 0 --big-blob-gib 0"), BENCH_DIR, CARGO_TARGET_DIR.
 set -euo pipefail
 
 version="${BUILDGRID_VERSION:-0.4.4}"
@@ -103,7 +104,7 @@ wait_port "$our_port" || { cat "$work/cache-server.log" >&2; exit 1; }
 # The figures: 1 GiB streams, 10,000 × 4 KiB batch, 50 callers × 20 calls.
 common=(--throughput-gib 1 --find-tasks 50 --find-calls 20 --work-dir "$work" ${BENCH_ARGS:-})
 echo "# BuildGrid $version (in-memory CAS) on 127.0.0.1:$bg_port" >&2
-"$bench" --endpoint "grpc://127.0.0.1:$bg_port" --big-blob-gib 0 "${common[@]}" | tee "$work/theirs.txt"
+"$bench" --endpoint "grpc://127.0.0.1:$bg_port" --server-pid "$bg_pid" --big-blob-gib 0 "${common[@]}" | tee "$work/theirs.txt"
 echo "# rba cache-server (disk store, fsync) on 127.0.0.1:$our_port" >&2
 "$bench" --endpoint "grpc://127.0.0.1:$our_port" --server-pid "$our_pid" --big-blob-gib 4 "${common[@]}" | tee "$work/ours.txt"
 
@@ -113,7 +114,7 @@ def figures(path):
     out = {}
     for line in open(path):
         name, _, rest = line.partition(": ")
-        m = re.match(r"([\d.]+) (MiB/s|blobs/s)", rest)
+        m = re.match(r"([\d.]+) (MiB/s|blobs/s|s/GiB)", rest)
         if m:
             out[name] = (float(m.group(1)), m.group(2))
         m = re.match(r"mean ([\d.]+) ms, p99 ([\d.]+) ms", rest)
@@ -128,6 +129,7 @@ for name, (value, unit) in ours.items():
     if name not in theirs or name.startswith("raw_"):
         continue
     other = theirs[name][0]
-    ratio = other / value if unit == "ms" else value / other
-    print(f"| {name} | {value:,.1f} {unit} | {other:,.1f} {unit} | {ratio:.2f}x |")
+    ratio = other / value if unit in ("ms", "s/GiB") else value / other
+    places = 3 if unit == "s/GiB" else 1
+    print(f"| {name} | {value:,.{places}f} {unit} | {other:,.{places}f} {unit} | {ratio:.2f}x |")
 PY

@@ -6,7 +6,9 @@
 //!
 //! Figures:
 //! - ByteStream write and read of a 1 GiB blob (client verifies the digest of what it reads),
-//!   as MiB/s and as a ratio to the raw hash + disk write of the same bytes in the same run;
+//!   as MiB/s and as a ratio to the raw hash + disk write of the same bytes in the same run,
+//!   and (with `--server-pid`) the server's CPU seconds per GiB of each: what the server
+//!   spends, apart from the client that shares this machine's cores;
 //! - the same blob read by several concurrent streams (`--read-streams`, default 4), each
 //!   verified on its own task: the aggregate MiB/s a build fetching many outputs at once sees,
 //!   which one stream cannot show on a machine where the client shares the server's cores;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::Parser;
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cache_server::{Config, Server};
@@ -36,6 +39,7 @@ use rba_proto::reapi::{
     batch_update_blobs_request,
 };
 use tonic::Request;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
 const MIB: f64 = (1 << 20) as f64;
@@ -45,7 +49,10 @@ const BLOCK: usize = 8 << 20;
 #[derive(Parser, Debug)]
 #[command(
     name = "reapi-bench",
-    about = "Throughput, memory and latency figures for a REAPI v2 endpoint"
+    about = "Throughput, memory and latency figures for a REAPI v2 endpoint",
+    // A flag given twice takes its last value, so `BENCH_ARGS` can override the figures the
+    // bench scripts choose.
+    args_override_self = true
 )]
 struct Args {
     /// REAPI endpoint (grpc://HOST:PORT); without it our server runs embedded on loopback.
@@ -220,29 +227,72 @@ impl Bench {
 
     async fn read_blob(&self, digest: Digest) -> anyhow::Result<f64> {
         let name = resource_name::read_name(&self.instance, &digest, Compressor::Identity);
-        let mut client =
-            ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(64 << 20);
+        let mut grpc =
+            tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(64 << 20);
         let start = Instant::now();
-        let mut stream = client
-            .read(self.request(ReadRequest {
-                resource_name: name,
-                read_offset: 0,
-                read_limit: 0,
-            }))
+        grpc.ready().await.context("ByteStream.Read: channel")?;
+        let mut request = self.request(ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        });
+        request.extensions_mut().insert(tonic::GrpcMethod::new(
+            "google.bytestream.ByteStream",
+            "Read",
+        ));
+        let mut stream = grpc
+            .server_streaming(
+                request,
+                PathAndQuery::from_static("/google.bytestream.ByteStream/Read"),
+                tonic_prost::ProstCodec::<ReadRequest, ReadChunk>::default(),
+            )
             .await
             .context("ByteStream.Read")?
             .into_inner();
-        let mut hasher = self.function.hasher();
+        // Hashing runs on its own thread, beside receiving, as a client that verifies what it
+        // fetches would do it.
+        let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let function = self.function;
+        let hashing = tokio::task::spawn_blocking(move || {
+            let mut hasher = function.hasher();
+            while let Some(chunk) = received.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher.finish()
+        });
         while let Some(message) = stream.message().await? {
-            hasher.update(&message.data);
+            if chunks.send(message.data).await.is_err() {
+                break;
+            }
         }
+        drop(chunks);
+        let actual = hashing.await.context("hashing the read")?;
         let elapsed = start.elapsed().as_secs_f64();
-        let actual = hasher.finish();
         if actual != digest {
             bail!("read back {actual:?}, expected {digest:?}");
         }
         Ok(elapsed)
     }
+}
+
+/// `google.bytestream.ReadResponse` with its `data` decoded as [`Bytes`]: a slice of tonic's
+/// receive buffer instead of a copy into a `Vec`. The generated client's copy is a fixed cost
+/// of the bench's own, which on a 2-core machine caps the read figure of every server alike.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ReadChunk {
+    #[prost(bytes = "bytes", tag = "10")]
+    data: Bytes,
+}
+
+/// CPU time (user + system) a process has used so far, in seconds, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields counted here follow its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
 }
 
 fn vm_hwm_kib(pid: Option<u32>) -> Option<u64> {
@@ -381,8 +431,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bench.raw_hash_and_write(size, &work.path().join("raw.bin"), args.fsync)
     })?;
     let raw = size as f64 / MIB / raw_secs;
+    let server_pid = if embedded.is_some() {
+        None
+    } else {
+        args.server_pid
+    };
+    let cpu_before_write = server_pid.and_then(cpu_seconds);
     let write = size as f64 / MIB / bench.write_blob(digest).await?;
+    let cpu_before_read = server_pid.and_then(cpu_seconds);
     let read = size as f64 / MIB / bench.read_blob(digest).await?;
+    let cpu_after_read = server_pid.and_then(cpu_seconds);
     let gib = args.throughput_gib;
     println!(
         "raw_{function}_hash_plus_disk_write_{gib}GiB: {raw:.1} MiB/s (baseline, fsync={})",
@@ -396,6 +454,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "bytestream_read_{gib}GiB: {read:.1} MiB/s = {:.2}x raw hash+write (client verifies the digest)",
         read / raw
     );
+    // What one stream costs the server, whoever the client is: on this machine the client
+    // shares the server's cores, so MiB/s of one stream is partly the client's figure.
+    if let (Some(w), Some(r), Some(end)) = (cpu_before_write, cpu_before_read, cpu_after_read) {
+        println!(
+            "bytestream_write_{gib}GiB_server_cpu: {:.3} s/GiB (server process CPU per GiB written)",
+            (r - w) / gib
+        );
+        println!(
+            "bytestream_read_{gib}GiB_server_cpu: {:.3} s/GiB (server process CPU per GiB read)",
+            (end - r) / gib
+        );
+    }
     if args.read_streams > 1 {
         let streams = args.read_streams;
         let start = Instant::now();
@@ -540,11 +610,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.big_blob_gib > 0.0 {
         let big = (args.big_blob_gib * (1u64 << 30) as f64) as u64;
         let big_digest = tokio::task::block_in_place(|| bench.digest_of_blob(big));
-        let pid = if embedded.is_some() {
-            None
-        } else {
-            args.server_pid
-        };
+        let pid = server_pid;
         if embedded.is_some() || pid.is_some() {
             let before = vm_rss_kib(pid).unwrap_or(0);
             let reset = reset_hwm(pid);
