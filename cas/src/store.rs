@@ -365,7 +365,7 @@ impl BlobStore {
         }
         let root_lock = RootLock::acquire(&root)?;
         let temporaries = ProcessTemp::create(&root.join("tmp"))?;
-        let db = open_index(&root.join("index"))?;
+        let db = open_sled(&root.join("index"))?;
         let blobs = db.open_tree("blobs")?;
         let lru = db.open_tree("lru")?;
         let meta = db.open_tree("meta")?;
@@ -1210,9 +1210,13 @@ impl Drop for ProcessTemp {
     }
 }
 
-/// Opens sled. The previous owner's lock on it may outlive its data dir lock by a moment
-/// (its flusher finishing): retry briefly on a lock error only.
-fn open_index(path: &Path) -> Result<sled::Db> {
+/// Opens a sled database (this store's index, or an [`EmbeddedBlobIndex`]'s). A previous
+/// owner's lock on it outlives the owner by a moment (its flusher thread finishing, even in this
+/// process): a lock error is retried for up to 5 s, so a database still held after that is
+/// another owner's, and the error says so.
+///
+/// [`EmbeddedBlobIndex`]: crate::backends::embedded_index::EmbeddedBlobIndex
+pub(crate) fn open_sled(path: &Path) -> sled::Result<sled::Db> {
     let mut attempts = 0;
     loop {
         match sled::Config::new().path(path).open() {
@@ -1222,7 +1226,7 @@ fn open_index(path: &Path) -> Result<sled::Db> {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(25));
             }
-            other => return Ok(other?),
+            other => return other,
         }
     }
 }
@@ -1635,6 +1639,29 @@ impl std::fmt::Debug for StagedBlob {
 /// dirty data (the target dir cargo just wrote, other processes' files), which `syncfs` would.
 const SMALL_BATCH: usize = 64;
 
+/// Creates a blob's file at `path` with `first`'s outcome: when its shard directory is missing
+/// (`missing`: the shard's first blob), creates the directory and tries again with `retry`.
+/// Returns the outcome and the directories a durable blob needs synced: its own, and the
+/// parent of a shard directory made here.
+fn in_shard_dir<T, E>(
+    path: &Path,
+    first: std::result::Result<T, E>,
+    missing: impl Fn(&E) -> bool,
+    retry: impl FnOnce(E) -> std::result::Result<T, E>,
+) -> Result<(std::result::Result<T, E>, Vec<PathBuf>)> {
+    let parent = path.parent().expect("blob paths have a parent");
+    let mut dirs = vec![parent.to_path_buf()];
+    let outcome = match first {
+        Err(e) if missing(&e) => {
+            fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
+            dirs.extend(parent.parent().map(Path::to_path_buf));
+            retry(e)
+        }
+        other => other,
+    };
+    Ok((outcome, dirs))
+}
+
 /// `fdatasync` (`data_only`) or `fsync` of every path, in parallel.
 fn sync_each(paths: &[&Path], data_only: bool) -> Result<()> {
     use rayon::prelude::*;
@@ -1691,7 +1718,6 @@ impl BlobStore {
             return Err(CasError::HashMismatch { expected, actual });
         }
         let path = self.blob_path(&expected);
-        let parent = path.parent().expect("blob paths have a parent");
         let create = || {
             use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
@@ -1700,16 +1726,12 @@ impl BlobStore {
                 .mode(0o444)
                 .open(&path)
         };
-        let mut dirs = vec![parent.to_path_buf()];
-        let created = match create() {
-            // The shard's first blob: its directory, new too, must be made durable.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
-                dirs.extend(parent.parent().map(Path::to_path_buf));
-                create()
-            }
-            other => other,
-        };
+        let (created, dirs) = in_shard_dir(
+            &path,
+            create(),
+            |e| e.kind() == io::ErrorKind::NotFound,
+            |_| create(),
+        )?;
         let mut file = match created {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -1815,17 +1837,12 @@ impl BlobStore {
     /// blob. The blob's directory (and a new shard directory's parent) is synced with the rest.
     fn place(&self, digest: Digest, temp: tempfile::TempPath) -> Result<Placement> {
         let path = self.blob_path(&digest);
-        let parent = path.parent().expect("blob paths have a parent");
-        let mut dirs = vec![parent.to_path_buf()];
-        let renamed = match temp.persist_noclobber(&path) {
-            // The shard's first blob: its directory, new too, must be made durable.
-            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(parent).map_err(|e| CasError::io("creating", parent, e))?;
-                dirs.extend(parent.parent().map(Path::to_path_buf));
-                e.path.persist_noclobber(&path)
-            }
-            other => other,
-        };
+        let (renamed, dirs) = in_shard_dir(
+            &path,
+            temp.persist_noclobber(&path),
+            |e| e.error.kind() == io::ErrorKind::NotFound,
+            |e| e.path.persist_noclobber(&path),
+        )?;
         let taken = match renamed {
             Ok(_) => None,
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {

@@ -36,7 +36,7 @@ use crate::seams::BlobIndex;
 use crate::seams::blocking;
 use crate::store::{
     ACCESS_GRANULARITY_MS, StoreStats, blob_key, digest_from_key, index_value, lru_key, now_millis,
-    parse_index_value,
+    open_sled, parse_index_value,
 };
 
 const TOTALS_KEY: &[u8] = b"totals";
@@ -75,13 +75,14 @@ fn totals_value(count: u64, bytes: u64) -> [u8; 16] {
 }
 
 impl EmbeddedBlobIndex {
-    /// Opens (creating if needed) the index in `dir`. Fails if another process has it open.
+    /// Opens (creating if needed) the index in `dir`. Fails if another owner still has it open
+    /// after a few seconds (a previous owner in this process may take a moment to let go).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| CasError::io("creating", &dir, e))?;
         let unavailable =
             |e: sled::Error| CasError::Unavailable(format!("blob index {}: {e}", dir.display()));
-        let db = sled::Config::new().path(&dir).open().map_err(unavailable)?;
+        let db = open_sled(&dir).map_err(unavailable)?;
         let blobs = db.open_tree("blob_index").map_err(unavailable)?;
         let lru = db.open_tree("blob_index_lru").map_err(unavailable)?;
         let meta = db.open_tree("blob_index_meta").map_err(unavailable)?;
