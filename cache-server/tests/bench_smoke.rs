@@ -1,0 +1,143 @@
+//! `reapi-bench` end to end at tiny sizes, so the bench the README's figures come from cannot
+//! rot between benchmark sessions: against a real server on loopback (with a token, as a
+//! deployed server would ask), every figure line is printed, each read is verified against its
+//! digest (the bench fails otherwise), and the server-CPU figures appear when a server PID is
+//! given; embedded, the same figures without them.
+
+mod common;
+
+use std::process::Output;
+
+use common::{RW_TOKEN, test_config, with_tokens};
+use rba_cache_server::Server;
+
+/// Flags that shrink every phase to a second or so in a debug build.
+const TINY: [&str; 14] = [
+    "--throughput-gib",
+    "0.01",
+    "--big-blob-gib",
+    "0.01",
+    "--batch-blobs",
+    "40",
+    "--batch-blob-size",
+    "1000",
+    "--find-tasks",
+    "2",
+    "--find-calls",
+    "2",
+    "--read-streams",
+    "3",
+];
+
+async fn bench(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_reapi-bench"))
+            .args(TINY)
+            .args(args)
+            .env("RBA_LOG", "warn")
+            .output()
+            .expect("running reapi-bench")
+    })
+    .await
+    .unwrap()
+}
+
+fn figures(output: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "reapi-bench failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+const EVERY_RUN: [&str; 8] = [
+    "bytestream_write_0.01GiB: ",
+    "bytestream_read_0.01GiB: ",
+    "bytestream_read_0.01GiB_x3_streams: ",
+    "batch_update_40x1000B: ",
+    "find_missing_1_digest: ",
+    "find_missing_1000_digests: ",
+    "find_missing_10000_digests: ",
+    "peak_rss_streaming_0.01GiB: ",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reapi_bench_prints_every_figure_against_a_server_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::spawn(with_tokens(test_config(&dir.path().join("server"))))
+        .await
+        .unwrap();
+    let endpoint = server.url().replacen("http://", "grpc://", 1);
+    let work = dir.path().join("bench");
+    let stdout = figures(
+        &bench(vec![
+            "--endpoint".into(),
+            endpoint.clone(),
+            "--token".into(),
+            RW_TOKEN.into(),
+            // This test process is the server's.
+            "--server-pid".into(),
+            std::process::id().to_string(),
+            "--work-dir".into(),
+            work.display().to_string(),
+        ])
+        .await,
+    );
+    for figure in EVERY_RUN {
+        assert!(stdout.contains(figure), "no {figure:?} in:\n{stdout}");
+    }
+    for figure in [
+        "bytestream_write_0.01GiB_server_cpu: ",
+        "bytestream_read_0.01GiB_server_cpu: ",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(figure))
+            .unwrap_or_else(|| panic!("no {figure:?} in:\n{stdout}"));
+        let seconds: f64 = line[figure.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no number in {line:?}"));
+        assert!(seconds >= 0.0, "{line}");
+    }
+
+    // Without the token the server refuses, and the bench says so instead of printing figures.
+    let refused = bench(vec![
+        "--endpoint".into(),
+        endpoint,
+        "--work-dir".into(),
+        work.display().to_string(),
+    ])
+    .await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("Unauthenticated") || stderr.contains("token"),
+        "{stderr}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reapi_bench_runs_its_own_server_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = figures(
+        &bench(vec![
+            "--fsync".into(),
+            "false".into(),
+            "--work-dir".into(),
+            dir.path().display().to_string(),
+        ])
+        .await,
+    );
+    assert!(stdout.contains("embedded rba cache-server"), "{stdout}");
+    for figure in EVERY_RUN {
+        assert!(stdout.contains(figure), "no {figure:?} in:\n{stdout}");
+    }
+    // The embedded server shares the bench's process: its CPU is not the server's alone.
+    assert!(!stdout.contains("_server_cpu: "), "{stdout}");
+}
