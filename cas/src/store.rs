@@ -1639,10 +1639,10 @@ impl std::fmt::Debug for StagedBlob {
 /// dirty data (the target dir cargo just wrote, other processes' files), which `syncfs` would.
 const SMALL_BATCH: usize = 64;
 
-/// Creates a blob's file at `path` with `first`'s outcome: when its shard directory is missing
-/// (`missing`: the shard's first blob), creates the directory and tries again with `retry`.
-/// Returns the outcome and the directories a durable blob needs synced: its own, and the
-/// parent of a shard directory made here.
+/// The outcome of creating a blob's file at `path` (`first`). When that failed because the
+/// shard directory is missing (`missing`: the shard's first blob), the directory is created and
+/// the creation tried again (`retry`, given the first error). Also returns the directories a
+/// durable blob needs synced: its own, and the parent of a shard directory made here.
 fn in_shard_dir<T, E>(
     path: &Path,
     first: std::result::Result<T, E>,
