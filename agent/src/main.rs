@@ -158,14 +158,13 @@ enum Commands {
         #[arg(default_value = ".")]
         path: PathBuf,
     },
-    /// Re-hash every blob of the local store and repair its index (after a crash, a full disk,
-    /// a file changed behind its back). Exits 0 when all was well, 1 when something was
-    /// repaired.
+    /// Re-hash every blob of the local store and repair its index (exit 1: repaired)
     #[command(long_about = VERIFY_ABOUT)]
     Verify,
 }
 
-const VERIFY_ABOUT: &str = "Re-hash every blob of the local store and repair its index.
+const VERIFY_ABOUT: &str = "Re-hash every blob of the local store and repair its index: after \
+a crash, a full disk, a file changed behind its back.
 
 Removes blobs whose bytes no longer match their digest and the short files of writes a crash \
 interrupted, drops index entries whose file is gone, and indexes complete files a crash left \

@@ -225,6 +225,15 @@ fn help_lists_the_jobs_and_hash_prints_a_root() {
     for job in ["build", "test", "lint", "audit", "check", "run", "hash"] {
         assert!(text.contains(&format!("\n  {job} ")), "{job}: {text}");
     }
+    // Each command is one short line; the details are in `rba COMMAND --help`.
+    let commands = text
+        .split("Commands:\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap_or_else(|| panic!("no Commands section: {text}"));
+    for line in commands.lines() {
+        assert!(line.chars().count() <= 100, "a long command line: {line:?}");
+    }
     let hash = rba(data.path())
         .arg("hash")
         .arg(fixture("hello"))
