@@ -2,7 +2,7 @@
 //! rot between benchmark sessions: against a real server on loopback (with a token, as a
 //! deployed server would ask), every figure line is printed, each read is verified against its
 //! digest (the bench fails otherwise), and the server-CPU figures appear when a server PID is
-//! given; embedded, the same figures without them.
+//! given (a PID that names no process is refused); embedded, the same figures without them.
 
 mod common;
 
@@ -108,7 +108,7 @@ async fn reapi_bench_prints_every_figure_against_a_server_with_a_token() {
     // Without the token the server refuses, and the bench says so instead of printing figures.
     let refused = bench(vec![
         "--endpoint".into(),
-        endpoint,
+        endpoint.clone(),
         "--work-dir".into(),
         work.display().to_string(),
     ])
@@ -119,6 +119,26 @@ async fn reapi_bench_prints_every_figure_against_a_server_with_a_token() {
         stderr.contains("Unauthenticated") || stderr.contains("token"),
         "{stderr}"
     );
+    // A server PID that names no process: refused up front, naming it, not figures without
+    // the server's lines. (PIDs never exceed 2^22 on Linux.)
+    let no_such_pid = bench(vec![
+        "--endpoint".into(),
+        endpoint.clone(),
+        "--token".into(),
+        RW_TOKEN.into(),
+        "--server-pid".into(),
+        "4294967".into(),
+        "--work-dir".into(),
+        work.display().to_string(),
+    ])
+    .await;
+    assert!(!no_such_pid.status.success());
+    let stderr = String::from_utf8_lossy(&no_such_pid.stderr);
+    assert!(
+        stderr.contains("--server-pid 4294967: no process"),
+        "{stderr}"
+    );
+    assert!(no_such_pid.stdout.is_empty(), "no figures printed");
     server.shutdown().await.unwrap();
 }
 

@@ -375,6 +375,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (server.url(), Some(server))
         }
     };
+    let server_pid = if embedded.is_some() {
+        None
+    } else {
+        args.server_pid
+    };
+    // A PID that names no readable process would silently drop the server's figures.
+    if let Some(pid) = server_pid
+        && cpu_seconds(pid).is_none()
+    {
+        bail!("--server-pid {pid}: no process whose /proc/{pid}/stat can be read");
+    }
     // Windows and frames sized for large blobs, as a build tool's client would set them
     // (the same for every endpoint measured): HTTP/2's defaults (64 KiB windows, 16 KiB
     // frames) cap a loopback stream far below the disk's speed.
@@ -431,11 +442,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bench.raw_hash_and_write(size, &work.path().join("raw.bin"), args.fsync)
     })?;
     let raw = size as f64 / MIB / raw_secs;
-    let server_pid = if embedded.is_some() {
-        None
-    } else {
-        args.server_pid
-    };
     let cpu_before_write = server_pid.and_then(cpu_seconds);
     let write = size as f64 / MIB / bench.write_blob(digest).await?;
     let cpu_before_read = server_pid.and_then(cpu_seconds);
@@ -610,14 +616,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.big_blob_gib > 0.0 {
         let big = (args.big_blob_gib * (1u64 << 30) as f64) as u64;
         let big_digest = tokio::task::block_in_place(|| bench.digest_of_blob(big));
-        let pid = server_pid;
-        if embedded.is_some() || pid.is_some() {
-            let before = vm_rss_kib(pid).unwrap_or(0);
-            let reset = reset_hwm(pid);
+        if embedded.is_some() || server_pid.is_some() {
+            let before = vm_rss_kib(server_pid).unwrap_or(0);
+            let reset = reset_hwm(server_pid);
             let write_secs = bench.write_blob(big_digest).await?;
             let read_secs = bench.read_blob(big_digest).await?;
-            let peak = vm_hwm_kib(pid).unwrap_or(0);
-            let whose = if pid.is_some() {
+            let peak = vm_hwm_kib(server_pid).unwrap_or(0);
+            let whose = if server_pid.is_some() {
                 "server process"
             } else {
                 "whole process: embedded server + bench client"
