@@ -286,7 +286,7 @@ struct ReadChunk {
 
 /// CPU time (user + system) a process has used so far, in seconds, from `/proc/PID/stat`.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = std::fs::read_to_string(proc_file(Some(pid), "stat")).ok()?;
     // The command name may hold spaces: the fields counted here follow its closing parenthesis.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
@@ -295,33 +295,35 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
 }
 
-fn vm_hwm_kib(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/status"),
-        None => "/proc/self/status".to_string(),
-    };
-    let status = std::fs::read_to_string(path).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// A `/proc/PID/…` file of the server (`None`: of this process).
+fn proc_file(pid: Option<u32>, name: &str) -> String {
+    match pid {
+        Some(pid) => format!("/proc/{pid}/{name}"),
+        None => format!("/proc/self/{name}"),
+    }
+}
+
+/// A `kB` figure of `/proc/PID/status`, such as `VmHWM` or `VmRSS`.
+fn status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(proc_file(pid, "status")).ok()?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+fn vm_hwm_kib(pid: Option<u32>) -> Option<u64> {
+    status_kib(pid, "VmHWM")
+}
+
 fn vm_rss_kib(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/status"),
-        None => "/proc/self/status".to_string(),
-    };
-    let status = std::fs::read_to_string(path).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    status_kib(pid, "VmRSS")
 }
 
 /// Resets VmHWM to the current RSS (Linux: write 5 to clear_refs).
 fn reset_hwm(pid: Option<u32>) -> bool {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/clear_refs"),
-        None => "/proc/self/clear_refs".to_string(),
-    };
-    std::fs::write(path, "5").is_ok()
+    std::fs::write(proc_file(pid, "clear_refs"), "5").is_ok()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
