@@ -740,19 +740,21 @@ macro_rules! query {
     };
 }
 
-/// Why a correlated scalar subquery and not `NOT EXISTS`: PostgreSQL turns `NOT EXISTS` into
-/// an anti-join, and with a table of 100,000 rows its cost model prefers hashing the whole
-/// table on every call (O(table) per call, ~5× slower here) to probing an index once per
-/// digest. A scalar subquery is always a probe per digest (of `cas_blobs_by_hash`): the cost
-/// follows the digests asked, never the size of the index. The absent ordinals come back as
-/// one array in one row (5,000 result rows cost the server and the client more than the
-/// probes they report).
-const FIND_MISSING: &str = "\
-    SELECT coalesce(array_agg(d.i), '{}') \
-    FROM unnest($1::smallint[], $2::bytea[], $3::bigint[]) \
-        WITH ORDINALITY AS d(function, hash, size, i) \
-    WHERE (SELECT b.size FROM cas_blobs b \
-        WHERE b.function = d.function AND b.hash = d.hash) IS DISTINCT FROM d.size";
+/// The stored size of each of `$2` (hashes of digest function `$1`), in the order asked; NULL
+/// for one not indexed. Why a correlated scalar subquery and not `NOT EXISTS`: PostgreSQL turns
+/// `NOT EXISTS` into an anti-join, and with a table of 100,000 rows its cost model prefers
+/// hashing the whole table on every call (O(table) per call, ~5× slower here) to probing an
+/// index once per digest. A scalar subquery is always a probe per digest (of
+/// `cas_blobs_by_hash`): the cost follows the digests asked, never the size of the index. The
+/// sizes come back as one array in one row (thousands of result rows cost the server and the
+/// client more than the probes they report), and the caller compares them: one array unnested,
+/// not three with ordinality, is ~25 % less of the server's CPU per call (pgbench, 10,000
+/// digests over 100,000 rows). The array keeps `unnest`'s order: a single function scan, with
+/// no join or sort to reorder its rows.
+const STORED_SIZES: &str = "\
+    SELECT array(SELECT (SELECT b.size FROM cas_blobs b \
+        WHERE b.function = $1::smallint AND b.hash = d.hash) \
+    FROM unnest($2::bytea[]) AS d(hash))";
 
 const INSERT_BLOBS: &str = "\
     WITH ins AS ( \
@@ -807,49 +809,59 @@ pub struct PgBlobIndex {
 }
 
 impl PgBlobIndex {
-    /// `absent[i]` for `digests[i]` (distinct, non-empty); when there are many, split into up
-    /// to [`PROBE_PARALLEL`] chunks probed at once. (The hash index has no key order for a
-    /// chunk to follow, so the digests keep theirs.)
+    /// `absent[i]` for `digests[i]` (distinct, non-empty): not indexed, or indexed with another
+    /// size. A statement probes the digests of one digest function (a request's share one);
+    /// when there are many, they are split into up to [`PROBE_PARALLEL`] chunks probed at once.
+    /// (The hash index has no key order for a chunk to follow, so the digests keep theirs.)
     async fn probe(&self, digests: &[Digest]) -> Result<Vec<bool>> {
-        let mut absent = vec![false; digests.len()];
         if digests.is_empty() {
-            return Ok(absent);
+            return Ok(Vec::new());
         }
         let chunks = (digests.len() / PROBE_CHUNK).clamp(1, PROBE_PARALLEL);
         let per_chunk = digests.len().div_ceil(chunks);
+        let mut by_function: Vec<usize> = (0..digests.len()).collect();
+        by_function.sort_by_key(|&i| function_code(digests[i].function)); // stable
+        let statements: Vec<&[usize]> = by_function
+            .chunk_by(|&a, &b| digests[a].function == digests[b].function)
+            .flat_map(|same_function| same_function.chunks(per_chunk))
+            .collect();
         let answers = futures::future::try_join_all(
-            digests
-                .chunks(per_chunk)
-                .map(|chunk| self.probe_chunk(chunk)),
+            statements
+                .iter()
+                .map(|positions| self.stored_sizes(digests, positions)),
         )
         .await?;
-        for (slots, ordinals) in absent.chunks_mut(per_chunk).zip(answers) {
-            for ordinal in ordinals {
-                // 1-based ordinals into the chunk; anything else PostgreSQL could not send.
-                if let Some(slot) = usize::try_from(ordinal - 1)
-                    .ok()
-                    .and_then(|k| slots.get_mut(k))
-                {
-                    *slot = true;
-                }
+        let mut absent = vec![true; digests.len()];
+        for (positions, stored) in statements.into_iter().zip(answers) {
+            for (&i, stored) in positions.iter().zip(stored) {
+                // A size past i64::MAX was never stored (sizes are checked on insert).
+                let asked = i64::try_from(digests[i].size).ok();
+                absent[i] = stored.is_none_or(|stored| Some(stored) != asked);
             }
         }
         Ok(absent)
     }
 
-    /// The 1-based ordinals of the absent digests among `chunk`.
-    async fn probe_chunk(&self, chunk: &[Digest]) -> Result<Vec<i64>> {
-        let (functions, hashes, sizes) = columns(chunk);
-        let rows = query!(
-            self.pg,
-            "find_missing",
-            FIND_MISSING,
-            &[&functions, &hashes, &sizes]
-        )?;
-        match rows.first() {
-            Some(row) => row.try_get(0).map_err(|e| failed("find_missing", &e)),
-            None => Ok(Vec::new()),
+    /// The stored sizes of `digests[i]` for each of `positions` (one digest function), in order.
+    async fn stored_sizes(
+        &self,
+        digests: &[Digest],
+        positions: &[usize],
+    ) -> Result<Vec<Option<i64>>> {
+        let function = function_code(digests[positions[0]].function);
+        let hashes: Vec<&[u8]> = positions.iter().map(|&i| &digests[i].hash[..]).collect();
+        let rows = query!(self.pg, "find_missing", STORED_SIZES, &[&function, &hashes])?;
+        let stored: Vec<Option<i64>> = match rows.first() {
+            Some(row) => row.try_get(0).map_err(|e| failed("find_missing", &e))?,
+            None => Vec::new(),
+        };
+        if stored.len() != positions.len() {
+            return Err(CasError::invalid(
+                "a postgres find_missing answer",
+                format!("{} sizes for {} digests", stored.len(), positions.len()),
+            ));
         }
+        Ok(stored)
     }
 }
 
@@ -1117,7 +1129,7 @@ const GRANT: &str = "\
         FROM added WHERE c.name = 'grants' AND c.shard = $4 AND added.count > 0) \
     SELECT count FROM added";
 
-/// A scalar subquery per digest, for the reason given at [`FIND_MISSING`].
+/// A scalar subquery per digest, for the reason given at [`STORED_SIZES`].
 const NOT_READABLE: &str = "\
     SELECT d.i FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS d(function, hash, i) \
     WHERE (SELECT true FROM cas_read_grants g \
