@@ -811,8 +811,9 @@ pub struct PgBlobIndex {
 impl PgBlobIndex {
     /// `absent[i]` for `digests[i]` (distinct, non-empty): not indexed, or indexed with another
     /// size. A statement probes the digests of one digest function (a request's share one);
-    /// when there are many, they are split into up to [`PROBE_PARALLEL`] chunks probed at once.
-    /// (The hash index has no key order for a chunk to follow, so the digests keep theirs.)
+    /// when there are many, they are split into up to [`PROBE_PARALLEL`] chunks (one more per
+    /// further digest function) probed at once. (The hash index has no key order for a chunk to
+    /// follow, so the digests keep theirs.)
     async fn probe(&self, digests: &[Digest]) -> Result<Vec<bool>> {
         if digests.is_empty() {
             return Ok(Vec::new());
