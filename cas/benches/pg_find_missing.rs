@@ -17,6 +17,10 @@
 //! The test server runs without fsync, which FindMissing (a read) does not depend on; indexing
 //! the 100,000 blobs (batched inserts) is timed and printed too, for information, and followed
 //! by `VACUUM ANALYZE` (what autovacuum does shortly after a bulk load).
+//!
+//! Each figure also prints the share of the machine's CPU time the hypervisor took for other
+//! guests while it was measured (`steal` in `/proc/stat`): on a shared VM the tail follows it,
+//! for every backend alike, and a reader can tell a slow host from a slow index.
 
 use std::time::{Duration, Instant};
 
@@ -52,13 +56,51 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank - 1]
 }
 
-fn report(label: &str, mut times: Vec<Duration>) -> (Duration, Duration) {
+/// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor), from the
+/// first line of `/proc/stat` (`None` where there is none).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    let steal = *ticks.get(7)?;
+    Some((ticks.iter().take(8).sum(), steal))
+}
+
+/// Timed calls, and the share of CPU time stolen while they ran.
+struct Measured {
+    times: Vec<Duration>,
+    steal: Option<f64>,
+}
+
+fn measure(calls: impl FnOnce() -> Vec<Duration>) -> Measured {
+    let before = cpu_ticks();
+    let times = calls();
+    let steal = before
+        .zip(cpu_ticks())
+        .and_then(|((all0, stolen0), (all1, stolen1))| {
+            (all1 > all0).then(|| (stolen1 - stolen0) as f64 / (all1 - all0) as f64)
+        });
+    Measured { times, steal }
+}
+
+fn report(label: &str, measured: Measured) -> (Duration, Duration) {
+    let mut times = measured.times;
     times.sort();
     let (p50, p99) = (percentile(&times, 0.50), percentile(&times, 0.99));
     let mean = times.iter().sum::<Duration>() / times.len() as u32;
+    let steal = measured.steal.map_or("unknown".to_string(), |share| {
+        format!("{:.1} %", share * 100.0)
+    });
     println!(
         "pg_find_missing {label}: {} calls of {ASKED} digests (half present) over {INDEXED} \
-         blobs: p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms, max {:.2} ms",
+         blobs: p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms, max {:.2} ms (CPU stolen by the \
+         host meanwhile: {steal})",
         times.len(),
         p50.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3,
@@ -128,7 +170,7 @@ fn main() {
     }
 
     let requests: Vec<Vec<Digest>> = (0..calls + 10).map(|call| asked(&indexed, call)).collect();
-    let time_pg = |index: &dyn BlobIndex| {
+    let time_pg = |index: &dyn BlobIndex| -> Vec<Duration> {
         let mut times = Vec::with_capacity(calls);
         runtime.block_on(async {
             for (call, digests) in requests.iter().enumerate() {
@@ -143,18 +185,21 @@ fn main() {
         });
         times
     };
-    let uncached_times = time_pg(&uncached);
-    let pg_times = time_pg(&index);
-    let mut embedded_times = Vec::with_capacity(calls);
-    for (call, digests) in requests.iter().enumerate() {
-        let started = Instant::now();
-        let missing = store.find_missing(digests).unwrap();
-        let elapsed = started.elapsed();
-        assert_eq!(missing.len(), ASKED / 2);
-        if call >= 10 {
-            embedded_times.push(elapsed);
+    let uncached_times = measure(|| time_pg(&uncached));
+    let pg_times = measure(|| time_pg(&index));
+    let embedded_times = measure(|| {
+        let mut times = Vec::with_capacity(calls);
+        for (call, digests) in requests.iter().enumerate() {
+            let started = Instant::now();
+            let missing = store.find_missing(digests).unwrap();
+            let elapsed = started.elapsed();
+            assert_eq!(missing.len(), ASKED / 2);
+            if call >= 10 {
+                times.push(elapsed);
+            }
         }
-    }
+        times
+    });
     let uncached = report("postgres uncached", uncached_times);
     let cached = report("postgres cached", pg_times);
     let (embedded_p50, embedded_p99) = report("embedded", embedded_times);
