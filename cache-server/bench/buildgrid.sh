@@ -101,12 +101,26 @@ pids+=($!)
 our_pid=$!
 wait_port "$our_port" || { cat "$work/cache-server.log" >&2; exit 1; }
 
+# The machine's CPU ticks so far: all, and those the hypervisor gave to other guests (steal).
+cpu_ticks() { awk '/^cpu /{ print $2+$3+$4+$5+$6+$7+$8+$9, $9 }' /proc/stat; }
+# Runs reapi-bench and then says how much CPU time the host stole meanwhile: on a shared VM the
+# two runs may not get the same machine, and a ratio is only fair when they did.
+bench_run() {
+    local before after
+    before="$(cpu_ticks)"
+    "$bench" "$@"
+    after="$(cpu_ticks)"
+    awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " ");
+        if (y[1] > x[1]) printf "# CPU time stolen by the host during this run: %.1f %%\n",
+            100 * (y[2] - x[2]) / (y[1] - x[1]) }' >&2
+}
+
 # The issue's figures: 1 GiB streams, 10,000 × 4 KiB batch, 50 callers × 20 calls.
 common=(--throughput-gib 1 --find-tasks 50 --find-calls 20 --work-dir "$work" ${BENCH_ARGS:-})
 echo "# BuildGrid $version (in-memory CAS) on 127.0.0.1:$bg_port" >&2
-"$bench" --endpoint "grpc://127.0.0.1:$bg_port" --server-pid "$bg_pid" --big-blob-gib 0 "${common[@]}" | tee "$work/theirs.txt"
+bench_run --endpoint "grpc://127.0.0.1:$bg_port" --server-pid "$bg_pid" --big-blob-gib 0 "${common[@]}" | tee "$work/theirs.txt"
 echo "# rba cache-server (disk store, fsync) on 127.0.0.1:$our_port" >&2
-"$bench" --endpoint "grpc://127.0.0.1:$our_port" --server-pid "$our_pid" --big-blob-gib 4 "${common[@]}" | tee "$work/ours.txt"
+bench_run --endpoint "grpc://127.0.0.1:$our_port" --server-pid "$our_pid" --big-blob-gib 4 "${common[@]}" | tee "$work/ours.txt"
 
 python3 - "$work/ours.txt" "$work/theirs.txt" "$version" <<'PY'
 import re, sys
