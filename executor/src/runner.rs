@@ -1825,7 +1825,9 @@ impl RunningJob<'_> {
     /// time), and the shared units it used kept in front of their variants. In the background,
     /// so the job's client does not wait for it: the slot's lock (`lock`) is held until it is
     /// done, so no later job of the slot touches the files meanwhile
-    /// ([`Executor::units_published`] waits for every build's).
+    /// ([`Executor::units_published`] waits for every build's). It holds the executor too:
+    /// shut-down (the last clone's drop) unmounts only the volumes of unlocked slots, so it
+    /// must come after the lock is given back, or the slot's volume would stay mounted.
     fn start_publishing(
         &mut self,
         built: Option<BuildUnits>,
@@ -1854,6 +1856,7 @@ impl RunningJob<'_> {
             slot.target.clone(),
         );
         let in_flight = PublishingGuard::start(&self.inner().publishing);
+        let executor = self.executor.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             match units.publish(&toolchain, built.variant(), &lock_file, &target, &built) {
@@ -1868,6 +1871,7 @@ impl RunningJob<'_> {
             }
             drop(lock);
             drop(in_flight);
+            drop(executor); // last, after the lock: see above
         });
     }
 
