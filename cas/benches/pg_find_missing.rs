@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use rba_cas::backends::postgres::Postgres;
 use rba_cas::{BlobIndex, BlobStore, Digest, DigestFunction};
+use rba_e2e_tests::machine::CpuTicks;
 use rba_e2e_tests::postgres::TestPostgres;
 
 const INDEXED: usize = 100_000;
@@ -56,22 +57,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank - 1]
 }
 
-/// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor), from the
-/// first line of `/proc/stat` (`None` where there is none).
-fn cpu_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .map(|field| field.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal (guest time is counted in user already)
-    let steal = *ticks.get(7)?;
-    Some((ticks.iter().take(8).sum(), steal))
-}
-
 /// Timed calls, and the share of CPU time stolen while they ran.
 struct Measured {
     times: Vec<Duration>,
@@ -79,13 +64,11 @@ struct Measured {
 }
 
 fn measure(calls: impl FnOnce() -> Vec<Duration>) -> Measured {
-    let before = cpu_ticks();
+    let before = CpuTicks::now();
     let times = calls();
     let steal = before
-        .zip(cpu_ticks())
-        .and_then(|((all0, stolen0), (all1, stolen1))| {
-            (all1 > all0).then(|| (stolen1 - stolen0) as f64 / (all1 - all0) as f64)
-        });
+        .zip(CpuTicks::now())
+        .and_then(|(before, after)| after.stolen_since(&before));
     Measured { times, steal }
 }
 

@@ -52,6 +52,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rba_cas::{Cas, Digest, DigestFunction};
+use rba_e2e_tests::machine::CpuTicks;
 use rba_e2e_tests::postgres::TestPostgres;
 use rba_executor::runner::{ExecuteRequest, Executor, ExecutorConfig, JobStatus};
 use rba_executor::scheduler::{JobId, JobQueue, QueueConfig, Worker, WorkerReport};
@@ -79,23 +80,6 @@ fn p50_p99_ms(mut seconds: Vec<f64>) -> String {
         percentile(&seconds, 0.50) * 1e3,
         percentile(&seconds, 0.99) * 1e3
     )
-}
-
-/// CPU time of every process since boot (busy, all), from `/proc/stat`, in clock ticks.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let all: u64 = fields.iter().take(8).sum();
-    // idle and iowait are not busy.
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (all - idle, all)
 }
 
 /// CPU time of this process and its waited-for children (the sandboxes), in clock ticks.
@@ -283,7 +267,7 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let machine_before = machine_ticks();
+    let machine_before = CpuTicks::now();
     let own_before = own_ticks();
     let started = Instant::now();
     let mut ids = Vec::with_capacity(requests.len());
@@ -314,7 +298,7 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
         }
     }
     let wall = started.elapsed();
-    let machine_after = machine_ticks();
+    let machine_after = CpuTicks::now();
     let own = own_ticks() - own_before;
     assert_eq!(failed, 0, "every job succeeds");
 
@@ -347,8 +331,10 @@ async fn run(pg: &TestPostgres, cas: &Cas, root: Digest, n: usize, settings: &Se
     // `/proc` counts in USER_HZ, which Linux fixes at 100 for user space.
     let ticks = 100.0;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
-    let machine_busy = (machine_after.0 - machine_before.0) as f64
-        / (machine_after.1 - machine_before.1).max(1) as f64;
+    let machine_busy = machine_before
+        .zip(machine_after)
+        .and_then(|(before, after)| after.busy_since(&before))
+        .unwrap_or(0.0);
     println!(
         "worker_scaling N={n}: {} jobs of {:.0} ms sleep in {:.2} s: {jobs_per_sec:.2} jobs/s \
          ({:.0}% of the sleep-bound {:.2} jobs/s); enqueueing took {:.2} s",

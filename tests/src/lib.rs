@@ -11,7 +11,8 @@
 //!
 //! Servers the tests run for real, shared by every crate's tests: [`s3`] (an S3-compatible
 //! server, moto) and [`postgres`] (a private PostgreSQL server per test, for the scale-out
-//! backends and the job queue).
+//! backends and the job queue). [`machine`] reads how busy the machine was, for the benches.
 
+pub mod machine;
 pub mod postgres;
 pub mod s3;
