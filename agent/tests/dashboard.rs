@@ -376,7 +376,9 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
     let http = node.http_addr().unwrap();
     let base = format!("http://{http}");
     let alice = Client::connect_as(&node, alice_key).await;
-    let chain = chain_workspace(dir.path(), 6, 1500);
+    // Eight build scripts of 1.5 s each, one after another: time for the list's progress to
+    // move and then, on the build's page, for its log to grow, on a slow host too.
+    let chain = chain_workspace(dir.path(), 8, 1500);
 
     let browser = Browser::launch().await;
     let page = browser.page().await;
@@ -450,7 +452,9 @@ async fn the_browser_logs_in_sees_the_build_move_and_follows_its_log() {
                 progress_seen.push(units);
             }
         }
-        if text.contains("success") || text.contains("failed") || progress_seen.len() >= 3 {
+        // Two readings are what the assertion below needs; the rest of the build is left for
+        // the log to be seen growing on its page.
+        if text.contains("success") || text.contains("failed") || progress_seen.len() >= 2 {
             break;
         }
         assert!(Instant::now() < deadline, "the build never progressed");
