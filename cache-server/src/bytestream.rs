@@ -109,6 +109,14 @@ impl ByteStreamService {
         self
     }
 
+    /// Opens a read, counted in the request metrics: the one way a ByteStream read starts,
+    /// whether tonic's generated server or [`crate::read_framing`] sends its messages.
+    pub async fn open_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
+        let result = self.start_read(request).await;
+        self.state.metrics.request("Read", &result);
+        result
+    }
+
     async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
         auth::require_read(&request)?;
         let caller = auth::caller(&request);
@@ -894,9 +902,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        let result = self.start_read(request).await;
-        self.state.metrics.request("Read", &result);
-        result.map(Response::new)
+        self.open_read(request).await.map(Response::new)
     }
 
     async fn write(

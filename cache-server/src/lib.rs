@@ -34,6 +34,7 @@ pub mod config;
 pub mod execution;
 pub mod logging;
 pub mod metrics;
+pub mod read_framing;
 pub mod resource_name;
 pub mod server;
 pub mod status;

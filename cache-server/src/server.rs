@@ -57,6 +57,7 @@ use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::read_framing::ReadRoute;
 
 /// What every service shares. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -252,9 +253,17 @@ impl Server {
             bytestream_service =
                 bytestream_service.with_read_source(Arc::new(services.live_output.clone()));
         }
-        let bytestream = ByteStreamServer::new(bytestream_service)
-            .max_decoding_message_size(decode)
-            .max_encoding_message_size(encode);
+        let bytestream = ReadRoute::new(
+            bytestream_service.clone(),
+            auth.clone(),
+            decode,
+            InterceptedService::new(
+                ByteStreamServer::new(bytestream_service)
+                    .max_decoding_message_size(decode)
+                    .max_encoding_message_size(encode),
+                auth.clone(),
+            ),
+        );
         let (execution, operations) = match executing {
             Some(services) => (
                 Some(InterceptedService::new(
@@ -290,7 +299,7 @@ impl Server {
             .add_service(InterceptedService::new(capabilities, auth.clone()))
             .add_service(InterceptedService::new(cas, auth.clone()))
             .add_service(InterceptedService::new(action_cache, auth.clone()))
-            .add_service(InterceptedService::new(bytestream, auth))
+            .add_service(bytestream)
             .add_optional_service(execution)
             .add_optional_service(operations)
             .add_service(health))

@@ -53,9 +53,11 @@ fn figures(output: &Output) -> String {
     stdout
 }
 
-const EVERY_RUN: [&str; 8] = [
+const EVERY_RUN: [&str; 10] = [
+    "raw_sha256_hash_0.01GiB: ",
     "bytestream_write_0.01GiB: ",
     "bytestream_read_0.01GiB: ",
+    "bytestream_read_0.01GiB_unverified: ",
     "bytestream_read_0.01GiB_x3_streams: ",
     "batch_update_40x1000B: ",
     "find_missing_1_digest: ",
@@ -92,6 +94,7 @@ async fn reapi_bench_prints_every_figure_against_a_server_with_a_token() {
     for figure in [
         "bytestream_write_0.01GiB_server_cpu: ",
         "bytestream_read_0.01GiB_server_cpu: ",
+        "bytestream_read_0.01GiB_unverified_server_cpu: ",
     ] {
         let line = stdout
             .lines()
@@ -139,6 +142,41 @@ async fn reapi_bench_prints_every_figure_against_a_server_with_a_token() {
         "{stderr}"
     );
     assert!(no_such_pid.stdout.is_empty(), "no figures printed");
+    // Phases shrunk to nothing are refused by name, not a panic halfway through the figures.
+    for (flag, value, named) in [
+        ("--find-tasks", "0", "--find-tasks must be at least 1"),
+        ("--batch-blobs", "0", "--batch-blobs must be at least 1"),
+        (
+            "--throughput-gib",
+            "0",
+            "--throughput-gib must be a positive size",
+        ),
+        (
+            "--throughput-gib",
+            "NaN",
+            "--throughput-gib must be a positive size",
+        ),
+    ] {
+        let refused = bench(vec![
+            "--endpoint".into(),
+            endpoint.clone(),
+            "--token".into(),
+            RW_TOKEN.into(),
+            flag.into(),
+            value.into(),
+            "--work-dir".into(),
+            work.display().to_string(),
+        ])
+        .await;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{flag} {value}");
+        assert!(stderr.contains(named), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
+        assert!(
+            refused.stdout.is_empty(),
+            "{flag} {value}: no figures printed"
+        );
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -1349,6 +1349,151 @@ async fn over_quota_is_resource_exhausted() {
     still_serving(&mut c).await;
 }
 
+/// One `ByteStream.Read` call with `body` as its request body, raw: the gRPC status (from the
+/// headers of a trailers-only answer or from the trailers) with its message, and the body's
+/// bytes.
+async fn raw_read(
+    channel: &mut tonic::transport::Channel,
+    headers: &[(&'static str, &'static str)],
+    body: Vec<u8>,
+) -> (Code, String, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use tonic::codegen::Service;
+    let mut request = tonic::codegen::http::Request::post("/google.bytestream.ByteStream/Read")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let response = channel.call(request).await.expect("an HTTP answer");
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.expect("the whole body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status = tonic::Status::from_header_map(&parts.headers)
+        .or_else(|| tonic::Status::from_header_map(&trailers))
+        .expect("a grpc-status");
+    (
+        status.code(),
+        status.message().to_string(),
+        collected.to_bytes().to_vec(),
+    )
+}
+
+/// Extra request headers, the request body, the status expected and what its message names.
+type RawReadCase<'a> = (&'a [(&'static str, &'static str)], Vec<u8>, Code, &'a str);
+
+/// A gRPC message: flag, big-endian length, bytes.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+#[tokio::test]
+async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    let mut channel = server.channel().await;
+    let data = noise(2_500_000, 7);
+    let digest = c.put("", SHA, &data).await;
+    let request = rba_proto::bytestream::ReadRequest {
+        resource_name: resource_name::read_name("", &digest, Compressor::Identity),
+        read_offset: 1,
+        read_limit: 0,
+    };
+
+    // A well-formed call, raw: the messages decode back to the blob and the trailers say OK.
+    let (code, _, body) = raw_read(&mut channel, &[], grpc_frame(&request.encode_to_vec())).await;
+    assert_eq!(code, Code::Ok);
+    let mut received = Vec::new();
+    let mut rest = &body[..];
+    while !rest.is_empty() {
+        let (header, after) = rest.split_at(5);
+        assert_eq!(header[0], 0, "uncompressed messages");
+        let length = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+        let message = rba_proto::bytestream::ReadResponse::decode(&after[..length]).unwrap();
+        assert!(message.data.len() <= rba_cache_server::bytestream::READ_CHUNK);
+        received.extend(message.data);
+        rest = &after[length..];
+    }
+    assert_eq!(received, &data[1..]);
+
+    let limit = server.config.max_decoding_message_bytes();
+    let well_formed = grpc_frame(&request.encode_to_vec());
+    let mut two_messages = well_formed.clone();
+    two_messages.extend(&well_formed);
+    let mut compressed_flag = well_formed.clone();
+    compressed_flag[0] = 1;
+    let cases: Vec<RawReadCase> = vec![
+        (
+            &[],
+            vec![],
+            Code::InvalidArgument,
+            "shorter than a gRPC message header",
+        ),
+        (
+            &[],
+            vec![0, 0, 0],
+            Code::InvalidArgument,
+            "shorter than a gRPC message header",
+        ),
+        (
+            &[],
+            compressed_flag,
+            Code::InvalidArgument,
+            "compressed message",
+        ),
+        (
+            &[],
+            well_formed[..well_formed.len() - 1].to_vec(),
+            Code::InvalidArgument,
+            "the body holds",
+        ),
+        (&[], two_messages, Code::InvalidArgument, "the body holds"),
+        (
+            &[],
+            grpc_frame(&[0xff, 0xff, 0xff]),
+            Code::InvalidArgument,
+            "not a ReadRequest",
+        ),
+        (
+            &[("grpc-encoding", "gzip")],
+            well_formed.clone(),
+            Code::Unimplemented,
+            "gzip",
+        ),
+        (
+            &[],
+            vec![0; limit + 6],
+            Code::ResourceExhausted,
+            "Read request",
+        ),
+    ];
+    for (headers, body, expected, named) in cases {
+        let length = body.len();
+        let (code, message, rest) = raw_read(&mut channel, headers, body).await;
+        assert_eq!(code, expected, "{length}-byte body {headers:?}: {message}");
+        assert!(
+            message.contains(named),
+            "{length}-byte body: {message:?} should name {named:?}"
+        );
+        assert!(rest.is_empty(), "no data with a refusal");
+        still_serving(&mut c).await;
+    }
+    // The blob is still served whole through the generated client.
+    let name = resource_name::read_name("", &digest, Compressor::Identity);
+    assert_eq!(c.read(&name, 0, 0).await.unwrap(), data);
+}
+
 #[tokio::test]
 async fn corrupt_stored_blob_is_data_loss_not_garbage() {
     let server = TestServer::start().await;

@@ -9,6 +9,9 @@
 //!   as MiB/s and as a ratio to the raw hash + disk write of the same bytes in the same run,
 //!   and (with `--server-pid`) the server's CPU seconds per GiB of each: what the server
 //!   spends, apart from the client that shares this machine's cores;
+//! - the same read once more by a client that only counts the bytes (`_unverified`): what the
+//!   server can send when the client spends nothing on them; and the rate one core hashes the
+//!   blob in memory (`raw_sha256_hash_…`), the ceiling of any verified single-stream read here;
 //! - the same blob read by several concurrent streams (`--read-streams`, default 4), each
 //!   verified on its own task: the aggregate MiB/s a build fetching many outputs at once sees,
 //!   which one stream cannot show on a machine where the client shares the server's cores;
@@ -180,6 +183,21 @@ impl Bench {
         Ok((hasher.finish(), elapsed))
     }
 
+    /// Seconds one core takes to hash `size` bytes already in memory: a client that verifies
+    /// what it reads cannot receive one stream faster than this, whatever the server.
+    fn hash_alone(&self, size: u64) -> f64 {
+        let mut hasher = self.function.hasher();
+        let start = Instant::now();
+        let mut left = size;
+        while left > 0 {
+            let len = left.min(BLOCK as u64) as usize;
+            hasher.update(&self.block[..len]);
+            left -= len as u64;
+        }
+        std::hint::black_box(hasher.finish());
+        start.elapsed().as_secs_f64()
+    }
+
     fn digest_of_blob(&self, size: u64) -> Digest {
         let mut hasher = self.function.hasher();
         for index in 0..Self::chunks(size) {
@@ -225,7 +243,7 @@ impl Bench {
         Ok(elapsed)
     }
 
-    async fn read_blob(&self, digest: Digest) -> anyhow::Result<f64> {
+    async fn read_blob(&self, digest: Digest, verify: bool) -> anyhow::Result<f64> {
         let name = resource_name::read_name(&self.instance, &digest, Compressor::Identity);
         let mut grpc =
             tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(64 << 20);
@@ -249,6 +267,19 @@ impl Bench {
             .await
             .context("ByteStream.Read")?
             .into_inner();
+        if !verify {
+            // Only counted: what the server can send when the client spends nothing on the
+            // bytes (the message framing and the copies below the codec are still the client's).
+            let mut received = 0u64;
+            while let Some(message) = stream.message().await? {
+                received += message.data.len() as u64;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            if received != digest.size {
+                bail!("read back {received} of {} bytes", digest.size);
+            }
+            return Ok(elapsed);
+        }
         // Hashing runs on its own thread, beside receiving, as a client that verifies what it
         // fetches would do it.
         let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(4);
@@ -356,6 +387,20 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let function =
         DigestFunction::from_name(&args.digest_function).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The FindMissing figures ask about the batch's digests, from these tasks and calls.
+    for (flag, value) in [
+        ("--batch-blobs", args.batch_blobs),
+        ("--batch-blob-size", args.batch_blob_size),
+        ("--find-tasks", args.find_tasks),
+        ("--find-calls", args.find_calls),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if !(args.throughput_gib > 0.0 && args.throughput_gib.is_finite()) {
+        bail!("--throughput-gib must be a positive size");
+    }
     let work = match &args.work_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
@@ -444,15 +489,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bench.raw_hash_and_write(size, &work.path().join("raw.bin"), args.fsync)
     })?;
     let raw = size as f64 / MIB / raw_secs;
+    let hash_alone = size as f64 / MIB / bench.hash_alone(size);
     let cpu_before_write = server_pid.and_then(cpu_seconds);
     let write = size as f64 / MIB / bench.write_blob(digest).await?;
     let cpu_before_read = server_pid.and_then(cpu_seconds);
-    let read = size as f64 / MIB / bench.read_blob(digest).await?;
+    let read = size as f64 / MIB / bench.read_blob(digest, true).await?;
     let cpu_after_read = server_pid.and_then(cpu_seconds);
+    let read_unverified = size as f64 / MIB / bench.read_blob(digest, false).await?;
+    let cpu_after_unverified = server_pid.and_then(cpu_seconds);
     let gib = args.throughput_gib;
     println!(
         "raw_{function}_hash_plus_disk_write_{gib}GiB: {raw:.1} MiB/s (baseline, fsync={})",
         args.fsync
+    );
+    println!(
+        "raw_{function}_hash_{gib}GiB: {hash_alone:.1} MiB/s (one core hashing in memory: no verified single-stream read can be faster)"
     );
     println!(
         "bytestream_write_{gib}GiB: {write:.1} MiB/s = {:.2}x raw hash+write",
@@ -461,6 +512,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "bytestream_read_{gib}GiB: {read:.1} MiB/s = {:.2}x raw hash+write (client verifies the digest)",
         read / raw
+    );
+    println!(
+        "bytestream_read_{gib}GiB_unverified: {read_unverified:.1} MiB/s (the client counts the bytes, hashes nothing)"
     );
     // What one stream costs the server, whoever the client is: on this machine the client
     // shares the server's cores, so MiB/s of one stream is partly the client's figure.
@@ -473,6 +527,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "bytestream_read_{gib}GiB_server_cpu: {:.3} s/GiB (server process CPU per GiB read)",
             (end - r) / gib
         );
+        if let Some(after) = cpu_after_unverified {
+            println!(
+                "bytestream_read_{gib}GiB_unverified_server_cpu: {:.3} s/GiB (server process CPU per GiB read, unverified read)",
+                (after - end) / gib
+            );
+        }
     }
     if args.read_streams > 1 {
         let streams = args.read_streams;
@@ -480,7 +540,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut reads = tokio::task::JoinSet::new();
         for _ in 0..streams {
             let bench = bench.clone();
-            reads.spawn(async move { bench.read_blob(digest).await });
+            reads.spawn(async move { bench.read_blob(digest, true).await });
         }
         while let Some(read) = reads.join_next().await {
             read??;
@@ -622,7 +682,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let before = vm_rss_kib(server_pid).unwrap_or(0);
             let reset = reset_hwm(server_pid);
             let write_secs = bench.write_blob(big_digest).await?;
-            let read_secs = bench.read_blob(big_digest).await?;
+            let read_secs = bench.read_blob(big_digest, true).await?;
             let peak = vm_hwm_kib(server_pid).unwrap_or(0);
             let whose = if server_pid.is_some() {
                 "server process"
