@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
+use http_body_util::BodyExt;
+use prost::Message;
+use rba_cache_server::read_framing::ReadResponseDecoder;
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cache_server::{Config, Server};
 use rba_cas::{Digest, DigestFunction};
@@ -42,7 +45,7 @@ use rba_proto::reapi::{
     batch_update_blobs_request,
 };
 use tonic::Request;
-use tonic::codegen::http::uri::PathAndQuery;
+use tonic::codegen::{Service, http};
 use tonic::transport::{Channel, Endpoint};
 
 const MIB: f64 = (1 << 20) as f64;
@@ -243,76 +246,99 @@ impl Bench {
         Ok(elapsed)
     }
 
+    /// Reads the blob in one ByteStream.Read; with `verify`, hashes what arrives (on a thread
+    /// of its own, beside receiving, as a client that verifies its downloads would) and fails
+    /// unless it is the digest. The response body is decoded here
+    /// ([`ReadResponseDecoder`]): each piece of data is hashed as a slice of the HTTP/2 frame
+    /// it came in, where tonic's decoder would first copy every message into a buffer of its
+    /// own, a fixed cost of this client that on a 2-core machine comes out of every server's
+    /// figure alike.
     async fn read_blob(&self, digest: Digest, verify: bool) -> anyhow::Result<f64> {
-        let name = resource_name::read_name(&self.instance, &digest, Compressor::Identity);
-        let mut grpc =
-            tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(64 << 20);
-        let start = Instant::now();
-        grpc.ready().await.context("ByteStream.Read: channel")?;
-        let mut request = self.request(ReadRequest {
-            resource_name: name,
+        let message = ReadRequest {
+            resource_name: resource_name::read_name(&self.instance, &digest, Compressor::Identity),
             read_offset: 0,
             read_limit: 0,
-        });
-        request.extensions_mut().insert(tonic::GrpcMethod::new(
-            "google.bytestream.ByteStream",
-            "Read",
-        ));
-        let mut stream = grpc
-            .server_streaming(
-                request,
-                PathAndQuery::from_static("/google.bytestream.ByteStream/Read"),
-                tonic_prost::ProstCodec::<ReadRequest, ReadChunk>::default(),
-            )
-            .await
-            .context("ByteStream.Read")?
-            .into_inner();
-        if !verify {
-            // Only counted: what the server can send when the client spends nothing on the
-            // bytes (the message framing and the copies below the codec are still the client's).
-            let mut received = 0u64;
-            while let Some(message) = stream.message().await? {
-                received += message.data.len() as u64;
-            }
-            let elapsed = start.elapsed().as_secs_f64();
-            if received != digest.size {
-                bail!("read back {received} of {} bytes", digest.size);
-            }
-            return Ok(elapsed);
         }
-        // Hashing runs on its own thread, beside receiving, as a client that verifies what it
-        // fetches would do it.
-        let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(4);
+        .encode_to_vec();
+        let mut body = vec![0u8];
+        body.extend((message.len() as u32).to_be_bytes());
+        body.extend(message);
+        let mut request = http::Request::post("/google.bytestream.ByteStream/Read")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(tonic::body::Body::new(http_body_util::Full::new(
+            Bytes::from(body),
+        )))?;
+        let mut channel = self.channel.clone();
+        let start = Instant::now();
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .context("ByteStream.Read: channel")?;
+        let response = channel.call(request).await.context("ByteStream.Read")?;
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            bail!("ByteStream.Read: {status}");
+        }
+        let mut body = response.into_body();
+        let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(8);
         let function = self.function;
-        let hashing = tokio::task::spawn_blocking(move || {
-            let mut hasher = function.hasher();
-            while let Some(chunk) = received.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            hasher.finish()
+        let hashing = verify.then(|| {
+            tokio::task::spawn_blocking(move || {
+                let mut hasher = function.hasher();
+                while let Some(chunk) = received.blocking_recv() {
+                    hasher.update(&chunk);
+                }
+                hasher.finish()
+            })
         });
-        while let Some(message) = stream.message().await? {
-            if chunks.send(message.data).await.is_err() {
-                break;
+        let mut decoder = ReadResponseDecoder::new();
+        let (mut pieces, mut size) = (Vec::new(), 0u64);
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("ByteStream.Read: the response body")?;
+            let frame = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
+            };
+            decoder
+                .push(&frame, |piece| pieces.push(piece))
+                .map_err(|e| anyhow::anyhow!("ByteStream.Read: {e}"))?;
+            for piece in pieces.drain(..) {
+                size += piece.len() as u64;
+                if verify && chunks.send(piece).await.is_err() {
+                    bail!("the hashing thread stopped");
+                }
             }
+        }
+        decoder
+            .finish()
+            .map_err(|e| anyhow::anyhow!("ByteStream.Read: {e}"))?;
+        match trailers.as_ref().and_then(tonic::Status::from_header_map) {
+            Some(status) if status.code() == tonic::Code::Ok => {}
+            Some(status) => bail!("ByteStream.Read: {status}"),
+            None => bail!("ByteStream.Read: the response ended without a grpc-status"),
         }
         drop(chunks);
-        let actual = hashing.await.context("hashing the read")?;
+        let actual = match hashing {
+            Some(hashing) => Some(hashing.await.context("hashing the read")?),
+            None => None,
+        };
         let elapsed = start.elapsed().as_secs_f64();
-        if actual != digest {
+        if size != digest.size {
+            bail!("read back {size} of {} bytes", digest.size);
+        }
+        if let Some(actual) = actual
+            && actual != digest
+        {
             bail!("read back {actual:?}, expected {digest:?}");
         }
         Ok(elapsed)
     }
-}
-
-/// `google.bytestream.ReadResponse` with its `data` decoded as [`Bytes`]: a slice of tonic's
-/// receive buffer instead of a copy into a `Vec`. The generated client's copy is a fixed cost
-/// of the bench's own, which on a 2-core machine caps the read figure of every server alike.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ReadChunk {
-    #[prost(bytes = "bytes", tag = "10")]
-    data: Bytes,
 }
 
 /// CPU time (user + system) a process has used so far, in seconds, from `/proc/PID/stat`.
