@@ -22,8 +22,9 @@
 //! Around them: [`config`] (TOML file, environment, flags), [`auth`] (bearer tokens,
 //! read-only or read-write), [`metrics`] (Prometheus text over HTTP), [`resource_name`]
 //! (ByteStream resource names, both the classic and the v2.3 digest-function forms),
-//! [`status`] (the spec's status codes for every store error) and [`server`] (the tonic
-//! router, listeners and clean shutdown).
+//! [`status`] (the spec's status codes for every store error), [`read_framing`] (ByteStream
+//! Read's responses framed without tonic's copy of every byte, and the matching decoder) and
+//! [`server`] (the tonic router, listeners and clean shutdown).
 
 pub mod action_cache;
 pub mod auth;

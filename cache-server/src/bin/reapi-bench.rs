@@ -5,7 +5,8 @@
 //! For an external server pass `--server-pid` to read that process's peak RSS instead.
 //!
 //! Figures:
-//! - ByteStream write and read of a 1 GiB blob (client verifies the digest of what it reads),
+//! - ByteStream write and read of a 1 GiB blob (the read on a connection and a client thread
+//!   of its own, hashing on a second one: the client verifies the digest of what it reads),
 //!   as MiB/s and as a ratio to the raw hash + disk write of the same bytes in the same run,
 //!   and (with `--server-pid`) the server's CPU seconds per GiB of each: what the server
 //!   spends, apart from the client that shares this machine's cores;
@@ -246,6 +247,28 @@ impl Bench {
         Ok(elapsed)
     }
 
+    /// [`Bench::read_blob`] on a connection and a thread of its own (a current-thread runtime):
+    /// receiving and decoding run on one thread, hashing on another, and nothing else of the
+    /// bench's runtime is scheduled between them, as in a client built for one download.
+    async fn read_blob_alone(
+        &self,
+        url: &str,
+        digest: Digest,
+        verify: bool,
+    ) -> anyhow::Result<f64> {
+        let (bench, url) = (self.clone(), url.to_string());
+        tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let channel = connect(&url).await?;
+                    Bench { channel, ..bench }.read_blob(digest, verify).await
+                })
+        })
+        .await?
+    }
+
     /// Reads the blob in one ByteStream.Read; with `verify`, hashes what arrives (on a thread
     /// of its own, beside receiving, as a client that verifies its downloads would) and fails
     /// unless it is the digest. The response body is decoded here
@@ -339,6 +362,20 @@ impl Bench {
         }
         Ok(elapsed)
     }
+}
+
+/// A channel to `url` with windows and frames sized for large blobs, as a build tool's client
+/// would set them (the same for every endpoint measured): HTTP/2's defaults (64 KiB windows,
+/// 16 KiB frames) cap a loopback stream far below the disk's speed.
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(url.to_string())?
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some((1 << 20) - 1))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
 }
 
 /// CPU time (user + system) a process has used so far, in seconds, from `/proc/PID/stat`.
@@ -459,17 +496,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         bail!("--server-pid {pid}: no process whose /proc/{pid}/stat can be read");
     }
-    // Windows and frames sized for large blobs, as a build tool's client would set them
-    // (the same for every endpoint measured): HTTP/2's defaults (64 KiB windows, 16 KiB
-    // frames) cap a loopback stream far below the disk's speed.
-    let channel = Endpoint::from_shared(url.clone())?
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .max_frame_size(Some((1 << 20) - 1))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let channel = connect(&url).await?;
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;
@@ -519,9 +546,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cpu_before_write = server_pid.and_then(cpu_seconds);
     let write = size as f64 / MIB / bench.write_blob(digest).await?;
     let cpu_before_read = server_pid.and_then(cpu_seconds);
-    let read = size as f64 / MIB / bench.read_blob(digest, true).await?;
+    let read = size as f64 / MIB / bench.read_blob_alone(&url, digest, true).await?;
     let cpu_after_read = server_pid.and_then(cpu_seconds);
-    let read_unverified = size as f64 / MIB / bench.read_blob(digest, false).await?;
+    let read_unverified = size as f64 / MIB / bench.read_blob_alone(&url, digest, false).await?;
     let cpu_after_unverified = server_pid.and_then(cpu_seconds);
     let gib = args.throughput_gib;
     println!(
