@@ -265,14 +265,58 @@ where
     }
 }
 
-/// The consumer, counting the results it has flushed (posted, or dropped as not postable).
+/// The consumer, handing results to the SDK's one at a time, counting those it has flushed
+/// (posted, or dropped as not postable), and posting a result again when the chain refused it
+/// for a nonce another transaction of the operator's key took meanwhile.
+///
+/// Why the retry: the QoS heartbeat sends its own transactions from the same key, and each
+/// side asks the chain for the next nonce on its own; when a heartbeat and a result go out
+/// together, one of them is refused ("nonce too low"). The SDK's consumer then fails, the
+/// runner stops and the node goes down with the call still pending on chain (seen in CI). A
+/// result refused that way is sent again, with a fresh nonce, up to [`POST_ATTEMPTS`] times.
 struct SettlingConsumer<C> {
     inner: C,
     drain: Arc<Drain>,
-    unflushed: u64,
+    /// Results taken and not yet flushed; the front one is with `inner` when `posting`.
+    queue: std::collections::VecDeque<JobResult>,
+    posting: bool,
+    attempts: u32,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<C: Sink<JobResult> + Unpin> Sink<JobResult> for SettlingConsumer<C> {
+/// How many times one result is sent before a nonce refusal stops the runner.
+const POST_ATTEMPTS: u32 = 4;
+
+impl<C> SettlingConsumer<C> {
+    fn new(inner: C, drain: Arc<Drain>) -> Self {
+        SettlingConsumer {
+            inner,
+            drain,
+            queue: Default::default(),
+            posting: false,
+            attempts: 0,
+            backoff: None,
+        }
+    }
+}
+
+/// Whether a refused transaction may pass when sent again: the nonce it was given was taken.
+fn nonce_taken(error: &str) -> bool {
+    let error = error.to_ascii_lowercase();
+    [
+        "nonce too low",
+        "replacement transaction underpriced",
+        "already known",
+    ]
+    .iter()
+    .any(|refusal| error.contains(refusal))
+}
+
+impl<C> Sink<JobResult> for SettlingConsumer<C>
+where
+    C: Sink<JobResult> + Unpin,
+    C::Error: std::fmt::Display,
+{
     type Error = C::Error;
 
     fn poll_ready(
@@ -283,26 +327,62 @@ impl<C: Sink<JobResult> + Unpin> Sink<JobResult> for SettlingConsumer<C> {
     }
 
     fn start_send(mut self: Pin<&mut Self>, item: JobResult) -> Result<(), C::Error> {
-        self.unflushed += 1;
-        Pin::new(&mut self.inner).start_send(item)
+        self.queue.push_back(item);
+        Ok(())
     }
 
     fn poll_flush(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Result<(), C::Error>> {
-        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
-        if let Poll::Ready(Ok(())) = &flushed {
-            let done = std::mem::take(&mut self.unflushed);
-            self.drain.settled.fetch_add(done, Ordering::SeqCst);
+        let this = &mut *self;
+        loop {
+            if let Some(backoff) = this.backoff.as_mut() {
+                std::task::ready!(backoff.as_mut().poll(cx));
+                this.backoff = None;
+            }
+            if !this.posting {
+                let Some(front) = this.queue.front() else {
+                    return Poll::Ready(Ok(()));
+                };
+                std::task::ready!(Pin::new(&mut this.inner).poll_ready(cx))?;
+                Pin::new(&mut this.inner).start_send(front.clone())?;
+                this.posting = true;
+                this.attempts += 1;
+            }
+            match std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx)) {
+                Ok(()) => {
+                    this.queue.pop_front();
+                    this.posting = false;
+                    this.attempts = 0;
+                    this.drain.settled.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(error) if this.attempts < POST_ATTEMPTS && nonce_taken(&error.to_string()) => {
+                    tracing::warn!(
+                        attempt = this.attempts,
+                        %error,
+                        "a job result was refused for its nonce; sending it again"
+                    );
+                    this.posting = false;
+                    this.backoff = Some(Box::pin(tokio::time::sleep(
+                        Duration::from_millis(250) * this.attempts,
+                    )));
+                }
+                Err(error) => {
+                    this.queue.pop_front();
+                    this.posting = false;
+                    this.attempts = 0;
+                    return Poll::Ready(Err(error));
+                }
+            }
         }
-        flushed
     }
 
     fn poll_close(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Result<(), C::Error>> {
+        std::task::ready!(self.as_mut().poll_flush(cx))?;
         Pin::new(&mut self.inner).poll_close(cx)
     }
 }
@@ -485,11 +565,7 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
             .with_poll_interval(Duration::from_millis(args.poll_interval_ms.max(50))),
         drain: Arc::clone(&drain),
     };
-    let consumer = SettlingConsumer {
-        inner: TangleConsumer::new(client),
-        drain: Arc::clone(&drain),
-        unflushed: 0,
-    };
+    let consumer = SettlingConsumer::new(TangleConsumer::new(client), Arc::clone(&drain));
     let heartbeat = (args.heartbeat_secs > 0 && !env.dry_run)
         .then(|| {
             let config = HeartbeatConfig {
@@ -571,6 +647,96 @@ async fn run(rba_data_dir: Option<PathBuf>, args: RunArgs) -> anyhow::Result<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A consumer that refuses the sends its script names, with the error given, and records
+    /// the bodies it accepted.
+    struct ScriptedConsumer {
+        refusals: std::collections::VecDeque<Option<&'static str>>,
+        sending: Option<JobResult>,
+        posted: Vec<bytes::Bytes>,
+    }
+
+    impl Sink<JobResult> for ScriptedConsumer {
+        type Error = String;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: JobResult) -> Result<(), String> {
+            assert!(self.sending.is_none(), "one result at a time");
+            self.sending = Some(item);
+            Ok(())
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut TaskContext<'_>,
+        ) -> Poll<Result<(), String>> {
+            let Some(item) = self.sending.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            if let Some(error) = self.refusals.pop_front().flatten() {
+                return Poll::Ready(Err(error.to_string()));
+            }
+            self.posted.push(item.body().unwrap().clone());
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn settling(refusals: &[Option<&'static str>]) -> SettlingConsumer<ScriptedConsumer> {
+        SettlingConsumer::new(
+            ScriptedConsumer {
+                refusals: refusals.iter().copied().collect(),
+                sending: None,
+                posted: Vec::new(),
+            },
+            Arc::new(Drain::default()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_result_refused_for_its_nonce_is_posted_again_and_others_are_not() {
+        use futures::SinkExt;
+        let nonce = "Transaction error: Failed to submit result: server returned an error response: error code -32003: nonce too low";
+        // Refused twice for its nonce, then posted; the next result goes through at once.
+        let mut consumer = settling(&[Some(nonce), Some(nonce), None, None]);
+        let results = ["first", "second"].map(|body| Ok(JobResult::new(bytes::Bytes::from(body))));
+        consumer
+            .send_all(&mut futures::stream::iter(results))
+            .await
+            .unwrap();
+        assert_eq!(consumer.inner.posted, ["first", "second"]);
+        assert_eq!(consumer.drain.settled.load(Ordering::SeqCst), 2);
+
+        // A refusal that sending again cannot cure stops, naming it, and is not retried.
+        let reverted = "Transaction error: Transaction reverted for service 1 call 2";
+        let mut consumer = settling(&[Some(reverted), None]);
+        let error = consumer
+            .send(JobResult::new(bytes::Bytes::from("third")))
+            .await
+            .unwrap_err();
+        assert_eq!(error, reverted);
+        assert!(consumer.inner.posted.is_empty());
+        assert_eq!(consumer.inner.refusals.len(), 1, "sent once");
+        assert_eq!(consumer.drain.settled.load(Ordering::SeqCst), 0);
+
+        // Nonce refusals past the attempts allowed stop too.
+        let mut consumer = settling(&[Some(nonce); POST_ATTEMPTS as usize]);
+        let error = consumer
+            .send(JobResult::new(bytes::Bytes::from("fourth")))
+            .await
+            .unwrap_err();
+        assert!(error.contains("nonce too low"), "{error}");
+        assert!(
+            consumer.inner.refusals.is_empty(),
+            "sent {POST_ATTEMPTS} times"
+        );
+    }
 
     #[derive(Parser)]
     struct Cli {
