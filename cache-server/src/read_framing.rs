@@ -176,32 +176,29 @@ fn read_request(body: &[u8]) -> Result<ReadRequest, Status> {
 
 /// The body frames of a read: for each message its headers, then its data as it is; then the
 /// call's status as trailers (the stream's error, or OK).
-fn frames(stream: ReadStream) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send {
-    let mut stream = Some(stream);
-    futures::stream::poll_fn(move |cx| {
-        let Some(messages) = stream.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let status = match messages.poll_next_unpin(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(message))) => {
-                return Poll::Ready(Some(message_frames(message)));
+fn frames(mut messages: ReadStream) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send {
+    async_stream::stream! {
+        let status = loop {
+            match messages.next().await {
+                Some(Ok(message)) => {
+                    let (header, data) = message_frames(message);
+                    yield Ok(Frame::data(header));
+                    if !data.is_empty() {
+                        yield Ok(Frame::data(data));
+                    }
+                }
+                Some(Err(status)) => break status,
+                None => break Status::ok(""),
             }
-            Poll::Ready(Some(Err(status))) => status,
-            Poll::Ready(None) => Status::ok(""),
         };
-        stream = None;
         let mut trailers = http::HeaderMap::new();
-        Poll::Ready(Some(vec![match status.add_header(&mut trailers) {
-            Ok(()) => Ok(Frame::trailers(trailers)),
-            Err(status) => Err(status),
-        }]))
-    })
-    .flat_map(futures::stream::iter)
+        yield status.add_header(&mut trailers).map(|()| Frame::trailers(trailers));
+    }
 }
 
-/// One `ReadResponse` as body frames: the gRPC and protobuf headers, then the data itself.
-fn message_frames(message: ReadResponse) -> Vec<Result<Frame<Bytes>, Status>> {
+/// One `ReadResponse` as its two body frames: the gRPC and protobuf headers, then the data
+/// itself (empty for an empty message).
+fn message_frames(message: ReadResponse) -> (Bytes, Bytes) {
     let data = Bytes::from(message.data);
     // proto3 leaves an empty `bytes` field out: the message is then empty.
     let field_header = if data.is_empty() {
@@ -216,11 +213,17 @@ fn message_frames(message: ReadResponse) -> Vec<Result<Frame<Bytes>, Status>> {
         header.put_u8(DATA_FIELD_KEY);
         prost::encoding::encode_varint(data.len() as u64, &mut header);
     }
-    let mut frames = vec![Ok(Frame::data(header.freeze()))];
-    if !data.is_empty() {
-        frames.push(Ok(Frame::data(data)));
-    }
-    frames
+    (header.freeze(), data)
+}
+
+/// `message` (an encoded protobuf) as one uncompressed gRPC message: flag, big-endian length,
+/// bytes. What a client sends as a `Read` request body.
+pub fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(GRPC_HEADER + message.len());
+    framed.push(0);
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
 }
 
 /// Decodes a `ByteStream.Read` response body as it arrives, handing on each piece of
@@ -371,11 +374,8 @@ impl ReadResponseDecoder {
 mod tests {
     use super::*;
 
-    fn body_of(frames: Vec<Result<Frame<Bytes>, Status>>) -> Vec<u8> {
-        frames
-            .into_iter()
-            .flat_map(|frame| frame.unwrap().into_data().unwrap().to_vec())
-            .collect()
+    fn body_of((header, data): (Bytes, Bytes)) -> Vec<u8> {
+        [header, data].concat()
     }
 
     #[test]
@@ -384,9 +384,7 @@ mod tests {
             let message = ReadResponse {
                 data: (0..size).map(|i| i as u8).collect(),
             };
-            let mut expected = vec![0u8];
-            expected.extend((message.encoded_len() as u32).to_be_bytes());
-            message.encode(&mut expected).unwrap();
+            let expected = grpc_message(&message.encode_to_vec());
             assert_eq!(body_of(message_frames(message)), expected, "{size} bytes");
         }
     }
@@ -398,10 +396,10 @@ mod tests {
             read_offset: 3,
             read_limit: 0,
         };
-        let mut framed = vec![0u8];
-        framed.extend((good.encoded_len() as u32).to_be_bytes());
-        good.encode(&mut framed).unwrap();
-        assert_eq!(read_request(&framed).unwrap(), good);
+        assert_eq!(
+            read_request(&grpc_message(&good.encode_to_vec())).unwrap(),
+            good
+        );
 
         let cases: [(&[u8], &str); 5] = [
             (&[0, 0, 0], "shorter than a gRPC message header"),

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use rba_cache_server::read_framing::grpc_message;
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cas::{Digest, DigestFunction};
 use rba_proto::Message;
@@ -1390,14 +1391,6 @@ async fn raw_read(
 /// Extra request headers, the request body, the status expected and what its message names.
 type RawReadCase<'a> = (&'a [(&'static str, &'static str)], Vec<u8>, Code, &'a str);
 
-/// A gRPC message: flag, big-endian length, bytes.
-fn grpc_frame(message: &[u8]) -> Vec<u8> {
-    let mut framed = vec![0u8];
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
-    framed
-}
-
 #[tokio::test]
 async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name() {
     let server = TestServer::start().await;
@@ -1412,7 +1405,7 @@ async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name
     };
 
     // A well-formed call, raw: the messages decode back to the blob and the trailers say OK.
-    let (code, _, body) = raw_read(&mut channel, &[], grpc_frame(&request.encode_to_vec())).await;
+    let (code, _, body) = raw_read(&mut channel, &[], grpc_message(&request.encode_to_vec())).await;
     assert_eq!(code, Code::Ok);
     let mut received = Vec::new();
     let mut rest = &body[..];
@@ -1428,7 +1421,7 @@ async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name
     assert_eq!(received, &data[1..]);
 
     let limit = server.config.max_decoding_message_bytes();
-    let well_formed = grpc_frame(&request.encode_to_vec());
+    let well_formed = grpc_message(&request.encode_to_vec());
     let mut two_messages = well_formed.clone();
     two_messages.extend(&well_formed);
     let mut compressed_flag = well_formed.clone();
@@ -1461,7 +1454,7 @@ async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name
         (&[], two_messages, Code::InvalidArgument, "the body holds"),
         (
             &[],
-            grpc_frame(&[0xff, 0xff, 0xff]),
+            grpc_message(&[0xff, 0xff, 0xff]),
             Code::InvalidArgument,
             "not a ReadRequest",
         ),

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::BodyExt;
 use prost::Message;
-use rba_cache_server::read_framing::ReadResponseDecoder;
+use rba_cache_server::read_framing::{ReadResponseDecoder, grpc_message};
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cache_server::{Config, Server};
 use rba_cas::{Digest, DigestFunction};
@@ -283,9 +283,6 @@ impl Bench {
             read_limit: 0,
         }
         .encode_to_vec();
-        let mut body = vec![0u8];
-        body.extend((message.len() as u32).to_be_bytes());
-        body.extend(message);
         let mut request = http::Request::post("/google.bytestream.ByteStream/Read")
             .header("content-type", "application/grpc")
             .header("te", "trailers");
@@ -293,7 +290,7 @@ impl Bench {
             request = request.header("authorization", format!("Bearer {token}"));
         }
         let request = request.body(tonic::body::Body::new(http_body_util::Full::new(
-            Bytes::from(body),
+            Bytes::from(grpc_message(&message)),
         )))?;
         let mut channel = self.channel.clone();
         let start = Instant::now();
