@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use rba_cas::{BlobWriter, CasError, ChunkStream, Digest, Store};
@@ -58,15 +58,16 @@ use crate::status;
 
 /// Bytes per ReadResponse.
 pub const READ_CHUNK: usize = 1 << 20;
-/// Read messages buffered between the disk task and the network.
+/// Read messages buffered between the zstd encoder's task and the network.
 const READ_QUEUE: usize = 4;
 /// Write messages buffered between the network and the disk task.
 const WRITE_QUEUE: usize = 8;
 /// zstd windows above 2^24 bytes (16 MiB) are refused, bounding decoder memory per upload.
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
-/// A stream of ReadResponses.
-pub type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+/// A read's data: each item the `data` of one ReadResponse, as the buffer it was read into
+/// (so [`crate::read_framing`] sends it without a copy).
+pub type ReadChunks = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
 /// Serves ByteStream reads of resource names that are not blobs (e.g. the executor's live
 /// action output). Returns `None` for names it does not know.
@@ -79,7 +80,7 @@ pub trait ReadSource: Send + Sync + 'static {
         resource_name: &str,
         offset: u64,
         limit: u64,
-    ) -> Option<Result<ReadStream, Status>>;
+    ) -> Option<Result<ReadChunks, Status>>;
 }
 
 /// The ByteStream service.
@@ -111,13 +112,13 @@ impl ByteStreamService {
 
     /// Opens a read, counted in the request metrics: the one way a ByteStream read starts,
     /// whether tonic's generated server or [`crate::read_framing`] sends its messages.
-    pub async fn open_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
+    pub async fn open_read(&self, request: Request<ReadRequest>) -> Result<ReadChunks, Status> {
         let result = self.start_read(request).await;
         self.state.metrics.request("Read", &result);
         result
     }
 
-    async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Status> {
+    async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadChunks, Status> {
         auth::require_read(&request)?;
         let caller = auth::caller(&request);
         let scope = auth::read_scope(&request);
@@ -173,9 +174,7 @@ impl ByteStreamService {
                     .read(&digest, offset, limit)
                     .await
                     .map_err(status::from_cas_read)?;
-                let (tx, rx) = mpsc::channel(READ_QUEUE);
-                tokio::spawn(forward(chunks, tx, metrics));
-                Ok(Box::pin(ReceiverStream::new(rx)))
+                Ok(messages(chunks, metrics))
             }
             Compressor::Zstd => {
                 let chunks = stores
@@ -390,46 +389,40 @@ fn same_upload(upload: &UploadResource, name: &str) -> bool {
     resource_name::parse_write(name).is_ok_and(|other| other.key == upload.key)
 }
 
-/// Sends a store's chunk stream as ReadResponses of [`READ_CHUNK`] bytes (the last one
-/// shorter) until it ends, the client leaves, or reading fails.
-async fn forward(
-    mut chunks: ChunkStream,
-    tx: mpsc::Sender<Result<ReadResponse, Status>>,
-    metrics: Arc<crate::metrics::Metrics>,
-) {
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let chunk = match chunks.next().await {
-            Some(Ok(chunk)) => chunk,
-            Some(Err(e)) => {
-                let _ = tx.send(Err(status::from_cas_read(e))).await;
-                return;
-            }
-            None => break,
-        };
-        let mut chunk: Bytes = chunk;
-        while !chunk.is_empty() {
-            // A whole message straight from the store: no copy.
-            let data = if pending.is_empty() && chunk.len() >= READ_CHUNK {
-                Vec::from(chunk.split_to(READ_CHUNK))
-            } else {
-                let take = (READ_CHUNK - pending.len()).min(chunk.len());
-                pending.extend_from_slice(&chunk.split_to(take));
-                if pending.len() < READ_CHUNK {
-                    continue;
+/// A store's chunk stream as messages of [`READ_CHUNK`] bytes (the last one shorter), each a
+/// slice of the store's own buffer when its chunks are that size (no copy); a store error
+/// ends the stream.
+fn messages(mut chunks: ChunkStream, metrics: Arc<crate::metrics::Metrics>) -> ReadChunks {
+    Box::pin(async_stream::stream! {
+        let mut pending = BytesMut::new();
+        while let Some(chunk) = chunks.next().await {
+            let mut chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    yield Err(status::from_cas_read(e));
+                    return;
                 }
-                std::mem::take(&mut pending)
             };
-            metrics.sent(data.len() as u64);
-            if tx.send(Ok(ReadResponse { data })).await.is_err() {
-                return; // client went away
+            while !chunk.is_empty() {
+                let data = if pending.is_empty() && chunk.len() >= READ_CHUNK {
+                    chunk.split_to(READ_CHUNK)
+                } else {
+                    let take = (READ_CHUNK - pending.len()).min(chunk.len());
+                    pending.extend_from_slice(&chunk.split_to(take));
+                    if pending.len() < READ_CHUNK {
+                        continue;
+                    }
+                    pending.split().freeze()
+                };
+                metrics.sent(data.len() as u64);
+                yield Ok(data);
             }
         }
-    }
-    if !pending.is_empty() {
-        metrics.sent(pending.len() as u64);
-        let _ = tx.send(Ok(ReadResponse { data: pending })).await;
-    }
+        if !pending.is_empty() {
+            metrics.sent(pending.len() as u64);
+            yield Ok(pending.freeze());
+        }
+    })
 }
 
 /// A store's chunk stream as a blocking `Read`, for the zstd encoder's blocking task (the
@@ -470,11 +463,11 @@ impl Read for ChunkReader {
     }
 }
 
-/// Streams `source` as ReadResponses until it ends, the client leaves, or reading fails.
+/// Streams `source` as messages until it ends, the client leaves, or reading fails.
 fn pump(
     mut source: Box<dyn Read + Send>,
     digest: Digest,
-    tx: mpsc::Sender<Result<ReadResponse, Status>>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
     metrics: &crate::metrics::Metrics,
 ) {
     loop {
@@ -496,7 +489,7 @@ fn pump(
         }
         data.truncate(filled);
         metrics.sent(filled as u64);
-        if tx.blocking_send(Ok(ReadResponse { data })).is_err() {
+        if tx.blocking_send(Ok(Bytes::from(data))).is_err() {
             return; // client went away
         }
         if filled < READ_CHUNK {
@@ -896,13 +889,18 @@ impl Uploads {
 
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
-    type ReadStream = ReadStream;
+    type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
+    /// Not reached over the network: [`crate::read_framing::ReadRoute`] serves `Read` without
+    /// tonic's encoder. Kept for the trait, and it answers the same (its `Vec` copies the data).
     async fn read(
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        self.open_read(request).await.map(Response::new)
+        let chunks = self.open_read(request).await?;
+        Ok(Response::new(Box::pin(chunks.map(|data| {
+            data.map(|data| ReadResponse { data: data.into() })
+        }))))
     }
 
     async fn write(

@@ -44,6 +44,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{FutureExt, Stream};
 use rba_cas::{CasError, Digest, Store, Stores};
 use rba_executor::action::{ActionError, check_command_paths};
@@ -52,7 +53,6 @@ use rba_executor::runner::Executor;
 use rba_executor::runner::{self, ExecutorError, JobHandle, JobOutcome, JobState, JobStatus};
 use rba_executor::tenant::Tenant;
 use rba_proto::Message;
-use rba_proto::bytestream::ReadResponse;
 use rba_proto::longrunning::operations_server::Operations;
 use rba_proto::longrunning::{
     CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
@@ -66,7 +66,7 @@ use rba_proto::reapi::{
 use tonic::{Code, Request, Response, Status};
 
 use crate::auth::Caller;
-use crate::bytestream::{ReadSource, ReadStream};
+use crate::bytestream::{ReadChunks, ReadSource};
 use crate::server::ServerState;
 use crate::status;
 use crate::{auth, resource_name};
@@ -752,7 +752,7 @@ impl ReadSource for LiveOutput {
         resource_name: &str,
         offset: u64,
         limit: u64,
-    ) -> Option<Result<ReadStream, Status>> {
+    ) -> Option<Result<ReadChunks, Status>> {
         let (instance, id, kind) = parse_stream_name(resource_name)?;
         let (shared, caller, resource_name) = (
             self.shared.clone(),
@@ -783,7 +783,7 @@ impl ReadSource for LiveOutput {
 /// The bytes of one stream of a job's log (each line followed by `\n`), from `offset`, at most
 /// `limit` (0: all), as ReadResponses of what is already written, waiting for more until the
 /// job ends.
-fn live_bytes(job: JobHandle, kind: LogStreamKind, offset: u64, limit: u64) -> ReadStream {
+fn live_bytes(job: JobHandle, kind: LogStreamKind, offset: u64, limit: u64) -> ReadChunks {
     Box::pin(async_stream::stream! {
         let mut reader = job.log.subscribe(0);
         let mut position = 0u64; // bytes of the stream seen so far
@@ -819,7 +819,7 @@ fn live_bytes(job: JobHandle, kind: LogStreamKind, offset: u64, limit: u64) -> R
             }
             if !chunk.is_empty() {
                 sent += chunk.len() as u64;
-                yield Ok(ReadResponse { data: std::mem::take(&mut chunk) });
+                yield Ok(Bytes::from(std::mem::take(&mut chunk)));
             }
         }
         if offset > position && limit == 0 {

@@ -24,7 +24,7 @@ use futures::{Stream, StreamExt};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use prost::Message;
-use rba_proto::bytestream::{ReadRequest, ReadResponse};
+use rba_proto::bytestream::ReadRequest;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::metadata::MetadataMap;
@@ -33,7 +33,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::auth::Authenticator;
-use crate::bytestream::{ByteStreamService, ReadStream};
+use crate::bytestream::{ByteStreamService, ReadChunks};
 
 /// The path of `google.bytestream.ByteStream/Read`.
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
@@ -176,12 +176,12 @@ fn read_request(body: &[u8]) -> Result<ReadRequest, Status> {
 
 /// The body frames of a read: for each message its headers, then its data as it is; then the
 /// call's status as trailers (the stream's error, or OK).
-fn frames(mut messages: ReadStream) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send {
+fn frames(mut messages: ReadChunks) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send {
     async_stream::stream! {
         let status = loop {
             match messages.next().await {
-                Some(Ok(message)) => {
-                    let (header, data) = message_frames(message);
+                Some(Ok(data)) => {
+                    let (header, data) = message_frames(data);
                     yield Ok(Frame::data(header));
                     if !data.is_empty() {
                         yield Ok(Frame::data(data));
@@ -196,10 +196,9 @@ fn frames(mut messages: ReadStream) -> impl Stream<Item = Result<Frame<Bytes>, S
     }
 }
 
-/// One `ReadResponse` as its two body frames: the gRPC and protobuf headers, then the data
-/// itself (empty for an empty message).
-fn message_frames(message: ReadResponse) -> (Bytes, Bytes) {
-    let data = Bytes::from(message.data);
+/// The `ReadResponse` holding `data` as its two body frames: the gRPC and protobuf headers,
+/// then the data itself (empty for an empty message).
+fn message_frames(data: Bytes) -> (Bytes, Bytes) {
     // proto3 leaves an empty `bytes` field out: the message is then empty.
     let field_header = if data.is_empty() {
         0
@@ -373,6 +372,7 @@ impl ReadResponseDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rba_proto::bytestream::ReadResponse;
 
     fn body_of((header, data): (Bytes, Bytes)) -> Vec<u8> {
         [header, data].concat()
@@ -385,7 +385,8 @@ mod tests {
                 data: (0..size).map(|i| i as u8).collect(),
             };
             let expected = grpc_message(&message.encode_to_vec());
-            assert_eq!(body_of(message_frames(message)), expected, "{size} bytes");
+            let frames = message_frames(Bytes::from(message.data));
+            assert_eq!(body_of(frames), expected, "{size} bytes");
         }
     }
 
@@ -427,7 +428,7 @@ mod tests {
             .collect();
         let mut body: Vec<u8> = messages
             .iter()
-            .flat_map(|m| body_of(message_frames(m.clone())))
+            .flat_map(|m| body_of(message_frames(Bytes::from(m.data.clone()))))
             .collect();
         // A message with fields a ReadResponse does not have, around its data: skipped.
         let odd = [

@@ -21,6 +21,8 @@
 //! - [`layers`]: features as layers over the seams: completeness of action-cache hits, a local
 //!   fast tier in front of a bucket ([`layers::tiered::Tiered`]), peer fetch from trusted
 //!   operators ([`layers::peer`]).
+//! - `read_buffers`: the megabyte buffers large streamed reads are read into, reused once the
+//!   network has sent them.
 //! - [`records`]: a named key space in the embedded database for a node's own records (its
 //!   build history), so no other crate names the database engine.
 //! - [`stores`]: [`Stores`], the store, complete action cache and grants a server is given.
@@ -37,6 +39,7 @@ pub mod digest;
 pub mod error;
 pub mod layers;
 pub mod merkle;
+mod read_buffers;
 pub mod records;
 pub mod seams;
 pub mod store;

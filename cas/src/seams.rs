@@ -383,7 +383,7 @@ fn read_in_chunks(mut reader: crate::store::BlobReader, digest: Digest) -> Chunk
                     return;
                 }
             };
-            if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+            if tx.blocking_send(Ok(chunk)).is_err() {
                 return; // the reader went away
             }
         }

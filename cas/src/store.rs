@@ -49,11 +49,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tempfile::NamedTempFile;
 
 use crate::digest::{Digest, DigestFunction, Hasher};
 use crate::error::{CasError, Result};
+use crate::read_buffers::READ_BUFFERS;
 
 /// How the store behaves. The defaults suit a developer machine.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -1373,10 +1375,11 @@ impl BlobReader {
 
     /// The next `max` bytes (fewer only at the end) as one buffer of their own, read in as few
     /// `read` calls as the kernel allows (usually one) and never zero-filled first: what
-    /// large streamed reads hand on as a chunk without copying it again.
-    pub fn read_chunk(&mut self, max: usize) -> io::Result<Vec<u8>> {
+    /// large streamed reads hand on as a chunk without copying it again. A chunk of a large
+    /// read lives in a [`crate::read_buffers`] buffer, reused once every slice of it is dropped.
+    pub fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
         let size = self.remaining.min(max as u64) as usize;
-        let mut chunk = Vec::with_capacity(size);
+        let mut chunk = READ_BUFFERS.take(size);
         let read = match &mut self.source {
             ReaderSource::Empty => 0,
             // `read_to_end` of a `File` reads into the spare capacity as it is.
@@ -1389,7 +1392,7 @@ impl BlobReader {
                 "blob shorter than its digest says",
             ));
         }
-        Ok(chunk)
+        Ok(READ_BUFFERS.lend(chunk))
     }
 }
 
