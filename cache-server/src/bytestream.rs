@@ -4,17 +4,19 @@
 //!
 //! **Read** `{instance}/blobs/...` or `.../compressed-blobs/zstd/...` with `read_offset` and
 //! `read_limit` (for compressed reads both count compressed bytes). The store's chunk stream
-//! (`Store::read`) is sent in 1 MiB messages ([`READ_CHUNK`]) through a bounded channel, so
-//! memory stays flat whatever the blob's size and a slow client slows the reads down rather
-//! than buffering; compressed reads run the zstd encoder on a blocking task fed by that stream.
+//! (`Store::read`, read ahead through a bounded channel) is sent in 1 MiB messages
+//! ([`READ_CHUNK`]), each the store's own buffer, so memory stays flat whatever the blob's size
+//! and a slow client slows the reads down rather than buffering; compressed reads run the zstd
+//! encoder on a blocking task fed by that stream.
 //! Resource names that are not blobs go to an optional [`ReadSource`] (the executor's live
 //! stdout/stderr streams will plug in there). A blob the caller may not read
 //! ([`crate::auth::read_scope`]) is `NOT_FOUND`, like a missing one; `QueryWriteStatus` does
 //! not call it complete.
 //!
 //! **Write** `{instance}/uploads/{uuid}/blobs/...` or `.../compressed-blobs/zstd/...`:
-//! - chunks go through a bounded channel to a blocking task that decompresses (zstd, with a
-//!   bounded window), hashes and writes them to a temporary file; more bytes than the digest's
+//! - each message's data ([`WriteMessage`], a slice of the buffer it arrived in) goes through a
+//!   bounded channel to a blocking task that decompresses (zstd, with a bounded window),
+//!   hashes and writes it to a temporary file; more bytes than the digest's
 //!   size fail at once, a wrong hash fails at `finish_write` (`INVALID_ARGUMENT`), and nothing
 //!   unverified ever becomes visible;
 //! - a blob already present, and readable by the caller, ends the call at once with
@@ -65,8 +67,38 @@ const WRITE_QUEUE: usize = 8;
 /// zstd windows above 2^24 bytes (16 MiB) are refused, bounding decoder memory per upload.
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
+/// A `google.bytestream.WriteRequest` whose `data` prost decodes as a slice of the buffer the
+/// request arrived in: the generated type's `Vec<u8>` is one more copy of every uploaded byte.
+/// Same fields, same tags, so the same bytes on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WriteMessage {
+    /// The upload's resource name (first message; later ones may repeat it).
+    #[prost(string, tag = "1")]
+    pub resource_name: String,
+    /// Offset of `data` in the upload.
+    #[prost(int64, tag = "2")]
+    pub write_offset: i64,
+    /// The last message of the upload.
+    #[prost(bool, tag = "3")]
+    pub finish_write: bool,
+    /// The bytes.
+    #[prost(bytes = "bytes", tag = "10")]
+    pub data: Bytes,
+}
+
+impl From<WriteRequest> for WriteMessage {
+    fn from(request: WriteRequest) -> Self {
+        WriteMessage {
+            resource_name: request.resource_name,
+            write_offset: request.write_offset,
+            finish_write: request.finish_write,
+            data: request.data.into(),
+        }
+    }
+}
+
 /// A read's data: each item the `data` of one ReadResponse, as the buffer it was read into
-/// (so [`crate::read_framing`] sends it without a copy).
+/// (so [`crate::bytestream_route`] sends it without a copy).
 pub type ReadChunks = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
 /// Serves ByteStream reads of resource names that are not blobs (e.g. the executor's live
@@ -111,7 +143,7 @@ impl ByteStreamService {
     }
 
     /// Opens a read, counted in the request metrics: the one way a ByteStream read starts,
-    /// whether tonic's generated server or [`crate::read_framing`] sends its messages.
+    /// whether tonic's generated server or [`crate::bytestream_route`] sends its messages.
     pub async fn open_read(&self, request: Request<ReadRequest>) -> Result<ReadChunks, Status> {
         let result = self.start_read(request).await;
         self.state.metrics.request("Read", &result);
@@ -210,17 +242,30 @@ impl ByteStreamService {
         }
     }
 
-    async fn write_blob(
-        &self,
-        request: Request<Streaming<WriteRequest>>,
-    ) -> Result<WriteResponse, Status> {
+    /// Takes an upload, counted in the request metrics: the one way a ByteStream write runs,
+    /// whether its messages come from tonic's generated server or, decoded without a copy of
+    /// their data, from [`crate::bytestream_route`].
+    pub async fn open_write<S>(&self, request: Request<S>) -> Result<WriteResponse, Status>
+    where
+        S: Stream<Item = Result<WriteMessage, Status>> + Unpin + Send,
+    {
+        let result = self.write_blob(request).await;
+        self.state.metrics.request("Write", &result);
+        result
+    }
+
+    async fn write_blob<S>(&self, request: Request<S>) -> Result<WriteResponse, Status>
+    where
+        S: Stream<Item = Result<WriteMessage, Status>> + Unpin + Send,
+    {
         auth::require_cas_write(&request)?;
         let grantee = auth::grantee(&request);
         let scope = auth::read_scope(&request);
         let mut stream = request.into_inner();
         let first = stream
-            .message()
-            .await?
+            .next()
+            .await
+            .transpose()?
             .ok_or_else(|| Status::invalid_argument("empty write stream"))?;
         let upload = resource_name::parse_write(&first.resource_name)?;
         let digest = upload.blob.digest;
@@ -260,10 +305,10 @@ impl ByteStreamService {
         loop {
             let request = match message.take() {
                 Some(request) => request,
-                None => match stream.message().await {
-                    Ok(Some(request)) => request,
-                    Ok(None) => break,
-                    Err(status) => {
+                None => match stream.next().await {
+                    Some(Ok(request)) => request,
+                    None => break,
+                    Some(Err(status)) => {
                         tracing::debug!(key = %upload.key, %status, "upload stream broke; resumable");
                         break;
                     }
@@ -499,7 +544,7 @@ fn pump(
 }
 
 enum Chunk {
-    Data(Vec<u8>),
+    Data(Bytes),
     Finish,
 }
 
@@ -891,7 +936,7 @@ impl Uploads {
 impl ByteStream for ByteStreamService {
     type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-    /// Not reached over the network: [`crate::read_framing::ReadRoute`] serves `Read` without
+    /// Not reached over the network: [`crate::bytestream_route::ByteStreamRoute`] serves `Read` without
     /// tonic's encoder. Kept for the trait, and it answers the same (its `Vec` copies the data).
     async fn read(
         &self,
@@ -903,13 +948,14 @@ impl ByteStream for ByteStreamService {
         }))))
     }
 
+    /// Not reached over the network either: [`crate::bytestream_route::ByteStreamRoute`]
+    /// decodes `Write` requests into [`WriteMessage`]s itself. Kept for the trait.
     async fn write(
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let result = self.write_blob(request).await;
-        self.state.metrics.request("Write", &result);
-        result.map(Response::new)
+        let messages = request.map(|stream| stream.map(|m| m.map(WriteMessage::from)));
+        self.open_write(messages).await.map(Response::new)
     }
 
     async fn query_write_status(

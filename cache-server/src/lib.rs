@@ -22,20 +22,21 @@
 //! Around them: [`config`] (TOML file, environment, flags), [`auth`] (bearer tokens,
 //! read-only or read-write), [`metrics`] (Prometheus text over HTTP), [`resource_name`]
 //! (ByteStream resource names, both the classic and the v2.3 digest-function forms),
-//! [`status`] (the spec's status codes for every store error), [`read_framing`] (ByteStream
-//! Read's responses framed without tonic's copy of every byte, and the matching decoder) and
+//! [`status`] (the spec's status codes for every store error), [`bytestream_route`] (ByteStream
+//! Read's responses framed, and Write's requests decoded, without tonic's and prost's copies
+//! of every byte; and the client's matching decoder) and
 //! [`server`] (the tonic router, listeners and clean shutdown).
 
 pub mod action_cache;
 pub mod auth;
 pub mod bytestream;
+pub mod bytestream_route;
 pub mod capabilities;
 pub mod cas;
 pub mod config;
 pub mod execution;
 pub mod logging;
 pub mod metrics;
-pub mod read_framing;
 pub mod resource_name;
 pub mod server;
 pub mod status;

@@ -53,11 +53,11 @@ use tonic::service::interceptor::InterceptedService;
 use crate::action_cache::ActionCacheService;
 use crate::auth::Authenticator;
 use crate::bytestream::{ByteStreamService, Uploads};
+use crate::bytestream_route::ByteStreamRoute;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::read_framing::ReadRoute;
 
 /// What every service shares. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -253,7 +253,7 @@ impl Server {
             bytestream_service =
                 bytestream_service.with_read_source(Arc::new(services.live_output.clone()));
         }
-        let bytestream = ReadRoute::new(
+        let bytestream = ByteStreamRoute::new(
             bytestream_service.clone(),
             auth.clone(),
             decode,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use rba_cache_server::read_framing::grpc_message;
+use rba_cache_server::bytestream_route::grpc_message;
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cas::{Digest, DigestFunction};
 use rba_proto::Message;
@@ -1358,17 +1358,32 @@ async fn raw_read(
     headers: &[(&'static str, &'static str)],
     body: Vec<u8>,
 ) -> (Code, String, Vec<u8>) {
+    raw_call(channel, "Read", headers, vec![body]).await
+}
+
+/// A ByteStream `method` called over raw HTTP/2, its request body sent as the given `pieces`
+/// (one DATA frame each): the status, its message and the response body.
+async fn raw_call(
+    channel: &mut tonic::transport::Channel,
+    method: &str,
+    headers: &[(&'static str, &'static str)],
+    pieces: Vec<Vec<u8>>,
+) -> (Code, String, Vec<u8>) {
     use http_body_util::BodyExt;
     use tonic::codegen::Service;
-    let mut request = tonic::codegen::http::Request::post("/google.bytestream.ByteStream/Read")
+    let path = format!("/google.bytestream.ByteStream/{method}");
+    let mut request = tonic::codegen::http::Request::post(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
+    let frames = pieces.into_iter().map(|piece| {
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(piece)))
+    });
     let request = request
-        .body(tonic::body::Body::new(http_body_util::Full::new(
-            bytes::Bytes::from(body),
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            futures::stream::iter(frames),
         )))
         .unwrap();
     std::future::poll_fn(|cx| channel.poll_ready(cx))
@@ -1485,6 +1500,195 @@ async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name
     // The blob is still served whole through the generated client.
     let name = resource_name::read_name("", &digest, Compressor::Identity);
     assert_eq!(c.read(&name, 0, 0).await.unwrap(), data);
+}
+
+/// `body` cut into pieces of 1, 2, 3, … bytes, then of 64 KiB and 1 MiB + 1: messages,
+/// headers and fields split across HTTP/2 frames every way.
+fn ragged(body: &[u8]) -> Vec<Vec<u8>> {
+    let mut pieces = Vec::new();
+    let mut rest = body;
+    let mut size = 1;
+    while !rest.is_empty() {
+        let (piece, after) = rest.split_at(size.min(rest.len()));
+        pieces.push(piece.to_vec());
+        rest = after;
+        size = match size {
+            1..=40 => size + 1,
+            41 => 65_536,
+            _ => (1 << 20) + 1,
+        };
+    }
+    pieces
+}
+
+#[tokio::test]
+async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    let mut channel = server.channel().await;
+    let data = noise(2_500_000, 11);
+    let digest = SHA.digest_of(&data);
+    let name = |uuid: &str| resource_name::write_name("", uuid, &digest, Compressor::Identity);
+    let message = |uuid: &str, offset: usize, end: usize, finish: bool| {
+        WriteRequest {
+            resource_name: if offset == 0 {
+                name(uuid)
+            } else {
+                String::new()
+            },
+            write_offset: offset as i64,
+            finish_write: finish,
+            data: data[offset..end].to_vec(),
+        }
+        .encode_to_vec()
+    };
+    let is_missing = |c: &mut Clients| {
+        let mut cas = c.cas.clone();
+        async move {
+            cas.find_missing_blobs(FindMissingBlobsRequest {
+                blob_digests: vec![digest.to_reapi()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests
+                == vec![digest.to_reapi()]
+        }
+    };
+
+    // Refused, each on an upload of its own; nothing is stored and the server goes on.
+    let limit = server.config.max_decoding_message_bytes();
+    let whole = |uuid: &str| message(uuid, 0, data.len(), true);
+    let mut compressed_flag = grpc_message(&whole("c"));
+    compressed_flag[0] = 1;
+    let mut truncated = grpc_message(&whole("t"));
+    truncated.truncate(truncated.len() - 1);
+    let renamed_second = [
+        grpc_message(&message("r", 0, 1000, false)),
+        grpc_message(
+            &WriteRequest {
+                resource_name: resource_name::write_name(
+                    "",
+                    "other",
+                    &digest,
+                    Compressor::Identity,
+                ),
+                write_offset: 1000,
+                finish_write: true,
+                data: data[1000..].to_vec(),
+            }
+            .encode_to_vec(),
+        ),
+    ]
+    .concat();
+    let gap = [
+        grpc_message(&message("g", 0, 1000, false)),
+        grpc_message(&message("g", 2000, data.len(), true)),
+    ]
+    .concat();
+    let mut longer = data.clone();
+    longer.push(0);
+    let too_long = grpc_message(
+        &WriteRequest {
+            resource_name: name("l"),
+            write_offset: 0,
+            finish_write: true,
+            data: longer,
+        }
+        .encode_to_vec(),
+    );
+    let cases: Vec<RawReadCase> = vec![
+        (&[], vec![], Code::InvalidArgument, "empty write stream"),
+        (
+            &[],
+            grpc_message(&[0xff, 0xff, 0xff]),
+            Code::Internal,
+            "decode",
+        ),
+        (&[], compressed_flag, Code::Internal, "compress"),
+        (
+            &[("grpc-encoding", "gzip")],
+            grpc_message(&whole("z")),
+            Code::Unimplemented,
+            "gzip",
+        ),
+        (&[], truncated, Code::Internal, "EOF"),
+        (
+            &[],
+            renamed_second,
+            Code::InvalidArgument,
+            "resource_name changed",
+        ),
+        (
+            &[],
+            gap,
+            Code::InvalidArgument,
+            "write_offset 2000 but 1000",
+        ),
+        (
+            &[],
+            too_long,
+            Code::InvalidArgument,
+            "received 2500001 bytes",
+        ),
+        (
+            &[],
+            [&[0u8][..], &((limit + 1) as u32).to_be_bytes()].concat(),
+            Code::OutOfRange,
+            "too large",
+        ),
+    ];
+    for (headers, body, expected, named) in cases {
+        let length = body.len();
+        let (code, message, _) = raw_call(&mut channel, "Write", headers, ragged(&body)).await;
+        assert_eq!(code, expected, "{length}-byte body {headers:?}: {message}");
+        assert!(
+            message.contains(named),
+            "{length}-byte body: {message:?} should name {named:?}"
+        );
+        still_serving(&mut c).await;
+        assert!(
+            is_missing(&mut c).await,
+            "nothing stored by a refused write"
+        );
+    }
+
+    // Well-formed, in 1 MiB messages cut into ragged frames, the last message with its fields
+    // in an unusual order (data before offset and finish_write): stored, and read back whole.
+    let mut body = Vec::new();
+    let mut offset = 0;
+    while offset + (1 << 20) < data.len() {
+        body.extend(grpc_message(&message(
+            "ok",
+            offset,
+            offset + (1 << 20),
+            false,
+        )));
+        offset += 1 << 20;
+    }
+    let last = [
+        WriteRequest {
+            data: data[offset..].to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        WriteRequest {
+            write_offset: offset as i64,
+            finish_write: true,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    ]
+    .concat();
+    body.extend(grpc_message(&last));
+    let (code, message, response) = raw_call(&mut channel, "Write", &[], ragged(&body)).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    let committed = rba_proto::bytestream::WriteResponse::decode(&response[5..]).unwrap();
+    assert_eq!(committed.committed_size, data.len() as i64);
+    assert!(!is_missing(&mut c).await);
+    let read = resource_name::read_name("", &digest, Compressor::Identity);
+    assert_eq!(c.read(&read, 0, 0).await.unwrap(), data);
 }
 
 #[tokio::test]

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::BodyExt;
 use prost::Message;
-use rba_cache_server::read_framing::{ReadResponseDecoder, grpc_message};
+use rba_cache_server::bytestream_route::{ReadResponseDecoder, grpc_message};
 use rba_cache_server::resource_name::{self, Compressor};
 use rba_cache_server::{Config, Server};
 use rba_cas::{Digest, DigestFunction};

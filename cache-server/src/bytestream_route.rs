@@ -1,19 +1,27 @@
-//! `ByteStream.Read` answered with gRPC frames built here, so a blob's bytes reach HTTP/2
-//! without a copy.
+//! ByteStream's two data paths served without the copies tonic and prost make of every byte:
+//! `Read` answered with gRPC frames built here, `Write` decoded into [`WriteMessage`]s whose
+//! data is a slice of the buffer it arrived in.
 //!
-//! Why: tonic encodes every response message into its own buffer, so each byte a client reads
-//! was copied once more in user space (the store's read, then tonic's encode, then the kernel's
-//! send). For a 1 MiB `ReadResponse` that copy is the whole message: `perf` of `cache-server`
-//! under a 1 GiB read put it at 15 % of the server's CPU. A `ReadResponse` is one `bytes` field,
-//! so its encoding is a 5-byte gRPC header and a 2–4 byte protobuf field header in front of
-//! the data; [`ReadRoute`] sends those few bytes and the store's buffer as separate body frames,
-//! and h2 hands the buffer to `writev` as it is.
+//! Why, for `Read`: tonic encodes every response message into its own buffer, so each byte a
+//! client reads was copied once more in user space (the store's read, then tonic's encode, then
+//! the kernel's send). For a 1 MiB `ReadResponse` that copy is the whole message: `perf` of
+//! `cache-server` under a 1 GiB read put it at 15 % of the server's CPU. A `ReadResponse` is one
+//! `bytes` field, so its encoding is a 5-byte gRPC header and a 2–4 byte protobuf field header
+//! in front of the data; [`ByteStreamRoute`] sends those few bytes and the store's buffer as
+//! separate body frames, and h2 hands the buffer to `writev` as it is.
 //!
-//! Only the framing is ours. The request goes through the same [`Authenticator`] as every
-//! other call, the answer comes from [`ByteStreamService::open_read`] (the one place reads are
-//! decided and counted), and every other ByteStream method goes to tonic's generated server
-//! unchanged. Errors before the first message are a trailers-only response, as tonic sends
-//! them; errors mid-stream end the body with `grpc-status` trailers.
+//! Why, for `Write`: the generated `WriteRequest` holds its data in a `Vec<u8>`, which prost
+//! fills by copying out of tonic's receive buffer (and allocating a fresh megabyte per
+//! message). The route runs tonic's own server-side gRPC handling (framing, limits, status)
+//! with a codec for [`WriteMessage`], the same message with its data as `Bytes`, which prost
+//! decodes as a slice of that buffer.
+//!
+//! Only the framing and decoding are ours. Requests go through the same [`Authenticator`] as
+//! every other call; the answers come from [`ByteStreamService::open_read`] and
+//! [`ByteStreamService::open_write`] (the one place reads and writes are decided and counted);
+//! `QueryWriteStatus` goes to tonic's generated server unchanged. Errors before the first
+//! message are a trailers-only response, as tonic sends them; errors mid-stream end the body
+//! with `grpc-status` trailers.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -24,45 +32,47 @@ use futures::{Stream, StreamExt};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use prost::Message;
-use rba_proto::bytestream::ReadRequest;
+use rba_proto::bytestream::{ReadRequest, WriteResponse};
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 use tonic::service::Interceptor;
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
-use crate::bytestream::{ByteStreamService, ReadChunks};
+use crate::bytestream::{ByteStreamService, ReadChunks, WriteMessage};
 
 /// The path of `google.bytestream.ByteStream/Read`.
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
+/// The path of `google.bytestream.ByteStream/Write`.
+const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
 /// A gRPC message's header: compressed flag and big-endian length.
 const GRPC_HEADER: usize = 5;
 /// `ReadResponse.data` is field 10, length-delimited: (10 << 3) | 2.
 const DATA_FIELD_KEY: u8 = 0x52;
 
-/// The ByteStream service with `Read` served by [`serve_read`]; every other path goes to
-/// `others` (tonic's generated server behind the interceptor).
+/// The ByteStream service with `Read` served by [`serve_read`] and `Write` by [`WriteCall`];
+/// every other path goes to `others` (tonic's generated server behind the interceptor).
 #[derive(Clone)]
-pub struct ReadRoute<S> {
-    reads: ByteStreamService,
+pub struct ByteStreamRoute<S> {
+    service: ByteStreamService,
     auth: Authenticator,
     max_request_bytes: usize,
     others: S,
 }
 
-impl<S> ReadRoute<S> {
-    /// `Read` by `reads` (after `auth`, with requests up to `max_request_bytes`), the rest by
-    /// `others`.
+impl<S> ByteStreamRoute<S> {
+    /// `Read` and `Write` by `service` (after `auth`, with request messages up to
+    /// `max_request_bytes`), the rest by `others`.
     pub fn new(
-        reads: ByteStreamService,
+        service: ByteStreamService,
         auth: Authenticator,
         max_request_bytes: usize,
         others: S,
     ) -> Self {
-        ReadRoute {
-            reads,
+        ByteStreamRoute {
+            service,
             auth,
             max_request_bytes,
             others,
@@ -70,11 +80,11 @@ impl<S> ReadRoute<S> {
     }
 }
 
-impl<S: NamedService> NamedService for ReadRoute<S> {
+impl<S: NamedService> NamedService for ByteStreamRoute<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<Body>> for ReadRoute<S>
+impl<S, B> Service<http::Request<Body>> for ByteStreamRoute<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
         + Send
@@ -92,20 +102,58 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != READ_PATH {
-            let answer = self.others.call(request);
-            return Box::pin(async move { Ok(answer.await?.map(Body::new)) });
-        }
-        let (reads, auth, limit) = (
-            self.reads.clone(),
+        let (service, auth, limit) = (
+            self.service.clone(),
             self.auth.clone(),
             self.max_request_bytes,
         );
+        match request.uri().path() {
+            READ_PATH => Box::pin(async move {
+                Ok(match serve_read(service, auth, limit, request).await {
+                    Ok(response) => response,
+                    Err(status) => status.into_http(),
+                })
+            }),
+            WRITE_PATH => Box::pin(async move {
+                // tonic's own client-streaming handling (framing, the message limit, refusing
+                // compression the service does not accept, status), with prost decoding the
+                // data as `Bytes`.
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+                    WriteResponse,
+                    WriteMessage,
+                >::default())
+                .apply_max_message_size_config(Some(limit), None);
+                Ok(grpc
+                    .client_streaming(WriteCall { service, auth }, request)
+                    .await)
+            }),
+            _ => {
+                let answer = self.others.call(request);
+                Box::pin(async move { Ok(answer.await?.map(Body::new)) })
+            }
+        }
+    }
+}
+
+/// One `Write` call: authenticated like every other call, then taken by
+/// [`ByteStreamService::open_write`].
+struct WriteCall {
+    service: ByteStreamService,
+    auth: Authenticator,
+}
+
+impl tonic::server::ClientStreamingService<WriteMessage> for WriteCall {
+    type Response = WriteResponse;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<WriteResponse>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<tonic::Streaming<WriteMessage>>) -> Self::Future {
+        let (service, mut auth) = (self.service.clone(), self.auth.clone());
         Box::pin(async move {
-            Ok(match serve_read(reads, auth, limit, request).await {
-                Ok(response) => response,
-                Err(status) => status.into_http(),
-            })
+            let (metadata, extensions, messages) = request.into_parts();
+            let checked = auth.call(Request::from_parts(metadata, extensions, ()))?;
+            let (metadata, extensions, ()) = checked.into_parts();
+            let request = Request::from_parts(metadata, extensions, messages);
+            service.open_write(request).await.map(Response::new)
         })
     }
 }
@@ -227,7 +275,7 @@ pub fn grpc_message(message: &[u8]) -> Vec<u8> {
 
 /// Decodes a `ByteStream.Read` response body as it arrives, handing on each piece of
 /// `ReadResponse.data` as a slice of the chunk it came in (no copy): the client side of
-/// [`ReadRoute`]'s framing, for clients that verify what they read and cannot spare a copy of
+/// [`ByteStreamRoute`]'s framing, for clients that verify what they read and cannot spare a copy of
 /// every byte (`reapi-bench`). Any server's framing decodes: messages and field headers may be
 /// split anywhere, and fields other than `data` are skipped.
 #[derive(Debug, Default)]
