@@ -1374,25 +1374,34 @@ impl BlobReader {
     }
 
     /// The next `max` bytes (fewer only at the end) as one buffer of their own, read in as few
-    /// `read` calls as the kernel allows (usually one) and never zero-filled first: what
-    /// large streamed reads hand on as a chunk without copying it again. A chunk of a large
-    /// read lives in a [`crate::read_buffers`] buffer, reused once every slice of it is dropped.
+    /// `read` calls as the kernel allows (usually one): what large streamed reads hand on as a
+    /// chunk without copying it again. A chunk of a large read lives in a
+    /// `read_buffers` buffer, reused once every slice of it is dropped.
     pub fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
         let size = self.remaining.min(max as u64) as usize;
-        let mut chunk = READ_BUFFERS.take(size);
-        let read = match &mut self.source {
-            ReaderSource::Empty => 0,
-            // `read_to_end` of a `File` reads into the spare capacity as it is.
-            ReaderSource::File(file) => file.take(size as u64).read_to_end(&mut chunk)?,
-        };
-        self.remaining -= read as u64;
-        if read < size {
+        let source = &mut self.source;
+        let chunk = READ_BUFFERS.filled(size, |buffer| {
+            let mut filled = 0;
+            if let ReaderSource::File(file) = source {
+                while filled < buffer.len() {
+                    match file.read(&mut buffer[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok(filled)
+        })?;
+        self.remaining -= chunk.len() as u64;
+        if chunk.len() < size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "blob shorter than its digest says",
             ));
         }
-        Ok(READ_BUFFERS.lend(chunk))
+        Ok(chunk)
     }
 }
 
