@@ -49,7 +49,7 @@ const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
 const WRITE_PATH: &str = "/google.bytestream.ByteStream/Write";
 /// A gRPC message's header: compressed flag and big-endian length.
 const GRPC_HEADER: usize = 5;
-/// `ReadResponse.data` is field 10, length-delimited: (10 << 3) | 2.
+/// `ReadResponse.data` and `WriteRequest.data` are field 10, length-delimited: (10 << 3) | 2.
 const DATA_FIELD_KEY: u8 = 0x52;
 
 /// The ByteStream service with `Read` served by [`serve_read`] and `Write` by [`WriteCall`];
@@ -229,7 +229,7 @@ fn frames(mut messages: ReadChunks) -> impl Stream<Item = Result<Frame<Bytes>, S
         let status = loop {
             match messages.next().await {
                 Some(Ok(data)) => {
-                    let (header, data) = message_frames(data);
+                    let (header, data) = message_frames(&[], data);
                     yield Ok(Frame::data(header));
                     if !data.is_empty() {
                         yield Ok(Frame::data(data));
@@ -244,18 +244,20 @@ fn frames(mut messages: ReadChunks) -> impl Stream<Item = Result<Frame<Bytes>, S
     }
 }
 
-/// The `ReadResponse` holding `data` as its two body frames: the gRPC and protobuf headers,
-/// then the data itself (empty for an empty message).
-fn message_frames(data: Bytes) -> (Bytes, Bytes) {
-    // proto3 leaves an empty `bytes` field out: the message is then empty.
+/// The gRPC message whose protobuf is `fields` (other fields, already encoded) and `data` as
+/// field 10 (a `ReadResponse`, a `WriteRequest`), as two body frames: the gRPC header, `fields`
+/// and the data field's header, then the data itself (empty when it is).
+pub fn message_frames(fields: &[u8], data: Bytes) -> (Bytes, Bytes) {
+    // proto3 leaves an empty `bytes` field out.
     let field_header = if data.is_empty() {
         0
     } else {
         1 + prost::encoding::encoded_len_varint(data.len() as u64)
     };
-    let mut header = BytesMut::with_capacity(GRPC_HEADER + field_header);
+    let mut header = BytesMut::with_capacity(GRPC_HEADER + fields.len() + field_header);
     header.put_u8(0);
-    header.put_u32((field_header + data.len()) as u32);
+    header.put_u32((fields.len() + field_header + data.len()) as u32);
+    header.put_slice(fields);
     if !data.is_empty() {
         header.put_u8(DATA_FIELD_KEY);
         prost::encoding::encode_varint(data.len() as u64, &mut header);
@@ -433,8 +435,42 @@ mod tests {
                 data: (0..size).map(|i| i as u8).collect(),
             };
             let expected = grpc_message(&message.encode_to_vec());
-            let frames = message_frames(Bytes::from(message.data));
+            let frames = message_frames(&[], Bytes::from(message.data));
             assert_eq!(body_of(frames), expected, "{size} bytes");
+        }
+    }
+
+    #[test]
+    fn write_requests_framed_with_other_fields_are_what_tonic_would_encode() {
+        for (size, offset, finish) in [
+            (0usize, 0i64, true),
+            (1, 5, false),
+            (1 << 20, 1 << 30, true),
+        ] {
+            let message = rba_proto::bytestream::WriteRequest {
+                resource_name: if offset == 0 {
+                    "up/1/blobs/x/1".into()
+                } else {
+                    String::new()
+                },
+                write_offset: offset,
+                finish_write: finish,
+                data: (0..size).map(|i| (i * 3) as u8).collect(),
+            };
+            let fields = rba_proto::bytestream::WriteRequest {
+                data: Vec::new(),
+                ..message.clone()
+            }
+            .encode_to_vec();
+            let frames = message_frames(&fields, Bytes::from(message.data.clone()));
+            let body = body_of(frames);
+            let decoded =
+                rba_proto::bytestream::WriteRequest::decode(&body[GRPC_HEADER..]).unwrap();
+            assert_eq!(decoded, message, "{size} bytes");
+            assert_eq!(
+                &body[..GRPC_HEADER],
+                &grpc_message(&message.encode_to_vec())[..GRPC_HEADER]
+            );
         }
     }
 
@@ -476,7 +512,7 @@ mod tests {
             .collect();
         let mut body: Vec<u8> = messages
             .iter()
-            .flat_map(|m| body_of(message_frames(Bytes::from(m.data.clone()))))
+            .flat_map(|m| body_of(message_frames(&[], Bytes::from(m.data.clone()))))
             .collect();
         // A message with fields a ReadResponse does not have, around its data: skipped.
         let odd = [
