@@ -1404,7 +1404,7 @@ async fn raw_call(
 }
 
 /// Extra request headers, the request body, the status expected and what its message names.
-type RawReadCase<'a> = (&'a [(&'static str, &'static str)], Vec<u8>, Code, &'a str);
+type RawCase<'a> = (&'a [(&'static str, &'static str)], Vec<u8>, Code, &'a str);
 
 #[tokio::test]
 async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name() {
@@ -1441,7 +1441,7 @@ async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name
     two_messages.extend(&well_formed);
     let mut compressed_flag = well_formed.clone();
     compressed_flag[0] = 1;
-    let cases: Vec<RawReadCase> = vec![
+    let cases: Vec<RawCase> = vec![
         (
             &[],
             vec![],
@@ -1598,7 +1598,7 @@ async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name(
         }
         .encode_to_vec(),
     );
-    let cases: Vec<RawReadCase> = vec![
+    let cases: Vec<RawCase> = vec![
         (&[], vec![], Code::InvalidArgument, "empty write stream"),
         (
             &[],

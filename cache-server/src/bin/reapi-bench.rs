@@ -245,30 +245,20 @@ impl Bench {
                 .filter(|frame| !frame.is_empty())
                 .map(|frame| Ok::<_, std::convert::Infallible>(http_body::Frame::data(frame)))
         }));
-        let request = self.http_request(
-            "Write",
-            tonic::body::Body::new(http_body_util::StreamBody::new(frames)),
-        )?;
-        let mut channel = self.channel.clone();
         let start = Instant::now();
-        std::future::poll_fn(|cx| channel.poll_ready(cx))
-            .await
-            .context("ByteStream.Write: channel")?;
-        let response = channel.call(request).await.context("ByteStream.Write")?;
-        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-            bail!("ByteStream.Write: {status}");
-        }
+        let response = self
+            .raw_call(
+                "Write",
+                tonic::body::Body::new(http_body_util::StreamBody::new(frames)),
+            )
+            .await?;
         let answer = response
             .into_body()
             .collect()
             .await
             .context("ByteStream.Write: the response body")?;
         let elapsed = start.elapsed().as_secs_f64();
-        match answer.trailers().and_then(tonic::Status::from_header_map) {
-            Some(status) if status.code() == tonic::Code::Ok => {}
-            Some(status) => bail!("ByteStream.Write: {status}"),
-            None => bail!("ByteStream.Write: the response ended without a grpc-status"),
-        }
+        call_status("Write", answer.trailers())?;
         let body = answer.to_bytes();
         let response = body
             .get(5..)
@@ -288,20 +278,32 @@ impl Bench {
         Ok(elapsed)
     }
 
-    /// A raw HTTP/2 request for ByteStream `method` with `body`, headed as tonic would head it
-    /// (and with the bench's token).
-    fn http_request(
+    /// ByteStream `method` called over raw HTTP/2 with `body`, headed as tonic would head it
+    /// (and with the bench's token): the response, unless it is a refusal without a body.
+    async fn raw_call(
         &self,
         method: &str,
         body: tonic::body::Body,
-    ) -> anyhow::Result<http::Request<tonic::body::Body>> {
+    ) -> anyhow::Result<http::Response<tonic::body::Body>> {
         let mut request = http::Request::post(format!("/google.bytestream.ByteStream/{method}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers");
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        Ok(request.body(body)?)
+        let request = request.body(body)?;
+        let mut channel = self.channel.clone();
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .with_context(|| format!("ByteStream.{method}: channel"))?;
+        let response = channel
+            .call(request)
+            .await
+            .with_context(|| format!("ByteStream.{method}"))?;
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            bail!("ByteStream.{method}: {status}");
+        }
+        Ok(response)
     }
 
     /// [`Bench::read_blob`] on a connection and a thread of its own (a current-thread runtime):
@@ -340,21 +342,15 @@ impl Bench {
             read_limit: 0,
         }
         .encode_to_vec();
-        let request = self.http_request(
-            "Read",
-            tonic::body::Body::new(http_body_util::Full::new(Bytes::from(grpc_message(
-                &message,
-            )))),
-        )?;
-        let mut channel = self.channel.clone();
         let start = Instant::now();
-        std::future::poll_fn(|cx| channel.poll_ready(cx))
-            .await
-            .context("ByteStream.Read: channel")?;
-        let response = channel.call(request).await.context("ByteStream.Read")?;
-        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-            bail!("ByteStream.Read: {status}");
-        }
+        let response = self
+            .raw_call(
+                "Read",
+                tonic::body::Body::new(http_body_util::Full::new(Bytes::from(grpc_message(
+                    &message,
+                )))),
+            )
+            .await?;
         let mut body = response.into_body();
         let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(8);
         let function = self.function;
@@ -392,11 +388,7 @@ impl Bench {
         decoder
             .finish()
             .map_err(|e| anyhow::anyhow!("ByteStream.Read: {e}"))?;
-        match trailers.as_ref().and_then(tonic::Status::from_header_map) {
-            Some(status) if status.code() == tonic::Code::Ok => {}
-            Some(status) => bail!("ByteStream.Read: {status}"),
-            None => bail!("ByteStream.Read: the response ended without a grpc-status"),
-        }
+        call_status("Read", trailers.as_ref())?;
         drop(chunks);
         let actual = match hashing {
             Some(hashing) => Some(hashing.await.context("hashing the read")?),
@@ -412,6 +404,15 @@ impl Bench {
             bail!("read back {actual:?}, expected {digest:?}");
         }
         Ok(elapsed)
+    }
+}
+
+/// The call's end as its `trailers` tell it: OK, or the status as an error.
+fn call_status(method: &str, trailers: Option<&http::HeaderMap>) -> anyhow::Result<()> {
+    match trailers.and_then(tonic::Status::from_header_map) {
+        Some(status) if status.code() == tonic::Code::Ok => Ok(()),
+        Some(status) => bail!("ByteStream.{method}: {status}"),
+        None => bail!("ByteStream.{method}: the response ended without a grpc-status"),
     }
 }
 
