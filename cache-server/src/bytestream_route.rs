@@ -266,13 +266,10 @@ pub fn message_frames(fields: &[u8], data: Bytes) -> (Bytes, Bytes) {
 }
 
 /// `message` (an encoded protobuf) as one uncompressed gRPC message: flag, big-endian length,
-/// bytes. What a client sends as a `Read` request body.
+/// bytes ([`message_frames`] with no data field). What a client sends as a `Read` request body.
 pub fn grpc_message(message: &[u8]) -> Vec<u8> {
-    let mut framed = Vec::with_capacity(GRPC_HEADER + message.len());
-    framed.push(0);
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
-    framed
+    let (framed, _) = message_frames(message, Bytes::new());
+    framed.to_vec()
 }
 
 /// Decodes a `ByteStream.Read` response body as it arrives, handing on each piece of
