@@ -939,8 +939,9 @@ impl Uploads {
 impl ByteStream for ByteStreamService {
     type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-    /// Not reached over the network: [`crate::bytestream_route::ByteStreamRoute`] serves `Read` without
-    /// tonic's encoder. Kept for the trait, and it answers the same (its `Vec` copies the data).
+    /// Not reached over the network: [`crate::bytestream_route::ByteStreamCalls`] serves `Read`
+    /// without tonic's encoder. Kept for the trait, and it answers the same (its `Vec` copies
+    /// the data).
     async fn read(
         &self,
         request: Request<ReadRequest>,
@@ -951,7 +952,7 @@ impl ByteStream for ByteStreamService {
         }))))
     }
 
-    /// Not reached over the network either: [`crate::bytestream_route::ByteStreamRoute`]
+    /// Not reached over the network either: [`crate::bytestream_route::ByteStreamCalls`]
     /// decodes `Write` requests into [`WriteMessage`]s itself. Kept for the trait.
     async fn write(
         &self,

@@ -7,7 +7,7 @@
 //! the kernel's send). For a 1 MiB `ReadResponse` that copy is the whole message: `perf` of
 //! `cache-server` under a 1 GiB read put it at 15 % of the server's CPU. A `ReadResponse` is one
 //! `bytes` field, so its encoding is a 5-byte gRPC header and a 2–4 byte protobuf field header
-//! in front of the data; [`ByteStreamRoute`] sends those few bytes and the store's buffer as
+//! in front of the data; [`ByteStreamCalls`] sends those few bytes and the store's buffer as
 //! separate body frames, and h2 hands the buffer to `writev` as it is.
 //!
 //! Why, for `Write`: the generated `WriteRequest` holds its data in a `Vec<u8>`, which prost
@@ -19,13 +19,11 @@
 //! Only the framing and decoding are ours. Requests go through the same [`Authenticator`] as
 //! every other call; the answers come from [`ByteStreamService::open_read`] and
 //! [`ByteStreamService::open_write`] (the one place reads and writes are decided and counted);
-//! `QueryWriteStatus` goes to tonic's generated server unchanged. Errors before the first
-//! message are a trailers-only response, as tonic sends them; errors mid-stream end the body
-//! with `grpc-status` trailers.
+//! `QueryWriteStatus` goes to tonic's generated server unchanged
+//! ([`crate::hand_route::HandRoute`]). Errors before the first message are a trailers-only
+//! response, as tonic sends them; errors mid-stream end the body with `grpc-status` trailers.
 
-use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
@@ -34,14 +32,13 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use prost::Message;
 use rba_proto::bytestream::{ReadRequest, WriteResponse};
 use tonic::body::Body;
-use tonic::codegen::{Service, http};
+use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::server::NamedService;
-use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
 use crate::bytestream::{ByteStreamService, ReadChunks, WriteMessage};
+use crate::hand_route::{HandAnswer, HandCalls, authenticated};
 
 /// The path of `google.bytestream.ByteStream/Read`.
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
@@ -52,56 +49,33 @@ const GRPC_HEADER: usize = 5;
 /// `ReadResponse.data` and `WriteRequest.data` are field 10, length-delimited: (10 << 3) | 2.
 const DATA_FIELD_KEY: u8 = 0x52;
 
-/// The ByteStream service with `Read` served by [`serve_read`] and `Write` by [`WriteCall`];
-/// every other path goes to `others` (tonic's generated server behind the interceptor).
+/// ByteStream's `Read` served by [`serve_read`] and `Write` by [`WriteCall`]; every other path
+/// goes to the generated server behind [`crate::hand_route::HandRoute`].
 #[derive(Clone)]
-pub struct ByteStreamRoute<S> {
+pub struct ByteStreamCalls {
     service: ByteStreamService,
     auth: Authenticator,
     max_request_bytes: usize,
-    others: S,
 }
 
-impl<S> ByteStreamRoute<S> {
+impl ByteStreamCalls {
     /// `Read` and `Write` by `service` (after `auth`, with request messages up to
-    /// `max_request_bytes`), the rest by `others`.
-    pub fn new(
-        service: ByteStreamService,
-        auth: Authenticator,
-        max_request_bytes: usize,
-        others: S,
-    ) -> Self {
-        ByteStreamRoute {
+    /// `max_request_bytes`).
+    pub fn new(service: ByteStreamService, auth: Authenticator, max_request_bytes: usize) -> Self {
+        ByteStreamCalls {
             service,
             auth,
             max_request_bytes,
-            others,
         }
     }
 }
 
-impl<S: NamedService> NamedService for ByteStreamRoute<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> Service<http::Request<Body>> for ByteStreamRoute<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<tonic::codegen::StdError>,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.others.poll_ready(cx)
+impl HandCalls for ByteStreamCalls {
+    fn serves(&self, path: &str) -> bool {
+        path == READ_PATH || path == WRITE_PATH
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn serve(&self, request: http::Request<Body>) -> HandAnswer {
         let (service, auth, limit) = (
             self.service.clone(),
             self.auth.clone(),
@@ -109,12 +83,13 @@ where
         );
         match request.uri().path() {
             READ_PATH => Box::pin(async move {
-                Ok(match serve_read(service, auth, limit, request).await {
+                match serve_read(service, auth, limit, request).await {
                     Ok(response) => response,
                     Err(status) => status.into_http(),
-                })
+                }
             }),
-            WRITE_PATH => Box::pin(async move {
+            // WRITE_PATH, the other path these calls serve.
+            _ => Box::pin(async move {
                 // tonic's own client-streaming handling (framing, the message limit, refusing
                 // compression the service does not accept, status), with prost decoding the
                 // data as `Bytes`.
@@ -123,14 +98,9 @@ where
                     WriteMessage,
                 >::default())
                 .apply_max_message_size_config(Some(limit), None);
-                Ok(grpc
-                    .client_streaming(WriteCall { service, auth }, request)
-                    .await)
+                grpc.client_streaming(WriteCall { service, auth }, request)
+                    .await
             }),
-            _ => {
-                let answer = self.others.call(request);
-                Box::pin(async move { Ok(answer.await?.map(Body::new)) })
-            }
         }
     }
 }
@@ -149,10 +119,7 @@ impl tonic::server::ClientStreamingService<WriteMessage> for WriteCall {
     fn call(&mut self, request: Request<tonic::Streaming<WriteMessage>>) -> Self::Future {
         let (service, mut auth) = (self.service.clone(), self.auth.clone());
         Box::pin(async move {
-            let (metadata, extensions, messages) = request.into_parts();
-            let checked = auth.call(Request::from_parts(metadata, extensions, ()))?;
-            let (metadata, extensions, ()) = checked.into_parts();
-            let request = Request::from_parts(metadata, extensions, messages);
+            let request = authenticated(&mut auth, request)?;
             service.open_write(request).await.map(Response::new)
         })
     }
@@ -185,11 +152,11 @@ async fn serve_read(
         .to_bytes();
     let message = read_request(&body)?;
     let metadata = MetadataMap::from_headers(parts.headers);
-    let request = auth.call(Request::from_parts(metadata, parts.extensions, ()))?;
-    let (metadata, extensions, ()) = request.into_parts();
-    let stream = reads
-        .open_read(Request::from_parts(metadata, extensions, message))
-        .await?;
+    let request = authenticated(
+        &mut auth,
+        Request::from_parts(metadata, parts.extensions, message),
+    )?;
+    let stream = reads.open_read(request).await?;
     let mut response = http::Response::new(Body::new(StreamBody::new(frames(stream))));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -274,7 +241,7 @@ pub fn grpc_message(message: &[u8]) -> Vec<u8> {
 
 /// Decodes a `ByteStream.Read` response body as it arrives, handing on each piece of
 /// `ReadResponse.data` as a slice of the chunk it came in (no copy): the client side of
-/// [`ByteStreamRoute`]'s framing, for clients that verify what they read and cannot spare a copy of
+/// [`ByteStreamCalls`]' framing, for clients that verify what they read and cannot spare a copy of
 /// every byte (`reapi-bench`). Any server's framing decodes: messages and field headers may be
 /// split anywhere, and fields other than `data` are skipped.
 #[derive(Debug, Default)]

@@ -45,6 +45,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::cas_route::FindMissingQuery;
 use crate::resource_name::Compressor;
 use crate::server::ServerState;
 use crate::status::{self, blocking};
@@ -92,9 +93,20 @@ impl CasService {
         CasService { state }
     }
 
+    /// FindMissingBlobs, counted: what the generated trait's method answers and what
+    /// [`crate::cas_route::CasCalls`] answers over the network.
+    pub async fn answer_find_missing(
+        &self,
+        request: Request<FindMissingQuery>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let result = self.find_missing(request).await;
+        self.state.metrics.request("FindMissingBlobs", &result);
+        result.map(Response::new)
+    }
+
     async fn find_missing(
         &self,
-        request: Request<FindMissingBlobsRequest>,
+        request: Request<FindMissingQuery>,
     ) -> Result<FindMissingBlobsResponse, Status> {
         auth::require_read(&request)?;
         let scope = auth::read_scope(&request);
@@ -104,7 +116,7 @@ impl CasService {
         let digests = request
             .blob_digests
             .iter()
-            .map(|d| status::digest(function, d))
+            .map(|d| d.digest(function))
             .collect::<Result<Vec<_>, _>>()?;
         let stores = &self.state.stores;
         // Present blobs were just asked about: a build is about to use them (touched).
@@ -578,13 +590,14 @@ impl TreeWalker {
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for CasService {
+    /// Not reached over the network: [`crate::cas_route::CasCalls`] decodes the request into
+    /// a [`FindMissingQuery`] itself. Kept for the trait, and it answers the same.
     async fn find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let result = self.find_missing(request).await;
-        self.state.metrics.request("FindMissingBlobs", &result);
-        result.map(Response::new)
+        self.answer_find_missing(request.map(FindMissingQuery::from))
+            .await
     }
 
     async fn batch_update_blobs(

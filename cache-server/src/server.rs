@@ -53,10 +53,12 @@ use tonic::service::interceptor::InterceptedService;
 use crate::action_cache::ActionCacheService;
 use crate::auth::Authenticator;
 use crate::bytestream::{ByteStreamService, Uploads};
-use crate::bytestream_route::ByteStreamRoute;
+use crate::bytestream_route::ByteStreamCalls;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
+use crate::cas_route::CasCalls;
 use crate::config::Config;
+use crate::hand_route::HandRoute;
 use crate::metrics::Metrics;
 
 /// What every service shares. Cheap to clone.
@@ -238,9 +240,16 @@ impl Server {
         let capabilities = CapabilitiesServer::new(CapabilitiesService::new(state.clone()))
             .max_decoding_message_size(decode)
             .max_encoding_message_size(encode);
-        let cas = ContentAddressableStorageServer::new(CasService::new(state.clone()))
-            .max_decoding_message_size(decode)
-            .max_encoding_message_size(encode);
+        let cas_service = CasService::new(state.clone());
+        let cas = HandRoute::new(
+            CasCalls::new(cas_service.clone(), auth.clone(), decode, encode),
+            InterceptedService::new(
+                ContentAddressableStorageServer::new(cas_service)
+                    .max_decoding_message_size(decode)
+                    .max_encoding_message_size(encode),
+                auth.clone(),
+            ),
+        );
         let action_cache = ActionCacheServer::new(ActionCacheService::new(state.clone()))
             .max_decoding_message_size(decode)
             .max_encoding_message_size(encode);
@@ -253,10 +262,8 @@ impl Server {
             bytestream_service =
                 bytestream_service.with_read_source(Arc::new(services.live_output.clone()));
         }
-        let bytestream = ByteStreamRoute::new(
-            bytestream_service.clone(),
-            auth.clone(),
-            decode,
+        let bytestream = HandRoute::new(
+            ByteStreamCalls::new(bytestream_service.clone(), auth.clone(), decode),
             InterceptedService::new(
                 ByteStreamServer::new(bytestream_service)
                     .max_decoding_message_size(decode)
@@ -297,7 +304,7 @@ impl Server {
             .max_frame_size(Some((1 << 20) - 1))
             .tcp_nodelay(true)
             .add_service(InterceptedService::new(capabilities, auth.clone()))
-            .add_service(InterceptedService::new(cas, auth.clone()))
+            .add_service(cas)
             .add_service(InterceptedService::new(action_cache, auth.clone()))
             .add_service(bytestream)
             .add_optional_service(execution)

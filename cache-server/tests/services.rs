@@ -13,9 +13,9 @@ use rba_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
 use rba_proto::error_details::StatusExt;
 use rba_proto::reapi::{
     self, ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Directory, DirectoryNode,
-    FileNode, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
-    GetTreeRequest, OutputDirectory, OutputFile, Tree, UpdateActionResultRequest,
-    batch_update_blobs_request, compressor, digest_function,
+    FileNode, FindMissingBlobsRequest, FindMissingBlobsResponse, GetActionResultRequest,
+    GetCapabilitiesRequest, GetTreeRequest, OutputDirectory, OutputFile, Tree,
+    UpdateActionResultRequest, batch_update_blobs_request, compressor, digest_function,
 };
 use tonic::Code;
 
@@ -1358,20 +1358,24 @@ async fn raw_read(
     headers: &[(&'static str, &'static str)],
     body: Vec<u8>,
 ) -> (Code, String, Vec<u8>) {
-    raw_call(channel, "Read", headers, vec![body]).await
+    raw_call(channel, BYTESTREAM_READ, headers, vec![body]).await
 }
 
-/// A ByteStream `method` called over raw HTTP/2, its request body sent as the given `pieces`
-/// (one DATA frame each): the status, its message and the response body.
+const BYTESTREAM_READ: &str = "/google.bytestream.ByteStream/Read";
+const BYTESTREAM_WRITE: &str = "/google.bytestream.ByteStream/Write";
+const FIND_MISSING: &str =
+    "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+
+/// The gRPC method at `path` called over raw HTTP/2, its request body sent as the given
+/// `pieces` (one DATA frame each): the status, its message and the response body.
 async fn raw_call(
     channel: &mut tonic::transport::Channel,
-    method: &str,
+    path: &str,
     headers: &[(&'static str, &'static str)],
     pieces: Vec<Vec<u8>>,
 ) -> (Code, String, Vec<u8>) {
     use http_body_util::BodyExt;
     use tonic::codegen::Service;
-    let path = format!("/google.bytestream.ByteStream/{method}");
     let mut request = tonic::codegen::http::Request::post(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -1641,7 +1645,8 @@ async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name(
     ];
     for (headers, body, expected, named) in cases {
         let length = body.len();
-        let (code, message, _) = raw_call(&mut channel, "Write", headers, ragged(&body)).await;
+        let (code, message, _) =
+            raw_call(&mut channel, BYTESTREAM_WRITE, headers, ragged(&body)).await;
         assert_eq!(code, expected, "{length}-byte body {headers:?}: {message}");
         assert!(
             message.contains(named),
@@ -1682,13 +1687,113 @@ async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name(
     ]
     .concat();
     body.extend(grpc_message(&last));
-    let (code, message, response) = raw_call(&mut channel, "Write", &[], ragged(&body)).await;
+    let (code, message, response) =
+        raw_call(&mut channel, BYTESTREAM_WRITE, &[], ragged(&body)).await;
     assert_eq!(code, Code::Ok, "{message}");
     let committed = rba_proto::bytestream::WriteResponse::decode(&response[5..]).unwrap();
     assert_eq!(committed.committed_size, data.len() as i64);
     assert!(!is_missing(&mut c).await);
     let read = resource_name::read_name("", &digest, Compressor::Identity);
     assert_eq!(c.read(&read, 0, 0).await.unwrap(), data);
+}
+
+#[tokio::test]
+async fn find_missing_requests_decoded_by_hand_are_answered_or_refused_by_name() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    let mut channel = server.channel().await;
+    let present = c.put("", SHA, b"present").await;
+    // 2,000 digests, every other one absent, each digest message in one of the shapes a
+    // protobuf encoder may write (as every client does, size first, an unknown field, the hash
+    // twice with the last one right, the size written out as a non-minimal varint), the
+    // request cut into ragged frames.
+    let field = |key: u8, value: &[u8]| [&[key, value.len() as u8][..], value].concat();
+    let mut message = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..2_000u32 {
+        let digest = if i % 2 == 0 {
+            present
+        } else {
+            let absent = SHA.digest_of(&i.to_le_bytes());
+            expected.push(absent.to_reapi());
+            absent
+        };
+        let hash = field(0x0a, digest.hash_hex().as_bytes());
+        let mut size = vec![0x10];
+        prost::encoding::encode_varint(digest.size, &mut size);
+        let shape = match i % 5 {
+            0 => digest.to_reapi().encode_to_vec(),
+            1 => [size, hash].concat(),
+            2 => [hash, size, vec![0x98, 0x06, 0x01]].concat(),
+            3 => [field(0x0a, &[b'z'; 64]), hash, size].concat(),
+            _ => [
+                hash,
+                vec![0x10, 0x80 | digest.size as u8 & 0x7f, 0x80, 0x00],
+            ]
+            .concat(),
+        };
+        message.push(0x12);
+        prost::encoding::encode_varint(shape.len() as u64, &mut message);
+        message.extend(shape);
+    }
+    let body = grpc_message(&message);
+    let (code, status, response) = raw_call(&mut channel, FIND_MISSING, &[], ragged(&body)).await;
+    assert_eq!(code, Code::Ok, "{status}");
+    let missing = FindMissingBlobsResponse::decode(&response[5..]).unwrap();
+    assert_eq!(missing.missing_blob_digests, expected);
+
+    // Refused, each by name, and the server goes on.
+    let limit = server.config.max_decoding_message_bytes();
+    let uppercase = FindMissingBlobsRequest {
+        blob_digests: vec![wire(&"AB".repeat(32), 1)],
+        ..Default::default()
+    };
+    let mut compressed_flag = grpc_message(&message);
+    compressed_flag[0] = 1;
+    let mut truncated = grpc_message(&message);
+    truncated.truncate(truncated.len() - 1);
+    let mut cut_digest = message[..message.len() - 10].to_vec();
+    cut_digest = grpc_message(&cut_digest);
+    let cases: Vec<RawCase> = vec![
+        (&[], vec![], Code::Internal, "Missing request message"),
+        (
+            &[],
+            grpc_message(&[0xff, 0xff, 0xff]),
+            Code::Internal,
+            "decode",
+        ),
+        (&[], compressed_flag, Code::Internal, "compress"),
+        (
+            &[("grpc-encoding", "gzip")],
+            grpc_message(&message),
+            Code::Unimplemented,
+            "gzip",
+        ),
+        (&[], truncated, Code::Internal, "EOF"),
+        (&[], cut_digest, Code::Internal, "decode"),
+        (
+            &[],
+            grpc_message(&uppercase.encode_to_vec()),
+            Code::InvalidArgument,
+            "malformed hash \"ABAB",
+        ),
+        (
+            &[],
+            [&[0u8][..], &((limit + 1) as u32).to_be_bytes()].concat(),
+            Code::OutOfRange,
+            "too large",
+        ),
+    ];
+    for (headers, body, expected, named) in cases {
+        let length = body.len();
+        let (code, message, _) = raw_call(&mut channel, FIND_MISSING, headers, ragged(&body)).await;
+        assert_eq!(code, expected, "{length}-byte body {headers:?}: {message}");
+        assert!(
+            message.contains(named),
+            "{length}-byte body: {message:?} should name {named:?}"
+        );
+        still_serving(&mut c).await;
+    }
 }
 
 #[tokio::test]

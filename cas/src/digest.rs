@@ -267,21 +267,26 @@ impl Digest {
 }
 
 fn parse_hash(hash_hex: &str) -> Result<[u8; 32], DigestError> {
-    let malformed = || DigestError::MalformedHash(truncate(hash_hex));
-    let bytes = hash_hex.as_bytes();
-    if bytes.len() != 64 {
-        return Err(malformed());
+    hash_from_hex(hash_hex.as_bytes()).ok_or_else(|| DigestError::MalformedHash(truncate(hash_hex)))
+}
+
+/// The hash whose lowercase hex is `hex` (64 digits, nothing else), or `None`: the one rule
+/// for a digest's hash text, for callers that hold it as bytes (a request decoded by hand)
+/// as well as [`Digest::from_hex`].
+pub fn hash_from_hex(hex: &[u8]) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
     }
     // One pass, lowercase only: FindMissing parses thousands of these per request.
     let mut hash = [0u8; 32];
-    for (out, pair) in hash.iter_mut().zip(bytes.chunks_exact(2)) {
+    for (out, pair) in hash.iter_mut().zip(hex.chunks_exact(2)) {
         let (high, low) = (LOWER_HEX[pair[0] as usize], LOWER_HEX[pair[1] as usize]);
         if (high | low) > 0x0f {
-            return Err(malformed());
+            return None;
         }
         *out = (high << 4) | low;
     }
-    Ok(hash)
+    Some(hash)
 }
 
 /// Value of each lowercase hex digit, 0xff for every other byte.
