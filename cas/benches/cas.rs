@@ -1,4 +1,6 @@
-//! CAS benchmarks: hashing through our `Hasher` vs the raw hash crates, store put/get, and
+//! CAS benchmarks: hashing through our `Hasher` vs the raw hash crates, store put/get, a
+//! FindMissing of 1,000 digests answered from the presence cache (one lock per shard, as the
+//! store does it, beside one lookup per digest, `contains`, the way it did before), and
 //! Merkle builds of generated trees, cold and with the stat cache warm.
 //!
 //! `cargo bench -p rba-cas` runs the criterion groups, then times the Merkle builds explicitly
@@ -81,6 +83,44 @@ fn store_put_get(c: &mut Criterion) {
         });
         group.finish();
     }
+}
+
+/// FindMissing of 1,000 digests (900 of 10,000 stored blobs, 100 never stored, all known to
+/// the presence cache), from memory alone.
+fn find_missing_cached(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let stored: Vec<_> = (0..10_000u64)
+        .map(|i| {
+            store
+                .put_bytes(DigestFunction::Sha256, &i.to_le_bytes())
+                .unwrap()
+        })
+        .collect();
+    let asked: Vec<_> = (0..1_000u64)
+        .map(|i| {
+            if i % 10 == 9 {
+                DigestFunction::Sha256.digest_of(format!("absent {i}").as_bytes())
+            } else {
+                stored[(i * 7_919 % 10_000) as usize]
+            }
+        })
+        .collect();
+    // Once from the index, so the cache knows every digest asked.
+    assert_eq!(store.find_missing(&asked).unwrap().len(), 100);
+    let mut group = c.benchmark_group("find_missing 1000 digests, cached");
+    group.bench_function("one lock per shard (find_missing_cached)", |b| {
+        b.iter(|| store.find_missing_cached(black_box(&asked), false).unwrap())
+    });
+    group.bench_function("one lock per digest (contains)", |b| {
+        b.iter(|| {
+            black_box(&asked)
+                .iter()
+                .filter(|d| !store.contains(d).unwrap())
+                .count()
+        })
+    });
+    group.finish();
 }
 
 /// Writes `files` files of 256 B – 4 KiB, 100 per directory, two directory levels, plus a
@@ -176,6 +216,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     hashing(&mut c);
     store_put_get(&mut c);
+    find_missing_cached(&mut c);
     let ten_k = tempfile::tempdir().unwrap();
     let start = Instant::now();
     generate_tree(ten_k.path(), 10_000);
