@@ -1506,6 +1506,39 @@ async fn bytestream_read_requests_framed_by_hand_are_answered_or_refused_by_name
     assert_eq!(c.read(&name, 0, 0).await.unwrap(), data);
 }
 
+/// The request bodies tonic's own framing refuses, around `message` (a well-formed request
+/// message), for the calls decoded by hand through tonic's server handling: garbage protobuf,
+/// the compressed flag without an encoding, a gzip `grpc-encoding`, the body one byte short,
+/// a message longer than `limit`.
+fn tonic_framing_cases(message: &[u8], limit: usize) -> Vec<RawCase<'static>> {
+    let mut compressed_flag = grpc_message(message);
+    compressed_flag[0] = 1;
+    let mut truncated = grpc_message(message);
+    truncated.truncate(truncated.len() - 1);
+    vec![
+        (
+            &[],
+            grpc_message(&[0xff, 0xff, 0xff]),
+            Code::Internal,
+            "decode",
+        ),
+        (&[], compressed_flag, Code::Internal, "compress"),
+        (
+            &[("grpc-encoding", "gzip")],
+            grpc_message(message),
+            Code::Unimplemented,
+            "gzip",
+        ),
+        (&[], truncated, Code::Internal, "EOF"),
+        (
+            &[],
+            [&[0u8][..], &((limit + 1) as u32).to_be_bytes()].concat(),
+            Code::OutOfRange,
+            "too large",
+        ),
+    ]
+}
+
 /// `body` cut into pieces of 1, 2, 3, … bytes, then of 64 KiB and 1 MiB + 1: messages,
 /// headers and fields split across HTTP/2 frames every way.
 fn ragged(body: &[u8]) -> Vec<Vec<u8>> {
@@ -1564,10 +1597,6 @@ async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name(
     // Refused, each on an upload of its own; nothing is stored and the server goes on.
     let limit = server.config.max_decoding_message_bytes();
     let whole = |uuid: &str| message(uuid, 0, data.len(), true);
-    let mut compressed_flag = grpc_message(&whole("c"));
-    compressed_flag[0] = 1;
-    let mut truncated = grpc_message(&whole("t"));
-    truncated.truncate(truncated.len() - 1);
     let renamed_second = [
         grpc_message(&message("r", 0, 1000, false)),
         grpc_message(
@@ -1602,22 +1631,8 @@ async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name(
         }
         .encode_to_vec(),
     );
-    let cases: Vec<RawCase> = vec![
+    let mut cases: Vec<RawCase> = vec![
         (&[], vec![], Code::InvalidArgument, "empty write stream"),
-        (
-            &[],
-            grpc_message(&[0xff, 0xff, 0xff]),
-            Code::Internal,
-            "decode",
-        ),
-        (&[], compressed_flag, Code::Internal, "compress"),
-        (
-            &[("grpc-encoding", "gzip")],
-            grpc_message(&whole("z")),
-            Code::Unimplemented,
-            "gzip",
-        ),
-        (&[], truncated, Code::Internal, "EOF"),
         (
             &[],
             renamed_second,
@@ -1636,13 +1651,8 @@ async fn bytestream_writes_decoded_without_a_copy_are_stored_or_refused_by_name(
             Code::InvalidArgument,
             "received 2500001 bytes",
         ),
-        (
-            &[],
-            [&[0u8][..], &((limit + 1) as u32).to_be_bytes()].concat(),
-            Code::OutOfRange,
-            "too large",
-        ),
     ];
+    cases.extend(tonic_framing_cases(&whole("f"), limit));
     for (headers, body, expected, named) in cases {
         let length = body.len();
         let (code, message, _) =
@@ -1748,28 +1758,9 @@ async fn find_missing_requests_decoded_by_hand_are_answered_or_refused_by_name()
         blob_digests: vec![wire(&"AB".repeat(32), 1)],
         ..Default::default()
     };
-    let mut compressed_flag = grpc_message(&message);
-    compressed_flag[0] = 1;
-    let mut truncated = grpc_message(&message);
-    truncated.truncate(truncated.len() - 1);
-    let mut cut_digest = message[..message.len() - 10].to_vec();
-    cut_digest = grpc_message(&cut_digest);
-    let cases: Vec<RawCase> = vec![
+    let cut_digest = grpc_message(&message[..message.len() - 10]);
+    let mut cases: Vec<RawCase> = vec![
         (&[], vec![], Code::Internal, "Missing request message"),
-        (
-            &[],
-            grpc_message(&[0xff, 0xff, 0xff]),
-            Code::Internal,
-            "decode",
-        ),
-        (&[], compressed_flag, Code::Internal, "compress"),
-        (
-            &[("grpc-encoding", "gzip")],
-            grpc_message(&message),
-            Code::Unimplemented,
-            "gzip",
-        ),
-        (&[], truncated, Code::Internal, "EOF"),
         (&[], cut_digest, Code::Internal, "decode"),
         (
             &[],
@@ -1777,13 +1768,8 @@ async fn find_missing_requests_decoded_by_hand_are_answered_or_refused_by_name()
             Code::InvalidArgument,
             "malformed hash \"ABAB",
         ),
-        (
-            &[],
-            [&[0u8][..], &((limit + 1) as u32).to_be_bytes()].concat(),
-            Code::OutOfRange,
-            "too large",
-        ),
     ];
+    cases.extend(tonic_framing_cases(&message, limit));
     for (headers, body, expected, named) in cases {
         let length = body.len();
         let (code, message, _) = raw_call(&mut channel, FIND_MISSING, headers, ragged(&body)).await;

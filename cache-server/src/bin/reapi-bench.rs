@@ -250,29 +250,13 @@ impl Bench {
                 .map(|frame| Ok::<_, std::convert::Infallible>(http_body::Frame::data(frame)))
         }));
         let start = Instant::now();
-        let response = self
-            .raw_call(
+        let response: WriteResponse = self
+            .raw_response(
                 WRITE_PATH,
                 tonic::body::Body::new(http_body_util::StreamBody::new(frames)),
             )
             .await?;
-        let answer = response
-            .into_body()
-            .collect()
-            .await
-            .context("ByteStream.Write: the response body")?;
         let elapsed = start.elapsed().as_secs_f64();
-        call_status(WRITE_PATH, answer.trailers())?;
-        let body = answer.to_bytes();
-        let response = body
-            .get(5..)
-            .and_then(|message| WriteResponse::decode(message).ok())
-            .with_context(|| {
-                format!(
-                    "ByteStream.Write: {} bytes that are no WriteResponse",
-                    body.len()
-                )
-            })?;
         if response.committed_size != size as i64 {
             bail!(
                 "server committed {} of {size} bytes",
@@ -307,20 +291,16 @@ impl Bench {
         Ok(response)
     }
 
-    /// A unary call of the method at `path` with `request` (a whole gRPC message, encoded
-    /// before the clock started): its response message.
-    async fn raw_unary<T: Message + Default>(
+    /// The one response message of the method at `path` called with `body` (a unary
+    /// request, or a client stream).
+    async fn raw_response<T: Message + Default>(
         &self,
         path: &'static str,
-        request: Bytes,
+        body: tonic::body::Body,
     ) -> anyhow::Result<T> {
-        let response = self
-            .raw_call(
-                path,
-                tonic::body::Body::new(http_body_util::Full::new(request)),
-            )
-            .await?;
-        let answer = response
+        let answer = self
+            .raw_call(path, body)
+            .await?
             .into_body()
             .collect()
             .await
@@ -775,8 +755,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 start_line.wait().await;
                 for request in requests {
                     let start = Instant::now();
+                    let request = tonic::body::Body::new(http_body_util::Full::new(request));
                     bench
-                        .raw_unary::<FindMissingBlobsResponse>(FIND_MISSING_PATH, request)
+                        .raw_response::<FindMissingBlobsResponse>(FIND_MISSING_PATH, request)
                         .await?;
                     latencies.push(start.elapsed());
                 }
