@@ -442,11 +442,16 @@ impl Grants for EmbeddedGrants {
         blocking(move || EmbeddedGrants::grant(&grants, &tenant, &digests)).await
     }
 
+    /// On the calling thread when every digest is remembered granted (memory only), else one
+    /// hop to the blocking pool for the whole call (tree reads).
     async fn not_readable_by_any(
         &self,
         tenants: &[&str],
         digests: &[Digest],
     ) -> Result<Vec<Digest>> {
+        if self.all_remembered_readable(tenants, digests)? {
+            return Ok(Vec::new());
+        }
         let grants = self.clone();
         let tenants: Vec<String> = tenants.iter().map(|t| t.to_string()).collect();
         let digests = digests.to_vec();
