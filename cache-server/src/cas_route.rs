@@ -1,10 +1,11 @@
 //! FindMissingBlobs with its request decoded straight into digests.
 //!
-//! Why: a FindMissing of 1,000 digests is 70 KB of protobuf whose decoding was most of what the
-//! call cost once the store answered from memory. prost decoded each digest into a generated
-//! `Digest` (a `String` allocated and copied, then freed) through the generic `Buf` calls of
-//! tonic's receive buffer, and the hash text was then parsed again: 120–130 µs per request
-//! here, against 35–40 µs for [`FindMissingQuery`], which reads the digest messages every
+//! Why: a FindMissing of 1,000 digests is 70 KB of protobuf, and once the store answered from
+//! memory its decoding was a third of the server's CPU for the call (`perf`). prost decoded
+//! each digest into a generated `Digest` (a `String` allocated and copied, then freed) through
+//! the generic `Buf` calls of tonic's receive buffer, and the hash text was then parsed again:
+//! 126 µs per request against 55 µs for [`FindMissingQuery`] (`cargo bench -p
+//! rba-cache-server --bench find_missing_decode`), which reads the digest messages every
 //! client sends (a 64-digit lowercase hash field, then the size) directly from the buffer into
 //! their 32 bytes. Any other shape of digest message (fields in another order, unknown fields,
 //! a hash that is not lowercase hex, a negative size) is decoded by prost as before and judged
