@@ -208,9 +208,11 @@ impl EmbeddedGrants {
         self.not_readable_by_any(&[tenant], digests)
     }
 
-    /// True when one of `tenants` is remembered to have been granted every one of `digests`
-    /// (the empty blob needs no grant): a check in memory that never blocks.
-    pub fn all_remembered_readable(&self, tenants: &[&str], digests: &[Digest]) -> Result<bool> {
+    /// For each of `digests`, whether the tree need not be asked: it is remembered granted to
+    /// one of `tenants`, or it is the empty blob (which needs no grant). Memory only, never
+    /// blocks: async callers answer from it alone when every one is, and otherwise hand it to
+    /// [`EmbeddedGrants::not_readable_beyond`] on a blocking thread.
+    pub(crate) fn remembered(&self, tenants: &[&str], digests: &[Digest]) -> Result<Vec<bool>> {
         for tenant in tenants {
             check_tenant(tenant)?;
         }
@@ -219,7 +221,8 @@ impl EmbeddedGrants {
             .granted(tenants, digests)
             .into_iter()
             .zip(digests)
-            .all(|(known, digest)| known || digest.is_empty_blob()))
+            .map(|(known, digest)| known || digest.is_empty_blob())
+            .collect())
     }
 
     /// Of `digests`, those none of `tenants` may read, in the order given, without duplicates
@@ -228,15 +231,23 @@ impl EmbeddedGrants {
     /// grants remembered answer first; the tree is asked about the rest, and what it confirms
     /// is remembered.
     pub fn not_readable_by_any(&self, tenants: &[&str], digests: &[Digest]) -> Result<Vec<Digest>> {
-        for tenant in tenants {
-            check_tenant(tenant)?;
-        }
-        let known = self.known.granted(tenants, digests);
+        let remembered = self.remembered(tenants, digests)?;
+        self.not_readable_beyond(tenants, digests, &remembered)
+    }
+
+    /// [`EmbeddedGrants::not_readable_by_any`] for the digests not `remembered` (what
+    /// [`EmbeddedGrants::remembered`] said of the same `tenants` and `digests`).
+    pub(crate) fn not_readable_beyond(
+        &self,
+        tenants: &[&str],
+        digests: &[Digest],
+        remembered: &[bool],
+    ) -> Result<Vec<Digest>> {
         let mut seen = HashSet::with_hasher(KeyHasher::default());
         let mut refused = Vec::new();
         let mut found: Vec<(&str, Digest)> = Vec::new();
-        for (digest, known) in digests.iter().zip(known) {
-            if known || digest.is_empty_blob() || !seen.insert(*digest) {
+        for (digest, remembered) in digests.iter().zip(remembered) {
+            if *remembered || !seen.insert(*digest) {
                 continue;
             }
             let mut readable = false;
@@ -386,11 +397,12 @@ mod tests {
             cas.reads.known.granted(&["token:a"], &[a, b]),
             [true, false]
         );
-        assert!(
-            !cas.reads
-                .all_remembered_readable(&["token:a"], &[a, b])
-                .unwrap()
-        );
+        let all_remembered = |tenants: &[&str], digests: &[Digest]| {
+            cas.reads
+                .remembered(tenants, digests)
+                .map(|each| each.into_iter().all(|r| r))
+        };
+        assert!(!all_remembered(&["token:a"], &[a, b]).unwrap());
         cas.reads.grant("token:a", [&b]).unwrap();
         assert!(
             cas.reads
@@ -399,17 +411,9 @@ mod tests {
                 .is_empty()
         );
         let empty = function.empty();
-        assert!(
-            cas.reads
-                .all_remembered_readable(&["token:a"], &[a, b, empty])
-                .unwrap()
-        );
-        assert!(
-            !cas.reads
-                .all_remembered_readable(&["token:b"], &[a])
-                .unwrap()
-        );
-        assert!(cas.reads.all_remembered_readable(&[""], &[a]).is_err());
+        assert!(all_remembered(&["token:a"], &[a, b, empty]).unwrap());
+        assert!(!all_remembered(&["token:b"], &[a]).unwrap());
+        assert!(all_remembered(&[""], &[a]).is_err());
     }
 
     #[test]

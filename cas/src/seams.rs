@@ -253,6 +253,23 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| CasError::Unavailable(format!("store task failed: {e}")))?
 }
 
+/// A FindMissing of the filesystem store (touching the present blobs with `touch`): the
+/// existence cache looked up once, on the calling thread; its answer when it has one, else the
+/// index's on the blocking pool, from what the cache already said.
+async fn find_missing_through_cache(
+    store: &BlobStore,
+    digests: &[Digest],
+    touch: bool,
+) -> Result<Vec<Digest>> {
+    let known = store.known_presence(digests);
+    if let Some(missing) = store.answer_from_memory(digests, &known, touch) {
+        return Ok(missing);
+    }
+    let (store, digests) = (store.clone(), digests.to_vec());
+    let touch_at = touch.then(crate::store::now_millis);
+    blocking(move || store.answer_from_index(&digests, known, touch_at)).await
+}
+
 #[async_trait]
 impl Store for BlobStore {
     fn backend(&self) -> &'static str {
@@ -262,12 +279,7 @@ impl Store for BlobStore {
     /// From the existence cache on the calling thread when it knows every digest (memory
     /// only), else one hop to the blocking pool for the whole call (index reads).
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        if let Some(missing) = self.find_missing_cached(digests, false) {
-            return Ok(missing);
-        }
-        let store = self.clone();
-        let digests = digests.to_vec();
-        blocking(move || store.find_missing(&digests)).await
+        find_missing_through_cache(self, digests, false).await
     }
 
     async fn touch(&self, digests: &[Digest]) -> Result<()> {
@@ -280,12 +292,7 @@ impl Store for BlobStore {
     /// knows every digest and no LRU position is due for an update (memory only, however many
     /// digests), else one hop to the blocking pool for the whole call.
     async fn find_missing_and_touch(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        if let Some(missing) = self.find_missing_cached(digests, true) {
-            return Ok(missing);
-        }
-        let store = self.clone();
-        let digests = digests.to_vec();
-        blocking(move || BlobStore::find_missing_and_touch(&store, &digests)).await
+        find_missing_through_cache(self, digests, true).await
     }
 
     async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream> {
@@ -449,7 +456,8 @@ impl Grants for EmbeddedGrants {
         tenants: &[&str],
         digests: &[Digest],
     ) -> Result<Vec<Digest>> {
-        if self.all_remembered_readable(tenants, digests)? {
+        let remembered = self.remembered(tenants, digests)?;
+        if remembered.iter().all(|r| *r) {
             return Ok(Vec::new());
         }
         let grants = self.clone();
@@ -457,7 +465,7 @@ impl Grants for EmbeddedGrants {
         let digests = digests.to_vec();
         blocking(move || {
             let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
-            EmbeddedGrants::not_readable_by_any(&grants, &tenants, &digests)
+            grants.not_readable_beyond(&tenants, &digests, &remembered)
         })
         .await
     }

@@ -352,6 +352,10 @@ impl PresenceCache {
     }
 }
 
+/// What the existence cache knew of each digest of one FindMissing, in order
+/// ([`PresenceShard::known`]).
+pub(crate) struct KnownPresence(Vec<Option<Option<(u64, u64)>>>);
+
 fn shard_index(key: &BlobKey) -> usize {
     key[1] as usize % PRESENCE_SHARDS
 }
@@ -504,18 +508,33 @@ impl BlobStore {
 
     /// [`BlobStore::find_missing`] (with `touch`: [`BlobStore::find_missing_and_touch`])
     /// answered from the existence cache alone, without blocking: `None` as soon as a digest
-    /// needs the index (not cached, or present and due for an LRU update). For async
-    /// callers, which then take one hop to a blocking thread for the whole call.
+    /// needs the index (not cached, or present and due for an LRU update).
     pub fn find_missing_cached(&self, digests: &[Digest], touch: bool) -> Option<Vec<Digest>> {
+        self.answer_from_memory(digests, &self.known_presence(digests), touch)
+    }
+
+    /// What the existence cache knows of each of `digests`, looked up once per FindMissing:
+    /// async callers try [`BlobStore::answer_from_memory`] with it on their own thread, then
+    /// hand it to [`BlobStore::answer_from_index`] on a blocking one when the index is needed.
+    pub(crate) fn known_presence(&self, digests: &[Digest]) -> KnownPresence {
+        KnownPresence(self.inner.presence.known_all(digests))
+    }
+
+    /// [`BlobStore::find_missing_cached`] from what the cache knew.
+    pub(crate) fn answer_from_memory(
+        &self,
+        digests: &[Digest],
+        known: &KnownPresence,
+        touch: bool,
+    ) -> Option<Vec<Digest>> {
         let now = if touch { now_millis() } else { 0 };
         let mut missing = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let known = self.inner.presence.known_all(digests);
-        for (digest, known) in digests.iter().zip(known) {
+        for (digest, known) in digests.iter().zip(&known.0) {
             if digest.is_empty_blob() {
                 continue;
             }
-            match known? {
+            match (*known)? {
                 Some((size, access)) if size == digest.size => {
                     if touch && now.saturating_sub(access) >= ACCESS_GRANULARITY_MS {
                         return None;
@@ -532,10 +551,20 @@ impl BlobStore {
     }
 
     fn find_missing_at(&self, digests: &[Digest], touch_at: Option<u64>) -> Result<Vec<Digest>> {
+        self.answer_from_index(digests, self.known_presence(digests), touch_at)
+    }
+
+    /// The whole answer from what the cache knew and, for the rest, the index (touching the
+    /// present blobs due for it when `touch_at` is given).
+    pub(crate) fn answer_from_index(
+        &self,
+        digests: &[Digest],
+        known: KnownPresence,
+        touch_at: Option<u64>,
+    ) -> Result<Vec<Digest>> {
         let mut present = vec![false; digests.len()];
         let mut unknown = Vec::new();
-        let known = self.inner.presence.known_all(digests);
-        for (index, (digest, cached)) in digests.iter().zip(known).enumerate() {
+        for (index, (digest, cached)) in digests.iter().zip(known.0).enumerate() {
             if digest.is_empty_blob() {
                 present[index] = true;
                 continue;
