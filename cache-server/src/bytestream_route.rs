@@ -38,7 +38,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
 use crate::bytestream::{ByteStreamService, ReadChunks, WriteMessage};
-use crate::hand_route::{HandAnswer, HandCalls, authenticated};
+use crate::hand_route::{HandAnswer, HandCalls, authenticated, grpc};
 
 /// The path of `google.bytestream.ByteStream/Read`.
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
@@ -56,16 +56,24 @@ pub struct ByteStreamCalls {
     service: ByteStreamService,
     auth: Authenticator,
     max_request_bytes: usize,
+    max_response_bytes: usize,
 }
 
 impl ByteStreamCalls {
     /// `Read` and `Write` by `service` (after `auth`, with request messages up to
-    /// `max_request_bytes`).
-    pub fn new(service: ByteStreamService, auth: Authenticator, max_request_bytes: usize) -> Self {
+    /// `max_request_bytes` and `Write` responses up to `max_response_bytes`, the generated
+    /// server's limits).
+    pub fn new(
+        service: ByteStreamService,
+        auth: Authenticator,
+        max_request_bytes: usize,
+        max_response_bytes: usize,
+    ) -> Self {
         ByteStreamCalls {
             service,
             auth,
             max_request_bytes,
+            max_response_bytes,
         }
     }
 }
@@ -89,18 +97,14 @@ impl HandCalls for ByteStreamCalls {
                 }
             }),
             // WRITE_PATH, the other path these calls serve.
-            _ => Box::pin(async move {
-                // tonic's own client-streaming handling (framing, the message limit, refusing
-                // compression the service does not accept, status), with prost decoding the
-                // data as `Bytes`.
-                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-                    WriteResponse,
-                    WriteMessage,
-                >::default())
-                .apply_max_message_size_config(Some(limit), None);
-                grpc.client_streaming(WriteCall { service, auth }, request)
-                    .await
-            }),
+            _ => {
+                // prost decoding the data as `Bytes`.
+                let mut grpc = grpc::<WriteResponse, WriteMessage>(limit, self.max_response_bytes);
+                Box::pin(async move {
+                    grpc.client_streaming(WriteCall { service, auth }, request)
+                        .await
+                })
+            }
         }
     }
 }

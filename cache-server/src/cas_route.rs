@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
 use crate::cas::CasService;
-use crate::hand_route::{HandAnswer, HandCalls, authenticated};
+use crate::hand_route::{HandAnswer, HandCalls, authenticated, grpc};
 use crate::status;
 
 /// The path of `ContentAddressableStorage/FindMissingBlobs`.
@@ -237,15 +237,11 @@ impl HandCalls for CasCalls {
             cas: self.cas.clone(),
             auth: self.auth.clone(),
         };
-        let limits = (Some(self.max_decoding_bytes), Some(self.max_encoding_bytes));
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-                FindMissingBlobsResponse,
-                FindMissingQuery,
-            >::default())
-            .apply_max_message_size_config(limits.0, limits.1);
-            grpc.unary(call, request).await
-        })
+        let mut grpc = grpc::<FindMissingBlobsResponse, FindMissingQuery>(
+            self.max_decoding_bytes,
+            self.max_encoding_bytes,
+        );
+        Box::pin(async move { grpc.unary(call, request).await })
     }
 }
 

@@ -81,6 +81,21 @@ where
     }
 }
 
+/// tonic's own server-side handling of a call (framing, the message limits, compression the
+/// service does not accept refused, status) with prost decoding requests as `Req`: what a
+/// hand-served call runs when only its message type differs from the generated one.
+pub fn grpc<Resp, Req>(
+    max_decoding_bytes: usize,
+    max_encoding_bytes: usize,
+) -> tonic::server::Grpc<tonic_prost::ProstCodec<Resp, Req>>
+where
+    Resp: prost::Message + Send + 'static,
+    Req: prost::Message + Default + Send + 'static,
+{
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+        .apply_max_message_size_config(Some(max_decoding_bytes), Some(max_encoding_bytes))
+}
+
 /// `request` once `auth` accepted its metadata (what the interceptor in front of the generated
 /// servers does), with the extensions `auth` adds (the caller's scope).
 pub fn authenticated<T>(

@@ -263,7 +263,7 @@ impl Server {
                 bytestream_service.with_read_source(Arc::new(services.live_output.clone()));
         }
         let bytestream = HandRoute::new(
-            ByteStreamCalls::new(bytestream_service.clone(), auth.clone(), decode),
+            ByteStreamCalls::new(bytestream_service.clone(), auth.clone(), decode, encode),
             InterceptedService::new(
                 ByteStreamServer::new(bytestream_service)
                     .max_decoding_message_size(decode)
