@@ -11,6 +11,11 @@
 #   under a temp dir, durable (fsync), exactly as deployed.
 # - The same reapi-bench (release build) runs against each; the ratios are ours / BuildGrid's
 #   (throughput, blobs/s) and BuildGrid's / ours (latencies): above 1 means we are better.
+# - The verified single-stream read is also measured paired (`--versus`, PAIRED_READS rounds,
+#   default 5): during our half, the same blob is read from our server and from BuildGrid in
+#   turn, who goes first alternating, and the medians are reported. Each half's own read
+#   figure is taken once, in its own minute; a host that steals CPU for a while (this
+#   project's VMs lose up to ~18 % of it at times) then lands on one side only.
 #
 # - The store's data dir is a fresh directory under $BENCH_DIR (default: $TMPDIR or /tmp). On
 #   an ext4 without a journal (this project's VMs), creating a file in a block group where
@@ -21,7 +26,7 @@
 #   spreads top-level directories over fresh groups).
 #
 # Usage: cache-server/bench/buildgrid.sh  (from the repository root; builds what it needs)
-# Env: BUILDGRID_VERSION, BENCH_ARGS (extra reapi-bench arguments; they override the script's own,
+# Env: BUILDGRID_VERSION, PAIRED_READS, BENCH_ARGS (extra reapi-bench arguments; they override the script's own,
 # e.g. BENCH_ARGS="--read-streams 0 --big-blob-gib 0"), BENCH_DIR, CARGO_TARGET_DIR.
 set -euo pipefail
 
@@ -120,7 +125,8 @@ common=(--throughput-gib 1 --find-tasks 50 --find-calls 20 --work-dir "$work" ${
 echo "# BuildGrid $version (in-memory CAS) on 127.0.0.1:$bg_port" >&2
 bench_run --endpoint "grpc://127.0.0.1:$bg_port" --server-pid "$bg_pid" --big-blob-gib 0 "${common[@]}" | tee "$work/theirs.txt"
 echo "# rba cache-server (disk store, fsync) on 127.0.0.1:$our_port" >&2
-bench_run --endpoint "grpc://127.0.0.1:$our_port" --server-pid "$our_pid" --big-blob-gib 4 "${common[@]}" | tee "$work/ours.txt"
+bench_run --endpoint "grpc://127.0.0.1:$our_port" --server-pid "$our_pid" --big-blob-gib 4 \
+    --versus "grpc://127.0.0.1:$bg_port" --paired-reads "${PAIRED_READS:-5}" "${common[@]}" | tee "$work/ours.txt"
 
 python3 - "$work/ours.txt" "$work/theirs.txt" "$version" <<'PY'
 import re, sys
@@ -139,6 +145,11 @@ def figures(path):
 ours, theirs = figures(sys.argv[1]), figures(sys.argv[2])
 print(f"\n| figure | rba | BuildGrid {sys.argv[3]} | ratio (>1: rba better) |")
 print("|---|---|---|---|")
+paired = None
+for line in open(sys.argv[1]):
+    m = re.match(r"(\S+_paired): ([\d.]+) MiB/s vs ([\d.]+) MiB/s at \S+, median ratio ([\d.]+)x \((\d+) rounds", line)
+    if m:
+        paired = m
 for name, (value, unit) in ours.items():
     if name not in theirs or name.startswith("raw_"):
         continue
@@ -146,4 +157,7 @@ for name, (value, unit) in ours.items():
     ratio = other / value if unit in ("ms", "s/GiB") else value / other
     places = 3 if unit == "s/GiB" else 1
     print(f"| {name} | {value:,.{places}f} {unit} | {other:,.{places}f} {unit} | {ratio:.2f}x |")
+if paired:
+    name, value, other, ratio, rounds = paired.groups()
+    print(f"| {name} (medians of {rounds} alternating rounds) | {float(value):,.1f} MiB/s | {float(other):,.1f} MiB/s | {float(ratio):.2f}x |")
 PY

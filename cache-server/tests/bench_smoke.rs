@@ -9,7 +9,7 @@ mod common;
 use std::process::Output;
 
 use common::{RW_TOKEN, test_config, with_tokens};
-use rba_cache_server::Server;
+use rba_cache_server::{RunningServer, Server};
 
 /// Flags that shrink every phase to a second or so in a debug build.
 const TINY: [&str; 14] = [
@@ -198,4 +198,87 @@ async fn reapi_bench_runs_its_own_server_embedded() {
     }
     // The embedded server shares the bench's process: its CPU is not the server's alone.
     assert!(!stdout.contains("_server_cpu: "), "{stdout}");
+}
+
+/// `--versus`: the same blob is written to a second server and read from both in turn, each
+/// round printed, then the medians; a second endpoint that cannot be reached, or no rounds,
+/// is refused by name before any paired figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reapi_bench_reads_a_second_endpoint_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Server::spawn(with_tokens(test_config(&dir.path().join("ours"))))
+        .await
+        .unwrap();
+    let theirs = Server::spawn(with_tokens(test_config(&dir.path().join("theirs"))))
+        .await
+        .unwrap();
+    let grpc = |server: &RunningServer| server.url().replacen("http://", "grpc://", 1);
+    let work = dir.path().join("bench").display().to_string();
+    let paired = |versus: String, rounds: &str| {
+        let args: Vec<String> = [
+            "--endpoint",
+            &grpc(&ours),
+            "--token",
+            RW_TOKEN,
+            "--versus",
+            &versus,
+            "--paired-reads",
+            rounds,
+            "--read-streams",
+            "0",
+            "--big-blob-gib",
+            "0",
+            "--work-dir",
+            &work,
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        bench(args)
+    };
+    let stdout = figures(&paired(grpc(&theirs), "3").await);
+    for round in 1..=3 {
+        let figure = format!("bytestream_read_0.01GiB_paired_round_{round}: ");
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(&figure))
+            .unwrap_or_else(|| panic!("no {figure:?} in:\n{stdout}"));
+        assert!(line.contains(" MiB/s vs ") && line.ends_with('x'), "{line}");
+    }
+    assert!(!stdout.contains("_paired_round_4"), "{stdout}");
+    let summary = stdout
+        .lines()
+        .find(|line| line.starts_with("bytestream_read_0.01GiB_paired: "))
+        .unwrap_or_else(|| panic!("no paired summary in:\n{stdout}"));
+    assert!(
+        summary.contains(&format!("at {}", theirs.url())) && summary.contains("median ratio"),
+        "{summary}"
+    );
+
+    let no_rounds = paired(grpc(&theirs), "0").await;
+    assert!(!no_rounds.status.success());
+    let stderr = String::from_utf8_lossy(&no_rounds.stderr);
+    assert!(
+        stderr.contains("--paired-reads must be at least 1 with --versus"),
+        "{stderr}"
+    );
+    assert!(no_rounds.stdout.is_empty(), "no figures printed");
+
+    // Nothing listens on the second endpoint: the run fails, naming it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("grpc://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let unreachable = paired(nowhere.clone(), "2").await;
+    assert!(!unreachable.status.success());
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        stderr.contains(&nowhere.replacen("grpc://", "http://", 1)),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&unreachable.stdout).contains("_paired"),
+        "no paired figure"
+    );
+    ours.shutdown().await.unwrap();
+    theirs.shutdown().await.unwrap();
 }

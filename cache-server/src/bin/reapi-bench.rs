@@ -13,6 +13,11 @@
 //! - the same read once more by a client that only counts the bytes (`_unverified`): what the
 //!   server can send when the client spends nothing on them; and the rate one core hashes the
 //!   blob in memory (`raw_sha256_hash_…`), the ceiling of any verified single-stream read here;
+//! - with `--versus` (a second endpoint) and `--paired-reads N`, the verified single-stream
+//!   read again, the same blob from both endpoints in turn for N rounds (who goes first
+//!   alternating), and the median of each side and of the per-round ratios: the two servers
+//!   read a few seconds apart each round, so a host that steals CPU for a while slows both
+//!   sides of a round, not one endpoint's whole run;
 //! - the same blob read by several concurrent streams (`--read-streams`, default 4), each
 //!   verified on its own task: the aggregate MiB/s a build fetching many outputs at once sees,
 //!   which one stream cannot show on a machine where the client shares the server's cores;
@@ -84,6 +89,14 @@ struct Args {
     /// 0 skips it).
     #[arg(long, default_value_t = 4)]
     read_streams: usize,
+    /// A second endpoint (grpc://HOST:PORT) to compare the verified single-stream read with,
+    /// round by round (see `--paired-reads`).
+    #[arg(long, requires = "paired_reads")]
+    versus: Option<String>,
+    /// Rounds of the paired read: the throughput blob is written to `--versus` as well, then
+    /// read from both endpoints in turn, one verified stream at a time, this many times each.
+    #[arg(long, default_value_t = 0, requires = "versus")]
+    paired_reads: usize,
     /// Size of the blob streamed for the peak-RSS figure, GiB (0 skips it).
     #[arg(long, default_value_t = 4.0)]
     big_blob_gib: f64,
@@ -414,6 +427,70 @@ impl Bench {
 }
 
 /// The call's end as its `trailers` tell it: OK, or the status as an error.
+/// The verified single-stream read of `digest` from `url` and from `versus` in turn, `rounds`
+/// times each (who reads first alternating), after writing the blob to `versus`: each round's
+/// MiB/s and ratio, then the medians.
+async fn paired_reads(
+    bench: &Bench,
+    url: &str,
+    versus: &str,
+    digest: Digest,
+    rounds: usize,
+    gib: f64,
+) -> anyhow::Result<()> {
+    let versus = versus.replacen("grpc://", "http://", 1);
+    let theirs = Bench {
+        channel: connect(&versus).await?,
+        ..bench.clone()
+    };
+    theirs
+        .write_blob(digest)
+        .await
+        .with_context(|| format!("writing the paired-read blob to {versus}"))?;
+    let size = digest.size as f64 / MIB;
+    let (mut ours, mut others, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut rates = [0.0; 2];
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let (reader, from) = if side == 0 {
+                (bench, url)
+            } else {
+                (&theirs, versus.as_str())
+            };
+            rates[side] = size / reader.read_blob_alone(from, digest, true).await?;
+        }
+        println!(
+            "bytestream_read_{gib}GiB_paired_round_{}: {:.1} MiB/s vs {:.1} MiB/s = {:.2}x",
+            round + 1,
+            rates[0],
+            rates[1],
+            rates[0] / rates[1]
+        );
+        ours.push(rates[0]);
+        others.push(rates[1]);
+        ratios.push(rates[0] / rates[1]);
+    }
+    println!(
+        "bytestream_read_{gib}GiB_paired: {:.1} MiB/s vs {:.1} MiB/s at {versus}, median ratio {:.2}x ({rounds} rounds, each endpoint read in turn, verified)",
+        median(&mut ours),
+        median(&mut others),
+        median(&mut ratios)
+    );
+    Ok(())
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[middle],
+        _ => (values[middle - 1] + values[middle]) / 2.0,
+    }
+}
+
 fn call_status(path: &str, trailers: Option<&http::HeaderMap>) -> anyhow::Result<()> {
     match trailers.and_then(tonic::Status::from_header_map) {
         Some(status) if status.code() == tonic::Code::Ok => Ok(()),
@@ -518,6 +595,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if value == 0 {
             bail!("{flag} must be at least 1");
         }
+    }
+    if args.versus.is_some() && args.paired_reads == 0 {
+        bail!("--paired-reads must be at least 1 with --versus");
     }
     if !(args.throughput_gib > 0.0 && args.throughput_gib.is_finite()) {
         bail!("--throughput-gib must be a positive size");
@@ -644,6 +724,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 (after - end) / gib
             );
         }
+    }
+    if let Some(versus) = &args.versus {
+        paired_reads(&bench, &url, versus, digest, args.paired_reads, gib).await?;
     }
     if args.read_streams > 1 {
         let streams = args.read_streams;
