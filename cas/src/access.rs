@@ -41,9 +41,11 @@ pub struct EmbeddedGrants {
 }
 
 /// Grants known to be recorded, per tenant (a grant is never taken back, so an entry never goes
-/// stale). Bounded: past [`KNOWN_GRANTS`] entries it starts over.
+/// stale). Bounded: past [`KNOWN_GRANTS`] entries it starts over. Both grant backends keep one
+/// (the embedded tree's here, PostgreSQL's in `backends::postgres`): what it holds is only
+/// ever what the backend confirmed for that exact tenant.
 #[derive(Debug, Default)]
-struct KnownGrants {
+pub(crate) struct KnownGrants {
     tenants: parking_lot::RwLock<KnownByTenant>,
 }
 
@@ -61,7 +63,7 @@ const KNOWN_GRANTS: usize = 131_072;
 
 impl KnownGrants {
     /// For each of `digests`, whether one of `tenants` is known to have been granted it.
-    fn granted(&self, tenants: &[&str], digests: &[Digest]) -> Vec<bool> {
+    pub(crate) fn granted(&self, tenants: &[&str], digests: &[Digest]) -> Vec<bool> {
         let known = self.tenants.read();
         let sets: Vec<_> = tenants
             .iter()
@@ -76,8 +78,8 @@ impl KnownGrants {
             .collect()
     }
 
-    /// Remembers that `tenant` was granted `digests` (already recorded in the tree).
-    fn remember<'a>(&self, tenant: &str, digests: impl IntoIterator<Item = &'a Digest>) {
+    /// Remembers that `tenant` was granted `digests` (already recorded by the backend).
+    pub(crate) fn remember<'a>(&self, tenant: &str, digests: impl IntoIterator<Item = &'a Digest>) {
         let keys: Vec<BlobKey> = digests.into_iter().map(blob_key).collect();
         if keys.is_empty() {
             return;

@@ -472,6 +472,82 @@ async fn a_version_1_database_is_upgraded_in_place() {
     assert_eq!(upgraded.blob_index().stats().blob_count, 500);
 }
 
+/// Grants a process remembers answer only for the exact tenant the database confirmed them for,
+/// are learned whichever process wrote them, are never learned from a call for several tenants
+/// or from a refusal, and spare the database: with it stopped, remembered grants still answer
+/// and anything else is refused as unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_grants_are_per_tenant_and_come_from_the_database() {
+    let mut server = TestPostgres::start();
+    let (ours, other) = (connect(&server).await, connect(&server).await);
+    let (grants, elsewhere) = (ours.grants(), other.grants());
+    let f = DigestFunction::Sha256;
+    let [written, theirs, shared, never] =
+        [&b"written"[..], b"theirs", b"shared", b"never"].map(|bytes| f.digest_of(bytes));
+    grants.grant("token:a", &[written]).await.unwrap();
+    // Written by another front end on the same database.
+    elsewhere.grant("token:b", &[theirs, shared]).await.unwrap();
+    assert!(grants.may_read("token:b", &theirs).await.unwrap());
+    // Readable by one of two tenants: says nothing about token:a alone.
+    assert!(
+        grants
+            .not_readable_by_any(&["token:a", "token:b"], &[shared])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        grants
+            .not_readable_by_any(&["token:a"], &[shared, theirs, written])
+            .await
+            .unwrap(),
+        vec![shared, theirs]
+    );
+    // A refusal is not remembered: granted elsewhere, readable at once.
+    elsewhere.grant("token:a", &[shared]).await.unwrap();
+    assert!(grants.may_read("token:a", &shared).await.unwrap());
+
+    tokio::task::block_in_place(|| server.stop());
+    assert!(
+        grants
+            .not_readable_by_any(&["token:a"], &[written, shared, f.empty()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(grants.may_read("token:b", &theirs).await.unwrap());
+    // Never confirmed for this tenant here (or at all), a grant of another tenant's, a refusal
+    // seen before: the database is asked, and it is gone.
+    for (tenant, digest) in [
+        ("token:a", theirs),
+        ("token:b", written),
+        ("token:a", never),
+        ("token:ab", written),
+        ("token:", written),
+    ] {
+        let asked = grants.not_readable_by_any(&[tenant], &[digest]).await;
+        assert!(
+            matches!(asked, Err(CasError::Unavailable(_))),
+            "{tenant} {digest:?}: {asked:?}"
+        );
+    }
+    // Remembered for token:a but asked together with one not remembered: the database is
+    // asked about that one, and the call fails as a whole.
+    assert!(matches!(
+        grants
+            .not_readable_by_any(&["token:a"], &[written, never])
+            .await,
+        Err(CasError::Unavailable(_))
+    ));
+    // The uncached handle asks the database about everything.
+    assert!(matches!(
+        ours.grants_uncached()
+            .not_readable_by_any(&["token:a"], &[written])
+            .await,
+        Err(CasError::Unavailable(_))
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_is_a_clear_error() {
     let mut server = TestPostgres::start();
@@ -520,10 +596,18 @@ async fn a_database_restart_mid_sequence_loses_nothing() {
         cache.put("main", &blob(1001), &result).await,
         "put action result",
     );
+    // The database's answer, and a grant not known to this process, are unavailable; a grant
+    // this process wrote is remembered and still answers.
+    let uncached_grants = pg.grants_uncached();
     assert_unavailable(
-        grants.may_read("token:ci", &before[0]).await,
+        uncached_grants.may_read("token:ci", &before[0]).await,
         "check read grants",
     );
+    assert_unavailable(
+        grants.may_read("token:ci", &before[10]).await,
+        "check read grants",
+    );
+    assert!(grants.may_read("token:ci", &before[0]).await.unwrap());
     // The counters keep their last values through the outage.
     assert_eq!(index.stats().blob_count, 100);
     assert_eq!(cache.len(), 1);
@@ -535,7 +619,13 @@ async fn a_database_restart_mid_sequence_loses_nothing() {
         cache.get_unchecked("main", &action).await.unwrap(),
         Some(result.clone())
     );
-    assert!(grants.may_read("token:ci", &before[0]).await.unwrap());
+    assert!(
+        uncached_grants
+            .may_read("token:ci", &before[0])
+            .await
+            .unwrap()
+    );
+    assert!(!grants.may_read("token:ci", &before[10]).await.unwrap());
     let after: Vec<Digest> = (100..200).map(blob).collect();
     index.insert(&after).await.unwrap();
     cache.put("main", &blob(1001), &result).await.unwrap();

@@ -67,7 +67,7 @@ use rba_proto::reapi::ActionResult;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use crate::access::check_tenant;
+use crate::access::{KnownGrants, check_tenant};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
 use crate::layers::complete::direct_references;
@@ -174,6 +174,9 @@ struct Inner {
     pool: Pool,
     counters: Counters,
     presence: PresenceCache,
+    /// Grants this process wrote or found, per tenant (rows of `cas_read_grants` are never
+    /// deleted, so a remembered grant is never stale, whichever process wrote it).
+    known_grants: KnownGrants,
     refresher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -254,6 +257,7 @@ impl Postgres {
                 pool,
                 counters: Counters::default(),
                 presence: PresenceCache::new(PRESENT_CAPACITY, PRESENT_TTL),
+                known_grants: KnownGrants::default(),
                 refresher: parking_lot::Mutex::new(None),
             }),
         };
@@ -302,9 +306,22 @@ impl Postgres {
         PgActionCache { pg: self.clone() }
     }
 
-    /// The read grants in this database.
+    /// The read grants in this database, answering grants this process already wrote or
+    /// found from memory (see [`PgGrants`]).
     pub fn grants(&self) -> PgGrants {
-        PgGrants { pg: self.clone() }
+        PgGrants {
+            pg: self.clone(),
+            remembered: true,
+        }
+    }
+
+    /// The read grants in this database, asking PostgreSQL about every digest: to measure the
+    /// database alone.
+    pub fn grants_uncached(&self) -> PgGrants {
+        PgGrants {
+            pg: self.clone(),
+            remembered: false,
+        }
     }
 
     /// The version `rba_schema` records for `component`, if any.
@@ -1139,9 +1156,17 @@ const NOT_READABLE: &str = "\
 
 /// The read grants in PostgreSQL (table `cas_read_grants`), with the rules of
 /// [`crate::access`]. Cheap to clone.
+///
+/// Grants are only ever added, so those this process wrote, or found granted to the single
+/// tenant a call asked about, are remembered (per tenant, bounded) and the database is asked
+/// only about the rest: a tenant's FindMissing of the same inputs again (the next build) is
+/// answered without a statement. A call for several tenants learns nothing it can remember
+/// (the statement says only that *one* of them may read a blob), and a refusal is never
+/// remembered: another process may grant it the next moment.
 #[derive(Clone, Debug)]
 pub struct PgGrants {
     pg: Postgres,
+    remembered: bool,
 }
 
 #[async_trait]
@@ -1168,6 +1193,10 @@ impl Grants for PgGrants {
         )?;
         let added = rows.first().map_or(0, |row| row.get::<_, i64>(0));
         write.finish(|totals| totals.grants += added);
+        if self.remembered {
+            // Remembered once committed: a remembered grant is always in the table.
+            self.pg.inner.known_grants.remember(tenant, &blobs);
+        }
         Ok(())
     }
 
@@ -1186,15 +1215,37 @@ impl Grants for PgGrants {
         if tenants.is_empty() {
             return Ok(asked);
         }
-        let (functions, hashes, _) = columns(&asked);
-        let tenants: Vec<&[u8]> = tenants.iter().map(|t| t.as_bytes()).collect();
+        let known = &self.pg.inner.known_grants;
+        let unknown: Vec<Digest> = if self.remembered {
+            let granted = known.granted(tenants, &asked);
+            asked
+                .into_iter()
+                .zip(granted)
+                .filter_map(|(digest, granted)| (!granted).then_some(digest))
+                .collect()
+        } else {
+            asked
+        };
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (functions, hashes, _) = columns(&unknown);
+        let names: Vec<&[u8]> = tenants.iter().map(|t| t.as_bytes()).collect();
         let rows = query!(
             self.pg,
             "check read grants",
             NOT_READABLE,
-            &[&functions, &hashes, &tenants]
+            &[&functions, &hashes, &names]
         )?;
-        Ok(pick(asked, &rows))
+        let refused = pick(unknown.clone(), &rows);
+        if let [tenant] = tenants
+            && self.remembered
+            && refused.len() < unknown.len()
+        {
+            let refused: HashSet<&Digest> = refused.iter().collect();
+            known.remember(tenant, unknown.iter().filter(|d| !refused.contains(d)));
+        }
+        Ok(refused)
     }
 
     fn len(&self) -> u64 {
