@@ -159,5 +159,5 @@ for name, (value, unit) in ours.items():
     print(f"| {name} | {value:,.{places}f} {unit} | {other:,.{places}f} {unit} | {ratio:.2f}x |")
 if paired:
     name, value, other, ratio, rounds = paired.groups()
-    print(f"| {name} (medians of {rounds} alternating rounds) | {float(value):,.1f} MiB/s | {float(other):,.1f} MiB/s | {float(ratio):.2f}x |")
+    print(f"| {name} (each side's median of {rounds} alternating rounds; ratio: the median round's) | {float(value):,.1f} MiB/s | {float(other):,.1f} MiB/s | {float(ratio):.2f}x |")
 PY
