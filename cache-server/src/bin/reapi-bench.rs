@@ -89,8 +89,8 @@ struct Args {
     /// 0 skips it).
     #[arg(long, default_value_t = 4)]
     read_streams: usize,
-    /// A second endpoint (grpc://HOST:PORT) to compare the verified single-stream read with,
-    /// round by round (see `--paired-reads`).
+    /// A second endpoint (grpc://HOST:PORT, called with the same `--token`, if any) to compare
+    /// the verified single-stream read with, round by round (see `--paired-reads`).
     #[arg(long, requires = "paired_reads")]
     versus: Option<String>,
     /// Rounds of the paired read: the throughput blob is written to `--versus` as well, then
@@ -426,7 +426,6 @@ impl Bench {
     }
 }
 
-/// The call's end as its `trailers` tell it: OK, or the status as an error.
 /// The verified single-stream read of `digest` from `url` and from `versus` in turn, `rounds`
 /// times each (who reads first alternating), after writing the blob to `versus`: each round's
 /// MiB/s and ratio, then the medians.
@@ -491,6 +490,7 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The call's end as its `trailers` tell it: OK, or the status as an error.
 fn call_status(path: &str, trailers: Option<&http::HeaderMap>) -> anyhow::Result<()> {
     match trailers.and_then(tonic::Status::from_header_map) {
         Some(status) if status.code() == tonic::Code::Ok => Ok(()),
