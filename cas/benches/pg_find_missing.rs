@@ -36,6 +36,8 @@ use rba_e2e_tests::postgres::TestPostgres;
 const INDEXED: usize = 100_000;
 const ASKED: usize = 10_000;
 const INSERT_BATCH: usize = 5_000;
+/// Calls made before any is timed.
+const WARM_CALLS: usize = 10;
 
 fn blob_bytes(n: usize) -> Vec<u8> {
     format!("pg bench blob {n}").into_bytes()
@@ -59,6 +61,20 @@ fn asked(indexed: &[Digest], call: usize) -> Vec<Digest> {
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+/// Calls the first 10 warm (the pool, the plan cache); then how long `call` took on each of
+/// the rest of `requests`.
+fn time_calls<T>(requests: &[T], mut call: impl FnMut(&T)) -> Vec<Duration> {
+    requests
+        .iter()
+        .enumerate()
+        .filter_map(|(index, request)| {
+            let started = Instant::now();
+            call(request);
+            (index >= WARM_CALLS).then(|| started.elapsed())
+        })
+        .collect()
 }
 
 /// Timed calls, and the share of CPU time stolen while they ran.
@@ -164,36 +180,21 @@ fn main() {
         }
     }
 
-    let requests: Vec<Vec<Digest>> = (0..calls + 10).map(|call| asked(&indexed, call)).collect();
-    let time_pg = |index: &dyn BlobIndex| -> Vec<Duration> {
-        let mut times = Vec::with_capacity(calls);
-        runtime.block_on(async {
-            for (call, digests) in requests.iter().enumerate() {
-                let started = Instant::now();
-                let missing = index.find_missing(digests).await.unwrap();
-                let elapsed = started.elapsed();
-                assert_eq!(missing.len(), ASKED / 2);
-                if call >= 10 {
-                    times.push(elapsed); // the first 10 warm the pool and the plan cache
-                }
-            }
-        });
-        times
+    let requests: Vec<Vec<Digest>> = (0..calls + WARM_CALLS)
+        .map(|call| asked(&indexed, call))
+        .collect();
+    let time_pg = |index: &dyn BlobIndex| {
+        time_calls(&requests, |digests| {
+            let missing = runtime.block_on(index.find_missing(digests)).unwrap();
+            assert_eq!(missing.len(), ASKED / 2);
+        })
     };
     let uncached_times = measure(|| time_pg(&uncached));
     let pg_times = measure(|| time_pg(&index));
     let embedded_times = measure(|| {
-        let mut times = Vec::with_capacity(calls);
-        for (call, digests) in requests.iter().enumerate() {
-            let started = Instant::now();
-            let missing = store.find_missing(digests).unwrap();
-            let elapsed = started.elapsed();
-            assert_eq!(missing.len(), ASKED / 2);
-            if call >= 10 {
-                times.push(elapsed);
-            }
-        }
-        times
+        time_calls(&requests, |digests| {
+            assert_eq!(store.find_missing(digests).unwrap().len(), ASKED / 2);
+        })
     });
     let uncached = report("postgres uncached", uncached_times);
     let cached = report("postgres cached", pg_times);
@@ -229,23 +230,13 @@ fn main() {
         .iter()
         .map(|digests| digests.iter().step_by(2).copied().collect())
         .collect();
-    let time_grants = |grants: &dyn Grants| -> Vec<Duration> {
-        let mut times = Vec::with_capacity(calls);
-        runtime.block_on(async {
-            for (call, digests) in present.iter().enumerate() {
-                let started = Instant::now();
-                let refused = grants
-                    .not_readable_by_any(&[tenant], digests)
-                    .await
-                    .unwrap();
-                let elapsed = started.elapsed();
-                assert!(refused.is_empty());
-                if call >= 10 {
-                    times.push(elapsed);
-                }
-            }
-        });
-        times
+    let time_grants = |grants: &dyn Grants| {
+        time_calls(&present, |digests| {
+            let refused = runtime
+                .block_on(grants.not_readable_by_any(&[tenant], digests))
+                .unwrap();
+            assert!(refused.is_empty());
+        })
     };
     let what = format!(
         "asking which of {} granted digests a tenant may read",
