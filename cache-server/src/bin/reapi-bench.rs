@@ -459,16 +459,16 @@ async fn paired_reads(
             };
             rates[side] = size / reader.read_blob_alone(from, digest, true).await?;
         }
+        let ratio = rates[0] / rates[1];
         println!(
-            "bytestream_read_{gib}GiB_paired_round_{}: {:.1} MiB/s vs {:.1} MiB/s = {:.2}x",
+            "bytestream_read_{gib}GiB_paired_round_{}: {:.1} MiB/s vs {:.1} MiB/s = {ratio:.2}x",
             round + 1,
             rates[0],
             rates[1],
-            rates[0] / rates[1]
         );
         ours.push(rates[0]);
         others.push(rates[1]);
-        ratios.push(rates[0] / rates[1]);
+        ratios.push(ratio);
     }
     println!(
         "bytestream_read_{gib}GiB_paired: {:.1} MiB/s vs {:.1} MiB/s at {versus}, median ratio {:.2}x ({rounds} rounds, each endpoint read in turn, verified)",
