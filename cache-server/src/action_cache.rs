@@ -405,17 +405,17 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let result = self.get(request).await;
-        self.state.metrics.request("GetActionResult", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("GetActionResult", self.get(request).await)
     }
 
     async fn update_action_result(
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let result = self.update(request).await;
-        self.state.metrics.request("UpdateActionResult", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("UpdateActionResult", self.update(request).await)
     }
 }

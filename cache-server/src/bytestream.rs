@@ -148,9 +148,9 @@ impl ByteStreamService {
     /// Opens a read, counted in the request metrics: the one way a ByteStream read starts,
     /// whether tonic's generated server or [`crate::bytestream_route`] sends its messages.
     pub async fn open_read(&self, request: Request<ReadRequest>) -> Result<ReadChunks, Status> {
-        let result = self.start_read(request).await;
-        self.state.metrics.request("Read", &result);
-        result
+        self.state
+            .metrics
+            .counted("Read", self.start_read(request).await)
     }
 
     async fn start_read(&self, request: Request<ReadRequest>) -> Result<ReadChunks, Status> {
@@ -252,9 +252,9 @@ impl ByteStreamService {
     where
         S: Stream<Item = Result<WriteMessage, Status>> + Unpin + Send,
     {
-        let result = self.write_blob(request).await;
-        self.state.metrics.request("Write", &result);
-        result
+        self.state
+            .metrics
+            .counted("Write", self.write_blob(request).await)
     }
 
     async fn write_blob<S>(&self, request: Request<S>) -> Result<WriteResponse, Status>
@@ -966,8 +966,8 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let result = self.query(request).await;
-        self.state.metrics.request("QueryWriteStatus", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("QueryWriteStatus", self.query(request).await)
     }
 }

@@ -94,12 +94,8 @@ impl Capabilities for CapabilitiesService {
             auth::require_read(&request)?;
             resource_name::validate_instance_name(&request.get_ref().instance_name)?;
             let update_enabled = auth::may_update_action_cache(&request);
-            Ok(Response::new(server_capabilities(
-                &self.state,
-                update_enabled,
-            )))
+            Ok(server_capabilities(&self.state, update_enabled))
         })();
-        self.state.metrics.request("GetCapabilities", &result);
-        result
+        self.state.metrics.answer("GetCapabilities", result)
     }
 }

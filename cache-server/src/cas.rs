@@ -99,9 +99,9 @@ impl CasService {
         &self,
         request: Request<FindMissingQuery>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let result = self.find_missing(request).await;
-        self.state.metrics.request("FindMissingBlobs", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("FindMissingBlobs", self.find_missing(request).await)
     }
 
     async fn find_missing(
@@ -607,18 +607,18 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        let result = self.batch_update(request).await;
-        self.state.metrics.request("BatchUpdateBlobs", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("BatchUpdateBlobs", self.batch_update(request).await)
     }
 
     async fn batch_read_blobs(
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        let result = self.batch_read(request).await;
-        self.state.metrics.request("BatchReadBlobs", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("BatchReadBlobs", self.batch_read(request).await)
     }
 
     type GetTreeStream = TreeStream;
@@ -627,9 +627,9 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
-        let result = self.get_tree_stream(request).await;
-        self.state.metrics.request("GetTree", &result);
-        result.map(Response::new)
+        self.state
+            .metrics
+            .answer("GetTree", self.get_tree_stream(request).await)
     }
 
     async fn split_blob(

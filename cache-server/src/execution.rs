@@ -317,18 +317,20 @@ impl Execution for ExecutionService {
         &self,
         request: Request<reapi::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let result = self.start(request).await;
-        self.shared.state.metrics.request("Execute", &result);
-        result.map(Response::new)
+        self.shared
+            .state
+            .metrics
+            .answer("Execute", self.start(request).await)
     }
 
     async fn wait_execution(
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
-        let result = self.resume(request).await;
-        self.shared.state.metrics.request("WaitExecution", &result);
-        result.map(Response::new)
+        self.shared
+            .state
+            .metrics
+            .answer("WaitExecution", self.resume(request).await)
     }
 }
 
@@ -356,13 +358,12 @@ impl Operations for OperationsService {
                 .map(|job| snapshot(&job, &job.state()))
                 .collect();
             operations.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(Response::new(ListOperationsResponse {
+            Ok(ListOperationsResponse {
                 operations,
                 ..Default::default()
-            }))
+            })
         })();
-        self.shared.state.metrics.request("ListOperations", &result);
-        result
+        self.shared.state.metrics.answer("ListOperations", result)
     }
 
     async fn get_operation(
@@ -373,11 +374,10 @@ impl Operations for OperationsService {
             auth::require_read(&request)?;
             let caller = auth::caller(&request);
             let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
-            Ok(Response::new(snapshot(&handle, &handle.state())))
+            Ok(snapshot(&handle, &handle.state()))
         }
         .await;
-        self.shared.state.metrics.request("GetOperation", &result);
-        result
+        self.shared.state.metrics.answer("GetOperation", result)
     }
 
     async fn delete_operation(
@@ -389,14 +389,10 @@ impl Operations for OperationsService {
             let caller = auth::caller(&request);
             let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
             self.shared.executor.forget_job(&handle.id);
-            Ok(Response::new(Empty {}))
+            Ok(Empty {})
         }
         .await;
-        self.shared
-            .state
-            .metrics
-            .request("DeleteOperation", &result);
-        result
+        self.shared.state.metrics.answer("DeleteOperation", result)
     }
 
     async fn cancel_operation(
@@ -409,14 +405,10 @@ impl Operations for OperationsService {
             let handle = self.shared.lookup(&request.get_ref().name, &caller).await?;
             tracing::info!(job = %handle.id, "operation cancelled by the client");
             handle.cancel();
-            Ok(Response::new(Empty {}))
+            Ok(Empty {})
         }
         .await;
-        self.shared
-            .state
-            .metrics
-            .request("CancelOperation", &result);
-        result
+        self.shared.state.metrics.answer("CancelOperation", result)
     }
 
     async fn wait_operation(
@@ -434,11 +426,10 @@ impl Operations for OperationsService {
                 .unwrap_or(MAX_WAIT)
                 .min(MAX_WAIT);
             let _ = tokio::time::timeout(timeout, handle.wait()).await;
-            Ok(Response::new(snapshot(&handle, &handle.state())))
+            Ok(snapshot(&handle, &handle.state()))
         }
         .await;
-        self.shared.state.metrics.request("WaitOperation", &result);
-        result
+        self.shared.state.metrics.answer("WaitOperation", result)
     }
 }
 

@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use rba_cas::{ActionCache, Stores};
-use tonic::Status;
+use tonic::{Response, Status};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -174,15 +174,25 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished RPC.
-    pub fn request<T>(&self, method: &'static str, result: &Result<T, Status>) {
-        let code = match result {
+    /// Counts a finished RPC and hands its result back: the one place a call is counted.
+    pub fn counted<T>(&self, method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+        let code = match &result {
             Ok(_) => "ok",
             Err(status) => code_name(status.code()),
         };
         self.requests
             .get_or_create(&RequestLabels { method, code })
             .inc();
+        result
+    }
+
+    /// Counts a finished RPC and wraps its answer for tonic: how a service method ends.
+    pub fn answer<T>(
+        &self,
+        method: &'static str,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        self.counted(method, result).map(Response::new)
     }
 
     /// Counts an action-cache lookup.

@@ -1844,6 +1844,14 @@ async fn metrics_count_requests_hits_bytes_and_store_size() {
     )
     .await
     .unwrap();
+    c.caps
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap();
+    let bad_instance = GetCapabilitiesRequest {
+        instance_name: "../x".into(),
+    };
+    c.caps.get_capabilities(bad_instance).await.unwrap_err();
     let text = http_get(server.running().metrics_addr.unwrap(), "/metrics").await;
     assert!(
         text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
@@ -1853,6 +1861,9 @@ async fn metrics_count_requests_hits_bytes_and_store_size() {
         "rba_cache_requests_total{method=\"GetActionResult\",code=\"ok\"} 1",
         "rba_cache_requests_total{method=\"GetActionResult\",code=\"not_found\"} 1",
         "rba_cache_requests_total{method=\"BatchUpdateBlobs\",code=\"ok\"} 1",
+        "rba_cache_requests_total{method=\"Read\",code=\"ok\"} 1",
+        "rba_cache_requests_total{method=\"GetCapabilities\",code=\"ok\"} 1",
+        "rba_cache_requests_total{method=\"GetCapabilities\",code=\"invalid_argument\"} 1",
         "rba_cache_action_cache_hits_total 1",
         "rba_cache_action_cache_misses_total 1",
         "rba_cache_bytes_received_total 9",
