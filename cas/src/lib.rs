@@ -53,8 +53,8 @@ pub use digest::{Digest, DigestError, DigestFunction};
 pub use error::{CasError, Result};
 pub use layers::complete::CompleteActionCache;
 pub use merkle::{
-    DirOptions, MaterializeOptions, Materialized, MaterializedFile, StatCache, TreeBuild,
-    TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
+    DirOptions, MAX_BUILT_DEPTH, MaterializeOptions, Materialized, MaterializedFile, StatCache,
+    TreeBuild, TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
     build_from_zip_file, get_tree, make_tree_local, materialize, missing_in_tree, read_directory,
     tree_digests, tree_digests_in, validate_directory, validate_tree,
 };

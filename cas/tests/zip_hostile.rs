@@ -6,7 +6,7 @@ mod common;
 use std::io::{Cursor, Write};
 
 use common::*;
-use rba_cas::{BlobStore, CasError, DigestFunction, ZipLimits, build_from_zip};
+use rba_cas::{BlobStore, CasError, DigestFunction, MAX_BUILT_DEPTH, ZipLimits, build_from_zip};
 use zip::write::SimpleFileOptions;
 
 const F: DigestFunction = DigestFunction::Sha256;
@@ -282,4 +282,62 @@ fn garbage_is_invalid_not_a_panic() {
         Err(CasError::HostileEntry { entry, .. }) => assert_eq!(entry, "crc"),
         other => panic!("expected HostileEntry, got {other:?}"),
     }
+}
+
+/// A path tens of thousands of levels deep (70 KB of archive) once meant as many levels of
+/// recursion finishing the tree, on threads with 2 MiB stacks: the node aborted. Now it is
+/// refused by name while the first pass reads names, as is a name no filesystem holds; a tree
+/// exactly as deep as the builder takes is built, on a thread with the default stack.
+#[test]
+fn paths_too_deep_or_too_long_are_refused_naming_the_entry() {
+    let (_s, store) = store();
+    let limits = ZipLimits::default();
+    let deep = format!("{}f", "a/".repeat(30_000));
+    let refusal = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn({
+            let store = store.clone();
+            let zip = raw_zip(&[(deep.as_str(), b"x")]);
+            move || build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default())
+        })
+        .unwrap()
+        .join()
+        .expect("refused without overflowing the stack");
+    assert!(
+        matches!(&refusal, Err(CasError::HostileEntry { entry, reason })
+            if *entry == deep && reason.contains(&format!("more than {MAX_BUILT_DEPTH} levels"))),
+        "{:?}",
+        refusal.map(|b| b.root)
+    );
+    let one_too_deep = format!("{}f", "d/".repeat(MAX_BUILT_DEPTH));
+    refused(
+        &store,
+        raw_zip(&[(one_too_deep.as_str(), b"x")]),
+        &limits,
+        &one_too_deep,
+        "levels deep",
+    );
+    let long = format!("dir/{}", "n".repeat(256));
+    refused(
+        &store,
+        raw_zip(&[(long.as_str(), b"x")]),
+        &limits,
+        &long,
+        "longer than 255 bytes",
+    );
+
+    let deepest = format!("{}f", "d/".repeat(MAX_BUILT_DEPTH - 1));
+    let built = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn({
+            let store = store.clone();
+            let zip = raw_zip(&[(deepest.as_str(), b"deep")]);
+            move || build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default())
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(built.stats.directories, MAX_BUILT_DEPTH as u64);
+    assert!(store.contains(&built.root).unwrap());
 }

@@ -240,7 +240,7 @@ impl TreeBuilder {
             pending,
             acc: Mutex::default(),
         };
-        let root = store_dir(self.function, &self.root, &sink)?;
+        let root = store_dirs(self.function, &self.root, &sink)?;
         let Sink { pending, acc, .. } = sink;
         pending.publish(store)?;
         Ok(self.into_build(root, acc))
@@ -248,7 +248,7 @@ impl TreeBuilder {
 
     /// The root digest the tree would have, storing nothing.
     pub fn root_digest(&self) -> Result<Digest> {
-        store_dir(
+        store_dirs(
             self.function,
             &self.root,
             &Sink {
@@ -290,12 +290,16 @@ impl TreeBuilder {
     }
 }
 
-fn collect_files(dir: &DirNode, out: &mut Vec<Digest>) {
-    for node in dir.entries.values() {
-        match node {
-            Node::File { digest, .. } => out.push(*digest),
-            Node::Dir(sub) => collect_files(sub, out),
-            Node::Symlink(_) => {}
+/// The digests of every file under `root` (a loop with a stack of directories to visit).
+fn collect_files(root: &DirNode, out: &mut Vec<Digest>) {
+    let mut unvisited = vec![root];
+    while let Some(dir) = unvisited.pop() {
+        for node in dir.entries.values() {
+            match node {
+                Node::File { digest, .. } => out.push(*digest),
+                Node::Dir(sub) => unvisited.push(sub),
+                Node::Symlink(_) => {}
+            }
         }
     }
 }
@@ -314,19 +318,60 @@ struct Sink<'a> {
     acc: Mutex<Acc>,
 }
 
-fn store_dir(function: DigestFunction, node: &DirNode, sink: &Sink<'_>) -> Result<Digest> {
-    let subdirs: Vec<(&String, &DirNode)> = node
-        .entries
-        .iter()
-        .filter_map(|(name, node)| match node {
-            Node::Dir(dir) => Some((name, dir)),
-            _ => None,
-        })
-        .collect();
-    let subdigests: Vec<Digest> = subdirs
-        .par_iter()
-        .map(|(_, dir)| store_dir(function, dir, sink))
-        .collect::<Result<_>>()?;
+/// Encodes and stores every directory of the tree under `root`, the deepest level first and
+/// each level's directories in parallel; returns the root's digest. A loop over levels, not a
+/// recursion: a tree's depth costs no stack.
+fn store_dirs(function: DigestFunction, root: &DirNode, sink: &Sink<'_>) -> Result<Digest> {
+    // Every directory once, breadth-first (so each level is one run of the list), with the
+    // indexes of its subdirectories in the order of its entries.
+    let mut dirs: Vec<&DirNode> = vec![root];
+    let mut subdirs: Vec<Vec<usize>> = Vec::new();
+    // Level k is `dirs[bounds[k]..bounds[k + 1]]`.
+    let mut bounds = vec![0, 1];
+    loop {
+        let level = bounds[bounds.len() - 2]..bounds[bounds.len() - 1];
+        for at in level {
+            let mut children = Vec::new();
+            for node in dirs[at].entries.values() {
+                if let Node::Dir(dir) = node {
+                    children.push(dirs.len());
+                    dirs.push(dir);
+                }
+            }
+            subdirs.push(children);
+        }
+        if dirs.len() == bounds[bounds.len() - 1] {
+            break;
+        }
+        bounds.push(dirs.len());
+    }
+    let mut digests: Vec<Option<Digest>> = vec![None; dirs.len()];
+    for level in bounds.windows(2).rev().map(|w| w[0]..w[1]) {
+        let stored: Vec<Digest> = level
+            .clone()
+            .into_par_iter()
+            .map(|at| {
+                let children = subdirs[at]
+                    .iter()
+                    .map(|&child| digests[child].expect("deeper levels are stored first"));
+                store_dir(function, dirs[at], children, sink)
+            })
+            .collect::<Result<_>>()?;
+        for (at, digest) in level.zip(stored) {
+            digests[at] = Some(digest);
+        }
+    }
+    Ok(digests[0].expect("the root is stored last"))
+}
+
+/// Encodes one directory, its subdirectories' digests given in the order of its entries, and
+/// stages it.
+fn store_dir(
+    function: DigestFunction,
+    node: &DirNode,
+    mut subdigests: impl Iterator<Item = Digest>,
+    sink: &Sink<'_>,
+) -> Result<Digest> {
     let mut directory = Directory::default();
     for (name, child) in &node.entries {
         match child {
@@ -341,14 +386,16 @@ fn store_dir(function: DigestFunction, node: &DirNode, sink: &Sink<'_>) -> Resul
                 target: target.clone(),
                 node_properties: None,
             }),
-            Node::Dir(_) => {}
+            Node::Dir(_) => directory.directories.push(DirectoryNode {
+                name: name.clone(),
+                digest: Some(
+                    subdigests
+                        .next()
+                        .expect("one digest per subdirectory")
+                        .to_reapi(),
+                ),
+            }),
         }
-    }
-    for ((name, _), digest) in subdirs.iter().zip(&subdigests) {
-        directory.directories.push(DirectoryNode {
-            name: (*name).clone(),
-            digest: Some(digest.to_reapi()),
-        });
     }
     let bytes = directory.encode_to_vec();
     let digest = function.digest_of(&bytes);
@@ -403,6 +450,15 @@ impl PendingBlobs {
     }
 }
 
+/// The deepest path a [`TreeBuilder`] takes (directories above its last component, plus one).
+///
+/// Why: finishing a tree recurses once per level (encoding, dropping, collecting its files), on
+/// threads with the default 2 MiB stack; a zip entry named `a/a/a/…` 30,000 levels deep (70
+/// KB of archive) or an output tree as deep as `PATH_MAX` allows would overflow it and abort
+/// the whole node, not fail one request. Input trees are held to [`TreeLimits::max_depth`]
+/// (128 by default) when submitted; this bound is above it and refuses while a tree is built.
+pub const MAX_BUILT_DEPTH: usize = 256;
+
 /// Splits a relative `/`-separated path into its components, skipping empty and `.` ones.
 fn split_path(path: &str) -> Result<Vec<&str>> {
     if path.contains('\0') {
@@ -416,7 +472,19 @@ fn split_path(path: &str) -> Result<Vec<&str>> {
         match component {
             "" | "." => {}
             ".." => return Err(CasError::hostile(path, "'..' component escapes the tree")),
+            name if name.len() > MAX_NAME_BYTES => {
+                return Err(CasError::hostile(
+                    path,
+                    format!("a component is longer than {MAX_NAME_BYTES} bytes"),
+                ));
+            }
             name => components.push(name),
+        }
+        if components.len() > MAX_BUILT_DEPTH {
+            return Err(CasError::hostile(
+                path,
+                format!("more than {MAX_BUILT_DEPTH} levels deep (MAX_BUILT_DEPTH)"),
+            ));
         }
     }
     Ok(components)
