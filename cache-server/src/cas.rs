@@ -7,10 +7,10 @@
 //!   and refreshes the LRU position of the blobs that are present, as the spec asks.
 //! - BatchUpdateBlobs: zstd entries decompressed with a bound (never past their digest's size,
 //!   and at most [`DECODED_BATCH_FACTOR`] times the batch limit in all, so a few bytes cannot
-//!   claim gigabytes of memory), each blob verified (size and hash) before it becomes visible,
-//!   also when it is already present (a lying client is told so and earns no grant), then the
-//!   batch handed to `Store::write_batch` (group commit: one sync for the batch, not one per
-//!   blob), per-blob statuses; a request whose payload exceeds the advertised
+//!   claim gigabytes of memory), then the batch handed to `Store::write_batch` (group commit:
+//!   one sync for the batch, not one per blob), which verifies each blob (size and hash) before
+//!   it becomes visible, also when it is already present (a lying client is told so and earns
+//!   no grant, whoever stored the blob meanwhile), per-blob statuses; a request whose payload exceeds the advertised
 //!   `max_batch_total_size_bytes` is `INVALID_ARGUMENT`.
 //! - BatchReadBlobs: per-blob statuses, zstd when the client accepts it, the same limit.
 //! - GetTree: breadth-first over `Directory` blobs, each distinct directory once, missing
@@ -179,19 +179,6 @@ impl CasService {
         let stores = self.state.stores.clone();
         let wires: Vec<Option<rba_proto::reapi::Digest>> =
             request.requests.iter().map(|e| e.digest.clone()).collect();
-        // Which claimed blobs are present already: their bytes are hashed here (the store only
-        // counts them), so a client lying about a present blob is refused all the same.
-        let claimed: Vec<Digest> = wires
-            .iter()
-            .filter_map(|d| status::digest(function, d.as_ref()?).ok())
-            .collect();
-        let absent: HashSet<Digest> = stores
-            .blobs()
-            .find_missing(&claimed)
-            .await
-            .map_err(status::from_cas)?
-            .into_iter()
-            .collect();
         // Decompression, bounded in all (claimed sizes, before decoding anything).
         let mut budget = (limit as u64).saturating_mul(DECODED_BATCH_FACTOR);
         let within: Vec<bool> = request
@@ -218,7 +205,7 @@ impl CasService {
                     .requests
                     .into_par_iter()
                     .zip(within)
-                    .map(|(entry, within)| decode_entry(function, entry, within, &absent))
+                    .map(|(entry, within)| decode_entry(function, entry, within))
                     .collect()
             }))
         })
@@ -448,7 +435,6 @@ fn decode_entry(
     function: DigestFunction,
     entry: batch_update_blobs_request::Request,
     within: bool,
-    absent: &HashSet<Digest>,
 ) -> Result<(Digest, Bytes), Status> {
     let digest = status::required_digest(function, entry.digest.as_ref(), "digest")?;
     let data = match Compressor::from_reapi(entry.compressor)? {
@@ -487,15 +473,6 @@ fn decode_entry(
             data
         }
     };
-    if !absent.contains(&digest) {
-        let actual = function.digest_of(&data);
-        if actual != digest {
-            return Err(status::from_cas(CasError::HashMismatch {
-                expected: digest,
-                actual,
-            }));
-        }
-    }
     Ok((digest, Bytes::from(data)))
 }
 

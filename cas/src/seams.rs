@@ -78,7 +78,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn write(&self, digest: Digest, chunks: ChunkStream) -> Result<()>;
 
     /// Stores many small blobs as one durable batch (group commit); one result per blob, in
-    /// order. A blob whose bytes do not match its digest fails alone.
+    /// order. Every blob's bytes are checked against its digest, a blob already present too: a
+    /// success proves the caller sent the blob (what grants it the blob); a blob whose bytes
+    /// do not match fails alone.
     async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>>;
 
     /// Counters for metrics and `/cache/stats` (kept as they change: never a scan).

@@ -1758,8 +1758,8 @@ fn sync_each(paths: &[&Path], data_only: bool) -> Result<()> {
 }
 
 impl BlobStore {
-    /// Stores many small buffers as one group commit. Each is verified against its digest and
-    /// written straight to its blob's path (`O_EXCL`: never over a file; no temporary, no
+    /// Stores many small buffers as one group commit. Each is verified against its digest
+    /// (present or not) and, when absent, written straight to its blob's path (`O_EXCL`: never over a file; no temporary, no
     /// rename), in parallel; then one sync makes the batch durable and the index lists it
     /// ([`BlobStore::publish`]'s second half). One result per blob, in order; a blob whose
     /// bytes do not match its digest fails alone.
@@ -1788,13 +1788,14 @@ impl BlobStore {
                 actual: bytes.len() as u64,
             });
         }
-        // Present: only the size is checked, as for any writer of a present blob.
-        if self.contains(&expected)? {
-            return Ok(Placement::present(expected));
-        }
+        // Hashed even when present: a success tells the caller (who may grant the blob on
+        // it) that these bytes are the blob, whoever stored it first and when.
         let actual = expected.function.digest_of(&bytes);
         if actual != expected {
             return Err(CasError::HashMismatch { expected, actual });
+        }
+        if self.contains(&expected)? {
+            return Ok(Placement::present(expected));
         }
         let path = self.blob_path(&expected);
         let create = || {
