@@ -57,6 +57,7 @@ use crate::auth;
 use crate::resource_name::{self, BlobResource, Compressor, ResourceError, UploadResource};
 use crate::server::ServerState;
 use crate::status;
+use rba_executor::tenant::Tenant;
 
 /// Bytes per ReadResponse.
 pub const READ_CHUNK: usize = 1 << 20;
@@ -271,6 +272,7 @@ impl ByteStreamService {
             .transpose()?
             .ok_or_else(|| Status::invalid_argument("empty write stream"))?;
         let upload = resource_name::parse_write(&first.resource_name)?;
+        let key = upload_key(grantee.as_ref(), &upload);
         let digest = upload.blob.digest;
         let compressed = upload.blob.compressor == Compressor::Zstd;
         let already = || WriteResponse {
@@ -292,13 +294,13 @@ impl ByteStreamService {
                 .await?
                 .is_empty()
         {
-            self.state.uploads.forget(&upload.key);
+            self.state.uploads.forget(&key);
             return Ok(already());
         }
         let sink = self
             .state
             .uploads
-            .begin(&upload, first.write_offset as u64, &blobs)?;
+            .begin(&key, &upload, first.write_offset as u64, &blobs)?;
         let mut expected_offset = sink.wire_received;
         let (tx, rx) = mpsc::channel::<Chunk>(WRITE_QUEUE);
         let worker = tokio::task::spawn_blocking(move || sink.run(rx));
@@ -347,12 +349,12 @@ impl ByteStreamService {
         if let Some(error) = protocol_error {
             // A confused client: drop its partial data rather than resume from something odd.
             drop(outcome);
-            self.state.uploads.forget(&upload.key);
+            self.state.uploads.forget(&key);
             return Err(error);
         }
         match outcome {
             WriteOutcome::Committed { wire_received } => {
-                self.state.uploads.forget(&upload.key);
+                self.state.uploads.forget(&key);
                 // Written into the local tier: now into every tier, so other processes see it.
                 blobs
                     .publish_local(&[digest])
@@ -371,7 +373,7 @@ impl ByteStreamService {
                 })
             }
             WriteOutcome::Failed(error) => {
-                self.state.uploads.forget(&upload.key);
+                self.state.uploads.forget(&key);
                 if blobs.contains(&digest).await.unwrap_or(false)
                     && error.code() != tonic::Code::InvalidArgument
                 {
@@ -380,7 +382,7 @@ impl ByteStreamService {
                 Err(error)
             }
             WriteOutcome::Interrupted(sink) if !sink.resumable() => {
-                self.state.uploads.forget(&upload.key);
+                self.state.uploads.forget(&key);
                 drop(sink); // the store's write is told the stream broke: nothing is stored
                 Err(Status::invalid_argument(format!(
                     "write stream ended before finish_write; the {} store takes no resumable \
@@ -390,7 +392,7 @@ impl ByteStreamService {
             }
             WriteOutcome::Interrupted(sink) => {
                 let committed = sink.wire_received;
-                self.state.uploads.park(&upload.key, sink);
+                self.state.uploads.park(&key, sink);
                 Err(Status::invalid_argument(format!(
                     "write stream ended before finish_write; {committed} bytes committed, resume with that write_offset"
                 )))
@@ -405,6 +407,7 @@ impl ByteStreamService {
         auth::require_read(&request)?;
         let scope = auth::read_scope(&request);
         let upload = resource_name::parse_write(&request.get_ref().resource_name)?;
+        let key = upload_key(auth::grantee(&request).as_ref(), &upload);
         let digest = upload.blob.digest;
         let stores = &self.state.stores;
         // A blob the caller may not read is not "complete" to it (no existence leak).
@@ -423,11 +426,23 @@ impl ByteStreamService {
                 complete: true,
             });
         }
-        let committed = self.state.uploads.committed(&upload.key).unwrap_or(0);
+        let committed = self.state.uploads.committed(&key).unwrap_or(0);
         Ok(QueryWriteStatusResponse {
             committed_size: committed as i64,
             complete: false,
         })
+    }
+}
+
+/// An upload's key in [`Uploads`]: its resource name's key, and the caller's tenant when
+/// tenants are kept apart. Another tenant naming the same upload (`uploads/{uuid}` is the
+/// client's choice, and may be seen) reaches another slot: it can neither resume this upload
+/// with only its tail, nor restart it, nor read its progress. NUL never occurs in a resource
+/// name, so the two parts cannot run into each other.
+fn upload_key(tenant: Option<&Tenant>, upload: &UploadResource) -> String {
+    match tenant {
+        Some(tenant) => format!("{}\0{}", tenant.as_str(), upload.key),
+        None => upload.key.clone(),
     }
 }
 
@@ -845,14 +860,15 @@ impl Uploads {
     /// Starts (offset 0) or resumes (offset = committed size) an upload.
     fn begin(
         &self,
+        key: &str,
         upload: &UploadResource,
         offset: u64,
         blobs: &Arc<dyn Store>,
     ) -> Result<UploadSink, Status> {
         let mut slots = self.slots.lock();
-        let sink = match slots.remove(&upload.key) {
+        let sink = match slots.remove(key) {
             Some(Slot::Active(progress)) => {
-                slots.insert(upload.key.clone(), Slot::Active(progress));
+                slots.insert(key.to_string(), Slot::Active(progress));
                 return Err(Status::aborted(
                     "another stream is writing this upload right now",
                 ));
@@ -860,7 +876,7 @@ impl Uploads {
             Some(Slot::Idle(sink, _)) if sink.wire_received == offset => *sink,
             Some(Slot::Idle(sink, since)) if offset != 0 => {
                 let committed = sink.wire_received;
-                slots.insert(upload.key.clone(), Slot::Idle(sink, since));
+                slots.insert(key.to_string(), Slot::Idle(sink, since));
                 return Err(Status::invalid_argument(format!(
                     "write_offset {offset} does not match the {committed} bytes committed"
                 )));
@@ -873,7 +889,7 @@ impl Uploads {
                 )));
             }
         };
-        slots.insert(upload.key.clone(), Slot::Active(sink.progress.clone()));
+        slots.insert(key.to_string(), Slot::Active(sink.progress.clone()));
         self.update_count(&slots);
         Ok(sink)
     }

@@ -278,7 +278,7 @@ impl CasService {
             .digests
             .iter()
             .map(|d| d.size_bytes.max(0) as u64)
-            .sum();
+            .fold(0u64, u64::saturating_add);
         let limit = self.state.max_batch_total_size_bytes() as u64;
         if total > limit {
             return Err(Status::invalid_argument(format!(

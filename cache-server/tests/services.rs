@@ -130,6 +130,36 @@ async fn capabilities_advertise_functions_compression_and_a_real_batch_limit() {
         .expect("a batch within the advertised limit fits a default client")
         .into_inner();
     assert_eq!(read.responses.len(), blobs.len());
+    // Sizes that add up past u64 (each at most i64::MAX) are over the limit, not a wrapped sum
+    // that slips under it (or a panic in a debug build); the server goes on serving.
+    let huge = reapi::Digest {
+        hash: SHA.digest_of(b"huge").hash_hex(),
+        size_bytes: i64::MAX,
+    };
+    let status = c
+        .cas
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: vec![huge.clone(), huge.clone(), huge.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("exceeds max_batch_total_size_bytes"),
+        "{status:?}"
+    );
+    let again = default_client
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: vec![SHA.digest_of(&blobs[0]).to_reapi()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.responses[0].data, blobs[0]);
 
     let bad = c
         .caps
@@ -2465,4 +2495,74 @@ async fn action_results_are_served_to_their_tenant_and_grant_their_blobs() {
             .unwrap()
             .into_inner();
     assert_eq!(for_a.output_files[0].digest, Some(output.to_reapi()));
+}
+
+/// A parked upload is its tenant's: another tenant naming the same `uploads/{uuid}` (the
+/// client's choice, and it may be seen) neither reads its progress, nor finishes it with the
+/// tail alone (which would have granted it the whole blob), nor restarts it; the owner then
+/// resumes and commits as if nobody had tried.
+#[tokio::test]
+async fn another_tenant_cannot_resume_restart_or_watch_an_upload() {
+    let server = TestServer::start_with(with_tenants).await;
+    let mut c = server.clients().await;
+    let data = noise(300_000, 77);
+    let digest = SHA.digest_of(&data);
+    let name = resource_name::write_name("", "shared-uuid", &digest, Compressor::Identity);
+    let half = data.len() / 2;
+    let write = |start: usize, finish: bool, token: &str| {
+        let wire = if finish { &data[..] } else { &data[..half] };
+        bearer(
+            tokio_stream::iter(write_requests(&name, wire, start, 50_000, finish)),
+            token,
+        )
+    };
+    let committed = |token: &str| {
+        bearer(
+            QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            },
+            token,
+        )
+    };
+    // A sends the first half; the stream ends without finish_write.
+    let status = c.bs.write(write(0, false, TOKEN_A)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let a_state = c.bs.query_write_status(committed(TOKEN_A)).await.unwrap();
+    assert_eq!(a_state.into_inner().committed_size, half as i64);
+
+    // B sees nothing of it, cannot finish it with the tail, and starts its own from 0.
+    let b_state = c.bs.query_write_status(committed(TOKEN_B)).await.unwrap();
+    assert_eq!(b_state.into_inner().committed_size, 0);
+    let status = c.bs.write(write(half, true, TOKEN_B)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("no upload to resume"),
+        "{status:?}"
+    );
+    assert_eq!(
+        bytestream_read_as(&mut c, TOKEN_B, &digest)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let status = c.bs.write(write(0, false, TOKEN_B)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A's upload is as A left it: resumed at its offset, committed, A's to read.
+    let a_state = c.bs.query_write_status(committed(TOKEN_A)).await.unwrap();
+    assert_eq!(a_state.into_inner().committed_size, half as i64);
+    let done = c.bs.write(write(half, true, TOKEN_A)).await.unwrap();
+    assert_eq!(done.into_inner().committed_size, data.len() as i64);
+    assert_eq!(
+        bytestream_read_as(&mut c, TOKEN_A, &digest).await.unwrap(),
+        data
+    );
+    assert_eq!(
+        bytestream_read_as(&mut c, TOKEN_B, &digest)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
 }
