@@ -10,15 +10,20 @@
 //! `Executor::submit`, the one job path.
 //!
 //! Tenants and reads: every submission carries its tenant (`peer:…` for a libp2p client,
-//! `local` for the embedded node and Tangle jobs), recorded in the build's history record.
+//! `tangle:SERVICE/CALLER` for a Tangle call, `local` for the embedded node), recorded in the
+//! build's history record.
 //! What a tenant may read is `rba_cas::access` (grants): a libp2p client is granted the blobs
 //! it uploads (`p2p::blobs`) and, here, everything of a result it is served (the Action, the
 //! input root, outputs, stdout/stderr and the log) before its end event goes out. Before a
-//! client's job runs or is answered from the cache, every blob of its input root that the
-//! node holds must already be readable by it: the others are listed as `missing_input`, so
-//! the client proves it holds them by uploading them (knowing a digest is not enough to be
-//! served its build). Blobs the node lacks are fetched from trusted peers as before: operators
-//! that trust each other share their contents. Trusted and sharing peers read everything.
+//! job of a libp2p client or a Tangle caller runs or is answered from the cache, every blob of
+//! its input root must be readable by it, whether this node holds the blob or not: the others
+//! are listed as `missing_input`, so the client proves it holds them by uploading them
+//! (knowing a digest is not enough to be served its build, nor a tree whose files this node
+//! lacks or has evicted, nor a tree a trusted peer could supply). A Tangle caller is granted
+//! the tree its `zip_uri` brought (`tangle::fetch`). Once the tree is proven, what the node
+//! lacks of it is fetched from trusted peers, and their signed results serve the job: operators
+//! that trust each other share their work, not their clients' trees. Trusted and sharing peers
+//! read everything; `local` (the operator's own jobs) proves nothing.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -390,9 +395,10 @@ impl NodeShared {
         }
     }
 
-    /// Blobs of the input tree under `root` that the node holds but `tenant` may not read
-    /// (yet): a directory it may not read is listed without its contents, which are asked
-    /// for once the directory is uploaded. Blobs the node lacks are not listed here.
+    /// Blobs of the input tree under `root` that `tenant` has not proven it holds: every one
+    /// it may not read, present here or not (a directory without its contents, which are
+    /// asked for once it is uploaded), and every directory this node lacks (its contents
+    /// cannot be checked before it is here again). Empty: the whole tree is the tenant's.
     async fn unproven_inputs(&self, tenant: &Tenant, root: Digest) -> Vec<Digest> {
         let (cas, tenant) = (self.cas.clone(), tenant.as_str().to_string());
         tokio::task::spawn_blocking(move || {
@@ -400,15 +406,21 @@ impl NodeShared {
             let mut queue = vec![root];
             let mut seen = HashSet::new();
             while let Some(directory) = queue.pop() {
-                if !seen.insert(directory) || !cas.blobs.contains(&directory)? {
+                if !seen.insert(directory) {
                     continue;
                 }
                 if !cas.reads.may_read(&tenant, &directory)? {
                     unproven.push(directory);
                     continue;
                 }
-                let Ok(dir) = rba_cas::read_directory(&cas.blobs, &directory) else {
-                    continue;
+                let dir = match rba_cas::read_directory(&cas.blobs, &directory) {
+                    Ok(dir) => dir,
+                    Err(rba_cas::CasError::NotFound(_)) => {
+                        unproven.push(directory);
+                        continue;
+                    }
+                    // Not a Directory: refused as an invalid input once the action is built.
+                    Err(_) => continue,
                 };
                 let function = directory.function;
                 let files: Vec<Digest> = dir
@@ -416,14 +428,9 @@ impl NodeShared {
                     .iter()
                     .filter_map(|f| Digest::from_reapi_field(function, f.digest.as_ref(), "f").ok())
                     .collect();
-                let present: HashSet<Digest> =
+                let readable: HashSet<Digest> =
                     cas.reads.has(&tenant, &files)?.into_iter().collect();
-                let absent: HashSet<Digest> = cas.blobs.find_missing(&files)?.into_iter().collect();
-                unproven.extend(
-                    files
-                        .into_iter()
-                        .filter(|f| !present.contains(f) && !absent.contains(f)),
-                );
+                unproven.extend(files.into_iter().filter(|f| !readable.contains(f)));
                 queue.extend(dir.directories.iter().filter_map(|d| {
                     Digest::from_reapi_field(function, d.digest.as_ref(), "d").ok()
                 }));
@@ -603,9 +610,11 @@ impl NodeShared {
         let root = Digest::from_wire(root)
             .map_err(|e| Refusal::new("bad_digest", format!("input root: {e}")))?;
         // Proof of possession, before the cache is asked (see the module doc).
-        if let Some(peer) = &peer
-            && !self.reads_everything(peer)
-        {
+        let must_prove = match &peer {
+            Some(peer) => !self.reads_everything(peer),
+            None => tenant != Tenant::local(),
+        };
+        if must_prove {
             let unproven = self.unproven_inputs(&tenant, root).await;
             if !unproven.is_empty() {
                 let count = unproven.len();
@@ -623,8 +632,8 @@ impl NodeShared {
 
         // After the proof of possession: the toolchain is read from the tree
         // (`rust-toolchain.toml`), whose root directory and toolchain file must be here; a
-        // trusted peer may supply them (not the whole tree: the result may be a cache hit),
-        // for this tenant as `ensure_input_root` would supply the whole tree.
+        // trusted peer may supply a proven file the node lacks (not the whole tree: the
+        // result may be a cache hit).
         let mut prepared = self.executor.cargo_action(&job, root).await;
         for _ in 0..4 {
             let Err(ExecutorError::Toolchain(ToolchainError::Cas(rba_cas::CasError::NotFound(
@@ -633,7 +642,7 @@ impl NodeShared {
             else {
                 break;
             };
-            if !self.fetch_blob_from_peers(&tenant, *digest).await {
+            if !self.peers.fetch_blob(*digest).await {
                 break;
             }
             prepared = self.executor.cargo_action(&job, root).await;
@@ -756,19 +765,6 @@ impl NodeShared {
             .ok()
             .flatten()
             .is_some()
-    }
-
-    /// Fetches one blob of an input tree from the first trusted peer that has it, for
-    /// `tenant` (granted to it, as the tree would be once its result is served); true when it
-    /// is here now.
-    async fn fetch_blob_from_peers(&self, tenant: &Tenant, digest: Digest) -> bool {
-        if !self.peers.fetch_blob(digest).await {
-            return false;
-        }
-        if let Err(e) = self.cas.reads.grant(tenant.as_str(), &[digest]) {
-            tracing::warn!(error = %e, "granting a blob fetched from a peer");
-        }
-        true
     }
 }
 

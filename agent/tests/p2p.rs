@@ -210,7 +210,7 @@ async fn a_dropped_connection_resumes_from_its_seq_with_no_line_lost_or_doubled(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload() {
+async fn a_trusted_peer_serves_signed_results_to_clients_that_prove_their_tree() {
     let dir = tempfile::tempdir().unwrap();
     // B fetches from A, so A shares with B (B's identity made first, to name it in A's config).
     std::fs::create_dir_all(dir.path().join("b")).unwrap();
@@ -230,15 +230,53 @@ async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload
     assert_eq!(built.body().status, JobStatus::Success as i32);
     assert!(built.upload.uploaded > 0);
 
-    // On B the same build is A's signed result: a cache hit, nothing uploaded.
+    // A stranger on B who knows only the input root (a digest in a log, on a dashboard) is
+    // served nothing: neither A's result through B, nor the tree B could fetch from A. It is
+    // asked for the root itself, and then for the files, whatever B and A hold.
+    let tree = on_a.hash(&fixture("hello")).await;
+    let stranger = Client::connect(&b).await;
+    let error = stranger
+        .remote
+        .run(
+            &stranger.cas.blobs,
+            &[],
+            Client::submit(JobKind::Build, &tree, &[]),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    let refusal = error
+        .downcast_ref::<rba_agent::p2p::session::NodeError>()
+        .expect("an Error frame");
+    assert_eq!(refusal.code, "missing_input", "{refusal:?}");
+    assert!(
+        refusal.missing.contains(&tree.root.to_wire()),
+        "{refusal:?}"
+    );
+    let metrics = b.shared().metrics.render(&[]);
+    assert!(
+        metrics.contains("rba_peer_action_results_total 0"),
+        "nothing asked of A for a stranger: {metrics}"
+    );
+    for artifact in &built.body().artifacts {
+        let digest = rba_cas::Digest::from_wire(artifact.digest.as_ref().unwrap()).unwrap();
+        let mut blobs = stranger.remote.blobs().await.unwrap();
+        assert!(
+            blobs.get_into(&stranger.cas.blobs, digest).await.is_err(),
+            "the stranger reads none of the artifacts"
+        );
+    }
+
+    // The client on B uploads its tree (the proof), and is served A's signed result: a cache
+    // hit, nothing built again.
     let on_b = Client::connect(&b).await;
     let (hit, _) = on_b.run(JobKind::Build, &fixture("hello"), &[]).await;
     assert_eq!(hit.body().status, JobStatus::Success as i32);
     assert!(hit.body().cache_hit);
-    assert_eq!(hit.upload.uploaded, 0);
+    assert!(hit.upload.uploaded > 0);
     assert_eq!(hit.body().artifacts, built.body().artifacts);
 
-    // A job A never ran: B fetches the input tree from A and runs it, still no upload.
+    // A job A never ran, on the tree the client proved: nothing more to upload.
     let (checked, _) = on_b.run(JobKind::Check, &fixture("hello"), &[]).await;
     assert_eq!(checked.body().status, JobStatus::Success as i32);
     assert!(!checked.body().cache_hit);
@@ -248,7 +286,6 @@ async fn a_trusted_peer_serves_inputs_and_signed_results_without_a_client_upload
         metrics.contains("rba_peer_action_results_total 1"),
         "{metrics}"
     );
-    assert_eq!(b.shared().metrics.uploaded_bytes(), 0);
 
     // A node that trusts nobody says exactly what it lacks.
     let on_c = Client::connect(&untrusting).await;

@@ -506,7 +506,8 @@ async fn jobs_0_to_4_on_fixture_zips() {
     let log = h.log_text(&tested);
     assert!(log.contains("greets ... ok"), "{log}");
 
-    // Job 2: clippy, from a tree already in the CAS (cas://ROOT of the zip's tree).
+    // Job 2: clippy, from a tree already in the CAS (cas://ROOT of the zip's tree), which
+    // this caller's earlier calls brought (and so may read).
     let tree = rba_cas::merkle::build_from_zip(
         &h.node.shared().cas.blobs,
         std::io::Cursor::new(hello.clone()),
@@ -514,11 +515,18 @@ async fn jobs_0_to_4_on_fixture_zips() {
         &Default::default(),
     )
     .unwrap();
-    let linted = h
-        .call(2, &format!("cas://{:?}", tree.root), &session(), "")
-        .await;
+    let root_uri = format!("cas://{:?}", tree.root);
+    let linted = h.call(2, &root_uri, &session(), "").await;
     assert_success(&linted, "lint");
-    // ...and from a zip blob in the CAS.
+    // The digest is public on chain: another caller naming it is answered as if the node
+    // held no such blob, and nothing runs.
+    let builds = h.node.shared().history.count().await.unwrap();
+    let theirs = h
+        .call_from(Some(CALLER_B), 2, &root_uri, &session(), "")
+        .await;
+    assert_refused(&theirs, &format!("no blob {:?}", tree.root));
+    // ...and from a zip blob in the CAS: only one the caller may read (granted by the
+    // operator here; no call brings a zip blob).
     let blob = h
         .node
         .shared()
@@ -526,7 +534,19 @@ async fn jobs_0_to_4_on_fixture_zips() {
         .blobs
         .put_bytes(rba_cas::DigestFunction::Blake3, &hello)
         .unwrap();
-    let linted = h.call(2, &format!("cas://{blob:?}"), &session(), "").await;
+    let blob_uri = format!("cas://{blob:?}");
+    let unread = h.call(2, &blob_uri, &session(), "").await;
+    assert_refused(&unread, &format!("no blob {blob:?}"));
+    assert_eq!(h.node.shared().history.count().await.unwrap(), builds);
+    let caller_a =
+        rba_executor::tenant::Tenant::tangle(SERVICE_ID, alloy_primitives::Address::from(CALLER_A));
+    h.node
+        .shared()
+        .cas
+        .reads
+        .grant(caller_a.as_str(), &[blob])
+        .unwrap();
+    let linted = h.call(2, &blob_uri, &session(), "").await;
     assert_success(&linted, "lint from a zip blob");
 
     // Job 3: this node keeps no advisory database (`advisory_db`): an Ok result with status

@@ -15,7 +15,11 @@
 //! | `http://…` | only with [`TangleConfig::allow_http`] (tests, private networks) |
 //! | `ipfs://CID` | a gateway is configured; the CID parses (v0 `Qm…` or multibase v1); the gateway's block (trustless `?format=raw`) hashes to the CID's sha2-256 digest and is a raw block or a single-block dag-pb UnixFS file (see [`verify_ipfs_block`]) |
 //! | `file:///path` | the file resolves (symlinks followed) under [`TangleConfig::file_root`] |
-//! | `cas://DIGEST` | the blob is in the node's CAS: a zip, or the root `Directory` of a tree uploaded before (then the tree must be complete) |
+//! | `cas://DIGEST` | the blob is in the node's CAS and the caller may read it: a zip, or the root `Directory` of a tree an earlier job of the caller brought (then the tree must be complete and all the caller's to read; the node checks before the job runs) |
+//!
+//! Every source but a `cas://` tree root grants the caller the tree it brought (the caller
+//! named its content), so a later `cas://ROOT` of the same caller is served from the CAS; a
+//! digest another caller's job made public on chain is not enough (answered as absent).
 
 use std::io::{BufReader, Seek};
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +29,7 @@ use std::time::Duration;
 
 use rba_cas::merkle::{ZipLimits, build_from_zip};
 use rba_cas::{BlobStore, CasError, Digest, DigestFunction};
+use rba_executor::tenant::Tenant;
 use tokio::io::AsyncWriteExt;
 
 use super::{TangleConfig, TangleContext};
@@ -279,10 +284,17 @@ pub fn http_client(
 
 /// Fetches `uri` and stores its tree in the node's CAS; returns the root `Directory` digest
 /// (a single top-level directory holding everything, as GitHub's zips have, is unwrapped).
-pub async fn import_zip(ctx: &TangleContext, uri: &str) -> Result<Digest, FetchError> {
+pub async fn import_zip(
+    ctx: &TangleContext,
+    uri: &str,
+    tenant: &Tenant,
+) -> Result<Digest, FetchError> {
     let source = parse_zip_uri(uri, &ctx.config)?;
     let store = ctx.node.cas.blobs.clone();
     let limits = ctx.config.zip_limits.clone();
+    // A `cas://` tree root is proven by the node before the job runs (every blob readable by
+    // the caller); every other source brings its tree here and grants it to the caller.
+    let mut brought = true;
     let root = match source {
         ZipSource::Http(url) => {
             let file = download(&ctx.http, url, None, &ctx.config).await?;
@@ -317,12 +329,34 @@ pub async fn import_zip(ctx: &TangleContext, uri: &str) -> Result<Digest, FetchE
             let file = open_under_root(&path, &ctx.config)?;
             import_file(store.clone(), file, limits).await?
         }
-        ZipSource::Cas(digest) => import_cas(&store, digest, &ctx.config).await?,
+        ZipSource::Cas(digest) => {
+            // Only what the caller may read: another caller's blob is answered as an absent
+            // one (its digest, public on chain, is not the bytes).
+            let readable = ctx
+                .node
+                .cas
+                .reads
+                .may_read(tenant.as_str(), &digest)
+                .map_err(|e| FetchError::Internal(e.to_string()))?;
+            if !readable {
+                return Err(FetchError::NotInCas(format!("no blob {digest:?}")));
+            }
+            let root = import_cas(&store, digest, &ctx.config).await?;
+            brought = root != digest;
+            root
+        }
     };
-    let unwrapped = tokio::task::spawn_blocking(move || unwrap_single_dir(&store, root))
-        .await
-        .map_err(|e| FetchError::Internal(e.to_string()))?;
-    Ok(unwrapped)
+    let (cas, tenant) = (ctx.node.cas.clone(), tenant.as_str().to_string());
+    tokio::task::spawn_blocking(move || {
+        if brought {
+            let tree = rba_cas::tree_digests(&cas.blobs, &root)
+                .and_then(|tree| cas.reads.grant(&tenant, &tree));
+            tree.map_err(|e| FetchError::Internal(format!("granting the imported tree: {e}")))?;
+        }
+        Ok(unwrap_single_dir(&cas.blobs, root))
+    })
+    .await
+    .map_err(|e| FetchError::Internal(e.to_string()))?
 }
 
 /// The innermost cause of an error (reqwest wraps hyper wraps io).

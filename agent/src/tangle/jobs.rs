@@ -459,7 +459,7 @@ pub async fn run(
             format!("session_id {session_id} is already in use by this caller"),
         );
     }
-    let root = match import_zip(ctx, zip_uri).await {
+    let root = match import_zip(ctx, zip_uri, &tenant).await {
         Ok(root) => root,
         Err(e) => {
             tracing::warn!(job = job.name(), service_id, call_id, error = %e, "zip_uri refused");
