@@ -283,27 +283,17 @@ async fn externalise_inline_contents(
     Ok(stored)
 }
 
-/// Whether `scope` may read the Action `action`, its Command and its whole input root.
+/// Whether `scope` may read the Action `action`, its Command and its whole input root (and
+/// the store holds them): nothing lacking, as Execute decides it.
 async fn holds_inputs(
     stores: &Stores,
     scope: &auth::ReadScope,
     action: &Digest,
 ) -> Result<bool, Status> {
-    let grants = stores.grants().as_ref();
-    if !scope.not_readable(grants, &[*action]).await?.is_empty() {
-        return Ok(false);
-    }
-    match crate::execution::input_digests(stores.blobs().as_ref(), action).await {
-        Ok(inputs) => Ok(scope.not_readable(grants, &inputs).await?.is_empty()),
-        // Inputs gone or not an Action: nothing proves the caller holds them.
-        Err(status)
-            if matches!(
-                status.code(),
-                tonic::Code::NotFound | tonic::Code::InvalidArgument
-            ) =>
-        {
-            Ok(false)
-        }
+    match crate::execution::lacking_inputs(stores, scope, action).await {
+        Ok(lacking) => Ok(lacking.is_empty()),
+        // Not an Action (or a malformed input): nothing proves the caller holds the inputs.
+        Err(status) if status.code() == tonic::Code::InvalidArgument => Ok(false),
         Err(status) => Err(status),
     }
 }

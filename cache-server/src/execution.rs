@@ -250,15 +250,7 @@ impl ExecutionService {
 
         // The server's stores are the executor's own (checked when the server was built).
         let stores = &self.shared.state.stores;
-        let mut missing = missing_inputs(stores.blobs().as_ref(), &action).await?;
-        if missing.is_empty() && scope != auth::ReadScope::Everything {
-            // Inputs the caller may not read are missing to it: running another tenant's
-            // input root would hand its contents to the caller.
-            let inputs = input_digests(stores.blobs().as_ref(), &action).await?;
-            missing = scope
-                .not_readable(stores.grants().as_ref(), &inputs)
-                .await?;
-        }
+        let missing = lacking_inputs(stores, &scope, &action).await?;
         if !missing.is_empty() {
             return Ok(precondition_failure(&instance, &action, &missing));
         }
@@ -433,26 +425,6 @@ impl Operations for OperationsService {
     }
 }
 
-/// The Action, its Command and every blob of its input root (all present): what a caller must
-/// be able to read to run the action or be served another tenant's result of it.
-pub(crate) async fn input_digests(
-    blobs: &dyn Store,
-    action_digest: &Digest,
-) -> Result<Vec<Digest>, Status> {
-    let bytes = blobs
-        .read_to_vec(action_digest, MAX_ACTION_BYTES)
-        .await
-        .map_err(status::from_cas_read)?;
-    let (command, root) = action_inputs(action_digest, &bytes)?;
-    let mut digests = vec![*action_digest, command, root];
-    digests.extend(
-        rba_cas::tree_digests_in(blobs, &root)
-            .await
-            .map_err(status::from_cas)?,
-    );
-    Ok(digests)
-}
-
 /// The Command and input root digests of the Action stored as `bytes`; `INVALID_ARGUMENT`
 /// when it does not decode or lacks either.
 fn action_inputs(action_digest: &Digest, bytes: &[u8]) -> Result<(Digest, Digest), Status> {
@@ -473,9 +445,27 @@ fn action_inputs(action_digest: &Digest, bytes: &[u8]) -> Result<(Digest, Digest
     Ok((command, root))
 }
 
-/// The Action, its Command, and every blob of its input root that the CAS lacks. Fails with
-/// `INVALID_ARGUMENT` when the Action (or a Directory of the input root) is malformed.
-async fn missing_inputs(blobs: &dyn Store, action_digest: &Digest) -> Result<Vec<Digest>, Status> {
+/// What the caller lacks of an action: the Action, its Command and every blob of its input
+/// root that the store lacks or `scope` may not read (the two alike: inputs the caller may not
+/// read are missing to it, since running another tenant's input root would hand its contents
+/// to the caller). Nothing the caller may not read is opened: an Action or Command of another
+/// tenant is listed unread, and a directory of another tenant's tree is listed without its
+/// contents ([`rba_cas::tree_digests_readable_in`]), so the list tells the caller neither
+/// whether such a blob exists nor what it holds. `INVALID_ARGUMENT` when a blob the caller may
+/// read is malformed (an Action, a Command leaving the exec root, a Directory).
+pub(crate) async fn lacking_inputs(
+    stores: &Stores,
+    scope: &auth::ReadScope,
+    action_digest: &Digest,
+) -> Result<Vec<Digest>, Status> {
+    let (blobs, grants) = (stores.blobs().as_ref(), stores.grants().as_ref());
+    if !scope
+        .not_readable(grants, &[*action_digest])
+        .await?
+        .is_empty()
+    {
+        return Ok(vec![*action_digest]);
+    }
     let bytes = match blobs.read_to_vec(action_digest, MAX_ACTION_BYTES).await {
         Ok(bytes) => bytes,
         Err(CasError::NotFound(_)) => return Ok(vec![*action_digest]),
@@ -487,16 +477,27 @@ async fn missing_inputs(blobs: &dyn Store, action_digest: &Digest) -> Result<Vec
         Err(e) => return Err(status::from_cas_read(e)),
     };
     let (command, root) = action_inputs(action_digest, &bytes)?;
-    let mut missing = blobs
-        .find_missing(&[command, root])
-        .await
-        .map_err(status::from_cas)?;
+    let lacking = |digests: Vec<Digest>| async move {
+        let mut lacking = blobs
+            .find_missing(&digests)
+            .await
+            .map_err(status::from_cas)?;
+        lacking.extend(scope.not_readable(grants, &digests).await?);
+        Ok::<_, Status>(lacking)
+    };
+    let mut missing = lacking(vec![command, root]).await?;
     if !missing.contains(&command) {
         check_command(blobs, &command).await?;
     }
     if !missing.contains(&root) {
-        match rba_cas::tree_digests_in(blobs, &root).await {
-            Ok(all) => missing.extend(blobs.find_missing(&all).await.map_err(status::from_cas)?),
+        let tree = match scope.tenants() {
+            None => rba_cas::tree_digests_in(blobs, &root).await,
+            Some(tenants) => {
+                rba_cas::tree_digests_readable_in(blobs, &root, grants, &tenants).await
+            }
+        };
+        match tree {
+            Ok(all) => missing.extend(lacking(all).await?),
             Err(CasError::NotFound(directory)) => missing.push(directory),
             Err(e) => return Err(status::from_cas(e)),
         }

@@ -896,13 +896,52 @@ async fn a_tenant_runs_and_is_served_only_actions_whose_inputs_it_holds() {
     let script = "tr a-z A-Z < in.txt > out.txt";
     let action = store_action_as(&mut c, TOKEN_A, script, b"a's secret\n").await;
 
-    // B knows the digest, not the inputs: running it would hand B A's sources.
+    // B knows the digest, not the inputs: running it would hand B A's sources. The refusal
+    // lists the Action alone: nothing of A's Command or tree.
     let refused = execute_as(&mut c, TOKEN_B, &action).await;
-    assert_eq!(
-        code_of(&refused),
-        Code::FailedPrecondition as i32,
-        "{refused:?}"
-    );
+    assert_eq!(missing_subjects(&refused), [subject(&action)]);
+    // Another of A's blobs named as an Action is answered as an absent digest (not "not a
+    // valid Action", which told B the blob exists).
+    let secret = SHA.digest_of(b"a's secret\n");
+    let absent = SHA.digest_of(b"nobody stored this");
+    for digest in [secret, absent] {
+        let answer = execute_as(&mut c, TOKEN_B, &digest).await;
+        assert_eq!(missing_subjects(&answer), [subject(&digest)], "{digest:?}");
+    }
+    // A's input root named as a directory of B's own tree is listed, not opened: B learns
+    // nothing of what it holds (before, its files' digests came back as missing).
+    let a_root = Directory {
+        files: vec![FileNode {
+            name: "in.txt".into(),
+            digest: Some(secret.to_reapi()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let a_root = SHA.digest_of(&a_root.encode_to_vec());
+    let b_root = Directory {
+        directories: vec![DirectoryNode {
+            name: "x".into(),
+            digest: Some(a_root.to_reapi()),
+        }],
+        ..Default::default()
+    };
+    let b_root = c.put_as(TOKEN_B, INSTANCE, &b_root.encode_to_vec()).await;
+    let b_command = Command {
+        arguments: vec!["true".into()],
+        ..Default::default()
+    };
+    let b_command = c
+        .put_as(TOKEN_B, INSTANCE, &b_command.encode_to_vec())
+        .await;
+    let b_action = Action {
+        command_digest: Some(b_command.to_reapi()),
+        input_root_digest: Some(b_root.to_reapi()),
+        ..Default::default()
+    };
+    let b_action = c.put_as(TOKEN_B, INSTANCE, &b_action.encode_to_vec()).await;
+    let probing = execute_as(&mut c, TOKEN_B, &b_action).await;
+    assert_eq!(missing_subjects(&probing), [subject(&a_root)]);
 
     let ran = execute_as(&mut c, TOKEN_A, &action).await;
     assert_eq!(code_of(&ran), Code::Ok as i32, "{ran:?}");

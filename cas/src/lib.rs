@@ -56,7 +56,7 @@ pub use merkle::{
     DirOptions, MAX_BUILT_DEPTH, MaterializeOptions, Materialized, MaterializedFile, StatCache,
     TreeBuild, TreeBuilder, TreeLimits, TreeStats, ZipLimits, build_from_dir, build_from_zip,
     build_from_zip_file, get_tree, make_tree_local, materialize, missing_in_tree, read_directory,
-    tree_digests, tree_digests_in, validate_directory, validate_tree,
+    tree_digests, tree_digests_in, tree_digests_readable_in, validate_directory, validate_tree,
 };
 pub use records::EmbeddedRecords;
 pub use seams::{ActionCache, BlobIndex, ChunkStream, Grants, Store};

@@ -25,6 +25,7 @@ pub async fn make_tree_local(store: &dyn Store, root: &Digest, limits: &TreeLimi
     let walk = TreeWalk {
         limits: Some(limits),
         make_local_in: Some(store),
+        ..TreeWalk::default()
     };
     let listed = digests_of_tree(&Seam(store), root, walk).await?;
     Ok(listed.len() as u64)

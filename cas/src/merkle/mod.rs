@@ -52,7 +52,7 @@ pub use materialize::{MaterializeOptions, Materialized, MaterializedFile, materi
 pub use stat_cache::StatCache;
 pub use validate::{
     MAX_DIRECTORY_BYTES, find_file, get_tree, missing_in_tree, read_directory, tree_digests,
-    tree_digests_in, validate_directory,
+    tree_digests_in, tree_digests_readable_in, validate_directory,
 };
 
 use crate::digest::{Digest, DigestFunction};

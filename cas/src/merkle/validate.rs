@@ -10,7 +10,7 @@ use crate::digest::{Digest, DigestFunction};
 use crate::error::{CasError, Result};
 use crate::layers::complete;
 use crate::merkle::TreeLimits;
-use crate::seams::Store;
+use crate::seams::{Grants, Store};
 use crate::store::BlobStore;
 
 /// `Directory` blobs larger than this are refused when read.
@@ -212,6 +212,22 @@ pub async fn tree_digests_in(store: &dyn Store, root: &Digest) -> Result<Vec<Dig
     digests_of_tree(&complete::Seam(store), root, TreeWalk::default()).await
 }
 
+/// [`tree_digests_in`] on behalf of `tenants`: a `Directory` none of them may read is listed
+/// but not opened, so its subtree is not (the caller must not learn what another tenant's
+/// directory holds by naming it in a tree of its own). The root is opened as any other.
+pub async fn tree_digests_readable_in(
+    store: &dyn Store,
+    root: &Digest,
+    grants: &dyn Grants,
+    tenants: &[&str],
+) -> Result<Vec<Digest>> {
+    let walk = TreeWalk {
+        readable_by: Some((grants, tenants)),
+        ..TreeWalk::default()
+    };
+    digests_of_tree(&complete::Seam(store), root, walk).await
+}
+
 /// How [`digests_of_tree`] walks: within which bounds, and whether each level's blobs are
 /// first made local in a store (a worker fetching a tree from the shared tier).
 #[derive(Clone, Copy, Default)]
@@ -221,6 +237,8 @@ pub(crate) struct TreeWalk<'a> {
     /// Before a level's directories are read, they are made local in this store; after, the
     /// files they name.
     pub(crate) make_local_in: Option<&'a dyn Store>,
+    /// Only directories one of these tenants may read are opened (the others are listed).
+    pub(crate) readable_by: Option<(&'a dyn Grants, &'a [&'a str])>,
 }
 
 /// The one walk of a stored tree, level by level (so a fetching walk asks for a whole level in
@@ -244,7 +262,15 @@ pub(crate) async fn digests_of_tree(
         }
         let files_before = files.len();
         let mut next = Vec::new();
-        for digest in &level {
+        let closed: HashSet<Digest> = match walk.readable_by {
+            Some((grants, tenants)) => grants
+                .not_readable_by_any(tenants, &level)
+                .await?
+                .into_iter()
+                .collect(),
+            None => HashSet::new(),
+        };
+        for digest in level.iter().filter(|d| !closed.contains(d)) {
             let bytes = source.read_whole(digest, MAX_DIRECTORY_BYTES).await?;
             let directory = decode_directory(digest, &bytes)?;
             tally.directory_bytes += digest.size;
