@@ -240,6 +240,36 @@ impl NodeShared {
         self.readers.contains(peer)
     }
 
+    /// Whether `peer` holds every input of the stored Action `action`: its input tree is all
+    /// readable by it ([`NodeShared::unproven_inputs`]), or it reads everything. False when
+    /// the Action is not here or not an Action.
+    pub async fn peer_holds_inputs(&self, peer: &PeerId, action: &Digest) -> bool {
+        if self.reads_everything(peer) {
+            return true;
+        }
+        let (cas, action) = (self.cas.clone(), *action);
+        let root = tokio::task::spawn_blocking(move || {
+            let bytes = cas.blobs.read_to_vec(&action, 1 << 20).ok()?;
+            let decoded = rba_proto::reapi::Action::decode(bytes.as_slice()).ok()?;
+            Digest::from_reapi_field(
+                action.function,
+                decoded.input_root_digest.as_ref(),
+                "Action.input_root_digest",
+            )
+            .ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        match root {
+            Some(root) => self
+                .unproven_inputs(&Tenant::peer(peer), root)
+                .await
+                .is_empty(),
+            None => false,
+        }
+    }
+
     /// Whether `peer` may read `digest` (it uploaded it, was served it, or reads everything).
     pub fn peer_may_read(&self, peer: &PeerId, digest: &Digest) -> bool {
         self.reads_everything(peer)

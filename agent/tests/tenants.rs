@@ -78,6 +78,25 @@ async fn a_second_identity_reads_none_of_the_first_ones_blobs_results_or_session
         .await
         .unwrap_err();
     assert!(code_of(&error).contains("forbidden"), "{error:#}");
+    // The Action's bytes follow from the input root (a peer that knows the root can build
+    // them): uploading them makes the Action Mallory's to read, not the result hers.
+    let action_bytes = node
+        .shared()
+        .cas
+        .blobs
+        .read_to_vec(&action, 1 << 20)
+        .unwrap();
+    let (_mallory_dir, mallory_store) = Cas::scratch().unwrap();
+    mallory_store
+        .blobs
+        .put_bytes(action.function, &action_bytes)
+        .unwrap();
+    theirs.put(&mallory_store.blobs, action).await.unwrap();
+    let error = theirs
+        .get_action_result(CARGO_INSTANCE, action)
+        .await
+        .unwrap_err();
+    assert!(code_of(&error).contains("forbidden"), "{error:#}");
     // The stream survives refusals.
     assert!(theirs.has(&[log]).await.unwrap().is_empty());
 

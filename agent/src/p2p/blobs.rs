@@ -16,7 +16,8 @@
 //! that the peer holds the bytes) and those of results served to it; trusted and sharing
 //! peers read everything. `Has` answers "absent" for blobs the peer may not read, so their
 //! existence does not leak; `Get` and `GetActionResult` of anything else are refused with
-//! `forbidden`, whether or not the node holds it.
+//! `forbidden`, whether or not the node holds it. `GetActionResult` also wants the peer to
+//! hold the Action's whole input tree (`NodeShared::peer_holds_inputs`), as a `Submit` must.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -364,8 +365,10 @@ async fn serve_action_result(
         );
         return write_frame(stream, &refusal).await.is_ok();
     }
-    // A result is served to whoever may read its Action: the peers served it, and trusted ones.
-    if !node.peer_may_read(&peer, &digest) {
+    // A result is served to whoever may read its Action and holds its inputs (as a Submit
+    // must prove them): the peers served it, and trusted ones. Reading the Action alone is
+    // not enough: its bytes follow from a known input root, and a peer may upload them.
+    if !node.peer_may_read(&peer, &digest) || !node.peer_holds_inputs(&peer, &digest).await {
         return write_frame(
             stream,
             &forbidden(&peer, format!("the action result of {digest:?}")),
