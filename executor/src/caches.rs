@@ -11,6 +11,8 @@
 //! slots/<slot>/manifest.json       path → (digest, mtime) of what `src/` holds
 //! slots/<slot>/lock                flock'd while a job uses the slot
 //! jobs/<job id>/                   per-job scratch (REAPI actions' exec roots), removed after
+//! exec-volumes/<n>/disk.img, vol/  with a disk limit: size-capped volumes REAPI actions run in
+//!                                  (exec root vol/exec), one at a time each (`lock`), reused
 //! ```
 //! Contract: a slot belongs to one tenant (its key includes the [`Tenant`]; a target dir one
 //! tenant's build scripts wrote into never serves another tenant's build, see the runner's
@@ -50,7 +52,7 @@ impl CacheLayout {
     /// Creates the layout's directories under `root`.
     pub fn create(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        for dir in ["cargo-home", "slots", "jobs"] {
+        for dir in ["cargo-home", "slots", "jobs", "exec-volumes"] {
             fs::create_dir_all(root.join(dir))?;
         }
         // Scratch of jobs that were running when the process died.
@@ -67,20 +69,38 @@ impl CacheLayout {
     /// Unmounts the disk volumes of the slots no job uses (at start-up and shut-down; a slot
     /// in use keeps its volume, its executor still runs). Failures are logged.
     pub fn unmount_volumes(&self) {
-        let Ok(entries) = fs::read_dir(self.root.join("slots")) else {
-            return;
-        };
-        for dir in entries.flatten().map(|e| e.path()) {
-            if !dir.join("vol").exists() {
-                continue;
-            }
-            let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else {
+        for kind in ["slots", "exec-volumes"] {
+            let Ok(entries) = fs::read_dir(self.root.join(kind)) else {
                 continue;
             };
-            if let Err(e) = crate::quota::unmount_under(&dir) {
-                tracing::warn!(slot = %dir.display(), "unmounting a slot volume: {e}");
+            for dir in entries.flatten().map(|e| e.path()) {
+                if !dir.join("vol").exists() {
+                    continue;
+                }
+                let Ok(Some(_lock)) = SlotLock::try_acquire(&dir) else {
+                    continue;
+                };
+                if let Err(e) = crate::quota::unmount_under(&dir) {
+                    tracing::warn!(volume = %dir.display(), "unmounting a disk volume: {e}");
+                }
             }
         }
+    }
+
+    /// A free exec volume directory (`exec-volumes/<n>`, the first no job holds, made when all are
+    /// held), locked for one REAPI action: its volume (mounted by the caller, once per
+    /// process) is where the action's exec root lives, so what an action writes is capped as
+    /// a cargo job's target dir is. As many exist as actions ever ran at once, across the
+    /// processes sharing this data directory; each is reused.
+    pub fn exec_volume(&self) -> io::Result<(PathBuf, SlotLock)> {
+        for index in 0usize.. {
+            let dir = self.root.join("exec-volumes").join(index.to_string());
+            fs::create_dir_all(&dir)?;
+            if let Some(lock) = SlotLock::try_acquire(&dir)? {
+                return Ok((dir, lock));
+            }
+        }
+        unreachable!("a free index is found before usize runs out")
     }
 
     /// The executor's data directory.

@@ -1434,6 +1434,21 @@ impl RunningJob<'_> {
         &mut self,
         slot: &mut Slot,
     ) -> Result<Option<crate::quota::Allowance>, ExecutorError> {
+        let Some((vol, allowance)) = self.disk_volume(slot.dir.clone()).await? else {
+            return Ok(None);
+        };
+        slot.target = vol.join("target");
+        Ok(Some(allowance))
+    }
+
+    /// Mounts the size-capped volume of `dir` (a slot's or an exec volume's; once per
+    /// directory and process) and reserves the job's allowance in it; returns the mount point
+    /// and the allowance (held until the job ends). `None` without
+    /// [`ExecutorConfig::slot_disk`], said in the job's log when the client asked for a limit.
+    async fn disk_volume(
+        &mut self,
+        dir: PathBuf,
+    ) -> Result<Option<(PathBuf, crate::quota::Allowance)>, ExecutorError> {
         let asked = self.asked_limits().disk_bytes;
         let Some(quota) = self.inner().config.slot_disk else {
             if asked.is_some() {
@@ -1444,10 +1459,9 @@ impl RunningJob<'_> {
             }
             return Ok(None);
         };
-        let dir = slot.dir.clone();
-        let (vol, allowance) = Self::blocking(move || {
+        let mounted = Self::blocking(move || {
             let vol = crate::quota::mount_slot_volume(&dir, quota)
-                .map_err(io_error("mounting the slot's disk volume"))?;
+                .map_err(io_error("mounting a disk volume"))?;
             let allowance = match asked {
                 Some(bytes) => crate::quota::Allowance::reserve(&vol, bytes)
                     .map_err(io_error("reserving the job's disk allowance"))?,
@@ -1456,8 +1470,7 @@ impl RunningJob<'_> {
             Ok((vol, allowance))
         })
         .await?;
-        slot.target = vol.join("target");
-        Ok(Some(allowance))
+        Ok(Some(mounted))
     }
 
     fn command_env(&self, mut spec: SandboxSpec) -> SandboxSpec {
@@ -2076,7 +2089,37 @@ impl RunningJob<'_> {
             .layout
             .job_dir(self.id)
             .map_err(io_error("creating the job dir"))?;
-        let exec_root = job_dir.path().join("exec");
+        // With a disk limit, the exec root is on a size-capped volume of its own (an exec
+        // volume, this action's alone while it runs), as a cargo job's target dir is: an
+        // action filling it fails with LimitKind::Disk, the host's disk stays untouched.
+        let layout = self.inner().layout.clone();
+        let (volume, _volume_lock) = match self.inner().config.slot_disk {
+            Some(_) => {
+                let (dir, lock) = Self::blocking(move || {
+                    layout
+                        .exec_volume()
+                        .map_err(io_error("taking an exec volume"))
+                })
+                .await?;
+                (self.disk_volume(dir).await?, Some(lock))
+            }
+            None => (None, None),
+        };
+        let exec_root = match &volume {
+            Some((vol, _)) => vol.join("exec"),
+            None => job_dir.path().join("exec"),
+        };
+        let fresh_root = exec_root.clone();
+        Self::blocking(move || {
+            // What the volume's previous action left (one that was killed mid-way) goes first.
+            match std::fs::remove_dir_all(&fresh_root) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_error("clearing the exec root")(e))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await?;
         let materialised = Instant::now();
         let (blobs, root, target, limits) = (
             self.inner().cas.blobs.clone(),
@@ -2119,6 +2162,10 @@ impl RunningJob<'_> {
             .cwd(self.working_directory())
             .network(NetworkPolicy::None)
             .limits(self.limits());
+        let spec = match &volume {
+            Some(_) => spec.disk_limited(&exec_root),
+            None => spec,
+        };
         let outcome = self
             .run_sandboxed(spec, |job, line| job.log(log_kind(line.stream), line.line))
             .await?;
@@ -2126,10 +2173,16 @@ impl RunningJob<'_> {
         let collected = Instant::now();
         let (blobs, function) = (self.inner().cas.blobs.clone(), self.function());
         let (files, directories) = Self::blocking(move || {
-            collect_outputs(&blobs, function, &exec_root, &working, &outputs)
+            let collected = collect_outputs(&blobs, function, &exec_root, &working, &outputs);
+            // The volume is reused: nothing of this action stays for the next.
+            if let Err(e) = std::fs::remove_dir_all(&exec_root) {
+                tracing::warn!(path = %exec_root.display(), error = %e, "clearing an exec root");
+            }
+            collected
         })
         .await?;
         self.step("outputs", collected);
+        drop(volume);
         drop(job_dir);
         let artifacts = files
             .iter()

@@ -434,3 +434,53 @@ fn sizes_and_counts_parse_strictly() {
         assert!(parse_count(bad).is_err(), "{bad}");
     }
 }
+
+/// A REAPI action's exec root lives on a size-capped exec volume when the node limits disk
+/// (before, it was a plain directory on the executor's disk: one action could fill the disk
+/// every tenant's store and jobs share; here 100 MB go into a 64 MiB volume). Bytes or inodes
+/// past the volume are the action's "disk limit reached"; the volume is cleared and serves the next action; shut-down
+/// unmounts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_writing_past_the_disk_limit_names_it_and_the_next_action_runs() {
+    let data = tempfile::tempdir().unwrap();
+    let harness = Harness::new(|config| {
+        config.data_dir = data.path().to_path_buf();
+        config.sandbox.scratch_dir = data.path().join("sandbox-scratch");
+        config.slot_disk = Some(DiskQuota {
+            bytes: 64 << 20,
+            inodes: 2048,
+        });
+    });
+    let run = |script: &str| {
+        let action = command_action(&harness, script, &[]);
+        let executor = harness.executor.clone();
+        async move {
+            executor
+                .submit(request(action, JobLimits::default()))
+                .await
+                .unwrap()
+                .wait()
+                .await
+        }
+    };
+
+    let outcome = run("head -c 100000000 /dev/zero > big").await;
+    assert_eq!(outcome.status, JobStatus::Failed, "{outcome:?}");
+    assert_eq!(outcome.error.as_deref(), Some("disk limit reached"));
+    assert_eq!(mounts_below(data.path()), 1, "one exec volume");
+    let outcome = run("i=0; while [ $i -lt 4000 ]; do : > f$i; i=$((i+1)); done").await;
+    assert_eq!(outcome.status, JobStatus::Failed, "{outcome:?}");
+    assert_eq!(outcome.error.as_deref(), Some("disk limit reached"));
+
+    // Nothing of the two is left for the next action, which runs in the same volume.
+    let outcome = run("test ! -e big && test ! -e f1 && head -c 1000000 /dev/zero > small").await;
+    assert_eq!(outcome.status, JobStatus::Success, "{outcome:?}");
+    assert_eq!(mounts_below(data.path()), 1, "the volume was reused");
+
+    drop(harness);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mounts_below(data.path()) != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mounts_below(data.path()), 0);
+}
