@@ -235,19 +235,7 @@ async fn a_trusted_peer_serves_signed_results_to_clients_that_prove_their_tree()
     // asked for the root itself, and then for the files, whatever B and A hold.
     let tree = on_a.hash(&fixture("hello")).await;
     let stranger = Client::connect(&b).await;
-    let error = stranger
-        .remote
-        .run(
-            &stranger.cas.blobs,
-            &[],
-            Client::submit(JobKind::Build, &tree, &[]),
-            |_| {},
-        )
-        .await
-        .unwrap_err();
-    let refusal = error
-        .downcast_ref::<rba_agent::p2p::session::NodeError>()
-        .expect("an Error frame");
+    let refusal = stranger.refusal_without_upload(&tree).await;
     assert_eq!(refusal.code, "missing_input", "{refusal:?}");
     assert!(
         refusal.missing.contains(&tree.root.to_wire()),
@@ -290,19 +278,7 @@ async fn a_trusted_peer_serves_signed_results_to_clients_that_prove_their_tree()
     // A node that trusts nobody says exactly what it lacks.
     let on_c = Client::connect(&untrusting).await;
     let tree = on_c.hash(&fixture("hello")).await;
-    let error = on_c
-        .remote
-        .run(
-            &on_c.cas.blobs,
-            &[],
-            Client::submit(JobKind::Build, &tree, &[]),
-            |_| {},
-        )
-        .await
-        .unwrap_err();
-    let refusal = error
-        .downcast_ref::<rba_agent::p2p::session::NodeError>()
-        .expect("an Error frame");
+    let refusal = on_c.refusal_without_upload(&tree).await;
     assert_eq!(refusal.code, "missing_input");
     assert!(refusal.missing.contains(&tree.root.to_wire()));
 
@@ -311,19 +287,7 @@ async fn a_trusted_peer_serves_signed_results_to_clients_that_prove_their_tree()
     let stranger = node(dir.path().join("d").as_path(), &[&a]).await;
     let on_d = Client::connect(&stranger).await;
     let tree_d = on_d.hash(&fixture("hello")).await;
-    let error = on_d
-        .remote
-        .run(
-            &on_d.cas.blobs,
-            &[],
-            Client::submit(JobKind::Build, &tree_d, &[]),
-            |_| {},
-        )
-        .await
-        .unwrap_err();
-    let refusal = error
-        .downcast_ref::<rba_agent::p2p::session::NodeError>()
-        .expect("an Error frame");
+    let refusal = on_d.refusal_without_upload(&tree_d).await;
     assert_eq!(refusal.code, "missing_input", "{refusal:?}");
     stranger.shutdown().await.unwrap();
     for node in [a, b, untrusting] {

@@ -126,17 +126,7 @@ async fn a_second_identity_reads_none_of_the_first_ones_blobs_results_or_session
 
     // Naming Alice's input root is not enough to be served her build: the node asks for the
     // blobs themselves.
-    let error = mallory
-        .remote
-        .run(
-            &mallory.cas.blobs,
-            &[],
-            Client::submit(JobKind::Build, &tree, &[]),
-            |_| {},
-        )
-        .await
-        .unwrap_err();
-    let refusal = error.downcast_ref::<NodeError>().expect("an Error frame");
+    let refusal = mallory.refusal_without_upload(&tree).await;
     assert_eq!(refusal.code, "missing_input");
     assert!(refusal.missing.contains(&tree.root.to_wire()));
 

@@ -284,6 +284,18 @@ fn garbage_is_invalid_not_a_panic() {
     }
 }
 
+/// `build_from_zip` on a thread with the 2 MiB stack of tokio's blocking and rayon's threads
+/// (an overflow aborts the test binary, as it did the node).
+fn on_a_small_stack(store: &BlobStore, zip: Vec<u8>) -> rba_cas::Result<rba_cas::TreeBuild> {
+    let store = store.clone();
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default()))
+        .unwrap()
+        .join()
+        .expect("no overflow")
+}
+
 /// A path tens of thousands of levels deep (70 KB of archive) once meant as many levels of
 /// recursion finishing the tree, on threads with 2 MiB stacks: the node aborted. Now it is
 /// refused by name while the first pass reads names, as is a name no filesystem holds; a tree
@@ -293,16 +305,7 @@ fn paths_too_deep_or_too_long_are_refused_naming_the_entry() {
     let (_s, store) = store();
     let limits = ZipLimits::default();
     let deep = format!("{}f", "a/".repeat(30_000));
-    let refusal = std::thread::Builder::new()
-        .stack_size(2 << 20)
-        .spawn({
-            let store = store.clone();
-            let zip = raw_zip(&[(deep.as_str(), b"x")]);
-            move || build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default())
-        })
-        .unwrap()
-        .join()
-        .expect("refused without overflowing the stack");
+    let refusal = on_a_small_stack(&store, raw_zip(&[(deep.as_str(), b"x")]));
     assert!(
         matches!(&refusal, Err(CasError::HostileEntry { entry, reason })
             if *entry == deep && reason.contains(&format!("more than {MAX_BUILT_DEPTH} levels"))),
@@ -327,17 +330,7 @@ fn paths_too_deep_or_too_long_are_refused_naming_the_entry() {
     );
 
     let deepest = format!("{}f", "d/".repeat(MAX_BUILT_DEPTH - 1));
-    let built = std::thread::Builder::new()
-        .stack_size(2 << 20)
-        .spawn({
-            let store = store.clone();
-            let zip = raw_zip(&[(deepest.as_str(), b"deep")]);
-            move || build_from_zip(&store, Cursor::new(zip), F, &ZipLimits::default())
-        })
-        .unwrap()
-        .join()
-        .unwrap()
-        .unwrap();
+    let built = on_a_small_stack(&store, raw_zip(&[(deepest.as_str(), b"deep")])).unwrap();
     assert_eq!(built.stats.directories, MAX_BUILT_DEPTH as u64);
     assert!(store.contains(&built.root).unwrap());
 }

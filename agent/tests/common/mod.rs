@@ -7,7 +7,7 @@ use libp2p::identity::Keypair;
 use rba_agent::client::{RemoteClient, SessionResult};
 use rba_agent::config::{NodeConfig, TrustedPeer};
 use rba_agent::node::Node;
-use rba_agent::p2p::session::SessionEvent;
+use rba_agent::p2p::session::{NodeError, SessionEvent};
 use rba_cas::merkle::TreeBuild;
 use rba_cas::{Cas, StoreConfig};
 use rba_executor::cargo::JobKind;
@@ -140,6 +140,25 @@ impl Client {
             .await
             .unwrap();
         (result, events)
+    }
+
+    /// Submits a build of `tree` naming its root only (uploading nothing, whatever the node
+    /// asks for) and returns the node's refusal.
+    pub async fn refusal_without_upload(&self, tree: &TreeBuild) -> NodeError {
+        let error = self
+            .remote
+            .run(
+                &self.cas.blobs,
+                &[],
+                Self::submit(JobKind::Build, tree, &[]),
+                |_| {},
+            )
+            .await
+            .expect_err("refused");
+        error
+            .downcast_ref::<NodeError>()
+            .expect("an Error frame")
+            .clone()
     }
 }
 
