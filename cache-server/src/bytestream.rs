@@ -44,6 +44,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use rba_cas::{BlobWriter, CasError, ChunkStream, Digest, Store};
+use rba_executor::tenant::Tenant;
 use rba_proto::bytestream::byte_stream_server::ByteStream;
 use rba_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
@@ -57,7 +58,6 @@ use crate::auth;
 use crate::resource_name::{self, BlobResource, Compressor, ResourceError, UploadResource};
 use crate::server::ServerState;
 use crate::status;
-use rba_executor::tenant::Tenant;
 
 /// Bytes per ReadResponse.
 pub const READ_CHUNK: usize = 1 << 20;

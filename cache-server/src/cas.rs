@@ -10,8 +10,8 @@
 //!   claim gigabytes of memory), then the batch handed to `Store::write_batch` (group commit:
 //!   one sync for the batch, not one per blob), which verifies each blob (size and hash) before
 //!   it becomes visible, also when it is already present (a lying client is told so and earns
-//!   no grant, whoever stored the blob meanwhile), per-blob statuses; a request whose payload exceeds the advertised
-//!   `max_batch_total_size_bytes` is `INVALID_ARGUMENT`.
+//!   no grant, whoever stored the blob meanwhile); per-blob statuses; a request whose payload
+//!   exceeds the advertised `max_batch_total_size_bytes` is `INVALID_ARGUMENT`.
 //! - BatchReadBlobs: per-blob statuses, zstd when the client accepts it, the same limit.
 //! - GetTree: breadth-first over `Directory` blobs, each distinct directory once, missing
 //!   subtrees omitted, pages bounded by `page_size` and by the message limit; `page_token` is the

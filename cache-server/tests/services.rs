@@ -2220,6 +2220,14 @@ async fn bytestream_read_as(
     c.read_as(token, "", digest).await
 }
 
+/// The code a refused ByteStream read as `token` ends with.
+async fn bytestream_refusal_as(c: &mut Clients, token: &str, digest: &Digest) -> Code {
+    c.read_as(token, "", digest)
+        .await
+        .expect_err("the read is refused")
+        .code()
+}
+
 async fn bytestream_write_as(
     c: &mut Clients,
     token: &str,
@@ -2313,10 +2321,7 @@ async fn a_token_reads_only_the_blobs_it_uploaded_or_was_served() {
     }
     for digest in [secret, file, never] {
         assert_eq!(
-            bytestream_read_as(&mut c, TOKEN_B, &digest)
-                .await
-                .unwrap_err()
-                .code(),
+            bytestream_refusal_as(&mut c, TOKEN_B, &digest).await,
             Code::NotFound
         );
     }
@@ -2363,10 +2368,7 @@ async fn a_token_reads_only_the_blobs_it_uploaded_or_was_served() {
         Code::InvalidArgument
     );
     assert_eq!(
-        bytestream_read_as(&mut c, TOKEN_B, &file)
-            .await
-            .unwrap_err()
-            .code(),
+        bytestream_refusal_as(&mut c, TOKEN_B, &file).await,
         Code::NotFound
     );
     bytestream_write_as(&mut c, TOKEN_B, &file, &file_bytes)
@@ -2540,10 +2542,7 @@ async fn another_tenant_cannot_resume_restart_or_watch_an_upload() {
         "{status:?}"
     );
     assert_eq!(
-        bytestream_read_as(&mut c, TOKEN_B, &digest)
-            .await
-            .unwrap_err()
-            .code(),
+        bytestream_refusal_as(&mut c, TOKEN_B, &digest).await,
         Code::NotFound
     );
     let status = c.bs.write(write(0, false, TOKEN_B)).await.unwrap_err();
@@ -2559,10 +2558,7 @@ async fn another_tenant_cannot_resume_restart_or_watch_an_upload() {
         data
     );
     assert_eq!(
-        bytestream_read_as(&mut c, TOKEN_B, &digest)
-            .await
-            .unwrap_err()
-            .code(),
+        bytestream_refusal_as(&mut c, TOKEN_B, &digest).await,
         Code::NotFound
     );
 }

@@ -452,10 +452,11 @@ impl PendingBlobs {
 
 /// The deepest path a [`TreeBuilder`] takes (directories above its last component, plus one).
 ///
-/// Why: finishing a tree recurses once per level (encoding, dropping, collecting its files), on
-/// threads with the default 2 MiB stack; a zip entry named `a/a/a/…` 30,000 levels deep (70
-/// KB of archive) or an output tree as deep as `PATH_MAX` allows would overflow it and abort
-/// the whole node, not fail one request. Input trees are held to [`TreeLimits::max_depth`]
+/// Why: a tree is encoded a level at a time (`store_dirs`) and its files collected with a
+/// stack of its own, but dropping its nested maps still recurses once per level, on threads
+/// with the default 2 MiB stack (tokio's blocking pool, rayon's); a zip entry named `a/a/a/…`
+/// 30,000 levels deep (70 KB of archive) or an output tree as deep as `PATH_MAX` allows must
+/// fail one request, not abort the whole node. Input trees are held to [`TreeLimits::max_depth`]
 /// (128 by default) when submitted; this bound is above it and refuses while a tree is built.
 pub const MAX_BUILT_DEPTH: usize = 256;
 
